@@ -1,0 +1,14 @@
+"""Host and device memory for the tiers: aligned/pinned arenas and byte budgets.
+
+Imports nothing else of the project; everything above uses it.
+"""
+
+from .budget import Budget, BudgetStats, OutOfBudget
+from .device_budget import DeviceBudget
+from .freelist import FreeList
+from .host_arena import HUGE_PAGE, PAGE, ArenaStats, HostArena, HostBuffer, align_up, aligned_empty
+
+__all__ = [
+    "ArenaStats", "Budget", "BudgetStats", "DeviceBudget", "FreeList", "HUGE_PAGE", "HostArena",
+    "HostBuffer", "OutOfBudget", "PAGE", "align_up", "aligned_empty",
+]

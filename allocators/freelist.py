@@ -1,0 +1,86 @@
+"""Best-fit allocation of byte ranges with coalescing on free.
+
+Shared by the host arena (ranges of memory) and the store's storage tiers
+(ranges of a file), so both keep fragmentation bounded the same way.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+
+class FreeList:
+    """Free ranges of ``[0, capacity)``; not thread-safe (callers hold their own lock)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._offsets: list[int] = [0] if capacity else []
+        self._sizes: dict[int, int] = {0: capacity} if capacity else {}
+        self.free_bytes = capacity
+
+    def take(self, size: int) -> int | None:
+        """Offset of a free range of ``size`` bytes (best fit), or None."""
+        best, best_size = None, 0
+        for off in self._offsets:
+            s = self._sizes[off]
+            if s >= size and (best is None or s < best_size):
+                best, best_size = off, s
+                if s == size:
+                    break
+        if best is None:
+            return None
+        self._remove(best)
+        if best_size > size:
+            self._insert(best + size, best_size - size)
+        self.free_bytes -= size
+        return best
+
+    def give(self, offset: int, size: int) -> None:
+        """Return a range; merges with free neighbours."""
+        if size <= 0:
+            return
+        self.free_bytes += size
+        i = bisect.bisect_left(self._offsets, offset)
+        if i < len(self._offsets):
+            nxt = self._offsets[i]
+            if nxt < offset + size:
+                raise RuntimeError(f"range {offset}+{size} overlaps free range at {nxt}")
+            if nxt == offset + size:
+                size += self._sizes[nxt]
+                self._remove(nxt)
+        if i > 0:
+            prev = self._offsets[i - 1]
+            end = prev + self._sizes[prev]
+            if end > offset:
+                raise RuntimeError(f"range {offset}+{size} overlaps free range at {prev}")
+            if end == offset:
+                self._sizes[prev] += size
+                return
+        self._insert(offset, size)
+
+    def mark_used(self, offset: int, size: int) -> None:
+        """Carve a known-used range out of the free space (rebuilding state from a manifest)."""
+        i = bisect.bisect_right(self._offsets, offset) - 1
+        if i < 0:
+            raise RuntimeError(f"range {offset}+{size} is not free")
+        start = self._offsets[i]
+        s = self._sizes[start]
+        if offset + size > start + s:
+            raise RuntimeError(f"range {offset}+{size} is not free")
+        self._remove(start)
+        if offset > start:
+            self._insert(start, offset - start)
+        if start + s > offset + size:
+            self._insert(offset + size, start + s - offset - size)
+        self.free_bytes -= size
+
+    def largest(self) -> int:
+        return max(self._sizes.values(), default=0)
+
+    def _insert(self, offset: int, size: int) -> None:
+        bisect.insort(self._offsets, offset)
+        self._sizes[offset] = size
+
+    def _remove(self, offset: int) -> None:
+        del self._offsets[bisect.bisect_left(self._offsets, offset)]
+        del self._sizes[offset]

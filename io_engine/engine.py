@@ -1,0 +1,484 @@
+"""The asynchronous I/O engine: requests in, futures out.
+
+Call order (as in torch.distributed.checkpoint, written down so it is kept):
+``open()`` starts the workers -> ``submit()``/``read()``/``write()`` any number
+of times from any thread or event loop -> ``close()`` drains queued work
+and stops the workers. Nothing runs in ``__init__`` and nothing relies on
+``__del__``.
+
+A request is split into ``chunk``-sized pieces that go on one priority heap
+(demand reads before prefetches before write-back, FIFO within a priority);
+worker threads (or, for an async backend, coroutines on the engine's own
+event loop) take pieces off it, so one large read is spread over all
+workers and many requests are in flight at once. A request's future
+completes when its last piece does; its first error fails it with the
+file, offset and size named.
+
+O_DIRECT: a piece whose file offset, length and buffer address are 4 KiB
+aligned goes straight between the caller's buffer and the device. Unaligned
+head/tail bytes of a read go through an aligned per-worker bounce buffer,
+still with O_DIRECT, so reads never silently use the page cache; unaligned
+writes go through the page cache and are counted as ``buffered_bytes`` (the
+store only issues aligned writes). Files on filesystems without O_DIRECT
+(tmpfs) fall back to buffered I/O, counted the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import heapq
+import itertools
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Generator
+
+import numpy as np
+
+from allocators import PAGE, align_up, aligned_empty
+
+from .backends import Backend, create_backend
+from .errors import EngineClosed, IOEngineError, ShortTransferError
+from .future import IOFuture
+from .request import Op, Priority, Request
+from .stats import EngineStats
+from .throttle import TokenBucket
+
+BOUNCE_BYTES = 1 << 20
+
+
+@dataclass
+class _Job:
+    request: Request
+    future: IOFuture
+    buffer: Any
+    remaining: int
+    submitted: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    started: bool = False
+    cancelled: bool = False
+    error: BaseException | None = None
+
+
+@dataclass(order=True)
+class _Piece:
+    priority: int
+    seq: int
+    job: _Job = field(compare=False)
+    offset: int = field(compare=False)  # file offset
+    start: int = field(compare=False)  # offset into the job's buffer
+    length: int = field(compare=False)
+
+
+def _as_buffer(obj: Any, writable: bool, device_ok: bool) -> Any:
+    """A flat uint8 view of ``obj`` without copying (numpy for host memory, torch for device)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        torch = None
+    if torch is not None and isinstance(obj, torch.Tensor):
+        if not obj.is_contiguous():
+            raise ValueError("I/O buffer tensor must be contiguous")
+        flat = obj.reshape(-1)
+        flat = flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
+        if obj.device.type != "cpu":
+            if not device_ok:
+                raise ValueError(
+                    f"I/O buffer is on {obj.device}, but this backend reads only into host memory; "
+                    "use engine.backend = 'kvikio' for device buffers"
+                )
+            return flat
+        return flat.numpy()
+    arr = obj if isinstance(obj, np.ndarray) else np.frombuffer(obj, dtype=np.uint8)
+    if arr.dtype != np.uint8 or arr.ndim != 1:
+        if not arr.flags.c_contiguous:
+            raise ValueError("I/O buffer array must be C-contiguous")
+        arr = arr.reshape(-1).view(np.uint8)
+    if writable and not arr.flags.writeable:
+        raise ValueError("read buffer is read-only")
+    return arr
+
+
+def _address(buf: Any) -> int:
+    return buf.ctypes.data if isinstance(buf, np.ndarray) else buf.data_ptr()
+
+
+class IOEngine:
+    """See the module docstring. ``queue_depth`` caps transfers in flight for an
+    async backend; for the threads backend the in-flight count is ``workers``."""
+
+    def __init__(
+        self,
+        backend: str | Backend = "threads",
+        *,
+        workers: int = 4,
+        queue_depth: int = 32,
+        chunk: int = 8 << 20,
+        direct: bool = True,
+    ) -> None:
+        if workers < 1 or queue_depth < 1:
+            raise ValueError(f"workers ({workers}) and queue_depth ({queue_depth}) must be >= 1")
+        if chunk <= 0 or chunk % PAGE:
+            raise ValueError(f"chunk must be a positive multiple of {PAGE}, got {chunk}")
+        self._backend_spec = backend
+        self.backend: Backend | None = backend if isinstance(backend, Backend) else None
+        self.workers = workers
+        self.queue_depth = queue_depth
+        self.chunk = chunk
+        self.direct = direct
+        self._heap: list[_Piece] = []
+        self._cond = threading.Condition()
+        self._seq = itertools.count()
+        self._open = False
+        self._closing = False
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._async_wake: asyncio.Event | None = None
+        self._handles: dict[tuple[str, bool, bool], Any] = {}
+        self._no_direct: set[str] = set()
+        self._handle_lock = threading.Lock()
+        self._limits: list[tuple[str, TokenBucket | None, TokenBucket | None]] = []
+        self._stats = EngineStats()
+
+    # -- lifecycle -----------------------------------------------------------------
+    def open(self) -> "IOEngine":
+        if self._open:
+            return self
+        if self.backend is None:
+            self.backend = create_backend(self._backend_spec)  # type: ignore[arg-type]
+        self.backend.start(self.workers)
+        self._closing = False
+        self._open = True
+        if self.backend.is_async:
+            ready = threading.Event()
+            t = threading.Thread(target=self._run_loop, args=(ready,), name="tiered-io-loop", daemon=True)
+            t.start()
+            if not ready.wait(30):
+                raise RuntimeError("I/O engine event loop did not start within 30 s")
+            self._threads = [t]
+        else:
+            self._threads = [
+                threading.Thread(target=self._worker, name=f"tiered-io-{i}", daemon=True)
+                for i in range(self.workers)
+            ]
+            for t in self._threads:
+                t.start()
+        return self
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Finish queued work, stop workers, close files."""
+        if not self._open:
+            return
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._async_wake.set)
+        for t in self._threads:
+            t.join(timeout)
+            if t.is_alive():
+                raise RuntimeError(f"I/O worker {t.name} did not stop within {timeout} s")
+        self._threads = []
+        self._loop = None
+        with self._handle_lock:
+            for h in self._handles.values():
+                self.backend.close(h)
+            self._handles.clear()
+        self.backend.stop()
+        self._open = False
+
+    def __enter__(self) -> "IOEngine":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    # -- submission ----------------------------------------------------------------
+    def submit(self, request: Request) -> IOFuture:
+        if not self._open or self._closing:
+            raise EngineClosed(f"I/O engine is not open ({request.op.value} of {request.path})")
+        buf = _as_buffer(request.buffer, request.op is Op.READ, self.backend.supports_device_buffers)
+        if len(buf) < request.length:
+            raise ValueError(
+                f"{request.op.value} of {request.length} bytes at offset {request.offset} of "
+                f"{request.path}: buffer holds only {len(buf)} bytes"
+            )
+        fut = IOFuture(f"{request.op.value} {request.path}@{request.offset}+{request.length}")
+        starts = list(range(0, request.length, self.chunk)) or [0]
+        job = _Job(request, fut, buf, len(starts), time.perf_counter())
+        with self._cond:
+            for s in starts:
+                heapq.heappush(self._heap, _Piece(
+                    int(request.priority), next(self._seq), job,
+                    request.offset + s, s, min(self.chunk, request.length - s),
+                ))
+            self._cond.notify(len(starts))
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._async_wake.set)
+        return fut
+
+    def read(self, path, offset: int, buffer, length: int | None = None,
+             priority: Priority = Priority.DEMAND) -> IOFuture:
+        n = len(_as_buffer(buffer, True, True)) if length is None else length
+        return self.submit(Request(Op.READ, os.fspath(path), offset, n, buffer, priority))
+
+    def write(self, path, offset: int, buffer, length: int | None = None,
+              priority: Priority = Priority.WRITEBACK, sync: bool = False) -> IOFuture:
+        n = len(_as_buffer(buffer, False, True)) if length is None else length
+        return self.submit(Request(Op.WRITE, os.fspath(path), offset, n, buffer, priority, sync))
+
+    def fsync(self, path) -> None:
+        """Make ``path``'s data durable now (blocking; used for files written in many requests)."""
+        self.backend.fsync(self._handle(os.fspath(path), True, self._direct_ok(os.fspath(path))))
+
+    def forget(self, path) -> None:
+        """Close cached handles of ``path`` (call before deleting or renaming it)."""
+        path = os.fspath(path)
+        with self._handle_lock:
+            for key in [k for k in self._handles if k[0] == path]:
+                self.backend.close(self._handles.pop(key))
+
+    def set_bandwidth_limit(self, prefix, read: int | None = None, write: int | None = None) -> None:
+        """Throttle transfers on files under ``prefix`` to ``read``/``write`` bytes per second."""
+        prefix = os.path.join(os.path.abspath(os.fspath(prefix)), "")
+        self._limits = [x for x in self._limits if x[0] != prefix]
+        self._limits.append((prefix, TokenBucket(read) if read else None, TokenBucket(write) if write else None))
+
+    def stats(self) -> dict:
+        s = self._stats.summary()
+        s["backend"] = self.backend.name if self.backend else str(self._backend_spec)
+        s["pending_pieces"] = len(self._heap)
+        return s
+
+    def reset_stats(self) -> None:
+        self._stats.reset()
+
+    # -- workers -------------------------------------------------------------------
+    def _next_piece(self) -> _Piece | None:
+        with self._cond:
+            while not self._heap:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            return heapq.heappop(self._heap)
+
+    def _worker(self) -> None:
+        bounce = aligned_empty(BOUNCE_BYTES)
+        while (piece := self._next_piece()) is not None:
+            if not self._begin(piece.job):
+                self._end(piece, None)
+                continue
+            err = None
+            try:
+                self._run_piece_sync(piece, bounce)
+            except BaseException as e:  # noqa: BLE001 - delivered through the future
+                err = e
+            self._end(piece, err)
+
+    def _run_loop(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        self._async_wake = asyncio.Event()
+
+        async def worker() -> None:
+            bounce = aligned_empty(BOUNCE_BYTES)
+            while True:
+                with self._cond:
+                    piece = heapq.heappop(self._heap) if self._heap else None
+                    done = piece is None and self._closing
+                if done:
+                    return
+                if piece is None:
+                    self._async_wake.clear()
+                    await self._async_wake.wait()
+                    continue
+                if not self._begin(piece.job):
+                    self._end(piece, None)
+                    continue
+                err = None
+                try:
+                    await self._run_piece_async(piece, bounce)
+                except BaseException as e:  # noqa: BLE001
+                    err = e
+                self._end(piece, err)
+
+        async def main() -> None:
+            ready.set()
+            await asyncio.gather(*(worker() for _ in range(self.queue_depth)))
+
+        try:
+            loop.run_until_complete(main())
+        finally:
+            loop.close()
+
+    def _begin(self, job: _Job) -> bool:
+        """Mark the job started; False when it was cancelled or already failed."""
+        with job.lock:
+            if not job.started:
+                job.started = True
+                if not job.future.set_running_or_notify_cancel():
+                    job.cancelled = True
+            return not job.cancelled and job.error is None
+
+    def _end(self, piece: _Piece, err: BaseException | None) -> None:
+        job = piece.job
+        with job.lock:
+            if err is not None and job.error is None:
+                job.error = err
+            job.remaining -= 1
+            last = job.remaining == 0
+        if not last:
+            return
+        req = job.request
+        if job.cancelled:
+            self._stats.finished(req.op.value, 0, 0.0, error=False, cancelled=True)
+            return
+        if job.error is None and req.sync and req.op is Op.WRITE:
+            try:
+                self.backend.fsync(self._handle(req.path, True, self._direct_ok(req.path)))
+            except OSError as e:
+                job.error = IOEngineError("fsync", req.path, req.offset, req.length, os.strerror(e.errno or 0) or str(e), e.errno)
+        self._stats.finished(req.op.value, req.length, time.perf_counter() - job.submitted,
+                             error=job.error is not None, cancelled=False)
+        if job.error is not None:
+            job.future.set_exception(job.error)
+        else:
+            job.future.set_result(req.length)
+
+    # -- transfers -----------------------------------------------------------------
+    # A plan is a generator yielding (write?, direct?, view, path, file_offset) transfers
+    # and receiving each one's byte count, so the same alignment logic drives both the
+    # thread workers and the event-loop workers.
+    def _plan(self, piece: _Piece, bounce: np.ndarray) -> Generator:
+        req = piece.job.request
+        view = piece.job.buffer[piece.start : piece.start + piece.length]
+        write = req.op is Op.WRITE
+        if not isinstance(view, np.ndarray) or not self._direct_ok(req.path):
+            # device buffers (the backend aligns them itself) and files without O_DIRECT
+            yield from self._plain(req, write, False, view, piece.offset)
+        elif write:
+            aligned = piece.offset % PAGE == 0 and len(view) % PAGE == 0 and _address(view) % PAGE == 0
+            yield from self._plain(req, True, aligned, view, piece.offset)
+        else:
+            yield from self._direct_read(req, view, piece.offset, bounce)
+
+    def _plain(self, req: Request, write: bool, direct: bool, view, offset: int) -> Generator:
+        pos, n = 0, len(view)
+        while pos < n:
+            got = yield (write, direct, view[pos:], req.path, offset + pos)
+            if got <= 0:
+                raise ShortTransferError(req.op.value, req.path, offset + pos, n - pos,
+                                         "no progress" if write else "end of file")
+            self._stats.transfer(req.op.value, got, direct=direct)
+            pos += got
+
+    def _direct_read(self, req: Request, view: np.ndarray, offset: int, bounce: np.ndarray) -> Generator:
+        pos, n = 0, len(view)
+        while pos < n:
+            foff = offset + pos
+            lead = foff % PAGE
+            remain = n - pos
+            if lead == 0 and remain >= PAGE and (_address(view) + pos) % PAGE == 0:
+                body = remain - remain % PAGE
+                got = yield (False, True, view[pos : pos + body], req.path, foff)
+                if got <= 0:
+                    raise ShortTransferError("read", req.path, foff, remain, "end of file")
+                self._stats.transfer("read", got, direct=True)
+                pos += got
+                continue
+            span = min(len(bounce), align_up(lead + remain))
+            got = yield (False, True, bounce[:span], req.path, foff - lead)
+            usable = min(got - lead, remain)
+            if usable <= 0:
+                raise ShortTransferError("read", req.path, foff, remain, "end of file")
+            view[pos : pos + usable] = bounce[lead : lead + usable]
+            self._stats.transfer("read", usable, direct=True, bounced=usable)
+            pos += usable
+
+    def _run_piece_sync(self, piece: _Piece, bounce: np.ndarray) -> None:
+        for _attempt in range(2):
+            plan = self._plan(piece, bounce)
+            try:
+                step = next(plan)
+                while True:
+                    step = plan.send(self._transfer_sync(*step))
+            except StopIteration:
+                return
+            except _RetryBuffered:
+                continue  # the file turned out not to support O_DIRECT; redo buffered
+
+    async def _run_piece_async(self, piece: _Piece, bounce: np.ndarray) -> None:
+        for _attempt in range(2):
+            plan = self._plan(piece, bounce)
+            try:
+                step = next(plan)
+                while True:
+                    write, direct, view, path, off = step
+                    delay = self._throttle(path, write, len(view))
+                    if delay:
+                        await asyncio.sleep(delay)
+                    try:
+                        h = self._handle(path, write, direct)
+                        got = await (self.backend.apwrite(h, view, off) if write
+                                     else self.backend.apread(h, view, off))
+                    except OSError as e:
+                        raise self._wrap(e, write, path, off, len(view)) from e
+                    step = plan.send(got)
+            except StopIteration:
+                return
+            except _RetryBuffered:
+                continue
+
+    def _transfer_sync(self, write: bool, direct: bool, view, path: str, off: int) -> int:
+        delay = self._throttle(path, write, len(view))
+        if delay:
+            time.sleep(delay)
+        try:
+            h = self._handle(path, write, direct)
+            return self.backend.pwrite(h, view, off) if write else self.backend.pread(h, view, off)
+        except OSError as e:
+            raise self._wrap(e, write, path, off, len(view)) from e
+
+    def _wrap(self, e: OSError, write: bool, path: str, off: int, n: int) -> IOEngineError:
+        return IOEngineError("write" if write else "read", path, off, n,
+                             e.strerror or str(e), e.errno)
+
+    def _throttle(self, path: str, write: bool, nbytes: int) -> float:
+        for prefix, rb, wb in self._limits:
+            if path.startswith(prefix):
+                bucket = wb if write else rb
+                return bucket.delay(nbytes) if bucket else 0.0
+        return 0.0
+
+    # -- file handles --------------------------------------------------------------
+    def _direct_ok(self, path: str) -> bool:
+        return self.direct and path not in self._no_direct and self.backend.supports_host_buffers
+
+    def _handle(self, path: str, write: bool, direct: bool) -> Any:
+        key = (path, write, direct)
+        h = self._handles.get(key)
+        if h is not None:
+            return h
+        with self._handle_lock:
+            h = self._handles.get(key)
+            if h is None:
+                try:
+                    h = self.backend.open(path, write=write, direct=direct)
+                except OSError as e:
+                    if direct and e.errno == errno.EINVAL:
+                        self._no_direct.add(path)  # filesystem without O_DIRECT (tmpfs)
+                        raise _RetryBuffered() from e
+                    raise
+                self._handles[key] = h
+            return h
+
+
+class _RetryBuffered(Exception):
+    """Internal: the file cannot be opened with O_DIRECT; redo the piece buffered."""

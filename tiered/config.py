@@ -1,0 +1,525 @@
+"""The offload config: a TOML file naming the tiers, the I/O engine and the policy.
+
+Validation is strict on purpose. A misspelled key silently ignored would
+leave a tier without its budget or throttle and only show up as a slow or
+crashed training run hours later, so every problem is a :class:`ConfigError`
+naming the file, the dotted key, the bad value and what was expected.
+
+With no file at all, :func:`default_config` sizes the tiers from the machine
+so the tool works out of the box.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .sizes import SizeError, format_rate, format_size, parse_rate, parse_size
+
+__all__ = [
+    "BACKENDS",
+    "KNOWN_PLACEMENT_POLICIES",
+    "TIER_KINDS",
+    "Config",
+    "ConfigError",
+    "EngineSpec",
+    "PolicySpec",
+    "TierSpec",
+    "check_config",
+    "default_config",
+    "load_config",
+]
+
+TIER_KINDS = ("device", "host", "storage")
+BACKENDS = ("threads", "kvikio", "aiofiles", "auto")
+# Extend (e.g. ``KNOWN_PLACEMENT_POLICIES += ("cost",)``) when a policy is
+# added; it is read at validation time, not import time.
+KNOWN_PLACEMENT_POLICIES: tuple[str, ...] = ("lru",)
+
+MiB = 1 << 20
+GiB = 1 << 30
+_ALIGN = 4096
+_TIER_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+_DEVICE_RE = re.compile(r"^[a-z]+(:\d+)?$")
+_TOP_KEYS = ("tiers", "engine", "policy")
+_TIER_KEYS = {
+    "device": ("kind", "capacity", "device"),
+    "host": ("kind", "capacity"),
+    "storage": ("kind", "capacity", "path", "read_bandwidth", "write_bandwidth"),
+}
+_ALL_TIER_KEYS = tuple(dict.fromkeys(k for keys in _TIER_KEYS.values() for k in keys))
+_ENGINE_KEYS = ("backend", "workers", "queue_depth", "chunk", "direct")
+_POLICY_KEYS = ("placement",)
+
+
+class ConfigError(ValueError):
+    """An offload config that cannot be used; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """One tier's budget. Device tiers hold GPU memory, host pinned RAM, storage files."""
+
+    name: str
+    kind: str  # "device" | "host" | "storage"
+    capacity: int  # bytes
+    path: Path | None = None  # storage tiers only (absolute, resolved)
+    read_bandwidth: int | None = None  # bytes/s throttle (storage tiers)
+    write_bandwidth: int | None = None
+    device: str | None = None  # device tiers, e.g. "cuda:0"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How bytes move between host and storage."""
+
+    backend: str = "threads"  # threads | kvikio | aiofiles | auto
+    workers: int = 4
+    queue_depth: int = 32
+    chunk: int = 8 * MiB  # positive multiple of 4096, at most 1 GiB
+    direct: bool = True  # O_DIRECT where buffers and offsets are aligned
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """Which placement policy decides what lives on which tier."""
+
+    placement: str = "lru"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated config: tiers ordered fastest first (device, host, storage in file order)."""
+
+    tiers: tuple[TierSpec, ...]
+    engine: EngineSpec = field(default_factory=EngineSpec)
+    policy: PolicySpec = field(default_factory=PolicySpec)
+    source: str = "<dict>"
+
+    def tier(self, name: str) -> TierSpec:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        known = ", ".join(repr(t.name) for t in self.tiers) or "none"
+        raise KeyError(f"no tier named {name!r} in {self.source}; known tiers: {known}")
+
+    @property
+    def device_tiers(self) -> tuple[TierSpec, ...]:
+        return tuple(t for t in self.tiers if t.kind == "device")
+
+    @property
+    def host_tier(self) -> TierSpec | None:
+        return next((t for t in self.tiers if t.kind == "host"), None)
+
+    @property
+    def storage_tiers(self) -> tuple[TierSpec, ...]:
+        return tuple(t for t in self.tiers if t.kind == "storage")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able resolved form for printing: sizes as ints plus ``*_human`` strings."""
+        tiers: dict[str, Any] = {}
+        for t in self.tiers:
+            d: dict[str, Any] = {
+                "kind": t.kind,
+                "capacity": t.capacity,
+                "capacity_human": format_size(t.capacity),
+            }
+            if t.device is not None:
+                d["device"] = t.device
+            if t.path is not None:
+                d["path"] = str(t.path)
+            for key in ("read_bandwidth", "write_bandwidth"):
+                rate = getattr(t, key)
+                if rate is not None:
+                    d[key] = rate
+                    d[key + "_human"] = format_rate(rate)
+            tiers[t.name] = d
+        e = self.engine
+        return {
+            "source": self.source,
+            "tiers": tiers,
+            "engine": {
+                "backend": e.backend,
+                "workers": e.workers,
+                "queue_depth": e.queue_depth,
+                "chunk": e.chunk,
+                "chunk_human": format_size(e.chunk),
+                "direct": e.direct,
+            },
+            "policy": {"placement": self.policy.placement},
+        }
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    source: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None,
+    *,
+    placement_policies: Iterable[str] | None = None,
+) -> Config:
+    """A validated :class:`Config` from a TOML file, a mapping, a Config, or None (the default).
+
+    ``placement_policies`` overrides :data:`KNOWN_PLACEMENT_POLICIES` for
+    ``policy.placement``. Storage directories are created (0700) as a side
+    effect, so a config that loads is one whose paths are usable.
+    """
+    if source is None:
+        return default_config()
+    if isinstance(source, Config):
+        return source
+    policies = tuple(KNOWN_PLACEMENT_POLICIES if placement_policies is None else placement_policies)
+    if isinstance(source, Mapping):
+        return _Validator("<dict>", Path.cwd(), policies).config(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"load_config() takes a path, a mapping, a Config or None, not {type(source).__name__}"
+        )
+    label = os.fspath(source)
+    path = Path(label).expanduser()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {label} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {label} is a directory, expected a TOML file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {label}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{label} is not valid TOML: not UTF-8 text ({e.reason})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{label} is not valid TOML: {e}") from None
+    base = path.resolve().parent
+    return _Validator(label, base, policies, source=str(path.resolve())).config(data)
+
+
+def check_config(
+    source: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    placement_policies: Iterable[str] | None = None,
+) -> Config:
+    """What ``tiered config check FILE`` runs: load and validate, raising ConfigError."""
+    if source is None:
+        raise ConfigError("check_config() needs a config file or mapping to check")
+    return load_config(source, placement_policies=placement_policies)
+
+
+# --------------------------------------------------------------------------- default
+
+
+def default_tier_home() -> Path:
+    """Where the default storage tier lives.
+
+    $TIERED_HOME, else $XDG_CACHE_HOME/tiered, else ~/.cache/tiered.
+    """
+    home = os.environ.get("TIERED_HOME")
+    if home:
+        return Path(home).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    # The XDG spec says relative values are invalid and must be ignored.
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "tiered"
+    return Path("~/.cache/tiered").expanduser()
+
+
+def default_config() -> Config:
+    """A config sized from this machine, so the tool works with no file.
+
+    Host tier: half the available RAM. One storage tier "nvme" at
+    :func:`default_tier_home`: half the free disk there. A "gpu" tier with 80%
+    of free device memory only when CUDA is available. Budgets are rounded
+    down to 1 MiB. The result goes through the same validation as a file.
+    """
+    import psutil
+
+    home = default_tier_home().resolve()
+    # Validation below creates the directory; until then measure the file
+    # system of its nearest existing ancestor, which is where it will live.
+    disk_free = shutil.disk_usage(_nearest_existing(home)).free
+    tiers: dict[str, Any] = {}
+    gpu = _default_gpu_tier()
+    if gpu is not None:
+        tiers["gpu"] = gpu
+    tiers["host"] = {"capacity": _round_mib(psutil.virtual_memory().available // 2)}
+    tiers["nvme"] = {"path": str(home), "capacity": _round_mib(disk_free // 2)}
+    if tiers["nvme"]["capacity"] == 0:
+        raise ConfigError(
+            f"tiers.nvme.capacity in <default>: no free disk space at {home}; "
+            "set TIERED_HOME to a directory with room or pass a config file"
+        )
+    return _Validator("<default>", Path.cwd(), tuple(KNOWN_PLACEMENT_POLICIES)).config({"tiers": tiers})
+
+
+def _default_gpu_tier() -> dict[str, Any] | None:
+    try:
+        import torch  # lazy: importing the config must not initialise CUDA
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device()
+    free, _total = torch.cuda.mem_get_info(index)
+    capacity = _round_mib(free * 8 // 10)
+    if capacity == 0:
+        return None
+    return {"kind": "device", "device": f"cuda:{index}", "capacity": capacity}
+
+
+def _round_mib(n: int) -> int:
+    return n // MiB * MiB
+
+
+def _nearest_existing(path: Path) -> Path:
+    for p in (path, *path.parents):
+        if p.exists():
+            return p
+    return Path(path.anchor or "/")
+
+
+def _ensure_dir(path: Path, file: str, key: str, value: object) -> None:
+    """Create ``path`` (and missing parents) with mode 0700 and prove it is writable.
+
+    Writability is tested by creating a file, not with ``os.access``: that is
+    the only answer that holds for root, ACLs, read-only mounts and quotas.
+    """
+    missing = []
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            break
+        missing.append(p)
+    for p in reversed(missing):
+        try:
+            os.mkdir(p, 0o700)
+        except FileExistsError:
+            pass  # raced with someone else creating it; checked below
+        except OSError as e:
+            raise ConfigError(
+                f"{key} = {value!r} in {file}: cannot create directory {p}: {e.strerror or e}"
+            ) from None
+        else:
+            os.chmod(p, 0o700)  # the umask may have taken bits off
+    if not path.is_dir():
+        raise ConfigError(f"{key} = {value!r} in {file}: {path} exists but is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".tiered-probe-")
+    except OSError as e:
+        raise ConfigError(
+            f"{key} = {value!r} in {file}: directory {path} is not writable: {e.strerror or e}"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _one_of(choices: Iterable[str]) -> str:
+    return "one of " + ", ".join(repr(c) for c in choices)
+
+
+class _Validator:
+    """Turns a parsed mapping into a Config; ``file`` is only used in messages."""
+
+    def __init__(self, file: str, base: Path, policies: tuple[str, ...], source: str | None = None):
+        self.file = file
+        self.base = base
+        self.policies = policies
+        self.source = source if source is not None else file
+
+    # -- message helpers
+
+    def bad(self, key: str, value: object, expected: str) -> ConfigError:
+        return ConfigError(f"{key} = {value!r} in {self.file}: {expected}")
+
+    def unknown_keys(self, table: Mapping[str, Any], prefix: str, allowed: Iterable[str]) -> None:
+        allowed = tuple(allowed)
+        for k in table:
+            if k not in allowed:
+                dotted = f"{prefix}{k}"
+                hint = _did_you_mean(str(k), allowed) or f"; expected {_one_of(allowed)}"
+                raise ConfigError(f"unknown key {dotted!r} in {self.file}{hint}")
+
+    def table(self, value: object, key: str) -> Mapping[str, Any]:
+        if not isinstance(value, Mapping):
+            raise self.bad(key, value, f"expected a table ([{key}])")
+        return value
+
+    def integer(self, value: object, key: str, lo: int, hi: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise self.bad(key, value, f"expected an integer from {lo} to {hi}")
+        return value
+
+    def size(self, value: object, key: str) -> int:
+        try:
+            return parse_size(value, where=key)
+        except SizeError as e:
+            raise self.bad(key, value, e.reason) from None
+
+    def rate(self, value: object, key: str) -> int:
+        try:
+            return parse_rate(value, where=key)
+        except SizeError as e:
+            raise self.bad(key, value, e.reason) from None
+
+    def choice(self, value: object, key: str, choices: tuple[str, ...]) -> str:
+        if not isinstance(value, str):
+            raise self.bad(key, value, f"expected a string, {_one_of(choices)}")
+        if value not in choices:
+            raise self.bad(key, value, f"expected {_one_of(choices)}{_did_you_mean(value, choices)}")
+        return value
+
+    # -- sections
+
+    def config(self, data: Mapping[str, Any]) -> Config:
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"{self.file}: expected a table at the top level, got {type(data).__name__}"
+            )
+        self.unknown_keys(data, "", _TOP_KEYS)
+        if "tiers" not in data:
+            raise ConfigError(
+                f"missing required table 'tiers' in {self.file}: expected at least one storage tier, "
+                'e.g. [tiers.nvme] with path = "/mnt/nvme/tiered" and capacity = "200GiB"'
+            )
+        tiers = self.tiers(self.table(data["tiers"], "tiers"))
+        engine = self.engine(self.table(data.get("engine", {}), "engine"))
+        policy = self.policy(self.table(data.get("policy", {}), "policy"))
+        return Config(tiers=tiers, engine=engine, policy=policy, source=self.source)
+
+    def tiers(self, table: Mapping[str, Any]) -> tuple[TierSpec, ...]:
+        specs = []
+        for name, body in table.items():
+            if not isinstance(name, str) or not _TIER_NAME_RE.match(name):
+                raise ConfigError(
+                    f"invalid tier name {name!r} in {self.file}: expected a name matching "
+                    f"{_TIER_NAME_RE.pattern} (a letter, then letters, digits, '_' or '-')"
+                )
+            specs.append(self.tier(name, self.table(body, f"tiers.{name}")))
+        by_kind = {k: [t for t in specs if t.kind == k] for k in TIER_KINDS}
+        if len(by_kind["host"]) > 1:
+            names = ", ".join(repr(t.name) for t in by_kind["host"])
+            raise ConfigError(f"tiers in {self.file}: at most one host tier is allowed, found {names}")
+        if not by_kind["storage"]:
+            raise ConfigError(
+                f"tiers in {self.file}: expected at least one storage tier "
+                "(a [tiers.NAME] table with a 'path' key)"
+            )
+        seen: dict[Path, str] = {}
+        for t in by_kind["storage"]:
+            assert t.path is not None
+            if t.path in seen:
+                raise self.bad(
+                    f"tiers.{t.name}.path",
+                    str(t.path),
+                    f"same directory as tiers.{seen[t.path]}.path; each storage tier needs its own",
+                )
+            seen[t.path] = t.name
+        return tuple(t for k in TIER_KINDS for t in by_kind[k])
+
+    def infer_kind(self, name: str, body: Mapping[str, Any], prefix: str) -> str:
+        if "kind" in body:
+            return self.choice(body["kind"], prefix + "kind", TIER_KINDS)
+        if name == "gpu" or "device" in body:
+            return "device"
+        if name == "host":
+            return "host"
+        if "path" in body:
+            return "storage"
+        # A misspelled 'path' is the likeliest reason; say so before giving up.
+        self.unknown_keys(body, prefix, _ALL_TIER_KEYS)
+        raise ConfigError(
+            f"cannot infer the kind of tier {prefix[:-1]!r} in {self.file}: add kind = "
+            f"{_one_of(TIER_KINDS)} (or name it 'gpu'/'host', or give a storage tier a 'path')"
+        )
+
+    def tier(self, name: str, body: Mapping[str, Any]) -> TierSpec:
+        prefix = f"tiers.{name}."
+        kind = self.infer_kind(name, body, prefix)
+        allowed = _TIER_KEYS[kind]
+        for k in body:
+            if k not in allowed and k in _ALL_TIER_KEYS:
+                raise self.bad(
+                    prefix + k, body[k], f"not allowed in a {kind} tier; allowed keys: {', '.join(allowed)}"
+                )
+        self.unknown_keys(body, prefix, allowed)
+        if "capacity" not in body:
+            raise ConfigError(
+                f"missing required key {prefix}capacity in {self.file}: expected a size such as '8GiB'"
+            )
+        capacity = self.size(body["capacity"], prefix + "capacity")
+        if capacity <= 0:
+            raise self.bad(prefix + "capacity", body["capacity"], "expected a size greater than zero")
+        if kind == "device":
+            device = body.get("device", "cuda:0")
+            if not isinstance(device, str) or not _DEVICE_RE.match(device):
+                raise self.bad(prefix + "device", device, "expected a device string such as 'cuda:0'")
+            return TierSpec(name, kind, capacity, device=device)
+        if kind == "host":
+            return TierSpec(name, kind, capacity)
+        if "path" not in body:
+            raise ConfigError(
+                f"missing required key {prefix}path in {self.file}: "
+                "expected the directory this storage tier keeps its files in"
+            )
+        path = self.storage_path(body["path"], prefix + "path")
+        rates = {
+            k: self.rate(body[k], prefix + k) if k in body else None
+            for k in ("read_bandwidth", "write_bandwidth")
+        }
+        return TierSpec(name, kind, capacity, path=path, **rates)
+
+    def storage_path(self, value: object, key: str) -> Path:
+        if not isinstance(value, str) or not value.strip():
+            raise self.bad(key, value, "expected a directory path string")
+        p = Path(value).expanduser()
+        if not p.is_absolute():
+            p = self.base / p
+        p = p.resolve()
+        _ensure_dir(p, self.file, key, value)
+        return p
+
+    def engine(self, table: Mapping[str, Any]) -> EngineSpec:
+        self.unknown_keys(table, "engine.", _ENGINE_KEYS)
+        fields: dict[str, Any] = {}
+        if "backend" in table:
+            fields["backend"] = self.choice(table["backend"], "engine.backend", BACKENDS)
+        if "workers" in table:
+            fields["workers"] = self.integer(table["workers"], "engine.workers", 1, 256)
+        if "queue_depth" in table:
+            fields["queue_depth"] = self.integer(table["queue_depth"], "engine.queue_depth", 1, 65536)
+        if "chunk" in table:
+            chunk = self.size(table["chunk"], "engine.chunk")
+            if chunk <= 0 or chunk % _ALIGN or chunk > GiB:
+                raise self.bad(
+                    "engine.chunk",
+                    table["chunk"],
+                    "expected a positive multiple of 4096 bytes, at most 1GiB (e.g. '8MiB')",
+                )
+            fields["chunk"] = chunk
+        if "direct" in table:
+            if not isinstance(table["direct"], bool):
+                raise self.bad("engine.direct", table["direct"], "expected true or false")
+            fields["direct"] = table["direct"]
+        return EngineSpec(**fields)
+
+    def policy(self, table: Mapping[str, Any]) -> PolicySpec:
+        self.unknown_keys(table, "policy.", _POLICY_KEYS)
+        placement = PolicySpec().placement
+        if "placement" in table:
+            placement = self.choice(table["placement"], "policy.placement", self.policies)
+        return PolicySpec(placement=placement)

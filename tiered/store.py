@@ -1,0 +1,727 @@
+"""The tiered object store: named tensors with a durable home and cached copies.
+
+Call order: ``TieredStore(config)`` -> ``open()`` (maps the host arena,
+starts the engine, reads the manifest, locks the directory) -> ``put`` /
+``get`` / ``acquire`` / ``prefetch`` / ``evict`` / ``migrate`` / ``delete``
+from any threads -> ``close()``.
+
+Layout: each storage tier is one directory holding one data file
+(``objects.dat``) carved into 4 KiB-aligned extents; the first storage
+tier also holds ``manifest.json`` (key -> dtype, shape, tier, offset,
+crc32, version). The host tier is the arena: cached copies of objects,
+evicted by the placement policy when space is needed.
+
+Invariants (from the design):
+- a put is acknowledged only after its bytes are durable (O_DIRECT write +
+  fdatasync) and the manifest naming them is committed;
+- a new version is written to a new extent; the old extent is freed only
+  after the manifest no longer names it and no reader holds it, so a crash
+  at any point leaves the last committed state readable;
+- every read is verified against the crc32 recorded at write time;
+- budgets are hard: the host arena and each storage tier's capacity.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from allocators import FreeList, HostArena, HostBuffer, OutOfBudget, align_up
+from io_engine import IOEngine, IOFuture, Priority, chain, completed
+from policies import FirstFit, Observation, create_eviction_policy
+from traces import AccessEvent
+
+from .atomic import remove_stale_temps, write_json_atomic
+from .config import Config, TierSpec, load_config
+
+MANIFEST = "manifest.json"
+DATA_FILE = "objects.dat"
+LOCK_FILE = ".lock"
+FORMAT = "tiered-store"
+FORMAT_VERSION = 1
+_KEY_RE = re.compile(r"^[A-Za-z0-9_.:@+=-][A-Za-z0-9_.:@+=/-]*$")
+
+
+class StoreError(RuntimeError):
+    """Misuse of the store or a store-level failure; the message names the object."""
+
+
+class ChecksumError(StoreError):
+    """Bytes read back do not match the checksum recorded when they were written."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise StoreError(f"manifest names unknown dtype {name!r}")
+    return dt
+
+
+def check_key(key: str) -> str:
+    """Keys are names in the manifest, never paths; still refuse anything path-like."""
+    if not isinstance(key, str) or not key or len(key) > 1024 or not _KEY_RE.match(key):
+        raise StoreError(
+            f"invalid object key {key!r}: expected 1-1024 characters of letters, digits and "
+            "_ . : @ + = - /, not starting with '/'"
+        )
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise StoreError(f"invalid object key {key!r}: empty, '.' or '..' path components are not allowed")
+    return key
+
+
+@dataclass
+class Extent:
+    """Where one version of an object lives on a storage tier."""
+
+    tier: str
+    offset: int
+    length: int  # reserved bytes (a multiple of 4 KiB)
+    readers: int = 0
+    retired_gen: int | None = None  # manifest generation that stopped naming it
+
+
+@dataclass
+class HostCopy:
+    """A cached copy of one version of an object in the host arena."""
+
+    buffer: HostBuffer | None
+    version: int
+    pins: int = 0
+    ready: bool = False
+    detached: bool = False  # no longer the object's current copy; free when unpinned
+    loaded: IOFuture | None = None
+
+
+@dataclass
+class ObjectMeta:
+    key: str
+    kind: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    version: int
+    crc32: int
+    extent: Extent
+    host: HostCopy | None = None
+
+    def describe(self) -> dict:
+        return {
+            "key": self.key, "kind": self.kind, "dtype": _dtype_name(self.dtype),
+            "shape": list(self.shape), "nbytes": self.nbytes, "version": self.version,
+            "tier": self.extent.tier, "offset": self.extent.offset,
+            "in_host": bool(self.host and self.host.ready),
+        }
+
+
+class _StorageTier:
+    def __init__(self, spec: TierSpec) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.path = Path(spec.path)
+        self.data_file = str(self.path / DATA_FILE)
+        self.space = FreeList(align_up(spec.capacity) if spec.capacity % 4096 else spec.capacity)
+        self.objects = 0
+
+    @property
+    def used(self) -> int:
+        return self.space.capacity - self.space.free_bytes
+
+
+class Lease:
+    """A pinned, zero-copy view of an object's host copy. Release it (or use ``with``)."""
+
+    def __init__(self, store: "TieredStore", meta: ObjectMeta, copy: HostCopy) -> None:
+        self._store = store
+        self._copy = copy
+        self.key = meta.key
+        self.tensor = copy.buffer.tensor(meta.dtype, meta.shape)
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.tensor = None
+            self._store._unpin(self._copy)
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@dataclass
+class StoreCounters:
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    bytes_read: dict = field(default_factory=dict)  # tier -> bytes read from it
+    bytes_written: dict = field(default_factory=dict)
+    evictions: int = 0
+    commits: int = 0
+
+
+class TieredStore:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        config: Config | str | os.PathLike | dict | None = None,
+        *,
+        host_wait: float = 30.0,
+        cache_on_put: bool = True,
+        hugepages: bool = True,
+    ) -> None:
+        self.config = load_config(config)
+        if not self.config.storage_tiers:
+            raise StoreError(f"{self.config.source}: the store needs at least one storage tier")
+        self.host_wait = host_wait
+        self.cache_on_put = cache_on_put
+        self._hugepages = hugepages
+        self._lock = threading.RLock()
+        self._commit_lock = threading.Lock()
+        self._objects: dict[str, ObjectMeta] = {}
+        self._tiers = {t.name: _StorageTier(t) for t in self.config.storage_tiers}
+        self._tier_order = [t.name for t in self.config.storage_tiers]
+        self._gen = 0
+        self._committed_gen = 0
+        self._retired: list[Extent] = []
+        self._listeners: list[Callable[[AccessEvent], None]] = []
+        self.counters = StoreCounters()
+        self.placement = FirstFit()
+        self.host_policy = create_eviction_policy(self.config.policy.placement)
+        self.arena: HostArena | None = None
+        self.engine: IOEngine | None = None
+        self._lock_fd: int | None = None
+        self._opened = False
+
+    # -- lifecycle -----------------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        return self._tiers[self._tier_order[0]].path
+
+    def open(self) -> "TieredStore":
+        if self._opened:
+            return self
+        self._lock_fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise StoreError(f"store at {self.root} is open in another process (lock {self.root / LOCK_FILE})") from None
+        try:
+            for tier in self._tiers.values():
+                remove_stale_temps(tier.path)
+                Path(tier.data_file).touch(mode=0o600, exist_ok=True)
+            self._load_manifest()
+            host = self.config.host_tier
+            capacity = host.capacity if host else 256 << 20
+            self.arena = HostArena(capacity, hugepages=self._hugepages, name=f"tier {host.name if host else 'host'}").open()
+            e = self.config.engine
+            self.engine = IOEngine(e.backend, workers=e.workers, queue_depth=e.queue_depth,
+                                   chunk=e.chunk, direct=e.direct).open()
+            for tier in self._tiers.values():
+                if tier.spec.read_bandwidth or tier.spec.write_bandwidth:
+                    self.engine.set_bandwidth_limit(tier.path, tier.spec.read_bandwidth, tier.spec.write_bandwidth)
+        except BaseException:
+            self._release_resources()
+            raise
+        self._opened = True
+        return self
+
+    def close(self) -> None:
+        """Wait for in-flight work, commit, and release memory, threads and the lock."""
+        if not self._opened:
+            return
+        self._opened = False
+        self._release_resources()
+
+    def _release_resources(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        with self._lock:
+            for meta in self._objects.values():
+                meta.host = None
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "TieredStore":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if not self._opened:
+            raise StoreError("the store is not open: call open() or use it as a context manager")
+
+    # -- manifest ------------------------------------------------------------------
+    def _load_manifest(self) -> None:
+        path = self.root / MANIFEST
+        try:
+            import json
+
+            with open(path, "rb") as f:
+                doc = json.loads(f.read())
+        except FileNotFoundError:
+            return
+        except ValueError as e:
+            raise StoreError(f"{path}: manifest is not valid JSON ({e})") from e
+        if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
+        for key, o in doc["objects"].items():
+            tier = self._tiers.get(o["tier"])
+            if tier is None:
+                raise StoreError(
+                    f"{path}: object {key!r} lives on tier {o['tier']!r}, which the config "
+                    f"({self.config.source}) does not define; known: {', '.join(self._tier_order)}"
+                )
+            ext = Extent(o["tier"], o["offset"], align_up(max(o["nbytes"], 1)))
+            try:
+                tier.space.mark_used(ext.offset, ext.length)
+            except RuntimeError as e:
+                raise StoreError(f"{path}: object {key!r}: extent {ext.offset}+{ext.length} on tier "
+                                 f"{o['tier']!r} does not fit the tier's capacity or overlaps another") from e
+            tier.objects += 1
+            self._objects[key] = ObjectMeta(key, o["kind"], _dtype_from(o["dtype"]), tuple(o["shape"]),
+                                            o["nbytes"], o["version"], o["crc32"], ext)
+        self._gen = self._committed_gen = doc.get("generation", 0)
+
+    def _snapshot(self) -> dict:
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "generation": self._gen,
+            "objects": {
+                k: {"kind": m.kind, "dtype": _dtype_name(m.dtype), "shape": list(m.shape),
+                    "nbytes": m.nbytes, "version": m.version, "crc32": m.crc32,
+                    "tier": m.extent.tier, "offset": m.extent.offset}
+                for k, m in self._objects.items()
+            },
+        }
+
+    def _commit_through(self, gen: int) -> None:
+        """Group commit: one manifest write covers every change up to the newest."""
+        with self._commit_lock:
+            if self._committed_gen >= gen:
+                return
+            with self._lock:
+                snap, snap_gen = self._snapshot(), self._gen
+            write_json_atomic(self.root / MANIFEST, snap)
+            with self._lock:
+                self._committed_gen = snap_gen
+                self.counters.commits += 1
+                self._free_retired()
+
+    def _retire(self, ext: Extent) -> None:
+        ext.retired_gen = self._gen
+        self._retired.append(ext)
+
+    def _free_retired(self) -> None:
+        keep = []
+        for ext in self._retired:
+            if ext.readers == 0 and ext.retired_gen <= self._committed_gen:
+                self._tiers[ext.tier].space.give(ext.offset, ext.length)
+            else:
+                keep.append(ext)
+        self._retired = keep
+
+    # -- events --------------------------------------------------------------------
+    def add_listener(self, fn: Callable[[AccessEvent], None]) -> None:
+        """Call ``fn(event)`` on every access (recorders, learning policies)."""
+        self._listeners.append(fn)
+
+    def _emit(self, key: str, nbytes: int, op: str, kind: str, tier: str | None) -> None:
+        if self._listeners:
+            ev = AccessEvent(time.monotonic(), key, nbytes, op, kind, tier)
+            for fn in self._listeners:
+                fn(ev)
+
+    # -- host memory ---------------------------------------------------------------
+    def _evictable(self, key: str) -> bool:
+        m = self._objects.get(key)
+        return m is not None and m.host is not None and m.host.ready and m.host.pins == 0
+
+    def _alloc_host(self, nbytes: int) -> HostBuffer:
+        """A host buffer, evicting unpinned cached copies (policy's choice) to make room."""
+        size = align_up(max(nbytes, 1))
+        deadline = time.monotonic() + self.host_wait
+        while True:
+            with self._lock:
+                buf = self.arena.try_alloc(nbytes)
+                while buf is None:
+                    victims = self.host_policy.victims(size, self._evictable)
+                    if not victims:
+                        break
+                    for key in victims:
+                        self._drop_host(self._objects[key])
+                        self.counters.evictions += 1
+                    buf = self.arena.try_alloc(nbytes)
+            if buf is not None:
+                return buf
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                st = self.arena.stats()
+                raise OutOfBudget(
+                    f"host tier: no room for {nbytes} bytes within {self.host_wait} s "
+                    f"({st.in_use} of {st.capacity} bytes held by pinned or loading objects)"
+                )
+            try:  # wait for a pin to be released, then retry with eviction
+                self.arena.alloc(nbytes, timeout=min(0.05, remaining)).release()
+            except OutOfBudget:
+                pass
+
+    def _drop_host(self, meta: ObjectMeta) -> None:
+        copy = meta.host
+        meta.host = None
+        self.host_policy.remove(meta.key)
+        if copy is not None:
+            copy.detached = True
+            if copy.pins == 0 and copy.buffer is not None:
+                copy.buffer.release()
+                copy.buffer = None
+
+    def _unpin(self, copy: HostCopy) -> None:
+        with self._lock:
+            copy.pins -= 1
+            if copy.pins == 0 and copy.detached and copy.buffer is not None:
+                copy.buffer.release()
+                copy.buffer = None
+
+    # -- put -----------------------------------------------------------------------
+    def put(self, key: str, tensor: torch.Tensor, *, kind: str = "blob", tier: str | None = None) -> IOFuture:
+        """Store ``tensor`` under ``key`` (a new version if it exists).
+
+        The bytes are copied into the host arena before this returns, so the
+        caller may reuse ``tensor`` at once; the future resolves to the
+        object's description once the data and manifest are durable.
+        """
+        self._check_open()
+        check_key(key)
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"put({key!r}): expected a torch.Tensor, got {type(tensor).__name__}")
+        src = tensor.detach()
+        if src.device.type != "cpu":
+            src = src.cpu()
+        src = src.contiguous()
+        nbytes = src.numel() * src.element_size()
+        buf = self._alloc_host(nbytes)
+        try:
+            flat = buf.padded
+            if nbytes:
+                flat[:nbytes] = src.reshape(-1).view(torch.uint8).numpy()
+            flat[nbytes:] = 0
+            crc = zlib.crc32(flat[:nbytes])
+            with self._lock:
+                tier_name = self._choose_tier(key, len(flat), kind, tier)
+                offset = self._tiers[tier_name].space.take(len(flat))
+            ext = Extent(tier_name, offset, len(flat))
+            wf = self.engine.write(self._tiers[tier_name].data_file, offset, flat, sync=True)
+        except BaseException:
+            buf.release()
+            raise
+
+        def install(_n: int) -> dict:
+            with self._lock:
+                old = self._objects.get(key)
+                version = (old.version + 1) if old else 1
+                if old is not None:
+                    self._retire(old.extent)
+                    self._drop_host(old)
+                    self._tiers[old.extent.tier].objects -= 1
+                meta = ObjectMeta(key, kind, src.dtype, tuple(src.shape), nbytes, version, crc, ext)
+                self._objects[key] = meta
+                self._tiers[tier_name].objects += 1
+                self._gen += 1
+                gen = self._gen
+                if self.cache_on_put:
+                    meta.host = HostCopy(buf, version, ready=True)
+                    self.host_policy.admit(Observation(key, len(flat), kind, "write", "host"))
+                else:
+                    buf.release()
+                self.counters.puts += 1
+                self.counters.bytes_written[tier_name] = self.counters.bytes_written.get(tier_name, 0) + len(flat)
+            self._commit_through(gen)
+            self._emit(key, nbytes, "write", kind, tier_name)
+            return meta.describe()
+
+        def undo(f) -> None:
+            if f.exception() is not None:
+                with self._lock:
+                    self._tiers[tier_name].space.give(offset, len(flat))
+                buf.release()
+
+        wf.add_done_callback(undo)
+        return chain(wf, install, f"put {key}")
+
+    def _choose_tier(self, key: str, size: int, kind: str, tier: str | None) -> str:
+        if tier is not None:
+            if tier not in self._tiers:
+                raise StoreError(f"put({key!r}): unknown storage tier {tier!r}; known: {', '.join(self._tier_order)}")
+            t = self._tiers[tier]
+            if t.space.free_bytes < size:
+                raise StoreError(f"put({key!r}): tier {tier!r} has {t.space.free_bytes} of {t.space.capacity} bytes free, {size} needed")
+            return tier
+        choices = [(n, self._tiers[n].space.capacity, self._tiers[n].space.largest()) for n in self._tier_order]
+        chosen = self.placement.place(Observation(key, size, kind, "write"), choices)
+        if chosen is None:
+            free = ", ".join(f"{n}: {f} bytes in one piece" for n, _c, f in choices)
+            raise StoreError(f"put({key!r}): no storage tier has room for {size} bytes ({free})")
+        return chosen
+
+    # -- reads ---------------------------------------------------------------------
+    def acquire(self, key: str, *, priority: Priority = Priority.DEMAND) -> IOFuture:
+        """A future of a :class:`Lease`: the object's host copy, pinned, zero-copy."""
+        self._check_open()
+        copy, load = self._pin_host_copy(key, priority)
+        meta_at_pin = self._objects.get(key)
+
+        def to_lease(_):
+            return Lease(self, meta_at_pin, copy)
+
+        if load is None:
+            return completed(to_lease(None), f"acquire {key}")
+        out = chain(load, to_lease, f"acquire {key}")
+        out.add_done_callback(lambda f: (f.cancelled() or f.exception() is not None) and self._unpin(copy))
+        return out
+
+    def get(self, key: str, *, tier: str = "host", out: torch.Tensor | None = None,
+            priority: Priority = Priority.DEMAND) -> IOFuture:
+        """A future of a tensor the caller owns (a copy), on ``tier`` ("host" or "gpu")."""
+        if tier not in ("host", "gpu"):
+            raise StoreError(f"get({key!r}): tier must be 'host' or 'gpu', got {tier!r}")
+        if tier == "gpu" and not torch.cuda.is_available():
+            raise StoreError(f"get({key!r}, tier='gpu'): no CUDA device on this machine")
+        lease_f = self.acquire(key, priority=priority)
+
+        def copy_out(lease: Lease) -> torch.Tensor:
+            try:
+                if out is not None:
+                    if out.shape != lease.tensor.shape or out.dtype != lease.tensor.dtype:
+                        raise StoreError(f"get({key!r}): out has {out.dtype}{tuple(out.shape)}, object is "
+                                         f"{lease.tensor.dtype}{tuple(lease.tensor.shape)}")
+                    out.copy_(lease.tensor)
+                    return out
+                if tier == "gpu":
+                    return lease.tensor.to("cuda", non_blocking=False)
+                return lease.tensor.clone()
+            finally:
+                lease.release()
+
+        return chain(lease_f, copy_out, f"get {key}")
+
+    def prefetch(self, key: str) -> IOFuture:
+        """Bring ``key`` into the host tier at prefetch priority; cancellable until it starts."""
+        self._check_open()
+        copy, load = self._pin_host_copy(key, Priority.PREFETCH)
+        self._unpin(copy)  # a prefetch keeps nothing pinned; the copy stays cached
+        return load if load is not None else completed(None, f"prefetch {key}")
+
+    def _pin_host_copy(self, key: str, priority: Priority) -> tuple[HostCopy, IOFuture | None]:
+        """Pin the host copy of ``key``, starting a load if needed; (copy, load future or None)."""
+        with self._lock:
+            meta = self._objects.get(key)
+            if meta is None:
+                raise KeyError(f"no object {key!r} in the store at {self.root}")
+            copy = meta.host
+            if copy is not None:
+                copy.pins += 1
+                if copy.ready:
+                    self.counters.hits += 1
+                    self.host_policy.touch(Observation(key, meta.nbytes, meta.kind, "read", "host"))
+                    self._emit(key, meta.nbytes, "read", meta.kind, "host")
+                    return copy, None
+                return copy, copy.loaded
+            self.counters.misses += 1
+            load = _LoadFuture(f"load {key}")
+            copy = HostCopy(None, meta.version, pins=1, loaded=load)
+            meta.host = copy
+            ext = meta.extent
+            ext.readers += 1
+        tier = self._tiers[ext.tier]
+
+        def finish(f) -> None:
+            with self._lock:
+                ext.readers -= 1
+                if f.cancelled() or f.exception() is not None:
+                    if meta.host is copy:
+                        meta.host = None
+                    copy.detached = True
+                if copy.detached and copy.pins == 0 and copy.buffer is not None:
+                    copy.buffer.release()
+                    copy.buffer = None
+                self._free_retired()
+
+        load.add_done_callback(finish)
+        try:
+            buf = self._alloc_host(meta.nbytes)
+            copy.buffer = buf
+            rf = self.engine.read(tier.data_file, ext.offset, buf.padded, priority=priority)
+        except BaseException as e:
+            load.set_running_or_notify_cancel() and load.set_exception(e)
+            raise
+
+        def verify(_n: int) -> None:
+            got = zlib.crc32(buf.array)
+            if got != meta.crc32:
+                raise ChecksumError(
+                    f"object {key!r} (version {meta.version}) read from {tier.data_file} at offset "
+                    f"{ext.offset}, {meta.nbytes} bytes: crc32 {got:#010x} != recorded {meta.crc32:#010x}"
+                )
+            with self._lock:
+                copy.ready = True
+                if meta.host is copy:
+                    self.host_policy.admit(Observation(key, buf.reserved, meta.kind, "read", "host"))
+                else:
+                    copy.detached = True
+                self.counters.bytes_read[ext.tier] = self.counters.bytes_read.get(ext.tier, 0) + buf.reserved
+            self._emit(key, meta.nbytes, "read", meta.kind, ext.tier)
+
+        load.follow(chain(rf, verify, f"load {key}"), rf)
+        return copy, load
+
+    # -- eviction, migration, deletion ---------------------------------------------
+    def evict(self, key: str, tier: str = "host") -> bool:
+        """Drop the cached copy of ``key`` from ``tier``; False when it is pinned or not there."""
+        self._check_open()
+        if tier != "host":
+            raise StoreError(f"evict({key!r}, {tier!r}): only cached copies can be evicted; "
+                             "use migrate() to move an object's home between storage tiers")
+        with self._lock:
+            meta = self._objects.get(key)
+            if meta is None:
+                raise KeyError(f"no object {key!r}")
+            if meta.host is None or not meta.host.ready or meta.host.pins:
+                return False
+            self._drop_host(meta)
+            self.counters.evictions += 1
+        self._emit(key, meta.nbytes, "evict", meta.kind, "host")
+        return True
+
+    def migrate(self, key: str, tier: str) -> IOFuture:
+        """Move ``key``'s home to storage tier ``tier`` (or, for "host", prefetch it)."""
+        self._check_open()
+        if tier == "host":
+            return self.prefetch(key)
+        if tier not in self._tiers:
+            raise StoreError(f"migrate({key!r}): unknown tier {tier!r}; known: host, {', '.join(self._tier_order)}")
+        lease_f = self.acquire(key, priority=Priority.WRITEBACK)
+
+        def rewrite(lease: Lease):
+            try:
+                with self._lock:
+                    meta = self._objects[key]
+                    if meta.extent.tier == tier:
+                        return completed(meta.describe())
+                return self.put(key, lease.tensor, kind=meta.kind, tier=tier)
+            finally:
+                lease.release()
+
+        inner = chain(lease_f, rewrite, f"migrate {key}")
+        out = IOFuture(f"migrate {key} -> {tier}")
+
+        def relay(f):
+            if f.exception() is not None:
+                out.set_exception(f.exception())
+            else:
+                f.result().add_done_callback(
+                    lambda g: out.set_exception(g.exception()) if g.exception() else out.set_result(g.result()))
+
+        inner.add_done_callback(relay)
+        return out
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; its extent is reused once the manifest no longer names it."""
+        self._check_open()
+        with self._lock:
+            meta = self._objects.pop(key, None)
+            if meta is None:
+                raise KeyError(f"no object {key!r}")
+            self._drop_host(meta)
+            self._retire(meta.extent)
+            self._tiers[meta.extent.tier].objects -= 1
+            self._gen += 1
+            gen = self._gen
+        self._commit_through(gen)
+        self._emit(key, meta.nbytes, "delete", meta.kind, None)
+
+    # -- inspection ----------------------------------------------------------------
+    def __contains__(self, key: str) -> bool:
+        return key in self._objects
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._objects)
+
+    def meta(self, key: str) -> dict:
+        with self._lock:
+            m = self._objects.get(key)
+            if m is None:
+                raise KeyError(f"no object {key!r}")
+            return m.describe()
+
+    def stats(self) -> dict:
+        with self._lock:
+            tiers = {
+                n: {"kind": "storage", "path": str(t.path), "capacity": t.space.capacity,
+                    "used": t.used, "objects": t.objects,
+                    "bytes_read": self.counters.bytes_read.get(n, 0),
+                    "bytes_written": self.counters.bytes_written.get(n, 0)}
+                for n, t in self._tiers.items()
+            }
+            a = self.arena.stats() if self.arena else None
+            host = None if a is None else {
+                "kind": "host", "capacity": a.capacity, "used": a.in_use, "peak": a.peak,
+                "fragmentation": a.fragmentation, "hugepages": a.hugepages, "pinned": a.pinned,
+                "objects": sum(1 for m in self._objects.values() if m.host is not None and m.host.ready),
+            }
+            c = self.counters
+            return {
+                "tiers": {"host": host, **tiers},
+                "hits": c.hits, "misses": c.misses, "puts": c.puts, "evictions": c.evictions,
+                "commits": c.commits, "objects": len(self._objects),
+                "engine": self.engine.stats() if self.engine else None,
+            }
+
+
+class _LoadFuture(IOFuture):
+    """The future of a host-copy load, created before its read is submitted so that
+    concurrent readers of the same key can wait on it; cancelling it cancels the read
+    if that has not started."""
+
+    _read: IOFuture | None = None
+
+    def follow(self, result: IOFuture, read: IOFuture) -> None:
+        self._read = read
+
+        def relay(f) -> None:
+            if f.cancelled():
+                super(_LoadFuture, self).cancel()
+                self.set_running_or_notify_cancel()
+            elif self.set_running_or_notify_cancel():
+                if f.exception() is not None:
+                    self.set_exception(f.exception())
+                else:
+                    self.set_result(f.result())
+
+        result.add_done_callback(relay)
+
+    def cancel(self) -> bool:
+        return self._read is not None and self._read.cancel()
