@@ -1,0 +1,17 @@
+"""tiered: one store, one budget per tier, for everything a PyTorch job offloads.
+
+Public entry points:
+- :class:`TieredStore` — named tensors with a durable home on a storage tier
+  and cached copies in faster tiers;
+- :func:`load_config` / :func:`default_config` — the offload TOML config.
+"""
+
+from .config import Config, ConfigError, TierSpec, default_config, load_config
+from .store import ChecksumError, Lease, StoreError, TieredStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChecksumError", "Config", "ConfigError", "Lease", "StoreError", "TierSpec", "TieredStore",
+    "default_config", "load_config",
+]
