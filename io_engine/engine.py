@@ -235,7 +235,7 @@ class IOEngine:
 
     def fsync(self, path) -> None:
         """Make ``path``'s data durable now (blocking; used for files written in many requests)."""
-        self.backend.fsync(self._handle(os.fspath(path), True, self._direct_ok(os.fspath(path))))
+        self.backend.fsync(self._sync_handle(os.fspath(path)))
 
     def forget(self, path) -> None:
         """Close cached handles of ``path`` (call before deleting or renaming it)."""
@@ -342,9 +342,11 @@ class IOEngine:
             return
         if job.error is None and req.sync and req.op is Op.WRITE:
             try:
-                self.backend.fsync(self._handle(req.path, True, self._direct_ok(req.path)))
+                self.backend.fsync(self._sync_handle(req.path))
             except OSError as e:
                 job.error = IOEngineError("fsync", req.path, req.offset, req.length, os.strerror(e.errno or 0) or str(e), e.errno)
+            except BaseException as e:  # noqa: BLE001 - never kill the worker; the caller gets it
+                job.error = e
         self._stats.finished(req.op.value, req.length, time.perf_counter() - job.submitted,
                              error=job.error is not None, cancelled=False)
         if job.error is not None:
@@ -451,6 +453,9 @@ class IOEngine:
                              e.strerror or str(e), e.errno)
 
     def _throttle(self, path: str, write: bool, nbytes: int) -> float:
+        if not self._limits:
+            return 0.0
+        path = os.path.abspath(path)
         for prefix, rb, wb in self._limits:
             if path.startswith(prefix):
                 bucket = wb if write else rb
@@ -460,6 +465,13 @@ class IOEngine:
     # -- file handles --------------------------------------------------------------
     def _direct_ok(self, path: str) -> bool:
         return self.direct and path not in self._no_direct and self.backend.supports_host_buffers
+
+    def _sync_handle(self, path: str) -> Any:
+        """A writable handle to fsync ``path`` through; buffered when O_DIRECT turns out unsupported."""
+        try:
+            return self._handle(path, True, self._direct_ok(path))
+        except _RetryBuffered:
+            return self._handle(path, True, False)
 
     def _handle(self, path: str, write: bool, direct: bool) -> Any:
         key = (path, write, direct)
