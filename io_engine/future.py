@@ -37,11 +37,14 @@ def completed(value: Any, description: str = "") -> IOFuture:
     return f
 
 
-def chain(source: concurrent.futures.Future, fn: Callable[[Any], Any], description: str = "") -> IOFuture:
+def chain(source: concurrent.futures.Future, fn: Callable[[Any], Any], description: str = "",
+          note: str | None = None) -> IOFuture:
     """A future for ``fn(source.result())``, run in the thread that completes ``source``.
 
-    An exception from ``source`` or from ``fn`` fails the new future; cancelling
-    the new future cancels ``source`` when it has not started.
+    An exception from ``source`` or from ``fn`` fails the new future (with
+    ``note`` added to it, e.g. which object was being read: the exception keeps
+    its type and errno); cancelling the new future cancels ``source`` when it
+    has not started.
     """
     out = IOFuture(description or getattr(source, "description", ""))
 
@@ -52,12 +55,12 @@ def chain(source: concurrent.futures.Future, fn: Callable[[Any], Any], descripti
             return
         exc = f.exception()
         if exc is not None:
-            _fail(out, exc)
+            _fail(out, exc, note)
             return
         try:
             value = fn(f.result())
         except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
-            _fail(out, e)
+            _fail(out, e, note)
             return
         if out.set_running_or_notify_cancel():
             out.set_result(value)
@@ -72,6 +75,8 @@ def chain(source: concurrent.futures.Future, fn: Callable[[Any], Any], descripti
     return out
 
 
-def _fail(out: concurrent.futures.Future, exc: BaseException) -> None:
+def _fail(out: concurrent.futures.Future, exc: BaseException, note: str | None = None) -> None:
+    if note and note not in getattr(exc, "__notes__", ()):
+        exc.add_note(note)
     if out.set_running_or_notify_cancel():
         out.set_exception(exc)

@@ -32,6 +32,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "EngineSpec",
+    "OffloadSpec",
     "PolicySpec",
     "TierSpec",
     "check_config",
@@ -50,7 +51,7 @@ GiB = 1 << 30
 _ALIGN = 4096
 _TIER_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _DEVICE_RE = re.compile(r"^[a-z]+(:\d+)?$")
-_TOP_KEYS = ("tiers", "engine", "policy")
+_TOP_KEYS = ("tiers", "engine", "policy", "offload")
 _TIER_KEYS = {
     "device": ("kind", "capacity", "device"),
     "host": ("kind", "capacity"),
@@ -59,6 +60,7 @@ _TIER_KEYS = {
 _ALL_TIER_KEYS = tuple(dict.fromkeys(k for keys in _TIER_KEYS.values() for k in keys))
 _ENGINE_KEYS = ("backend", "workers", "queue_depth", "chunk", "direct")
 _POLICY_KEYS = ("placement",)
+_OFFLOAD_KEYS = ("lookahead", "resident")
 
 
 class ConfigError(ValueError):
@@ -97,6 +99,20 @@ class PolicySpec:
 
 
 @dataclass(frozen=True)
+class OffloadSpec:
+    """How the module wrapper streams weights.
+
+    ``lookahead``: how many units ahead of the running one are read (None: as
+    many as the compute budget holds, at most 4). ``resident``: keep units
+    that fit in the budget left over by the streaming window permanently
+    loaded, instead of re-reading every weight on every forward.
+    """
+
+    lookahead: int | None = None
+    resident: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     """A validated config: tiers ordered fastest first (device, host, storage in file order)."""
 
@@ -104,6 +120,7 @@ class Config:
     engine: EngineSpec = field(default_factory=EngineSpec)
     policy: PolicySpec = field(default_factory=PolicySpec)
     source: str = "<dict>"
+    offload: OffloadSpec = field(default_factory=OffloadSpec)
 
     def tier(self, name: str) -> TierSpec:
         for t in self.tiers:
@@ -156,6 +173,8 @@ class Config:
                 "direct": e.direct,
             },
             "policy": {"placement": self.policy.placement},
+            "offload": {"lookahead": self.offload.lookahead if self.offload.lookahead is not None else "auto",
+                        "resident": self.offload.resident},
         }
 
 
@@ -399,7 +418,8 @@ class _Validator:
         tiers = self.tiers(self.table(data["tiers"], "tiers"))
         engine = self.engine(self.table(data.get("engine", {}), "engine"))
         policy = self.policy(self.table(data.get("policy", {}), "policy"))
-        return Config(tiers=tiers, engine=engine, policy=policy, source=self.source)
+        offload = self.offload(self.table(data.get("offload", {}), "offload"))
+        return Config(tiers=tiers, engine=engine, policy=policy, source=self.source, offload=offload)
 
     def tiers(self, table: Mapping[str, Any]) -> tuple[TierSpec, ...]:
         specs = []
@@ -523,3 +543,14 @@ class _Validator:
         if "placement" in table:
             placement = self.choice(table["placement"], "policy.placement", self.policies)
         return PolicySpec(placement=placement)
+
+    def offload(self, table: Mapping[str, Any]) -> OffloadSpec:
+        self.unknown_keys(table, "offload.", _OFFLOAD_KEYS)
+        fields: dict[str, Any] = {}
+        if "lookahead" in table and table["lookahead"] != "auto":
+            fields["lookahead"] = self.integer(table["lookahead"], "offload.lookahead", 0, 64)
+        if "resident" in table:
+            if not isinstance(table["resident"], bool):
+                raise self.bad("offload.resident", table["resident"], "expected true or false")
+            fields["resident"] = table["resident"]
+        return OffloadSpec(**fields)

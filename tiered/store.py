@@ -24,6 +24,8 @@ Invariants (from the design):
 from __future__ import annotations
 
 import fcntl
+import json
+import logging
 import os
 import re
 import threading
@@ -36,12 +38,14 @@ from typing import Any, Callable
 import torch
 
 from allocators import FreeList, HostArena, HostBuffer, OutOfBudget, align_up
-from io_engine import IOEngine, IOFuture, Priority, chain, completed
+from io_engine import Backend, IOEngine, IOFuture, Priority, chain, completed
 from policies import FirstFit, Observation, create_eviction_policy
 from traces import AccessEvent
 
 from .atomic import remove_stale_temps, write_json_atomic
 from .config import Config, TierSpec, load_config
+
+log = logging.getLogger("tiered.store")
 
 MANIFEST = "manifest.json"
 DATA_FILE = "objects.dat"
@@ -72,7 +76,7 @@ def _dtype_from(name: str) -> torch.dtype:
 
 def check_key(key: str) -> str:
     """Keys are names in the manifest, never paths; still refuse anything path-like."""
-    if not isinstance(key, str) or not key or len(key) > 1024 or not _KEY_RE.match(key):
+    if not isinstance(key, str) or not key or len(key) > 1024 or not _KEY_RE.fullmatch(key):
         raise StoreError(
             f"invalid object key {key!r}: expected 1-1024 characters of letters, digits and "
             "_ . : @ + = - /, not starting with '/'"
@@ -84,13 +88,22 @@ def check_key(key: str) -> str:
 
 @dataclass
 class Extent:
-    """Where one version of an object lives on a storage tier."""
+    """Where one version of an object lives: on a storage tier, or in an external file.
+
+    External extents (e.g. a tensor inside a model's ``.safetensors`` file) are
+    read in place, never written or freed, and not recorded in the manifest.
+    """
 
     tier: str
     offset: int
-    length: int  # reserved bytes (a multiple of 4 KiB)
+    length: int  # reserved bytes (a multiple of 4 KiB); for external extents the exact size
     readers: int = 0
     retired_gen: int | None = None  # manifest generation that stopped naming it
+    path: str | None = None  # set for external extents
+
+    @property
+    def external(self) -> bool:
+        return self.path is not None
 
 
 @dataclass
@@ -103,6 +116,9 @@ class HostCopy:
     ready: bool = False
     detached: bool = False  # no longer the object's current copy; free when unpinned
     loaded: IOFuture | None = None
+    start: int = 0  # where the object's bytes begin in the buffer (external, unaligned extents)
+    loading: bool = False  # a read is filling the buffer: it must not be freed yet
+    prefetchers: int = 0  # prefetch() callers still waiting for this load
 
 
 @dataclass
@@ -113,7 +129,7 @@ class ObjectMeta:
     shape: tuple[int, ...]
     nbytes: int
     version: int
-    crc32: int
+    crc32: int | None  # None until first read for external objects
     extent: Extent
     host: HostCopy | None = None
 
@@ -132,7 +148,7 @@ class _StorageTier:
         self.name = spec.name
         self.path = Path(spec.path)
         self.data_file = str(self.path / DATA_FILE)
-        self.space = FreeList(align_up(spec.capacity) if spec.capacity % 4096 else spec.capacity)
+        self.space = FreeList(spec.capacity // 4096 * 4096)  # a hard budget: round down
         self.objects = 0
 
     @property
@@ -146,8 +162,10 @@ class Lease:
     def __init__(self, store: "TieredStore", meta: ObjectMeta, copy: HostCopy) -> None:
         self._store = store
         self._copy = copy
+        self._version = meta.version
         self.key = meta.key
-        self.tensor = copy.buffer.tensor(meta.dtype, meta.shape)
+        raw = torch.from_numpy(copy.buffer.array[copy.start : copy.start + meta.nbytes])
+        self.tensor = (raw.view(meta.dtype) if meta.dtype != torch.uint8 else raw).view(meta.shape)
         self._released = False
 
     def release(self) -> None:
@@ -184,29 +202,38 @@ class TieredStore:
         host_wait: float = 30.0,
         cache_on_put: bool = True,
         hugepages: bool = True,
+        backend: str | Backend | None = None,
     ) -> None:
+        """``backend`` overrides ``[engine] backend`` (a name, or a Backend instance such as
+        ``io_engine.testing.FaultyBackend`` for fault-injection tests)."""
         self.config = load_config(config)
         if not self.config.storage_tiers:
             raise StoreError(f"{self.config.source}: the store needs at least one storage tier")
         self.host_wait = host_wait
         self.cache_on_put = cache_on_put
         self._hugepages = hugepages
+        self._backend = backend if backend is not None else self.config.engine.backend
         self._lock = threading.RLock()
         self._commit_lock = threading.Lock()
-        self._objects: dict[str, ObjectMeta] = {}
-        self._tiers = {t.name: _StorageTier(t) for t in self.config.storage_tiers}
-        self._tier_order = [t.name for t in self.config.storage_tiers]
-        self._gen = 0
-        self._committed_gen = 0
-        self._retired: list[Extent] = []
         self._listeners: list[Callable[[AccessEvent], None]] = []
-        self.counters = StoreCounters()
+        self._tier_order = [t.name for t in self.config.storage_tiers]
         self.placement = FirstFit()
-        self.host_policy = create_eviction_policy(self.config.policy.placement)
         self.arena: HostArena | None = None
         self.engine: IOEngine | None = None
         self._lock_fd: int | None = None
         self._opened = False
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._objects: dict[str, ObjectMeta] = {}
+        self._tiers = {t.name: _StorageTier(t) for t in self.config.storage_tiers}
+        self._gen = 0
+        self._committed_gen = 0
+        self._retired: list[Extent] = []
+        self._issued: dict[str, int] = {}  # key -> newest version handed to a put or delete
+        self._tombstones: dict[str, int] = {}  # key -> version of its latest delete
+        self.counters = StoreCounters()
+        self.host_policy = create_eviction_policy(self.config.policy.placement)
 
     # -- lifecycle -----------------------------------------------------------------
     @property
@@ -216,6 +243,7 @@ class TieredStore:
     def open(self) -> "TieredStore":
         if self._opened:
             return self
+        self._reset_state()
         self._lock_fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -232,7 +260,7 @@ class TieredStore:
             capacity = host.capacity if host else 256 << 20
             self.arena = HostArena(capacity, hugepages=self._hugepages, name=f"tier {host.name if host else 'host'}").open()
             e = self.config.engine
-            self.engine = IOEngine(e.backend, workers=e.workers, queue_depth=e.queue_depth,
+            self.engine = IOEngine(self._backend, workers=e.workers, queue_depth=e.queue_depth,
                                    chunk=e.chunk, direct=e.direct).open()
             for tier in self._tiers.values():
                 if tier.spec.read_bandwidth or tier.spec.write_bandwidth:
@@ -244,7 +272,7 @@ class TieredStore:
         return self
 
     def close(self) -> None:
-        """Wait for in-flight work, commit, and release memory, threads and the lock."""
+        """Wait for in-flight work, then release memory, threads and the lock."""
         if not self._opened:
             return
         self._opened = False
@@ -278,33 +306,36 @@ class TieredStore:
     def _load_manifest(self) -> None:
         path = self.root / MANIFEST
         try:
-            import json
-
             with open(path, "rb") as f:
                 doc = json.loads(f.read())
         except FileNotFoundError:
             return
         except ValueError as e:
             raise StoreError(f"{path}: manifest is not valid JSON ({e})") from e
-        if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
-        for key, o in doc["objects"].items():
-            tier = self._tiers.get(o["tier"])
+        for key, o in doc.get("objects", {}).items():
+            try:
+                tier_name, offset, nbytes = o["tier"], int(o["offset"]), int(o["nbytes"])
+                meta = ObjectMeta(key, str(o["kind"]), _dtype_from(o["dtype"]), tuple(int(d) for d in o["shape"]),
+                                  nbytes, int(o["version"]), int(o["crc32"]),
+                                  Extent(tier_name, offset, align_up(max(nbytes, 1))))
+            except (KeyError, TypeError, ValueError) as e:
+                raise StoreError(f"{path}: object {key!r} has a malformed entry ({e!r}): {o!r}") from e
+            tier = self._tiers.get(tier_name)
             if tier is None:
                 raise StoreError(
-                    f"{path}: object {key!r} lives on tier {o['tier']!r}, which the config "
+                    f"{path}: object {key!r} lives on tier {tier_name!r}, which the config "
                     f"({self.config.source}) does not define; known: {', '.join(self._tier_order)}"
                 )
-            ext = Extent(o["tier"], o["offset"], align_up(max(o["nbytes"], 1)))
             try:
-                tier.space.mark_used(ext.offset, ext.length)
+                tier.space.mark_used(meta.extent.offset, meta.extent.length)
             except RuntimeError as e:
-                raise StoreError(f"{path}: object {key!r}: extent {ext.offset}+{ext.length} on tier "
-                                 f"{o['tier']!r} does not fit the tier's capacity or overlaps another") from e
+                raise StoreError(f"{path}: object {key!r}: extent {offset}+{meta.extent.length} on tier "
+                                 f"{tier_name!r} does not fit the tier's capacity or overlaps another") from e
             tier.objects += 1
-            self._objects[key] = ObjectMeta(key, o["kind"], _dtype_from(o["dtype"]), tuple(o["shape"]),
-                                            o["nbytes"], o["version"], o["crc32"], ext)
-        self._gen = self._committed_gen = doc.get("generation", 0)
+            self._objects[key] = meta
+        self._gen = self._committed_gen = int(doc.get("generation", 0))
 
     def _snapshot(self) -> dict:
         return {
@@ -313,26 +344,47 @@ class TieredStore:
                 k: {"kind": m.kind, "dtype": _dtype_name(m.dtype), "shape": list(m.shape),
                     "nbytes": m.nbytes, "version": m.version, "crc32": m.crc32,
                     "tier": m.extent.tier, "offset": m.extent.offset}
-                for k, m in self._objects.items()
+                for k, m in self._objects.items() if not m.extent.external
             },
         }
 
-    def _commit_through(self, gen: int) -> None:
-        """Group commit: one manifest write covers every change up to the newest."""
+    def _commit_through(self, gen: int, on_fail: Callable[[], None] | None = None) -> None:
+        """Group commit: one manifest write covers every change up to the newest.
+
+        ``on_fail`` runs (under the commit lock, so no other commit can make the
+        change durable meanwhile) when the write fails, to take the change back.
+        """
         with self._commit_lock:
             if self._committed_gen >= gen:
                 return
             with self._lock:
                 snap, snap_gen = self._snapshot(), self._gen
-            write_json_atomic(self.root / MANIFEST, snap)
+            try:
+                write_json_atomic(self.root / MANIFEST, snap)
+            except BaseException:
+                if on_fail is not None:
+                    with self._lock:
+                        on_fail()
+                raise
             with self._lock:
                 self._committed_gen = snap_gen
                 self.counters.commits += 1
                 self._free_retired()
 
-    def _retire(self, ext: Extent) -> None:
-        ext.retired_gen = self._gen
-        self._retired.append(ext)
+    def _next_version(self, key: str) -> int:
+        cur = self._objects.get(key)
+        v = max(self._issued.get(key, 0), cur.version if cur else 0) + 1
+        self._issued[key] = v
+        return v
+
+    def _unlink(self, meta: ObjectMeta) -> None:
+        """Forget ``meta``'s host copy and extent; call after bumping ``_gen`` for the change,
+        so the extent is freed only once a manifest without it is committed."""
+        self._drop_host(meta)
+        if not meta.extent.external:
+            meta.extent.retired_gen = self._gen
+            self._retired.append(meta.extent)
+            self._tiers[meta.extent.tier].objects -= 1
 
     def _free_retired(self) -> None:
         keep = []
@@ -345,14 +397,21 @@ class TieredStore:
 
     # -- events --------------------------------------------------------------------
     def add_listener(self, fn: Callable[[AccessEvent], None]) -> None:
-        """Call ``fn(event)`` on every access (recorders, learning policies)."""
+        """Call ``fn(event)`` on every access (recorders, learning policies).
+
+        A listener that raises is logged and does not fail the access: a broken
+        recorder must not break I/O.
+        """
         self._listeners.append(fn)
 
     def _emit(self, key: str, nbytes: int, op: str, kind: str, tier: str | None) -> None:
         if self._listeners:
             ev = AccessEvent(time.monotonic(), key, nbytes, op, kind, tier)
-            for fn in self._listeners:
-                fn(ev)
+            for fn in list(self._listeners):
+                try:
+                    fn(ev)
+                except Exception:  # noqa: BLE001 - logged, see add_listener
+                    log.exception("store listener %r failed on %s", fn, ev)
 
     # -- host memory ---------------------------------------------------------------
     def _evictable(self, key: str) -> bool:
@@ -362,8 +421,11 @@ class TieredStore:
     def _alloc_host(self, nbytes: int) -> HostBuffer:
         """A host buffer, evicting unpinned cached copies (policy's choice) to make room."""
         size = align_up(max(nbytes, 1))
+        if size > self.arena.capacity:
+            raise OutOfBudget(f"host tier: {nbytes} bytes requested but its budget is {self.arena.capacity} bytes")
         deadline = time.monotonic() + self.host_wait
         while True:
+            evicted = []
             with self._lock:
                 buf = self.arena.try_alloc(nbytes)
                 while buf is None:
@@ -371,9 +433,13 @@ class TieredStore:
                     if not victims:
                         break
                     for key in victims:
-                        self._drop_host(self._objects[key])
+                        meta = self._objects[key]
+                        self._drop_host(meta)
                         self.counters.evictions += 1
+                        evicted.append(meta)
                     buf = self.arena.try_alloc(nbytes)
+            for meta in evicted:
+                self._emit(meta.key, meta.nbytes, "evict", meta.kind, "host")
             if buf is not None:
                 return buf
             remaining = deadline - time.monotonic()
@@ -394,16 +460,18 @@ class TieredStore:
         self.host_policy.remove(meta.key)
         if copy is not None:
             copy.detached = True
-            if copy.pins == 0 and copy.buffer is not None:
-                copy.buffer.release()
-                copy.buffer = None
+            self._maybe_free(copy)
+
+    def _maybe_free(self, copy: HostCopy) -> None:
+        """Free a detached copy's buffer once nobody pins it and no read is filling it."""
+        if copy.detached and copy.pins == 0 and not copy.loading and copy.buffer is not None:
+            copy.buffer.release()
+            copy.buffer = None
 
     def _unpin(self, copy: HostCopy) -> None:
         with self._lock:
             copy.pins -= 1
-            if copy.pins == 0 and copy.detached and copy.buffer is not None:
-                copy.buffer.release()
-                copy.buffer = None
+            self._maybe_free(copy)
 
     # -- put -----------------------------------------------------------------------
     def put(self, key: str, tensor: torch.Tensor, *, kind: str = "blob", tier: str | None = None) -> IOFuture:
@@ -411,13 +479,17 @@ class TieredStore:
 
         The bytes are copied into the host arena before this returns, so the
         caller may reuse ``tensor`` at once; the future resolves to the
-        object's description once the data and manifest are durable.
+        object's description once the data and manifest are durable. Puts of
+        one key take effect in the order they were called.
         """
+        return self._put(key, tensor, kind, tier, relocate=None)
+
+    def _put(self, key: str, tensor: torch.Tensor, kind: str, tier: str | None, relocate: int | None) -> IOFuture:
         self._check_open()
         check_key(key)
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"put({key!r}): expected a torch.Tensor, got {type(tensor).__name__}")
-        src = tensor.detach()
+        src = tensor.detach().resolve_conj().resolve_neg()
         if src.device.type != "cpu":
             src = src.cpu()
         src = src.contiguous()
@@ -430,75 +502,103 @@ class TieredStore:
             flat[nbytes:] = 0
             crc = zlib.crc32(flat[:nbytes])
             with self._lock:
-                tier_name = self._choose_tier(key, len(flat), kind, tier)
-                offset = self._tiers[tier_name].space.take(len(flat))
+                tier_name, offset = self._reserve_extent(key, len(flat), kind, tier)
+                version = relocate if relocate is not None else self._next_version(key)
             ext = Extent(tier_name, offset, len(flat))
             wf = self.engine.write(self._tiers[tier_name].data_file, offset, flat, sync=True)
         except BaseException:
             buf.release()
             raise
 
+        def discard_extent() -> None:  # our extent was never named by a committed manifest
+            self._tiers[tier_name].space.give(offset, len(flat))
+
         def install(_n: int) -> dict:
             with self._lock:
                 old = self._objects.get(key)
-                version = (old.version + 1) if old else 1
+                stale = (version <= self._tombstones.get(key, 0)
+                         or (old is not None and (old.version != version if relocate is not None
+                                                  else old.version > version)))
+                if stale:  # a later put or delete of this key already took effect
+                    discard_extent()
+                    buf.release()
+                    return {"key": key, "version": version, "superseded": True}
+                self._gen += 1
+                gen = self._gen
                 if old is not None:
-                    self._retire(old.extent)
-                    self._drop_host(old)
-                    self._tiers[old.extent.tier].objects -= 1
+                    self._unlink(old)
                 meta = ObjectMeta(key, kind, src.dtype, tuple(src.shape), nbytes, version, crc, ext)
                 self._objects[key] = meta
                 self._tiers[tier_name].objects += 1
-                self._gen += 1
-                gen = self._gen
                 if self.cache_on_put:
                     meta.host = HostCopy(buf, version, ready=True)
                     self.host_policy.admit(Observation(key, len(flat), kind, "write", "host"))
                 else:
                     buf.release()
+
+            def rollback() -> None:  # the manifest write failed: the previous version stays current
+                if self._objects.get(key) is not meta:
+                    return
+                self._drop_host(meta)
+                self._tiers[tier_name].objects -= 1
+                if old is not None:
+                    self._retired.remove(old.extent)
+                    old.extent.retired_gen = None
+                    self._tiers[old.extent.tier].objects += 1
+                    self._objects[key] = old
+                else:
+                    del self._objects[key]
+                ext.retired_gen = 0  # never committed: free as soon as no reader holds it
+                self._retired.append(ext)
+                self._free_retired()
+
+            self._commit_through(gen, rollback)
+            with self._lock:
                 self.counters.puts += 1
                 self.counters.bytes_written[tier_name] = self.counters.bytes_written.get(tier_name, 0) + len(flat)
-            self._commit_through(gen)
             self._emit(key, nbytes, "write", kind, tier_name)
             return meta.describe()
 
         def undo(f) -> None:
             if f.exception() is not None:
                 with self._lock:
-                    self._tiers[tier_name].space.give(offset, len(flat))
+                    discard_extent()
                 buf.release()
 
         wf.add_done_callback(undo)
-        return chain(wf, install, f"put {key}")
+        return chain(wf, install, f"put {key}", note=f"while putting object {key!r}")
 
-    def _choose_tier(self, key: str, size: int, kind: str, tier: str | None) -> str:
+    def _reserve_extent(self, key: str, size: int, kind: str, tier: str | None) -> tuple[str, int]:
         if tier is not None:
             if tier not in self._tiers:
                 raise StoreError(f"put({key!r}): unknown storage tier {tier!r}; known: {', '.join(self._tier_order)}")
-            t = self._tiers[tier]
-            if t.space.free_bytes < size:
-                raise StoreError(f"put({key!r}): tier {tier!r} has {t.space.free_bytes} of {t.space.capacity} bytes free, {size} needed")
-            return tier
-        choices = [(n, self._tiers[n].space.capacity, self._tiers[n].space.largest()) for n in self._tier_order]
-        chosen = self.placement.place(Observation(key, size, kind, "write"), choices)
-        if chosen is None:
-            free = ", ".join(f"{n}: {f} bytes in one piece" for n, _c, f in choices)
-            raise StoreError(f"put({key!r}): no storage tier has room for {size} bytes ({free})")
-        return chosen
+            name = tier
+        else:
+            choices = [(n, self._tiers[n].space.capacity, self._tiers[n].space.largest()) for n in self._tier_order]
+            name = self.placement.place(Observation(key, size, kind, "write"), choices)
+            if name is None:
+                free = ", ".join(f"{n}: {f} bytes in one piece" for n, _c, f in choices)
+                raise StoreError(f"put({key!r}): no storage tier has room for {size} bytes ({free})")
+        t = self._tiers[name]
+        offset = t.space.take(size)
+        if offset is None:
+            raise StoreError(f"put({key!r}): tier {name!r} has no free extent of {size} bytes "
+                             f"({t.space.free_bytes} of {t.space.capacity} bytes free, largest piece "
+                             f"{t.space.largest()})")
+        return name, offset
 
     # -- reads ---------------------------------------------------------------------
     def acquire(self, key: str, *, priority: Priority = Priority.DEMAND) -> IOFuture:
-        """A future of a :class:`Lease`: the object's host copy, pinned, zero-copy."""
+        """A future of a :class:`Lease`: the object's host copy, pinned, zero-copy.
+
+        Raises KeyError at once for a key the store does not hold.
+        """
         self._check_open()
-        copy, load = self._pin_host_copy(key, priority)
-        meta_at_pin = self._objects.get(key)
-
-        def to_lease(_):
-            return Lease(self, meta_at_pin, copy)
-
+        copy, load, meta = self._pin_host_copy(key, priority)
         if load is None:
-            return completed(to_lease(None), f"acquire {key}")
-        out = chain(load, to_lease, f"acquire {key}")
+            self._emit(key, meta.nbytes, "read", meta.kind, "host")
+            return completed(Lease(self, meta, copy), f"acquire {key}")
+        out = chain(load, lambda _: Lease(self, meta, copy), f"acquire {key}")
         out.add_done_callback(lambda f: (f.cancelled() or f.exception() is not None) and self._unpin(copy))
         return out
 
@@ -528,14 +628,41 @@ class TieredStore:
         return chain(lease_f, copy_out, f"get {key}")
 
     def prefetch(self, key: str) -> IOFuture:
-        """Bring ``key`` into the host tier at prefetch priority; cancellable until it starts."""
-        self._check_open()
-        copy, load = self._pin_host_copy(key, Priority.PREFETCH)
-        self._unpin(copy)  # a prefetch keeps nothing pinned; the copy stays cached
-        return load if load is not None else completed(None, f"prefetch {key}")
+        """Bring ``key`` into the host tier at prefetch priority.
 
-    def _pin_host_copy(self, key: str, priority: Priority) -> tuple[HostCopy, IOFuture | None]:
-        """Pin the host copy of ``key``, starting a load if needed; (copy, load future or None)."""
+        Cancelling the returned future cancels the read only while it has not
+        started and no other caller waits for the same load.
+        """
+        self._check_open()
+        copy, load, _meta = self._pin_host_copy(key, Priority.PREFETCH)
+        with self._lock:
+            copy.prefetchers += load is not None
+            copy.pins -= 1  # a prefetch keeps nothing pinned; the copy stays cached
+            self._maybe_free(copy)
+        if load is None:
+            return completed(None, f"prefetch {key}")
+        out = chain(load, lambda _: None, f"prefetch {key}")
+
+        def cancel() -> bool:
+            """Stop waiting; the read itself is cancelled only if it has not started and
+            no other caller (a get, an acquire, another prefetch) waits for it."""
+            with self._lock:
+                if not IOFuture.cancel(out):
+                    return False
+                copy.prefetchers -= 1
+                if copy.pins == 0 and copy.prefetchers == 0:
+                    load.cancel_read()
+                return True
+
+        out.cancel = cancel  # type: ignore[method-assign]
+        return out
+
+    def _pin_host_copy(self, key: str, priority: Priority) -> tuple[HostCopy, IOFuture | None, ObjectMeta]:
+        """Pin the host copy of ``key``, starting a load if needed.
+
+        Returns (copy, load future or None when the copy is ready, the object's
+        metadata for the version pinned), all taken under one lock.
+        """
         with self._lock:
             meta = self._objects.get(key)
             if meta is None:
@@ -546,43 +673,49 @@ class TieredStore:
                 if copy.ready:
                     self.counters.hits += 1
                     self.host_policy.touch(Observation(key, meta.nbytes, meta.kind, "read", "host"))
-                    self._emit(key, meta.nbytes, "read", meta.kind, "host")
-                    return copy, None
-                return copy, copy.loaded
+                    return copy, None, meta
+                return copy, copy.loaded, meta
             self.counters.misses += 1
             load = _LoadFuture(f"load {key}")
-            copy = HostCopy(None, meta.version, pins=1, loaded=load)
+            copy = HostCopy(None, meta.version, pins=1, loaded=load, loading=True)
             meta.host = copy
             ext = meta.extent
             ext.readers += 1
-        tier = self._tiers[ext.tier]
+        if ext.external:
+            src_file, lead = ext.path, ext.offset % 4096
+            window = align_up(lead + meta.nbytes)
+        else:
+            src_file, lead, window = self._tiers[ext.tier].data_file, 0, None
 
         def finish(f) -> None:
             with self._lock:
                 ext.readers -= 1
+                copy.loading = False
                 if f.cancelled() or f.exception() is not None:
                     if meta.host is copy:
                         meta.host = None
                     copy.detached = True
-                if copy.detached and copy.pins == 0 and copy.buffer is not None:
-                    copy.buffer.release()
-                    copy.buffer = None
+                self._maybe_free(copy)
                 self._free_retired()
 
         load.add_done_callback(finish)
         try:
-            buf = self._alloc_host(meta.nbytes)
-            copy.buffer = buf
-            rf = self.engine.read(tier.data_file, ext.offset, buf.padded, priority=priority)
+            buf = self._alloc_host(meta.nbytes if window is None else window)
+            copy.buffer, copy.start = buf, lead
+            length = len(buf.padded) if window is None else lead + meta.nbytes  # externals end anywhere
+            rf = self.engine.read(src_file, ext.offset - lead, buf.padded, length, priority=priority)
         except BaseException as e:
-            load.set_running_or_notify_cancel() and load.set_exception(e)
+            if load.set_running_or_notify_cancel():
+                load.set_exception(e)
             raise
 
         def verify(_n: int) -> None:
-            got = zlib.crc32(buf.array)
-            if got != meta.crc32:
+            got = zlib.crc32(buf.array[lead : lead + meta.nbytes])
+            if meta.crc32 is None:
+                meta.crc32 = got  # external object: later reads must match the first
+            elif got != meta.crc32:
                 raise ChecksumError(
-                    f"object {key!r} (version {meta.version}) read from {tier.data_file} at offset "
+                    f"object {key!r} (version {meta.version}) read from {src_file} at offset "
                     f"{ext.offset}, {meta.nbytes} bytes: crc32 {got:#010x} != recorded {meta.crc32:#010x}"
                 )
             with self._lock:
@@ -594,8 +727,39 @@ class TieredStore:
                 self.counters.bytes_read[ext.tier] = self.counters.bytes_read.get(ext.tier, 0) + buf.reserved
             self._emit(key, meta.nbytes, "read", meta.kind, ext.tier)
 
-        load.follow(chain(rf, verify, f"load {key}"), rf)
-        return copy, load
+        load.follow(chain(rf, verify, f"load {key}", note=f"while reading object {key!r}"), rf)
+        return copy, load, meta
+
+    def register_external(self, key: str, path, offset: int, nbytes: int, dtype: torch.dtype,
+                          shape: tuple[int, ...], *, kind: str = "weight") -> None:
+        """Make ``nbytes`` at ``offset`` of an existing file the home of ``key``, read in place.
+
+        Used to serve tensors straight out of checkpoint files (safetensors) with
+        O_DIRECT, without copying them into a tier first. Not persisted: callers
+        register again after reopening. The file must not change while registered;
+        its bytes are checksummed on first read and verified on every later one.
+        """
+        self._check_open()
+        check_key(key)
+        path = os.path.abspath(os.fspath(path))
+        size = os.stat(path).st_size
+        if offset < 0 or nbytes < 0 or offset + nbytes > size:
+            raise StoreError(f"register_external({key!r}): bytes {offset}..{offset + nbytes} are outside "
+                             f"{path} ({size} bytes)")
+        expected = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        if expected != nbytes:
+            raise StoreError(f"register_external({key!r}): {dtype}{tuple(shape)} needs {expected} bytes, got {nbytes}")
+        with self._lock:
+            version = self._next_version(key)
+            old = self._objects.get(key)
+            self._gen += 1
+            gen = self._gen
+            if old is not None:
+                self._unlink(old)
+            self._objects[key] = ObjectMeta(key, kind, dtype, tuple(shape), nbytes, version, None,
+                                            Extent("external", offset, nbytes, path=path))
+        if old is not None and not old.extent.external:
+            self._commit_through(gen)  # the manifest must stop naming the replaced object
 
     # -- eviction, migration, deletion ---------------------------------------------
     def evict(self, key: str, tier: str = "host") -> bool:
@@ -616,49 +780,63 @@ class TieredStore:
         return True
 
     def migrate(self, key: str, tier: str) -> IOFuture:
-        """Move ``key``'s home to storage tier ``tier`` (or, for "host", prefetch it)."""
+        """Move ``key``'s home to storage tier ``tier`` (or, for "host", prefetch it).
+
+        The version read is rewritten as the same version; if a newer put or a
+        delete of the key lands meanwhile, that one wins and the move is dropped.
+        """
         self._check_open()
         if tier == "host":
             return self.prefetch(key)
         if tier not in self._tiers:
             raise StoreError(f"migrate({key!r}): unknown tier {tier!r}; known: host, {', '.join(self._tier_order)}")
         lease_f = self.acquire(key, priority=Priority.WRITEBACK)
-
-        def rewrite(lease: Lease):
-            try:
-                with self._lock:
-                    meta = self._objects[key]
-                    if meta.extent.tier == tier:
-                        return completed(meta.describe())
-                return self.put(key, lease.tensor, kind=meta.kind, tier=tier)
-            finally:
-                lease.release()
-
-        inner = chain(lease_f, rewrite, f"migrate {key}")
         out = IOFuture(f"migrate {key} -> {tier}")
 
-        def relay(f):
-            if f.exception() is not None:
-                out.set_exception(f.exception())
-            else:
-                f.result().add_done_callback(
-                    lambda g: out.set_exception(g.exception()) if g.exception() else out.set_result(g.result()))
+        def rewrite(f) -> None:
+            try:
+                lease = f.result()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+                out.set_exception(e)
+                return
+            try:
+                with self._lock:
+                    meta = self._objects.get(key)
+                    current = meta is not None and meta.version == lease._version
+                    if current and meta.extent.tier == tier:
+                        out.set_result(meta.describe())
+                        return
+                    if not current:
+                        out.set_result({"key": key, "superseded": True})
+                        return
+                    kind = meta.kind
+                inner = self._put(key, lease.tensor, kind, tier, relocate=lease._version)
+            except BaseException as e:  # noqa: BLE001
+                out.set_exception(e)
+                return
+            finally:
+                lease.release()
+            inner.add_done_callback(
+                lambda g: out.set_exception(g.exception()) if g.exception() else out.set_result(g.result()))
 
-        inner.add_done_callback(relay)
+        lease_f.add_done_callback(rewrite)
         return out
 
     def delete(self, key: str) -> None:
-        """Remove ``key``; its extent is reused once the manifest no longer names it."""
+        """Remove ``key``; its extent is reused once the manifest no longer names it.
+
+        A put of the key called before this delete cannot bring it back.
+        """
         self._check_open()
         with self._lock:
-            meta = self._objects.pop(key, None)
+            meta = self._objects.get(key)
             if meta is None:
                 raise KeyError(f"no object {key!r}")
-            self._drop_host(meta)
-            self._retire(meta.extent)
-            self._tiers[meta.extent.tier].objects -= 1
+            self._tombstones[key] = self._next_version(key)
+            del self._objects[key]
             self._gen += 1
             gen = self._gen
+            self._unlink(meta)
         self._commit_through(gen)
         self._emit(key, meta.nbytes, "delete", meta.kind, None)
 
@@ -695,6 +873,7 @@ class TieredStore:
             c = self.counters
             return {
                 "tiers": {"host": host, **tiers},
+                "external_bytes_read": c.bytes_read.get("external", 0),
                 "hits": c.hits, "misses": c.misses, "puts": c.puts, "evictions": c.evictions,
                 "commits": c.commits, "objects": len(self._objects),
                 "engine": self.engine.stats() if self.engine else None,
@@ -703,8 +882,7 @@ class TieredStore:
 
 class _LoadFuture(IOFuture):
     """The future of a host-copy load, created before its read is submitted so that
-    concurrent readers of the same key can wait on it; cancelling it cancels the read
-    if that has not started."""
+    concurrent readers of the same key can wait on it."""
 
     _read: IOFuture | None = None
 
@@ -724,4 +902,8 @@ class _LoadFuture(IOFuture):
         result.add_done_callback(relay)
 
     def cancel(self) -> bool:
+        """Joined waiters share this future: only ``prefetch`` may cancel, via ``cancel_read``."""
+        return False
+
+    def cancel_read(self) -> bool:
         return self._read is not None and self._read.cancel()
