@@ -17,9 +17,23 @@ class FreeList:
         self._offsets: list[int] = [0] if capacity else []
         self._sizes: dict[int, int] = {0: capacity} if capacity else {}
         self.free_bytes = capacity
+        self._cursor = 0
 
-    def take(self, size: int) -> int | None:
-        """Offset of a free range of ``size`` bytes (best fit), or None."""
+    def take(self, size: int, *, high: bool = False, next_fit: bool = False) -> int | None:
+        """Offset of a free range of ``size`` bytes (best fit), or None.
+
+        ``high`` takes the range from the end of the highest free block that
+        fits instead: keeping small, long-lived ranges at the top stops them
+        from splitting the space large ranges need. ``next_fit`` takes the first
+        fitting block at or after the end of the previous next-fit range
+        (wrapping around): for buffers freed in the order they were taken, as
+        when weights stream through a budget, the pool behaves as a ring and
+        does not fragment.
+        """
+        if high:
+            return self._take_high(size)
+        if next_fit:
+            return self._take_next(size)
         best, best_size = None, 0
         for off in self._offsets:
             s = self._sizes[off]
@@ -34,6 +48,44 @@ class FreeList:
             self._insert(best + size, best_size - size)
         self.free_bytes -= size
         return best
+
+    def _take_next(self, size: int) -> int | None:
+        i = bisect.bisect_left(self._offsets, self._cursor)
+        # a free block that contains the cursor counts as "after" it
+        if i > 0 and self._offsets[i - 1] + self._sizes[self._offsets[i - 1]] > self._cursor:
+            i -= 1
+        n = len(self._offsets)
+        for j in range(n + 1):  # the first block twice: from the cursor, then (wrapped) from its start
+            off = self._offsets[(i + j) % n] if n else 0
+            if not n:
+                break
+            s = self._sizes[off]
+            start = max(off, self._cursor) if j == 0 else off
+            if off + s - start >= size:
+                self._carve(off, s, start, size)
+                self._cursor = start + size
+                return start
+        return None
+
+    def _carve(self, off: int, s: int, start: int, size: int) -> None:
+        self._remove(off)
+        if start > off:
+            self._insert(off, start - off)
+        if off + s > start + size:
+            self._insert(start + size, off + s - start - size)
+        self.free_bytes -= size
+
+    def _take_high(self, size: int) -> int | None:
+        for off in reversed(self._offsets):
+            s = self._sizes[off]
+            if s >= size:
+                if s == size:
+                    self._remove(off)
+                else:
+                    self._sizes[off] = s - size
+                self.free_bytes -= size
+                return off + s - size
+        return None
 
     def give(self, offset: int, size: int) -> None:
         """Return a range; merges with free neighbours."""

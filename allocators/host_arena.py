@@ -110,8 +110,10 @@ class HostArena:
     """A fixed-capacity host memory pool (see module docstring).
 
     ``pin``: ``"auto"`` pins when torch sees a CUDA device, ``True`` requires
-    it, ``False`` never pins. ``hugepages``: advise transparent huge pages and
-    pre-fault them so the arena is physically contiguous per 2 MiB.
+    it, ``False`` never pins. ``hugepages``: advise transparent huge pages, so
+    the arena is physically contiguous per 2 MiB once touched. ``prefault``:
+    touch every page now (commits the memory; benchmarks want it, a large
+    default budget does not).
     Memory is mapped in ``open()`` (or ``__enter__``), not in ``__init__``.
     """
 
@@ -122,6 +124,7 @@ class HostArena:
         alignment: int = PAGE,
         hugepages: bool = True,
         pin: bool | str = "auto",
+        prefault: bool = False,
         name: str = "host",
     ) -> None:
         if alignment <= 0 or alignment & (alignment - 1) or alignment % PAGE:
@@ -133,6 +136,9 @@ class HostArena:
         self.capacity = align_up(int(capacity), alignment)
         self.hugepages = hugepages
         self._pin_request = pin
+        self.prefault = prefault
+        #: buffers up to this size come from the top of the arena, large ones from the bottom
+        self.small_buffer = max(self.alignment, min(1 << 20, self.capacity // 64))
         self.pinned = False
         self._mmap: mmap.mmap | None = None
         self._base: np.ndarray | None = None
@@ -157,7 +163,8 @@ class HostArena:
             except (OSError, AttributeError, ValueError):
                 self.hugepages = False
         base = raw[start : start + self.capacity]
-        base[::PAGE] = 0  # pre-fault now, so first I/O is not slowed and memory is committed
+        if self.prefault:
+            base[::PAGE] = 0  # commit the memory now, so the first I/O is not slowed by faults
         self._mmap = mm
         self._base = base
         self.address = base.ctypes.data
@@ -226,7 +233,8 @@ class HostArena:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
-                offset = self._free_list.take(reserved)
+                small = reserved <= self.small_buffer
+                offset = self._free_list.take(reserved, high=small, next_fit=not small)
                 if offset is not None:
                     break
                 remaining = None if deadline is None else deadline - time.monotonic()

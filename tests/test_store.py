@@ -412,7 +412,7 @@ def test_retired_extent_not_reused_before_manifest_commit(tmp_path, monkeypatch)
 
     def slow_manifest_write(path, obj):  # a slow manifest fsync
         slow_entered.set()
-        slow_go.wait(T)
+        assert slow_go.wait(120), "the test did not release the manifest write"
         real_write(path, obj)
 
     monkeypatch.setattr(store_mod, "write_json_atomic", slow_manifest_write)
@@ -1124,8 +1124,8 @@ def test_acquire_racing_with_put_or_delete(store, monkeypatch, race):
     store.put("k", torch.ones(1024, dtype=torch.float32)).result(T)
     real_pin = store._pin_host_copy
 
-    def pin_then_race(key, priority):
-        out = real_pin(key, priority)
+    def pin_then_race(key, priority, wait=None):
+        out = real_pin(key, priority, wait)
         # another thread changes the key right after the pin, before acquire() builds the Lease
         if race == "replace":
             other = threading.Thread(target=lambda: store.put(key, torch.full((1024,), 7, dtype=torch.int32)).result(T))

@@ -15,3 +15,10 @@ __all__ = [
     "ChecksumError", "Config", "ConfigError", "Lease", "StoreError", "TierSpec", "TieredStore",
     "default_config", "load_config",
 ]
+
+from .offload import OffloadError, detach, offload, offload_stats  # noqa: E402
+
+__all__ += ["OffloadError", "detach", "offload", "offload_stats"]
+from .pretrained import from_pretrained  # noqa: E402
+
+__all__ += ["from_pretrained"]

@@ -103,7 +103,8 @@ class OffloadSpec:
     """How the module wrapper streams weights.
 
     ``lookahead``: how many units ahead of the running one are read (None: as
-    many as the compute budget holds, at most 4). ``resident``: keep units
+    many as the compute budget holds, at most 2: reading further ahead only takes budget
+    from resident units). ``resident``: keep units
     that fit in the budget left over by the streaming window permanently
     loaded, instead of re-reading every weight on every forward.
     """

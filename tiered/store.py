@@ -418,12 +418,14 @@ class TieredStore:
         m = self._objects.get(key)
         return m is not None and m.host is not None and m.host.ready and m.host.pins == 0
 
-    def _alloc_host(self, nbytes: int) -> HostBuffer:
-        """A host buffer, evicting unpinned cached copies (policy's choice) to make room."""
+    def _alloc_host(self, nbytes: int, wait: float | None = None) -> HostBuffer:
+        """A host buffer, evicting unpinned cached copies (policy's choice) to make room,
+        then waiting up to ``wait`` (default ``host_wait``) seconds for pins to go."""
         size = align_up(max(nbytes, 1))
         if size > self.arena.capacity:
             raise OutOfBudget(f"host tier: {nbytes} bytes requested but its budget is {self.arena.capacity} bytes")
-        deadline = time.monotonic() + self.host_wait
+        wait = self.host_wait if wait is None else wait
+        deadline = time.monotonic() + wait
         while True:
             evicted = []
             with self._lock:
@@ -446,7 +448,7 @@ class TieredStore:
             if remaining <= 0:
                 st = self.arena.stats()
                 raise OutOfBudget(
-                    f"host tier: no room for {nbytes} bytes within {self.host_wait} s "
+                    f"host tier: no room for {nbytes} bytes within {wait} s "
                     f"({st.in_use} of {st.capacity} bytes held by pinned or loading objects)"
                 )
             try:  # wait for a pin to be released, then retry with eviction
@@ -588,13 +590,15 @@ class TieredStore:
         return name, offset
 
     # -- reads ---------------------------------------------------------------------
-    def acquire(self, key: str, *, priority: Priority = Priority.DEMAND) -> IOFuture:
+    def acquire(self, key: str, *, priority: Priority = Priority.DEMAND, wait: float | None = None) -> IOFuture:
         """A future of a :class:`Lease`: the object's host copy, pinned, zero-copy.
 
-        Raises KeyError at once for a key the store does not hold.
+        Raises KeyError at once for a key the store does not hold, and
+        OutOfBudget when host memory for the copy cannot be found within
+        ``wait`` seconds (default ``host_wait``; 0 for a prefetch that must not block).
         """
         self._check_open()
-        copy, load, meta = self._pin_host_copy(key, priority)
+        copy, load, meta = self._pin_host_copy(key, priority, wait)
         if load is None:
             self._emit(key, meta.nbytes, "read", meta.kind, "host")
             return completed(Lease(self, meta, copy), f"acquire {key}")
@@ -657,7 +661,8 @@ class TieredStore:
         out.cancel = cancel  # type: ignore[method-assign]
         return out
 
-    def _pin_host_copy(self, key: str, priority: Priority) -> tuple[HostCopy, IOFuture | None, ObjectMeta]:
+    def _pin_host_copy(self, key: str, priority: Priority,
+                       wait: float | None = None) -> tuple[HostCopy, IOFuture | None, ObjectMeta]:
         """Pin the host copy of ``key``, starting a load if needed.
 
         Returns (copy, load future or None when the copy is ready, the object's
@@ -700,7 +705,7 @@ class TieredStore:
 
         load.add_done_callback(finish)
         try:
-            buf = self._alloc_host(meta.nbytes if window is None else window)
+            buf = self._alloc_host(meta.nbytes if window is None else window, wait)
             copy.buffer, copy.start = buf, lead
             length = len(buf.padded) if window is None else lead + meta.nbytes  # externals end anywhere
             rf = self.engine.read(src_file, ext.offset - lead, buf.padded, length, priority=priority)

@@ -1,0 +1,539 @@
+"""``tiered.offload(model)``: run a module whose weights live in the tiered store.
+
+Each *unit* (by default every transformer block, plus the modules owning the
+remaining parameters: embeddings, norms, head) is one store object holding
+its parameters packed together, so loading a block is one large read. Hooks
+bind a unit's parameters to zero-copy views of its host copy just before the
+unit's forward and unbind them after, following accelerate's hook lifecycle
+(``always_call`` post-hooks, and ``detach`` that removes every hook), plus
+the overlap accelerate lacks: the execution order is learned from the first
+forward, and while unit *i* computes, units *i+1..i+k* are already being read
+(wrapping around into the next forward, which is what decoding needs). The
+compute budget (the host tier on CPU, the gpu tier on CUDA) bounds what is
+loaded at once; units that fit in what the streaming window leaves over stay
+resident, so a model slightly larger than the budget does not re-read
+everything on every token.
+
+Lifecycle: ``offload()`` packs and writes the weights, opens the store if it
+owns it, installs hooks; ``detach()`` restores ordinary in-memory parameters,
+removes the hooks and closes what ``offload()`` opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from allocators import OutOfBudget, align_up
+from io_engine import Priority
+
+from .config import Config, load_config
+from .sizes import format_size
+from .store import Lease, StoreError, TieredStore
+
+_ALIGN = 64  # byte alignment of each tensor inside a packed unit (any dtype can view it)
+_WAIT = 600.0  # seconds a forward waits for a unit's weights before giving up
+
+
+class OffloadError(RuntimeError):
+    """The model cannot be offloaded as asked; the message names the unit and sizes."""
+
+
+@dataclass
+class _Slot:
+    """One parameter or buffer of a unit: where it lives in the unit's store objects."""
+
+    module: nn.Module
+    attr: str
+    is_buffer: bool
+    key: str
+    offset: int
+    dtype: torch.dtype
+    shape: torch.Size
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape.numel() * torch.empty((), dtype=self.dtype).element_size()
+
+    def tensor(self) -> torch.Tensor:
+        return (self.module._buffers if self.is_buffer else self.module._parameters)[self.attr]
+
+
+@dataclass
+class _Unit:
+    index: int
+    name: str
+    module: nn.Module
+    slots: list[_Slot]
+    keys: list[str]
+    nbytes: int
+    packed_key: str | None = None  # the object holding this unit's packed tensors
+    resident: bool = False
+    active: int = 0
+    leases: dict[str, Lease] = field(default_factory=dict)
+    pending: dict[str, object] = field(default_factory=dict)
+    bound: list[tuple[_Slot, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class OffloadStats:
+    forwards: int = 0
+    unit_loads: int = 0
+    prefetch_hits: int = 0  # unit loads whose bytes were already in memory when needed
+    stall_seconds: float = 0.0  # time forwards waited for weights
+    bytes_read: dict = field(default_factory=dict)  # tier -> bytes read since offload()
+    peak_host_bytes: int = 0
+    resident_bytes: int = 0
+    lookahead: int = 0
+    prefetch_skipped: int = 0  # prefetches not started because the budget was full
+
+    @property
+    def prefetch_hit_rate(self) -> float:
+        return self.prefetch_hits / self.unit_loads if self.unit_loads else 1.0
+
+    def as_dict(self) -> dict:
+        return {
+            "forwards": self.forwards, "unit_loads": self.unit_loads,
+            "prefetch_hit_rate": round(self.prefetch_hit_rate, 4),
+            "stall_seconds": round(self.stall_seconds, 4), "bytes_read": dict(self.bytes_read),
+            "peak_host_bytes": self.peak_host_bytes, "resident_bytes": self.resident_bytes,
+            "lookahead": self.lookahead, "prefetch_skipped": self.prefetch_skipped,
+        }
+
+
+def _placeholder(dtype: torch.dtype, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """A 1-element tensor expanded to ``shape``: right shape/dtype/device, no memory.
+
+    Floating placeholders hold NaN so that a weight used outside its unit's
+    forward shows up as NaN output instead of silently computing with zeros.
+    """
+    fill = float("nan") if dtype.is_floating_point or dtype.is_complex else 0
+    return torch.full((), fill, dtype=dtype, device=device).expand(shape)
+
+
+def _default_units(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+    """(name, module, whole_subtree) for every unit, in module order.
+
+    Children of the outermost ModuleLists (transformer blocks) are whole-subtree
+    units; every other module that directly owns parameters is a unit of just
+    those parameters.
+    """
+    blocks: dict[str, nn.Module] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) >= 2:
+            if any(name == b or name.startswith(b + ".") for b in blocks):
+                continue
+            for i, child in enumerate(mod):
+                if any(True for _ in child.parameters()):
+                    blocks[f"{name}.{i}" if name else str(i)] = child
+    out: list[tuple[str, nn.Module, bool]] = []
+    for name, mod in model.named_modules():
+        if name in blocks:
+            out.append((name, mod, True))
+        elif not any(name == b or name.startswith(b + ".") for b in blocks):
+            if mod._parameters and any(p is not None for p in mod._parameters.values()):
+                out.append((name, mod, False))
+    return out
+
+
+def _named_units(model: nn.Module, spec) -> list[tuple[str, nn.Module, bool]]:
+    if spec is None:
+        return _default_units(model)
+    modules = dict(model.named_modules())
+    if callable(spec):
+        chosen = [n for n, m in modules.items() if spec(n, m)]
+    else:
+        chosen = list(spec)
+        for n in chosen:
+            if n not in modules:
+                raise OffloadError(f"unit {n!r} is not a submodule of {type(model).__name__}")
+    units = [(n, modules[n], True) for n in chosen]
+    covered = {id(p) for _n, m, _s in units for p in m.parameters()}
+    for n, m in modules.items():  # parameters outside the chosen units: per owning module
+        own = [p for p in m._parameters.values() if p is not None and id(p) not in covered]
+        if own and not any(n == c or n.startswith(c + ".") for c in chosen):
+            units.append((n, m, False))
+    return units
+
+
+def _unit_tensors(mod: nn.Module, subtree: bool) -> list[tuple[nn.Module, str, bool]]:
+    owners = mod.modules() if subtree else [mod]
+    out = []
+    for owner in owners:
+        out += [(owner, a, False) for a, p in owner._parameters.items() if p is not None]
+        if subtree:
+            out += [(owner, a, True) for a, b in owner._buffers.items()
+                    if b is not None and a not in owner._non_persistent_buffers_set]
+    return out
+
+
+def _model_prefix(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for n, p in model.state_dict(keep_vars=True).items():
+        h.update(f"{n}:{tuple(p.shape)}:{p.dtype};".encode())
+    return f"offload/{type(model).__name__}-{h.hexdigest()[:12]}"
+
+
+class OffloadedModule:
+    """The runtime attached to an offloaded model (``model._tiered``)."""
+
+    def __init__(self, model: nn.Module, store: TieredStore, owns_store: bool, config: Config,
+                 device: torch.device) -> None:
+        self.model = model
+        self.store = store
+        self.owns_store = owns_store
+        self.config = config
+        self.device = device
+        self.units: list[_Unit] = []
+        self.order: list[int] = []
+        self._pass: list[int] = []
+        self._cursor = 0
+        self._hooks: list = []
+        self.lookahead = 0
+        self.stats = OffloadStats()
+        self._read_base: dict = {}
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.prefix = ""
+
+    # -- building ------------------------------------------------------------------
+    def build_units(self, spec, external: dict[int, str] | None) -> None:
+        prefix = self.prefix
+        for i, (name, mod, subtree) in enumerate(_named_units(self.model, spec)):
+            slots, keys, off = [], [], 0
+            key = f"{prefix}/{name or 'root'}"
+            for owner, attr, is_buf in _unit_tensors(mod, subtree):
+                t = (owner._buffers if is_buf else owner._parameters)[attr]
+                if external is not None and id(t) in external:
+                    k = external[id(t)]
+                    slots.append(_Slot(owner, attr, is_buf, k, 0, t.dtype, t.shape))
+                    keys.append(k)
+                    continue
+                off = align_up(off, _ALIGN)
+                slots.append(_Slot(owner, attr, is_buf, key, off, t.dtype, t.shape))
+                off += slots[-1].nbytes
+            packed = any(s.key == key for s in slots)
+            if packed:
+                keys.insert(0, key)
+            nbytes = sum(align_up(max(s.nbytes, 1) + 4096) for s in slots if s.key != key)  # + unaligned lead
+            nbytes += align_up(max(off, 1)) if packed else 0
+            self.units.append(_Unit(i, name, mod, slots, list(dict.fromkeys(keys)), nbytes,
+                                    packed_key=key if packed else None))
+
+    def write_units(self) -> None:
+        """Pack each unit's tensors into one object, write it, free the in-memory copy."""
+        futures = []
+        for u in self.units:
+            packed = [s for s in u.slots if s.key == u.packed_key]
+            if not packed:
+                continue
+            end = max(s.offset + s.nbytes for s in packed)
+            blob = torch.empty(end, dtype=torch.uint8)
+            for s in packed:
+                src = s.tensor().detach()
+                if src.device.type == "meta":
+                    raise OffloadError(f"unit {u.name!r}: {s.attr} is on the meta device and has no checkpoint file")
+                blob[s.offset : s.offset + s.nbytes] = src.contiguous().reshape(-1).view(torch.uint8)
+            futures.append(self.store.put(packed[0].key, blob, kind="weight"))
+        for f in futures:
+            f.result(timeout=_WAIT)
+
+    def unbind_all(self) -> None:
+        """Replace every unit tensor by a placeholder (frees the original memory)."""
+        seen: dict[int, torch.Tensor] = {}
+        for u in self.units:
+            for s in u.slots:
+                t = s.tensor()
+                if id(t) in seen:
+                    continue
+                ph = _placeholder(s.dtype, s.shape, self.device)
+                if isinstance(t, nn.Parameter) and t.device.type != self.device.type:
+                    new = nn.Parameter(ph, requires_grad=t.requires_grad)
+                    seen[id(t)] = new
+                    self._replace_everywhere(t, new)
+                else:
+                    t.data = ph
+                    seen[id(t)] = t
+
+    def _replace_everywhere(self, old: torch.Tensor, new: torch.Tensor) -> None:
+        for m in self.model.modules():
+            for a, p in list(m._parameters.items()):
+                if p is old:
+                    m._parameters[a] = new
+            for a, b in list(m._buffers.items()):
+                if b is old:
+                    m._buffers[a] = new
+
+    def plan_budget(self) -> None:
+        budget = self._budget()
+        largest = max(self.units, key=lambda u: u.nbytes)
+        parents = sum(u.nbytes for u in self.units if not self._is_leaf_unit(u))
+        if largest.nbytes + parents > budget:
+            raise OffloadError(
+                f"compute budget {format_size(budget)} ({self._budget_name()}) is smaller than unit "
+                f"{largest.name or '<root>'!r} ({format_size(largest.nbytes)})"
+                + (f" plus enclosing units ({format_size(parents)})" if parents else "")
+                + "; raise the budget or split the unit with units=[...]"
+            )
+        want = self.config.offload.lookahead
+        # the streaming window (running unit + lookahead) cycles through the budget like a
+        # ring, which can waste up to one unit where it wraps: keep that much spare
+        fit = (budget - parents) // largest.nbytes - 2
+        self.lookahead = max(0, min(fit, 2 if want is None else want))
+        self.stats.lookahead = self.lookahead
+        spare = largest.nbytes if fit >= 0 else 0
+        self._resident_budget = budget - parents - (self.lookahead + 1) * largest.nbytes - spare
+
+    def _is_leaf_unit(self, u: _Unit) -> bool:
+        return not any(v is not u and any(m is v.module for m in u.module.modules()) for v in self.units)
+
+    def _budget(self) -> int:
+        if self.device.type == "cuda":
+            gpu = next((t for t in self.config.device_tiers), None)
+            if gpu is None:
+                raise OffloadError(f"{self.config.source}: a CUDA compute device needs a [tiers.gpu] budget")
+            return gpu.capacity
+        return self.store.arena.capacity
+
+    def _budget_name(self) -> str:
+        return "gpu tier" if self.device.type == "cuda" else "host tier"
+
+    def pin_residents(self) -> None:
+        if not self.config.offload.resident:
+            return
+        left = self._resident_budget
+        for u in self.units:
+            if u.nbytes <= left:
+                left -= u.nbytes
+                u.resident = True
+                self.stats.resident_bytes += u.nbytes
+
+    def install_hooks(self) -> None:
+        st = self.store.stats()
+        self._read_base = dict(st["tiers"], __external__=st["external_bytes_read"])
+        for u in self.units:
+            self._hooks.append(u.module.register_forward_pre_hook(self._pre_hook(u)))
+            self._hooks.append(u.module.register_forward_hook(self._post_hook(u), always_call=True))
+        self._hooks.append(self.model.register_forward_pre_hook(self._root_pre))
+        self._hooks.append(self.model.register_forward_hook(self._root_post, always_call=True))
+
+    # -- hooks ---------------------------------------------------------------------
+    def _root_pre(self, _m, _args) -> None:
+        self._pass = []
+        self._cursor = 0
+
+    def _root_post(self, _m, _args, _out) -> None:
+        self.stats.forwards += 1
+        if self._pass and self._pass != self.order:
+            self.order = self._pass
+        self._pass = []
+        self.stats.peak_host_bytes = max(self.stats.peak_host_bytes, self.store.arena.stats().peak)
+
+    def _pre_hook(self, u: _Unit) -> Callable:
+        def hook(_m, _args):
+            u.active += 1
+            if u.active == 1:
+                self._load(u)
+            self._pass.append(u.index)
+            self._prefetch_after(u)
+        return hook
+
+    def _post_hook(self, u: _Unit) -> Callable:
+        def hook(_m, _args, _out):
+            u.active -= 1
+            if u.active == 0:
+                self._unbind(u)
+                if not u.resident:
+                    self._release(u)
+        return hook
+
+    # -- loading -------------------------------------------------------------------
+    def _acquire(self, u: _Unit, priority: Priority) -> bool:
+        """Start acquiring ``u``'s objects. A prefetch never waits for host memory: when
+        the budget is full of pinned units it stops (False) and the unit is read on demand."""
+        for k in u.keys:
+            if k not in u.leases and k not in u.pending:
+                try:
+                    u.pending[k] = self.store.acquire(
+                        k, priority=priority, wait=0.0 if priority is Priority.PREFETCH else None)
+                except OutOfBudget:
+                    if priority is not Priority.PREFETCH:
+                        raise
+                    self.stats.prefetch_skipped += 1
+                    return False
+        return True
+
+    def _load(self, u: _Unit) -> None:
+        t0 = time.perf_counter()
+        ready = all(k in u.leases or (k in u.pending and u.pending[k].done()) for k in u.keys)
+        self._acquire(u, Priority.DEMAND)
+        for k, f in list(u.pending.items()):
+            u.leases[k] = f.result(timeout=_WAIT)
+            del u.pending[k]
+        self.stats.stall_seconds += time.perf_counter() - t0
+        self.stats.unit_loads += 1
+        self.stats.prefetch_hits += int(ready)
+        self._bind(u)
+
+    def _bind(self, u: _Unit) -> None:
+        if self._copy_stream is not None:
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        for s in u.slots:
+            src = u.leases[s.key].tensor
+            if s.offset or src.dtype != s.dtype or src.shape != s.shape:
+                view = src.view(torch.uint8).reshape(-1)[s.offset : s.offset + s.nbytes]
+                view = view.view(s.dtype).view(s.shape)
+            else:
+                view = src
+            if self._copy_stream is not None:
+                with torch.cuda.stream(self._copy_stream):
+                    view = view.to(self.device, non_blocking=True)
+            s.tensor().data = view
+            u.bound.append((s, view))
+        if self._copy_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+
+    def _unbind(self, u: _Unit) -> None:
+        for s, _view in u.bound:
+            s.tensor().data = _placeholder(s.dtype, s.shape, self.device)
+        u.bound.clear()
+
+    def _release(self, u: _Unit) -> None:
+        for lease in u.leases.values():
+            lease.release()
+        u.leases.clear()
+
+    def _prefetch_after(self, u: _Unit) -> None:
+        if not self.order or self.lookahead == 0:
+            return
+        try:
+            pos = self.order.index(u.index, self._cursor)
+        except ValueError:
+            try:
+                pos = self.order.index(u.index)
+            except ValueError:
+                return  # a unit not seen in the learned order: the pass will re-learn it
+        self._cursor = pos + 1
+        n = len(self.order)
+        for j in range(1, self.lookahead + 1):
+            nxt = self.units[self.order[(pos + j) % n]]
+            if nxt is not u and not nxt.resident and not self._acquire(nxt, Priority.PREFETCH):
+                break
+
+    # -- teardown ------------------------------------------------------------------
+    def materialize(self) -> None:
+        """Give every parameter its own in-memory copy again (for ``detach``)."""
+        for u in self.units:
+            self._acquire(u, Priority.DEMAND)
+            for k, f in list(u.pending.items()):
+                u.leases[k] = f.result(timeout=_WAIT)
+                del u.pending[k]
+            for s in u.slots:
+                src = u.leases[s.key].tensor
+                view = src.view(torch.uint8).reshape(-1)[s.offset : s.offset + s.nbytes]
+                s.tensor().data = view.view(s.dtype).view(s.shape).to(self.device, copy=True)
+            self._release(u)
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def release_all(self) -> None:
+        for u in self.units:
+            for f in u.pending.values():
+                if not f.cancel():
+                    f.result(timeout=_WAIT).release()
+            u.pending.clear()
+            self._release(u)
+
+    def report(self) -> dict:
+        st = self.store.stats()
+        tiers = st["tiers"]
+        base_ext = self._read_base.get("__external__", 0)
+        if st["external_bytes_read"] - base_ext:
+            self.stats.bytes_read["checkpoint files"] = st["external_bytes_read"] - base_ext
+        for name, t in tiers.items():
+            if t and t.get("kind") == "storage":
+                base = (self._read_base.get(name) or {}).get("bytes_read", 0)
+                self.stats.bytes_read[name] = t["bytes_read"] - base
+        self.stats.peak_host_bytes = max(self.stats.peak_host_bytes, self.store.arena.stats().peak)
+        return self.stats.as_dict()
+
+
+def offload(model: nn.Module, config=None, *, units=None, store: TieredStore | None = None,
+            device: str | torch.device | None = None, _external: dict[int, str] | None = None,
+            _owns_store: bool = False) -> nn.Module:
+    """Move ``model``'s weights into the tiered store and stream them through its forward.
+
+    ``config``: path of an offload TOML, a ``Config`` or None (embedded default).
+    ``units``: None (automatic), a list of submodule names, or ``fn(name, module) -> bool``.
+    ``store``: an open store to use (else one is opened from ``config`` and closed by ``detach``).
+    ``device``: the compute device (default: where the parameters are).
+    Returns ``model`` itself, changed in place.
+    """
+    if getattr(model, "_tiered", None) is not None:
+        raise OffloadError(f"{type(model).__name__} is already offloaded; call tiered.detach(model) first")
+    cfg = store.config if store is not None else load_config(config)
+    if device is None:
+        p = next((p for p in model.parameters() if p.device.type != "meta"), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    owns = store is None or _owns_store
+    if store is None:
+        store = TieredStore(cfg).open()
+    rt = OffloadedModule(model, store, owns, cfg, device)
+    try:
+        rt.prefix = _model_prefix(model)
+        rt.build_units(units, _external)
+        if not rt.units:
+            raise OffloadError(f"{type(model).__name__} has no parameters to offload")
+        rt.plan_budget()
+        rt.write_units()
+        rt.unbind_all()
+        rt.pin_residents()
+        for u in rt.units:
+            if u.resident:
+                rt._acquire(u, Priority.DEMAND)
+        for u in rt.units:
+            if u.resident:
+                for k, f in list(u.pending.items()):
+                    u.leases[k] = f.result(timeout=_WAIT)
+                    del u.pending[k]
+        rt.install_hooks()
+    except BaseException:
+        rt.remove_hooks()
+        rt.release_all()
+        if owns:
+            store.close()
+        raise
+    model._tiered = rt
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Undo :func:`offload`: ordinary in-memory parameters, no hooks, store closed if owned."""
+    rt: OffloadedModule | None = getattr(model, "_tiered", None)
+    if rt is None:
+        raise OffloadError(f"{type(model).__name__} is not offloaded")
+    rt.remove_hooks()
+    for u in rt.units:
+        rt._unbind(u)
+    rt.release_all()
+    rt.materialize()
+    if rt.owns_store:
+        rt.store.close()
+    model._tiered = None
+    return model
+
+
+def offload_stats(model: nn.Module) -> dict:
+    """Bytes read per tier, prefetch hit rate, stall time, peak host bytes of an offloaded model."""
+    rt: OffloadedModule | None = getattr(model, "_tiered", None)
+    if rt is None:
+        raise OffloadError(f"{type(model).__name__} is not offloaded")
+    return rt.report()
