@@ -47,6 +47,7 @@ from .stats import EngineStats
 from .throttle import TokenBucket
 
 BOUNCE_BYTES = 1 << 20
+MIN_PIECE = 2 << 20  # smallest piece a large request is split into
 
 
 @dataclass
@@ -210,17 +211,24 @@ class IOEngine:
                 f"{request.path}: buffer holds only {len(buf)} bytes"
             )
         fut = IOFuture(f"{request.op.value} {request.path}@{request.offset}+{request.length}")
-        starts = list(range(0, request.length, self.chunk)) or [0]
+        step = self._piece_size(request.length)
+        starts = list(range(0, request.length, step)) or [0]
         job = _Job(request, fut, buf, len(starts), time.perf_counter())
         with self._cond:
             for s in starts:
                 piece = _Piece(int(request.priority), next(self._seq), job,
-                               request.offset + s, s, min(self.chunk, request.length - s))
+                               request.offset + s, s, min(step, request.length - s))
                 heapq.heappush(self._heap, (piece.priority, piece.seq, piece))
             self._cond.notify(len(starts))
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._async_wake.set)
         return fut
+
+    def _piece_size(self, length: int) -> int:
+        """``chunk``, or less so that a single request still keeps every worker busy
+        (never below MIN_PIECE: the device merges larger requests better)."""
+        spread = align_up(-(-length // self.workers)) if length else self.chunk
+        return min(self.chunk, max(MIN_PIECE, spread))
 
     def read(self, path, offset: int, buffer, length: int | None = None,
              priority: Priority = Priority.DEMAND) -> IOFuture:

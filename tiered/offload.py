@@ -73,11 +73,13 @@ class _Unit:
     keys: list[str]
     nbytes: int
     packed_key: str | None = None  # the object holding this unit's packed tensors
-    resident: bool = False
+    resident: bool = False  # stays bound on the compute device between forwards
+    host_resident: bool = False  # CUDA: keeps its pinned host copy; only the device copy is dropped
     active: int = 0
     leases: dict[str, Lease] = field(default_factory=dict)
     pending: dict[str, object] = field(default_factory=dict)
     bound: list[tuple[_Slot, torch.Tensor]] = field(default_factory=list)
+    copied: object = None  # CUDA event: host->device copies of this unit done (host buffers reusable)
 
 
 @dataclass
@@ -89,6 +91,7 @@ class OffloadStats:
     bytes_read: dict = field(default_factory=dict)  # tier -> bytes read since offload()
     peak_host_bytes: int = 0
     resident_bytes: int = 0
+    host_resident_bytes: int = 0
     lookahead: int = 0
     prefetch_skipped: int = 0  # prefetches not started because the budget was full
 
@@ -102,6 +105,7 @@ class OffloadStats:
             "prefetch_hit_rate": round(self.prefetch_hit_rate, 4),
             "stall_seconds": round(self.stall_seconds, 4), "bytes_read": dict(self.bytes_read),
             "peak_host_bytes": self.peak_host_bytes, "resident_bytes": self.resident_bytes,
+            "host_resident_bytes": self.host_resident_bytes,
             "lookahead": self.lookahead, "prefetch_skipped": self.prefetch_skipped,
         }
 
@@ -269,6 +273,15 @@ class OffloadedModule:
                     m._buffers[a] = new
 
     def plan_budget(self) -> None:
+        """Choose the lookahead and what stays resident, within the budgets.
+
+        The host arena streams units like a ring, which can waste up to one unit
+        where it wraps, so it keeps one unit spare. On CPU the arena is also the
+        compute memory. On CUDA the gpu tier bounds the weights on the device
+        (units bound there), and the arena separately bounds pinned host copies:
+        units that do not fit on the GPU but fit in the arena stay in pinned host
+        memory and only cross PCIe again, instead of being read from storage.
+        """
         budget = self._budget()
         largest = max(self.units, key=lambda u: u.nbytes)
         parents = sum(u.nbytes for u in self.units if not self._is_leaf_unit(u))
@@ -279,14 +292,27 @@ class OffloadedModule:
                 + (f" plus enclosing units ({format_size(parents)})" if parents else "")
                 + "; raise the budget or split the unit with units=[...]"
             )
+        host = self.store.arena.capacity
+        if self.cuda and host < 2 * largest.nbytes:
+            raise OffloadError(
+                f"host tier of {format_size(host)} cannot stage unit {largest.name or '<root>'!r} "
+                f"({format_size(largest.nbytes)}) twice; raise [tiers.host] capacity")
         want = self.config.offload.lookahead
-        # the streaming window (running unit + lookahead) cycles through the budget like a
-        # ring, which can waste up to one unit where it wraps: keep that much spare
-        fit = (budget - parents) // largest.nbytes - 2
-        self.lookahead = max(0, min(fit, 2 if want is None else want))
+        fit_host = (host - parents) // largest.nbytes - 2
+        fit_dev = (budget - parents) // largest.nbytes - 1 if self.cuda else fit_host
+        self.lookahead = max(0, min(fit_dev, fit_host, 2 if want is None else want))
         self.stats.lookahead = self.lookahead
-        spare = largest.nbytes if fit >= 0 else 0
-        self._resident_budget = budget - parents - (self.lookahead + 1) * largest.nbytes - spare
+        window = (self.lookahead + 1) * largest.nbytes
+        if self.cuda:
+            self._resident_budget = budget - parents - window
+            self._host_resident_budget = host - parents - window - largest.nbytes
+        else:
+            self._resident_budget = budget - parents - window - (largest.nbytes if fit_host >= 0 else 0)
+            self._host_resident_budget = 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
 
     def _is_leaf_unit(self, u: _Unit) -> bool:
         return not any(v is not u and any(m is v.module for m in u.module.modules()) for v in self.units)
@@ -305,12 +331,16 @@ class OffloadedModule:
     def pin_residents(self) -> None:
         if not self.config.offload.resident:
             return
-        left = self._resident_budget
+        left, host_left = self._resident_budget, self._host_resident_budget
         for u in self.units:
             if u.nbytes <= left:
                 left -= u.nbytes
                 u.resident = True
                 self.stats.resident_bytes += u.nbytes
+            elif u.nbytes <= host_left:
+                host_left -= u.nbytes
+                u.host_resident = True
+                self.stats.host_resident_bytes += u.nbytes
 
     def install_hooks(self) -> None:
         st = self.store.stats()
@@ -337,7 +367,11 @@ class OffloadedModule:
         def hook(_m, _args):
             u.active += 1
             if u.active == 1:
-                self._load(u)
+                if u.bound:  # a resident unit stays bound between forwards
+                    self.stats.unit_loads += 1
+                    self.stats.prefetch_hits += 1
+                else:
+                    self._load(u)
             self._pass.append(u.index)
             self._prefetch_after(u)
         return hook
@@ -345,9 +379,11 @@ class OffloadedModule:
     def _post_hook(self, u: _Unit) -> Callable:
         def hook(_m, _args, _out):
             u.active -= 1
-            if u.active == 0:
+            if u.active == 0 and not u.resident:
                 self._unbind(u)
-                if not u.resident:
+                if u.host_resident:
+                    self._wait_copies(u)
+                else:
                     self._release(u)
         return hook
 
@@ -390,11 +426,16 @@ class OffloadedModule:
             else:
                 view = src
             if self._copy_stream is not None:
+                # allocated on the compute stream (which frees it), filled on the copy stream
+                dst = torch.empty(s.shape, dtype=s.dtype, device=self.device)
                 with torch.cuda.stream(self._copy_stream):
-                    view = view.to(self.device, non_blocking=True)
+                    dst.copy_(view, non_blocking=True)
+                view = dst
             s.tensor().data = view
             u.bound.append((s, view))
         if self._copy_stream is not None:
+            u.copied = torch.cuda.Event()
+            u.copied.record(self._copy_stream)
             torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
 
     def _unbind(self, u: _Unit) -> None:
@@ -402,7 +443,13 @@ class OffloadedModule:
             s.tensor().data = _placeholder(s.dtype, s.shape, self.device)
         u.bound.clear()
 
+    def _wait_copies(self, u: _Unit) -> None:
+        if u.copied is not None:  # host buffers may be reused or changed only after the DMA
+            u.copied.synchronize()
+            u.copied = None
+
     def _release(self, u: _Unit) -> None:
+        self._wait_copies(u)
         for lease in u.leases.values():
             lease.release()
         u.leases.clear()
@@ -421,7 +468,8 @@ class OffloadedModule:
         n = len(self.order)
         for j in range(1, self.lookahead + 1):
             nxt = self.units[self.order[(pos + j) % n]]
-            if nxt is not u and not nxt.resident and not self._acquire(nxt, Priority.PREFETCH):
+            if nxt is not u and not nxt.resident and not nxt.host_resident \
+                    and not self._acquire(nxt, Priority.PREFETCH):
                 break
 
     # -- teardown ------------------------------------------------------------------
@@ -497,10 +545,10 @@ def offload(model: nn.Module, config=None, *, units=None, store: TieredStore | N
         rt.unbind_all()
         rt.pin_residents()
         for u in rt.units:
-            if u.resident:
+            if u.resident or u.host_resident:
                 rt._acquire(u, Priority.DEMAND)
         for u in rt.units:
-            if u.resident:
+            if u.resident or u.host_resident:
                 for k, f in list(u.pending.items()):
                     u.leases[k] = f.result(timeout=_WAIT)
                     del u.pending[k]

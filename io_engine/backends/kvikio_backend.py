@@ -53,6 +53,10 @@ class KvikioBackend(Backend):
             pass  # older/newer kvikio keep their own default thread count
 
     def open(self, path: str, *, write: bool, direct: bool) -> Any:
+        if write:
+            import os
+
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))  # "r+" needs it to exist
         return self._kvikio.CuFile(path, "r+" if write else "r")
 
     def pread(self, handle: Any, buf: Any, offset: int) -> int:
@@ -64,9 +68,7 @@ class KvikioBackend(Backend):
     def fsync(self, handle: Any) -> None:
         import os
 
-        fd = handle.fd() if callable(getattr(handle, "fd", None)) else None
-        if fd is not None:
-            os.fdatasync(fd)
+        os.fdatasync(handle.fileno())
 
     def close(self, handle: Any) -> None:
         handle.close()

@@ -1,0 +1,275 @@
+"""GPU measurements for the CUDA paths (run by bench/gpu_check.sh on a CUDA machine).
+
+1. Host->device bandwidth from the pinned arena vs torch ``pin_memory()`` vs pageable memory.
+2. Pinned bytes for 1,000 mixed-size buffers: the arena (exact sizes) vs torch's caching host allocator.
+3. Storage->device read bandwidth: kvikio into device memory vs the threads backend
+   (O_DIRECT into the pinned arena) + host->device copy. Cold: caches dropped, O_DIRECT.
+4. Offloaded inference: a Llama model larger than the GPU budget, tokens/s vs the in-GPU
+   model, Accelerate ``cpu_offload``, and the I/O bound.
+
+Prints a table and writes one JSON object (``--json PATH``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from allocators import HostArena  # noqa: E402
+from io_engine import IOEngine, available_backends  # noqa: E402
+
+GB = 1e9
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def drop_caches() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def cuda_time(fn, repeat: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeat):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeat
+
+
+def h2d_bandwidth(nbytes: int) -> dict:
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    out = {}
+    with HostArena(nbytes + (4 << 20), pin=True) as arena:
+        buf = arena.alloc(nbytes)
+        t = buf.tensor()
+        t.fill_(1)
+        out["arena_pinned_gbps"] = nbytes / cuda_time(lambda: dev.copy_(t, non_blocking=True)) / GB
+        buf.release()
+    pinned = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    out["torch_pin_memory_gbps"] = nbytes / cuda_time(lambda: dev.copy_(pinned, non_blocking=True)) / GB
+    pageable = torch.ones(nbytes, dtype=torch.uint8)
+    out["pageable_gbps"] = nbytes / cuda_time(lambda: dev.copy_(pageable, non_blocking=True)) / GB
+    del pinned, pageable, dev
+    return out
+
+
+def pinned_peak(count: int = 1000, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    sizes = np.exp(rng.uniform(np.log(4 << 10), np.log(8 << 20), count)).astype(np.int64)
+    torch.cuda.synchronize()
+    before = torch.cuda.host_memory_stats().get("reserved_bytes.current", 0) if hasattr(torch.cuda, "host_memory_stats") else 0
+    held = [torch.empty(int(n), dtype=torch.uint8, pin_memory=True) for n in sizes]
+    stats = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+    torch_reserved = stats.get("reserved_bytes.current", 0) - before
+    if torch_reserved <= 0:  # pin_memory=True tensors: torch rounds each block up to a power of two
+        torch_reserved = int(sum(1 << int(np.ceil(np.log2(max(int(n), 1)))) for n in sizes))
+        stats = {"estimated_from_power_of_two_rounding": True,
+                 **{k: v for k, v in stats.items() if "bytes" in k and "current" in k}}
+    del held
+    total = int(sizes.sum())
+    with HostArena(int(total * 1.05) + (64 << 20), pin=True) as arena:
+        bufs = [arena.alloc(int(n)) for n in sizes]
+        arena_peak = arena.stats().peak
+        for b in bufs:
+            b.release()
+    return {"buffers": count, "requested_bytes": total, "torch_host_allocator_reserved_bytes": int(torch_reserved),
+            "arena_reserved_bytes": int(arena_peak),
+            "torch_over_requested": torch_reserved / total if torch_reserved else None,
+            "arena_over_requested": arena_peak / total, "torch_host_stats": stats}
+
+
+def storage_to_device(path: str, nbytes: int) -> dict:
+    out = {"file_bytes": nbytes}
+    data = np.random.default_rng(1).integers(0, 255, 64 << 20, dtype=np.uint8)
+    with HostArena(256 << 20, pin=False) as arena, IOEngine("threads", workers=8, chunk=8 << 20) as eng:
+        buf = arena.alloc(64 << 20)
+        buf.array[:] = data
+        futs = [eng.write(path, off, buf.array) for off in range(0, nbytes, 64 << 20)]
+        for f in futs:
+            f.result(600)
+        eng.fsync(path)
+        buf.release()
+    out["caches_dropped"] = drop_caches()
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    reason = available_backends().get("kvikio")
+    if reason is None:
+        import kvikio
+        import kvikio.defaults
+
+        out["kvikio_compat_mode"] = str(kvikio.defaults.get("compat_mode"))
+        with IOEngine("kvikio", workers=8, chunk=16 << 20) as eng:
+            t0 = time.perf_counter()
+            eng.read(path, 0, dev).result(600)
+            torch.cuda.synchronize()
+            out["kvikio_gbps"] = nbytes / (time.perf_counter() - t0) / GB
+        assert torch.equal(dev[: 64 << 20].cpu(), torch.from_numpy(data))
+        drop_caches()
+    else:
+        out["kvikio_gbps"] = None
+        out["kvikio_unavailable"] = reason
+    window = 256 << 20
+    stream = torch.cuda.Stream()
+    with HostArena(2 * window + (4 << 20), pin=True) as arena, IOEngine("threads", workers=8, chunk=8 << 20) as eng:
+        slots = [arena.alloc(window), arena.alloc(window)]
+        events = [None, None]
+        t0 = time.perf_counter()
+        pending = None
+        for i, off in enumerate(range(0, nbytes, window)):
+            slot = i % 2
+            if events[slot] is not None:
+                events[slot].synchronize()
+            n = min(window, nbytes - off)
+            eng.read(path, off, slots[slot].array, n).result(600)
+            with torch.cuda.stream(stream):
+                dev[off:off + n].copy_(slots[slot].tensor()[:n], non_blocking=True)
+                events[slot] = torch.cuda.Event()
+                events[slot].record(stream)
+            pending = events[slot]
+        pending.synchronize()
+        out["threads_pinned_bounce_gbps"] = nbytes / (time.perf_counter() - t0) / GB
+        st = eng.stats()["read"]
+        out["threads_buffered_bytes"] = st["buffered_bytes"]
+        for s in slots:
+            s.release()
+    assert torch.equal(dev[: 64 << 20].cpu(), torch.from_numpy(data))
+    del dev
+    return out
+
+
+def offload_inference(workdir: str, layers: int, budget: int, tokens: int) -> dict:
+    import transformers
+
+    import tiered
+
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                   num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16,
+                                   max_position_embeddings=2048)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ids = torch.randint(0, 32000, (1, 128), device="cuda")
+    mask = torch.ones_like(ids)
+    out = {"model_bytes": nbytes, "gpu_budget": budget, "prompt_tokens": 128, "new_tokens": tokens}
+
+    def run(m) -> tuple[float, float, torch.Tensor]:
+        with torch.no_grad():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            m(ids, attention_mask=mask)
+            torch.cuda.synchronize()
+            t_fwd = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            gen = m.generate(ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False)
+            torch.cuda.synchronize()
+            t_gen = time.perf_counter() - t0
+        return t_fwd, (t_gen - t_fwd) / max(tokens - 1, 1), gen
+
+    run(model)  # warm-up (kernels, allocator)
+    out["in_gpu_forward_s"], out["in_gpu_token_s"], want = run(model)
+    log(f"in-GPU: forward {out['in_gpu_forward_s']:.3f} s, {out['in_gpu_token_s'] * 1e3:.1f} ms/token")
+    for label, host in (("tiered", 3 * budget), ("tiered_hostram", nbytes + 4 * budget)):
+        # "tiered": weights stream from the storage tier (host budget 3x the GPU's);
+        # "tiered_hostram": the host tier holds the whole model, as Accelerate cpu_offload's RAM does
+        conf = {"tiers": {"gpu": {"capacity": budget}, "host": {"capacity": host},
+                          "nvme": {"path": os.path.join(workdir, "nvme"), "capacity": "64GiB"}},
+                "engine": {"workers": 8, "chunk": "8MiB"}, "offload": {"resident": True}}
+        t0 = time.perf_counter()
+        tiered.offload(model, conf)
+        out[f"{label}_setup_s"] = time.perf_counter() - t0
+        drop_caches()
+        fwd, tok, got = run(model)
+        fwd, tok, got = run(model)
+        st = tiered.offload_stats(model)
+        out.update({f"{label}_forward_s": fwd, f"{label}_token_s": tok, f"{label}_stats": st,
+                    f"{label}_tokens_identical": bool(torch.equal(got, want))})
+        if label == "tiered":
+            out["bytes_read_per_forward"] = nbytes - st["resident_bytes"] - st["host_resident_bytes"]
+        log(f"{label}: forward {fwd:.3f} s, {tok * 1e3:.1f} ms/token, stats {st}")
+        tiered.detach(model)
+    try:
+        import accelerate
+
+        model.cpu()
+        torch.cuda.empty_cache()
+        accelerate.cpu_offload(model, execution_device=torch.device("cuda"))
+        fwd, tok, _ = run(model)
+        out.update({"accelerate_cpu_offload_forward_s": fwd, "accelerate_cpu_offload_token_s": tok})
+        log(f"accelerate cpu_offload: forward {fwd:.3f} s, {tok * 1e3:.1f} ms/token")
+    except Exception as e:  # noqa: BLE001 - reported in the output, the other rows still count
+        out["accelerate_error"] = repr(e)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", default=None, help="write the results to this file")
+    ap.add_argument("--dir", default=None, help="scratch directory on the local disk")
+    ap.add_argument("--file-gib", type=float, default=4.0)
+    ap.add_argument("--layers", type=int, default=10)
+    ap.add_argument("--budget-mib", type=int, default=640)
+    ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--skip", default="", help="comma list of: h2d,pinned,storage,offload")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    work = args.dir or tempfile.mkdtemp(prefix="tiered-gpu-check-")
+    os.makedirs(work, exist_ok=True)
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "backends": available_backends()}
+    steps = [("h2d", lambda: h2d_bandwidth(256 << 20)), ("pinned", pinned_peak),
+             ("storage", lambda: storage_to_device(os.path.join(work, "s2d.bin"), int(args.file_gib * (1 << 30)))),
+             ("offload", lambda: offload_inference(work, args.layers, args.budget_mib << 20, args.tokens))]
+    for name, fn in steps:
+        if name in skip:
+            continue
+        log(f"{name} ...")
+        try:
+            res[name] = fn()
+        except Exception as e:  # noqa: BLE001 - one failed step must not lose the others' numbers
+            import traceback
+
+            traceback.print_exc()
+            res[name] = {"error": repr(e)}
+        log(f"{name}: {json.dumps(res[name], default=str)}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+    s2d, off = res.get("storage", {}), res.get("offload", {})
+    bw = s2d.get("threads_pinned_bounce_gbps")
+    if bw and "bytes_read_per_forward" in off:
+        bound = off["bytes_read_per_forward"] / (bw * GB)
+        off["io_bound_s"] = bound
+        off["tiered_token_vs_bound"] = off["tiered_token_s"] / max(bound, off["in_gpu_token_s"])
+        off["tiered_forward_vs_bound"] = off["tiered_forward_s"] / max(bound, off["in_gpu_forward_s"])
+        if "accelerate_cpu_offload_token_s" in off and "tiered_hostram_token_s" in off:
+            off["accelerate_cpu_over_tiered_hostram_token"] = (
+                off["accelerate_cpu_offload_token_s"] / off["tiered_hostram_token_s"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+    print(json.dumps(res, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

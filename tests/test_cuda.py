@@ -1,0 +1,108 @@
+"""CUDA paths: pinned arena, device reads through kvikio, the gpu tier, offload on a GPU.
+
+Marked ``cuda`` and skipped without a CUDA device (CPU-only CI runs none of
+these); ``bench/gpu_check.sh`` runs them on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from allocators import HostArena
+from io_engine import IOEngine, available_backends
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+T = 60.0
+
+
+def test_arena_is_pinned_once_and_copies_async():
+    with HostArena(64 << 20, pin=True) as arena:
+        assert arena.stats().pinned
+        buf = arena.alloc(16 << 20)
+        host = buf.tensor(torch.float32)
+        host.copy_(torch.arange(host.numel(), dtype=torch.float32))
+        dev = torch.empty_like(host, device="cuda")
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            dev.copy_(host, non_blocking=True)
+        stream.synchronize()
+        assert torch.equal(dev.cpu(), host)
+        buf.release()
+
+
+def _write_file(path, data: np.ndarray) -> None:
+    with IOEngine("threads", workers=2, chunk=1 << 20) as e:
+        e.write(path, 0, data, sync=True).result(T)
+
+
+@pytest.mark.skipif(available_backends().get("kvikio") is not None, reason="kvikio not usable here")
+def test_kvikio_reads_into_device_and_host_buffers(tmp_path):
+    path = str(tmp_path / "data.bin")
+    data = np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8)
+    _write_file(path, data)
+    with IOEngine("kvikio", workers=4, chunk=1 << 20) as e:
+        dev = torch.empty(8 << 20, dtype=torch.uint8, device="cuda")
+        e.read(path, 0, dev).result(T)
+        assert torch.equal(dev.cpu(), torch.from_numpy(data))
+        part = torch.empty(12345, dtype=torch.uint8, device="cuda")
+        e.read(path, 777, part).result(T)
+        assert torch.equal(part.cpu(), torch.from_numpy(data[777:777 + 12345]))
+        host = np.zeros(1 << 20, dtype=np.uint8)
+        e.read(path, 4096, host).result(T)
+        assert (host == data[4096:4096 + (1 << 20)]).all()
+        out = torch.arange(1 << 20, dtype=torch.uint8, device="cuda")
+        e.write(path, 0, out, sync=True).result(T)
+    with open(path, "rb") as f:
+        assert f.read(1 << 20) == out.cpu().numpy().tobytes()
+
+
+def _config(tmp_path, host="64MiB", gpu="32MiB") -> dict:
+    return {"tiers": {"gpu": {"capacity": gpu}, "host": {"capacity": host},
+                      "nvme": {"path": str(tmp_path / "nvme"), "capacity": "1GiB"}},
+            "engine": {"workers": 4, "chunk": "1MiB"}}
+
+
+def test_store_get_to_gpu(tmp_path):
+    from tiered import TieredStore
+
+    with TieredStore(_config(tmp_path)) as store:
+        assert store.arena.stats().pinned
+        t = torch.randn(1000, 300)
+        store.put("w", t).result(T)
+        store.evict("w")
+        g = store.get("w", tier="gpu").result(T)
+        assert g.is_cuda and torch.equal(g.cpu(), t)
+
+
+def test_offloaded_llama_on_gpu_matches_in_gpu_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import tiered
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+                                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)
+    model = transformers.LlamaForCausalLM(cfg).cuda().eval()
+    ids = torch.randint(0, 1000, (2, 24), device="cuda")
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        want_gen = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    nbytes = sum(p.numel() * 4 for p in model.parameters())
+    budget = nbytes // 3
+    tiered.offload(model, _config(tmp_path, host="64MiB", gpu=str(budget)))
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+        got_gen = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    stats = tiered.offload_stats(model)
+    tiered.detach(model)
+    assert torch.equal(got, want), f"max abs diff {(got - want).abs().max().item()}"
+    assert torch.equal(got_gen, want_gen)
+    assert stats["bytes_read"].get("nvme", 0) > 0 or stats["resident_bytes"] < nbytes
+    assert all(p.is_cuda for p in model.parameters())
