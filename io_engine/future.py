@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 from typing import Any, Callable
 
 
@@ -80,3 +81,36 @@ def _fail(out: concurrent.futures.Future, exc: BaseException, note: str | None =
         exc.add_note(note)
     if out.set_running_or_notify_cancel():
         out.set_exception(exc)
+
+
+def gather(futures: list[concurrent.futures.Future], description: str = "") -> IOFuture:
+    """A future for the list of results, completed only when every input is done.
+
+    Waiting for all (even after a failure) matters: the caller may free the
+    buffers those requests write into. Fails with the first exception in
+    order, or is cancelled if any input was cancelled.
+    """
+    out = IOFuture(description)
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def _one(_f) -> None:
+        with lock:
+            remaining[0] -= 1
+            if remaining[0]:
+                return
+        if any(f.cancelled() for f in futures):
+            out.cancel()
+            out.set_running_or_notify_cancel()
+            return
+        exc = next((f.exception() for f in futures if f.exception() is not None), None)
+        if exc is not None:
+            _fail(out, exc)
+        elif out.set_running_or_notify_cancel():
+            out.set_result([f.result() for f in futures])
+
+    if not futures:
+        out.set_result([])
+    for f in futures:
+        f.add_done_callback(_one)
+    return out

@@ -563,8 +563,11 @@ def offload(model: nn.Module, config=None, *, units=None, store: TieredStore | N
     return model
 
 
-def detach(model: nn.Module) -> nn.Module:
-    """Undo :func:`offload`: ordinary in-memory parameters, no hooks, store closed if owned."""
+def detach(model: nn.Module, *, keep: bool = False) -> nn.Module:
+    """Undo :func:`offload`: ordinary in-memory parameters, no hooks, store closed if owned.
+
+    The model's objects are deleted from the store unless ``keep`` is true.
+    """
     rt: OffloadedModule | None = getattr(model, "_tiered", None)
     if rt is None:
         raise OffloadError(f"{type(model).__name__} is not offloaded")
@@ -573,6 +576,10 @@ def detach(model: nn.Module) -> nn.Module:
         rt._unbind(u)
     rt.release_all()
     rt.materialize()
+    if not keep:
+        for key in dict.fromkeys(k for u in rt.units for k in u.keys):
+            if key in rt.store:
+                rt.store.delete(key)
     if rt.owns_store:
         rt.store.close()
     model._tiered = None

@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 
 from allocators import FreeList, HostArena, HostBuffer, OutOfBudget, align_up
-from io_engine import Backend, IOEngine, IOFuture, Priority, chain, completed
+from io_engine import Backend, IOEngine, IOFuture, Priority, chain, completed, gather
 from policies import FirstFit, Observation, create_eviction_policy
 from traces import AccessEvent
 
@@ -51,7 +51,11 @@ MANIFEST = "manifest.json"
 DATA_FILE = "objects.dat"
 LOCK_FILE = ".lock"
 FORMAT = "tiered-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-segment crc32 lists
+#: objects are checksummed, and read, in segments of this many bytes: each segment is
+#: its own engine request, verified by the worker that read it, so checking a large
+#: object runs on all workers at once instead of after the whole read on one thread
+SEGMENT = 8 << 20
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.:@+=-][A-Za-z0-9_.:@+=/-]*$")
 
 
@@ -129,7 +133,7 @@ class ObjectMeta:
     shape: tuple[int, ...]
     nbytes: int
     version: int
-    crc32: int | None  # None until first read for external objects
+    crc32: list[int] | None  # one per SEGMENT of the buffer; None until first read (external)
     extent: Extent
     host: HostCopy | None = None
 
@@ -318,7 +322,7 @@ class TieredStore:
             try:
                 tier_name, offset, nbytes = o["tier"], int(o["offset"]), int(o["nbytes"])
                 meta = ObjectMeta(key, str(o["kind"]), _dtype_from(o["dtype"]), tuple(int(d) for d in o["shape"]),
-                                  nbytes, int(o["version"]), int(o["crc32"]),
+                                  nbytes, int(o["version"]), [int(c) for c in o["crc32"]],
                                   Extent(tier_name, offset, align_up(max(nbytes, 1))))
             except (KeyError, TypeError, ValueError) as e:
                 raise StoreError(f"{path}: object {key!r} has a malformed entry ({e!r}): {o!r}") from e
@@ -502,7 +506,7 @@ class TieredStore:
             if nbytes:
                 flat[:nbytes] = src.reshape(-1).view(torch.uint8).numpy()
             flat[nbytes:] = 0
-            crc = zlib.crc32(flat[:nbytes])
+            crc = segment_checksums(flat[:nbytes], 0)
             with self._lock:
                 tier_name, offset = self._reserve_extent(key, len(flat), kind, tier)
                 version = relocate if relocate is not None else self._next_version(key)
@@ -708,22 +712,23 @@ class TieredStore:
             buf = self._alloc_host(meta.nbytes if window is None else window, wait)
             copy.buffer, copy.start = buf, lead
             length = len(buf.padded) if window is None else lead + meta.nbytes  # externals end anywhere
-            rf = self.engine.read(src_file, ext.offset - lead, buf.padded, length, priority=priority)
+            first = meta.crc32 is None
+            sums: list[int] = [0] * _segments(lead, meta.nbytes)
+            reads = []
+            for i, start in enumerate(range(0, max(length, 1), SEGMENT)):
+                n = min(SEGMENT, length - start)
+                rf = self.engine.read(src_file, ext.offset - lead + start, buf.padded[start:start + n], n,
+                                      priority=priority)
+                reads.append(chain(rf, _segment_check(buf, lead, meta, i, sums, first, src_file, key)))
         except BaseException as e:
             if load.set_running_or_notify_cancel():
                 load.set_exception(e)
             raise
 
-        def verify(_n: int) -> None:
-            got = zlib.crc32(buf.array[lead : lead + meta.nbytes])
-            if meta.crc32 is None:
-                meta.crc32 = got  # external object: later reads must match the first
-            elif got != meta.crc32:
-                raise ChecksumError(
-                    f"object {key!r} (version {meta.version}) read from {src_file} at offset "
-                    f"{ext.offset}, {meta.nbytes} bytes: crc32 {got:#010x} != recorded {meta.crc32:#010x}"
-                )
+        def publish(_results) -> None:
             with self._lock:
+                if first:
+                    meta.crc32 = sums  # external object: later reads must match the first
                 copy.ready = True
                 if meta.host is copy:
                     self.host_policy.admit(Observation(key, buf.reserved, meta.kind, "read", "host"))
@@ -732,7 +737,7 @@ class TieredStore:
                 self.counters.bytes_read[ext.tier] = self.counters.bytes_read.get(ext.tier, 0) + buf.reserved
             self._emit(key, meta.nbytes, "read", meta.kind, ext.tier)
 
-        load.follow(chain(rf, verify, f"load {key}", note=f"while reading object {key!r}"), rf)
+        load.follow(chain(gather(reads), publish, f"load {key}", note=f"while reading object {key!r}"), reads)
         return copy, load, meta
 
     def register_external(self, key: str, path, offset: int, nbytes: int, dtype: torch.dtype,
@@ -885,14 +890,43 @@ class TieredStore:
             }
 
 
+def _segments(lead: int, nbytes: int) -> int:
+    return max(1, -(-(lead + nbytes) // SEGMENT))
+
+
+def segment_checksums(data, lead: int) -> list[int]:
+    """crc32 of the object's bytes in each SEGMENT of its buffer (``data`` starts at ``lead``)."""
+    return [zlib.crc32(data[max(0, i * SEGMENT - lead) : (i + 1) * SEGMENT - lead])
+            for i in range(_segments(lead, len(data)))]
+
+
+def _segment_check(buf: HostBuffer, lead: int, meta: ObjectMeta, i: int, sums: list[int], first: bool,
+                   src_file: str, key: str) -> Callable:
+    """Verify (or, for a first read of an external object, record) segment ``i`` once it is read."""
+
+    def check(_n: int) -> None:
+        lo = max(lead, i * SEGMENT)
+        hi = min(lead + meta.nbytes, (i + 1) * SEGMENT)
+        got = zlib.crc32(buf.array[lo:hi]) if hi > lo else zlib.crc32(b"")
+        sums[i] = got
+        if not first and got != meta.crc32[i]:
+            raise ChecksumError(
+                f"object {key!r} (version {meta.version}) read from {src_file}: segment {i} "
+                f"(bytes {lo - lead}..{hi - lead} of {meta.nbytes}, file offset {meta.extent.offset + lo - lead}) "
+                f"has crc32 {got:#010x}, recorded {meta.crc32[i]:#010x}"
+            )
+
+    return check
+
+
 class _LoadFuture(IOFuture):
     """The future of a host-copy load, created before its read is submitted so that
     concurrent readers of the same key can wait on it."""
 
-    _read: IOFuture | None = None
+    _reads: list[IOFuture] = []
 
-    def follow(self, result: IOFuture, read: IOFuture) -> None:
-        self._read = read
+    def follow(self, result: IOFuture, reads: list[IOFuture]) -> None:
+        self._reads = reads
 
         def relay(f) -> None:
             if f.cancelled():
@@ -911,4 +945,5 @@ class _LoadFuture(IOFuture):
         return False
 
     def cancel_read(self) -> bool:
-        return self._read is not None and self._read.cancel()
+        """Cancel the segment reads that have not started; True when none had."""
+        return all([r.cancel() for r in self._reads]) if self._reads else False
