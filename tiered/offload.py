@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from allocators import OutOfBudget, align_up
+from allocators import DeviceBudget, OutOfBudget, align_up
 from io_engine import Priority
 
 from .config import Config, load_config
@@ -90,6 +90,7 @@ class OffloadStats:
     stall_seconds: float = 0.0  # time forwards waited for weights
     bytes_read: dict = field(default_factory=dict)  # tier -> bytes read since offload()
     peak_host_bytes: int = 0
+    peak_device_bytes: int = 0  # CUDA: weights bound on the GPU at once (<= the gpu tier)
     resident_bytes: int = 0
     host_resident_bytes: int = 0
     lookahead: int = 0
@@ -104,7 +105,8 @@ class OffloadStats:
             "forwards": self.forwards, "unit_loads": self.unit_loads,
             "prefetch_hit_rate": round(self.prefetch_hit_rate, 4),
             "stall_seconds": round(self.stall_seconds, 4), "bytes_read": dict(self.bytes_read),
-            "peak_host_bytes": self.peak_host_bytes, "resident_bytes": self.resident_bytes,
+            "peak_host_bytes": self.peak_host_bytes, "peak_device_bytes": self.peak_device_bytes,
+            "resident_bytes": self.resident_bytes,
             "host_resident_bytes": self.host_resident_bytes,
             "lookahead": self.lookahead, "prefetch_skipped": self.prefetch_skipped,
         }
@@ -202,6 +204,7 @@ class OffloadedModule:
         self.stats = OffloadStats()
         self._read_base: dict = {}
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.device_budget: DeviceBudget | None = None  # CUDA: accounts the weights bound on the GPU
         self.prefix = ""
 
     # -- building ------------------------------------------------------------------
@@ -292,6 +295,8 @@ class OffloadedModule:
                 + (f" plus enclosing units ({format_size(parents)})" if parents else "")
                 + "; raise the budget or split the unit with units=[...]"
             )
+        if self.cuda:
+            self.device_budget = DeviceBudget(budget, str(self.device))
         host = self.store.arena.capacity
         if self.cuda and host < 2 * largest.nbytes:
             raise OffloadError(
@@ -416,6 +421,8 @@ class OffloadedModule:
         self._bind(u)
 
     def _bind(self, u: _Unit) -> None:
+        if self.device_budget is not None:  # the invariant, checked: never more than the gpu tier
+            self.device_budget.reserve(u.nbytes, timeout=0)
         if self._copy_stream is not None:
             self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         for s in u.slots:
@@ -441,6 +448,8 @@ class OffloadedModule:
     def _unbind(self, u: _Unit) -> None:
         for s, _view in u.bound:
             s.tensor().data = _placeholder(s.dtype, s.shape, self.device)
+        if u.bound and self.device_budget is not None:
+            self.device_budget.release(u.nbytes)
         u.bound.clear()
 
     def _wait_copies(self, u: _Unit) -> None:
@@ -510,6 +519,8 @@ class OffloadedModule:
                 base = (self._read_base.get(name) or {}).get("bytes_read", 0)
                 self.stats.bytes_read[name] = t["bytes_read"] - base
         self.stats.peak_host_bytes = max(self.stats.peak_host_bytes, self.store.arena.stats().peak)
+        if self.device_budget is not None:
+            self.stats.peak_device_bytes = self.device_budget.stats().peak
         return self.stats.as_dict()
 
 
