@@ -92,6 +92,8 @@ class FreeList:
         if size <= 0:
             return
         self.free_bytes += size
+        if self.free_bytes == self.capacity:
+            self._cursor = 0  # empty again: next-fit restarts at the bottom
         i = bisect.bisect_left(self._offsets, offset)
         if i < len(self._offsets):
             nxt = self._offsets[i]

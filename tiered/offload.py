@@ -22,6 +22,7 @@ removes the hooks and closes what ``offload()`` opened.
 from __future__ import annotations
 
 import hashlib
+import uuid
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -158,6 +159,10 @@ def _named_units(model: nn.Module, spec) -> list[tuple[str, nn.Module, bool]]:
         for n in chosen:
             if n not in modules:
                 raise OffloadError(f"unit {n!r} is not a submodule of {type(model).__name__}")
+    for n in chosen:
+        if isinstance(modules[n], (nn.ModuleList, nn.ModuleDict)):
+            raise OffloadError(f"unit {n!r} is a {type(modules[n]).__name__}, whose forward is never "
+                               "called (its hooks would never load the weights); name its children instead")
     units = [(n, modules[n], True) for n in chosen]
     covered = {id(p) for _n, m, _s in units for p in m.parameters()}
     for n, m in modules.items():  # parameters outside the chosen units: per owning module
@@ -182,7 +187,9 @@ def _model_prefix(model: nn.Module) -> str:
     h = hashlib.sha256()
     for n, p in model.state_dict(keep_vars=True).items():
         h.update(f"{n}:{tuple(p.shape)}:{p.dtype};".encode())
-    return f"offload/{type(model).__name__}-{h.hexdigest()[:12]}"
+    # the architecture hash names what it is; the random part keeps two models of the same
+    # architecture in one store apart (their objects are deleted by detach())
+    return f"offload/{type(model).__name__}-{h.hexdigest()[:12]}-{uuid.uuid4().hex[:8]}"
 
 
 class OffloadedModule:
@@ -204,6 +211,7 @@ class OffloadedModule:
         self.stats = OffloadStats()
         self._read_base: dict = {}
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._bindings: dict[int, list[tuple[_Unit, torch.Tensor]]] = {}  # tensor id -> (unit, view)
         self.device_budget: DeviceBudget | None = None  # CUDA: accounts the weights bound on the GPU
         self.prefix = ""
 
@@ -353,11 +361,23 @@ class OffloadedModule:
         for u in self.units:
             self._hooks.append(u.module.register_forward_pre_hook(self._pre_hook(u)))
             self._hooks.append(u.module.register_forward_hook(self._post_hook(u), always_call=True))
-        self._hooks.append(self.model.register_forward_pre_hook(self._root_pre))
+        # first of all pre-hooks (the root may also be a unit): clears what an interrupted forward left
+        self._hooks.append(self.model.register_forward_pre_hook(self._root_pre, prepend=True))
         self._hooks.append(self.model.register_forward_hook(self._root_post, always_call=True))
 
     # -- hooks ---------------------------------------------------------------------
     def _root_pre(self, _m, _args) -> None:
+        # a forward interrupted by a BaseException (Ctrl-C) skips always_call post-hooks:
+        # units it left active are released here, before they can pin the budget forever
+        for u in self.units:
+            if u.active:
+                u.active = 0
+                if not u.resident:
+                    self._unbind(u)
+                    if u.host_resident:
+                        self._wait_copies(u)
+                    else:
+                        self._release(u)
         self._pass = []
         self._cursor = 0
 
@@ -438,6 +458,7 @@ class OffloadedModule:
                 with torch.cuda.stream(self._copy_stream):
                     dst.copy_(view, non_blocking=True)
                 view = dst
+            self._bindings.setdefault(id(s.tensor()), []).append((u, view))
             s.tensor().data = view
             u.bound.append((s, view))
         if self._copy_stream is not None:
@@ -447,7 +468,10 @@ class OffloadedModule:
 
     def _unbind(self, u: _Unit) -> None:
         for s, _view in u.bound:
-            s.tensor().data = _placeholder(s.dtype, s.shape, self.device)
+            # a tensor shared by several units (tied weights) keeps another unit's binding
+            rest = [b for b in self._bindings.get(id(s.tensor()), []) if b[0] is not u]
+            self._bindings[id(s.tensor())] = rest
+            s.tensor().data = rest[-1][1] if rest else _placeholder(s.dtype, s.shape, self.device)
         if u.bound and self.device_budget is not None:
             self.device_budget.release(u.nbytes)
         u.bound.clear()
@@ -547,13 +571,18 @@ def offload(model: nn.Module, config=None, *, units=None, store: TieredStore | N
         store = TieredStore(cfg).open()
     rt = OffloadedModule(model, store, owns, cfg, device)
     try:
-        rt.prefix = _model_prefix(model)
+        # the same model keeps its prefix (objects kept by detach(keep=True) are overwritten)
+        rt.prefix = getattr(model, "_tiered_prefix", None) or _model_prefix(model)
+        model._tiered_prefix = rt.prefix
         rt.build_units(units, _external)
         if not rt.units:
             raise OffloadError(f"{type(model).__name__} has no parameters to offload")
         rt.plan_budget()
         rt.write_units()
         rt.unbind_all()
+        for u in rt.units:  # drop the copies cached by the writes: residents then pack together
+            if u.packed_key is not None:
+                rt.store.evict(u.packed_key)
         rt.pin_residents()
         for u in rt.units:
             if u.resident or u.host_resident:

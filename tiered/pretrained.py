@@ -98,7 +98,7 @@ def init_empty_weights():
 
     def register(module, name, param):
         original(module, name, param)
-        if param is not None:
+        if param is not None and param.device.type != "meta":  # re-registering (tying) keeps the object
             p = module._parameters[name]
             module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
 
@@ -128,12 +128,17 @@ def from_pretrained(model_dir: str | os.PathLike, config=None, *, model_cls=None
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     hf_config = AutoConfig.from_pretrained(model_dir)
-    if model_cls is None:
+    if model_cls is None:  # the class the checkpoint was saved from, when transformers has it
+        import transformers
+
         archs = getattr(hf_config, "architectures", None) or []
-        model_cls = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
+        model_cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
+        if model_cls is None:
+            model_cls = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
     with init_empty_weights():
         model = (model_cls.from_config(hf_config) if hasattr(model_cls, "from_config")
                  else model_cls(hf_config))
+        model.tie_weights()
     model.eval()
     index = checkpoint_index(model_dir)
     prefix = getattr(model, "base_model_prefix", "") or ""
