@@ -85,7 +85,7 @@ class EngineSpec:
     """How bytes move between host and storage."""
 
     backend: str = "threads"  # threads | kvikio | aiofiles | auto
-    workers: int = 4
+    workers: int = 8  # threads with a read in flight: 8 keep this virtio disk busy, 4 do not
     queue_depth: int = 32
     chunk: int = 8 * MiB  # positive multiple of 4096, at most 1 GiB
     direct: bool = True  # O_DIRECT where buffers and offsets are aligned

@@ -311,11 +311,16 @@ class OffloadedModule:
                 f"host tier of {format_size(host)} cannot stage unit {largest.name or '<root>'!r} "
                 f"({format_size(largest.nbytes)}) twice; raise [tiers.host] capacity")
         want = self.config.offload.lookahead
-        fit_host = (host - parents) // largest.nbytes - 2
-        fit_dev = (budget - parents) // largest.nbytes - 1 if self.cuda else fit_host
-        self.lookahead = max(0, min(fit_dev, fit_host, 2 if want is None else want))
+        # Prefetches take whatever budget is free when they are issued (and are skipped,
+        # then read on demand, when it is not), so the lookahead is not cut to what k copies
+        # of the largest unit would need: most units are far smaller than the largest
+        # (embeddings, head). The static reservation below only sizes the resident set.
+        self.lookahead = 2 if want is None else want
         self.stats.lookahead = self.lookahead
-        window = (self.lookahead + 1) * largest.nbytes
+        fit_host = (host - parents) // largest.nbytes - 2
+        # Residents are planned around one streaming unit: when weights stream faster than
+        # they compute (decoding), bytes not read at all save more than reading ahead does
+        window = largest.nbytes
         if self.cuda:
             self._resident_budget = budget - parents - window
             self._host_resident_budget = host - parents - window - largest.nbytes
@@ -413,14 +418,15 @@ class OffloadedModule:
         return hook
 
     # -- loading -------------------------------------------------------------------
-    def _acquire(self, u: _Unit, priority: Priority) -> bool:
+    def _acquire(self, u: _Unit, priority: Priority, wait: float | None = None) -> bool:
         """Start acquiring ``u``'s objects. A prefetch never waits for host memory: when
         the budget is full of pinned units it stops (False) and the unit is read on demand."""
+        if priority is Priority.PREFETCH:
+            wait = 0.0
         for k in u.keys:
             if k not in u.leases and k not in u.pending:
                 try:
-                    u.pending[k] = self.store.acquire(
-                        k, priority=priority, wait=0.0 if priority is Priority.PREFETCH else None)
+                    u.pending[k] = self.store.acquire(k, priority=priority, wait=wait)
                 except OutOfBudget:
                     if priority is not Priority.PREFETCH:
                         raise
@@ -431,7 +437,12 @@ class OffloadedModule:
     def _load(self, u: _Unit) -> None:
         t0 = time.perf_counter()
         ready = all(k in u.leases or (k in u.pending and u.pending[k].done()) for k in u.keys)
-        self._acquire(u, Priority.DEMAND)
+        try:
+            self._acquire(u, Priority.DEMAND, wait=0.0)
+        except OutOfBudget:
+            # prefetches for a path the forward did not take hold the budget: drop them
+            self._drop_prefetches(keep=u)
+            self._acquire(u, Priority.DEMAND)
         for k, f in list(u.pending.items()):
             u.leases[k] = f.result(timeout=_WAIT)
             del u.pending[k]
@@ -441,6 +452,12 @@ class OffloadedModule:
         self._bind(u)
 
     def _bind(self, u: _Unit) -> None:
+        # views made under torch.inference_mode() would be inference tensors, unusable by a later
+        # grad-enabled forward while a resident unit stays bound: make them as ordinary tensors
+        with torch.inference_mode(False):
+            self._bind_views(u)
+
+    def _bind_views(self, u: _Unit) -> None:
         if self.device_budget is not None:  # the invariant, checked: never more than the gpu tier
             self.device_budget.reserve(u.nbytes, timeout=0)
         if self._copy_stream is not None:
@@ -467,6 +484,10 @@ class OffloadedModule:
             torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
 
     def _unbind(self, u: _Unit) -> None:
+        with torch.inference_mode(False):
+            self._unbind_views(u)
+
+    def _unbind_views(self, u: _Unit) -> None:
         for s, _view in u.bound:
             # a tensor shared by several units (tied weights) keeps another unit's binding
             rest = [b for b in self._bindings.get(id(s.tensor()), []) if b[0] is not u]
@@ -486,6 +507,17 @@ class OffloadedModule:
         for lease in u.leases.values():
             lease.release()
         u.leases.clear()
+
+    def _drop_prefetches(self, keep: _Unit) -> None:
+        """Release every prefetched (not running, not resident) unit's host copies."""
+        for v in self.units:
+            if v is keep or v.active or v.resident or v.host_resident:
+                continue
+            for k, f in list(v.pending.items()):
+                if not f.cancel():
+                    f.result(timeout=_WAIT).release()
+            v.pending.clear()
+            self._release(v)
 
     def _prefetch_after(self, u: _Unit) -> None:
         if not self.order or self.lookahead == 0:
