@@ -1096,3 +1096,42 @@ def test_minilm_checkpoint_untouched(tmp_path, minilm):
     _minilm_forward(model, minilm[1])
     tiered.detach(model)
     assert _files_digest(path) == digest
+
+
+# --------------------------------------------------------------------------- bundled FFN layout
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "qwen2moe"])
+def test_bundled_ffn_layout_keeps_outputs_bitwise(tmp_path, arch):
+    """layout="bundled" stores each FFN neuron's up/gate rows and down column together;
+    the model still computes bit for bit what the in-memory model does, generate included."""
+    spec, ref = ARCHS[arch], reference(arch)
+    model = spec.build()
+    tiered.offload(model, make_cfg(tmp_path, int(2.5 * ref.largest)), layout="bundled")
+    assert any(s.bundle for u in model._tiered.units for s in u.slots), "no FFN was bundled"
+    for _ in range(2):
+        assert_same(forward(model, spec.kind), ref.out)
+    if ref.gen is not None:
+        assert torch.equal(generate(model, spec.kind), ref.gen)
+    tiered.detach(model)
+    assert_ordinary(model, ref.state)
+
+
+def test_bundled_neuron_is_one_contiguous_range(tmp_path):
+    """In the stored object, neuron j's gate row, up row and down column are adjacent bytes."""
+    ref = reference("llama")
+    model = ARCHS["llama"].build()
+    mlp = model.model.layers[0].mlp
+    gate, up, down = (mlp.gate_proj.weight.detach().clone(), mlp.up_proj.weight.detach().clone(),
+                      mlp.down_proj.weight.detach().clone())
+    with own_store(tmp_path, int(2.5 * ref.largest)) as store:
+        tiered.offload(model, store=store, layout="bundled")
+        unit = next(u for u in model._tiered.units if u.name == "model.layers.0")
+        region = next(s for s in unit.slots if s.bundle).offset
+        raw = store.get(unit.packed_key).result(60).view(torch.float32)
+        hidden = gate.shape[1]
+        for j in (0, 7, gate.shape[0] - 1):
+            start = region // 4 + j * 3 * hidden
+            got = raw[start : start + 3 * hidden]
+            assert torch.equal(got, torch.cat([gate[j], up[j], down[:, j]]))
+        tiered.detach(model)

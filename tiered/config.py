@@ -60,7 +60,7 @@ _TIER_KEYS = {
 _ALL_TIER_KEYS = tuple(dict.fromkeys(k for keys in _TIER_KEYS.values() for k in keys))
 _ENGINE_KEYS = ("backend", "workers", "queue_depth", "chunk", "direct")
 _POLICY_KEYS = ("placement",)
-_OFFLOAD_KEYS = ("lookahead", "resident")
+_OFFLOAD_KEYS = ("lookahead", "resident", "layout")
 
 
 class ConfigError(ValueError):
@@ -111,6 +111,7 @@ class OffloadSpec:
 
     lookahead: int | None = None
     resident: bool = True
+    layout: str = "packed"  # or "bundled": FFN neurons' up/gate rows and down column together
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ class Config:
             },
             "policy": {"placement": self.policy.placement},
             "offload": {"lookahead": self.offload.lookahead if self.offload.lookahead is not None else "auto",
-                        "resident": self.offload.resident},
+                        "resident": self.offload.resident, "layout": self.offload.layout},
         }
 
 
@@ -554,4 +555,6 @@ class _Validator:
             if not isinstance(table["resident"], bool):
                 raise self.bad("offload.resident", table["resident"], "expected true or false")
             fields["resident"] = table["resident"]
+        if "layout" in table:
+            fields["layout"] = self.choice(table["layout"], "offload.layout", ("packed", "bundled"))
         return OffloadSpec(**fields)

@@ -56,13 +56,58 @@ class _Slot:
     offset: int
     dtype: torch.dtype
     shape: torch.Size
+    #: bundled FFN layout: (parts, index) in a region (inter, parts, hidden) starting at ``offset``
+    bundle: tuple[int, int] | None = None
 
     @property
     def nbytes(self) -> int:
         return self.shape.numel() * torch.empty((), dtype=self.dtype).element_size()
 
+    def view_in(self, raw: torch.Tensor) -> torch.Tensor:
+        """This tensor inside ``raw``, the flat uint8 bytes of its store object."""
+        if self.bundle is None:
+            return raw[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
+        parts, index = self.bundle
+        inter, hidden = (self.shape[0], self.shape[1]) if index < parts - 1 else (self.shape[1], self.shape[0])
+        region = raw[self.offset : self.offset + inter * parts * hidden * _itemsize(self.dtype)]
+        rows = region.view(self.dtype).view(inter, parts, hidden)[:, index, :]
+        return rows if index < parts - 1 else rows.t()
+
+    def source(self, leased: torch.Tensor) -> torch.Tensor:
+        """This tensor in ``leased``, its object's host copy (packed bytes, or the tensor itself)."""
+        if self.offset or self.bundle or leased.dtype != self.dtype or leased.shape != self.shape:
+            return self.view_in(leased.view(torch.uint8).reshape(-1))
+        return leased
+
     def tensor(self) -> torch.Tensor:
         return (self.module._buffers if self.is_buffer else self.module._parameters)[self.attr]
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+#: (up-projection names, down-projection name) of the FFNs the bundled layout knows
+_FFN_NAMES = ((("gate_proj", "up_proj"), "down_proj"), (("w1", "w3"), "w2"), (("up_proj",), "down_proj"),
+              (("fc1",), "fc2"))
+
+
+def _ffn_groups(mod: nn.Module) -> list[tuple[list[nn.Linear], nn.Linear]]:
+    """FFNs inside ``mod`` whose neurons can be bundled: up projections (inter x hidden) and a
+    down projection (hidden x inter), all nn.Linear of one dtype."""
+    out = []
+    for m in mod.modules():
+        for ups, down in _FFN_NAMES:
+            lin = [getattr(m, n, None) for n in ups] + [getattr(m, down, None)]
+            if not all(isinstance(x, nn.Linear) for x in lin):
+                continue
+            *up, dn = lin
+            inter, hidden = up[0].weight.shape
+            if all(u.weight.shape == (inter, hidden) for u in up) and dn.weight.shape == (hidden, inter) \
+                    and len({x.weight.dtype for x in lin}) == 1:
+                out.append((up, dn))
+                break
+    return out
 
 
 @dataclass
@@ -216,13 +261,28 @@ class OffloadedModule:
         self.prefix = ""
 
     # -- building ------------------------------------------------------------------
-    def build_units(self, spec, external: dict[int, str] | None) -> None:
+    def build_units(self, spec, external: dict[int, str] | None, layout: str = "packed") -> None:
         prefix = self.prefix
         for i, (name, mod, subtree) in enumerate(_named_units(self.model, spec)):
             slots, keys, off = [], [], 0
             key = f"{prefix}/{name or 'root'}"
+            bundled: dict[int, tuple[int, int, int]] = {}  # id(weight) -> (group, parts, index)
+            if layout == "bundled" and subtree:
+                for g, (ups, down) in enumerate(_ffn_groups(mod)):
+                    ws = [x.weight for x in ups] + [down.weight]
+                    if external is None or not any(id(w) in external for w in ws):
+                        bundled.update({id(w): (g, len(ws), j) for j, w in enumerate(ws)})
+            regions: dict[int, int] = {}  # group -> offset of its region
             for owner, attr, is_buf in _unit_tensors(mod, subtree):
                 t = (owner._buffers if is_buf else owner._parameters)[attr]
+                if id(t) in bundled:
+                    g, parts, j = bundled[id(t)]
+                    if g not in regions:
+                        off = align_up(off, _ALIGN)
+                        regions[g] = off
+                        off += parts * t.numel() * _itemsize(t.dtype)
+                    slots.append(_Slot(owner, attr, is_buf, key, regions[g], t.dtype, t.shape, (parts, j)))
+                    continue
                 if external is not None and id(t) in external:
                     k = external[id(t)]
                     slots.append(_Slot(owner, attr, is_buf, k, 0, t.dtype, t.shape))
@@ -247,12 +307,16 @@ class OffloadedModule:
             if not packed:
                 continue
             end = max(s.offset + s.nbytes for s in packed)
+            end = max(end, max((s.offset + s.nbytes * s.bundle[0] for s in packed if s.bundle), default=0))
             blob = torch.empty(end, dtype=torch.uint8)
             for s in packed:
                 src = s.tensor().detach()
                 if src.device.type == "meta":
                     raise OffloadError(f"unit {u.name!r}: {s.attr} is on the meta device and has no checkpoint file")
-                blob[s.offset : s.offset + s.nbytes] = src.contiguous().reshape(-1).view(torch.uint8)
+                if s.bundle is None:
+                    blob[s.offset : s.offset + s.nbytes] = src.contiguous().reshape(-1).view(torch.uint8)
+                else:
+                    s.view_in(blob).copy_(src)
             futures.append(self.store.put(packed[0].key, blob, kind="weight"))
         for f in futures:
             f.result(timeout=_WAIT)
@@ -463,17 +527,16 @@ class OffloadedModule:
         if self._copy_stream is not None:
             self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         for s in u.slots:
-            src = u.leases[s.key].tensor
-            if s.offset or src.dtype != s.dtype or src.shape != s.shape:
-                view = src.view(torch.uint8).reshape(-1)[s.offset : s.offset + s.nbytes]
-                view = view.view(s.dtype).view(s.shape)
-            else:
-                view = src
+            view = s.source(u.leases[s.key].tensor)
+            if s.bundle is not None and s.bundle[1] == s.bundle[0] - 1 and self._copy_stream is None:
+                # a down projection read as bundled neuron rows: transposed back into the layout the
+                # in-memory model has, so matmuls take the same kernels and results stay bitwise
+                view = view.contiguous()
             if self._copy_stream is not None:
                 # allocated on the compute stream (which frees it), filled on the copy stream
                 dst = torch.empty(s.shape, dtype=s.dtype, device=self.device)
                 with torch.cuda.stream(self._copy_stream):
-                    dst.copy_(view, non_blocking=True)
+                    dst.copy_(view, non_blocking=True)  # strided (bundled) sources land contiguous
                 view = dst
             self._bindings.setdefault(id(s.tensor()), []).append((u, view))
             s.tensor().data = view
@@ -546,9 +609,8 @@ class OffloadedModule:
                 u.leases[k] = f.result(timeout=_WAIT)
                 del u.pending[k]
             for s in u.slots:
-                src = u.leases[s.key].tensor
-                view = src.view(torch.uint8).reshape(-1)[s.offset : s.offset + s.nbytes]
-                s.tensor().data = view.view(s.dtype).view(s.shape).to(self.device, copy=True)
+                view = s.source(u.leases[s.key].tensor)
+                s.tensor().data = view.to(self.device, copy=True).contiguous()
             self._release(u)
 
     def remove_hooks(self) -> None:
@@ -580,13 +642,17 @@ class OffloadedModule:
         return self.stats.as_dict()
 
 
-def offload(model: nn.Module, config=None, *, units=None, store: TieredStore | None = None,
+def offload(model: nn.Module, config=None, *, units=None, layout: str | None = None,
+            store: TieredStore | None = None,
             device: str | torch.device | None = None, _external: dict[int, str] | None = None,
             _owns_store: bool = False) -> nn.Module:
     """Move ``model``'s weights into the tiered store and stream them through its forward.
 
     ``config``: path of an offload TOML, a ``Config`` or None (embedded default).
     ``units``: None (automatic), a list of submodule names, or ``fn(name, module) -> bool``.
+    ``layout``: "packed" (each tensor whole) or "bundled" (each FFN neuron's up/gate rows and
+    down column stored together, so one neuron is one contiguous read, as in "LLM in a
+    flash"); default from ``[offload] layout``.
     ``store``: an open store to use (else one is opened from ``config`` and closed by ``detach``).
     ``device``: the compute device (default: where the parameters are).
     Returns ``model`` itself, changed in place.
@@ -606,7 +672,10 @@ def offload(model: nn.Module, config=None, *, units=None, store: TieredStore | N
         # the same model keeps its prefix (objects kept by detach(keep=True) are overwritten)
         rt.prefix = getattr(model, "_tiered_prefix", None) or _model_prefix(model)
         model._tiered_prefix = rt.prefix
-        rt.build_units(units, _external)
+        layout = layout or cfg.offload.layout
+        if layout not in ("packed", "bundled"):
+            raise OffloadError(f"layout must be 'packed' or 'bundled', got {layout!r}")
+        rt.build_units(units, _external, layout)
         if not rt.units:
             raise OffloadError(f"{type(model).__name__} has no parameters to offload")
         rt.plan_budget()
