@@ -6,9 +6,9 @@ Imports nothing else of the project; everything above uses it.
 from .budget import Budget, BudgetStats, OutOfBudget
 from .device_budget import DeviceBudget
 from .freelist import FreeList
-from .host_arena import HUGE_PAGE, PAGE, ArenaStats, HostArena, HostBuffer, align_up, aligned_empty
+from .host_arena import HUGE_PAGE, PAGE, ArenaStats, HostArena, HostBuffer, align_up, aligned_empty, anon_hugepage_bytes
 
 __all__ = [
     "ArenaStats", "Budget", "BudgetStats", "DeviceBudget", "FreeList", "HUGE_PAGE", "HostArena",
-    "HostBuffer", "OutOfBudget", "PAGE", "align_up", "aligned_empty",
+    "HostBuffer", "OutOfBudget", "PAGE", "align_up", "aligned_empty", "anon_hugepage_bytes",
 ]

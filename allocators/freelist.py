@@ -121,12 +121,7 @@ class FreeList:
         s = self._sizes[start]
         if offset + size > start + s:
             raise RuntimeError(f"range {offset}+{size} is not free")
-        self._remove(start)
-        if offset > start:
-            self._insert(start, offset - start)
-        if start + s > offset + size:
-            self._insert(offset + size, start + s - offset - size)
-        self.free_bytes -= size
+        self._carve(start, s, offset, size)
 
     def largest(self) -> int:
         return max(self._sizes.values(), default=0)

@@ -289,14 +289,19 @@ class HostArena:
 
     def hugepage_bytes(self) -> int:
         """Bytes of this process backed by transparent huge pages (from /proc)."""
-        try:
-            with open("/proc/self/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("AnonHugePages:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
+        return anon_hugepage_bytes()
+
+
+def anon_hugepage_bytes() -> int:
+    """Anonymous memory of this process backed by transparent huge pages (from /proc)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def aligned_empty(nbytes: int) -> np.ndarray:

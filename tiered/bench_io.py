@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from allocators import PAGE, HostArena
+from allocators import PAGE, HostArena, anon_hugepage_bytes
 from io_engine import IOEngine, available_backends
 from io_engine.errors import BackendUnavailable
 
@@ -151,13 +151,13 @@ class _Pattern:
 def _open_arena(capacity: int, *, hugepages: bool, name: str) -> tuple[HostArena, int]:
     """An opened arena with every page touched (so no timed I/O pays for page faults) and
     the bytes of it that the kernel backed with transparent huge pages."""
-    before = _anon_hugepage_bytes()
+    before = anon_hugepage_bytes()
     try:
         arena = HostArena(capacity, hugepages=hugepages, pin="auto", prefault=True, name=name)
     except TypeError:  # an arena without the prefault option touches its pages in open()
         arena = HostArena(capacity, hugepages=hugepages, pin="auto", name=name)
     arena.open()
-    return arena, max(0, _anon_hugepage_bytes() - before)
+    return arena, max(0, anon_hugepage_bytes() - before)
 
 
 def _device_stat_path(path: str) -> str | None:
@@ -253,17 +253,6 @@ class _OtherLoad:
             return None
         other = (t1[0] - self._t0[0]) - (t1[1] - self._t0[1])
         return max(0.0, other / ((t1[2] - self._t0[2]) * (os.cpu_count() or 1)))
-
-
-def _anon_hugepage_bytes() -> int:
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _wait_timeout(nbytes: int) -> float:
@@ -429,64 +418,23 @@ def _posix_read(path: str, size: int, slots: list[np.ndarray], workers: int, bs:
     window the engine would use, so buffers and request sizes match the engine's.
     The first stamp of each request is checked.
     """
-    window = len(slots[0])
-    if window % bs:
-        bs = window  # keep requests inside one slot
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0) | os.O_CLOEXEC)
-    lock = threading.Lock()
-    nreq = (size + bs - 1) // bs
-    state = {"next": 0, "error": None}
-
-    def worker() -> None:
-        while True:
-            with lock:
-                k = state["next"]
-                if k >= nreq or state["error"] is not None:
-                    return
-                state["next"] = k + 1
-            off = k * bs
-            n = min(bs, size - off)
-            slot = slots[(off // window) % len(slots)]
-            view = slot[off % window : off % window + n]
-            try:
-                pos = 0
-                while pos < n:
-                    got = os.preadv(fd, [view[pos:]], off + pos)
-                    if got <= 0:
-                        raise BenchError(f"{path}: short read at offset {off + pos}")
-                    pos += got
-                if int(view[:8].view(np.uint64)[0]) != off:
-                    raise BenchError(f"{path}: posix read at offset {off} returned the wrong block")
-            except BaseException as e:  # noqa: BLE001 - re-raised below
-                with lock:
-                    state["error"] = state["error"] or e
-                return
-
-    threads = [threading.Thread(target=worker, name=f"bench-posix-{i}", daemon=True) for i in range(workers)]
-    t0 = time.perf_counter()
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(_wait_timeout(size))
-            if t.is_alive():
-                raise BenchError(f"posix read of {path} did not finish in {_wait_timeout(size):.0f} s")
-    finally:
-        seconds = time.perf_counter() - t0
-        os.close(fd)
-    if state["error"] is not None:
-        raise BenchError(f"posix read failed: {state['error']}")
-    return {"gbps": size / seconds / GB, "seconds": seconds, "bs": bs, "workers": workers}
+    return _posix_transfer(path, size, slots, workers, bs, write=False)
 
 
 def _posix_write(path: str, size: int, slots: list[np.ndarray], workers: int, bs: int) -> dict:
     """The write limit without the engine: ``workers`` threads of O_DIRECT ``os.pwritev`` of ``bs``
     from the huge-page arena, then fdatasync (timed). Writes the slots as they are; the engine
     write that follows restores the verified pattern."""
+    return _posix_transfer(path, size, slots, workers, bs, write=True)
+
+
+def _posix_transfer(path: str, size: int, slots: list[np.ndarray], workers: int, bs: int, *, write: bool) -> dict:
     window = len(slots[0])
     if window % bs:
-        bs = window
-    fd = os.open(path, os.O_WRONLY | getattr(os, "O_DIRECT", 0) | os.O_CLOEXEC)
+        bs = window  # keep requests inside one slot
+    flags = (os.O_WRONLY if write else os.O_RDONLY) | getattr(os, "O_DIRECT", 0) | os.O_CLOEXEC
+    fd = os.open(path, flags)
+    op = "write" if write else "read"
     lock = threading.Lock()
     nreq = (size + bs - 1) // bs
     state: dict[str, Any] = {"next": 0, "error": None}
@@ -505,16 +453,18 @@ def _posix_write(path: str, size: int, slots: list[np.ndarray], workers: int, bs
             try:
                 pos = 0
                 while pos < n:
-                    got = os.pwritev(fd, [view[pos:]], off + pos)
+                    got = (os.pwritev if write else os.preadv)(fd, [view[pos:]], off + pos)
                     if got <= 0:
-                        raise BenchError(f"{path}: short write at offset {off + pos}")
+                        raise BenchError(f"{path}: short {op} at offset {off + pos}")
                     pos += got
+                if not write and int(view[:8].view(np.uint64)[0]) != off:
+                    raise BenchError(f"{path}: posix read at offset {off} returned the wrong block")
             except BaseException as e:  # noqa: BLE001 - re-raised below
                 with lock:
                     state["error"] = state["error"] or e
                 return
 
-    threads = [threading.Thread(target=worker, name=f"bench-posixw-{i}", daemon=True) for i in range(workers)]
+    threads = [threading.Thread(target=worker, name=f"bench-posix-{op}-{i}", daemon=True) for i in range(workers)]
     t0 = time.perf_counter()
     try:
         for t in threads:
@@ -522,14 +472,14 @@ def _posix_write(path: str, size: int, slots: list[np.ndarray], workers: int, bs
         for t in threads:
             t.join(_wait_timeout(size))
             if t.is_alive():
-                raise BenchError(f"posix write of {path} did not finish in {_wait_timeout(size):.0f} s")
-        if state["error"] is None:
+                raise BenchError(f"posix {op} of {path} did not finish in {_wait_timeout(size):.0f} s")
+        if write and state["error"] is None:
             os.fdatasync(fd)
     finally:
         seconds = time.perf_counter() - t0
         os.close(fd)
     if state["error"] is not None:
-        raise BenchError(f"posix write failed: {state['error']}")
+        raise BenchError(f"posix {op} failed: {state['error']}")
     return {"gbps": size / seconds / GB, "seconds": seconds, "bs": bs, "workers": workers}
 
 
