@@ -39,6 +39,16 @@ class KvikioBackend(Backend):
             return "torch is not installed"
         return None
 
+    @classmethod
+    def gds_available(cls) -> bool:
+        """True when kvikio would use GPUDirect Storage rather than its POSIX compat path."""
+        try:
+            import kvikio.defaults
+
+            return not kvikio.defaults.is_compat_mode_preferred()
+        except (ImportError, AttributeError, RuntimeError):
+            return False
+
     def __init__(self) -> None:
         import kvikio
 
