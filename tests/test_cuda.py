@@ -106,3 +106,28 @@ def test_offloaded_llama_on_gpu_matches_in_gpu_model(tmp_path):
     assert torch.equal(got_gen, want_gen)
     assert stats["bytes_read"].get("nvme", 0) > 0 or stats["resident_bytes"] < nbytes
     assert all(p.is_cuda for p in model.parameters())
+
+
+def test_bundled_layout_on_gpu_and_auto_backend(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import tiered
+    from io_engine import create_backend
+    from io_engine.backends.kvikio_backend import KvikioBackend
+
+    expected = "kvikio" if KvikioBackend.gds_available() else "threads"
+    assert create_backend("auto").name == expected
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)
+    model = transformers.LlamaForCausalLM(cfg).cuda().eval()
+    ids = torch.randint(0, 1000, (1, 16), device="cuda")
+    with torch.no_grad():
+        want = model(ids).logits
+    nbytes = sum(p.numel() * 4 for p in model.parameters())
+    tiered.offload(model, _config(tmp_path, host="64MiB", gpu=str(nbytes // 2)), layout="bundled")
+    with torch.no_grad():
+        got = model(ids).logits
+    stats = tiered.offload_stats(model)
+    tiered.detach(model)
+    assert torch.equal(got, want), f"max abs diff {(got - want).abs().max().item()}"
+    assert stats["peak_device_bytes"] <= nbytes // 2
