@@ -123,6 +123,11 @@ class FreeList:
             raise RuntimeError(f"range {offset}+{size} is not free")
         self._carve(start, s, offset, size)
 
+    def rewind(self) -> None:
+        """Point next-fit at the largest free block, so a run of allocations lands together."""
+        if self._offsets:
+            self._cursor = max(self._offsets, key=self._sizes.__getitem__)
+
     def largest(self) -> int:
         return max(self._sizes.values(), default=0)
 

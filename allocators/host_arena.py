@@ -263,6 +263,12 @@ class HostArena:
             self._buffers -= 1
             self._cond.notify_all()
 
+    def rewind(self) -> None:
+        """Make the next large buffers come from the largest free block, one after another
+        (for a group of buffers that must fit together, e.g. the tensors of one unit)."""
+        with self._cond:
+            self._free_list.rewind()
+
     def _largest_free(self) -> int:
         return self._free_list.largest()
 

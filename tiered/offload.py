@@ -506,7 +506,14 @@ class OffloadedModule:
         except OutOfBudget:
             # prefetches for a path the forward did not take hold the budget: drop them
             self._drop_prefetches(keep=u)
-            self._acquire(u, Priority.DEMAND)
+            try:
+                self._acquire(u, Priority.DEMAND, wait=0.0)
+            except OutOfBudget:
+                # the unit's own partly prefetched objects can split the free space (a unit of many
+                # checkpoint tensors): give them back too and take the unit in one go
+                self._drop_pending(u)
+                self.store.arena.rewind()
+                self._acquire(u, Priority.DEMAND)
         for k, f in list(u.pending.items()):
             u.leases[k] = f.result(timeout=_WAIT)
             del u.pending[k]
@@ -576,11 +583,14 @@ class OffloadedModule:
         for v in self.units:
             if v is keep or v.active or v.resident or v.host_resident:
                 continue
-            for k, f in list(v.pending.items()):
-                if not f.cancel():
-                    f.result(timeout=_WAIT).release()
-            v.pending.clear()
+            self._drop_pending(v)
             self._release(v)
+
+    def _drop_pending(self, v: _Unit) -> None:
+        for f in v.pending.values():
+            if not f.cancel():
+                f.result(timeout=_WAIT).release()
+        v.pending.clear()
 
     def _prefetch_after(self, u: _Unit) -> None:
         if not self.order or self.lookahead == 0:
@@ -620,10 +630,7 @@ class OffloadedModule:
 
     def release_all(self) -> None:
         for u in self.units:
-            for f in u.pending.values():
-                if not f.cancel():
-                    f.result(timeout=_WAIT).release()
-            u.pending.clear()
+            self._drop_pending(u)
             self._release(u)
 
     def report(self) -> dict:

@@ -24,6 +24,7 @@ Invariants (from the design):
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -159,6 +160,44 @@ class _StorageTier:
     @property
     def used(self) -> int:
         return self.space.capacity - self.space.free_bytes
+
+    def release(self, offset: int, length: int) -> None:
+        """Return an extent to the free space and its blocks to the filesystem."""
+        self.space.give(offset, length)
+        punch_hole(self.data_file, offset, length)
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def punch_hole(path: str, offset: int, length: int) -> bool:
+    """Deallocate a freed extent's blocks (the file keeps its size), so deleted objects give
+    their disk space back; False where the filesystem or platform cannot (space is still
+    reused by later extents)."""
+    fallocate = _fallocate()
+    if fallocate is None:
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, offset, length) == 0
+    finally:
+        os.close(fd)
+
+
+@functools.lru_cache(maxsize=1)
+def _fallocate():
+    import ctypes
+    import ctypes.util
+
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fn
 
 
 class Lease:
@@ -395,7 +434,7 @@ class TieredStore:
         keep = []
         for ext in self._retired:
             if ext.readers == 0 and ext.retired_gen <= self._committed_gen:
-                self._tiers[ext.tier].space.give(ext.offset, ext.length)
+                self._tiers[ext.tier].release(ext.offset, ext.length)
             else:
                 keep.append(ext)
         self._retired = keep
