@@ -11,6 +11,7 @@ and checks they are the ones the in-memory model generates.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 
@@ -50,6 +51,16 @@ def run_generation_demo(config_source=None) -> int:
     cfg = load_config(config_source)
     host = dataclasses.replace(cfg.host_tier, capacity=GEN_BUDGET)
     demo_cfg = dataclasses.replace(cfg, tiers=tuple(host if t.kind == "host" else t for t in cfg.tiers))
+    threads = torch.get_num_threads()
+    # leave a core to the I/O workers on small machines (both runs use the same setting)
+    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+    try:
+        return _generate(demo_cfg, cfg, offload, detach, offload_stats, LlamaConfig, LlamaForCausalLM)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _generate(demo_cfg, cfg, offload, detach, offload_stats, LlamaConfig, LlamaForCausalLM) -> int:
     torch.manual_seed(0)
     llama = LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
