@@ -486,6 +486,20 @@ def _posix_transfer(path: str, size: int, slots: list[np.ndarray], workers: int,
 # --------------------------------------------------------------------------- fio
 
 
+def _fio_sequential(fio_path: str, path: str, rw: str, cfgs, size: int, runtime: float, prog) -> list[dict]:
+    """fio sequential ``rw`` ("read" or "write", the latter with fsync) for each (bs, ioengine,
+    numjobs, iodepth) setting, one row each."""
+    rows = []
+    for bs, eng, nj, qd in cfgs:
+        sync = " (+fsync)" if rw == "write" else ""
+        prog.phase(f"fio {rw} bs={format_size(bs)} {eng} numjobs={nj} iodepth={qd}{sync}")
+        row = _run_fio(fio_path, path, rw=rw, bs=bs, ioengine=eng, numjobs=nj, iodepth=qd,
+                       size=size, runtime=runtime, time_based=False)
+        prog.note(f"  {row['gbps']:.2f} GB/s" if "gbps" in row else f"  {row['error']}")
+        rows.append(row)
+    return rows
+
+
 def _parse_fio_json(text: str) -> dict:
     start = text.find("{")
     if start < 0:
@@ -879,12 +893,7 @@ def run_bench_io(
             result["fio"] = {"installed": True, "path": fio_path, "version": _fio_version(fio_path)}
             seq_cfgs = [(bs, eng, nj, qd) for bs in dict.fromkeys((MiB, chunk))
                         for eng, nj, qd in (("psync", workers, 1), ("libaio", 1, 32))]
-            for bs, eng, nj, qd in seq_cfgs:
-                prog.phase(f"fio read bs={format_size(bs)} {eng} numjobs={nj} iodepth={qd}")
-                row = _run_fio(fio_path, path, rw="read", bs=bs, ioengine=eng, numjobs=nj, iodepth=qd,
-                               size=size, runtime=seq_runtime, time_based=False)
-                prog.note(f"  {row['gbps']:.2f} GB/s" if "gbps" in row else f"  {row['error']}")
-                fio_rows.append(row)
+            fio_rows += _fio_sequential(fio_path, path, "read", seq_cfgs, size, seq_runtime, prog)
             prog.phase(f"fio 64 KiB randread libaio numjobs=1 iodepth=32 for {rand_seconds:g} s")
             row = _run_fio(fio_path, path, rw="randread", bs=RAND_BS, ioengine="libaio", numjobs=1,
                            iodepth=32, size=size, runtime=rand_seconds, time_based=True)
@@ -902,12 +911,7 @@ def run_bench_io(
         result["deepnvme"] = ds
 
         if fio_path:
-            for bs, eng, nj, qd in seq_cfgs:
-                prog.phase(f"fio write bs={format_size(bs)} {eng} numjobs={nj} iodepth={qd} (+fsync)")
-                row = _run_fio(fio_path, path, rw="write", bs=bs, ioengine=eng, numjobs=nj, iodepth=qd,
-                               size=size, runtime=seq_runtime, time_based=False)
-                prog.note(f"  {row['gbps']:.2f} GB/s" if "gbps" in row else f"  {row['error']}")
-                fio_rows.append(row)
+            fio_rows += _fio_sequential(fio_path, path, "write", seq_cfgs, size, seq_runtime, prog)
         for row in fio_rows:
             if "error" in row:
                 notes.append(f"fio {row['rw']} bs={row['bs']} {row['ioengine']}: {row['error']}")

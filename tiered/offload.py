@@ -63,6 +63,11 @@ class _Slot:
     def nbytes(self) -> int:
         return self.shape.numel() * torch.empty((), dtype=self.dtype).element_size()
 
+    @property
+    def span(self) -> int:
+        """Bytes this slot occupies in its object (a bundled FFN region counts all its parts)."""
+        return self.nbytes * (self.bundle[0] if self.bundle else 1)
+
     def view_in(self, raw: torch.Tensor) -> torch.Tensor:
         """This tensor inside ``raw``, the flat uint8 bytes of its store object."""
         if self.bundle is None:
@@ -254,7 +259,8 @@ class OffloadedModule:
         self._hooks: list = []
         self.lookahead = 0
         self.stats = OffloadStats()
-        self._read_base: dict = {}
+        self._read_base: dict = {}  # tier -> bytes read before offload()
+        self._external_base = 0
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._bindings: dict[int, list[tuple[_Unit, torch.Tensor]]] = {}  # tensor id -> (unit, view)
         self.device_budget: DeviceBudget | None = None  # CUDA: accounts the weights bound on the GPU
@@ -306,8 +312,7 @@ class OffloadedModule:
             packed = [s for s in u.slots if s.key == u.packed_key]
             if not packed:
                 continue
-            end = max(s.offset + s.nbytes for s in packed)
-            end = max(end, max((s.offset + s.nbytes * s.bundle[0] for s in packed if s.bundle), default=0))
+            end = max(s.offset + s.span for s in packed)
             blob = torch.empty(end, dtype=torch.uint8)
             for s in packed:
                 src = s.tensor().detach()
@@ -400,7 +405,7 @@ class OffloadedModule:
         return not any(v is not u and any(m is v.module for m in u.module.modules()) for v in self.units)
 
     def _budget(self) -> int:
-        if self.device.type == "cuda":
+        if self.cuda:
             gpu = next((t for t in self.config.device_tiers), None)
             if gpu is None:
                 raise OffloadError(f"{self.config.source}: a CUDA compute device needs a [tiers.gpu] budget")
@@ -408,7 +413,7 @@ class OffloadedModule:
         return self.store.arena.capacity
 
     def _budget_name(self) -> str:
-        return "gpu tier" if self.device.type == "cuda" else "host tier"
+        return "gpu tier" if self.cuda else "host tier"
 
     def pin_residents(self) -> None:
         if not self.config.offload.resident:
@@ -426,7 +431,8 @@ class OffloadedModule:
 
     def install_hooks(self) -> None:
         st = self.store.stats()
-        self._read_base = dict(st["tiers"], __external__=st["external_bytes_read"])
+        self._read_base = {n: t["bytes_read"] for n, t in st["tiers"].items() if t and t["kind"] == "storage"}
+        self._external_base = st["external_bytes_read"]
         for u in self.units:
             self._hooks.append(u.module.register_forward_pre_hook(self._pre_hook(u)))
             self._hooks.append(u.module.register_forward_hook(self._post_hook(u), always_call=True))
@@ -441,12 +447,7 @@ class OffloadedModule:
         for u in self.units:
             if u.active:
                 u.active = 0
-                if not u.resident:
-                    self._unbind(u)
-                    if u.host_resident:
-                        self._wait_copies(u)
-                    else:
-                        self._release(u)
+                self._done_with(u)
         self._pass = []
         self._cursor = 0
 
@@ -455,7 +456,6 @@ class OffloadedModule:
         if self._pass and self._pass != self.order:
             self.order = self._pass
         self._pass = []
-        self.stats.peak_host_bytes = max(self.stats.peak_host_bytes, self.store.arena.stats().peak)
 
     def _pre_hook(self, u: _Unit) -> Callable:
         def hook(_m, _args):
@@ -473,13 +473,19 @@ class OffloadedModule:
     def _post_hook(self, u: _Unit) -> Callable:
         def hook(_m, _args, _out):
             u.active -= 1
-            if u.active == 0 and not u.resident:
-                self._unbind(u)
-                if u.host_resident:
-                    self._wait_copies(u)
-                else:
-                    self._release(u)
+            if u.active == 0:
+                self._done_with(u)
         return hook
+
+    def _done_with(self, u: _Unit) -> None:
+        """After a unit's forward: unbind it unless resident; keep its pinned host copy if host-resident."""
+        if u.resident:
+            return
+        self._unbind(u)
+        if u.host_resident:
+            self._wait_copies(u)
+        else:
+            self._release(u)
 
     # -- loading -------------------------------------------------------------------
     def _acquire(self, u: _Unit, priority: Priority, wait: float | None = None) -> bool:
@@ -514,13 +520,17 @@ class OffloadedModule:
                 self._drop_pending(u)
                 self.store.arena.rewind()
                 self._acquire(u, Priority.DEMAND)
-        for k, f in list(u.pending.items()):
-            u.leases[k] = f.result(timeout=_WAIT)
-            del u.pending[k]
+        self._collect(u)
         self.stats.stall_seconds += time.perf_counter() - t0
         self.stats.unit_loads += 1
         self.stats.prefetch_hits += int(ready)
         self._bind(u)
+
+    def _collect(self, u: _Unit) -> None:
+        """Wait for ``u``'s pending acquisitions; their leases become the unit's."""
+        for k, f in list(u.pending.items()):
+            u.leases[k] = f.result(timeout=_WAIT)
+            del u.pending[k]
 
     def _bind(self, u: _Unit) -> None:
         # views made under torch.inference_mode() would be inference tensors, unusable by a later
@@ -615,9 +625,7 @@ class OffloadedModule:
         """Give every parameter its own in-memory copy again (for ``detach``)."""
         for u in self.units:
             self._acquire(u, Priority.DEMAND)
-            for k, f in list(u.pending.items()):
-                u.leases[k] = f.result(timeout=_WAIT)
-                del u.pending[k]
+            self._collect(u)
             for s in u.slots:
                 view = s.source(u.leases[s.key].tensor)
                 s.tensor().data = view.to(self.device, copy=True).contiguous()
@@ -635,15 +643,12 @@ class OffloadedModule:
 
     def report(self) -> dict:
         st = self.store.stats()
-        tiers = st["tiers"]
-        base_ext = self._read_base.get("__external__", 0)
-        if st["external_bytes_read"] - base_ext:
-            self.stats.bytes_read["checkpoint files"] = st["external_bytes_read"] - base_ext
-        for name, t in tiers.items():
-            if t and t.get("kind") == "storage":
-                base = (self._read_base.get(name) or {}).get("bytes_read", 0)
-                self.stats.bytes_read[name] = t["bytes_read"] - base
-        self.stats.peak_host_bytes = max(self.stats.peak_host_bytes, self.store.arena.stats().peak)
+        if st["external_bytes_read"] - self._external_base:
+            self.stats.bytes_read["checkpoint files"] = st["external_bytes_read"] - self._external_base
+        for name, t in st["tiers"].items():
+            if t and t["kind"] == "storage":
+                self.stats.bytes_read[name] = t["bytes_read"] - self._read_base.get(name, 0)
+        self.stats.peak_host_bytes = self.store.arena.stats().peak
         if self.device_budget is not None:
             self.stats.peak_device_bytes = self.device_budget.stats().peak
         return self.stats.as_dict()
@@ -697,9 +702,7 @@ def offload(model: nn.Module, config=None, *, units=None, layout: str | None = N
                 rt._acquire(u, Priority.DEMAND)
         for u in rt.units:
             if u.resident or u.host_resident:
-                for k, f in list(u.pending.items()):
-                    u.leases[k] = f.result(timeout=_WAIT)
-                    del u.pending[k]
+                rt._collect(u)
         rt.install_hooks()
     except BaseException:
         rt.remove_hooks()

@@ -977,7 +977,9 @@ class _LoadFuture(IOFuture):
     """The future of a host-copy load, created before its read is submitted so that
     concurrent readers of the same key can wait on it."""
 
-    _reads: list[IOFuture] = []
+    def __init__(self, description: str = "") -> None:
+        super().__init__(description)
+        self._reads: list[IOFuture] = []
 
     def follow(self, result: IOFuture, reads: list[IOFuture]) -> None:
         self._reads = reads
