@@ -22,3 +22,6 @@ __all__ += ["OffloadError", "detach", "offload", "offload_stats"]
 from .pretrained import from_pretrained  # noqa: E402
 
 __all__ += ["from_pretrained"]
+from .device_cache import DeviceCache, DeviceLease  # noqa: E402
+
+__all__ += ["DeviceCache", "DeviceLease"]

@@ -212,6 +212,11 @@ class Lease:
         self.tensor = (raw.view(meta.dtype) if meta.dtype != torch.uint8 else raw).view(meta.shape)
         self._released = False
 
+    @property
+    def version(self) -> int:
+        """The object version this lease pins (a later put makes a new one)."""
+        return self._version
+
     def release(self) -> None:
         if not self._released:
             self._released = True

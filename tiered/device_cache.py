@@ -1,0 +1,292 @@
+"""The GPU tier's object cache: store objects resident on the compute device.
+
+Objects come from a :class:`~tiered.store.TieredStore` (host arena, pinned
+when CUDA is present) and are copied into one pre-reserved
+:class:`~allocators.DeviceArena` on a dedicated copy stream, so device memory
+is never allocated per object and the copies overlap the compute stream.
+Residency is bounded by the arena; victims are chosen by an eviction policy
+from ``policies/`` among entries nobody holds.
+
+Call order: ``open()``; ``acquire(key)`` → future of a :class:`DeviceLease`;
+use ``lease.tensor``; ``lease.release()`` (records an event on the current
+stream, so a buffer is reused only after the kernels that read it finished);
+``close()``. An entry whose store version changed (a newer ``put``) is
+reloaded, never served stale. The device may be ``"cpu"`` (tests).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import CancelledError
+from dataclasses import dataclass, field
+
+import torch
+
+from allocators import DeviceArena, DeviceBuffer, OutOfBudget
+from io_engine import IOFuture, Priority, chain, completed
+from policies import Observation, create_eviction_policy
+
+from .store import Lease, TieredStore
+
+
+@dataclass
+class _Entry:
+    key: str
+    version: int
+    nbytes: int
+    buffer: DeviceBuffer
+    ready: IOFuture  # completes (shared by every waiter) when the device copy is in place
+    tensor: torch.Tensor | None = None
+    loading: bool = True
+    pins: int = 0
+    stale: bool = False  # superseded or evicted while pinned: free on last release
+    used: list = field(default_factory=list)  # CUDA events recorded by releases since the last check
+
+
+@dataclass
+class DeviceCacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    reloads: int = 0  # entries dropped because the store holds a newer version
+    bytes_loaded: int = 0
+
+
+class DeviceLease:
+    """A pinned device copy of one object version; release it when the kernels using it are queued."""
+
+    def __init__(self, cache: "DeviceCache", entry: _Entry) -> None:
+        self._cache = cache
+        self._entry = entry
+        self.key = entry.key
+        self.version = entry.version
+        self.tensor = entry.tensor
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._cache._unpin(self._entry)
+
+    def __enter__(self) -> "DeviceLease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class DeviceCache:
+    def __init__(self, store: TieredStore, capacity: int, device: str = "cuda:0", *,
+                 policy: str = "lru", wait: float = 30.0) -> None:
+        self.store = store
+        self.device = torch.device(device)
+        self.arena = DeviceArena(capacity, str(self.device))
+        self.policy = create_eviction_policy(policy)
+        self.wait = wait
+        self.stats = DeviceCacheStats()
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Condition()
+        self._stream = None
+
+    # -- lifecycle -----------------------------------------------------------------
+    def open(self) -> "DeviceCache":
+        self.arena.open()
+        if self.device.type == "cuda":
+            self._stream = torch.cuda.Stream(self.device)
+        return self
+
+    def close(self) -> None:
+        """Wait for in-flight copies, then give the device region back."""
+        with self._lock:
+            loading = [e.ready for e in self._entries.values() if e.loading]
+        for f in loading:
+            try:
+                f.result(self.wait)
+            except BaseException:  # noqa: BLE001 - the failure was already handed to its callers
+                pass
+        if self._stream is not None:
+            self._stream.synchronize()
+        with self._lock:
+            self._entries.clear()
+        self.arena.close()
+        self._stream = None
+
+    def __enter__(self) -> "DeviceCache":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- access --------------------------------------------------------------------
+    def acquire(self, key: str, *, priority: Priority = Priority.DEMAND) -> IOFuture:
+        """A future of a :class:`DeviceLease` on the current version of ``key``.
+
+        Raises KeyError at once for an unknown key, and OutOfBudget when the
+        object cannot be placed within ``wait`` seconds because every resident
+        entry is held.
+        """
+        version = self.store.meta(key)["version"]
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.version != version:
+                self._discard(entry)
+                self.stats.reloads += 1
+                entry = None
+            if entry is not None:
+                entry.pins += 1
+                self.stats.hits += 1
+                self.policy.touch(Observation(key, entry.nbytes, op="read", tier="gpu"))
+                if not entry.loading:
+                    return completed(DeviceLease(self, entry), f"device {key}")
+                return chain(entry.ready, lambda _: DeviceLease(self, entry), f"device {key}")
+        return self._load(key, priority)
+
+    def get(self, key: str, *, priority: Priority = Priority.DEMAND) -> IOFuture:
+        """A future of a device tensor the caller owns (a copy out of the cache)."""
+
+        def copy(lease: DeviceLease) -> torch.Tensor:
+            with lease:
+                return lease.tensor.clone()
+
+        return chain(self.acquire(key, priority=priority), copy, f"device get {key}")
+
+    def evict(self, key: str) -> bool:
+        """Drop ``key`` from the device now, or as soon as its holders release it."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return False
+            self._discard(entry)
+            self.stats.evictions += 1
+            return True
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    # -- internals -----------------------------------------------------------------
+    def _load(self, key: str, priority: Priority) -> IOFuture:
+        meta = self.store.meta(key)
+        nbytes = meta["nbytes"]
+        buffer = self._make_room(key, nbytes)
+        with self._lock:
+            if key in self._entries:  # another caller started the same load meanwhile
+                buffer.release()
+                self._lock.notify_all()
+                return self.acquire(key, priority=priority)
+            self.stats.misses += 1
+            ready = IOFuture(f"device load {key}")
+            ready.set_running_or_notify_cancel()  # shared by every waiter: one caller cannot cancel it
+            entry = _Entry(key, meta["version"], nbytes, buffer, ready, pins=1)
+            self._entries[key] = entry
+        try:
+            host = self.store.acquire(key, priority=priority)
+        except BaseException as e:
+            with self._lock:
+                self._forget(entry)
+            ready.set_exception(e)
+            raise
+        copied = chain(host, lambda lease: self._copy_in(entry, lease), f"device load {key}")
+        copied.add_done_callback(lambda f: self._loaded(entry, f))
+        return chain(ready, lambda _: DeviceLease(self, entry), f"device {key}")
+
+    def _copy_in(self, entry: _Entry, lease: Lease) -> None:
+        """Runs on an engine worker once the host copy is pinned: host → device on the copy stream."""
+        try:
+            src = lease.tensor
+            dst = entry.buffer.tensor(src.dtype, src.shape)
+            if self._stream is not None:
+                with torch.cuda.stream(self._stream):
+                    dst.copy_(src, non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record(self._stream)
+                done.synchronize()  # the host buffer may be reused once this returns
+            else:
+                dst.copy_(src)
+            entry.tensor = dst
+            entry.version = lease.version
+        finally:
+            lease.release()
+
+    def _loaded(self, entry: _Entry, f) -> None:
+        failed = f.cancelled() or f.exception() is not None
+        with self._lock:
+            entry.loading = False
+            if failed:
+                self._forget(entry)
+            else:
+                self.stats.bytes_loaded += entry.nbytes
+                if not entry.stale:
+                    self.policy.admit(Observation(entry.key, entry.nbytes, op="read", tier="gpu"))
+        if not failed:
+            entry.ready.set_result(None)
+        elif f.cancelled():
+            entry.ready.set_exception(CancelledError(f"device load of {entry.key!r} was cancelled"))
+        else:
+            entry.ready.set_exception(f.exception())
+
+    def _make_room(self, key: str, nbytes: int) -> DeviceBuffer:
+        """A device buffer for ``nbytes``, evicting unheld entries; waits for releases up to ``wait`` s."""
+        deadline = time.monotonic() + self.wait
+        with self._lock:
+            while True:
+                buffer = self.arena.try_alloc(nbytes)
+                if buffer is not None:
+                    return buffer
+                victims = self.policy.victims(nbytes, self._evictable)
+                for victim in victims:
+                    self._discard(self._entries[victim])
+                    self.stats.evictions += 1
+                if victims:
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.arena.capacity < nbytes:
+                    st = self.arena.stats()
+                    raise OutOfBudget(
+                        f"device cache on {self.device}: no room for {key!r} ({nbytes} bytes) after "
+                        f"{self.wait} s: {st.in_use} of {st.capacity} bytes held by "
+                        f"{sum(e.pins > 0 for e in self._entries.values())} leased objects")
+                self._lock.wait(remaining)
+
+    def _evictable(self, key: str) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and entry.pins == 0 and not entry.loading
+
+    def _unpin(self, entry: _Entry) -> None:
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        with self._lock:
+            entry.pins -= 1
+            if event is not None:
+                entry.used.append(event)
+            if entry.stale and entry.pins == 0:
+                self._free(entry)
+            self._lock.notify_all()
+
+    def _discard(self, entry: _Entry) -> None:
+        """Forget ``entry`` (lock held); its buffer goes back once nobody holds it."""
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+            self.policy.remove(entry.key)
+        entry.stale = True
+        if entry.pins == 0 and not entry.loading:
+            self._free(entry)
+
+    def _forget(self, entry: _Entry) -> None:
+        """A failed or cancelled load (lock held): nobody can hold it, give the buffer back."""
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+        entry.pins = 0
+        entry.stale = True
+        self._free(entry)
+        self._lock.notify_all()
+
+    def _free(self, entry: _Entry) -> None:
+        for event in entry.used:  # kernels that read the buffer must finish before it is reused
+            event.synchronize()
+        entry.used.clear()
+        if not entry.buffer.released:
+            entry.buffer.release()
