@@ -6,6 +6,9 @@
    (O_DIRECT into the pinned arena) + host->device copy. Cold: caches dropped, O_DIRECT.
 4. Offloaded inference: a Llama model larger than the GPU budget, tokens/s vs the in-GPU
    model, Accelerate ``cpu_offload``, and the I/O bound.
+5. The device cache: objects cycled through a device budget smaller than their total, via
+   DeviceCache (one pre-reserved region) vs ``store.get(tier="gpu")`` (torch's allocator):
+   GB/s host->device and how many cudaMalloc calls each makes.
 
 Prints a table and writes one JSON object (``--json PATH``).
 """
@@ -223,6 +226,54 @@ def offload_inference(workdir: str, layers: int, budget: int, tokens: int) -> di
     return out
 
 
+def device_cache(work: str, objects: int = 48, mib: int = 16, budget_mib: int = 256, rounds: int = 3) -> dict:
+    """Cycle ``objects`` host-resident objects through a smaller device budget, twice over."""
+    from tiered import TieredStore
+    from tiered.device_cache import DeviceCache
+
+    cfg = {"tiers": {"host": {"capacity": f"{objects * mib + 256}MiB"},
+                     "nvme": {"path": os.path.join(work, "dc"), "capacity": f"{objects * mib + 256}MiB"}}}
+    keys = [f"o{i}" for i in range(objects)]
+    out: dict = {"objects": objects, "object_mib": mib, "device_budget_mib": budget_mib, "rounds": rounds}
+    with TieredStore(cfg) as store:
+        for i, k in enumerate(keys):
+            store.put(k, torch.full((mib << 18,), float(i))).result(60)
+        total = rounds * objects * (mib << 20)
+
+        def cycle_cache(cache) -> None:
+            for _ in range(rounds):
+                for k in keys:
+                    with cache.acquire(k).result(60) as lease:
+                        lease.tensor.add_(0)  # a kernel reads it on the compute stream
+
+        def cycle_get() -> None:
+            held = []
+            for _ in range(rounds):
+                for k in keys:
+                    held.append(store.get(k, tier="gpu").result(60))
+                    if len(held) * mib > budget_mib:
+                        held.pop(0)
+        for name, run in (("device_cache", None), ("store_get_gpu", cycle_get)):
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            before = torch.cuda.memory_stats().get("num_device_alloc", 0)
+            t0 = time.perf_counter()
+            if run is None:
+                with DeviceCache(store, budget_mib << 20, "cuda") as cache:
+                    t0 = time.perf_counter()
+                    cycle_cache(cache)
+                    torch.cuda.synchronize()
+                    out["device_cache_hits"] = cache.stats.hits
+                    out["device_cache_evictions"] = cache.stats.evictions
+            else:
+                run()
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            out[f"{name}_gbps"] = total / dt / GB
+            out[f"{name}_cuda_mallocs"] = torch.cuda.memory_stats().get("num_device_alloc", 0) - before
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default=None, help="write the results to this file")
@@ -231,7 +282,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--budget-mib", type=int, default=640)
     ap.add_argument("--tokens", type=int, default=8)
-    ap.add_argument("--skip", default="", help="comma list of: h2d,pinned,storage,offload")
+    ap.add_argument("--skip", default="", help="comma list of: h2d,pinned,storage,offload,device_cache")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     work = args.dir or tempfile.mkdtemp(prefix="tiered-gpu-check-")
@@ -240,7 +291,8 @@ def main() -> int:
            "cuda": torch.version.cuda, "backends": available_backends()}
     steps = [("h2d", lambda: h2d_bandwidth(256 << 20)), ("pinned", pinned_peak),
              ("storage", lambda: storage_to_device(os.path.join(work, "s2d.bin"), int(args.file_gib * (1 << 30)))),
-             ("offload", lambda: offload_inference(work, args.layers, args.budget_mib << 20, args.tokens))]
+             ("offload", lambda: offload_inference(work, args.layers, args.budget_mib << 20, args.tokens)),
+             ("device_cache", lambda: device_cache(work))]
     for name, fn in steps:
         if name in skip:
             continue

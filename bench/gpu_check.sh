@@ -15,5 +15,5 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 else
     export PYTHONPATH=$PWD
 fi
-timeout 150 python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUTDIR/pytest_cuda.txt"
+timeout 150 python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py tests/test_device_cache.py 2>&1 | tee "$OUTDIR/pytest_cuda.txt"
 timeout 360 python3 bench/gpu_check.py --json "$OUTDIR/gpu_check.json" --dir /tmp/gpu-check "$@" 2>&1 | tee "$OUTDIR/gpu_check.log"
