@@ -1,17 +1,35 @@
 """Placement, migration and eviction decisions: pure logic, no I/O.
 
 Never imports ``io_engine`` or ``tiered``, so every policy also runs in
-trace simulation. Policies are looked up by name in a small registry.
+trace simulation (:mod:`policies.sim`). Policies are looked up by name:
+
+* eviction policies (one tier's ranking, used by the store): lru, lfu, arc, s3fifo
+* migration policies (whole-hierarchy decisions, used by the simulator and
+  ``tiered bench replay``): lru, lfu, arc, s3fifo, static, belady, rl
+
+``rl`` is resolved lazily: it imports :mod:`policies.rl` (torch) and calls its
+``create_policy(**options)``, which returns a :class:`MigrationPolicy` that is
+also a :class:`PlacementPolicy` (the two cooperating agents).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+from typing import Any, Callable
 
-from .base import KINDS, EvictionPolicy, FirstFit, Observation, PlacementPolicy
+from .arc import ARC
+from .base import (
+    KINDS, OPS, Backing, EvictionPolicy, FirstFit, MigrationPolicy, Move, Observation, Outcome,
+    PlacementPolicy, PolicyError, TierModel,
+)
+from .belady import Belady
+from .cache import CachingMigration
+from .lfu import LFU
 from .lru import LRU
+from .s3fifo import S3FIFO
+from .static import StaticSplit
 
-_EVICTION: dict[str, Callable[[], EvictionPolicy]] = {"lru": LRU}
+_EVICTION: dict[str, Callable[[], EvictionPolicy]] = {"lru": LRU, "lfu": LFU, "arc": ARC, "s3fifo": S3FIFO}
 
 
 def register_eviction_policy(name: str, factory: Callable[[], EvictionPolicy]) -> None:
@@ -31,7 +49,60 @@ def create_eviction_policy(name: str) -> EvictionPolicy:
         ) from None
 
 
+def _caching(name: str, factory: Callable[[], EvictionPolicy]) -> Callable[..., MigrationPolicy]:
+    def make(**options: Any) -> MigrationPolicy:
+        if options:
+            raise TypeError(f"policy {name!r} takes no options, got {sorted(options)}")
+        return CachingMigration(name, factory)
+    return make
+
+
+def _rl(**options: Any) -> MigrationPolicy:
+    try:
+        mod = importlib.import_module("policies.rl")
+    except ImportError as e:
+        raise KeyError(f"policy 'rl' needs the policies.rl package (and torch): {e}") from e
+    factory = getattr(mod, "create_policy", None)
+    if factory is None:
+        raise KeyError("policy 'rl': policies.rl has no create_policy(**options) factory")
+    return factory(**options)
+
+
+_POLICIES: dict[str, Callable[..., MigrationPolicy]] = {
+    "lru": _caching("lru", LRU),
+    "lfu": _caching("lfu", LFU),
+    "arc": _caching("arc", ARC),
+    "s3fifo": _caching("s3fifo", S3FIFO),
+    "belady": _caching("belady", Belady),
+    "static": StaticSplit,
+    "rl": _rl,
+}
+#: the policies that need no future and no training: what "best heuristic" means
+HEURISTICS = ("lru", "lfu", "arc", "s3fifo", "static")
+
+
+def register_policy(name: str, factory: Callable[..., MigrationPolicy]) -> None:
+    """Make ``create_policy(name, **options)`` call ``factory(**options)``."""
+    _POLICIES[name] = factory
+
+
+def policy_names() -> list[str]:
+    return sorted(_POLICIES)
+
+
+def create_policy(name: str, **options: Any) -> MigrationPolicy:
+    """A fresh migration policy by name; unknown names list the known ones."""
+    try:
+        factory = _POLICIES[name]
+    except KeyError:
+        raise KeyError(f"unknown policy {name!r}; known: {', '.join(policy_names())}") from None
+    return factory(**options)
+
+
 __all__ = [
-    "KINDS", "LRU", "EvictionPolicy", "FirstFit", "Observation", "PlacementPolicy",
-    "create_eviction_policy", "eviction_policy_names", "register_eviction_policy",
+    "ARC", "HEURISTICS", "KINDS", "LFU", "LRU", "OPS", "S3FIFO", "Backing", "Belady",
+    "CachingMigration", "EvictionPolicy", "FirstFit", "MigrationPolicy", "Move", "Observation",
+    "Outcome", "PlacementPolicy", "PolicyError", "StaticSplit", "TierModel",
+    "create_eviction_policy", "create_policy", "eviction_policy_names", "policy_names",
+    "register_eviction_policy", "register_policy",
 ]

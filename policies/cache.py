@@ -1,0 +1,96 @@
+"""Demand-filled cache hierarchy: a migration policy built from one eviction policy per tier.
+
+How every classic cache works, generalised to N tiers: the accessed object is
+promoted to the fastest tier (unless that tier's eviction policy declines it:
+bypass), victims are demoted one tier down, cascading to the backing tier.
+LRU, LFU, ARC, S3-FIFO and Belady's optimum differ only in the
+:class:`~policies.base.EvictionPolicy` ranking plugged in here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from .base import EvictionPolicy, Key, MigrationPolicy, Move, Observation, TierModel
+
+
+class CachingMigration(MigrationPolicy):
+    """Promote on access, demote victims down the hierarchy; decisions ordered so each fits."""
+
+    def __init__(self, name: str, factory: Callable[[], EvictionPolicy]) -> None:
+        self.name = name
+        self._factory = factory
+        self.levels: list[EvictionPolicy] = []
+        self.needs_future = bool(getattr(factory(), "needs_future", False))
+
+    def reset(self, tiers: Sequence[TierModel]) -> None:
+        super().reset(tiers)
+        self.back = len(tiers) - 1
+        self.levels = [self._factory() for _ in range(self.back)]
+        for lvl, t in zip(self.levels, tiers):
+            lvl.resize(t.capacity)
+        self.cap = [float(t.capacity) for t in tiers[: self.back]]
+        self.free = list(self.cap)
+        self.where: dict[Key, int] = {}
+        self.size: dict[Key, int] = {}
+
+    def _place(self, key: Key, size: int, level: int, obs: Observation, moves: list[Move], pinned: Key) -> bool:
+        """Put ``key`` on ``level``, first demoting victims there (their moves come first).
+
+        ``pinned`` (the accessed object) is never chosen as a victim. Returns
+        False, with nothing changed for ``key``, when the level cannot make room.
+        """
+        if level >= self.back:
+            self.where.pop(key, None)
+            moves.append(Move(key, self.back))
+            return True
+        lvl = self.levels[level]
+        lvl.admit(obs)
+        self.free[level] -= size
+        if self.free[level] < 0:
+            for v in lvl.victims(int(-self.free[level]), lambda x: x != key and x != pinned):
+                lvl.remove(v)
+                vs = self.size[v]
+                self.free[level] += vs
+                if not self._place(v, vs, level + 1, Observation(v, vs), moves, pinned):
+                    self._place(v, vs, self.back, Observation(v, vs), moves, pinned)
+                if self.free[level] >= 0:
+                    break
+            if self.free[level] < 0:
+                lvl.remove(key)
+                self.free[level] += size
+                return False
+        self.where[key] = level
+        moves.append(Move(key, level))
+        return True
+
+    def decide(self, batch: Sequence[Observation]) -> list[Move]:
+        moves: list[Move] = []
+        back = self.back
+        for obs in batch:
+            k = obs.key
+            t = obs.tier_index
+            own = self.where.get(k, back)
+            self.size[k] = size = obs.nbytes
+            if own != t:  # the caller placed or moved it: follow the truth
+                if own < back:
+                    self.levels[own].remove(k)
+                    self.free[own] += size
+                if 0 <= t < back:
+                    self.levels[t].admit(obs)
+                    self.free[t] -= size
+                    self.where[k] = t
+                else:
+                    self.where.pop(k, None)
+                own = t if 0 <= t < back else back
+            if own == 0:
+                self.levels[0].touch(obs)
+                continue
+            if size > self.cap[0] or not self.levels[0].should_admit(obs, int(self.free[0])):
+                if own < back:
+                    self.levels[own].touch(obs)
+                continue
+            if self._place(k, size, 0, obs, moves, k) and own < back:
+                self.levels[own].remove(k)  # its move to tier 0 is the last one: room until then
+                self.free[own] += size
+        return moves

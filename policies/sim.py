@@ -1,0 +1,342 @@
+"""Trace-driven simulator: replay columnar accesses through a placement + migration policy.
+
+Pure numpy + Python, no I/O: the same policy objects that run in the store
+run here, against :class:`~policies.base.TierModel` cost models. Input is
+five equally long arrays (the trace file's columns, see :mod:`traces.format`,
+but this module never imports ``traces``):
+
+    time  float64 seconds   key  int64 object id   size  int64 bytes
+    op    uint8 (0 read, 1 write, index into OPS)  kind  uint8 (index into KINDS)
+
+Model (documented so results can be judged):
+
+* Tiers fastest first; the last is the *backing* tier and always holds a copy
+  of every object (unbounded in the simulator). Objects on faster tiers are
+  exclusive cached copies; each object lives on exactly one tier.
+* An object's size is the largest size any of its events names.
+* Each tier is one device with a FIFO queue: an access served from tier ``t``
+  starts when both it has arrived and the device is free, and takes
+  ``latency_s + size / bandwidth``; its latency is completion minus arrival.
+* Migrations are background transfers that occupy the source (read) and the
+  destination (write) devices, so wasteful promotion delays later accesses.
+  A move of an object just served by the current batch skips the source read
+  (its bytes are in memory: fill on miss); a move of a clean object to the
+  backing tier is free (its copy is there) and migrates no bytes; writes
+  served on a cache tier make the object dirty until written back.
+* Arrivals: open loop at trace times, or closed loop (one client issuing the
+  next access when the previous completes, never earlier than its trace
+  time) -- the right model for traces without meaningful timestamps.
+
+Call order: see :class:`policies.base.MigrationPolicy`. New objects are
+placed by the placement policy (default: the policy itself if it is also a
+:class:`PlacementPolicy`, else :class:`~policies.base.Backing`).
+"""
+
+from __future__ import annotations
+
+import math
+import time as _time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .base import (
+    KINDS, OPS, Backing, MigrationPolicy, Observation, Outcome, PlacementPolicy, PolicyError,
+    TierModel,
+)
+
+__all__ = ["SimResult", "default_tiers", "prepare", "simulate", "Prepared"]
+
+GB = 1e9
+
+
+def default_tiers(footprint: int, fast_fraction: float = 0.08, *, fast_bytes: int | None = None) -> tuple[TierModel, ...]:
+    """A host-RAM cache over an NVMe drive, the fast tier ``fast_fraction`` of ``footprint``.
+
+    Speeds are typical datasheet figures (DRAM copy ~10 GB/s, ~1 us; NVMe
+    ~3 GB/s read, ~2 GB/s write, ~80 us); replace them with ``tiered probe``
+    numbers for a given machine.
+    """
+    cap = int(fast_bytes if fast_bytes is not None else max(1, footprint * fast_fraction))
+    return (
+        TierModel("host", cap, latency_s=1e-6, read_bw=10 * GB, write_bw=10 * GB),
+        TierModel("nvme", math.inf, latency_s=80e-6, read_bw=3 * GB, write_bw=2 * GB),
+    )
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Per-event arrays derived once per trace and shared by every policy's replay."""
+
+    time: np.ndarray  # float64, seconds from the first event
+    key: np.ndarray  # int64 dense ids 0..n_keys-1
+    size: np.ndarray  # int64 event size
+    op: np.ndarray  # uint8
+    kind: np.ndarray  # uint8
+    obj_size: np.ndarray  # int64 per dense id: the largest size of the object
+    prev: np.ndarray  # int64 index of the key's previous access, -1 if none
+    next: np.ndarray  # float64 index of the key's next access, inf if none
+    count: np.ndarray  # int64 accesses of the key so far, this one included
+    original_keys: np.ndarray  # the input key of each dense id
+
+    @property
+    def n(self) -> int:
+        return int(self.key.shape[0])
+
+    @property
+    def n_keys(self) -> int:
+        return int(self.obj_size.shape[0])
+
+    @property
+    def footprint(self) -> int:
+        return int(self.obj_size.sum())
+
+
+def prepare(time, key, size, op, kind) -> Prepared:
+    """Validate the columns and derive the per-event history arrays (vectorised)."""
+    cols = {"time": np.asarray(time, dtype=np.float64), "key": np.asarray(key),
+            "size": np.asarray(size), "op": np.asarray(op), "kind": np.asarray(kind)}
+    n = cols["time"].shape[0]
+    for name, a in cols.items():
+        if a.ndim != 1 or a.shape[0] != n:
+            raise ValueError(f"column {name!r}: expected a 1-D array of {n} events, got shape {a.shape}")
+    if n and not np.all(np.isfinite(cols["time"])):
+        raise ValueError("column 'time': expected finite seconds")
+    size_a = cols["size"].astype(np.int64)
+    if n and size_a.min() < 0:
+        raise ValueError(f"column 'size': expected sizes >= 0, got {int(size_a.min())}")
+    op_a = cols["op"].astype(np.uint8)
+    if n and op_a.max() >= len(OPS):
+        raise ValueError(f"column 'op': expected values < {len(OPS)} ({'/'.join(OPS)}), got {int(op_a.max())}")
+    kind_a = cols["kind"].astype(np.uint8)
+    if n and kind_a.max() >= len(KINDS):
+        raise ValueError(f"column 'kind': expected values < {len(KINDS)}, got {int(kind_a.max())}")
+    uniq, dense = np.unique(cols["key"], return_inverse=True)
+    dense = dense.astype(np.int64).reshape(-1)
+    obj_size = np.zeros(uniq.shape[0], dtype=np.int64)
+    np.maximum.at(obj_size, dense, size_a)
+    order = np.argsort(dense, kind="stable")
+    ks = dense[order]
+    same = ks[1:] == ks[:-1]
+    prev = np.full(n, -1, dtype=np.int64)
+    prev[order[1:][same]] = order[:-1][same]
+    nxt = np.full(n, np.inf)
+    nxt[order[:-1][same]] = order[1:][same]
+    # position within its key's group = index in sorted order - start of the group
+    starts = np.ones(n, dtype=bool)
+    if n:
+        starts[1:] = ~same
+    group_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    count = np.empty(n, dtype=np.int64)
+    count[order] = np.arange(n) - group_start + 1
+    t = cols["time"] - (cols["time"][0] if n else 0.0)
+    return Prepared(t, dense, size_a, op_a, kind_a, obj_size, prev, nxt, count, uniq)
+
+
+@dataclass
+class SimResult:
+    """Per-access latencies and totals of one replay."""
+
+    policy: str
+    tier_names: tuple[str, ...]
+    latency_s: np.ndarray  # float64 per access
+    served: np.ndarray  # int8 tier index per access
+    bytes_migrated: int
+    migrations: int
+    total_time_s: float  # simulated: last completion, migrations included
+    wall_s: float  # host seconds the replay took
+    decisions: int = 0  # decide() calls
+    extra: dict = field(default_factory=dict)
+
+    def summary(self, start: int = 0, stop: int | None = None) -> dict:
+        """Hit ratio per tier, mean/p99 latency (us) over accesses ``[start, stop)``."""
+        lat = self.latency_s[start:stop]
+        srv = self.served[start:stop]
+        n = max(1, lat.shape[0])
+        hits = np.bincount(srv.astype(np.int64), minlength=len(self.tier_names))
+        return {
+            "policy": self.policy,
+            "accesses": int(lat.shape[0]),
+            "hit_ratio": {name: float(hits[i]) / n for i, name in enumerate(self.tier_names)},
+            "mean_latency_us": float(lat.mean() * 1e6) if lat.size else 0.0,
+            "p99_latency_us": float(np.percentile(lat, 99) * 1e6) if lat.size else 0.0,
+        }
+
+
+def simulate(
+    trace: Prepared,
+    tiers: Sequence[TierModel],
+    policy: MigrationPolicy,
+    placement: PlacementPolicy | None = None,
+    *,
+    closed_loop: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    progress_every: int = 1 << 16,
+) -> SimResult:
+    """Replay ``trace`` (from :func:`prepare`) through ``policy`` on ``tiers`` (fastest first).
+
+    Raises :class:`PolicyError` when a decision names an unknown object or a
+    tier index out of range, or would exceed a tier's capacity.
+    """
+    tiers = tuple(tiers)
+    if len(tiers) < 2:
+        raise ValueError(f"need at least two tiers (a cache and a backing tier), got {len(tiers)}")
+    if placement is None:
+        placement = policy if isinstance(policy, PlacementPolicy) else Backing()
+    T = len(tiers)
+    back = T - 1
+    names = tuple(t.name for t in tiers)
+    tier_index = {nm: i for i, nm in enumerate(names)}
+    cap = [float(t.capacity) for t in tiers]
+    cap[back] = math.inf
+    lat = [t.latency_s for t in tiers]
+    rbw = [t.read_bw for t in tiers]
+    wbw = [t.write_bw for t in tiers]
+    busy = [0.0] * T
+    used = [0] * T
+
+    n = trace.n
+    K = trace.n_keys
+    tl = trace.time.tolist()
+    kl = trace.key.tolist()
+    sl = trace.size.tolist()
+    opl = trace.op.tolist()
+    kindl = trace.kind.tolist()
+    osz = trace.obj_size.tolist()
+    prevl = trace.prev.tolist()
+    cntl = trace.count.tolist()
+    tier_of = [-1] * K
+    dirty = bytearray(K)
+    lats = [0.0] * n
+    served = bytearray(n)
+
+    policy.reset(tiers)
+    future = bool(policy.needs_future)
+    nextl = trace.next.tolist() if future else None
+    if future:
+        policy.prepare_future(trace.key)
+    batch_size = max(1, int(policy.batch))
+    learns = bool(policy.learns)
+    inf = math.inf
+
+    def fill_now() -> tuple[float, ...]:
+        return tuple((used[j] / cap[j]) if cap[j] not in (0.0, inf) else (0.0 if cap[j] == inf else 1.0)
+                     for j in range(T))
+
+    fill = fill_now()
+    clock = 0.0
+    migrated = 0
+    n_moves = 0
+    n_decide = 0
+    pending: list[Observation] = []
+    pend_keys: set[int] = set()
+    wall0 = _time.perf_counter()
+    now = 0.0
+
+    for i in range(n):
+        k = kl[i]
+        w = opl[i]
+        arr = tl[i]
+        now = (arr if arr > clock else clock) if closed_loop else arr
+        tk = tier_of[k]
+        if tk < 0:
+            sz = osz[k]
+            pobs = Observation(k, sz, KINDS[kindl[i]], OPS[w], None, now, i, 1, inf, inf, -1, fill)
+            name = placement.place(pobs, [(names[j], cap[j], cap[j] - used[j]) for j in range(T)])
+            if name is None:
+                raise PolicyError(f"placement {placement.name or type(placement).__name__!r}: no tier for key {k} ({sz} bytes)")
+            if name not in tier_index:
+                raise PolicyError(f"placement {placement.name!r} named unknown tier {name!r}; tiers: {names}")
+            tk = tier_index[name]
+            if used[tk] + sz > cap[tk]:
+                raise PolicyError(f"placement {placement.name!r} put key {k} ({sz} bytes) on full tier {name!r}")
+            tier_of[k] = tk
+            used[tk] += sz
+            fill = fill_now()
+        b = busy[tk]
+        start = now if now > b else b
+        fin = start + lat[tk] + sl[i] / (wbw[tk] if w else rbw[tk])
+        busy[tk] = fin
+        lats[i] = fin - now
+        served[i] = tk
+        if closed_loop:
+            clock = fin
+        if w:
+            dirty[k] = 0 if tk == back else 1
+        p = prevl[i]
+        obs = Observation(
+            k, osz[k], KINDS[kindl[i]], OPS[w], names[tk], now, i, cntl[i],
+            (now - tl[p]) if p >= 0 else inf, (i - p) if p >= 0 else inf, tk, fill,
+            nextl[i] if future else inf,
+        )
+        pending.append(obs)
+        pend_keys.add(k)
+        if len(pending) < batch_size and i != n - 1:
+            continue
+        moves = policy.decide(pending)
+        n_decide += 1
+        batch_bytes = 0
+        if moves:
+            for key, dst in moves:
+                if not (type(dst) is int and 0 <= dst < T):
+                    if isinstance(dst, (int, np.integer)) and 0 <= int(dst) < T:
+                        dst = int(dst)
+                    else:
+                        raise PolicyError(f"policy {policy.name!r}: move of key {key!r} to tier {dst!r}; tiers are 0..{T - 1} {names}")
+                if type(key) is not int:
+                    if isinstance(key, np.integer):
+                        key = int(key)
+                    else:
+                        raise PolicyError(f"policy {policy.name!r}: move names unknown object {key!r}")
+                if not 0 <= key < K or tier_of[key] < 0:
+                    raise PolicyError(f"policy {policy.name!r}: move names unknown object {key!r}")
+                src = tier_of[key]
+                if src == dst:
+                    continue
+                sz = osz[key]
+                if used[dst] + sz > cap[dst]:
+                    raise PolicyError(
+                        f"policy {policy.name!r}: moving key {key!r} ({sz} bytes) to tier {names[dst]!r} "
+                        f"would exceed its capacity ({used[dst]} of {cap[dst]:.0f} bytes used)")
+                used[src] -= sz
+                used[dst] += sz
+                tier_of[key] = dst
+                if dst == back and not dirty[key]:
+                    continue
+                if key not in pend_keys:
+                    b = busy[src]
+                    busy[src] = (now if now > b else b) + lat[src] + sz / rbw[src]
+                b = busy[dst]
+                busy[dst] = (now if now > b else b) + lat[dst] + sz / wbw[dst]
+                if dst == back:
+                    dirty[key] = 0
+                batch_bytes += sz
+                n_moves += 1
+            fill = fill_now()
+            migrated += batch_bytes
+        if learns:
+            m = len(pending)
+            outs = [Outcome(o, lats[o.index], o.tier_index, batch_bytes if j == m - 1 else 0)
+                    for j, o in enumerate(pending)]
+            policy.observe(outs)
+        pending = []
+        pend_keys.clear()
+        if progress is not None and (i + 1) % progress_every == 0:
+            progress(i + 1, n)
+    if progress is not None:
+        progress(n, n)
+    end = max([now + 0.0] + busy)
+    if n and closed_loop:
+        end = max(end, clock)
+    return SimResult(
+        policy=policy.name or type(policy).__name__,
+        tier_names=names,
+        latency_s=np.asarray(lats, dtype=np.float64),
+        served=np.frombuffer(bytes(served), dtype=np.int8).copy(),
+        bytes_migrated=int(migrated),
+        migrations=n_moves,
+        total_time_s=float(end),
+        wall_s=_time.perf_counter() - wall0,
+        decisions=n_decide,
+    )
