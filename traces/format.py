@@ -1,0 +1,344 @@
+"""The tiered trace format, version 1: raw little-endian numpy columns + a JSON header.
+
+A trace is a directory::
+
+    NAME.trace/
+        header.json     {"format": "tiered-trace", "version": 1, "events": N,
+                         "columns": {"time": "<f8", "key": "<i8", "size": "<i8",
+                                     "op": "|u1", "kind": "|u1"},
+                         "ops": [...], "kinds": [...], "timed": bool,
+                         "keys": "keys.json" | null, "meta": {...}}
+        time.bin        float64 seconds from the trace's start
+        key.bin         int64 object id (an index into keys.json when present)
+        size.bin        int64 bytes
+        op.bin          uint8 index into "ops"   (read, write)
+        kind.bin        uint8 index into "kinds" (weight, optim, kv, gnn, checkpoint, blob)
+        keys.json       optional: the object names, a JSON list of strings
+
+17-18 bytes per event, memory-mapped on read, no pickle anywhere. The
+header is written last, inside a temporary directory that is then renamed
+into place (each step fsynced), so a directory with a header is complete.
+``timed`` is False for traces whose source has no timestamps (replay them
+closed-loop). The text form (``write_text`` / ``read_text``) holds the same
+events one per line and converts both ways losslessly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator
+
+import numpy as np
+
+from policies.base import KINDS, OPS
+
+from .errors import TraceFormatError
+from .events import AccessEvent
+
+__all__ = ["FORMAT", "VERSION", "Trace", "read_trace", "write_trace", "read_text", "write_text"]
+
+FORMAT = "tiered-trace"
+VERSION = 1
+COLUMNS = {"time": "<f8", "key": "<i8", "size": "<i8", "op": "|u1", "kind": "|u1"}
+TEXT_MAGIC = f"# {FORMAT} {VERSION} text"
+
+
+@dataclass(frozen=True, eq=False)
+class Trace:
+    """Columns of one trace, equally long; ``key_names[i]`` names key id ``i`` when given."""
+
+    time: np.ndarray
+    key: np.ndarray
+    size: np.ndarray
+    op: np.ndarray
+    kind: np.ndarray
+    key_names: tuple[str, ...] | None = None
+    timed: bool = True
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = np.asarray(self.time).shape[0]
+        for name, dtype in COLUMNS.items():
+            a = np.asarray(getattr(self, name))
+            if a.ndim != 1 or a.shape[0] != n:
+                raise ValueError(f"trace column {name!r}: expected shape ({n},), got {a.shape}")
+            if a.dtype != np.dtype(dtype):
+                a = a.astype(dtype)
+            object.__setattr__(self, name, a)
+        if n:
+            if not np.all(np.isfinite(self.time)):
+                raise ValueError("trace column 'time': expected finite seconds")
+            if self.size.min() < 0:
+                raise ValueError(f"trace column 'size': expected sizes >= 0, got {int(self.size.min())}")
+            if self.op.max() >= len(OPS):
+                raise ValueError(f"trace column 'op': expected indices < {len(OPS)} into {OPS}")
+            if self.kind.max() >= len(KINDS):
+                raise ValueError(f"trace column 'kind': expected indices < {len(KINDS)} into {KINDS}")
+            if self.key_names is not None and (self.key.min() < 0 or self.key.max() >= len(self.key_names)):
+                raise ValueError(f"trace column 'key': ids must index the {len(self.key_names)} key names")
+        if self.key_names is not None:
+            object.__setattr__(self, "key_names", tuple(self.key_names))
+
+    def __len__(self) -> int:
+        return int(self.time.shape[0])
+
+    @property
+    def footprint(self) -> int:
+        """Bytes of all distinct objects (each at its largest size)."""
+        if not len(self):
+            return 0
+        uniq, inv = np.unique(self.key, return_inverse=True)
+        big = np.zeros(uniq.shape[0], dtype=np.int64)
+        np.maximum.at(big, inv.reshape(-1), self.size)
+        return int(big.sum())
+
+    def key_name(self, key_id: int) -> str:
+        return self.key_names[key_id] if self.key_names is not None else str(key_id)
+
+    def events(self) -> Iterator[AccessEvent]:
+        """The events one by one (for small traces and tests; replay uses the columns)."""
+        for t, k, s, o, d in zip(self.time.tolist(), self.key.tolist(), self.size.tolist(),
+                                 self.op.tolist(), self.kind.tolist()):
+            yield AccessEvent(t, self.key_name(k), s, OPS[o], KINDS[d])
+
+    @classmethod
+    def from_events(cls, events: Iterable[AccessEvent], *, timed: bool = True, meta: dict | None = None) -> "Trace":
+        """Columns from events; read/write only (evict/delete are not accesses); times from the first."""
+        ids: dict[str, int] = {}
+        t, k, s, o, d = [], [], [], [], []
+        op_ix = {x: i for i, x in enumerate(OPS)}
+        kind_ix = {x: i for i, x in enumerate(KINDS)}
+        for ev in events:
+            if ev.op not in op_ix:
+                continue
+            if ev.kind not in kind_ix:
+                raise ValueError(f"event for key {ev.key!r}: unknown kind {ev.kind!r}; expected one of {KINDS}")
+            t.append(ev.time)
+            k.append(ids.setdefault(str(ev.key), len(ids)))
+            s.append(ev.nbytes)
+            o.append(op_ix[ev.op])
+            d.append(kind_ix[ev.kind])
+        time = np.asarray(t, dtype=np.float64)
+        if time.size:
+            time = time - time[0]
+        return cls(time, np.asarray(k, np.int64), np.asarray(s, np.int64), np.asarray(o, np.uint8),
+                   np.asarray(d, np.uint8), tuple(ids), timed, dict(meta or {}))
+
+    def equals(self, other: "Trace") -> bool:
+        """Bitwise-equal columns and ``timed``; named keys compared by name (meta is not compared)."""
+        if len(self) != len(other) or self.timed != other.timed:
+            return False
+        if (self.key_names is None) != (other.key_names is None):
+            return False
+        if self.key_names is None:
+            same_keys = np.array_equal(self.key, other.key)
+        else:
+            same_keys = [self.key_names[i] for i in self.key.tolist()] == [other.key_names[i] for i in other.key.tolist()]
+        return same_keys and all(np.array_equal(getattr(self, c), getattr(other, c)) for c in COLUMNS if c != "key")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def header(n: int, *, timed: bool, named: bool, meta: dict[str, Any]) -> dict[str, Any]:
+    """The header.json of a trace of ``n`` events (also used by the recorder)."""
+    return {
+        "format": FORMAT, "version": VERSION, "events": n, "columns": dict(COLUMNS),
+        "ops": list(OPS), "kinds": list(KINDS), "timed": bool(timed),
+        "keys": "keys.json" if named else None, "meta": meta,
+    }
+
+
+def install_dir(tmp: Path, path: Path) -> None:
+    """Rename a finished temporary trace directory to ``path`` (replacing it) and fsync the parent."""
+    _fsync_dir(tmp)
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_trace(trace: Trace, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``trace`` as a directory at ``path``: columns, then header, then rename (fsynced)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        for name, dtype in COLUMNS.items():
+            _write_file(tmp / f"{name}.bin", np.ascontiguousarray(getattr(trace, name), dtype=dtype).tobytes())
+        if trace.key_names is not None:
+            _write_file(tmp / "keys.json", json.dumps(list(trace.key_names)).encode())
+        hdr = header(len(trace), timed=trace.timed, named=trace.key_names is not None, meta=trace.meta)
+        _write_file(tmp / "header.json", json.dumps(hdr, indent=1).encode())
+        install_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_trace(path: str | os.PathLike, *, mmap: bool = True) -> Trace:
+    """Read a trace directory, checking header, dtypes and every column's length."""
+    path = Path(path)
+    hp = path / "header.json"
+    try:
+        raw = hp.read_text()
+    except FileNotFoundError:
+        raise TraceFormatError(path, None, "no header.json", f"a {FORMAT} directory written by write_trace") from None
+    try:
+        h = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise TraceFormatError(hp, e.lineno, f"invalid JSON: {e.msg}", "a JSON object") from None
+    if not isinstance(h, dict) or h.get("format") != FORMAT:
+        raise TraceFormatError(hp, None, f"format is {h.get('format') if isinstance(h, dict) else h!r}", f"{FORMAT!r}")
+    if h.get("version") != VERSION:
+        raise TraceFormatError(hp, None, f"version {h.get('version')!r} is not supported", f"version {VERSION}")
+    n = h.get("events")
+    if type(n) is not int or n < 0:
+        raise TraceFormatError(hp, None, f"events = {n!r}", "a non-negative integer")
+    if h.get("columns") != COLUMNS:
+        raise TraceFormatError(hp, None, f"columns = {h.get('columns')!r}", f"{COLUMNS}")
+    if h.get("ops") != list(OPS) or h.get("kinds") != list(KINDS):
+        raise TraceFormatError(hp, None, f"ops/kinds {h.get('ops')!r}/{h.get('kinds')!r}", f"{list(OPS)} and {list(KINDS)}")
+    cols = {}
+    for name, dtype in COLUMNS.items():
+        cp = path / f"{name}.bin"
+        want = n * np.dtype(dtype).itemsize
+        try:
+            got = cp.stat().st_size
+        except FileNotFoundError:
+            raise TraceFormatError(cp, None, "missing column file", f"{n} values of {dtype}") from None
+        if got != want:
+            raise TraceFormatError(cp, None, f"{got} bytes", f"{want} bytes = {n} values of {dtype}")
+        if n == 0:
+            cols[name] = np.zeros(0, dtype=dtype)
+        elif mmap:
+            cols[name] = np.memmap(cp, dtype=dtype, mode="r", shape=(n,))
+        else:
+            cols[name] = np.fromfile(cp, dtype=dtype, count=n)
+    names = None
+    if h.get("keys") is not None:
+        kp = path / str(h["keys"])
+        try:
+            names = json.loads(kp.read_text())
+        except (FileNotFoundError, json.JSONDecodeError) as e:
+            raise TraceFormatError(kp, None, f"unreadable key names ({e})", "a JSON list of strings") from None
+        if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
+            raise TraceFormatError(kp, None, "not a list of strings", "a JSON list of strings")
+    try:
+        return Trace(cols["time"], cols["key"], cols["size"], cols["op"], cols["kind"],
+                     tuple(names) if names is not None else None, bool(h.get("timed", True)),
+                     h.get("meta") or {})
+    except ValueError as e:
+        raise TraceFormatError(path, None, str(e)) from None
+
+
+_PLAIN_KEY = re.compile(r"[^\s\"#]+")
+
+
+def _text_key(name: str) -> str:
+    return name if _PLAIN_KEY.fullmatch(name) else json.dumps(name)
+
+
+def write_text(trace: Trace, out: str | os.PathLike | IO[str]) -> None:
+    """The readable form: a header comment, then ``time key size op kind`` per line.
+
+    Times are written with ``repr`` so reading back gives the same float64
+    bits; keys with spaces/quotes are JSON-quoted.
+    """
+    if isinstance(out, (str, os.PathLike)):
+        with open(out, "w", encoding="utf-8") as f:
+            write_text(trace, f)
+        return
+    out.write(f"{TEXT_MAGIC}\n")
+    out.write(f"# timed {'yes' if trace.timed else 'no'}; keys {'named' if trace.key_names is not None else 'ids'}\n")
+    out.write("# time_s key size op kind\n")
+    names = [_text_key(x) for x in trace.key_names] if trace.key_names is not None else None
+    for t, k, s, o, d in zip(trace.time.tolist(), trace.key.tolist(), trace.size.tolist(),
+                             trace.op.tolist(), trace.kind.tolist()):
+        out.write(f"{t!r} {names[k] if names is not None else k} {s} {OPS[o]} {KINDS[d]}\n")
+
+
+_TEXT_LINE = re.compile(r'^(\S+) ("(?:[^"\\]|\\.)*"|[^\s"#]+) (\d+) (\S+) (\S+)$')
+
+
+def read_text(path: str | os.PathLike) -> Trace:
+    """Parse the text form; every malformed line is an error naming file and line."""
+    path = Path(path)
+    op_ix = {x: i for i, x in enumerate(OPS)}
+    kind_ix = {x: i for i, x in enumerate(KINDS)}
+    t, k, s, o, d = [], [], [], [], []
+    ids: dict[str, int] = {}
+    timed, named = True, True
+    with open(path, encoding="utf-8") as f:
+        first = f.readline().rstrip("\n")
+        if first != TEXT_MAGIC:
+            raise TraceFormatError(path, 1, f"first line is {first[:60]!r}", repr(TEXT_MAGIC))
+        for no, line in enumerate(f, start=2):
+            line = line.rstrip("\n")
+            if line.startswith("#"):
+                m = re.fullmatch(r"# timed (yes|no); keys (named|ids)", line)
+                if m:
+                    timed, named = m.group(1) == "yes", m.group(2) == "named"
+                continue
+            if not line.strip():
+                continue
+            m = _TEXT_LINE.match(line)
+            if not m:
+                raise TraceFormatError(path, no, f"cannot parse {line[:80]!r}", "'time key size op kind' separated by single spaces")
+            ts, key, size, op, kind = m.groups()
+            try:
+                tv = float(ts)
+            except ValueError:
+                raise TraceFormatError(path, no, f"time {ts!r}", "seconds as a decimal number") from None
+            if not math.isfinite(tv):
+                raise TraceFormatError(path, no, f"time {ts!r}", "a finite number of seconds")
+            if op not in op_ix:
+                raise TraceFormatError(path, no, f"op {op!r}", " or ".join(OPS))
+            if kind not in kind_ix:
+                raise TraceFormatError(path, no, f"kind {kind!r}", "one of " + ", ".join(KINDS))
+            if key.startswith('"'):
+                try:
+                    key = json.loads(key)
+                except json.JSONDecodeError:
+                    raise TraceFormatError(path, no, f"key {key!r}", "a JSON string") from None
+            if named:
+                kid = ids.setdefault(key, len(ids))
+            else:
+                if not (key.isascii() and key.isdigit()):
+                    raise TraceFormatError(path, no, f"key {key!r}", "a non-negative integer id (keys ids)")
+                kid = int(key)
+                if kid >= 1 << 63:
+                    raise TraceFormatError(path, no, f"key {key!r}", "an id below 2**63")
+            sv = int(size)
+            if sv >= 1 << 63:
+                raise TraceFormatError(path, no, f"size {size!r}", "bytes below 2**63")
+            t.append(tv); k.append(kid); s.append(sv); o.append(op_ix[op]); d.append(kind_ix[kind])
+    names = tuple(ids) if named else None
+    return Trace(np.asarray(t, np.float64), np.asarray(k, np.int64), np.asarray(s, np.int64),
+                 np.asarray(o, np.uint8), np.asarray(d, np.uint8), names, timed)
