@@ -1,0 +1,560 @@
+"""TieredCache: a transformers ``Cache`` whose KV lives in blocks across device, host and storage.
+
+Why this shape. Attention at layer *l* needs that layer's whole K and V as
+one tensor, but nothing else does, so only the layers being computed need
+their full context on the compute device. The cache keeps
+
+* *blocks*: the K/V of ``block_size`` tokens for **all** layers in one tensor
+  ``[layers, 2, batch, kv_heads, block_size, head_dim]`` (one large read);
+  recent blocks stay on the compute device, older ones are put into the
+  :class:`~tiered.TieredStore` (a host-arena copy, durable on storage; the
+  store's policy decides which host copies to drop) when the device budget
+  is exceeded;
+* per layer, the *tail*: tokens since the last full-block commit;
+* ``lookahead + 1`` *staging slots*: contiguous buffers into which a layer's
+  blocks are gathered for its attention. While layer *l* computes, a worker
+  thread gathers layer *l+1* (after the last layer, layer 0 of the next step)
+  into the next slot, reading blocks from the store as needed.
+
+What attention sees is a contiguous ``[batch, kv_heads, tokens, head_dim]``
+tensor holding exactly the values ``DynamicCache`` would hold, so generated
+tokens and logits are the same bit for bit.
+
+The device budget covers resident blocks, staging slots and tails; blocks
+are spilled (oldest first, through an eviction policy) to stay within it.
+The one transient exception is a prefill: the prompt's new K/V are held
+until the step's last layer has produced them, then committed and spilled.
+
+Prefix reuse: :meth:`TieredCache.load_prefix` finds the longest run of the
+prompt's full blocks in the :class:`~tiered.kv.prefix.KVStore` and loads them
+(verified by checksum; a bad block is deleted and recomputed), so the model
+only runs on the rest; full blocks of the prompt computed here are saved.
+
+Call order: ``TieredCache(config, kv)`` -> ``open()`` (starts the gather
+thread) or ``with`` -> ``load_prefix(ids)`` (optional) ->
+``model.generate(ids, cache=cache)`` or manual forwards -> ``close()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from policies import Observation, create_eviction_policy
+
+from ..sizes import parse_size
+from ..store import ChecksumError, StoreError
+from .prefix import KVStore, KVStoreError
+
+log = logging.getLogger("tiered.kv")
+
+_SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+class KVCacheError(RuntimeError):
+    """Misuse of a TieredCache, or a budget it cannot keep; the message says which."""
+
+
+@dataclass
+class _Block:
+    index: int
+    data: torch.Tensor | None = None  # [L, 2, B, H, bs, D] on the compute device, when resident
+    key: str | None = None  # store key holding a copy
+    prefix: bool = False  # key is a shared prefix block (kept when the cache closes)
+    saving: Future | None = None  # put in flight
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.data is None else self.data.numel() * self.data.element_size()
+
+
+def kv_geometry(config) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a decoder config."""
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layers = cfg.num_hidden_layers
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        bad = sorted({t for t in types if t not in _SUPPORTED_LAYER_TYPES})
+        if bad:
+            raise KVCacheError(f"TieredCache: {type(cfg).__name__} has layer types {bad}; only "
+                               f"{list(_SUPPORTED_LAYER_TYPES)} are supported (sliding layers keep their full KV)")
+    return layers, kv_heads, head_dim
+
+
+class TieredLayer(CacheLayerMixin):
+    """One layer's view of a :class:`TieredCache`: its tail of tokens since the last commit."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, cache: "TieredCache", index: int) -> None:
+        super().__init__()
+        self._cache = cache
+        self.index = index
+        self.tail_k: torch.Tensor | None = None
+        self.tail_v: torch.Tensor | None = None
+
+    @property
+    def tail_len(self) -> int:
+        return 0 if self.tail_k is None else self.tail_k.shape[-2]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self._cache._init_geometry(key_states, value_states)
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return self._cache._update(self.index, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self._cache._committed + self.tail_len
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.tail_k = self.tail_v = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("TieredCache does not support crop (assisted decoding)")
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("TieredCache does not support beam search")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("TieredCache does not support changing the batch")
+
+    def batch_select_indices(self, indices) -> None:
+        raise NotImplementedError("TieredCache does not support changing the batch")
+
+
+class TieredCache(Cache):
+    """See the module docstring.
+
+    ``kv``: a :class:`KVStore` (spills and prefix reuse), or None for a cache with
+    no store (then ``device_budget`` must be None). ``device_budget``: bytes of KV
+    (blocks + staging + tails) allowed on the compute device; None: unlimited.
+    ``lookahead``: layers gathered ahead of the computing one (0: gather on demand,
+    no thread). ``read_window``: store blocks read ahead while gathering a layer.
+    """
+
+    def __init__(self, config, kv: KVStore | None = None, *, block_size: int | None = None,
+                 device_budget: int | str | None = None, lookahead: int = 1, read_window: int = 8,
+                 device_policy: str = "lru", io_timeout: float = 120.0) -> None:
+        self.num_layers, self.kv_heads, self.head_dim = kv_geometry(config)
+        super().__init__(layers=[TieredLayer(self, i) for i in range(self.num_layers)])
+        self.kv = kv
+        self.block_size = block_size or (kv.block_size if kv is not None else 256)
+        if kv is not None and self.block_size != kv.block_size:
+            raise KVCacheError(f"TieredCache: block_size {self.block_size} differs from the KVStore's "
+                               f"{kv.block_size}")
+        self.device_budget = None if device_budget is None else parse_size(device_budget,
+                                                                           where="TieredCache device_budget")
+        if self.device_budget is not None and kv is None:
+            raise KVCacheError("TieredCache: a device_budget needs a KVStore to spill blocks to")
+        if not isinstance(lookahead, int) or lookahead < 0:
+            raise KVCacheError(f"TieredCache: lookahead must be an int >= 0, got {lookahead!r}")
+        self.lookahead = lookahead
+        self.read_window = max(1, read_window)
+        self.io_timeout = io_timeout
+        self._device_policy_name = device_policy
+        self._session = uuid.uuid4().hex[:16]
+        self._executor: ThreadPoolExecutor | None = None
+        self._opened = False
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._device_policy = create_eviction_policy(self._device_policy_name)
+        self._blocks: list[_Block] = []
+        self._committed = 0  # tokens in full blocks
+        self._geometry: tuple | None = None  # (batch, dtype, device) once the first update ran
+        self._slots: list[list[torch.Tensor | None]] = [[None, None] for _ in range(self.lookahead + 1)]
+        self._turn = 0  # slot of the next update call
+        self._pending: deque = deque()  # scheduled gathers: (layer, tokens, slot, future)
+        self._hashes: list[str] = []  # chained hashes of the known prompt's full blocks
+        self._errors: list[BaseException] = []
+        for layer in self.layers:
+            layer.reset()
+            layer.is_initialized = False
+        self.counters = {"gather_wait_s": 0.0, "gathers": 0, "gathers_prefetched": 0, "spilled_blocks": 0,
+                         "spilled_bytes": 0, "store_reads": 0, "prefix_tokens_loaded": 0,
+                         "prefix_blocks_saved": 0, "device_peak": 0}
+
+    # -- lifecycle -------------------------------------------------------------------
+    def open(self) -> "TieredCache":
+        if not self._opened:
+            if self.lookahead:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiered-kv-gather")
+            self._opened = True
+        return self
+
+    def close(self) -> None:
+        """Wait for gathers and saves, delete this cache's session blocks, stop the thread.
+
+        Raises the first error of a prefix save (the cache's tokens were right; only
+        the stored copy failed)."""
+        if not self._opened:
+            return
+        try:
+            self._drop_all()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            self._opened = False
+
+    def __enter__(self) -> "TieredCache":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def reset(self) -> None:
+        """Forget every token (a new request); the thread keeps running."""
+        self._drop_all()
+
+    def _drop_all(self) -> None:
+        errors = []
+        for _l, _t, _s, fut in self._pending:
+            try:
+                fut.result(timeout=self.io_timeout)
+            except BaseException as e:  # noqa: BLE001 - re-raised below after cleanup
+                errors.append(e)
+        self._pending.clear()
+        for b in self._blocks:
+            if b.saving is not None:
+                try:
+                    b.saving.result(timeout=self.io_timeout)
+                except BaseException as e:  # noqa: BLE001 - re-raised below after cleanup
+                    errors.append(e)
+            if b.key is not None and self.kv is not None:
+                if b.prefix:
+                    self.kv.unhold(b.key)
+                elif b.key in self.kv.store:
+                    self.kv.store.delete(b.key)
+        errors += self._errors
+        self._reset_state()
+        if errors:
+            raise errors[0]
+
+    def _check_open(self) -> None:
+        if not self._opened:
+            raise KVCacheError("TieredCache is not open: call open() or use it as a context manager")
+
+    # -- geometry and budget ------------------------------------------------------------
+    def _init_geometry(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._check_open()
+        b, h, _t, d = k.shape
+        if (h, d) != (self.kv_heads, self.head_dim) or v.shape[1] != h or v.shape[-1] != d:
+            raise KVCacheError(f"TieredCache: K/V of shape {tuple(k.shape)}/{tuple(v.shape)} do not match the "
+                               f"config's {self.kv_heads} KV heads of {self.head_dim} dims")
+        if self._geometry is None:
+            self._geometry = (b, k.dtype, k.device)
+            for blk in self._blocks:  # blocks loaded before the first update: check them now
+                self._check_block(blk)
+        elif self._geometry != (b, k.dtype, k.device):
+            raise KVCacheError(f"TieredCache: layer K/V are {b}x{k.dtype} on {k.device}, the cache holds "
+                               f"{self._geometry[0]}x{self._geometry[1]} on {self._geometry[2]}")
+
+    def _check_block(self, blk: _Block) -> None:
+        if blk.data is not None:
+            b, dtype, device = self._geometry
+            want = (self.num_layers, 2, b, self.kv_heads, self.block_size, self.head_dim)
+            if tuple(blk.data.shape) != want or blk.data.dtype != dtype:
+                raise KVCacheError(f"TieredCache: loaded block {blk.index} is {blk.data.dtype}"
+                                   f"{tuple(blk.data.shape)}, expected {dtype}{want}")
+            if blk.data.device != device:
+                blk.data = blk.data.to(device)
+
+    def _token_bytes(self) -> int:
+        b, dtype, _ = self._geometry
+        return b * self.kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def device_bytes(self) -> dict:
+        """Bytes on the compute device: resident blocks, staging slots, tails."""
+        blocks = sum(b.nbytes for b in self._blocks)
+        staging = sum(t.numel() * t.element_size() for s in self._slots for t in s if t is not None)
+        tails = sum(2 * (layer.tail_k.numel() * layer.tail_k.element_size())
+                    for layer in self.layers if layer.tail_k is not None)
+        return {"blocks": blocks, "staging": staging, "tails": tails, "total": blocks + staging + tails}
+
+    def _enforce_budget(self) -> None:
+        used = self.device_bytes()
+        self.counters["device_peak"] = max(self.counters["device_peak"], used["total"])
+        if self.device_budget is None:
+            return
+        over = used["total"] - self.device_budget
+        if over <= 0:
+            return
+        by_key = {f"b{b.index}": b for b in self._blocks if b.data is not None}
+        for name in self._device_policy.victims(over, lambda k: k in by_key):
+            self._spill(by_key[name])
+            self._device_policy.remove(name)
+        rest = used["staging"] + used["tails"]
+        if rest > self.device_budget:
+            raise KVCacheError(
+                f"TieredCache: device budget {self.device_budget} bytes is smaller than the attention staging "
+                f"({used['staging']} bytes: {self.lookahead + 1} slots of one layer's "
+                f"{self._committed} tokens) plus tails ({used['tails']} bytes); raise device_budget or lower lookahead")
+
+    def _spill(self, blk: _Block) -> None:
+        """Move a resident block off the device: it must be readable from the store first."""
+        if blk.key is None:
+            blk.key = self.kv.session_key(self._session, blk.index)
+            blk.saving = self.kv.store.put(blk.key, blk.data, kind="kv")
+        if blk.saving is not None:
+            blk.saving.result(timeout=self.io_timeout)  # visible (and durable) before the device copy goes
+            blk.saving = None
+        self.counters["spilled_blocks"] += 1
+        self.counters["spilled_bytes"] += blk.nbytes
+        blk.data = None
+
+    # -- the update path -------------------------------------------------------------------
+    def _update(self, l: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_open()
+        layer = self.layers[l]
+        n_new = k.shape[-2]
+        t = layer.tail_len
+        total = self._committed + t + n_new
+        slot = self._take_gather(l, total)
+        kk, vv = self._views(slot, total)
+        start = self._committed + t
+        kk[:, :, start:].copy_(k)
+        vv[:, :, start:].copy_(v)
+        if layer.tail_k is None:
+            layer.tail_k, layer.tail_v = k, v
+        else:
+            layer.tail_k = torch.cat([layer.tail_k, k], dim=-2)
+            layer.tail_v = torch.cat([layer.tail_v, v], dim=-2)
+        if l == self.num_layers - 1:
+            self._commit()
+            self._enforce_budget()
+            self._schedule(0, 1)
+        else:
+            self._schedule(l + 1, n_new)
+        return kk, vv
+
+    def _views(self, slot: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b, dtype, device = self._geometry
+        need = b * self.kv_heads * tokens * self.head_dim
+        pair = self._slots[slot]
+        if pair[0] is None or pair[0].numel() < need:
+            grow = need + b * self.kv_heads * self.block_size * self.head_dim  # a block of headroom
+            pair[0] = torch.empty(grow, dtype=dtype, device=device)
+            pair[1] = torch.empty(grow, dtype=dtype, device=device)
+        shape = (b, self.kv_heads, tokens, self.head_dim)
+        return pair[0][:need].view(shape), pair[1][:need].view(shape)
+
+    def _take_gather(self, l: int, tokens: int) -> int:
+        """The slot holding layer ``l``'s committed blocks and tail, laid out for ``tokens``."""
+        slot = self._turn
+        self._turn = (self._turn + 1) % len(self._slots)
+        hit = False
+        while self._pending:
+            pl, pt, ps, fut = self._pending.popleft()
+            t0 = time.perf_counter()
+            fut.result(timeout=self.io_timeout)  # it writes into a slot: wait for it either way
+            if pl == l and pt == tokens and ps == slot:
+                self.counters["gather_wait_s"] += time.perf_counter() - t0
+                hit = True
+                break
+        if not hit:
+            self._pending.clear()  # out of order: later prefetches were planned for other slots
+            t0 = time.perf_counter()
+            self._gather(l, slot, tokens)
+            self.counters["gather_wait_s"] += time.perf_counter() - t0
+        else:
+            self.counters["gathers_prefetched"] += 1
+        self.counters["gathers"] += 1
+        return slot
+
+    def _schedule(self, first: int, n_new: int) -> None:
+        """Plan gathers for layers ``first..`` so that ``lookahead`` are queued."""
+        if self._executor is None:
+            return
+        queued = {p[0] for p in self._pending}
+        nxt = first
+        while len(self._pending) < self.lookahead and nxt < self.num_layers:
+            if nxt not in queued:
+                slot = (self._turn + len(self._pending)) % len(self._slots)
+                tokens = self._committed + self.layers[nxt].tail_len + n_new
+                fut = self._executor.submit(self._gather, nxt, slot, tokens)
+                self._pending.append((nxt, tokens, slot, fut))
+            nxt += 1
+
+    def _gather(self, l: int, slot: int, tokens: int) -> None:
+        """Copy layer ``l``'s blocks (device or store) and tail into ``slot`` laid out for ``tokens``."""
+        kk, vv = self._views(slot, tokens)
+        bs = self.block_size
+        blocks = list(self._blocks)
+        remote = [b for b in blocks if b.data is None]
+        futs: dict[int, object] = {}
+        issued = 0
+
+        def issue() -> None:
+            nonlocal issued
+            while issued < len(remote) and len(futs) < self.read_window:
+                b = remote[issued]
+                futs[b.index] = self.kv.store.acquire(b.key)
+                issued += 1
+
+        try:
+            issue()
+            for b in blocks:
+                lo, hi = b.index * bs, (b.index + 1) * bs
+                if b.data is not None:
+                    kk[:, :, lo:hi].copy_(b.data[l, 0])
+                    vv[:, :, lo:hi].copy_(b.data[l, 1])
+                    continue
+                lease = futs.pop(b.index).result(timeout=self.io_timeout)
+                try:
+                    kk[:, :, lo:hi].copy_(lease.tensor[l, 0])
+                    vv[:, :, lo:hi].copy_(lease.tensor[l, 1])
+                finally:
+                    lease.release()
+                self.counters["store_reads"] += 1
+                issue()
+        finally:
+            for f in futs.values():  # an error left reads in flight: release what they pin
+                f.add_done_callback(lambda g: g.exception() is None and not g.cancelled() and g.result().release())
+        layer = self.layers[l]
+        if layer.tail_k is not None:
+            kk[:, :, self._committed:self._committed + layer.tail_len].copy_(layer.tail_k)
+            vv[:, :, self._committed:self._committed + layer.tail_len].copy_(layer.tail_v)
+
+    def _commit(self) -> None:
+        """After the last layer: turn every full block of the tails into an all-layer block."""
+        tail = self.layers[0].tail_len
+        if any(layer.tail_len != tail for layer in self.layers):
+            raise KVCacheError("TieredCache: layers received different numbers of tokens in one step "
+                               f"({[layer.tail_len for layer in self.layers]})")
+        bs = self.block_size
+        full = tail // bs
+        if not full:
+            return
+        b, dtype, device = self._geometry
+        for j in range(full):
+            index = len(self._blocks)
+            data = torch.empty((self.num_layers, 2, b, self.kv_heads, bs, self.head_dim), dtype=dtype, device=device)
+            for l, layer in enumerate(self.layers):
+                data[l, 0].copy_(layer.tail_k[:, :, j * bs:(j + 1) * bs])
+                data[l, 1].copy_(layer.tail_v[:, :, j * bs:(j + 1) * bs])
+            blk = _Block(index, data)
+            if index < len(self._hashes) and b == 1:
+                fut = self.kv.save(self._hashes[index], data)
+                blk.key, blk.prefix, blk.saving = self.kv.block_key(self._hashes[index]), True, fut
+                self.kv.hold(blk.key)
+                if fut is not None:
+                    self.counters["prefix_blocks_saved"] += 1
+            self._blocks.append(blk)
+            self._device_policy.admit(Observation(f"b{index}", blk.nbytes, "kv", "write", "device"))
+        for layer in self.layers:
+            rest = tail - full * bs
+            if rest:
+                layer.tail_k = layer.tail_k[:, :, full * bs:].clone()
+                layer.tail_v = layer.tail_v[:, :, full * bs:].clone()
+            else:
+                layer.tail_k = layer.tail_v = None
+        self._committed += full * bs
+
+    # -- prefix reuse ------------------------------------------------------------------------
+    def load_prefix(self, input_ids: torch.Tensor) -> int:
+        """Load the prompt's longest stored prefix of full blocks; returns its length in tokens.
+
+        Call on an empty cache, then run the model on the whole prompt
+        (``generate`` skips the cached tokens) or on ``input_ids[:, n:]``. At
+        least one token is always left to compute. Full blocks of this prompt
+        computed later are saved to the store. A block that fails its checksum
+        is deleted and it and the blocks after it are recomputed.
+        """
+        self._check_open()
+        if self.kv is None or self.kv.identity is None:
+            raise KVCacheError("load_prefix needs a KVStore with a model identity")
+        if self._committed or any(layer.tail_len for layer in self.layers):
+            raise KVCacheError("load_prefix: the cache already holds tokens; call reset() first")
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise KVCacheError(f"load_prefix: expected input_ids of shape (1, n), got {tuple(input_ids.shape)}")
+        for _l, _t, _s, fut in self._pending:
+            fut.result(timeout=self.io_timeout)
+        self._pending.clear()
+        ids = input_ids[0]
+        self._hashes = self.kv.hashes(ids)
+        limit = (ids.numel() - 1) // self.block_size
+        n = self.kv.match(self._hashes[:limit])
+        keys = [self.kv.block_key(h) for h in self._hashes[:n]]
+        want = (self.num_layers, 2, 1, self.kv_heads, self.block_size, self.head_dim)
+        futs = deque()
+        loaded: list[_Block] = []
+        nxt = 0
+        while nxt < len(keys) and len(futs) < self.read_window:
+            futs.append(self._acquire(keys[nxt]))
+            nxt += 1
+        try:
+            for i, key in enumerate(keys):
+                fut = futs.popleft()
+                try:
+                    lease = fut.result(timeout=self.io_timeout)
+                except (ChecksumError, StoreError, OSError, KeyError) as e:  # bad or gone: recompute
+                    self.kv.note_corrupt(key, e)
+                    break
+                try:
+                    shape, dtype = tuple(lease.tensor.shape), lease.tensor.dtype
+                    if shape != want:
+                        raise KVStoreError(f"KV block {key!r} is {dtype}{shape}, expected {want} for this model")
+                    if self._geometry is not None and dtype != self._geometry[1]:
+                        raise KVStoreError(f"KV block {key!r} is {dtype}, the cache holds {self._geometry[1]}")
+                    blk = _Block(i, key=key, prefix=True)
+                    self.kv.hold(key)
+                    loaded.append(blk)
+                finally:
+                    lease.release()
+                if nxt < len(keys):
+                    futs.append(self._acquire(keys[nxt]))
+                    nxt += 1
+        finally:
+            for f in futs:
+                f.add_done_callback(lambda g: g.exception() is None and not g.cancelled() and g.result().release())
+        self._blocks = loaded
+        self._committed = len(loaded) * self.block_size
+        self.counters["prefix_tokens_loaded"] += self._committed
+        with self.kv._lock:
+            self.kv.stats["hit_blocks"] += len(loaded)
+            self.kv.stats["miss_blocks"] += len(self._hashes) - len(loaded)
+            self.kv.stats["loaded_bytes"] += sum(
+                self.kv.store.meta(b.key)["nbytes"] for b in loaded)
+        return self._committed
+
+    def _acquire(self, key: str) -> Future:
+        """store.acquire, with a key deleted meanwhile (evicted, found corrupt) as a failed future."""
+        try:
+            return self.kv.store.acquire(key)
+        except KeyError as e:
+            f: Future = Future()
+            f.set_exception(e)
+            return f
+
+    def stats(self) -> dict:
+        out = dict(self.counters)
+        out["tokens"] = self.get_seq_length()
+        out["blocks"] = len(self._blocks)
+        out["resident_blocks"] = sum(1 for b in self._blocks if b.data is not None)
+        out["device_bytes"] = self.device_bytes() if self._geometry else None
+        out["device_budget"] = self.device_budget
+        return out

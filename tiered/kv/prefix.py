@@ -1,0 +1,245 @@
+"""KV blocks in the TieredStore: model identity, chained block hashes, the prefix store.
+
+A block is the K and V of ``block_size`` consecutive tokens for every layer,
+one store object of shape ``[layers, 2, kv_heads, block_size, head_dim]``, so
+loading a block is one large read. A full block of known token ids is keyed,
+as in vLLM and LMCache, by a chained hash: ``H(parent block's hash, model
+identity, this block's token ids)``, so a key names the whole prefix before it
+and the model that computed it. Keys live under ``kv/<identity[:16]>/``: a
+store used by another model (other config, dtype or weights) shares no key,
+and a recorded identity that disagrees is refused.
+
+Durability is the store's: a block is put with an O_DIRECT write + fdatasync
+and named by the manifest only when durable, and every read is checked
+against its crc32s; a block that fails its check is deleted here and reported
+as missing, so the caller recomputes it instead of using it.
+
+Session blocks (K/V of generated tokens spilled past the device budget) live
+under ``kv/<id>/s/<session>/`` and are deleted when their cache closes; ones a
+crashed process left behind are swept when a ``KVStore`` is created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from policies import EvictionPolicy, Observation, create_eviction_policy
+
+from ..sizes import parse_size
+from ..store import ChecksumError, StoreError, TieredStore
+
+log = logging.getLogger("tiered.kv")
+
+KEY_ROOT = "kv"
+HASH_VERSION = "tiered-kv-1"
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "use_cache",
+                         "output_attentions", "output_hidden_states", "return_dict", "torch_dtype", "dtype")
+
+
+class KVStoreError(StoreError):
+    """Misuse of the KV block store (wrong model identity, bad block shape...)."""
+
+
+def model_identity(model: torch.nn.Module | None = None, *, config: Any = None, dtype: torch.dtype | None = None,
+                   weights: str | None = None) -> str:
+    """A hex digest naming what KV a model computes: its config, its dtype and its weights.
+
+    ``model``: hashes its config, the dtype of its parameters and every parameter
+    and buffer byte (one pass, ~1 GB/s). Or give ``config`` + ``dtype`` + ``weights``
+    (a checkpoint revision or file hash you trust) to skip hashing the weights.
+    """
+    if model is not None:
+        config = model.config if config is None else config
+        params = list(model.state_dict().items())
+        dtype = dtype or (params[0][1].dtype if params else torch.float32)
+        if weights is None:
+            h = hashlib.blake2b(digest_size=32)
+            for name, t in params:
+                h.update(name.encode())
+                h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+                h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+            weights = h.hexdigest()
+    if config is None or dtype is None or weights is None:
+        raise KVStoreError("model_identity: pass a model, or config, dtype and weights")
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    cfg = {k: v for k, v in cfg.items() if k not in _VOLATILE_CONFIG_KEYS}
+    doc = json.dumps({"v": HASH_VERSION, "config": cfg, "dtype": str(dtype), "weights": weights},
+                     sort_keys=True, default=str)
+    return hashlib.blake2b(doc.encode(), digest_size=32).hexdigest()
+
+
+def chain_hashes(token_ids: Sequence[int] | torch.Tensor, block_size: int, identity: str) -> list[str]:
+    """The chained hash of every full block of ``token_ids`` (a partial last block has none)."""
+    if isinstance(token_ids, torch.Tensor):
+        if token_ids.dim() != 1:
+            raise KVStoreError(f"chain_hashes: expected one row of token ids, got shape {tuple(token_ids.shape)}")
+        ids = token_ids.to(torch.int64).cpu()
+    else:
+        ids = torch.tensor(list(token_ids), dtype=torch.int64)
+    out, parent = [], identity
+    for b in range(ids.numel() // block_size):
+        h = hashlib.blake2b(digest_size=16)
+        h.update(parent.encode())
+        h.update(identity.encode())
+        h.update(ids[b * block_size:(b + 1) * block_size].numpy().tobytes())
+        parent = h.hexdigest()
+        out.append(parent)
+    return out
+
+
+class KVStore:
+    """The KV side of a :class:`TieredStore`: prefix blocks (durable, shared) and session spills.
+
+    ``identity``: :func:`model_identity` of the model (None: no prefix reuse, spills only).
+    ``capacity``: bytes of prefix blocks kept on storage (default: the storage tier's
+    capacity); beyond it, blocks are deleted in the order ``policy`` chooses ("lru",
+    "prefix-aware", or an :class:`EvictionPolicy`). Create one per store and model.
+    """
+
+    def __init__(self, store: TieredStore, identity: str | None = None, *, block_size: int = 256,
+                 capacity: int | str | None = None, policy: str | EvictionPolicy = "lru", sweep: bool = True) -> None:
+        if not isinstance(block_size, int) or block_size < 1:
+            raise KVStoreError(f"KVStore: block_size must be a positive int, got {block_size!r}")
+        store._check_open()
+        self.store = store
+        self.identity = identity
+        self.block_size = block_size
+        self.ns = f"{KEY_ROOT}/{identity[:16] if identity else 'anon'}"
+        first = store.config.storage_tiers[0]
+        self.capacity = first.capacity if capacity is None else parse_size(capacity, where="KVStore capacity")
+        self.policy = create_eviction_policy(policy) if isinstance(policy, str) else policy
+        self._lock = threading.Lock()
+        self._in_use: dict[str, int] = {}  # key -> caches holding it as a block
+        self._bytes = 0
+        self._sizes: dict[str, int] = {}
+        self.stats = {"lookups": 0, "hit_blocks": 0, "miss_blocks": 0, "corrupt_blocks": 0,
+                      "saved_blocks": 0, "evicted_blocks": 0, "loaded_bytes": 0}
+        if identity is not None:
+            self._check_identity()
+        for key in store.keys():
+            if not key.startswith(self.ns + "/"):
+                continue
+            rest = key[len(self.ns) + 1:]
+            if rest.startswith("s/"):
+                if sweep:
+                    store.delete(key)  # a session block a crashed process left behind
+            elif rest.startswith("b/"):
+                n = store.meta(key)["nbytes"]
+                self._sizes[key] = n
+                self._bytes += n
+                self.policy.admit(Observation(key, n, "kv", "write", None))
+
+    def _check_identity(self) -> None:
+        key = f"{self.ns}/identity"
+        want = torch.frombuffer(bytearray(self.identity.encode()), dtype=torch.uint8)
+        if key in self.store:
+            try:
+                got = self.store.get(key).result(timeout=60)
+            except ChecksumError as e:
+                raise KVStoreError(f"KV store {self.store.root}: identity record {key!r} is corrupt ({e})") from e
+            if not torch.equal(got, want):
+                raise KVStoreError(
+                    f"KV store {self.store.root}: {key!r} records model identity "
+                    f"{bytes(got.numpy()).decode(errors='replace')!r}, not this model's {self.identity!r}: "
+                    "blocks of another model are never reused")
+        else:
+            self.store.put(key, want, kind="kv").result(timeout=60)
+
+    # -- keys ------------------------------------------------------------------------
+    def block_key(self, h: str) -> str:
+        return f"{self.ns}/b/{h}"
+
+    def session_key(self, session: str, index: int) -> str:
+        return f"{self.ns}/s/{session}/{index}"
+
+    def hashes(self, token_ids) -> list[str]:
+        if self.identity is None:
+            return []
+        return chain_hashes(token_ids, self.block_size, self.identity)
+
+    def match(self, hashes: Sequence[str]) -> int:
+        """How many leading blocks of ``hashes`` the store holds."""
+        n = 0
+        for h in hashes:
+            if self.block_key(h) not in self.store:
+                break
+            n += 1
+        with self._lock:
+            self.stats["lookups"] += 1
+        return n
+
+    def expect(self, prompts: Sequence) -> None:
+        """Tell a future-aware policy the prompts waiting to run (token id rows, soonest first)."""
+        if hasattr(self.policy, "set_queue"):
+            with self._lock:
+                self.policy.set_queue([[self.block_key(h) for h in self.hashes(p)] for p in prompts])
+
+    # -- blocks ----------------------------------------------------------------------
+    def hold(self, key: str) -> None:
+        with self._lock:
+            self._in_use[key] = self._in_use.get(key, 0) + 1
+            if key in self._sizes:
+                self.policy.touch(Observation(key, self._sizes[key], "kv", "read", None))
+
+    def unhold(self, key: str) -> None:
+        with self._lock:
+            n = self._in_use.get(key, 0) - 1
+            if n <= 0:
+                self._in_use.pop(key, None)
+            else:
+                self._in_use[key] = n
+
+    def save(self, h: str, block: torch.Tensor):
+        """Put a prefix block (durable when the returned future is done); None if already stored."""
+        key = self.block_key(h)
+        if key in self.store:
+            return None
+        nbytes = block.numel() * block.element_size()
+        self._make_room(nbytes)
+        fut = self.store.put(key, block, kind="kv")
+        with self._lock:
+            if key not in self._sizes:
+                self._sizes[key] = nbytes
+                self._bytes += nbytes
+                self.policy.admit(Observation(key, nbytes, "kv", "write", None))
+            self.stats["saved_blocks"] += 1
+        return fut
+
+    def _make_room(self, nbytes: int) -> None:
+        with self._lock:
+            over = self._bytes + nbytes - self.capacity
+            if over <= 0:
+                return
+            victims = self.policy.victims(over, lambda k: k not in self._in_use)
+        for key in victims:
+            self.forget(key)
+            with self._lock:
+                self.stats["evicted_blocks"] += 1
+
+    def forget(self, key: str) -> None:
+        """Delete a prefix block (evicted, or found corrupt)."""
+        with self._lock:
+            n = self._sizes.pop(key, None)
+            if n is not None:
+                self._bytes -= n
+            self.policy.remove(key)
+        try:
+            self.store.delete(key)
+        except KeyError:
+            pass  # already gone: deleting is idempotent here
+
+    def note_corrupt(self, key: str, err: BaseException) -> None:
+        log.warning("KV block %s failed its check and will be recomputed: %s", key, err)
+        with self._lock:
+            self.stats["corrupt_blocks"] += 1
+        self.forget(key)
+
+    def used_bytes(self) -> int:
+        return self._bytes
