@@ -79,7 +79,7 @@ class Observation:
     nbytes: int
     kind: str = "blob"
     op: str = "read"  # read | write
-    tier: str | None = None  # tier the access was served from, None when new
+    tier: str | None = None  # tier the object is on (normally: served the access); None when new
     time: float = 0.0  # seconds since the start of the run/trace
     index: int = -1  # position of this access in the stream (0, 1, 2, ...)
     count: int = 1  # accesses to this key so far, this one included

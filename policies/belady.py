@@ -21,14 +21,16 @@ class Belady(EvictionPolicy):
     needs_future = True
 
     def __init__(self) -> None:
-        self._next: dict[Key, tuple[float, int]] = {}  # key -> (next access index, nbytes)
-        self._heap: list[tuple[float, Key]] = []  # (-next, key), lazily invalidated
+        self._next: dict[Key, tuple[float, int, int]] = {}  # key -> (next access index, tick, nbytes)
+        self._heap: list[tuple[float, int, Key]] = []  # (-next, tick, key), lazily invalidated
+        self._tick = 0
 
     def _push(self, key: Key, nxt: float, nbytes: int) -> None:
-        self._next[key] = (nxt, nbytes)
-        heapq.heappush(self._heap, (-nxt, key))
+        self._tick += 1
+        self._next[key] = (nxt, self._tick, nbytes)
+        heapq.heappush(self._heap, (-nxt, self._tick, key))
         if len(self._heap) > 4 * len(self._next) + 64:
-            self._heap = [(-n, k) for k, (n, _s) in self._next.items()]
+            self._heap = [(-n, t, k) for k, (n, t, _s) in self._next.items()]
             heapq.heapify(self._heap)
 
     def admit(self, obs: Observation) -> None:
@@ -36,7 +38,7 @@ class Belady(EvictionPolicy):
 
     def touch(self, obs: Observation) -> None:
         if obs.key in self._next:
-            self._push(obs.key, obs.next_access, self._next[obs.key][1])
+            self._push(obs.key, obs.next_access, self._next[obs.key][2])
 
     def remove(self, key: Key) -> None:
         self._next.pop(key, None)
@@ -44,9 +46,9 @@ class Belady(EvictionPolicy):
     def _farthest(self) -> float:
         heap = self._heap
         while heap:
-            negn, k = heap[0]
+            negn, tick, k = heap[0]
             e = self._next.get(k)
-            if e is not None and e[0] == -negn:
+            if e is not None and e[1] == tick:
                 return -negn
             heapq.heappop(heap)
         return -math.inf
@@ -60,18 +62,18 @@ class Belady(EvictionPolicy):
 
     def victims(self, nbytes: int, evictable: Callable[[Key], bool]) -> list[Key]:
         out: list[Key] = []
-        popped: list[tuple[float, Key]] = []
+        popped: list[tuple[float, int, Key]] = []
         freed = 0
         heap = self._heap
         while freed < nbytes and heap:
             item = heapq.heappop(heap)
-            e = self._next.get(item[1])
-            if e is None or e[0] != -item[0]:
-                continue
+            e = self._next.get(item[2])
+            if e is None or e[1] != item[1]:
+                continue  # stale
             popped.append(item)
-            if evictable(item[1]):
-                out.append(item[1])
-                freed += e[1]
+            if evictable(item[2]):
+                out.append(item[2])
+                freed += e[2]
         for item in popped:
             heapq.heappush(heap, item)
         return out

@@ -33,6 +33,7 @@ class CachingMigration(MigrationPolicy):
         self.free = list(self.cap)
         self.where: dict[Key, int] = {}
         self.size: dict[Key, int] = {}
+        self.last: dict[Key, Observation] = {}  # what a demoted object was last seen as
 
     def _place(self, key: Key, size: int, level: int, obs: Observation, moves: list[Move], pinned: Key) -> bool:
         """Put ``key`` on ``level``, first demoting victims there (their moves come first).
@@ -52,8 +53,9 @@ class CachingMigration(MigrationPolicy):
                 lvl.remove(v)
                 vs = self.size[v]
                 self.free[level] += vs
-                if not self._place(v, vs, level + 1, Observation(v, vs), moves, pinned):
-                    self._place(v, vs, self.back, Observation(v, vs), moves, pinned)
+                vo = self.last[v]
+                if not self._place(v, vs, level + 1, vo, moves, pinned):
+                    self._place(v, vs, self.back, vo, moves, pinned)
                 if self.free[level] >= 0:
                     break
             if self.free[level] < 0:
@@ -72,6 +74,7 @@ class CachingMigration(MigrationPolicy):
             t = obs.tier_index
             own = self.where.get(k, back)
             self.size[k] = size = obs.nbytes
+            self.last[k] = obs
             if own != t:  # the caller placed or moved it: follow the truth
                 if own < back:
                     self.levels[own].remove(k)

@@ -147,6 +147,7 @@ class SimResult:
     total_time_s: float  # simulated: last completion, migrations included
     wall_s: float  # host seconds the replay took
     decisions: int = 0  # decide() calls
+    peak_used: tuple[int, ...] = ()  # most bytes each tier held at once
     extra: dict = field(default_factory=dict)
 
     def summary(self, start: int = 0, stop: int | None = None) -> dict:
@@ -195,6 +196,7 @@ def simulate(
     wbw = [t.write_bw for t in tiers]
     busy = [0.0] * T
     used = [0] * T
+    peak = [0] * T
 
     n = trace.n
     K = trace.n_keys
@@ -253,21 +255,42 @@ def simulate(
                 raise PolicyError(f"placement {placement.name!r} put key {k} ({sz} bytes) on full tier {name!r}")
             tier_of[k] = tk
             used[tk] += sz
+            if used[tk] > peak[tk]:
+                peak[tk] = used[tk]
             fill = fill_now()
-        b = busy[tk]
-        start = now if now > b else b
-        fin = start + lat[tk] + sl[i] / (wbw[tk] if w else rbw[tk])
-        busy[tk] = fin
-        lats[i] = fin - now
-        served[i] = tk
-        if closed_loop:
-            clock = fin
-        if w:
-            dirty[k] = 0 if tk == back else 1
+            if not w and tk != back:
+                # a read of an object never seen: its bytes come from the backing tier, and
+                # placing it on a faster tier is a fill (a migration) -- no free first hit
+                b = busy[back]
+                start = now if now > b else b
+                fin = start + lat[back] + sl[i] / rbw[back]
+                busy[back] = fin
+                b = busy[tk]
+                busy[tk] = (fin if fin > b else b) + lat[tk] + sz / wbw[tk]
+                migrated += sz
+                n_moves += 1
+                lats[i] = fin - now
+                served[i] = back
+                if closed_loop:
+                    clock = fin
+                resident = tk
+                tk = -1
+        if tk >= 0:
+            resident = tk
+            b = busy[tk]
+            start = now if now > b else b
+            fin = start + lat[tk] + sl[i] / (wbw[tk] if w else rbw[tk])
+            busy[tk] = fin
+            lats[i] = fin - now
+            served[i] = tk
+            if closed_loop:
+                clock = fin
+            if w:
+                dirty[k] = 0 if tk == back else 1
         p = prevl[i]
         obs = Observation(
-            k, osz[k], KINDS[kindl[i]], OPS[w], names[tk], now, i, cntl[i],
-            (now - tl[p]) if p >= 0 else inf, (i - p) if p >= 0 else inf, tk, fill,
+            k, osz[k], KINDS[kindl[i]], OPS[w], names[resident], now, i, cntl[i],
+            (now - tl[p]) if p >= 0 else inf, (i - p) if p >= 0 else inf, resident, fill,
             nextl[i] if future else inf,
         )
         pending.append(obs)
@@ -301,6 +324,8 @@ def simulate(
                         f"would exceed its capacity ({used[dst]} of {cap[dst]:.0f} bytes used)")
                 used[src] -= sz
                 used[dst] += sz
+                if used[dst] > peak[dst]:
+                    peak[dst] = used[dst]
                 tier_of[key] = dst
                 if dst == back and not dirty[key]:
                     continue
@@ -317,7 +342,7 @@ def simulate(
             migrated += batch_bytes
         if learns:
             m = len(pending)
-            outs = [Outcome(o, lats[o.index], o.tier_index, batch_bytes if j == m - 1 else 0)
+            outs = [Outcome(o, lats[o.index], served[o.index], batch_bytes if j == m - 1 else 0)
                     for j, o in enumerate(pending)]
             policy.observe(outs)
         pending = []
@@ -339,4 +364,5 @@ def simulate(
         total_time_s=float(end),
         wall_s=_time.perf_counter() - wall0,
         decisions=n_decide,
+        peak_used=tuple(peak),
     )
