@@ -230,6 +230,27 @@ class Lease:
         self.release()
 
 
+class ExtentLease:
+    """Where one object version's bytes are (``path``, ``offset``, ``nbytes``), kept from
+    being freed or reused until ``release()`` (see :meth:`TieredStore.locate`)."""
+
+    def __init__(self, store: "TieredStore", key: str, version: int, path: str, offset: int, nbytes: int,
+                 extent: Extent) -> None:
+        self.key, self.version, self.path, self.offset, self.nbytes = key, version, path, offset, nbytes
+        self._store, self._extent = store, extent
+
+    def release(self) -> None:
+        if self._extent is not None:
+            ext, self._extent = self._extent, None
+            self._store._release_extent(ext)
+
+    def __enter__(self) -> "ExtentLease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 @dataclass
 class StoreCounters:
     hits: int = 0
@@ -822,6 +843,32 @@ class TieredStore:
                                                    identity=_file_identity(path)))
         if old is not None and not old.extent.external:
             self._commit_through(gen)  # the manifest must stop naming the replaced object
+
+    def locate(self, key: str) -> "ExtentLease":
+        """Where the current version of ``key`` lives on storage, held against freeing.
+
+        For clients that read parts of an object themselves through ``self.engine``
+        (GNN feature rows): the extent is not freed, even if the key is put again or
+        deleted, until the returned lease is released. Such partial reads are not
+        checked against the object's segment checksums (they cover 8 MiB segments).
+        """
+        self._check_open()
+        with self._lock:
+            meta = self._objects.get(key)
+            if meta is None:
+                raise KeyError(f"no object {key!r} in the store at {self.root}")
+            ext = meta.extent
+            path = ext.path if ext.external else self._tiers[ext.tier].data_file
+            if ext.external and _file_identity(path) != ext.identity:
+                raise StoreError(f"object {key!r}: {path} changed since it was registered "
+                                 "(size, mtime or inode differ); register it again")
+            ext.readers += 1
+            return ExtentLease(self, key, meta.version, path, ext.offset, meta.nbytes, ext)
+
+    def _release_extent(self, ext: Extent) -> None:
+        with self._lock:
+            ext.readers -= 1
+            self._free_retired()
 
     # -- eviction, migration, deletion ---------------------------------------------
     def evict(self, key: str, tier: str = "host") -> bool:
