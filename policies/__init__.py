@@ -8,7 +8,7 @@ trace simulation (:mod:`policies.sim`). Policies are looked up by name:
   ``tiered bench replay``): lru, lfu, arc, s3fifo, static, belady, rl
 
 ``rl`` is resolved lazily: it imports :mod:`policies.rl` (torch) and calls its
-``create_policy(**options)``, which returns a :class:`MigrationPolicy` that is
+``make_policy(**options)``, which returns a :class:`MigrationPolicy` that is
 also a :class:`PlacementPolicy` (the two cooperating agents).
 """
 
@@ -62,9 +62,9 @@ def _rl(**options: Any) -> MigrationPolicy:
         mod = importlib.import_module("policies.rl")
     except ImportError as e:
         raise KeyError(f"policy 'rl' needs the policies.rl package (and torch): {e}") from e
-    factory = getattr(mod, "create_policy", None)
+    factory = getattr(mod, "make_policy", None)
     if factory is None:
-        raise KeyError("policy 'rl': policies.rl has no create_policy(**options) factory")
+        raise KeyError("policy 'rl': policies.rl has no make_policy(**options) factory")
     return factory(**options)
 
 

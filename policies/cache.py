@@ -9,13 +9,19 @@ LRU, LFU, ARC, S3-FIFO and Belady's optimum differ only in the
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
-from .base import EvictionPolicy, Key, MigrationPolicy, Move, Observation, TierModel
+from .base import EvictionPolicy, Key, MigrationPolicy, Move, Observation, PlacementPolicy, TierModel
 
 
-class CachingMigration(MigrationPolicy):
-    """Promote on access, demote victims down the hierarchy; decisions ordered so each fits."""
+class CachingMigration(MigrationPolicy, PlacementPolicy):
+    """Promote on access, demote victims down the hierarchy; decisions ordered so each fits.
+
+    Also the placement policy: a new object goes to the fastest tier while it
+    has free room (a read only if the ranking admits it), else to the backing tier --
+    write-allocate without evicting at placement time; evictions happen in
+    :meth:`decide`, where their moves can be ordered.
+    """
 
     def __init__(self, name: str, factory: Callable[[], EvictionPolicy]) -> None:
         self.name = name
@@ -65,6 +71,14 @@ class CachingMigration(MigrationPolicy):
         self.where[key] = level
         moves.append(Move(key, level))
         return True
+
+    def place(self, obs: Observation, tiers: Iterable[tuple[str, int, int]]) -> str | None:
+        tiers = list(tiers)
+        if len(tiers) > 1 and self.levels:
+            name, _cap, free = tiers[0]
+            if free >= obs.nbytes and (obs.op == "write" or self.levels[0].should_admit(obs, int(free))):
+                return name
+        return tiers[-1][0] if tiers else None
 
     def decide(self, batch: Sequence[Observation]) -> list[Move]:
         moves: list[Move] = []

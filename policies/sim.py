@@ -14,9 +14,11 @@ Model (documented so results can be judged):
   of every object (unbounded in the simulator). Objects on faster tiers are
   exclusive cached copies; each object lives on exactly one tier.
 * An object's size is the largest size any of its events names.
-* Each tier is one device with a FIFO queue: an access served from tier ``t``
-  starts when both it has arrived and the device is free, and takes
-  ``latency_s + size / bandwidth``; its latency is completion minus arrival.
+* Each tier is one device with a FIFO queue for its bandwidth: an access
+  served from tier ``t`` occupies the device for ``size / bandwidth`` from
+  when it has arrived and the device is free, and completes ``latency_s``
+  later (latency is pipelined, as on an SSD with many requests in flight);
+  its latency is completion minus arrival.
 * Migrations are background transfers that occupy the source (read) and the
   destination (write) devices, so wasteful promotion delays later accesses.
   A move of an object just served by the current batch skips the source read
@@ -235,6 +237,7 @@ def simulate(
     pend_keys: set[int] = set()
     wall0 = _time.perf_counter()
     now = 0.0
+    last_fin = 0.0
 
     for i in range(n):
         k = kl[i]
@@ -244,7 +247,8 @@ def simulate(
         tk = tier_of[k]
         if tk < 0:
             sz = osz[k]
-            pobs = Observation(k, sz, KINDS[kindl[i]], OPS[w], None, now, i, 1, inf, inf, -1, fill)
+            pobs = Observation(k, sz, KINDS[kindl[i]], OPS[w], None, now, i, 1, inf, inf, -1, fill,
+                               nextl[i] if future else inf)
             name = placement.place(pobs, [(names[j], cap[j], cap[j] - used[j]) for j in range(T)])
             if name is None:
                 raise PolicyError(f"placement {placement.name or type(placement).__name__!r}: no tier for key {k} ({sz} bytes)")
@@ -262,11 +266,11 @@ def simulate(
                 # a read of an object never seen: its bytes come from the backing tier, and
                 # placing it on a faster tier is a fill (a migration) -- no free first hit
                 b = busy[back]
-                start = now if now > b else b
-                fin = start + lat[back] + sl[i] / rbw[back]
-                busy[back] = fin
+                busy[back] = (now if now > b else b) + sl[i] / rbw[back]
+                fin = busy[back] + lat[back]
                 b = busy[tk]
-                busy[tk] = (fin if fin > b else b) + lat[tk] + sz / wbw[tk]
+                busy[tk] = (fin if fin > b else b) + sz / wbw[tk]
+                last_fin = fin
                 migrated += sz
                 n_moves += 1
                 lats[i] = fin - now
@@ -278,9 +282,10 @@ def simulate(
         if tk >= 0:
             resident = tk
             b = busy[tk]
-            start = now if now > b else b
-            fin = start + lat[tk] + sl[i] / (wbw[tk] if w else rbw[tk])
-            busy[tk] = fin
+            b = (now if now > b else b) + sl[i] / (wbw[tk] if w else rbw[tk])
+            busy[tk] = b
+            fin = b + lat[tk]
+            last_fin = fin
             lats[i] = fin - now
             served[i] = tk
             if closed_loop:
@@ -329,11 +334,13 @@ def simulate(
                 tier_of[key] = dst
                 if dst == back and not dirty[key]:
                     continue
+                ready = last_fin  # an object the batch just served is in memory once read (fill on miss)
                 if key not in pend_keys:
                     b = busy[src]
-                    busy[src] = (now if now > b else b) + lat[src] + sz / rbw[src]
+                    busy[src] = (now if now > b else b) + sz / rbw[src]
+                    ready = busy[src] + lat[src]
                 b = busy[dst]
-                busy[dst] = (now if now > b else b) + lat[dst] + sz / wbw[dst]
+                busy[dst] = (ready if ready > b else b) + sz / wbw[dst]
                 if dst == back:
                     dirty[key] = 0
                 batch_bytes += sz

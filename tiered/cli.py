@@ -4,6 +4,7 @@
     tiered probe                detect tiers and measure storage bandwidth
     tiered config check FILE    validate a config and print it resolved
     tiered bench io             engine vs fio (and DeepNVMe) on a directory
+    tiered bench replay TRACE   placement/migration policies over a trace (simulated or real I/O)
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     io = bsub.add_parser("io", help="engine read/write bandwidth and IOPS vs fio / DeepNVMe")
     add_bench_io_arguments(io)
     io.set_defaults(func=bench_io_main)
+    from .replay import add_replay_arguments, replay_main
+
+    replay = bsub.add_parser("replay", help="replay a trace through placement/migration policies")
+    add_replay_arguments(replay)
+    replay.set_defaults(func=replay_main)
     return p
 
 
