@@ -483,11 +483,11 @@ def record_workloads(out_dir: str | os.PathLike, work_dir: str | os.PathLike) ->
         num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
     p = out_dir / "offload-llama-generate.trace"
     with TieredStore(cfg("offload", "2MiB")) as store, \
-            TraceRecorder(p, overwrite=True, meta={"workload": "tiered.offload tiny Llama, generate 16 tokens"}) as rec:
+            TraceRecorder(p, overwrite=True, meta={"workload": "tiered.offload tiny Llama, generate 48 tokens"}) as rec:
         store.add_listener(rec)
         offload(model, store=store)
         with torch.no_grad():
-            model.generate(input_ids=torch.randint(3, 512, (1, 12)), max_new_tokens=16, do_sample=False, pad_token_id=0)
+            model.generate(input_ids=torch.randint(3, 512, (1, 12)), max_new_tokens=48, do_sample=False, pad_token_id=0)
         detach(model)
     out.append(p)
 
@@ -501,10 +501,10 @@ def record_workloads(out_dir: str | os.PathLike, work_dir: str | os.PathLike) ->
             store.put(k, t, kind=kinds[i % len(kinds)]).result(timeout=60)
         for rnd in range(3):
             for k in list(ts)[:: (rnd + 1)]:
-                store.get(k)
+                store.get(k).result(timeout=60)
         for k in list(ts)[:6]:
             store.put(k, ts[k] * 2, kind="optim").result(timeout=60)
-            store.get(k)
+            store.get(k).result(timeout=60)
         for k in list(ts)[-4:]:
             store.delete(k)
     out.append(p)

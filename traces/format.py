@@ -295,12 +295,14 @@ def read_text(path: str | os.PathLike) -> Trace:
     t, k, s, o, d = [], [], [], [], []
     ids: dict[str, int] = {}
     timed, named = True, True
-    with open(path, encoding="utf-8") as f:
-        first = f.readline().rstrip("\n")
-        if first != TEXT_MAGIC:
-            raise TraceFormatError(path, 1, f"first line is {first[:60]!r}", repr(TEXT_MAGIC))
-        for no, line in enumerate(f, start=2):
-            line = line.rstrip("\n")
+    from ._lines import iter_lines
+
+    lines = iter_lines(path)
+    first = next(lines, (1, ""))[1]
+    if first != TEXT_MAGIC:
+        raise TraceFormatError(path, 1, f"first line is {first[:60]!r}", repr(TEXT_MAGIC))
+    if True:
+        for no, line in lines:
             if line.startswith("#"):
                 m = re.fullmatch(r"# timed (yes|no); keys (named|ids)", line)
                 if m:
