@@ -191,6 +191,27 @@ def test_prefix_reuse_runs_only_the_suffix_and_survives_reopen(tmp_path):
     assert max((a - b).abs().max().item() for a, b in zip(got.scores, want.scores)) < 1e-4
 
 
+def test_blocks_split_by_layers_spill_and_reload(tmp_path):
+    """layers_per_object=3 on 8 layers: parts 0-3, 3-6, 6-8; spills, saves and reloads stay exact."""
+    model = make_model()
+    ids = prompt(75)
+    want = generate(model, ids, DynamicCache())
+    for attempt in range(2):
+        with tiered.TieredStore(store_config(tmp_path)) as store:
+            kv = KVStore(store, model_identity(model), block_size=BS, layers_per_object=3)
+            assert kv.parts(8) == [(0, 3), (3, 6), (6, 8)]
+            with TieredCache(model.config, kv, device_budget=kv_bytes(model, 91) // 2) as cache:
+                assert cache.load_prefix(ids) == (0 if attempt == 0 else 64)
+                got = generate(model, ids, cache)
+                st = cache.stats()
+            # attempt 1: the 4 loaded blocks are read from the store, never resident
+            assert st["spilled_blocks"] >= (2 if attempt == 0 else 0) and st["store_reads"] >= 4 * 8, st
+            assert len([k for k in store.keys() if "/b/" in k]) == 4 * 3
+        assert torch.equal(got.sequences, want.sequences)
+        if attempt == 0:
+            assert_bitwise(want, got)
+
+
 def test_whole_prompt_stored_still_leaves_one_token_to_compute(tmp_path):
     model = make_model()
     kv_ids = prompt(64)  # exactly 4 blocks
@@ -257,7 +278,7 @@ def test_damaged_block_is_detected_and_recomputed(tmp_path, damage):
         with TieredCache(model.config, kv) as cache:
             cache.load_prefix(ids)
             generate(model, ids, cache, n=1)
-        keys = [kv.block_key(h) for h in chain_hashes(ids[0], BS, ident)]
+        keys = [kv.block_key(h, (0, 8)) for h in chain_hashes(ids[0], BS, ident)]
         locs = [_block_offset(store, k) for k in keys]
     path, off, n = locs[2]  # damage the third block
     if damage == "corrupt":
@@ -322,6 +343,26 @@ def test_storage_capacity_evicts_prefix_blocks_through_policy(tmp_path):
             assert cache.load_prefix(prompt(50, 3)) == 48  # the newest survived
         with TieredCache(model.config, kv) as cache:
             assert cache.load_prefix(prompt(50, 0)) == 0  # the oldest went first
+
+
+def test_prefix_aware_store_keeps_blocks_of_queued_prompts(tmp_path):
+    """With the queue of pending prompts, the oldest blocks survive if a queued prompt needs them."""
+    model = make_model()
+    block_bytes = 8 * 2 * 2 * BS * 16 * 4
+    with tiered.TieredStore(store_config(tmp_path)) as store:
+        kv = KVStore(store, model_identity(model), block_size=BS, capacity=6 * block_bytes, policy="prefix-aware")
+        for seed in (0, 1):
+            with TieredCache(model.config, kv) as cache:
+                cache.load_prefix(prompt(50, seed))
+                generate(model, prompt(50, seed), cache, n=1)
+        kv.expect([prompt(50, 0)[0]], layers=8)  # prompt 0 waits in the queue: LRU would drop it first
+        with TieredCache(model.config, kv) as cache:
+            cache.load_prefix(prompt(50, 2))
+            generate(model, prompt(50, 2), cache, n=1)
+        with TieredCache(model.config, kv) as cache:
+            assert cache.load_prefix(prompt(50, 0)) == 48
+        with TieredCache(model.config, kv) as cache:
+            assert cache.load_prefix(prompt(50, 1)) == 0
 
 
 # --------------------------------------------------------------------------- policy

@@ -67,9 +67,9 @@ class KVCacheError(RuntimeError):
 class _Block:
     index: int
     data: torch.Tensor | None = None  # [L, 2, B, H, bs, D] on the compute device, when resident
-    key: str | None = None  # store key holding a copy
-    prefix: bool = False  # key is a shared prefix block (kept when the cache closes)
-    saving: Future | None = None  # put in flight
+    keys: list[str] | None = None  # store keys of its parts (layer ranges), once it has a stored copy
+    prefix: bool = False  # keys are shared prefix blocks (kept when the cache closes)
+    saving: list | None = None  # puts in flight
 
     @property
     def nbytes(self) -> int:
@@ -162,6 +162,9 @@ class TieredCache(Cache):
         super().__init__(layers=[TieredLayer(self, i) for i in range(self.num_layers)])
         self.kv = kv
         self.block_size = block_size or (kv.block_size if kv is not None else 256)
+        self._parts = kv.parts(self.num_layers) if kv is not None else [(0, self.num_layers)]
+        self._part_of = [next(i for i, (lo, hi) in enumerate(self._parts) if lo <= l < hi)
+                         for l in range(self.num_layers)]
         if kv is not None and self.block_size != kv.block_size:
             raise KVCacheError(f"TieredCache: block_size {self.block_size} differs from the KVStore's "
                                f"{kv.block_size}")
@@ -239,16 +242,16 @@ class TieredCache(Cache):
                 errors.append(e)
         self._pending.clear()
         for b in self._blocks:
-            if b.saving is not None:
+            for f in b.saving or ():
                 try:
-                    b.saving.result(timeout=self.io_timeout)
+                    f.result(timeout=self.io_timeout)
                 except BaseException as e:  # noqa: BLE001 - re-raised below after cleanup
                     errors.append(e)
-            if b.key is not None and self.kv is not None:
+            for key in b.keys or ():
                 if b.prefix:
-                    self.kv.unhold(b.key)
-                elif b.key in self.kv.store:
-                    self.kv.store.delete(b.key)
+                    self.kv.unhold(key)
+                elif key in self.kv.store:
+                    self.kv.store.delete(key)
         errors += self._errors
         self._reset_state()
         if errors:
@@ -296,6 +299,11 @@ class TieredCache(Cache):
         return {"blocks": blocks, "staging": staging, "tails": tails, "total": blocks + staging + tails}
 
     def _enforce_budget(self) -> None:
+        """After a step's last layer (no gather in flight): size the staging slots for the next
+        decode step, then spill blocks until everything fits the budget."""
+        nxt = self._committed + self.layers[0].tail_len + 1
+        for slot in range(len(self._slots)):
+            self._views(slot, nxt)  # grows (by a block of headroom) only when needed
         used = self.device_bytes()
         self.counters["device_peak"] = max(self.counters["device_peak"], used["total"])
         if self.device_budget is None:
@@ -316,12 +324,12 @@ class TieredCache(Cache):
 
     def _spill(self, blk: _Block) -> None:
         """Move a resident block off the device: it must be readable from the store first."""
-        if blk.key is None:
-            blk.key = self.kv.session_key(self._session, blk.index)
-            blk.saving = self.kv.store.put(blk.key, blk.data, kind="kv")
-        if blk.saving is not None:
-            blk.saving.result(timeout=self.io_timeout)  # visible (and durable) before the device copy goes
-            blk.saving = None
+        if blk.keys is None:
+            blk.keys = [self.kv.session_key(self._session, blk.index, p) for p in self._parts]
+            blk.saving = [self.kv.store.put(k, blk.data[lo:hi], kind="kv") for k, (lo, hi) in zip(blk.keys, self._parts)]
+        for f in blk.saving or ():
+            f.result(timeout=self.io_timeout)  # visible (and durable) before the device copy goes
+        blk.saving = None
         self.counters["spilled_blocks"] += 1
         self.counters["spilled_bytes"] += blk.nbytes
         blk.data = None
@@ -408,11 +416,15 @@ class TieredCache(Cache):
         futs: dict[int, object] = {}
         issued = 0
 
+        window = self._window()
+        part = self._part_of[l]
+        at = l - self._parts[part][0]
+
         def issue() -> None:
             nonlocal issued
-            while issued < len(remote) and len(futs) < self.read_window:
+            while issued < len(remote) and len(futs) < window:
                 b = remote[issued]
-                futs[b.index] = self.kv.store.acquire(b.key)
+                futs[b.index] = self.kv.store.acquire(b.keys[part])
                 issued += 1
 
         try:
@@ -425,8 +437,8 @@ class TieredCache(Cache):
                     continue
                 lease = futs.pop(b.index).result(timeout=self.io_timeout)
                 try:
-                    kk[:, :, lo:hi].copy_(lease.tensor[l, 0])
-                    vv[:, :, lo:hi].copy_(lease.tensor[l, 1])
+                    kk[:, :, lo:hi].copy_(lease.tensor[at, 0])
+                    vv[:, :, lo:hi].copy_(lease.tensor[at, 1])
                 finally:
                     lease.release()
                 self.counters["store_reads"] += 1
@@ -458,10 +470,12 @@ class TieredCache(Cache):
                 data[l, 1].copy_(layer.tail_v[:, :, j * bs:(j + 1) * bs])
             blk = _Block(index, data)
             if index < len(self._hashes) and b == 1:
-                fut = self.kv.save(self._hashes[index], data)
-                blk.key, blk.prefix, blk.saving = self.kv.block_key(self._hashes[index]), True, fut
-                self.kv.hold(blk.key)
-                if fut is not None:
+                blk.keys = [self.kv.block_key(self._hashes[index], p) for p in self._parts]
+                for key in blk.keys:
+                    self.kv.hold(key)  # before save: its room-making must not evict a sibling part
+                futs = [self.kv.save(k, data[lo:hi]) for k, (lo, hi) in zip(blk.keys, self._parts)]
+                blk.prefix, blk.saving = True, [f for f in futs if f is not None]
+                if blk.saving:
                     self.counters["prefix_blocks_saved"] += 1
             self._blocks.append(blk)
             self._device_policy.admit(Observation(f"b{index}", blk.nbytes, "kv", "write", "device"))
@@ -497,17 +511,18 @@ class TieredCache(Cache):
         ids = input_ids[0]
         self._hashes = self.kv.hashes(ids)
         limit = (ids.numel() - 1) // self.block_size
-        n = self.kv.match(self._hashes[:limit])
-        keys = [self.kv.block_key(h) for h in self._hashes[:n]]
-        want = (self.num_layers, 2, 1, self.kv_heads, self.block_size, self.head_dim)
+        n = self.kv.match(self._hashes[:limit], self._parts)
+        todo = [(i, p, self.kv.block_key(h, p)) for i, h in enumerate(self._hashes[:n]) for p in self._parts]
         futs = deque()
         loaded: list[_Block] = []
         nxt = 0
-        while nxt < len(keys) and len(futs) < self.read_window:
-            futs.append(self._acquire(keys[nxt]))
+        window = self._window()
+        while nxt < len(todo) and len(futs) < window:
+            futs.append(self._acquire(todo[nxt][2]))
             nxt += 1
+        keys: list[str] = []
         try:
-            for i, key in enumerate(keys):
+            for i, (lo, hi), key in todo:
                 fut = futs.popleft()
                 try:
                     lease = fut.result(timeout=self.io_timeout)
@@ -515,18 +530,22 @@ class TieredCache(Cache):
                     self.kv.note_corrupt(key, e)
                     break
                 try:
+                    want = (hi - lo, 2, 1, self.kv_heads, self.block_size, self.head_dim)
                     shape, dtype = tuple(lease.tensor.shape), lease.tensor.dtype
                     if shape != want:
                         raise KVStoreError(f"KV block {key!r} is {dtype}{shape}, expected {want} for this model")
                     if self._geometry is not None and dtype != self._geometry[1]:
                         raise KVStoreError(f"KV block {key!r} is {dtype}, the cache holds {self._geometry[1]}")
-                    blk = _Block(i, key=key, prefix=True)
-                    self.kv.hold(key)
-                    loaded.append(blk)
                 finally:
                     lease.release()
-                if nxt < len(keys):
-                    futs.append(self._acquire(keys[nxt]))
+                keys.append(key)
+                if len(keys) == len(self._parts):  # every part of block i checked
+                    for k in keys:
+                        self.kv.hold(k)
+                    loaded.append(_Block(i, keys=keys, prefix=True))
+                    keys = []
+                if nxt < len(todo):
+                    futs.append(self._acquire(todo[nxt][2]))
                     nxt += 1
         finally:
             for f in futs:
@@ -538,8 +557,16 @@ class TieredCache(Cache):
             self.kv.stats["hit_blocks"] += len(loaded)
             self.kv.stats["miss_blocks"] += len(self._hashes) - len(loaded)
             self.kv.stats["loaded_bytes"] += sum(
-                self.kv.store.meta(b.key)["nbytes"] for b in loaded)
+                self.kv.store.meta(k)["nbytes"] for b in loaded for k in b.keys)
         return self._committed
+
+    def _window(self) -> int:
+        """Blocks read ahead: ``read_window``, at most what half the host tier can pin at once."""
+        arena = self.kv.store.arena
+        b = self._geometry[0] if self._geometry else 1
+        layers = max(hi - lo for lo, hi in self._parts)
+        part = layers * 2 * b * self.kv_heads * self.block_size * self.head_dim * 4
+        return max(1, min(self.read_window * len(self._parts), arena.capacity // (2 * part) if arena else 1))
 
     def _acquire(self, key: str) -> Future:
         """store.acquire, with a key deleted meanwhile (evicted, found corrupt) as a failed future."""

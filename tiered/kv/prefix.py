@@ -1,8 +1,11 @@
 """KV blocks in the TieredStore: model identity, chained block hashes, the prefix store.
 
-A block is the K and V of ``block_size`` consecutive tokens for every layer,
-one store object of shape ``[layers, 2, kv_heads, block_size, head_dim]``, so
-loading a block is one large read. A full block of known token ids is keyed,
+A block is the K and V of ``block_size`` consecutive tokens for every layer.
+It is stored as one object per *part*, a run of ``layers_per_object``
+consecutive layers, shape ``[layers in part, 2, batch, kv_heads, block_size,
+head_dim]``: all layers in one object (the default) make loading a prefix a
+few large reads; fewer layers per object let a decode step that streams KV
+from storage read each layer's bytes once instead of the whole block per layer. A full block of known token ids is keyed,
 as in vLLM and LMCache, by a chained hash: ``H(parent block's hash, model
 identity, this block's token ids)``, so a key names the whole prefix before it
 and the model that computed it. Keys live under ``kv/<identity[:16]>/``: a
@@ -98,15 +101,20 @@ class KVStore:
     """The KV side of a :class:`TieredStore`: prefix blocks (durable, shared) and session spills.
 
     ``identity``: :func:`model_identity` of the model (None: no prefix reuse, spills only).
+    ``layers_per_object``: layers per stored part of a block (None: all layers in one).
     ``capacity``: bytes of prefix blocks kept on storage (default: the storage tier's
     capacity); beyond it, blocks are deleted in the order ``policy`` chooses ("lru",
     "prefix-aware", or an :class:`EvictionPolicy`). Create one per store and model.
     """
 
     def __init__(self, store: TieredStore, identity: str | None = None, *, block_size: int = 256,
-                 capacity: int | str | None = None, policy: str | EvictionPolicy = "lru", sweep: bool = True) -> None:
+                 capacity: int | str | None = None, policy: str | EvictionPolicy = "lru", sweep: bool = True,
+                 layers_per_object: int | None = None) -> None:
         if not isinstance(block_size, int) or block_size < 1:
             raise KVStoreError(f"KVStore: block_size must be a positive int, got {block_size!r}")
+        if layers_per_object is not None and (not isinstance(layers_per_object, int) or layers_per_object < 1):
+            raise KVStoreError(f"KVStore: layers_per_object must be a positive int or None, got {layers_per_object!r}")
+        self.layers_per_object = layers_per_object
         store._check_open()
         self.store = store
         self.identity = identity
@@ -153,33 +161,40 @@ class KVStore:
             self.store.put(key, want, kind="kv").result(timeout=60)
 
     # -- keys ------------------------------------------------------------------------
-    def block_key(self, h: str) -> str:
-        return f"{self.ns}/b/{h}"
+    def parts(self, layers: int) -> list[tuple[int, int]]:
+        """The layer ranges [lo, hi) stored as one object each."""
+        g = self.layers_per_object or layers
+        return [(lo, min(lo + g, layers)) for lo in range(0, layers, g)]
 
-    def session_key(self, session: str, index: int) -> str:
-        return f"{self.ns}/s/{session}/{index}"
+    def block_key(self, h: str, part: tuple[int, int]) -> str:
+        return f"{self.ns}/b/{h}/L{part[0]}-{part[1]}"
+
+    def session_key(self, session: str, index: int, part: tuple[int, int]) -> str:
+        return f"{self.ns}/s/{session}/{index}/L{part[0]}-{part[1]}"
 
     def hashes(self, token_ids) -> list[str]:
         if self.identity is None:
             return []
         return chain_hashes(token_ids, self.block_size, self.identity)
 
-    def match(self, hashes: Sequence[str]) -> int:
-        """How many leading blocks of ``hashes`` the store holds."""
+    def match(self, hashes: Sequence[str], parts: Sequence[tuple[int, int]]) -> int:
+        """How many leading blocks of ``hashes`` the store holds (every part of each)."""
         n = 0
         for h in hashes:
-            if self.block_key(h) not in self.store:
+            if not all(self.block_key(h, p) in self.store for p in parts):
                 break
             n += 1
         with self._lock:
             self.stats["lookups"] += 1
         return n
 
-    def expect(self, prompts: Sequence) -> None:
+    def expect(self, prompts: Sequence, layers: int) -> None:
         """Tell a future-aware policy the prompts waiting to run (token id rows, soonest first)."""
         if hasattr(self.policy, "set_queue"):
+            parts = self.parts(layers)
             with self._lock:
-                self.policy.set_queue([[self.block_key(h) for h in self.hashes(p)] for p in prompts])
+                self.policy.set_queue([[self.block_key(h, p) for h in self.hashes(q) for p in parts]
+                                       for q in prompts])
 
     # -- blocks ----------------------------------------------------------------------
     def hold(self, key: str) -> None:
@@ -196,9 +211,8 @@ class KVStore:
             else:
                 self._in_use[key] = n
 
-    def save(self, h: str, block: torch.Tensor):
-        """Put a prefix block (durable when the returned future is done); None if already stored."""
-        key = self.block_key(h)
+    def save(self, key: str, block: torch.Tensor):
+        """Put a prefix block part (durable when the returned future is done); None if already stored."""
         if key in self.store:
             return None
         nbytes = block.numel() * block.element_size()

@@ -1,0 +1,236 @@
+"""KV cache tiers: decode tokens/s and time-to-first-token, TieredCache vs transformers' caches.
+
+    python bench/kv_decode.py [--json] [--prompt 8192] [--new 32] [--dir DIR] [--small]
+
+One seeded Llama-architecture model built from its config (fp32, 16 layers,
+hidden 256, 4 heads, 2 KV heads of 64 dims: 16 KiB of KV per token), one
+prompt of ``--prompt`` + 8 tokens (the ``--prompt`` tokens are the prefix that
+gets stored: 8192 = 16 blocks of 512), greedy decoding of ``--new`` tokens
+with a manual decode loop (the same loop for every contender), all in this
+process, in this order:
+
+1. ``DynamicCache`` entirely in memory: the reference (TTFT = full prefill);
+2. ``DynamicCache(offloading=True)``: transformers' own offloading (on a
+   CPU-only machine it needs CUDA streams; the error is recorded);
+3. ``TieredCache`` cold: device budget ``--budget`` (default: 1/4 of the
+   KV of the context), host tier 2x the KV, storage tier under ``--dir``;
+   prefill runs in full and the prompt's full blocks are saved durably;
+4. ``TieredCache`` warm: the store is closed, caches dropped
+   (``sync; echo 3 > /proc/sys/vm/drop_caches`` when root; reads are O_DIRECT
+   anyway), the store reopened, a new cache loads the stored prefix (read
+   cold from storage, checksummed) and prefill runs on the 8-token suffix
+   only: TTFT from store vs recomputed;
+5. ``TieredCache`` streaming: the same, with a host tier of 1/3 of the KV,
+   so most blocks come from storage on every decode step.
+
+Tokens of every contender are compared with the in-memory ones. torch runs
+one intra-op thread (``torch.set_num_threads(1)``): on this 2-core machine
+the other core runs the gather thread and the store's I/O workers (with two
+compute threads, forwards of offloaded models ran several times slower).
+
+Targets (issue #5): tiered decode >= 0.8x the in-memory tokens/s; a stored
+8k-token prefix loads >= 5x faster than recomputing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import tiered  # noqa: E402
+from tiered.kv import KVStore, TieredCache, kv_geometry, model_identity  # noqa: E402
+
+MiB = 1 << 20
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def build_model(small: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=128 if small else 256, intermediate_size=256 if small else 512,
+                      num_hidden_layers=8 if small else 16, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=32768)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def drop_caches() -> bool:
+    subprocess.run(["sync"], check=True)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def decode(model, cache, ids: torch.Tensor, new: int, *, before=None, probe=None) -> dict:
+    """Prefill (after ``before()``, e.g. a prefix load) + ``new - 1`` greedy steps; timings."""
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        skip = before() if before else 0
+        t_load = time.perf_counter() - t0
+        out = model(ids[:, skip:], cache=cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        ttft = time.perf_counter() - t0
+        toks = [int(tok)]
+        del out
+        peak = 0
+        t1 = time.perf_counter()
+        for _ in range(new - 1):
+            out = model(tok, cache=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+            toks.append(int(tok))
+            if probe is not None:
+                peak = max(peak, probe())
+        dt = time.perf_counter() - t1
+    return {"ttft_s": ttft, "prefix_load_s": t_load, "prefix_tokens": skip, "decode_tokens_per_s": (new - 1) / dt,
+            "decode_s_per_token": dt / (new - 1), "tokens": toks, "decode_device_peak": peak or None}
+
+
+def store_config(directory: Path, host: int, storage: int) -> dict:
+    return {"tiers": {"host": {"capacity": host}, "nvme": {"path": str(directory), "capacity": storage}},
+            "engine": {"workers": 4, "chunk": "4MiB"}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--prompt", type=int, default=8192, help="stored prefix tokens (a multiple of --block)")
+    p.add_argument("--new", type=int, default=32, help="tokens generated per contender")
+    p.add_argument("--block", type=int, default=512, help="tokens per KV block")
+    p.add_argument("--budget", type=int, default=None, help="device budget in bytes (default: KV / 4)")
+    p.add_argument("--layers-per-object", type=int, default=1,
+                   help="layers per stored block part (1: a step streaming from storage reads each byte once)")
+    p.add_argument("--dir", default="/tmp/tiered_kv_bench", help="storage tier directory (deleted after)")
+    p.add_argument("--small", action="store_true", help="8 layers, hidden 128 (a quick check)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "kv_decode_cpu.json"))
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    model = build_model(a.small)
+    layers, heads, dim = kv_geometry(model.config)
+    per_token = layers * 2 * heads * dim * 4
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 1024, (1, a.prompt + 8), generator=g)
+    ctx = ids.shape[1] + a.new
+    kv_bytes = ctx * per_token
+    budget = a.budget or kv_bytes // (2 if a.small else 4)  # 8 layers: 2 staging slots are 1/4 already
+    directory = Path(a.dir)
+    shutil.rmtree(directory, ignore_errors=True)
+    res: dict = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()},
+        "model": {"layers": layers, "kv_heads": heads, "head_dim": dim, "dtype": "float32",
+                  "params": sum(p.numel() for p in model.parameters())},
+        "context_tokens": ctx, "prompt_tokens": ids.shape[1], "stored_prefix_tokens": a.prompt,
+        "kv_bytes_per_token": per_token, "kv_bytes": kv_bytes, "device_budget": budget,
+        "kv_over_budget": kv_bytes / budget, "block_tokens": a.block, "layers_per_object": a.layers_per_object, "new_tokens": a.new, "contenders": {},
+    }
+    C = res["contenders"]
+    from transformers import DynamicCache
+
+    log(f"model: {layers} layers, KV {kv_bytes / MiB:.0f} MiB for {ctx} tokens, device budget {budget / MiB:.1f} MiB")
+    log("1/5 DynamicCache in memory (full prefill)")
+    C["dynamic"] = decode(model, DynamicCache(), ids, a.new)
+    ref = C["dynamic"]["tokens"]
+    gc.collect()
+
+    log("2/5 DynamicCache(offloading=True)")
+    try:
+        C["dynamic_offloading"] = decode(model, DynamicCache(offloading=True), ids, a.new)
+    except Exception as e:  # noqa: BLE001 - a contender that cannot run here is a result, recorded
+        C["dynamic_offloading"] = {"error": f"{type(e).__name__}: {e}"}
+        log(f"   unavailable: {type(e).__name__}: {e}")
+    gc.collect()
+
+    ident = model_identity(model)
+    host_big, storage = 2 * kv_bytes + 64 * MiB, 4 * kv_bytes + 256 * MiB
+    log("3/5 TieredCache cold (full prefill, prefix saved)")
+    with tiered.TieredStore(store_config(directory, host_big, storage)) as store:
+        kv = KVStore(store, ident, block_size=a.block, layers_per_object=a.layers_per_object)
+        with TieredCache(model.config, kv, device_budget=budget) as cache:
+            C["tiered_cold"] = decode(model, cache, ids, a.new, before=lambda: cache.load_prefix(ids),
+                                      probe=lambda: cache.device_bytes()["total"])
+            C["tiered_cold"]["cache"] = cache.stats()
+        C["tiered_cold"]["store"] = _store_summary(store)
+    gc.collect()
+
+    for name, host, label in (("tiered_warm", host_big, "4/5 TieredCache warm (prefix loaded cold from storage)"),
+                              ("tiered_streaming", kv_bytes // 3, "5/5 TieredCache, host tier 1/3 of the KV")):
+        log(label)
+        res.setdefault("caches_dropped", drop_caches())
+        with tiered.TieredStore(store_config(directory, host, storage)) as store:
+            kv = KVStore(store, ident, block_size=a.block, layers_per_object=a.layers_per_object)
+            with TieredCache(model.config, kv, device_budget=budget) as cache:
+                C[name] = decode(model, cache, ids, a.new, before=lambda: cache.load_prefix(ids),
+                                 probe=lambda: cache.device_bytes()["total"])
+                C[name]["cache"] = cache.stats()
+            C[name]["store"] = _store_summary(store)
+            C[name]["host_tier"] = host
+        gc.collect()
+    shutil.rmtree(directory, ignore_errors=True)
+
+    for c in C.values():
+        if "tokens" in c:
+            c["tokens_equal_in_memory"] = c["tokens"] == ref
+    dyn = C["dynamic"]
+    res["ratios"] = {
+        "decode_tiered_cold_vs_memory": C["tiered_cold"]["decode_tokens_per_s"] / dyn["decode_tokens_per_s"],
+        "decode_tiered_warm_vs_memory": C["tiered_warm"]["decode_tokens_per_s"] / dyn["decode_tokens_per_s"],
+        "decode_tiered_streaming_vs_memory": C["tiered_streaming"]["decode_tokens_per_s"] / dyn["decode_tokens_per_s"],
+        "ttft_recompute_memory_over_stored": dyn["ttft_s"] / C["tiered_warm"]["ttft_s"],
+        "ttft_recompute_tiered_over_stored": C["tiered_cold"]["ttft_s"] / C["tiered_warm"]["ttft_s"],
+    }
+    res["targets"] = {"decode >= 0.8x in-memory": res["ratios"]["decode_tiered_warm_vs_memory"] >= 0.8,
+                      "stored prefix TTFT >= 5x faster": res["ratios"]["ttft_recompute_memory_over_stored"] >= 5}
+    res["machine"]["load_avg_end"] = os.getloadavg()
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=1))
+    if a.json:
+        print(json.dumps(res, indent=1))
+    else:
+        _table(res)
+    log(f"saved {a.out}")
+    return 0
+
+
+def _store_summary(store) -> dict:
+    s = store.stats()
+    return {"bytes_read": {k: v["bytes_read"] for k, v in s["tiers"].items() if v and "bytes_read" in v},
+            "bytes_written": {k: v["bytes_written"] for k, v in s["tiers"].items() if v and "bytes_written" in v},
+            "host_hits": s["hits"], "host_misses": s["misses"], "evictions": s["evictions"],
+            "direct_bytes": (s["engine"] or {}).get("direct_bytes"),
+            "buffered_bytes": (s["engine"] or {}).get("buffered_bytes")}
+
+
+def _table(res: dict) -> None:
+    print(f"context {res['context_tokens']} tokens, KV {res['kv_bytes'] / MiB:.0f} MiB, device budget "
+          f"{res['device_budget'] / MiB:.1f} MiB ({res['kv_over_budget']:.1f}x)")
+    print(f"{'contender':<20} {'TTFT s':>9} {'decode tok/s':>13} {'tokens ok':>10}")
+    for name, c in res["contenders"].items():
+        if "error" in c:
+            print(f"{name:<20} {'-':>9} {'-':>13} {'-':>10}  {c['error'][:60]}")
+        else:
+            print(f"{name:<20} {c['ttft_s']:>9.3f} {c['decode_tokens_per_s']:>13.2f} {str(c['tokens_equal_in_memory']):>10}")
+    for k, v in res["ratios"].items():
+        print(f"{k}: {v:.2f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
