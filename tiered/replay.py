@@ -233,6 +233,7 @@ def _real_loop(trace, tiers, names, policy, placement, engine, arena, path, offs
     for i in range(n):
         k, w, s = kl[i], opl[i], sizes[kl[i]]
         t0 = time.perf_counter()
+        filled = False
         if tier_of[k] < 0:
             pobs = Observation(k, osz[k], KINDS[kindl[i]], OPS[w], None, tl[i], i, 1, inf, inf, -1,
                                (used0 / cap0 if cap0 else 1.0, 0.0))
@@ -246,13 +247,18 @@ def _real_loop(trace, tiers, names, policy, placement, engine, arena, path, offs
                 used0 += osz[k]
                 peak0 = max(peak0, used0)
                 buf = alloc(s)
-                if not w:  # bytes of an object never seen come from the backing tier
+                if not w:  # bytes of an object never seen come from the backing tier: a fill
                     engine.read(path, offsets[k], buf.array, s).result(timeout=600)
+                    np.copyto(scratch.array[: sl[i]], buf.array[: sl[i]])
                     migrated += osz[k]
                     moves_n += 1
+                    filled = True
+                    served[i] = 1
                 cache[k] = buf
         src = tier_of[k]
-        if src == 0:
+        if filled:
+            pass
+        elif src == 0:
             fut = inflight.pop(k, None)
             if fut is not None:
                 fut.result(timeout=600)
