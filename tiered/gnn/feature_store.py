@@ -632,8 +632,7 @@ class TieredFeatureStore(FeatureStore):
 
         def forget(_f) -> None:
             with a.lock:
-                if entry in a.inflight:
-                    a.inflight.remove(entry)
+                a.inflight = [e for e in a.inflight if e is not entry]
 
         fut.add_done_callback(forget)
         return fut
