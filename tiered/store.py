@@ -302,6 +302,7 @@ class TieredStore:
         self._retired: list[Extent] = []
         self._issued: dict[str, int] = {}  # key -> newest version handed to a put or delete
         self._tombstones: dict[str, int] = {}  # key -> version of its latest delete
+        self._retained: dict[str, list[tuple[dict, Extent]]] = {}  # tag -> extents kept for it (checkpoints)
         self.counters = StoreCounters()
         self.host_policy = create_eviction_policy(self.config.policy.placement)
 
@@ -406,6 +407,33 @@ class TieredStore:
             tier.objects += 1
             self._objects[key] = meta
         self._gen = self._committed_gen = int(doc.get("generation", 0))
+        self._load_retained(doc.get("retained", {}), path)
+
+    def _load_retained(self, retained: dict, path: Path) -> None:
+        """Rebuild the extents kept for retention tags (see :meth:`retain`) from the manifest."""
+        extents = {(m.extent.tier, m.extent.offset): m.extent for m in self._objects.values()}
+        for tag, recs in retained.items():
+            for r in recs:
+                try:
+                    tier_name, offset, nbytes = r["tier"], int(r["offset"]), int(r["nbytes"])
+                except (KeyError, TypeError, ValueError) as e:
+                    raise StoreError(f"{path}: retained extent of tag {tag!r} is malformed ({e!r}): {r!r}") from e
+                tier = self._tiers.get(tier_name)
+                if tier is None:
+                    raise StoreError(f"{path}: tag {tag!r} retains an extent on tier {tier_name!r}, which the "
+                                     f"config ({self.config.source}) does not define")
+                ext = extents.get((tier_name, offset))
+                if ext is None:  # a superseded or deleted version: still reserved until released
+                    ext = Extent(tier_name, offset, align_up(max(nbytes, 1)), retired_gen=0)
+                    try:
+                        tier.space.mark_used(offset, ext.length)
+                    except RuntimeError as e:
+                        raise StoreError(f"{path}: tag {tag!r}: retained extent {offset}+{ext.length} on tier "
+                                         f"{tier_name!r} overlaps another or exceeds the capacity") from e
+                    extents[(tier_name, offset)] = ext
+                    self._retired.append(ext)
+                ext.readers += 1
+                self._retained.setdefault(tag, []).append((r, ext))
 
     def _snapshot(self) -> dict:
         return {
@@ -416,6 +444,8 @@ class TieredStore:
                     "tier": m.extent.tier, "offset": m.extent.offset}
                 for k, m in self._objects.items() if not m.extent.external
             },
+            **({"retained": {tag: [rec for rec, _e in recs] for tag, recs in self._retained.items()}}
+               if self._retained else {}),
         }
 
     def _commit_through(self, gen: int, on_fail: Callable[[], None] | None = None) -> None:
@@ -464,6 +494,76 @@ class TieredStore:
             else:
                 keep.append(ext)
         self._retired = keep
+
+    # -- retention (checkpoints of stored objects) ----------------------------------
+    def retain(self, tag: str, keys: list[str]) -> list[dict]:
+        """Keep the current version of each of ``keys`` where it is until ``release(tag)``.
+
+        The extents are neither overwritten nor freed, even when a key is put again or
+        deleted, and the retention is in the committed manifest before this returns (one
+        commit for all keys), so it survives a restart: a checkpoint can name the bytes
+        instead of copying them. Returns, per key, where its bytes are: data file
+        (``path``), offset, nbytes, dtype, shape, version, and the crc32 of each
+        ``segment`` bytes.
+        """
+        self._check_open()
+        check_key(tag)
+        entries: list[tuple[dict, Extent]] = []
+        with self._lock:
+            for key in keys:
+                meta = self._objects.get(key)
+                if meta is None:
+                    raise KeyError(f"retain: no object {key!r} in the store at {self.root}")
+                if meta.extent.external:
+                    raise StoreError(f"retain({key!r}): object is served in place from {meta.extent.path}, "
+                                     "which the store does not own; copy it instead")
+            for key in keys:
+                meta = self._objects[key]
+                ext = meta.extent
+                rec = {"key": key, "version": meta.version, "tier": ext.tier, "offset": ext.offset,
+                       "nbytes": meta.nbytes, "dtype": _dtype_name(meta.dtype), "shape": list(meta.shape),
+                       "crc32": list(meta.crc32), "segment": SEGMENT}
+                ext.readers += 1
+                entries.append((rec, ext))
+            self._retained.setdefault(tag, []).extend(entries)
+            self._gen += 1
+            gen = self._gen
+
+        def undo() -> None:
+            recs = self._retained.get(tag, [])
+            mine = {id(e) for e in entries}
+            recs[:] = [e for e in recs if id(e) not in mine]  # identity: equal extents may differ
+            for _rec, ext in entries:
+                ext.readers -= 1
+            if not recs:
+                self._retained.pop(tag, None)
+            self._free_retired()
+
+        self._commit_through(gen, undo)
+        return [{**rec, "path": self._tiers[rec["tier"]].data_file} for rec, _e in entries]
+
+    def release(self, tag: str) -> bool:
+        """Drop every retention of ``tag``; False when it holds none. Extents no version names any
+        more are freed once a manifest without the retention is committed."""
+        self._check_open()
+        with self._lock:
+            entries = self._retained.pop(tag, None)
+            if entries is None:
+                return False
+            self._gen += 1
+            gen = self._gen
+            for _rec, ext in entries:
+                ext.readers -= 1
+                if ext.retired_gen is not None:
+                    ext.retired_gen = max(ext.retired_gen, gen)
+        self._commit_through(gen)
+        return True
+
+    def retained(self, prefix: str = "") -> dict[str, list[dict]]:
+        """Retention tags starting with ``prefix`` and what each keeps (as :meth:`retain` returned)."""
+        with self._lock:
+            return {tag: [{**rec, "path": self._tiers[rec["tier"]].data_file} for rec, _e in recs]
+                    for tag, recs in self._retained.items() if tag.startswith(prefix)}
 
     # -- events --------------------------------------------------------------------
     def add_listener(self, fn: Callable[[AccessEvent], None]) -> None:
