@@ -71,6 +71,11 @@ def test_config_tiers_and_capacity(tmp_path):
     assert t[0].capacity == 64 << 20
     with pytest.raises(ValueError, match="fast fraction"):
         tier_models(cfg, 1, 0.0)
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps({"storage": [{"name": "nvme", "read_gbps": 2.5, "write_gbps": None}]}))
+    from tiered.replay import measured_bandwidths
+    t = tier_models(cfg, 1_000_000, 0.05, measured=measured_bandwidths(probe))
+    assert t[1].read_bw == 2.5e9 and t[1].write_bw == 2e9  # measured read, typical write
 
 
 def test_errors_are_clear(tmp_path, capsys):

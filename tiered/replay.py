@@ -3,6 +3,7 @@
 * ``sim`` replays the trace through :func:`policies.sim.simulate` against
   tier cost models: speeds from the config's tiers (a storage tier's
   ``read_bandwidth``/``write_bandwidth`` when set, else typical NVMe figures),
+  or measured by ``tiered probe --json`` (``--probe FILE``);
   capacities by default a fraction of the trace's footprint (the fast tier
   is ``--fast-fraction`` of it, 8% unless told: the regime where policies differ).
 * ``real`` performs the I/O: the fast tier is a :class:`~allocators.HostArena`
@@ -47,12 +48,24 @@ _SPEED = {  # latency s, read B/s, write B/s: typical figures when the config sa
 }
 
 
+def measured_bandwidths(probe_json: str | os.PathLike) -> dict[str, tuple[float | None, float | None]]:
+    """Storage tier name -> (read, write) bytes/s from a ``tiered probe --json`` output file."""
+    data = json.loads(Path(probe_json).read_text())
+    out = {}
+    for t in data.get("storage", []):
+        r, w = t.get("read_gbps"), t.get("write_gbps")
+        out[t["name"]] = (r * 1e9 if r else None, w * 1e9 if w else None)
+    return out
+
+
 def tier_models(cfg: Config | None, footprint: int, fast_fraction: float = 0.08,
-                use_config_capacity: bool = False) -> tuple[TierModel, ...]:
+                use_config_capacity: bool = False,
+                measured: dict[str, tuple[float | None, float | None]] | None = None) -> tuple[TierModel, ...]:
     """Tier models fastest first, the last storage tier as the backing tier.
 
     Cache tiers get ``fast_fraction`` of ``footprint`` (each slower cache tier
-    four times the one above), unless ``use_config_capacity``.
+    four times the one above), unless ``use_config_capacity``. Bandwidths:
+    ``measured`` (from ``tiered probe``) over the config's throttles over typical figures.
     """
     if not 0 < fast_fraction <= 1:
         raise ValueError(f"fast fraction must be in (0, 1], got {fast_fraction}")
@@ -64,6 +77,8 @@ def tier_models(cfg: Config | None, footprint: int, fast_fraction: float = 0.08,
     cap = max(1, int(footprint * fast_fraction))
     for i, (name, kind, capacity, rbw, wbw) in enumerate(specs):
         lat, r, w = _SPEED[kind]
+        mr, mw = (measured or {}).get(name, (None, None))
+        rbw, wbw = mr or rbw, mw or wbw
         last = i == len(specs) - 1
         c = math.inf if last else (capacity if use_config_capacity and capacity else cap)
         out.append(TierModel(name, c, lat, float(rbw or r), float(wbw or w)))
@@ -359,6 +374,7 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast-fraction", type=float, default=0.08,
                    help="fast tier capacity as a fraction of the trace footprint (default 0.08)")
     p.add_argument("--config-capacity", action="store_true", help="use the config's tier capacities instead")
+    p.add_argument("--probe", default=None, help="JSON from `tiered probe --json`: measured storage bandwidths")
     p.add_argument("--limit", type=int, default=None, help="replay only the first N accesses")
     p.add_argument("--block-size", type=int, default=None, help="block size for block traces (importer default)")
     p.add_argument("--bytes-per-token", type=int, default=None, help="Mooncake: KV bytes per token")
@@ -426,7 +442,10 @@ def replay_main(args: argparse.Namespace) -> int:
             trace = _head(trace, args.limit)
         cfg = load_config(args.config) if (args.config or args.mode == "real") else None
         footprint = trace.footprint
-        tiers = tier_models(cfg, footprint, args.fast_fraction, args.config_capacity)
+        measured = measured_bandwidths(args.probe) if args.probe else None
+        if measured and cfg is None:
+            cfg = load_config(None)
+        tiers = tier_models(cfg, footprint, args.fast_fraction, args.config_capacity, measured)
         names = [p.strip() for p in args.policy.split(",") if p.strip()]
         closed = None if args.loop == "auto" else args.loop == "closed"
         rows = run_replay(trace, names, tiers, mode=args.mode, cfg=cfg, closed_loop=closed, window=args.window,
