@@ -297,3 +297,21 @@ def test_layering():
             "bad=[m for m in sys.modules if m.split('.')[0] in ('tiered','io_engine','allocators','traces')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_rl_policy_conformance():
+    """The RL agents (policies/rl, another module's work) obey the same contract when present."""
+    pytest.importorskip("torch")
+    try:
+        pol = create_policy("rl")
+    except KeyError as e:
+        pytest.skip(f"rl policy not available: {e}")
+    rng = np.random.default_rng(3)
+    n = 1000
+    keys = rng.zipf(1.3, n) % 200
+    tr = make_trace(keys, (rng.integers(1, 8, 200) * 512)[keys], (rng.random(n) < 0.2).astype(np.uint8))
+    try:
+        r = simulate(tr, two_tiers(20_000), pol)  # PolicyError on any bad decision
+    finally:
+        pol.close()
+    assert r.peak_used[0] <= 20_000 and r.latency_s.shape == (n,)
