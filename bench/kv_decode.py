@@ -15,13 +15,16 @@ process, in this order:
 3. ``TieredCache`` cold: device budget ``--budget`` (default: 1/4 of the
    KV of the context), host tier 2x the KV, storage tier under ``--dir``;
    prefill runs in full and the prompt's full blocks are saved durably;
-4. ``TieredCache`` warm: the store is closed, caches dropped
+4. ``TieredCache`` warm (twice: gathering the next layer on the gather
+   thread, ``lookahead=1``, and on demand in the compute thread,
+   ``lookahead=0``): the store is closed, caches dropped
    (``sync; echo 3 > /proc/sys/vm/drop_caches`` when root; reads are O_DIRECT
    anyway), the store reopened, a new cache loads the stored prefix (read
    cold from storage, checksummed) and prefill runs on the 8-token suffix
    only: TTFT from store vs recomputed;
-5. ``TieredCache`` streaming: the same, with a host tier of 1/3 of the KV,
-   so most blocks come from storage on every decode step.
+5. ``TieredCache`` streaming: a second store with a host tier of 1/3 of
+   the KV and one layer per stored block part, full prefill, then decode:
+   most blocks come from storage (O_DIRECT) on every decode step.
 
 Tokens of every contender are compared with the in-memory ones. torch runs
 one intra-op thread (``torch.set_num_threads(1)``): on this 2-core machine
@@ -116,8 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=32, help="tokens generated per contender")
     p.add_argument("--block", type=int, default=512, help="tokens per KV block")
     p.add_argument("--budget", type=int, default=None, help="device budget in bytes (default: KV / 4)")
-    p.add_argument("--layers-per-object", type=int, default=1,
-                   help="layers per stored block part (1: a step streaming from storage reads each byte once)")
+    p.add_argument("--layers-per-object", type=int, default=None,
+                   help="layers per stored block part for rows 3-4 (default: all layers in one object)")
     p.add_argument("--dir", default="/tmp/tiered_kv_bench", help="storage tier directory (deleted after)")
     p.add_argument("--small", action="store_true", help="8 layers, hidden 128 (a quick check)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "kv_decode_cpu.json"))
@@ -171,19 +174,30 @@ def main(argv=None) -> int:
         C["tiered_cold"]["store"] = _store_summary(store)
     gc.collect()
 
-    for name, host, label in (("tiered_warm", host_big, "4/5 TieredCache warm (prefix loaded cold from storage)"),
-                              ("tiered_streaming", kv_bytes // 3, "5/5 TieredCache, host tier 1/3 of the KV")):
-        log(label)
-        res.setdefault("caches_dropped", drop_caches())
-        with tiered.TieredStore(store_config(directory, host, storage)) as store:
+    for name, lookahead in (("tiered_warm", 1), ("tiered_warm_sync", 0)):
+        log(f"4/5 TieredCache warm (prefix loaded cold from storage), lookahead {lookahead}")
+        res["caches_dropped"] = drop_caches()
+        with tiered.TieredStore(store_config(directory, host_big, storage)) as store:
             kv = KVStore(store, ident, block_size=a.block, layers_per_object=a.layers_per_object)
-            with TieredCache(model.config, kv, device_budget=budget) as cache:
+            with TieredCache(model.config, kv, device_budget=budget, lookahead=lookahead) as cache:
                 C[name] = decode(model, cache, ids, a.new, before=lambda: cache.load_prefix(ids),
                                  probe=lambda: cache.device_bytes()["total"])
                 C[name]["cache"] = cache.stats()
             C[name]["store"] = _store_summary(store)
-            C[name]["host_tier"] = host
+            C[name]["lookahead"] = lookahead
         gc.collect()
+
+    log("5/5 TieredCache streaming: host tier 1/3 of the KV, one layer per stored part (full prefill first)")
+    stream_dir = directory / "streaming"
+    with tiered.TieredStore(store_config(stream_dir, kv_bytes // 3, storage)) as store:
+        kv = KVStore(store, ident, block_size=a.block, layers_per_object=1)
+        with TieredCache(model.config, kv, device_budget=budget) as cache:
+            C["tiered_streaming"] = decode(model, cache, ids, a.new, probe=lambda: cache.device_bytes()["total"])
+            C["tiered_streaming"]["cache"] = cache.stats()
+        C["tiered_streaming"]["store"] = _store_summary(store)
+        C["tiered_streaming"]["host_tier"] = kv_bytes // 3
+        C["tiered_streaming"]["layers_per_object"] = 1
+    gc.collect()
     shutil.rmtree(directory, ignore_errors=True)
 
     for c in C.values():
@@ -193,6 +207,7 @@ def main(argv=None) -> int:
     res["ratios"] = {
         "decode_tiered_cold_vs_memory": C["tiered_cold"]["decode_tokens_per_s"] / dyn["decode_tokens_per_s"],
         "decode_tiered_warm_vs_memory": C["tiered_warm"]["decode_tokens_per_s"] / dyn["decode_tokens_per_s"],
+        "decode_tiered_warm_sync_vs_memory": C["tiered_warm_sync"]["decode_tokens_per_s"] / dyn["decode_tokens_per_s"],
         "decode_tiered_streaming_vs_memory": C["tiered_streaming"]["decode_tokens_per_s"] / dyn["decode_tokens_per_s"],
         "ttft_recompute_memory_over_stored": dyn["ttft_s"] / C["tiered_warm"]["ttft_s"],
         "ttft_recompute_tiered_over_stored": C["tiered_cold"]["ttft_s"] / C["tiered_warm"]["ttft_s"],

@@ -92,6 +92,12 @@ def kv_geometry(config) -> tuple[int, int, int]:
     return layers, kv_heads, head_dim
 
 
+def _release_lease(f) -> None:
+    """Done-callback for a read nobody will consume (an error stopped the loop): unpin it."""
+    if not f.cancelled() and f.exception() is None:
+        f.result().release()
+
+
 class TieredLayer(CacheLayerMixin):
     """One layer's view of a :class:`TieredCache`: its tail of tokens since the last commit."""
 
@@ -191,6 +197,8 @@ class TieredCache(Cache):
         self._slots: list[list[torch.Tensor | None]] = [[None, None] for _ in range(self.lookahead + 1)]
         self._turn = 0  # slot of the next update call
         self._pending: deque = deque()  # scheduled gathers: (layer, tokens, slot, future)
+        self._step_leases: dict = {}  # (block index, part) -> Lease pinned for this step's layers
+        self._step_pinned = 0
         self._hashes: list[str] = []  # chained hashes of the known prompt's full blocks
         self._errors: list[BaseException] = []
         for layer in self.layers:
@@ -241,6 +249,7 @@ class TieredCache(Cache):
             except BaseException as e:  # noqa: BLE001 - re-raised below after cleanup
                 errors.append(e)
         self._pending.clear()
+        self._release_step_leases()
         for b in self._blocks:
             for f in b.saving or ():
                 try:
@@ -408,51 +417,97 @@ class TieredCache(Cache):
             nxt += 1
 
     def _gather(self, l: int, slot: int, tokens: int) -> None:
-        """Copy layer ``l``'s blocks (device or store) and tail into ``slot`` laid out for ``tokens``."""
+        """Copy layer ``l``'s blocks (device or store) and tail into ``slot`` laid out for ``tokens``.
+
+        Sources are copied with one ``torch.cat(out=)`` per run of blocks (the GIL is
+        released for the whole copy, so the gather thread barely slows the compute
+        thread's Python). A stored part that spans several layers stays pinned for
+        the step (one read and one acquire per step, not per layer) while half the
+        host tier allows.
+        """
         kk, vv = self._views(slot, tokens)
         bs = self.block_size
-        blocks = list(self._blocks)
-        remote = [b for b in blocks if b.data is None]
-        futs: dict[int, object] = {}
-        issued = 0
-
-        window = self._window()
         part = self._part_of[l]
-        at = l - self._parts[part][0]
+        lo_p, hi_p = self._parts[part]
+        at = l - lo_p
+        keep = hi_p - lo_p > 1 and l < hi_p - 1  # later layers of this part still need it this step
+        blocks = list(self._blocks)
+        remote = [b for b in blocks if b.data is None and (b.index, part) not in self._step_leases]
+        futs: dict[int, Future] = {}
+        issued = 0
+        window = self._window()
+        held: list = []  # leases to release once their run is copied
+        run_k: list[torch.Tensor] = []
+        run_v: list[torch.Tensor] = []
+        run_lo = 0
 
         def issue() -> None:
             nonlocal issued
-            while issued < len(remote) and len(futs) < window:
+            while issued < len(remote) and len(futs) + len(held) < window:
                 b = remote[issued]
                 futs[b.index] = self.kv.store.acquire(b.keys[part])
                 issued += 1
 
+        def flush(upto: int) -> None:
+            nonlocal run_lo
+            if run_k:
+                torch.cat(run_k, dim=-2, out=kk[:, :, run_lo:upto])
+                torch.cat(run_v, dim=-2, out=vv[:, :, run_lo:upto])
+            run_k.clear()
+            run_v.clear()
+            for lease in held:
+                lease.release()
+            held.clear()
+            run_lo = upto
+
         try:
             issue()
             for b in blocks:
-                lo, hi = b.index * bs, (b.index + 1) * bs
                 if b.data is not None:
-                    kk[:, :, lo:hi].copy_(b.data[l, 0])
-                    vv[:, :, lo:hi].copy_(b.data[l, 1])
-                    continue
-                lease = futs.pop(b.index).result(timeout=self.io_timeout)
-                try:
-                    kk[:, :, lo:hi].copy_(lease.tensor[at, 0])
-                    vv[:, :, lo:hi].copy_(lease.tensor[at, 1])
-                finally:
-                    lease.release()
-                self.counters["store_reads"] += 1
+                    src = b.data[l]
+                else:
+                    lease = self._step_leases.get((b.index, part))
+                    if lease is None:
+                        lease = futs.pop(b.index).result(timeout=self.io_timeout)
+                        self.counters["store_reads"] += 1
+                        nbytes = lease.tensor.numel() * lease.tensor.element_size()
+                        if keep and self._step_pinned + nbytes <= self._pin_limit():
+                            self._step_leases[(b.index, part)] = lease
+                            self._step_pinned += nbytes
+                        else:
+                            held.append(lease)
+                    src = lease.tensor[at]
+                run_k.append(src[0])
+                run_v.append(src[1])
+                if len(held) >= max(1, window // 2):
+                    flush((b.index + 1) * bs)
                 issue()
+            layer = self.layers[l]
+            if layer.tail_k is not None:
+                run_k.append(layer.tail_k)
+                run_v.append(layer.tail_v)
+            flush(self._committed + layer.tail_len)
         finally:
+            for lease in held:
+                lease.release()
             for f in futs.values():  # an error left reads in flight: release what they pin
-                f.add_done_callback(lambda g: g.exception() is None and not g.cancelled() and g.result().release())
-        layer = self.layers[l]
-        if layer.tail_k is not None:
-            kk[:, :, self._committed:self._committed + layer.tail_len].copy_(layer.tail_k)
-            vv[:, :, self._committed:self._committed + layer.tail_len].copy_(layer.tail_v)
+                f.add_done_callback(_release_lease)
+            if l == hi_p - 1:  # the part's last layer: its step pins are done
+                self._release_step_leases(part)
+
+    def _pin_limit(self) -> int:
+        arena = self.kv.store.arena
+        return arena.capacity // 2 if arena is not None else 0
+
+    def _release_step_leases(self, part: int | None = None) -> None:
+        for key in [k for k in self._step_leases if part is None or k[1] == part]:
+            lease = self._step_leases.pop(key)
+            self._step_pinned -= lease.tensor.numel() * lease.tensor.element_size()
+            lease.release()
 
     def _commit(self) -> None:
         """After the last layer: turn every full block of the tails into an all-layer block."""
+        self._release_step_leases()  # normally none left: every part's last layer released its own
         tail = self.layers[0].tail_len
         if any(layer.tail_len != tail for layer in self.layers):
             raise KVCacheError("TieredCache: layers received different numbers of tokens in one step "
@@ -549,7 +604,7 @@ class TieredCache(Cache):
                     nxt += 1
         finally:
             for f in futs:
-                f.add_done_callback(lambda g: g.exception() is None and not g.cancelled() and g.result().release())
+                f.add_done_callback(_release_lease)
         self._blocks = loaded
         self._committed = len(loaded) * self.block_size
         self.counters["prefix_tokens_loaded"] += self._committed
