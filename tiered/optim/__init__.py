@@ -1,0 +1,13 @@
+"""Optimizers whose state lives in the tiered store.
+
+- :class:`OffloadedAdamW`: AdamW with fp32 master weights and both moments in
+  the store, streamed in chunks by a pipelined ``step()``; bitwise equal to
+  ``torch.optim.AdamW``; crash-consistent (double-buffered by step parity).
+- :class:`ZOSGD`: zeroth-order (MeZO / ZO2) fine-tuning of a model wrapped by
+  :func:`tiered.offload`, one read of every weight per step.
+"""
+
+from .adamw import OffloadedAdamW, OptimStateError
+from .zo import ZOSGD, mezo_noise
+
+__all__ = ["OffloadedAdamW", "OptimStateError", "ZOSGD", "mezo_noise"]

@@ -1,0 +1,661 @@
+"""``OffloadedAdamW``: AdamW whose fp32 master weights and moments live in the tiered store.
+
+The state is cut into chunks (whole parameters, or 4096-element-aligned slices
+of large ones; one chunk per unit for a model wrapped by ``tiered.offload``).
+Each chunk is one store object ``[master | exp_avg | exp_avg_sq | step tag]``
+(fp32), so a chunk is one read and one write. ``step()`` streams them as the
+ZeRO-Infinity pipeline does: while chunk *i* is updated on the CPU, chunks
+*i+1..i+k* are being read by the engine and chunk *i-1* is being written.
+The update itself is torch's own functional AdamW on views of the chunk, so
+results are bitwise those of ``torch.optim.AdamW`` with the same
+``foreach``/``fused`` setting.
+
+Crash consistency: step *s* writes its chunks under keys of parity ``s % 2``
+and, only once all of them are durable, a marker object naming step *s*. The
+state of step *s-1* (the other parity) is never touched by step *s*, so a
+kill at any point leaves the marker naming a step whose chunks are all
+present; each chunk also carries the step it belongs to, checked on every read,
+so a state that mixes steps is refused with :class:`OptimStateError` instead
+of being used.
+
+Training a model wrapped by ``tiered.offload`` (``model=``): in backward each
+unit's gradients are handed to the optimizer as soon as they are complete
+(post-accumulate-grad hooks); the unit's state chunk is updated right away
+(its read was started when the unit's backward began), the new weights are
+written into the unit's store objects, and the gradients are released. So
+neither the weights, nor the gradients, nor the optimizer state need to be in
+memory at once. ``step()`` then updates what backward did not (parameters
+outside units, unused ones) and commits the step.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.adamw import adamw as _functional_adamw
+
+from allocators import OutOfBudget
+from io_engine import Priority
+
+from ..config import load_config
+from ..store import Lease, StoreError, TieredStore
+
+log = logging.getLogger("tiered.optim")
+
+_WAIT = 600.0  # seconds any wait on the store may take before it is an error
+_TAG = 2  # trailing fp32 slots of a chunk: the step it holds, as two int32
+_ALIGN_ELEMS = 4096  # a large parameter is split at multiples of this many elements
+
+
+class OptimStateError(StoreError):
+    """The optimizer state in the store is missing, of another layout, or mixes steps."""
+
+
+@dataclass
+class _Segment:
+    param: int  # index into OffloadedAdamW._params
+    group: int
+    start: int
+    stop: int
+
+    @property
+    def numel(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class _Chunk:
+    index: int
+    segments: list[_Segment]
+    unit: object = None  # the offload unit whose parameters these are (training offloaded weights)
+    expected: int = 0  # parameters whose gradient completes the chunk in backward
+    arrived: set = field(default_factory=set)
+
+    @property
+    def numel(self) -> int:
+        return sum(s.numel for s in self.segments)
+
+
+def _encode_step(buf: torch.Tensor, step: int) -> None:
+    tag = buf[-_TAG:].view(torch.int32)
+    tag[0], tag[1] = step & 0x7FFFFFFF, step >> 31
+
+
+def _decode_step(buf: torch.Tensor) -> int:
+    tag = buf[-_TAG:].view(torch.int32)
+    return int(tag[0]) | (int(tag[1]) << 31)
+
+
+class OffloadedAdamW(Optimizer):
+    """AdamW with its state in a :class:`~tiered.TieredStore`; see the module docstring.
+
+    ``store``: an open store (the caller closes it); else ``config`` (TOML path, dict,
+    Config or None) names one that :meth:`open` opens and :meth:`close` closes; with
+    ``model`` (a model wrapped by ``tiered.offload``) the model's store is the default.
+    ``name``: key prefix of this optimizer's objects. ``chunk_bytes``: target size of one
+    chunk object (12 bytes per element; default: what the host tier holds ``lookahead + 3``
+    of, at most 32 MiB). ``lookahead``: chunks read ahead of the update.
+    ``resume``: continue from the last complete step found in the store (else finding
+    state there is an error, so two runs cannot silently share it).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, maximize: bool = False,
+                 foreach: bool | None = False, fused: bool | None = None, config=None,
+                 store: TieredStore | None = None, model: nn.Module | None = None, name: str = "adamw",
+                 chunk_bytes: int | None = None, lookahead: int = 2, resume: bool = False) -> None:
+        if not 0.0 <= lr:
+            raise ValueError(f"OffloadedAdamW: lr must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"OffloadedAdamW: betas must be in [0, 1), got {betas}")
+        if not 0.0 <= eps:
+            raise ValueError(f"OffloadedAdamW: eps must be >= 0, got {eps}")
+        if chunk_bytes is not None and chunk_bytes < 12 * _ALIGN_ELEMS:
+            raise ValueError(f"OffloadedAdamW: chunk_bytes must be >= {12 * _ALIGN_ELEMS}, got {chunk_bytes}")
+        if lookahead < 0:
+            raise ValueError(f"OffloadedAdamW: lookahead must be >= 0, got {lookahead}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                        foreach=foreach, fused=fused, amsgrad=False)
+        super().__init__(params, defaults)
+        self._rt = getattr(model, "_tiered", None) if model is not None else None
+        if model is not None and self._rt is None:
+            raise ValueError(f"OffloadedAdamW(model=...): {type(model).__name__} is not wrapped by tiered.offload")
+        self._config = config
+        self._store = store if store is not None else (self._rt.store if self._rt is not None else None)
+        self._owns_store = self._store is None
+        self.name = name
+        self.chunk_bytes = chunk_bytes
+        self.lookahead = lookahead
+        self.resume = resume
+        self._params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
+        self._group_of: list[int] = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+        self._chunks: list[_Chunk] = []
+        self._param_steps: list[int] = [0] * len(self._params)
+        self._step = 0  # last committed step
+        self._updated: set[int] = set()  # chunk indexes already updated in the step in progress
+        self._stepped_params: set[int] = set()
+        self._writes: list = []
+        self._state_reads: dict[int, object] = {}  # chunk index -> acquire future started in backward
+        self._hooks: list = []
+        self._open = False
+
+    # -- lifecycle -------------------------------------------------------------------
+    def open(self) -> "OffloadedAdamW":
+        """Open the store (if this optimizer owns it), plan the chunks, find earlier state."""
+        if self._open:
+            return self
+        if self._owns_store:
+            self._store = TieredStore(load_config(self._config)).open()
+        try:
+            self._plan_chunks()
+            self._check_budget()
+            if self._marker_key in self._store:
+                if not self.resume:
+                    step = int(self._read_marker()[0])
+                    raise OptimStateError(
+                        f"store at {self._store.root} already holds optimizer state {self.name!r} at step {step} "
+                        f"(object {self._marker_key!r}); pass resume=True to continue it, or another name=")
+                self._recover()
+            if self._rt is not None:
+                self._install_grad_hooks()
+        except BaseException:
+            self._remove_hooks()
+            if self._owns_store:
+                self._store.close()
+            raise
+        self._open = True
+        return self
+
+    def close(self) -> None:
+        """Wait for outstanding writes; close the store if this optimizer opened it."""
+        if not self._open:
+            return
+        self._open = False
+        self._remove_hooks()
+        self._drop_state_reads()
+        try:
+            self._wait_writes()
+        finally:
+            if self._owns_store:
+                self._store.close()
+
+    def __enter__(self) -> "OffloadedAdamW":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise OptimStateError("OffloadedAdamW is not open: call open() or use it as a context manager")
+
+    @property
+    def store(self) -> TieredStore:
+        return self._store
+
+    @property
+    def _marker_key(self) -> str:
+        return f"{self.name}/step"
+
+    def _chunk_key(self, c: _Chunk, step: int) -> str:
+        return f"{self.name}/c{c.index:06d}/{step % 2}"
+
+    # -- planning --------------------------------------------------------------------
+    def _plan_chunks(self) -> None:
+        index_of = {id(p): i for i, p in enumerate(self._params)}
+        for i, p in enumerate(self._params):
+            if p.is_sparse or p.is_complex():
+                raise ValueError(f"OffloadedAdamW: parameter {i} is sparse or complex, which is not supported")
+        assigned: set[int] = set()
+        chunks: list[_Chunk] = []
+        if self._rt is not None:
+            self._rt.check_trainable()
+            for u in self._rt.units:
+                segs = []
+                for s in u.slots:
+                    if s.is_buffer:
+                        continue
+                    i = index_of.get(id(s.tensor()))
+                    if i is None or i in assigned:
+                        continue
+                    assigned.add(i)
+                    segs.append(_Segment(i, self._group_of[i], 0, s.shape.numel()))
+                if segs:
+                    chunks.append(_Chunk(len(chunks), segs, unit=u, expected=len(segs)))
+        chunk_bytes = self.chunk_bytes
+        if chunk_bytes is None:
+            chunk_bytes = min(32 << 20, self._store.arena.capacity // (self.lookahead + 3) - 4096 - 4 * _TAG)
+        limit = max(_ALIGN_ELEMS, chunk_bytes // 12 // _ALIGN_ELEMS * _ALIGN_ELEMS)
+        cur: list[_Segment] = []
+        room = limit
+        for i, p in enumerate(self._params):
+            if i in assigned:
+                continue
+            if self._rt is not None and self._rt.owns_param(p):
+                raise ValueError(f"OffloadedAdamW: parameter {i} belongs to the offloaded model but to no unit")
+            n, start = p.numel(), 0
+            while start < n:
+                take = min(n - start, room)
+                if take < n - start:  # a split: keep slices aligned so kernels see the same layout
+                    take = take // _ALIGN_ELEMS * _ALIGN_ELEMS
+                if take == 0:
+                    chunks.append(_Chunk(len(chunks), cur))
+                    cur, room = [], limit
+                    continue
+                cur.append(_Segment(i, self._group_of[i], start, start + take))
+                start += take
+                room -= take
+                if room == 0:
+                    chunks.append(_Chunk(len(chunks), cur))
+                    cur, room = [], limit
+        if cur:
+            chunks.append(_Chunk(len(chunks), cur))
+        self._chunks = chunks
+
+    def _check_budget(self) -> None:
+        if not self._chunks:
+            return
+        biggest = max(c.numel for c in self._chunks) * 12 + 4 * _TAG + 4096
+        need = (self.lookahead + 3) * biggest
+        cap = self._store.arena.capacity
+        if need > cap:
+            raise OptimStateError(
+                f"OffloadedAdamW: host tier of {cap} bytes cannot hold {self.lookahead + 3} state chunks of "
+                f"{biggest} bytes (lookahead {self.lookahead} + the one updated + 2 being written); lower "
+                "chunk_bytes or lookahead, or raise [tiers.host] capacity")
+
+    # -- stepping --------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """Update every chunk backward did not, then commit the step (durable when this returns)."""
+        self._check_open()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        s = self._step + 1
+        todo = [c for c in self._chunks if c.index not in self._updated]
+        self._run(todo, s)
+        self._commit(s)
+        return loss
+
+    def _run(self, chunks: list[_Chunk], s: int) -> None:
+        """The pipeline: reads of the next ``lookahead`` chunks are in flight while one is updated."""
+        reads: deque = deque()
+        nxt = 0
+
+        def issue() -> None:
+            nonlocal nxt
+            reads.append(self._start_read(chunks[nxt], s))
+            nxt += 1
+
+        try:
+            while nxt < len(chunks) and len(reads) <= self.lookahead:
+                issue()
+            for c in chunks:
+                lease_f = reads.popleft()
+                self._update(c, s, lease_f)
+                if nxt < len(chunks):
+                    issue()
+        except BaseException:
+            for f in reads:
+                _drop(f)
+            raise
+
+    def _start_read(self, c: _Chunk, s: int):
+        if s == 1:
+            return None
+        f = self._state_reads.pop(c.index, None)
+        if f is not None:
+            return f
+        return self._store.acquire(self._chunk_key(c, s - 1), priority=Priority.DEMAND, wait=_WAIT)
+
+    def _grad(self, i: int) -> torch.Tensor | None:
+        return self._params[i].grad
+
+    def _update(self, c: _Chunk, s: int, lease_f) -> None:
+        """Update one chunk from its step ``s-1`` state; start writing it as step ``s``."""
+        if c.index in self._updated:
+            raise OptimStateError(f"chunk {c.index} of {self.name!r} was updated twice in step {s}: "
+                                  "call step() after every backward")
+        lease: Lease | None = None
+        unit_views = None
+        try:
+            n = c.numel
+            if lease_f is None:
+                buf = torch.zeros(3 * n + _TAG, dtype=torch.float32)
+            else:
+                lease = lease_f.result(timeout=_WAIT)
+                buf = lease.tensor
+                key = self._chunk_key(c, s - 1)
+                if buf.dtype != torch.float32 or buf.shape != (3 * n + _TAG,):
+                    raise OptimStateError(f"object {key!r} holds {buf.dtype}{tuple(buf.shape)}, expected "
+                                          f"float32({3 * n + _TAG},): the store holds another layout")
+                held = _decode_step(buf)
+                if held != s - 1:
+                    raise OptimStateError(f"object {key!r} holds state of step {held}, expected {s - 1}: "
+                                          "the stored state mixes steps")
+            master, m, v = buf[:n], buf[n:2 * n], buf[2 * n:3 * n]
+            if c.unit is not None:
+                unit_views = self._rt.open_unit_params(c.unit)
+            if lease_f is None:
+                self._init_master(c, master, unit_views)
+            per_group: dict[int, tuple[list, list, list, list, list]] = {}
+            done: list[tuple[_Segment, int]] = []
+            off = 0
+            for seg in c.segments:
+                g = self._grad(seg.param)
+                if g is not None:
+                    if g.is_sparse:
+                        raise ValueError(f"OffloadedAdamW: parameter {seg.param} has a sparse gradient")
+                    gv = g.reshape(-1)[seg.start:seg.stop]
+                    if gv.dtype != torch.float32:
+                        gv = gv.float()
+                    lists = per_group.setdefault(seg.group, ([], [], [], [], []))
+                    lists[0].append(master[off:off + seg.numel])
+                    lists[1].append(gv)
+                    lists[2].append(m[off:off + seg.numel])
+                    lists[3].append(v[off:off + seg.numel])
+                    lists[4].append(torch.tensor(float(self._param_steps[seg.param]), dtype=torch.float32))
+                    done.append((seg, off))
+                off += seg.numel
+            for gi, (ps, gs, ms, vs, steps) in per_group.items():
+                grp = self.param_groups[gi]
+                beta1, beta2 = grp["betas"]
+                _functional_adamw(ps, gs, ms, vs, [], steps, foreach=grp["foreach"], fused=grp["fused"],
+                                  amsgrad=False, beta1=beta1, beta2=beta2, lr=grp["lr"],
+                                  weight_decay=grp["weight_decay"], eps=grp["eps"], maximize=grp["maximize"])
+            for seg, o in done:
+                self._stepped_params.add(seg.param)
+                new = master[o:o + seg.numel]
+                p = self._params[seg.param]
+                if unit_views is not None:
+                    for view in unit_views.views[id(p)]:
+                        view.copy_(new.view(view.shape))
+                else:
+                    p.data.view(-1)[seg.start:seg.stop].copy_(new)
+                if c.unit is not None:
+                    p.grad = None  # handed over in backward: released now
+            _encode_step(buf, s)
+            self._writes.append(self._store.put(self._chunk_key(c, s), buf, kind="optimizer"))
+            if unit_views is not None:
+                self._rt.write_unit_params(unit_views)
+                unit_views = None
+            self._updated.add(c.index)
+        finally:
+            if unit_views is not None:
+                unit_views.abandon()
+            if lease is not None:
+                lease.release()
+                # the cached copy of the step s-1 object was changed in place: never serve it again
+                self._store.evict(self._chunk_key(c, s - 1))
+            elif lease_f is not None:
+                _drop(lease_f)
+
+    def _init_master(self, c: _Chunk, master: torch.Tensor, unit_views) -> None:
+        off = 0
+        for seg in c.segments:
+            p = self._params[seg.param]
+            if unit_views is not None:
+                src = unit_views.views[id(p)][0].reshape(-1)
+            else:
+                src = p.detach().reshape(-1)[seg.start:seg.stop]
+            master[off:off + seg.numel].copy_(src)
+            off += seg.numel
+
+    def _commit(self, s: int) -> None:
+        """Every chunk of step ``s`` durable, then the marker naming ``s``."""
+        self._wait_writes()
+        for i in self._stepped_params:
+            self._param_steps[i] += 1
+        marker = torch.tensor([s, len(self._chunks), sum(c.numel for c in self._chunks)] + self._param_steps,
+                              dtype=torch.int64)
+        self._store.put(self._marker_key, marker, kind="optimizer").result(timeout=_WAIT)
+        self._step = s
+        self._updated.clear()
+        self._stepped_params.clear()
+        for c in self._chunks:
+            c.arrived.clear()
+
+    def _wait_writes(self) -> None:
+        writes, self._writes = self._writes, []
+        errors = []
+        for f in writes:
+            try:
+                f.result(timeout=_WAIT)
+            except Exception as e:  # noqa: BLE001 - every write is waited for; the first error is raised
+                errors.append(e)
+        if self._rt is not None:
+            self._rt.wait_writes()
+        if errors:
+            raise errors[0]
+
+    # -- offloaded weights: gradients handed over in backward --------------------------
+    def _install_grad_hooks(self) -> None:
+        by_param: dict[int, _Chunk] = {}
+        for c in self._chunks:
+            if c.unit is not None:
+                for seg in c.segments:
+                    by_param[seg.param] = c
+        for i, p in enumerate(self._params):
+            c = by_param.get(i)
+            if c is None:
+                continue
+            if not p.requires_grad:
+                c.expected -= 1
+                continue
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(c, i)))
+        self._rt.backward_listeners.append(self._on_backward_load)
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self._rt is not None and self._on_backward_load in self._rt.backward_listeners:
+            self._rt.backward_listeners.remove(self._on_backward_load)
+
+    def _grad_hook(self, c: _Chunk, i: int):
+        def hook(_p) -> None:
+            c.arrived.add(i)
+            if len(c.arrived) == c.expected and self._open:
+                s = self._step + 1
+                self._update(c, s, self._start_read(c, s))
+        return hook
+
+    def _on_backward_load(self, unit) -> None:
+        """A unit's backward begins: start reading its state chunk, so the update need not wait."""
+        s = self._step + 1
+        if s == 1:
+            return
+        for c in self._chunks:
+            if c.unit is unit and c.index not in self._state_reads and c.index not in self._updated:
+                try:
+                    self._state_reads[c.index] = self._store.acquire(
+                        self._chunk_key(c, s - 1), priority=Priority.PREFETCH, wait=0.0)
+                except OutOfBudget:  # no room to read ahead now: the update reads on demand
+                    pass
+
+    def _drop_state_reads(self) -> None:
+        reads, self._state_reads = self._state_reads, {}
+        for f in reads.values():
+            _drop(f)
+
+    # -- recovery, state_dict -----------------------------------------------------------
+    def _read_marker(self) -> torch.Tensor:
+        return self._store.get(self._marker_key).result(timeout=_WAIT)
+
+    def _recover(self) -> None:
+        """Continue from the last complete step: check its chunks, put its masters in the params."""
+        marker = self._read_marker()
+        s, nchunks, numel = (int(x) for x in marker[:3])
+        total = sum(c.numel for c in self._chunks)
+        if nchunks != len(self._chunks) or numel != total or marker.numel() != 3 + len(self._params):
+            raise OptimStateError(
+                f"object {self._marker_key!r} describes {nchunks} chunks of {numel} elements for "
+                f"{marker.numel() - 3} parameters; this optimizer has {len(self._chunks)} chunks of {total} "
+                f"elements for {len(self._params)} parameters (another model, or other chunk_bytes)")
+        self._param_steps = [int(x) for x in marker[3:]]
+        self._step = s
+        with torch.no_grad():
+            for c in self._chunks:
+                self._load_chunk(c, s, into_params=True)
+        self._wait_writes()
+
+    def _load_chunk(self, c: _Chunk, s: int, into_params: bool = False,
+                    out: dict | None = None) -> None:
+        key = self._chunk_key(c, s)
+        if key not in self._store:
+            raise OptimStateError(f"object {key!r} of step {s} is missing from the store at {self._store.root}")
+        with self._store.acquire(key, wait=_WAIT).result(timeout=_WAIT) as lease:
+            buf, n = lease.tensor, c.numel
+            if buf.shape != (3 * n + _TAG,) or _decode_step(buf) != s:
+                raise OptimStateError(f"object {key!r} holds {tuple(buf.shape)} of step {_decode_step(buf)}, "
+                                      f"expected ({3 * n + _TAG},) of step {s}")
+            views = self._rt.open_unit_params(c.unit) if (into_params and c.unit is not None) else None
+            try:
+                off = 0
+                for seg in c.segments:
+                    p = self._params[seg.param]
+                    master = buf[off:off + seg.numel]
+                    if out is not None:
+                        for name, part in (("master", master), ("exp_avg", buf[n + off:n + off + seg.numel]),
+                                           ("exp_avg_sq", buf[2 * n + off:2 * n + off + seg.numel])):
+                            full = out.setdefault(seg.param, {}).setdefault(
+                                name, torch.empty(p.numel(), dtype=torch.float32))
+                            full[seg.start:seg.stop].copy_(part)
+                    if into_params:
+                        if views is not None:
+                            for view in views.views[id(p)]:
+                                view.copy_(master.view(view.shape))
+                        else:
+                            p.data.view(-1)[seg.start:seg.stop].copy_(master)
+                    off += seg.numel
+                if views is not None:
+                    self._rt.write_unit_params(views)
+                    views = None
+            finally:
+                if views is not None:
+                    views.abandon()
+
+    def state_dict(self) -> dict:
+        """torch's AdamW layout (``state`` by parameter index, ``param_groups``), read from the
+        store (it materializes the whole state in memory); ``master`` is added for parameters
+        that are not fp32."""
+        self._check_open()
+        groups, start = [], 0
+        for g in self.param_groups:
+            packed = {k: v for k, v in g.items() if k != "params"}
+            packed["params"] = list(range(start, start + len(g["params"])))
+            start += len(g["params"])
+            groups.append(packed)
+        state: dict = {}
+        if self._step > 0:
+            full: dict = {}
+            for c in self._chunks:
+                self._load_chunk(c, self._step, out=full)
+            for i, parts in full.items():
+                if self._param_steps[i] == 0:
+                    continue
+                p = self._params[i]
+                st = {"step": torch.tensor(float(self._param_steps[i]), dtype=torch.float32),
+                      "exp_avg": parts["exp_avg"].view(p.shape), "exp_avg_sq": parts["exp_avg_sq"].view(p.shape)}
+                if p.dtype != torch.float32:
+                    st["master"] = parts["master"].view(p.shape)
+                state[i] = st
+        return {"state": state, "param_groups": groups, "tiered_step": self._step}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of this class or of ``torch.optim.AdamW``: it is written to the store
+        as a complete step (masters from ``master`` entries, else from the parameters)."""
+        self._check_open()
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            raise ValueError(f"load_state_dict: expected {len(self.param_groups)} param_groups, got "
+                             f"{len(groups) if isinstance(groups, list) else type(groups).__name__}")
+        for gi, (mine, theirs) in enumerate(zip(self.param_groups, groups)):
+            if len(theirs.get("params", ())) != len(mine["params"]):
+                raise ValueError(f"load_state_dict: param_groups[{gi}] has {len(theirs.get('params', ()))} "
+                                 f"parameters, this optimizer {len(mine['params'])}")
+        ids = [i for g in groups for i in g["params"]]
+        state = state_dict.get("state", {})
+        for k in state:
+            if k not in ids:
+                raise ValueError(f"load_state_dict: state for parameter {k!r}, which no param_group lists")
+        for mine, theirs in zip(self.param_groups, groups):
+            for k, v in theirs.items():
+                if k != "params":
+                    mine[k] = v
+        steps = [0] * len(self._params)
+        per_param: list[dict | None] = [None] * len(self._params)
+        for i, sid in enumerate(ids):
+            st = state.get(sid)
+            if st is None:
+                continue
+            p = self._params[i]
+            for name in ("exp_avg", "exp_avg_sq"):
+                t = st.get(name)
+                if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+                    raise ValueError(f"load_state_dict: state[{sid}][{name!r}] must be a tensor of shape "
+                                     f"{tuple(p.shape)}, got {getattr(t, 'shape', type(t).__name__)}")
+            steps[i] = int(float(st["step"]))
+            per_param[i] = st
+        self._drop_state_reads()
+        self._wait_writes()
+        s = max(int(state_dict.get("tiered_step", 0)), max(steps, default=0), self._step + 1)
+        for c in self._chunks:
+            n = c.numel
+            buf = torch.zeros(3 * n + _TAG, dtype=torch.float32)
+            views = self._rt.open_unit_params(c.unit) if c.unit is not None else None
+            try:
+                self._init_master(c, buf[:n], views)
+                off = 0
+                for seg in c.segments:
+                    st = per_param[seg.param]
+                    if st is not None:
+                        sl = slice(seg.start, seg.stop)
+                        if "master" in st:
+                            buf[off:off + seg.numel].copy_(st["master"].reshape(-1)[sl])
+                        buf[n + off:n + off + seg.numel].copy_(st["exp_avg"].reshape(-1)[sl])
+                        buf[2 * n + off:2 * n + off + seg.numel].copy_(st["exp_avg_sq"].reshape(-1)[sl])
+                    off += seg.numel
+            finally:
+                if views is not None:
+                    views.abandon()
+            _encode_step(buf, s)
+            self._writes.append(self._store.put(self._chunk_key(c, s), buf, kind="optimizer"))
+        self._param_steps = steps
+        self._step = s - 1
+        self._updated.clear()
+        self._stepped_params.clear()
+        self._commit(s)
+        # the loaded masters are the parameters now (they differ from them for low precision)
+        for c in self._chunks:
+            self._load_chunk(c, s, into_params=True)
+        self._wait_writes()
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_open", False):
+            raise OptimStateError("OffloadedAdamW: add_param_group after open() is not supported "
+                                  "(the chunk layout in the store is fixed)")
+        super().add_param_group(param_group)
+
+
+def _drop(f) -> None:
+    """Give back an acquire that will not be used."""
+    if f is None:
+        return
+    if not f.cancel():
+        try:
+            lease = f.result(timeout=_WAIT)
+        except Exception as e:  # noqa: BLE001 - the read failed: no lease to give back, nothing to use
+            log.warning("abandoned state read failed: %s", e)
+            return
+        lease.release()
+

@@ -1,0 +1,262 @@
+"""Zeroth-order fine-tuning (MeZO, with ZO2's dual forward) of models wrapped by ``tiered.offload``.
+
+MeZO estimates the gradient from two forwards with the weights perturbed by
+``+eps*z`` and ``-eps*z`` (``z`` Gaussian, regenerated from a seed, never
+stored) and updates ``theta -= lr * g * z`` with the scalar projected gradient
+``g = (L+ - L-) / (2 eps)``. Run naively on offloaded weights that is two
+passes over storage per step plus one for the update. :class:`ZOSGD` does what
+ZO2 does, for any module structure: the batch is doubled, and each unit's
+forward is wrapped so that, while its weights are resident, it runs the first
+half with ``+eps*z`` and the second half with ``-eps*z``; the previous step's
+update is applied to the unit right before (when its ``g`` is known), and the
+unit is written back once. So each step reads and writes every weight once.
+
+The in-place operation sequence per parameter is exactly :func:`mezo_step`'s
+(the in-memory reference), so losses and projected gradients are bitwise equal
+to it on every step (fp32, CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..offload import OffloadError
+
+
+def mezo_noise(seed: int, index: int, shape, dtype: torch.dtype) -> torch.Tensor:
+    """The perturbation of parameter ``index`` at the step of ``seed``: N(0, 1), regenerated
+    from the seed whenever needed (fp32 samples, cast to the parameter's dtype)."""
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(index)) % (1 << 63))
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float32).to(dtype)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (labels -100 ignored), as transformers computes it."""
+    return F.cross_entropy(logits[:, :-1, :].float().reshape(-1, logits.shape[-1]),
+                           labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+@dataclass(frozen=True)
+class ZOStep:
+    loss_plus: float
+    loss_minus: float
+    projected_grad: float
+    seed: int
+
+
+def _unique_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def mezo_step(model: nn.Module, batch: dict, *, seed: int, lr: float, eps: float,
+              loss_fn: Callable = causal_lm_loss) -> ZOStep:
+    """One MeZO step on an ordinary in-memory model (the reference :class:`ZOSGD` matches)."""
+    params = _unique_params(model)
+    labels = batch.get("labels", batch["input_ids"])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    zs = [mezo_noise(seed, j, p.shape, p.dtype) for j, (_n, p) in enumerate(params)]
+    for (_n, p), z in zip(params, zs):
+        p.data.add_(z, alpha=eps)
+    lp = loss_fn(_logits(model(**inputs, use_cache=False)), labels)
+    for (_n, p), z in zip(params, zs):
+        p.data.add_(z, alpha=-2 * eps)
+    lm = loss_fn(_logits(model(**inputs, use_cache=False)), labels)
+    for (_n, p), z in zip(params, zs):
+        p.data.add_(z, alpha=eps)
+    g = ((lp - lm) / (2 * eps)).item()
+    for (_n, p), z in zip(params, zs):
+        p.data.add_(z, alpha=-lr * g)
+    return ZOStep(lp.item(), lm.item(), g, seed)
+
+
+def _logits(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+
+
+def _half(x: Any, batch: int, i: int) -> Any:
+    """The ``i``-th half of every tensor whose first dimension is the doubled batch."""
+    if isinstance(x, torch.Tensor):
+        return x[i * batch:(i + 1) * batch] if x.dim() > 0 and x.shape[0] == 2 * batch else x
+    if isinstance(x, tuple) and not hasattr(x, "_fields"):
+        return tuple(_half(e, batch, i) for e in x)
+    if isinstance(x, list):
+        return [_half(e, batch, i) for e in x]
+    if isinstance(x, dict):
+        return type(x)({k: _half(v, batch, i) for k, v in x.items()}) if type(x) is dict else \
+            {k: _half(v, batch, i) for k, v in x.items()}
+    return x
+
+
+def _join(a: Any, b: Any, batch: int, where: str) -> Any:
+    """The two halves' outputs put back together along the batch (an output broadcast over the
+    batch, such as position embeddings of shape (1, T, H), is expanded to it first)."""
+    if isinstance(a, torch.Tensor):
+        if a.dim() == 0:
+            raise OffloadError(f"ZOSGD: unit {where!r} returned a scalar tensor, which has no batch "
+                               "dimension to split the +eps and -eps halves along")
+        if a.shape[0] == 1 and batch > 1:
+            a, b = a.expand(batch, *a.shape[1:]), b.expand(batch, *b.shape[1:])
+        return torch.cat([a, b])
+    if a is None:
+        return None
+    if isinstance(a, tuple) and not hasattr(a, "_fields"):
+        return tuple(_join(x, y, batch, where) for x, y in zip(a, b))
+    if isinstance(a, list):
+        return [_join(x, y, batch, where) for x, y in zip(a, b)]
+    if isinstance(a, dict):
+        out = {k: _join(a[k], b[k], batch, where) for k in a}
+        try:
+            return type(a)(**out)
+        except TypeError:
+            return type(a)(out)
+    if a == b:
+        return a
+    raise OffloadError(f"ZOSGD: unit {where!r} returned {type(a).__name__}, which cannot be joined along the batch")
+
+
+class ZOSGD:
+    """MeZO / ZO2 for a model wrapped by :func:`tiered.offload`; see the module docstring.
+
+    Use as a context manager (or call :meth:`close`): the units' forwards are wrapped
+    until then. ``step(batch)`` runs one step on ``batch`` (``input_ids``, optional
+    ``attention_mask`` and ``labels``; labels default to ``input_ids``). Updates are
+    applied lazily, when each unit is next loaded; :meth:`flush` applies the last one
+    everywhere (``close`` does) so the stored weights are the trained ones.
+    """
+
+    def __init__(self, model: nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, seed: int = 0,
+                 loss_fn: Callable = causal_lm_loss) -> None:
+        rt = getattr(model, "_tiered", None)
+        if rt is None:
+            raise OffloadError(f"ZOSGD: {type(model).__name__} is not wrapped by tiered.offload "
+                               "(use tiered.optim.zo.mezo_step for an in-memory model)")
+        if eps <= 0:
+            raise ValueError(f"ZOSGD: eps must be > 0, got {eps}")
+        rt.check_trainable()
+        for u in rt.units:
+            if not rt._is_leaf_unit(u):
+                raise OffloadError(f"ZOSGD: unit {u.name or '<root>'!r} encloses other units; the dual forward "
+                                   "needs every unit to be a leaf (pass units=[...] without nesting)")
+        # a unit being written back is pinned until its put (which copies it) is durable, while
+        # the next ``lookahead`` units are read: the host tier must hold lookahead + 2 units
+        largest = max(u.nbytes for u in rt.units if not (u.resident or u.host_resident)) \
+            if any(not (u.resident or u.host_resident) for u in rt.units) else 0
+        need = (rt.lookahead + 2) * largest + rt.stats.resident_bytes
+        if need > rt.store.arena.capacity:
+            raise OffloadError(
+                f"ZOSGD: host tier of {rt.store.arena.capacity} bytes cannot hold {rt.lookahead + 2} units of "
+                f"{largest} bytes (the one computing, its write-back copy, lookahead {rt.lookahead}) plus "
+                f"{rt.stats.resident_bytes} resident bytes; raise [tiers.host] capacity or lower [offload] lookahead")
+        self.model = model
+        self.lr, self.eps, self.seed, self.loss_fn = lr, eps, seed, loss_fn
+        self._rt = rt
+        self._index = {id(p): j for j, (_n, p) in enumerate(_unique_params(model))}
+        self._history: list[tuple[int, float]] = []  # (seed, projected grad) of every step
+        self._applied = {u.index: 0 for u in rt.units}  # updates applied to each unit
+        self._batch: int | None = None  # half batch of the dual forward in progress
+        self._seed_now = 0
+        self._wrapped: list[nn.Module] = []
+        for u in rt.units:
+            u.module.forward = self._wrap(u, u.module.forward)
+            self._wrapped.append(u.module)
+
+    # -- lifecycle -------------------------------------------------------------------
+    def __enter__(self) -> "ZOSGD":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Apply the pending update everywhere, wait for the writes, unwrap the units."""
+        if not self._wrapped:
+            return
+        try:
+            self.flush()
+        finally:
+            for m in self._wrapped:
+                del m.forward
+            self._wrapped = []
+
+    @property
+    def steps(self) -> int:
+        return len(self._history)
+
+    # -- stepping --------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, batch: dict) -> ZOStep:
+        if not self._wrapped:
+            raise OffloadError("ZOSGD is closed")
+        ids = batch["input_ids"]
+        labels = batch.get("labels", ids)
+        inputs = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v
+                  for k, v in batch.items() if k != "labels"}
+        seed = self.seed + len(self._history)
+        self._batch, self._seed_now = ids.shape[0], seed
+        try:
+            out = _logits(self.model(**inputs, use_cache=False))
+        finally:
+            self._batch = None
+        b = ids.shape[0]
+        lp, lm = self.loss_fn(out[:b], labels), self.loss_fn(out[b:], labels)
+        g = ((lp - lm) / (2 * self.eps)).item()
+        self._history.append((seed, g))
+        self._rt.wait_writes()
+        return ZOStep(lp.item(), lm.item(), g, seed)
+
+    def flush(self) -> None:
+        """Apply the updates not yet applied to every unit and wait until they are durable."""
+        rt = self._rt
+        for u in rt.units:
+            if self._applied[u.index] < len(self._history):
+                loaded = bool(u.bound)
+                if not loaded:
+                    rt._load(u)
+                try:
+                    self._catch_up(u)
+                    rt.write_unit(u)
+                finally:
+                    if not loaded:
+                        rt._done_with(u)
+        rt.wait_writes()
+
+    def _views(self, u) -> list[tuple[int, torch.Tensor]]:
+        return [(self._index[id(s.tensor())], view) for s, view in u.bound
+                if not s.is_buffer and id(s.tensor()) in self._index]
+
+    def _catch_up(self, u) -> None:
+        """Apply to ``u`` the updates of the steps since it was last loaded."""
+        for seed, g in self._history[self._applied[u.index]:]:
+            for j, view in self._views(u):
+                view.add_(mezo_noise(seed, j, view.shape, view.dtype), alpha=-self.lr * g)
+        self._applied[u.index] = len(self._history)
+
+    def _wrap(self, u, forward: Callable) -> Callable:
+        def dual_forward(*args, **kwargs):
+            with torch.no_grad():
+                changed = self._applied[u.index] < len(self._history)
+                self._catch_up(u)
+                b = self._batch
+                if b is None:  # an ordinary forward (evaluation): current weights, one pass
+                    if changed:
+                        self._rt.write_unit(u)
+                    return forward(*args, **kwargs)
+                views = self._views(u)
+                zs = [mezo_noise(self._seed_now, j, v.shape, v.dtype) for j, v in views]
+                for (_j, v), z in zip(views, zs):
+                    v.add_(z, alpha=self.eps)
+                plus = forward(*_half(args, b, 0), **_half(kwargs, b, 0))
+                for (_j, v), z in zip(views, zs):
+                    v.add_(z, alpha=-2 * self.eps)
+                minus = forward(*_half(args, b, 1), **_half(kwargs, b, 1))
+                for (_j, v), z in zip(views, zs):
+                    v.add_(z, alpha=self.eps)  # (theta + e z) - 2e z + e z is not theta bitwise: write it
+                self._rt.write_unit(u)
+                return _join(plus, minus, b, u.name)
+        return dual_forward
