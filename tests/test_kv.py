@@ -92,7 +92,7 @@ def test_generate_bitwise_equal_to_dynamic_cache_with_spills(tmp_path, arch):
     want = generate(model, ids, DynamicCache())
     with tiered.TieredStore(store_config(tmp_path)) as store:
         kv = KVStore(store, block_size=BS)
-        with TieredCache(model.config, kv, device_budget=kv_bytes(model, 94) // 2) as cache:
+        with TieredCache(model.config, kv, device_budget=kv_bytes(model, 94) // 2, lookahead=1) as cache:
             got = generate(model, ids, cache)
             st = cache.stats()
         assert st["spilled_blocks"] >= 3 and st["resident_blocks"] <= 2 and st["store_reads"] > 0, st
@@ -191,13 +191,15 @@ def test_prefix_reuse_runs_only_the_suffix_and_survives_reopen(tmp_path):
     assert max((a - b).abs().max().item() for a, b in zip(got.scores, want.scores)) < 1e-4
 
 
-def test_blocks_split_by_layers_spill_and_reload(tmp_path):
-    """layers_per_object=3 on 8 layers: parts 0-3, 3-6, 6-8; spills, saves and reloads stay exact."""
+@pytest.mark.parametrize("host", ["8MiB", "40KiB"])
+def test_blocks_split_by_layers_spill_and_reload(tmp_path, host):
+    """layers_per_object=3 on 8 layers: parts 0-3, 3-6, 6-8; spills, saves and reloads stay exact,
+    also with a host tier too small for the blocks (parts re-read from storage every step)."""
     model = make_model()
     ids = prompt(75)
     want = generate(model, ids, DynamicCache())
     for attempt in range(2):
-        with tiered.TieredStore(store_config(tmp_path)) as store:
+        with tiered.TieredStore(store_config(tmp_path, host=host)) as store:
             kv = KVStore(store, model_identity(model), block_size=BS, layers_per_object=3)
             assert kv.parts(8) == [(0, 3), (3, 6), (6, 8)]
             with TieredCache(model.config, kv, device_budget=kv_bytes(model, 91) // 2) as cache:
@@ -207,6 +209,8 @@ def test_blocks_split_by_layers_spill_and_reload(tmp_path):
             # attempt 1: the 4 loaded blocks are read from the store, never resident
             assert st["spilled_blocks"] >= (2 if attempt == 0 else 0) and st["store_reads"] >= 4 * 8, st
             assert len([k for k in store.keys() if "/b/" in k]) == 4 * 3
+            if host == "40KiB":
+                assert store.stats()["misses"] > st["store_reads"] // 2  # mostly read from storage
         assert torch.equal(got.sequences, want.sequences)
         if attempt == 0:
             assert_bitwise(want, got)
