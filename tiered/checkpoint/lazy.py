@@ -39,7 +39,7 @@ from typing import Any, Iterable
 import torch
 
 from allocators import HostArena, align_up
-from io_engine import IOEngine, IOFuture, Priority, gather
+from io_engine import IOEngine, IOFuture, Priority, chain, gather
 
 from ..atomic import fsync_dir, remove_stale_temps, write_json_atomic
 from ..config import Config, load_config
@@ -69,7 +69,7 @@ class _Piece:
     """Up to SEGMENT bytes of one tensor: the unit of copying, checksumming and writing."""
 
     __slots__ = ("handle", "index", "src", "shape", "offset", "length", "ptr", "state", "event",
-                 "buf", "crcs", "error", "submitted")
+                 "buf", "crcs", "error", "submitted", "ready")
 
     def __init__(self, handle, index, src, shape, offset, length, ptr) -> None:
         self.handle, self.index, self.src, self.shape = handle, index, src, shape
@@ -80,6 +80,7 @@ class _Piece:
         self.crcs: list[int] = []
         self.error: BaseException | None = None
         self.submitted = False
+        self.ready = None  # CUDA: event after which ``src`` holds the bytes to save
 
 
 class CheckpointHandle:
@@ -188,6 +189,7 @@ class LazyCheckpointer:
         self._attached: list[Any] = []
         self._hooks: list[Any] = []
         self._seq = 0
+        self._streams: dict = {}  # CUDA device -> the side stream snapshots are copied on
         self._failures: list[tuple[CheckpointHandle, BaseException]] = []  # not yet raised to the caller
         self._retire_lock = threading.RLock()
         self._threads: list[threading.Thread] = []
@@ -375,7 +377,9 @@ class LazyCheckpointer:
                 buf = self.arena.alloc(p.length, timeout=self.host_wait)
             dst = torch.from_numpy(buf.array)
             if p.shape is not None:  # a non-contiguous tensor: copied whole, made contiguous
-                dst.view(p.src.dtype).view(p.shape).copy_(p.src)
+                dst = dst.view(p.src.dtype).view(p.shape)
+            if p.src.is_cuda:
+                self._copy_from_device(p, dst)
             else:
                 dst.copy_(p.src)
             p.buf = buf
@@ -385,12 +389,28 @@ class LazyCheckpointer:
             p.src = None
             self._settle(p, _COPIED)
 
+    def _copy_from_device(self, p: _Piece, dst: torch.Tensor) -> None:
+        """Device -> host on a side stream (training kernels keep running), after the work that
+        produced the bytes (``p.ready``, recorded on the saving stream) and into pinned memory
+        when the arena is pinned; returns when the bytes are in host memory."""
+        dev = p.src.device
+        stream = self._streams.get(dev)
+        if stream is None:
+            stream = self._streams[dev] = torch.cuda.Stream(dev)
+        with torch.cuda.stream(stream):
+            stream.wait_event(p.ready)
+            dst.copy_(p.src, non_blocking=self.arena.pinned)
+        stream.synchronize()
+
     def _take_private(self, p: _Piece) -> None:
         """Caller's thread (a guard, or ``save`` for unguarded tensors): snapshot a claimed piece
         into private memory at once, without waiting for host buffers (that would make the
         caller wait for the disk); the background thread moves it into a host buffer later."""
         try:
-            p.src = p.src.clone()
+            p.src = p.src.clone()  # on CUDA: a device-side copy, queued before the mutation
+            if p.src.is_cuda:
+                p.ready = torch.cuda.Event()
+                p.ready.record()
         except BaseException as e:  # noqa: BLE001 - fails the save through its handle
             p.error = e
             self._settle(p, _COPIED)
@@ -444,6 +464,7 @@ class LazyCheckpointer:
             h.retain_tag = f"{self._tag_prefix}{step}:{h.token}"
             located = self.store.retain(h.retain_tag, [t.key for _i, _n, t in refs])
         eager: list[_Piece] = []
+        events: dict = {}
         offset = 0
         records: list[dict] = []
         loc_iter = iter(located) if refs else None
@@ -473,6 +494,13 @@ class LazyCheckpointer:
                     raise CheckpointError(f"save(step={step}): tensor {name!r} is not contiguous and larger "
                                           f"({nbytes} bytes) than host_buffer ({self.host_buffer})")
                 new.append(_Piece(h, len(h.pieces), t, tuple(t.shape), offset, nbytes, ptr))
+            if new and t.is_cuda:  # the snapshot copy waits for the work queued so far
+                ready = events.get(t.device)
+                if ready is None:
+                    ready = events[t.device] = torch.cuda.Event()
+                    ready.record(torch.cuda.current_stream(t.device))
+                for p in new:
+                    p.ready = ready
             rec["pieces"] = new
             h.pieces.extend(new)
             (eager if not lazy else []).extend(new)
@@ -484,6 +512,7 @@ class LazyCheckpointer:
         with self._lock:
             for p in lazy_pieces:
                 self._pending.setdefault(p.ptr, []).append(p)
+            self._handles = [x for x in self._handles if not (x.durable.done() and (x.cold is None or x.cold.done()))]
             self._handles.append(h)
         for p in eager:
             if self._claim(p):
@@ -499,7 +528,7 @@ class LazyCheckpointer:
             try:
                 self._snapshot(h)
             except BaseException as e:  # noqa: BLE001 - delivered through the handle
-                self._fail(h, e)
+                self._fail_safely(h, e)
                 continue
             self._commit_q.put(h)
         self._commit_q.put(None)
@@ -510,12 +539,18 @@ class LazyCheckpointer:
         ready: collections.deque[_Piece] = collections.deque()
 
         def drain() -> None:
+            """Write the copied pieces; each one's checksum is computed by the I/O worker that
+            wrote it (the buffer does not change until released), off this thread."""
             while ready:
                 p = ready.popleft()
-                p.crcs = segment_crcs(p.buf.array)
                 p.buf.padded[p.length:] = 0
-                fut = self.engine.write(path, p.offset, p.buf.padded, priority=Priority.WRITEBACK)
+                wf = self.engine.write(path, p.offset, p.buf.padded, priority=Priority.WRITEBACK)
                 p.submitted = True
+
+                def checksum(_n, p=p) -> None:
+                    p.crcs = segment_crcs(p.buf.array)
+
+                fut = chain(wf, checksum, f"checkpoint step {h.step} piece at {p.offset}")
                 fut.add_done_callback(lambda _f, b=p.buf: b.release())
                 h.writes.append(fut)
 
@@ -539,7 +574,7 @@ class LazyCheckpointer:
             try:
                 self._commit(h)
             except BaseException as e:  # noqa: BLE001 - delivered through the handle
-                self._fail(h, e)
+                self._fail_safely(h, e)
                 continue
             if self.cold_directory is not None:
                 self._cold_q.put(h)
@@ -669,6 +704,20 @@ class LazyCheckpointer:
             self.store.release(tag)
 
     # -- failures --------------------------------------------------------------------
+    def _fail_safely(self, h: CheckpointHandle, e: BaseException) -> None:
+        """``_fail``, keeping the level's thread alive (and the sentinel chain intact) if the
+        clean-up itself fails: that error is reported too, with the save's."""
+        try:
+            self._fail(h, e)
+        except BaseException as e2:  # noqa: BLE001 - recorded below, raised by the next call
+            log.error("checkpoint step %d: clean-up after the failure failed too: %s", h.step, e2)
+            e2.add_note(f"while cleaning up after checkpoint step {h.step} failed: {e!r}")
+            if h.durable.set_running_or_notify_cancel():
+                h.durable.set_exception(e)
+            h._snapshot.set()
+            with self._lock:
+                self._failures.append((h, e2))
+
     def _fail(self, h: CheckpointHandle, e: BaseException) -> None:
         """A save failed: unblock hooks, free its buffers, remove its files and retention."""
         log.error("checkpoint step %d failed: %s", h.step, e)
@@ -734,6 +783,7 @@ class LazyCheckpointer:
                 with self._lock:
                     self._failures = [(f, x) for f, x in self._failures if f is not h]
                 raise CheckpointError(f"checkpoint step {h.step} failed: {e}") from e
+        self._raise_unobserved()
 
     def steps(self) -> dict[int, str]:
         """Committed steps -> the level holding them ("storage", else "cold")."""
@@ -767,6 +817,9 @@ class LazyCheckpointer:
             pairs: list = []
             encode_tree(into, pairs)
             targets = {name: t for name, t in pairs if isinstance(t, torch.Tensor)}
+            extra = sorted(set(targets) - {t["name"] for t in doc["tensors"]})
+            if extra:
+                raise CheckpointError(f"load(step={step}): into has tensors {extra[:5]} that {mpath} does not hold")
         group = None
         if doc.get("zarr"):
             import zarr
