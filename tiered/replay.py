@@ -95,8 +95,11 @@ def rows_for(result: SimResult, *, learns: bool, window: float) -> list[dict]:
     row = {**s, "bytes_migrated": result.bytes_migrated, "migrations": result.migrations,
            "total_time_s": result.total_time_s, "wall_s": result.wall_s}
     rows = [row]
-    if learns and window > 0 and result.latency_s.size:
+    if window > 0 and result.latency_s.size:
         start = int(result.latency_s.size * (1 - window))
+        fw = result.summary(start)
+        row["final_window"] = {k: fw[k] for k in ("accesses", "hit_ratio", "mean_latency_us", "p99_latency_us")}
+    if learns and window > 0 and result.latency_s.size:
         w = result.summary(start)
         w["policy"] = f"{result.policy} (final {window:.0%})"
         w["window_start"] = start
@@ -121,12 +124,29 @@ class _Progress:
         print(f"\r{self.label:<12} [{bar:<30}] {frac:6.1%} {rate / 1e3:8.1f}k acc/s", end=end, file=sys.stderr, flush=True)
 
 
+def choose_loop(trace, tiers: Sequence[TierModel]) -> tuple[bool, str]:
+    """Closed loop for untimed traces and for traces whose offered load exceeds the backing tier.
+
+    Replaying open-loop a trace recorded on a bigger system (Mooncake's is a
+    production cluster's: ~5 GB/s of KV blocks) against one node's backing
+    tier only measures a queue that grows without bound.
+    """
+    if not trace.timed:
+        return True, "closed loop (the trace has no timestamps)"
+    span = float(trace.time[-1] - trace.time[0]) if len(trace) > 1 else 0.0
+    offered = float(trace.size.sum()) / span if span > 0 else math.inf
+    if offered > tiers[-1].read_bw:
+        return True, (f"closed loop (offered load {offered / 1e9:.2f} GB/s exceeds the {tiers[-1].name} "
+                      f"tier's {tiers[-1].read_bw / 1e9:.2f} GB/s)")
+    return False, f"open loop at trace times (offered load {offered / 1e9:.3f} GB/s)"
+
+
 def run_replay(trace, policies: Sequence[str], tiers: Sequence[TierModel], *, mode: str = "sim",
                cfg: Config | None = None, closed_loop: bool | None = None, window: float = 0.2,
                progress: bool = False, policy_options: dict[str, dict] | None = None) -> list[dict]:
     """Replay ``trace`` (a :class:`traces.Trace`) once per policy name; the table's rows."""
     prep = prepare(trace.time, trace.key, trace.size, trace.op, trace.kind)
-    closed = (not trace.timed) if closed_loop is None else closed_loop
+    closed = choose_loop(trace, tiers)[0] if closed_loop is None else closed_loop
     rows: list[dict] = []
     for name in policies:
         pol = create_policy(name, **(policy_options or {}).get(name, {}))
@@ -379,7 +399,8 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None, help="block size for block traces (importer default)")
     p.add_argument("--bytes-per-token", type=int, default=None, help="Mooncake: KV bytes per token")
     p.add_argument("--loop", default="auto", choices=["auto", "open", "closed"],
-                   help="arrivals: at trace times (open), or each after the previous (closed; auto: for untimed traces)")
+                   help="arrivals: at trace times (open), or each after the previous (closed); auto: closed for "
+                        "untimed traces and when the trace offers more bytes/s than the backing tier reads")
     p.add_argument("--window", type=float, default=0.2, help="final window reported for learning policies")
     p.add_argument("--no-progress", action="store_true")
 
@@ -456,7 +477,8 @@ def replay_main(args: argparse.Namespace) -> int:
         return 2
     info = (f"{args.trace}: {len(trace)} accesses, footprint {footprint} bytes; "
             + ", ".join(f"{t.name} {'unbounded' if t.capacity == math.inf else int(t.capacity)} B" for t in tiers)
-            + f"; mode {args.mode}")
+            + f"; mode {args.mode}; "
+            + (choose_loop(trace, tiers)[1] if closed is None else ("closed" if closed else "open") + " loop (--loop)"))
     if args.plot:
         plot_rows(rows, args.plot, Path(args.trace).name)
     if args.json:
