@@ -146,3 +146,29 @@ def test_public_mqsim_replays(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert rows[1]["hit_ratio"]["host"] >= rows[0]["hit_ratio"]["host"]
     assert all(r["accesses"] == 20669 for r in rows)
+
+
+def test_loop_choice():
+    from tiered.replay import choose_loop
+
+    tiers = tier_models(None, 1 << 20, 0.1)
+    slow = Trace(np.arange(10.0), np.arange(10), np.full(10, 4096), np.zeros(10, np.uint8), np.full(10, 5, np.uint8))
+    assert choose_loop(slow, tiers)[0] is False
+    fast = Trace(np.arange(10.0) * 1e-9, np.arange(10), np.full(10, 1 << 20), np.zeros(10, np.uint8),
+                 np.full(10, 5, np.uint8))
+    closed, why = choose_loop(fast, tiers)
+    assert closed and "exceeds the nvme tier" in why
+    untimed = Trace(np.zeros(3), np.arange(3), np.ones(3), np.zeros(3, np.uint8), np.zeros(3, np.uint8), timed=False)
+    assert choose_loop(untimed, tiers) == (True, "closed loop (the trace has no timestamps)")
+
+
+def test_real_mode_small_objects(tmp_path):
+    """512-byte objects (ARC pages) are page-aligned in the arena: the budget still holds."""
+    cfg = load_config(write_config(tmp_path))
+    rng = np.random.default_rng(5)
+    k = rng.zipf(1.2, 1500) % 300
+    prep = prepare(np.zeros(1500), k, np.full(1500, 512), np.zeros(1500, np.uint8), np.full(1500, 5, np.uint8))
+    tiers = tier_models(cfg, prep.footprint, 0.5)
+    sim = simulate(prep, tiers, create_policy("lru"))
+    real = run_real(prep, tiers, create_policy("lru"), cfg)
+    assert np.array_equal(sim.served, real.served) and real.peak_used[0] <= tiers[0].capacity
