@@ -480,7 +480,8 @@ def replay_main(args: argparse.Namespace) -> int:
     info = (f"{args.trace}: {len(trace)} accesses, footprint {footprint} bytes; "
             + ", ".join(f"{t.name} {'unbounded' if t.capacity == math.inf else int(t.capacity)} B" for t in tiers)
             + f"; mode {args.mode}; "
-            + (choose_loop(trace, tiers)[1] if closed is None else ("closed" if closed else "open") + " loop (--loop)"))
+            + ("one access at a time (real I/O)" if args.mode == "real" else
+               choose_loop(trace, tiers)[1] if closed is None else ("closed" if closed else "open") + " loop (--loop)"))
     if args.plot:
         plot_rows(rows, args.plot, Path(args.trace).name)
     if args.json:
