@@ -1,0 +1,146 @@
+"""Per-object access history and the feature vectors the agents see.
+
+Time is measured as a *byte clock* (bytes accessed so far) in units of the
+fast tier's capacity, so every feature is scale-free: the same network sees
+"re-used after a tenth of a cache's worth of traffic" the same way on a
+4 MiB and on a 4 GiB tier, and no per-trace constant is needed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..base import KINDS
+
+#: inter-access gaps remembered per object (LRB's "deltas")
+N_GAPS = 4
+#: half-lives (fast-tier capacities of traffic) of the decayed access counts (LRFU-style)
+FREQ_HALF_LIVES = (1.0, 16.0)
+_KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
+FEATURE_NAMES = (
+    ("log_size", "log_count", "age", "since_first")
+    + tuple(f"gap{i}" for i in range(N_GAPS))
+    + tuple(f"has_gap{i}" for i in range(N_GAPS))
+    + ("ewma_gap", "write", "resident", "fill")
+    + tuple(f"freq_h{h:g}" for h in FREQ_HALF_LIVES)
+    + tuple(f"kind_{k}" for k in KINDS)
+)
+N_FEATURES = len(FEATURE_NAMES)
+#: every feature lies in [0, FEATURE_MAX] (the gymnasium observation bounds)
+FEATURE_MAX = 4.0
+
+
+def kind_index(kind: str) -> int:
+    """Index of ``kind`` in :data:`policies.base.KINDS`; unknown kinds count as blobs."""
+    return _KIND_INDEX.get(kind, _KIND_INDEX["blob"])
+
+
+def _squash(x: np.ndarray) -> np.ndarray:
+    """Distances in capacities -> roughly [0, 1]: fine resolution well below one capacity."""
+    return np.log2(1.0 + 64.0 * x) / 12.0
+
+
+class ObjectTable:
+    """Dense per-object history, indexed by a small integer id per key.
+
+    Grows by doubling; all feature computation is vectorised over ids so a
+    batch of candidates costs one numpy pass and one network call.
+    """
+
+    def __init__(self, initial: int = 1024) -> None:
+        self.ids: dict[object, int] = {}
+        self.keys: list[object] = []
+        n = max(16, initial)
+        self.nbytes = np.zeros(n, np.float64)
+        self.kind = np.zeros(n, np.int16)
+        self.count = np.zeros(n, np.float64)
+        self.last = np.zeros(n, np.float64)  # byte clock of the last access
+        self.first = np.zeros(n, np.float64)
+        self.gaps = np.zeros((n, N_GAPS), np.float64)  # most recent first, byte-clock units
+        self.ngaps = np.zeros(n, np.int8)
+        self.ewma = np.zeros(n, np.float64)
+        self.write = np.zeros(n, np.float32)
+        self.freq = np.zeros((n, len(FREQ_HALF_LIVES)), np.float64)  # decayed counts at ``last``
+
+    _hl = np.asarray(FREQ_HALF_LIVES)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _grow(self) -> None:
+        n = 2 * len(self.nbytes)
+        for name in ("nbytes", "kind", "count", "last", "first", "ngaps", "ewma", "write"):
+            old = getattr(self, name)
+            new = np.zeros(n, old.dtype)
+            new[: len(old)] = old
+            setattr(self, name, new)
+        for name in ("gaps", "freq"):
+            old = getattr(self, name)
+            new = np.zeros((n, old.shape[1]), old.dtype)
+            new[: len(old)] = old
+            setattr(self, name, new)
+
+    def id_of(self, key: object) -> int | None:
+        return self.ids.get(key)
+
+    def record(self, key: object, nbytes: int, kind: str, write: bool, clock: float,
+               capacity: float) -> tuple[int, bool]:
+        """Account one access at ``clock``; returns (id, first time seen)."""
+        i = self.ids.get(key)
+        new = i is None
+        if new:
+            i = len(self.keys)
+            if i >= len(self.nbytes):
+                self._grow()
+            self.ids[key] = i
+            self.keys.append(key)
+            self.first[i] = clock
+            self.last[i] = clock
+        else:
+            gap = clock - self.last[i]
+            self.gaps[i, 1:] = self.gaps[i, :-1]
+            self.gaps[i, 0] = gap
+            self.ngaps[i] = min(N_GAPS, self.ngaps[i] + 1)
+            self.ewma[i] = gap if self.count[i] <= 1 else 0.7 * self.ewma[i] + 0.3 * gap
+            self.last[i] = clock
+            self.freq[i] *= 2.0 ** (-gap / (max(capacity, 1.0) * self._hl))
+        self.freq[i] += 1.0
+        self.nbytes[i] = nbytes
+        self.kind[i] = kind_index(kind)
+        self.count[i] += 1
+        self.write[i] = 1.0 if write else 0.0
+        return i, new
+
+    def features(self, ids: np.ndarray, clock: float, capacity: float, fill: float,
+                 resident: np.ndarray) -> np.ndarray:
+        """Feature matrix (len(ids), N_FEATURES) as float32, at byte clock ``clock``."""
+        ids = np.asarray(ids, np.int64)
+        n = len(ids)
+        cap = max(float(capacity), 1.0)
+        out = np.zeros((n, N_FEATURES), np.float32)
+        out[:, 0] = np.log2(np.maximum(self.nbytes[ids], 1.0)) / 32.0
+        out[:, 1] = np.log2(1.0 + self.count[ids]) / 16.0
+        out[:, 2] = _squash((clock - self.last[ids]) / cap)
+        out[:, 3] = _squash((clock - self.first[ids]) / cap)
+        ng = self.ngaps[ids]
+        has = np.arange(N_GAPS)[None, :] < ng[:, None]
+        out[:, 4:4 + N_GAPS] = np.where(has, _squash(self.gaps[ids] / cap), 0.0)
+        out[:, 4 + N_GAPS:4 + 2 * N_GAPS] = has
+        o = 4 + 2 * N_GAPS
+        out[:, o] = np.where(ng > 0, _squash(self.ewma[ids] / cap), 0.0)
+        out[:, o + 1] = self.write[ids]
+        out[:, o + 2] = resident
+        out[:, o + 3] = fill
+        age = (clock - self.last[ids]) / cap
+        f = self.freq[ids] * 2.0 ** (-age[:, None] / self._hl[None, :])
+        out[:, o + 4:o + 4 + len(FREQ_HALF_LIVES)] = np.log2(1.0 + f) / 8.0
+        k = o + 4 + len(FREQ_HALF_LIVES)
+        out[np.arange(n), k + self.kind[ids].astype(np.int64)] = 1.0
+        return np.clip(out, 0.0, FEATURE_MAX, out=out)
+
+
+def discount(distance_in_capacities: np.ndarray | float, half_life: float) -> np.ndarray | float:
+    """gamma^distance with gamma chosen so the value halves every ``half_life`` capacities."""
+    return np.exp(-math.log(2.0) * np.asarray(distance_in_capacities) / half_life)

@@ -1,0 +1,181 @@
+"""The RL placement/migration agents (policies.rl) and the gymnasium env (policies.gym_env)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from policies import create_policy  # noqa: E402
+from policies.base import Observation, TierModel  # noqa: E402
+from policies.rl import AgentOptions, HarmoniaAgents, make_policy  # noqa: E402
+from policies.rl.features import FEATURE_NAMES, N_FEATURES  # noqa: E402
+from policies.sim import prepare, simulate  # noqa: E402
+
+
+def make_trace(keys, sizes=None, ops=None):
+    keys = np.asarray(keys, np.int64)
+    n = len(keys)
+    sizes = np.full(n, 4096) if sizes is None else np.asarray(sizes)
+    ops = np.zeros(n, np.uint8) if ops is None else np.asarray(ops, np.uint8)
+    return prepare(np.arange(n, dtype=np.float64), keys, sizes, ops, np.full(n, 5, np.uint8))
+
+
+def tiers(cap):
+    return (TierModel("fast", cap, 1e-6, 1e10, 1e10), TierModel("slow", math.inf, 80e-6, 3e9, 2e9))
+
+
+def scan_plus_hot(n=24_000, hot=100, seed=0):
+    """Half the accesses go to a hot set of ``hot`` objects, half to a scan of new ones."""
+    rng = np.random.default_rng(seed)
+    is_hot = rng.random(n) < 0.5
+    keys = np.where(is_hot, rng.integers(0, hot, n), hot + np.cumsum(~is_hot))
+    return make_trace(keys)
+
+
+def test_registry_factory_and_options():
+    pol = create_policy("rl", candidates=8, seed=3)
+    assert isinstance(pol, HarmoniaAgents) and pol.opt.candidates == 8 and pol.learns
+    with pytest.raises(ValueError, match="unknown RL option.*'bogus'"):
+        make_policy(bogus=1)
+    with pytest.raises(ValueError, match="'half_life' must be a finite number"):
+        make_policy(half_life="x")
+    with pytest.raises(ValueError, match="'batch' must be a positive integer"):
+        make_policy(batch=0)
+
+
+def test_decisions_respect_capacity_in_simulator():
+    """Variable sizes, writes, a tiny fast tier: the simulator refuses any overfilling move."""
+    rng = np.random.default_rng(1)
+    n = 4000
+    keys = rng.zipf(1.2, n) % 400
+    sizes = (rng.integers(1, 16, 400) * 512)[keys]
+    ops = (rng.random(n) < 0.3).astype(np.uint8)
+    cap = 40_000
+    pol = make_policy(warmup_steps=5, train_every=8, train_batch=64)
+    r = simulate(make_trace(keys, sizes, ops), tiers(cap), pol)  # PolicyError on any bad move
+    assert r.peak_used[0] <= cap
+    assert r.served.max() <= 1 and (r.served == 0).any()
+    c = pol.cost_report()
+    assert c["train_steps"] > 0 and c["us_per_decision"] > 0 and c["train_us_per_event"] > 0
+
+
+def test_learns_scan_resistance_beats_lru():
+    """Hot set + scan: LRU is flushed by the scan; the agents, learning online from cold
+    with a fixed seed, learn to bypass scan objects and keep the hot set."""
+    tr = scan_plus_hot()
+    t = tiers(60 * 4096)
+    lru = simulate(tr, t, create_policy("lru"))
+    rl = simulate(tr, t, make_policy(seed=0))
+    start = tr.n // 2  # after learning
+    lru_hit = lru.summary(start)["hit_ratio"]["fast"]
+    rl_hit = rl.summary(start)["hit_ratio"]["fast"]
+    assert rl_hit > lru_hit + 0.05, (rl_hit, lru_hit)
+    assert rl.summary(start)["mean_latency_us"] < lru.summary(start)["mean_latency_us"]
+
+
+def test_save_load_round_trip_identical_decisions(tmp_path):
+    tr = scan_plus_hot(n=6000)
+    t = tiers(60 * 4096)
+    pol = make_policy(warmup_steps=10)
+    simulate(tr, t, pol)
+    pol.save(tmp_path / "agents")
+    meta = json.loads((tmp_path / "agents.json").read_text())
+    assert meta["format"] == "tiered-rl-agents" and meta["features"] == list(FEATURE_NAMES)
+    assert (tmp_path / "agents.safetensors").stat().st_size > 0
+    loaded = HarmoniaAgents.load(tmp_path / "agents", learn=False)
+    x = np.random.default_rng(0).random((64, N_FEATURES), dtype=np.float32)
+    for a in range(2):
+        assert np.array_equal(pol.agents[a].value(x), loaded.agents[a].value(x))
+    assert loaded.ready == pol.ready
+    # the same frozen agents twice, and the trained original frozen: identical decisions
+    pol.learns = False
+    runs = [simulate(tr, t, p) for p in (pol, loaded, HarmoniaAgents.load(tmp_path / "agents", learn=False))]
+    for r in runs[1:]:
+        assert np.array_equal(r.served, runs[0].served)
+        assert r.bytes_migrated == runs[0].bytes_migrated
+
+
+def test_load_rejects_bad_files(tmp_path):
+    pol = make_policy()
+    pol.save(tmp_path / "a")
+    meta = json.loads((tmp_path / "a.json").read_text())
+    (tmp_path / "a.json").write_text(json.dumps({**meta, "format": "other"}))
+    with pytest.raises(ValueError, match=r"a\.json: format is 'other'"):
+        HarmoniaAgents.load(tmp_path / "a")
+    (tmp_path / "a.json").write_text(json.dumps({**meta, "features": ["x"]}))
+    with pytest.raises(ValueError, match="features"):
+        HarmoniaAgents.load(tmp_path / "a")
+    (tmp_path / "a.json").write_text(json.dumps({**meta, "options": {**meta["options"], "hidden": 32}}))
+    with pytest.raises(ValueError, match="shape"):
+        HarmoniaAgents.load(tmp_path / "a")
+    (tmp_path / "a.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"a\.json: not valid JSON"):
+        HarmoniaAgents.load(tmp_path / "a")
+
+
+def test_batched_decisions_under_inference_mode(monkeypatch):
+    """One network call per agent per decide(), over the whole batch, autograd off."""
+    pol = make_policy(batch=16, warmup_steps=1)
+    pol.reset(tiers(8 * 4096))
+    pol.ready = [True, True]
+    calls = []
+    for ag in pol.agents:
+        orig = ag.net.forward
+
+        def fwd(x, orig=orig):
+            calls.append((torch.is_inference_mode_enabled(), x.shape[0]))
+            return orig(x)
+        monkeypatch.setattr(ag.net, "forward", fwd)
+    # fill the fast tier, then a batch of 16 misses
+    for k in range(8):
+        pol.decide([Observation(k, 4096, tier="fast", tier_index=0, count=1)])
+    calls.clear()
+    batch = [Observation(100 + j, 4096, tier="slow", tier_index=1) for j in range(16)]
+    pol.decide(batch)
+    assert 1 <= len(calls) <= 2, calls
+    assert all(inf for inf, _ in calls)
+    assert sum(n for _, n in calls) >= 16 + 8  # the batch and the sampled residents together
+    assert torch.get_num_threads() >= 1
+
+
+def test_one_thread_restored():
+    before = torch.get_num_threads()
+    pol = make_policy()
+    pol.agents[0].value(np.zeros((4, N_FEATURES), np.float32))
+    assert torch.get_num_threads() == before
+
+
+def test_gym_env_check_env_and_semantics():
+    gym = pytest.importorskip("gymnasium")
+    from gymnasium.utils.env_checker import check_env
+
+    from policies.gym_env import TieredCacheEnv
+
+    rng = np.random.default_rng(0)
+    keys = rng.zipf(1.3, 3000) % 300
+    env = TieredCacheEnv(keys, np.full(3000, 4096), fast_fraction=0.1, candidates=4)
+    check_env(env, skip_render_check=True)
+    assert isinstance(env.action_space, gym.spaces.Discrete) and env.action_space.n == 5
+
+    def episode(policy):
+        obs, _ = env.reset(seed=1)
+        total, done, steps = 0.0, False, 0
+        while not done:
+            assert env.observation_space.contains(obs)
+            obs, r, done, trunc, info = env.step(policy(obs))
+            assert r <= 0 and not trunc and info["fill"] <= 1.0
+            total += r
+            steps += 1
+        return total, steps
+
+    always, steps = episode(lambda o: 1)
+    never, n_miss = episode(lambda o: 0)
+    assert n_miss == 3000  # bypassing everything: every access is a miss, one step each
+    assert always > never  # caching pays on a skewed trace
+    with pytest.raises(ValueError, match="size"):
+        TieredCacheEnv(keys, np.full(5, 4096))
