@@ -272,44 +272,58 @@ class RowS3FIFO(RowCachePolicy):
 
 
 class RowHybrid(RowCachePolicy):
-    """Hybrid eviction after LSM-GNN / GIDS: keep the rows with the highest
-    ``static + weight * log1p(frequency)``.
+    """Hybrid eviction after LSM-GNN / GIDS: keep the rows with the highest estimated
+    probability of being read by the next minibatch, from a static prior and counts.
 
-    ``static_score`` is a per-row importance known up front (in-degree, or a
-    PageRank-like score), scaled to [0, 1] by ``log1p(s) / log1p(max)``; the
-    dynamic part counts accesses, halved every ``decay_every`` minibatches
-    so the cache follows a drifting workload. A miss is admitted only when its
-    score beats the lowest-scoring cached row's (pairwise, best first), so
-    one-off rows of a minibatch do not flush hot ones; pair it with a
-    :class:`VictimBuffer` for the recency the score lacks.
+    ``static_score`` is a per-row importance known up front (in-degree, or the
+    expected fetches per seed of ``tiered.gnn.scores.sampling_score``). It is
+    turned into a per-minibatch probability ``p = share * rows_per_batch``
+    (``share = s / sum(s)``, rows per batch measured as lookups go). The
+    dynamic part counts accesses, halved every ``decay_every`` minibatches so
+    the estimate follows a drifting workload. The two combine as a Bayesian
+    rate estimate ``(count + prior * p) / (window + prior)``: ``prior``
+    minibatches' worth of belief in the static score, so with few
+    observations the score decides, and rows hotter than it predicts climb.
+    A miss is admitted only when its estimate beats the lowest cached row's
+    (pairwise, best first), so one-off rows of a minibatch do not flush hot
+    ones; pair it with a :class:`VictimBuffer` for the recency the score lacks.
     """
 
     name = "hybrid"
 
-    def __init__(self, num_rows: int, num_slots: int, *, static_score=None, weight: float = 0.5,
+    def __init__(self, num_rows: int, num_slots: int, *, static_score=None, prior: float = 1024.0,
                  decay_every: int = 16, **_ignored) -> None:
         super().__init__(num_rows, num_slots)
         if static_score is None:
-            self.static = np.zeros(self.num_rows, dtype=np.float32)
+            self.share = np.zeros(self.num_rows, dtype=np.float32)
         else:
             s = np.asarray(static_score, dtype=np.float64).reshape(-1)
             if len(s) != self.num_rows:
                 raise ValueError(f"static_score has {len(s)} entries, expected one per row ({self.num_rows})")
             if not np.all(np.isfinite(s)) or np.any(s < 0):
                 raise ValueError("static_score must be finite and >= 0")
-            top = float(s.max()) if len(s) else 0.0
-            self.static = (np.log1p(s) / np.log1p(top)).astype(np.float32) if top > 0 else np.zeros(len(s), np.float32)
-        self.weight = float(weight)
+            total = float(s.sum())
+            self.share = (s / total).astype(np.float32) if total > 0 else np.zeros(len(s), np.float32)
+        if prior < 0:
+            raise ValueError(f"prior must be >= 0, got {prior}")
+        self.prior = float(prior)
         self.decay_every = int(decay_every)
         self.freq = np.zeros(self.num_rows, dtype=np.float32)
+        self.window = 0.0  # minibatches the counts cover (decayed like them)
+        self.rows_per_batch = 0.0
 
     def score(self, rows: np.ndarray) -> np.ndarray:
-        return self.static[rows] + self.weight * np.log1p(self.freq[rows])
+        p = np.minimum(self.share[rows] * np.float32(max(self.rows_per_batch, 1.0)), np.float32(1.0))
+        return (self.freq[rows] + np.float32(self.prior) * p) / np.float32(self.window + self.prior + 1e-9)
 
     def _on_access(self, rows, slots, hit) -> None:
         if self.decay_every and self.clock % self.decay_every == 0:
             self.freq *= 0.5
+            self.window *= 0.5
         self.freq[rows] += 1.0
+        self.window += 1.0
+        n = self.clock
+        self.rows_per_batch += (len(rows) - self.rows_per_batch) / min(n, 64)
 
     def _admission(self, rows: np.ndarray, force: bool) -> np.ndarray:
         order = np.argsort(-self.score(rows), kind="stable")

@@ -511,3 +511,19 @@ def test_catalog_is_json_named_by_the_store(store):
     assert doc["format"] == "tiered-gnn-features" and doc["attrs"][0]["group"] == ["a", "b"]
     with fstore(store) as fs:
         assert fs.get_tensor_size(group_name=("a", "b"), attr_name="x") == (10, 2)
+
+
+def test_sampling_score_is_expected_fetches_per_seed():
+    from tiered.gnn.scores import csc_from_edge_index, sampling_score
+
+    # chain 0 -> 1 -> 2: with fan-out [1, 1] and uniform seeds, node 0 is fetched as a seed,
+    # as 1's neighbor and as 2's two-hop neighbor
+    indptr, nbr = csc_from_edge_index(torch.tensor([[0, 1], [1, 2]]), 3)
+    assert np.allclose(sampling_score(indptr, nbr, [1, 1]), [1.0, 2 / 3, 1 / 3])
+    # star: four leaves point at 0; fan-out 2 draws each in-edge with probability 1/2
+    indptr, nbr = csc_from_edge_index(torch.tensor([[1, 2, 3, 4], [0, 0, 0, 0]]), 5)
+    s = sampling_score(indptr, nbr, [2])
+    assert np.allclose(s, [0.2] + [0.2 + 0.2 * 0.5] * 4)
+    assert np.allclose(sampling_score(indptr, nbr, [-1]), [0.2] + [0.4] * 4)  # -1: every neighbor
+    with pytest.raises(ValueError, match="seed_prob has 2 entries"):
+        sampling_score(indptr, nbr, [2], seed_prob=np.ones(2))

@@ -162,20 +162,20 @@ def test_s3fifo_ghost_hit_enters_main():
 def test_hybrid_keeps_high_score_rows_and_refuses_low_ones():
     score = np.zeros(100)
     score[:5] = 1000.0  # rows 0..4 are hubs
-    p = RowHybrid(100, 5, static_score=score, weight=0.0)
+    p = RowHybrid(100, 5, static_score=score)
     p.lookup(np.arange(5))
     p.admit(np.arange(5))
     p.lookup(np.array([50, 51]))
     s, ev, _ = p.admit(np.array([50, 51]))
     assert (s == -1).all() and len(ev) == 0  # cold rows do not displace hubs
-    score2 = RowHybrid(100, 5, static_score=np.arange(100.0), weight=0.0)
+    score2 = RowHybrid(100, 5, static_score=np.arange(100.0))
     score2.admit(np.array([1, 2, 3, 4, 5]))
     s, ev, _ = score2.admit(np.array([90, 0]))
     assert s[0] >= 0 and s[1] == -1 and ev.tolist() == [1]  # 90 beats the lowest (1); 0 does not
 
 
 def test_hybrid_frequency_lets_a_hot_row_in():
-    p = RowHybrid(100, 2, static_score=np.r_[np.full(2, 10.0), np.zeros(98)], weight=1.0, decay_every=0)
+    p = RowHybrid(100, 2, static_score=np.r_[np.full(2, 10.0), np.zeros(98)], prior=4.0, decay_every=0)
     p.admit(np.array([0, 1]))
     for _ in range(200):
         p.lookup(np.array([42]))
@@ -184,7 +184,7 @@ def test_hybrid_frequency_lets_a_hot_row_in():
 
 
 def test_hybrid_force_admits_despite_score():
-    p = RowHybrid(100, 2, static_score=np.r_[np.full(2, 10.0), np.zeros(98)], weight=0.0)
+    p = RowHybrid(100, 2, static_score=np.r_[np.full(2, 10.0), np.zeros(98)])
     p.admit(np.array([0, 1]))
     s, ev, _ = p.admit(np.array([70]), force=True)
     assert s[0] >= 0 and len(ev) == 1
