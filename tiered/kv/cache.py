@@ -37,8 +37,6 @@ thread) or ``with`` -> ``load_prefix(ids)`` (optional) ->
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
 import uuid
 from collections import deque
@@ -54,7 +52,6 @@ from ..sizes import parse_size
 from ..store import ChecksumError, StoreError
 from .prefix import KVStore, KVStoreError
 
-log = logging.getLogger("tiered.kv")
 
 _SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -161,7 +158,8 @@ class TieredCache(Cache):
     (0: gather on demand in the compute thread; "auto": 1 where CUDA is available,
     else 0 -- on a CPU the gather is a memcpy competing with the compute for the
     same cores, measured faster in the compute thread on 2 cores; the store reads
-    of the next layer are still issued ahead, while this layer computes). ``read_window``: store blocks read ahead while gathering a layer.
+    of the next layer are still issued ahead, while this layer computes).
+    ``read_window``: store blocks read ahead while gathering a layer.
     """
 
     def __init__(self, config, kv: KVStore | None = None, *, block_size: int | None = None,
@@ -205,7 +203,6 @@ class TieredCache(Cache):
         self._step_leases: dict = {}  # (block index, part) -> Lease pinned for this step's layers
         self._step_pinned = 0
         self._hashes: list[str] = []  # chained hashes of the known prompt's full blocks
-        self._errors: list[BaseException] = []
         for layer in self.layers:
             layer.reset()
             layer.is_initialized = False
@@ -266,7 +263,6 @@ class TieredCache(Cache):
                     self.kv.unhold(key)
                 elif key in self.kv.store:
                     self.kv.store.delete(key)
-        errors += self._errors
         self._reset_state()
         if errors:
             raise errors[0]
