@@ -246,23 +246,23 @@ def test_prefix_store_durable_across_processes(tmp_path):
         from pathlib import Path
         from tiered.kv import KVStore, TieredCache, model_identity
         torch.set_num_threads(1)
-        model = make_model()
+        model = make_model(layers=2)
         with tiered.TieredStore(store_config(Path({str(tmp_path)!r}))) as store:
             kv = KVStore(store, model_identity(model), block_size={BS})
             with TieredCache(model.config, kv) as cache:
-                cache.load_prefix(prompt(90))
-                generate(model, prompt(90), cache, n=2)
+                cache.load_prefix(prompt(40))
+                generate(model, prompt(40), cache, n=2)
         print("saved")
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0 and "saved" in r.stdout, r.stderr[-3000:]
-    model = make_model()
+    model = make_model(layers=2)
     with tiered.TieredStore(store_config(tmp_path)) as store:
         kv = KVStore(store, model_identity(model), block_size=BS)
         with TieredCache(model.config, kv) as cache:
-            assert cache.load_prefix(prompt(90)) == 80
-            got = generate(model, prompt(90), cache, n=8)
-    want = generate(model, prompt(90), DynamicCache(), n=8)
+            assert cache.load_prefix(prompt(40)) == 32
+            got = generate(model, prompt(40), cache, n=4)
+    want = generate(model, prompt(40), DynamicCache(), n=4)
     assert torch.equal(got.sequences, want.sequences)
 
 
