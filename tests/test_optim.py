@@ -288,10 +288,10 @@ def test_kill_9_between_chunks_and_marker_recovers_the_previous_step(tmp_path):
     assert recover_and_check(tmp_path, refs) == 2
 
 
-@pytest.mark.parametrize("delay", [0.15, 0.4])
-def test_kill_9_at_a_random_time_recovers_a_complete_step(tmp_path, delay):
-    refs, _ = reference_params(31)
-    proc = run_child(tmp_path, "--steps", "30")
+def test_kill_9_at_a_random_time_recovers_a_complete_step(tmp_path):
+    refs, _ = reference_params(13)
+    delay = float(torch.rand(()) * 0.5)
+    proc = run_child(tmp_path, "--steps", "12")
     try:
         wait_for_line(proc, "STEP 1")
         time.sleep(delay)
@@ -301,4 +301,4 @@ def test_kill_9_at_a_random_time_recovers_a_complete_step(tmp_path, delay):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-    assert 1 <= recover_and_check(tmp_path, refs) <= 30
+    assert 1 <= recover_and_check(tmp_path, refs) <= 12, f"killed {delay:.2f} s after step 1"

@@ -1,0 +1,425 @@
+"""Fine-tuning benchmark: AdamW with optimizer state on storage, and zeroth-order steps.
+
+A Llama-style transformer (built from config, fp32) whose optimizer state (fp32
+master + 2 moments, 12 bytes per parameter) is larger than the host budget
+given to tiered. In one run, each contender in its own process, on the same
+model, batch and gradients:
+
+- ``torch``: in-memory ``torch.optim.AdamW`` (``--impl fused`` by default: torch's fused CPU
+  kernel, as DeepSpeed uses its fused cpu_adam; ``--impl single`` for torch's CPU default);
+- ``deepspeed``: DeepSpeed ZeRO-3 with ``offload_optimizer: {device: nvme}``
+  (single process, gloo, CPU accelerator, its async_io and cpu_adam ops);
+- ``tiered``: ``tiered.optim.OffloadedAdamW`` with the state in the store and a
+  host tier smaller than the state.
+
+The optimizer step is timed (``opt.step()`` / ``engine.step()``), and the whole
+train step (forward + backward + step) too. The I/O bound is the bytes tiered
+moves per step (its store counters) over fio's sequential O_DIRECT bandwidth on
+the same disk (read bs=8M libaio qd=32, write likewise, with fsync). All
+storage reads are cold: the store and DeepSpeed's aio both use O_DIRECT.
+
+Then ZO (MeZO with ZO2's dual forward, ``tiered.optim.ZOSGD``) steps/s with the
+weights streamed from storage (host tier smaller than the weights) against
+in-memory MeZO (``tiered.optim.zo.mezo_step``) on the same model.
+
+Usage: ``python bench/finetune.py [--json] [--layers N] [--host MiB] ...``;
+results go to ``bench/results/finetune_cpu.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+
+MiB, GB = 1 << 20, 1e9
+TARGET_VS_DS = 0.7
+TARGET_BOUND = 1.2
+
+
+def log(msg: str) -> None:
+    print(f"[finetune {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def build_model(spec: dict):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=spec["vocab"], hidden_size=spec["hidden"],
+                                   intermediate_size=spec["inter"], num_hidden_layers=spec["layers"],
+                                   num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
+                                   max_position_embeddings=max(64, spec["seq"]))
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def batch(spec: dict, step: int):
+    import torch
+
+    g = torch.Generator().manual_seed(step)
+    return torch.randint(0, spec["vocab"], (spec["batch"], spec["seq"]), generator=g)
+
+
+# --------------------------------------------------------------------------- contenders (child processes)
+
+
+def run_torch(spec: dict) -> dict:
+    import torch
+
+    model = build_model(spec)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **_impl(spec))
+    return _train_loop(spec, model, lambda loss: loss.backward(), opt.step, opt.zero_grad)
+
+
+def run_tiered(spec: dict) -> dict:
+    import torch  # noqa: F401
+
+    from tiered.optim import OffloadedAdamW
+
+    model = build_model(spec)
+    cfg = _tiered_cfg(spec, spec["host_mib"])
+    with OffloadedAdamW(model.parameters(), lr=1e-4, config=cfg, lookahead=spec["lookahead"],
+                        **_impl(spec)) as opt:
+        st0 = opt.store.stats()["tiers"]["nvme"]
+        out = _train_loop(spec, model, lambda loss: loss.backward(), opt.step, opt.zero_grad, store=opt.store)
+        st = opt.store.stats()
+        out["host_capacity"] = st["tiers"]["host"]["capacity"]
+        out["host_peak"] = st["tiers"]["host"]["peak"]
+        out["chunks"] = len(opt._chunks)
+        out["state_bytes"] = 12 * sum(p.numel() for p in model.parameters())
+        out["total_read"] = st["tiers"]["nvme"]["bytes_read"] - st0["bytes_read"]
+    shutil.rmtree(cfg["tiers"]["nvme"]["path"], ignore_errors=True)
+    return out
+
+
+def _impl(spec: dict) -> dict:
+    """torch's AdamW implementation: fused (one vectorized pass, the fastest on CPU; DeepSpeed
+    uses its own fused cpu_adam) or single (foreach=False, torch's CPU default)."""
+    return {"fused": True} if spec["impl"] == "fused" else {"foreach": False}
+
+
+def run_deepspeed(spec: dict) -> dict:
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(29500 + os.getpid() % 400))
+    import torch
+    import torch._dynamo  # noqa: F401 - loaded before zero.Init patches torch.Tensor.__new__, which
+    import transformers  # noqa: F401   breaks dynamo's polyfill import if it happens inside the context
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    swap = os.path.join(spec["dir"], "ds_swap")
+    shutil.rmtree(swap, ignore_errors=True)
+    os.makedirs(swap)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": spec["batch"], "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                  "weight_decay": 0.01}},
+        "zero_optimization": {
+            "stage": 3, "sub_group_size": spec["ds_sub_group"],
+            "offload_optimizer": {"device": "nvme", "nvme_path": swap, "pin_memory": False,
+                                  "buffer_count": 4, "fast_init": False},
+            "stage3_param_persistence_threshold": 0,
+        },
+        "aio": {"block_size": 8 * MiB, "queue_depth": 32, "thread_count": 2, "single_submit": False,
+                "overlap_events": True},
+        "steps_per_print": 1 << 30, "wall_clock_breakdown": False,
+    }
+    # on the CPU accelerator zero.Init(dtype=torch.float32) silently keeps bf16: pass no dtype
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = build_model(spec)
+    engine, _opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    dtypes = sorted({str(p.ds_tensor.dtype) for p in model.parameters()})
+    out = _train_loop(spec, engine, engine.backward, engine.step, lambda: None)
+    out["param_dtypes"] = dtypes
+    out["ds_config"] = ds_config
+    shutil.rmtree(swap, ignore_errors=True)
+    return out
+
+
+def _train_loop(spec, model, backward, step, zero_grad, store=None) -> dict:
+    """Warm-up steps, then timed ones: forward+backward, then the optimizer step alone."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    steps, fb, losses, rw, proc_rw, train, proc_all = [], [], [], [], [], [], []
+    for i in range(spec["warmup"] + spec["steps"]):
+        x = batch(spec, i)
+        p0 = _proc_io()
+        t0 = time.perf_counter()
+        loss = model(input_ids=x, labels=x).loss
+        backward(loss)
+        t1 = time.perf_counter()
+        before, pbefore = _io(store), _proc_io()
+        step()
+        t2 = time.perf_counter()
+        after, pafter = _io(store), _proc_io()
+        zero_grad()
+        losses.append(loss.item())
+        log(f"  step {i}: fwd+bwd {t1 - t0:.2f} s, optimizer step {t2 - t1:.2f} s, loss {losses[-1]:.4f}")
+        if i >= spec["warmup"]:
+            fb.append(t1 - t0)
+            steps.append(t2 - t1)
+            if store is not None:
+                rw.append((after[0] - before[0], after[1] - before[1]))
+            proc_rw.append((pafter[0] - pbefore[0], pafter[1] - pbefore[1]))
+            train.append(t2 - t0)
+            proc_all.append((pafter[0] - p0[0], pafter[1] - p0[1]))
+    out = {"step_s": steps, "fwd_bwd_s": fb, "losses": losses,
+           "step_median_s": statistics.median(steps), "fwd_bwd_median_s": statistics.median(fb),
+           "params": sum(p.numel() for p in _params(model))}
+    # block-layer bytes of the whole process during the optimizer step (/proc/self/io)
+    out["train_step_s"] = train
+    out["train_step_median_s"] = statistics.median(train)
+    out["proc_read_per_train_step"] = statistics.median(r for r, _w in proc_all)
+    out["proc_written_per_train_step"] = statistics.median(w for _r, w in proc_all)
+    out["proc_read_per_step"] = statistics.median(r for r, _w in proc_rw)
+    out["proc_written_per_step"] = statistics.median(w for _r, w in proc_rw)
+    if rw:
+        out["bytes_read_per_step"] = statistics.median(r for r, _w in rw)
+        out["bytes_written_per_step"] = statistics.median(w for _r, w in rw)
+    return out
+
+
+def _params(model):
+    inner = getattr(model, "module", model)
+    for p in inner.parameters():
+        yield getattr(p, "ds_tensor", p) if hasattr(p, "ds_numel") else p
+
+
+def _proc_io() -> tuple[int, int]:
+    with open("/proc/self/io") as f:
+        kv = dict(line.split(": ") for line in f.read().splitlines())
+    return int(kv["read_bytes"]), int(kv["write_bytes"])
+
+
+def _io(store) -> tuple[int, int]:
+    if store is None:
+        return 0, 0
+    t = store.stats()["tiers"]["nvme"]
+    return t["bytes_read"], t["bytes_written"]
+
+
+def _tiered_cfg(spec: dict, host_mib: int, lookahead: int = 1) -> dict:
+    path = os.path.join(spec["dir"], f"tiered_{os.getpid()}")
+    shutil.rmtree(path, ignore_errors=True)
+    return {"tiers": {"host": {"capacity": f"{host_mib}MiB"}, "nvme": {"path": path, "capacity": "32GiB"}},
+            "engine": {"workers": spec["workers"], "chunk": "8MiB"},
+            "offload": {"lookahead": lookahead, "resident": False}}
+
+
+def run_zo(spec: dict) -> dict:
+    import torch
+
+    import tiered
+    from tiered.optim import ZOSGD
+    from tiered.optim.zo import mezo_step
+
+    torch.set_num_threads(spec["threads"])
+    n = spec["zo_steps"]
+    out = {}
+    model = build_model(spec).eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    times = []
+    for i in range(n + 1):
+        t0 = time.perf_counter()
+        r = mezo_step(model, {"input_ids": batch(spec, i)}, seed=i, lr=1e-6, eps=1e-3)
+        times.append(time.perf_counter() - t0)
+        log(f"  ZO in memory step {i}: {times[-1]:.2f} s, g={r.projected_grad:.4f}")
+    out["memory_step_s"] = times[1:]
+    del model
+    model = tiered.offload(build_model(spec).eval(), _tiered_cfg(spec, spec["zo_host_mib"]))
+    store = model._tiered.store
+    times, reads = [], []
+    with ZOSGD(model, lr=1e-6, eps=1e-3, seed=0) as zo:
+        for i in range(n + 1):
+            r0 = store.stats()["tiers"]["nvme"]["bytes_read"]
+            t0 = time.perf_counter()
+            r = zo.step({"input_ids": batch(spec, i)})
+            times.append(time.perf_counter() - t0)
+            reads.append(store.stats()["tiers"]["nvme"]["bytes_read"] - r0)
+            log(f"  ZO tiered step {i}: {times[-1]:.2f} s, read {reads[-1] / MiB:.0f} MiB, g={r.projected_grad:.4f}")
+    out["tiered_step_s"] = times[1:]
+    out["tiered_read_per_step"] = statistics.median(reads[1:])
+    out["weights_bytes"] = weights
+    out["host_capacity"] = store.arena.capacity
+    path = store.root
+    tiered.detach(model)
+    shutil.rmtree(path, ignore_errors=True)
+    return out
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def child(name: str, spec: dict, timeout: float) -> dict:
+    log(f"{name}: starting")
+    outp = os.path.join(spec["dir"], f"{name}.json")
+    if os.path.exists(outp):
+        os.remove(outp)
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), PYTHONPATH=_ROOT)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--contender", name,
+                               "--spec", json.dumps(spec), "--out", outp], env=env, timeout=timeout,
+                              stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish within {timeout:.0f} s"}
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (proc.stderr or "").strip().splitlines()[-40:]
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    with open(outp) as f:
+        res = json.load(f)
+    res["process_wall_s"] = wall
+    log(f"{name}: done in {wall:.0f} s")
+    return res
+
+
+def fio_bandwidth(directory: str, size: int) -> dict:
+    from tiered.bench_io import _run_fio
+
+    fio = shutil.which("fio")
+    if fio is None:
+        return {"error": "fio not installed"}
+    path = os.path.join(directory, "fio.dat")
+    with open(path, "wb") as f:  # a real file (allow_file_create=0): written once, then read cold
+        chunk = os.urandom(MiB) * 8
+        for _ in range(size // len(chunk)):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    out = {}
+    try:
+        for rw in ("write", "read"):
+            row = _run_fio(fio, path, rw=rw, bs=8 * MiB, ioengine="libaio", numjobs=1, iodepth=32,
+                           size=size, runtime=20, time_based=False)
+            out[rw] = row
+            log(f"fio {rw} bs=8M libaio qd=32 O_DIRECT: " + (f"{row['gbps']:.2f} GB/s" if "gbps" in row
+                                                             else row.get("error", "?")))
+    finally:
+        os.remove(path)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="bench/finetune.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ap.add_argument("--dir", default=os.path.join(_ROOT, ".benchdir", "finetune"))
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--inter", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--host", type=int, default=256, help="tiered host tier, MiB (default 256)")
+    ap.add_argument("--zo-host", type=int, default=128, help="tiered host tier for ZO, MiB (default 128)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--zo-steps", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--lookahead", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--impl", choices=("fused", "single"), default="fused",
+                    help="torch AdamW kernel for torch and tiered (default fused)")
+    ap.add_argument("--only", default="torch,tiered,deepspeed,zo")
+    ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--contender", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.contender:
+        spec = json.loads(args.spec)
+        fn = {"torch": run_torch, "tiered": run_tiered, "deepspeed": run_deepspeed, "zo": run_zo}[args.contender]
+        res = fn(spec)
+        with open(args.out, "w") as f:
+            json.dump(res, f)
+        return 0
+
+    os.makedirs(args.dir, exist_ok=True)
+    spec = {"layers": args.layers, "hidden": args.hidden, "inter": args.inter, "vocab": args.vocab,
+            "heads": max(1, args.hidden // 64), "seq": args.seq, "batch": args.batch, "host_mib": args.host,
+            "zo_host_mib": args.zo_host, "steps": args.steps, "warmup": args.warmup, "zo_steps": args.zo_steps,
+            "workers": args.workers, "lookahead": args.lookahead, "impl": args.impl, "threads": args.threads, "dir": args.dir,
+            "ds_sub_group": 100_000_000}
+    only = args.only.split(",")
+    result = {"spec": spec, "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
+              "note": "2-core VM shared with other jobs (loaded); storage reads are O_DIRECT (cold)"}
+    log(f"fio on {args.dir}")
+    result["fio"] = fio_bandwidth(args.dir, 1 << 30)
+    for name in ("torch", "tiered", "deepspeed", "zo"):
+        if name in only:
+            result[name] = child(name, spec, args.timeout)
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    summarize(result)
+    os.makedirs(os.path.join(_ROOT, "bench", "results"), exist_ok=True)
+    path = args.out or os.path.join(_ROOT, "bench", "results", "finetune_cpu.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    log(f"saved {path}")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(result)
+    return 0
+
+
+def summarize(r: dict) -> None:
+    s = {}
+    t, d, m = r.get("tiered", {}), r.get("deepspeed", {}), r.get("torch", {})
+    fio = r.get("fio", {})
+    rbw, wbw = fio.get("read", {}).get("gbps"), fio.get("write", {}).get("gbps")
+    if "step_median_s" in t and rbw and wbw:
+        s["io_bound_s"] = t["bytes_read_per_step"] / (rbw * GB) + t["bytes_written_per_step"] / (wbw * GB)
+    for what in ("step", "train_step"):  # the optimizer step alone; forward + backward + step
+        k = f"{what}_median_s"
+        if k not in t:
+            continue
+        if k in d:
+            s[f"{what}: tiered/deepspeed"] = t[k] / d[k]
+            s[f"{what}: target tiered <= {TARGET_VS_DS} x deepspeed met"] = t[k] / d[k] <= TARGET_VS_DS
+        if k in m and "io_bound_s" in s:
+            extra = t["fwd_bwd_median_s"] if what == "train_step" else 0.0  # compute is not I/O
+            bound = max(m[k], s["io_bound_s"] + extra)
+            s[f"{what}: bound max(in-memory, I/O) s"] = bound
+            s[f"{what}: tiered/bound"] = t[k] / bound
+            s[f"{what}: target tiered <= {TARGET_BOUND} x bound met"] = t[k] / bound <= TARGET_BOUND
+    z = r.get("zo", {})
+    if "tiered_step_s" in z:
+        s["zo_memory_steps_per_s"] = 1 / statistics.median(z["memory_step_s"])
+        s["zo_tiered_steps_per_s"] = 1 / statistics.median(z["tiered_step_s"])
+        s["zo_tiered_vs_memory"] = s["zo_tiered_steps_per_s"] / s["zo_memory_steps_per_s"]
+    r["summary"] = s
+
+
+def print_table(r: dict) -> None:
+    s = r["summary"]
+    print(f"model: {r.get('torch', r.get('tiered', {})).get('params', '?')} params, state "
+          f"{r.get('tiered', {}).get('state_bytes', 0) / MiB:.0f} MiB, tiered host tier "
+          f"{r['spec']['host_mib']} MiB")
+    print(f"{'contender':<12} {'opt step (s)':>12} {'fwd+bwd (s)':>12} {'train step (s)':>14} "
+          f"{'read/step MB':>12} {'written/step MB':>15}")
+    for name in ("torch", "deepspeed", "tiered"):
+        c = r.get(name, {})
+        if "error" in c:
+            print(f"{name:<12} error: {c['error'][:300]}")
+        elif c:
+            print(f"{name:<12} {c['step_median_s']:>12.3f} {c['fwd_bwd_median_s']:>12.3f} "
+                  f"{c['train_step_median_s']:>14.3f} {c['proc_read_per_train_step'] / 1e6:>12.1f} "
+                  f"{c['proc_written_per_train_step'] / 1e6:>15.1f}")
+    for k, v in s.items():
+        print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
