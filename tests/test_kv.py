@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import DynamicCache
 
 import tiered
@@ -22,6 +23,8 @@ from tiered.kv import KVCacheError, KVStore, KVStoreError, TieredCache, chain_ha
 from tiered.kv.replay import ReplayConfig, replay
 
 ROOT = Path(__file__).resolve().parent.parent
+#: transformers 5 names the cache argument ``cache``; 4.x ``past_key_values``
+CACHE = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
 BS = 16  # tokens per block in these tests
 
 # tiny decoders of several architectures, built from config (no downloads)
@@ -67,7 +70,7 @@ def kv_bytes(model, tokens: int) -> int:
 
 def generate(model, ids, cache, n=16):
     with torch.no_grad():
-        return model.generate(ids, max_new_tokens=n, do_sample=False, cache=cache, output_scores=True,
+        return model.generate(ids, max_new_tokens=n, do_sample=False, **{CACHE: cache}, output_scores=True,
                               return_dict_in_generate=True, pad_token_id=0)
 
 
@@ -107,21 +110,21 @@ def test_lookahead_variants_and_manual_decode_loop(tmp_path, lookahead):
     ids = prompt(40)
     with torch.no_grad():
         ref = DynamicCache()
-        out = model(ids, cache=ref, use_cache=True)
+        out = model(ids, **{CACHE: ref}, use_cache=True)
         ref_logits = [out.logits[:, -1]]
         tok = out.logits[:, -1:].argmax(-1)
         for _ in range(30):
-            out = model(tok, cache=ref, use_cache=True)
+            out = model(tok, **{CACHE: ref}, use_cache=True)
             ref_logits.append(out.logits[:, -1])
             tok = out.logits[:, -1:].argmax(-1)
         with tiered.TieredStore(store_config(tmp_path)) as store, \
                 TieredCache(model.config, KVStore(store, block_size=8), device_budget=kv_bytes(model, 71) * 2 // 3,
                             lookahead=lookahead) as cache:
-            out = model(ids, cache=cache, use_cache=True)
+            out = model(ids, **{CACHE: cache}, use_cache=True)
             got = [out.logits[:, -1]]
             tok = out.logits[:, -1:].argmax(-1)
             for _ in range(30):
-                out = model(tok, cache=cache, use_cache=True)
+                out = model(tok, **{CACHE: cache}, use_cache=True)
                 got.append(out.logits[:, -1])
                 tok = out.logits[:, -1:].argmax(-1)
                 assert cache.device_bytes()["total"] <= cache.device_budget
@@ -427,3 +430,29 @@ def test_replay_future_aware_beats_lru_on_a_looping_prefix():
     lru = replay(reqs, ReplayConfig(policy="lru", **base))
     pa = replay(reqs, ReplayConfig(policy="prefix-aware", **base))
     assert pa["prefill_tokens_saved"] > lru["prefill_tokens_saved"]
+
+
+# --------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_generate_bitwise_and_prefix_reuse(tmp_path):
+    """On the GPU: staging and resident blocks in device memory, spills through the pinned host
+    tier, the gather thread (lookahead 'auto' = 1 there); then a prefix loaded from the store."""
+    model = make_model().cuda()
+    ids = prompt(75).cuda()
+    want = generate(model, ids, DynamicCache())
+    with tiered.TieredStore(store_config(tmp_path)) as store:
+        kv = KVStore(store, model_identity(model), block_size=BS)
+        with TieredCache(model.config, kv, device_budget=kv_bytes(model, 91) // 2) as cache:
+            assert cache.lookahead == 1
+            cache.load_prefix(ids)
+            got = generate(model, ids, cache)
+            st = cache.stats()
+        assert st["spilled_blocks"] >= 2 and st["store_reads"] > 0, st
+        assert_bitwise(want, got)
+        with TieredCache(model.config, kv, device_budget=kv_bytes(model, 91) // 2) as cache:
+            assert cache.load_prefix(ids) == 64
+            again = generate(model, ids, cache)
+        assert torch.equal(again.sequences, want.sequences)

@@ -464,9 +464,16 @@ class TieredCache(Cache):
 
         def flush(upto: int) -> None:
             nonlocal run_lo
-            if run_k:
+            if run_k and all(t.device == kk.device for t in run_k):
                 torch.cat(run_k, dim=-2, out=kk[:, :, run_lo:upto])
                 torch.cat(run_v, dim=-2, out=vv[:, :, run_lo:upto])
+            else:  # host copies into device slots (cat needs one device); synchronous: leases go next
+                at_ = run_lo
+                for tk, tv in zip(run_k, run_v):
+                    n = tk.shape[-2]
+                    kk[:, :, at_:at_ + n].copy_(tk)
+                    vv[:, :, at_:at_ + n].copy_(tv)
+                    at_ += n
             run_k.clear()
             run_v.clear()
             for lease in held:
