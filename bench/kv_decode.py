@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import os
 import platform
@@ -62,8 +63,9 @@ from tiered.kv import KVStore, TieredCache, kv_geometry, model_identity  # noqa:
 MiB = 1 << 20
 try:
     import transformers
-    #: transformers 5 names the cache argument ``cache``; 4.x ``past_key_values``
-    CACHE = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
+    #: recent transformers name the cache argument ``cache``, earlier ones ``past_key_values``
+    CACHE = ("cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters
+             else "past_key_values")
 except ImportError:
     CACHE = "cache"
 
@@ -126,6 +128,9 @@ def prefill(model, cache, ids: torch.Tensor, *, before=None) -> dict:
         tok = out.logits[:, -1:].argmax(-1)
         first = int(tok)  # waits for the device
         ttft = time.perf_counter() - t0
+    if cache.get_seq_length() != ids.shape[1]:
+        raise RuntimeError(f"the model did not fill the {type(cache).__name__} passed as {CACHE}= "
+                           f"({cache.get_seq_length()} of {ids.shape[1]} tokens)")
     return {"ttft_s": ttft, "prefix_load_s": t_load, "prefix_tokens": skip, "tokens": [first], "_tok": tok}
 
 

@@ -4,6 +4,7 @@ model identity, the future-aware policy and the Mooncake replay."""
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import subprocess
 import sys
@@ -23,8 +24,9 @@ from tiered.kv import KVCacheError, KVStore, KVStoreError, TieredCache, chain_ha
 from tiered.kv.replay import ReplayConfig, replay
 
 ROOT = Path(__file__).resolve().parent.parent
-#: transformers 5 names the cache argument ``cache``; 4.x ``past_key_values``
-CACHE = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
+#: recent transformers name the cache argument ``cache``, earlier ones ``past_key_values``
+CACHE = ("cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters
+         else "past_key_values")
 BS = 16  # tokens per block in these tests
 
 # tiny decoders of several architectures, built from config (no downloads)
