@@ -20,7 +20,9 @@ Model (documented so results can be judged):
   later (latency is pipelined, as on an SSD with many requests in flight);
   its latency is completion minus arrival.
 * Migrations are background transfers that occupy the source (read) and the
-  destination (write) devices, so wasteful promotion delays later accesses.
+  destination (write) devices' bandwidth, so wasteful promotion delays later
+  accesses; a migrated object is usable once its bytes have arrived (an
+  access to it waits, the device's queue does not).
   A move of an object just served by the current batch skips the source read
   (its bytes are in memory: fill on miss); a move of a clean object to the
   backing tier is free (its copy is there) and migrates no bytes; writes
@@ -196,7 +198,7 @@ def simulate(
     lat = [t.latency_s for t in tiers]
     rbw = [t.read_bw for t in tiers]
     wbw = [t.write_bw for t in tiers]
-    busy = [0.0] * T
+    busy = [0.0] * T  # when each device's bandwidth is next free (queue position)
     used = [0] * T
     peak = [0] * T
 
@@ -211,6 +213,7 @@ def simulate(
     prevl = trace.prev.tolist()
     cntl = trace.count.tolist()
     tier_of = [-1] * K
+    ready_at = [0.0] * K  # when an object's bytes are complete on its tier (after a migration)
     dirty = bytearray(K)
     lats = [0.0] * n
     served = bytearray(n)
@@ -269,7 +272,9 @@ def simulate(
                 busy[back] = (now if now > b else b) + sl[i] / rbw[back]
                 fin = busy[back] + lat[back]
                 b = busy[tk]
-                busy[tk] = (fin if fin > b else b) + sz / wbw[tk]
+                busy[tk] = (now if now > b else b) + sz / wbw[tk]
+                r = fin + sz / wbw[tk]
+                ready_at[k] = r if r > busy[tk] else busy[tk]
                 last_fin = fin
                 migrated += sz
                 n_moves += 1
@@ -282,9 +287,11 @@ def simulate(
         if tk >= 0:
             resident = tk
             b = busy[tk]
-            b = (now if now > b else b) + sl[i] / (wbw[tk] if w else rbw[tk])
+            occ = sl[i] / (wbw[tk] if w else rbw[tk])
+            b = (now if now > b else b) + occ
             busy[tk] = b
-            fin = b + lat[tk]
+            r = ready_at[k] + occ  # the object's bytes may still be on their way to this tier
+            fin = (b if b > r else r) + lat[tk]
             last_fin = fin
             lats[i] = fin - now
             served[i] = tk
@@ -338,9 +345,11 @@ def simulate(
                 if key not in pend_keys:
                     b = busy[src]
                     busy[src] = (now if now > b else b) + sz / rbw[src]
-                    ready = busy[src] + lat[src]
+                    ready = (busy[src] if busy[src] > ready_at[key] else ready_at[key]) + lat[src]
                 b = busy[dst]
-                busy[dst] = (ready if ready > b else b) + sz / wbw[dst]
+                busy[dst] = (now if now > b else b) + sz / wbw[dst]
+                r = ready + sz / wbw[dst]
+                ready_at[key] = r if r > busy[dst] else busy[dst]
                 if dst == back:
                     dirty[key] = 0
                 batch_bytes += sz
@@ -358,7 +367,7 @@ def simulate(
             progress(i + 1, n)
     if progress is not None:
         progress(n, n)
-    end = max([now + 0.0] + busy)
+    end = max([now + 0.0] + busy + [max(ready_at, default=0.0)])
     if n and closed_loop:
         end = max(end, clock)
     return SimResult(
