@@ -467,13 +467,15 @@ class TieredCache(Cache):
             if run_k and all(t.device == kk.device for t in run_k):
                 torch.cat(run_k, dim=-2, out=kk[:, :, run_lo:upto])
                 torch.cat(run_v, dim=-2, out=vv[:, :, run_lo:upto])
-            else:  # host copies into device slots (cat needs one device); synchronous: leases go next
+            elif run_k:  # host copies into device slots (cat needs one device)
                 at_ = run_lo
                 for tk, tv in zip(run_k, run_v):
                     n = tk.shape[-2]
-                    kk[:, :, at_:at_ + n].copy_(tk)
-                    vv[:, :, at_:at_ + n].copy_(tv)
+                    kk[:, :, at_:at_ + n].copy_(tk, non_blocking=True)  # async from the pinned arena
+                    vv[:, :, at_:at_ + n].copy_(tv, non_blocking=True)
                     at_ += n
+                if kk.is_cuda:  # the leases are released next: their bytes must have crossed
+                    torch.cuda.current_stream(kk.device).synchronize()
             run_k.clear()
             run_v.clear()
             for lease in held:
