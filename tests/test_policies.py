@@ -324,11 +324,11 @@ def test_migration_waiting_for_data_does_not_block_the_device():
     from policies import FirstFit
 
     tiers = (TierModel("fast", 1000, 0.0, 1e9, 1e9), TierModel("slow", math.inf, 1.0, 1e9, 1e9))
-    # key 2 written first (FirstFit puts it on fast); key 1 read from slow at t=1 and promoted;
-    # key 2 read at t=1.1 while key 1's bytes are in flight
-    tr = make_trace([2, 1, 2, 1], times=[0.0, 1.0, 1.1, 1.2], ops=[1, 0, 0, 0])
-    r = simulate(tr, tiers, Scripted({1: [Move(1, 0)]}), FirstFit())
+    # key 1 written first (FirstFit puts it on fast); key 0 read from slow at t=1 and promoted;
+    # key 1 read at t=1.1 while key 0's bytes are in flight (keys are dense ids 0, 1)
+    tr = make_trace([1, 0, 1, 0], times=[0.0, 1.0, 1.1, 1.2], ops=[1, 0, 0, 0])
+    r = simulate(tr, tiers, Scripted({1: [Move(0, 0)]}), FirstFit())
     assert r.served.tolist() == [0, 1, 0, 0]
     assert r.latency_s[2] < 1e-6
-    # key 1 itself is only readable on fast once its bytes arrived (t = 2.0 + write)
+    # key 0 itself is only readable on fast once its bytes arrived (t = 2.0 + write)
     assert r.latency_s[3] == pytest.approx(2.0 - 1.2, abs=1e-6)
