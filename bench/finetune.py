@@ -286,6 +286,21 @@ def child(name: str, spec: dict, timeout: float) -> dict:
     return res
 
 
+def pool(rs: list[dict]) -> dict:
+    """One contender's rounds: samples pooled, medians and minima over all of them."""
+    bad = [r for r in rs if "error" in r]
+    if bad:
+        return {"error": bad[0]["error"], "rounds": rs}
+    out = dict(rs[-1])
+    for k in ("step_s", "fwd_bwd_s", "train_step_s"):
+        out[k] = [x for r in rs for x in r[k]]
+        base = k[:-2]
+        out[f"{base}_median_s"] = statistics.median(out[k])
+        out[f"{base}_min_s"] = min(out[k])
+    out["rounds"] = len(rs)
+    return out
+
+
 def fio_bandwidth(directory: str, size: int) -> dict:
     from tiered.bench_io import _run_fio
 
@@ -324,8 +339,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--host", type=int, default=256, help="tiered host tier, MiB (default 256)")
     ap.add_argument("--zo-host", type=int, default=128, help="tiered host tier for ZO, MiB (default 128)")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per contender process")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved runs of each contender (default 2)")
     ap.add_argument("--zo-steps", type=int, default=3)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--lookahead", type=int, default=2)
@@ -357,9 +373,18 @@ def main() -> int:
               "note": "2-core VM shared with other jobs (loaded); storage reads are O_DIRECT (cold)"}
     log(f"fio on {args.dir}")
     result["fio"] = fio_bandwidth(args.dir, 1 << 30)
-    for name in ("torch", "tiered", "deepspeed", "zo"):
-        if name in only:
-            result[name] = child(name, spec, args.timeout)
+    # contenders interleaved over rounds, so that load from other jobs on the machine hits all
+    # of them alike; samples of all rounds are pooled (median and min reported)
+    runs: dict[str, list[dict]] = {}
+    for rnd in range(args.rounds):
+        for name in ("deepspeed", "tiered", "torch"):
+            if name in only:
+                log(f"round {rnd + 1}/{args.rounds}")
+                runs.setdefault(name, []).append(child(name, spec, args.timeout))
+    for name, rs in runs.items():
+        result[name] = pool(rs)
+    if "zo" in only:
+        result["zo"] = child("zo", spec, args.timeout)
     result["machine"]["loadavg_end"] = os.getloadavg()
     summarize(result)
     os.makedirs(os.path.join(_ROOT, "bench", "results"), exist_ok=True)
@@ -381,15 +406,17 @@ def summarize(r: dict) -> None:
     rbw, wbw = fio.get("read", {}).get("gbps"), fio.get("write", {}).get("gbps")
     if "step_median_s" in t and rbw and wbw:
         s["io_bound_s"] = t["bytes_read_per_step"] / (rbw * GB) + t["bytes_written_per_step"] / (wbw * GB)
-    for what in ("step", "train_step"):  # the optimizer step alone; forward + backward + step
-        k = f"{what}_median_s"
+    for what, stat in (("step", "median"), ("step", "min"), ("train_step", "median"), ("train_step", "min")):
+        # the optimizer step alone; forward + backward + step
+        k = f"{what}_{stat}_s"
         if k not in t:
             continue
+        what = f"{what} ({stat})"
         if k in d:
             s[f"{what}: tiered/deepspeed"] = t[k] / d[k]
             s[f"{what}: target tiered <= {TARGET_VS_DS} x deepspeed met"] = t[k] / d[k] <= TARGET_VS_DS
         if k in m and "io_bound_s" in s:
-            extra = t["fwd_bwd_median_s"] if what == "train_step" else 0.0  # compute is not I/O
+            extra = t[f"fwd_bwd_{stat}_s"] if what.startswith("train_step") else 0.0  # compute is not I/O
             bound = max(m[k], s["io_bound_s"] + extra)
             s[f"{what}: bound max(in-memory, I/O) s"] = bound
             s[f"{what}: tiered/bound"] = t[k] / bound
@@ -407,6 +434,7 @@ def print_table(r: dict) -> None:
     print(f"model: {r.get('torch', r.get('tiered', {})).get('params', '?')} params, state "
           f"{r.get('tiered', {}).get('state_bytes', 0) / MiB:.0f} MiB, tiered host tier "
           f"{r['spec']['host_mib']} MiB")
+    print("median (min) over all timed steps of all rounds")
     print(f"{'contender':<12} {'opt step (s)':>12} {'fwd+bwd (s)':>12} {'train step (s)':>14} "
           f"{'read/step MB':>12} {'written/step MB':>15}")
     for name in ("torch", "deepspeed", "tiered"):
@@ -414,8 +442,10 @@ def print_table(r: dict) -> None:
         if "error" in c:
             print(f"{name:<12} error: {c['error'][:300]}")
         elif c:
-            print(f"{name:<12} {c['step_median_s']:>12.3f} {c['fwd_bwd_median_s']:>12.3f} "
-                  f"{c['train_step_median_s']:>14.3f} {c['proc_read_per_train_step'] / 1e6:>12.1f} "
+            print(f"{name:<12} {c['step_median_s']:>5.2f} ({c['step_min_s']:.2f}) "
+                  f"{c['fwd_bwd_median_s']:>5.2f} ({c['fwd_bwd_min_s']:.2f}) "
+                  f"{c['train_step_median_s']:>6.2f} ({c['train_step_min_s']:.2f}) "
+                  f"{c['proc_read_per_train_step'] / 1e6:>12.1f} "
                   f"{c['proc_written_per_train_step'] / 1e6:>15.1f}")
     for k, v in s.items():
         print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
