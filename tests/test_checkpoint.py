@@ -174,6 +174,43 @@ def test_optimizer_step_right_after_save_waits_for_the_snapshot(tmp_path, negati
         assert h.stats["guard_wait_s"] > 0 and h.stats["eager_bytes"] == 0
 
 
+@pytest.mark.parametrize("host_buffer", ["64MiB", "8MiB"])
+def test_step_hook_copies_ahead_of_a_busy_background_thread(tmp_path, host_buffer):
+    """The background thread is held inside its first copy (of a tensor the step does not
+    touch): the step hook copies the rest
+    into free host buffers (or private memory when they are full: 8 MiB for 48 MiB of
+    state), and the background thread then writes those pieces too."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.Linear(4096, 1024))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 1024)).square().mean().backward()
+    opt.step()
+    with LazyCheckpointer(cfg(tmp_path), host_buffer=host_buffer) as ck:
+        ck.attach(opt)
+        gate, entered = threading.Event(), threading.Event()
+        orig = ck._copy
+
+        def held(p, drain):
+            if not entered.is_set():
+                entered.set()
+                assert gate.wait(T)
+            return orig(p, drain)
+
+        ck._copy = held
+        # the first piece is a tensor no hook guards: the background thread is held copying it
+        sd = {"first": torch.arange(10.0), "model": model.state_dict(), "optim": opt.state_dict()}
+        before = clone_tree(sd)
+        h = ck.save(sd, 1)
+        assert entered.wait(T)
+        model(torch.randn(4, 1024)).square().mean().backward()
+        opt.step()
+        assert not same(model[0].weight, before["model"]["0.weight"])
+        gate.set()
+        h.wait(T)
+        assert_tree_same(ck.load(1), before)
+        assert h.stats["guard_wait_s"] > 0
+
+
 def test_unguarded_tensors_are_copied_in_save(tmp_path):
     t = torch.arange(1000.0)
     with LazyCheckpointer(cfg(tmp_path)) as ck:

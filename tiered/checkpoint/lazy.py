@@ -38,7 +38,7 @@ from typing import Any, Iterable
 
 import torch
 
-from allocators import HostArena, align_up
+from allocators import HostArena, OutOfBudget, align_up
 from io_engine import IOEngine, IOFuture, Priority, chain, gather
 
 from ..atomic import fsync_dir, remove_stale_temps, write_json_atomic
@@ -105,6 +105,7 @@ class CheckpointHandle:
         self.token = ""
         self.retain_tag: str | None = None
         self.writes: list[IOFuture] = []
+        self.taken: list[_Piece] = []  # copied into host buffers by a guard, not yet written
         self.doc: dict | None = None
 
     @property
@@ -155,7 +156,7 @@ class LazyCheckpointer:
                  cold_tier: str | None = None, cold_directory: str | os.PathLike | None = None,
                  cold_keep_last: int | None = None, cold_level: int = 3, host_buffer: int | str = "1GiB",
                  store: Any = None, unguarded: str = "copy", host_wait: float = 120.0,
-                 backend: Any = None) -> None:
+                 backend: Any = None, prefault: bool = True) -> None:
         self.config = load_config(config)
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -180,6 +181,7 @@ class LazyCheckpointer:
         self.store = store
         self.unguarded = unguarded
         self.host_wait = host_wait
+        self.prefault = prefault
         self._backend = backend if backend is not None else self.config.engine.backend
         self._tag_prefix = f"ckpt:{zlib.crc32(str(self.directory).encode()):08x}:"
         self._lock = threading.Lock()
@@ -189,6 +191,7 @@ class LazyCheckpointer:
         self._attached: list[Any] = []
         self._hooks: list[Any] = []
         self._seq = 0
+        self._current: CheckpointHandle | None = None  # the save the background thread copies
         self._streams: dict = {}  # CUDA device -> the side stream snapshots are copied on
         self._failures: list[tuple[CheckpointHandle, BaseException]] = []  # not yet raised to the caller
         self._retire_lock = threading.RLock()
@@ -226,7 +229,8 @@ class LazyCheckpointer:
         self._lock_fd = fd
         try:
             self._recover()
-            self.arena = HostArena(self.host_buffer, name="checkpoint host buffer").open()
+            # touched now, not during the first snapshot (page faults would slow its copies)
+            self.arena = HostArena(self.host_buffer, name="checkpoint host buffer", prefault=self.prefault).open()
             e = self.config.engine
             self.engine = IOEngine(self._backend, workers=e.workers, queue_depth=e.queue_depth, chunk=e.chunk,
                                    direct=e.direct).open()
@@ -343,7 +347,7 @@ class LazyCheckpointer:
         todo.sort(key=lambda p: (p.handle.seq, p.index))
         for p in todo:
             if self._claim(p):
-                self._take_private(p)
+                self._take(p)
             else:
                 p.event.wait()
         dt = time.perf_counter() - t0
@@ -372,9 +376,14 @@ class LazyCheckpointer:
         full, ``drain()`` flushes the pieces copied so far and the allocation waits for them."""
         try:
             buf = self.arena.try_alloc(p.length)
-            if buf is None:
+            deadline = time.monotonic() + self.host_wait
+            while buf is None:  # flush what is copied (guards too keep copying), then wait a bit
                 drain()
-                buf = self.arena.alloc(p.length, timeout=self.host_wait)
+                try:
+                    buf = self.arena.alloc(p.length, timeout=0.05)
+                except OutOfBudget:
+                    if time.monotonic() > deadline:
+                        raise
             dst = torch.from_numpy(buf.array)
             if p.shape is not None:  # a non-contiguous tensor: copied whole, made contiguous
                 dst = dst.view(p.src.dtype).view(p.shape)
@@ -401,6 +410,32 @@ class LazyCheckpointer:
             stream.wait_event(p.ready)
             dst.copy_(p.src, non_blocking=self.arena.pinned)
         stream.synchronize()
+
+    def _take(self, p: _Piece) -> None:
+        """Caller's thread: snapshot a claimed piece now. Into a free host buffer when the
+        background thread works on this save (it writes such pieces when it needs their
+        space, so holding them cannot block it); else, and for device tensors (a device-side
+        copy is faster than a synchronous transfer), into private memory."""
+        buf = None
+        if not p.src.is_cuda and self._current is p.handle:
+            buf = self.arena.try_alloc(p.length)
+        if buf is None:
+            self._take_private(p)
+            return
+        try:
+            dst = torch.from_numpy(buf.array)
+            (dst.view(p.src.dtype).view(p.shape) if p.shape is not None else dst).copy_(p.src)
+        except BaseException as e:  # noqa: BLE001 - fails the save through its handle
+            buf.release()
+            p.error = e
+            p.src = None
+            self._settle(p, _COPIED)
+            raise
+        p.buf = buf
+        p.src = None
+        with self._lock:
+            p.handle.taken.append(p)
+        self._settle(p, _COPIED)
 
     def _take_private(self, p: _Piece) -> None:
         """Caller's thread (a guard, or ``save`` for unguarded tensors): snapshot a claimed piece
@@ -516,7 +551,7 @@ class LazyCheckpointer:
             self._handles.append(h)
         for p in eager:
             if self._claim(p):
-                self._take_private(p)
+                self._take_private(p)  # the background thread may not be on this save yet
             h.stats["eager_bytes"] += p.length
         self._copy_q.put(h)
         h.stats["save_s"] = time.perf_counter() - t0
@@ -530,6 +565,9 @@ class LazyCheckpointer:
             except BaseException as e:  # noqa: BLE001 - delivered through the handle
                 self._fail_safely(h, e)
                 continue
+            finally:
+                with self._lock:
+                    self._current = None
             self._commit_q.put(h)
         self._commit_q.put(None)
 
@@ -537,12 +575,20 @@ class LazyCheckpointer:
         path = str(self.directory / h.data_file)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         ready: collections.deque[_Piece] = collections.deque()
+        with self._lock:
+            self._current = h
 
         def drain() -> None:
-            """Write the copied pieces; each one's checksum is computed by the I/O worker that
-            wrote it (the buffer does not change until released), off this thread."""
+            """Write the copied pieces (also those a guard copied ahead of this thread); each
+            one's checksum is computed by the I/O worker that wrote it (the buffer does not
+            change until released), off this thread."""
+            with self._lock:
+                ready.extend(h.taken)
+                h.taken.clear()
             while ready:
                 p = ready.popleft()
+                if p.submitted:
+                    continue
                 p.buf.padded[p.length:] = 0
                 wf = self.engine.write(path, p.offset, p.buf.padded, priority=Priority.WRITEBACK)
                 p.submitted = True
@@ -567,6 +613,8 @@ class LazyCheckpointer:
             ready.append(p)
         h.stats["snapshot_s"] = time.perf_counter() - h.t_called
         h._snapshot.set()
+        with self._lock:
+            self._current = None
         drain()
 
     def _commit_loop(self) -> None:
