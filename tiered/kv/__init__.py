@@ -2,17 +2,29 @@
 
 - :class:`TieredCache` -- a ``transformers.Cache`` for ``model.generate`` and manual decode loops;
 - :class:`KVStore` -- prefix blocks (chained hashes, model identity) and spills in a TieredStore;
-- :func:`replay_mooncake` (in :mod:`tiered.kv.replay`) -- prefix-store replay of a Mooncake trace.
+- :mod:`tiered.kv.replay` -- prefix-store replay of a Mooncake trace (``python -m tiered.kv.replay``).
+
+``TieredCache`` is imported on first use, so the replay and the KVStore do not need transformers.
 """
 
 from policies import eviction_policy_names, register_eviction_policy
 from policies.prefix_aware import PrefixAware
 
-from .cache import KVCacheError, TieredCache, TieredLayer, kv_geometry
 from .prefix import KVStore, KVStoreError, chain_hashes, model_identity
 
 if "prefix-aware" not in eviction_policy_names():
     register_eviction_policy("prefix-aware", PrefixAware)
+
+_CACHE_NAMES = ("KVCacheError", "TieredCache", "TieredLayer", "kv_geometry")
+
+
+def __getattr__(name: str):
+    if name in _CACHE_NAMES:
+        from . import cache
+
+        return getattr(cache, name)
+    raise AttributeError(f"module 'tiered.kv' has no attribute {name!r}")
+
 
 __all__ = ["KVCacheError", "KVStore", "KVStoreError", "PrefixAware", "TieredCache", "TieredLayer",
            "chain_hashes", "kv_geometry", "model_identity"]
