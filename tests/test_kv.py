@@ -145,6 +145,16 @@ def test_batch_of_two_equal_to_dynamic_cache(tmp_path):
     assert_bitwise(want, got)
 
 
+def test_without_a_store_it_is_an_in_memory_block_cache():
+    model = make_model(layers=3)
+    ids = prompt(40)
+    want = generate(model, ids, DynamicCache())
+    with TieredCache(model.config, block_size=8, lookahead=1) as cache:
+        got = generate(model, ids, cache)
+        assert cache.stats()["blocks"] == (40 + 15) // 8
+    assert_bitwise(want, got)
+
+
 def test_budget_too_small_for_staging_is_a_clear_error(tmp_path):
     model = make_model()
     with tiered.TieredStore(store_config(tmp_path)) as store, \

@@ -640,6 +640,8 @@ class TieredCache(Cache):
 
     def _window(self) -> int:
         """Blocks read ahead: ``read_window``, at most what half the host tier can pin at once."""
+        if self.kv is None:
+            return self.read_window
         arena = self.kv.store.arena
         b = self._geometry[0] if self._geometry else 1
         layers = max(hi - lo for lo, hi in self._parts)
