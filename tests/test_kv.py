@@ -155,6 +155,15 @@ def test_without_a_store_it_is_an_in_memory_block_cache():
     assert_bitwise(want, got)
 
 
+def test_session_blocks_of_dead_processes_are_swept(tmp_path):
+    with tiered.TieredStore(store_config(tmp_path)) as store:
+        dead, live = "kv/anon/s/999999999-ab/0/L0-8", f"kv/anon/s/{os.getpid()}-cd/0/L0-8"
+        for key in (dead, live):
+            store.put(key, torch.zeros(16)).result(timeout=30)
+        KVStore(store)
+        assert dead not in store and live in store  # this process's sessions may be in use
+
+
 def test_budget_too_small_for_staging_is_a_clear_error(tmp_path):
     model = make_model()
     with tiered.TieredStore(store_config(tmp_path)) as store, \

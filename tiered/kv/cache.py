@@ -37,6 +37,7 @@ thread) or ``with`` -> ``load_prefix(ids)`` (optional) ->
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections import deque
@@ -187,7 +188,7 @@ class TieredCache(Cache):
         self.read_window = max(1, read_window)
         self.io_timeout = io_timeout
         self._device_policy_name = device_policy
-        self._session = uuid.uuid4().hex[:16]
+        self._session = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"  # the pid lets KVStore sweep dead sessions
         self._executor: ThreadPoolExecutor | None = None
         self._opened = False
         self._reset_state()

@@ -19,7 +19,8 @@ as missing, so the caller recomputes it instead of using it.
 
 Session blocks (K/V of generated tokens spilled past the device budget) live
 under ``kv/<id>/s/<session>/`` and are deleted when their cache closes; ones a
-crashed process left behind are swept when a ``KVStore`` is created.
+crashed process left behind (another pid: the store admits one process) are
+swept when a ``KVStore`` is created.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -136,8 +138,10 @@ class KVStore:
                 continue
             rest = key[len(self.ns) + 1:]
             if rest.startswith("s/"):
-                if sweep:
-                    store.delete(key)  # a session block a crashed process left behind
+                # sessions are named "<pid>-<id>"; the store is locked to one process, so a
+                # session of another pid is a crashed or killed one; ours may be live
+                if sweep and not rest.startswith(f"s/{os.getpid()}-"):
+                    store.delete(key)
             elif rest.startswith("b/"):
                 n = store.meta(key)["nbytes"]
                 self._sizes[key] = n
