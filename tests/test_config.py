@@ -308,7 +308,7 @@ def test_workers_message_names_range(tmp_path):
         ('[tiers.gpu]\ncapacity = "1GiB"\ndevice = "gpu zero"\n', "tiers.gpu.device = 'gpu zero'"),
         ('[tiers.nvme2]\npath = "{d}"\ncapacity = 4096\nread_bandwidth = "fast"\n', "tiers.nvme2.read_bandwidth = 'fast'"),
         ('[tiers.nvme2]\nkind = "disk"\npath = "{d}"\ncapacity = 4096\n', "tiers.nvme2.kind = 'disk'"),
-        ('[policy]\nplacement = "lfu"\n', "policy.placement = 'lfu'"),
+        ('[policy]\nplacement = "lfuu"\n', "policy.placement = 'lfuu'"),
         ("[engine]\nbackend = 3\n", "engine.backend = 3"),
     ],
 )
@@ -372,3 +372,9 @@ def test_default_home_falls_back_to_xdg(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     cfg = default_config()
     assert cfg.tier("nvme").path == (tmp_path / "cache" / "tiered").resolve()
+
+
+@pytest.mark.parametrize("name", ["lfu", "arc", "s3fifo"])
+def test_placement_accepts_every_registered_eviction_policy(tmp_path, name):
+    cfg = load_config({"tiers": {"nvme": {"path": str(tmp_path), "capacity": "1MiB"}}, "policy": {"placement": name}})
+    assert cfg.policy.placement == name

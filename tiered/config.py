@@ -23,6 +23,8 @@ from typing import Any
 
 import tomllib
 
+from policies import eviction_policy_names
+
 from .sizes import SizeError, format_rate, format_size, parse_rate, parse_size
 
 __all__ = [
@@ -42,8 +44,9 @@ __all__ = [
 
 TIER_KINDS = ("device", "host", "storage")
 BACKENDS = ("threads", "kvikio", "aiofiles", "auto")
-# Extend (e.g. ``KNOWN_PLACEMENT_POLICIES += ("cost",)``) when a policy is
-# added; it is read at validation time, not import time.
+# Names accepted by ``[policy] placement`` besides those in the policies
+# registry (``policies.eviction_policy_names()``, read at validation time, so
+# a policy registered by a workload package is accepted once it is imported).
 KNOWN_PLACEMENT_POLICIES: tuple[str, ...] = ("lru",)
 
 MiB = 1 << 20
@@ -198,7 +201,9 @@ def load_config(
         return default_config()
     if isinstance(source, Config):
         return source
-    policies = tuple(KNOWN_PLACEMENT_POLICIES if placement_policies is None else placement_policies)
+    if placement_policies is None:
+        placement_policies = dict.fromkeys((*KNOWN_PLACEMENT_POLICIES, *eviction_policy_names()))
+    policies = tuple(placement_policies)
     if isinstance(source, Mapping):
         return _Validator("<dict>", Path.cwd(), policies).config(source)
     if not isinstance(source, (str, os.PathLike)):
