@@ -98,6 +98,33 @@ def run_trace(name: str, path: Path, limit: int | None, frac: float, window: flo
     }
 
 
+def microbench(reps: int = 2000) -> dict:
+    """Network cost alone: one batched value() call (a 16-access batch + 32 sampled residents)
+    and one training step, median over ``reps`` (host wall time, this machine, loaded or not)."""
+    from policies.rl import make_policy
+    from policies.rl.features import N_FEATURES
+
+    pol = make_policy()
+    ag = pol.agents[1]
+    x = np.random.default_rng(0).random((48, N_FEATURES), dtype=np.float32)
+    ag.add(x[:32], np.ones(32, np.float32), np.ones(32, np.float32), x[16:], np.ones(32, np.float32))
+    for _ in range(10):
+        ag.add(x[:32], np.ones(32, np.float32), np.ones(32, np.float32), x[16:], np.ones(32, np.float32))
+    inf, tr = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        ag.value(x)
+        inf.append(time.perf_counter() - t0)
+    for _ in range(max(1, reps // 10)):
+        t0 = time.perf_counter()
+        ag.train_step()
+        tr.append(time.perf_counter() - t0)
+    call = float(np.median(inf)) * 1e6
+    return {"value_call_48_rows_us": call, "value_us_per_access_batch16": call / 16,
+            "train_step_us": float(np.median(tr)) * 1e6, "train_batch": ag.cfg.batch,
+            "train_us_per_event": float(np.median(tr)) * 1e6 / pol.opt.train_every * 2}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--traces", default=",".join(TRACES), help=f"comma-separated subset of {','.join(TRACES)}")
@@ -116,7 +143,7 @@ def main(argv=None) -> int:
         results.append(run_trace(name, PUBLIC / TRACES[name], a.limit, a.fast_fraction, a.window,
                                  a.save_agents, verbose=True))
     out = {"machine": f"{os.cpu_count()} CPUs, shared with other jobs (load average {os.getloadavg()[0]:.1f})",
-           "limit": a.limit, "results": results}
+           "limit": a.limit, "results": results, "microbench": microbench()}
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
@@ -131,6 +158,10 @@ def main(argv=None) -> int:
             print(f"{r['trace']:10s} {b:10s} {rw[b]['mean_latency_us']:9.2f} {rw['belady']['mean_latency_us']:9.2f} "
                   f"{rw['rl']['mean_latency_us']:9.2f} {r['gap_closed']:10.3f} {r['gap_closed_final']:9.3f} "
                   f"{r['rl_cost']['us_per_decision']:11.1f} {r['rl_cost']['train_us_per_event']:11.1f}")
+        m = out["microbench"]
+        print(f"network alone: {m['value_call_48_rows_us']:.1f} us per batched value call (48 rows) = "
+              f"{m['value_us_per_access_batch16']:.2f} us per access; train step {m['train_step_us']:.0f} us "
+              f"(batch {m['train_batch']}) = {m['train_us_per_event']:.1f} us per event for both agents")
     return 0
 
 

@@ -58,13 +58,14 @@ class AgentOptions:
     migration_penalty: float = 1.0  # weight of migration transfer time in the reward
     train_every: int = 32  # accesses between gradient steps (per agent)
     warmup_steps: int = 100  # gradient steps before an agent's values are trusted
-    pending: int = 65536  # decision states awaiting their label
+    pending: int = 262144  # decision states awaiting their label
     hidden: int = 64
     lr: float = 1e-3
     train_batch: int = 256
     replay: int = 65536
     target_every: int = 250
     bootstrap: bool = False  # True: value = all discounted future hits; False: the next one
+    censor_bootstrap: bool = False  # True: idle-at-horizon samples bootstrap from their idle state; False: target 0
     learn: bool = True  # False: frozen (pre-trained) agents, no training
     seed: int = 0
 
@@ -319,10 +320,13 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
         if self.learns and len(pool):
             # idle residents' states are what eviction compares: learn about them too,
             # the chosen victims (the decision boundary) always, a few others at random
+            # (at the same rate as access states, so they cannot crowd out the pending ring)
+            p = self._sample_prob()
             keep = np.zeros(len(allids), bool)
             keep[np.asarray(chosen_victims, np.int64)] = True
             others = np.arange(len(cand), len(allids))
             keep[others[self.rng.random(len(others)) < 4.0 / len(others)]] = True
+            keep &= self.rng.random(len(allids)) < p
             keep[: len(cand)] = False
             if keep.any():
                 self._add_pending(allids[keep], allf[keep])
@@ -415,8 +419,9 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
             d = (self.clock - self.p_clock[slots]) / self.unit
             disc = discount(d, self.opt.half_life).astype(np.float32)
             s2 = self._features(np.asarray(ids, np.int64))
-            self._learn_from(slots, disc, np.zeros(len(slots), np.float32), s2,
-                             np.ones(len(slots), np.float32), already_freed=True)
+            z = np.zeros(len(slots), np.float32)
+            self._learn_from(slots, disc, z, s2, z + 1.0 if self.opt.censor_bootstrap else z,
+                             already_freed=True)
 
     def _learn_from(self, slots: np.ndarray, disc: np.ndarray, hit: np.ndarray, s2: np.ndarray,
                     has_next: np.ndarray, already_freed: bool = False) -> None:
