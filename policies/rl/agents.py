@@ -1,17 +1,19 @@
 """Two cooperating learning agents in the style of Harmonia: placement and migration.
 
 Both agents estimate the same quantity, so their answers are comparable:
-Q(s), the expected discounted number of future accesses to an object (one
-discount half-life = ``half_life`` fast-tier capacities of traffic), learned
-online by TD with experience replay and a target network (:mod:`.qnet`).
-Multiplied by the latency a fast-tier hit saves (from the tier models), Q
-is the expected reward -- negative access latency avoided -- of keeping the
-object fast.
+Q(s), the discounted nearness of an object's next access (gamma^d, d the
+byte-clock distance in fast-tier capacities, gamma halving every
+``half_life`` capacities; with ``bootstrap=True`` the discounted count of all
+future accesses), learned online by TD with experience replay and a target
+network (:mod:`.qnet`). Multiplied by the latency a fast-tier hit saves
+(from the tier models), Q is the expected reward -- access latency avoided
+-- of keeping the object fast; promotions are charged their transfer time
+(``migration_penalty``) and dirty victims their write-back.
 
 * The **placement agent** values objects with no history (first access, or
   a new object's home): its network sees size, kind, op and tier fill only.
 * The **migration agent** values objects with history (counts, recency,
-  the last inter-access gaps, their moving average).
+  the last inter-access gaps, their moving average, decayed counts).
 
 Decisions (batched, one network call per agent per batch, under
 ``torch.inference_mode``): after each batch of accesses, every accessed
@@ -24,8 +26,8 @@ plus the migration traffic it costs -- so the agents learn admission
 
 Learning needs no exploration: the future accesses of an object are
 observed whether or not it was kept, so every decision state sampled gets
-its label (the discount to its next access, bootstrapped with the target
-network at that access) regardless of what the agents did.
+its label (the discount to its next access; 0 when none came within
+``horizon`` half-lives) regardless of what the agents did.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..base import Backing, MigrationPolicy, Move, Observation, Outcome, PlacementPolicy, TierModel
+from ..base import MigrationPolicy, Move, Observation, Outcome, PlacementPolicy, TierModel
 from .features import FEATURE_NAMES, N_FEATURES, ObjectTable, discount
 from .qnet import LearnerConfig, ValueLearner, load_safetensors_json, save_safetensors_json
 
@@ -232,8 +234,15 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
 
     # -- placement ------------------------------------------------------------------
     def place(self, obs: Observation, tiers) -> str | None:
-        """New objects go to the backing tier; the migration step promotes them when worth it."""
-        return Backing().place(obs, tiers)
+        """A new object fills free fast-tier space (displacing nothing costs nothing but the
+        fill); otherwise it starts on the backing tier and the placement agent decides, in
+        the next decision step, whether it is worth evicting for."""
+        tiers = list(tiers)
+        if len(tiers) > 1:
+            name, _cap, free = tiers[0]
+            if free >= obs.nbytes:
+                return name
+        return tiers[-1][0] if tiers else None
 
     # -- the decision step ----------------------------------------------------------
     def decide(self, batch: Sequence[Observation]) -> list[Move]:
