@@ -304,13 +304,16 @@ def test_recorder_buffers_flushes_and_installs_atomically(tmp_path):
     for e in evs[:20]:
         rec(e)
     rec(AccessEvent(120.5, "k1", 0, "evict"))
+    rec(AccessEvent(120.6, "k9", 8, "write", "optimizer"))  # an alias: recorded as optim
+    rec(AccessEvent(120.7, "k9", 8, "read", "mystery"))  # unknown: recorded as blob, counted
     assert not p.exists() and (tmp_path.iterdir().__next__().name.startswith(".r.trace.rec-"))
     for e in evs[20:]:
         rec(e)
     assert rec.close() == p and rec.close() == p
     tr = read_trace(p)
-    assert tr.equals(Trace.from_events(evs))
-    assert tr.meta["skipped_events"] == {"evict": 1}
+    extra = [AccessEvent(120.6, "k9", 8, "write", "optim"), AccessEvent(120.7, "k9", 8, "read", "blob")]
+    assert tr.equals(Trace.from_events(evs[:20] + extra + evs[20:]))
+    assert tr.meta["skipped_events"] == {"evict": 1} and tr.meta["unknown_kinds_as_blob"] == {"mystery": 1}
     assert [x.name for x in tmp_path.iterdir()] == ["r.trace"]
     with pytest.raises(RuntimeError):
         rec(evs[0])
@@ -362,6 +365,8 @@ def test_shipped_recorded_traces():
         assert sum(f.stat().st_size for f in (DATA / n).iterdir()) < 4 << 20
     gen = read_trace(DATA / "offload-llama-generate.trace")
     assert set(gen.kind.tolist()) == {KINDS.index("weight")} and gen.op.tolist().count(1) >= 9
+    adam = read_trace(DATA / "adamw-steps.trace")  # the optimizer emits kind "optimizer": an alias of optim
+    assert set(adam.kind.tolist()) == {KINDS.index("optim")} and "unknown_kinds_as_blob" not in adam.meta
 
 
 def test_layering_traces_imports_no_runtime():

@@ -509,7 +509,9 @@ def record_workloads(out_dir: str | os.PathLike, work_dir: str | os.PathLike) ->
     * ``offload-llama-generate.trace``: ``tiered.offload`` of a tiny Llama (built from
       config) generating 16 tokens with a host budget of about half its weights;
     * ``store-roundtrip.trace``: puts, gets (cold and cached), a rewrite and
-      deletes of mixed-size tensors through one :class:`TieredStore`.
+      deletes of mixed-size tensors through one :class:`TieredStore`;
+    * ``adamw-steps.trace``: six steps of :class:`tiered.optim.OffloadedAdamW`
+      (moments and master weights in the store) on a small MLP.
     """
     import torch
 
@@ -557,5 +559,23 @@ def record_workloads(out_dir: str | os.PathLike, work_dir: str | os.PathLike) ->
             store.get(k).result(timeout=60)
         for k in list(ts)[-4:]:
             store.delete(k)
+    out.append(p)
+
+    from torch import nn
+
+    from .optim import OffloadedAdamW
+
+    p = out_dir / "adamw-steps.trace"
+    mlp = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256))
+    with TieredStore(cfg("optim", "2MiB")) as store, \
+            TraceRecorder(p, overwrite=True, meta={"workload": "OffloadedAdamW, 6 steps of a 2-layer MLP, state in the store"}) as rec:
+        store.add_listener(rec)
+        opt = OffloadedAdamW(mlp.parameters(), lr=1e-3, store=store, chunk_bytes=256 << 10)
+        opt.open()
+        for _ in range(6):
+            mlp(torch.randn(8, 256)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        opt.close()
     out.append(p)
     return out

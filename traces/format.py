@@ -40,7 +40,7 @@ import numpy as np
 from policies.base import KINDS, OPS
 
 from .errors import TraceFormatError
-from .events import AccessEvent
+from .events import AccessEvent, normalize_kind
 
 __all__ = ["FORMAT", "VERSION", "Trace", "read_trace", "write_trace", "read_text", "write_text"]
 
@@ -118,13 +118,14 @@ class Trace:
         for ev in events:
             if ev.op not in op_ix:
                 continue
-            if ev.kind not in kind_ix:
+            kind = normalize_kind(ev.kind, KINDS)
+            if kind is None:
                 raise ValueError(f"event for key {ev.key!r}: unknown kind {ev.kind!r}; expected one of {KINDS}")
             t.append(ev.time)
             k.append(ids.setdefault(str(ev.key), len(ids)))
             s.append(ev.nbytes)
             o.append(op_ix[ev.op])
-            d.append(kind_ix[ev.kind])
+            d.append(kind_ix[kind])
         time = np.asarray(t, dtype=np.float64)
         if time.size:
             time = time - time[0]

@@ -11,7 +11,9 @@ Events are buffered in memory and appended to the column files of a
 temporary directory every ``buffer_events`` events; ``close()`` writes the
 key names and the header last and renames the directory into place, so a
 crash leaves no directory that looks like a trace. Only reads and writes are
-accesses; evict/delete events are counted in the header's ``meta``.
+accesses; evict/delete events are counted in the header's ``meta``. Kinds
+are mapped to ``policies.KINDS`` (aliases such as "optimizer" -> "optim");
+an unknown kind is recorded as "blob" and counted in ``meta``, never dropped.
 Thread-safe: the store may call listeners from several threads.
 """
 
@@ -29,7 +31,7 @@ import numpy as np
 
 from policies.base import KINDS, OPS
 
-from .events import AccessEvent
+from .events import AccessEvent, normalize_kind
 from .format import COLUMNS, _write_file, header, install_dir
 
 __all__ = ["TraceRecorder"]
@@ -52,6 +54,7 @@ class TraceRecorder:
         self._t0: float | None = None
         self._n = 0
         self._skipped: dict[str, int] = {}
+        self._unknown: dict[str, int] = {}  # kinds outside KINDS (and its aliases), recorded as blob
         self._closed = False
         self._op = {x: i for i, x in enumerate(OPS)}
         self._kind = {x: i for i, x in enumerate(KINDS)}
@@ -84,7 +87,12 @@ class TraceRecorder:
                 return
             kind = self._kind.get(ev.kind)
             if kind is None:
-                raise ValueError(f"event for key {ev.key!r}: unknown kind {ev.kind!r}; expected one of {KINDS}")
+                # never drop an access: an unknown kind is recorded as a blob and counted in the header
+                name = normalize_kind(ev.kind, KINDS)
+                if name is None:
+                    self._unknown[ev.kind] = self._unknown.get(ev.kind, 0) + 1
+                    name = "blob"
+                kind = self._kind[name]
             if self._t0 is None:
                 self._t0 = ev.time
             b = self._buf
@@ -126,6 +134,8 @@ class TraceRecorder:
                 meta = dict(self.meta, source=self.meta.get("source", "recorder"))
                 if self._skipped:
                     meta["skipped_events"] = dict(self._skipped)
+                if self._unknown:
+                    meta["unknown_kinds_as_blob"] = dict(self._unknown)
                 hdr = header(self._n, timed=True, named=True, meta=meta)
                 _write_file(tmp / "header.json", json.dumps(hdr, indent=1).encode())
                 install_dir(tmp, self.path)
