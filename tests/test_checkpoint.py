@@ -467,6 +467,18 @@ def test_store_objects_are_checkpointed_by_reference_and_survive_restart(tmp_pat
         assert store.stats()["tiers"]["nvme"]["used"] == 6 * 122880  # the retained extent was freed
 
 
+def test_a_refused_save_gives_its_store_retention_back(tmp_path):
+    c = cfg(tmp_path, flash=False)
+    with TieredStore(c) as store, LazyCheckpointer(c, store=store, host_buffer="8MiB") as ck:
+        store.put("k", torch.ones(10)).result(T)
+        with pytest.raises(CheckpointError, match=r"'big' is not contiguous and larger"):
+            ck.save({"k": StoreRef(store, "k"), "big": torch.randn(2048, 2048).t()}, 1)
+        assert store.retained() == {}
+        with LazyCheckpointer(c, directory=tmp_path / "other") as other:
+            with pytest.raises(CheckpointError, match="was not given"):
+                other.save({"k": StoreRef(store, "k")}, 1)
+
+
 def test_crashed_save_releases_its_store_retention_on_next_open(tmp_path):
     c = cfg(tmp_path, flash=False)
     with TieredStore(c) as store:

@@ -374,6 +374,7 @@ class LazyCheckpointer:
     def _copy(self, p: _Piece, drain) -> None:
         """Background thread: copy a claimed piece into a host buffer; when the buffer space is
         full, ``drain()`` flushes the pieces copied so far and the allocation waits for them."""
+        buf = None
         try:
             buf = self.arena.try_alloc(p.length)
             deadline = time.monotonic() + self.host_wait
@@ -394,6 +395,8 @@ class LazyCheckpointer:
             p.buf = buf
         except BaseException as e:  # noqa: BLE001 - fails the save through its handle
             p.error = e
+            if buf is not None:
+                buf.release()
         finally:
             p.src = None
             self._settle(p, _COPIED)
@@ -425,12 +428,12 @@ class LazyCheckpointer:
         try:
             dst = torch.from_numpy(buf.array)
             (dst.view(p.src.dtype).view(p.shape) if p.shape is not None else dst).copy_(p.src)
-        except BaseException as e:  # noqa: BLE001 - fails the save through its handle
+        except BaseException as e:  # noqa: BLE001 - fails the save through its handle, not the step
             buf.release()
             p.error = e
             p.src = None
             self._settle(p, _COPIED)
-            raise
+            return
         p.buf = buf
         p.src = None
         with self._lock:
@@ -446,10 +449,11 @@ class LazyCheckpointer:
             if p.src.is_cuda:
                 p.ready = torch.cuda.Event()
                 p.ready.record()
-        except BaseException as e:  # noqa: BLE001 - fails the save through its handle
+        except BaseException as e:  # noqa: BLE001 - fails the save through its handle, not the step
             p.error = e
+            p.src = None
             self._settle(p, _COPIED)
-            raise
+            return
         self._settle(p, _PENDING)
 
     def _settle(self, p: _Piece, state: int) -> None:
@@ -498,11 +502,36 @@ class LazyCheckpointer:
                                       "checkpointer was not given (LazyCheckpointer(..., store=store))")
             h.retain_tag = f"{self._tag_prefix}{step}:{h.token}"
             located = self.store.retain(h.retain_tag, [t.key for _i, _n, t in refs])
+        try:
+            records, eager = self._plan(h, tensors, located if refs else [], guarded)
+        except BaseException:
+            if h.retain_tag:
+                self.store.release(h.retain_tag)  # nothing was queued: the retention goes too
+            raise
+        h.records = records
+        eager_ids = {id(p) for p in eager}
+        lazy_pieces = [p for p in h.pieces if id(p) not in eager_ids]
+        with self._lock:
+            for p in lazy_pieces:
+                self._pending.setdefault(p.ptr, []).append(p)
+            self._handles = [x for x in self._handles if not (x.durable.done() and (x.cold is None or x.cold.done()))]
+            self._handles.append(h)
+        for p in eager:
+            if self._claim(p):
+                self._take_private(p)  # the background thread may not be on this save yet
+            h.stats["eager_bytes"] += p.length
+        self._copy_q.put(h)
+        h.stats["save_s"] = time.perf_counter() - t0
+        return h
+
+    def _plan(self, h: CheckpointHandle, tensors: list, located: list[dict], guarded: set[int] | None):
+        """Lay the tensors out in the data file and cut them into pieces (not copied yet);
+        returns the manifest records and the pieces to copy at once (unguarded tensors)."""
         eager: list[_Piece] = []
         events: dict = {}
         offset = 0
         records: list[dict] = []
-        loc_iter = iter(located) if refs else None
+        loc_iter = iter(located)
         for name, t in tensors:
             if isinstance(t, StoreRef):
                 loc = next(loc_iter)
@@ -526,7 +555,7 @@ class LazyCheckpointer:
                     new.append(_Piece(h, len(h.pieces) + len(new), flat[lo:lo + n], None, offset + lo, n, ptr))
             elif nbytes:
                 if align_up(nbytes) > self.host_buffer:
-                    raise CheckpointError(f"save(step={step}): tensor {name!r} is not contiguous and larger "
+                    raise CheckpointError(f"save(step={h.step}): tensor {name!r} is not contiguous and larger "
                                           f"({nbytes} bytes) than host_buffer ({self.host_buffer})")
                 new.append(_Piece(h, len(h.pieces), t, tuple(t.shape), offset, nbytes, ptr))
             if new and t.is_cuda:  # the snapshot copy waits for the work queued so far
@@ -541,21 +570,7 @@ class LazyCheckpointer:
             (eager if not lazy else []).extend(new)
             h.stats["bytes"] += nbytes
             offset += align_up(max(nbytes, 1))
-        h.records = records
-        eager_ids = {id(p) for p in eager}
-        lazy_pieces = [p for p in h.pieces if id(p) not in eager_ids]
-        with self._lock:
-            for p in lazy_pieces:
-                self._pending.setdefault(p.ptr, []).append(p)
-            self._handles = [x for x in self._handles if not (x.durable.done() and (x.cold is None or x.cold.done()))]
-            self._handles.append(h)
-        for p in eager:
-            if self._claim(p):
-                self._take_private(p)  # the background thread may not be on this save yet
-            h.stats["eager_bytes"] += p.length
-        self._copy_q.put(h)
-        h.stats["save_s"] = time.perf_counter() - t0
-        return h
+        return records, eager
 
     # -- background levels -----------------------------------------------------------
     def _copy_loop(self) -> None:
