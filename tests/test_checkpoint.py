@@ -632,3 +632,15 @@ def _cpu_tree(x):
     if isinstance(x, (list, tuple)):
         return type(x)(_cpu_tree(v) for v in x)
     return x
+
+
+def test_dcp_relative_ids_live_on_the_storage_tier(tmp_path):
+    from tiered.checkpoint import TieredStorageReader, TieredStorageWriter
+
+    c = cfg(tmp_path)
+    assert TieredStorageWriter("run1/step5", config=c).path == tmp_path / "nvme" / "dcp" / "run1" / "step5"
+    assert TieredStorageReader("run1/step5", config=c, tier="flash").path == tmp_path / "flash" / "dcp" / "run1" / "step5"
+    with pytest.raises(CheckpointError, match="tier='tape'.*known: nvme, flash"):
+        TieredStorageWriter("x", config=c, tier="tape")
+    with pytest.raises(CheckpointError, match="host_buffer"):
+        TieredStorageWriter(tmp_path / "x", host_buffer="1MiB")
