@@ -345,7 +345,9 @@ def main() -> int:
     ap.add_argument("--zo-steps", type=int, default=3)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--lookahead", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads in every contender (default 1: on 2 shared cores, 2 OpenMP "
+                    "threads stall on each other and on the I/O workers)")
     ap.add_argument("--impl", choices=("fused", "single"), default="fused",
                     help="torch AdamW kernel for torch and tiered (default fused)")
     ap.add_argument("--only", default="torch,tiered,deepspeed,zo")
