@@ -38,7 +38,8 @@ class RowCachePolicy(abc.ABC):
             raise ValueError(f"num_rows ({num_rows}) and num_slots ({num_slots}) must be >= 0")
         self.num_rows = int(num_rows)
         self.num_slots = int(num_slots)
-        self.slot_of = np.full(self.num_rows, -1, dtype=np.int64)
+        # one entry per row of the table (10^7+): the narrowest type that holds a slot number
+        self.slot_of = np.full(self.num_rows, -1, dtype=np.int32 if self.num_slots < 2**31 else np.int64)
         self.row_of = np.full(self.num_slots, -1, dtype=np.int64)
         self._free = np.arange(self.num_slots - 1, -1, -1, dtype=np.int64)  # a stack: pop from the end
         self._nfree = self.num_slots
@@ -355,7 +356,8 @@ class VictimBuffer:
 
     def __init__(self, num_rows: int, capacity: int) -> None:
         self.capacity = int(capacity)
-        self.pos_of = np.full(num_rows, -1, dtype=np.int64) if self.capacity else None
+        self.pos_of = (np.full(num_rows, -1, dtype=np.int32 if self.capacity < 2**31 else np.int64)
+                       if self.capacity else None)
         self.row_at = np.full(max(self.capacity, 0), -1, dtype=np.int64)
         self._next = 0  # next position to fill (wraps)
 
