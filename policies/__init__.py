@@ -3,7 +3,9 @@
 Never imports ``io_engine`` or ``tiered``, so every policy also runs in
 trace simulation (:mod:`policies.sim`). Policies are looked up by name:
 
-* eviction policies (one tier's ranking, used by the store): lru, lfu, arc, s3fifo
+* eviction policies (one tier's ranking, used by the store): lru, lfu, arc, s3fifo,
+  prefix-aware (keeps KV blocks that queued requests will read)
+* row-cache policies (vectorized, one call per minibatch of GNN rows): see :mod:`policies.row_cache`
 * migration policies (whole-hierarchy decisions, used by the simulator and
   ``tiered bench replay``): lru, lfu, arc, s3fifo, static, belady, rl
 
@@ -26,10 +28,14 @@ from .belady import Belady
 from .cache import CachingMigration
 from .lfu import LFU
 from .lru import LRU
+from .prefix_aware import PrefixAware
+from .row_cache import ROW_CACHE_POLICIES, RowCachePolicy, VictimBuffer, create_row_cache_policy
 from .s3fifo import S3FIFO
 from .static import StaticSplit
 
-_EVICTION: dict[str, Callable[[], EvictionPolicy]] = {"lru": LRU, "lfu": LFU, "arc": ARC, "s3fifo": S3FIFO}
+_EVICTION: dict[str, Callable[[], EvictionPolicy]] = {
+    "lru": LRU, "lfu": LFU, "arc": ARC, "s3fifo": S3FIFO, "prefix-aware": PrefixAware,
+}
 
 
 def register_eviction_policy(name: str, factory: Callable[[], EvictionPolicy]) -> None:
@@ -102,7 +108,8 @@ def create_policy(name: str, **options: Any) -> MigrationPolicy:
 __all__ = [
     "ARC", "HEURISTICS", "KINDS", "LFU", "LRU", "OPS", "S3FIFO", "Backing", "Belady",
     "CachingMigration", "EvictionPolicy", "FirstFit", "MigrationPolicy", "Move", "Observation",
-    "Outcome", "PlacementPolicy", "PolicyError", "StaticSplit", "TierModel",
+    "Outcome", "PlacementPolicy", "PolicyError", "PrefixAware", "ROW_CACHE_POLICIES", "RowCachePolicy",
+    "StaticSplit", "TierModel", "VictimBuffer", "create_row_cache_policy",
     "create_eviction_policy", "create_policy", "eviction_policy_names", "policy_names",
     "register_eviction_policy", "register_policy",
 ]

@@ -25,3 +25,22 @@ __all__ += ["from_pretrained"]
 from .device_cache import DeviceCache, DeviceLease  # noqa: E402
 
 __all__ += ["DeviceCache", "DeviceLease"]
+
+# The workloads, imported on first use so `import tiered` does not pull in
+# transformers, torch.distributed or torch_geometric.
+_WORKLOADS = {
+    "OffloadedAdamW": "tiered.optim", "ZOSGD": "tiered.optim",
+    "TieredCache": "tiered.kv", "KVStore": "tiered.kv",
+    "TieredFeatureStore": "tiered.gnn",
+    "LazyCheckpointer": "tiered.checkpoint", "StoreRef": "tiered.checkpoint", "CheckpointError": "tiered.checkpoint",
+}
+__all__ += list(_WORKLOADS)
+
+
+def __getattr__(name: str):
+    module = _WORKLOADS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tiered' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -7,13 +7,9 @@
 ``TieredCache`` is imported on first use, so the replay and the KVStore do not need transformers.
 """
 
-from policies import eviction_policy_names, register_eviction_policy
-from policies.prefix_aware import PrefixAware
+from policies import PrefixAware
 
 from .prefix import KVStore, KVStoreError, chain_hashes, model_identity
-
-if "prefix-aware" not in eviction_policy_names():
-    register_eviction_policy("prefix-aware", PrefixAware)
 
 _CACHE_NAMES = ("KVCacheError", "TieredCache", "TieredLayer", "kv_geometry")
 

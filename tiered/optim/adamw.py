@@ -383,7 +383,7 @@ class OffloadedAdamW(Optimizer):
                 if c.unit is not None:
                     p.grad = None  # handed over in backward: released now
             _encode_step(buf, s)
-            self._writes.append(self._store.put(self._chunk_key(c, s), buf, kind="optimizer"))
+            self._writes.append(self._store.put(self._chunk_key(c, s), buf, kind="optim"))
             if unit_views is not None:
                 self._rt.write_unit_params(unit_views)
                 unit_views = None
@@ -416,7 +416,7 @@ class OffloadedAdamW(Optimizer):
             self._param_steps[i] += 1
         marker = torch.tensor([s, len(self._chunks), sum(c.numel for c in self._chunks)] + self._param_steps,
                               dtype=torch.int64)
-        self._store.put(self._marker_key, marker, kind="optimizer").result(timeout=_WAIT)
+        self._store.put(self._marker_key, marker, kind="optim").result(timeout=_WAIT)
         self._step = s
         self._updated.clear()
         self._stepped_params.clear()
@@ -629,7 +629,7 @@ class OffloadedAdamW(Optimizer):
                 if views is not None:
                     views.abandon()
             _encode_step(buf, s)
-            self._writes.append(self._store.put(self._chunk_key(c, s), buf, kind="optimizer"))
+            self._writes.append(self._store.put(self._chunk_key(c, s), buf, kind="optim"))
         self._param_steps = steps
         self._step = s - 1
         self._updated.clear()
