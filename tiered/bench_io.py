@@ -36,6 +36,7 @@ Bandwidths are in GB/s with GB = 1e9 bytes. Nothing is printed to stdout by
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json as _json
 import os
 import shutil
@@ -571,8 +572,10 @@ def _fio_version(fio: str) -> str | None:
 def _deepnvme(path: str, size: int, workers: int, progress: _Progress) -> tuple[dict | None, str | None]:
     """DeepSpeed's aio_handle (what ``ds_io`` drives) reading/writing the file from a page-locked tensor."""
     try:
-        import deepspeed  # noqa: F401
-        from deepspeed.ops.op_builder import AsyncIOBuilder
+        # deepspeed logs to stdout from import on; results go to stdout, so send its chatter to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            import deepspeed  # noqa: F401
+            from deepspeed.ops.op_builder import AsyncIOBuilder
     except ImportError:
         return None, "deepspeed not installed (DeepNVMe/ds_io reference skipped; pip install deepspeed)"
     except Exception as e:  # noqa: BLE001 - a broken install is reported, not fatal
@@ -583,7 +586,8 @@ def _deepnvme(path: str, size: int, workers: int, progress: _Progress) -> tuple[
 
         if size > psutil.virtual_memory().available // 2:
             return None, f"DeepNVMe skipped: needs a {format_size(size)} page-locked buffer (too little RAM free)"
-        lib = AsyncIOBuilder().load(verbose=False)
+        with contextlib.redirect_stdout(sys.stderr):
+            lib = AsyncIOBuilder().load(verbose=False)
         best: dict[str, Any] = {}
         for block in (1 * MiB, 8 * MiB):
             handle = lib.aio_handle(block, 32, False, True, workers)
