@@ -238,6 +238,20 @@ def test_module_buffers_are_guarded_before_forward(tmp_path):
         assert_tree_same(ck.load(1), before)
 
 
+def test_buffers_of_a_submodule_called_on_its_own_are_guarded(tmp_path):
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 8))
+    model(torch.randn(16, 8))
+    before = clone_tree(model.state_dict())
+    with LazyCheckpointer(cfg(tmp_path)) as ck:
+        ck.attach(model)
+        gate = block_copier(ck)
+        h = ck.save(model.state_dict(), 1)
+        model[0](torch.randn(16, 8) + 5)  # the submodule alone: the root's hook does not run
+        gate.set()
+        h.wait(T)
+        assert_tree_same(ck.load(1), before)
+
+
 def test_training_loop_every_checkpoint_matches_its_step(tmp_path):
     model, opt = make_model()
     want = {}
@@ -278,6 +292,20 @@ def test_retention_keeps_last_n_and_resaving_a_step_replaces_it(tmp_path):
         assert ck.steps() == {4: "storage"}
         with pytest.raises(CheckpointError, match="no committed checkpoint of step 3"):
             ck.load(3)
+
+
+def test_retention_after_a_rollback_keeps_the_new_save_and_latest_is_the_newest_commit(tmp_path):
+    """A run that rolls back (step 200 -> 150) and saves again must keep that save: ranking
+    by step number would delete it and resume from the abandoned branch."""
+    with LazyCheckpointer(cfg(tmp_path, flash=False), keep_last=1) as ck:
+        ck.save({"x": torch.full((10,), 200.0)}, 200).wait(T)
+        info = ck.save({"x": torch.full((10,), 150.0)}, 150).wait(T)
+        assert Path(info["manifest"]).exists()
+        assert ck.steps() == {150: "storage"} and ck.latest() == 150
+        assert same(ck.load()["x"], torch.full((10,), 150.0))
+    with LazyCheckpointer(cfg(tmp_path, flash=False), keep_last=2) as ck:
+        ck.save({"x": torch.full((10,), 160.0)}, 160).wait(T)
+        assert ck.steps() == {150: "storage", 160: "storage"} and ck.latest() == 160
 
 
 def test_cold_tier_is_compressed_zarr_and_serves_retired_steps(tmp_path):

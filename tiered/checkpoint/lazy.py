@@ -26,6 +26,7 @@ import collections
 import fcntl
 import logging
 import os
+from collections import Counter
 import queue
 import secrets
 import shutil
@@ -187,7 +188,7 @@ class LazyCheckpointer:
         self._lock = threading.Lock()
         self._pending: dict[int, list[_Piece]] = {}  # storage data_ptr -> pieces not yet copied
         self._handles: list[CheckpointHandle] = []
-        self._cold_busy: set[int] = set()  # steps the cold level still reads from the storage level
+        self._cold_busy: Counter[int] = Counter()  # step -> cold copies still reading it (a step can be saved twice)
         self._attached: list[Any] = []
         self._hooks: list[Any] = []
         self._seq = 0
@@ -325,9 +326,13 @@ class LazyCheckpointer:
             self._hooks.append(obj.register_step_pre_hook(step_hook))
         elif isinstance(obj, torch.nn.Module):
             def forward_hook(mod, args) -> None:
-                self.guard(list(mod.buffers()))
+                self.guard(list(mod.buffers(recurse=False)))
 
-            self._hooks.append(obj.register_forward_pre_hook(forward_hook))
+            # on every module that owns buffers, not only the root: a submodule can be called on
+            # its own (model.backbone(x)) and must not update its statistics mid-snapshot
+            for m in obj.modules():
+                if next(m.buffers(recurse=False), None) is not None:
+                    self._hooks.append(m.register_forward_pre_hook(forward_hook))
         else:
             raise TypeError(f"attach() takes a torch.optim.Optimizer or a torch.nn.Module, not {type(obj).__name__}")
         self._attached.append(obj)
@@ -664,7 +669,7 @@ class LazyCheckpointer:
         h.stats["durable_s"] = time.perf_counter() - h.t_called
         if h.cold is not None:
             with self._lock:
-                self._cold_busy.add(h.step)
+                self._cold_busy[h.step] += 1
         try:  # committed: a failure from here on is not this save's, and must not undo it
             if old is not None:  # the same step saved again: its previous files are unreferenced now
                 self._drop_files(self.directory, old)
@@ -684,7 +689,9 @@ class LazyCheckpointer:
                     info = self._cold_copy(h)
                 finally:
                     with self._lock:
-                        self._cold_busy.discard(h.step)
+                        self._cold_busy[h.step] -= 1
+                        if self._cold_busy[h.step] <= 0:
+                            del self._cold_busy[h.step]
                 self._retire(self.directory, self.keep_last)  # what waited for this copy
             except BaseException as e:  # noqa: BLE001 - delivered through the handle
                 log.error("checkpoint step %d: cold copy failed: %s", h.step, e)
@@ -728,8 +735,10 @@ class LazyCheckpointer:
 
     # -- retention -------------------------------------------------------------------
     def _retire(self, directory: Path, keep: int) -> None:
+        """Keep the ``keep`` most recently *committed* steps: a run that rolls back to an earlier
+        step and saves again keeps that save (ranking by step number would delete it)."""
         with self._retire_lock:
-            steps = sorted(committed_steps(directory))
+            steps = _commit_order(directory)
             for step in steps[:-keep]:
                 if directory == self.directory:
                     with self._lock:
@@ -855,20 +864,25 @@ class LazyCheckpointer:
         return dict(sorted(out.items()))
 
     def latest(self) -> int | None:
-        steps = self.steps()
-        return max(steps) if steps else None
+        """The most recently committed step (not the highest: after a rollback they differ)."""
+        order = _commit_order(self.directory)
+        if not order and self.cold_directory is not None:
+            order = _commit_order(self.cold_directory)
+        return order[-1] if order else None
 
     # -- load ------------------------------------------------------------------------
     def load(self, step: int | None = None, *, into: Any = None) -> Any:
         """The state dict saved as ``step`` (default: the latest), every byte checked against its
-        crc32. With ``into`` (a state dict of the same keys), tensors are filled in place."""
+        crc32. With ``into`` (a state dict of the same keys), tensors are filled in place as they
+        verify: after an error ``into`` may hold some tensors of this step and some old ones, so load
+        without ``into`` (then copy) where a failed load must leave the live state untouched."""
         self._check_open()
         steps = self.steps()
         if step is None:
             if not steps:
                 raise CheckpointError(f"no committed checkpoint in {self.directory}"
                                       + (f" or {self.cold_directory}" if self.cold_directory else ""))
-            step = max(steps)
+            step = self.latest()
         if step not in steps:
             raise CheckpointError(f"no committed checkpoint of step {step} in {self.directory}; "
                                   f"committed: {sorted(steps) or 'none'}")
@@ -960,3 +974,15 @@ def _fsync_tree(root: Path) -> None:
                 os.close(fd)
         fsync_dir(dirpath)
     fsync_dir(root.parent)
+
+
+def _commit_order(directory: Path) -> list[int]:
+    """Committed steps in ``directory``, oldest commit first (manifest ``created``, then step)."""
+    ranked = []
+    for step, path in committed_steps(directory).items():
+        try:
+            created = float(read_manifest(path).get("created", 0.0))
+        except FileNotFoundError:
+            continue  # retired meanwhile by another pass
+        ranked.append((created, step))
+    return [step for _created, step in sorted(ranked)]

@@ -154,7 +154,7 @@ class TieredFeatureStore(FeatureStore):
         self._lock = threading.RLock()
         self._next_gen = 1
         self._opened = False
-        self.reads = {"requests": 0, "bytes": 0, "rows": 0}
+        self.reads = {"requests": 0, "bytes": 0, "rows": 0, "prefetch_skipped": 0}
 
     # -- lifecycle -----------------------------------------------------------------
     @property
@@ -463,7 +463,10 @@ class TieredFeatureStore(FeatureStore):
         rounds = split_rounds(plan, self.scratch_bytes)
         need = max(int(plan.buf_offset[j - 1] - plan.buf_offset[i] + align_up(int(plan.length[j - 1])))
                    for i, j in rounds)
-        buf = self.store.arena.alloc(need, timeout=self.store.host_wait)
+        # a prefetch never waits for memory: it may run under the attribute lock that the
+        # completion callbacks of earlier reads (which free scratch) need
+        wait = 0.0 if priority is Priority.PREFETCH else self.store.host_wait
+        buf = self.store.arena.alloc(need, timeout=wait)
         scratch = buf.padded
         row_run = plan.row_run
         with self._lock:
@@ -517,31 +520,34 @@ class TieredFeatureStore(FeatureStore):
             if not_done:
                 raise TimeoutError(f"{a.label}: prefetch still running after {self.timeout} s")
 
-    def _start_gather(self, a: _Attr, uniq: np.ndarray) -> tuple[np.ndarray, np.ndarray, IOFuture]:
+    def _start_gather(self, a: _Attr, uniq: np.ndarray) -> tuple[np.ndarray, tuple, IOFuture]:
         """Serve ``uniq`` from the cache and start reading the rest; returns (rows as bytes,
-        mask of rows that were not in cache slots, future of the reads)."""
+        (mask of rows that were not in cache slots, the cache they may enter), future of the reads)."""
         self._ready(a)
         out = np.empty((len(uniq), a.row_bytes), dtype=np.uint8)
         if not len(uniq):
             f = IOFuture("empty gather")
             f.set_result(0)
-            return out, np.zeros(0, dtype=bool), f
+            return out, (np.zeros(0, dtype=bool), None), f
         self._wait_inflight(a, uniq)
         with a.lock:
-            found = a.cache.lookup(uniq, out)
-            offer = a.cache.policy.peek(uniq) < 0  # misses and victim-buffer hits
+            cache = a.cache
+            found = cache.lookup(uniq, out)
+            offer = cache.policy.peek(uniq) < 0  # misses and victim-buffer hits
         miss = np.flatnonzero(~found)
 
         def sink(sel: slice, data: np.ndarray) -> None:
             out[miss[sel]] = data
 
-        return out, offer, self._read_rows(a, uniq[miss], Priority.DEMAND, sink)
+        return out, (offer, cache), self._read_rows(a, uniq[miss], Priority.DEMAND, sink)
 
-    def _finish_gather(self, a: _Attr, uniq: np.ndarray, out: np.ndarray, offer: np.ndarray, fut: IOFuture) -> None:
+    def _finish_gather(self, a: _Attr, uniq: np.ndarray, out: np.ndarray, offer: tuple, fut: IOFuture) -> None:
         fut.result(timeout=self.timeout)
-        if offer.any():
+        mask, cache = offer
+        if mask.any():
             with a.lock:
-                a.cache.admit(uniq[offer], out[offer])
+                if a.cache is cache:  # rows read before an update, reset or close must not enter a new cache
+                    cache.admit(uniq[mask], out[mask])
 
     def gather_rows(self, group_name, attr_name: str, index) -> torch.Tensor:
         """``x[index]`` of attribute (``group_name``, ``attr_name``) as a new CPU tensor."""
@@ -628,7 +634,14 @@ class TieredFeatureStore(FeatureStore):
                     if a.cache is cache:
                         cache.counters.prefetched += cache.admit(want[sel], data, force=True)
 
-            fut = self._read_rows(a, want, Priority.PREFETCH, sink)
+            try:
+                fut = self._read_rows(a, want, Priority.PREFETCH, sink)
+            except OutOfBudget:  # no scratch free now: skip; the rows are read on demand
+                with self._lock:
+                    self.reads["prefetch_skipped"] += 1
+                skipped = IOFuture(f"prefetch of {a.label} skipped (no scratch memory)")
+                skipped.set_result(0)
+                return skipped
             entry = (want, fut)
             a.inflight.append(entry)
 
@@ -731,7 +744,7 @@ class TieredFeatureStore(FeatureStore):
         for a in self._attrs.values():
             if a.cache is not None:
                 a.cache.counters = CacheCounters()
-        self.reads = {"requests": 0, "bytes": 0, "rows": 0}
+        self.reads = {"requests": 0, "bytes": 0, "rows": 0, "prefetch_skipped": 0}
 
     def __repr__(self) -> str:
         return f"TieredFeatureStore(namespace={self.namespace!r}, attrs={len(self._attrs)}, policy={self.policy!r})"

@@ -492,7 +492,12 @@ class TieredCache(Cache):
                 else:
                     lease = self._step_leases.get((b.index, part))
                     if lease is None:
-                        lease = futs.pop(b.index).result(timeout=self.io_timeout)
+                        f = futs.pop(b.index)
+                        try:
+                            lease = f.result(timeout=self.io_timeout)
+                        except BaseException:
+                            f.add_done_callback(_release_lease)  # a read still in flight unpins when it lands
+                            raise
                         self.counters["store_reads"] += 1
                         nbytes = lease.tensor.numel() * lease.tensor.element_size()
                         if keep and self._step_pinned + nbytes <= self._pin_limit():
@@ -605,7 +610,12 @@ class TieredCache(Cache):
                 fut = futs.popleft()
                 try:
                     lease = fut.result(timeout=self.io_timeout)
-                except (ChecksumError, StoreError, OSError, KeyError) as e:  # bad or gone: recompute
+                except TimeoutError:  # slow, not bad: recompute this time, keep the block
+                    fut.add_done_callback(_release_lease)
+                    break
+                except KeyError:  # evicted meanwhile (e.g. by another cache): nothing to forget
+                    break
+                except (ChecksumError, StoreError, OSError) as e:  # damaged or unreadable: forget, recompute
                     self.kv.note_corrupt(key, e)
                     break
                 try:

@@ -412,11 +412,13 @@ class OffloadedAdamW(Optimizer):
     def _commit(self, s: int) -> None:
         """Every chunk of step ``s`` durable, then the marker naming ``s``."""
         self._wait_writes()
-        for i in self._stepped_params:
-            self._param_steps[i] += 1
-        marker = torch.tensor([s, len(self._chunks), sum(c.numel for c in self._chunks)] + self._param_steps,
+        steps = list(self._param_steps)  # counted only once the marker is durable: a retried step
+        for i in self._stepped_params:  # after a failed marker put must not count twice
+            steps[i] += 1
+        marker = torch.tensor([s, len(self._chunks), sum(c.numel for c in self._chunks)] + steps,
                               dtype=torch.int64)
         self._store.put(self._marker_key, marker, kind="optim").result(timeout=_WAIT)
+        self._param_steps = steps
         self._step = s
         self._updated.clear()
         self._stepped_params.clear()
@@ -609,6 +611,8 @@ class OffloadedAdamW(Optimizer):
         self._drop_state_reads()
         self._wait_writes()
         s = max(int(state_dict.get("tiered_step", 0)), max(steps, default=0), self._step + 1)
+        if s % 2 == self._step % 2:  # never overwrite the keys the committed marker names
+            s += 1
         for c in self._chunks:
             n = c.numel
             buf = torch.zeros(3 * n + _TAG, dtype=torch.float32)

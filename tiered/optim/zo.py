@@ -249,14 +249,22 @@ class ZOSGD:
                     return forward(*args, **kwargs)
                 views = self._views(u)
                 zs = [mezo_noise(self._seed_now, j, v.shape, v.dtype) for j, v in views]
-                for (_j, v), z in zip(views, zs):
-                    v.add_(z, alpha=self.eps)
-                plus = forward(*_half(args, b, 0), **_half(kwargs, b, 0))
-                for (_j, v), z in zip(views, zs):
-                    v.add_(z, alpha=-2 * self.eps)
-                minus = forward(*_half(args, b, 1), **_half(kwargs, b, 1))
-                for (_j, v), z in zip(views, zs):
-                    v.add_(z, alpha=self.eps)  # (theta + e z) - 2e z + e z is not theta bitwise: write it
-                self._rt.write_unit(u)
+
+                def shift(alpha: float) -> None:
+                    for (_j, v), z in zip(views, zs):
+                        v.add_(z, alpha=alpha)
+
+                shift(self.eps)
+                sign = 1  # which perturbation the cached weights hold now
+                try:
+                    plus = forward(*_half(args, b, 0), **_half(kwargs, b, 0))
+                    shift(-2 * self.eps)
+                    sign = -1
+                    minus = forward(*_half(args, b, 1), **_half(kwargs, b, 1))
+                finally:
+                    # (theta + e z) - 2e z + e z is not theta bitwise: write it back. On an error in
+                    # either forward the perturbation is undone too, so no later forward sees it.
+                    shift(-sign * self.eps)
+                    self._rt.write_unit(u)
                 return _join(plus, minus, b, u.name)
         return dual_forward
