@@ -39,6 +39,8 @@ import tiered
 from tiered import OffloadError
 from tiered.sizes import parse_size
 from tiered.store import TieredStore
+from allocators.budget import OutOfBudget
+from io_engine import Priority
 
 transformers = pytest.importorskip("transformers")
 
@@ -1037,6 +1039,78 @@ def test_from_pretrained_sharded_checkpoint_in_place(tmp_path):
     assert_ordinary(model, ref.state)
     assert_same(forward(model, "causal"), ref.out)
     assert _files_digest(ckpt) == digest, "the checkpoint files changed"
+
+
+def test_demand_load_after_partial_prefetch_takes_the_unit_in_one_go(tmp_path):
+    """Regression (flaky test_from_pretrained_sharded_checkpoint_in_place): a partial prefetch
+    left a unit's objects spread over the host tier, so the gaps between them were each smaller
+    than its largest missing object although together they had room. The demand load's last
+    resort gave the leases back, but the copies stayed cached where they were and acquiring the
+    unit again pinned them there again: OutOfBudget after host_wait. Built here by hand: the
+    unit's objects but the largest sit evenly spread over the free space, nothing is evictable."""
+    ref = reference("llama")
+    ckpt = _save(ARCHS["llama"].build(), tmp_path / "ckpt", max_shard_size="200KB")
+    model = tiered.from_pretrained(ckpt, make_cfg(tmp_path, int(2.5 * ref.largest), lookahead=1, resident=True))
+    rt, store = model._tiered, model._tiered.store
+    arena = store.arena
+    u = max((v for v in rt.units if not v.resident and not v.host_resident), key=lambda v: len(v.keys))
+    assert len(u.keys) > 3 and not u.leases and not u.pending
+
+    def pages(k: str) -> int:  # what the host copy of external object k takes, as the store sizes it
+        m = store._objects[k]
+        return -(-(m.extent.offset % PAGE + m.nbytes) // PAGE)
+
+    store.trim()  # only pinned (resident) copies stay in the host tier
+    fillers = {}
+    while True:  # every free page held by a filler buffer
+        try:
+            b = arena.alloc(PAGE, timeout=0)
+        except OutOfBudget:
+            break
+        fillers[b.offset] = b
+    offs = sorted(fillers)
+    runs, start = [], 0  # contiguous runs of filler pages
+    for i in range(1, len(offs) + 1):
+        if i == len(offs) or offs[i] != offs[i - 1] + PAGE:
+            runs.append(offs[start:i])
+            start = i
+    region = max(runs, key=len)  # the free block the unit must be taken from
+    held = [fillers.pop(o) for r in runs if r is not region for o in r]  # the rest stays held
+    # the missing object: a largest one, the last of them in the unit's order. The objects a
+    # demand load acquires before it are pinned again where they are; those after it are
+    # evictable then, so they go first, packed at the region's start (evicted, they add no room)
+    missing = max(reversed(u.keys), key=pages)
+    after = u.keys[u.keys.index(missing) + 1:]
+    before = [k for k in u.keys if k != missing and k not in after]
+    assert before and len(region) >= sum(pages(k) for k in u.keys), "the unit must fit the empty region"
+    free = len(region) - sum(pages(k) for k in u.keys if k != missing)
+    gaps = [free // (len(before) + 1) + (i < free % (len(before) + 1)) for i in range(len(before) + 1)]
+    big = pages(missing)
+    assert sum(gaps) >= big and max(gaps) + sum(pages(k) for k in after) < big, \
+        "the gaps must have room for the missing object, none of them a block large enough"
+    at = 0
+    for k in after + before:  # free exactly the pages k will take, acquire it: it lands there
+        if k in before:
+            at += gaps[before.index(k)]
+        for o in region[at:at + pages(k)]:
+            fillers.pop(o).release()
+        u.pending[k] = store.acquire(k, priority=Priority.PREFETCH, wait=0.0)
+        u.pending[k].result(timeout=30)
+        at += pages(k)
+    for b in fillers.values():  # the gaps, free now: enough bytes, no block large enough
+        b.release()
+    st = arena.stats()
+    assert st.capacity - st.in_use >= pages(missing) * PAGE
+    assert arena._largest_free() < pages(missing) * PAGE
+    store.host_wait = 2.0  # the bug raised OutOfBudget once this had passed
+    rt._load(u)
+    assert sorted(u.leases) == sorted(u.keys) and not u.pending
+    rt._unbind(u)
+    rt._release(u)
+    for b in held:
+        b.release()
+    assert_same(forward(model, "causal"), ref.out)
+    tiered.detach(model)
 
 
 def test_from_pretrained_bf16_checkpoint(tmp_path):

@@ -373,6 +373,21 @@ def test_lease_context_manager_and_evict_while_leased(store):
         assert store.evict("k") is False
 
 
+def test_trim_drops_every_unpinned_cached_copy_and_keeps_pinned_ones(store):
+    for i in range(4):
+        store.put(f"k{i}", filled(i, 3 * 4096)).result(T)
+    wait_for(lambda: all(store.meta(f"k{i}")["in_host"] for i in range(4)), what="puts cached")
+    lease = store.acquire("k1").result(T)
+    evictions = store.stats()["evictions"]
+    assert store.trim() == 3
+    assert [store.meta(f"k{i}")["in_host"] for i in range(4)] == [False, True, False, False]
+    assert store.stats()["evictions"] == evictions + 3
+    assert host_used(store) == align(3 * 4096) and torch.equal(lease.tensor, filled(1, 3 * 4096))
+    lease.release()
+    assert store.trim() == 1 and host_used(store) == 0
+    assert torch.equal(store.get("k2").result(T), filled(2, 3 * 4096))  # read back from storage
+
+
 def test_delete_while_leased_keeps_lease_bytes(store):
     store.put("k", filled(9)).result(T)
     lease = store.acquire("k").result(T)

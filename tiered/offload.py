@@ -565,8 +565,13 @@ class OffloadedModule:
                 self._acquire(u, Priority.DEMAND, wait=0.0)
             except OutOfBudget:
                 # the unit's own partly prefetched objects can split the free space (a unit of many
-                # checkpoint tensors): give them back too and take the unit in one go
+                # checkpoint tensors): give them back too and take the unit in one go. Giving the
+                # leases back is not enough: the copies stay cached where they are, and acquiring
+                # them again is a cache hit that pins them there again, so the rest of the unit may
+                # still find no block that fits. Drop every unpinned cached copy (the unit's own
+                # included) so the free space is one merged range but for what stays pinned.
                 self._drop_pending(u)
+                self.store.trim()
                 self.store.arena.rewind()
                 self._acquire(u, Priority.DEMAND)
         self._collect(u)

@@ -971,6 +971,24 @@ class TieredStore:
             self._free_retired()
 
     # -- eviction, migration, deletion ---------------------------------------------
+    def trim(self) -> int:
+        """Drop every cached host copy that nobody pins and no read is filling; returns how many.
+
+        Eviction on demand frees only as much as the policy picks, and a copy that is pinned again
+        (a cache hit) stays where it was: after trim() the host tier's free space is all but what
+        is pinned or loading, merged, for a group of buffers that must fit together."""
+        self._check_open()
+        dropped = []
+        with self._lock:
+            for key, meta in self._objects.items():
+                if self._evictable(key):
+                    self._drop_host(meta)
+                    self.counters.evictions += 1
+                    dropped.append(meta)
+        for meta in dropped:
+            self._emit(meta.key, meta.nbytes, "evict", meta.kind, "host")
+        return len(dropped)
+
     def evict(self, key: str, tier: str = "host") -> bool:
         """Drop the cached copy of ``key`` from ``tier``; False when it is pinned or not there."""
         self._check_open()
