@@ -1319,3 +1319,27 @@ def test_storage_dirs_and_files_are_private(tmp_path):
     for f in ("objects.dat", "manifest.json", ".lock"):
         assert stat.S_IMODE((tmp_path / "deep" / "er" / "nvme" / f).stat().st_mode) == 0o600, f
     assert stat.S_IMODE((tmp_path / "deep" / "er" / "flash" / "objects.dat").stat().st_mode) == 0o600
+
+
+@needs_faulty
+def test_retain_refuses_a_key_whose_put_is_still_in_flight(tmp_path):
+    """A checkpoint by reference must name what the caller last wrote, not the version before it."""
+    s = open_store(tmp_path)
+    fb = use_faulty(s, workers=2)
+    try:
+        s.put("m", filled(0, 64 * KiB)).result(T)
+        gate = fb.gate("write", path="objects.dat")
+        f = s.put("m", filled(1, 64 * KiB))
+        assert gate.entered.wait(T)
+        with pytest.raises(StoreError, match="still in flight"):
+            s.retain("ck1", ["m"])
+        gate.release()
+        f.result(T)
+        (rec,) = s.retain("ck1", ["m"])
+        assert rec["version"] == s.meta("m")["version"] == 2
+        fb.fail("write", path="objects.dat", times=1)  # a failed put must not block retain forever
+        with pytest.raises(OSError):
+            s.put("m", filled(2, 64 * KiB)).result(T)
+        s.retain("ck2", ["m"])
+    finally:
+        s.close()

@@ -819,7 +819,7 @@ class OffloadedModule:
             f = self.store.put(k, t, kind="weight")
             self._writes.append(f)
             if owner is not None:
-                owner.writing.append(f)
+                owner.writing = [w for w in owner.writing if not w.done()] + [f]  # resident units never release
             elif k in edit.leases:
                 lease = edit.leases.pop(k)
                 f.add_done_callback(lambda _f, lease=lease: lease.release())
@@ -830,7 +830,7 @@ class OffloadedModule:
         for k, lease in u.leases.items():
             f = self.store.put(k, lease.tensor, kind="weight")
             self._writes.append(f)
-            u.writing.append(f)
+            u.writing = [w for w in u.writing if not w.done()] + [f]  # resident units never release
 
     def wait_writes(self) -> None:
         """Wait until every weight update is durable; release what backward still held."""

@@ -301,6 +301,7 @@ class TieredStore:
         self._committed_gen = 0
         self._retired: list[Extent] = []
         self._issued: dict[str, int] = {}  # key -> newest version handed to a put or delete
+        self._puts_in_flight: dict[str, int] = {}  # key -> puts called whose future is not done
         self._tombstones: dict[str, int] = {}  # key -> version of its latest delete
         self._retained: dict[str, list[tuple[dict, Extent]]] = {}  # tag -> extents kept for it (checkpoints)
         self.counters = StoreCounters()
@@ -517,6 +518,10 @@ class TieredStore:
                 if meta.extent.external:
                     raise StoreError(f"retain({key!r}): object is served in place from {meta.extent.path}, "
                                      "which the store does not own; copy it instead")
+                if self._puts_in_flight.get(key):
+                    raise StoreError(f"retain({key!r}): a put of it is still in flight, so the current "
+                                     f"version {meta.version} may not be what the caller last wrote; "
+                                     "wait for that put's future first")
             for key in keys:
                 meta = self._objects[key]
                 ext = meta.extent
@@ -654,7 +659,23 @@ class TieredStore:
         object's description once the data and manifest are durable. Puts of
         one key take effect in the order they were called.
         """
-        return self._put(key, tensor, kind, tier, relocate=None)
+        with self._lock:
+            self._puts_in_flight[key] = self._puts_in_flight.get(key, 0) + 1
+        try:
+            f = self._put(key, tensor, kind, tier, relocate=None)
+        except BaseException:
+            self._put_landed(key)
+            raise
+        f.add_done_callback(lambda _f: self._put_landed(key))
+        return f
+
+    def _put_landed(self, key: str) -> None:
+        with self._lock:
+            n = self._puts_in_flight[key] - 1
+            if n:
+                self._puts_in_flight[key] = n
+            else:
+                del self._puts_in_flight[key]
 
     def _put(self, key: str, tensor: torch.Tensor, kind: str, tier: str | None, relocate: int | None) -> IOFuture:
         self._check_open()
