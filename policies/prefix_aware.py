@@ -16,18 +16,19 @@ nothing is known. Pure logic, like every policy: no I/O, no store.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Callable
 
-from .base import EvictionPolicy, Observation
+from .lru import LRU
 
 
-class PrefixAware(EvictionPolicy):
+class PrefixAware(LRU):
+    """LRU's recency order (admit/touch/remove are LRU's); only the choice of victims differs."""
+
     name = "prefix-aware"
 
     def __init__(self) -> None:
-        self._order: OrderedDict[str, int] = OrderedDict()  # key -> nbytes, least recent first
+        super().__init__()
         self._next_use: dict[str, int] = {}  # key -> rank of the first queued request that needs it
 
     def set_queue(self, queue: Sequence[Iterable[str]]) -> None:
@@ -40,17 +41,6 @@ class PrefixAware(EvictionPolicy):
 
     def needed(self, key: str) -> bool:
         return key in self._next_use
-
-    def admit(self, obs: Observation) -> None:
-        self._order[obs.key] = obs.nbytes
-        self._order.move_to_end(obs.key)
-
-    def touch(self, obs: Observation) -> None:
-        if obs.key in self._order:
-            self._order.move_to_end(obs.key)
-
-    def remove(self, key: str) -> None:
-        self._order.pop(key, None)
 
     def victims(self, nbytes: int, evictable: Callable[[str], bool]) -> list[str]:
         out, freed = [], 0
@@ -74,9 +64,3 @@ class PrefixAware(EvictionPolicy):
             out.append(key)
             freed += size
         return out
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._order
-
-    def __len__(self) -> int:
-        return len(self._order)

@@ -835,15 +835,10 @@ class OffloadedModule:
     def wait_writes(self) -> None:
         """Wait until every weight update is durable; release what backward still held."""
         writes, self._writes = self._writes, []
-        errors = []
-        for f in writes:
-            try:
-                f.result(timeout=_WAIT)
-            except Exception as e:  # noqa: BLE001 - every put is waited for; the first error is raised
-                errors.append(e)
-        self.finish_backward()
-        if errors:
-            raise errors[0]
+        try:
+            gather(writes).result(timeout=_WAIT)  # waits for every put; raises the first error
+        finally:
+            self.finish_backward()
 
     # -- teardown ------------------------------------------------------------------
     def materialize(self) -> None:

@@ -89,6 +89,16 @@ class _Engine:
             self.arena.close()
 
 
+def _init_common(obj, checkpoint_id, config: Any, tier: str | None, host_buffer: int | str, wait: float) -> None:
+    """What the writer and the reader share: where the checkpoint lives and the staging budget."""
+    obj.config, obj.tier = config, tier
+    obj.path = None if checkpoint_id is None else _resolve(checkpoint_id, config, tier)
+    obj.host_buffer = parse_size(host_buffer, where="host_buffer")
+    if obj.host_buffer < SEGMENT:
+        raise CheckpointError(f"host_buffer = {host_buffer!r}: must hold at least one {SEGMENT}-byte segment")
+    obj.wait = wait
+
+
 class TieredStorageWriter(StorageWriter):
     """DCP StorageWriter on a storage tier (see the module docstring). ``host_buffer``: host
     memory each rank stages writes through; ``config``/``tier``: where relative ids live."""
@@ -96,12 +106,7 @@ class TieredStorageWriter(StorageWriter):
     def __init__(self, checkpoint_id: str | os.PathLike | None = None, *, config: Any = None,
                  tier: str | None = None, host_buffer: int | str = "256MiB", wait: float = 120.0) -> None:
         super().__init__()
-        self.config, self.tier = config, tier
-        self.path = None if checkpoint_id is None else _resolve(checkpoint_id, config, tier)
-        self.host_buffer = parse_size(host_buffer, where="host_buffer")
-        if self.host_buffer < SEGMENT:
-            raise CheckpointError(f"host_buffer = {host_buffer!r}: must hold at least one {SEGMENT}-byte segment")
-        self.wait = wait
+        _init_common(self, checkpoint_id, config, tier, host_buffer, wait)
         self.save_id = uuid.uuid4().hex
         self.is_coordinator = True
 
@@ -190,12 +195,7 @@ class TieredStorageReader(StorageReader):
     def __init__(self, checkpoint_id: str | os.PathLike | None = None, *, config: Any = None,
                  tier: str | None = None, host_buffer: int | str = "256MiB", wait: float = 120.0) -> None:
         super().__init__()
-        self.config, self.tier = config, tier
-        self.path = None if checkpoint_id is None else _resolve(checkpoint_id, config, tier)
-        self.host_buffer = parse_size(host_buffer, where="host_buffer")
-        if self.host_buffer < SEGMENT:
-            raise CheckpointError(f"host_buffer = {host_buffer!r}: must hold at least one {SEGMENT}-byte segment")
-        self.wait = wait
+        _init_common(self, checkpoint_id, config, tier, host_buffer, wait)
         self.storage_data: dict = {}
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:

@@ -41,7 +41,7 @@ from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _functional_adamw
 
 from allocators import OutOfBudget
-from io_engine import Priority
+from io_engine import Priority, gather
 
 from ..config import load_config
 from ..store import Lease, StoreError, TieredStore
@@ -427,16 +427,11 @@ class OffloadedAdamW(Optimizer):
 
     def _wait_writes(self) -> None:
         writes, self._writes = self._writes, []
-        errors = []
-        for f in writes:
-            try:
-                f.result(timeout=_WAIT)
-            except Exception as e:  # noqa: BLE001 - every write is waited for; the first error is raised
-                errors.append(e)
-        if self._rt is not None:
-            self._rt.wait_writes()
-        if errors:
-            raise errors[0]
+        try:
+            gather(writes).result(timeout=_WAIT)  # waits for every write; raises the first error
+        finally:
+            if self._rt is not None:
+                self._rt.wait_writes()
 
     # -- offloaded weights: gradients handed over in backward --------------------------
     def _install_grad_hooks(self) -> None:
