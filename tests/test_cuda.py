@@ -81,7 +81,8 @@ def test_store_get_to_gpu(tmp_path):
         assert g.is_cuda and torch.equal(g.cpu(), t)
 
 
-def test_offloaded_llama_on_gpu_matches_in_gpu_model(tmp_path):
+@pytest.mark.parametrize("device_cache", [True, False])
+def test_offloaded_llama_on_gpu_matches_in_gpu_model(tmp_path, device_cache):
     transformers = pytest.importorskip("transformers")
     import tiered
 
@@ -96,7 +97,10 @@ def test_offloaded_llama_on_gpu_matches_in_gpu_model(tmp_path):
         want_gen = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     nbytes = sum(p.numel() * 4 for p in model.parameters())
     budget = nbytes // 3
-    tiered.offload(model, _config(tmp_path, host="64MiB", gpu=str(budget)))
+    conf = _config(tmp_path, host="64MiB", gpu=str(budget))
+    conf["offload"] = {"device_cache": device_cache}
+    tiered.offload(model, conf)
+    assert (model._tiered.dcache is not None) == device_cache
     with torch.no_grad():
         got = model(ids, attention_mask=mask).logits
         got_gen = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
@@ -105,6 +109,9 @@ def test_offloaded_llama_on_gpu_matches_in_gpu_model(tmp_path):
     assert torch.equal(got, want), f"max abs diff {(got - want).abs().max().item()}"
     assert torch.equal(got_gen, want_gen)
     assert stats["bytes_read"].get("nvme", 0) > 0 or stats["resident_bytes"] < nbytes
+    assert stats["peak_device_bytes"] <= budget
+    if device_cache:
+        assert stats["device_cache"]["peak"] <= budget + 512 * 64, stats
     assert all(p.is_cuda for p in model.parameters())
 
 

@@ -1209,3 +1209,73 @@ def test_bundled_neuron_is_one_contiguous_range(tmp_path):
             got = raw[start : start + 3 * hidden]
             assert torch.equal(got, torch.cat([gate[j], up[j], down[:, j]]))
         tiered.detach(model)
+
+
+# --------------------------------------------------------------------------- the device cache path (CUDA's default)
+# ``[offload] device_cache = true`` forces on a CPU device the path CUDA takes by default: units are
+# placed in a DeviceCache (one pre-reserved region, prefetched ahead) apart from the host arena, which
+# keeps pinned host copies of the units that do not fit the compute budget (host-resident units).
+
+
+def _cache_cfg(tmp_path, host, **kw) -> dict:
+    cfg = make_cfg(tmp_path, host, **kw)
+    cfg["offload"]["device_cache"] = True
+    return cfg
+
+
+@pytest.mark.parametrize("arch,layout", [("llama", "packed"), ("llama", "bundled"), ("t5", "packed"),
+                                         ("gpt2", "packed")])
+def test_device_cache_path_keeps_outputs_bitwise(tmp_path, arch, layout):
+    spec, ref = ARCHS[arch], reference(arch)
+    host = int(3.5 * ref.largest)  # compute budget: 2.5 units resident; host arena: 1 unit host-resident
+    model = spec.build()
+    tiered.offload(model, _cache_cfg(tmp_path, host, lookahead=2), layout=layout)
+    rt = model._tiered
+    assert rt.dcache is not None
+    for i in range(3):
+        assert_same(forward(model, spec.kind), ref.out, f"{arch} {layout} device-cache forward #{i + 1}")
+    if ref.gen is not None:
+        assert torch.equal(generate(model, spec.kind), ref.gen), f"{arch}: generate() tokens differ"
+    st = tiered.offload_stats(model)
+    dc = st["device_cache"]
+    assert st["resident_bytes"] > 0
+    assert dc["misses"] > len(rt.units), dc  # streamed units are placed again on later forwards
+    assert dc["peak"] <= rt.dcache.arena.capacity
+    assert st["peak_host_bytes"] <= capacity_of(host)
+    if arch == "llama":  # 6.9 units: some stream from storage, one stays in (pinned) host memory
+        assert st["bytes_read"].get("nvme", 0) > 0, st
+        assert st["host_resident_bytes"] > 0
+        assert all(u.host_pins for u in rt.units if u.host_resident)
+    tiered.detach(model)
+    assert rt.dcache is None
+    assert_ordinary(model, ref.state, ref.ties)
+    assert_same(forward(model, spec.kind), ref.out, f"{arch} after detach")
+
+
+def test_device_cache_prefetches_ahead_and_releases_everything(tmp_path):
+    ref = reference("llama")
+    host = 6 * ref.largest  # room on the "device" for the running unit and two ahead
+    model = ARCHS["llama"].build()
+    tiered.offload(model, _cache_cfg(tmp_path, host, lookahead=2, resident=False))
+    rt = model._tiered
+    for _ in range(3):
+        assert_same(forward(model, "causal"), ref.out, "device-cache streaming forward")
+    st = tiered.offload_stats(model)
+    assert st["prefetch_hit_rate"] > 0.5, st
+    assert st["device_cache"]["misses"] >= 3 * len(rt.units) - 1  # nothing resident: all placed again
+    # between forwards only prefetched units hold device buffers, and none holds a host lease
+    assert rt.store.arena.stats().in_use <= sum(u.nbytes for u in rt.units) + len(rt.units) * PAGE
+    tiered.detach(model)
+    assert rt.store is not None
+
+
+def test_device_cache_refuses_training_and_bad_config(tmp_path):
+    model = ARCHS["llama"].build()
+    tiered.offload(model, _cache_cfg(tmp_path, 3 * reference("llama").largest))
+    with pytest.raises(OffloadError, match="device cache"):
+        model._tiered.check_trainable()
+    tiered.detach(model)
+    cfg = make_cfg(tmp_path / "b", "1MiB")
+    cfg["offload"]["device_cache"] = "yes"
+    with pytest.raises(Exception, match="offload.device_cache"):
+        tiered.offload(ARCHS["llama"].build(), cfg)

@@ -63,7 +63,7 @@ _TIER_KEYS = {
 _ALL_TIER_KEYS = tuple(dict.fromkeys(k for keys in _TIER_KEYS.values() for k in keys))
 _ENGINE_KEYS = ("backend", "workers", "queue_depth", "chunk", "direct")
 _POLICY_KEYS = ("placement",)
-_OFFLOAD_KEYS = ("lookahead", "resident", "layout")
+_OFFLOAD_KEYS = ("lookahead", "resident", "layout", "device_cache")
 
 
 class ConfigError(ValueError):
@@ -110,11 +110,17 @@ class OffloadSpec:
     from resident units). ``resident``: keep units
     that fit in the budget left over by the streaming window permanently
     loaded, instead of re-reading every weight on every forward.
+    ``device_cache``: on CUDA, place weights on the GPU through a
+    :class:`~tiered.DeviceCache` (one pre-reserved region; prefetches copied
+    to the device ahead of use on a side stream) instead of per-tensor
+    allocations filled when a unit starts (None: on whenever the compute
+    device is CUDA).
     """
 
     lookahead: int | None = None
     resident: bool = True
     layout: str = "packed"  # or "bundled": FFN neurons' up/gate rows and down column together
+    device_cache: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -179,7 +185,8 @@ class Config:
             },
             "policy": {"placement": self.policy.placement},
             "offload": {"lookahead": self.offload.lookahead if self.offload.lookahead is not None else "auto",
-                        "resident": self.offload.resident, "layout": self.offload.layout},
+                        "resident": self.offload.resident, "layout": self.offload.layout,
+                        "device_cache": "auto" if self.offload.device_cache is None else self.offload.device_cache},
         }
 
 
@@ -562,4 +569,8 @@ class _Validator:
             fields["resident"] = table["resident"]
         if "layout" in table:
             fields["layout"] = self.choice(table["layout"], "offload.layout", ("packed", "bundled"))
+        if "device_cache" in table and table["device_cache"] != "auto":
+            if not isinstance(table["device_cache"], bool):
+                raise self.bad("offload.device_cache", table["device_cache"], 'expected true, false or "auto"')
+            fields["device_cache"] = table["device_cache"]
         return OffloadSpec(**fields)

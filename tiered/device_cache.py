@@ -119,12 +119,13 @@ class DeviceCache:
         self.close()
 
     # -- access --------------------------------------------------------------------
-    def acquire(self, key: str, *, priority: Priority = Priority.DEMAND) -> IOFuture:
+    def acquire(self, key: str, *, priority: Priority = Priority.DEMAND, wait: float | None = None) -> IOFuture:
         """A future of a :class:`DeviceLease` on the current version of ``key``.
 
         Raises KeyError at once for an unknown key, and OutOfBudget when the
-        object cannot be placed within ``wait`` seconds because every resident
-        entry is held.
+        object cannot be placed within ``wait`` seconds (default: the cache's
+        ``wait``; 0 for a prefetch that must not block) because every resident
+        entry is held, or its host copy finds no room in the host tier.
         """
         version = self.store.meta(key)["version"]
         with self._lock:
@@ -140,7 +141,7 @@ class DeviceCache:
                 if not entry.loading:
                     return completed(DeviceLease(self, entry), f"device {key}")
                 return chain(entry.ready, lambda _: DeviceLease(self, entry), f"device {key}")
-        return self._load(key, priority)
+        return self._load(key, priority, self.wait if wait is None else wait)
 
     def get(self, key: str, *, priority: Priority = Priority.DEMAND) -> IOFuture:
         """A future of a device tensor the caller owns (a copy out of the cache)."""
@@ -161,27 +162,36 @@ class DeviceCache:
             self.stats.evictions += 1
             return True
 
+    def trim(self) -> int:
+        """Drop every entry nobody holds (a last resort against fragmentation); returns how many."""
+        with self._lock:
+            victims = [e for e in self._entries.values() if e.pins == 0 and not e.loading]
+            for entry in victims:
+                self._discard(entry)
+            self.stats.evictions += len(victims)
+            return len(victims)
+
     def __contains__(self, key: str) -> bool:
         with self._lock:
             return key in self._entries
 
     # -- internals -----------------------------------------------------------------
-    def _load(self, key: str, priority: Priority) -> IOFuture:
+    def _load(self, key: str, priority: Priority, wait: float) -> IOFuture:
         meta = self.store.meta(key)
         nbytes = meta["nbytes"]
-        buffer = self._make_room(key, nbytes)
+        buffer = self._make_room(key, nbytes, wait)
         with self._lock:
             if key in self._entries:  # another caller started the same load meanwhile
                 buffer.release()
                 self._lock.notify_all()
-                return self.acquire(key, priority=priority)
+                return self.acquire(key, priority=priority, wait=wait)
             self.stats.misses += 1
             ready = IOFuture(f"device load {key}")
             ready.set_running_or_notify_cancel()  # shared by every waiter: one caller cannot cancel it
             entry = _Entry(key, meta["version"], nbytes, buffer, ready, pins=1)
             self._entries[key] = entry
         try:
-            host = self.store.acquire(key, priority=priority)
+            host = self.store.acquire(key, priority=priority, wait=wait)
         except BaseException as e:
             with self._lock:
                 self._forget(entry)
@@ -226,9 +236,9 @@ class DeviceCache:
         else:
             entry.ready.set_exception(f.exception())
 
-    def _make_room(self, key: str, nbytes: int) -> DeviceBuffer:
+    def _make_room(self, key: str, nbytes: int, wait: float) -> DeviceBuffer:
         """A device buffer for ``nbytes``, evicting unheld entries; waits for releases up to ``wait`` s."""
-        deadline = time.monotonic() + self.wait
+        deadline = time.monotonic() + wait
         with self._lock:
             while True:
                 buffer = self.arena.try_alloc(nbytes)
@@ -245,7 +255,7 @@ class DeviceCache:
                     st = self.arena.stats()
                     raise OutOfBudget(
                         f"device cache on {self.device}: no room for {key!r} ({nbytes} bytes) after "
-                        f"{self.wait} s: {st.in_use} of {st.capacity} bytes held by "
+                        f"{wait} s: {st.in_use} of {st.capacity} bytes held by "
                         f"{sum(e.pins > 0 for e in self._entries.values())} leased objects")
                 self._lock.wait(remaining)
 

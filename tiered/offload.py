@@ -31,9 +31,11 @@ import torch
 from torch import nn
 
 from allocators import DeviceBudget, OutOfBudget, align_up
+from allocators.device_arena import DEVICE_ALIGN
 from io_engine import Priority, gather
 
 from .config import Config, load_config
+from .device_cache import DeviceCache
 from .sizes import format_size
 from .store import Lease, StoreError, TieredStore
 
@@ -131,6 +133,7 @@ class _Unit:
     pending: dict[str, object] = field(default_factory=dict)
     bound: list[tuple[_Slot, torch.Tensor]] = field(default_factory=list)
     copied: object = None  # CUDA event: host->device copies of this unit done (host buffers reusable)
+    host_pins: dict[str, Lease] = field(default_factory=dict)  # device cache: a host-resident unit's host copies
     writing: list = field(default_factory=list)  # puts of this unit's objects its leases must outlive
 
 
@@ -178,6 +181,7 @@ class OffloadStats:
     host_resident_bytes: int = 0
     lookahead: int = 0
     prefetch_skipped: int = 0  # prefetches not started because the budget was full
+    device_cache: dict = field(default_factory=dict)  # hits/misses/evictions/bytes of the device cache, if used
 
     @property
     def prefetch_hit_rate(self) -> float:
@@ -192,6 +196,7 @@ class OffloadStats:
             "resident_bytes": self.resident_bytes,
             "host_resident_bytes": self.host_resident_bytes,
             "lookahead": self.lookahead, "prefetch_skipped": self.prefetch_skipped,
+            **({"device_cache": dict(self.device_cache)} if self.device_cache else {}),
         }
 
 
@@ -296,6 +301,7 @@ class OffloadedModule:
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._bindings: dict[int, list[tuple[_Unit, torch.Tensor]]] = {}  # tensor id -> (unit, view)
         self.device_budget: DeviceBudget | None = None  # CUDA: accounts the weights bound on the GPU
+        self.dcache: DeviceCache | None = None  # places unit objects on the compute device (CUDA default)
         self.prefix = ""
         # training: saved tensors that alias a unit's weights are packed as handles and fetched again
         self._storage_of: dict[int, tuple[_Unit, str]] = {}  # host storage address -> (unit, key)
@@ -416,7 +422,7 @@ class OffloadedModule:
         if self.cuda:
             self.device_budget = DeviceBudget(budget, str(self.device))
         host = self.store.arena.capacity
-        if self.cuda and host < 2 * largest.nbytes:
+        if self._two_level and host < 2 * largest.nbytes:
             raise OffloadError(
                 f"host tier of {format_size(host)} cannot stage unit {largest.name or '<root>'!r} "
                 f"({format_size(largest.nbytes)}) twice; raise [tiers.host] capacity")
@@ -431,7 +437,7 @@ class OffloadedModule:
         # Residents are planned around one streaming unit: when weights stream faster than
         # they compute (decoding), bytes not read at all save more than reading ahead does
         window = largest.nbytes
-        if self.cuda:
+        if self._two_level:
             self._resident_budget = budget - parents - window
             self._host_resident_budget = host - parents - window - largest.nbytes
         else:
@@ -441,6 +447,16 @@ class OffloadedModule:
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    @property
+    def _wants_device_cache(self) -> bool:
+        want = self.config.offload.device_cache
+        return self.cuda if want is None else want
+
+    @property
+    def _two_level(self) -> bool:
+        """Compute memory apart from the host arena (CUDA, or a device cache forced on a CPU)."""
+        return self.cuda or self._wants_device_cache
 
     def _is_leaf_unit(self, u: _Unit) -> bool:
         return not any(v is not u and any(m is v.module for m in u.module.modules()) for v in self.units)
@@ -531,8 +547,8 @@ class OffloadedModule:
         if u.resident:
             return
         self._unbind(u)
-        if u.host_resident:
-            self._wait_copies(u)
+        if u.host_resident and self.dcache is None:
+            self._wait_copies(u)  # its leases are the pinned host copies it keeps
         else:
             self._release(u)
 
@@ -542,10 +558,11 @@ class OffloadedModule:
         the budget is full of pinned units it stops (False) and the unit is read on demand."""
         if priority is Priority.PREFETCH:
             wait = 0.0
+        source = self.dcache if self.dcache is not None else self.store
         for k in u.keys:
             if k not in u.leases and k not in u.pending:
                 try:
-                    u.pending[k] = self.store.acquire(k, priority=priority, wait=wait)
+                    u.pending[k] = source.acquire(k, priority=priority, wait=wait)
                 except OutOfBudget:
                     if priority is not Priority.PREFETCH:
                         raise
@@ -571,6 +588,8 @@ class OffloadedModule:
                 # still find no block that fits. Drop every unpinned cached copy (the unit's own
                 # included) so the free space is one merged range but for what stays pinned.
                 self._drop_pending(u)
+                if self.dcache is not None:
+                    self.dcache.trim()
                 self.store.trim()
                 self.store.arena.rewind()
                 self._acquire(u, Priority.DEMAND)
@@ -595,6 +614,17 @@ class OffloadedModule:
     def _bind_views(self, u: _Unit) -> None:
         if self.device_budget is not None:  # the invariant, checked: never more than the gpu tier
             self.device_budget.reserve(u.nbytes, timeout=0)
+        if self.dcache is not None:
+            # the leases are device copies already (copied ahead on the cache's stream when prefetched);
+            # a strided (bundled) view is made contiguous, the layout the in-memory model has
+            for s in u.slots:
+                view = s.source(u.leases[s.key].tensor)
+                if not view.is_contiguous():
+                    view = view.contiguous()
+                self._bindings.setdefault(id(s.tensor()), []).append((u, view))
+                s.tensor().data = view
+                u.bound.append((s, view))
+            return
         if self._copy_stream is not None:
             self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         for s in u.slots:
@@ -659,7 +689,7 @@ class OffloadedModule:
     def _drop_prefetches(self, keep: _Unit) -> None:
         """Release every prefetched (not running, not resident) unit's host copies."""
         for v in self.units:
-            if v is keep or v.active or v.resident or v.host_resident:
+            if v is keep or v.active or v.resident or (v.host_resident and self.dcache is None):
                 continue
             self._drop_pending(v)
             self._release(v)
@@ -684,7 +714,8 @@ class OffloadedModule:
         n = len(self.order)
         for j in range(1, self.lookahead + 1):
             nxt = self.units[self.order[(pos + j) % n]]
-            if nxt is not u and not nxt.resident and not nxt.host_resident \
+            # with the device cache a host-resident unit is prefetched too: onto the device
+            if nxt is not u and not nxt.resident and (self.dcache is not None or not nxt.host_resident) \
                     and not self._acquire(nxt, Priority.PREFETCH):
                 break
 
@@ -775,9 +806,9 @@ class OffloadedModule:
 
     def check_trainable(self) -> None:
         """Updating weights in place needs each parameter's bytes in the store objects themselves."""
-        if self.cuda:
-            raise OffloadError("training offloaded weights runs on the CPU in this version "
-                               f"(model is on {self.device})")
+        if self.cuda or self.dcache is not None:
+            raise OffloadError("training offloaded weights runs on the CPU without a device cache in this "
+                               f"version (model is on {self.device})")
         for u in self.units:
             for s in u.slots:
                 if s.bundle is not None:
@@ -860,6 +891,35 @@ class OffloadedModule:
         for u in self.units:
             self._drop_pending(u)
             self._release(u)
+            for lease in u.host_pins.values():
+                lease.release()
+            u.host_pins.clear()
+
+    def open_device_cache(self) -> None:
+        """The device cache over the compute budget: on by default on CUDA (``[offload] device_cache``).
+        On a CPU device it only adds a copy; forcing it there is how its path is tested."""
+        if self._wants_device_cache:
+            # each object's buffer is aligned to DEVICE_ALIGN: the arena adds that padding to the budget
+            pad = DEVICE_ALIGN * len({k for u in self.units for k in u.keys})
+            self.dcache = DeviceCache(self.store, self._budget() + pad, str(self.device), wait=_WAIT).open()
+
+    def close_device_cache(self) -> None:
+        if self.dcache is not None:
+            dcache, self.dcache = self.dcache, None
+            dcache.close()
+
+    def hold_residents(self) -> None:
+        """Load what stays: resident units bound on the compute device, host-resident ones pinned."""
+        for u in self.units:
+            if u.resident or (u.host_resident and self.dcache is None):
+                self._acquire(u, Priority.DEMAND)
+            elif u.host_resident:  # the device cache copies from these pinned host copies each forward
+                for k in u.keys:
+                    if k not in u.host_pins:
+                        u.host_pins[k] = self.store.acquire(k, wait=_WAIT).result(timeout=_WAIT)
+        for u in self.units:
+            if u.resident or u.host_resident:
+                self._collect(u)
 
     def report(self) -> dict:
         st = self.store.stats()
@@ -871,6 +931,10 @@ class OffloadedModule:
         self.stats.peak_host_bytes = self.store.arena.stats().peak
         if self.device_budget is not None:
             self.stats.peak_device_bytes = self.device_budget.stats().peak
+        if self.dcache is not None:
+            c = self.dcache.stats
+            self.stats.device_cache = {"hits": c.hits, "misses": c.misses, "evictions": c.evictions,
+                                       "bytes_loaded": c.bytes_loaded, "peak": self.dcache.arena.stats().peak}
         return self.stats.as_dict()
 
 
@@ -911,22 +975,19 @@ def offload(model: nn.Module, config=None, *, units=None, layout: str | None = N
         if not rt.units:
             raise OffloadError(f"{type(model).__name__} has no parameters to offload")
         rt.plan_budget()
+        rt.open_device_cache()
         rt.write_units()
         rt.unbind_all()
         for u in rt.units:  # drop the copies cached by the writes: residents then pack together
             if u.packed_key is not None:
                 rt.store.evict(u.packed_key)
         rt.pin_residents()
-        for u in rt.units:
-            if u.resident or u.host_resident:
-                rt._acquire(u, Priority.DEMAND)
-        for u in rt.units:
-            if u.resident or u.host_resident:
-                rt._collect(u)
+        rt.hold_residents()
         rt.install_hooks()
     except BaseException:
         rt.remove_hooks()
         rt.release_all()
+        rt.close_device_cache()
         if owns:
             store.close()
         raise
@@ -947,6 +1008,7 @@ def detach(model: nn.Module, *, keep: bool = False) -> nn.Module:
         rt._unbind(u)
     rt.release_all()
     rt.materialize()
+    rt.close_device_cache()
     if not keep:
         for key in dict.fromkeys(k for u in rt.units for k in u.keys):
             if key in rt.store:
