@@ -201,6 +201,8 @@ class TieredCache(Cache):
         self._slots: list[list[torch.Tensor | None]] = [[None, None] for _ in range(self.lookahead + 1)]
         self._turn = 0  # slot of the next update call
         self._pending: deque = deque()  # scheduled gathers: (layer, tokens, slot, future)
+        self._compute_stream = None  # CUDA: the stream the model runs on (slots are used there)
+        self._gather_stream = None  # CUDA: gathers copy on their own stream, ordered by events
         self._step_leases: dict = {}  # (block index, part) -> Lease pinned for this step's layers
         self._step_pinned = 0
         self._hashes: list[str] = []  # chained hashes of the known prompt's full blocks
@@ -252,6 +254,8 @@ class TieredCache(Cache):
             except BaseException as e:  # noqa: BLE001 - re-raised below after cleanup
                 errors.append(e)
         self._pending.clear()
+        if self._gather_stream is not None:  # the slots are freed next: no copy may still write them
+            self._gather_stream.synchronize()
         self._release_step_leases()
         for b in self._blocks:
             for f in b.saving or ():
@@ -281,6 +285,9 @@ class TieredCache(Cache):
                                f"config's {self.kv_heads} KV heads of {self.head_dim} dims")
         if self._geometry is None:
             self._geometry = (b, k.dtype, k.device)
+            if k.is_cuda:
+                self._compute_stream = torch.cuda.current_stream(k.device)
+                self._gather_stream = torch.cuda.Stream(k.device)
             for blk in self._blocks:  # blocks loaded before the first update: check them now
                 self._check_block(blk)
         elif self._geometry != (b, k.dtype, k.device):
@@ -389,8 +396,15 @@ class TieredCache(Cache):
         pair = self._slots[slot]
         if pair[0] is None or pair[0].numel() < need:
             grow = need + b * self.kv_heads * self.block_size * self.head_dim  # a block of headroom
-            pair[0] = torch.empty(grow, dtype=dtype, device=device)
-            pair[1] = torch.empty(grow, dtype=dtype, device=device)
+            if self._compute_stream is not None:
+                # owned by the compute stream (which reads it): a grown slot is freed only after its
+                # attention ran, and the gather stream writes it only after an event of that stream
+                with torch.cuda.stream(self._compute_stream):
+                    pair[0] = torch.empty(grow, dtype=dtype, device=device)
+                    pair[1] = torch.empty(grow, dtype=dtype, device=device)
+            else:
+                pair[0] = torch.empty(grow, dtype=dtype, device=device)
+                pair[1] = torch.empty(grow, dtype=dtype, device=device)
         shape = (b, self.kv_heads, tokens, self.head_dim)
         return pair[0][:need].view(shape), pair[1][:need].view(shape)
 
@@ -402,7 +416,7 @@ class TieredCache(Cache):
         while self._pending:
             pl, pt, ps, fut = self._pending.popleft()
             t0 = time.perf_counter()
-            fut.result(timeout=self.io_timeout)  # it writes into a slot: wait for it either way
+            self._after_gather(fut.result(timeout=self.io_timeout))  # it writes into a slot: wait either way
             if pl == l and pt == tokens and ps == slot:
                 self.counters["gather_wait_s"] += time.perf_counter() - t0
                 hit = True
@@ -410,7 +424,7 @@ class TieredCache(Cache):
         if not hit:
             self._pending.clear()  # out of order: later prefetches were planned for other slots
             t0 = time.perf_counter()
-            self._gather(l, slot, tokens)
+            self._after_gather(self._gather(l, slot, tokens, self._compute_event()))
             self.counters["gather_wait_s"] += time.perf_counter() - t0
         else:
             self.counters["gathers_prefetched"] += 1
@@ -427,11 +441,40 @@ class TieredCache(Cache):
             if nxt not in queued:
                 slot = (self._turn + len(self._pending)) % len(self._slots)
                 tokens = self._committed + self.layers[nxt].tail_len + n_new
-                fut = self._executor.submit(self._gather, nxt, slot, tokens)
+                fut = self._executor.submit(self._gather, nxt, slot, tokens, self._compute_event())
                 self._pending.append((nxt, tokens, slot, fut))
             nxt += 1
 
-    def _gather(self, l: int, slot: int, tokens: int) -> None:
+    def _compute_event(self):
+        """CUDA: an event after everything queued on the compute stream so far (a gather
+        overwrites a slot only after the attention that last read it, and reads tails and
+        resident blocks only after the kernels that wrote them)."""
+        if self._compute_stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self._compute_stream)
+        return event
+
+    def _after_gather(self, done) -> None:
+        """CUDA: the compute stream waits for a gather's copies (no host synchronisation)."""
+        if done is not None:
+            self._compute_stream.wait_event(done)
+
+    def _gather(self, l: int, slot: int, tokens: int, after=None):
+        """Copy layer ``l``'s blocks and tail into ``slot``; on CUDA on the gather stream, after
+        the compute-stream event ``after``; returns the event that ends its copies (CUDA) or None."""
+        if self._gather_stream is None:
+            self._gather_copy(l, slot, tokens)
+            return None
+        with torch.cuda.stream(self._gather_stream):
+            if after is not None:
+                self._gather_stream.wait_event(after)
+            self._gather_copy(l, slot, tokens)
+            done = torch.cuda.Event()
+            done.record(self._gather_stream)
+        return done
+
+    def _gather_copy(self, l: int, slot: int, tokens: int) -> None:
         """Copy layer ``l``'s blocks (device or store) and tail into ``slot`` laid out for ``tokens``.
 
         Sources are copied with one ``torch.cat(out=)`` per run of blocks (the GIL is
@@ -475,8 +518,8 @@ class TieredCache(Cache):
                     kk[:, :, at_:at_ + n].copy_(tk, non_blocking=True)  # async from the pinned arena
                     vv[:, :, at_:at_ + n].copy_(tv, non_blocking=True)
                     at_ += n
-                if kk.is_cuda:  # the leases are released next: their bytes must have crossed
-                    torch.cuda.current_stream(kk.device).synchronize()
+                if kk.is_cuda:  # the leases are released next: their bytes must have crossed (this waits
+                    torch.cuda.current_stream(kk.device).synchronize()  # for the gather stream only)
             run_k.clear()
             run_v.clear()
             for lease in held:
