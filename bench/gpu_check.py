@@ -195,13 +195,17 @@ def offload_inference(workdir: str, layers: int, budget: int, tokens: int) -> di
     out["in_gpu_forward_s"], out["in_gpu_token_s"], want = run(model)
     log(f"in-GPU: forward {out['in_gpu_forward_s']:.3f} s, {out['in_gpu_token_s'] * 1e3:.1f} ms/token")
     cpu_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    rows = (("tiered", 3 * budget, True), ("tiered_hostram", nbytes + 4 * budget, True),
-            ("tiered_nodc", 3 * budget, False), ("tiered_hostram_nodc", nbytes + 4 * budget, False))
-    for label, host, dcache in rows:
+    roomy = budget + (64 << 20)  # room on the GPU for the running layer and the next beside the residents
+    rows = (("tiered", budget, 3 * budget, True), ("tiered_hostram", budget, nbytes + 4 * budget, True),
+            ("tiered_nodc", budget, 3 * budget, False), ("tiered_hostram_nodc", budget, nbytes + 4 * budget, False),
+            ("tiered_hostram_roomy", roomy, nbytes + 4 * roomy, True),
+            ("tiered_hostram_roomy_nodc", roomy, nbytes + 4 * roomy, False))
+    out["roomy_gpu_budget"] = roomy
+    for label, gpu, host, dcache in rows:
         # "tiered": weights stream from the storage tier (host budget 3x the GPU's);
         # "tiered_hostram": the host tier holds the whole model, as Accelerate cpu_offload's RAM does;
         # "_nodc": the same without the device cache (per-tensor allocations filled when a unit starts)
-        conf = {"tiers": {"gpu": {"capacity": budget}, "host": {"capacity": host},
+        conf = {"tiers": {"gpu": {"capacity": gpu}, "host": {"capacity": host},
                           "nvme": {"path": os.path.join(workdir, "nvme"), "capacity": "64GiB"}},
                 "engine": {"workers": 8, "chunk": "8MiB"}, "offload": {"resident": True, "device_cache": dcache}}
         t0 = time.perf_counter()

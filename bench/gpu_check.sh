@@ -18,5 +18,6 @@ fi
 timeout 150 python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py tests/test_device_cache.py \
     tests/test_kv.py 2>&1 | tee "$OUTDIR/pytest_cuda.txt"
 timeout 300 python3 bench/gpu_check.py --json "$OUTDIR/gpu_check.json" --dir /tmp/gpu-check "$@" 2>&1 | tee "$OUTDIR/gpu_check.log"
-timeout 150 python3 bench/kv_decode.py --device cuda --new 64 --out "$OUTDIR/kv_decode_cuda.json" 2>&1 \
+timeout 150 python3 bench/kv_decode.py --device cuda --new 64 --out "$OUTDIR/kv_decode_cuda.json" \
+    --profile "$OUTDIR/kv_profile_cuda.txt" 2>&1 \
     | tail -40 | tee "$OUTDIR/kv_decode_cuda.log"

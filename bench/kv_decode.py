@@ -134,6 +134,31 @@ def prefill(model, cache, ids: torch.Tensor, *, before=None) -> dict:
     return {"ttft_s": ttft, "prefix_load_s": t_load, "prefix_tokens": skip, "tokens": [first], "_tok": tok}
 
 
+def profile_steps(model, caches: dict, runs: dict, path: str, steps: int = 3) -> None:
+    """Where a decode step's time goes: torch.profiler over ``steps`` more steps of each cache
+    (not part of the timed results), the top operators written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    toks = {n: torch.tensor([[r["tokens"][-1]]], device=next(model.parameters()).device) for n, r in runs.items()}
+    with torch.no_grad(), profile(activities=acts) as prof:
+        for _ in range(steps):
+            for n, cache in caches.items():
+                with record_function(f"step:{n}"):
+                    out = model(toks[n], **{CACHE: cache}, use_cache=True)
+                    toks[n] = out.logits[:, -1:].argmax(-1)
+                    int(toks[n])
+    with open(path, "w") as f:
+        avg = prof.key_averages()
+        f.write(avg.table(sort_by="cpu_time_total", row_limit=40))
+        f.write("\n\n")
+        f.write(avg.table(sort_by="self_cpu_time_total", row_limit=40))
+        if torch.cuda.is_available():
+            f.write("\n\n")
+            f.write(avg.table(sort_by="self_cuda_time_total", row_limit=25))
+    log(f"profile written to {path}")
+
+
 def interleave(model, caches: dict, runs: dict, new: int) -> None:
     """``new - 1`` decode steps of every cache, one step each in turn (the order rotating), so
     that the machine's load drifts hit every contender alike; median and mean step times."""
@@ -175,6 +200,9 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default="/tmp/tiered_kv_bench", help="storage tier directory (deleted after)")
     p.add_argument("--small", action="store_true", help="8 layers, hidden 128 (a quick check)")
     p.add_argument("--device", default="cpu", help="compute device (cuda: the device budget is GPU memory)")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="after the timed steps, profile 3 decode steps of each warm cache (torch.profiler) "
+                        "and write the top operators by CPU and device time to FILE")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "kv_decode_cpu.json"))
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -247,6 +275,8 @@ def main(argv=None) -> int:
             if off_cache is not None:
                 caches["dynamic_offloading"], runs["dynamic_offloading"] = off_cache, C["dynamic_offloading"]
             interleave(model, caches, runs, a.new)
+            if a.profile:
+                profile_steps(model, caches, runs, a.profile)
             for name, cache in (("tiered_warm_sync", sync_cache), ("tiered_warm", thread_cache)):
                 runs[name]["cache"] = cache.stats()
                 runs[name]["lookahead"] = cache.lookahead

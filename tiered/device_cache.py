@@ -12,10 +12,17 @@ use ``lease.tensor``; ``lease.release()`` (records an event on the current
 stream, so a buffer is reused only after the kernels that read it finished);
 ``close()``. An entry whose store version changed (a newer ``put``) is
 reloaded, never served stale. The device may be ``"cpu"`` (tests).
+
+On CUDA nothing here blocks the host on the GPU: a load's future completes
+once its copy is *queued*; ``lease.tensor`` makes the caller's current stream
+wait for that copy (an event), the host copy is released by a completion
+thread when the copy has run, and a buffer given back is refilled only after
+the copy stream waited for the kernels that last read it.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -36,8 +43,9 @@ class _Entry:
     version: int
     nbytes: int
     buffer: DeviceBuffer
-    ready: IOFuture  # completes (shared by every waiter) when the device copy is in place
+    ready: IOFuture  # completes (shared by every waiter) when the device copy is in place (CUDA: queued)
     tensor: torch.Tensor | None = None
+    copied: object = None  # CUDA event: the host -> device copy has run
     loading: bool = True
     pins: int = 0
     stale: bool = False  # superseded or evicted while pinned: free on last release
@@ -61,8 +69,15 @@ class DeviceLease:
         self._entry = entry
         self.key = entry.key
         self.version = entry.version
-        self.tensor = entry.tensor
+        self._tensor = entry.tensor
         self._released = False
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The device copy; on CUDA the current stream is first ordered after the copy into it."""
+        if self._entry.copied is not None:
+            torch.cuda.current_stream(self._cache.device).wait_event(self._entry.copied)
+        return self._tensor
 
     def release(self) -> None:
         if not self._released:
@@ -88,13 +103,33 @@ class DeviceCache:
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Condition()
         self._stream = None
+        self._copy_lock = threading.Lock()  # fences are waited and copies queued as one step
+        self._fences: list = []  # CUDA events of freed buffers' last readers: the next copy waits on them
+        self._landing: queue.Queue | None = None  # (event, host lease): released once the copy ran
+        self._completer: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------
     def open(self) -> "DeviceCache":
         self.arena.open()
         if self.device.type == "cuda":
             self._stream = torch.cuda.Stream(self.device)
+            self._landing = queue.Queue()
+            self._completer = threading.Thread(target=self._complete, name="tiered-device-cache-landing",
+                                               daemon=True)
+            self._completer.start()
         return self
+
+    def _complete(self) -> None:
+        """Release host copies in copy order, each once its copy has run on the device."""
+        while True:
+            item = self._landing.get()
+            if item is None:
+                return
+            event, lease = item
+            try:
+                event.synchronize()
+            finally:
+                lease.release()
 
     def close(self) -> None:
         """Wait for in-flight copies, then give the device region back."""
@@ -107,8 +142,17 @@ class DeviceCache:
                 pass
         if self._stream is not None:
             self._stream.synchronize()
+        if self._completer is not None:
+            self._landing.put(None)
+            self._completer.join(self.wait)
+            if self._completer.is_alive():
+                raise RuntimeError(f"device cache on {self.device}: host copies not released after {self.wait} s")
+            self._completer = self._landing = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # every kernel reading the region finished
         with self._lock:
             self._entries.clear()
+            self._fences.clear()
         self.arena.close()
         self._stream = None
 
@@ -202,22 +246,34 @@ class DeviceCache:
         return chain(ready, lambda _: DeviceLease(self, entry), f"device {key}")
 
     def _copy_in(self, entry: _Entry, lease: Lease) -> None:
-        """Runs on an engine worker once the host copy is pinned: host → device on the copy stream."""
+        """Runs on an engine worker once the host copy is pinned: host → device on the copy stream.
+
+        On CUDA the copy is only queued: the host copy stays pinned until the completion
+        thread has seen it run, and readers wait for ``entry.copied`` on their stream."""
         try:
             src = lease.tensor
             dst = entry.buffer.tensor(src.dtype, src.shape)
-            if self._stream is not None:
-                with torch.cuda.stream(self._stream):
+            if self._stream is None:
+                dst.copy_(src)
+            else:
+                with self._copy_lock, torch.cuda.stream(self._stream):
+                    with self._lock:
+                        fences, self._fences = self._fences, []
+                    for fence in fences:  # the buffer may be one whose last readers are still queued
+                        self._stream.wait_event(fence)
                     dst.copy_(src, non_blocking=True)
                     done = torch.cuda.Event()
                     done.record(self._stream)
-                done.synchronize()  # the host buffer may be reused once this returns
-            else:
-                dst.copy_(src)
+                entry.copied = done
             entry.tensor = dst
             entry.version = lease.version
-        finally:
+        except BaseException:
             lease.release()
+            raise
+        if self._stream is None:
+            lease.release()
+        else:
+            self._landing.put((entry.copied, lease))
 
     def _loaded(self, entry: _Entry, f) -> None:
         failed = f.cancelled() or f.exception() is not None
@@ -295,8 +351,8 @@ class DeviceCache:
         self._lock.notify_all()
 
     def _free(self, entry: _Entry) -> None:
-        for event in entry.used:  # kernels that read the buffer must finish before it is reused
-            event.synchronize()
+        # kernels that read the buffer must finish before it is refilled: the next copy waits for them
+        self._fences.extend(entry.used)
         entry.used.clear()
         if not entry.buffer.released:
             entry.buffer.release()
