@@ -203,6 +203,7 @@ class TieredCache(Cache):
         self._pending: deque = deque()  # scheduled gathers: (layer, tokens, slot, future)
         self._compute_stream = None  # CUDA: the stream the model runs on (slots are used there)
         self._gather_stream = None  # CUDA: gathers copy on their own stream, ordered by events
+        self._staging = None  # CUDA: where host blocks land before the cat into a slot (gather stream only)
         self._step_leases: dict = {}  # (block index, part) -> Lease pinned for this step's layers
         self._step_pinned = 0
         self._hashes: list[str] = []  # chained hashes of the known prompt's full blocks
@@ -497,6 +498,7 @@ class TieredCache(Cache):
         held: list = []  # leases to release once their run is copied
         run_k: list[torch.Tensor] = []
         run_v: list[torch.Tensor] = []
+        run_pair: list[torch.Tensor | None] = []  # a host block's [2, B, H, n, D] (K and V together), or None
         run_lo = 0
 
         def issue() -> None:
@@ -511,17 +513,31 @@ class TieredCache(Cache):
             if run_k and all(t.device == kk.device for t in run_k):
                 torch.cat(run_k, dim=-2, out=kk[:, :, run_lo:upto])
                 torch.cat(run_v, dim=-2, out=vv[:, :, run_lo:upto])
-            elif run_k:  # host copies into device slots (cat needs one device)
-                at_ = run_lo
-                for tk, tv in zip(run_k, run_v):
-                    n = tk.shape[-2]
-                    kk[:, :, at_:at_ + n].copy_(tk, non_blocking=True)  # async from the pinned arena
-                    vv[:, :, at_:at_ + n].copy_(tv, non_blocking=True)
-                    at_ += n
+            elif run_k:  # host blocks into a device slot: through a device staging buffer
+                # a stored block's K and V of this layer are one contiguous [2, B, H, n, D] range of its
+                # pinned host copy: one async copy per block lands it in staging, then one cat per K and V
+                # fills the slot (a copy straight into the strided slot would cost a temporary, a copy and
+                # a kernel per K and per V)
+                pairs = [p for p in run_pair if p is not None]
+                staging = self._staging_for(pairs, kk.device)
+                ks, vs, i = [], [], 0
+                for tk, tv, pair in zip(run_k, run_v, run_pair):
+                    if pair is None:  # on the device already (a resident block, the tail), or a strided view
+                        ks.append(tk.to(kk.device, non_blocking=True))
+                        vs.append(tv.to(kk.device, non_blocking=True))
+                        continue
+                    dst = staging[i][:, :, :, :pair.shape[-2]]
+                    dst.copy_(pair, non_blocking=True)  # async from the pinned arena
+                    ks.append(dst[0])
+                    vs.append(dst[1])
+                    i += 1
+                torch.cat(ks, dim=-2, out=kk[:, :, run_lo:upto])
+                torch.cat(vs, dim=-2, out=vv[:, :, run_lo:upto])
                 if kk.is_cuda:  # the leases are released next: their bytes must have crossed (this waits
                     torch.cuda.current_stream(kk.device).synchronize()  # for the gather stream only)
             run_k.clear()
             run_v.clear()
+            run_pair.clear()
             for lease in held:
                 lease.release()
             held.clear()
@@ -532,6 +548,7 @@ class TieredCache(Cache):
             for b in blocks:
                 if b.data is not None:
                     src = b.data[l]
+                    pair = None
                 else:
                     lease = self._step_leases.get((b.index, part))
                     if lease is None:
@@ -549,8 +566,10 @@ class TieredCache(Cache):
                         else:
                             held.append(lease)
                     src = lease.tensor[at]
+                    pair = src if src.device != kk.device and src.is_contiguous() else None
                 run_k.append(src[0])
                 run_v.append(src[1])
+                run_pair.append(pair)
                 if len(held) >= max(1, window // 2):
                     flush((b.index + 1) * bs)
                 issue()
@@ -558,6 +577,7 @@ class TieredCache(Cache):
             if layer.tail_k is not None:
                 run_k.append(layer.tail_k)
                 run_v.append(layer.tail_v)
+                run_pair.append(None)
             flush(self._committed + layer.tail_len)
         finally:
             for lease in held:
@@ -566,6 +586,15 @@ class TieredCache(Cache):
                 f.add_done_callback(_release_lease)
             if l == hi_p - 1:  # the part's last layer: its step pins are done
                 self._release_step_leases(part)
+
+    def _staging_for(self, pairs: list[torch.Tensor], device) -> torch.Tensor:
+        """A device buffer for ``pairs`` ([2, B, H, <= block, D] each), kept and grown as needed;
+        used only on the gather stream, so reusing it is ordered behind the previous cat."""
+        shape = (len(pairs), *pairs[0].shape[:-2], self.block_size, pairs[0].shape[-1])
+        if self._staging is None or self._staging.shape[0] < len(pairs) or self._staging.shape[1:] != shape[1:] \
+                or self._staging.dtype != pairs[0].dtype:
+            self._staging = torch.empty(shape, dtype=pairs[0].dtype, device=device)
+        return self._staging
 
     def _pin_limit(self) -> int:
         arena = self.kv.store.arena
