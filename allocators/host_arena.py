@@ -144,6 +144,7 @@ class HostArena:
         self._base: np.ndarray | None = None
         self.address = 0
         self._cond = threading.Condition()
+        self._changes = 0  # bumped by every free and notify(): see wait_change()
         self._free_list = FreeList(0)
         self._in_use = 0
         self._peak = 0
@@ -261,7 +262,26 @@ class HostArena:
             self._free_list.give(offset, size)
             self._in_use -= size
             self._buffers -= 1
+            self._changes += 1
             self._cond.notify_all()
+
+    @property
+    def changes(self) -> int:
+        """A counter of frees and :meth:`notify` calls (read it before trying to find room)."""
+        return self._changes
+
+    def notify(self) -> None:
+        """Wake :meth:`wait_change` waiters without freeing anything (an owner of buffers made
+        some of them freeable, e.g. a cache whose entries became evictable)."""
+        with self._cond:
+            self._changes += 1
+            self._cond.notify_all()
+
+    def wait_change(self, seen: int, timeout: float) -> bool:
+        """Wait until :attr:`changes` differs from ``seen`` (a free or a notify since it was
+        read), at most ``timeout`` seconds; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._changes != seen, timeout)
 
     def rewind(self) -> None:
         """Make the next large buffers come from the largest free block, one after another

@@ -1,8 +1,9 @@
 """Child process of tests/test_optim.py's kill -9 tests: trains, optionally pausing mid-step.
 
 ``--pause-step S --pause-chunk C``: in step S, after chunk C was updated and its write
-started, print PAUSED and sleep (the parent kills it). ``--pause-before-marker``: in step
-S, after every chunk is durable but before the step marker is written. Otherwise it
+started, print PAUSED and sleep (the parent kills it). ``--pause-before-marker``: when step
+S is committed (at the start of step S+1), after every chunk is written but before the
+data file's fdatasync and the step marker. Otherwise it
 prints ``STEP n`` after each step and the parent kills it at some time.
 """
 
@@ -34,8 +35,8 @@ class Pausing(OffloadedAdamW):
     pause_chunk: int | None = None
     before_marker = False
 
-    def _update(self, c, s, lease_f):
-        super()._update(c, s, lease_f)
+    def _update(self, c, s, lease_f, deferred=None):
+        super()._update(c, s, lease_f, deferred)
         if s == self.pause_step and c.index == self.pause_chunk:
             print("PAUSED", flush=True)
             time.sleep(120)

@@ -47,10 +47,10 @@ def build(arch: str):
     torch.manual_seed(0)
     if arch == "llama":
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64))
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=64,
+        vocab_size=VOCAB, n_embd=64, n_layer=6, n_head=4, n_positions=64,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
 
 
@@ -115,8 +115,12 @@ def test_training_loss_curve_is_bitwise_equal_to_in_memory(tmp_path, arch, looka
                 assert all(p.grad is None for p in params)
                 opt.step()
                 assert torch.equal(l_ref, loss), f"step {step}: {l_ref.item()} != {loss.item()}"
-            if not resident:  # weights and state do not fit the host tier: both were streamed
-                assert nvme_read(rt.store) - read0 > 2 * state_bytes
+            # streamed: whatever the host tier cannot hold of the weights and state is read again
+            # in every step after the first (state chunks are updated and written from the buffer
+            # they were read into, so the cache holds more of them than a copying put allowed)
+            excess = state_bytes + sum(p.numel() * p.element_size() for p in params) - rt.store.arena.capacity
+            if not resident and excess > 0:
+                assert nvme_read(rt.store) - read0 >= 3 * excess
             assert rt.store.stats()["tiers"]["host"]["peak"] <= rt.store.arena.capacity
     finally:
         tiered.detach(model)

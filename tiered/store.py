@@ -48,6 +48,11 @@ from .config import Config, TierSpec, load_config
 
 log = logging.getLogger("tiered.store")
 
+try:  # ISA-L's crc32: the same values as zlib's (the format does not change), ~3x faster, drops the GIL
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # optional accelerator
+    _crc32 = zlib.crc32
+
 MANIFEST = "manifest.json"
 DATA_FILE = "objects.dat"
 LOCK_FILE = ".lock"
@@ -106,6 +111,7 @@ class Extent:
     retired_gen: int | None = None  # manifest generation that stopped naming it
     path: str | None = None  # set for external extents
     identity: tuple | None = None  # external: (size, mtime_ns, inode) of the file when registered
+    punch: bool = True  # give the blocks back to the filesystem when freed (not for a superseded version)
 
     @property
     def external(self) -> bool:
@@ -161,10 +167,11 @@ class _StorageTier:
     def used(self) -> int:
         return self.space.capacity - self.space.free_bytes
 
-    def release(self, offset: int, length: int) -> None:
-        """Return an extent to the free space and its blocks to the filesystem."""
+    def release(self, offset: int, length: int, punch: bool = True) -> None:
+        """Return an extent to the free space and (``punch``) its blocks to the filesystem."""
         self.space.give(offset, length)
-        punch_hole(self.data_file, offset, length)
+        if punch:
+            punch_hole(self.data_file, offset, length)
 
 
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
@@ -222,6 +229,25 @@ class Lease:
             self._released = True
             self.tensor = None
             self._store._unpin(self._copy)
+
+    def detach(self) -> HostBuffer:
+        """The leased bytes in a buffer the caller owns (and releases, or gives to
+        :meth:`TieredStore.put_buffer`); the lease is released. For a reader that changes the
+        bytes in place and puts them back: the pinned buffer itself is taken out of the cache,
+        without a copy (the object's next read reads it from storage again), unless another
+        lease pins it too, or it is an external object's window; then it is a copy."""
+        if self._released:
+            raise StoreError(f"lease of {self.key!r} was released")
+        buf = self._store._detach_copy(self.key, self._copy, self.tensor.numel() * self.tensor.element_size())
+        if buf is None:
+            src = self.tensor.reshape(-1).view(torch.uint8).numpy()
+            buf = self._store._alloc_host(len(src))
+            buf.array[:] = src
+            self.release()
+            return buf
+        self._released = True
+        self.tensor = None
+        return buf
 
     def __enter__(self) -> "Lease":
         return self
@@ -304,6 +330,7 @@ class TieredStore:
         self._puts_in_flight: dict[str, int] = {}  # key -> puts called whose future is not done
         self._tombstones: dict[str, int] = {}  # key -> version of its latest delete
         self._retained: dict[str, list[tuple[dict, Extent]]] = {}  # tag -> extents kept for it (checkpoints)
+        self._unsynced: set[str] = set()  # tiers written by sync=False puts since their last fdatasync
         self.counters = StoreCounters()
         self.host_policy = create_eviction_policy(self.config.policy.placement)
 
@@ -460,11 +487,17 @@ class TieredStore:
                 return
             with self._lock:
                 snap, snap_gen = self._snapshot(), self._gen
+                unsynced, self._unsynced = self._unsynced, set()
             try:
+                # every object in the snapshot was written before it was taken: one fdatasync
+                # per tier now makes the sync=False puts among them durable before it names them
+                for name in sorted(unsynced):
+                    self.engine.fsync(self._tiers[name].data_file)
                 write_json_atomic(self.root / MANIFEST, snap)
             except BaseException:
-                if on_fail is not None:
-                    with self._lock:
+                with self._lock:
+                    self._unsynced |= unsynced
+                    if on_fail is not None:
                         on_fail()
                 raise
             with self._lock:
@@ -478,10 +511,14 @@ class TieredStore:
         self._issued[key] = v
         return v
 
-    def _unlink(self, meta: ObjectMeta) -> None:
+    def _unlink(self, meta: ObjectMeta, superseded: bool = False) -> None:
         """Forget ``meta``'s host copy and extent; call after bumping ``_gen`` for the change,
-        so the extent is freed only once a manifest without it is committed."""
+        so the extent is freed only once a manifest without it is committed. The blocks of a
+        version ``superseded`` by a put stay allocated in the data file when it is freed: a key
+        that is rewritten (optimizer state, KV blocks) reuses such space at once, and punching
+        a hole there costs a syscall per object and a block allocation on the next write."""
         self._drop_host(meta)
+        meta.extent.punch = not superseded
         if not meta.extent.external:
             meta.extent.retired_gen = self._gen
             self._retired.append(meta.extent)
@@ -491,7 +528,7 @@ class TieredStore:
         keep = []
         for ext in self._retired:
             if ext.readers == 0 and ext.retired_gen <= self._committed_gen:
-                self._tiers[ext.tier].release(ext.offset, ext.length)
+                self._tiers[ext.tier].release(ext.offset, ext.length, ext.punch)
             else:
                 keep.append(ext)
         self._retired = keep
@@ -561,6 +598,7 @@ class TieredStore:
                 ext.readers -= 1
                 if ext.retired_gen is not None:
                     ext.retired_gen = max(ext.retired_gen, gen)
+                    ext.punch = True  # kept for a checkpoint, not reused by its key: give it back
         self._commit_through(gen)
         return True
 
@@ -603,6 +641,7 @@ class TieredStore:
         deadline = time.monotonic() + wait
         while True:
             evicted = []
+            seen = self.arena.changes  # read before trying: a change after it ends the wait below
             with self._lock:
                 buf = self.arena.try_alloc(nbytes)
                 while buf is None:
@@ -626,10 +665,9 @@ class TieredStore:
                     f"host tier: no room for {nbytes} bytes within {wait} s "
                     f"({st.in_use} of {st.capacity} bytes held by pinned or loading objects)"
                 )
-            try:  # wait for a pin to be released, then retry with eviction
-                self.arena.alloc(nbytes, timeout=min(0.05, remaining)).release()
-            except OutOfBudget:
-                pass
+            # wait for a buffer to be freed or a cached copy to become evictable (unpinned, or a
+            # put's copy installed), then retry with eviction
+            self.arena.wait_change(seen, min(0.05, remaining))
 
     def _drop_host(self, meta: ObjectMeta) -> None:
         copy = meta.host
@@ -645,10 +683,31 @@ class TieredStore:
             copy.buffer.release()
             copy.buffer = None
 
+    def _detach_copy(self, key: str, copy: HostCopy, nbytes: int) -> HostBuffer | None:
+        """Take a copy's buffer out of the cache; None when others pin it (or it is a window)."""
+        with self._lock:
+            if copy.pins != 1 or copy.loading or copy.buffer is None or copy.start or copy.buffer.nbytes != nbytes:
+                return None
+            meta = self._objects.get(key)
+            if meta is not None and meta.host is copy:
+                meta.host = None
+                self.host_policy.remove(key)
+            buf, copy.buffer = copy.buffer, None
+            copy.pins = 0
+            copy.detached = True
+            return buf
+
+    def _notify_host(self) -> None:
+        """Wake allocations waiting for room: a cached copy may have become evictable."""
+        arena = self.arena
+        if arena is not None:  # None once closed (a lease released late)
+            arena.notify()
+
     def _unpin(self, copy: HostCopy) -> None:
         with self._lock:
             copy.pins -= 1
             self._maybe_free(copy)
+        self._notify_host()  # it may be evictable now
 
     # -- put -----------------------------------------------------------------------
     def put(self, key: str, tensor: torch.Tensor, *, kind: str = "blob", tier: str | None = None) -> IOFuture:
@@ -677,6 +736,65 @@ class TieredStore:
             else:
                 del self._puts_in_flight[key]
 
+    def put_buffer(self, key: str, buf: HostBuffer, dtype: torch.dtype, shape, *, kind: str = "blob",
+                   tier: str | None = None, give: bool = False, sync: bool = True, commit: bool = True,
+                   priority: Priority = Priority.WRITEBACK) -> IOFuture:
+        """Store the bytes already in ``buf`` (a buffer of this store's arena, e.g. from
+        :meth:`alloc_host` or :meth:`Lease.detach`) as ``key``, without copying them.
+
+        ``buf.nbytes`` must be the size of ``dtype`` x ``shape``. The caller must not change
+        the bytes until the future is done. ``give=True`` hands the buffer to the store: it
+        becomes the object's cached host copy (or is released), also when the put fails;
+        else the caller keeps it and the store never caches or frees it.
+
+        ``sync=False`` skips this write's fdatasync and ``commit=False`` the manifest commit:
+        the future then resolves once the bytes are written and the object is current in
+        memory, but it is durable (survives a crash) only after a later :meth:`commit`, or any
+        committing put, returns; until then a crash leaves the previous version. Used to
+        make many puts durable with one fdatasync and one manifest write. ``priority``: the
+        engine priority of the write (write-back by default, after reads; a pipeline whose
+        next read waits for this buffer's room may ask for DEMAND).
+        """
+        with self._lock:
+            self._puts_in_flight[key] = self._puts_in_flight.get(key, 0) + 1
+        try:
+            self._check_open()
+            check_key(key)
+            shape = tuple(int(d) for d in shape)
+            nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            if not isinstance(buf, HostBuffer) or buf.released or buf._arena is not self.arena:
+                raise StoreError(f"put_buffer({key!r}): expected a live buffer of this store's host arena")
+            if buf.nbytes != nbytes:
+                raise StoreError(f"put_buffer({key!r}): buffer holds {buf.nbytes} bytes, "
+                                 f"{_dtype_name(dtype)}{shape} needs {nbytes}")
+        except BaseException:
+            self._put_landed(key)
+            if give and isinstance(buf, HostBuffer) and not buf.released:
+                buf.release()
+            raise
+        try:
+            f = self._write_buffer(key, buf, nbytes, dtype, shape, kind, tier, None, give, sync, commit,
+                                   priority)
+        except BaseException:
+            self._put_landed(key)
+            raise
+        f.add_done_callback(lambda _f: self._put_landed(key))
+        return f
+
+    def alloc_host(self, nbytes: int, wait: float | None = None) -> HostBuffer:
+        """A buffer of the host tier for :meth:`put_buffer` (evicting cached copies for room,
+        waiting up to ``wait`` seconds); the caller releases it unless it gives it to a put."""
+        self._check_open()
+        return self._alloc_host(nbytes, wait)
+
+    def commit(self) -> None:
+        """Make every put done so far durable: fdatasync the data files written by puts with
+        ``sync=False``, then commit the manifest (a no-op when nothing changed)."""
+        self._check_open()
+        with self._lock:
+            gen = self._gen
+        self._commit_through(gen)
+
     def _put(self, key: str, tensor: torch.Tensor, kind: str, tier: str | None, relocate: int | None) -> IOFuture:
         self._check_open()
         check_key(key)
@@ -689,17 +807,29 @@ class TieredStore:
         nbytes = src.numel() * src.element_size()
         buf = self._alloc_host(nbytes)
         try:
-            flat = buf.padded
             if nbytes:
-                flat[:nbytes] = src.reshape(-1).view(torch.uint8).numpy()
+                buf.padded[:nbytes] = src.reshape(-1).view(torch.uint8).numpy()
+        except BaseException:
+            buf.release()
+            raise
+        return self._write_buffer(key, buf, nbytes, src.dtype, tuple(src.shape), kind, tier, relocate,
+                                  True, True, True, Priority.WRITEBACK)
+
+    def _write_buffer(self, key: str, buf: HostBuffer, nbytes: int, dtype: torch.dtype, shape: tuple,
+                      kind: str, tier: str | None, relocate: int | None, give: bool, sync: bool,
+                      commit: bool, priority: Priority) -> IOFuture:
+        """Write ``buf`` (its first ``nbytes`` are the object) as a new version of ``key``."""
+        try:
+            flat = buf.padded
             flat[nbytes:] = 0
             with self._lock:
                 tier_name, offset = self._reserve_extent(key, len(flat), kind, tier)
                 version = relocate if relocate is not None else self._next_version(key)
             ext = Extent(tier_name, offset, len(flat))
-            wf = self.engine.write(self._tiers[tier_name].data_file, offset, flat, sync=True)
+            wf = self.engine.write(self._tiers[tier_name].data_file, offset, flat, sync=sync, priority=priority)
         except BaseException:
-            buf.release()
+            if give:
+                buf.release()
             raise
 
         def discard_extent() -> None:  # our extent was never named by a committed manifest
@@ -716,21 +846,25 @@ class TieredStore:
                                                   else old.version > version)))
                 if stale:  # a later put or delete of this key already took effect
                     discard_extent()
-                    buf.release()
+                    if give:
+                        buf.release()
                     return {"key": key, "version": version, "superseded": True}
+                if not sync:
+                    self._unsynced.add(tier_name)
                 self._gen += 1
                 gen = self._gen
                 if old is not None:
-                    self._unlink(old)
-                meta = ObjectMeta(key, kind, src.dtype, tuple(src.shape), nbytes, version, crc, ext)
+                    self._unlink(old, superseded=True)
+                meta = ObjectMeta(key, kind, dtype, tuple(shape), nbytes, version, crc, ext)
                 self._objects[key] = meta
                 self._tiers[tier_name].objects += 1
-                if self.cache_on_put:
+                if give and self.cache_on_put:
                     meta.host = HostCopy(buf, version, ready=True)
                     self.host_policy.admit(Observation(key, len(flat), kind, "write", "host"))
-                else:
+                elif give:
                     buf.release()
-
+            if give and self.cache_on_put:
+                self._notify_host()  # the cached copy is evictable from now on
             def rollback() -> None:  # the manifest write failed: the previous version stays current
                 if self._objects.get(key) is not meta:
                     return
@@ -747,7 +881,8 @@ class TieredStore:
                 self._retired.append(ext)
                 self._free_retired()
 
-            self._commit_through(gen, rollback)
+            if commit:
+                self._commit_through(gen, rollback)
             with self._lock:
                 self.counters.puts += 1
                 self.counters.bytes_written[tier_name] = self.counters.bytes_written.get(tier_name, 0) + len(flat)
@@ -758,7 +893,8 @@ class TieredStore:
             if f.exception() is not None:
                 with self._lock:
                     discard_extent()
-                buf.release()
+                if give:
+                    buf.release()
 
         wf.add_done_callback(undo)
         return chain(wf, install, f"put {key}", note=f"while putting object {key!r}")
@@ -836,6 +972,7 @@ class TieredStore:
             copy.prefetchers += load is not None
             copy.pins -= 1  # a prefetch keeps nothing pinned; the copy stays cached
             self._maybe_free(copy)
+        self._notify_host()
         if load is None:
             return completed(None, f"prefetch {key}")
         out = chain(load, lambda _: None, f"prefetch {key}")
@@ -928,6 +1065,7 @@ class TieredStore:
                 else:
                     copy.detached = True
                 self.counters.bytes_read[ext.tier] = self.counters.bytes_read.get(ext.tier, 0) + buf.reserved
+            self._notify_host()  # unpinned (a prefetch) it is evictable now
             self._emit(key, meta.nbytes, "read", meta.kind, ext.tier)
 
         load.follow(chain(gather(reads), publish, f"load {key}", note=f"while reading object {key!r}"), reads)
@@ -1141,7 +1279,7 @@ def _segments(lead: int, nbytes: int) -> int:
 
 def segment_checksums(data, lead: int) -> list[int]:
     """crc32 of the object's bytes in each SEGMENT of its buffer (``data`` starts at ``lead``)."""
-    return [zlib.crc32(data[max(0, i * SEGMENT - lead) : (i + 1) * SEGMENT - lead])
+    return [_crc32(data[max(0, i * SEGMENT - lead) : (i + 1) * SEGMENT - lead])
             for i in range(_segments(lead, len(data)))]
 
 
@@ -1154,7 +1292,7 @@ def _segment_check(buf: HostBuffer, lead: int, meta: ObjectMeta, i: int, sums: l
         hi = min(lead + meta.nbytes, (i + 1) * SEGMENT)
         if unverified:  # nothing recorded to compare with (external object)
             return
-        got = zlib.crc32(buf.array[lo:hi]) if hi > lo else zlib.crc32(b"")
+        got = _crc32(buf.array[lo:hi]) if hi > lo else _crc32(b"")
         sums[i] = got
         if got != meta.crc32[i]:
             raise ChecksumError(

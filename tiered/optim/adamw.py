@@ -10,13 +10,30 @@ The update itself is torch's own functional AdamW on views of the chunk, so
 results are bitwise those of ``torch.optim.AdamW`` with the same
 ``foreach``/``fused`` setting.
 
+Host budget: what the host tier holds beyond the pipeline's working set
+(``lookahead`` chunks being read, one updated, two being written) keeps whole
+chunks *resident*: they stay in host memory across steps and are never read
+back from storage, so a step reads fewer bytes than the state holds. Every
+chunk, resident or not, is still written every step (from its buffer, without
+a copy), so storage always holds complete steps.
+
 Crash consistency: step *s* writes its chunks under keys of parity ``s % 2``
-and, only once all of them are durable, a marker object naming step *s*. The
-state of step *s-1* (the other parity) is never touched by step *s*, so a
-kill at any point leaves the marker naming a step whose chunks are all
-present; each chunk also carries the step it belongs to, checked on every read,
-so a state that mixes steps is refused with :class:`OptimStateError` instead
-of being used.
+(written without a per-object fdatasync or manifest commit) and, only once all
+of them are written, one fdatasync per data file, one manifest commit and a
+marker object naming step *s*. The state of step *s-1* (the other parity) is
+never touched by step *s*, and step *s+1* writes nothing before the marker of
+*s* is durable, so a kill at any point leaves the marker naming a step whose
+chunks are all present; each chunk also carries the step it belongs to,
+checked on every read, so a state that mixes steps is refused with
+:class:`OptimStateError` instead of being used.
+
+By default ``step()`` returns once every chunk is updated and its write is
+issued: the rest of the writes and the commit overlap what the caller does
+next (forward and backward of the next step), and the step is made durable
+when the next step begins, before it writes anything (or in ``flush()``,
+``state_dict()``, ``load_state_dict()``, ``close()``). So a crash loses at most
+the last step that ``step()`` returned from, never mixes steps. ``sync=True``
+makes ``step()`` return only once its step is durable.
 
 Training a model wrapped by ``tiered.offload`` (``model=``): in backward each
 unit's gradients are handed to the optimizer as soon as they are complete
@@ -31,6 +48,7 @@ outside units, unused ones) and commits the step.
 from __future__ import annotations
 
 from collections import deque
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -40,7 +58,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _functional_adamw
 
-from allocators import OutOfBudget
+from allocators import HostBuffer, OutOfBudget, align_up
 from io_engine import Priority, gather
 
 from ..config import load_config
@@ -76,6 +94,7 @@ class _Chunk:
     unit: object = None  # the offload unit whose parameters these are (training offloaded weights)
     expected: int = 0  # parameters whose gradient completes the chunk in backward
     arrived: set = field(default_factory=set)
+    resident: HostBuffer | None = None  # kept in the host tier across steps (never read back)
 
     @property
     def numel(self) -> int:
@@ -103,13 +122,19 @@ class OffloadedAdamW(Optimizer):
     of, at most 32 MiB). ``lookahead``: chunks read ahead of the update.
     ``resume``: continue from the last complete step found in the store (else finding
     state there is an error, so two runs cannot silently share it).
+    ``resident_bytes``: host memory for chunks kept resident across steps (default: what the
+    host tier holds beyond the pipeline when this optimizer opened the store itself and no
+    model shares it, else 0). ``sync``: ``step()`` returns only once its step is durable
+    (default: the step is committed when the next one begins, see the module docstring; always
+    so with ``model``).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, maximize: bool = False,
                  foreach: bool | None = False, fused: bool | None = None, config=None,
                  store: TieredStore | None = None, model: nn.Module | None = None, name: str = "adamw",
-                 chunk_bytes: int | None = None, lookahead: int = 2, resume: bool = False) -> None:
+                 chunk_bytes: int | None = None, lookahead: int = 2, resume: bool = False,
+                 resident_bytes: int | None = None, sync: bool = False) -> None:
         if not 0.0 <= lr:
             raise ValueError(f"OffloadedAdamW: lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -120,6 +145,8 @@ class OffloadedAdamW(Optimizer):
             raise ValueError(f"OffloadedAdamW: chunk_bytes must be >= {12 * _ALIGN_ELEMS}, got {chunk_bytes}")
         if lookahead < 0:
             raise ValueError(f"OffloadedAdamW: lookahead must be >= 0, got {lookahead}")
+        if resident_bytes is not None and resident_bytes < 0:
+            raise ValueError(f"OffloadedAdamW: resident_bytes must be >= 0, got {resident_bytes}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
                         foreach=foreach, fused=fused, amsgrad=False)
         super().__init__(params, defaults)
@@ -133,6 +160,12 @@ class OffloadedAdamW(Optimizer):
         self.chunk_bytes = chunk_bytes
         self.lookahead = lookahead
         self.resume = resume
+        self.resident_bytes = resident_bytes
+        # with model=, backward updates units and writes weights before step(): each step is
+        # committed before step() returns, so that nothing of it is left for the next backward
+        self.sync = sync or self._rt is not None
+        self._pending: int | None = None  # a step that step() returned from, not committed yet
+        self._broken: BaseException | None = None  # a step failed to become durable
         self._params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
         self._group_of: list[int] = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
         self._chunks: list[_Chunk] = []
@@ -155,6 +188,7 @@ class OffloadedAdamW(Optimizer):
         try:
             self._plan_chunks()
             self._check_budget()
+            self._place_resident()
             if self._marker_key in self._store:
                 if not self.resume:
                     step = int(self._read_marker()[0])
@@ -166,6 +200,7 @@ class OffloadedAdamW(Optimizer):
                 self._install_grad_hooks()
         except BaseException:
             self._remove_hooks()
+            self._release_resident()
             if self._owns_store:
                 self._store.close()
             raise
@@ -173,17 +208,27 @@ class OffloadedAdamW(Optimizer):
         return self
 
     def close(self) -> None:
-        """Wait for outstanding writes; close the store if this optimizer opened it."""
+        """Commit the last step (see :meth:`flush`); close the store if this optimizer opened it."""
         if not self._open:
             return
-        self._open = False
         self._remove_hooks()
         self._drop_state_reads()
         try:
-            self._wait_writes()
+            self._settle()
+            self._open = False
         finally:
-            if self._owns_store:
-                self._store.close()
+            self._open = False
+            try:
+                self._wait_writes()  # resident buffers are write sources until their writes are done
+            finally:
+                self._release_resident()
+                if self._owns_store:
+                    self._store.close()
+
+    def flush(self) -> None:
+        """Make the last step durable now (it is otherwise committed when the next step begins)."""
+        self._check_open()
+        self._settle()
 
     def __enter__(self) -> "OffloadedAdamW":
         return self.open()
@@ -194,6 +239,25 @@ class OffloadedAdamW(Optimizer):
     def _check_open(self) -> None:
         if not self._open:
             raise OptimStateError("OffloadedAdamW is not open: call open() or use it as a context manager")
+        if self._broken is not None:
+            raise OptimStateError(f"OffloadedAdamW {self.name!r}: step {self._step + 1} failed to become durable "
+                                  f"({self._broken!r}); reopen with resume=True to continue from step "
+                                  f"{self._step}") from self._broken
+
+    def _settle(self) -> None:
+        """Commit the step that step() returned from, if any: before the next one writes."""
+        if self._pending is None:
+            return
+        s, self._pending = self._pending, None
+        try:
+            self._commit(s)
+        except BaseException as e:
+            self._broken = e
+            raise
+
+    def _next_step(self) -> int:
+        self._settle()
+        return self._step + 1
 
     @property
     def store(self) -> TieredStore:
@@ -258,6 +322,34 @@ class OffloadedAdamW(Optimizer):
             chunks.append(_Chunk(len(chunks), cur))
         self._chunks = chunks
 
+    def _pipeline_bytes(self) -> int:
+        """Host memory the streaming pipeline needs: lookahead reads, one update, two writes."""
+        if not self._chunks:
+            return 0
+        biggest = align_up(max(c.numel for c in self._chunks) * 12 + 4 * _TAG)
+        return (self.lookahead + 3) * biggest
+
+    def _place_resident(self) -> None:
+        """Keep the last chunks resident in what the host tier holds beyond the pipeline."""
+        cap = self._store.arena.capacity
+        room = self.resident_bytes
+        if room is None:
+            room = cap - self._pipeline_bytes() - (64 << 10) if self._owns_store and self._rt is None else 0
+        room = min(room, cap - self._pipeline_bytes())
+        for c in reversed(self._chunks):
+            size = align_up(c.numel * 12 + 4 * _TAG)
+            if size > room:
+                break
+            c.resident = self._store.alloc_host(c.numel * 12 + 4 * _TAG, wait=0.0)
+            _encode_step(c.resident.tensor(torch.float32), -1)  # holds no step yet: loaded on first use
+            room -= size
+
+    def _release_resident(self) -> None:
+        for c in self._chunks:
+            if c.resident is not None:
+                buf, c.resident = c.resident, None
+                buf.release()
+
     def _check_budget(self) -> None:
         if not self._chunks:
             return
@@ -273,16 +365,20 @@ class OffloadedAdamW(Optimizer):
     # -- stepping --------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
-        """Update every chunk backward did not, then commit the step (durable when this returns)."""
+        """Update every chunk backward did not; the step is committed when the next one begins
+        (``sync=True``: before this returns)."""
         self._check_open()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        s = self._step + 1
+        s = self._next_step()
         todo = [c for c in self._chunks if c.index not in self._updated]
         self._run(todo, s)
-        self._commit(s)
+        if self.sync:
+            self._commit(s)
+        else:
+            self._pending = s
         return loss
 
     def _run(self, chunks: list[_Chunk], s: int) -> None:
@@ -295,21 +391,28 @@ class OffloadedAdamW(Optimizer):
             reads.append(self._start_read(chunks[nxt], s))
             nxt += 1
 
+        resident = [c for c in chunks if c.resident is not None]
+        chunks = [c for c in chunks if c.resident is None]
+        deferred: list = []  # resident chunks' writes, issued once the streamed ones are
         try:
             while nxt < len(chunks) and len(reads) <= self.lookahead:
                 issue()
+            for c in resident:  # no read: updated while the first reads are in flight
+                self._update(c, s, None, deferred)
             for c in chunks:
                 lease_f = reads.popleft()
                 self._update(c, s, lease_f)
                 if nxt < len(chunks):
                     issue()
+            for write in deferred:
+                write()
         except BaseException:
             for f in reads:
                 _drop(f)
             raise
 
     def _start_read(self, c: _Chunk, s: int):
-        if s == 1:
+        if s == 1 or c.resident is not None:
             return None
         f = self._state_reads.pop(c.index, None)
         if f is not None:
@@ -319,32 +422,53 @@ class OffloadedAdamW(Optimizer):
     def _grad(self, i: int) -> torch.Tensor | None:
         return self._params[i].grad
 
-    def _update(self, c: _Chunk, s: int, lease_f) -> None:
-        """Update one chunk from its step ``s-1`` state; start writing it as step ``s``."""
+    def _update(self, c: _Chunk, s: int, lease_f, deferred: list | None = None) -> None:
+        """Update one chunk from its step ``s-1`` state; start writing it as step ``s``.
+
+        The state is updated in place in the buffer it was read into (or the chunk's resident
+        buffer), which is then written as is: no copy. ``lease_f`` is None for a resident chunk
+        and in step 1. A streamed chunk's write goes at read priority (the next reads need its
+        room); a resident chunk's write at write-back priority, or, with ``deferred``, is appended
+        there as a callable for the caller to issue later (after the streamed ones)."""
         if c.index in self._updated:
             raise OptimStateError(f"chunk {c.index} of {self.name!r} was updated twice in step {s}: "
                                   "call step() after every backward")
+        n = c.numel
+        shape = (3 * n + _TAG,)
+        key = self._chunk_key(c, s - 1)
         lease: Lease | None = None
+        hb: HostBuffer | None = None  # a buffer this update owns until its put takes it
         unit_views = None
+        fresh = s == 1
         try:
-            n = c.numel
-            if lease_f is None:
-                buf = torch.zeros(3 * n + _TAG, dtype=torch.float32)
+            if c.resident is not None:
+                buf = c.resident.tensor(torch.float32)
+                if not fresh and _decode_step(buf) != s - 1:  # first use after open, resume, load
+                    self._load_resident(c, key, buf)
+            elif lease_f is None:
+                hb = self._store.alloc_host(4 * shape[0], wait=_WAIT)
+                buf = hb.tensor(torch.float32)
             else:
                 lease = lease_f.result(timeout=_WAIT)
+                lease_f = None  # the lease is ours now: released or detached below
                 buf = lease.tensor
-                key = self._chunk_key(c, s - 1)
-                if buf.dtype != torch.float32 or buf.shape != (3 * n + _TAG,):
+            if fresh:
+                buf.zero_()
+            else:
+                if buf.dtype != torch.float32 or buf.shape != shape:
                     raise OptimStateError(f"object {key!r} holds {buf.dtype}{tuple(buf.shape)}, expected "
-                                          f"float32({3 * n + _TAG},): the store holds another layout")
+                                          f"float32({shape[0]},): the store holds another layout")
                 held = _decode_step(buf)
                 if held != s - 1:
                     raise OptimStateError(f"object {key!r} holds state of step {held}, expected {s - 1}: "
                                           "the stored state mixes steps")
+            if lease is not None:  # own the buffer: it is changed in place and written as step s
+                hb, lease = lease.detach(), None
+                buf = hb.tensor(torch.float32)
             master, m, v = buf[:n], buf[n:2 * n], buf[2 * n:3 * n]
             if c.unit is not None:
                 unit_views = self._rt.open_unit_params(c.unit)
-            if lease_f is None:
+            if fresh:
                 self._init_master(c, master, unit_views)
             per_group: dict[int, tuple[list, list, list, list, list]] = {}
             done: list[tuple[_Segment, int]] = []
@@ -365,6 +489,8 @@ class OffloadedAdamW(Optimizer):
                     lists[4].append(torch.tensor(float(self._param_steps[seg.param]), dtype=torch.float32))
                     done.append((seg, off))
                 off += seg.numel
+            if c.resident is not None:  # changed in place from here: invalid until fully updated
+                _encode_step(buf, -1)
             for gi, (ps, gs, ms, vs, steps) in per_group.items():
                 grp = self.param_groups[gi]
                 beta1, beta2 = grp["betas"]
@@ -383,7 +509,15 @@ class OffloadedAdamW(Optimizer):
                 if c.unit is not None:
                     p.grad = None  # handed over in backward: released now
             _encode_step(buf, s)
-            self._writes.append(self._store.put(self._chunk_key(c, s), buf, kind="optim"))
+            if c.resident is not None:
+                src, give, prio = c.resident, False, Priority.WRITEBACK
+            else:
+                src, give, prio, hb = hb, True, Priority.DEMAND, None  # the put owns it now, also if it fails
+            write = functools.partial(self._put_chunk, self._chunk_key(c, s), src, shape, give, prio)
+            if deferred is not None and c.resident is not None:
+                deferred.append(write)
+            else:
+                write()
             if unit_views is not None:
                 self._rt.write_unit_params(unit_views)
                 unit_views = None
@@ -391,12 +525,29 @@ class OffloadedAdamW(Optimizer):
         finally:
             if unit_views is not None:
                 unit_views.abandon()
+            if hb is not None:
+                hb.release()
             if lease is not None:
                 lease.release()
-                # the cached copy of the step s-1 object was changed in place: never serve it again
-                self._store.evict(self._chunk_key(c, s - 1))
             elif lease_f is not None:
                 _drop(lease_f)
+
+    def _put_chunk(self, key: str, src: HostBuffer, shape: tuple, give: bool, priority: Priority) -> None:
+        # no fdatasync and no manifest commit per chunk: _commit does one of each for the step
+        self._writes.append(self._store.put_buffer(key, src, torch.float32, shape, kind="optim", give=give,
+                                                   sync=False, commit=False, priority=priority))
+
+    def _load_resident(self, c: _Chunk, key: str, buf: torch.Tensor) -> None:
+        """Fill a resident chunk's buffer from the store (the step it holds is checked by the caller)."""
+        if key not in self._store:
+            raise OptimStateError(f"object {key!r} is missing from the store at {self._store.root}")
+        with self._store.acquire(key, wait=_WAIT).result(timeout=_WAIT) as lease:
+            t = lease.tensor
+            if t.dtype != torch.float32 or t.shape != buf.shape:
+                raise OptimStateError(f"object {key!r} holds {t.dtype}{tuple(t.shape)}, expected "
+                                      f"float32({buf.shape[0]},): the store holds another layout")
+            buf.copy_(t)
+        self._store.evict(key)  # the resident buffer is the copy used from now on
 
     def _init_master(self, c: _Chunk, master: torch.Tensor, unit_views) -> None:
         off = 0
@@ -461,17 +612,20 @@ class OffloadedAdamW(Optimizer):
         def hook(_p) -> None:
             c.arrived.add(i)
             if len(c.arrived) == c.expected and self._open:
-                s = self._step + 1
+                s = self._next_step()
                 self._update(c, s, self._start_read(c, s))
         return hook
 
     def _on_backward_load(self, unit) -> None:
         """A unit's backward begins: start reading its state chunk, so the update need not wait."""
-        s = self._step + 1
+        if not self._open:
+            return
+        s = self._next_step()  # the previous step's chunks are committed before they are read
         if s == 1:
             return
         for c in self._chunks:
-            if c.unit is unit and c.index not in self._state_reads and c.index not in self._updated:
+            if (c.unit is unit and c.resident is None and c.index not in self._state_reads
+                    and c.index not in self._updated):
                 try:
                     self._state_reads[c.index] = self._store.acquire(
                         self._chunk_key(c, s - 1), priority=Priority.PREFETCH, wait=0.0)
@@ -545,6 +699,7 @@ class OffloadedAdamW(Optimizer):
         store (it materializes the whole state in memory); ``master`` is added for parameters
         that are not fp32."""
         self._check_open()
+        self._settle()
         groups, start = [], 0
         for g in self.param_groups:
             packed = {k: v for k, v in g.items() if k != "params"}
@@ -572,6 +727,7 @@ class OffloadedAdamW(Optimizer):
         """Load a state dict of this class or of ``torch.optim.AdamW``: it is written to the store
         as a complete step (masters from ``master`` entries, else from the parameters)."""
         self._check_open()
+        self._settle()
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             raise ValueError(f"load_state_dict: expected {len(self.param_groups)} param_groups, got "
@@ -637,6 +793,8 @@ class OffloadedAdamW(Optimizer):
         # the loaded masters are the parameters now (they differ from them for low precision)
         for c in self._chunks:
             self._load_chunk(c, s, into_params=True)
+            if c.resident is not None:  # holds the state before the load: read again on first use
+                _encode_step(c.resident.tensor(torch.float32), -1)
         self._wait_writes()
 
     def add_param_group(self, param_group: dict) -> None:
