@@ -342,6 +342,20 @@ def test_other_model_is_never_reused(tmp_path):
     assert ia != ib
     assert model_identity(a, dtype=torch.float16) != ia  # dtype is part of the identity
     assert model_identity(make_model(layers=7)) != ia  # so is the config
+    assert model_identity(a, device_type="cuda") != ia  # and the kind of device computing it
+    assert model_identity(make_model(seed=0)) == ia  # while the same model hashes the same
+
+    class Cfg:  # other attention kernels compute other bits of the same KV
+        def __init__(self, attn):
+            self._attn_implementation = attn
+
+        def to_dict(self):
+            return {"hidden_size": 64}
+
+    def ident(attn):
+        return model_identity(config=Cfg(attn), dtype=torch.float32, weights="rev1")
+
+    assert ident("sdpa") == ident("sdpa") != ident("eager")
     with tiered.TieredStore(store_config(tmp_path)) as store:
         with TieredCache(a.config, KVStore(store, ia, block_size=BS)) as cache:
             cache.load_prefix(ids)

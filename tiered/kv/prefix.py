@@ -43,7 +43,7 @@ from ..store import ChecksumError, StoreError, TieredStore
 log = logging.getLogger("tiered.kv")
 
 KEY_ROOT = "kv"
-HASH_VERSION = "tiered-kv-1"
+HASH_VERSION = "tiered-kv-2"  # 2: the attention implementation and compute device type are hashed
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "use_cache",
                          "output_attentions", "output_hidden_states", "return_dict", "torch_dtype", "dtype")
 
@@ -53,17 +53,25 @@ class KVStoreError(StoreError):
 
 
 def model_identity(model: torch.nn.Module | None = None, *, config: Any = None, dtype: torch.dtype | None = None,
-                   weights: str | None = None) -> str:
-    """A hex digest naming what KV a model computes: its config, its dtype and its weights.
+                   weights: str | None = None, device_type: str | None = None) -> str:
+    """A hex digest naming what KV a model computes: its config, its dtype, its weights, its
+    attention implementation and the kind of device computing it.
 
     ``model``: hashes its config, the dtype of its parameters and every parameter
     and buffer byte (one pass, ~1 GB/s). Or give ``config`` + ``dtype`` + ``weights``
     (a checkpoint revision or file hash you trust) to skip hashing the weights.
+    The attention implementation (``config._attn_implementation``: eager, sdpa,
+    flash...) and ``device_type`` (default: where the model's parameters are, else
+    "cpu") are part of it because other kernels compute other bits of the same KV,
+    and a reused prefix must give exactly what recomputing it would. (Autocast
+    needs no entry: it changes the K/V dtype, which a loaded block is checked against.)
     """
     if model is not None:
         config = model.config if config is None else config
         params = list(model.state_dict().items())
         dtype = dtype or (params[0][1].dtype if params else torch.float32)
+        if device_type is None and params:
+            device_type = params[0][1].device.type
         if weights is None:
             h = hashlib.blake2b(digest_size=32)
             for name, t in params:
@@ -75,7 +83,9 @@ def model_identity(model: torch.nn.Module | None = None, *, config: Any = None, 
         raise KVStoreError("model_identity: pass a model, or config, dtype and weights")
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     cfg = {k: v for k, v in cfg.items() if k not in _VOLATILE_CONFIG_KEYS}
-    doc = json.dumps({"v": HASH_VERSION, "config": cfg, "dtype": str(dtype), "weights": weights},
+    attn = getattr(config, "_attn_implementation", None)
+    doc = json.dumps({"v": HASH_VERSION, "config": cfg, "dtype": str(dtype), "weights": weights,
+                      "attn_implementation": attn, "device_type": device_type or "cpu"},
                      sort_keys=True, default=str)
     return hashlib.blake2b(doc.encode(), digest_size=32).hexdigest()
 
