@@ -134,6 +134,29 @@ def test_lookahead_variants_and_manual_decode_loop(tmp_path, lookahead):
     assert all(torch.equal(a, b) for a, b in zip(ref_logits, got))
 
 
+@pytest.mark.parametrize("lookahead", [0, 1])
+def test_long_prefill_stays_within_the_device_budget(tmp_path, lookahead):
+    """A prompt whose KV is 2.5x the budget: each layer's full blocks go to host buffers right after
+    its attention, so the device never holds the prompt's KV; tokens and logits stay bitwise."""
+    model = make_model(layers=8)
+    ids = prompt(200)
+    budget = kv_bytes(model, 216) * 3 // 8  # a slot per lookahead slot (1/8 of the KV each) fits; the KV does not
+    want = generate(model, ids, DynamicCache(), n=8)
+    with tiered.TieredStore(store_config(tmp_path)) as store:
+        kv = KVStore(store, model_identity(model), block_size=BS)
+        with TieredCache(model.config, kv, device_budget=budget, lookahead=lookahead) as cache:
+            cache.load_prefix(ids)  # the prompt's hashes are known: staged blocks are saved as its prefix
+            got = generate(model, ids, cache, n=8)
+            st = cache.stats()
+        assert st["device_peak"] <= budget, st
+        assert st["spilled_blocks"] >= 200 // BS and st["prefix_blocks_saved"] == 200 // BS, st
+        with TieredCache(model.config, kv, device_budget=budget, lookahead=lookahead) as cache:
+            assert cache.load_prefix(ids) == 200 // BS * BS  # what the prefill staged is a usable prefix
+            again = generate(model, ids, cache, n=8)
+    assert_bitwise(want, got)
+    assert_bitwise(want, again)
+
+
 def test_batch_of_two_equal_to_dynamic_cache(tmp_path):
     model = make_model()
     ids = torch.cat([prompt(50, 1), prompt(50, 2)])

@@ -22,8 +22,10 @@ tokens and logits are the same bit for bit.
 
 The device budget covers resident blocks, staging slots and tails; blocks
 are spilled (oldest first, through an eviction policy) to stay within it.
-The one transient exception is a prefill: the prompt's new K/V are held
-until the step's last layer has produced them, then committed and spilled.
+A prefill with a budget does not hold the prompt's K/V on the device until
+its last layer: right after each layer's attention, the full blocks of its
+new tokens are copied into host block buffers, and at the last layer those
+blocks go to the store without ever being whole on the device.
 
 Prefix reuse: :meth:`TieredCache.load_prefix` finds the longest run of the
 prompt's full blocks in the :class:`~tiered.kv.prefix.KVStore` and loads them
@@ -109,6 +111,7 @@ class TieredLayer(CacheLayerMixin):
         self.index = index
         self.tail_k: torch.Tensor | None = None
         self.tail_v: torch.Tensor | None = None
+        self.staged = 0  # full blocks of this step's tokens moved to host buffers (committed at the last layer)
 
     @property
     def tail_len(self) -> int:
@@ -128,13 +131,14 @@ class TieredLayer(CacheLayerMixin):
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self._cache._committed + self.tail_len
+        return self._cache._committed + self.staged * self._cache.block_size + self.tail_len
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
         self.tail_k = self.tail_v = None
+        self.staged = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("TieredCache does not support crop (assisted decoding)")
@@ -204,6 +208,7 @@ class TieredCache(Cache):
         self._compute_stream = None  # CUDA: the stream the model runs on (slots are used there)
         self._gather_stream = None  # CUDA: gathers copy on their own stream, ordered by events
         self._staging = None  # CUDA: where host blocks land before the cat into a slot (gather stream only)
+        self._host_blocks: dict[int, torch.Tensor] = {}  # prefill: block index -> [L, 2, B, H, bs, D] on the host
         self._step_leases: dict = {}  # (block index, part) -> Lease pinned for this step's layers
         self._step_pinned = 0
         self._hashes: list[str] = []  # chained hashes of the known prompt's full blocks
@@ -255,6 +260,7 @@ class TieredCache(Cache):
             except BaseException as e:  # noqa: BLE001 - re-raised below after cleanup
                 errors.append(e)
         self._pending.clear()
+        self._host_blocks.clear()
         if self._gather_stream is not None:  # the slots are freed next: no copy may still write them
             self._gather_stream.synchronize()
         self._release_step_leases()
@@ -370,6 +376,9 @@ class TieredCache(Cache):
         else:
             layer.tail_k = torch.cat([layer.tail_k, k], dim=-2)
             layer.tail_v = torch.cat([layer.tail_v, v], dim=-2)
+        if n_new > 1 and self.device_budget is not None and layer.tail_len >= self.block_size:
+            self._stage_to_host(layer)
+            self.counters["device_peak"] = max(self.counters["device_peak"], self.device_bytes()["total"])
         if l == self.num_layers - 1:
             self._commit()
             self._enforce_budget()
@@ -380,6 +389,28 @@ class TieredCache(Cache):
             if self._part_of[l + 1] != self._part_of[l]:
                 self._prefetch_reads(l + 1)
         return kk, vv
+
+    def _stage_to_host(self, layer: TieredLayer) -> None:
+        """Prefill under a budget: move the full blocks of ``layer``'s tail into host block buffers
+        (its attention already has them in its slot), so the device holds only the remainder."""
+        bs = self.block_size
+        full = layer.tail_len // bs
+        b, dtype, _device = self._geometry
+        base = len(self._blocks) + layer.staged
+        for j in range(full):
+            host = self._host_blocks.get(base + j)
+            if host is None:
+                host = self._host_blocks[base + j] = torch.empty(
+                    (self.num_layers, 2, b, self.kv_heads, bs, self.head_dim), dtype=dtype)
+            host[layer.index, 0].copy_(layer.tail_k[:, :, j * bs:(j + 1) * bs])
+            host[layer.index, 1].copy_(layer.tail_v[:, :, j * bs:(j + 1) * bs])
+        rest = layer.tail_len - full * bs
+        if rest:
+            layer.tail_k = layer.tail_k[:, :, full * bs:].clone()
+            layer.tail_v = layer.tail_v[:, :, full * bs:].clone()
+        else:
+            layer.tail_k = layer.tail_v = None
+        layer.staged += full
 
     def _prefetch_reads(self, l: int) -> None:
         """Without a gather thread: start the store reads layer ``l``'s gather will need, so they
@@ -609,11 +640,13 @@ class TieredCache(Cache):
     def _commit(self) -> None:
         """After the last layer: turn every full block of the tails into an all-layer block."""
         self._release_step_leases()  # normally none left: every part's last layer released its own
-        tail = self.layers[0].tail_len
-        if any(layer.tail_len != tail for layer in self.layers):
-            raise KVCacheError("TieredCache: layers received different numbers of tokens in one step "
-                               f"({[layer.tail_len for layer in self.layers]})")
         bs = self.block_size
+        got = [layer.staged * bs + layer.tail_len for layer in self.layers]
+        if any(n != got[0] for n in got) or any(layer.staged != self.layers[0].staged for layer in self.layers):
+            raise KVCacheError("TieredCache: layers received different numbers of tokens in one step "
+                               f"({got})")
+        self._commit_host_blocks(self.layers[0].staged)
+        tail = self.layers[0].tail_len
         full = tail // bs
         if not full:
             return
@@ -643,6 +676,36 @@ class TieredCache(Cache):
             else:
                 layer.tail_k = layer.tail_v = None
         self._committed += full * bs
+
+    def _commit_host_blocks(self, count: int) -> None:
+        """The blocks a prefill staged on the host become stored blocks (never resident)."""
+        if not count:
+            return
+        b = self._geometry[0]
+        for _ in range(count):
+            index = len(self._blocks)
+            host = self._host_blocks.pop(index)
+            blk = _Block(index)
+            if index < len(self._hashes) and b == 1:
+                blk.keys = [self.kv.block_key(self._hashes[index], p) for p in self._parts]
+                for key in blk.keys:
+                    self.kv.hold(key)
+                futs = [self.kv.save(k, host[lo:hi]) for k, (lo, hi) in zip(blk.keys, self._parts)]
+                blk.prefix = True
+                if any(f is not None for f in futs):
+                    self.counters["prefix_blocks_saved"] += 1
+            else:
+                blk.keys = [self.kv.session_key(self._session, index, p) for p in self._parts]
+                futs = [self.kv.store.put(k, host[lo:hi], kind="kv") for k, (lo, hi) in zip(blk.keys, self._parts)]
+            for f in futs:
+                if f is not None:
+                    f.result(timeout=self.io_timeout)  # readable by the next step's gathers
+            self._blocks.append(blk)
+            self.counters["spilled_blocks"] += 1
+            self.counters["spilled_bytes"] += host.numel() * host.element_size()
+        for layer in self.layers:
+            layer.staged = 0
+        self._committed += count * self.block_size
 
     # -- prefix reuse ------------------------------------------------------------------------
     def load_prefix(self, input_ids: torch.Tensor) -> int:
