@@ -273,6 +273,97 @@ def test_put_rows_update_remove_and_replace(store):
         assert [k for k in store.keys() if k.startswith("gnn/")] == ["gnn/features/catalog"]
 
 
+def test_row_update_across_chunks_is_all_or_nothing(store, monkeypatch):
+    """A put failing on the second touched chunk leaves every old row and no new object;
+    the next update then applies whole."""
+    x = torch.randn(2000, 10)
+    with fstore(store) as fs:
+        fs.put_tensor(x, group_name=None, attr_name="x", index=None)
+        keys = set(store.keys())
+        rows = torch.tensor([3, 900, 1990])  # three chunks (chunk_rows = 819)
+        puts, real_put = [], store.put
+
+        def failing_put(key, *args, **kw):
+            puts.append(key)
+            if len(puts) == 2:
+                raise OSError(errno.ENOSPC, "injected: no space left on device")
+            return real_put(key, *args, **kw)
+
+        monkeypatch.setattr(store, "put", failing_put)
+        with pytest.raises(OSError, match="injected"):
+            fs.put_tensor(torch.ones(3, 10), group_name=None, attr_name="x", index=rows)
+        monkeypatch.setattr(store, "put", real_put)
+        assert torch.equal(fs.get_tensor(group_name=None, attr_name="x", index=None), x)  # all old
+        assert set(store.keys()) == keys  # the new chunk written before the failure was deleted
+        fs.put_tensor(torch.ones(3, 10), group_name=None, attr_name="x", index=rows)
+        x[rows] = 1.0
+        assert torch.equal(fs.get_tensor(group_name=None, attr_name="x", index=None), x)
+    with fstore(store) as fs:  # durable, and the replaced chunks are gone
+        assert torch.equal(fs.get_tensor(group_name=None, attr_name="x", index=None), x)
+        assert len([k for k in store.keys() if k.startswith("gnn/features/") and "/c0" in k]) == 3
+
+
+_UPDATE_CHILD = """
+import json, sys, torch
+sys.path.insert(0, {root!r})
+from tiered.store import TieredStore
+from tiered.gnn.feature_store import TieredFeatureStore
+cfg = json.loads(sys.argv[1])
+with TieredStore(cfg) as store:
+    fs = TieredFeatureStore(store, chunk_bytes=32 << 10, cache_bytes=64 << 10).open()
+    rows = torch.arange(0, 2000, 100)  # one row in every chunk
+    i = int(fs.get_tensor(group_name=None, attr_name="x", index=rows)[0, 0])
+    print("READY", flush=True)
+    while True:
+        i += 1
+        fs.put_tensor(torch.full((len(rows), 10), float(i)), group_name=None, attr_name="x", index=rows)
+        print("updated", i, flush=True)
+"""
+
+
+def test_sigkill_during_row_updates_leaves_one_whole_update(tmp_path):
+    """Kill a child updating one row in every chunk per step, at random moments: on reopen all
+    those rows hold the same step (never a mix), at least the last one it reported."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = config(tmp_path)
+    with TieredStore(cfg) as s, fstore(s) as fs:
+        fs.put_tensor(torch.zeros(2000, 10), group_name=None, attr_name="x", index=None)
+    script = tmp_path / "child.py"
+    script.write_text(_UPDATE_CHILD.format(root=str(Path(__file__).resolve().parent.parent)))
+    rng = random.Random(7)
+    rows = torch.arange(0, 2000, 100)
+    for _round in range(4):
+        proc = subprocess.Popen([sys.executable, str(script), json.dumps(cfg)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "READY"
+            lines: list[str] = []
+            reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+            reader.start()
+            time.sleep(rng.uniform(0.05, 0.5))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(T)
+            reader.join(T)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(T)
+        done = [int(x.split()[1]) for x in lines if x.startswith("updated")]
+        with TieredStore(cfg) as s, fstore(s) as fs:
+            got = fs.get_tensor(group_name=None, attr_name="x", index=rows)
+            assert torch.equal(got, torch.full_like(got, got[0, 0].item())), got[:, 0]  # one whole update
+            if done:
+                assert got[0, 0].item() >= done[-1]
+            others = fs.get_tensor(group_name=None, attr_name="x", index=rows + 1)
+            assert not others.any()  # rows never updated stay zero
+            names = {k for k in s.keys() if k.startswith("gnn/features/") and k != "gnn/features/catalog"}
+            assert len(names) == -(-2000 // 819)  # no orphan chunk survives an open
+
+
 def test_orphan_chunks_are_collected_on_open(store):
     with fstore(store) as fs:
         fs.put_tensor(torch.randn(10, 2), group_name=None, attr_name="x", index=None)

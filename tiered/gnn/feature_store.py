@@ -671,21 +671,44 @@ class TieredFeatureStore(FeatureStore):
         return True
 
     def _update_rows(self, a: _Attr, ids: np.ndarray, values: torch.Tensor) -> None:
-        """Rewrite the chunks holding ``ids`` as new versions (never in place); the last value
-        of a repeated id wins, as with ``x[ids] = values``."""
+        """Apply ``x[ids] = values`` all or nothing (the last value of a repeated id wins).
+
+        The touched chunks are written as new objects of a new generation, then one
+        catalog write switches the attribute to them, then the old chunks are deleted:
+        a crash before the catalog write leaves every old row (the new chunks are
+        orphans, collected on the next open), a crash after it every new one."""
         _u, last = np.unique(ids[::-1], return_index=True)
         pick = len(ids) - 1 - last
         ids, values = ids[pick], values[torch.from_numpy(pick)]
         chunk = ids // a.chunk_rows
         with self._lock:
             self._shutdown_attr(a)  # leases name the old extents; the cache holds old rows
-            for c in np.unique(chunk):
-                key = a.keys[c]
-                sel = np.flatnonzero(chunk == c)
-                part = self.store.get(key).result(timeout=self.timeout)
-                part[torch.from_numpy(ids[sel] - c * a.chunk_rows)] = values[torch.from_numpy(sel)]
-                self.store.put(key, part, kind="gnn").result(timeout=self.timeout)
-                self.store.evict(key)
+            gen = self._next_gen
+            self._next_gen += 1
+            prefix = self._chunk_prefix(a.group, a.name, gen)
+            replaced: dict[int, tuple[str, str]] = {}
+            old_keys = list(a.keys)
+            try:
+                for c in np.unique(chunk):
+                    c = int(c)
+                    sel = np.flatnonzero(chunk == c)
+                    part = self.store.get(old_keys[c]).result(timeout=self.timeout)
+                    part[torch.from_numpy(ids[sel] - c * a.chunk_rows)] = values[torch.from_numpy(sel)]
+                    key = f"{prefix}/c{c:06d}"
+                    replaced[c] = (old_keys[c], key)
+                    self.store.put(key, part, kind="gnn").result(timeout=self.timeout)
+                    self.store.evict(key)
+                for c, (_old, key) in replaced.items():
+                    a.keys[c] = key
+                self._write_catalog()  # the commit point
+            except BaseException:
+                a.keys[:] = old_keys
+                for _old, key in replaced.values():
+                    if key in self.store:
+                        self.store.delete(key)
+                raise
+        for old, _key in replaced.values():
+            self.store.delete(old)
 
     def _get_tensor(self, attr: TensorAttr) -> torch.Tensor | None:
         a = self._attrs.get((attr.group_name, attr.attr_name))
