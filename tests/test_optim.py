@@ -98,8 +98,11 @@ def test_bitwise_equal_to_torch_adamw_over_many_steps(tmp_path, mode):
         opt.flush()
         streamed = 12 * sum(c.numel for c in opt._chunks if c.resident is None)
         state_bytes = 12 * sum(p.numel() for p in mine.parameters())
-        # steps 2..8 read every streamed chunk from storage (nothing else), and every step writes all
-        assert 7 * streamed <= nvme_bytes_read(opt) <= 7 * streamed * 1.1
+        # steps 2..8 read the streamed chunks from storage (never a resident one), but for those the
+        # rest of the host tier still caches (written last in a step, updated first in the next):
+        # at least what does not fit there; and every step writes all chunks
+        cached = opt.store.arena.capacity - sum(c.resident.reserved for c in resident)
+        assert 7 * (streamed - cached) <= nvme_bytes_read(opt) <= 7 * streamed
         assert opt.store.stats()["tiers"]["nvme"]["bytes_written"] - written0 >= 8 * state_bytes
         assert opt.store.stats()["tiers"]["host"]["peak"] <= opt.store.arena.capacity
         mine_sd, ref_sd = opt.state_dict(), o_ref.state_dict()

@@ -1343,3 +1343,134 @@ def test_retain_refuses_a_key_whose_put_is_still_in_flight(tmp_path):
         s.retain("ck2", ["m"])
     finally:
         s.close()
+
+
+# --------------------------------------------------------------------------- zero-copy puts, deferred commit
+
+
+def test_put_buffer_writes_an_arena_buffer_without_copying(tmp_path):
+    with open_store(tmp_path) as store:
+        buf = store.alloc_host(4 * 1000)
+        t = buf.tensor(torch.float32)
+        t.copy_(torch.arange(1000, dtype=torch.float32))
+        # give=False: the caller keeps the buffer, the store never caches or frees it
+        store.put_buffer("kept", buf, torch.float32, (10, 100)).result(timeout=T)
+        assert not buf.released and not store.meta("kept")["in_host"]
+        assert torch.equal(store.get("kept").result(timeout=T), torch.arange(1000, dtype=torch.float32).view(10, 100))
+        t.add_(1)  # the caller may change it once the put is done; the stored version does not
+        assert store.get("kept").result(timeout=T)[0, 0] == 0
+        # give=True: the buffer becomes the object's cached copy
+        store.put_buffer("given", buf, torch.float32, (1000,), give=True).result(timeout=T)
+        assert store.meta("given")["in_host"]
+        with store.acquire("given").result(timeout=T) as lease:
+            assert lease.tensor.data_ptr() == buf.address and lease.tensor[0] == 1
+    with open_store(tmp_path) as store:  # both durable
+        assert store.get("kept").result(timeout=T).sum() == sum(range(1000))
+        assert store.get("given").result(timeout=T).sum() == sum(range(1, 1001))
+
+
+def test_put_buffer_errors(tmp_path):
+    with open_store(tmp_path) as store:
+        buf = store.alloc_host(64)
+        with pytest.raises(StoreError, match=r"holds 64 bytes, float32\(32,\) needs 128"):
+            store.put_buffer("x", buf, torch.float32, (32,))
+        assert not buf.released  # not given: still the caller's
+        with pytest.raises(StoreError, match="holds 64 bytes"):
+            store.put_buffer("x", buf, torch.float32, (32,), give=True)
+        assert buf.released  # given: released also when the put is refused
+        from allocators import HostArena
+        with HostArena(1 << 20, hugepages=False) as other:
+            with pytest.raises(StoreError, match="this store's host arena"):
+                store.put_buffer("x", other.alloc(64), torch.uint8, (64,))
+        assert "x" not in store
+
+
+def test_lease_detach_takes_the_buffer_or_copies_a_shared_one(tmp_path):
+    with open_store(tmp_path) as store:
+        store.put("a", torch.arange(4096, dtype=torch.float32)).result(timeout=T)
+        store.evict("a")
+        lease = store.acquire("a").result(timeout=T)
+        ptr = lease.tensor.data_ptr()
+        buf = lease.detach()  # the only pin: the cached buffer itself, out of the cache
+        assert buf.address == ptr and not store.meta("a")["in_host"] and lease.tensor is None
+        buf.tensor(torch.float32).mul_(2)  # changing it leaves the stored object as it was
+        assert torch.equal(store.get("a").result(timeout=T), torch.arange(4096, dtype=torch.float32))
+        store.put_buffer("a", buf, torch.float32, (4096,), give=True).result(timeout=T)
+        assert torch.equal(store.get("a").result(timeout=T), 2 * torch.arange(4096, dtype=torch.float32))
+        l1, l2 = store.acquire("a").result(timeout=T), store.acquire("a").result(timeout=T)
+        copy = l1.detach()  # pinned twice: a copy, the cached one stays for l2
+        assert copy.address != l2.tensor.data_ptr() and torch.equal(copy.tensor(torch.float32), l2.tensor)
+        l2.release()
+        copy.release()
+        with pytest.raises(StoreError, match="released"):
+            l1.detach()
+
+
+def test_uncommitted_puts_are_current_but_durable_only_after_commit(tmp_path, monkeypatch):
+    syncs = []
+    real = IOEngine.fsync
+    monkeypatch.setattr(IOEngine, "fsync", lambda self, path: (syncs.append(path), real(self, path))[1])
+    with open_store(tmp_path) as store:
+        store.put("k", torch.zeros(1024)).result(timeout=T)
+        commits = store.stats()["commits"]
+        for i in range(3):
+            buf = store.alloc_host(4096)
+            buf.tensor(torch.float32).fill_(i + 1)
+            store.put_buffer("k", buf, torch.float32, (1024,), give=True, sync=False, commit=False).result(timeout=T)
+        assert store.get("k").result(timeout=T)[0] == 3  # current in memory at once
+        assert store.stats()["commits"] == commits and syncs == []  # no manifest write, no fdatasync
+        doc = json.loads((tmp_path / "nvme" / "manifest.json").read_text())
+        assert doc["objects"]["k"]["version"] == 1  # the committed manifest still names version 1
+        store.commit()  # one fdatasync of the data file, then one manifest commit for all three
+        assert len(syncs) == 1 and store.stats()["commits"] == commits + 1
+        store.commit()  # nothing changed: no-op
+        assert len(syncs) == 1 and store.stats()["commits"] == commits + 1
+    with open_store(tmp_path) as store:
+        assert store.get("k").result(timeout=T)[0] == 3
+
+
+def test_uncommitted_put_is_lost_by_a_crash_and_leaves_the_previous_version(tmp_path):
+    code = f"""
+import sys, os, torch
+sys.path.insert(0, {str(HERE.parent)!r})
+from tiered.store import TieredStore
+cfg = {make_config(tmp_path)!r}
+s = TieredStore(cfg).open()
+s.put("k", torch.zeros(1024)).result(timeout=10)
+buf = s.alloc_host(4096)
+buf.tensor(torch.float32).fill_(7)
+s.put_buffer("k", buf, torch.float32, (1024,), give=True, sync=False, commit=False).result(timeout=10)
+os._exit(0)  # no commit, no close
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    with open_store(tmp_path) as store:
+        assert torch.equal(store.get("k").result(timeout=T), torch.zeros(1024))
+
+
+def test_superseded_versions_keep_their_blocks_deleted_objects_give_them_back(tmp_path, monkeypatch):
+    punched = []
+    monkeypatch.setattr(store_mod, "punch_hole", lambda path, off, n: punched.append((off, n)) or True)
+    with open_store(tmp_path) as store:
+        store.put("a", torch.zeros(1024)).result(timeout=T)
+        store.put("a", torch.ones(1024)).result(timeout=T)  # version 1's extent freed, not punched
+        assert punched == []
+        off = store.meta("a")["offset"]
+        store.delete("a")
+        assert punched == [(off, 4096)]
+
+
+def test_an_allocation_waiting_for_room_wakes_when_a_put_makes_its_copy_evictable(tmp_path):
+    """The host tier is full of a put's buffer; the allocation must not poll for 50 ms steps
+    but wake when the put's write lands and its cached copy becomes evictable."""
+    with open_store(tmp_path, host="1MiB") as store:
+        arena = store.arena
+        seen = arena.changes
+        assert not arena.wait_change(seen, 0.01)  # nothing happened: times out
+        arena.notify()
+        assert arena.wait_change(seen, 0.0)  # a change since `seen`: returns at once
+        big = store.alloc_host(1 << 20)
+        f = store.put_buffer("x", big, torch.uint8, (1 << 20,), give=True)
+        buf = store.alloc_host(1 << 20, wait=T)  # evicts x's copy once the put's write landed
+        f.result(timeout=T)
+        assert not store.meta("x")["in_host"]
+        buf.release()

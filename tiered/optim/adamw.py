@@ -393,6 +393,11 @@ class OffloadedAdamW(Optimizer):
 
         resident = [c for c in chunks if c.resident is not None]
         chunks = [c for c in chunks if c.resident is None]
+        if s % 2 == 0:
+            # every other step backwards: the chunks written last in the previous step are still
+            # cached in the host tier (the buffers their writes went out of) and come first now,
+            # so they are not read again; forwards every step, they would be evicted by then
+            chunks.reverse()
         deferred: list = []  # resident chunks' writes, issued once the streamed ones are
         try:
             while nxt < len(chunks) and len(reads) <= self.lookahead:
