@@ -156,6 +156,15 @@ class DeviceArena:
             self._buffers -= 1
             self._cond.notify_all()
 
+    def offset_of(self, t) -> int | None:
+        """Where tensor ``t`` starts in the region, or None when it is not a view of it."""
+        region = self._region
+        if region is None or t.device != region.device:
+            return None
+        if t.untyped_storage().data_ptr() != region.untyped_storage().data_ptr():
+            return None
+        return t.data_ptr() - region.data_ptr()
+
     def _view(self, offset: int, nbytes: int):
         if self._region is None:
             raise RuntimeError(f"device arena on {self.device} is closed")

@@ -49,7 +49,7 @@ class _Entry:
     loading: bool = True
     pins: int = 0
     stale: bool = False  # superseded or evicted while pinned: free on last release
-    used: list = field(default_factory=list)  # CUDA events recorded by releases since the last check
+    used: dict = field(default_factory=dict)  # CUDA stream -> event of its last release (its readers' end)
 
 
 @dataclass
@@ -71,6 +71,15 @@ class DeviceLease:
         self.version = entry.version
         self._tensor = entry.tensor
         self._released = False
+
+    @property
+    def offset(self) -> int:
+        """Where the copy starts in the cache's device region."""
+        return self._entry.buffer.offset
+
+    @property
+    def nbytes(self) -> int:
+        return self._entry.nbytes
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -107,10 +116,16 @@ class DeviceCache:
         self._fences: list = []  # CUDA events of freed buffers' last readers: the next copy waits on them
         self._landing: queue.Queue | None = None  # (event, host lease): released once the copy ran
         self._completer: threading.Thread | None = None
+        self._landing_error: BaseException | None = None  # the first failure of the completion thread
+        self._opened = False
+        self._loading: set = set()  # ready futures of loads in flight (discarded entries' included)
 
     # -- lifecycle -----------------------------------------------------------------
     def open(self) -> "DeviceCache":
+        if self._opened:
+            return self
         self.arena.open()
+        self._opened = True
         if self.device.type == "cuda":
             self._stream = torch.cuda.Stream(self.device)
             self._landing = queue.Queue()
@@ -120,7 +135,9 @@ class DeviceCache:
         return self
 
     def _complete(self) -> None:
-        """Release host copies in copy order, each once its copy has run on the device."""
+        """Release host copies in copy order, each once its copy has run on the device. A failure
+        (a sticky CUDA error) is kept for close() to raise; the queue is drained either way, so no
+        host copy stays pinned."""
         while True:
             item = self._landing.get()
             if item is None:
@@ -128,13 +145,21 @@ class DeviceCache:
             event, lease = item
             try:
                 event.synchronize()
-            finally:
+            except BaseException as e:  # noqa: BLE001 - kept and raised by close()
+                if self._landing_error is None:
+                    self._landing_error = e
+            try:
                 lease.release()
+            except BaseException as e:  # noqa: BLE001 - kept and raised by close()
+                if self._landing_error is None:
+                    self._landing_error = e
 
     def close(self) -> None:
         """Wait for in-flight copies, then give the device region back."""
+        if not self._opened:
+            return
         with self._lock:
-            loading = [e.ready for e in self._entries.values() if e.loading]
+            loading = list(self._loading)  # discarded entries' loads too: they write into the region
         for f in loading:
             try:
                 f.result(self.wait)
@@ -142,11 +167,11 @@ class DeviceCache:
                 pass
         if self._stream is not None:
             self._stream.synchronize()
+        stuck = False
         if self._completer is not None:
             self._landing.put(None)
             self._completer.join(self.wait)
-            if self._completer.is_alive():
-                raise RuntimeError(f"device cache on {self.device}: host copies not released after {self.wait} s")
+            stuck = self._completer.is_alive()
             self._completer = self._landing = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # every kernel reading the region finished
@@ -155,6 +180,12 @@ class DeviceCache:
             self._fences.clear()
         self.arena.close()
         self._stream = None
+        self._opened = False
+        if stuck:
+            raise RuntimeError(f"device cache on {self.device}: host copies not released after {self.wait} s")
+        if self._landing_error is not None:
+            err, self._landing_error = self._landing_error, None
+            raise RuntimeError(f"device cache on {self.device}: a host copy's landing failed") from err
 
     def __enter__(self) -> "DeviceCache":
         return self.open()
@@ -192,7 +223,10 @@ class DeviceCache:
 
         def copy(lease: DeviceLease) -> torch.Tensor:
             with lease:
-                return lease.tensor.clone()
+                out = lease.tensor.clone()
+                if out.is_cuda:  # the caller may use it on any stream: the clone has run when this resolves
+                    torch.cuda.current_stream(out.device).synchronize()
+                return out
 
         return chain(self.acquire(key, priority=priority), copy, f"device get {key}")
 
@@ -234,10 +268,12 @@ class DeviceCache:
             ready.set_running_or_notify_cancel()  # shared by every waiter: one caller cannot cancel it
             entry = _Entry(key, meta["version"], nbytes, buffer, ready, pins=1)
             self._entries[key] = entry
+            self._loading.add(ready)
         try:
             host = self.store.acquire(key, priority=priority, wait=wait)
         except BaseException as e:
             with self._lock:
+                self._loading.discard(ready)
                 self._forget(entry)
             ready.set_exception(e)
             raise
@@ -250,6 +286,7 @@ class DeviceCache:
 
         On CUDA the copy is only queued: the host copy stays pinned until the completion
         thread has seen it run, and readers wait for ``entry.copied`` on their stream."""
+        queued = landed = False
         try:
             src = lease.tensor
             dst = entry.buffer.tensor(src.dtype, src.shape)
@@ -261,24 +298,32 @@ class DeviceCache:
                         fences, self._fences = self._fences, []
                     for fence in fences:  # the buffer may be one whose last readers are still queued
                         self._stream.wait_event(fence)
+                    queued = True
                     dst.copy_(src, non_blocking=True)
                     done = torch.cuda.Event()
                     done.record(self._stream)
                 entry.copied = done
+                landing = self._landing
+                if landing is None or not self._completer.is_alive():
+                    raise RuntimeError(f"device cache on {self.device} is closed or its completion thread died")
+                landing.put((done, lease))
+                landed = True
             entry.tensor = dst
             entry.version = lease.version
         except BaseException:
-            lease.release()
+            if queued:  # the DMA may still read the host copy
+                self._stream.synchronize()
+            if not landed:
+                lease.release()
             raise
         if self._stream is None:
             lease.release()
-        else:
-            self._landing.put((entry.copied, lease))
 
     def _loaded(self, entry: _Entry, f) -> None:
         failed = f.cancelled() or f.exception() is not None
         with self._lock:
             entry.loading = False
+            self._loading.discard(entry.ready)
             if failed:
                 self._forget(entry)
             else:
@@ -326,8 +371,8 @@ class DeviceCache:
             event.record(torch.cuda.current_stream(self.device))
         with self._lock:
             entry.pins -= 1
-            if event is not None:
-                entry.used.append(event)
+            if event is not None:  # an event of a stream supersedes its earlier ones
+                entry.used[torch.cuda.current_stream(self.device).cuda_stream] = event
             if entry.stale and entry.pins == 0:
                 self._free(entry)
             self._lock.notify_all()
@@ -352,7 +397,7 @@ class DeviceCache:
 
     def _free(self, entry: _Entry) -> None:
         # kernels that read the buffer must finish before it is refilled: the next copy waits for them
-        self._fences.extend(entry.used)
+        self._fences.extend(entry.used.values())
         entry.used.clear()
         if not entry.buffer.released:
             entry.buffer.release()

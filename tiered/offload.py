@@ -302,6 +302,7 @@ class OffloadedModule:
         self._bindings: dict[int, list[tuple[_Unit, torch.Tensor]]] = {}  # tensor id -> (unit, view)
         self.device_budget: DeviceBudget | None = None  # CUDA: accounts the weights bound on the GPU
         self.dcache: DeviceCache | None = None  # places unit objects on the compute device (CUDA default)
+        self._resident_ranges: list[tuple[int, int]] = []  # device cache: region bytes of resident units
         self.prefix = ""
         # training: saved tensors that alias a unit's weights are packed as handles and fetched again
         self._storage_of: dict[int, tuple[_Unit, str]] = {}  # host storage address -> (unit, key)
@@ -451,7 +452,13 @@ class OffloadedModule:
     @property
     def _wants_device_cache(self) -> bool:
         want = self.config.offload.device_cache
-        return self.cuda if want is None else want
+        if want is None:  # the bundled layout's strided views would be copied beside the cache's bytes
+            return self.cuda and not self._bundled
+        return want
+
+    @property
+    def _bundled(self) -> bool:
+        return any(s.bundle is not None for u in self.units for s in u.slots)
 
     @property
     def _two_level(self) -> bool:
@@ -614,6 +621,14 @@ class OffloadedModule:
     def _bind_views(self, u: _Unit) -> None:
         if self.device_budget is not None:  # the invariant, checked: never more than the gpu tier
             self.device_budget.reserve(u.nbytes, timeout=0)
+        try:
+            self._bind_slots(u)
+        except BaseException:
+            if self.device_budget is not None and not u.bound:
+                self.device_budget.release(u.nbytes)  # nothing bound: _unbind would not give it back
+            raise
+
+    def _bind_slots(self, u: _Unit) -> None:
         if self.dcache is not None:
             # the leases are device copies already (copied ahead on the cache's stream when prefetched);
             # a strided (bundled) view is made contiguous, the layout the in-memory model has
@@ -695,10 +710,15 @@ class OffloadedModule:
             self._release(v)
 
     def _drop_pending(self, v: _Unit) -> None:
-        for f in v.pending.values():
-            if not f.cancel():
-                f.result(timeout=_WAIT).release()
-        v.pending.clear()
+        pending, v.pending = list(v.pending.values()), {}
+        for f in pending:
+            if f.cancel():
+                continue
+            try:
+                lease = f.result(timeout=_WAIT)
+            except Exception:  # noqa: BLE001 - a failed read pins nothing; its error reached (or reaches) the load
+                continue
+            lease.release()
 
     def _prefetch_after(self, u: _Unit) -> None:
         if not self.order or self.lookahead == 0:
@@ -732,6 +752,13 @@ class OffloadedModule:
     def _pack(self, t: torch.Tensor):
         """A saved tensor that views a streamed unit's host copy becomes a handle (the memory
         goes back to the budget); everything else is saved as usual."""
+        if self.dcache is not None and t.layout is torch.strided:
+            at = self.dcache.arena.offset_of(t)
+            if at is not None and not any(lo <= at < hi for lo, hi in self._resident_ranges):
+                # the region is refilled with other units once this one is released: autograd keeps
+                # its own copy (refetching in backward is the CPU path's; training on CUDA is not supported)
+                return t.clone()
+            return t
         if not self._storage_of or t.layout is not torch.strided or t.device.type != "cpu":
             return t
         hit = self._storage_of.get(t.untyped_storage().data_ptr())
@@ -899,6 +926,10 @@ class OffloadedModule:
         """The device cache over the compute budget: on by default on CUDA (``[offload] device_cache``).
         On a CPU device it only adds a copy; forcing it there is how its path is tested."""
         if self._wants_device_cache:
+            if self._bundled:
+                raise OffloadError("[offload] device_cache = true cannot serve the bundled layout (each FFN weight "
+                                   "would be copied contiguous beside the cached bytes, twice the budget); "
+                                   "use layout = \"packed\" or device_cache = false")
             # each object's buffer is aligned to DEVICE_ALIGN: the arena adds that padding to the budget
             pad = DEVICE_ALIGN * len({k for u in self.units for k in u.keys})
             self.dcache = DeviceCache(self.store, self._budget() + pad, str(self.device), wait=_WAIT).open()
@@ -920,6 +951,9 @@ class OffloadedModule:
         for u in self.units:
             if u.resident or u.host_resident:
                 self._collect(u)
+        if self.dcache is not None:
+            self._resident_ranges = [(lease.offset, lease.offset + lease.nbytes)
+                                     for u in self.units if u.resident for lease in u.leases.values()]
 
     def report(self) -> dict:
         st = self.store.stats()
@@ -985,11 +1019,15 @@ def offload(model: nn.Module, config=None, *, units=None, layout: str | None = N
         rt.hold_residents()
         rt.install_hooks()
     except BaseException:
-        rt.remove_hooks()
-        rt.release_all()
-        rt.close_device_cache()
-        if owns:
-            store.close()
+        try:
+            rt.remove_hooks()
+            rt.release_all()
+        finally:
+            try:
+                rt.close_device_cache()
+            finally:
+                if owns:
+                    store.close()
         raise
     model._tiered = rt
     return model
@@ -1004,11 +1042,18 @@ def detach(model: nn.Module, *, keep: bool = False) -> nn.Module:
     if rt is None:
         raise OffloadError(f"{type(model).__name__} is not offloaded")
     rt.remove_hooks()
-    for u in rt.units:
-        rt._unbind(u)
-    rt.release_all()
-    rt.materialize()
-    rt.close_device_cache()
+    try:
+        for u in rt.units:
+            rt._unbind(u)
+        rt.release_all()
+        rt.materialize()
+    finally:
+        try:
+            rt.close_device_cache()
+        except BaseException:
+            if rt.owns_store:
+                rt.store.close()
+            raise
     if not keep:
         for key in dict.fromkeys(k for u in rt.units for k in u.keys):
             if key in rt.store:

@@ -319,6 +319,8 @@ class TieredCache(Cache):
         """Bytes on the compute device: resident blocks, staging slots, tails."""
         blocks = sum(b.nbytes for b in self._blocks)
         staging = sum(t.numel() * t.element_size() for s in self._slots for t in s if t is not None)
+        if self._staging is not None:
+            staging += self._staging.numel() * self._staging.element_size()
         tails = sum(2 * (layer.tail_k.numel() * layer.tail_k.element_size())
                     for layer in self.layers if layer.tail_k is not None)
         return {"blocks": blocks, "staging": staging, "tails": tails, "total": blocks + staging + tails}
@@ -446,9 +448,11 @@ class TieredCache(Cache):
         self._turn = (self._turn + 1) % len(self._slots)
         hit = False
         while self._pending:
-            pl, pt, ps, fut = self._pending.popleft()
+            pl, pt, ps, fut = self._pending[0]
             t0 = time.perf_counter()
-            self._after_gather(fut.result(timeout=self.io_timeout))  # it writes into a slot: wait either way
+            done = fut.result(timeout=self.io_timeout)  # it writes into a slot: wait either way
+            self._pending.popleft()  # (after the wait: a timed-out gather stays known to _drop_all)
+            self._after_gather(done)
             if pl == l and pt == tokens and ps == slot:
                 self.counters["gather_wait_s"] += time.perf_counter() - t0
                 hit = True
@@ -456,6 +460,7 @@ class TieredCache(Cache):
         if not hit:
             self._pending.clear()  # out of order: later prefetches were planned for other slots
             t0 = time.perf_counter()
+            self._views(slot, tokens)  # sized before the event (see _schedule)
             self._after_gather(self._gather(l, slot, tokens, self._compute_event()))
             self.counters["gather_wait_s"] += time.perf_counter() - t0
         else:
@@ -473,6 +478,9 @@ class TieredCache(Cache):
             if nxt not in queued:
                 slot = (self._turn + len(self._pending)) % len(self._slots)
                 tokens = self._committed + self.layers[nxt].tail_len + n_new
+                # the slot is sized here, on the compute thread, before the event: memory the
+                # allocator hands out later could still be used by compute kernels queued after it
+                self._views(slot, tokens)
                 fut = self._executor.submit(self._gather, nxt, slot, tokens, self._compute_event())
                 self._pending.append((nxt, tokens, slot, fut))
             nxt += 1
@@ -530,6 +538,7 @@ class TieredCache(Cache):
         run_k: list[torch.Tensor] = []
         run_v: list[torch.Tensor] = []
         run_pair: list[torch.Tensor | None] = []  # a host block's [2, B, H, n, D] (K and V together), or None
+        staged = 0  # pairs in the current run
         run_lo = 0
 
         def issue() -> None:
@@ -550,7 +559,7 @@ class TieredCache(Cache):
                 # fills the slot (a copy straight into the strided slot would cost a temporary, a copy and
                 # a kernel per K and per V)
                 pairs = [p for p in run_pair if p is not None]
-                staging = self._staging_for(pairs, kk.device)
+                staging = self._staging_for(pairs, kk.device) if pairs else None
                 ks, vs, i = [], [], 0
                 for tk, tv, pair in zip(run_k, run_v, run_pair):
                     if pair is None:  # on the device already (a resident block, the tail), or a strided view
@@ -601,8 +610,10 @@ class TieredCache(Cache):
                 run_k.append(src[0])
                 run_v.append(src[1])
                 run_pair.append(pair)
-                if len(held) >= max(1, window // 2):
+                staged += pair is not None
+                if len(held) >= max(1, window // 2) or staged >= self.read_window:  # staging's capacity
                     flush((b.index + 1) * bs)
+                    staged = 0
                 issue()
             layer = self.layers[l]
             if layer.tail_k is not None:
@@ -621,9 +632,10 @@ class TieredCache(Cache):
     def _staging_for(self, pairs: list[torch.Tensor], device) -> torch.Tensor:
         """A device buffer for ``pairs`` ([2, B, H, <= block, D] each), kept and grown as needed;
         used only on the gather stream, so reusing it is ordered behind the previous cat."""
-        shape = (len(pairs), *pairs[0].shape[:-2], self.block_size, pairs[0].shape[-1])
+        shape = (max(len(pairs), self.read_window), *pairs[0].shape[:-2], self.block_size, pairs[0].shape[-1])
         if self._staging is None or self._staging.shape[0] < len(pairs) or self._staging.shape[1:] != shape[1:] \
                 or self._staging.dtype != pairs[0].dtype:
+            self._staging = None  # (counted in device_bytes: one buffer at a time)
             self._staging = torch.empty(shape, dtype=pairs[0].dtype, device=device)
         return self._staging
 
