@@ -319,8 +319,6 @@ class TieredCache(Cache):
         """Bytes on the compute device: resident blocks, staging slots, tails."""
         blocks = sum(b.nbytes for b in self._blocks)
         staging = sum(t.numel() * t.element_size() for s in self._slots for t in s if t is not None)
-        if self._staging is not None:
-            staging += self._staging.numel() * self._staging.element_size()
         tails = sum(2 * (layer.tail_k.numel() * layer.tail_k.element_size())
                     for layer in self.layers if layer.tail_k is not None)
         return {"blocks": blocks, "staging": staging, "tails": tails, "total": blocks + staging + tails}
@@ -628,14 +626,17 @@ class TieredCache(Cache):
                 f.add_done_callback(_release_lease)
             if l == hi_p - 1:  # the part's last layer: its step pins are done
                 self._release_step_leases(part)
+            self._staging = None  # transient: held only while a gather runs
 
     def _staging_for(self, pairs: list[torch.Tensor], device) -> torch.Tensor:
-        """A device buffer for ``pairs`` ([2, B, H, <= block, D] each), kept and grown as needed;
-        used only on the gather stream, so reusing it is ordered behind the previous cat."""
-        shape = (max(len(pairs), self.read_window), *pairs[0].shape[:-2], self.block_size, pairs[0].shape[-1])
+        """A device buffer for ``pairs`` ([2, B, H, <= block, D] each): at most ``read_window``
+        blocks of one layer, outside the device budget while a gather runs (like the temporaries
+        of a direct copy into the strided slot would be); used only on the gather stream, so
+        reusing it within the gather is ordered behind the previous cat."""
+        shape = (len(pairs), *pairs[0].shape[:-2], self.block_size, pairs[0].shape[-1])
         if self._staging is None or self._staging.shape[0] < len(pairs) or self._staging.shape[1:] != shape[1:] \
                 or self._staging.dtype != pairs[0].dtype:
-            self._staging = None  # (counted in device_bytes: one buffer at a time)
+            self._staging = None  # one buffer at a time
             self._staging = torch.empty(shape, dtype=pairs[0].dtype, device=device)
         return self._staging
 
