@@ -738,14 +738,15 @@ class TieredStore:
 
     def put_buffer(self, key: str, buf: HostBuffer, dtype: torch.dtype, shape, *, kind: str = "blob",
                    tier: str | None = None, give: bool = False, sync: bool = True, commit: bool = True,
-                   priority: Priority = Priority.WRITEBACK) -> IOFuture:
+                   priority: Priority = Priority.WRITEBACK, cache: bool = True) -> IOFuture:
         """Store the bytes already in ``buf`` (a buffer of this store's arena, e.g. from
         :meth:`alloc_host` or :meth:`Lease.detach`) as ``key``, without copying them.
 
         ``buf.nbytes`` must be the size of ``dtype`` x ``shape``. The caller must not change
         the bytes until the future is done. ``give=True`` hands the buffer to the store: it
-        becomes the object's cached host copy (or is released), also when the put fails;
-        else the caller keeps it and the store never caches or frees it.
+        becomes the object's cached host copy (with ``cache`` and the store's ``cache_on_put``;
+        else it is released once written), also when the put fails; else the caller keeps
+        it and the store never caches or frees it.
 
         ``sync=False`` skips this write's fdatasync and ``commit=False`` the manifest commit:
         the future then resolves once the bytes are written and the object is current in
@@ -774,7 +775,7 @@ class TieredStore:
             raise
         try:
             f = self._write_buffer(key, buf, nbytes, dtype, shape, kind, tier, None, give, sync, commit,
-                                   priority)
+                                   priority, cache)
         except BaseException:
             self._put_landed(key)
             raise
@@ -813,11 +814,11 @@ class TieredStore:
             buf.release()
             raise
         return self._write_buffer(key, buf, nbytes, src.dtype, tuple(src.shape), kind, tier, relocate,
-                                  True, True, True, Priority.WRITEBACK)
+                                  True, True, True, Priority.WRITEBACK, True)
 
     def _write_buffer(self, key: str, buf: HostBuffer, nbytes: int, dtype: torch.dtype, shape: tuple,
                       kind: str, tier: str | None, relocate: int | None, give: bool, sync: bool,
-                      commit: bool, priority: Priority) -> IOFuture:
+                      commit: bool, priority: Priority, cache: bool) -> IOFuture:
         """Write ``buf`` (its first ``nbytes`` are the object) as a new version of ``key``."""
         try:
             flat = buf.padded
@@ -858,12 +859,13 @@ class TieredStore:
                 meta = ObjectMeta(key, kind, dtype, tuple(shape), nbytes, version, crc, ext)
                 self._objects[key] = meta
                 self._tiers[tier_name].objects += 1
-                if give and self.cache_on_put:
+                keep = give and cache and self.cache_on_put
+                if keep:
                     meta.host = HostCopy(buf, version, ready=True)
                     self.host_policy.admit(Observation(key, len(flat), kind, "write", "host"))
                 elif give:
                     buf.release()
-            if give and self.cache_on_put:
+            if give:
                 self._notify_host()  # the cached copy is evictable from now on
             def rollback() -> None:  # the manifest write failed: the previous version stays current
                 if self._objects.get(key) is not meta:

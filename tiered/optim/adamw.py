@@ -2,8 +2,14 @@
 
 The state is cut into chunks (whole parameters, or 4096-element-aligned slices
 of large ones; one chunk per unit for a model wrapped by ``tiered.offload``).
-Each chunk is one store object ``[master | exp_avg | exp_avg_sq | step tag]``
-(fp32), so a chunk is one read and one write. ``step()`` streams them as the
+A chunk is one store object ``[master | exp_avg | exp_avg_sq | step tag]``
+(fp32), so one read and one write, when its parameters are not all fp32 (the
+master is their fp32 copy) or live in offloaded units. For fp32 parameters in
+memory the parameter *is* the master: the chunk is ``[exp_avg | exp_avg_sq |
+step tag]``, updated with the parameter in place, and the master is only
+written (its own object ``[master | step tag]``, what resume and crash
+recovery restore the parameters from), never read back during training, so
+a step reads 8 bytes per parameter instead of 12. ``step()`` streams them as the
 ZeRO-Infinity pipeline does: while chunk *i* is updated on the CPU, chunks
 *i+1..i+k* are being read by the engine and chunk *i-1* is being written.
 The update itself is torch's own functional AdamW on views of the chunk, so
@@ -48,6 +54,7 @@ outside units, unused ones) and commits the step.
 from __future__ import annotations
 
 from collections import deque
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -95,6 +102,8 @@ class _Chunk:
     expected: int = 0  # parameters whose gradient completes the chunk in backward
     arrived: set = field(default_factory=set)
     resident: HostBuffer | None = None  # kept in the host tier across steps (never read back)
+    resident_master: HostBuffer | None = None  # split chunks: where the resident master is written from
+    split: bool = False  # fp32 parameters in memory: moments object + master object (written only)
 
     @property
     def numel(self) -> int:
@@ -270,6 +279,19 @@ class OffloadedAdamW(Optimizer):
     def _chunk_key(self, c: _Chunk, step: int) -> str:
         return f"{self.name}/c{c.index:06d}/{step % 2}"
 
+    def _master_key(self, c: _Chunk, step: int) -> str:
+        """A split chunk's master object (the parameters as of that step)."""
+        return f"{self.name}/w{c.index:06d}/{step % 2}"
+
+    @staticmethod
+    def _state_numel(c: _Chunk) -> int:
+        return (2 if c.split else 3) * c.numel + _TAG
+
+    @staticmethod
+    def _host_bytes(c: _Chunk) -> int:
+        """Host memory one chunk takes while it is updated (a split chunk's master staged to write)."""
+        return align_up(4 * (3 * c.numel + _TAG)) + (4096 if c.split else 0)
+
     # -- planning --------------------------------------------------------------------
     def _plan_chunks(self) -> None:
         index_of = {id(p): i for i, p in enumerate(self._params)}
@@ -320,14 +342,15 @@ class OffloadedAdamW(Optimizer):
                     cur, room = [], limit
         if cur:
             chunks.append(_Chunk(len(chunks), cur))
+        for c in chunks:
+            c.split = c.unit is None and all(self._params[g.param].dtype == torch.float32 for g in c.segments)
         self._chunks = chunks
 
     def _pipeline_bytes(self) -> int:
         """Host memory the streaming pipeline needs: lookahead reads, one update, two writes."""
         if not self._chunks:
             return 0
-        biggest = align_up(max(c.numel for c in self._chunks) * 12 + 4 * _TAG)
-        return (self.lookahead + 3) * biggest
+        return (self.lookahead + 3) * max(self._host_bytes(c) for c in self._chunks)
 
     def _place_resident(self) -> None:
         """Keep the last chunks resident in what the host tier holds beyond the pipeline."""
@@ -337,23 +360,27 @@ class OffloadedAdamW(Optimizer):
             room = cap - self._pipeline_bytes() - (64 << 10) if self._owns_store and self._rt is None else 0
         room = min(room, cap - self._pipeline_bytes())
         for c in reversed(self._chunks):
-            size = align_up(c.numel * 12 + 4 * _TAG)
+            size = self._host_bytes(c)
             if size > room:
                 break
-            c.resident = self._store.alloc_host(c.numel * 12 + 4 * _TAG, wait=0.0)
+            c.resident = self._store.alloc_host(4 * self._state_numel(c), wait=0.0)
             _encode_step(c.resident.tensor(torch.float32), -1)  # holds no step yet: loaded on first use
+            if c.split:
+                c.resident_master = self._store.alloc_host(4 * (c.numel + _TAG), wait=0.0)
             room -= size
 
     def _release_resident(self) -> None:
         for c in self._chunks:
-            if c.resident is not None:
-                buf, c.resident = c.resident, None
-                buf.release()
+            for attr in ("resident", "resident_master"):
+                buf = getattr(c, attr)
+                if buf is not None:
+                    setattr(c, attr, None)
+                    buf.release()
 
     def _check_budget(self) -> None:
         if not self._chunks:
             return
-        biggest = max(c.numel for c in self._chunks) * 12 + 4 * _TAG + 4096
+        biggest = max(self._host_bytes(c) for c in self._chunks)
         need = (self.lookahead + 3) * biggest
         cap = self._store.arena.capacity
         if need > cap:
@@ -439,10 +466,11 @@ class OffloadedAdamW(Optimizer):
             raise OptimStateError(f"chunk {c.index} of {self.name!r} was updated twice in step {s}: "
                                   "call step() after every backward")
         n = c.numel
-        shape = (3 * n + _TAG,)
+        shape = (self._state_numel(c),)
         key = self._chunk_key(c, s - 1)
         lease: Lease | None = None
         hb: HostBuffer | None = None  # a buffer this update owns until its put takes it
+        mb: HostBuffer | None = None  # a split chunk's master, staged to be written
         unit_views = None
         fresh = s == 1
         try:
@@ -470,10 +498,13 @@ class OffloadedAdamW(Optimizer):
             if lease is not None:  # own the buffer: it is changed in place and written as step s
                 hb, lease = lease.detach(), None
                 buf = hb.tensor(torch.float32)
-            master, m, v = buf[:n], buf[n:2 * n], buf[2 * n:3 * n]
+            if c.split:  # the parameters are the master: updated in place
+                master, m, v = None, buf[:n], buf[n:2 * n]
+            else:
+                master, m, v = buf[:n], buf[n:2 * n], buf[2 * n:3 * n]
             if c.unit is not None:
                 unit_views = self._rt.open_unit_params(c.unit)
-            if fresh:
+            if fresh and master is not None:
                 self._init_master(c, master, unit_views)
             per_group: dict[int, tuple[list, list, list, list, list]] = {}
             done: list[tuple[_Segment, int]] = []
@@ -487,7 +518,8 @@ class OffloadedAdamW(Optimizer):
                     if gv.dtype != torch.float32:
                         gv = gv.float()
                     lists = per_group.setdefault(seg.group, ([], [], [], [], []))
-                    lists[0].append(master[off:off + seg.numel])
+                    lists[0].append(self._params[seg.param].data.view(-1)[seg.start:seg.stop] if master is None
+                                    else master[off:off + seg.numel])
                     lists[1].append(gv)
                     lists[2].append(m[off:off + seg.numel])
                     lists[3].append(v[off:off + seg.numel])
@@ -504,8 +536,10 @@ class OffloadedAdamW(Optimizer):
                                   weight_decay=grp["weight_decay"], eps=grp["eps"], maximize=grp["maximize"])
             for seg, o in done:
                 self._stepped_params.add(seg.param)
-                new = master[o:o + seg.numel]
                 p = self._params[seg.param]
+                if master is None:
+                    continue  # updated in place
+                new = master[o:o + seg.numel]
                 if unit_views is not None:
                     for view in unit_views.views[id(p)]:
                         view.copy_(new.view(view.shape))
@@ -513,16 +547,33 @@ class OffloadedAdamW(Optimizer):
                     p.data.view(-1)[seg.start:seg.stop].copy_(new)
                 if c.unit is not None:
                     p.grad = None  # handed over in backward: released now
+            if c.split:  # stage the master (all of the chunk's parameters) to be written
+                if c.resident_master is not None:
+                    wt = c.resident_master.tensor(torch.float32)
+                else:
+                    mb = self._store.alloc_host(4 * (n + _TAG), wait=_WAIT)
+                    wt = mb.tensor(torch.float32)
+                off = 0
+                for seg in c.segments:
+                    wt[off:off + seg.numel].copy_(self._params[seg.param].data.view(-1)[seg.start:seg.stop])
+                    off += seg.numel
+                _encode_step(wt, s)
             _encode_step(buf, s)
             if c.resident is not None:
                 src, give, prio = c.resident, False, Priority.WRITEBACK
             else:
                 src, give, prio, hb = hb, True, Priority.DEMAND, None  # the put owns it now, also if it fails
-            write = functools.partial(self._put_chunk, self._chunk_key(c, s), src, shape, give, prio)
-            if deferred is not None and c.resident is not None:
-                deferred.append(write)
-            else:
-                write()
+            writes = [functools.partial(self._put_chunk, self._chunk_key(c, s), src, shape, give, prio)]
+            if c.split:
+                msrc, mgive = (c.resident_master, False) if c.resident_master is not None else (mb, True)
+                mb = None  # the put owns it now
+                writes.append(functools.partial(self._put_chunk, self._master_key(c, s), msrc, (n + _TAG,),
+                                                mgive, prio, cache=False))
+            for write in writes:
+                if deferred is not None and c.resident is not None:
+                    deferred.append(write)
+                else:
+                    write()
             if unit_views is not None:
                 self._rt.write_unit_params(unit_views)
                 unit_views = None
@@ -532,15 +583,18 @@ class OffloadedAdamW(Optimizer):
                 unit_views.abandon()
             if hb is not None:
                 hb.release()
+            if mb is not None:
+                mb.release()
             if lease is not None:
                 lease.release()
             elif lease_f is not None:
                 _drop(lease_f)
 
-    def _put_chunk(self, key: str, src: HostBuffer, shape: tuple, give: bool, priority: Priority) -> None:
+    def _put_chunk(self, key: str, src: HostBuffer, shape: tuple, give: bool, priority: Priority,
+                   cache: bool = True) -> None:
         # no fdatasync and no manifest commit per chunk: _commit does one of each for the step
         self._writes.append(self._store.put_buffer(key, src, torch.float32, shape, kind="optim", give=give,
-                                                   sync=False, commit=False, priority=priority))
+                                                   sync=False, commit=False, priority=priority, cache=cache))
 
     def _load_resident(self, c: _Chunk, key: str, buf: torch.Tensor) -> None:
         """Fill a resident chunk's buffer from the store (the step it holds is checked by the caller)."""
@@ -665,14 +719,13 @@ class OffloadedAdamW(Optimizer):
 
     def _load_chunk(self, c: _Chunk, s: int, into_params: bool = False,
                     out: dict | None = None) -> None:
-        key = self._chunk_key(c, s)
-        if key not in self._store:
-            raise OptimStateError(f"object {key!r} of step {s} is missing from the store at {self._store.root}")
-        with self._store.acquire(key, wait=_WAIT).result(timeout=_WAIT) as lease:
-            buf, n = lease.tensor, c.numel
-            if buf.shape != (3 * n + _TAG,) or _decode_step(buf) != s:
-                raise OptimStateError(f"object {key!r} holds {tuple(buf.shape)} of step {_decode_step(buf)}, "
-                                      f"expected ({3 * n + _TAG},) of step {s}")
+        n = c.numel
+        with self._acquire_checked(self._chunk_key(c, s), s, self._state_numel(c)) as lease, \
+                (self._acquire_checked(self._master_key(c, s), s, n + _TAG) if c.split
+                 else contextlib.nullcontext(lease)) as mlease:
+            buf = lease.tensor
+            if c.split:  # [exp_avg | exp_avg_sq]: the master is its own object
+                buf = torch.cat([mlease.tensor[:n], buf])
             views = self._rt.open_unit_params(c.unit) if (into_params and c.unit is not None) else None
             try:
                 off = 0
@@ -698,6 +751,18 @@ class OffloadedAdamW(Optimizer):
             finally:
                 if views is not None:
                     views.abandon()
+
+    def _acquire_checked(self, key: str, s: int, numel: int) -> Lease:
+        if key not in self._store:
+            raise OptimStateError(f"object {key!r} of step {s} is missing from the store at {self._store.root}")
+        lease = self._store.acquire(key, wait=_WAIT).result(timeout=_WAIT)
+        buf = lease.tensor
+        if buf.dtype != torch.float32 or buf.shape != (numel,) or _decode_step(buf) != s:
+            held = _decode_step(buf) if buf.dtype == torch.float32 and buf.numel() >= _TAG else None
+            lease.release()
+            raise OptimStateError(f"object {key!r} holds {buf.dtype}{tuple(buf.shape)} of step {held}, "
+                                  f"expected float32({numel},) of step {s}")
+        return lease
 
     def state_dict(self) -> dict:
         """torch's AdamW layout (``state`` by parameter index, ``param_groups``), read from the
@@ -789,6 +854,10 @@ class OffloadedAdamW(Optimizer):
                 if views is not None:
                     views.abandon()
             _encode_step(buf, s)
+            if c.split:  # [master | tag] and [exp_avg | exp_avg_sq | tag]
+                mt = torch.cat([buf[:n], buf[3 * n:]])
+                self._writes.append(self._store.put(self._master_key(c, s), mt, kind="optim"))
+                buf = buf[n:]
             self._writes.append(self._store.put(self._chunk_key(c, s), buf, kind="optim"))
         self._param_steps = steps
         self._step = s - 1
