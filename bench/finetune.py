@@ -390,8 +390,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved runs of each contender (default 2)")
     ap.add_argument("--zo-steps", type=int, default=3)
     ap.add_argument("--workers", type=int, default=8, help="tiered's I/O engine threads")
-    ap.add_argument("--lookahead", type=int, default=6, help="tiered: state chunks read ahead")
-    ap.add_argument("--chunk-mib", type=int, default=8, help="tiered: state chunk size, MiB")
+    ap.add_argument("--lookahead", type=int, default=4, help="tiered: state chunks read ahead")
+    ap.add_argument("--chunk-mib", type=int, default=16, help="tiered: state chunk size, MiB (12 bytes per parameter)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads in every contender (default 1: on 2 shared cores, 2 OpenMP "
                     "threads stall on each other and on the I/O workers)")

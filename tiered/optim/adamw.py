@@ -128,7 +128,7 @@ class OffloadedAdamW(Optimizer):
     ``model`` (a model wrapped by ``tiered.offload``) the model's store is the default.
     ``name``: key prefix of this optimizer's objects. ``chunk_bytes``: target size of one
     chunk object (12 bytes per element; default: what the host tier holds ``lookahead + 3``
-    of, at most 32 MiB). ``lookahead``: chunks read ahead of the update.
+    of, at most 16 MiB: the rest of the host tier keeps chunks resident). ``lookahead``: chunks read ahead of the update.
     ``resume``: continue from the last complete step found in the store (else finding
     state there is an error, so two runs cannot silently share it).
     ``resident_bytes``: host memory for chunks kept resident across steps (default: what the
@@ -316,7 +316,7 @@ class OffloadedAdamW(Optimizer):
                     chunks.append(_Chunk(len(chunks), segs, unit=u, expected=len(segs)))
         chunk_bytes = self.chunk_bytes
         if chunk_bytes is None:
-            chunk_bytes = min(32 << 20, self._store.arena.capacity // (self.lookahead + 3) - 4096 - 4 * _TAG)
+            chunk_bytes = min(16 << 20, self._store.arena.capacity // (self.lookahead + 3) - 4096 - 4 * _TAG)
         limit = max(_ALIGN_ELEMS, chunk_bytes // 12 // _ALIGN_ELEMS * _ALIGN_ELEMS)
         cur: list[_Segment] = []
         room = limit
