@@ -10,8 +10,6 @@ import errno
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -21,6 +19,7 @@ import pytest
 import torch
 
 from io_engine.testing import FaultyBackend
+from killing import run_and_kill
 from tiered.checkpoint import CheckpointChecksumError, CheckpointError, LazyCheckpointer, StoreRef
 from tiered.checkpoint.format import SEGMENT, committed_steps, read_manifest
 from tiered.store import TieredStore
@@ -435,22 +434,9 @@ def test_sigkill_at_random_moments_leaves_the_last_committed_step_loadable(tmp_p
     rng = random.Random(1234)
     step, kills = 0, 0
     for _round in range(5):
-        proc = subprocess.Popen([sys.executable, str(CHILD), json.dumps(c), str(step)], stdout=subprocess.PIPE,
-                                text=True, cwd=HERE.parent)
-        try:
-            assert proc.stdout.readline().strip() == "READY"
-            lines: list[str] = []
-            reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
-            reader.start()
-            time.sleep(rng.uniform(0.02, 0.6))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(T)
-            reader.join(T)
-            kills += 1
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(T)
+        lines = run_and_kill([sys.executable, str(CHILD), json.dumps(c), str(step)], rng.uniform(0.02, 0.6),
+                             cwd=HERE.parent)
+        kills += 1
         committed = [int(x.split()[1]) for x in lines if x.startswith("committed")]
         with LazyCheckpointer(c, cold_tier="flash", keep_last=2, cold_keep_last=2) as ck:
             latest = ck.latest()

@@ -325,10 +325,9 @@ def test_sigkill_during_row_updates_leaves_one_whole_update(tmp_path):
     """Kill a child updating one row in every chunk per step, at random moments: on reopen all
     those rows hold the same step (never a mix), at least the last one it reported."""
     import random
-    import signal
-    import subprocess
     import sys
-    import time
+
+    from killing import run_and_kill
 
     cfg = config(tmp_path)
     with TieredStore(cfg) as s, fstore(s) as fs:
@@ -338,20 +337,7 @@ def test_sigkill_during_row_updates_leaves_one_whole_update(tmp_path):
     rng = random.Random(7)
     rows = torch.arange(0, 2000, 100)
     for _round in range(4):
-        proc = subprocess.Popen([sys.executable, str(script), json.dumps(cfg)], stdout=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout.readline().strip() == "READY"
-            lines: list[str] = []
-            reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
-            reader.start()
-            time.sleep(rng.uniform(0.05, 0.5))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(T)
-            reader.join(T)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(T)
+        lines = run_and_kill([sys.executable, str(script), json.dumps(cfg)], rng.uniform(0.05, 0.5))
         done = [int(x.split()[1]) for x in lines if x.startswith("updated")]
         with TieredStore(cfg) as s, fstore(s) as fs:
             got = fs.get_tensor(group_name=None, attr_name="x", index=rows)
