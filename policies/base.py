@@ -215,6 +215,7 @@ class MigrationPolicy(abc.ABC):
 
     name: str = ""
     #: accesses per decide() call; learning policies batch to amortise inference
+    #: (read again after every decide(): a policy may adapt it)
     batch: int = 1
     #: True: observe() is called with outcomes (heuristics leave it False: no cost)
     learns: bool = False

@@ -363,6 +363,7 @@ def simulate(
             policy.observe(outs)
         pending = []
         pend_keys.clear()
+        batch_size = max(1, int(policy.batch))  # a policy may adapt its batch as it learns the sizes
         if progress is not None and (i + 1) % progress_every == 0:
             progress(i + 1, n)
     if progress is not None:

@@ -42,8 +42,8 @@ def test_registry_factory_and_options():
     assert isinstance(pol, HarmoniaAgents) and pol.opt.candidates == 8 and pol.learns
     with pytest.raises(ValueError, match="unknown RL option.*'bogus'"):
         make_policy(bogus=1)
-    with pytest.raises(ValueError, match="'half_life' must be a finite number"):
-        make_policy(half_life="x")
+    with pytest.raises(ValueError, match="'migration_penalty' must be a finite number"):
+        make_policy(migration_penalty="x")
     with pytest.raises(ValueError, match="'batch' must be a positive integer"):
         make_policy(batch=0)
 
@@ -179,3 +179,91 @@ def test_gym_env_check_env_and_semantics():
     assert always > never  # caching pays on a skewed trace
     with pytest.raises(ValueError, match="size"):
         TieredCacheEnv(keys, np.full(5, 4096))
+
+
+def test_hindsight_labels_each_horizon_once_and_correct():
+    """Every sampled (state, horizon) pair is labelled exactly once: 1 if the object came back
+    within the horizon, 0 when the horizon passed without it (no guessing, no double counting)."""
+    from policies.rl.predictor import HORIZONS
+
+    cap = 64 * 4096
+    pol = make_policy(batch=1, warmup_steps=10_000, pending=4096)
+    pol.reset(tiers(cap))
+    got = []
+    for ag in pol.agents:
+        orig = ag.add
+
+        def add(s, y, m, orig=orig):
+            got.append((y.copy(), m.copy()))
+            orig(s, y, m)
+        ag.add = add
+    # key 0 every 32 accesses (a gap of half a capacity), the rest never again
+    n, nxt = 3000, 10**6
+    for t in range(n):
+        k = 0 if t % 32 == 0 else nxt + t
+        pol.decide([Observation(k, 4096, tier="slow", tier_index=1, time=float(t), index=t)])
+    y = np.concatenate([g[0] for g in got])
+    m = np.concatenate([g[1] for g in got])
+    assert set(np.unique(m)) <= {0.0, 1.0} and set(np.unique(y)) <= {0.0, 1.0}
+    assert (y <= m).all()  # a label only where the mask is on
+    H = np.asarray(HORIZONS)
+    # the hot key's samples (access-time and idle ones): it always came back within its gap
+    # (0.5 capacity), so positive for every longer horizon; and a label never goes from
+    # "came back within h" to "not within a longer h"
+    pos = y.sum(axis=1) > 0
+    assert pos.any()
+    assert np.all(y[pos][:, H > 0.5] == m[pos][:, H > 0.5])
+    full = m.sum(axis=1) == len(H)
+    assert full.any() and np.all(np.diff(y[full], axis=1) >= 0)
+    # ... and samples never seen again get one negative row per horizon, each horizon once
+    neg_rows = m[~pos]
+    assert (neg_rows.sum(axis=1) == 1).all()
+    per_head = neg_rows.sum(axis=0)
+    assert per_head[0] >= per_head[-1] > 0  # short horizons expire first
+    assert pol.cost_report()["labels"] == len(y)
+
+
+def test_regret_moves_weight_off_the_expert_that_erred():
+    pol = make_policy()
+    pol.reset(tiers(8 * 4096))
+    for k in range(3):
+        pol.decide([Observation(k, 4096, tier="fast", tier_index=0, count=1)])
+    i = pol.table.id_of(1)
+    pol.hist[i] = (2, pol.clock)  # the LFU expert evicted key 1 just now
+    w = pol.w.copy()
+    pol.decide([Observation(1, 4096, tier="slow", tier_index=1, count=2)])  # and it came back
+    assert pol.w[2] < w[2] and i not in pol.hist
+    assert abs(pol.w.sum() - 1.0) < 0.05
+
+
+def test_write_reserve_absorbs_new_writes_open_loop():
+    """New objects written at a steady rate (open loop, idle backing device): the agents keep
+    room on the fast tier so writes land there (write-back caching), never overfilling it."""
+    rng = np.random.default_rng(0)
+    n = 6000
+    keys = np.arange(n)  # every access a new object
+    ops = (rng.random(n) < 0.5).astype(np.uint8)
+    tr = prepare(np.arange(n) * 1e-4, keys, np.full(n, 4096), ops, np.full(n, 5, np.uint8))
+    t = tiers(64 * 4096)
+    lru = simulate(tr, t, create_policy("lru"))
+    pol = make_policy(seed=0)
+    rl = simulate(tr, t, pol)
+    w = tr.op == 1
+    rl_w = (rl.served[w] == 0).mean()
+    assert rl_w > 0.5 > (lru.served[w][n // 2:] == 0).mean(), rl_w
+    assert rl.peak_used[0] <= 64 * 4096
+    assert rl.summary()["mean_latency_us"] < lru.summary()["mean_latency_us"]
+    off = simulate(tr, t, make_policy(seed=0, write_reserve=False))
+    assert (off.served[w][n // 2:] == 0).mean() < 0.1  # without the reserve: no room, no absorption
+
+
+def test_batch_adapts_to_object_size():
+    """Huge objects: one access per decision (a batch's fills would queue ahead of hits)."""
+    pol = make_policy(batch=16)
+    big = (TierModel("fast", 1e12, 1e-6, 1e10, 1e10), TierModel("slow", math.inf, 80e-6, 3e9, 2e9))
+    pol.reset(big)
+    pol.decide([Observation(0, 64 << 20, tier="slow", tier_index=1)])
+    assert pol.batch == 1
+    pol.reset(tiers(8 * 4096))
+    pol.decide([Observation(0, 4096, tier="slow", tier_index=1)])
+    assert pol.batch == 16

@@ -1,33 +1,35 @@
 """Two cooperating learning agents in the style of Harmonia: placement and migration.
 
-Both agents estimate the same quantity, so their answers are comparable:
-Q(s), the discounted nearness of an object's next access (gamma^d, d the
-byte-clock distance in fast-tier capacities, gamma halving every
-``half_life`` capacities; with ``bootstrap=True`` the discounted count of all
-future accesses), learned online by TD with experience replay and a target
-network (:mod:`.qnet`). Multiplied by the latency a fast-tier hit saves
-(from the tier models), Q is the expected reward -- access latency avoided
--- of keeping the object fast; promotions are charged their transfer time
+Both agents learn the same quantity, so their answers are comparable: the
+*nearness* of an object's next access, V(s) in [0, 1] -- the mean over
+horizons h_k (1/8 .. 16 fast-tier capacities of traffic, log-spaced) of
+P(the object is accessed again within h_k) (:mod:`.predictor`). It is
+learned online from hindsight: every sampled state's labels become known
+when the object is accessed again or when a horizon passes without an access
+(LRB's "relaxed Belady" labels, Song et al., NSDI'20), so learning needs no
+exploration -- the future accesses of an object are observed whether or not
+it was kept. Multiplied by the latency a fast-tier hit saves (from the tier
+models), V is the expected reward -- access latency avoided -- of keeping
+the object fast; promotions are charged their transfer time
 (``migration_penalty``) and dirty victims their write-back.
 
 * The **placement agent** values objects with no history (first access, or
-  a new object's home): its network sees size, kind, op and tier fill only.
-* The **migration agent** values objects with history (counts, recency,
-  the last inter-access gaps, their moving average, decayed counts).
+  a new object's home): its network sees size, kind, op and tier fill only;
+  it decides admission (bypass) of new objects.
+* The **migration agent** values objects with history: LRB-style features
+  (the last 8 inter-access gaps, exponentially decayed counts at five time
+  scales, age, count, size, kind; :mod:`.features`).
 
 Decisions (batched, one network call per agent per batch, under
 ``torch.inference_mode``): after each batch of accesses, every accessed
 object not on the fast tier is a promotion candidate; the fast tier's
 victims are the lowest-value-per-byte objects among ``candidates`` residents
-sampled at random (LRB-style sampled eviction). A promotion happens only
-when the candidate's value exceeds the value of the victims it displaces
-plus the migration traffic it costs -- so the agents learn admission
-(bypass) as well as eviction, and pay for migrations in the same currency.
-
-Learning needs no exploration: the future accesses of an object are
-observed whether or not it was kept, so every decision state sampled gets
-its label (the discount to its next access; 0 when none came within
-``horizon`` half-lives) regardless of what the agents did.
+sampled at random (LRB-style sampled eviction of the farthest predicted
+next access). A promotion happens only when the candidate's value exceeds
+the value of the victims it displaces plus the migration traffic it costs --
+Belady's bypass rule with predicted instead of true next accesses.
+Until an agent has trained ``warmup_steps`` steps its values are a recency
+prior (LRU order).
 """
 
 from __future__ import annotations
@@ -40,13 +42,18 @@ from typing import Sequence
 import numpy as np
 
 from ..base import MigrationPolicy, Move, Observation, Outcome, PlacementPolicy, TierModel
-from .features import FEATURE_NAMES, N_FEATURES, ObjectTable, discount
-from .qnet import LearnerConfig, ValueLearner, load_safetensors_json, save_safetensors_json
+from .features import FEATURE_NAMES, N_FEATURES, ObjectTable
+from .predictor import HORIZONS, HindsightPredictor, PredictorConfig
+from .qnet import load_safetensors_json, save_safetensors_json
 
 FORMAT = "tiered-rl-agents"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PLACEMENT, MIGRATION = 0, 1
+LEARNED, LRU, LFU, LRU2 = 0, 1, 2, 3  # eviction experts
+N_EXPERTS = 4
 AGENT_NAMES = ("placement", "migration")
+_H = np.asarray(HORIZONS)
+K = len(HORIZONS)
 
 
 @dataclass(frozen=True)
@@ -54,20 +61,22 @@ class AgentOptions:
     """Hyperparameters: one set for every trace (nothing here is per-trace)."""
 
     batch: int = 16  # accesses per decide() call
-    candidates: int = 32  # fast-tier residents sampled per eviction decision
-    half_life: float = 4.0  # discount half-life, in fast-tier capacities of traffic
-    horizon: float = 8.0  # half-lives after which an unanswered sample bootstraps from its idle state
+    candidates: int = 64  # fast-tier residents sampled per eviction decision
     migration_penalty: float = 1.0  # weight of migration transfer time in the reward
     train_every: int = 32  # accesses between gradient steps (per agent)
     warmup_steps: int = 100  # gradient steps before an agent's values are trusted
-    pending: int = 262144  # decision states awaiting their label
+    pending: int = 262144  # sampled states awaiting their labels
+    writeback_cost: bool = False  # charge a dirty victim its write-back (sunk: due whenever it leaves)
+    experts: bool = True  # mix the learned eviction with LRU/LFU/LRU-2 by regret (LeCaR-style)
+    regret_rate: float = 0.45  # LeCaR's learning rate
+    blend: bool = True  # rank victims by the weighted blend of the experts' rankings (False: sample one)
+    write_reserve: bool = True  # keep room for new objects' writes (write-back caching)
+    rank_logit: bool = False  # victims by mean logit (resolves far-away objects) instead of value
+    idle_samples: int = 4  # idle residents' states sampled per decision (besides the victims)
     hidden: int = 64
-    lr: float = 1e-3
+    lr: float = 2e-3
     train_batch: int = 256
     replay: int = 65536
-    target_every: int = 250
-    bootstrap: bool = False  # True: value = all discounted future hits; False: the next one
-    censor_bootstrap: bool = False  # True: idle-at-horizon samples bootstrap from their idle state; False: target 0
     learn: bool = True  # False: frozen (pre-trained) agents, no training
     seed: int = 0
 
@@ -84,7 +93,7 @@ class AgentOptions:
                 if not isinstance(v, bool):
                     raise ValueError(f"{source}: option {k!r} must be true/false, got {v!r}")
             elif typ is int:
-                if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "seed" else 1):
+                if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k in ("seed", "idle_samples") else 1):
                     raise ValueError(f"{source}: option {k!r} must be a positive integer, got {v!r}")
             elif typ is float:
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
@@ -140,22 +149,23 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
         self.batch = self.opt.batch
         self.learns = self.opt.learn
         self.agents = [
-            ValueLearner(LearnerConfig(
+            HindsightPredictor(PredictorConfig(
                 n_features=N_FEATURES, hidden=self.opt.hidden, lr=self.opt.lr, batch=self.opt.train_batch,
-                replay=self.opt.replay, target_every=self.opt.target_every,
-                seed=self.opt.seed + 17 * a))
+                replay=self.opt.replay, seed=self.opt.seed + 17 * a))
             for a in (PLACEMENT, MIGRATION)
         ]
         self.ready = [False, False]
         self.stats = {"decide_calls": 0, "decisions": 0, "decide_s": 0.0, "train_steps": 0,
                       "train_s": 0.0, "observe_s": 0.0, "events": 0, "promotions": 0, "bypasses": 0,
-                      "evictions": 0}
+                      "evictions": 0, "labels": 0,
+                      "reserve_evictions": 0}
         self.reset((TierModel("fast", 1 << 30), TierModel("backing", math.inf)))
 
     # -- episode state --------------------------------------------------------------
     def reset(self, tiers: Sequence[TierModel]) -> None:
         """Empty tiers; the networks (learned or loaded) are kept."""
         super().reset(tiers)
+        self.batch = self.opt.batch
         if len(self.tiers) < 2:
             raise ValueError(f"need at least two tiers, got {len(self.tiers)}")
         self.back = len(self.tiers) - 1
@@ -177,10 +187,18 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
         self.p_clock = np.zeros(P)
         self.p_id = np.full(P, -1, np.int64)
         self.p_agent = np.zeros(P, np.int8)
-        self.p_head = 0  # next slot to write
-        self.p_tail = 0  # oldest possibly-alive slot
-        self.p_live = 0
+        self.p_stage = np.zeros(P, np.int8)  # horizons already labelled 0 (expired without access)
+        self.p_n = 0  # samples ever added (absolute position of the next one)
+        self.p_tail = [0] * K  # per horizon: first absolute position not yet expired
         self.p_of: dict[int, list[int]] = {}
+        self.w = np.ones(N_EXPERTS) / N_EXPERTS  # expert weights
+        self.hist: dict[int, tuple[int, float]] = {}  # evicted id -> (expert, byte clock)
+        T = len(self.tiers)
+        self.busy = np.zeros(T)  # device seconds of work seen this batch, per tier
+        self.busy_ewma = np.zeros(T)
+        self.elapsed_ewma = 0.0
+        self.last_time = None
+        self.new_write_bytes = 0.0  # EWMA: bytes of new objects written per batch
 
     def _ensure(self, n: int) -> None:
         if n > len(self.loc):
@@ -201,8 +219,10 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
         return np.maximum(self._read_cost(self.back, nbytes) - self._read_cost(0, nbytes), 0.0)
 
     def _promote_cost(self, nbytes):
+        """A fill's transfer time, weighted by how busy the fast device is (the delay it
+        imposes on the accesses queued behind it)."""
         m = self.tiers[0]
-        return self.opt.migration_penalty * (m.latency_s + nbytes / m.write_bw)
+        return self.opt.migration_penalty * (m.latency_s + nbytes / m.write_bw) * self._load(0)
 
     def _writeback_cost(self, nbytes):
         m = self.tiers[self.back]
@@ -217,20 +237,22 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
     def _route(self, ids: np.ndarray) -> np.ndarray:
         return np.where(self.table.count[ids] <= 1, PLACEMENT, MIGRATION).astype(np.int8)
 
-    def _values(self, ids: np.ndarray, feats: np.ndarray) -> np.ndarray:
-        """Expected discounted future hits Q per id: one batched call per agent."""
+    def _values(self, ids: np.ndarray, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(nearness of the next access, rank score) per id: one batched call per agent."""
         q = np.empty(len(ids))
+        rank = np.empty(len(ids))
         route = self._route(ids)
         for a in (PLACEMENT, MIGRATION):
             sel = route == a
             if not sel.any():
                 continue
             if self.ready[a]:
-                q[sel] = self.agents[a].value(feats[sel])
+                q[sel], rank[sel] = self.agents[a].value_and_rank(feats[sel])
             else:  # cold agent: recency prior (LRU order) until it has trained a little
                 age = (self.clock - self.table.last[ids[sel]]) / self.unit
-                q[sel] = discount(age, self.opt.half_life)
-        return q
+                q[sel] = (age[:, None] < _H[None, :]).mean(axis=1) * (1.0 - 1e-3 * age / (1.0 + age))
+                rank[sel] = -np.log1p(age)
+        return q, rank
 
     # -- placement ------------------------------------------------------------------
     def place(self, obs: Observation, tiers) -> str | None:
@@ -248,8 +270,24 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
     def decide(self, batch: Sequence[Observation]) -> list[Move]:
         t0 = time.perf_counter()
         uniq: dict[int, None] = {}
+        learns = self.learns
+        nw = 0.0
+        res_slots: list[int] = []
+        res_clock: list[float] = []
         for obs in batch:
             i, new = self.table.record(obs.key, obs.nbytes, obs.kind, obs.op == "write", self.clock, self.unit)
+            if learns and not new:
+                lst = self.p_of.pop(i, None)
+                if lst:
+                    res_slots.extend(lst)
+                    res_clock.extend([self.clock] * len(lst))
+            if i in self.hist:
+                self._regret(i)
+            w = obs.op == "write"
+            tm = self.tiers[obs.tier_index if obs.tier_index >= 0 else self.back]
+            self.busy[obs.tier_index if obs.tier_index >= 0 else self.back] += obs.nbytes / (tm.write_bw if w else tm.read_bw)
+            if new and w:
+                nw += obs.nbytes
             self.clock += obs.nbytes
             self.mean_size += (obs.nbytes - self.mean_size) / (self.stats["events"] + 1)
             self.stats["events"] += 1
@@ -264,35 +302,76 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
             if obs.op == "write":
                 self.dirty[i] = t != self.back
             uniq[i] = None
+        self.new_write_bytes += 0.1 * (nw - self.new_write_bytes)
         ids = np.fromiter(uniq, np.int64, len(uniq))
         feats = self._features(ids)
-        if self.learns:
-            self._resolve(ids, feats)
-        moves = self._promote(ids, feats)
-        if self.learns:
+        if learns:
+            if res_slots:
+                self._resolve(np.asarray(res_slots, np.int64), np.asarray(res_clock))
             self._expire()
+        moves = self._promote(ids, feats)
+        if learns:
             self._sample(ids, feats)
+        # device load: work seen over elapsed time, both decayed (~50 batches)
+        t1 = batch[-1].time
+        if self.last_time is not None:
+            self.busy_ewma = 0.98 * self.busy_ewma + self.busy
+            self.elapsed_ewma = 0.98 * self.elapsed_ewma + max(t1 - self.last_time, 0.0)
+        self.last_time = t1
+        self.busy[:] = 0.0
+        # the fills a batch decides reach the fast device together: keep that burst within
+        # one backing-tier access latency, so it does not hold up the hits queued behind it
+        fill = self.mean_size / self.tiers[0].write_bw
+        self.batch = int(max(1, min(self.opt.batch, self.tiers[self.back].latency_s // max(fill, 1e-12))))
         self.stats["decide_calls"] += 1
         self.stats["decisions"] += len(batch)
         self.stats["decide_s"] += time.perf_counter() - t0
         return moves
 
     def _promote(self, ids: np.ndarray, feats: np.ndarray) -> list[Move]:
-        cand = ids[self.loc[ids] != 0]
-        if len(cand) == 0:
-            return []
-        cfeats = feats[self.loc[ids] != 0]
+        off = self.loc[ids] != 0
+        cand = ids[off]
         fast = self.res[0]
+        reserve = self._reserve()
+        if len(cand) == 0 and self.cap[0] - fast.used >= reserve:
+            return []
+        cfeats = feats[off]
         pool = fast.sample(self.opt.candidates, self.rng)
         pool = pool[~np.isin(pool, ids)]
         allids = np.concatenate([cand, pool])
         allf = np.concatenate([cfeats, self._features(pool)]) if len(pool) else cfeats
-        q = self._values(allids, allf)
+        q, rank = self._values(allids, allf)
         size = self.table.nbytes[allids]
         val = q * self._benefit(size)  # seconds of latency saved, expected
-        val[len(cand):] += np.where(self.dirty[pool], self._writeback_cost(size[len(cand):]), 0.0)
-        cval, csize = val[: len(cand)], size[: len(cand)]
-        vorder = np.argsort(val[len(cand):] / np.maximum(size[len(cand):], 1.0)) + len(cand)
+        nc = len(cand)
+        if self.opt.writeback_cost:
+            val[nc:] += np.where(self.dirty[pool], self._writeback_cost(size[nc:]), 0.0)
+        cval, csize = val[:nc], size[:nc]
+        psize = np.maximum(size[nc:], 1.0)
+        # learned: farthest predicted next access (lowest value) per byte first
+        keys = [rank[nc:] - np.log(psize) if self.opt.rank_logit else val[nc:] / psize]
+        if self.opt.experts:
+            keys += [self.table.last[pool],  # LRU: least recently used first
+                     # LFU: fewest accesses per byte, decayed (4 capacities half-life)
+                     self.table.decayed_freq(pool, self.clock, self.unit, 3) / psize,
+                     # LRU-2 (O'Neil et al.): oldest second-to-last access first, one-timers before all
+                     np.where(self.table.ngaps[pool] > 0, self.table.last[pool] - self.table.gaps[pool, 0], -1.0)]
+        if not self.opt.experts:
+            e = LEARNED
+            vorder = np.argsort(keys[0], kind="stable") + nc
+            blame = None
+        elif self.opt.blend:
+            # the experts' rankings blended by their weights (0 = evict first)
+            m = max(len(pool) - 1, 1)
+            r = np.stack([np.argsort(np.argsort(k, kind="stable"), kind="stable") / m for k in keys])
+            vorder = np.argsort(self.w @ r, kind="stable") + nc
+            blame = 1.0 - r  # per expert and pool object: how much it wanted the object out
+            e = -1
+        else:
+            e = self._pick_expert()
+            vorder = np.argsort(keys[e], kind="stable") + nc
+            blame = None
+        admit_w = 1.0 if e == LEARNED else (self.w[LEARNED] if e < 0 else 0.0)
         vp = 0  # next victim in vorder
         free = self.cap[0] - fast.used
         moves: list[Move] = []
@@ -310,36 +389,95 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
                 lost += val[v]
                 need -= size[v]
                 k += 1
-            if need > 0 or gain <= lost:
+            if need > 0 or gain <= admit_w * lost:
                 self.stats["bypasses"] += 1
                 continue
             vp = k
             for v in victims:
-                vid = int(allids[v])
-                moves.append(Move(self.table.keys[vid], self.back))
-                self._move(vid, self.back)
+                moves.append(self._evict(int(allids[v]), e if blame is None else blame[:, v - nc]))
                 chosen_victims.append(v)
                 free += size[v]
             i = int(cand[j])
+            self.hist.pop(i, None)
             moves.append(Move(self.table.keys[i], 0))
             self._move(i, 0)
+            self.busy[0] += sz / self.tiers[0].write_bw
             free -= sz
             self.stats["promotions"] += 1
             self.stats["evictions"] += len(victims)
+        if free < reserve and vp < len(vorder):
+            # room for the new objects' writes expected next (write-back caching), paid with
+            # victims worth less than absorbing a write
+            wgain = self._write_gain(self.mean_size)
+            while free < reserve and vp < len(vorder):
+                v = vorder[vp]
+                if val[v] >= wgain:
+                    break
+                moves.append(self._evict(int(allids[v]), e if blame is None else blame[:, v - nc]))
+                chosen_victims.append(v)
+                free += size[v]
+                vp += 1
+                self.stats["reserve_evictions"] += 1
         if self.learns and len(pool):
             # idle residents' states are what eviction compares: learn about them too,
             # the chosen victims (the decision boundary) always, a few others at random
-            # (at the same rate as access states, so they cannot crowd out the pending ring)
             p = self._sample_prob()
             keep = np.zeros(len(allids), bool)
             keep[np.asarray(chosen_victims, np.int64)] = True
-            others = np.arange(len(cand), len(allids))
-            keep[others[self.rng.random(len(others)) < 4.0 / len(others)]] = True
+            others = np.arange(nc, len(allids))
+            if self.opt.idle_samples:
+                keep[others[self.rng.random(len(others)) < self.opt.idle_samples / len(others)]] = True
             keep &= self.rng.random(len(allids)) < p
-            keep[: len(cand)] = False
+            keep[:nc] = False
             if keep.any():
                 self._add_pending(allids[keep], allf[keep])
         return moves
+
+    # -- experts (LeCaR-style regret weighting) ---------------------------------------
+    def _pick_expert(self) -> int:
+        if not self.opt.experts:
+            return LEARNED
+        return int(self.rng.choice(len(self.w), p=self.w / self.w.sum()))
+
+    def _evict(self, vid: int, expert) -> Move:
+        """Demote ``vid``; remember who wanted it out (an expert index, or a blame per expert)."""
+        if self.dirty[vid]:
+            self.busy[self.back] += self.table.nbytes[vid] / self.tiers[self.back].write_bw
+        self._move(vid, self.back)
+        if self.opt.experts:
+            h = self.hist
+            h.pop(vid, None)
+            h[vid] = (expert, self.clock)
+            limit = max(64, len(self.res[0].items))
+            while len(h) > limit:
+                del h[next(iter(h))]
+        return Move(self.table.keys[vid], self.back)
+
+    def _regret(self, i: int) -> None:
+        """An object evicted by an expert came back: that expert pays, the sooner the more."""
+        e, c = self.hist.pop(i)
+        r = 0.005 ** ((self.clock - c) / self.unit)
+        if isinstance(e, np.ndarray):
+            self.w *= np.exp(-self.opt.regret_rate * r * e)
+        else:
+            self.w[e] *= math.exp(-self.opt.regret_rate * r)
+        self.w /= self.w.sum()
+        np.maximum(self.w, 0.01, out=self.w)
+
+    # -- write-back caching and device load ----------------------------------------
+    def _reserve(self) -> float:
+        """Free fast-tier bytes to keep for new objects' writes (~2 batches' worth)."""
+        return 2.0 * self.new_write_bytes if self.opt.write_reserve else 0.0
+
+    def _load(self, t: int) -> float:
+        return min(1.0, self.busy_ewma[t] / max(self.elapsed_ewma, 1e-12))
+
+    def _write_gain(self, nbytes: float) -> float:
+        """Latency saved by absorbing a write on the fast tier instead of the backing tier; its
+        write-back is deferred, not avoided, so a saturated backing device gains nothing."""
+        fb, ft = self.tiers[self.back], self.tiers[0]
+        wb = fb.latency_s + nbytes / fb.write_bw
+        return max(0.0, wb * (1.0 - self._load(self.back)) - (ft.latency_s + nbytes / ft.write_bw))
 
     def _move(self, i: int, dst: int) -> None:
         src = int(self.loc[i])
@@ -353,7 +491,7 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
     # -- learning -------------------------------------------------------------------
     def _sample_prob(self) -> float:
         """Sampled fraction of accesses, so the pending states fit in ``pending`` slots."""
-        per_horizon = self.opt.horizon * self.opt.half_life * self.unit / max(self.mean_size, 1.0)
+        per_horizon = HORIZONS[-1] * self.unit / max(self.mean_size, 1.0) * (1.0 + 0.5)
         return min(1.0, 0.5 * self.opt.pending / max(per_horizon, 1.0))
 
     def _sample(self, ids: np.ndarray, feats: np.ndarray) -> None:
@@ -364,84 +502,75 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
 
     def _add_pending(self, ids: np.ndarray, feats: np.ndarray) -> None:
         P = self.opt.pending
-        route = self._route(ids)
-        for r in range(len(ids)):
-            h = self.p_head
-            if self.p_id[h] >= 0:  # ring full: drop the new sample rather than mislabel an old one
-                return
-            i = int(ids[r])
-            self.p_s[h] = feats[r]
-            self.p_clock[h] = self.clock
-            self.p_id[h] = i
-            self.p_agent[h] = route[r]
-            self.p_of.setdefault(i, []).append(h)
-            self.p_head = (h + 1) % P
-            self.p_live += 1
-
-    def _resolve(self, ids: np.ndarray, feats: np.ndarray) -> None:
-        """States of the accessed objects waiting for their next access get their label now."""
-        slots, rows = [], []
-        for r, i in enumerate(ids.tolist()):
-            lst = self.p_of.pop(i, None)
-            if lst:
-                slots.extend(lst)
-                rows.extend([r] * len(lst))
-        if not slots:
+        room = P - (self.p_n - self.p_tail[-1])
+        n = min(len(ids), room)  # ring full: drop new samples rather than mislabel old ones
+        if n <= 0:
             return
-        slots = np.asarray(slots, np.int64)
-        rows = np.asarray(rows, np.int64)
-        # the clock has advanced by this batch; the distance is to the batch's accesses
-        d = (self.clock - self.p_clock[slots]) / self.unit
-        disc = discount(d, self.opt.half_life).astype(np.float32)
-        one = np.ones(len(slots), np.float32)
-        self._learn_from(slots, disc, one, feats[rows], one if self.opt.bootstrap else 0.0 * one)
+        ids, feats = ids[:n], feats[:n]
+        slots = (self.p_n + np.arange(n)) % P
+        self.p_s[slots] = feats
+        self.p_clock[slots] = self.clock
+        self.p_id[slots] = ids
+        self.p_agent[slots] = self._route(ids)
+        self.p_stage[slots] = 0
+        for i, h in zip(ids.tolist(), slots.tolist()):
+            self.p_of.setdefault(i, []).append(h)
+        self.p_n += n
+
+    def _resolve(self, slots: np.ndarray, clocks: np.ndarray) -> None:
+        """Samples of objects accessed again: every horizon not yet labelled gets its label."""
+        d = (clocks - self.p_clock[slots]) / self.unit
+        y = (d[:, None] < _H[None, :]).astype(np.float32)
+        m = (np.arange(K)[None, :] >= self.p_stage[slots][:, None]).astype(np.float32)
+        self._emit(slots, y, m)
+        self.p_id[slots] = -1
+
+    def _first_after(self, lo: int, hi: int, limit: float) -> int:
+        """First absolute position in [lo, hi) whose sample clock is > ``limit`` (clocks ascend)."""
+        P = self.opt.pending
+        pc = self.p_clock
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if pc[mid % P] <= limit:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
 
     def _expire(self) -> None:
-        """Samples whose object was not accessed within the horizon are labelled 0."""
+        """Horizons that passed with no access: label 0 for that horizon (one row each)."""
         P = self.opt.pending
-        limit = self.clock - self.opt.horizon * self.opt.half_life * self.unit
-        slots = []
-        self._expired_ids = []
-        while self.p_live > 0:
-            t = self.p_tail
-            i = self.p_id[t]
-            if i < 0:  # resolved earlier
-                self.p_tail = (t + 1) % P
-                if self.p_tail == self.p_head:
-                    break
+        for k in range(K):
+            lo = self.p_tail[k]
+            hi = self._first_after(lo, self.p_n, self.clock - HORIZONS[k] * self.unit)
+            if hi == lo:
                 continue
-            if self.p_clock[t] > limit:
-                break
-            lst = self.p_of.get(int(i))
-            if lst is not None:
-                lst.remove(t)
-                if not lst:
-                    del self.p_of[int(i)]
-            slots.append(t)
-            self._expired_ids.append(int(i))
-            self.p_id[t] = -1
-            self.p_live -= 1
-            self.p_tail = (t + 1) % P
-        if slots:
-            slots = np.asarray(slots, np.int64)
-            ids = self._expired_ids
-            d = (self.clock - self.p_clock[slots]) / self.unit
-            disc = discount(d, self.opt.half_life).astype(np.float32)
-            s2 = self._features(np.asarray(ids, np.int64))
-            z = np.zeros(len(slots), np.float32)
-            self._learn_from(slots, disc, z, s2, z + 1.0 if self.opt.censor_bootstrap else z,
-                             already_freed=True)
+            self.p_tail[k] = hi
+            slots = np.arange(lo, hi) % P
+            alive = slots[self.p_id[slots] >= 0]
+            if len(alive) == 0:
+                continue
+            y = np.zeros((len(alive), K), np.float32)
+            m = np.zeros((len(alive), K), np.float32)
+            m[:, k] = 1.0
+            self._emit(alive, y, m)
+            self.p_stage[alive] = k + 1
+            if k == K - 1:
+                for i, h in zip(self.p_id[alive].tolist(), alive.tolist()):
+                    lst = self.p_of.get(i)
+                    if lst is not None:
+                        lst.remove(h)
+                        if not lst:
+                            del self.p_of[i]
+                self.p_id[alive] = -1
 
-    def _learn_from(self, slots: np.ndarray, disc: np.ndarray, hit: np.ndarray, s2: np.ndarray,
-                    has_next: np.ndarray, already_freed: bool = False) -> None:
+    def _emit(self, slots: np.ndarray, y: np.ndarray, m: np.ndarray) -> None:
         agent = self.p_agent[slots]
         for a in (PLACEMENT, MIGRATION):
             sel = agent == a
             if sel.any():
-                self.agents[a].add(self.p_s[slots[sel]], disc[sel], hit[sel], s2[sel], has_next[sel])
-        if not already_freed:
-            self.p_id[slots] = -1
-            self.p_live -= len(slots)
+                self.agents[a].add(self.p_s[slots[sel]], y[sel], m[sel])
+        self.stats["labels"] += len(slots)
 
     def observe(self, outcomes: Sequence[Outcome]) -> None:
         """Train each agent every ``train_every`` accesses (the labels came from decide)."""
@@ -469,9 +598,12 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
             "us_per_decide_call": 1e6 * s["decide_s"] / max(1, s["decide_calls"]),
             "train_us_per_event": 1e6 * s["train_s"] / max(1, s["events"]),
             "train_steps": s["train_steps"],
+            "labels": s["labels"],
             "promotions": s["promotions"],
             "bypasses": s["bypasses"],
             "evictions": s["evictions"],
+            "reserve_evictions": s["reserve_evictions"],
+            "expert_weights": [float(x) for x in self.w] if self.opt.experts else None,
         }
 
     def save(self, path) -> None:
@@ -481,7 +613,7 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
             tensors.update(self.agents[a].tensors(name))
         meta = {
             "format": FORMAT, "version": FORMAT_VERSION, "options": asdict(self.opt),
-            "features": list(FEATURE_NAMES), "ready": list(self.ready),
+            "features": list(FEATURE_NAMES), "horizons": list(HORIZONS), "ready": list(self.ready),
             "train_steps": [ag.steps for ag in self.agents],
         }
         save_safetensors_json(path, tensors, meta)
@@ -497,6 +629,8 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
             raise ValueError(f"{src}.json: version {meta.get('version')!r}, this code reads {FORMAT_VERSION}")
         if meta.get("features") != list(FEATURE_NAMES):
             raise ValueError(f"{src}.json: features {meta.get('features')!r} differ from {list(FEATURE_NAMES)}")
+        if meta.get("horizons") != list(HORIZONS):
+            raise ValueError(f"{src}.json: horizons {meta.get('horizons')!r} differ from {list(HORIZONS)}")
         opts = dict(meta.get("options", {}))
         opts.update(overrides)
         self = cls(AgentOptions.from_dict(opts, f"{src}.json options"))

@@ -15,9 +15,10 @@ import numpy as np
 from ..base import KINDS
 
 #: inter-access gaps remembered per object (LRB's "deltas")
-N_GAPS = 4
-#: half-lives (fast-tier capacities of traffic) of the decayed access counts (LRFU-style)
-FREQ_HALF_LIVES = (1.0, 16.0)
+N_GAPS = 8
+#: half-lives (fast-tier capacities of traffic) of the decayed access counts (LRFU-style,
+#: LRB's "EDCs"): from a sixteenth of a cache's worth of traffic to sixteen caches' worth
+FREQ_HALF_LIVES = (0.0625, 0.25, 1.0, 4.0, 16.0)
 _KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
 FEATURE_NAMES = (
     ("log_size", "log_count", "age", "since_first")
@@ -26,7 +27,12 @@ FEATURE_NAMES = (
     + ("ewma_gap", "write", "resident", "fill")
     + tuple(f"freq_h{h:g}" for h in FREQ_HALF_LIVES)
     + tuple(f"kind_{k}" for k in KINDS)
+    # stream context at the object's last access: the accesses just before it (requests
+    # touch several objects in a row, which tend to share their fate)
+    + ("ctx_reuse", "pred_count", "pred_gap", "pred_has_gap")
 )
+#: weight of the latest access in the stream's re-access average (ctx_reuse)
+CTX_ALPHA = 0.125
 N_FEATURES = len(FEATURE_NAMES)
 #: every feature lies in [0, FEATURE_MAX] (the gymnasium observation bounds)
 FEATURE_MAX = 4.0
@@ -63,6 +69,9 @@ class ObjectTable:
         self.ewma = np.zeros(n, np.float64)
         self.write = np.zeros(n, np.float32)
         self.freq = np.zeros((n, len(FREQ_HALF_LIVES)), np.float64)  # decayed counts at ``last``
+        self.ctx = np.zeros((n, 4), np.float32)  # stream context at the last access (features)
+        self._pred = -1  # id of the previous access in the stream
+        self._reuse = 0.0  # EWMA over the stream of "was a re-access"
 
     _hl = np.asarray(FREQ_HALF_LIVES)
 
@@ -76,7 +85,7 @@ class ObjectTable:
             new = np.zeros(n, old.dtype)
             new[: len(old)] = old
             setattr(self, name, new)
-        for name in ("gaps", "freq"):
+        for name in ("gaps", "freq", "ctx"):
             old = getattr(self, name)
             new = np.zeros((n, old.shape[1]), old.dtype)
             new[: len(old)] = old
@@ -107,11 +116,30 @@ class ObjectTable:
             self.last[i] = clock
             self.freq[i] *= 2.0 ** (-gap / (max(capacity, 1.0) * self._hl))
         self.freq[i] += 1.0
+        p = self._pred
+        c = self.ctx[i]
+        c[0] = self._reuse
+        if p >= 0:
+            c[1] = math.log2(1.0 + self.count[p]) / 16.0
+            if self.ngaps[p] > 0:
+                c[2] = math.log2(1.0 + 64.0 * self.gaps[p, 0] / max(capacity, 1.0)) / 12.0
+                c[3] = 1.0
+            else:
+                c[2] = c[3] = 0.0
+        else:
+            c[1:] = 0.0
+        self._reuse += CTX_ALPHA * ((0.0 if new else 1.0) - self._reuse)
+        self._pred = i
         self.nbytes[i] = nbytes
         self.kind[i] = kind_index(kind)
         self.count[i] += 1
         self.write[i] = 1.0 if write else 0.0
         return i, new
+
+    def decayed_freq(self, ids: np.ndarray, clock: float, capacity: float, j: int) -> np.ndarray:
+        """Access counts of ``ids`` decayed to ``clock`` with half-life FREQ_HALF_LIVES[j]."""
+        age = (clock - self.last[ids]) / max(float(capacity), 1.0)
+        return self.freq[ids, j] * 2.0 ** (-age / self._hl[j])
 
     def features(self, ids: np.ndarray, clock: float, capacity: float, fill: float,
                  resident: np.ndarray) -> np.ndarray:
@@ -138,6 +166,8 @@ class ObjectTable:
         out[:, o + 4:o + 4 + len(FREQ_HALF_LIVES)] = np.log2(1.0 + f) / 8.0
         k = o + 4 + len(FREQ_HALF_LIVES)
         out[np.arange(n), k + self.kind[ids].astype(np.int64)] = 1.0
+        k += len(KINDS)
+        out[:, k:k + 4] = self.ctx[ids]
         return np.clip(out, 0.0, FEATURE_MAX, out=out)
 
 
