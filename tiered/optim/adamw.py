@@ -566,14 +566,15 @@ class OffloadedAdamW(Optimizer):
             writes = [functools.partial(self._put_chunk, self._chunk_key(c, s), src, shape, give, prio)]
             if c.split:
                 msrc, mgive = (c.resident_master, False) if c.resident_master is not None else (mb, True)
-                mb = None  # the put owns it now
                 writes.append(functools.partial(self._put_chunk, self._master_key(c, s), msrc, (n + _TAG,),
                                                 mgive, prio, cache=False))
-            for write in writes:
-                if deferred is not None and c.resident is not None:
-                    deferred.append(write)
-                else:
-                    write()
+            if deferred is not None and c.resident is not None:
+                deferred.extend(writes)  # resident: no buffer is given away
+            else:
+                writes[0]()  # owns (and on failure releases) the state buffer from here
+                if len(writes) > 1:
+                    mb = None  # the master put owns it from here, also if it fails
+                    writes[1]()
             if unit_views is not None:
                 self._rt.write_unit_params(unit_views)
                 unit_views = None
