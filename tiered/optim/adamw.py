@@ -20,8 +20,12 @@ Host budget: what the host tier holds beyond the pipeline's working set
 (``lookahead`` chunks being read, one updated, two being written) keeps whole
 chunks *resident*: they stay in host memory across steps and are never read
 back from storage, so a step reads fewer bytes than the state holds. Every
-chunk, resident or not, is still written every step (from its buffer, without
-a copy), so storage always holds complete steps.
+chunk, resident or not, is still written every step (the moments from the
+buffer they were updated in, without a copy; a master staged from the
+parameters), so storage always holds complete steps. Streamed chunks go in
+reverse order every other step: those written last in one step are still
+cached in the pipeline's part of the host tier and come first in the next,
+without a read.
 
 Crash consistency: step *s* writes its chunks under keys of parity ``s % 2``
 (written without a per-object fdatasync or manifest commit) and, only once all
