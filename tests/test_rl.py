@@ -267,3 +267,20 @@ def test_batch_adapts_to_object_size():
     pol.reset(tiers(8 * 4096))
     pol.decide([Observation(0, 4096, tier="slow", tier_index=1)])
     assert pol.batch == 16
+
+
+def test_admission_regret_both_ways():
+    pol = make_policy(admission_experts=True)
+    pol.reset(tiers(8 * 4096))
+    for k in range(3):
+        pol.decide([Observation(k, 4096, tier="fast", tier_index=0, count=1)])
+    i = pol.table.id_of(2)
+    a0 = pol.aw.copy()
+    pol.bhist[i] = pol.clock  # bypassed just now ...
+    pol.decide([Observation(2, 4096, tier="slow", tier_index=1, count=2)])  # ... and back at once
+    assert pol.aw[1] < a0[1] and i not in pol.bhist
+    j = pol.table.id_of(0)
+    a1 = pol.aw.copy()
+    pol.ahist[j] = pol.clock  # admitted against the learned bypass, then evicted unused
+    pol._evict(j, 1)
+    assert pol.aw[0] < a1[0] and j not in pol.ahist

@@ -11,23 +11,50 @@ exploration -- the future accesses of an object are observed whether or not
 it was kept. Multiplied by the latency a fast-tier hit saves (from the tier
 models), V is the expected reward -- access latency avoided -- of keeping
 the object fast; promotions are charged their transfer time
-(``migration_penalty``) and dirty victims their write-back.
+(``migration_penalty``, weighted by the fast device's measured load); a dirty
+victim's write-back is due whenever it leaves, so it is not charged by default
+(``writeback_cost``).
 
 * The **placement agent** values objects with no history (first access, or
   a new object's home): its network sees size, kind, op and tier fill only;
   it decides admission (bypass) of new objects.
 * The **migration agent** values objects with history: LRB-style features
   (the last 8 inter-access gaps, exponentially decayed counts at five time
-  scales, age, count, size, kind; :mod:`.features`).
+  scales, age, count, size, kind, and the stream context of its last access;
+  :mod:`.features`).
 
 Decisions (batched, one network call per agent per batch, under
 ``torch.inference_mode``): after each batch of accesses, every accessed
 object not on the fast tier is a promotion candidate; the fast tier's
-victims are the lowest-value-per-byte objects among ``candidates`` residents
-sampled at random (LRB-style sampled eviction of the farthest predicted
-next access). A promotion happens only when the candidate's value exceeds
-the value of the victims it displaces plus the migration traffic it costs --
-Belady's bypass rule with predicted instead of true next accesses.
+victims come from ``candidates`` residents sampled at random (LRB-style
+sampled eviction).
+
+* **Eviction** follows one of four experts per decision, drawn by their
+  weights (LeCaR-style, Vietri et al. HotStorage'18; CACHEUS, Rodriguez et
+  al. FAST'21): the learned value per byte (farthest predicted next access
+  first), LRU, a decayed LFU and LRU-2. An expert's weight drops when an
+  object it evicted comes back soon after (regret, discounted by the traffic
+  since), so the agents lean away from the predictor while it is worse than a
+  heuristic and on it where it is better (no guarantee: the mix is learned
+  too). ``blend=True`` ranks by the weighted blend of all four rankings
+  instead (measured: better on ARC OLTP, worse on Mooncake).
+* **Admission** (bypass): a candidate is promoted when its value exceeds its
+  fill cost (transfer time weighted by the fast device's measured load). When
+  it does not beat the learned values of the victims it would displace
+  (Belady's bypass rule with predicted next accesses) it is bypassed if the
+  learned expert makes the decision; the heuristic experts admit all.
+  ``admission_experts=True`` instead weighs "admit all" against "learned
+  bypass" by their own regret (a bypassed object that comes back soon costs
+  the bypass; an admitted one evicted unused costs the admission).
+* **Placement / write-back caching**: new objects fill free fast-tier space;
+  the placement agent keeps room for the new objects' writes expected in the
+  next two batches (measured rate), evicting only victims worth less than
+  absorbing a write -- which gains nothing when the backing device is
+  saturated (its measured load), as the write-back is deferred, not avoided.
+* **Batch size** adapts to the objects: the fills one batch decides reach the
+  fast device together, so a batch is kept to at most one backing-tier
+  access latency of fills (16 accesses of small blocks, 1 of 64 MiB ones).
+
 Until an agent has trained ``warmup_steps`` steps its values are a recency
 prior (LRU order).
 """
@@ -69,7 +96,8 @@ class AgentOptions:
     writeback_cost: bool = False  # charge a dirty victim its write-back (sunk: due whenever it leaves)
     experts: bool = True  # mix the learned eviction with LRU/LFU/LRU-2 by regret (LeCaR-style)
     regret_rate: float = 0.45  # LeCaR's learning rate
-    blend: bool = True  # rank victims by the weighted blend of the experts' rankings (False: sample one)
+    blend: bool = False  # rank victims by the weighted blend of the experts' rankings (False: sample one)
+    admission_experts: bool = False  # bypass by regret-weighted admission experts (False: by the eviction expert)
     write_reserve: bool = True  # keep room for new objects' writes (write-back caching)
     rank_logit: bool = False  # victims by mean logit (resolves far-away objects) instead of value
     idle_samples: int = 4  # idle residents' states sampled per decision (besides the victims)
@@ -191,7 +219,10 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
         self.p_n = 0  # samples ever added (absolute position of the next one)
         self.p_tail = [0] * K  # per horizon: first absolute position not yet expired
         self.p_of: dict[int, list[int]] = {}
-        self.w = np.ones(N_EXPERTS) / N_EXPERTS  # expert weights
+        self.w = np.ones(N_EXPERTS) / N_EXPERTS  # eviction expert weights
+        self.aw = np.ones(2) * 0.5  # admission expert weights: admit all, learned bypass
+        self.bhist: dict[int, float] = {}  # bypassed against "admit all": id -> byte clock
+        self.ahist: dict[int, float] = {}  # admitted against "learned bypass": id -> byte clock
         self.hist: dict[int, tuple[int, float]] = {}  # evicted id -> (expert, byte clock)
         T = len(self.tiers)
         self.busy = np.zeros(T)  # device seconds of work seen this batch, per tier
@@ -283,6 +314,9 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
                     res_clock.extend([self.clock] * len(lst))
             if i in self.hist:
                 self._regret(i)
+            if i in self.bhist:  # a bypassed object came back: "learned bypass" pays
+                self._admission_regret(1, self.bhist.pop(i))
+            self.ahist.pop(i, None)  # an admitted object was used: that admission paid off
             w = obs.op == "write"
             tm = self.tiers[obs.tier_index if obs.tier_index >= 0 else self.back]
             self.busy[obs.tier_index if obs.tier_index >= 0 else self.back] += obs.nbytes / (tm.write_bw if w else tm.read_bw)
@@ -371,7 +405,6 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
             e = self._pick_expert()
             vorder = np.argsort(keys[e], kind="stable") + nc
             blame = None
-        admit_w = 1.0 if e == LEARNED else (self.w[LEARNED] if e < 0 else 0.0)
         vp = 0  # next victim in vorder
         free = self.cap[0] - fast.used
         moves: list[Move] = []
@@ -389,15 +422,29 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
                 lost += val[v]
                 need -= size[v]
                 k += 1
-            if need > 0 or gain <= admit_w * lost:
+            if need > 0 or gain <= 0.0:
                 self.stats["bypasses"] += 1
                 continue
+            i = int(cand[j])
+            if gain <= lost:
+                # the candidate does not beat its victims by the learned values (Belady's bypass
+                # rule): "admit all" and "learned bypass" disagree
+                if self.opt.admission_experts:
+                    # follow one by their own regret weights (LeCaR-style)
+                    if self.rng.random() < self.aw[1] / self.aw.sum():
+                        self._remember(self.bhist, i)
+                        self.stats["bypasses"] += 1
+                        continue
+                    self._remember(self.ahist, i)
+                elif e == LEARNED or (e < 0 and self.rng.random() < self.w[LEARNED]):
+                    # bypass when the learned expert makes this decision (heuristics admit all)
+                    self.stats["bypasses"] += 1
+                    continue
             vp = k
             for v in victims:
                 moves.append(self._evict(int(allids[v]), e if blame is None else blame[:, v - nc]))
                 chosen_victims.append(v)
                 free += size[v]
-            i = int(cand[j])
             self.hist.pop(i, None)
             moves.append(Move(self.table.keys[i], 0))
             self._move(i, 0)
@@ -439,8 +486,23 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
             return LEARNED
         return int(self.rng.choice(len(self.w), p=self.w / self.w.sum()))
 
+    def _remember(self, h: dict, i: int) -> None:
+        h.pop(i, None)
+        h[i] = self.clock
+        limit = max(64, len(self.res[0].items))
+        while len(h) > limit:
+            del h[next(iter(h))]
+
+    def _admission_regret(self, expert: int, since: float) -> None:
+        r = 0.005 ** ((self.clock - since) / self.unit)
+        self.aw[expert] *= math.exp(-self.opt.regret_rate * r)
+        self.aw /= self.aw.sum()
+        np.maximum(self.aw, 0.01, out=self.aw)
+
     def _evict(self, vid: int, expert) -> Move:
         """Demote ``vid``; remember who wanted it out (an expert index, or a blame per expert)."""
+        if vid in self.ahist:  # admitted against the learned bypass, left unused: "admit all" pays
+            self._admission_regret(0, self.ahist.pop(vid))
         if self.dirty[vid]:
             self.busy[self.back] += self.table.nbytes[vid] / self.tiers[self.back].write_bw
         self._move(vid, self.back)
@@ -604,6 +666,7 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
             "evictions": s["evictions"],
             "reserve_evictions": s["reserve_evictions"],
             "expert_weights": [float(x) for x in self.w] if self.opt.experts else None,
+            "admission_weights": [float(x) for x in self.aw],
         }
 
     def save(self, path) -> None:
