@@ -191,6 +191,49 @@ def test_close_and_resume_continues_bitwise(tmp_path):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("sync", [False, True])
+def test_a_step_failing_part_way_cannot_be_retried_and_resume_recovers(tmp_path, sync):
+    """A streamed chunk fails after the resident chunks (and the parameters, their own masters)
+    were updated: retrying would apply Adam twice or commit a step some chunk never reached
+    (found by review). The optimizer refuses further steps; resume=True continues bitwise."""
+    from tiered.optim.adamw import _drop
+
+    class Failing(OffloadedAdamW):
+        fail = None
+
+        def _update(self, c, s, lease_f, deferred=None):
+            if (s, c.index) == self.fail:
+                self.fail = None
+                _drop(lease_f)
+                raise OSError(5, "injected read failure")
+            return super()._update(c, s, lease_f, deferred)
+
+    ref, mine = make_model(), make_model()
+    o_ref = torch.optim.AdamW(groups(ref), lr=3e-3)
+    opt = Failing(groups(mine), lr=3e-3, config=cfg(tmp_path), chunk_bytes=CHUNK, sync=sync).open()
+    try:
+        assert any(c.resident is not None for c in opt._chunks)
+        streamed = [c.index for c in opt._chunks if c.resident is None]
+        for step in range(2):
+            train_step(ref, o_ref, step)
+            train_step(mine, opt, step)
+        opt.fail = (3, streamed[1])
+        with pytest.raises(OSError, match="injected"):
+            train_step(mine, opt, 2)
+        with pytest.raises(OptimStateError, match="resume=True"):
+            opt.step()
+    finally:
+        opt.close()
+    fresh = make_model(seed=9)
+    with OffloadedAdamW(groups(fresh), lr=3e-3, config=cfg(tmp_path), chunk_bytes=CHUNK, resume=True) as opt:
+        assert opt._step == 2
+        assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), fresh.parameters()))
+        for step in range(2, 5):
+            train_step(ref, o_ref, step)
+            train_step(fresh, opt, step)
+        assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), fresh.parameters()))
+
+
 def test_existing_state_without_resume_and_other_layouts_are_refused(tmp_path):
     m = make_model()
     with OffloadedAdamW(m.parameters(), config=cfg(tmp_path), chunk_bytes=CHUNK) as opt:

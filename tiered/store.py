@@ -854,8 +854,8 @@ class TieredStore:
                     self._unsynced.add(tier_name)
                 self._gen += 1
                 gen = self._gen
-                if old is not None:
-                    self._unlink(old, superseded=True)
+                if old is not None:  # a migration frees its old tier's blocks: they are not rewritten soon
+                    self._unlink(old, superseded=relocate is None)
                 meta = ObjectMeta(key, kind, dtype, tuple(shape), nbytes, version, crc, ext)
                 self._objects[key] = meta
                 self._tiers[tier_name].objects += 1

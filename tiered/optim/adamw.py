@@ -405,12 +405,26 @@ class OffloadedAdamW(Optimizer):
                 loss = closure()
         s = self._next_step()
         todo = [c for c in self._chunks if c.index not in self._updated]
-        self._run(todo, s)
-        if self.sync:
-            self._commit(s)
-        else:
-            self._pending = s
+        with self._breaks_on_error():
+            self._run(todo, s)
+            if self.sync:
+                self._commit(s)
+            else:
+                self._pending = s
         return loss
+
+    @contextlib.contextmanager
+    def _breaks_on_error(self):
+        """A step that fails part-way cannot be retried: parameters (their own masters) may be
+        updated already, resident chunks' writes may be lost, and a later marker would name a
+        step some chunk never reached. The optimizer refuses further steps; resume=True
+        continues from the last committed step."""
+        try:
+            yield
+        except BaseException as e:
+            if self._broken is None:
+                self._broken = e
+            raise
 
     def _run(self, chunks: list[_Chunk], s: int) -> None:
         """The pipeline: reads of the next ``lookahead`` chunks are in flight while one is updated."""
@@ -677,7 +691,8 @@ class OffloadedAdamW(Optimizer):
             c.arrived.add(i)
             if len(c.arrived) == c.expected and self._open:
                 s = self._next_step()
-                self._update(c, s, self._start_read(c, s))
+                with self._breaks_on_error():
+                    self._update(c, s, self._start_read(c, s))
         return hook
 
     def _on_backward_load(self, unit) -> None:
@@ -868,7 +883,8 @@ class OffloadedAdamW(Optimizer):
         self._step = s - 1
         self._updated.clear()
         self._stepped_params.clear()
-        self._commit(s)
+        with self._breaks_on_error():
+            self._commit(s)
         # the loaded masters are the parameters now (they differ from them for low precision)
         for c in self._chunks:
             self._load_chunk(c, s, into_params=True)
