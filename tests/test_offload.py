@@ -1260,7 +1260,7 @@ def test_device_cache_prefetches_ahead_and_releases_everything(tmp_path):
     for _ in range(3):
         assert_same(forward(model, "causal"), ref.out, "device-cache streaming forward")
     st = tiered.offload_stats(model)
-    assert st["prefetch_hit_rate"] > 0.5, st
+    assert st["prefetch_skipped"] == 0, st  # every prefetch found room (how many were ready in time is timing)
     assert st["device_cache"]["misses"] >= 3 * len(rt.units) - 1  # nothing resident: all placed again
     # between forwards only prefetched units hold device buffers, and none holds a host lease
     assert rt.store.arena.stats().in_use <= sum(u.nbytes for u in rt.units) + len(rt.units) * PAGE
