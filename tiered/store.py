@@ -752,7 +752,9 @@ class TieredStore:
         the future then resolves once the bytes are written and the object is current in
         memory, but it is durable (survives a crash) only after a later :meth:`commit`, or any
         committing put, returns; until then a crash leaves the previous version. Used to
-        make many puts durable with one fdatasync and one manifest write. ``priority``: the
+        make many puts durable with one fdatasync and one manifest write (each uncommitted put of a
+        key keeps the extent of the version it replaced reserved until that commit, so commit before
+        rewriting one key many times). ``priority``: the
         engine priority of the write (write-back by default, after reads; a pipeline whose
         next read waits for this buffer's room may ask for DEMAND).
         """
