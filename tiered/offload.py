@@ -12,7 +12,10 @@ forward, and while unit *i* computes, units *i+1..i+k* are already being read
 compute budget (the host tier on CPU, the gpu tier on CUDA) bounds what is
 loaded at once; units that fit in what the streaming window leaves over stay
 resident, so a model slightly larger than the budget does not re-read
-everything on every token.
+everything on every token. On CUDA units reach the GPU through a
+:class:`~tiered.DeviceCache` (one pre-reserved region; a prefetch is copied to
+the device ahead of use on the cache's stream) unless ``[offload]
+device_cache = false``.
 
 Lifecycle: ``offload()`` packs and writes the weights, opens the store if it
 owns it, installs hooks; ``detach()`` restores ordinary in-memory parameters,
