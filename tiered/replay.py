@@ -366,6 +366,7 @@ def _real_loop(trace, tiers, names, policy, placement, engine, arena, path, offs
                             for j, o in enumerate(pending)])
         pending = []
         pend_keys.clear()
+        batch_size = max(1, int(policy.batch))  # a policy may adapt its batch (as sim re-reads it)
         reap()
         if progress is not None and (i + 1) % 4096 == 0:
             progress(i + 1, n)

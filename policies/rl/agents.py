@@ -209,6 +209,7 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
         self.res = [_Residents() for _ in self.tiers]
         self.clock = 0.0
         self.mean_size = 0.0
+        self.episode_events = 0  # mean_size is this episode's (stats["events"] counts every episode)
         self.since_train = 0
         P = self.opt.pending
         self.p_s = np.zeros((P, N_FEATURES), np.float32)
@@ -293,7 +294,9 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
         tiers = list(tiers)
         if len(tiers) > 1:
             name, _cap, free = tiers[0]
-            if free >= obs.nbytes:
+            # the write reserve is room for new objects' writes: a read (a scan, maybe) leaves it
+            room = free if obs.op == "write" else free - self._reserve()
+            if room >= obs.nbytes:
                 return name
         return tiers[-1][0] if tiers else None
 
@@ -323,7 +326,8 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
             if new and w:
                 nw += obs.nbytes
             self.clock += obs.nbytes
-            self.mean_size += (obs.nbytes - self.mean_size) / (self.stats["events"] + 1)
+            self.episode_events += 1
+            self.mean_size += (obs.nbytes - self.mean_size) / self.episode_events
             self.stats["events"] += 1
             self._ensure(i + 1)
             t = obs.tier_index if obs.tier_index >= 0 else self.back
@@ -701,4 +705,6 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
             self.agents[a].load_tensors(tensors, name, f"{src}.safetensors")
         ready = meta.get("ready", [True, True])
         self.ready = [bool(r) for r in ready]
+        for ag, steps in zip(self.agents, meta.get("train_steps", [0, 0])):
+            ag.steps = int(steps)  # (the Adam moments are not saved: training resumes with fresh ones)
         return self

@@ -37,15 +37,23 @@ def save_safetensors_json(path: str | os.PathLike, tensors: dict[str, torch.Tens
     from safetensors.torch import save as st_save
 
     base = Path(path)
-    _write_atomic(base.with_suffix(".safetensors"), st_save(tensors))
-    _write_atomic(base.with_suffix(".json"), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    _write_atomic(_with(base, ".safetensors"), st_save(tensors))
+    _write_atomic(_with(base, ".json"), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _with(base: Path, suffix: str) -> Path:
+    """``base`` + ``suffix``, with a ``.json``/``.safetensors`` suffix of ``base`` replaced; any other
+    dot stays part of the name ("agents.v1" -> "agents.v1.json", not "agents.json")."""
+    if base.suffix in (".json", ".safetensors"):
+        base = base.with_suffix("")
+    return base.with_name(base.name + suffix)
 
 
 def load_safetensors_json(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors.torch import load as st_load
 
     base = Path(path)
-    meta_path, weights_path = base.with_suffix(".json"), base.with_suffix(".safetensors")
+    meta_path, weights_path = _with(base, ".json"), _with(base, ".safetensors")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
