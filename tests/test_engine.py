@@ -708,3 +708,53 @@ def test_auto_backend_is_threads_without_cuda(tmp_path):
     with IOEngine("auto", chunk=CHUNK) as e:
         assert e.backend.name == "threads"
         assert e.write(tmp_path / "f", 0, buffer(10)).result(T) == 10
+
+
+# -- submit_many: one future for a batch of requests -----------------------------------------
+
+
+def test_submit_many_reads_every_request_into_its_buffer(engine, tmp_path):
+    path = tmp_path / "rows.bin"
+    data = random_bytes(64 * PAGE + 123, seed=4)
+    make_file(path, data)
+    rng = np.random.default_rng(5)
+    offs = rng.integers(0, 60 * PAGE, 300)
+    lens = rng.integers(1, 3 * PAGE, 300)
+    bufs = [buffer(int(n)) for n in lens]
+    reqs = [Request(Op.READ, str(path), int(o), int(n), b, Priority.PREFETCH) for o, n, b in zip(offs, lens, bufs)]
+    engine.reset_stats()
+    assert engine.submit_many(reqs).result(T) == int(lens.sum())
+    for o, n, b in zip(offs, lens, bufs):
+        assert np.array_equal(b[:n], data[o:o + n])
+    assert engine.stats()["read"]["requests"] == 300
+    assert engine.submit_many([]).result(T) == 0
+
+
+def test_submit_many_fails_once_with_the_first_error_after_all_ended(backend_name, tmp_path):
+    path = tmp_path / "data.bin"
+    make_file(path, random_bytes(16 * PAGE))
+    fb = faulty(backend_name)
+    fb.fail("read", errno.EIO, offset=(4 * PAGE, 5 * PAGE))
+    with engine_for(fb, workers=3) as e:
+        bufs = [buffer(PAGE) for _ in range(16)]
+        fut = e.submit_many([Request(Op.READ, str(path), i * PAGE, PAGE, b) for i, b in enumerate(bufs)])
+        with pytest.raises(IOEngineError) as ei:
+            fut.result(T)
+        assert ei.value.errno == errno.EIO and ei.value.offset == 4 * PAGE
+        assert e.stats()["read"]["requests"] == 16  # every request ended before the future did
+        good = file_bytes(path)
+        assert all(np.array_equal(bufs[i], good[i * PAGE:(i + 1) * PAGE]) for i in range(16) if i != 4)
+
+
+def test_submit_many_checks_every_buffer_before_queueing(engine, tmp_path):
+    path = tmp_path / "data.bin"
+    make_file(path, random_bytes(4 * PAGE))
+    engine.reset_stats()
+    with pytest.raises(ValueError, match="buffer holds only"):
+        engine.submit_many([Request(Op.READ, str(path), 0, PAGE, buffer(PAGE)),
+                            Request(Op.READ, str(path), PAGE, PAGE, buffer(10))])
+    time.sleep(0.05)
+    assert engine.stats()["read"]["requests"] == 0  # nothing was queued
+    engine.close()
+    with pytest.raises(EngineClosed):
+        engine.submit_many([Request(Op.READ, str(path), 0, PAGE, buffer(PAGE))])
