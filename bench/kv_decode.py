@@ -95,27 +95,21 @@ def drop_caches() -> bool:
 
 
 def decode(model, cache, ids: torch.Tensor, new: int, *, before=None, probe=None) -> dict:
-    """Prefill (after ``before()``, e.g. a prefix load) + ``new - 1`` greedy steps; timings."""
+    """:func:`prefill` (after ``before()``, e.g. a prefix load) + ``new - 1`` greedy steps; timings."""
+    run = prefill(model, cache, ids, before=before)
+    tok = run.pop("_tok")
+    peak = 0
     with torch.no_grad():
-        t0 = time.perf_counter()
-        skip = before() if before else 0
-        t_load = time.perf_counter() - t0
-        out = model(ids[:, skip:], **{CACHE: cache}, use_cache=True)
-        tok = out.logits[:, -1:].argmax(-1)
-        ttft = time.perf_counter() - t0
-        toks = [int(tok)]
-        del out
-        peak = 0
         t1 = time.perf_counter()
         for _ in range(new - 1):
             out = model(tok, **{CACHE: cache}, use_cache=True)
             tok = out.logits[:, -1:].argmax(-1)
-            toks.append(int(tok))
+            run["tokens"].append(int(tok))
             if probe is not None:
                 peak = max(peak, probe())
         dt = time.perf_counter() - t1
-    return {"ttft_s": ttft, "prefix_load_s": t_load, "prefix_tokens": skip, "decode_tokens_per_s": (new - 1) / dt,
-            "decode_s_per_token": dt / (new - 1), "tokens": toks, "decode_device_peak": peak or None}
+    return {**run, "decode_tokens_per_s": (new - 1) / dt, "decode_s_per_token": dt / (new - 1),
+            "decode_device_peak": peak or None}
 
 
 def prefill(model, cache, ids: torch.Tensor, *, before=None) -> dict:

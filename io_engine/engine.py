@@ -252,26 +252,10 @@ class IOEngine:
 
     # -- submission ----------------------------------------------------------------
     def submit(self, request: Request) -> IOFuture:
-        if not self._open or self._closing:
-            raise EngineClosed(f"I/O engine is not open ({request.op.value} of {request.path})")
-        buf = _as_buffer(request.buffer, request.op is Op.READ, self.backend.supports_device_buffers)
-        if len(buf) < request.length:
-            raise ValueError(
-                f"{request.op.value} of {request.length} bytes at offset {request.offset} of "
-                f"{request.path}: buffer holds only {len(buf)} bytes"
-            )
+        self._check_accepting(f"{request.op.value} of {request.path}")
+        buf = self._buffer_of(request)
         fut = IOFuture(f"{request.op.value} {request.path}@{request.offset}+{request.length}")
-        step = self._piece_size(request.length)
-        starts = list(range(0, request.length, step)) or [0]
-        job = _Job(request, fut, buf, len(starts), time.perf_counter())
-        with self._cond:
-            for s in starts:
-                piece = _Piece(int(request.priority), next(self._seq), job,
-                               request.offset + s, s, min(step, request.length - s))
-                heapq.heappush(self._heap, (piece.priority, piece.seq, piece))
-            self._cond.notify(len(starts))
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._async_wake.set)
+        self._enqueue([(request, buf, fut)])
         return fut
 
     def submit_many(self, requests) -> IOFuture:
@@ -280,37 +264,46 @@ class IOEngine:
         per-request future, callback and wake-up; the transfers run exactly as with :meth:`submit`.
         Every buffer is checked before any request is queued."""
         requests = list(requests)
-        if not self._open or self._closing:
-            raise EngineClosed(f"I/O engine is not open ({len(requests)} requests)")
+        self._check_accepting(f"{len(requests)} requests")
         fut = IOFuture(f"{len(requests)} requests")
         if not requests:
             fut.set_result(0)
             return fut
-        device_ok = self.backend.supports_device_buffers
-        bufs = []
-        for r in requests:
-            buf = _as_buffer(r.buffer, r.op is Op.READ, device_ok)
-            if len(buf) < r.length:
-                raise ValueError(f"{r.op.value} of {r.length} bytes at offset {r.offset} of {r.path}: "
-                                 f"buffer holds only {len(buf)} bytes")
-            bufs.append(buf)
-        group = _Group(fut, len(requests), sum(r.length for r in requests))
-        member = _Member(group)
+        bufs = [self._buffer_of(r) for r in requests]
+        member = _Member(_Group(fut, len(requests), sum(r.length for r in requests)))
+        self._enqueue([(r, buf, member) for r, buf in zip(requests, bufs)])
+        return fut
+
+    def _check_accepting(self, what: str) -> None:
+        if not self._open or self._closing:
+            raise EngineClosed(f"I/O engine is not open ({what})")
+
+    def _buffer_of(self, request: Request) -> Any:
+        buf = _as_buffer(request.buffer, request.op is Op.READ, self.backend.supports_device_buffers)
+        if len(buf) < request.length:
+            raise ValueError(
+                f"{request.op.value} of {request.length} bytes at offset {request.offset} of "
+                f"{request.path}: buffer holds only {len(buf)} bytes"
+            )
+        return buf
+
+    def _enqueue(self, jobs: list) -> None:
+        """Split each (request, buffer, future) into pieces on the heap, under one lock, one wake-up."""
         now = time.perf_counter()
         pieces = 0
         with self._cond:
-            for r, buf in zip(requests, bufs):
-                step = self._piece_size(r.length)
-                starts = range(0, r.length, step) if r.length else (0,)
-                job = _Job(r, member, buf, len(starts), now)
+            for request, buf, fut in jobs:
+                step = self._piece_size(request.length)
+                starts = range(0, request.length, step) if request.length else (0,)
+                job = _Job(request, fut, buf, len(starts), now)
                 for st in starts:
-                    piece = _Piece(int(r.priority), next(self._seq), job, r.offset + st, st, min(step, r.length - st))
+                    piece = _Piece(int(request.priority), next(self._seq), job,
+                                   request.offset + st, st, min(step, request.length - st))
                     heapq.heappush(self._heap, (piece.priority, piece.seq, piece))
                 pieces += len(starts)
             self._cond.notify(pieces)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._async_wake.set)
-        return fut
 
     def _piece_size(self, length: int) -> int:
         """``chunk``, or less so that a single request still keeps every worker busy

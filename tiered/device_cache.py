@@ -365,14 +365,15 @@ class DeviceCache:
         return entry is not None and entry.pins == 0 and not entry.loading
 
     def _unpin(self, entry: _Entry) -> None:
-        event = None
+        event = stream = None
         if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
             event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.device))
+            event.record(stream)
         with self._lock:
             entry.pins -= 1
             if event is not None:  # an event of a stream supersedes its earlier ones
-                entry.used[torch.cuda.current_stream(self.device).cuda_stream] = event
+                entry.used[stream.cuda_stream] = event
             if entry.stale and entry.pins == 0:
                 self._free(entry)
             self._lock.notify_all()

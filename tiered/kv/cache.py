@@ -39,6 +39,7 @@ thread) or ``with`` -> ``load_prefix(ids)`` (optional) ->
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -428,13 +429,11 @@ class TieredCache(Cache):
         pair = self._slots[slot]
         if pair[0] is None or pair[0].numel() < need:
             grow = need + b * self.kv_heads * self.block_size * self.head_dim  # a block of headroom
-            if self._compute_stream is not None:
-                # owned by the compute stream (which reads it): a grown slot is freed only after its
-                # attention ran, and the gather stream writes it only after an event of that stream
-                with torch.cuda.stream(self._compute_stream):
-                    pair[0] = torch.empty(grow, dtype=dtype, device=device)
-                    pair[1] = torch.empty(grow, dtype=dtype, device=device)
-            else:
+            # CUDA: owned by the compute stream (which reads it): a grown slot is freed only after its
+            # attention ran, and the gather stream writes it only after an event of that stream
+            owner = (torch.cuda.stream(self._compute_stream) if self._compute_stream is not None
+                     else contextlib.nullcontext())
+            with owner:
                 pair[0] = torch.empty(grow, dtype=dtype, device=device)
                 pair[1] = torch.empty(grow, dtype=dtype, device=device)
         shape = (b, self.kv_heads, tokens, self.head_dim)
@@ -536,7 +535,7 @@ class TieredCache(Cache):
         run_k: list[torch.Tensor] = []
         run_v: list[torch.Tensor] = []
         run_pair: list[torch.Tensor | None] = []  # a host block's [2, B, H, n, D] (K and V together), or None
-        staged = 0  # pairs in the current run
+        in_staging = 0  # host blocks of the current run (they land in the staging buffer)
         run_lo = 0
 
         def issue() -> None:
@@ -608,10 +607,10 @@ class TieredCache(Cache):
                 run_k.append(src[0])
                 run_v.append(src[1])
                 run_pair.append(pair)
-                staged += pair is not None
-                if len(held) >= max(1, window // 2) or staged >= self.read_window:  # staging's capacity
+                in_staging += pair is not None
+                if len(held) >= max(1, window // 2) or in_staging >= self.read_window:  # staging's capacity
                     flush((b.index + 1) * bs)
-                    staged = 0
+                    in_staging = 0
                 issue()
             layer = self.layers[l]
             if layer.tail_k is not None:
@@ -671,14 +670,7 @@ class TieredCache(Cache):
                 data[l, 0].copy_(layer.tail_k[:, :, j * bs:(j + 1) * bs])
                 data[l, 1].copy_(layer.tail_v[:, :, j * bs:(j + 1) * bs])
             blk = _Block(index, data)
-            if index < len(self._hashes) and b == 1:
-                blk.keys = [self.kv.block_key(self._hashes[index], p) for p in self._parts]
-                for key in blk.keys:
-                    self.kv.hold(key)  # before save: its room-making must not evict a sibling part
-                futs = [self.kv.save(k, data[lo:hi]) for k, (lo, hi) in zip(blk.keys, self._parts)]
-                blk.prefix, blk.saving = True, [f for f in futs if f is not None]
-                if blk.saving:
-                    self.counters["prefix_blocks_saved"] += 1
+            self._save_prefix(blk)
             self._blocks.append(blk)
             self._device_policy.admit(Observation(f"b{index}", blk.nbytes, "kv", "write", "device"))
         for layer in self.layers:
@@ -690,32 +682,27 @@ class TieredCache(Cache):
                 layer.tail_k = layer.tail_v = None
         self._committed += full * bs
 
+    def _save_prefix(self, blk: _Block) -> None:
+        """A full block of the known prompt is saved as its prefix (held before the save: the
+        save's room-making must not evict a sibling part)."""
+        if blk.index >= len(self._hashes) or self._geometry[0] != 1:
+            return
+        blk.keys = [self.kv.block_key(self._hashes[blk.index], p) for p in self._parts]
+        for key in blk.keys:
+            self.kv.hold(key)
+        futs = [self.kv.save(k, blk.data[lo:hi]) for k, (lo, hi) in zip(blk.keys, self._parts)]
+        blk.prefix, blk.saving = True, [f for f in futs if f is not None]
+        if blk.saving:
+            self.counters["prefix_blocks_saved"] += 1
+
     def _commit_host_blocks(self, count: int) -> None:
         """The blocks a prefill staged on the host become stored blocks (never resident)."""
-        if not count:
-            return
-        b = self._geometry[0]
         for _ in range(count):
             index = len(self._blocks)
-            host = self._host_blocks.pop(index)
-            blk = _Block(index)
-            if index < len(self._hashes) and b == 1:
-                blk.keys = [self.kv.block_key(self._hashes[index], p) for p in self._parts]
-                for key in blk.keys:
-                    self.kv.hold(key)
-                futs = [self.kv.save(k, host[lo:hi]) for k, (lo, hi) in zip(blk.keys, self._parts)]
-                blk.prefix = True
-                if any(f is not None for f in futs):
-                    self.counters["prefix_blocks_saved"] += 1
-            else:
-                blk.keys = [self.kv.session_key(self._session, index, p) for p in self._parts]
-                futs = [self.kv.store.put(k, host[lo:hi], kind="kv") for k, (lo, hi) in zip(blk.keys, self._parts)]
-            for f in futs:
-                if f is not None:
-                    f.result(timeout=self.io_timeout)  # readable by the next step's gathers
+            blk = _Block(index, self._host_blocks.pop(index))
+            self._save_prefix(blk)
+            self._spill(blk)  # readable from the store by the next step's gathers
             self._blocks.append(blk)
-            self.counters["spilled_blocks"] += 1
-            self.counters["spilled_bytes"] += host.numel() * host.element_size()
         for layer in self.layers:
             layer.staged = 0
         self._committed += count * self.block_size
