@@ -12,18 +12,12 @@ is what lets its logic be tested on machines without a GPU.
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass
 
+from .arena import NO_OWNER, Arena
 from .budget import OutOfBudget
-from .freelist import FreeList
 
 DEVICE_ALIGN = 512
-
-
-def _align(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
 
 
 @dataclass(frozen=True)
@@ -39,13 +33,14 @@ class DeviceArenaStats:
 class DeviceBuffer:
     """``nbytes`` of the arena at ``offset``; give it back with ``release()`` (or ``with``)."""
 
-    __slots__ = ("_arena", "offset", "nbytes", "reserved", "_released")
+    __slots__ = ("_arena", "offset", "nbytes", "reserved", "owner", "_released")
 
-    def __init__(self, arena: "DeviceArena", offset: int, nbytes: int, reserved: int) -> None:
+    def __init__(self, arena: "DeviceArena", offset: int, nbytes: int, reserved: int, owner: str = NO_OWNER) -> None:
         self._arena = arena
         self.offset = offset
         self.nbytes = nbytes
         self.reserved = reserved
+        self.owner = owner
         self._released = False
 
     def tensor(self, dtype=None, shape=None):
@@ -62,7 +57,7 @@ class DeviceBuffer:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._arena._free(self.offset, self.reserved)
+            self._arena._free(self.offset, self.reserved, self.owner)
 
     @property
     def released(self) -> bool:
@@ -78,23 +73,13 @@ class DeviceBuffer:
         return f"<DeviceBuffer {self._arena.device} offset={self.offset} nbytes={self.nbytes}>"
 
 
-class DeviceArena:
+class DeviceArena(Arena):
     """A fixed region of device memory reserved in ``open()`` and returned in ``close()``."""
 
     def __init__(self, capacity: int, device: str = "cuda:0", *, alignment: int = DEVICE_ALIGN) -> None:
-        if capacity <= 0:
-            raise ValueError(f"device arena on {device}: capacity must be > 0, got {capacity}")
-        if alignment <= 0 or alignment & (alignment - 1):
-            raise ValueError(f"device arena on {device}: alignment must be a power of two, got {alignment}")
+        super().__init__(capacity, alignment, f"device arena on {device}")
         self.device = str(device)
-        self.alignment = alignment
-        self.capacity = _align(int(capacity), alignment)
         self._region = None
-        self._free_list = FreeList(0)
-        self._cond = threading.Condition()
-        self._in_use = 0
-        self._peak = 0
-        self._buffers = 0
 
     def open(self) -> "DeviceArena":
         if self._region is not None:
@@ -104,8 +89,8 @@ class DeviceArena:
         try:
             self._region = torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
         except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
-            raise OutOfBudget(f"device arena on {self.device}: cannot reserve {self.capacity} bytes: {e}") from e
-        self._free_list = FreeList(self.capacity)
+            raise OutOfBudget(f"{self.name}: cannot reserve {self.capacity} bytes: {e}") from e
+        self._reset()
         return self
 
     def close(self) -> None:
@@ -118,43 +103,12 @@ class DeviceArena:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def alloc(self, nbytes: int, timeout: float | None = 0.0) -> DeviceBuffer:
-        """A buffer of exactly ``nbytes``; waits up to ``timeout`` s for space (None: forever)."""
-        if self._region is None:
-            raise RuntimeError(f"device arena on {self.device} is not open")
-        if nbytes < 0:
-            raise ValueError(f"device arena on {self.device}: cannot allocate {nbytes} bytes")
-        reserved = _align(max(nbytes, 1), self.alignment)
-        if reserved > self.capacity:
-            raise OutOfBudget(f"device arena on {self.device}: {nbytes} bytes requested, "
-                              f"the arena holds {self.capacity} bytes")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while (offset := self._free_list.take(reserved)) is None:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise OutOfBudget(
-                        f"device arena on {self.device}: no free block of {reserved} bytes "
-                        f"({self.capacity - self._in_use} of {self.capacity} free, "
-                        f"largest free block {self._free_list.largest()})")
-                self._cond.wait(remaining)
-            self._in_use += reserved
-            self._peak = max(self._peak, self._in_use)
-            self._buffers += 1
-        return DeviceBuffer(self, offset, nbytes, reserved)
+    @property
+    def is_open(self) -> bool:
+        return self._region is not None
 
-    def try_alloc(self, nbytes: int) -> DeviceBuffer | None:
-        try:
-            return self.alloc(nbytes, timeout=0)
-        except OutOfBudget:
-            return None
-
-    def _free(self, offset: int, size: int) -> None:
-        with self._cond:
-            self._free_list.give(offset, size)
-            self._in_use -= size
-            self._buffers -= 1
-            self._cond.notify_all()
+    def _buffer(self, offset: int, nbytes: int, reserved: int, owner: str) -> DeviceBuffer:
+        return DeviceBuffer(self, offset, nbytes, reserved, owner)
 
     def offset_of(self, t) -> int | None:
         """Where tensor ``t`` starts in the region, or None when it is not a view of it."""
@@ -167,12 +121,8 @@ class DeviceArena:
 
     def _view(self, offset: int, nbytes: int):
         if self._region is None:
-            raise RuntimeError(f"device arena on {self.device} is closed")
+            raise RuntimeError(f"{self.name} is closed")
         return self._region[offset : offset + nbytes]
-
-    @property
-    def in_use(self) -> int:
-        return self._in_use
 
     def stats(self) -> DeviceArenaStats:
         with self._cond:

@@ -17,14 +17,11 @@ tier: an allocation that does not fit waits (up to a timeout) or fails.
 from __future__ import annotations
 
 import mmap
-import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from .budget import OutOfBudget
-from .freelist import FreeList
+from .arena import NO_OWNER, Arena
 
 PAGE = 4096
 HUGE_PAGE = 2 << 20
@@ -55,13 +52,14 @@ class HostBuffer:
     Views must not be used after ``release()``: the bytes go back to the pool.
     """
 
-    __slots__ = ("_arena", "offset", "nbytes", "reserved", "array", "_released")
+    __slots__ = ("_arena", "offset", "nbytes", "reserved", "owner", "array", "_released")
 
-    def __init__(self, arena: "HostArena", offset: int, nbytes: int, reserved: int) -> None:
+    def __init__(self, arena: "HostArena", offset: int, nbytes: int, reserved: int, owner: str = NO_OWNER) -> None:
         self._arena = arena
         self.offset = offset
         self.nbytes = nbytes
         self.reserved = reserved
+        self.owner = owner
         self.array = arena._view(offset, nbytes)
         self._released = False
 
@@ -89,7 +87,7 @@ class HostBuffer:
             raise RuntimeError(f"host buffer at offset {self.offset} released twice")
         self._released = True
         self.array = None
-        self._arena._free(self.offset, self.reserved)
+        self._arena._free(self.offset, self.reserved, self.owner)
 
     @property
     def released(self) -> bool:
@@ -106,7 +104,7 @@ class HostBuffer:
         return f"HostBuffer(offset={self.offset}, nbytes={self.nbytes})"
 
 
-class HostArena:
+class HostArena(Arena):
     """A fixed-capacity host memory pool (see module docstring).
 
     ``pin``: ``"auto"`` pins when torch sees a CUDA device, ``True`` requires
@@ -129,11 +127,7 @@ class HostArena:
     ) -> None:
         if alignment <= 0 or alignment & (alignment - 1) or alignment % PAGE:
             raise ValueError(f"alignment must be a power of two multiple of {PAGE}, got {alignment}")
-        if capacity <= 0:
-            raise ValueError(f"{name}: arena capacity must be > 0, got {capacity}")
-        self.name = name
-        self.alignment = alignment
-        self.capacity = align_up(int(capacity), alignment)
+        super().__init__(capacity, alignment, name)
         self.hugepages = hugepages
         self._pin_request = pin
         self.prefault = prefault
@@ -143,12 +137,6 @@ class HostArena:
         self._mmap: mmap.mmap | None = None
         self._base: np.ndarray | None = None
         self.address = 0
-        self._cond = threading.Condition()
-        self._changes = 0  # bumped by every free and notify(): see wait_change()
-        self._free_list = FreeList(0)
-        self._in_use = 0
-        self._peak = 0
-        self._buffers = 0
 
     # -- lifecycle -----------------------------------------------------------------
     def open(self) -> "HostArena":
@@ -169,7 +157,7 @@ class HostArena:
         self._mmap = mm
         self._base = base
         self.address = base.ctypes.data
-        self._free_list = FreeList(self.capacity)
+        self._reset()
         self._pin()
         return self
 
@@ -215,82 +203,17 @@ class HostArena:
             raise RuntimeError(f"{self.name}: cudaHostRegister of {self.capacity} bytes failed (cudaError {err})")
         self.pinned = True
 
-    # -- allocation ----------------------------------------------------------------
-    def alloc(self, nbytes: int, timeout: float | None = 0.0) -> HostBuffer:
-        """An aligned buffer of exactly ``nbytes`` (reserved rounded up to the alignment).
-
-        ``timeout=0`` fails at once with :class:`OutOfBudget` when no free block
-        fits; ``None`` waits indefinitely; a positive value waits that long.
-        """
-        if self._base is None:
-            raise RuntimeError(f"{self.name}: arena is not open")
-        if nbytes < 0:
-            raise ValueError(f"{self.name}: cannot allocate {nbytes} bytes")
-        reserved = align_up(max(nbytes, 1), self.alignment)
-        if reserved > self.capacity:
-            raise OutOfBudget(
-                f"{self.name}: {nbytes} bytes requested but the arena holds {self.capacity} bytes"
-            )
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while True:
-                small = reserved <= self.small_buffer
-                offset = self._free_list.take(reserved, high=small, next_fit=not small)
-                if offset is not None:
-                    break
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise OutOfBudget(
-                        f"{self.name}: no free block of {reserved} bytes "
-                        f"({self.capacity - self._in_use} of {self.capacity} bytes free, "
-                        f"largest free block {self._largest_free()} bytes)"
-                    )
-                self._cond.wait(remaining)
-            self._in_use += reserved
-            self._peak = max(self._peak, self._in_use)
-            self._buffers += 1
-        return HostBuffer(self, offset, nbytes, reserved)
-
-    def try_alloc(self, nbytes: int) -> HostBuffer | None:
-        try:
-            return self.alloc(nbytes, timeout=0)
-        except OutOfBudget:
-            return None
-
-    def _free(self, offset: int, size: int) -> None:
-        with self._cond:
-            self._free_list.give(offset, size)
-            self._in_use -= size
-            self._buffers -= 1
-            self._changes += 1
-            self._cond.notify_all()
-
+    # -- the Arena hooks ---------------------------------------------------------------
     @property
-    def changes(self) -> int:
-        """A counter of frees and :meth:`notify` calls (read it before trying to find room)."""
-        return self._changes
+    def is_open(self) -> bool:
+        return self._base is not None
 
-    def notify(self) -> None:
-        """Wake :meth:`wait_change` waiters without freeing anything (an owner of buffers made
-        some of them freeable, e.g. a cache whose entries became evictable)."""
-        with self._cond:
-            self._changes += 1
-            self._cond.notify_all()
+    def _take(self, reserved: int) -> int | None:
+        small = reserved <= self.small_buffer
+        return self._free_list.take(reserved, high=small, next_fit=not small)
 
-    def wait_change(self, seen: int, timeout: float) -> bool:
-        """Wait until :attr:`changes` differs from ``seen`` (a free or a notify since it was
-        read), at most ``timeout`` seconds; False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._changes != seen, timeout)
-
-    def rewind(self) -> None:
-        """Make the next large buffers come from the largest free block, one after another
-        (for a group of buffers that must fit together, e.g. the tensors of one unit)."""
-        with self._cond:
-            self._free_list.rewind()
-
-    def _largest_free(self) -> int:
-        return self._free_list.largest()
+    def _buffer(self, offset: int, nbytes: int, reserved: int, owner: str) -> HostBuffer:
+        return HostBuffer(self, offset, nbytes, reserved, owner)
 
     def _view(self, offset: int, nbytes: int) -> np.ndarray:
         if self._base is None:
@@ -298,10 +221,6 @@ class HostArena:
         return self._base[offset : offset + nbytes]
 
     # -- reporting -----------------------------------------------------------------
-    @property
-    def in_use(self) -> int:
-        return self._in_use
-
     def stats(self) -> ArenaStats:
         with self._cond:
             free = self.capacity - self._in_use
