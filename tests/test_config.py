@@ -378,3 +378,12 @@ def test_default_home_falls_back_to_xdg(tmp_path, monkeypatch):
 def test_placement_accepts_every_registered_eviction_policy(tmp_path, name):
     cfg = load_config({"tiers": {"nvme": {"path": str(tmp_path), "capacity": "1MiB"}}, "policy": {"placement": name}})
     assert cfg.policy.placement == name
+
+
+def test_a_newly_registered_backend_is_accepted(tmp_path, monkeypatch):
+    from io_engine.backends import base
+
+    monkeypatch.setitem(base._REGISTRY, "uring-test", base._Entry(lambda: None, ""))
+    cfg = load_config(write(tmp_path, storage(tmp_path) + '\n[engine]\nbackend = "uring-test"\n'))
+    assert cfg.engine.backend == "uring-test"
+    assert "uring-test" in load_error(tmp_path, storage(tmp_path) + '\n[engine]\nbackend = "nope"\n')

@@ -43,7 +43,15 @@ __all__ = [
 ]
 
 TIER_KINDS = ("device", "host", "storage")
-BACKENDS = ("threads", "kvikio", "aiofiles", "auto")
+def backend_choices() -> tuple[str, ...]:
+    """Names ``[engine] backend`` accepts: the engine's backend registry, read at validation
+    time (a backend registered later is accepted), plus ``auto``."""
+    from io_engine import backend_names
+
+    return (*backend_names(), "auto")
+
+
+BACKENDS = backend_choices()  # those registered when this module was imported
 # Names accepted by ``[policy] placement`` besides those in the policies
 # registry (``policies.eviction_policy_names()``, read at validation time, so
 # a policy registered by a workload package is accepted once it is imported).
@@ -531,7 +539,7 @@ class _Validator:
         self.unknown_keys(table, "engine.", _ENGINE_KEYS)
         fields: dict[str, Any] = {}
         if "backend" in table:
-            fields["backend"] = self.choice(table["backend"], "engine.backend", BACKENDS)
+            fields["backend"] = self.choice(table["backend"], "engine.backend", backend_choices())
         if "workers" in table:
             fields["workers"] = self.integer(table["workers"], "engine.workers", 1, 256)
         if "queue_depth" in table:

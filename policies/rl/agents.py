@@ -198,10 +198,10 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
             raise ValueError(f"need at least two tiers, got {len(self.tiers)}")
         self.back = len(self.tiers) - 1
         cap0 = float(self.tiers[0].capacity)
-        if not (0 < cap0 < math.inf):
-            raise ValueError(f"tier {self.tiers[0].name!r}: the fast tier needs a finite capacity > 0, got {cap0}")
+        if not (0 <= cap0 < math.inf):
+            raise ValueError(f"tier {self.tiers[0].name!r}: the fast tier needs a finite capacity, got {cap0}")
         self.cap = [float(t.capacity) for t in self.tiers]
-        self.unit = cap0  # byte-clock unit
+        self.unit = cap0 or 1.0  # byte-clock unit (an empty fast tier holds nothing: any unit will do)
         self.rng = np.random.default_rng(self.opt.seed)
         self.table = ObjectTable()
         self.loc = np.full(1024, -1, np.int16)
@@ -262,7 +262,7 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
 
     # -- values ---------------------------------------------------------------------
     def _features(self, ids: np.ndarray) -> np.ndarray:
-        fill = self.res[0].used / self.cap[0]
+        fill = self.res[0].used / self.cap[0] if self.cap[0] else 1.0
         resident = (self.loc[ids] == 0).astype(np.float32)
         return self.table.features(ids, self.clock, self.unit, fill, resident)
 
