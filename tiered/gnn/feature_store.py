@@ -18,6 +18,7 @@ a store object, written after the chunks it names are durable.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import hashlib
 import json
 import os
@@ -655,11 +656,34 @@ class TieredFeatureStore(FeatureStore):
         return fut
 
     # -- FeatureStore API ------------------------------------------------------------
+    def __setitem__(self, key, value) -> None:
+        """``store[attr] = tensor``; unset fields mean None (``store[group] = x`` puts
+        (group, None, index=None)), as PyG's own ``FeatureStore.__setitem__`` does upstream."""
+        attr = copy.copy(self._tensor_attr_cls.cast(key))
+        for name in attr.__dataclass_fields__:
+            if not attr.is_set(name):
+                setattr(attr, name, None)
+        self.put_tensor(value, attr)
+
+    def update_tensor(self, tensor, *args, **kwargs) -> bool:
+        """Replace the attribute (``index=None``) or its rows ``index``, all or nothing: a failed
+        update leaves the previous data (PyG's default removes first, then puts)."""
+        attr = self._tensor_attr_cls.cast(*args, **kwargs)
+        if not attr.is_fully_specified():
+            raise ValueError(f"update_tensor: the TensorAttr {attr} is not fully specified "
+                             "(group_name, attr_name and index are all needed; index=None means every row)")
+        return self._put_tensor(tensor, attr)
+
     def _put_tensor(self, tensor, attr: TensorAttr) -> bool:
         self._check_open()
         t = tensor if isinstance(tensor, torch.Tensor) else torch.as_tensor(np.asarray(tensor))
+        t = t.detach().cpu()
         if attr.index is None:
-            self.import_array(t.detach().cpu().contiguous(), attr.group_name, attr.attr_name)
+            self.import_array(t.contiguous(), attr.group_name, attr.attr_name)
+            return True
+        if (attr.group_name, attr.attr_name) not in self._attrs:
+            self.import_array(_rows_in_index_order(t, attr.index, _label(attr.group_name, attr.attr_name)),
+                              attr.group_name, attr.attr_name)
             return True
         a = self._attr(attr.group_name, attr.attr_name)
         if a.tier != "store":
@@ -669,7 +693,7 @@ class TieredFeatureStore(FeatureStore):
         if t.numel() != len(ids) * int(np.prod(a.row_shape, dtype=np.int64)):
             raise FeatureStoreError(f"put_tensor({a.label}): {len(ids)} rows of shape {a.row_shape} expected, "
                                     f"got a tensor of shape {tuple(t.shape)}")
-        self._update_rows(a, ids, t.detach().cpu().to(a.dtype).reshape(len(ids), *a.row_shape))
+        self._update_rows(a, ids, t.to(a.dtype).reshape(len(ids), *a.row_shape))
         return True
 
     def _update_rows(self, a: _Attr, ids: np.ndarray, values: torch.Tensor) -> None:
@@ -712,23 +736,12 @@ class TieredFeatureStore(FeatureStore):
         for old, _key in replaced.values():
             self.store.delete(old)
 
-    def _get_tensor(self, attr: TensorAttr) -> torch.Tensor | None:
-        a = self._attrs.get((attr.group_name, attr.attr_name))
-        if a is None:
-            return None
-        return self._gather_many([(a, attr.index)])[0]
+    def _get_tensor(self, attr: TensorAttr) -> torch.Tensor:
+        """``x[index]``; a missing attribute raises KeyError (as PyG's stores do)."""
+        return self._gather_many([(self._attr(attr.group_name, attr.attr_name), attr.index)])[0]
 
-    def _multi_get_tensor(self, attrs: list[TensorAttr]) -> list[torch.Tensor | None]:
-        items, where = [], []
-        for i, attr in enumerate(attrs):
-            a = self._attrs.get((attr.group_name, attr.attr_name))
-            if a is not None:
-                items.append((a, attr.index))
-                where.append(i)
-        out: list[torch.Tensor | None] = [None] * len(attrs)
-        for i, t in zip(where, self._gather_many(items)):
-            out[i] = t
-        return out
+    def _multi_get_tensor(self, attrs: list[TensorAttr]) -> list[torch.Tensor]:
+        return self._gather_many([(self._attr(a.group_name, a.attr_name), a.index) for a in attrs])
 
     def _remove_tensor(self, attr: TensorAttr) -> bool:
         self._check_open()
@@ -851,6 +864,24 @@ def _normalize_index(index, n: int, label: str) -> tuple[np.ndarray, tuple[int, 
     if lo < 0:
         ids = np.where(ids < 0, ids + n, ids)
     return ids, arr.shape
+
+
+def _rows_in_index_order(t: torch.Tensor, index, label: str) -> torch.Tensor:
+    """The rows of a new attribute put with ``index``: row ``index[i]`` is ``t[i]``. The index
+    must name every row 0..len(t)-1 exactly once (the attribute has no other rows)."""
+    n = len(t) if t.dim() else 0
+    why = f"put_tensor({label}, index=...): a new attribute needs an index naming every row 0..{n - 1} exactly once"
+    try:
+        ids, _shape = _normalize_index(index, n, label)
+    except IndexError as e:
+        raise FeatureStoreError(f"{why} ({e})") from e
+    if len(ids) != n or not np.array_equal(np.sort(ids), np.arange(n)):
+        raise FeatureStoreError(f"{why}; got {len(ids)} ids, {len(np.unique(ids))} distinct")
+    if _is_identity(ids):
+        return t.contiguous()
+    out = torch.empty_like(t)
+    out[torch.from_numpy(ids)] = t
+    return out
 
 
 def _torch_dtype(dt, label: str) -> torch.dtype:
