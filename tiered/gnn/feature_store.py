@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -37,6 +38,7 @@ from io_engine import IOFuture, Op, Priority, Request, gather
 from ..store import ExtentLease, StoreError, TieredStore, _dtype_from, _dtype_name
 from .cache import RowCache
 from .gather import Layout, plan_reads, rows_from, split_rounds, unique_rows
+from .worker import SnapshotAttr, WorkerRows
 
 CATALOG_FORMAT = "tiered-gnn-features"
 CATALOG_VERSION = 1
@@ -45,6 +47,25 @@ TIERS = ("store", "external", "zarr")
 
 class FeatureStoreError(StoreError):
     """Misuse of the feature store; the message names the attribute."""
+
+
+# open feature stores of this process, by id: snapshotted for the child just before a fork
+_OPEN: dict[int, weakref.ref] = {}
+
+
+def _snapshot_before_fork() -> None:
+    """Give each open feature store a worker snapshot for a forked child (a DataLoader worker)
+    to read from: the child must never use the parent's engine, whose threads it lacks."""
+    for ref in list(_OPEN.values()):
+        fs = ref()
+        if fs is not None and fs._opened and fs._pid == os.getpid():
+            try:
+                fs._fork_snapshot = fs._snapshot()
+            except BaseException as e:  # noqa: BLE001 - raised in the child when it reads
+                fs._fork_snapshot = e
+
+
+os.register_at_fork(before=_snapshot_before_fork)
 
 
 def _label(group, attr) -> str:
@@ -156,6 +177,10 @@ class TieredFeatureStore(FeatureStore):
         self._next_gen = 1
         self._opened = False
         self.reads = {"requests": 0, "bytes": 0, "rows": 0, "prefetch_skipped": 0}
+        self._pid = os.getpid()
+        self._worker: WorkerRows | None = None  # set in a worker process: rows are read from it
+        self._fork_snapshot: WorkerRows | BaseException | None = None
+        self._exported: dict[tuple[str, int], ExtentLease] = {}  # extents handed to workers
 
     # -- lifecycle -----------------------------------------------------------------
     @property
@@ -185,6 +210,8 @@ class TieredFeatureStore(FeatureStore):
                     self._register_external(a)
                 self._attrs[(a.group, a.name)] = a
         self._opened = True
+        key = id(self)
+        _OPEN[key] = weakref.ref(self, lambda r: _OPEN.pop(key) if _OPEN.get(key) is r else None)
         try:
             self._collect_orphans()
         except BaseException:
@@ -193,13 +220,21 @@ class TieredFeatureStore(FeatureStore):
         return self
 
     def close(self) -> None:
-        """Wait for prefetches, then give back cache memory and extent leases."""
-        if not self._opened:
+        """Wait for prefetches, then give back cache memory and extent leases (those handed
+        to worker processes too). In a worker, close only the worker's own files."""
+        if self._worker is not None:
+            self._worker.close()
+        if not self._opened or os.getpid() != self._pid:
             return
         self._opened = False
+        _OPEN.pop(id(self), None)
         for a in list(self._attrs.values()):
             self._shutdown_attr(a)
         self._attrs.clear()
+        with self._lock:
+            exported, self._exported = list(self._exported.values()), {}
+        for lease in exported:
+            lease.release()
 
     def __enter__(self) -> "TieredFeatureStore":
         return self.open()
@@ -208,6 +243,10 @@ class TieredFeatureStore(FeatureStore):
         self.close()
 
     def _check_open(self) -> None:
+        if self._reader() is not None:
+            raise FeatureStoreError(
+                "this feature store is a read-only copy in a worker process (e.g. a DataLoader worker): it "
+                "reads the attributes as they were when the worker got it; write in the main process")
         if not self._opened:
             raise FeatureStoreError("the feature store is not open: call open() or use it as a context manager")
 
@@ -554,6 +593,8 @@ class TieredFeatureStore(FeatureStore):
 
     def gather_rows(self, group_name, attr_name: str, index) -> torch.Tensor:
         """``x[index]`` of attribute (``group_name``, ``attr_name``) as a new CPU tensor."""
+        if (w := self._reader()) is not None:
+            return w.gather(group_name, attr_name, index)
         return self._gather_many([(self._attr(group_name, attr_name), index)])[0]
 
     def _gather_many(self, items: list[tuple[_Attr, Any]]) -> list[torch.Tensor]:
@@ -738,9 +779,13 @@ class TieredFeatureStore(FeatureStore):
 
     def _get_tensor(self, attr: TensorAttr) -> torch.Tensor:
         """``x[index]``; a missing attribute raises KeyError (as PyG's stores do)."""
+        if (w := self._reader()) is not None:
+            return w.gather(attr.group_name, attr.attr_name, attr.index)
         return self._gather_many([(self._attr(attr.group_name, attr.attr_name), attr.index)])[0]
 
     def _multi_get_tensor(self, attrs: list[TensorAttr]) -> list[torch.Tensor]:
+        if (w := self._reader()) is not None:
+            return [w.gather(a.group_name, a.attr_name, a.index) for a in attrs]
         return self._gather_many([(self._attr(a.group_name, a.attr_name), a.index) for a in attrs])
 
     def _remove_tensor(self, attr: TensorAttr) -> bool:
@@ -758,11 +803,64 @@ class TieredFeatureStore(FeatureStore):
         return True
 
     def _get_tensor_size(self, attr: TensorAttr) -> tuple[int, ...] | None:
-        a = self._attrs.get((attr.group_name, attr.attr_name))
+        w = self._reader()
+        a = (w.attrs if w is not None else self._attrs).get((attr.group_name, attr.attr_name))
         return None if a is None else tuple(a.shape)
 
     def get_all_tensor_attrs(self) -> list[TensorAttr]:
-        return [TensorAttr(group_name=g, attr_name=n, index=None) for (g, n) in self._attrs]
+        w = self._reader()
+        return [TensorAttr(group_name=g, attr_name=n, index=None) for (g, n) in (w.attrs if w else self._attrs)]
+
+    # -- worker processes ------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """What a worker process gets (DataLoader with spawn): a read-only snapshot of where
+        the rows are, not the store, its engine, locks or caches (see ``worker.py``)."""
+        w = self._reader()
+        return {"tensor_attr_cls": self._tensor_attr_cls, "namespace": self.namespace, "policy": self.policy,
+                "rows": w if w is not None else self._snapshot()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(_tensor_attr_cls=state["tensor_attr_cls"], namespace=state["namespace"],
+                             policy=state["policy"], _worker=state["rows"], _pid=os.getpid(), _opened=False,
+                             _attrs={}, _fork_snapshot=None, _exported={})
+
+    def _reader(self) -> WorkerRows | None:
+        """The worker snapshot to read from, or None in the process that opened the store."""
+        pid = os.getpid()
+        w = self._worker
+        if w is not None:
+            if w.pid != pid:  # a worker copy forked again
+                w = self._worker = w.fresh()
+            return w
+        if pid == self._pid:
+            return None
+        snap = self._fork_snapshot  # a forked child of the process that opened the store
+        if isinstance(snap, BaseException):
+            raise FeatureStoreError(f"feature store {self.namespace!r}: the snapshot for this forked process "
+                                    f"failed in the parent ({snap})") from snap
+        if snap is None:
+            raise FeatureStoreError(f"feature store {self.namespace!r} was not open when this process was forked")
+        self._worker = snap.fresh()
+        return self._worker
+
+    def _snapshot(self) -> WorkerRows:
+        """Every attribute with its chunks' extents, each held (until close) so that a worker
+        never reads bytes the store has freed or reused."""
+        self._check_open()
+        attrs = []
+        with self._lock:
+            for a in list(self._attrs.values()):
+                chunks = [] if a.tier == "zarr" else [self._export_extent(key) for key in a.keys]
+                attrs.append(SnapshotAttr(a.group, a.name, a.dtype, tuple(a.shape), a.chunk_rows, a.tier, chunks,
+                                          a.zarr_path))
+        return WorkerRows(self.namespace, attrs, self.max_read)
+
+    def _export_extent(self, key: str) -> tuple[str, int, int]:
+        lease = self.store.locate(key)
+        held = self._exported.setdefault((key, lease.version), lease)
+        if held is not lease:
+            lease.release()
+        return held.path, held.offset, held.nbytes
 
     # -- reporting -----------------------------------------------------------------
     def stats(self) -> dict:
@@ -785,6 +883,8 @@ class TieredFeatureStore(FeatureStore):
         self.reads = {"requests": 0, "bytes": 0, "rows": 0, "prefetch_skipped": 0}
 
     def __repr__(self) -> str:
+        if self._worker is not None:
+            return f"TieredFeatureStore(namespace={self.namespace!r}, worker copy, attrs={len(self._worker.attrs)})"
         return f"TieredFeatureStore(namespace={self.namespace!r}, attrs={len(self._attrs)}, policy={self.policy!r})"
 
 
