@@ -143,6 +143,10 @@ class TieredFeatureStore(FeatureStore):
     for the Python engine on a virtio disk);
     ``scratch_bytes``: read buffer per gather round; ``chunk_bytes``: size of
     the row-range objects. Call ``open()`` (or use ``with``) after the store is open.
+
+    In DataLoader worker processes (``num_workers > 0``, fork or spawn) the store is a
+    read-only reader of the attributes as they were when the worker started (see
+    ``worker.py``); extents handed to workers stay reserved until ``close()``.
     """
 
     def __init__(self, store: TieredStore, *, namespace: str = "features", cache_bytes: int | None = None,
@@ -822,7 +826,8 @@ class TieredFeatureStore(FeatureStore):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(_tensor_attr_cls=state["tensor_attr_cls"], namespace=state["namespace"],
                              policy=state["policy"], _worker=state["rows"], _pid=os.getpid(), _opened=False,
-                             _attrs={}, _fork_snapshot=None, _exported={})
+                             _attrs={}, _fork_snapshot=None, _exported={},
+                             reads={"requests": 0, "bytes": 0, "rows": 0, "prefetch_skipped": 0})
 
     def _reader(self) -> WorkerRows | None:
         """The worker snapshot to read from, or None in the process that opened the store."""
