@@ -212,6 +212,7 @@ class TieredStorageReader(StorageReader):
             raise CheckpointError("TieredStorageReader has no checkpoint_id: pass one to it or to dcp.load")
         mpath = self.path / METADATA
         if not mpath.exists():
+            _refuse_foreign_format(self.path)
             raise CheckpointError(f"no committed checkpoint at {self.path} ({METADATA} missing: never saved, "
                                   "or the save did not finish)")
         import json
@@ -267,6 +268,25 @@ class TieredStorageReader(StorageReader):
 
 _MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
                    "preserve": torch.preserve_format}
+
+
+_DCP_FS_DATA_RE = re.compile(r"^__\d+_\d+\.distcp$")
+
+
+def _refuse_foreign_format(path: Path) -> None:
+    """A directory that torch's own ``FileSystemWriter`` wrote (``.metadata`` plus
+    ``__<rank>_<n>.distcp`` files) is a complete checkpoint in another format: say so."""
+    if not path.is_dir():
+        return
+    names = [p.name for p in path.iterdir()]
+    distcp = sorted(n for n in names if _DCP_FS_DATA_RE.match(n))
+    if ".metadata" in names or distcp:
+        shown = ([".metadata"] if ".metadata" in names else []) + distcp[:3]
+        found = ", ".join(shown) + (", ..." if len(distcp) > 3 else "")
+        raise CheckpointError(
+            f"{path} holds a torch.distributed.checkpoint FileSystemWriter checkpoint ({found}), not one written "
+            f"by TieredStorageWriter ({METADATA} missing): load it with "
+            f"torch.distributed.checkpoint.FileSystemReader({str(path)!r})")
 
 
 def metadata_to_json(md: Metadata) -> dict:

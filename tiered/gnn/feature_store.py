@@ -18,10 +18,12 @@ a store object, written after the chunks it names are durable.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import hashlib
 import json
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -36,6 +38,7 @@ from io_engine import IOFuture, Op, Priority, Request, gather
 from ..store import ExtentLease, StoreError, TieredStore, _dtype_from, _dtype_name
 from .cache import RowCache
 from .gather import Layout, plan_reads, rows_from, split_rounds, unique_rows
+from .worker import SnapshotAttr, WorkerRows
 
 CATALOG_FORMAT = "tiered-gnn-features"
 CATALOG_VERSION = 1
@@ -44,6 +47,25 @@ TIERS = ("store", "external", "zarr")
 
 class FeatureStoreError(StoreError):
     """Misuse of the feature store; the message names the attribute."""
+
+
+# open feature stores of this process, by id: snapshotted for the child just before a fork
+_OPEN: dict[int, weakref.ref] = {}
+
+
+def _snapshot_before_fork() -> None:
+    """Give each open feature store a worker snapshot for a forked child (a DataLoader worker)
+    to read from: the child must never use the parent's engine, whose threads it lacks."""
+    for ref in list(_OPEN.values()):
+        fs = ref()
+        if fs is not None and fs._opened and fs._pid == os.getpid():
+            try:
+                fs._fork_snapshot = fs._snapshot()
+            except BaseException as e:  # noqa: BLE001 - raised in the child when it reads
+                fs._fork_snapshot = e
+
+
+os.register_at_fork(before=_snapshot_before_fork)
 
 
 def _label(group, attr) -> str:
@@ -121,6 +143,10 @@ class TieredFeatureStore(FeatureStore):
     for the Python engine on a virtio disk);
     ``scratch_bytes``: read buffer per gather round; ``chunk_bytes``: size of
     the row-range objects. Call ``open()`` (or use ``with``) after the store is open.
+
+    In DataLoader worker processes (``num_workers > 0``, fork or spawn) the store is a
+    read-only reader of the attributes as they were when the worker started (see
+    ``worker.py``); extents handed to workers stay reserved until ``close()``.
     """
 
     def __init__(self, store: TieredStore, *, namespace: str = "features", cache_bytes: int | None = None,
@@ -155,6 +181,10 @@ class TieredFeatureStore(FeatureStore):
         self._next_gen = 1
         self._opened = False
         self.reads = {"requests": 0, "bytes": 0, "rows": 0, "prefetch_skipped": 0}
+        self._pid = os.getpid()
+        self._worker: WorkerRows | None = None  # set in a worker process: rows are read from it
+        self._fork_snapshot: WorkerRows | BaseException | None = None
+        self._exported: dict[tuple[str, int], ExtentLease] = {}  # extents handed to workers
 
     # -- lifecycle -----------------------------------------------------------------
     @property
@@ -184,6 +214,8 @@ class TieredFeatureStore(FeatureStore):
                     self._register_external(a)
                 self._attrs[(a.group, a.name)] = a
         self._opened = True
+        key = id(self)
+        _OPEN[key] = weakref.ref(self, lambda r: _OPEN.pop(key) if _OPEN.get(key) is r else None)
         try:
             self._collect_orphans()
         except BaseException:
@@ -192,13 +224,21 @@ class TieredFeatureStore(FeatureStore):
         return self
 
     def close(self) -> None:
-        """Wait for prefetches, then give back cache memory and extent leases."""
-        if not self._opened:
+        """Wait for prefetches, then give back cache memory and extent leases (those handed
+        to worker processes too). In a worker, close only the worker's own files."""
+        if self._worker is not None:
+            self._worker.close()
+        if not self._opened or os.getpid() != self._pid:
             return
         self._opened = False
+        _OPEN.pop(id(self), None)
         for a in list(self._attrs.values()):
             self._shutdown_attr(a)
         self._attrs.clear()
+        with self._lock:
+            exported, self._exported = list(self._exported.values()), {}
+        for lease in exported:
+            lease.release()
 
     def __enter__(self) -> "TieredFeatureStore":
         return self.open()
@@ -207,6 +247,10 @@ class TieredFeatureStore(FeatureStore):
         self.close()
 
     def _check_open(self) -> None:
+        if self._reader() is not None:
+            raise FeatureStoreError(
+                "this feature store is a read-only copy in a worker process (e.g. a DataLoader worker): it "
+                "reads the attributes as they were when the worker got it; write in the main process")
         if not self._opened:
             raise FeatureStoreError("the feature store is not open: call open() or use it as a context manager")
 
@@ -553,6 +597,8 @@ class TieredFeatureStore(FeatureStore):
 
     def gather_rows(self, group_name, attr_name: str, index) -> torch.Tensor:
         """``x[index]`` of attribute (``group_name``, ``attr_name``) as a new CPU tensor."""
+        if (w := self._reader()) is not None:
+            return w.gather(group_name, attr_name, index)
         return self._gather_many([(self._attr(group_name, attr_name), index)])[0]
 
     def _gather_many(self, items: list[tuple[_Attr, Any]]) -> list[torch.Tensor]:
@@ -655,11 +701,34 @@ class TieredFeatureStore(FeatureStore):
         return fut
 
     # -- FeatureStore API ------------------------------------------------------------
+    def __setitem__(self, key, value) -> None:
+        """``store[attr] = tensor``; unset fields mean None (``store[group] = x`` puts
+        (group, None, index=None)), as PyG's own ``FeatureStore.__setitem__`` does upstream."""
+        attr = copy.copy(self._tensor_attr_cls.cast(key))
+        for name in attr.__dataclass_fields__:
+            if not attr.is_set(name):
+                setattr(attr, name, None)
+        self.put_tensor(value, attr)
+
+    def update_tensor(self, tensor, *args, **kwargs) -> bool:
+        """Replace the attribute (``index=None``) or its rows ``index``, all or nothing: a failed
+        update leaves the previous data (PyG's default removes first, then puts)."""
+        attr = self._tensor_attr_cls.cast(*args, **kwargs)
+        if not attr.is_fully_specified():
+            raise ValueError(f"update_tensor: the TensorAttr {attr} is not fully specified "
+                             "(group_name, attr_name and index are all needed; index=None means every row)")
+        return self._put_tensor(tensor, attr)
+
     def _put_tensor(self, tensor, attr: TensorAttr) -> bool:
         self._check_open()
         t = tensor if isinstance(tensor, torch.Tensor) else torch.as_tensor(np.asarray(tensor))
+        t = t.detach().cpu()
         if attr.index is None:
-            self.import_array(t.detach().cpu().contiguous(), attr.group_name, attr.attr_name)
+            self.import_array(t.contiguous(), attr.group_name, attr.attr_name)
+            return True
+        if (attr.group_name, attr.attr_name) not in self._attrs:
+            self.import_array(_rows_in_index_order(t, attr.index, _label(attr.group_name, attr.attr_name)),
+                              attr.group_name, attr.attr_name)
             return True
         a = self._attr(attr.group_name, attr.attr_name)
         if a.tier != "store":
@@ -669,7 +738,7 @@ class TieredFeatureStore(FeatureStore):
         if t.numel() != len(ids) * int(np.prod(a.row_shape, dtype=np.int64)):
             raise FeatureStoreError(f"put_tensor({a.label}): {len(ids)} rows of shape {a.row_shape} expected, "
                                     f"got a tensor of shape {tuple(t.shape)}")
-        self._update_rows(a, ids, t.detach().cpu().to(a.dtype).reshape(len(ids), *a.row_shape))
+        self._update_rows(a, ids, t.to(a.dtype).reshape(len(ids), *a.row_shape))
         return True
 
     def _update_rows(self, a: _Attr, ids: np.ndarray, values: torch.Tensor) -> None:
@@ -712,23 +781,16 @@ class TieredFeatureStore(FeatureStore):
         for old, _key in replaced.values():
             self.store.delete(old)
 
-    def _get_tensor(self, attr: TensorAttr) -> torch.Tensor | None:
-        a = self._attrs.get((attr.group_name, attr.attr_name))
-        if a is None:
-            return None
-        return self._gather_many([(a, attr.index)])[0]
+    def _get_tensor(self, attr: TensorAttr) -> torch.Tensor:
+        """``x[index]``; a missing attribute raises KeyError (as PyG's stores do)."""
+        if (w := self._reader()) is not None:
+            return w.gather(attr.group_name, attr.attr_name, attr.index)
+        return self._gather_many([(self._attr(attr.group_name, attr.attr_name), attr.index)])[0]
 
-    def _multi_get_tensor(self, attrs: list[TensorAttr]) -> list[torch.Tensor | None]:
-        items, where = [], []
-        for i, attr in enumerate(attrs):
-            a = self._attrs.get((attr.group_name, attr.attr_name))
-            if a is not None:
-                items.append((a, attr.index))
-                where.append(i)
-        out: list[torch.Tensor | None] = [None] * len(attrs)
-        for i, t in zip(where, self._gather_many(items)):
-            out[i] = t
-        return out
+    def _multi_get_tensor(self, attrs: list[TensorAttr]) -> list[torch.Tensor]:
+        if (w := self._reader()) is not None:
+            return [w.gather(a.group_name, a.attr_name, a.index) for a in attrs]
+        return self._gather_many([(self._attr(a.group_name, a.attr_name), a.index) for a in attrs])
 
     def _remove_tensor(self, attr: TensorAttr) -> bool:
         self._check_open()
@@ -745,11 +807,65 @@ class TieredFeatureStore(FeatureStore):
         return True
 
     def _get_tensor_size(self, attr: TensorAttr) -> tuple[int, ...] | None:
-        a = self._attrs.get((attr.group_name, attr.attr_name))
+        w = self._reader()
+        a = (w.attrs if w is not None else self._attrs).get((attr.group_name, attr.attr_name))
         return None if a is None else tuple(a.shape)
 
     def get_all_tensor_attrs(self) -> list[TensorAttr]:
-        return [TensorAttr(group_name=g, attr_name=n, index=None) for (g, n) in self._attrs]
+        w = self._reader()
+        return [TensorAttr(group_name=g, attr_name=n, index=None) for (g, n) in (w.attrs if w else self._attrs)]
+
+    # -- worker processes ------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """What a worker process gets (DataLoader with spawn): a read-only snapshot of where
+        the rows are, not the store, its engine, locks or caches (see ``worker.py``)."""
+        w = self._reader()
+        return {"tensor_attr_cls": self._tensor_attr_cls, "namespace": self.namespace, "policy": self.policy,
+                "rows": w if w is not None else self._snapshot()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(_tensor_attr_cls=state["tensor_attr_cls"], namespace=state["namespace"],
+                             policy=state["policy"], _worker=state["rows"], _pid=os.getpid(), _opened=False,
+                             _attrs={}, _fork_snapshot=None, _exported={},
+                             reads={"requests": 0, "bytes": 0, "rows": 0, "prefetch_skipped": 0})
+
+    def _reader(self) -> WorkerRows | None:
+        """The worker snapshot to read from, or None in the process that opened the store."""
+        pid = os.getpid()
+        w = self._worker
+        if w is not None:
+            if w.pid != pid:  # a worker copy forked again
+                w = self._worker = w.fresh()
+            return w
+        if pid == self._pid:
+            return None
+        snap = self._fork_snapshot  # a forked child of the process that opened the store
+        if isinstance(snap, BaseException):
+            raise FeatureStoreError(f"feature store {self.namespace!r}: the snapshot for this forked process "
+                                    f"failed in the parent ({snap})") from snap
+        if snap is None:
+            raise FeatureStoreError(f"feature store {self.namespace!r} was not open when this process was forked")
+        self._worker = snap.fresh()
+        return self._worker
+
+    def _snapshot(self) -> WorkerRows:
+        """Every attribute with its chunks' extents, each held (until close) so that a worker
+        never reads bytes the store has freed or reused."""
+        self._check_open()
+        attrs = []
+        with self._lock:
+            for a in list(self._attrs.values()):
+                chunks = [] if a.tier == "zarr" else [self._export_extent(key) for key in a.keys]
+                attrs.append(SnapshotAttr(a.group, a.name, a.dtype, tuple(a.shape), a.chunk_rows, a.tier, chunks,
+                                          a.zarr_path))
+        return WorkerRows(self.namespace, attrs, self.max_read)
+
+    def _export_extent(self, key: str) -> tuple[str, int, int]:
+        lease = self.store.locate(key)
+        held = self._exported.setdefault((key, lease.version), lease)
+        if held is not lease:
+            lease.release()
+        return held.path, held.offset, held.nbytes
 
     # -- reporting -----------------------------------------------------------------
     def stats(self) -> dict:
@@ -772,6 +888,8 @@ class TieredFeatureStore(FeatureStore):
         self.reads = {"requests": 0, "bytes": 0, "rows": 0, "prefetch_skipped": 0}
 
     def __repr__(self) -> str:
+        if self._worker is not None:
+            return f"TieredFeatureStore(namespace={self.namespace!r}, worker copy, attrs={len(self._worker.attrs)})"
         return f"TieredFeatureStore(namespace={self.namespace!r}, attrs={len(self._attrs)}, policy={self.policy!r})"
 
 
@@ -851,6 +969,24 @@ def _normalize_index(index, n: int, label: str) -> tuple[np.ndarray, tuple[int, 
     if lo < 0:
         ids = np.where(ids < 0, ids + n, ids)
     return ids, arr.shape
+
+
+def _rows_in_index_order(t: torch.Tensor, index, label: str) -> torch.Tensor:
+    """The rows of a new attribute put with ``index``: row ``index[i]`` is ``t[i]``. The index
+    must name every row 0..len(t)-1 exactly once (the attribute has no other rows)."""
+    n = len(t) if t.dim() else 0
+    why = f"put_tensor({label}, index=...): a new attribute needs an index naming every row 0..{n - 1} exactly once"
+    try:
+        ids, _shape = _normalize_index(index, n, label)
+    except IndexError as e:
+        raise FeatureStoreError(f"{why} ({e})") from e
+    if len(ids) != n or not np.array_equal(np.sort(ids), np.arange(n)):
+        raise FeatureStoreError(f"{why}; got {len(ids)} ids, {len(np.unique(ids))} distinct")
+    if _is_identity(ids):
+        return t.contiguous()
+    out = torch.empty_like(t)
+    out[torch.from_numpy(ids)] = t
+    return out
 
 
 def _torch_dtype(dt, label: str) -> torch.dtype:

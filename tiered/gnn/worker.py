@@ -1,0 +1,142 @@
+"""Reading feature rows in a DataLoader worker process, without the parent's store.
+
+Why: a worker process cannot use the parent's ``TieredStore`` (its engine threads do
+not exist after a fork; a spawned worker cannot get them at all; and the store
+directory is locked to one process). So the parent hands each worker a snapshot:
+for every attribute its dtype, shape and where each chunk's bytes are (path,
+offset, length), or its zarr path. The parent holds a lease on every extent it
+handed out until it closes, so those bytes are neither freed nor reused while a
+worker may read them; a worker sees the attributes as they were when it got the
+snapshot. Rows are read with ``os.preadv`` in the worker's own thread: no engine,
+no threads, no locks. Like the parent's row gathers (``TieredStore.locate``),
+partial row reads are not checked against the objects' 8 MiB segment checksums.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .gather import Layout, plan_reads, rows_from, unique_rows
+
+
+@dataclass
+class SnapshotAttr:
+    """One attribute as a worker sees it (plain data: it is pickled to the worker)."""
+
+    group: Any
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    chunk_rows: int
+    tier: str
+    chunks: list[tuple[str, int, int]]  # (path, offset, nbytes) per chunk; empty for zarr
+    zarr_path: str | None = None
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return self.shape[1:]
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.row_shape, dtype=np.int64)) * torch.empty((), dtype=self.dtype).element_size()
+
+
+class WorkerRows:
+    """Read-only rows of a snapshot (see the module docstring); one per worker process."""
+
+    def __init__(self, namespace: str, attrs: list[SnapshotAttr], max_read: int) -> None:
+        self.namespace = namespace
+        self.attrs = {(a.group, a.name): a for a in attrs}
+        self.max_read = max_read
+        self.pid = os.getpid()  # the process whose file descriptors ``_fds`` holds
+        self._fds: dict[str, int] = {}
+        self._layouts: dict[tuple, tuple[Layout, list[str]]] = {}
+        self._zarr: dict[tuple, Any] = {}
+
+    def __getstate__(self) -> dict:
+        return {"namespace": self.namespace, "attrs": list(self.attrs.values()), "max_read": self.max_read}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["namespace"], state["attrs"], state["max_read"])
+
+    def fresh(self) -> "WorkerRows":
+        """A copy for this process (no descriptors or zarr handles of another one)."""
+        return WorkerRows(self.namespace, list(self.attrs.values()), self.max_read)
+
+    def close(self) -> None:
+        if os.getpid() == self.pid:  # a forked copy must not close its parent's descriptors
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = {}
+
+    def attr(self, group, name: str) -> SnapshotAttr:
+        from .feature_store import _label
+
+        a = self.attrs.get((group, name))
+        if a is None:
+            known = ", ".join(_label(g, n) for g, n in self.attrs) or "none"
+            raise KeyError(f"no feature attribute {_label(group, name)} in namespace {self.namespace!r} "
+                           f"(worker snapshot); known: {known}")
+        return a
+
+    def gather(self, group, name: str, index) -> torch.Tensor:
+        """``x[index]`` of attribute (``group``, ``name``) as a new CPU tensor."""
+        from .feature_store import _is_identity, _label, _normalize_index
+
+        a = self.attr(group, name)
+        ids, out_shape = _normalize_index(index, a.shape[0], _label(group, name))
+        uniq, inv = unique_rows(ids)
+        if not len(uniq):
+            return torch.empty((*out_shape, *a.row_shape), dtype=a.dtype)
+        raw = self._read(a, uniq)
+        rows = torch.from_numpy(np.ascontiguousarray(raw))
+        rows = (rows.view(a.dtype) if a.dtype != torch.uint8 else rows).reshape(len(uniq), *a.row_shape)
+        if len(inv) != len(uniq) or not _is_identity(inv):
+            rows = rows.index_select(0, torch.from_numpy(inv.reshape(-1)))
+        return rows.reshape(*out_shape, *a.row_shape)
+
+    def _read(self, a: SnapshotAttr, rows: np.ndarray) -> np.ndarray:
+        """The bytes of sorted unique ``rows``, one row per line."""
+        if a.tier == "zarr":
+            z = self._zarr.get((a.group, a.name))
+            if z is None:
+                import zarr
+
+                z = self._zarr[(a.group, a.name)] = zarr.open_array(a.zarr_path, mode="r")
+            return np.ascontiguousarray(z.oindex[(rows,)]).reshape(len(rows), -1).view(np.uint8)
+        layout, paths = self._layout(a)
+        plan = plan_reads(rows, layout, merge_gap=0, max_read=self.max_read)
+        scratch = np.empty(plan.nbytes, dtype=np.uint8)
+        for f, off, n, b in zip(plan.file.tolist(), plan.offset.tolist(), plan.length.tolist(),
+                                plan.buf_offset.tolist()):
+            self._pread(paths[f], scratch[b : b + n], off)
+        return rows_from(scratch, plan.row_pos, a.row_bytes)
+
+    def _layout(self, a: SnapshotAttr) -> tuple[Layout, list[str]]:
+        got = self._layouts.get((a.group, a.name))
+        if got is None:
+            paths = sorted({p for p, _o, _n in a.chunks})
+            fidx = {p: i for i, p in enumerate(paths)}
+            off = np.array([o for _p, o, _n in a.chunks], dtype=np.int64)
+            limit = np.array([o + n for _p, o, n in a.chunks], dtype=np.int64)
+            files = np.array([fidx[p] for p, _o, _n in a.chunks], dtype=np.int64)
+            got = self._layouts[(a.group, a.name)] = (
+                Layout(a.shape[0], a.row_bytes, a.chunk_rows, off, files, limit), paths)
+        return got
+
+    def _pread(self, path: str, out: np.ndarray, offset: int) -> None:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        view, done = memoryview(out), 0
+        while done < len(out):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise OSError(f"{path}: short read at offset {offset + done} ({done} of {len(out)} bytes of a "
+                              "feature-row read): the file is shorter than the feature store recorded")
+            done += n
