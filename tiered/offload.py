@@ -506,6 +506,10 @@ class OffloadedModule:
         # first of all pre-hooks (the root may also be a unit): clears what an interrupted forward left
         self._hooks.append(self.model.register_forward_pre_hook(self._root_pre, prepend=True))
         self._hooks.append(self.model.register_forward_hook(self._root_post, always_call=True))
+        from . import offload_state  # imports this module
+
+        # state_dict() reads the real weights; conversions and deep copies are refused
+        self._hooks += offload_state.install(self)
 
     # -- hooks ---------------------------------------------------------------------
     def _root_pre(self, _m, _args) -> None:
@@ -704,7 +708,7 @@ class OffloadedModule:
         # pinned until it is durable, so no reader can meanwhile fetch the replaced bytes from storage
         gather(writing).add_done_callback(lambda _f: [lease.release() for lease in leases])
 
-    def _drop_prefetches(self, keep: _Unit) -> None:
+    def _drop_prefetches(self, keep: _Unit | None) -> None:
         """Release every prefetched (not running, not resident) unit's host copies."""
         for v in self.units:
             if v is keep or v.active or v.resident or (v.host_resident and self.dcache is None):
