@@ -21,6 +21,7 @@ from torch import nn
 
 from allocators import OutOfBudget
 
+from . import offload_life
 from .offload import OffloadError
 
 if TYPE_CHECKING:
@@ -115,6 +116,8 @@ def _acquire(rt: "OffloadedModule", key: str):
         return rt.store.acquire(key, wait=0.0).result(timeout=_WAIT)
     except OutOfBudget:
         rt._drop_prefetches(keep=None)
+        for other in offload_life.others_on(rt.store):
+            other.give_back_prefetches()
         return rt.store.acquire(key, wait=_WAIT).result(timeout=_WAIT)
 
 
