@@ -162,9 +162,12 @@ def test_conversions_that_would_act_on_placeholders_are_refused(tmp_path):
             copy.deepcopy(model)
         with pytest.raises(OffloadError, match="detach"):
             copy.deepcopy(model.model.layers[0])
+        with pytest.raises(OffloadError, match="detach"):
+            torch.save(model, tmp_path / "model.pt")
     finally:
         tiered.detach(model)
     # an ordinary module again: conversions and copies work
     half = copy.deepcopy(model).to(torch.float16)
     assert next(half.parameters()).dtype == torch.float16
     assert "_apply" not in vars(model) and "__deepcopy__" not in vars(model.model.layers[0])
+    torch.save(model, tmp_path / "model.pt")

@@ -17,9 +17,14 @@ everything on every token. On CUDA units reach the GPU through a
 the device ahead of use on the cache's stream) unless ``[offload]
 device_cache = false``.
 
-Lifecycle: ``offload()`` packs and writes the weights, opens the store if it
-owns it, installs hooks; ``detach()`` restores ordinary in-memory parameters,
-removes the hooks and closes what ``offload()`` opened.
+Lifecycle: ``offload()`` packs and writes the weights as ephemeral objects (the
+store deletes them when it closes, or on its next open after a crash), takes a
+handle on this process's shared store for the config unless given one, installs
+hooks; ``detach()`` restores ordinary in-memory parameters, removes the hooks,
+deletes the objects (``keep=True``: makes them durable instead) and closes what
+``offload()`` opened. A model dropped without ``detach`` is cleaned up once
+collected (:mod:`tiered.offload_life`). ``state_dict()`` reads the real weights
+from the store (:mod:`tiered.offload_state`).
 """
 
 from __future__ import annotations
@@ -498,6 +503,12 @@ class OffloadedModule:
     def _held_by_others(self) -> int:
         return sum(o.host_pinned_bytes() for o in offload_life.others_on(self.store) if o is not self)
 
+    def room_from_others(self) -> None:
+        """Take back the room the idle prefetches of the store's other models hold."""
+        for other in offload_life.others_on(self.store):
+            if other is not self:
+                other.give_back_prefetches()
+
     def give_back_prefetches(self) -> None:
         """Release the prefetched units of the next forward, unless a forward or backward is in
         progress: for another model of the store that needs the room now."""
@@ -619,9 +630,7 @@ class OffloadedModule:
         except OutOfBudget:
             # prefetches for a path the forward did not take hold the budget: drop them
             self._drop_prefetches(keep=u)
-            for other in offload_life.others_on(self.store):  # other models' idle prefetches too
-                if other is not self:
-                    other.give_back_prefetches()
+            self.room_from_others()
             try:
                 self._acquire(u, Priority.DEMAND, wait=0.0)
             except OutOfBudget:
@@ -1128,6 +1137,7 @@ def detach(model: nn.Module, *, keep: bool = False) -> nn.Module:
         for u in rt.units:
             rt._unbind(u)
         rt.release_all()
+        rt.room_from_others()
         rt.materialize()
     finally:
         try:

@@ -5,8 +5,8 @@ Between forwards an offloaded model's parameters are placeholders (NaN, no memor
 each unit's real tensors from the store, one unit at a time: a post-hook on every unit
 module replaces the placeholders of that unit's entries by host copies read from its
 objects. Conversions (``model.to(dtype)``, ``.half()``, ``.to(other device)``) and
-``copy.deepcopy`` would act on the placeholders and silently produce NaN weights (or a
-second runtime sharing the first one's hooks): they are refused with an error that says
+``copy.deepcopy`` / pickling the module would act on the placeholders and silently produce NaN
+weights (or a second runtime sharing the first one's hooks): they are refused with an error that says
 to call ``tiered.detach(model)`` first. Conversions that change nothing are allowed.
 """
 
@@ -21,7 +21,6 @@ from torch import nn
 
 from allocators import OutOfBudget
 
-from . import offload_life
 from .offload import OffloadError
 
 if TYPE_CHECKING:
@@ -56,7 +55,8 @@ def install(rt: "OffloadedModule") -> list:
     guarded = _guarded_modules(rt)
     for m in guarded:
         m._apply = functools.partial(_checked_apply, m, _slot_types(m, rt))
-        m.__deepcopy__ = functools.partial(_refuse_deepcopy, type(m).__name__)
+        m.__deepcopy__ = functools.partial(_refuse_copy, "a deep copy", type(m).__name__)
+        m.__reduce_ex__ = functools.partial(_refuse_copy, "pickling (torch.save of the module)", type(m).__name__)
     return handles + [_Guards(guarded)]
 
 
@@ -71,7 +71,7 @@ class _Guards:
 
     def remove(self) -> None:
         for m in self.modules:
-            for attr in ("_apply", "__deepcopy__"):
+            for attr in ("_apply", "__deepcopy__", "__reduce_ex__"):
                 if attr in vars(m):
                     delattr(m, attr)
 
@@ -116,8 +116,7 @@ def _acquire(rt: "OffloadedModule", key: str):
         return rt.store.acquire(key, wait=0.0).result(timeout=_WAIT)
     except OutOfBudget:
         rt._drop_prefetches(keep=None)
-        for other in offload_life.others_on(rt.store):
-            other.give_back_prefetches()
+        rt.room_from_others()
         return rt.store.acquire(key, wait=_WAIT).result(timeout=_WAIT)
 
 
@@ -146,6 +145,7 @@ def _checked_apply(m: nn.Module, types, fn, recurse: bool = True):
     return type(m)._apply(m, fn, recurse)
 
 
-def _refuse_deepcopy(name: str, _memo=None):
-    raise OffloadError(f"{name} is offloaded: a deep copy would copy placeholders and share the store's hooks; "
-                       "call tiered.detach(model) first, or build a new model and load_state_dict(model.state_dict())")
+def _refuse_copy(what: str, name: str, _arg=None):
+    raise OffloadError(f"{name} is offloaded: {what} would copy placeholders, not the weights, and the runtime "
+                       "attached to it; call tiered.detach(model) first, or save model.state_dict() (the real "
+                       "weights) and load it into a new model")
