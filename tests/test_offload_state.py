@@ -96,6 +96,17 @@ def test_state_dict_of_offloaded_model_is_the_real_weights(tmp_path, arch):
         tiered.detach(model)
 
 
+def test_state_dict_of_bundled_layout(tmp_path):
+    model = _llama()
+    want = _state(model)
+    tiered.offload(model, make_cfg(tmp_path, HOST["llama"]), layout="bundled")
+    try:
+        assert any(s.bundle for u in model._tiered.units for s in u.slots)
+        _assert_same_state(model.state_dict(), want)
+    finally:
+        tiered.detach(model)
+
+
 def test_tied_weights_share_one_tensor_in_the_state_dict(tmp_path):
     model = _gpt2()
     tiered.offload(model, make_cfg(tmp_path, HOST["gpt2"]))

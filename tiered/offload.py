@@ -30,6 +30,7 @@ from the store (:mod:`tiered.offload_state`).
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import uuid
 import time
@@ -324,6 +325,7 @@ class OffloadedModule:
         self.backward_listeners: list[Callable[[_Unit], None]] = []  # unit fetched again in backward
         self._writes: list = []  # puts of updated weights (optimizers)
         self._finished = False  # detached, abandoned, or never attached (offload failed)
+        self._pid = os.getpid()  # a fork child's copy cleans up nothing of its parent's
         self._idle_lock = threading.Lock()  # another model of the store checks ``_running`` under it
         self._running = False  # a forward is in progress (root pre-hook to root post-hook)
 
@@ -1038,7 +1040,7 @@ class OffloadedModule:
                         self.store.close()
 
     def __del__(self) -> None:
-        if not self._finished:
+        if not self._finished and self._pid == os.getpid():
             offload_life.orphaned(self)
 
     def report(self) -> dict:

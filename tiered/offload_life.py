@@ -17,6 +17,7 @@ so the store is closed and its ephemeral objects deleted before the process ends
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import weakref
 from typing import TYPE_CHECKING
@@ -28,6 +29,18 @@ _lock = threading.Lock()
 _orphans: list["OffloadedModule"] = []  # runtimes whose model was collected without detach
 _live: "weakref.WeakSet[OffloadedModule]" = weakref.WeakSet()  # runtimes attached to a model
 _exiting = False
+
+
+def _forget_after_fork() -> None:
+    """A fork child holds none of its parent's models' resources (the store's threads did not
+    survive the fork): it neither cleans them up nor collects them."""
+    global _lock
+    _lock = threading.Lock()
+    _orphans.clear()
+    _live.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def watch(rt: "OffloadedModule") -> None:

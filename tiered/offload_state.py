@@ -3,8 +3,9 @@
 Between forwards an offloaded model's parameters are placeholders (NaN, no memory).
 ``state_dict()`` (and so ``save_pretrained`` and ``torch.save(model.state_dict())``) gets
 each unit's real tensors from the store, one unit at a time: a post-hook on every unit
-module replaces the placeholders of that unit's entries by host copies read from its
-objects. Conversions (``model.to(dtype)``, ``.half()``, ``.to(other device)``) and
+module replaces the placeholders of that unit's entries by host (CPU) copies read from its
+objects, whatever the compute device. The returned dict holds every tensor at once, as
+any state dict does, so saving this way needs host memory for the whole model. Conversions (``model.to(dtype)``, ``.half()``, ``.to(other device)``) and
 ``copy.deepcopy`` / pickling the module would act on the placeholders and silently produce NaN
 weights (or a second runtime sharing the first one's hooks): they are refused with an error that says
 to call ``tiered.detach(model)`` first. Conversions that change nothing are allowed.
