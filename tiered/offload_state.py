@@ -5,10 +5,13 @@ Between forwards an offloaded model's parameters are placeholders (NaN, no memor
 each unit's real tensors from the store, one unit at a time: a post-hook on every unit
 module replaces the placeholders of that unit's entries by host (CPU) copies read from its
 objects, whatever the compute device. The returned dict holds every tensor at once, as
-any state dict does, so saving this way needs host memory for the whole model. Conversions (``model.to(dtype)``, ``.half()``, ``.to(other device)``) and
-``copy.deepcopy`` / pickling the module would act on the placeholders and silently produce NaN
-weights (or a second runtime sharing the first one's hooks): they are refused with an error that says
-to call ``tiered.detach(model)`` first. Conversions that change nothing are allowed.
+any state dict does, so saving this way needs host memory for the whole model.
+
+Conversions (``model.to(dtype)``, ``.half()``, ``.to(other device)``), ``copy.deepcopy``,
+pickling the module and ``load_state_dict`` would act on the placeholders (silently giving
+NaN weights, a second runtime sharing the first one's hooks, or loaded values the store
+never serves): they are refused with an error that says to call ``tiered.detach(model)``
+first. Conversions that change nothing are allowed.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def install(rt: "OffloadedModule") -> list:
             functools.partial(_fill_state, weakref.ref(rt), u, names, copies)))
     guarded = _guarded_modules(rt)
     for m in guarded:
+        handles.append(m.register_load_state_dict_pre_hook(_refuse_load))
         m._apply = functools.partial(_checked_apply, m, _slot_types(m, rt))
         m.__deepcopy__ = functools.partial(_refuse_copy, "a deep copy", type(m).__name__)
         m.__reduce_ex__ = functools.partial(_refuse_copy, "pickling (torch.save of the module)", type(m).__name__)
@@ -144,6 +148,12 @@ def _checked_apply(m: nn.Module, types, fn, recurse: bool = True):
                 f"{type(m).__name__} is offloaded: converting its {dtype} weights on {device} to {got} would "
                 "convert placeholders, not the weights; call tiered.detach(model) first (then offload again)")
     return type(m)._apply(m, fn, recurse)
+
+
+def _refuse_load(module: nn.Module, *_args) -> None:
+    raise OffloadError(f"{type(module).__name__} is offloaded: load_state_dict would write into placeholders "
+                       "(or, with assign=True, replace parameters the store no longer serves); call "
+                       "tiered.detach(model) first, load, then offload again")
 
 
 def _refuse_copy(what: str, name: str, _arg=None):
