@@ -76,11 +76,13 @@ def _generate(demo_cfg, cfg, offload, detach, offload_stats, LlamaConfig, LlamaF
         t_mem = time.perf_counter() - t0
         _progress("in-memory generation done; offloading")
         offload(model, demo_cfg)
-        t0 = time.perf_counter()
-        got = model.generate(prompt, attention_mask=mask, max_new_tokens=GEN_TOKENS, do_sample=False)
-        t_off = time.perf_counter() - t0
-    st = offload_stats(model)
-    detach(model)
+        try:  # detached however the run ends (Ctrl-C included): the store keeps nothing of it
+            t0 = time.perf_counter()
+            got = model.generate(prompt, attention_mask=mask, max_new_tokens=GEN_TOKENS, do_sample=False)
+            t_off = time.perf_counter() - t0
+            st = offload_stats(model)
+        finally:
+            detach(model)
     same = torch.equal(got, want)
     print(f"tokens/s: in memory {GEN_TOKENS / t_mem:.1f}, offloaded {GEN_TOKENS / t_off:.1f} "
           f"(lookahead {st['lookahead']}, resident {format_size(st['resident_bytes'])}, "
@@ -116,7 +118,8 @@ def run_store_demo(config_source=None) -> int:
         t0 = time.perf_counter()
         futures = []
         for i, (k, v) in enumerate(tensors.items()):
-            futures.append(store.put(k, v, kind="blob"))
+            # ephemeral: the store deletes them when it closes, or after a crash on its next open
+            futures.append(store.put(k, v, kind="blob", ephemeral=True))
             if i % 8 == 7:
                 _progress(f"put {i + 1}/{DEMO_OBJECTS}")
         for f in futures:

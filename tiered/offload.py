@@ -17,14 +17,21 @@ everything on every token. On CUDA units reach the GPU through a
 the device ahead of use on the cache's stream) unless ``[offload]
 device_cache = false``.
 
-Lifecycle: ``offload()`` packs and writes the weights, opens the store if it
-owns it, installs hooks; ``detach()`` restores ordinary in-memory parameters,
-removes the hooks and closes what ``offload()`` opened.
+Lifecycle: ``offload()`` packs and writes the weights as ephemeral objects (the
+store deletes them when it closes, or on its next open after a crash), takes a
+handle on this process's shared store for the config unless given one, installs
+hooks; ``detach()`` restores ordinary in-memory parameters, removes the hooks,
+deletes the objects (``keep=True``: makes them durable instead) and closes what
+``offload()`` opened. A model dropped without ``detach`` is cleaned up once
+collected (:mod:`tiered.offload_life`). ``state_dict()`` reads the real weights
+from the store (:mod:`tiered.offload_state`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 import uuid
 import time
 from dataclasses import dataclass, field
@@ -38,6 +45,7 @@ from allocators.device_arena import DEVICE_ALIGN
 from io_engine import Priority, gather
 
 from .config import Config, load_config
+from . import offload_life
 from .device_cache import DeviceCache
 from .sizes import format_size
 from .store import Lease, StoreError, TieredStore
@@ -316,6 +324,10 @@ class OffloadedModule:
         self._sth = None  # the saved_tensors_hooks context of the forward in progress
         self.backward_listeners: list[Callable[[_Unit], None]] = []  # unit fetched again in backward
         self._writes: list = []  # puts of updated weights (optimizers)
+        self._finished = False  # detached, abandoned, or never attached (offload failed)
+        self._pid = os.getpid()  # a fork child's copy cleans up nothing of its parent's
+        self._idle_lock = threading.Lock()  # another model of the store checks ``_running`` under it
+        self._running = False  # a forward is in progress (root pre-hook to root post-hook)
 
     # -- building ------------------------------------------------------------------
     def build_units(self, spec, external: dict[int, str] | None, layout: str = "packed") -> None:
@@ -373,7 +385,7 @@ class OffloadedModule:
                     blob[s.offset : s.offset + s.nbytes] = src.contiguous().reshape(-1).view(torch.uint8)
                 else:
                     s.view_in(blob).copy_(src)
-            futures.append(self.store.put(packed[0].key, blob, kind="weight"))
+            futures.append(self.store.put(packed[0].key, blob, kind="weight", ephemeral=True))
         for f in futures:
             f.result(timeout=_WAIT)
 
@@ -425,7 +437,7 @@ class OffloadedModule:
             )
         if self.cuda:
             self.device_budget = DeviceBudget(budget, str(self.device))
-        host = self.store.arena.capacity
+        host = self.store.arena.capacity - self._held_by_others()
         if self._two_level and host < 2 * largest.nbytes:
             raise OffloadError(
                 f"host tier of {format_size(host)} cannot stage unit {largest.name or '<root>'!r} "
@@ -477,10 +489,34 @@ class OffloadedModule:
             if gpu is None:
                 raise OffloadError(f"{self.config.source}: a CUDA compute device needs a [tiers.gpu] budget")
             return gpu.capacity
-        return self.store.arena.capacity
+        return self.store.arena.capacity - self._held_by_others()
 
     def _budget_name(self) -> str:
-        return "gpu tier" if self.cuda else "host tier"
+        if self.cuda:
+            return "gpu tier"
+        held = self._held_by_others()
+        return "host tier" + (f", less {format_size(held)} kept resident by other offloaded models of the store"
+                              if held else "")
+
+    def host_pinned_bytes(self) -> int:
+        """Host bytes this model keeps pinned between forwards (its resident units)."""
+        return sum(u.nbytes for u in self.units if (u.resident and not self._two_level) or u.host_resident)
+
+    def _held_by_others(self) -> int:
+        return sum(o.host_pinned_bytes() for o in offload_life.others_on(self.store) if o is not self)
+
+    def room_from_others(self) -> None:
+        """Take back the room the idle prefetches of the store's other models hold."""
+        for other in offload_life.others_on(self.store):
+            if other is not self:
+                other.give_back_prefetches()
+
+    def give_back_prefetches(self) -> None:
+        """Release the prefetched units of the next forward, unless a forward or backward is in
+        progress: for another model of the store that needs the room now."""
+        with self._idle_lock:
+            if not self._running and not self._saved and not self._bw_hold:
+                self._drop_prefetches(keep=None)
 
     def pin_residents(self) -> None:
         if not self.config.offload.resident:
@@ -506,9 +542,15 @@ class OffloadedModule:
         # first of all pre-hooks (the root may also be a unit): clears what an interrupted forward left
         self._hooks.append(self.model.register_forward_pre_hook(self._root_pre, prepend=True))
         self._hooks.append(self.model.register_forward_hook(self._root_post, always_call=True))
+        from . import offload_state  # imports this module
+
+        # state_dict() reads the real weights; conversions and deep copies are refused
+        self._hooks += offload_state.install(self)
 
     # -- hooks ---------------------------------------------------------------------
     def _root_pre(self, _m, _args) -> None:
+        with self._idle_lock:
+            self._running = True
         # a forward interrupted by a BaseException (Ctrl-C) skips always_call post-hooks:
         # units it left active are released here, before they can pin the budget forever
         for u in self.units:
@@ -526,6 +568,8 @@ class OffloadedModule:
             self._sth.__enter__()
 
     def _root_post(self, _m, _args, _out) -> None:
+        with self._idle_lock:
+            self._running = False
         self._pop_saved_hooks()
         self.stats.forwards += 1
         if self._pass and self._pass != self.order:
@@ -588,6 +632,7 @@ class OffloadedModule:
         except OutOfBudget:
             # prefetches for a path the forward did not take hold the budget: drop them
             self._drop_prefetches(keep=u)
+            self.room_from_others()
             try:
                 self._acquire(u, Priority.DEMAND, wait=0.0)
             except OutOfBudget:
@@ -704,7 +749,7 @@ class OffloadedModule:
         # pinned until it is durable, so no reader can meanwhile fetch the replaced bytes from storage
         gather(writing).add_done_callback(lambda _f: [lease.release() for lease in leases])
 
-    def _drop_prefetches(self, keep: _Unit) -> None:
+    def _drop_prefetches(self, keep: _Unit | None) -> None:
         """Release every prefetched (not running, not resident) unit's host copies."""
         for v in self.units:
             if v is keep or v.active or v.resident or (v.host_resident and self.dcache is None):
@@ -877,7 +922,7 @@ class OffloadedModule:
     def write_unit_params(self, edit: "UnitEdit") -> None:
         """Write the objects of ``edit`` back as new versions (their leases outlive the puts)."""
         for k, (owner, t) in edit.tensors.items():
-            f = self.store.put(k, t, kind="weight")
+            f = self.store.put(k, t, kind="weight", ephemeral=True)
             self._writes.append(f)
             if owner is not None:
                 owner.writing = [w for w in owner.writing if not w.done()] + [f]  # resident units never release
@@ -889,7 +934,7 @@ class OffloadedModule:
     def write_unit(self, u: _Unit) -> None:
         """Write the objects ``u`` has bound back as new versions (after changing them in place)."""
         for k, lease in u.leases.items():
-            f = self.store.put(k, lease.tensor, kind="weight")
+            f = self.store.put(k, lease.tensor, kind="weight", ephemeral=True)
             self._writes.append(f)
             u.writing = [w for w in u.writing if not w.done()] + [f]  # resident units never release
 
@@ -958,6 +1003,46 @@ class OffloadedModule:
             self._resident_ranges = [(lease.offset, lease.offset + lease.nbytes)
                                      for u in self.units if u.resident for lease in u.leases.values()]
 
+    def keep_objects(self) -> None:
+        """Make the model's packed objects durable (``detach(keep=True)``): they were written as
+        this process's scratch, which the store deletes when it closes."""
+        for key in dict.fromkeys(u.packed_key for u in self.units if u.packed_key is not None):
+            lease = self.store.acquire(key, wait=_WAIT).result(timeout=_WAIT)
+            try:
+                self.store.put(key, lease.tensor, kind="weight").result(timeout=_WAIT)
+            finally:
+                lease.release()
+
+    def delete_objects(self) -> None:
+        for key in dict.fromkeys(k for u in self.units for k in u.keys):
+            if key in self.store:
+                self.store.delete(key)
+
+    def abandon(self) -> None:
+        """Give back what a model dropped without ``detach`` held: pins, device cache, its
+        objects and its store handle (see :mod:`tiered.offload_life`)."""
+        if self._finished:
+            return
+        self._finished = True
+        if not self.store._opened:  # a store the caller owns, closed already: it took all of it along
+            return
+        try:
+            self.remove_hooks()
+            self.release_all()
+        finally:
+            try:
+                self.close_device_cache()
+            finally:
+                try:
+                    self.delete_objects()
+                finally:
+                    if self.owns_store:
+                        self.store.close()
+
+    def __del__(self) -> None:
+        if not self._finished and self._pid == os.getpid():
+            offload_life.orphaned(self)
+
     def report(self) -> dict:
         st = self.store.stats()
         if st["external_bytes_read"] - self._external_base:
@@ -992,14 +1077,15 @@ def offload(model: nn.Module, config=None, *, units=None, layout: str | None = N
     """
     if getattr(model, "_tiered", None) is not None:
         raise OffloadError(f"{type(model).__name__} is already offloaded; call tiered.detach(model) first")
+    offload_life.collect()
     cfg = store.config if store is not None else load_config(config)
     if device is None:
         p = next((p for p in model.parameters() if p.device.type != "meta"), None)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
     owns = store is None or _owns_store
-    if store is None:
-        store = TieredStore(cfg).open()
+    if store is None:  # shared with this process's other users of the directories
+        store = TieredStore.shared(cfg)
     rt = OffloadedModule(model, store, owns, cfg, device)
     try:
         # the same model keeps its prefix (objects kept by detach(keep=True) are overwritten)
@@ -1022,6 +1108,7 @@ def offload(model: nn.Module, config=None, *, units=None, layout: str | None = N
         rt.hold_residents()
         rt.install_hooks()
     except BaseException:
+        rt._finished = True
         try:
             rt.remove_hooks()
             rt.release_all()
@@ -1033,36 +1120,45 @@ def offload(model: nn.Module, config=None, *, units=None, layout: str | None = N
                     store.close()
         raise
     model._tiered = rt
+    offload_life.watch(rt)
     return model
 
 
 def detach(model: nn.Module, *, keep: bool = False) -> nn.Module:
     """Undo :func:`offload`: ordinary in-memory parameters, no hooks, store closed if owned.
 
-    The model's objects are deleted from the store unless ``keep`` is true.
+    The model's objects are deleted from the store unless ``keep`` is true; kept, they are
+    made durable (offload writes them as ephemeral: deleted when the store closes).
     """
     rt: OffloadedModule | None = getattr(model, "_tiered", None)
     if rt is None:
         raise OffloadError(f"{type(model).__name__} is not offloaded")
+    offload_life.collect()
     rt.remove_hooks()
     try:
         for u in rt.units:
             rt._unbind(u)
         rt.release_all()
+        rt.room_from_others()
         rt.materialize()
     finally:
         try:
             rt.close_device_cache()
         except BaseException:
+            rt._finished = True
             if rt.owns_store:
                 rt.store.close()
             raise
-    if not keep:
-        for key in dict.fromkeys(k for u in rt.units for k in u.keys):
-            if key in rt.store:
-                rt.store.delete(key)
-    if rt.owns_store:
-        rt.store.close()
+    rt._finished = True  # from here on the store handle is closed below, whatever happens
+    offload_life.forget(rt)
+    try:
+        if keep:
+            rt.keep_objects()
+        else:
+            rt.delete_objects()
+    finally:
+        if rt.owns_store:
+            rt.store.close()
     model._tiered = None
     return model
 

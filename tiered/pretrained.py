@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import offload_life
 from .offload import OffloadError, offload
 from .store import TieredStore
 
@@ -145,7 +146,8 @@ def from_pretrained(model_dir: str | os.PathLike, config=None, *, model_cls=None
 
     owns = store is None
     if owns:
-        store = TieredStore(config).open()
+        offload_life.collect()  # models dropped without detach give back their handles first
+        store = TieredStore.shared(config)
     try:
         external: dict[int, str] = {}
         missing = []

@@ -23,7 +23,6 @@ Invariants (from the design):
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import json
 import logging
@@ -43,6 +42,7 @@ from io_engine import Backend, IOEngine, IOFuture, Priority, chain, completed, g
 from policies import FirstFit, Observation, create_eviction_policy
 from traces import AccessEvent
 
+from . import store_registry
 from .atomic import remove_stale_temps, write_json_atomic
 from .config import Config, TierSpec, load_config
 
@@ -144,13 +144,14 @@ class ObjectMeta:
     crc32: list[int] | None  # one per SEGMENT of the buffer; None for external objects
     extent: Extent
     host: HostCopy | None = None
+    ephemeral: bool = False  # deleted when the store closes, or by the next open after a crash
 
     def describe(self) -> dict:
         return {
             "key": self.key, "kind": self.kind, "dtype": _dtype_name(self.dtype),
             "shape": list(self.shape), "nbytes": self.nbytes, "version": self.version,
             "tier": self.extent.tier, "offset": self.extent.offset,
-            "in_host": bool(self.host and self.host.ready),
+            "in_host": bool(self.host and self.host.ready), "ephemeral": self.ephemeral,
         }
 
 
@@ -318,6 +319,8 @@ class TieredStore:
         self.engine: IOEngine | None = None
         self._lock_fd: int | None = None
         self._opened = False
+        self._shared_users = 0  # >0: a TieredStore.shared() store, closed by its last user
+        self._shared_kwargs: dict = {}
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -339,17 +342,22 @@ class TieredStore:
     def root(self) -> Path:
         return self._tiers[self._tier_order[0]].path
 
+    @classmethod
+    def shared(cls, config: Config | str | os.PathLike | dict | None = None, **kwargs) -> "TieredStore":
+        """This process's open store for ``config``'s directories, or a newly opened one.
+
+        For clients of one process that each need the store (a directory can be open only once):
+        every caller calls ``close()`` once; the store closes when the last one does. A different
+        config (tiers, engine, policy or ``kwargs``) for a store open here is a StoreError naming the
+        differing settings; so is a store of the directory opened here with plain ``open()``.
+        """
+        return store_registry.shared_store(cls, config, kwargs)
+
     def open(self) -> "TieredStore":
         if self._opened:
             return self
         self._reset_state()
-        self._lock_fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            raise StoreError(f"store at {self.root} is open in another process (lock {self.root / LOCK_FILE})") from None
+        self._lock_fd = store_registry.lock_directory(self, self.root / LOCK_FILE)
         try:
             for tier in self._tiers.values():
                 remove_stale_temps(tier.path)
@@ -371,11 +379,45 @@ class TieredStore:
         return self
 
     def close(self) -> None:
-        """Wait for in-flight work, then release memory, threads and the lock."""
+        """Wait for in-flight work, delete the ephemeral objects, then release memory, threads and
+        the lock. A shared store (see :meth:`shared`) closes when its last user closes it."""
         if not self._opened:
             return
+        if self._shared_users:
+            store_registry.close_shared(self)
+        else:
+            self._close_now()
+
+    def _close_now(self) -> None:
         self._opened = False
-        self._release_resources()
+        try:
+            if self.engine is not None:
+                self.engine.close()  # in-flight puts land (and commit) first
+            self._delete_ephemeral()
+        finally:
+            self._release_resources()
+
+    def _delete_ephemeral(self) -> None:
+        with self._lock:
+            doomed = [m for m in self._objects.values() if m.ephemeral]
+            for meta in doomed:
+                self._tombstones[meta.key] = self._next_version(meta.key)
+                del self._objects[meta.key]
+                self._gen += 1
+                self._unlink(meta)
+            gen = self._gen
+        if doomed:
+            self._commit_through(gen)
+
+    def _sync_data_file(self, tier: str) -> None:
+        if self.engine is not None and self.engine.is_open:
+            self.engine.fsync(self._tiers[tier].data_file)
+        else:  # closing: the engine has stopped
+            fd = os.open(self._tiers[tier].data_file, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
 
     def _release_resources(self) -> None:
         if self.engine is not None:
@@ -388,7 +430,7 @@ class TieredStore:
             self.arena.close()
             self.arena = None
         if self._lock_fd is not None:
-            os.close(self._lock_fd)
+            store_registry.unlock_directory(self, self._lock_fd)
             self._lock_fd = None
 
     def __enter__(self) -> "TieredStore":
@@ -411,6 +453,7 @@ class TieredStore:
             return
         except ValueError as e:
             raise StoreError(f"{path}: manifest is not valid JSON ({e})") from e
+        dropped = []
         if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
         for key, o in doc.get("objects", {}).items():
@@ -421,6 +464,9 @@ class TieredStore:
                                   Extent(tier_name, offset, align_up(max(nbytes, 1))))
             except (KeyError, TypeError, ValueError) as e:
                 raise StoreError(f"{path}: object {key!r} has a malformed entry ({e!r}): {o!r}") from e
+            if o.get("ephemeral"):  # scratch of a process that crashed: delete it
+                dropped.append(meta.extent)
+                continue
             tier = self._tiers.get(tier_name)
             if tier is None:
                 raise StoreError(
@@ -436,6 +482,18 @@ class TieredStore:
             self._objects[key] = meta
         self._gen = self._committed_gen = int(doc.get("generation", 0))
         self._load_retained(doc.get("retained", {}), path)
+        if dropped:
+            self._forget_ephemeral(dropped)
+
+    def _forget_ephemeral(self, extents: list[Extent]) -> None:
+        """Commit a manifest without a crashed process's ephemeral objects, then give their
+        blocks back (except any a retention tag keeps)."""
+        write_json_atomic(self.root / MANIFEST, self._snapshot())
+        kept = {(rec["tier"], int(rec["offset"])) for recs in self._retained.values() for rec, _e in recs}
+        for ext in extents:
+            if (ext.tier, ext.offset) not in kept and ext.tier in self._tiers:
+                punch_hole(self._tiers[ext.tier].data_file, ext.offset, ext.length)
+        log.info("removed %d ephemeral objects left by a process that did not close %s", len(extents), self.root)
 
     def _load_retained(self, retained: dict, path: Path) -> None:
         """Rebuild the extents kept for retention tags (see :meth:`retain`) from the manifest."""
@@ -469,7 +527,7 @@ class TieredStore:
             "objects": {
                 k: {"kind": m.kind, "dtype": _dtype_name(m.dtype), "shape": list(m.shape),
                     "nbytes": m.nbytes, "version": m.version, "crc32": m.crc32,
-                    "tier": m.extent.tier, "offset": m.extent.offset}
+                    "tier": m.extent.tier, "offset": m.extent.offset, **({"ephemeral": True} if m.ephemeral else {})}
                 for k, m in self._objects.items() if not m.extent.external
             },
             **({"retained": {tag: [rec for rec, _e in recs] for tag, recs in self._retained.items()}}
@@ -492,7 +550,7 @@ class TieredStore:
                 # every object in the snapshot was written before it was taken: one fdatasync
                 # per tier now makes the sync=False puts among them durable before it names them
                 for name in sorted(unsynced):
-                    self.engine.fsync(self._tiers[name].data_file)
+                    self._sync_data_file(name)
                 write_json_atomic(self.root / MANIFEST, snap)
             except BaseException:
                 with self._lock:
@@ -710,18 +768,24 @@ class TieredStore:
         self._notify_host()  # it may be evictable now
 
     # -- put -----------------------------------------------------------------------
-    def put(self, key: str, tensor: torch.Tensor, *, kind: str = "blob", tier: str | None = None) -> IOFuture:
+    def put(self, key: str, tensor: torch.Tensor, *, kind: str = "blob", tier: str | None = None,
+            ephemeral: bool = False) -> IOFuture:
         """Store ``tensor`` under ``key`` (a new version if it exists).
 
         The bytes are copied into the host arena before this returns, so the
         caller may reuse ``tensor`` at once; the future resolves to the
         object's description once the data and manifest are durable. Puts of
         one key take effect in the order they were called.
+
+        ``ephemeral=True``: the object is this process's scratch: :meth:`close` deletes it, and
+        so does the next :meth:`open` after a crash (the manifest records it as ephemeral; its
+        bytes are not fdatasync'ed, since no later process reads them). A later put of the key
+        decides again whether it is ephemeral.
         """
         with self._lock:
             self._puts_in_flight[key] = self._puts_in_flight.get(key, 0) + 1
         try:
-            f = self._put(key, tensor, kind, tier, relocate=None)
+            f = self._put(key, tensor, kind, tier, relocate=None, ephemeral=ephemeral)
         except BaseException:
             self._put_landed(key)
             raise
@@ -738,7 +802,8 @@ class TieredStore:
 
     def put_buffer(self, key: str, buf: HostBuffer, dtype: torch.dtype, shape, *, kind: str = "blob",
                    tier: str | None = None, give: bool = False, sync: bool = True, commit: bool = True,
-                   priority: Priority = Priority.WRITEBACK, cache: bool = True) -> IOFuture:
+                   priority: Priority = Priority.WRITEBACK, cache: bool = True,
+                   ephemeral: bool = False) -> IOFuture:
         """Store the bytes already in ``buf`` (a buffer of this store's arena, e.g. from
         :meth:`alloc_host` or :meth:`Lease.detach`) as ``key``, without copying them.
 
@@ -756,7 +821,7 @@ class TieredStore:
         key keeps the extent of the version it replaced reserved until that commit, so commit before
         rewriting one key many times). ``priority``: the
         engine priority of the write (write-back by default, after reads; a pipeline whose
-        next read waits for this buffer's room may ask for DEMAND).
+        next read waits for this buffer's room may ask for DEMAND). ``ephemeral``: as for :meth:`put`.
         """
         with self._lock:
             self._puts_in_flight[key] = self._puts_in_flight.get(key, 0) + 1
@@ -777,7 +842,7 @@ class TieredStore:
             raise
         try:
             f = self._write_buffer(key, buf, nbytes, dtype, shape, kind, tier, None, give, sync, commit,
-                                   priority, cache)
+                                   priority, cache, ephemeral)
         except BaseException:
             self._put_landed(key)
             raise
@@ -798,7 +863,8 @@ class TieredStore:
             gen = self._gen
         self._commit_through(gen)
 
-    def _put(self, key: str, tensor: torch.Tensor, kind: str, tier: str | None, relocate: int | None) -> IOFuture:
+    def _put(self, key: str, tensor: torch.Tensor, kind: str, tier: str | None, relocate: int | None,
+             ephemeral: bool = False) -> IOFuture:
         self._check_open()
         check_key(key)
         if not isinstance(tensor, torch.Tensor):
@@ -816,12 +882,13 @@ class TieredStore:
             buf.release()
             raise
         return self._write_buffer(key, buf, nbytes, src.dtype, tuple(src.shape), kind, tier, relocate,
-                                  True, True, True, Priority.WRITEBACK, True)
+                                  True, True, True, Priority.WRITEBACK, True, ephemeral)
 
     def _write_buffer(self, key: str, buf: HostBuffer, nbytes: int, dtype: torch.dtype, shape: tuple,
                       kind: str, tier: str | None, relocate: int | None, give: bool, sync: bool,
-                      commit: bool, priority: Priority, cache: bool) -> IOFuture:
+                      commit: bool, priority: Priority, cache: bool, ephemeral: bool = False) -> IOFuture:
         """Write ``buf`` (its first ``nbytes`` are the object) as a new version of ``key``."""
+        durable = sync and not ephemeral  # nobody reads an ephemeral object after a crash
         try:
             flat = buf.padded
             flat[nbytes:] = 0
@@ -829,7 +896,7 @@ class TieredStore:
                 tier_name, offset = self._reserve_extent(key, len(flat), kind, tier)
                 version = relocate if relocate is not None else self._next_version(key)
             ext = Extent(tier_name, offset, len(flat))
-            wf = self.engine.write(self._tiers[tier_name].data_file, offset, flat, sync=sync, priority=priority)
+            wf = self.engine.write(self._tiers[tier_name].data_file, offset, flat, sync=durable, priority=priority)
         except BaseException:
             if give:
                 buf.release()
@@ -852,13 +919,13 @@ class TieredStore:
                     if give:
                         buf.release()
                     return {"key": key, "version": version, "superseded": True}
-                if not sync:
+                if not sync and not ephemeral:
                     self._unsynced.add(tier_name)
                 self._gen += 1
                 gen = self._gen
                 if old is not None:  # a migration frees its old tier's blocks: they are not rewritten soon
                     self._unlink(old, superseded=relocate is None)
-                meta = ObjectMeta(key, kind, dtype, tuple(shape), nbytes, version, crc, ext)
+                meta = ObjectMeta(key, kind, dtype, tuple(shape), nbytes, version, crc, ext, ephemeral=ephemeral)
                 self._objects[key] = meta
                 self._tiers[tier_name].objects += 1
                 keep = give and cache and self.cache_on_put
@@ -1201,8 +1268,8 @@ class TieredStore:
                     if not current:
                         out.set_result({"key": key, "superseded": True})
                         return
-                    kind = meta.kind
-                inner = self._put(key, lease.tensor, kind, tier, relocate=lease._version)
+                    kind, ephemeral = meta.kind, meta.ephemeral
+                inner = self._put(key, lease.tensor, kind, tier, relocate=lease._version, ephemeral=ephemeral)
             except BaseException as e:  # noqa: BLE001
                 out.set_exception(e)
                 return

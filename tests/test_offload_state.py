@@ -1,0 +1,189 @@
+"""What the plain-module API gives for an offloaded model: ``state_dict`` / ``save_pretrained``
+return the real weights (read from the store), conversions and copies that would act on
+placeholders are refused with an error that says to detach first."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tiered
+from tiered import OffloadError
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+KiB = 1 << 10
+
+
+def make_cfg(tmp_path, host, *, lookahead=1, resident=True) -> dict:
+    return {
+        "tiers": {"host": {"capacity": host}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "1GiB"}},
+        "engine": {"workers": 2, "chunk": "1MiB"},
+        "offload": {"lookahead": lookahead, "resident": resident},
+    }
+
+
+def _llama():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=256, n_positions=64, n_embd=64, n_layer=3, n_head=4,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+
+
+BUILDERS = {"llama": (_llama, transformers.LlamaForCausalLM), "gpt2": (_gpt2, transformers.GPT2LMHeadModel)}
+IDS = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(1))
+# a budget below the model: some units resident, the others streamed
+HOST = {"llama": 600 * KiB, "gpt2": 1000 * KiB}
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(got: dict, want: dict) -> None:
+    assert list(got) == list(want)
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+        assert torch.equal(got[k], v), f"{k}: offloaded state_dict differs from the in-memory model's"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_state_dict_of_offloaded_model_is_the_real_weights(tmp_path, arch):
+    build, _cls = BUILDERS[arch]
+    model = build()
+    want = _state(model)
+    with torch.no_grad():
+        ref = model(IDS).logits
+    tiered.offload(model, make_cfg(tmp_path, HOST[arch]))
+    try:
+        rt = model._tiered
+        assert any(u.resident for u in rt.units) and not all(u.resident for u in rt.units)
+        _assert_same_state(model.state_dict(), want)
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, ref)  # state_dict leaves the forward intact
+        _assert_same_state(model.state_dict(), want)  # also after a forward (prefetches held)
+        first = next(n for n, _m in model.named_modules() if n.endswith("h.0") or n.endswith("layers.0"))
+        sub = model.get_submodule(first).state_dict()
+        _assert_same_state(sub, {k[len(first) + 1:]: v for k, v in want.items() if k.startswith(first + ".")})
+        kept = model.state_dict(keep_vars=True)  # the parameters themselves, as for any module
+        assert all(kept[n] is p for n, p in model.named_parameters())
+    finally:
+        tiered.detach(model)
+
+
+def test_state_dict_of_bundled_layout(tmp_path):
+    model = _llama()
+    want = _state(model)
+    tiered.offload(model, make_cfg(tmp_path, HOST["llama"]), layout="bundled")
+    try:
+        assert any(s.bundle for u in model._tiered.units for s in u.slots)
+        _assert_same_state(model.state_dict(), want)
+    finally:
+        tiered.detach(model)
+
+
+def test_tied_weights_share_one_tensor_in_the_state_dict(tmp_path):
+    model = _gpt2()
+    tiered.offload(model, make_cfg(tmp_path, HOST["gpt2"]))
+    try:
+        sd = model.state_dict()
+        assert sd["lm_head.weight"].data_ptr() == sd["transformer.wte.weight"].data_ptr()
+    finally:
+        tiered.detach(model)
+
+
+def test_torch_save_of_state_dict(tmp_path):
+    model = _llama()
+    want = _state(model)
+    tiered.offload(model, make_cfg(tmp_path, HOST["llama"]))
+    try:
+        torch.save(model.state_dict(), tmp_path / "sd.pt")
+    finally:
+        tiered.detach(model)
+    _assert_same_state(torch.load(tmp_path / "sd.pt", weights_only=True), want)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_save_pretrained_then_plain_from_pretrained_gives_identical_logits(tmp_path, arch):
+    build, cls = BUILDERS[arch]
+    model = build()
+    with torch.no_grad():
+        ref = model(IDS).logits
+    tiered.offload(model, make_cfg(tmp_path, HOST[arch]))
+    try:
+        model.save_pretrained(tmp_path / "saved")
+    finally:
+        tiered.detach(model)
+    plain = cls.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        assert torch.equal(plain(IDS).logits, ref)
+
+
+def test_state_dict_of_model_read_in_place_from_its_checkpoint(tmp_path):
+    model = _gpt2()
+    want = _state(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    served = tiered.from_pretrained(tmp_path / "ckpt", make_cfg(tmp_path, HOST["gpt2"]))
+    try:
+        got = served.state_dict()
+        _assert_same_state({k: got[k] for k in want}, want)
+    finally:
+        tiered.detach(served)
+
+
+def test_conversions_that_would_act_on_placeholders_are_refused(tmp_path):
+    model = _llama()
+    with torch.no_grad():
+        ref = model(IDS).logits
+    tiered.offload(model, make_cfg(tmp_path, HOST["llama"]))
+    try:
+        for convert in (lambda m: m.to(torch.float16), lambda m: m.half(), lambda m: m.model.layers[1].double(),
+                        lambda m: m.to("meta")):
+            with pytest.raises(OffloadError, match="detach"):
+                convert(model)
+        assert model.to("cpu") is model and model.float() is model  # no change: allowed
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, ref)
+        with pytest.raises(OffloadError, match="detach"):
+            copy.deepcopy(model)
+        with pytest.raises(OffloadError, match="detach"):
+            copy.deepcopy(model.model.layers[0])
+        with pytest.raises(OffloadError, match="detach"):
+            torch.save(model, tmp_path / "model.pt")
+        for assign in (False, True):
+            with pytest.raises(OffloadError, match="detach"):
+                model.load_state_dict(_llama().state_dict(), assign=assign)
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, ref)  # nothing was changed by the refused calls
+    finally:
+        tiered.detach(model)
+    # an ordinary module again: conversions and copies work
+    half = copy.deepcopy(model).to(torch.float16)
+    assert next(half.parameters()).dtype == torch.float16
+    assert "_apply" not in vars(model) and "__deepcopy__" not in vars(model.model.layers[0])
+    torch.save(model, tmp_path / "model.pt")
