@@ -42,7 +42,7 @@ from io_engine import Backend, IOEngine, IOFuture, Priority, chain, completed, g
 from policies import FirstFit, Observation, create_eviction_policy
 from traces import AccessEvent
 
-from . import store_registry
+from . import store_registry, store_stream
 from .atomic import remove_stale_temps, write_json_atomic
 from .config import Config, TierSpec, load_config
 
@@ -67,6 +67,10 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_.:@+=-][A-Za-z0-9_.:@+=/-]*$")
 
 class StoreError(RuntimeError):
     """Misuse of the store or a store-level failure; the message names the object."""
+
+
+class HostBudgetError(StoreError, OutOfBudget):
+    """The host tier cannot hold what an operation on an object needs; names the object."""
 
 
 class ChecksumError(StoreError):
@@ -153,6 +157,29 @@ class ObjectMeta:
             "tier": self.extent.tier, "offset": self.extent.offset,
             "in_host": bool(self.host and self.host.ready), "ephemeral": self.ephemeral,
         }
+
+
+@dataclass
+class _PendingPut:
+    """A version written (or being written) to its extent, not yet current: see ``_install``."""
+
+    key: str
+    version: int
+    relocate: int | None  # set for a migration: the version it rewrites
+    tier: str
+    offset: int
+    length: int  # the extent's bytes
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple
+    kind: str
+    sync: bool
+    commit: bool
+    ephemeral: bool
+    buf: HostBuffer | None = None  # the written bytes (None for a streamed put)
+    give: bool = False  # the buffer is the store's: cache or release it
+    cache: bool = True
+    crc: list[int] | None = None  # computed while streaming; else from ``buf``
 
 
 class _StorageTier:
@@ -874,7 +901,12 @@ class TieredStore:
             src = src.cpu()
         src = src.contiguous()
         nbytes = src.numel() * src.element_size()
-        buf = self._alloc_host(nbytes)
+        if store_stream.too_big_for_host(self, nbytes):
+            return store_stream.put_streamed(self, key, src, kind, tier, relocate, ephemeral)
+        try:
+            buf = self._alloc_host(nbytes)
+        except OutOfBudget as e:
+            raise HostBudgetError(f"put({key!r}) of {nbytes} bytes: {e}") from e
         try:
             if nbytes:
                 buf.padded[:nbytes] = src.reshape(-1).view(torch.uint8).numpy()
@@ -895,80 +927,80 @@ class TieredStore:
             with self._lock:
                 tier_name, offset = self._reserve_extent(key, len(flat), kind, tier)
                 version = relocate if relocate is not None else self._next_version(key)
-            ext = Extent(tier_name, offset, len(flat))
+            p = _PendingPut(key, version, relocate, tier_name, offset, len(flat), nbytes, dtype, tuple(shape), kind,
+                            sync, commit, ephemeral, buf, give, cache)
             wf = self.engine.write(self._tiers[tier_name].data_file, offset, flat, sync=durable, priority=priority)
         except BaseException:
             if give:
                 buf.release()
             raise
 
-        def discard_extent() -> None:  # our extent was never named by a committed manifest
-            self._tiers[tier_name].space.give(offset, len(flat))
-
-        def install(_n: int) -> dict:
-            # on the engine worker that finished the write, not the caller's thread: zlib drops
-            # the GIL, so the caller computes on while the checksum runs (it is ~20 % of a put)
-            crc = segment_checksums(flat[:nbytes], 0)
-            with self._lock:
-                old = self._objects.get(key)
-                stale = (version <= self._tombstones.get(key, 0)
-                         or (old is not None and (old.version != version if relocate is not None
-                                                  else old.version > version)))
-                if stale:  # a later put or delete of this key already took effect
-                    discard_extent()
-                    if give:
-                        buf.release()
-                    return {"key": key, "version": version, "superseded": True}
-                if not sync and not ephemeral:
-                    self._unsynced.add(tier_name)
-                self._gen += 1
-                gen = self._gen
-                if old is not None:  # a migration frees its old tier's blocks: they are not rewritten soon
-                    self._unlink(old, superseded=relocate is None)
-                meta = ObjectMeta(key, kind, dtype, tuple(shape), nbytes, version, crc, ext, ephemeral=ephemeral)
-                self._objects[key] = meta
-                self._tiers[tier_name].objects += 1
-                keep = give and cache and self.cache_on_put
-                if keep:
-                    meta.host = HostCopy(buf, version, ready=True)
-                    self.host_policy.admit(Observation(key, len(flat), kind, "write", "host"))
-                elif give:
-                    buf.release()
-            if give:
-                self._notify_host()  # the cached copy is evictable from now on
-            def rollback() -> None:  # the manifest write failed: the previous version stays current
-                if self._objects.get(key) is not meta:
-                    return
-                self._drop_host(meta)
-                self._tiers[tier_name].objects -= 1
-                if old is not None:
-                    self._retired.remove(old.extent)
-                    old.extent.retired_gen = None
-                    self._tiers[old.extent.tier].objects += 1
-                    self._objects[key] = old
-                else:
-                    del self._objects[key]
-                ext.retired_gen = 0  # never committed: free as soon as no reader holds it
-                self._retired.append(ext)
-                self._free_retired()
-
-            if commit:
-                self._commit_through(gen, rollback)
-            with self._lock:
-                self.counters.puts += 1
-                self.counters.bytes_written[tier_name] = self.counters.bytes_written.get(tier_name, 0) + len(flat)
-            self._emit(key, nbytes, "write", kind, tier_name)
-            return meta.describe()
-
         def undo(f) -> None:
             if f.exception() is not None:
                 with self._lock:
-                    discard_extent()
+                    self._tiers[tier_name].space.give(offset, len(flat))
                 if give:
                     buf.release()
 
         wf.add_done_callback(undo)
-        return chain(wf, install, f"put {key}", note=f"while putting object {key!r}")
+        return chain(wf, lambda _n: self._install(p), f"put {key}", note=f"while putting object {key!r}")
+
+    def _install(self, p: "_PendingPut") -> dict:
+        """Make a written version current (unless a later put or delete of the key already took
+        effect) and commit it; runs on the engine worker that finished the write, not the
+        caller's thread: zlib drops the GIL, so the caller computes on while the checksum runs."""
+        crc = p.crc if p.crc is not None else segment_checksums(p.buf.padded[:p.nbytes], 0)
+        key, tier_name, ext = p.key, p.tier, Extent(p.tier, p.offset, p.length)
+        with self._lock:
+            old = self._objects.get(key)
+            stale = (p.version <= self._tombstones.get(key, 0)
+                     or (old is not None and (old.version != p.version if p.relocate is not None
+                                              else old.version > p.version)))
+            if stale:  # a later put or delete of this key already took effect
+                self._tiers[tier_name].space.give(p.offset, p.length)  # never named by a manifest
+                if p.give:
+                    p.buf.release()
+                return {"key": key, "version": p.version, "superseded": True}
+            if not p.sync and not p.ephemeral:
+                self._unsynced.add(tier_name)
+            self._gen += 1
+            gen = self._gen
+            if old is not None:  # a migration frees its old tier's blocks: they are not rewritten soon
+                self._unlink(old, superseded=p.relocate is None)
+            meta = ObjectMeta(key, p.kind, p.dtype, p.shape, p.nbytes, p.version, crc, ext, ephemeral=p.ephemeral)
+            self._objects[key] = meta
+            self._tiers[tier_name].objects += 1
+            if p.give and p.cache and self.cache_on_put:
+                meta.host = HostCopy(p.buf, p.version, ready=True)
+                self.host_policy.admit(Observation(key, p.length, p.kind, "write", "host"))
+            elif p.give:
+                p.buf.release()
+        if p.give:
+            self._notify_host()  # the cached copy is evictable from now on
+
+        def rollback() -> None:  # the manifest write failed: the previous version stays current
+            if self._objects.get(key) is not meta:
+                return
+            self._drop_host(meta)
+            self._tiers[tier_name].objects -= 1
+            if old is not None:
+                self._retired.remove(old.extent)
+                old.extent.retired_gen = None
+                self._tiers[old.extent.tier].objects += 1
+                self._objects[key] = old
+            else:
+                del self._objects[key]
+            ext.retired_gen = 0  # never committed: free as soon as no reader holds it
+            self._retired.append(ext)
+            self._free_retired()
+
+        if p.commit:
+            self._commit_through(gen, rollback)
+        with self._lock:
+            self.counters.puts += 1
+            self.counters.bytes_written[tier_name] = self.counters.bytes_written.get(tier_name, 0) + p.length
+        self._emit(key, p.nbytes, "write", p.kind, tier_name)
+        return meta.describe()
 
     def _reserve_extent(self, key: str, size: int, kind: str, tier: str | None) -> tuple[str, int]:
         if tier is not None:
@@ -1013,6 +1045,14 @@ class TieredStore:
             raise StoreError(f"get({key!r}): tier must be 'host' or 'gpu', got {tier!r}")
         if tier == "gpu" and not torch.cuda.is_available():
             raise StoreError(f"get({key!r}, tier='gpu'): no CUDA device on this machine")
+        self._check_open()
+        with self._lock:
+            meta = self._objects.get(key)
+            big = meta is not None and not meta.extent.external and store_stream.too_big_for_host(self, meta.nbytes)
+            if big:
+                meta.extent.readers += 1
+        if big:
+            return self._get_streamed(meta, out, tier, priority)
         lease_f = self.acquire(key, priority=priority)
 
         def copy_out(lease: Lease) -> torch.Tensor:
@@ -1030,6 +1070,28 @@ class TieredStore:
                 lease.release()
 
         return chain(lease_f, copy_out, f"get {key}")
+
+    def _get_streamed(self, meta: ObjectMeta, out: torch.Tensor | None, tier: str, priority: Priority) -> IOFuture:
+        """``get`` of an object larger than the host tier: read through it in pieces, before
+        returning (the caller holds ``meta.extent`` as a reader; released here)."""
+        try:
+            if out is not None and (tuple(out.shape) != meta.shape or out.dtype != meta.dtype):
+                raise StoreError(f"get({meta.key!r}): out has {out.dtype}{tuple(out.shape)}, object is "
+                                 f"{meta.dtype}{meta.shape}")
+            device = "cuda" if tier == "gpu" else "cpu"
+            result = store_stream.get_streamed(self, meta, out, device, priority)
+        except Exception as e:  # noqa: BLE001 - handed to the caller through the future
+            f = IOFuture(f"get {meta.key}")
+            if isinstance(e, OutOfBudget) and not isinstance(e, StoreError):
+                e = HostBudgetError(f"get({meta.key!r}) of {meta.nbytes} bytes through the host tier: {e}")
+            elif not isinstance(e, StoreError):
+                e = StoreError(f"get({meta.key!r}) of {meta.nbytes} bytes through the host tier: {e}")
+            f.set_exception(e)
+            return f
+        finally:
+            self._release_extent(meta.extent)
+        self._emit(meta.key, meta.nbytes, "read", meta.kind, meta.extent.tier)
+        return completed(result, f"get {meta.key}")
 
     def prefetch(self, key: str) -> IOFuture:
         """Bring ``key`` into the host tier at prefetch priority.
@@ -1106,7 +1168,10 @@ class TieredStore:
 
         load.add_done_callback(finish)
         try:
-            buf = self._alloc_host(meta.nbytes if window is None else window, wait)
+            try:
+                buf = self._alloc_host(meta.nbytes if window is None else window, wait)
+            except OutOfBudget as e:
+                raise HostBudgetError(f"object {key!r} ({meta.nbytes} bytes): {e}") from e
             copy.buffer, copy.start = buf, lead
             length = len(buf.padded) if window is None else lead + meta.nbytes  # externals end anywhere
             if ext.external and _file_identity(src_file) != ext.identity:
