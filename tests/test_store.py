@@ -776,8 +776,10 @@ def test_corrupt_manifest_is_a_clear_error(tmp_path):
     for _ in range(2):  # the second time proves the failed open released the lock
         with pytest.raises(StoreError, match="manifest"):
             TieredStore(cfg).open()
-    manifest.unlink()
-    with TieredStore(cfg) as s:
+    manifest.unlink()  # the data file still holds bytes: refused, not an empty store
+    with pytest.raises(StoreError, match="missing"):
+        TieredStore(cfg).open()
+    with TieredStore(cfg).open(start_empty=True) as s:
         assert s.keys() == []
 
 

@@ -42,7 +42,7 @@ from io_engine import Backend, IOEngine, IOFuture, Priority, chain, completed, g
 from policies import FirstFit, Observation, create_eviction_policy
 from traces import AccessEvent
 
-from . import store_registry, store_stream
+from . import store_check, store_registry, store_stream
 from .atomic import remove_stale_temps, write_json_atomic
 from .config import Config, TierSpec, load_config
 
@@ -361,6 +361,8 @@ class TieredStore:
         self._tombstones: dict[str, int] = {}  # key -> version of its latest delete
         self._retained: dict[str, list[tuple[dict, Extent]]] = {}  # tag -> extents kept for it (checkpoints)
         self._unsynced: set[str] = set()  # tiers written by sync=False puts since their last fdatasync
+        self._start_empty = False
+        self.recovered: dict = {}  # what open() cleaned up after a crash (see check())
         self.counters = StoreCounters()
         self.host_policy = create_eviction_policy(self.config.policy.placement)
 
@@ -380,10 +382,14 @@ class TieredStore:
         """
         return store_registry.shared_store(cls, config, kwargs)
 
-    def open(self) -> "TieredStore":
+    def open(self, *, start_empty: bool = False) -> "TieredStore":
+        """``start_empty``: where the manifest is missing but a data file holds bytes (the store's
+        objects cannot be found), start an empty store instead of refusing to open; the data
+        file's blocks are given back by :meth:`check` with ``repair=True``."""
         if self._opened:
             return self
         self._reset_state()
+        self._start_empty = start_empty
         self._lock_fd = store_registry.lock_directory(self, self.root / LOCK_FILE)
         try:
             for tier in self._tiers.values():
@@ -427,14 +433,18 @@ class TieredStore:
     def _delete_ephemeral(self) -> None:
         with self._lock:
             doomed = [m for m in self._objects.values() if m.ephemeral]
-            for meta in doomed:
-                self._tombstones[meta.key] = self._next_version(meta.key)
-                del self._objects[meta.key]
-                self._gen += 1
-                self._unlink(meta)
-            gen = self._gen
+            gen = self._remove(doomed)
         if doomed:
             self._commit_through(gen)
+
+    def _remove(self, doomed: list[ObjectMeta]) -> int:
+        """Drop objects (under ``self._lock``) as :meth:`delete` does; the generation to commit."""
+        for meta in doomed:
+            self._tombstones[meta.key] = self._next_version(meta.key)
+            del self._objects[meta.key]
+            self._gen += 1
+            self._unlink(meta)
+        return self._gen
 
     def _sync_data_file(self, tier: str) -> None:
         if self.engine is not None and self.engine.is_open:
@@ -477,6 +487,7 @@ class TieredStore:
             with open(path, "rb") as f:
                 doc = json.loads(f.read())
         except FileNotFoundError:
+            store_check.manifest_missing(self, path, self._start_empty)
             return
         except ValueError as e:
             raise StoreError(f"{path}: manifest is not valid JSON ({e})") from e
@@ -492,7 +503,7 @@ class TieredStore:
             except (KeyError, TypeError, ValueError) as e:
                 raise StoreError(f"{path}: object {key!r} has a malformed entry ({e!r}): {o!r}") from e
             if o.get("ephemeral"):  # scratch of a process that crashed: delete it
-                dropped.append(meta.extent)
+                dropped.append((key, meta.extent))
                 continue
             tier = self._tiers.get(tier_name)
             if tier is None:
@@ -512,15 +523,16 @@ class TieredStore:
         if dropped:
             self._forget_ephemeral(dropped)
 
-    def _forget_ephemeral(self, extents: list[Extent]) -> None:
+    def _forget_ephemeral(self, dropped: list[tuple[str, Extent]]) -> None:
         """Commit a manifest without a crashed process's ephemeral objects, then give their
         blocks back (except any a retention tag keeps)."""
         write_json_atomic(self.root / MANIFEST, self._snapshot())
         kept = {(rec["tier"], int(rec["offset"])) for recs in self._retained.values() for rec, _e in recs}
-        for ext in extents:
+        for _key, ext in dropped:
             if (ext.tier, ext.offset) not in kept and ext.tier in self._tiers:
                 punch_hole(self._tiers[ext.tier].data_file, ext.offset, ext.length)
-        log.info("removed %d ephemeral objects left by a process that did not close %s", len(extents), self.root)
+        self.recovered["ephemeral_removed"] = [key for key, _e in dropped]
+        log.info("removed %d ephemeral objects left by a process that did not close %s", len(dropped), self.root)
 
     def _load_retained(self, retained: dict, path: Path) -> None:
         """Rebuild the extents kept for retention tags (see :meth:`retain`) from the manifest."""
@@ -551,6 +563,7 @@ class TieredStore:
     def _snapshot(self) -> dict:
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION, "generation": self._gen,
+            "tiers": {n: {"path": str(t.path), "capacity": t.spec.capacity} for n, t in self._tiers.items()},
             "objects": {
                 k: {"kind": m.kind, "dtype": _dtype_name(m.dtype), "shape": list(m.shape),
                     "nbytes": m.nbytes, "version": m.version, "crc32": m.crc32,
@@ -1363,6 +1376,25 @@ class TieredStore:
             self._unlink(meta)
         self._commit_through(gen)
         self._emit(key, meta.nbytes, "delete", meta.kind, None)
+
+    def delete_prefix(self, prefix: str) -> list[str]:
+        """Remove every key starting with ``prefix`` (one manifest commit); the keys removed."""
+        self._check_open()
+        with self._lock:
+            doomed = [m for k, m in self._objects.items() if k.startswith(prefix)]
+            gen = self._remove(doomed)
+        self._commit_through(gen)
+        for meta in doomed:
+            self._emit(meta.key, meta.nbytes, "delete", meta.kind, None)
+        return [m.key for m in doomed]
+
+    def check(self, repair: bool = False) -> dict:
+        """Read every object and verify its crc32s, and find the blocks of the data files that no
+        manifest entry names (left by a crash mid-put). ``repair`` deletes the corrupt objects and
+        gives those blocks back (hole punch). Returns what was found and done: see
+        :func:`tiered.store_check.check_store`."""
+        self._check_open()
+        return store_check.check_store(self, repair)
 
     # -- inspection ----------------------------------------------------------------
     def __contains__(self, key: str) -> bool:
