@@ -139,3 +139,19 @@ def test_delete_prefix(tmp_path):
             s.put(k, torch.ones(3)).result(T)
         assert sorted(s.delete_prefix("a/")) == ["a/1", "a/2"]
         assert s.keys() == ["b"]
+
+
+def test_cli_opens_a_store_from_a_config_file(tmp_path, capsys):
+    cfg = make_config(tmp_path)
+    with TieredStore(cfg) as s:
+        s.put("k", torch.ones(3)).result(T)
+        s.put("j", torch.ones(3)).result(T)
+    f = tmp_path / "store.toml"
+    f.write_text(f'[tiers.host]\ncapacity = "16MiB"\n[tiers.nvme]\npath = "{tmp_path / "nvme"}"\ncapacity = "64MiB"\n')
+    assert main(["store", "ls", "--config", str(f)]) == 0
+    assert [ln.split("\t")[0] for ln in capsys.readouterr().out.splitlines()] == ["j", "k"]
+    assert main(["store", "rm", "--config", str(f), "k"]) == 0
+    assert main(["store", "ls", str(tmp_path / "nvme"), "--config", str(f)]) == 2  # one of them
+    assert "one of them" in capsys.readouterr().err
+    with TieredStore(cfg) as s:
+        assert s.keys() == ["j"]

@@ -88,3 +88,14 @@ def test_large_put_that_fits_no_storage_tier_names_the_key(tmp_path):
     with TieredStore(make_config(tmp_path, nvme="2MiB")) as s:
         with pytest.raises(StoreError, match="'w'"):
             s.put("w", big(MiB))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_tensor_larger_than_the_host_tier_streams_both_ways(tmp_path):
+    x = big(MiB).cuda()
+    with TieredStore(make_config(tmp_path)) as s:
+        s.put("w", x).result(T)
+        got = s.get("w", tier="gpu").result(T)
+        assert got.is_cuda and torch.equal(got, x)
+        out = torch.empty_like(x)
+        assert torch.equal(s.get("w", out=out).result(T), x)

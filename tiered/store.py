@@ -18,7 +18,13 @@ Invariants (from the design):
   after the manifest no longer names it and no reader holds it, so a crash
   at any point leaves the last committed state readable;
 - every read is verified against the crc32 recorded at write time;
-- budgets are hard: the host arena and each storage tier's capacity.
+- budgets are hard: the host arena and each storage tier's capacity (an object larger than
+  the host tier is put and read through it in pieces: ``store_stream``);
+- a process's ephemeral objects are deleted by its ``close()``, or after a crash by the next
+  ``open()``.
+
+Helpers: ``store_registry`` (one open store per directory per process, ``shared()``),
+``store_check`` (a missing manifest, ``check()``/repair), ``store_stream`` (large objects).
 """
 
 from __future__ import annotations
@@ -910,12 +916,12 @@ class TieredStore:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"put({key!r}): expected a torch.Tensor, got {type(tensor).__name__}")
         src = tensor.detach().resolve_conj().resolve_neg()
+        nbytes = src.numel() * src.element_size()
+        if store_stream.too_big_for_host(self, nbytes):  # never whole in host memory
+            return store_stream.put_streamed(self, key, src.contiguous(), kind, tier, relocate, ephemeral)
         if src.device.type != "cpu":
             src = src.cpu()
         src = src.contiguous()
-        nbytes = src.numel() * src.element_size()
-        if store_stream.too_big_for_host(self, nbytes):
-            return store_stream.put_streamed(self, key, src, kind, tier, relocate, ephemeral)
         try:
             buf = self._alloc_host(nbytes)
         except OutOfBudget as e:
@@ -1038,9 +1044,10 @@ class TieredStore:
     def acquire(self, key: str, *, priority: Priority = Priority.DEMAND, wait: float | None = None) -> IOFuture:
         """A future of a :class:`Lease`: the object's host copy, pinned, zero-copy.
 
-        Raises KeyError at once for a key the store does not hold, and
-        OutOfBudget when host memory for the copy cannot be found within
-        ``wait`` seconds (default ``host_wait``; 0 for a prefetch that must not block).
+        Raises KeyError at once for a key the store does not hold, and HostBudgetError
+        (an OutOfBudget) naming the object when host memory for the copy cannot be found
+        within ``wait`` seconds (default ``host_wait``; 0 for a prefetch that must not block),
+        at once when the object is larger than the host tier.
         """
         self._check_open()
         copy, load, meta = self._pin_host_copy(key, priority, wait)
@@ -1053,7 +1060,10 @@ class TieredStore:
 
     def get(self, key: str, *, tier: str = "host", out: torch.Tensor | None = None,
             priority: Priority = Priority.DEMAND) -> IOFuture:
-        """A future of a tensor the caller owns (a copy), on ``tier`` ("host" or "gpu")."""
+        """A future of a tensor the caller owns (a copy), on ``tier`` ("host" or "gpu").
+
+        An object larger than the host tier is read through it in pieces, into ``out`` or a new
+        tensor, before this returns (:meth:`acquire` of it fails: no lease can hold it)."""
         if tier not in ("host", "gpu"):
             raise StoreError(f"get({key!r}): tier must be 'host' or 'gpu', got {tier!r}")
         if tier == "gpu" and not torch.cuda.is_available():

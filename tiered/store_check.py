@@ -171,6 +171,9 @@ def config_for_directory(directory: str | os.PathLike) -> dict:
         tiers = {_only_tier(doc, manifest): {"path": str(d), "capacity": _span(doc, data)}}
     here = os.path.realpath(d)
     root = [n for n, t in tiers.items() if os.path.realpath(t.get("path", "")) == here]
+    if not root and len(tiers) == 1:  # a one-tier store moved to another directory
+        root = list(tiers)
+        tiers = {root[0]: {**tiers[root[0]], "path": str(d)}}
     if not root:
         raise StoreError(f"{manifest} records tiers {sorted(tiers)}, none of them in {d}; pass --config FILE")
     ordered = {root[0]: tiers[root[0]], **{n: t for n, t in tiers.items() if n != root[0]}}

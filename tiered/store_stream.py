@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from allocators import OutOfBudget, align_up
+from allocators import align_up
 from io_engine import Priority
 
 if TYPE_CHECKING:
@@ -63,8 +63,9 @@ class SegmentCrc:
 
 def put_streamed(store: "TieredStore", key: str, src: torch.Tensor, kind: str, tier: str | None,
                  relocate: int | None, ephemeral: bool):
-    """Write contiguous CPU tensor ``src`` as a new version of ``key`` through staging pieces; the
-    bytes are all written before this returns, the returned future resolves once committed."""
+    """Write contiguous tensor ``src`` (CPU or GPU: copied piece by piece, never whole into host
+    memory) as a new version of ``key``; the bytes are all written before this returns, the
+    returned future resolves once committed."""
     from io_engine import chain, completed
 
     from .store import StoreError, _PendingPut
@@ -98,7 +99,7 @@ def _write_pieces(store: "TieredStore", data: torch.Tensor, path: str, offset: i
         for o in range(0, size, step):
             n, m = min(step, nbytes - o), min(step, size - o)
             arr = buf.padded
-            arr[:n] = data[o:o + n].numpy()
+            torch.from_numpy(arr[:n]).copy_(data[o:o + n])
             arr[n:m] = 0
             crc.update(arr[:n])
             last = o + step >= size
@@ -116,7 +117,7 @@ def read_streamed(store: "TieredStore", meta: "ObjectMeta", consume: Callable[[i
     from .store import SEGMENT, ChecksumError
 
     ext, nbytes = meta.extent, meta.nbytes
-    path, step = store._tiers[ext.tier].data_file, piece_size(store)
+    path, step = store._tiers[ext.tier].data_file, min(piece_size(store), align_up(max(nbytes, 1)))
     crc = SegmentCrc()
     buf = store._alloc_host(step)
     try:
@@ -153,8 +154,3 @@ def get_streamed(store: "TieredStore", meta: "ObjectMeta", out: torch.Tensor | N
     return dst
 
 
-def host_budget_error(key: str, nbytes: int, capacity: int, error: OutOfBudget) -> Exception:
-    """An OutOfBudget that is also a StoreError and names the object."""
-    from .store import HostBudgetError
-
-    return HostBudgetError(f"object {key!r} ({nbytes} bytes): {error}")
