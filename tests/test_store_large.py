@@ -99,3 +99,19 @@ def test_gpu_tensor_larger_than_the_host_tier_streams_both_ways(tmp_path):
         assert got.is_cuda and torch.equal(got, x)
         out = torch.empty_like(x)
         assert torch.equal(s.get("w", out=out).result(T), x)
+
+
+def test_streamed_get_errors_name_the_key(tmp_path):
+    FaultyBackend = pytest.importorskip("io_engine.testing").FaultyBackend
+    with TieredStore(make_config(tmp_path)) as s:
+        s.put("w", big(MiB)).result(T)
+        with pytest.raises(StoreError, match="'w'.*out has"):
+            s.get("w", out=torch.empty(3)).result(T)
+        fb = FaultyBackend()
+        s.engine.close()
+        s.engine = IOEngine(fb, workers=2, chunk=1 << 20).open()
+        fb.fail("read", errno.EIO, path="objects.dat", times=1)
+        with pytest.raises(StoreError, match="'w'"):
+            s.get("w").result(T)
+        assert torch.equal(s.get("w").result(T), big(MiB))  # the failed read held nothing
+        assert s.stats()["tiers"]["host"]["used"] == 0

@@ -1075,7 +1075,7 @@ class TieredStore:
             if big:
                 meta.extent.readers += 1
         if big:
-            return self._get_streamed(meta, out, tier, priority)
+            return store_stream.get_future(self, meta, out, tier, priority)
         lease_f = self.acquire(key, priority=priority)
 
         def copy_out(lease: Lease) -> torch.Tensor:
@@ -1093,28 +1093,6 @@ class TieredStore:
                 lease.release()
 
         return chain(lease_f, copy_out, f"get {key}")
-
-    def _get_streamed(self, meta: ObjectMeta, out: torch.Tensor | None, tier: str, priority: Priority) -> IOFuture:
-        """``get`` of an object larger than the host tier: read through it in pieces, before
-        returning (the caller holds ``meta.extent`` as a reader; released here)."""
-        try:
-            if out is not None and (tuple(out.shape) != meta.shape or out.dtype != meta.dtype):
-                raise StoreError(f"get({meta.key!r}): out has {out.dtype}{tuple(out.shape)}, object is "
-                                 f"{meta.dtype}{meta.shape}")
-            device = "cuda" if tier == "gpu" else "cpu"
-            result = store_stream.get_streamed(self, meta, out, device, priority)
-        except Exception as e:  # noqa: BLE001 - handed to the caller through the future
-            f = IOFuture(f"get {meta.key}")
-            if isinstance(e, OutOfBudget) and not isinstance(e, StoreError):
-                e = HostBudgetError(f"get({meta.key!r}) of {meta.nbytes} bytes through the host tier: {e}")
-            elif not isinstance(e, StoreError):
-                e = StoreError(f"get({meta.key!r}) of {meta.nbytes} bytes through the host tier: {e}")
-            f.set_exception(e)
-            return f
-        finally:
-            self._release_extent(meta.extent)
-        self._emit(meta.key, meta.nbytes, "read", meta.kind, meta.extent.tier)
-        return completed(result, f"get {meta.key}")
 
     def prefetch(self, key: str) -> IOFuture:
         """Bring ``key`` into the host tier at prefetch priority.

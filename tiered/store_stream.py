@@ -137,6 +137,34 @@ def read_streamed(store: "TieredStore", meta: "ObjectMeta", consume: Callable[[i
                 f"{ext.offset + i * SEGMENT}) has crc32 {got:#010x}, recorded {want:#010x}")
 
 
+def get_future(store: "TieredStore", meta: "ObjectMeta", out: torch.Tensor | None, tier: str,
+               priority: Priority):
+    """``get`` of an object larger than the host tier, read before this returns; a done future of
+    the tensor or of a StoreError naming the object. The caller holds ``meta.extent`` as a reader
+    (released here)."""
+    from allocators import OutOfBudget
+    from io_engine import IOFuture, completed
+
+    from .store import HostBudgetError, StoreError
+
+    try:
+        if out is not None and (tuple(out.shape) != meta.shape or out.dtype != meta.dtype):
+            raise StoreError(f"get({meta.key!r}): out has {out.dtype}{tuple(out.shape)}, object is "
+                             f"{meta.dtype}{meta.shape}")
+        result = get_streamed(store, meta, out, "cuda" if tier == "gpu" else "cpu", priority)
+    except Exception as e:  # noqa: BLE001 - handed to the caller through the future
+        what = f"get({meta.key!r}) of {meta.nbytes} bytes through the host tier: {e}"
+        if not isinstance(e, StoreError):
+            e = HostBudgetError(what) if isinstance(e, OutOfBudget) else StoreError(what)
+        f = IOFuture(f"get {meta.key}")
+        f.set_exception(e)
+        return f
+    finally:
+        store._release_extent(meta.extent)
+    store._emit(meta.key, meta.nbytes, "read", meta.kind, meta.extent.tier)
+    return completed(result, f"get {meta.key}")
+
+
 def get_streamed(store: "TieredStore", meta: "ObjectMeta", out: torch.Tensor | None, device: str,
                  priority: Priority) -> torch.Tensor:
     """The object ``meta`` (too big for the host tier) copied into ``out`` or a new tensor on
