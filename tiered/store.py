@@ -18,7 +18,13 @@ Invariants (from the design):
   after the manifest no longer names it and no reader holds it, so a crash
   at any point leaves the last committed state readable;
 - every read is verified against the crc32 recorded at write time;
-- budgets are hard: the host arena and each storage tier's capacity.
+- budgets are hard: the host arena and each storage tier's capacity (an object larger than
+  the host tier is put and read through it in pieces: ``store_stream``);
+- a process's ephemeral objects are deleted by its ``close()``, or after a crash by the next
+  ``open()``.
+
+Helpers: ``store_registry`` (one open store per directory per process, ``shared()``),
+``store_check`` (a missing manifest, ``check()``/repair), ``store_stream`` (large objects).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from io_engine import Backend, IOEngine, IOFuture, Priority, chain, completed, g
 from policies import FirstFit, Observation, create_eviction_policy
 from traces import AccessEvent
 
-from . import store_registry
+from . import store_check, store_registry, store_stream
 from .atomic import remove_stale_temps, write_json_atomic
 from .config import Config, TierSpec, load_config
 
@@ -67,6 +73,10 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_.:@+=-][A-Za-z0-9_.:@+=/-]*$")
 
 class StoreError(RuntimeError):
     """Misuse of the store or a store-level failure; the message names the object."""
+
+
+class HostBudgetError(StoreError, OutOfBudget):
+    """The host tier cannot hold what an operation on an object needs; names the object."""
 
 
 class ChecksumError(StoreError):
@@ -153,6 +163,29 @@ class ObjectMeta:
             "tier": self.extent.tier, "offset": self.extent.offset,
             "in_host": bool(self.host and self.host.ready), "ephemeral": self.ephemeral,
         }
+
+
+@dataclass
+class _PendingPut:
+    """A version written (or being written) to its extent, not yet current: see ``_install``."""
+
+    key: str
+    version: int
+    relocate: int | None  # set for a migration: the version it rewrites
+    tier: str
+    offset: int
+    length: int  # the extent's bytes
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple
+    kind: str
+    sync: bool
+    commit: bool
+    ephemeral: bool
+    buf: HostBuffer | None = None  # the written bytes (None for a streamed put)
+    give: bool = False  # the buffer is the store's: cache or release it
+    cache: bool = True
+    crc: list[int] | None = None  # computed while streaming; else from ``buf``
 
 
 class _StorageTier:
@@ -334,6 +367,8 @@ class TieredStore:
         self._tombstones: dict[str, int] = {}  # key -> version of its latest delete
         self._retained: dict[str, list[tuple[dict, Extent]]] = {}  # tag -> extents kept for it (checkpoints)
         self._unsynced: set[str] = set()  # tiers written by sync=False puts since their last fdatasync
+        self._start_empty = False
+        self.recovered: dict = {}  # what open() cleaned up after a crash (see check())
         self.counters = StoreCounters()
         self.host_policy = create_eviction_policy(self.config.policy.placement)
 
@@ -353,10 +388,14 @@ class TieredStore:
         """
         return store_registry.shared_store(cls, config, kwargs)
 
-    def open(self) -> "TieredStore":
+    def open(self, *, start_empty: bool = False) -> "TieredStore":
+        """``start_empty``: where the manifest is missing but a data file holds bytes (the store's
+        objects cannot be found), start an empty store instead of refusing to open; the data
+        file's blocks are given back by :meth:`check` with ``repair=True``."""
         if self._opened:
             return self
         self._reset_state()
+        self._start_empty = start_empty
         self._lock_fd = store_registry.lock_directory(self, self.root / LOCK_FILE)
         try:
             for tier in self._tiers.values():
@@ -400,14 +439,18 @@ class TieredStore:
     def _delete_ephemeral(self) -> None:
         with self._lock:
             doomed = [m for m in self._objects.values() if m.ephemeral]
-            for meta in doomed:
-                self._tombstones[meta.key] = self._next_version(meta.key)
-                del self._objects[meta.key]
-                self._gen += 1
-                self._unlink(meta)
-            gen = self._gen
+            gen = self._remove(doomed)
         if doomed:
             self._commit_through(gen)
+
+    def _remove(self, doomed: list[ObjectMeta]) -> int:
+        """Drop objects (under ``self._lock``) as :meth:`delete` does; the generation to commit."""
+        for meta in doomed:
+            self._tombstones[meta.key] = self._next_version(meta.key)
+            del self._objects[meta.key]
+            self._gen += 1
+            self._unlink(meta)
+        return self._gen
 
     def _sync_data_file(self, tier: str) -> None:
         if self.engine is not None and self.engine.is_open:
@@ -450,6 +493,7 @@ class TieredStore:
             with open(path, "rb") as f:
                 doc = json.loads(f.read())
         except FileNotFoundError:
+            store_check.manifest_missing(self, path, self._start_empty)
             return
         except ValueError as e:
             raise StoreError(f"{path}: manifest is not valid JSON ({e})") from e
@@ -465,7 +509,7 @@ class TieredStore:
             except (KeyError, TypeError, ValueError) as e:
                 raise StoreError(f"{path}: object {key!r} has a malformed entry ({e!r}): {o!r}") from e
             if o.get("ephemeral"):  # scratch of a process that crashed: delete it
-                dropped.append(meta.extent)
+                dropped.append((key, meta.extent))
                 continue
             tier = self._tiers.get(tier_name)
             if tier is None:
@@ -485,15 +529,16 @@ class TieredStore:
         if dropped:
             self._forget_ephemeral(dropped)
 
-    def _forget_ephemeral(self, extents: list[Extent]) -> None:
+    def _forget_ephemeral(self, dropped: list[tuple[str, Extent]]) -> None:
         """Commit a manifest without a crashed process's ephemeral objects, then give their
         blocks back (except any a retention tag keeps)."""
         write_json_atomic(self.root / MANIFEST, self._snapshot())
         kept = {(rec["tier"], int(rec["offset"])) for recs in self._retained.values() for rec, _e in recs}
-        for ext in extents:
+        for _key, ext in dropped:
             if (ext.tier, ext.offset) not in kept and ext.tier in self._tiers:
                 punch_hole(self._tiers[ext.tier].data_file, ext.offset, ext.length)
-        log.info("removed %d ephemeral objects left by a process that did not close %s", len(extents), self.root)
+        self.recovered["ephemeral_removed"] = [key for key, _e in dropped]
+        log.info("removed %d ephemeral objects left by a process that did not close %s", len(dropped), self.root)
 
     def _load_retained(self, retained: dict, path: Path) -> None:
         """Rebuild the extents kept for retention tags (see :meth:`retain`) from the manifest."""
@@ -524,6 +569,7 @@ class TieredStore:
     def _snapshot(self) -> dict:
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION, "generation": self._gen,
+            "tiers": {n: {"path": str(t.path), "capacity": t.spec.capacity} for n, t in self._tiers.items()},
             "objects": {
                 k: {"kind": m.kind, "dtype": _dtype_name(m.dtype), "shape": list(m.shape),
                     "nbytes": m.nbytes, "version": m.version, "crc32": m.crc32,
@@ -870,11 +916,16 @@ class TieredStore:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"put({key!r}): expected a torch.Tensor, got {type(tensor).__name__}")
         src = tensor.detach().resolve_conj().resolve_neg()
+        nbytes = src.numel() * src.element_size()
+        if store_stream.too_big_for_host(self, nbytes):  # never whole in host memory
+            return store_stream.put_streamed(self, key, src.contiguous(), kind, tier, relocate, ephemeral)
         if src.device.type != "cpu":
             src = src.cpu()
         src = src.contiguous()
-        nbytes = src.numel() * src.element_size()
-        buf = self._alloc_host(nbytes)
+        try:
+            buf = self._alloc_host(nbytes)
+        except OutOfBudget as e:
+            raise HostBudgetError(f"put({key!r}) of {nbytes} bytes: {e}") from e
         try:
             if nbytes:
                 buf.padded[:nbytes] = src.reshape(-1).view(torch.uint8).numpy()
@@ -895,80 +946,80 @@ class TieredStore:
             with self._lock:
                 tier_name, offset = self._reserve_extent(key, len(flat), kind, tier)
                 version = relocate if relocate is not None else self._next_version(key)
-            ext = Extent(tier_name, offset, len(flat))
+            p = _PendingPut(key, version, relocate, tier_name, offset, len(flat), nbytes, dtype, tuple(shape), kind,
+                            sync, commit, ephemeral, buf, give, cache)
             wf = self.engine.write(self._tiers[tier_name].data_file, offset, flat, sync=durable, priority=priority)
         except BaseException:
             if give:
                 buf.release()
             raise
 
-        def discard_extent() -> None:  # our extent was never named by a committed manifest
-            self._tiers[tier_name].space.give(offset, len(flat))
-
-        def install(_n: int) -> dict:
-            # on the engine worker that finished the write, not the caller's thread: zlib drops
-            # the GIL, so the caller computes on while the checksum runs (it is ~20 % of a put)
-            crc = segment_checksums(flat[:nbytes], 0)
-            with self._lock:
-                old = self._objects.get(key)
-                stale = (version <= self._tombstones.get(key, 0)
-                         or (old is not None and (old.version != version if relocate is not None
-                                                  else old.version > version)))
-                if stale:  # a later put or delete of this key already took effect
-                    discard_extent()
-                    if give:
-                        buf.release()
-                    return {"key": key, "version": version, "superseded": True}
-                if not sync and not ephemeral:
-                    self._unsynced.add(tier_name)
-                self._gen += 1
-                gen = self._gen
-                if old is not None:  # a migration frees its old tier's blocks: they are not rewritten soon
-                    self._unlink(old, superseded=relocate is None)
-                meta = ObjectMeta(key, kind, dtype, tuple(shape), nbytes, version, crc, ext, ephemeral=ephemeral)
-                self._objects[key] = meta
-                self._tiers[tier_name].objects += 1
-                keep = give and cache and self.cache_on_put
-                if keep:
-                    meta.host = HostCopy(buf, version, ready=True)
-                    self.host_policy.admit(Observation(key, len(flat), kind, "write", "host"))
-                elif give:
-                    buf.release()
-            if give:
-                self._notify_host()  # the cached copy is evictable from now on
-            def rollback() -> None:  # the manifest write failed: the previous version stays current
-                if self._objects.get(key) is not meta:
-                    return
-                self._drop_host(meta)
-                self._tiers[tier_name].objects -= 1
-                if old is not None:
-                    self._retired.remove(old.extent)
-                    old.extent.retired_gen = None
-                    self._tiers[old.extent.tier].objects += 1
-                    self._objects[key] = old
-                else:
-                    del self._objects[key]
-                ext.retired_gen = 0  # never committed: free as soon as no reader holds it
-                self._retired.append(ext)
-                self._free_retired()
-
-            if commit:
-                self._commit_through(gen, rollback)
-            with self._lock:
-                self.counters.puts += 1
-                self.counters.bytes_written[tier_name] = self.counters.bytes_written.get(tier_name, 0) + len(flat)
-            self._emit(key, nbytes, "write", kind, tier_name)
-            return meta.describe()
-
         def undo(f) -> None:
             if f.exception() is not None:
                 with self._lock:
-                    discard_extent()
+                    self._tiers[tier_name].space.give(offset, len(flat))
                 if give:
                     buf.release()
 
         wf.add_done_callback(undo)
-        return chain(wf, install, f"put {key}", note=f"while putting object {key!r}")
+        return chain(wf, lambda _n: self._install(p), f"put {key}", note=f"while putting object {key!r}")
+
+    def _install(self, p: "_PendingPut") -> dict:
+        """Make a written version current (unless a later put or delete of the key already took
+        effect) and commit it; runs on the engine worker that finished the write, not the
+        caller's thread: zlib drops the GIL, so the caller computes on while the checksum runs."""
+        crc = p.crc if p.crc is not None else segment_checksums(p.buf.padded[:p.nbytes], 0)
+        key, tier_name, ext = p.key, p.tier, Extent(p.tier, p.offset, p.length)
+        with self._lock:
+            old = self._objects.get(key)
+            stale = (p.version <= self._tombstones.get(key, 0)
+                     or (old is not None and (old.version != p.version if p.relocate is not None
+                                              else old.version > p.version)))
+            if stale:  # a later put or delete of this key already took effect
+                self._tiers[tier_name].space.give(p.offset, p.length)  # never named by a manifest
+                if p.give:
+                    p.buf.release()
+                return {"key": key, "version": p.version, "superseded": True}
+            if not p.sync and not p.ephemeral:
+                self._unsynced.add(tier_name)
+            self._gen += 1
+            gen = self._gen
+            if old is not None:  # a migration frees its old tier's blocks: they are not rewritten soon
+                self._unlink(old, superseded=p.relocate is None)
+            meta = ObjectMeta(key, p.kind, p.dtype, p.shape, p.nbytes, p.version, crc, ext, ephemeral=p.ephemeral)
+            self._objects[key] = meta
+            self._tiers[tier_name].objects += 1
+            if p.give and p.cache and self.cache_on_put:
+                meta.host = HostCopy(p.buf, p.version, ready=True)
+                self.host_policy.admit(Observation(key, p.length, p.kind, "write", "host"))
+            elif p.give:
+                p.buf.release()
+        if p.give:
+            self._notify_host()  # the cached copy is evictable from now on
+
+        def rollback() -> None:  # the manifest write failed: the previous version stays current
+            if self._objects.get(key) is not meta:
+                return
+            self._drop_host(meta)
+            self._tiers[tier_name].objects -= 1
+            if old is not None:
+                self._retired.remove(old.extent)
+                old.extent.retired_gen = None
+                self._tiers[old.extent.tier].objects += 1
+                self._objects[key] = old
+            else:
+                del self._objects[key]
+            ext.retired_gen = 0  # never committed: free as soon as no reader holds it
+            self._retired.append(ext)
+            self._free_retired()
+
+        if p.commit:
+            self._commit_through(gen, rollback)
+        with self._lock:
+            self.counters.puts += 1
+            self.counters.bytes_written[tier_name] = self.counters.bytes_written.get(tier_name, 0) + p.length
+        self._emit(key, p.nbytes, "write", p.kind, tier_name)
+        return meta.describe()
 
     def _reserve_extent(self, key: str, size: int, kind: str, tier: str | None) -> tuple[str, int]:
         if tier is not None:
@@ -993,9 +1044,10 @@ class TieredStore:
     def acquire(self, key: str, *, priority: Priority = Priority.DEMAND, wait: float | None = None) -> IOFuture:
         """A future of a :class:`Lease`: the object's host copy, pinned, zero-copy.
 
-        Raises KeyError at once for a key the store does not hold, and
-        OutOfBudget when host memory for the copy cannot be found within
-        ``wait`` seconds (default ``host_wait``; 0 for a prefetch that must not block).
+        Raises KeyError at once for a key the store does not hold, and HostBudgetError
+        (an OutOfBudget) naming the object when host memory for the copy cannot be found
+        within ``wait`` seconds (default ``host_wait``; 0 for a prefetch that must not block),
+        at once when the object is larger than the host tier.
         """
         self._check_open()
         copy, load, meta = self._pin_host_copy(key, priority, wait)
@@ -1008,11 +1060,22 @@ class TieredStore:
 
     def get(self, key: str, *, tier: str = "host", out: torch.Tensor | None = None,
             priority: Priority = Priority.DEMAND) -> IOFuture:
-        """A future of a tensor the caller owns (a copy), on ``tier`` ("host" or "gpu")."""
+        """A future of a tensor the caller owns (a copy), on ``tier`` ("host" or "gpu").
+
+        An object larger than the host tier is read through it in pieces, into ``out`` or a new
+        tensor, before this returns (:meth:`acquire` of it fails: no lease can hold it)."""
         if tier not in ("host", "gpu"):
             raise StoreError(f"get({key!r}): tier must be 'host' or 'gpu', got {tier!r}")
         if tier == "gpu" and not torch.cuda.is_available():
             raise StoreError(f"get({key!r}, tier='gpu'): no CUDA device on this machine")
+        self._check_open()
+        with self._lock:
+            meta = self._objects.get(key)
+            big = meta is not None and not meta.extent.external and store_stream.too_big_for_host(self, meta.nbytes)
+            if big:
+                meta.extent.readers += 1
+        if big:
+            return store_stream.get_future(self, meta, out, tier, priority)
         lease_f = self.acquire(key, priority=priority)
 
         def copy_out(lease: Lease) -> torch.Tensor:
@@ -1106,7 +1169,10 @@ class TieredStore:
 
         load.add_done_callback(finish)
         try:
-            buf = self._alloc_host(meta.nbytes if window is None else window, wait)
+            try:
+                buf = self._alloc_host(meta.nbytes if window is None else window, wait)
+            except OutOfBudget as e:
+                raise HostBudgetError(f"object {key!r} ({meta.nbytes} bytes): {e}") from e
             copy.buffer, copy.start = buf, lead
             length = len(buf.padded) if window is None else lead + meta.nbytes  # externals end anywhere
             if ext.external and _file_identity(src_file) != ext.identity:
@@ -1298,6 +1364,25 @@ class TieredStore:
             self._unlink(meta)
         self._commit_through(gen)
         self._emit(key, meta.nbytes, "delete", meta.kind, None)
+
+    def delete_prefix(self, prefix: str) -> list[str]:
+        """Remove every key starting with ``prefix`` (one manifest commit); the keys removed."""
+        self._check_open()
+        with self._lock:
+            doomed = [m for k, m in self._objects.items() if k.startswith(prefix)]
+            gen = self._remove(doomed)
+        self._commit_through(gen)
+        for meta in doomed:
+            self._emit(meta.key, meta.nbytes, "delete", meta.kind, None)
+        return [m.key for m in doomed]
+
+    def check(self, repair: bool = False) -> dict:
+        """Read every object and verify its crc32s, and find the blocks of the data files that no
+        manifest entry names (left by a crash mid-put). ``repair`` deletes the corrupt objects and
+        gives those blocks back (hole punch). Returns what was found and done: see
+        :func:`tiered.store_check.check_store`."""
+        self._check_open()
+        return store_check.check_store(self, repair)
 
     # -- inspection ----------------------------------------------------------------
     def __contains__(self, key: str) -> bool:
