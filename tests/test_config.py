@@ -387,3 +387,26 @@ def test_a_newly_registered_backend_is_accepted(tmp_path, monkeypatch):
     cfg = load_config(write(tmp_path, storage(tmp_path) + '\n[engine]\nbackend = "uring-test"\n'))
     assert cfg.engine.backend == "uring-test"
     assert "uring-test" in load_error(tmp_path, storage(tmp_path) + '\n[engine]\nbackend = "nope"\n')
+
+
+def test_owner_shares_as_sizes_or_percentages(tmp_path):
+    cfg = load_config(write(tmp_path, '[tiers.host]\ncapacity = "1GiB"\n' + storage(tmp_path) +
+                            '\n[owners.kv]\nhost = "25%"\nnvme = "100MiB"\n[owners.gnn]\nhost = "512MiB"\n'))
+    assert cfg.share("kv", "host") == GiB // 4 and cfg.share("kv", "nvme") == 100 << 20
+    assert cfg.share("gnn", "host") == GiB // 2 and cfg.share("optim", "host") is None
+    assert cfg.share("kv/replica-1", "host") == GiB // 4  # an instance falls back to its kind's table
+    assert cfg.to_dict()["owners"]["kv"] == {"host": GiB // 4, "nvme": 100 << 20}
+
+
+@pytest.mark.parametrize("owners,match", [
+    ('[owners.kv]\nhots = "1GiB"\n', "unknown key 'owners.kv.hots'.*did you mean 'host'"),
+    ('[owners.kv]\nhost = "120%"\n', "owners.kv.host = '120%'.*percentage"),
+    ('[owners.kv]\nhost = "lots"\n', "owners.kv.host = 'lots'"),
+    ('[owners.kv]\nhost = "60%"\n[owners.gnn]\nhost = "50%"\n', "shares of tier 'host' .*kv.*gnn.* more than its capacity"),
+    ('[owners."9x"]\nhost = "1GiB"\n', "invalid owner name '9x'"),
+])
+def test_bad_owner_shares_name_the_key(tmp_path, owners, match):
+    msg = load_error(tmp_path, '[tiers.host]\ncapacity = "1GiB"\n' + storage(tmp_path) + "\n" + owners)
+    import re
+
+    assert re.search(match, msg), msg

@@ -37,6 +37,7 @@ __all__ = [
     "OffloadSpec",
     "PolicySpec",
     "TierSpec",
+    "OwnerShare",
     "check_config",
     "default_config",
     "load_config",
@@ -62,7 +63,8 @@ GiB = 1 << 30
 _ALIGN = 4096
 _TIER_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _DEVICE_RE = re.compile(r"^[a-z]+(:\d+)?$")
-_TOP_KEYS = ("tiers", "engine", "policy", "offload")
+_TOP_KEYS = ("tiers", "engine", "policy", "offload", "owners")
+_OWNER_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 _TIER_KEYS = {
     "device": ("kind", "capacity", "device"),
     "host": ("kind", "capacity"),
@@ -132,6 +134,15 @@ class OffloadSpec:
 
 
 @dataclass(frozen=True)
+class OwnerShare:
+    """``[owners.NAME] TIER = SIZE``: bytes of a tier guaranteed to one workload (an owner)."""
+
+    owner: str
+    tier: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class Config:
     """A validated config: tiers ordered fastest first (device, host, storage in file order)."""
 
@@ -140,6 +151,16 @@ class Config:
     policy: PolicySpec = field(default_factory=PolicySpec)
     source: str = "<dict>"
     offload: OffloadSpec = field(default_factory=OffloadSpec)
+    owners: tuple[OwnerShare, ...] = ()
+
+    def share(self, owner: str, tier: str) -> int | None:
+        """The share ``[owners.<owner>]`` gives ``owner`` of ``tier`` (None: not configured).
+        An owner named ``kind/instance`` (``offload/llama``) falls back to its kind's table."""
+        for name in (owner, owner.split("/", 1)[0]):
+            for s in self.owners:
+                if s.owner == name and s.tier == tier:
+                    return s.nbytes
+        return None
 
     def tier(self, name: str) -> TierSpec:
         for t in self.tiers:
@@ -195,6 +216,8 @@ class Config:
             "offload": {"lookahead": self.offload.lookahead if self.offload.lookahead is not None else "auto",
                         "resident": self.offload.resident, "layout": self.offload.layout,
                         "device_cache": "auto" if self.offload.device_cache is None else self.offload.device_cache},
+            "owners": {o: {s.tier: s.nbytes for s in self.owners if s.owner == o}
+                       for o in dict.fromkeys(s.owner for s in self.owners)},
         }
 
 
@@ -441,7 +464,41 @@ class _Validator:
         engine = self.engine(self.table(data.get("engine", {}), "engine"))
         policy = self.policy(self.table(data.get("policy", {}), "policy"))
         offload = self.offload(self.table(data.get("offload", {}), "offload"))
-        return Config(tiers=tiers, engine=engine, policy=policy, source=self.source, offload=offload)
+        owners = self.owners(self.table(data.get("owners", {}), "owners"), tiers)
+        return Config(tiers=tiers, engine=engine, policy=policy, source=self.source, offload=offload, owners=owners)
+
+    def owners(self, table: Mapping[str, Any], tiers: tuple[TierSpec, ...]) -> tuple[OwnerShare, ...]:
+        """``[owners.NAME]`` tables: per tier a size or a percentage of the tier's capacity;
+        the shares of one tier must fit its capacity together."""
+        by_name = {t.name: t for t in tiers}
+        shares = []
+        for owner, body in table.items():
+            if not isinstance(owner, str) or not _OWNER_RE.match(owner):
+                raise ConfigError(f"invalid owner name {owner!r} in {self.file}: expected a name matching "
+                                  f"{_OWNER_RE.pattern}")
+            body = self.table(body, f"owners.{owner}")
+            self.unknown_keys(body, f"owners.{owner}.", tuple(by_name))
+            for tier, value in body.items():
+                key = f"owners.{owner}.{tier}"
+                shares.append(OwnerShare(owner, tier, self.share_size(value, key, by_name[tier].capacity)))
+        for t in tiers:
+            total = sum(s.nbytes for s in shares if s.tier == t.name)
+            if total > t.capacity:
+                parts = ", ".join(f"{s.owner} {format_size(s.nbytes)}" for s in shares if s.tier == t.name)
+                raise ConfigError(f"owners in {self.file}: the shares of tier {t.name!r} ({parts}) add up to "
+                                  f"{format_size(total)}, more than its capacity {format_size(t.capacity)}")
+        return tuple(shares)
+
+    def share_size(self, value: object, key: str, capacity: int) -> int:
+        if isinstance(value, str) and value.strip().endswith("%"):
+            try:
+                pct = float(value.strip()[:-1])
+            except ValueError:
+                pct = -1.0
+            if not 0 <= pct <= 100:
+                raise self.bad(key, value, 'expected a percentage from "0%" to "100%" or a size such as "2GiB"')
+            return int(capacity * pct / 100)
+        return self.size(value, key)
 
     def tiers(self, table: Mapping[str, Any]) -> tuple[TierSpec, ...]:
         specs = []
