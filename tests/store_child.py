@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import tiered.store as store_mod  # noqa: E402
+import tiered.store.manifest as store_manifest  # noqa: E402
 from tiered.store import StoreError, TieredStore  # noqa: E402
 
 MiB = 1 << 20
@@ -49,7 +49,7 @@ def orphan(cfg: dict) -> None:
         written.set()
         threading.Event().wait(120)
 
-    store_mod.write_json_atomic = blocked_manifest_write
+    store_manifest.write_json_atomic = blocked_manifest_write
     store.put("lost", torch.full((MiB,), 3, dtype=torch.uint8))
     written.wait(30)
     print("READY", flush=True)

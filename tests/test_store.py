@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiered.store as store_mod
+import tiered.store.extents as store_extents
+import tiered.store.manifest as store_manifest
 from allocators import OutOfBudget
 from io_engine import IOEngine
 from tiered.store import ChecksumError, Lease, StoreError, TieredStore, check_key
@@ -423,14 +424,14 @@ def test_retired_extent_not_reused_before_manifest_commit(tmp_path, monkeypatch)
     assert gate.entered.wait(T)
 
     slow_entered, slow_go = threading.Event(), threading.Event()
-    real_write = store_mod.write_json_atomic
+    real_write = store_manifest.write_json_atomic
 
     def slow_manifest_write(path, obj):  # a slow manifest fsync
         slow_entered.set()
         assert slow_go.wait(120), "the test did not release the manifest write"
         real_write(path, obj)
 
-    monkeypatch.setattr(store_mod, "write_json_atomic", slow_manifest_write)
+    monkeypatch.setattr(store_manifest, "write_json_atomic", slow_manifest_write)
     try:
         fa2 = s.put("a", filled(3, n))  # a v2 @ 2n; install retires a v1, then commits (slowly)
         assert slow_entered.wait(T)
@@ -818,7 +819,7 @@ def test_manifest_write_failure_fails_the_put_and_keeps_the_old_version(tmp_path
     s = TieredStore(cfg).open()
     try:
         s.put("k", filled(1)).result(T)
-        real_write = store_mod.write_json_atomic
+        real_write = store_manifest.write_json_atomic
         calls = []
 
         def failing_once(path, obj):
@@ -827,7 +828,7 @@ def test_manifest_write_failure_fails_the_put_and_keeps_the_old_version(tmp_path
                 raise OSError(errno.ENOSPC, "No space left on device (injected)", str(path))
             real_write(path, obj)
 
-        monkeypatch.setattr(store_mod, "write_json_atomic", failing_once)
+        monkeypatch.setattr(store_manifest, "write_json_atomic", failing_once)
         with pytest.raises(OSError) as ei:
             s.put("k", filled(2)).result(T)
         assert ei.value.errno == errno.ENOSPC and "manifest.json" in str(ei.value)
@@ -1455,7 +1456,7 @@ os._exit(0)  # no commit, no close
 
 def test_superseded_versions_keep_their_blocks_deleted_objects_give_them_back(tmp_path, monkeypatch):
     punched = []
-    monkeypatch.setattr(store_mod, "punch_hole", lambda path, off, n: punched.append((off, n)) or True)
+    monkeypatch.setattr(store_extents, "punch_hole", lambda path, off, n: punched.append((off, n)) or True)
     with open_store(tmp_path) as store:
         store.put("a", torch.zeros(1024)).result(timeout=T)
         store.put("a", torch.ones(1024)).result(timeout=T)  # version 1's extent freed, not punched

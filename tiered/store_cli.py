@@ -52,7 +52,7 @@ def _guarded(fn):
 
 def _open(args: argparse.Namespace, start_empty: bool = False):
     from .store import StoreError, TieredStore
-    from .store_check import config_for_directory
+    from .store.check import config_for_directory
 
     if (args.dir is None) == (args.config is None):
         raise StoreError("give a storage tier directory or --config FILE (one of them)")

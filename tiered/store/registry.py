@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .store import TieredStore
+    from .core import TieredStore
+
+from .errors import StoreError
 
 _lock = threading.Lock()  # guards _open
 _shared_lock = threading.Lock()  # held while a shared store is looked up, opened or closed
@@ -42,7 +44,6 @@ def root_key(root: Path) -> str:
 def lock_directory(store: "TieredStore", lock_path: Path) -> int:
     """Take the store's directory lock and write our pid into it; a clear StoreError naming the
     holder when it is taken (another process's pid, or this process's own open store)."""
-    from .store import StoreError
 
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -82,8 +83,7 @@ def unlock_directory(store: "TieredStore", fd: int) -> None:
 
 def shared_store(cls: type, config: Any, kwargs: dict) -> "TieredStore":
     """The open store of this process for ``config``'s directories (one more user), or a new one."""
-    from .config import load_config
-    from .store import StoreError
+    from ..config import load_config
 
     cfg = load_config(config)
     if not cfg.storage_tiers:
@@ -93,7 +93,6 @@ def shared_store(cls: type, config: Any, kwargs: dict) -> "TieredStore":
 
 
 def _shared_store(cls: type, cfg: Any, kwargs: dict) -> "TieredStore":
-    from .store import StoreError
 
     with _lock:
         store = _open.get(root_key(Path(cfg.storage_tiers[0].path)))

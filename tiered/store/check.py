@@ -19,11 +19,14 @@ from typing import TYPE_CHECKING
 
 from io_engine import Priority
 
-from . import store_stream
-from .atomic import write_json_atomic
+from . import stream as store_stream
+from .errors import StoreError
+from .extents import punch_hole
+from .objects import DATA_FILE, MANIFEST
+from ..atomic import write_json_atomic
 
 if TYPE_CHECKING:
-    from .store import TieredStore
+    from .core import TieredStore
 
 log = logging.getLogger("tiered.store")
 
@@ -33,7 +36,6 @@ CLI_HOST_CAPACITY = 64 << 20
 
 def manifest_missing(store: "TieredStore", path: Path, start_empty: bool) -> None:
     """No manifest: a new store (write an empty one), or a lost one (refuse, unless ``start_empty``)."""
-    from .store import StoreError
 
     held = []
     for tier in store._tiers.values():
@@ -61,7 +63,6 @@ def check_store(store: "TieredStore", repair: bool) -> dict:
     (``ephemeral_removed``: a crashed process's ephemeral objects; ``manifest_missing``)."""
     report: dict = {"root": str(store.root), "objects": 0, "bytes_verified": 0, "corrupt": {}, "removed": [],
                     "reclaimable_bytes": {}, "reclaimed_bytes": 0, "repaired": repair, **store.recovered}
-    from .store import punch_hole
 
     for key in store.keys():
         checked = _verify(store, key)
@@ -154,7 +155,6 @@ def config_for_directory(directory: str | os.PathLike) -> dict:
     """A store config for the storage tier directory ``directory`` (as ``tiered store`` opens it):
     its tiers as its manifest records them, or, for a manifest that does not, one tier holding
     every object."""
-    from .store import DATA_FILE, MANIFEST, StoreError
 
     d = Path(directory)
     if not d.is_dir():
@@ -182,7 +182,6 @@ def config_for_directory(directory: str | os.PathLike) -> dict:
 
 
 def _only_tier(doc: dict, manifest: Path) -> str:
-    from .store import StoreError
 
     names = sorted({o.get("tier") for o in doc.get("objects", {}).values()}) if doc else []
     if len(names) > 1:

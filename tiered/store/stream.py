@@ -17,8 +17,12 @@ import torch
 from allocators import align_up
 from io_engine import Priority
 
+from ..checksums import SEGMENT, crc32
+from .errors import ChecksumError, HostBudgetError, StoreError
+from .objects import ObjectMeta, _PendingPut
+
 if TYPE_CHECKING:
-    from .store import ObjectMeta, TieredStore
+    from .core import TieredStore
 
 #: the most a staging piece holds: big enough to keep every engine worker busy
 MAX_PIECE = 32 << 20
@@ -37,9 +41,8 @@ class SegmentCrc:
     """crc32 of each SEGMENT of an object, fed its bytes in order in pieces of any size."""
 
     def __init__(self) -> None:
-        from .store import SEGMENT, _crc32
 
-        self._segment, self._crc32 = SEGMENT, _crc32
+        self._segment, self.crc32 = SEGMENT, crc32
         self.sums: list[int] = []
         self._cur = 0
         self._pos = 0
@@ -48,7 +51,7 @@ class SegmentCrc:
         i = 0
         while i < len(data):
             take = min(self._segment - self._pos % self._segment, len(data) - i)
-            self._cur = self._crc32(data[i:i + take], self._cur)
+            self._cur = self.crc32(data[i:i + take], self._cur)
             self._pos += take
             i += take
             if self._pos % self._segment == 0:
@@ -67,8 +70,6 @@ def put_streamed(store: "TieredStore", key: str, src: torch.Tensor, kind: str, t
     memory) as a new version of ``key``; the bytes are all written before this returns, the
     returned future resolves once committed."""
     from io_engine import chain, completed
-
-    from .store import StoreError, _PendingPut
 
     data = src.reshape(-1).view(torch.uint8)
     nbytes = data.numel()
@@ -114,7 +115,6 @@ def read_streamed(store: "TieredStore", meta: "ObjectMeta", consume: Callable[[i
     """Read ``meta``'s version through staging pieces, calling ``consume(object_offset, bytes)`` for
     each; raises ChecksumError (after the last piece) when a segment's crc32 does not match. The
     caller holds the extent against freeing (``extent.readers``)."""
-    from .store import SEGMENT, ChecksumError
 
     ext, nbytes = meta.extent, meta.nbytes
     path, step = store._tiers[ext.tier].data_file, min(piece_size(store), align_up(max(nbytes, 1)))
@@ -144,8 +144,6 @@ def get_future(store: "TieredStore", meta: "ObjectMeta", out: torch.Tensor | Non
     (released here)."""
     from allocators import OutOfBudget
     from io_engine import IOFuture, completed
-
-    from .store import HostBudgetError, StoreError
 
     try:
         if out is not None and (tuple(out.shape) != meta.shape or out.dtype != meta.dtype):

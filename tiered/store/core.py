@@ -1,0 +1,361 @@
+"""The tiered object store: named tensors with a durable home and cached copies.
+
+Call order: ``TieredStore(config)`` -> ``open()`` (maps the host arena,
+starts the engine, reads the manifest, locks the directory) -> ``put`` /
+``get`` / ``acquire`` / ``prefetch`` / ``evict`` / ``migrate`` / ``delete``
+from any threads -> ``close()``.
+
+Layout: each storage tier is one directory holding one data file
+(``objects.dat``) carved into 4 KiB-aligned extents; the first storage
+tier also holds ``manifest.json`` (key -> dtype, shape, tier, offset,
+crc32, version). The host tier is the arena: cached copies of objects,
+evicted by the placement policy when space is needed.
+
+Invariants (from the design):
+- a put is acknowledged only after its bytes are durable (O_DIRECT write +
+  fdatasync) and the manifest naming them is committed;
+- a new version is written to a new extent; the old extent is freed only
+  after the manifest no longer names it and no reader holds it, so a crash
+  at any point leaves the last committed state readable;
+- every read is verified against the crc32 recorded at write time;
+- budgets are hard: the host arena and each storage tier's capacity (an object larger than
+  the host tier is put and read through it in pieces: ``stream``);
+- a process's ephemeral objects are deleted by its ``close()``, or after a crash by the next
+  ``open()``.
+
+The class is assembled from parts, one job each: ``host`` (the host tier's cached copies),
+``writes`` (puts), ``reads`` (loads, leases, external objects), ``manifest`` (loading and
+group commit), ``retention`` (versions kept for checkpoints); helpers: ``registry`` (one open
+store per directory per process, ``shared()``), ``check`` (a missing manifest,
+``check()``/repair), ``stream`` (objects larger than the host tier).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from allocators import HostArena
+from io_engine import Backend, IOEngine, IOFuture, Priority
+from policies import FirstFit, create_eviction_policy
+from traces import AccessEvent
+
+from ..atomic import remove_stale_temps
+from ..config import Config, load_config
+from . import check as store_check, registry as store_registry
+from .errors import StoreError
+from .objects import LOCK_FILE, Extent, ObjectMeta, StoreCounters
+from .extents import _StorageTier
+from .host import _HostTier
+from .manifest import _Manifest
+from .reads import _Reads
+from .retention import _Retention
+from .writes import _Writes
+
+log = logging.getLogger("tiered.store")
+
+
+class TieredStore(_HostTier, _Writes, _Reads, _Manifest, _Retention):
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        config: Config | str | os.PathLike | dict | None = None,
+        *,
+        host_wait: float = 30.0,
+        cache_on_put: bool = True,
+        hugepages: bool = True,
+        backend: str | Backend | None = None,
+    ) -> None:
+        """``backend`` overrides ``[engine] backend`` (a name, or a Backend instance such as
+        ``io_engine.testing.FaultyBackend`` for fault-injection tests)."""
+        self.config = load_config(config)
+        if not self.config.storage_tiers:
+            raise StoreError(f"{self.config.source}: the store needs at least one storage tier")
+        self.host_wait = host_wait
+        self.cache_on_put = cache_on_put
+        self._hugepages = hugepages
+        self._backend = backend if backend is not None else self.config.engine.backend
+        self._lock = threading.RLock()
+        self._commit_lock = threading.Lock()
+        self._listeners: list[Callable[[AccessEvent], None]] = []
+        self._tier_order = [t.name for t in self.config.storage_tiers]
+        self.placement = FirstFit()
+        self.arena: HostArena | None = None
+        self.engine: IOEngine | None = None
+        self._lock_fd: int | None = None
+        self._opened = False
+        self._shared_users = 0  # >0: a TieredStore.shared() store, closed by its last user
+        self._shared_kwargs: dict = {}
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._objects: dict[str, ObjectMeta] = {}
+        self._tiers = {t.name: _StorageTier(t) for t in self.config.storage_tiers}
+        self._gen = 0
+        self._committed_gen = 0
+        self._retired: list[Extent] = []
+        self._issued: dict[str, int] = {}  # key -> newest version handed to a put or delete
+        self._puts_in_flight: dict[str, int] = {}  # key -> puts called whose future is not done
+        self._tombstones: dict[str, int] = {}  # key -> version of its latest delete
+        self._retained: dict[str, list[tuple[dict, Extent]]] = {}  # tag -> extents kept for it (checkpoints)
+        self._unsynced: set[str] = set()  # tiers written by sync=False puts since their last fdatasync
+        self._start_empty = False
+        self.recovered: dict = {}  # what open() cleaned up after a crash (see check())
+        self.counters = StoreCounters()
+        self.host_policy = create_eviction_policy(self.config.policy.placement)
+
+    # -- lifecycle -----------------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        return self._tiers[self._tier_order[0]].path
+
+    @classmethod
+    def shared(cls, config: Config | str | os.PathLike | dict | None = None, **kwargs) -> "TieredStore":
+        """This process's open store for ``config``'s directories, or a newly opened one.
+
+        For clients of one process that each need the store (a directory can be open only once):
+        every caller calls ``close()`` once; the store closes when the last one does. A different
+        config (tiers, engine, policy or ``kwargs``) for a store open here is a StoreError naming the
+        differing settings; so is a store of the directory opened here with plain ``open()``.
+        """
+        return store_registry.shared_store(cls, config, kwargs)
+
+    def open(self, *, start_empty: bool = False) -> "TieredStore":
+        """``start_empty``: where the manifest is missing but a data file holds bytes (the store's
+        objects cannot be found), start an empty store instead of refusing to open; the data
+        file's blocks are given back by :meth:`check` with ``repair=True``."""
+        if self._opened:
+            return self
+        self._reset_state()
+        self._start_empty = start_empty
+        self._lock_fd = store_registry.lock_directory(self, self.root / LOCK_FILE)
+        try:
+            for tier in self._tiers.values():
+                remove_stale_temps(tier.path)
+                Path(tier.data_file).touch(mode=0o600, exist_ok=True)
+            self._load_manifest()
+            host = self.config.host_tier
+            capacity = host.capacity if host else 256 << 20
+            self.arena = HostArena(capacity, hugepages=self._hugepages, name=f"tier {host.name if host else 'host'}").open()
+            e = self.config.engine
+            self.engine = IOEngine(self._backend, workers=e.workers, queue_depth=e.queue_depth,
+                                   chunk=e.chunk, direct=e.direct).open()
+            for tier in self._tiers.values():
+                if tier.spec.read_bandwidth or tier.spec.write_bandwidth:
+                    self.engine.set_bandwidth_limit(tier.path, tier.spec.read_bandwidth, tier.spec.write_bandwidth)
+        except BaseException:
+            self._release_resources()
+            raise
+        self._opened = True
+        return self
+
+    def close(self) -> None:
+        """Wait for in-flight work, delete the ephemeral objects, then release memory, threads and
+        the lock. A shared store (see :meth:`shared`) closes when its last user closes it."""
+        if not self._opened:
+            return
+        if self._shared_users:
+            store_registry.close_shared(self)
+        else:
+            self._close_now()
+
+    def _close_now(self) -> None:
+        self._opened = False
+        try:
+            if self.engine is not None:
+                self.engine.close()  # in-flight puts land (and commit) first
+            self._delete_ephemeral()
+        finally:
+            self._release_resources()
+
+    def _delete_ephemeral(self) -> None:
+        with self._lock:
+            doomed = [m for m in self._objects.values() if m.ephemeral]
+            gen = self._remove(doomed)
+        if doomed:
+            self._commit_through(gen)
+
+    def _remove(self, doomed: list[ObjectMeta]) -> int:
+        """Drop objects (under ``self._lock``) as :meth:`delete` does; the generation to commit."""
+        for meta in doomed:
+            self._tombstones[meta.key] = self._next_version(meta.key)
+            del self._objects[meta.key]
+            self._gen += 1
+            self._unlink(meta)
+        return self._gen
+
+    def _sync_data_file(self, tier: str) -> None:
+        if self.engine is not None and self.engine.is_open:
+            self.engine.fsync(self._tiers[tier].data_file)
+        else:  # closing: the engine has stopped
+            fd = os.open(self._tiers[tier].data_file, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+    def _release_resources(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        with self._lock:
+            for meta in self._objects.values():
+                meta.host = None
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
+        if self._lock_fd is not None:
+            store_registry.unlock_directory(self, self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "TieredStore":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if not self._opened:
+            raise StoreError("the store is not open: call open() or use it as a context manager")
+
+    # -- events --------------------------------------------------------------------
+    def add_listener(self, fn: Callable[[AccessEvent], None]) -> None:
+        """Call ``fn(event)`` on every access (recorders, learning policies).
+
+        A listener that raises is logged and does not fail the access: a broken
+        recorder must not break I/O.
+        """
+        self._listeners.append(fn)
+
+    def _emit(self, key: str, nbytes: int, op: str, kind: str, tier: str | None) -> None:
+        if self._listeners:
+            ev = AccessEvent(time.monotonic(), key, nbytes, op, kind, tier)
+            for fn in list(self._listeners):
+                try:
+                    fn(ev)
+                except Exception:  # noqa: BLE001 - logged, see add_listener
+                    log.exception("store listener %r failed on %s", fn, ev)
+
+    def migrate(self, key: str, tier: str) -> IOFuture:
+        """Move ``key``'s home to storage tier ``tier`` (or, for "host", prefetch it).
+
+        The version read is rewritten as the same version; if a newer put or a
+        delete of the key lands meanwhile, that one wins and the move is dropped.
+        """
+        self._check_open()
+        if tier == "host":
+            return self.prefetch(key)
+        if tier not in self._tiers:
+            raise StoreError(f"migrate({key!r}): unknown tier {tier!r}; known: host, {', '.join(self._tier_order)}")
+        lease_f = self.acquire(key, priority=Priority.WRITEBACK)
+        out = IOFuture(f"migrate {key} -> {tier}")
+
+        def rewrite(f) -> None:
+            try:
+                lease = f.result()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+                out.set_exception(e)
+                return
+            try:
+                with self._lock:
+                    meta = self._objects.get(key)
+                    current = meta is not None and meta.version == lease._version
+                    if current and meta.extent.tier == tier:
+                        out.set_result(meta.describe())
+                        return
+                    if not current:
+                        out.set_result({"key": key, "superseded": True})
+                        return
+                    kind, ephemeral = meta.kind, meta.ephemeral
+                inner = self._put(key, lease.tensor, kind, tier, relocate=lease._version, ephemeral=ephemeral)
+            except BaseException as e:  # noqa: BLE001
+                out.set_exception(e)
+                return
+            finally:
+                lease.release()
+            inner.add_done_callback(
+                lambda g: out.set_exception(g.exception()) if g.exception() else out.set_result(g.result()))
+
+        lease_f.add_done_callback(rewrite)
+        return out
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; its extent is reused once the manifest no longer names it.
+
+        A put of the key called before this delete cannot bring it back.
+        """
+        self._check_open()
+        with self._lock:
+            meta = self._objects.get(key)
+            if meta is None:
+                raise KeyError(f"no object {key!r}")
+            self._tombstones[key] = self._next_version(key)
+            del self._objects[key]
+            self._gen += 1
+            gen = self._gen
+            self._unlink(meta)
+        self._commit_through(gen)
+        self._emit(key, meta.nbytes, "delete", meta.kind, None)
+
+    def delete_prefix(self, prefix: str) -> list[str]:
+        """Remove every key starting with ``prefix`` (one manifest commit); the keys removed."""
+        self._check_open()
+        with self._lock:
+            doomed = [m for k, m in self._objects.items() if k.startswith(prefix)]
+            gen = self._remove(doomed)
+        self._commit_through(gen)
+        for meta in doomed:
+            self._emit(meta.key, meta.nbytes, "delete", meta.kind, None)
+        return [m.key for m in doomed]
+
+    def check(self, repair: bool = False) -> dict:
+        """Read every object and verify its crc32s, and find the blocks of the data files that no
+        manifest entry names (left by a crash mid-put). ``repair`` deletes the corrupt objects and
+        gives those blocks back (hole punch). Returns what was found and done: see
+        :func:`tiered.store.check.check_store`."""
+        self._check_open()
+        return store_check.check_store(self, repair)
+
+    # -- inspection ----------------------------------------------------------------
+    def __contains__(self, key: str) -> bool:
+        return key in self._objects
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._objects)
+
+    def meta(self, key: str) -> dict:
+        with self._lock:
+            m = self._objects.get(key)
+            if m is None:
+                raise KeyError(f"no object {key!r}")
+            return m.describe()
+
+    def stats(self) -> dict:
+        with self._lock:
+            tiers = {
+                n: {"kind": "storage", "path": str(t.path), "capacity": t.space.capacity,
+                    "used": t.used, "objects": t.objects,
+                    "bytes_read": self.counters.bytes_read.get(n, 0),
+                    "bytes_written": self.counters.bytes_written.get(n, 0)}
+                for n, t in self._tiers.items()
+            }
+            a = self.arena.stats() if self.arena else None
+            host = None if a is None else {
+                "kind": "host", "capacity": a.capacity, "used": a.in_use, "peak": a.peak,
+                "fragmentation": a.fragmentation, "hugepages": a.hugepages, "pinned": a.pinned,
+                "objects": sum(1 for m in self._objects.values() if m.host is not None and m.host.ready),
+            }
+            c = self.counters
+            return {
+                "tiers": {"host": host, **tiers},
+                "external_bytes_read": c.bytes_read.get("external", 0),
+                "hits": c.hits, "misses": c.misses, "puts": c.puts, "evictions": c.evictions,
+                "commits": c.commits, "objects": len(self._objects),
+                "engine": self.engine.stats() if self.engine else None,
+            }

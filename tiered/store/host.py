@@ -1,0 +1,139 @@
+"""The host tier: cached copies in the arena, evicted by the placement policy to make room."""
+
+from __future__ import annotations
+
+import time
+
+from allocators import HostBuffer, OutOfBudget, align_up
+
+from .errors import StoreError
+from .objects import HostCopy, ObjectMeta
+
+
+class _HostTier:
+    """Part of :class:`~tiered.store.TieredStore` (see its docstring)."""
+
+    # -- host memory ---------------------------------------------------------------
+    def _evictable(self, key: str) -> bool:
+        m = self._objects.get(key)
+        return m is not None and m.host is not None and m.host.ready and m.host.pins == 0
+
+    def _alloc_host(self, nbytes: int, wait: float | None = None) -> HostBuffer:
+        """A host buffer, evicting unpinned cached copies (policy's choice) to make room,
+        then waiting up to ``wait`` (default ``host_wait``) seconds for pins to go."""
+        size = align_up(max(nbytes, 1))
+        if size > self.arena.capacity:
+            raise OutOfBudget(f"host tier: {nbytes} bytes requested but its budget is {self.arena.capacity} bytes")
+        wait = self.host_wait if wait is None else wait
+        deadline = time.monotonic() + wait
+        while True:
+            evicted = []
+            seen = self.arena.changes  # read before trying: a change after it ends the wait below
+            with self._lock:
+                buf = self.arena.try_alloc(nbytes)
+                while buf is None:
+                    victims = self.host_policy.victims(size, self._evictable)
+                    if not victims:
+                        break
+                    for key in victims:
+                        meta = self._objects[key]
+                        self._drop_host(meta)
+                        self.counters.evictions += 1
+                        evicted.append(meta)
+                    buf = self.arena.try_alloc(nbytes)
+            for meta in evicted:
+                self._emit(meta.key, meta.nbytes, "evict", meta.kind, "host")
+            if buf is not None:
+                return buf
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                st = self.arena.stats()
+                raise OutOfBudget(
+                    f"host tier: no room for {nbytes} bytes within {wait} s "
+                    f"({st.in_use} of {st.capacity} bytes held by pinned or loading objects)"
+                )
+            # wait for a buffer to be freed or a cached copy to become evictable (unpinned, or a
+            # put's copy installed), then retry with eviction
+            self.arena.wait_change(seen, min(0.05, remaining))
+
+    def _drop_host(self, meta: ObjectMeta) -> None:
+        copy = meta.host
+        meta.host = None
+        self.host_policy.remove(meta.key)
+        if copy is not None:
+            copy.detached = True
+            self._maybe_free(copy)
+
+    def _maybe_free(self, copy: HostCopy) -> None:
+        """Free a detached copy's buffer once nobody pins it and no read is filling it."""
+        if copy.detached and copy.pins == 0 and not copy.loading and copy.buffer is not None:
+            copy.buffer.release()
+            copy.buffer = None
+
+    def _detach_copy(self, key: str, copy: HostCopy, nbytes: int) -> HostBuffer | None:
+        """Take a copy's buffer out of the cache; None when others pin it (or it is a window)."""
+        with self._lock:
+            if copy.pins != 1 or copy.loading or copy.buffer is None or copy.start or copy.buffer.nbytes != nbytes:
+                return None
+            meta = self._objects.get(key)
+            if meta is not None and meta.host is copy:
+                meta.host = None
+                self.host_policy.remove(key)
+            buf, copy.buffer = copy.buffer, None
+            copy.pins = 0
+            copy.detached = True
+            return buf
+
+    def _notify_host(self) -> None:
+        """Wake allocations waiting for room: a cached copy may have become evictable."""
+        arena = self.arena
+        if arena is not None:  # None once closed (a lease released late)
+            arena.notify()
+
+    def _unpin(self, copy: HostCopy) -> None:
+        with self._lock:
+            copy.pins -= 1
+            self._maybe_free(copy)
+        self._notify_host()  # it may be evictable now
+
+    def alloc_host(self, nbytes: int, wait: float | None = None) -> HostBuffer:
+        """A buffer of the host tier for :meth:`put_buffer` (evicting cached copies for room,
+        waiting up to ``wait`` seconds); the caller releases it unless it gives it to a put."""
+        self._check_open()
+        return self._alloc_host(nbytes, wait)
+
+    # -- eviction, migration, deletion ---------------------------------------------
+    def trim(self) -> int:
+        """Drop every cached host copy that nobody pins and no read is filling; returns how many.
+
+        Eviction on demand frees only as much as the policy picks, and a copy that is pinned again
+        (a cache hit) stays where it was: after trim() the host tier's free space is all but what
+        is pinned or loading, merged, for a group of buffers that must fit together."""
+        self._check_open()
+        dropped = []
+        with self._lock:
+            for key, meta in self._objects.items():
+                if self._evictable(key):
+                    self._drop_host(meta)
+                    self.counters.evictions += 1
+                    dropped.append(meta)
+        for meta in dropped:
+            self._emit(meta.key, meta.nbytes, "evict", meta.kind, "host")
+        return len(dropped)
+
+    def evict(self, key: str, tier: str = "host") -> bool:
+        """Drop the cached copy of ``key`` from ``tier``; False when it is pinned or not there."""
+        self._check_open()
+        if tier != "host":
+            raise StoreError(f"evict({key!r}, {tier!r}): only cached copies can be evicted; "
+                             "use migrate() to move an object's home between storage tiers")
+        with self._lock:
+            meta = self._objects.get(key)
+            if meta is None:
+                raise KeyError(f"no object {key!r}")
+            if meta.host is None or not meta.host.ready or meta.host.pins:
+                return False
+            self._drop_host(meta)
+            self.counters.evictions += 1
+        self._emit(key, meta.nbytes, "evict", meta.kind, "host")
+        return True
