@@ -40,6 +40,7 @@ thread) or ``with`` -> ``load_prefix(ids)`` (optional) ->
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 import uuid
@@ -56,6 +57,9 @@ from ..sizes import parse_size
 from ..store import ChecksumError, StoreError
 from .layers import LayerPlan, plan_layers
 from .prefix import KVStore, KVStoreError
+from .tokens import TokenLog
+
+log = logging.getLogger("tiered.kv")
 
 
 class KVCacheError(RuntimeError):
@@ -166,11 +170,15 @@ class TieredCache(Cache):
     same cores, measured faster in the compute thread on 2 cores; the store reads
     of the next layer are still issued ahead, while this layer computes).
     ``read_window``: store blocks read ahead while gathering a layer.
+    ``model``: the model whose forwards feed this cache; while the cache is open, the
+    input ids of its forwards are recorded, so that a computed block is saved as a
+    prefix only under the hash of the tokens it holds. Without it (or once a step's
+    ids are not known) computed blocks are not saved; stored prefixes still load.
     """
 
     def __init__(self, config, kv: KVStore | None = None, *, block_size: int | None = None,
                  device_budget: int | str | None = None, lookahead: int | str = "auto", read_window: int = 8,
-                 device_policy: str = "lru", io_timeout: float = 120.0) -> None:
+                 device_policy: str = "lru", io_timeout: float = 120.0, model: torch.nn.Module | None = None) -> None:
         plan = _plan(config)
         self.num_layers, self.kv_heads, self.head_dim = len(plan.rows), plan.kv_heads, plan.head_dim
         self._tlayers = [TieredLayer(self, row, plan.windows[i]) for row, i in enumerate(plan.rows)]
@@ -196,6 +204,8 @@ class TieredCache(Cache):
         self.read_window = max(1, read_window)
         self.io_timeout = io_timeout
         self._device_policy_name = device_policy
+        self._model = model
+        self._tokens = TokenLog()
         self._session = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"  # the pid lets KVStore sweep dead sessions
         self._executor: ThreadPoolExecutor | None = None
         self._opened = False
@@ -215,7 +225,8 @@ class TieredCache(Cache):
         self._host_blocks: dict[int, torch.Tensor] = {}  # prefill: block index -> [L, 2, B, H, bs, D] on the host
         self._step_leases: dict = {}  # (block index, part) -> Lease pinned for this step's layers
         self._step_pinned = 0
-        self._hashes: list[str] = []  # chained hashes of the known prompt's full blocks
+        self._hashes: list[str] = []  # chained hashes of the declared prompt's full blocks
+        self._tokens.reset()
         for layer in self._tlayers:
             layer.reset()
             layer.is_initialized = False
@@ -228,6 +239,8 @@ class TieredCache(Cache):
         if not self._opened:
             if self.lookahead:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiered-kv-gather")
+            if self._model is not None:
+                self._tokens.watch(self._model, self)
             self._opened = True
         return self
 
@@ -241,6 +254,7 @@ class TieredCache(Cache):
         try:
             self._drop_all()
         finally:
+            self._tokens.unwatch()
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
@@ -368,6 +382,8 @@ class TieredCache(Cache):
         self._check_open()
         layer = self._tlayers[l]
         n_new = k.shape[-2]
+        if l == 0:
+            self._tokens.step(n_new, k.shape[0])
         t = layer.tail_len
         total = self._committed + t + n_new
         slot = self._take_gather(l, total)
@@ -691,9 +707,13 @@ class TieredCache(Cache):
         self._committed += full * bs
 
     def _save_prefix(self, blk: _Block) -> None:
-        """A full block of the known prompt is saved as its prefix (held before the save: the
-        save's room-making must not evict a sibling part)."""
+        """A full block of the declared prompt is saved as its prefix if the tokens it holds are
+        known to be the prompt's (held before the save: the save's room-making must not evict a
+        sibling part). Once the cache's tokens leave the prompt, nothing more is saved under it."""
         if blk.index >= len(self._hashes) or self._geometry[0] != 1:
+            return
+        if self._tokens.block(blk.index, self.block_size, self.kv.identity) != self._hashes[blk.index]:
+            del self._hashes[blk.index:]
             return
         blk.keys = [self.kv.block_key(self._hashes[blk.index], p) for p in self._parts]
         for key in blk.keys:
@@ -784,6 +804,10 @@ class TieredCache(Cache):
                 f.add_done_callback(_release_lease)
         self._blocks = loaded
         self._committed = len(loaded) * self.block_size
+        self._tokens.start(ids[:self._committed])
+        if self._model is None and len(self._hashes) > len(loaded):
+            log.warning("TieredCache.load_prefix: no model= to watch, so the cache cannot know which tokens "
+                        "it computes; the prompt's computed blocks will not be saved")
         self.counters["prefix_tokens_loaded"] += self._committed
         with self.kv._lock:
             self.kv.stats["hit_blocks"] += len(loaded)
