@@ -55,6 +55,7 @@ from policies import Observation, create_eviction_policy
 
 from ..sizes import parse_size
 from ..store import ChecksumError, StoreError
+from . import edit
 from .layers import LayerPlan, plan_layers
 from .prefix import KVStore, KVStoreError
 from .tokens import TokenLog
@@ -180,6 +181,9 @@ class TieredCache(Cache):
                  device_budget: int | str | None = None, lookahead: int | str = "auto", read_window: int = 8,
                  device_policy: str = "lru", io_timeout: float = 120.0, model: torch.nn.Module | None = None) -> None:
         plan = _plan(config)
+        self._settings = dict(config=config, kv=kv, block_size=block_size, device_budget=device_budget,
+                              lookahead=lookahead, read_window=read_window, device_policy=device_policy,
+                              io_timeout=io_timeout, model=model)
         self.num_layers, self.kv_heads, self.head_dim = len(plan.rows), plan.kv_heads, plan.head_dim
         self._tlayers = [TieredLayer(self, row, plan.windows[i]) for row, i in enumerate(plan.rows)]
         it = iter(self._tlayers)
@@ -269,6 +273,31 @@ class TieredCache(Cache):
     def reset(self) -> None:
         """Forget every token (a new request); the thread keeps running."""
         self._drop_all()
+
+    # -- edits transformers makes between steps (see tiered.kv.edit) ----------------------------
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (assisted and prompt-lookup decoding)."""
+        edit.crop(self, tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row i becomes row ``beam_idx[i]``."""
+        edit.select_rows(self, edit.row_index(self._batch(), beam_idx))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        edit.select_rows(self, edit.row_index(self._batch(), indices))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        edit.select_rows(self, torch.arange(self._batch()).repeat_interleave(repeats))
+
+    def __deepcopy__(self, memo: dict) -> "TieredCache":
+        """A cache of its own (same settings, KVStore and model) holding the same tokens; open if this one is."""
+        return edit.copy_cache(self, memo)
+
+    def _clone_empty(self) -> "TieredCache":
+        return TieredCache(**self._settings)
+
+    def _batch(self) -> int:
+        return self._geometry[0] if self._geometry is not None else 0
 
     def _drop_all(self) -> None:
         errors = []
@@ -382,6 +411,10 @@ class TieredCache(Cache):
         self._check_open()
         layer = self._tlayers[l]
         n_new = k.shape[-2]
+        if k.shape[0] != self._geometry[0]:
+            raise KVCacheError(f"TieredCache: K/V for {k.shape[0]} rows, the cache holds {self._geometry[0]}; "
+                               "to continue a cache with more rows (num_return_sequences), call "
+                               "cache.batch_repeat_interleave(n) first")
         if l == 0:
             self._tokens.step(n_new, k.shape[0])
         t = layer.tail_len
