@@ -130,14 +130,16 @@ def test_manual_decode_logits_and_mask_sizes_match_sliding_layers(arch):
 # --------------------------------------------------------------------------- returned K/V stay valid
 
 
-def test_returned_kv_of_a_layer_stays_valid_after_later_layers_update():
-    """As transformers' own cache tests do: keep layer 0's returned K/V, update layer 1, read them."""
-    model = make_model("llama")
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_returned_kv_of_a_layer_stays_valid_after_later_layers_update(arch):
+    """As transformers' own cache tests do: keep each layer's returned K/V, update the later layers,
+    then read them; they equal DynamicCache(config=...)'s (its sliding layers return their window)."""
+    model = make_model(arch)
     layers, heads, dim = kv_geometry(model.config)
     for lookahead in (0, 1, 2):
         with TieredCache(model.config, block_size=4, lookahead=lookahead) as cache:
-            ref = DynamicCache()
-            for step, n in enumerate((6, 1, 1, 3)):
+            ref = reference(model)
+            for step, n in enumerate((9, 1, 1, 3, 1, 8, 1)):
                 kept = []
                 for l in range(layers):
                     g = torch.Generator().manual_seed(100 * step + l)
@@ -147,6 +149,8 @@ def test_returned_kv_of_a_layer_stays_valid_after_later_layers_update():
                     kept.append((got, tuple(t.clone() for t in want)))
                 for (gk, gv), (wk, wv) in kept:  # every layer's K/V, read after the last layer's update
                     assert torch.equal(gk, wk) and torch.equal(gv, wv)
+                assert [cache.get_seq_length(l) for l in range(layers)] == \
+                    [ref.get_seq_length(l) for l in range(layers)]
 
 
 def test_per_layer_head_dim_is_refused_naming_the_setting():

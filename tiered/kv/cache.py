@@ -32,8 +32,21 @@ prompt's full blocks in the :class:`~tiered.kv.prefix.KVStore` and loads them
 (verified by checksum; a bad block is deleted and recomputed), so the model
 only runs on the rest; full blocks of the prompt computed here are saved.
 
-Call order: ``TieredCache(config, kv)`` -> ``open()`` (starts the gather
-thread) or ``with`` -> ``load_prefix(ids)`` (optional) ->
+Prefix keys: a block is saved only under the chained hash of the tokens it
+holds. A ``Cache`` sees K/V, never token ids, so the cache watches the model
+given as ``model=`` (a forward pre-hook records the ids of each forward given
+this cache, :mod:`tiered.kv.tokens`); once a step's ids are unknown, or the
+tokens leave the prompt given to ``load_prefix``, nothing more is saved.
+
+Layers follow transformers' layer plan (:mod:`tiered.kv.layers`): KV-shared
+layers hold nothing; sliding-window layers hand attention what
+``DynamicSlidingWindowLayer`` would (their last ``window - 1`` tokens and the
+new ones) but their K/V stays in the blocks with the other layers' (a stored
+prefix must hold every layer), so they save compute, not memory. Crop, batch
+edits and ``copy.deepcopy`` are in :mod:`tiered.kv.edit`.
+
+Call order: ``TieredCache(config, kv, model=model)`` -> ``open()`` (starts the
+gather thread) or ``with`` -> ``load_prefix(ids)`` (optional) ->
 ``model.generate(ids, cache=cache)`` or manual forwards -> ``close()``.
 """
 
@@ -291,7 +304,7 @@ class TieredCache(Cache):
 
     def __deepcopy__(self, memo: dict) -> "TieredCache":
         """A cache of its own (same settings, KVStore and model) holding the same tokens; open if this one is."""
-        return edit.copy_cache(self, memo)
+        return edit.copy_cache(self)
 
     def _clone_empty(self) -> "TieredCache":
         return TieredCache(**self._settings)

@@ -121,15 +121,16 @@ def crop(cache, tokens_to_remove: int) -> None:
     cache._enforce_budget()
 
 
-def copy_cache(src, memo: dict):
+def copy_cache(src):
     """A new open cache (same settings, same KVStore and model) holding a copy of ``src``'s tokens."""
     quiesce(src)
     dst = src._clone_empty()
     if src._opened:
         dst.open()
     dst._geometry = src._geometry
-    dst._compute_stream = src._compute_stream
-    dst._gather_stream = src._gather_stream
+    if src._compute_stream is not None:  # CUDA: same compute stream, a gather stream of its own
+        dst._compute_stream = src._compute_stream
+        dst._gather_stream = torch.cuda.Stream(src._geometry[2])
     for blk in src._blocks:
         new = type(blk)(blk.index)
         if blk.prefix:  # a stored prefix block: shared, held by both
