@@ -171,3 +171,27 @@ def test_crop_then_continue_bitwise(tmp_path, arch, cuts, lengths):
                 seen_all.append(seen)
     assert seen_all[0] == seen_all[1] == lengths
     assert all(torch.equal(x, y) for x, y in zip(*outs))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_assisted_decoding_with_an_assistant_model_bitwise(tmp_path, arch):
+    model, assistant = make_model(arch), make_model("qwen2")
+    ids = repetitive(35)
+    want = gen(model, ids, reference(model), n=12, assistant_model=assistant)
+    with tiered.TieredStore(store_config(tmp_path)) as store, tiered_cache(store, model) as cache:
+        got = gen(model, ids, cache, n=12, assistant_model=assistant)
+    assert torch.equal(want.sequences, got.sequences)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padded_batch_bitwise(tmp_path, arch):
+    model = make_model(arch)
+    ids = torch.cat([prompt(30, 1), prompt(30, 2)])
+    mask = torch.ones_like(ids)
+    ids[0, :7], mask[0, :7] = 0, 0  # the first prompt is 7 tokens shorter, padded on the left
+    outs = []
+    with tiered.TieredStore(store_config(tmp_path)) as store, tiered_cache(store, model, "256KiB") as cache:
+        for c in (reference(model), cache):
+            outs.append(gen(model, ids, c, attention_mask=mask))
+        assert cache.stats()["spilled_blocks"] > 0
+    assert_bitwise(*outs)

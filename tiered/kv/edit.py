@@ -149,8 +149,7 @@ def copy_cache(src):
         b.is_initialized, b.device = a.is_initialized, getattr(a, "device", None)
     dst._committed = src._committed
     dst._hashes = list(src._hashes)
-    dst._tokens.ids = None if src._tokens.ids is None else list(src._tokens.ids)
-    dst._tokens.hashes = list(src._tokens.hashes)
+    dst._tokens.copy_from(src._tokens)
     if dst._geometry is not None:
         dst._enforce_budget()
     return dst

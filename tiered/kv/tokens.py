@@ -20,13 +20,21 @@ _CACHE_KWARGS = ("cache", "past_key_values")  # transformers 5 name, and its dep
 
 
 class TokenLog:
-    """Row 0's token ids (batch of one), and the chained hashes of its full blocks."""
+    """Row 0's token ids (batch of one), and the chained hashes of its full blocks.
+
+    A step's ids are kept as a copy on their own device (no host synchronisation per
+    decode step); they are brought to the host only when a block's hash is needed."""
 
     def __init__(self) -> None:
-        self.ids: list[int] | None = []  # None: unknown from here on
+        self._chunks: list[torch.Tensor] | None = []  # None: unknown from here on
+        self._len = 0
         self.hashes: list[str] = []
         self._pending = None  # ids of the forward in flight; "unknown" when it had none
         self._hook = None
+
+    @property
+    def known(self) -> bool:
+        return self._chunks is not None
 
     # -- watching a model ---------------------------------------------------------------------
     def watch(self, model: torch.nn.Module, cache) -> None:
@@ -49,36 +57,49 @@ class TokenLog:
     def step(self, n_new: int, batch: int) -> None:
         """A step adds ``n_new`` tokens: they are the watched forward's ids, or unknown."""
         ids, self._pending = self._pending, None
-        if (self.ids is None or batch != 1 or not isinstance(ids, torch.Tensor) or ids.dim() != 2
+        if (self._chunks is None or batch != 1 or not isinstance(ids, torch.Tensor) or ids.dim() != 2
                 or tuple(ids.shape) != (1, n_new)):
             self.forget()
             return
-        self.ids.extend(ids[0].tolist())
+        self._chunks.append(ids[0].clone())  # the caller may reuse its input buffer
+        self._len += n_new
 
     def start(self, ids: torch.Tensor) -> None:
         """The cache now holds exactly ``ids`` (a loaded prefix)."""
-        self.ids = ids.tolist()
-        self.hashes = []
+        self._chunks, self._len, self.hashes = [ids.clone()], ids.numel(), []
 
     def forget(self) -> None:
-        self.ids = None
-        self.hashes = []
+        self._chunks, self._len, self.hashes = None, 0, []
 
     def reset(self) -> None:
-        self.ids, self.hashes, self._pending = [], [], None
+        self._chunks, self._len, self.hashes, self._pending = [], 0, [], None
+
+    def copy_from(self, other: "TokenLog") -> None:
+        self._chunks = None if other._chunks is None else list(other._chunks)
+        self._len, self.hashes = other._len, list(other.hashes)
 
     def crop(self, tokens: int, block_size: int) -> None:
         """The cache keeps its first ``tokens`` tokens."""
-        if self.ids is not None:
-            del self.ids[tokens:]
+        if self._chunks is not None and tokens < self._len:
+            self._chunks = [self._ids()[:tokens]]
+            self._len = tokens
         del self.hashes[tokens // block_size:]
+
+    def _ids(self) -> torch.Tensor:
+        """All ids as one host tensor (kept as the only chunk)."""
+        if len(self._chunks) != 1 or self._chunks[0].device.type != "cpu":
+            self._chunks = [torch.cat([c.to("cpu", torch.int64) for c in self._chunks])
+                            if self._chunks else torch.empty(0, dtype=torch.int64)]
+        return self._chunks[0]
 
     def block(self, index: int, block_size: int, identity: str) -> str | None:
         """The chained hash of block ``index`` if its tokens are known, else None."""
-        if self.ids is None or len(self.ids) < (index + 1) * block_size:
+        if self._chunks is None or self._len < (index + 1) * block_size:
             return None
-        while len(self.hashes) <= index:
-            i = len(self.hashes)
-            parent = self.hashes[-1] if self.hashes else identity
-            self.hashes.append(block_hash(parent, identity, torch.tensor(self.ids[i * block_size:(i + 1) * block_size])))
+        if len(self.hashes) <= index:
+            ids = self._ids()
+            while len(self.hashes) <= index:
+                i = len(self.hashes)
+                parent = self.hashes[-1] if self.hashes else identity
+                self.hashes.append(block_hash(parent, identity, ids[i * block_size:(i + 1) * block_size]))
         return self.hashes[index]
