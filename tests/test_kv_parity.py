@@ -158,3 +158,21 @@ def test_per_layer_head_dim_is_refused_naming_the_setting():
                                         sliding_window=6)
     with pytest.raises(KVCacheError, match="per-layer KV geometry.*global_head_dim"):
         TieredCache(cfg)
+
+
+def test_sliding_layers_read_only_the_blocks_their_window_reaches(tmp_path):
+    model = make_model("mistral-sliding")  # every layer slides over 6 tokens
+    ids, steps = prompt(60), 10
+    want = generate(model, ids, reference(model), n=steps)
+    layers = kv_geometry(model.config)[0]
+    slot = kv_bytes(model, 80) // layers
+    with tiered.TieredStore(store_config(tmp_path)) as store, \
+            TieredCache(model.config, KVStore(store, block_size=BS, layers_per_object=1),
+                        device_budget=kv_bytes(model, 8) + slot,
+                        lookahead=0) as cache:
+        got = generate(model, ids, cache, n=steps)
+        st = cache.stats()
+    assert st["spilled_blocks"] >= 6, st
+    # a window of 5 cached tokens spans at most 2 blocks: per layer and step, at most 2 reads
+    assert st["store_reads"] <= 2 * layers * steps, st
+    assert_bitwise(want, got)

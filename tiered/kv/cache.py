@@ -596,7 +596,8 @@ class TieredCache(Cache):
         lo_p, hi_p = self._parts[part]
         at = l - lo_p
         keep = hi_p - lo_p > 1 and l < hi_p - 1  # later layers of this part still need it this step
-        blocks = list(self._blocks)
+        first = self._first_visible_block(self._tlayers[l])
+        blocks = self._blocks[first:]
         remote = [b for b in blocks if b.data is None and (b.index, part) not in self._step_leases]
         futs: dict[int, Future] = {}
         issued = 0
@@ -606,7 +607,7 @@ class TieredCache(Cache):
         run_v: list[torch.Tensor] = []
         run_pair: list[torch.Tensor | None] = []  # a host block's [2, B, H, n, D] (K and V together), or None
         in_staging = 0  # host blocks of the current run (they land in the staging buffer)
-        run_lo = 0
+        run_lo = first * bs  # a sliding layer's slot holds nothing before its window
 
         def issue() -> None:
             nonlocal issued
@@ -696,6 +697,13 @@ class TieredCache(Cache):
             if l == hi_p - 1:  # the part's last layer: its step pins are done
                 self._release_step_leases(part)
             self._staging = None  # transient: held only while a gather runs
+
+    def _first_visible_block(self, layer: TieredLayer) -> int:
+        """The first block this step's attention of ``layer`` sees: 0, or for a sliding layer the
+        block holding the oldest of its last ``window - 1`` tokens (its tail is not yet updated)."""
+        if layer.window is None:
+            return 0
+        return max(0, self._committed + layer.tail_len - (layer.window - 1)) // self.block_size
 
     def _staging_for(self, pairs: list[torch.Tensor], device) -> torch.Tensor:
         """A device buffer for ``pairs`` ([2, B, H, <= block, D] each): at most ``read_window``
