@@ -4,7 +4,6 @@ K/V handed to attention that stay valid, and the cache operations generation str
 
 from __future__ import annotations
 
-import copy
 import functools
 
 import pytest
@@ -13,7 +12,7 @@ import transformers
 from transformers import DynamicCache
 
 import tiered
-from tiered.kv import KVCacheError, KVStore, TieredCache, kv_geometry, model_identity
+from tiered.kv import KVCacheError, KVStore, TieredCache, kv_geometry
 
 BS = 8
 VOCAB = 300
@@ -176,3 +175,11 @@ def test_sliding_layers_read_only_the_blocks_their_window_reaches(tmp_path):
     # a window of 5 cached tokens spans at most 2 blocks: per layer and step, at most 2 reads
     assert st["store_reads"] <= 2 * layers * steps, st
     assert_bitwise(want, got)
+
+
+def test_unsupported_layer_types_are_refused_naming_them():
+    cfg = transformers.LlamaConfig(**_COMMON)
+    cfg.layer_types = ["full_attention", "chunked_attention", "full_attention", "linear_attention"]
+    cfg.attention_chunk_size = 4  # as Llama4 configs carry
+    with pytest.raises(KVCacheError, match=r"layer_types \['chunked_attention', 'linear_attention'\]"):
+        TieredCache(cfg)

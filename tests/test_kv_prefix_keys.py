@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 import tiered
 from tiered.kv import KVStore, TieredCache, chain_hashes, model_identity
