@@ -120,3 +120,24 @@ def test_blocks_are_keyed_by_the_chained_hash_of_their_tokens(tmp_path):
         seed_prefix(model, kv, a)
         want = {kv.block_key(h, (0, 4)) for h in chain_hashes(a[0], BS, ident)}
         assert stored_prefix_blocks(store) == want
+
+
+def test_a_deep_copy_keeps_the_tokens_it_holds_and_saves_only_its_own(tmp_path):
+    """Copy a cache holding a's loaded prefix; the copy continues with b, the original with a:
+    only a's blocks are stored, each under a's hashes."""
+    import copy
+
+    model = make_model("llama")
+    a, b = prompt(35, seed=1), prompt(35, seed=2)
+    with tiered.TieredStore(store_config(tmp_path)) as store:
+        kv = KVStore(store, model_identity(model), block_size=BS)
+        seed_prefix(model, kv, a[:, :20])
+        with TieredCache(model.config, kv, model=model) as cache:
+            assert cache.load_prefix(a) == 16
+            with copy.deepcopy(cache) as twin:
+                generate(model, b, twin, n=3)
+                assert len(stored_prefix_blocks(store)) == 2
+                generate(model, a, cache, n=3)
+        want = {kv.block_key(h, (0, 4)) for h in chain_hashes(a[0], BS, model_identity(model))}
+        assert stored_prefix_blocks(store) == want
+        assert_prefix_sound(model, kv, a, blocks=4)
