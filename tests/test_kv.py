@@ -97,7 +97,7 @@ def test_generate_bitwise_equal_to_dynamic_cache_with_spills(tmp_path, arch):
     want = generate(model, ids, DynamicCache())
     with tiered.TieredStore(store_config(tmp_path)) as store:
         kv = KVStore(store, block_size=BS)
-        with TieredCache(model.config, kv, device_budget=kv_bytes(model, 94) // 2, lookahead=1) as cache:
+        with TieredCache(model.config, kv, model=model, device_budget=kv_bytes(model, 94) // 2, lookahead=1) as cache:
             got = generate(model, ids, cache)
             st = cache.stats()
         assert st["spilled_blocks"] >= 3 and st["resident_blocks"] <= 2 and st["store_reads"] > 0, st
@@ -144,13 +144,13 @@ def test_long_prefill_stays_within_the_device_budget(tmp_path, lookahead):
     want = generate(model, ids, DynamicCache(), n=8)
     with tiered.TieredStore(store_config(tmp_path)) as store:
         kv = KVStore(store, model_identity(model), block_size=BS)
-        with TieredCache(model.config, kv, device_budget=budget, lookahead=lookahead) as cache:
+        with TieredCache(model.config, kv, model=model, device_budget=budget, lookahead=lookahead) as cache:
             cache.load_prefix(ids)  # the prompt's hashes are known: staged blocks are saved as its prefix
             got = generate(model, ids, cache, n=8)
             st = cache.stats()
         assert st["device_peak"] <= budget, st
         assert st["spilled_blocks"] >= 200 // BS and st["prefix_blocks_saved"] == 200 // BS, st
-        with TieredCache(model.config, kv, device_budget=budget, lookahead=lookahead) as cache:
+        with TieredCache(model.config, kv, model=model, device_budget=budget, lookahead=lookahead) as cache:
             assert cache.load_prefix(ids) == 200 // BS * BS  # what the prefill staged is a usable prefix
             again = generate(model, ids, cache, n=8)
     assert_bitwise(want, got)
@@ -222,14 +222,14 @@ def test_prefix_reuse_runs_only_the_suffix_and_survives_reopen(tmp_path):
     want = generate(model, ids, DynamicCache())
     with tiered.TieredStore(store_config(tmp_path)) as store:
         kv = KVStore(store, ident, block_size=BS)
-        with TieredCache(model.config, kv, device_budget="100KiB") as cache:
+        with TieredCache(model.config, kv, model=model, device_budget="100KiB") as cache:
             assert cache.load_prefix(ids) == 0  # cold: nothing stored
             assert_bitwise(want, generate(model, ids, cache))
             assert cache.stats()["prefix_blocks_saved"] == 4  # 75 tokens: 4 full blocks of 16
     counter = LayerZeroTokens(model)
     with tiered.TieredStore(store_config(tmp_path)) as store:  # reopened: the manifest names the blocks
         kv = KVStore(store, ident, block_size=BS)
-        with TieredCache(model.config, kv, device_budget="100KiB") as cache:
+        with TieredCache(model.config, kv, model=model, device_budget="100KiB") as cache:
             assert cache.load_prefix(ids) == 64
             got = generate(model, ids, cache)
         assert kv.stats["hit_blocks"] == 4
@@ -249,7 +249,7 @@ def test_blocks_split_by_layers_spill_and_reload(tmp_path, host):
         with tiered.TieredStore(store_config(tmp_path, host=host)) as store:
             kv = KVStore(store, model_identity(model), block_size=BS, layers_per_object=3)
             assert kv.parts(8) == [(0, 3), (3, 6), (6, 8)]
-            with TieredCache(model.config, kv, device_budget=kv_bytes(model, 91) // 2) as cache:
+            with TieredCache(model.config, kv, model=model, device_budget=kv_bytes(model, 91) // 2) as cache:
                 assert cache.load_prefix(ids) == (0 if attempt == 0 else 64)
                 got = generate(model, ids, cache)
                 st = cache.stats()
@@ -268,17 +268,17 @@ def test_whole_prompt_stored_still_leaves_one_token_to_compute(tmp_path):
     kv_ids = prompt(64)  # exactly 4 blocks
     with tiered.TieredStore(store_config(tmp_path)) as store:
         kv = KVStore(store, model_identity(model), block_size=BS)
-        with TieredCache(model.config, kv) as cache:
+        with TieredCache(model.config, kv, model=model) as cache:
             cache.load_prefix(kv_ids)
             generate(model, kv_ids, cache, n=2)
-        with TieredCache(model.config, kv) as cache:
+        with TieredCache(model.config, kv, model=model) as cache:
             assert cache.load_prefix(kv_ids) == 48
             with pytest.raises(KVCacheError, match="already holds tokens"):
                 cache.load_prefix(kv_ids)
             want = generate(model, kv_ids, DynamicCache(), n=6)
             got = generate(model, kv_ids, cache, n=6)
             assert torch.equal(want.sequences, got.sequences)
-        with TieredCache(model.config, kv) as cache:
+        with TieredCache(model.config, kv, model=model) as cache:
             with pytest.raises(KVCacheError, match=r"shape \(1, n\)"):
                 cache.load_prefix(torch.cat([kv_ids, kv_ids]))
 
@@ -296,7 +296,7 @@ def test_prefix_store_durable_across_processes(tmp_path):
         model = make_model(layers=2)
         with tiered.TieredStore(store_config(Path({str(tmp_path)!r}))) as store:
             kv = KVStore(store, model_identity(model), block_size={BS})
-            with TieredCache(model.config, kv) as cache:
+            with TieredCache(model.config, kv, model=model) as cache:
                 cache.load_prefix(prompt(40))
                 generate(model, prompt(40), cache, n=2)
         print("saved")
@@ -306,7 +306,7 @@ def test_prefix_store_durable_across_processes(tmp_path):
     model = make_model(layers=2)
     with tiered.TieredStore(store_config(tmp_path)) as store:
         kv = KVStore(store, model_identity(model), block_size=BS)
-        with TieredCache(model.config, kv) as cache:
+        with TieredCache(model.config, kv, model=model) as cache:
             assert cache.load_prefix(prompt(40)) == 32
             got = generate(model, prompt(40), cache, n=4)
     want = generate(model, prompt(40), DynamicCache(), n=4)
@@ -326,7 +326,7 @@ def test_damaged_block_is_detected_and_recomputed(tmp_path, damage):
     want = generate(model, ids, DynamicCache())
     with tiered.TieredStore(store_config(tmp_path)) as store:
         kv = KVStore(store, ident, block_size=BS)
-        with TieredCache(model.config, kv) as cache:
+        with TieredCache(model.config, kv, model=model) as cache:
             cache.load_prefix(ids)
             generate(model, ids, cache, n=1)
         keys = [kv.block_key(h, (0, 8)) for h in chain_hashes(ids[0], BS, ident)]
@@ -346,12 +346,12 @@ def test_damaged_block_is_detected_and_recomputed(tmp_path, damage):
     bad = next(i for i, loc in enumerate(locs) if loc[1] == off)
     with tiered.TieredStore(store_config(tmp_path)) as store:
         kv = KVStore(store, ident, block_size=BS)
-        with TieredCache(model.config, kv) as cache:
+        with TieredCache(model.config, kv, model=model) as cache:
             assert cache.load_prefix(ids) == bad * BS  # stops at the damaged block
             got = generate(model, ids, cache)
         assert kv.stats["corrupt_blocks"] == 1
         # recomputed and saved again: the next request loads every block
-        with TieredCache(model.config, kv) as cache:
+        with TieredCache(model.config, kv, model=model) as cache:
             assert cache.load_prefix(ids) == 64
             again = generate(model, ids, cache)
     for out in (got, again):
@@ -380,7 +380,7 @@ def test_other_model_is_never_reused(tmp_path):
 
     assert ident("sdpa") == ident("sdpa") != ident("eager")
     with tiered.TieredStore(store_config(tmp_path)) as store:
-        with TieredCache(a.config, KVStore(store, ia, block_size=BS)) as cache:
+        with TieredCache(a.config, KVStore(store, ia, block_size=BS), model=a) as cache:
             cache.load_prefix(ids)
             generate(a, ids, cache, n=1)
         kv_b = KVStore(store, ib, block_size=BS)
@@ -399,14 +399,14 @@ def test_storage_capacity_evicts_prefix_blocks_through_policy(tmp_path):
         block_bytes = 8 * 2 * 2 * BS * 16 * 4  # layers, K/V, kv heads, tokens, head dim, fp32
         kv = KVStore(store, model_identity(model), block_size=BS, capacity=6 * block_bytes, policy="lru")
         for seed in range(4):  # 4 prompts x 3 blocks, room for 6
-            with TieredCache(model.config, kv) as cache:
+            with TieredCache(model.config, kv, model=model) as cache:
                 cache.load_prefix(prompt(50, seed))
                 generate(model, prompt(50, seed), cache, n=1)
         assert kv.used_bytes() <= 6 * block_bytes
         assert kv.stats["evicted_blocks"] == 6
-        with TieredCache(model.config, kv) as cache:
+        with TieredCache(model.config, kv, model=model) as cache:
             assert cache.load_prefix(prompt(50, 3)) == 48  # the newest survived
-        with TieredCache(model.config, kv) as cache:
+        with TieredCache(model.config, kv, model=model) as cache:
             assert cache.load_prefix(prompt(50, 0)) == 0  # the oldest went first
 
 
@@ -417,16 +417,16 @@ def test_prefix_aware_store_keeps_blocks_of_queued_prompts(tmp_path):
     with tiered.TieredStore(store_config(tmp_path)) as store:
         kv = KVStore(store, model_identity(model), block_size=BS, capacity=6 * block_bytes, policy="prefix-aware")
         for seed in (0, 1):
-            with TieredCache(model.config, kv) as cache:
+            with TieredCache(model.config, kv, model=model) as cache:
                 cache.load_prefix(prompt(50, seed))
                 generate(model, prompt(50, seed), cache, n=1)
         kv.expect([prompt(50, 0)[0]], layers=8)  # prompt 0 waits in the queue: LRU would drop it first
-        with TieredCache(model.config, kv) as cache:
+        with TieredCache(model.config, kv, model=model) as cache:
             cache.load_prefix(prompt(50, 2))
             generate(model, prompt(50, 2), cache, n=1)
-        with TieredCache(model.config, kv) as cache:
+        with TieredCache(model.config, kv, model=model) as cache:
             assert cache.load_prefix(prompt(50, 0)) == 48
-        with TieredCache(model.config, kv) as cache:
+        with TieredCache(model.config, kv, model=model) as cache:
             assert cache.load_prefix(prompt(50, 1)) == 0
 
 
@@ -503,14 +503,14 @@ def test_cuda_generate_bitwise_and_prefix_reuse(tmp_path):
     want = generate(model, ids, DynamicCache())
     with tiered.TieredStore(store_config(tmp_path)) as store:
         kv = KVStore(store, model_identity(model), block_size=BS)
-        with TieredCache(model.config, kv, device_budget=kv_bytes(model, 91) // 2) as cache:
+        with TieredCache(model.config, kv, model=model, device_budget=kv_bytes(model, 91) // 2) as cache:
             assert cache.lookahead == 1
             cache.load_prefix(ids)
             got = generate(model, ids, cache)
             st = cache.stats()
         assert st["spilled_blocks"] >= 2 and st["store_reads"] > 0, st
         assert_bitwise(want, got)
-        with TieredCache(model.config, kv, device_budget=kv_bytes(model, 91) // 2) as cache:
+        with TieredCache(model.config, kv, model=model, device_budget=kv_bytes(model, 91) // 2) as cache:
             assert cache.load_prefix(ids) == 64
             again = generate(model, ids, cache)
         assert torch.equal(again.sequences, want.sequences)

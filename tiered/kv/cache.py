@@ -32,14 +32,28 @@ prompt's full blocks in the :class:`~tiered.kv.prefix.KVStore` and loads them
 (verified by checksum; a bad block is deleted and recomputed), so the model
 only runs on the rest; full blocks of the prompt computed here are saved.
 
-Call order: ``TieredCache(config, kv)`` -> ``open()`` (starts the gather
-thread) or ``with`` -> ``load_prefix(ids)`` (optional) ->
+Prefix keys: a block is saved only under the chained hash of the tokens it
+holds. A ``Cache`` sees K/V, never token ids, so the cache watches the model
+given as ``model=`` (a forward pre-hook records the ids of each forward given
+this cache, :mod:`tiered.kv.tokens`); once a step's ids are unknown, or the
+tokens leave the prompt given to ``load_prefix``, nothing more is saved.
+
+Layers follow transformers' layer plan (:mod:`tiered.kv.layers`): KV-shared
+layers hold nothing; sliding-window layers hand attention what
+``DynamicSlidingWindowLayer`` would (their last ``window - 1`` tokens and the
+new ones) but their K/V stays in the blocks with the other layers' (a stored
+prefix must hold every layer), so they save compute, not memory. Crop, batch
+edits and ``copy.deepcopy`` are in :mod:`tiered.kv.edit`.
+
+Call order: ``TieredCache(config, kv, model=model)`` -> ``open()`` (starts the
+gather thread) or ``with`` -> ``load_prefix(ids)`` (optional) ->
 ``model.generate(ids, cache=cache)`` or manual forwards -> ``close()``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 import uuid
@@ -48,16 +62,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer
 
 from policies import Observation, create_eviction_policy
 
 from ..sizes import parse_size
 from ..store import ChecksumError, StoreError
+from . import edit
+from .layers import LayerPlan, plan_layers
 from .prefix import KVStore, KVStoreError
+from .tokens import TokenLog
 
-
-_SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+log = logging.getLogger("tiered.kv")
 
 
 class KVCacheError(RuntimeError):
@@ -78,19 +94,16 @@ class _Block:
 
 
 def kv_geometry(config) -> tuple[int, int, int]:
-    """(layers, kv_heads, head_dim) of a decoder config."""
-    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    layers = cfg.num_hidden_layers
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    types = getattr(cfg, "layer_types", None)
-    if types is not None:
-        bad = sorted({t for t in types if t not in _SUPPORTED_LAYER_TYPES})
-        if bad:
-            raise KVCacheError(f"TieredCache: {type(cfg).__name__} has layer types {bad}; only "
-                               f"{list(_SUPPORTED_LAYER_TYPES)} are supported (sliding layers keep their full KV)")
-    return layers, kv_heads, head_dim
+    """(layers holding KV, kv_heads, head_dim) of a decoder config."""
+    plan = _plan(config)
+    return len(plan.rows), plan.kv_heads, plan.head_dim
+
+
+def _plan(config) -> LayerPlan:
+    try:
+        return plan_layers(config)
+    except ValueError as e:
+        raise KVCacheError(str(e)) from e
 
 
 def _release_lease(f) -> None:
@@ -100,16 +113,23 @@ def _release_lease(f) -> None:
 
 
 class TieredLayer(CacheLayerMixin):
-    """One layer's view of a :class:`TieredCache`: its tail of tokens since the last commit."""
+    """One KV-holding layer's view of a :class:`TieredCache`: its tail of tokens since the last commit.
+
+    ``window``: the sliding window of a sliding-attention layer (None: full attention).
+    Such a layer's tokens are still kept in the blocks (a stored prefix needs every
+    layer), but attention is handed exactly what ``DynamicSlidingWindowLayer`` hands
+    it: the last ``window - 1`` cached tokens and the new ones, with the same mask sizes.
+    """
 
     is_compileable = False
-    is_croppable = False
-    is_sliding = False
+    is_croppable = True
 
-    def __init__(self, cache: "TieredCache", index: int) -> None:
+    def __init__(self, cache: "TieredCache", index: int, window: int | None = None) -> None:
         super().__init__()
         self._cache = cache
-        self.index = index
+        self.index = index  # row in a block (KV-shared layers have none)
+        self.window = window
+        self.is_sliding = window is not None
         self.tail_k: torch.Tensor | None = None
         self.tail_v: torch.Tensor | None = None
         self.staged = 0  # full blocks of this step's tokens moved to host buffers (committed at the last layer)
@@ -129,29 +149,27 @@ class TieredLayer(CacheLayerMixin):
         return self._cache._update(self.index, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        seen = self.get_seq_length()
+        if self.window is None:
+            return seen + query_length, 0
+        # DynamicSlidingWindowLayer's sizes: the last window - 1 cached tokens are visible
+        return min(seen, self.window - 1) + query_length, max(seen - self.window + 1, 0)
 
     def get_seq_length(self) -> int:
         return self._cache._committed + self.staged * self._cache.block_size + self.tail_len
 
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.window is None else self.window
 
     def reset(self) -> None:
         self.tail_k = self.tail_v = None
         self.staged = 0
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("TieredCache does not support crop (assisted decoding)")
+    def _whole_cache_only(self, *_args, **_kwargs) -> None:
+        raise KVCacheError("TieredCache: crop, reorder_cache and the batch operations apply to all layers "
+                           "at once; call them on the TieredCache, not on one of its layers")
 
-    def reorder_cache(self, beam_idx) -> None:
-        raise NotImplementedError("TieredCache does not support beam search")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("TieredCache does not support changing the batch")
-
-    def batch_select_indices(self, indices) -> None:
-        raise NotImplementedError("TieredCache does not support changing the batch")
+    crop = reorder_cache = batch_repeat_interleave = batch_select_indices = _whole_cache_only
 
 
 class TieredCache(Cache):
@@ -166,13 +184,23 @@ class TieredCache(Cache):
     same cores, measured faster in the compute thread on 2 cores; the store reads
     of the next layer are still issued ahead, while this layer computes).
     ``read_window``: store blocks read ahead while gathering a layer.
+    ``model``: the model whose forwards feed this cache; while the cache is open, the
+    input ids of its forwards are recorded, so that a computed block is saved as a
+    prefix only under the hash of the tokens it holds. Without it (or once a step's
+    ids are not known) computed blocks are not saved; stored prefixes still load.
     """
 
     def __init__(self, config, kv: KVStore | None = None, *, block_size: int | None = None,
                  device_budget: int | str | None = None, lookahead: int | str = "auto", read_window: int = 8,
-                 device_policy: str = "lru", io_timeout: float = 120.0) -> None:
-        self.num_layers, self.kv_heads, self.head_dim = kv_geometry(config)
-        super().__init__(layers=[TieredLayer(self, i) for i in range(self.num_layers)])
+                 device_policy: str = "lru", io_timeout: float = 120.0, model: torch.nn.Module | None = None) -> None:
+        plan = _plan(config)
+        self._settings = dict(config=config, kv=kv, block_size=block_size, device_budget=device_budget,
+                              lookahead=lookahead, read_window=read_window, device_policy=device_policy,
+                              io_timeout=io_timeout, model=model)
+        self.num_layers, self.kv_heads, self.head_dim = len(plan.rows), plan.kv_heads, plan.head_dim
+        self._tlayers = [TieredLayer(self, row, plan.windows[i]) for row, i in enumerate(plan.rows)]
+        it = iter(self._tlayers)
+        super().__init__(layers=[DummyLayer() if t == "dummy" else next(it) for t in plan.types])
         self.kv = kv
         self.block_size = block_size or (kv.block_size if kv is not None else 256)
         self._parts = kv.parts(self.num_layers) if kv is not None else [(0, self.num_layers)]
@@ -193,6 +221,8 @@ class TieredCache(Cache):
         self.read_window = max(1, read_window)
         self.io_timeout = io_timeout
         self._device_policy_name = device_policy
+        self._model = model
+        self._tokens = TokenLog()
         self._session = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"  # the pid lets KVStore sweep dead sessions
         self._executor: ThreadPoolExecutor | None = None
         self._opened = False
@@ -212,8 +242,9 @@ class TieredCache(Cache):
         self._host_blocks: dict[int, torch.Tensor] = {}  # prefill: block index -> [L, 2, B, H, bs, D] on the host
         self._step_leases: dict = {}  # (block index, part) -> Lease pinned for this step's layers
         self._step_pinned = 0
-        self._hashes: list[str] = []  # chained hashes of the known prompt's full blocks
-        for layer in self.layers:
+        self._hashes: list[str] = []  # chained hashes of the declared prompt's full blocks
+        self._tokens.reset()
+        for layer in self._tlayers:
             layer.reset()
             layer.is_initialized = False
         self.counters = {"gather_wait_s": 0.0, "gathers": 0, "gathers_prefetched": 0, "spilled_blocks": 0,
@@ -225,6 +256,8 @@ class TieredCache(Cache):
         if not self._opened:
             if self.lookahead:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiered-kv-gather")
+            if self._model is not None:
+                self._tokens.watch(self._model, self)
             self._opened = True
         return self
 
@@ -238,6 +271,7 @@ class TieredCache(Cache):
         try:
             self._drop_all()
         finally:
+            self._tokens.unwatch()
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
@@ -252,6 +286,31 @@ class TieredCache(Cache):
     def reset(self) -> None:
         """Forget every token (a new request); the thread keeps running."""
         self._drop_all()
+
+    # -- edits transformers makes between steps (see tiered.kv.edit) ----------------------------
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (assisted and prompt-lookup decoding)."""
+        edit.crop(self, tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row i becomes row ``beam_idx[i]``."""
+        edit.select_rows(self, edit.row_index(self._batch(), beam_idx))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        edit.select_rows(self, edit.row_index(self._batch(), indices))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        edit.select_rows(self, torch.arange(self._batch()).repeat_interleave(repeats))
+
+    def __deepcopy__(self, memo: dict) -> "TieredCache":
+        """A cache of its own (same settings, KVStore and model) holding the same tokens; open if this one is."""
+        return edit.copy_cache(self)
+
+    def _clone_empty(self) -> "TieredCache":
+        return TieredCache(**self._settings)
+
+    def _batch(self) -> int:
+        return self._geometry[0] if self._geometry is not None else 0
 
     def _drop_all(self) -> None:
         errors = []
@@ -321,13 +380,13 @@ class TieredCache(Cache):
         blocks = sum(b.nbytes for b in self._blocks)
         staging = sum(t.numel() * t.element_size() for s in self._slots for t in s if t is not None)
         tails = sum(2 * (layer.tail_k.numel() * layer.tail_k.element_size())
-                    for layer in self.layers if layer.tail_k is not None)
+                    for layer in self._tlayers if layer.tail_k is not None)
         return {"blocks": blocks, "staging": staging, "tails": tails, "total": blocks + staging + tails}
 
     def _enforce_budget(self) -> None:
         """After a step's last layer (no gather in flight): size the staging slots for the next
         decode step, then spill blocks until everything fits the budget."""
-        nxt = self._committed + self.layers[0].tail_len + 1
+        nxt = self._committed + self._tlayers[0].tail_len + 1
         for slot in range(len(self._slots)):
             self._views(slot, nxt)  # grows (by a block of headroom) only when needed
         used = self.device_bytes()
@@ -363,8 +422,14 @@ class TieredCache(Cache):
     # -- the update path -------------------------------------------------------------------
     def _update(self, l: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_open()
-        layer = self.layers[l]
+        layer = self._tlayers[l]
         n_new = k.shape[-2]
+        if k.shape[0] != self._geometry[0]:
+            raise KVCacheError(f"TieredCache: K/V for {k.shape[0]} rows, the cache holds {self._geometry[0]}; "
+                               "to continue a cache with more rows (num_return_sequences), call "
+                               "cache.batch_repeat_interleave(n) first")
+        if l == 0:
+            self._tokens.step(n_new, k.shape[0])
         t = layer.tail_len
         total = self._committed + t + n_new
         slot = self._take_gather(l, total)
@@ -372,6 +437,11 @@ class TieredCache(Cache):
         start = self._committed + t
         kk[:, :, start:].copy_(k)
         vv[:, :, start:].copy_(v)
+        if layer.window is not None:  # what DynamicSlidingWindowLayer returns, in tensors of its own
+            keep = min(start, layer.window - 1)
+            kk, vv = kk[:, :, start - keep:].clone(), vv[:, :, start - keep:].clone()
+        else:  # handed to the caller, who may keep it (KV sharing): the next gather gets a new slot
+            self._slots[slot] = [None, None]
         if layer.tail_k is None:
             layer.tail_k, layer.tail_v = k, v
         else:
@@ -474,7 +544,7 @@ class TieredCache(Cache):
         while len(self._pending) < self.lookahead and nxt < self.num_layers:
             if nxt not in queued:
                 slot = (self._turn + len(self._pending)) % len(self._slots)
-                tokens = self._committed + self.layers[nxt].tail_len + n_new
+                tokens = self._committed + self._tlayers[nxt].tail_len + n_new
                 # the slot is sized here, on the compute thread, before the event: memory the
                 # allocator hands out later could still be used by compute kernels queued after it
                 self._views(slot, tokens)
@@ -526,7 +596,8 @@ class TieredCache(Cache):
         lo_p, hi_p = self._parts[part]
         at = l - lo_p
         keep = hi_p - lo_p > 1 and l < hi_p - 1  # later layers of this part still need it this step
-        blocks = list(self._blocks)
+        first = self._first_visible_block(self._tlayers[l])
+        blocks = self._blocks[first:]
         remote = [b for b in blocks if b.data is None and (b.index, part) not in self._step_leases]
         futs: dict[int, Future] = {}
         issued = 0
@@ -536,7 +607,7 @@ class TieredCache(Cache):
         run_v: list[torch.Tensor] = []
         run_pair: list[torch.Tensor | None] = []  # a host block's [2, B, H, n, D] (K and V together), or None
         in_staging = 0  # host blocks of the current run (they land in the staging buffer)
-        run_lo = 0
+        run_lo = first * bs  # a sliding layer's slot holds nothing before its window
 
         def issue() -> None:
             nonlocal issued
@@ -612,7 +683,7 @@ class TieredCache(Cache):
                     flush((b.index + 1) * bs)
                     in_staging = 0
                 issue()
-            layer = self.layers[l]
+            layer = self._tlayers[l]
             if layer.tail_k is not None:
                 run_k.append(layer.tail_k)
                 run_v.append(layer.tail_v)
@@ -626,6 +697,13 @@ class TieredCache(Cache):
             if l == hi_p - 1:  # the part's last layer: its step pins are done
                 self._release_step_leases(part)
             self._staging = None  # transient: held only while a gather runs
+
+    def _first_visible_block(self, layer: TieredLayer) -> int:
+        """The first block this step's attention of ``layer`` sees: 0, or for a sliding layer the
+        block holding the oldest of its last ``window - 1`` tokens (its tail is not yet updated)."""
+        if layer.window is None:
+            return 0
+        return max(0, self._committed + layer.tail_len - (layer.window - 1)) // self.block_size
 
     def _staging_for(self, pairs: list[torch.Tensor], device) -> torch.Tensor:
         """A device buffer for ``pairs`` ([2, B, H, <= block, D] each): at most ``read_window``
@@ -653,12 +731,12 @@ class TieredCache(Cache):
         """After the last layer: turn every full block of the tails into an all-layer block."""
         self._release_step_leases()  # normally none left: every part's last layer released its own
         bs = self.block_size
-        got = [layer.staged * bs + layer.tail_len for layer in self.layers]
-        if any(n != got[0] for n in got) or any(layer.staged != self.layers[0].staged for layer in self.layers):
+        got = [layer.staged * bs + layer.tail_len for layer in self._tlayers]
+        if any(n != got[0] for n in got) or any(layer.staged != self._tlayers[0].staged for layer in self._tlayers):
             raise KVCacheError("TieredCache: layers received different numbers of tokens in one step "
                                f"({got})")
-        self._commit_host_blocks(self.layers[0].staged)
-        tail = self.layers[0].tail_len
+        self._commit_host_blocks(self._tlayers[0].staged)
+        tail = self._tlayers[0].tail_len
         full = tail // bs
         if not full:
             return
@@ -666,14 +744,14 @@ class TieredCache(Cache):
         for j in range(full):
             index = len(self._blocks)
             data = torch.empty((self.num_layers, 2, b, self.kv_heads, bs, self.head_dim), dtype=dtype, device=device)
-            for l, layer in enumerate(self.layers):
+            for l, layer in enumerate(self._tlayers):
                 data[l, 0].copy_(layer.tail_k[:, :, j * bs:(j + 1) * bs])
                 data[l, 1].copy_(layer.tail_v[:, :, j * bs:(j + 1) * bs])
             blk = _Block(index, data)
             self._save_prefix(blk)
             self._blocks.append(blk)
             self._device_policy.admit(Observation(f"b{index}", blk.nbytes, "kv", "write", "device"))
-        for layer in self.layers:
+        for layer in self._tlayers:
             rest = tail - full * bs
             if rest:
                 layer.tail_k = layer.tail_k[:, :, full * bs:].clone()
@@ -683,9 +761,13 @@ class TieredCache(Cache):
         self._committed += full * bs
 
     def _save_prefix(self, blk: _Block) -> None:
-        """A full block of the known prompt is saved as its prefix (held before the save: the
-        save's room-making must not evict a sibling part)."""
+        """A full block of the declared prompt is saved as its prefix if the tokens it holds are
+        known to be the prompt's (held before the save: the save's room-making must not evict a
+        sibling part). Once the cache's tokens leave the prompt, nothing more is saved under it."""
         if blk.index >= len(self._hashes) or self._geometry[0] != 1:
+            return
+        if self._tokens.block(blk.index, self.block_size, self.kv.identity) != self._hashes[blk.index]:
+            del self._hashes[blk.index:]
             return
         blk.keys = [self.kv.block_key(self._hashes[blk.index], p) for p in self._parts]
         for key in blk.keys:
@@ -703,7 +785,7 @@ class TieredCache(Cache):
             self._save_prefix(blk)
             self._spill(blk)  # readable from the store by the next step's gathers
             self._blocks.append(blk)
-        for layer in self.layers:
+        for layer in self._tlayers:
             layer.staged = 0
         self._committed += count * self.block_size
 
@@ -720,7 +802,7 @@ class TieredCache(Cache):
         self._check_open()
         if self.kv is None or self.kv.identity is None:
             raise KVCacheError("load_prefix needs a KVStore with a model identity")
-        if self._committed or any(layer.tail_len for layer in self.layers):
+        if self._committed or any(layer.tail_len for layer in self._tlayers):
             raise KVCacheError("load_prefix: the cache already holds tokens; call reset() first")
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise KVCacheError(f"load_prefix: expected input_ids of shape (1, n), got {tuple(input_ids.shape)}")
@@ -776,6 +858,10 @@ class TieredCache(Cache):
                 f.add_done_callback(_release_lease)
         self._blocks = loaded
         self._committed = len(loaded) * self.block_size
+        self._tokens.start(ids[:self._committed])
+        if self._model is None and len(self._hashes) > len(loaded):
+            log.warning("TieredCache.load_prefix: no model= to watch, so the cache cannot know which tokens "
+                        "it computes; the prompt's computed blocks will not be saved")
         self.counters["prefix_tokens_loaded"] += self._committed
         with self.kv._lock:
             self.kv.stats["hit_blocks"] += len(loaded)

@@ -100,13 +100,18 @@ def chain_hashes(token_ids: Sequence[int] | torch.Tensor, block_size: int, ident
         ids = torch.tensor(list(token_ids), dtype=torch.int64)
     out, parent = [], identity
     for b in range(ids.numel() // block_size):
-        h = hashlib.blake2b(digest_size=16)
-        h.update(parent.encode())
-        h.update(identity.encode())
-        h.update(ids[b * block_size:(b + 1) * block_size].numpy().tobytes())
-        parent = h.hexdigest()
+        parent = block_hash(parent, identity, ids[b * block_size:(b + 1) * block_size])
         out.append(parent)
     return out
+
+
+def block_hash(parent: str, identity: str, block_ids: torch.Tensor) -> str:
+    """The chained hash of one block: its parent's hash (``identity`` for the first), the model, its ids."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(parent.encode())
+    h.update(identity.encode())
+    h.update(block_ids.to(torch.int64).cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 class KVStore:

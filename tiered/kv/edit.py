@@ -1,0 +1,155 @@
+"""Edits of a filled TieredCache that generation strategies make between steps.
+
+* ``crop`` -- assisted and prompt-lookup decoding drop the rejected draft tokens;
+* ``reorder_cache`` / ``batch_select_indices`` / ``batch_repeat_interleave`` -- beam search
+  and batch expansion pick or repeat rows of the batch;
+* ``copy_cache`` -- ``copy.deepcopy`` of a filled cache (a prompt cache reused per request).
+
+Each works block by block: a block is read (from the device, or from the store when
+spilled), edited, and put back as it was (resident, or spilled again), so the device
+budget holds while it runs. Edited blocks hold other K/V than a stored prefix
+block: they become this cache's session blocks, and the prefix blocks are let go.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from policies import Observation
+
+
+def quiesce(cache) -> None:
+    """Wait for gathers and prefix saves in flight: blocks and slots may change next."""
+    for _l, _t, _s, fut in cache._pending:
+        fut.result(timeout=cache.io_timeout)
+    cache._pending.clear()
+    if cache._gather_stream is not None:
+        cache._gather_stream.synchronize()
+    cache._release_step_leases()
+    for blk in cache._blocks:
+        for f in blk.saving or ():
+            f.result(timeout=cache.io_timeout)
+        blk.saving = None
+    cache._slots = [[None, None] for _ in cache._slots]  # sized again for the next step
+    cache._staging = None
+
+
+def block_data(cache, blk) -> torch.Tensor:
+    """A block's [L, 2, B, H, bs, D] on the compute device (its device copy, or read from the store)."""
+    if blk.data is not None:
+        return blk.data
+    device = cache._geometry[2]
+    parts = [cache.kv.store.get(key).result(timeout=cache.io_timeout) for key in blk.keys]
+    return torch.cat(parts).to(device)
+
+
+def release(cache, blk) -> None:
+    """Let go of a block's stored copy (a prefix is unheld, a session block deleted) and its device copy."""
+    for key in blk.keys or ():
+        if blk.prefix:
+            cache.kv.unhold(key)
+        elif key in cache.kv.store:
+            cache.kv.store.delete(key)
+    blk.keys, blk.prefix, blk.saving = None, False, None
+    if blk.data is not None:
+        cache._device_policy.remove(f"b{blk.index}")
+        blk.data = None
+
+
+def replace(cache, blk, data: torch.Tensor, resident: bool) -> None:
+    """Give a block new contents, resident on the device or spilled to the store."""
+    release(cache, blk)
+    blk.data = data
+    if resident or cache.kv is None:
+        cache._device_policy.admit(Observation(f"b{blk.index}", blk.nbytes, "kv", "write", "device"))
+    else:
+        cache._spill(blk)
+
+
+def select_rows(cache, index: torch.Tensor) -> None:
+    """Keep batch rows ``index`` (in that order, repeats allowed): beam reorder, select, repeat."""
+    quiesce(cache)
+    if cache._geometry is None:
+        return
+    batch, dtype, device = cache._geometry
+    keeps_tokens = batch == 1 and index.tolist() == [0]
+    for blk in cache._blocks:
+        resident = blk.data is not None
+        replace(cache, blk, block_data(cache, blk).index_select(2, index.to(device)), resident)
+    for layer in cache._tlayers:
+        if layer.tail_k is not None:
+            layer.tail_k = layer.tail_k.index_select(0, index.to(layer.tail_k.device))
+            layer.tail_v = layer.tail_v.index_select(0, index.to(layer.tail_v.device))
+    cache._geometry = (index.numel(), dtype, device)
+    if not keeps_tokens:
+        cache._tokens.forget()
+    cache._enforce_budget()
+
+
+def row_index(batch: int, indices) -> torch.Tensor:
+    """``indices`` as transformers' layers apply them (``keys[indices, ...]``): a long index vector."""
+    return torch.arange(batch)[torch.as_tensor(indices).cpu()].reshape(-1)
+
+
+def crop(cache, tokens_to_remove: int) -> None:
+    """Drop the last ``-tokens_to_remove`` tokens (transformers' convention: a negative count)."""
+    if tokens_to_remove > 0:
+        raise ValueError(f"TieredCache.crop({tokens_to_remove}): pass a negative number of tokens to remove")
+    if tokens_to_remove == 0 or cache._geometry is None:
+        return
+    quiesce(cache)
+    bs = cache.block_size
+    keep = max(0, cache.get_seq_length() - abs(tokens_to_remove))
+    if keep >= cache._committed:
+        for layer in cache._tlayers:
+            cut = keep - cache._committed
+            layer.tail_k, layer.tail_v = (layer.tail_k[:, :, :cut].clone(), layer.tail_v[:, :, :cut].clone()) \
+                if cut else (None, None)
+    else:
+        first, rest = divmod(keep, bs)
+        partial = block_data(cache, cache._blocks[first]) if rest else None
+        for blk in cache._blocks[first:]:
+            release(cache, blk)
+        del cache._blocks[first:]
+        for layer in cache._tlayers:
+            layer.tail_k = layer.tail_v = None
+            if partial is not None:
+                layer.tail_k = partial[layer.index, 0, :, :, :rest].clone()
+                layer.tail_v = partial[layer.index, 1, :, :, :rest].clone()
+        cache._committed = first * bs
+    cache._tokens.crop(keep, bs)
+    cache._enforce_budget()
+
+
+def copy_cache(src):
+    """A new open cache (same settings, same KVStore and model) holding a copy of ``src``'s tokens."""
+    quiesce(src)
+    dst = src._clone_empty()
+    if src._opened:
+        dst.open()
+    dst._geometry = src._geometry
+    if src._compute_stream is not None:  # CUDA: same compute stream, a gather stream of its own
+        dst._compute_stream = src._compute_stream
+        dst._gather_stream = torch.cuda.Stream(src._geometry[2])
+    for blk in src._blocks:
+        new = type(blk)(blk.index)
+        if blk.prefix:  # a stored prefix block: shared, held by both
+            new.keys, new.prefix = list(blk.keys), True
+            for key in new.keys:
+                dst.kv.hold(key)
+            if blk.data is not None:
+                new.data = blk.data.clone()
+                dst._device_policy.admit(Observation(f"b{new.index}", new.nbytes, "kv", "write", "device"))
+        else:
+            replace(dst, new, block_data(src, blk).clone(), resident=blk.data is not None)
+        dst._blocks.append(new)
+    for a, b in zip(src._tlayers, dst._tlayers):
+        b.tail_k = None if a.tail_k is None else a.tail_k.clone()
+        b.tail_v = None if a.tail_v is None else a.tail_v.clone()
+        b.is_initialized, b.device = a.is_initialized, getattr(a, "device", None)
+    dst._committed = src._committed
+    dst._hashes = list(src._hashes)
+    dst._tokens.copy_from(src._tokens)
+    if dst._geometry is not None:
+        dst._enforce_budget()
+    return dst
