@@ -6,11 +6,12 @@ from .core import TieredStore
 from .errors import ChecksumError, HostBudgetError, StoreError
 from .extents import punch_hole
 from .leases import ExtentLease, Lease
-from .objects import DATA_FILE, FORMAT, FORMAT_VERSION, LOCK_FILE, MANIFEST, check_key
+from .owners import Reservation
+from .objects import DEFAULT_OWNER, DATA_FILE, FORMAT, FORMAT_VERSION, LOCK_FILE, MANIFEST, check_key
 
 __all__ = [
-    "DATA_FILE", "FORMAT", "FORMAT_VERSION", "LOCK_FILE", "MANIFEST", "SEGMENT", "ChecksumError", "ExtentLease",
-    "HostBudgetError", "Lease", "StoreError", "TieredStore", "check_key", "punch_hole", "segment_checksums",
+    "DATA_FILE", "DEFAULT_OWNER", "FORMAT", "FORMAT_VERSION", "LOCK_FILE", "MANIFEST", "SEGMENT", "ChecksumError", "ExtentLease",
+    "HostBudgetError", "Lease", "Reservation", "StoreError", "TieredStore", "check_key", "punch_hole", "segment_checksums",
 ]
 
 from ..dtypes import dtype_name as _dtype_name  # noqa: E402  (older private spellings)

@@ -50,7 +50,9 @@ from . import check as store_check, registry as store_registry
 from .errors import StoreError
 from .objects import LOCK_FILE, Extent, ObjectMeta, StoreCounters
 from .extents import _StorageTier
+from .device import _DeviceTier
 from .host import _HostTier
+from .owners import _Owners
 from .manifest import _Manifest
 from .reads import _Reads
 from .retention import _Retention
@@ -59,7 +61,7 @@ from .writes import _Writes
 log = logging.getLogger("tiered.store")
 
 
-class TieredStore(_HostTier, _Writes, _Reads, _Manifest, _Retention):
+class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Manifest, _Retention):
     """See the module docstring."""
 
     def __init__(
@@ -86,6 +88,8 @@ class TieredStore(_HostTier, _Writes, _Reads, _Manifest, _Retention):
         self._tier_order = [t.name for t in self.config.storage_tiers]
         self.placement = FirstFit()
         self.arena: HostArena | None = None
+        self._device_tier = next(iter(self.config.device_tiers), None)
+        self._device_region = None  # the GPU tier's DeviceArena, reserved on first use
         self.engine: IOEngine | None = None
         self._lock_fd: int | None = None
         self._opened = False
@@ -108,6 +112,7 @@ class TieredStore(_HostTier, _Writes, _Reads, _Manifest, _Retention):
         self.recovered: dict = {}  # what open() cleaned up after a crash (see check())
         self.counters = StoreCounters()
         self.host_policy = create_eviction_policy(self.config.policy.placement)
+        self._init_owners()
 
     # -- lifecycle -----------------------------------------------------------------
     @property
@@ -209,6 +214,9 @@ class TieredStore(_HostTier, _Writes, _Reads, _Manifest, _Retention):
         if self.arena is not None:
             self.arena.close()
             self.arena = None
+        if self._device_region is not None:
+            self._device_region.close()
+            self._device_region = None
         if self._lock_fd is not None:
             store_registry.unlock_directory(self, self._lock_fd)
             self._lock_fd = None
@@ -271,8 +279,9 @@ class TieredStore(_HostTier, _Writes, _Reads, _Manifest, _Retention):
                     if not current:
                         out.set_result({"key": key, "superseded": True})
                         return
-                    kind, ephemeral = meta.kind, meta.ephemeral
-                inner = self._put(key, lease.tensor, kind, tier, relocate=lease._version, ephemeral=ephemeral)
+                    kind, ephemeral, owner = meta.kind, meta.ephemeral, meta.owner
+                inner = self._put(key, lease.tensor, kind, tier, relocate=lease._version, ephemeral=ephemeral,
+                                  owner=owner)
             except BaseException as e:  # noqa: BLE001
                 out.set_exception(e)
                 return
@@ -352,8 +361,13 @@ class TieredStore(_HostTier, _Writes, _Reads, _Manifest, _Retention):
                 "objects": sum(1 for m in self._objects.values() if m.host is not None and m.host.ready),
             }
             c = self.counters
+            d = self._device_region.stats() if self._device_region is not None else None
+            device = {} if self._device_tier is None else {self._device_tier.name: {
+                "kind": "device", "device": self._device_tier.device, "capacity": self._device_tier.capacity,
+                "used": d.in_use if d else 0, "peak": d.peak if d else 0, "reserved_region": d is not None}}
             return {
-                "tiers": {"host": host, **tiers},
+                "tiers": {**device, "host": host, **tiers},
+                "owners": self.owners() if self._opened else {},
                 "external_bytes_read": c.bytes_read.get("external", 0),
                 "hits": c.hits, "misses": c.misses, "puts": c.puts, "evictions": c.evictions,
                 "commits": c.commits, "objects": len(self._objects),

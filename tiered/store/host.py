@@ -7,7 +7,7 @@ import time
 from allocators import HostBuffer, OutOfBudget, align_up
 
 from .errors import StoreError
-from .objects import HostCopy, ObjectMeta
+from .objects import DEFAULT_OWNER, HostCopy, ObjectMeta
 
 
 class _HostTier:
@@ -18,9 +18,11 @@ class _HostTier:
         m = self._objects.get(key)
         return m is not None and m.host is not None and m.host.ready and m.host.pins == 0
 
-    def _alloc_host(self, nbytes: int, wait: float | None = None) -> HostBuffer:
-        """A host buffer, evicting unpinned cached copies (policy's choice) to make room,
-        then waiting up to ``wait`` (default ``host_wait``) seconds for pins to go."""
+    def _alloc_host(self, nbytes: int, wait: float | None = None, owner: str = DEFAULT_OWNER) -> HostBuffer:
+        """A host buffer charged to ``owner``: evicting unpinned cached copies (policy's choice)
+        to make room, then asking other owners holding memory they can give back (their
+        reservations' ``on_pressure``), then waiting up to ``wait`` (default ``host_wait``)
+        seconds for pins to go."""
         size = align_up(max(nbytes, 1))
         if size > self.arena.capacity:
             raise OutOfBudget(f"host tier: {nbytes} bytes requested but its budget is {self.arena.capacity} bytes")
@@ -30,7 +32,7 @@ class _HostTier:
             evicted = []
             seen = self.arena.changes  # read before trying: a change after it ends the wait below
             with self._lock:
-                buf = self.arena.try_alloc(nbytes)
+                buf = self.arena.try_alloc(nbytes, owner=owner)
                 while buf is None:
                     victims = self.host_policy.victims(size, self._evictable)
                     if not victims:
@@ -40,17 +42,20 @@ class _HostTier:
                         self._drop_host(meta)
                         self.counters.evictions += 1
                         evicted.append(meta)
-                    buf = self.arena.try_alloc(nbytes)
+                    buf = self.arena.try_alloc(nbytes, owner=owner)
             for meta in evicted:
                 self._emit(meta.key, meta.nbytes, "evict", meta.kind, "host")
             if buf is not None:
                 return buf
+            if self._relieve("host", size, owner):
+                continue  # another owner gave memory back: try again at once
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 st = self.arena.stats()
                 raise OutOfBudget(
-                    f"host tier: no room for {nbytes} bytes within {wait} s "
-                    f"({st.in_use} of {st.capacity} bytes held by pinned or loading objects)"
+                    f"host tier: no room for {nbytes} bytes for owner {owner!r} within {wait} s "
+                    f"({st.in_use} of {st.capacity} bytes held by pinned or loading objects; "
+                    f"{self._describe_owners('host')})"
                 )
             # wait for a buffer to be freed or a cached copy to become evictable (unpinned, or a
             # put's copy installed), then retry with eviction
@@ -96,11 +101,13 @@ class _HostTier:
             self._maybe_free(copy)
         self._notify_host()  # it may be evictable now
 
-    def alloc_host(self, nbytes: int, wait: float | None = None) -> HostBuffer:
-        """A buffer of the host tier for :meth:`put_buffer` (evicting cached copies for room,
-        waiting up to ``wait`` seconds); the caller releases it unless it gives it to a put."""
+    def alloc_host(self, nbytes: int, wait: float | None = None, *, owner: str = DEFAULT_OWNER) -> HostBuffer:
+        """A buffer of the host tier charged to ``owner``, for :meth:`put_buffer` or the owner's
+        own use (evicting cached copies for room, waiting up to ``wait`` seconds); the caller
+        releases it unless it gives it to a put. Owners with a :meth:`reserve`\ d share allocate
+        through their :class:`Reservation` instead."""
         self._check_open()
-        return self._alloc_host(nbytes, wait)
+        return self._alloc_host(nbytes, wait, owner)
 
     # -- eviction, migration, deletion ---------------------------------------------
     def trim(self) -> int:

@@ -53,7 +53,7 @@ class Lease:
         buf = self._store._detach_copy(self.key, self._copy, self.tensor.numel() * self.tensor.element_size())
         if buf is None:
             src = self.tensor.reshape(-1).view(torch.uint8).numpy()
-            buf = self._store._alloc_host(len(src))
+            buf = self._store._alloc_host(len(src), owner=self._copy.buffer.owner)
             buf.array[:] = src
             self.release()
             return buf

@@ -14,7 +14,7 @@ from ..atomic import write_json_atomic
 from ..dtypes import dtype_from, dtype_name
 from . import check as store_check
 from .errors import StoreError
-from .objects import FORMAT, FORMAT_VERSION, MANIFEST, Extent, ObjectMeta
+from .objects import DEFAULT_OWNER, Extent, FORMAT, FORMAT_VERSION, MANIFEST, ObjectMeta
 from .extents import punch_hole
 
 log = logging.getLogger("tiered.store")
@@ -42,7 +42,8 @@ class _Manifest:
                 tier_name, offset, nbytes = o["tier"], int(o["offset"]), int(o["nbytes"])
                 meta = ObjectMeta(key, str(o["kind"]), dtype_from(o["dtype"]), tuple(int(d) for d in o["shape"]),
                                   nbytes, int(o["version"]), [int(c) for c in o["crc32"]],
-                                  Extent(tier_name, offset, align_up(max(nbytes, 1))))
+                                  Extent(tier_name, offset, align_up(max(nbytes, 1))),
+                                  owner=str(o.get("owner", DEFAULT_OWNER)))
             except (KeyError, TypeError, ValueError) as e:
                 raise StoreError(f"{path}: object {key!r} has a malformed entry ({e!r}): {o!r}") from e
             if o.get("ephemeral"):  # scratch of a process that crashed: delete it
@@ -55,7 +56,7 @@ class _Manifest:
                     f"({self.config.source}) does not define; known: {', '.join(self._tier_order)}"
                 )
             try:
-                tier.space.mark_used(meta.extent.offset, meta.extent.length)
+                tier.mark_used(meta.extent.offset, meta.extent.length, meta.owner)
             except RuntimeError as e:
                 raise StoreError(f"{path}: object {key!r}: extent {offset}+{meta.extent.length} on tier "
                                  f"{tier_name!r} does not fit the tier's capacity or overlaps another") from e
@@ -94,7 +95,7 @@ class _Manifest:
                 if ext is None:  # a superseded or deleted version: still reserved until released
                     ext = Extent(tier_name, offset, align_up(max(nbytes, 1)), retired_gen=0)
                     try:
-                        tier.space.mark_used(offset, ext.length)
+                        tier.mark_used(offset, ext.length, str(r.get("owner", DEFAULT_OWNER)))
                     except RuntimeError as e:
                         raise StoreError(f"{path}: tag {tag!r}: retained extent {offset}+{ext.length} on tier "
                                          f"{tier_name!r} overlaps another or exceeds the capacity") from e
@@ -110,7 +111,8 @@ class _Manifest:
             "objects": {
                 k: {"kind": m.kind, "dtype": dtype_name(m.dtype), "shape": list(m.shape),
                     "nbytes": m.nbytes, "version": m.version, "crc32": m.crc32,
-                    "tier": m.extent.tier, "offset": m.extent.offset, **({"ephemeral": True} if m.ephemeral else {})}
+                    "tier": m.extent.tier, "offset": m.extent.offset, **({"ephemeral": True} if m.ephemeral else {}),
+                    **({"owner": m.owner} if m.owner != DEFAULT_OWNER else {})}
                 for k, m in self._objects.items() if not m.extent.external
             },
             **({"retained": {tag: [rec for rec, _e in recs] for tag, recs in self._retained.items()}}

@@ -20,6 +20,8 @@ DATA_FILE = "objects.dat"
 LOCK_FILE = ".lock"
 FORMAT = "tiered-store"
 FORMAT_VERSION = 2  # 2: per-segment crc32 lists
+#: who a buffer or an object is charged to when a call names no owner
+DEFAULT_OWNER = "default"
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.:@+=-][A-Za-z0-9_.:@+=/-]*$")
 
 
@@ -84,13 +86,14 @@ class ObjectMeta:
     extent: Extent
     host: HostCopy | None = None
     ephemeral: bool = False  # deleted when the store closes, or by the next open after a crash
+    owner: str = DEFAULT_OWNER  # the workload whose storage share holds it
 
     def describe(self) -> dict:
         return {
             "key": self.key, "kind": self.kind, "dtype": dtype_name(self.dtype),
             "shape": list(self.shape), "nbytes": self.nbytes, "version": self.version,
             "tier": self.extent.tier, "offset": self.extent.offset,
-            "in_host": bool(self.host and self.host.ready), "ephemeral": self.ephemeral,
+            "in_host": bool(self.host and self.host.ready), "ephemeral": self.ephemeral, "owner": self.owner,
         }
 
 
@@ -115,6 +118,7 @@ class _PendingPut:
     give: bool = False  # the buffer is the store's: cache or release it
     cache: bool = True
     crc: list[int] | None = None  # computed while streaming; else from ``buf``
+    owner: str = DEFAULT_OWNER
 
 
 @dataclass

@@ -14,7 +14,7 @@ from policies import Observation
 from ..checksums import SEGMENT, crc32, segments
 from . import stream as store_stream
 from .errors import ChecksumError, HostBudgetError, StoreError
-from .objects import Extent, HostCopy, ObjectMeta, check_key
+from .objects import DEFAULT_OWNER, Extent, HostCopy, ObjectMeta, check_key
 from .extents import file_identity
 from .leases import ExtentLease, Lease, _LoadFuture
 
@@ -23,7 +23,8 @@ class _Reads:
     """Part of :class:`~tiered.store.TieredStore` (see its docstring)."""
 
     # -- reads ---------------------------------------------------------------------
-    def acquire(self, key: str, *, priority: Priority = Priority.DEMAND, wait: float | None = None) -> IOFuture:
+    def acquire(self, key: str, *, priority: Priority = Priority.DEMAND, wait: float | None = None,
+                owner: str = DEFAULT_OWNER) -> IOFuture:
         """A future of a :class:`Lease`: the object's host copy, pinned, zero-copy.
 
         Raises KeyError at once for a key the store does not hold, and HostBudgetError
@@ -32,7 +33,7 @@ class _Reads:
         at once when the object is larger than the host tier.
         """
         self._check_open()
-        copy, load, meta = self._pin_host_copy(key, priority, wait)
+        copy, load, meta = self._pin_host_copy(key, priority, wait, owner)
         if load is None:
             self._emit(key, meta.nbytes, "read", meta.kind, "host")
             return completed(Lease(self, meta, copy), f"acquire {key}")
@@ -41,7 +42,7 @@ class _Reads:
         return out
 
     def get(self, key: str, *, tier: str = "host", out: torch.Tensor | None = None,
-            priority: Priority = Priority.DEMAND) -> IOFuture:
+            priority: Priority = Priority.DEMAND, owner: str = DEFAULT_OWNER) -> IOFuture:
         """A future of a tensor the caller owns (a copy), on ``tier`` ("host" or "gpu").
 
         An object larger than the host tier is read through it in pieces, into ``out`` or a new
@@ -58,7 +59,7 @@ class _Reads:
                 meta.extent.readers += 1
         if big:
             return store_stream.get_future(self, meta, out, tier, priority)
-        lease_f = self.acquire(key, priority=priority)
+        lease_f = self.acquire(key, priority=priority, owner=owner)
 
         def copy_out(lease: Lease) -> torch.Tensor:
             try:
@@ -76,14 +77,14 @@ class _Reads:
 
         return chain(lease_f, copy_out, f"get {key}")
 
-    def prefetch(self, key: str) -> IOFuture:
+    def prefetch(self, key: str, *, owner: str = DEFAULT_OWNER) -> IOFuture:
         """Bring ``key`` into the host tier at prefetch priority.
 
         Cancelling the returned future cancels the read only while it has not
         started and no other caller waits for the same load.
         """
         self._check_open()
-        copy, load, _meta = self._pin_host_copy(key, Priority.PREFETCH)
+        copy, load, _meta = self._pin_host_copy(key, Priority.PREFETCH, None, owner)
         with self._lock:
             copy.prefetchers += load is not None
             copy.pins -= 1  # a prefetch keeps nothing pinned; the copy stays cached
@@ -107,8 +108,8 @@ class _Reads:
         out.cancel = cancel  # type: ignore[method-assign]
         return out
 
-    def _pin_host_copy(self, key: str, priority: Priority,
-                       wait: float | None = None) -> tuple[HostCopy, IOFuture | None, ObjectMeta]:
+    def _pin_host_copy(self, key: str, priority: Priority, wait: float | None = None,
+                       owner: str = DEFAULT_OWNER) -> tuple[HostCopy, IOFuture | None, ObjectMeta]:
         """Pin the host copy of ``key``, starting a load if needed.
 
         Returns (copy, load future or None when the copy is ready, the object's
@@ -152,7 +153,7 @@ class _Reads:
         load.add_done_callback(finish)
         try:
             try:
-                buf = self._alloc_host(meta.nbytes if window is None else window, wait)
+                buf = self._alloc_host(meta.nbytes if window is None else window, wait, owner)
             except OutOfBudget as e:
                 raise HostBudgetError(f"object {key!r} ({meta.nbytes} bytes): {e}") from e
             copy.buffer, copy.start = buf, lead

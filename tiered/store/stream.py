@@ -19,7 +19,7 @@ from io_engine import Priority
 
 from ..checksums import SEGMENT, crc32
 from .errors import ChecksumError, HostBudgetError, StoreError
-from .objects import ObjectMeta, _PendingPut
+from .objects import DEFAULT_OWNER, ObjectMeta, _PendingPut
 
 if TYPE_CHECKING:
     from .core import TieredStore
@@ -65,7 +65,7 @@ class SegmentCrc:
 
 
 def put_streamed(store: "TieredStore", key: str, src: torch.Tensor, kind: str, tier: str | None,
-                 relocate: int | None, ephemeral: bool):
+                 relocate: int | None, ephemeral: bool, owner: str = DEFAULT_OWNER):
     """Write contiguous tensor ``src`` (CPU or GPU: copied piece by piece, never whole into host
     memory) as a new version of ``key``; the bytes are all written before this returns, the
     returned future resolves once committed."""
@@ -75,27 +75,28 @@ def put_streamed(store: "TieredStore", key: str, src: torch.Tensor, kind: str, t
     nbytes = data.numel()
     size = align_up(nbytes)
     with store._lock:
-        tier_name, offset = store._reserve_extent(key, size, kind, tier)
+        tier_name, offset = store._reserve_extent(key, size, kind, tier, owner)
         version = relocate if relocate is not None else store._next_version(key)
     try:
-        crc = _write_pieces(store, data, store._tiers[tier_name].data_file, offset, durable=not ephemeral)
+        crc = _write_pieces(store, data, store._tiers[tier_name].data_file, offset, not ephemeral, owner)
     except BaseException as e:
         with store._lock:
-            store._tiers[tier_name].space.give(offset, size)
+            store._tiers[tier_name].give(offset, size)
         if isinstance(e, StoreError) or not isinstance(e, Exception):
             raise
         raise StoreError(f"put({key!r}): streaming {nbytes} bytes through the host tier to tier "
                          f"{tier_name!r} failed: {e}") from e
     p = _PendingPut(key, version, relocate, tier_name, offset, size, nbytes, src.dtype, tuple(src.shape), kind,
-                    True, True, ephemeral, crc=crc)
+                    True, True, ephemeral, crc=crc, owner=owner)
     return chain(completed(size), lambda _n: store._install(p), f"put {key}", note=f"while putting object {key!r}")
 
 
-def _write_pieces(store: "TieredStore", data: torch.Tensor, path: str, offset: int, durable: bool) -> list[int]:
+def _write_pieces(store: "TieredStore", data: torch.Tensor, path: str, offset: int, durable: bool,
+                  owner: str) -> list[int]:
     nbytes, step = data.numel(), piece_size(store)
     size = align_up(nbytes)
     crc = SegmentCrc()
-    buf = store._alloc_host(step)
+    buf = store._alloc_host(step, owner=owner)
     try:
         for o in range(0, size, step):
             n, m = min(step, nbytes - o), min(step, size - o)
@@ -111,7 +112,7 @@ def _write_pieces(store: "TieredStore", data: torch.Tensor, path: str, offset: i
 
 
 def read_streamed(store: "TieredStore", meta: "ObjectMeta", consume: Callable[[int, np.ndarray], None],
-                  priority: Priority = Priority.DEMAND) -> None:
+                  priority: Priority = Priority.DEMAND, owner: str = DEFAULT_OWNER) -> None:
     """Read ``meta``'s version through staging pieces, calling ``consume(object_offset, bytes)`` for
     each; raises ChecksumError (after the last piece) when a segment's crc32 does not match. The
     caller holds the extent against freeing (``extent.readers``)."""
@@ -119,7 +120,7 @@ def read_streamed(store: "TieredStore", meta: "ObjectMeta", consume: Callable[[i
     ext, nbytes = meta.extent, meta.nbytes
     path, step = store._tiers[ext.tier].data_file, min(piece_size(store), align_up(max(nbytes, 1)))
     crc = SegmentCrc()
-    buf = store._alloc_host(step)
+    buf = store._alloc_host(step, owner=owner)
     try:
         for o in range(0, max(nbytes, 1), step):
             n = min(step, nbytes - o)

@@ -13,7 +13,7 @@ from ..checksums import segment_checksums
 from ..dtypes import dtype_name
 from . import stream as store_stream
 from .errors import HostBudgetError, StoreError
-from .objects import Extent, HostCopy, ObjectMeta, _PendingPut, check_key
+from .objects import DEFAULT_OWNER, Extent, HostCopy, ObjectMeta, _PendingPut, check_key
 
 
 class _Writes:
@@ -21,7 +21,7 @@ class _Writes:
 
     # -- put -----------------------------------------------------------------------
     def put(self, key: str, tensor: torch.Tensor, *, kind: str = "blob", tier: str | None = None,
-            ephemeral: bool = False) -> IOFuture:
+            ephemeral: bool = False, owner: str = DEFAULT_OWNER) -> IOFuture:
         """Store ``tensor`` under ``key`` (a new version if it exists).
 
         The bytes are copied into the host arena before this returns, so the
@@ -32,12 +32,13 @@ class _Writes:
         ``ephemeral=True``: the object is this process's scratch: :meth:`close` deletes it, and
         so does the next :meth:`open` after a crash (the manifest records it as ephemeral; its
         bytes are not fdatasync'ed, since no later process reads them). A later put of the key
-        decides again whether it is ephemeral.
+        decides again whether it is ephemeral. ``owner``: the workload charged for the object's
+        extent (its storage share) and its cached host copy (see :meth:`reserve`).
         """
         with self._lock:
             self._puts_in_flight[key] = self._puts_in_flight.get(key, 0) + 1
         try:
-            f = self._put(key, tensor, kind, tier, relocate=None, ephemeral=ephemeral)
+            f = self._put(key, tensor, kind, tier, relocate=None, ephemeral=ephemeral, owner=owner)
         except BaseException:
             self._put_landed(key)
             raise
@@ -55,7 +56,7 @@ class _Writes:
     def put_buffer(self, key: str, buf: HostBuffer, dtype: torch.dtype, shape, *, kind: str = "blob",
                    tier: str | None = None, give: bool = False, sync: bool = True, commit: bool = True,
                    priority: Priority = Priority.WRITEBACK, cache: bool = True,
-                   ephemeral: bool = False) -> IOFuture:
+                   ephemeral: bool = False, owner: str | None = None) -> IOFuture:
         """Store the bytes already in ``buf`` (a buffer of this store's arena, e.g. from
         :meth:`alloc_host` or :meth:`Lease.detach`) as ``key``, without copying them.
 
@@ -73,7 +74,8 @@ class _Writes:
         key keeps the extent of the version it replaced reserved until that commit, so commit before
         rewriting one key many times). ``priority``: the
         engine priority of the write (write-back by default, after reads; a pipeline whose
-        next read waits for this buffer's room may ask for DEMAND). ``ephemeral``: as for :meth:`put`.
+        next read waits for this buffer's room may ask for DEMAND). ``ephemeral``: as for :meth:`put`;
+        ``owner``: charged for the extent (default: the owner the buffer was allocated for).
         """
         with self._lock:
             self._puts_in_flight[key] = self._puts_in_flight.get(key, 0) + 1
@@ -94,7 +96,7 @@ class _Writes:
             raise
         try:
             f = self._write_buffer(key, buf, nbytes, dtype, shape, kind, tier, None, give, sync, commit,
-                                   priority, cache, ephemeral)
+                                   priority, cache, ephemeral, buf.owner if owner is None else owner)
         except BaseException:
             self._put_landed(key)
             raise
@@ -110,7 +112,7 @@ class _Writes:
         self._commit_through(gen)
 
     def _put(self, key: str, tensor: torch.Tensor, kind: str, tier: str | None, relocate: int | None,
-             ephemeral: bool = False) -> IOFuture:
+             ephemeral: bool = False, owner: str = DEFAULT_OWNER) -> IOFuture:
         self._check_open()
         check_key(key)
         if not isinstance(tensor, torch.Tensor):
@@ -118,12 +120,12 @@ class _Writes:
         src = tensor.detach().resolve_conj().resolve_neg()
         nbytes = src.numel() * src.element_size()
         if store_stream.too_big_for_host(self, nbytes):  # never whole in host memory
-            return store_stream.put_streamed(self, key, src.contiguous(), kind, tier, relocate, ephemeral)
+            return store_stream.put_streamed(self, key, src.contiguous(), kind, tier, relocate, ephemeral, owner)
         if src.device.type != "cpu":
             src = src.cpu()
         src = src.contiguous()
         try:
-            buf = self._alloc_host(nbytes)
+            buf = self._alloc_host(nbytes, owner=owner)
         except OutOfBudget as e:
             raise HostBudgetError(f"put({key!r}) of {nbytes} bytes: {e}") from e
         try:
@@ -133,21 +135,22 @@ class _Writes:
             buf.release()
             raise
         return self._write_buffer(key, buf, nbytes, src.dtype, tuple(src.shape), kind, tier, relocate,
-                                  True, True, True, Priority.WRITEBACK, True, ephemeral)
+                                  True, True, True, Priority.WRITEBACK, True, ephemeral, owner)
 
     def _write_buffer(self, key: str, buf: HostBuffer, nbytes: int, dtype: torch.dtype, shape: tuple,
                       kind: str, tier: str | None, relocate: int | None, give: bool, sync: bool,
-                      commit: bool, priority: Priority, cache: bool, ephemeral: bool = False) -> IOFuture:
+                      commit: bool, priority: Priority, cache: bool, ephemeral: bool = False,
+                      owner: str = DEFAULT_OWNER) -> IOFuture:
         """Write ``buf`` (its first ``nbytes`` are the object) as a new version of ``key``."""
         durable = sync and not ephemeral  # nobody reads an ephemeral object after a crash
         try:
             flat = buf.padded
             flat[nbytes:] = 0
             with self._lock:
-                tier_name, offset = self._reserve_extent(key, len(flat), kind, tier)
+                tier_name, offset = self._reserve_extent(key, len(flat), kind, tier, owner)
                 version = relocate if relocate is not None else self._next_version(key)
             p = _PendingPut(key, version, relocate, tier_name, offset, len(flat), nbytes, dtype, tuple(shape), kind,
-                            sync, commit, ephemeral, buf, give, cache)
+                            sync, commit, ephemeral, buf, give, cache, owner=owner)
             wf = self.engine.write(self._tiers[tier_name].data_file, offset, flat, sync=durable, priority=priority)
         except BaseException:
             if give:
@@ -157,7 +160,7 @@ class _Writes:
         def undo(f) -> None:
             if f.exception() is not None:
                 with self._lock:
-                    self._tiers[tier_name].space.give(offset, len(flat))
+                    self._tiers[tier_name].give(offset, len(flat))
                 if give:
                     buf.release()
 
@@ -176,7 +179,7 @@ class _Writes:
                      or (old is not None and (old.version != p.version if p.relocate is not None
                                               else old.version > p.version)))
             if stale:  # a later put or delete of this key already took effect
-                self._tiers[tier_name].space.give(p.offset, p.length)  # never named by a manifest
+                self._tiers[tier_name].give(p.offset, p.length)  # never named by a manifest
                 if p.give:
                     p.buf.release()
                 return {"key": key, "version": p.version, "superseded": True}
@@ -186,7 +189,8 @@ class _Writes:
             gen = self._gen
             if old is not None:  # a migration frees its old tier's blocks: they are not rewritten soon
                 self._unlink(old, superseded=p.relocate is None)
-            meta = ObjectMeta(key, p.kind, p.dtype, p.shape, p.nbytes, p.version, crc, ext, ephemeral=p.ephemeral)
+            meta = ObjectMeta(key, p.kind, p.dtype, p.shape, p.nbytes, p.version, crc, ext, ephemeral=p.ephemeral,
+                              owner=p.owner)
             self._objects[key] = meta
             self._tiers[tier_name].objects += 1
             if p.give and p.cache and self.cache_on_put:
@@ -221,7 +225,8 @@ class _Writes:
         self._emit(key, p.nbytes, "write", p.kind, tier_name)
         return meta.describe()
 
-    def _reserve_extent(self, key: str, size: int, kind: str, tier: str | None) -> tuple[str, int]:
+    def _reserve_extent(self, key: str, size: int, kind: str, tier: str | None,
+                        owner: str = DEFAULT_OWNER) -> tuple[str, int]:
         if tier is not None:
             if tier not in self._tiers:
                 raise StoreError(f"put({key!r}): unknown storage tier {tier!r}; known: {', '.join(self._tier_order)}")
@@ -233,9 +238,10 @@ class _Writes:
                 free = ", ".join(f"{n}: {f} bytes in one piece" for n, _c, f in choices)
                 raise StoreError(f"put({key!r}): no storage tier has room for {size} bytes ({free})")
         t = self._tiers[name]
-        offset = t.space.take(size)
+        offset = t.take(size, owner)
         if offset is None:
-            raise StoreError(f"put({key!r}): tier {name!r} has no free extent of {size} bytes "
+            kept = t.held_back(owner)
+            raise StoreError(f"put({key!r}): tier {name!r} has no free extent of {size} bytes for owner {owner!r} "
                              f"({t.space.free_bytes} of {t.space.capacity} bytes free, largest piece "
-                             f"{t.space.largest()})")
+                             f"{t.space.largest()}" + (f", {kept} kept for other owners' shares" if kept else "") + ")")
         return name, offset
