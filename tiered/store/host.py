@@ -104,7 +104,7 @@ class _HostTier:
     def alloc_host(self, nbytes: int, wait: float | None = None, *, owner: str = DEFAULT_OWNER) -> HostBuffer:
         """A buffer of the host tier charged to ``owner``, for :meth:`put_buffer` or the owner's
         own use (evicting cached copies for room, waiting up to ``wait`` seconds); the caller
-        releases it unless it gives it to a put. Owners with a :meth:`reserve`\ d share allocate
+        releases it unless it gives it to a put. Owners with a reserved share (:meth:`reserve`) allocate
         through their :class:`Reservation` instead."""
         self._check_open()
         return self._alloc_host(nbytes, wait, owner)
