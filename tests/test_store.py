@@ -1026,8 +1026,8 @@ def test_good_keys_accepted_and_no_file_outside_tier_dirs(tmp_path):
         s.migrate(GOOD_KEYS[0], "flash").result(T)
         s.delete(GOOD_KEYS[1])
     assert files_under(tmp_path, exclude=tier_dirs) == outside_before
-    assert files_under(tmp_path / "nvme") == {"objects.dat", "manifest.json", ".lock"}
-    assert files_under(tmp_path / "flash") <= {"objects.dat", ".lock"}
+    assert files_under(tmp_path / "nvme") == {"objects.dat", "manifest.json", ".lock", "tier.json"}
+    assert files_under(tmp_path / "flash") <= {"objects.dat", ".lock", "tier.json"}
 
 
 # --------------------------------------------------------------------------- 9. concurrency

@@ -41,7 +41,7 @@ def _guarded(fn):
 
         try:
             return fn(args)
-        except (StoreError, ConfigError, OSError) as e:
+        except (StoreError, ConfigError, OSError, MemoryError) as e:  # MemoryError: OutOfBudget
             print(f"error: {e}", file=sys.stderr)
             return 2
         except KeyError as e:
@@ -82,13 +82,16 @@ def _check(args: argparse.Namespace) -> int:
         print(_summary(report))
         for key, err in report["corrupt"].items():
             print(f"corrupt {key}: {err}")
-    return 1 if report["corrupt"] and not args.repair else 0
+        for key, err in report["unreadable"].items():
+            print(f"unreadable {key} (kept): {err}")
+    return 1 if report["unreadable"] or (report["corrupt"] and not args.repair) else 0
 
 
 def _summary(r: dict) -> str:
     unnamed = sum(r["reclaimable_bytes"].values())
-    parts = [f"{r['root']}: {r['objects']} objects verified ({r['bytes_verified']} bytes)",
-             f"{len(r['corrupt'])} corrupt"]
+    good = r["objects"] - len(r["corrupt"]) - len(r["unreadable"])
+    parts = [f"{r['root']}: {r['objects']} objects checked, {good} good ({r['bytes_verified']} bytes)",
+             f"{len(r['corrupt'])} corrupt", f"{len(r['unreadable'])} unreadable"]
     if r["repaired"]:
         parts += [f"{len(r['removed'])} removed", f"{r['reclaimed_bytes']} bytes reclaimed"]
     else:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from io_engine import Priority
 
 from . import stream as store_stream
-from .errors import StoreError
+from .errors import ChecksumError, StoreError
 from .extents import punch_hole
 from .objects import DATA_FILE, MANIFEST
 from ..atomic import write_json_atomic
@@ -34,6 +34,77 @@ log = logging.getLogger("tiered.store")
 CLI_HOST_CAPACITY = 64 << 20
 
 
+TIER_MARKER = "tier.json"
+_MARKER_FORMAT = "tiered-tier"
+
+
+def _read_marker(directory: Path) -> dict | None:
+    try:
+        doc = json.loads((directory / TIER_MARKER).read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise StoreError(f"{directory / TIER_MARKER}: not valid JSON ({e})") from e
+    if not isinstance(doc, dict) or doc.get("format") != _MARKER_FORMAT:
+        raise StoreError(f"{directory / TIER_MARKER}: not a tiered tier marker")
+    return doc
+
+
+def check_tier_markers(store: "TieredStore") -> None:
+    """Each storage tier directory records which store it belongs to (``tier.json``): a config that
+    lists the tiers in another order, or names a tier directory of another store, is refused before
+    anything is read or written there (its manifest would be missing, and a repair would destroy
+    the other store's data)."""
+    root = _read_marker(store.root)
+    if root is not None and not root.get("root"):
+        raise StoreError(f"{store.root} is tier {root.get('tier')!r} of the store at {root.get('root_path')}, not a "
+                         f"store's first tier: open that store (with its config, tiers in their order)")
+    store_id = root.get("store_id") if root else None
+    for tier in list(store._tiers.values())[1:]:
+        m = _read_marker(tier.path)
+        if m is None:
+            continue
+        if m.get("root"):
+            raise StoreError(f"{tier.path} is the first tier of another store; it cannot be tier {tier.name!r} "
+                             f"of the store at {store.root}")
+        if store_id is not None and m.get("store_id") != store_id:
+            raise StoreError(f"{tier.path} is tier {m.get('tier')!r} of the store at {m.get('root_path')}, not of "
+                             f"the store at {store.root}")
+
+
+def write_tier_markers(store: "TieredStore") -> None:
+    """Write the markers :func:`check_tier_markers` reads (once; they never change)."""
+    import secrets
+
+    root = _read_marker(store.root)
+    store_id = root["store_id"] if root else secrets.token_hex(8)
+    if root is None:
+        write_json_atomic(store.root / TIER_MARKER, {"format": _MARKER_FORMAT, "store_id": store_id, "root": True,
+                                                     "tier": store._tier_order[0]})
+    for tier in list(store._tiers.values())[1:]:
+        if _read_marker(tier.path) is None:
+            write_json_atomic(tier.path / TIER_MARKER, {"format": _MARKER_FORMAT, "store_id": store_id,
+                                                        "root": False, "tier": tier.name,
+                                                        "root_path": str(store.root)})
+
+
+def check_data_files(store: "TieredStore", created: list[str]) -> None:
+    """Every data file the manifest names objects in exists and is not empty (a tier whose disk is
+    not mounted shows an empty directory: refuse, rather than start the tier anew). A data file cut
+    short is opened: reads past its end fail naming it, the objects before it stay readable."""
+    ends: dict[str, int] = {}
+    for meta in store._objects.values():
+        if not meta.extent.external:
+            ends[meta.extent.tier] = max(ends.get(meta.extent.tier, 0), meta.extent.offset + meta.extent.length)
+    for name, end in ends.items():
+        path = store._tiers[name].data_file
+        size = os.path.getsize(path)
+        if path in created or size == 0:
+            what = "is missing" if path in created else f"holds {size} bytes"
+            raise StoreError(f"{path} {what}, but the manifest names objects of tier {name!r} up to byte {end}: "
+                             "is the tier's disk mounted? (nothing was changed)")
+
+
 def manifest_missing(store: "TieredStore", path: Path, start_empty: bool) -> None:
     """No manifest: a new store (write an empty one), or a lost one (refuse, unless ``start_empty``)."""
 
@@ -45,13 +116,19 @@ def manifest_missing(store: "TieredStore", path: Path, start_empty: bool) -> Non
     if held and not start_empty:
         raise StoreError(
             f"{path} is missing, but data file {', '.join(held)} holds objects that cannot be found "
-            f"without it. Restore {path}, or run `tiered store check {store.root} --repair` to start "
-            "the store empty and give the data file's blocks back (its objects are lost)")
+            f"without it. Restore {path}, or run `tiered store check {_check_target(store)} --repair` to "
+            "start the store empty and give the data files' blocks back (its objects are lost)")
     if held:
         log.warning("%s was missing: starting an empty store; %s are reclaimed by check(repair=True)",
                     path, ", ".join(held))
         store.recovered["manifest_missing"] = True
     write_json_atomic(path, store._snapshot())  # from now on, a missing manifest means a lost one
+
+
+def _check_target(store: "TieredStore") -> str:
+    if len(store._tiers) > 1:
+        return f"--config {store.config.source}"
+    return str(store.root)
 
 
 def check_store(store: "TieredStore", repair: bool) -> dict:
@@ -61,21 +138,25 @@ def check_store(store: "TieredStore", repair: bool) -> dict:
     ``reclaimable_bytes`` (tier -> allocated bytes nothing names, including space of superseded
     versions kept for reuse), ``reclaimed_bytes``, ``repaired``, and what ``open`` recovered
     (``ephemeral_removed``: a crashed process's ephemeral objects; ``manifest_missing``)."""
-    report: dict = {"root": str(store.root), "objects": 0, "bytes_verified": 0, "corrupt": {}, "removed": [],
-                    "reclaimable_bytes": {}, "reclaimed_bytes": 0, "repaired": repair, **store.recovered}
-
+    report: dict = {"root": str(store.root), "objects": 0, "bytes_verified": 0, "corrupt": {}, "unreadable": {},
+                    "removed": [], "reclaimable_bytes": {}, "reclaimed_bytes": 0, "repaired": repair,
+                    **store.recovered}
+    corrupt_versions: dict[str, int] = {}
     for key in store.keys():
         checked = _verify(store, key)
         if checked is None:
             continue
-        nbytes, error = checked
+        nbytes, version, error, corrupt = checked
         report["objects"] += 1
-        if error:
-            report["corrupt"][key] = error
-        else:
+        if not error:
             report["bytes_verified"] += nbytes
-    if repair and report["corrupt"]:
-        report["removed"] = _remove(store, list(report["corrupt"]))
+        elif corrupt:
+            report["corrupt"][key] = error
+            corrupt_versions[key] = version
+        else:  # an I/O error is not proof of corruption (a disk not mounted, a transient EIO): never deleted
+            report["unreadable"][key] = error
+    if repair and corrupt_versions:
+        report["removed"] = _remove(store, corrupt_versions)
     for name, tier in store._tiers.items():
         with store._lock:  # no extent is taken from the free ranges while they are measured and punched
             ranges = _unnamed_ranges(tier)
@@ -89,9 +170,9 @@ def check_store(store: "TieredStore", repair: bool) -> dict:
     return report
 
 
-def _verify(store: "TieredStore", key: str) -> tuple[int, str] | None:
-    """(bytes, '') when ``key`` reads back with its recorded crc32s, else (bytes, the error); None
-    when it is gone or external (no checksums)."""
+def _verify(store: "TieredStore", key: str) -> tuple[int, int, str, bool] | None:
+    """(bytes, version, error, corrupt): error '' when ``key`` reads back with its recorded crc32s;
+    corrupt only for a checksum mismatch. None when it is gone or external (no checksums)."""
     with store._lock:
         meta = store._objects.get(key)
         if meta is None or meta.extent.external:
@@ -99,16 +180,19 @@ def _verify(store: "TieredStore", key: str) -> tuple[int, str] | None:
         meta.extent.readers += 1
     try:
         store_stream.read_streamed(store, meta, lambda _o, _b: None, Priority.WRITEBACK)
-    except (OSError, RuntimeError) as e:  # ChecksumError (a StoreError), engine I/O errors
-        return meta.nbytes, str(e)
+    except ChecksumError as e:
+        return meta.nbytes, meta.version, str(e), True
+    except (OSError, RuntimeError) as e:  # engine I/O errors
+        return meta.nbytes, meta.version, str(e), False
     finally:
         store._release_extent(meta.extent)
-    return meta.nbytes, ""
+    return meta.nbytes, meta.version, "", False
 
 
-def _remove(store: "TieredStore", keys: list[str]) -> list[str]:
+def _remove(store: "TieredStore", versions: dict[str, int]) -> list[str]:
+    """Delete the corrupt versions found; a key put again since it was checked keeps its new version."""
     with store._lock:
-        doomed = [store._objects[k] for k in keys if k in store._objects]
+        doomed = [m for k, v in versions.items() if (m := store._objects.get(k)) is not None and m.version == v]
         gen = store._remove(doomed)
     store._commit_through(gen)
     return [m.key for m in doomed]
@@ -159,6 +243,10 @@ def config_for_directory(directory: str | os.PathLike) -> dict:
     d = Path(directory)
     if not d.is_dir():
         raise StoreError(f"{d}: not a directory (expected a storage tier directory holding {MANIFEST})")
+    marker = _read_marker(d)
+    if marker is not None and not marker.get("root"):
+        raise StoreError(f"{d} is tier {marker.get('tier')!r} of the store at {marker.get('root_path')}: "
+                         f"run this on {marker.get('root_path')} (or with --config FILE)")
     manifest, data = d / MANIFEST, d / DATA_FILE
     if not manifest.exists() and not data.exists():
         raise StoreError(f"{d} holds no store: neither {MANIFEST} nor {DATA_FILE} is there")
@@ -166,7 +254,10 @@ def config_for_directory(directory: str | os.PathLike) -> dict:
         doc = json.loads(manifest.read_bytes()) if manifest.exists() else {}
     except ValueError as e:
         raise StoreError(f"{manifest}: manifest is not valid JSON ({e})") from e
-    tiers = doc.get("tiers") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or not isinstance(doc.get("objects", {}), dict) or \
+            not isinstance(doc.get("tiers", {}), dict):
+        raise StoreError(f"{manifest}: not a tiered store manifest (expected a JSON object with an 'objects' table)")
+    tiers = doc.get("tiers")
     if not tiers:
         tiers = {_only_tier(doc, manifest): {"path": str(d), "capacity": _span(doc, data)}}
     here = os.path.realpath(d)
@@ -177,6 +268,9 @@ def config_for_directory(directory: str | os.PathLike) -> dict:
     if not root:
         raise StoreError(f"{manifest} records tiers {sorted(tiers)}, none of them in {d}; pass --config FILE")
     ordered = {root[0]: tiers[root[0]], **{n: t for n, t in tiers.items() if n != root[0]}}
+    for n, t in ordered.items():
+        if not isinstance(t, dict) or not isinstance(t.get("path"), str) or not isinstance(t.get("capacity"), int):
+            raise StoreError(f"{manifest}: tier {n!r} is recorded as {t!r}; expected a path and an integer capacity")
     return {"tiers": {"host": {"capacity": CLI_HOST_CAPACITY},
                       **{n: {"path": t["path"], "capacity": int(t["capacity"])} for n, t in ordered.items()}}}
 

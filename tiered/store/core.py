@@ -91,10 +91,13 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Manifest, _
         self._device_tier = next(iter(self.config.device_tiers), None)
         self._device_region = None  # the GPU tier's DeviceArena, reserved on first use
         self.engine: IOEngine | None = None
-        self._lock_fd: int | None = None
         self._opened = False
         self._shared_users = 0  # >0: a TieredStore.shared() store, closed by its last user
         self._shared_kwargs: dict = {}
+        self._closing = False  # the last user of a shared store is closing it
+        self._closed_event = threading.Event()
+        self._lock_fds: list[int] = []
+        self._pid: int | None = None  # the process that opened it (a fork child must not use it)
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -138,12 +141,26 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Manifest, _
             return self
         self._reset_state()
         self._start_empty = start_empty
-        self._lock_fd = store_registry.lock_directory(self, self.root / LOCK_FILE)
+        self._closing = False
+        self._closed_event.clear()
+        self._lock_fds = store_registry.lock_directories(self, LOCK_FILE)
+        self._pid = os.getpid()
         try:
+            store_check.check_tier_markers(self)
+            created = []
             for tier in self._tiers.values():
                 remove_stale_temps(tier.path)
-                Path(tier.data_file).touch(mode=0o600, exist_ok=True)
-            self._load_manifest()
+                if not os.path.exists(tier.data_file):
+                    Path(tier.data_file).touch(mode=0o600)
+                    created.append(tier.data_file)
+            try:
+                self._load_manifest()
+                store_check.check_data_files(self, created)
+            except BaseException:
+                for path in created:
+                    os.unlink(path)
+                raise
+            store_check.write_tier_markers(self)
             host = self.config.host_tier
             capacity = host.capacity if host else 256 << 20
             self.arena = HostArena(capacity, hugepages=self._hugepages, name=f"tier {host.name if host else 'host'}").open()
@@ -163,6 +180,9 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Manifest, _
         """Wait for in-flight work, delete the ephemeral objects, then release memory, threads and
         the lock. A shared store (see :meth:`shared`) closes when its last user closes it."""
         if not self._opened:
+            return
+        if self._pid != os.getpid():  # a fork child's copy: the parent's files are not its to change
+            self._opened = False
             return
         if self._shared_users:
             store_registry.close_shared(self)
@@ -217,9 +237,10 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Manifest, _
         if self._device_region is not None:
             self._device_region.close()
             self._device_region = None
-        if self._lock_fd is not None:
-            store_registry.unlock_directory(self, self._lock_fd)
-            self._lock_fd = None
+        if self._lock_fds:
+            store_registry.unlock_directory(self, self._lock_fds)
+            self._lock_fds = []
+        self._closed_event.set()
 
     def __enter__(self) -> "TieredStore":
         return self.open()
@@ -230,6 +251,9 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Manifest, _
     def _check_open(self) -> None:
         if not self._opened:
             raise StoreError("the store is not open: call open() or use it as a context manager")
+        if self._pid != os.getpid():
+            raise StoreError(f"the store at {self.root} was opened by process {self._pid}; a forked child "
+                             "must open a store of its own (its I/O threads did not survive the fork)")
 
     # -- events --------------------------------------------------------------------
     def add_listener(self, fn: Callable[[AccessEvent], None]) -> None:

@@ -24,14 +24,25 @@ _lock = threading.Lock()  # guards _open
 _shared_lock = threading.Lock()  # held while a shared store is looked up, opened or closed
 _open: dict[str, "TieredStore"] = {}  # resolved root directory -> the store of this process that has it open
 _pid = os.getpid()
+CLOSE_WAIT = 120.0  # seconds shared() waits for a store its last user is closing
 
 
 def _forget_after_fork() -> None:
-    """A fork child holds none of its parent's stores (their threads did not survive the fork)."""
+    """A fork child holds none of its parent's stores (their threads did not survive the fork):
+    it closes its copies of their lock files (the parent's locks stay held by the parent's own
+    descriptors), so the locks do not outlive the parent's close."""
     global _lock, _shared_lock, _pid
+    for store in list(_open.values()):
+        for fd in store._lock_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        store._lock_fds = []
     _lock, _shared_lock = threading.Lock(), threading.Lock()
     _open.clear()
     _pid = os.getpid()
+CLOSE_WAIT = 120.0  # seconds shared() waits for a store its last user is closing
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
@@ -41,9 +52,22 @@ def root_key(root: Path) -> str:
     return os.path.realpath(root)
 
 
-def lock_directory(store: "TieredStore", lock_path: Path) -> int:
-    """Take the store's directory lock and write our pid into it; a clear StoreError naming the
-    holder when it is taken (another process's pid, or this process's own open store)."""
+def lock_directories(store: "TieredStore", lock_name: str) -> list[int]:
+    """Lock every storage tier directory of the store (the root first): a tier directory is used by
+    one open store at a time, whichever tier order its config gives."""
+    fds: list[int] = []
+    try:
+        for tier in store._tiers.values():
+            fds.append(lock_directory(store, tier.path / lock_name, register=tier.path == store.root))
+    except BaseException:
+        unlock_directory(store, fds)
+        raise
+    return fds
+
+
+def lock_directory(store: "TieredStore", lock_path: Path, register: bool = True) -> int:
+    """Take a directory lock and write our pid into it; a clear StoreError naming the holder
+    when it is taken (another process's pid, or this process's own open store)."""
 
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -51,14 +75,15 @@ def lock_directory(store: "TieredStore", lock_path: Path) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
         os.close(fd)
-        raise StoreError(_held_message(store.root, lock_path, holder)) from None
+        raise StoreError(_held_message(lock_path.parent, lock_path, holder)) from None
     except BaseException:
         os.close(fd)
         raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    with _lock:
-        _open[root_key(store.root)] = store
+    if register:
+        with _lock:
+            _open[root_key(store.root)] = store
     return fd
 
 
@@ -74,11 +99,12 @@ def _held_message(root: Path, lock_path: Path, holder: str) -> str:
     return f"store at {root} is open in another process ({who}; lock {lock_path})"
 
 
-def unlock_directory(store: "TieredStore", fd: int) -> None:
+def unlock_directory(store: "TieredStore", fds: list[int]) -> None:
     with _lock:
         if _open.get(root_key(store.root)) is store:
             del _open[root_key(store.root)]
-    os.close(fd)
+    for fd in fds:
+        os.close(fd)
 
 
 def shared_store(cls: type, config: Any, kwargs: dict) -> "TieredStore":
@@ -93,9 +119,12 @@ def shared_store(cls: type, config: Any, kwargs: dict) -> "TieredStore":
 
 
 def _shared_store(cls: type, cfg: Any, kwargs: dict) -> "TieredStore":
-
     with _lock:
         store = _open.get(root_key(Path(cfg.storage_tiers[0].path)))
+    if store is not None and store._closing:  # its last user is closing it: wait, then open anew
+        if not store._closed_event.wait(CLOSE_WAIT):
+            raise StoreError(f"store at {store.root} is still closing after {CLOSE_WAIT} s")
+        store = None
     if store is None:
         store = cls(cfg, **kwargs)
         store._shared_users = 1
@@ -120,11 +149,15 @@ def _shared_store(cls: type, cfg: Any, kwargs: dict) -> "TieredStore":
 
 
 def close_shared(store: "TieredStore") -> None:
-    """One user of a shared store is done; the last one closes it."""
+    """One user of a shared store is done; the last one closes it (outside the registry's lock:
+    a close waits for I/O, and other directories' stores need not wait for it)."""
     with _shared_lock:
         store._shared_users -= 1
-        if store._shared_users == 0:
-            store._close_now()
+        last = store._shared_users == 0
+        if last:
+            store._closing = True  # shared() of this directory now opens a new store only after this one closed
+    if last:
+        store._close_now()
 
 
 def config_differences(a: Any, b: Any) -> list[str]:

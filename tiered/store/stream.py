@@ -84,8 +84,11 @@ def put_streamed(store: "TieredStore", key: str, src: torch.Tensor, kind: str, t
             store._tiers[tier_name].give(offset, size)
         if isinstance(e, StoreError) or not isinstance(e, Exception):
             raise
-        raise StoreError(f"put({key!r}): streaming {nbytes} bytes through the host tier to tier "
-                         f"{tier_name!r} failed: {e}") from e
+        from allocators import OutOfBudget
+
+        error = HostBudgetError if isinstance(e, OutOfBudget) else StoreError
+        raise error(f"put({key!r}): streaming {nbytes} bytes through the host tier to tier "
+                    f"{tier_name!r} failed: {e}") from e
     p = _PendingPut(key, version, relocate, tier_name, offset, size, nbytes, src.dtype, tuple(src.shape), kind,
                     True, True, ephemeral, crc=crc, owner=owner)
     return chain(completed(size), lambda _n: store._install(p), f"put {key}", note=f"while putting object {key!r}")
