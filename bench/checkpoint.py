@@ -201,7 +201,9 @@ class Lazy(Contender):
         from tiered.checkpoint import LazyCheckpointer
 
         super().open()
-        cfg = {"tiers": {"host": {"capacity": "64MiB"}, "nvme": {"path": str(self.root), "capacity": "64GiB"}},
+        # the snapshot buffers come from the store's host tier: room for host_buffer and a little more
+        cfg = {"tiers": {"host": {"capacity": self.host_buffer + (64 << 20)},
+                         "nvme": {"path": str(self.root), "capacity": "64GiB"}},
                "engine": {"workers": 4}}
         self.ck = LazyCheckpointer(cfg, keep_last=2, host_buffer=self.host_buffer).open()
         self.ck.attach(self.opt)

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from io_engine import gather
@@ -32,6 +33,7 @@ from .snapshot import _COPIED, _PENDING, CheckpointHandle
 
 log = logging.getLogger("tiered.checkpoint")
 
+DELETE_THREADS = 8  # concurrent store deletes after a commit (see Levels._delete_keys)
 PART_FIELDS = ("key", "version", "tier", "offset", "nbytes", "crc32")
 
 
@@ -81,10 +83,20 @@ class Levels:
         h.durable.set_result({"step": h.step, "manifest": str(mpath), "bytes": h.stats["bytes"]})
 
     def _delete_keys(self, keys: list[str]) -> None:
-        """Forget the piece objects; a retention (if any) keeps their extents."""
-        for key in keys:
-            if key in self.store:
+        """Forget the piece objects; a retention (if any) keeps their extents.
+
+        Each ``store.delete`` commits the store's manifest. Called from a few threads at once,
+        the deletes that arrive while one manifest write runs share the next (the store's group
+        commit), so a save of many tensors costs a few manifest writes rather than one per piece."""
+        keys = [k for k in keys if k in self.store]
+        if len(keys) <= 1:
+            for key in keys:
                 self.store.delete(key)
+            return
+        with ThreadPoolExecutor(max_workers=min(DELETE_THREADS, len(keys)),
+                                thread_name_prefix="tiered-ckpt-delete") as pool:
+            for fut in [pool.submit(self.store.delete, key) for key in keys]:
+                fut.result()
 
     # -- cold level ------------------------------------------------------------------
     def _cold_copy(self, h) -> dict:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import time
 
-from allocators import Budget, HostBuffer, OutOfBudget, align_up
+from allocators import PAGE, Budget, HostBuffer, OutOfBudget, align_up
+
+from .format import SEGMENT
 
 
 class CheckpointHost:
@@ -61,6 +63,23 @@ class CheckpointHost:
         n = buf.nbytes
         buf.release()
         self.returned(n)
+
+    def prefault(self) -> int:
+        """Touch the host-tier memory the snapshots will use (up to the budget; cached copies are
+        evicted for it as a snapshot would), so the first snapshot's copies do not run into page
+        faults (huge-page faults cost ~1 s per 100 MiB on a busy machine). Returns the bytes touched."""
+        bufs = []
+        try:
+            while self.budget.free >= SEGMENT:
+                buf = self.try_alloc(SEGMENT)
+                if buf is None:
+                    break
+                buf.array[::PAGE] = 0
+                bufs.append(buf)
+        finally:
+            for buf in bufs:
+                self.free(buf)
+        return len(bufs) * SEGMENT
 
     def loans(self) -> "_Loans":
         """An allocator for :func:`._io.read_verified`: its buffers give the budget back on release."""

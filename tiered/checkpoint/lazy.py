@@ -63,7 +63,8 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
     zstd-compressed zarr copy there. ``keep_last`` / ``cold_keep_last``: how many
     committed steps each level keeps. ``host_buffer``: the most bytes of the store's host
     tier the checkpointer holds at once (a snapshot larger than this streams through it,
-    and the optimizer step may then wait for the disk). ``backend`` overrides
+    and the optimizer step may then wait for the disk); ``prefault`` touches that much of
+    the host tier at ``open``. ``backend`` overrides
     ``[engine] backend`` of the store it opens (a name or a Backend, e.g. a FaultyBackend).
     """
 
@@ -72,7 +73,7 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
                  cold_tier: str | None = None, cold_directory: str | os.PathLike | None = None,
                  cold_keep_last: int | None = None, cold_level: int = 3, host_buffer: int | str = "1GiB",
                  store: Any = None, unguarded: str = "copy", host_wait: float = 120.0,
-                 backend: Any = None) -> None:
+                 backend: Any = None, prefault: bool = True) -> None:
         self.config = _config_for(config, store, backend)
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -99,6 +100,7 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
         self._backend = backend
         self.unguarded = unguarded
         self.host_wait = host_wait
+        self.prefault = prefault
         dir_id = f"{zlib.crc32(str(self.directory).encode()):08x}"
         self._tag_prefix = f"ckpt:{dir_id}:"  # store retention tags: <prefix><step>:<token>
         self._key_prefix = _key_prefix(name, dir_id)  # store keys of pieces: <prefix><step>-<token>/<index>
@@ -148,6 +150,8 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
                 raise CheckpointError(f"the host tier of the store at {self.store.root} holds "
                                       f"{self.host.capacity} bytes: less than one {SEGMENT}-byte segment")
             self._recover()
+            if self.prefault:  # now, not during the first snapshot (page faults would slow its copies)
+                self.host.prefault()
             self._start_threads()
         except BaseException:
             self._release_resources()
