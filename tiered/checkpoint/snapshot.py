@@ -25,6 +25,10 @@ from .format import CheckpointError
 _PENDING, _CLAIMED, _COPIED = 0, 1, 2
 
 
+class _WriteError(CheckpointError):
+    """A piece could not be handed to the store (e.g. the tier is full)."""
+
+
 class _Piece:
     """Up to SEGMENT bytes of one tensor: the unit of copying and writing, one store object."""
 
@@ -295,6 +299,8 @@ class Snapshots:
                 p.event.wait()  # a guard is taking a private copy
                 if self._claim(p):
                     self._copy(p, drain)
+            if isinstance(p.error, _WriteError):  # raised by drain() while this piece waited for room
+                raise p.error
             if p.error is not None:
                 raise CheckpointError(f"checkpoint step {h.step}: copying bytes {p.offset}.. of "
                                       f"tensor {p.name!r} failed: {p.error}") from p.error
@@ -313,8 +319,9 @@ class Snapshots:
         try:
             fut = self.store.put_buffer(p.key, buf, torch.uint8, (p.length,), kind="checkpoint", tier=self.tier,
                                         give=True, sync=False, commit=False, cache=False)
-        except BaseException:
+        except BaseException as e:
             self.host.returned(p.length)  # the store released the buffer it was given
-            raise
+            raise _WriteError(f"checkpoint step {h.step}: writing bytes {p.offset}.. of tensor {p.name!r} "
+                              f"to the store failed: {e}") from e
         fut.add_done_callback(lambda _f, n=p.length: self.host.returned(n))
         h.writes.append(fut)
