@@ -488,17 +488,19 @@ def test_lru_keeps_recently_read_objects(tmp_path):
         s.close()
 
 
-def test_object_bigger_than_host_arena_fails(tmp_path):
+def test_object_bigger_than_host_arena_cannot_be_leased(tmp_path):
     s = open_store(tmp_path, host="1MiB", host_wait=0.3)
     try:
         s.put("small", filled(1, 4096)).result(T)
-        with pytest.raises((OutOfBudget, StoreError)) as ei:
-            s.put("huge", filled(2, 2 * MiB))
-        assert "host" in str(ei.value)
-        assert "huge" not in s
-        assert tier_used(s) == 4096, "a refused put must not keep storage space"
+        s.put("huge", filled(2, 2 * MiB)).result(T)  # streamed through the host tier
+        s.evict("small")
+        s.get("small").result(T)
+        with pytest.raises(OutOfBudget) as ei:
+            s.acquire("huge")
+        assert isinstance(ei.value, StoreError) and "host" in str(ei.value) and "'huge'" in str(ei.value)
         s.put("after", filled(3, 4096)).result(T)
         assert torch.equal(s.get("small").result(T), filled(1, 4096))
+        assert torch.equal(s.get("huge").result(T), filled(2, 2 * MiB))
     finally:
         s.close()
 
@@ -506,12 +508,14 @@ def test_object_bigger_than_host_arena_fails(tmp_path):
 def test_object_bigger_than_host_arena_fails_fast_without_evicting(tmp_path):
     s = open_store(tmp_path, host="1MiB", host_wait=1.5)
     try:
+        s.put("huge", filled(2, 2 * MiB)).result(T)
         s.put("small", filled(1, 4096)).result(T)
+        evictions = s.stats()["evictions"]
         t0 = time.monotonic()
         with pytest.raises((OutOfBudget, StoreError)):
-            s.put("huge", filled(2, 2 * MiB))
+            s.acquire("huge")
         assert time.monotonic() - t0 < 0.75, "a request that can never fit should fail at once"
-        assert s.meta("small")["in_host"] and s.stats()["evictions"] == 0
+        assert s.meta("small")["in_host"] and s.stats()["evictions"] == evictions
     finally:
         s.close()
 
@@ -772,8 +776,10 @@ def test_corrupt_manifest_is_a_clear_error(tmp_path):
     for _ in range(2):  # the second time proves the failed open released the lock
         with pytest.raises(StoreError, match="manifest"):
             TieredStore(cfg).open()
-    manifest.unlink()
-    with TieredStore(cfg) as s:
+    manifest.unlink()  # the data file still holds bytes: refused, not an empty store
+    with pytest.raises(StoreError, match="missing"):
+        TieredStore(cfg).open()
+    with TieredStore(cfg).open(start_empty=True) as s:
         assert s.keys() == []
 
 

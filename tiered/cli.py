@@ -5,6 +5,7 @@
     tiered config check FILE    validate a config and print it resolved
     tiered bench io             engine vs fio (and DeepNVMe) on a directory
     tiered bench replay TRACE   placement/migration policies over a trace (simulated or real I/O)
+    tiered store ls|check|rm    list, verify and repair, delete objects of a store on disk
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay = bsub.add_parser("replay", help="replay a trace through placement/migration policies")
     add_replay_arguments(replay)
     replay.set_defaults(func=replay_main)
+    from .store_cli import add_store_arguments
+
+    add_store_arguments(sub.add_parser("store", help="list, check and repair, delete objects of a store on disk"))
     return p
 
 

@@ -18,12 +18,17 @@ Invariants (from the design):
   after the manifest no longer names it and no reader holds it, so a crash
   at any point leaves the last committed state readable;
 - every read is verified against the crc32 recorded at write time;
-- budgets are hard: the host arena and each storage tier's capacity.
+- budgets are hard: the host arena and each storage tier's capacity (an object larger than
+  the host tier is put and read through it in pieces: ``store_stream``);
+- a process's ephemeral objects are deleted by its ``close()``, or after a crash by the next
+  ``open()``.
+
+Helpers: ``store_registry`` (one open store per directory per process, ``shared()``),
+``store_check`` (a missing manifest, ``check()``/repair), ``store_stream`` (large objects).
 """
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import json
 import logging
@@ -43,6 +48,7 @@ from io_engine import Backend, IOEngine, IOFuture, Priority, chain, completed, g
 from policies import FirstFit, Observation, create_eviction_policy
 from traces import AccessEvent
 
+from . import store_check, store_registry, store_stream
 from .atomic import remove_stale_temps, write_json_atomic
 from .config import Config, TierSpec, load_config
 
@@ -67,6 +73,10 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_.:@+=-][A-Za-z0-9_.:@+=/-]*$")
 
 class StoreError(RuntimeError):
     """Misuse of the store or a store-level failure; the message names the object."""
+
+
+class HostBudgetError(StoreError, OutOfBudget):
+    """The host tier cannot hold what an operation on an object needs; names the object."""
 
 
 class ChecksumError(StoreError):
@@ -144,14 +154,38 @@ class ObjectMeta:
     crc32: list[int] | None  # one per SEGMENT of the buffer; None for external objects
     extent: Extent
     host: HostCopy | None = None
+    ephemeral: bool = False  # deleted when the store closes, or by the next open after a crash
 
     def describe(self) -> dict:
         return {
             "key": self.key, "kind": self.kind, "dtype": _dtype_name(self.dtype),
             "shape": list(self.shape), "nbytes": self.nbytes, "version": self.version,
             "tier": self.extent.tier, "offset": self.extent.offset,
-            "in_host": bool(self.host and self.host.ready),
+            "in_host": bool(self.host and self.host.ready), "ephemeral": self.ephemeral,
         }
+
+
+@dataclass
+class _PendingPut:
+    """A version written (or being written) to its extent, not yet current: see ``_install``."""
+
+    key: str
+    version: int
+    relocate: int | None  # set for a migration: the version it rewrites
+    tier: str
+    offset: int
+    length: int  # the extent's bytes
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple
+    kind: str
+    sync: bool
+    commit: bool
+    ephemeral: bool
+    buf: HostBuffer | None = None  # the written bytes (None for a streamed put)
+    give: bool = False  # the buffer is the store's: cache or release it
+    cache: bool = True
+    crc: list[int] | None = None  # computed while streaming; else from ``buf``
 
 
 class _StorageTier:
@@ -318,6 +352,8 @@ class TieredStore:
         self.engine: IOEngine | None = None
         self._lock_fd: int | None = None
         self._opened = False
+        self._shared_users = 0  # >0: a TieredStore.shared() store, closed by its last user
+        self._shared_kwargs: dict = {}
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -331,6 +367,8 @@ class TieredStore:
         self._tombstones: dict[str, int] = {}  # key -> version of its latest delete
         self._retained: dict[str, list[tuple[dict, Extent]]] = {}  # tag -> extents kept for it (checkpoints)
         self._unsynced: set[str] = set()  # tiers written by sync=False puts since their last fdatasync
+        self._start_empty = False
+        self.recovered: dict = {}  # what open() cleaned up after a crash (see check())
         self.counters = StoreCounters()
         self.host_policy = create_eviction_policy(self.config.policy.placement)
 
@@ -339,17 +377,26 @@ class TieredStore:
     def root(self) -> Path:
         return self._tiers[self._tier_order[0]].path
 
-    def open(self) -> "TieredStore":
+    @classmethod
+    def shared(cls, config: Config | str | os.PathLike | dict | None = None, **kwargs) -> "TieredStore":
+        """This process's open store for ``config``'s directories, or a newly opened one.
+
+        For clients of one process that each need the store (a directory can be open only once):
+        every caller calls ``close()`` once; the store closes when the last one does. A different
+        config (tiers, engine, policy or ``kwargs``) for a store open here is a StoreError naming the
+        differing settings; so is a store of the directory opened here with plain ``open()``.
+        """
+        return store_registry.shared_store(cls, config, kwargs)
+
+    def open(self, *, start_empty: bool = False) -> "TieredStore":
+        """``start_empty``: where the manifest is missing but a data file holds bytes (the store's
+        objects cannot be found), start an empty store instead of refusing to open; the data
+        file's blocks are given back by :meth:`check` with ``repair=True``."""
         if self._opened:
             return self
         self._reset_state()
-        self._lock_fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            raise StoreError(f"store at {self.root} is open in another process (lock {self.root / LOCK_FILE})") from None
+        self._start_empty = start_empty
+        self._lock_fd = store_registry.lock_directory(self, self.root / LOCK_FILE)
         try:
             for tier in self._tiers.values():
                 remove_stale_temps(tier.path)
@@ -371,11 +418,49 @@ class TieredStore:
         return self
 
     def close(self) -> None:
-        """Wait for in-flight work, then release memory, threads and the lock."""
+        """Wait for in-flight work, delete the ephemeral objects, then release memory, threads and
+        the lock. A shared store (see :meth:`shared`) closes when its last user closes it."""
         if not self._opened:
             return
+        if self._shared_users:
+            store_registry.close_shared(self)
+        else:
+            self._close_now()
+
+    def _close_now(self) -> None:
         self._opened = False
-        self._release_resources()
+        try:
+            if self.engine is not None:
+                self.engine.close()  # in-flight puts land (and commit) first
+            self._delete_ephemeral()
+        finally:
+            self._release_resources()
+
+    def _delete_ephemeral(self) -> None:
+        with self._lock:
+            doomed = [m for m in self._objects.values() if m.ephemeral]
+            gen = self._remove(doomed)
+        if doomed:
+            self._commit_through(gen)
+
+    def _remove(self, doomed: list[ObjectMeta]) -> int:
+        """Drop objects (under ``self._lock``) as :meth:`delete` does; the generation to commit."""
+        for meta in doomed:
+            self._tombstones[meta.key] = self._next_version(meta.key)
+            del self._objects[meta.key]
+            self._gen += 1
+            self._unlink(meta)
+        return self._gen
+
+    def _sync_data_file(self, tier: str) -> None:
+        if self.engine is not None and self.engine.is_open:
+            self.engine.fsync(self._tiers[tier].data_file)
+        else:  # closing: the engine has stopped
+            fd = os.open(self._tiers[tier].data_file, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
 
     def _release_resources(self) -> None:
         if self.engine is not None:
@@ -388,7 +473,7 @@ class TieredStore:
             self.arena.close()
             self.arena = None
         if self._lock_fd is not None:
-            os.close(self._lock_fd)
+            store_registry.unlock_directory(self, self._lock_fd)
             self._lock_fd = None
 
     def __enter__(self) -> "TieredStore":
@@ -408,9 +493,11 @@ class TieredStore:
             with open(path, "rb") as f:
                 doc = json.loads(f.read())
         except FileNotFoundError:
+            store_check.manifest_missing(self, path, self._start_empty)
             return
         except ValueError as e:
             raise StoreError(f"{path}: manifest is not valid JSON ({e})") from e
+        dropped = []
         if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
         for key, o in doc.get("objects", {}).items():
@@ -421,6 +508,9 @@ class TieredStore:
                                   Extent(tier_name, offset, align_up(max(nbytes, 1))))
             except (KeyError, TypeError, ValueError) as e:
                 raise StoreError(f"{path}: object {key!r} has a malformed entry ({e!r}): {o!r}") from e
+            if o.get("ephemeral"):  # scratch of a process that crashed: delete it
+                dropped.append((key, meta.extent))
+                continue
             tier = self._tiers.get(tier_name)
             if tier is None:
                 raise StoreError(
@@ -436,6 +526,19 @@ class TieredStore:
             self._objects[key] = meta
         self._gen = self._committed_gen = int(doc.get("generation", 0))
         self._load_retained(doc.get("retained", {}), path)
+        if dropped:
+            self._forget_ephemeral(dropped)
+
+    def _forget_ephemeral(self, dropped: list[tuple[str, Extent]]) -> None:
+        """Commit a manifest without a crashed process's ephemeral objects, then give their
+        blocks back (except any a retention tag keeps)."""
+        write_json_atomic(self.root / MANIFEST, self._snapshot())
+        kept = {(rec["tier"], int(rec["offset"])) for recs in self._retained.values() for rec, _e in recs}
+        for _key, ext in dropped:
+            if (ext.tier, ext.offset) not in kept and ext.tier in self._tiers:
+                punch_hole(self._tiers[ext.tier].data_file, ext.offset, ext.length)
+        self.recovered["ephemeral_removed"] = [key for key, _e in dropped]
+        log.info("removed %d ephemeral objects left by a process that did not close %s", len(dropped), self.root)
 
     def _load_retained(self, retained: dict, path: Path) -> None:
         """Rebuild the extents kept for retention tags (see :meth:`retain`) from the manifest."""
@@ -466,10 +569,11 @@ class TieredStore:
     def _snapshot(self) -> dict:
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION, "generation": self._gen,
+            "tiers": {n: {"path": str(t.path), "capacity": t.spec.capacity} for n, t in self._tiers.items()},
             "objects": {
                 k: {"kind": m.kind, "dtype": _dtype_name(m.dtype), "shape": list(m.shape),
                     "nbytes": m.nbytes, "version": m.version, "crc32": m.crc32,
-                    "tier": m.extent.tier, "offset": m.extent.offset}
+                    "tier": m.extent.tier, "offset": m.extent.offset, **({"ephemeral": True} if m.ephemeral else {})}
                 for k, m in self._objects.items() if not m.extent.external
             },
             **({"retained": {tag: [rec for rec, _e in recs] for tag, recs in self._retained.items()}}
@@ -492,7 +596,7 @@ class TieredStore:
                 # every object in the snapshot was written before it was taken: one fdatasync
                 # per tier now makes the sync=False puts among them durable before it names them
                 for name in sorted(unsynced):
-                    self.engine.fsync(self._tiers[name].data_file)
+                    self._sync_data_file(name)
                 write_json_atomic(self.root / MANIFEST, snap)
             except BaseException:
                 with self._lock:
@@ -710,18 +814,24 @@ class TieredStore:
         self._notify_host()  # it may be evictable now
 
     # -- put -----------------------------------------------------------------------
-    def put(self, key: str, tensor: torch.Tensor, *, kind: str = "blob", tier: str | None = None) -> IOFuture:
+    def put(self, key: str, tensor: torch.Tensor, *, kind: str = "blob", tier: str | None = None,
+            ephemeral: bool = False) -> IOFuture:
         """Store ``tensor`` under ``key`` (a new version if it exists).
 
         The bytes are copied into the host arena before this returns, so the
         caller may reuse ``tensor`` at once; the future resolves to the
         object's description once the data and manifest are durable. Puts of
         one key take effect in the order they were called.
+
+        ``ephemeral=True``: the object is this process's scratch: :meth:`close` deletes it, and
+        so does the next :meth:`open` after a crash (the manifest records it as ephemeral; its
+        bytes are not fdatasync'ed, since no later process reads them). A later put of the key
+        decides again whether it is ephemeral.
         """
         with self._lock:
             self._puts_in_flight[key] = self._puts_in_flight.get(key, 0) + 1
         try:
-            f = self._put(key, tensor, kind, tier, relocate=None)
+            f = self._put(key, tensor, kind, tier, relocate=None, ephemeral=ephemeral)
         except BaseException:
             self._put_landed(key)
             raise
@@ -738,7 +848,8 @@ class TieredStore:
 
     def put_buffer(self, key: str, buf: HostBuffer, dtype: torch.dtype, shape, *, kind: str = "blob",
                    tier: str | None = None, give: bool = False, sync: bool = True, commit: bool = True,
-                   priority: Priority = Priority.WRITEBACK, cache: bool = True) -> IOFuture:
+                   priority: Priority = Priority.WRITEBACK, cache: bool = True,
+                   ephemeral: bool = False) -> IOFuture:
         """Store the bytes already in ``buf`` (a buffer of this store's arena, e.g. from
         :meth:`alloc_host` or :meth:`Lease.detach`) as ``key``, without copying them.
 
@@ -756,7 +867,7 @@ class TieredStore:
         key keeps the extent of the version it replaced reserved until that commit, so commit before
         rewriting one key many times). ``priority``: the
         engine priority of the write (write-back by default, after reads; a pipeline whose
-        next read waits for this buffer's room may ask for DEMAND).
+        next read waits for this buffer's room may ask for DEMAND). ``ephemeral``: as for :meth:`put`.
         """
         with self._lock:
             self._puts_in_flight[key] = self._puts_in_flight.get(key, 0) + 1
@@ -777,7 +888,7 @@ class TieredStore:
             raise
         try:
             f = self._write_buffer(key, buf, nbytes, dtype, shape, kind, tier, None, give, sync, commit,
-                                   priority, cache)
+                                   priority, cache, ephemeral)
         except BaseException:
             self._put_landed(key)
             raise
@@ -798,17 +909,23 @@ class TieredStore:
             gen = self._gen
         self._commit_through(gen)
 
-    def _put(self, key: str, tensor: torch.Tensor, kind: str, tier: str | None, relocate: int | None) -> IOFuture:
+    def _put(self, key: str, tensor: torch.Tensor, kind: str, tier: str | None, relocate: int | None,
+             ephemeral: bool = False) -> IOFuture:
         self._check_open()
         check_key(key)
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"put({key!r}): expected a torch.Tensor, got {type(tensor).__name__}")
         src = tensor.detach().resolve_conj().resolve_neg()
+        nbytes = src.numel() * src.element_size()
+        if store_stream.too_big_for_host(self, nbytes):  # never whole in host memory
+            return store_stream.put_streamed(self, key, src.contiguous(), kind, tier, relocate, ephemeral)
         if src.device.type != "cpu":
             src = src.cpu()
         src = src.contiguous()
-        nbytes = src.numel() * src.element_size()
-        buf = self._alloc_host(nbytes)
+        try:
+            buf = self._alloc_host(nbytes)
+        except OutOfBudget as e:
+            raise HostBudgetError(f"put({key!r}) of {nbytes} bytes: {e}") from e
         try:
             if nbytes:
                 buf.padded[:nbytes] = src.reshape(-1).view(torch.uint8).numpy()
@@ -816,92 +933,93 @@ class TieredStore:
             buf.release()
             raise
         return self._write_buffer(key, buf, nbytes, src.dtype, tuple(src.shape), kind, tier, relocate,
-                                  True, True, True, Priority.WRITEBACK, True)
+                                  True, True, True, Priority.WRITEBACK, True, ephemeral)
 
     def _write_buffer(self, key: str, buf: HostBuffer, nbytes: int, dtype: torch.dtype, shape: tuple,
                       kind: str, tier: str | None, relocate: int | None, give: bool, sync: bool,
-                      commit: bool, priority: Priority, cache: bool) -> IOFuture:
+                      commit: bool, priority: Priority, cache: bool, ephemeral: bool = False) -> IOFuture:
         """Write ``buf`` (its first ``nbytes`` are the object) as a new version of ``key``."""
+        durable = sync and not ephemeral  # nobody reads an ephemeral object after a crash
         try:
             flat = buf.padded
             flat[nbytes:] = 0
             with self._lock:
                 tier_name, offset = self._reserve_extent(key, len(flat), kind, tier)
                 version = relocate if relocate is not None else self._next_version(key)
-            ext = Extent(tier_name, offset, len(flat))
-            wf = self.engine.write(self._tiers[tier_name].data_file, offset, flat, sync=sync, priority=priority)
+            p = _PendingPut(key, version, relocate, tier_name, offset, len(flat), nbytes, dtype, tuple(shape), kind,
+                            sync, commit, ephemeral, buf, give, cache)
+            wf = self.engine.write(self._tiers[tier_name].data_file, offset, flat, sync=durable, priority=priority)
         except BaseException:
             if give:
                 buf.release()
             raise
 
-        def discard_extent() -> None:  # our extent was never named by a committed manifest
-            self._tiers[tier_name].space.give(offset, len(flat))
-
-        def install(_n: int) -> dict:
-            # on the engine worker that finished the write, not the caller's thread: zlib drops
-            # the GIL, so the caller computes on while the checksum runs (it is ~20 % of a put)
-            crc = segment_checksums(flat[:nbytes], 0)
-            with self._lock:
-                old = self._objects.get(key)
-                stale = (version <= self._tombstones.get(key, 0)
-                         or (old is not None and (old.version != version if relocate is not None
-                                                  else old.version > version)))
-                if stale:  # a later put or delete of this key already took effect
-                    discard_extent()
-                    if give:
-                        buf.release()
-                    return {"key": key, "version": version, "superseded": True}
-                if not sync:
-                    self._unsynced.add(tier_name)
-                self._gen += 1
-                gen = self._gen
-                if old is not None:  # a migration frees its old tier's blocks: they are not rewritten soon
-                    self._unlink(old, superseded=relocate is None)
-                meta = ObjectMeta(key, kind, dtype, tuple(shape), nbytes, version, crc, ext)
-                self._objects[key] = meta
-                self._tiers[tier_name].objects += 1
-                keep = give and cache and self.cache_on_put
-                if keep:
-                    meta.host = HostCopy(buf, version, ready=True)
-                    self.host_policy.admit(Observation(key, len(flat), kind, "write", "host"))
-                elif give:
-                    buf.release()
-            if give:
-                self._notify_host()  # the cached copy is evictable from now on
-            def rollback() -> None:  # the manifest write failed: the previous version stays current
-                if self._objects.get(key) is not meta:
-                    return
-                self._drop_host(meta)
-                self._tiers[tier_name].objects -= 1
-                if old is not None:
-                    self._retired.remove(old.extent)
-                    old.extent.retired_gen = None
-                    self._tiers[old.extent.tier].objects += 1
-                    self._objects[key] = old
-                else:
-                    del self._objects[key]
-                ext.retired_gen = 0  # never committed: free as soon as no reader holds it
-                self._retired.append(ext)
-                self._free_retired()
-
-            if commit:
-                self._commit_through(gen, rollback)
-            with self._lock:
-                self.counters.puts += 1
-                self.counters.bytes_written[tier_name] = self.counters.bytes_written.get(tier_name, 0) + len(flat)
-            self._emit(key, nbytes, "write", kind, tier_name)
-            return meta.describe()
-
         def undo(f) -> None:
             if f.exception() is not None:
                 with self._lock:
-                    discard_extent()
+                    self._tiers[tier_name].space.give(offset, len(flat))
                 if give:
                     buf.release()
 
         wf.add_done_callback(undo)
-        return chain(wf, install, f"put {key}", note=f"while putting object {key!r}")
+        return chain(wf, lambda _n: self._install(p), f"put {key}", note=f"while putting object {key!r}")
+
+    def _install(self, p: "_PendingPut") -> dict:
+        """Make a written version current (unless a later put or delete of the key already took
+        effect) and commit it; runs on the engine worker that finished the write, not the
+        caller's thread: zlib drops the GIL, so the caller computes on while the checksum runs."""
+        crc = p.crc if p.crc is not None else segment_checksums(p.buf.padded[:p.nbytes], 0)
+        key, tier_name, ext = p.key, p.tier, Extent(p.tier, p.offset, p.length)
+        with self._lock:
+            old = self._objects.get(key)
+            stale = (p.version <= self._tombstones.get(key, 0)
+                     or (old is not None and (old.version != p.version if p.relocate is not None
+                                              else old.version > p.version)))
+            if stale:  # a later put or delete of this key already took effect
+                self._tiers[tier_name].space.give(p.offset, p.length)  # never named by a manifest
+                if p.give:
+                    p.buf.release()
+                return {"key": key, "version": p.version, "superseded": True}
+            if not p.sync and not p.ephemeral:
+                self._unsynced.add(tier_name)
+            self._gen += 1
+            gen = self._gen
+            if old is not None:  # a migration frees its old tier's blocks: they are not rewritten soon
+                self._unlink(old, superseded=p.relocate is None)
+            meta = ObjectMeta(key, p.kind, p.dtype, p.shape, p.nbytes, p.version, crc, ext, ephemeral=p.ephemeral)
+            self._objects[key] = meta
+            self._tiers[tier_name].objects += 1
+            if p.give and p.cache and self.cache_on_put:
+                meta.host = HostCopy(p.buf, p.version, ready=True)
+                self.host_policy.admit(Observation(key, p.length, p.kind, "write", "host"))
+            elif p.give:
+                p.buf.release()
+        if p.give:
+            self._notify_host()  # the cached copy is evictable from now on
+
+        def rollback() -> None:  # the manifest write failed: the previous version stays current
+            if self._objects.get(key) is not meta:
+                return
+            self._drop_host(meta)
+            self._tiers[tier_name].objects -= 1
+            if old is not None:
+                self._retired.remove(old.extent)
+                old.extent.retired_gen = None
+                self._tiers[old.extent.tier].objects += 1
+                self._objects[key] = old
+            else:
+                del self._objects[key]
+            ext.retired_gen = 0  # never committed: free as soon as no reader holds it
+            self._retired.append(ext)
+            self._free_retired()
+
+        if p.commit:
+            self._commit_through(gen, rollback)
+        with self._lock:
+            self.counters.puts += 1
+            self.counters.bytes_written[tier_name] = self.counters.bytes_written.get(tier_name, 0) + p.length
+        self._emit(key, p.nbytes, "write", p.kind, tier_name)
+        return meta.describe()
 
     def _reserve_extent(self, key: str, size: int, kind: str, tier: str | None) -> tuple[str, int]:
         if tier is not None:
@@ -926,9 +1044,10 @@ class TieredStore:
     def acquire(self, key: str, *, priority: Priority = Priority.DEMAND, wait: float | None = None) -> IOFuture:
         """A future of a :class:`Lease`: the object's host copy, pinned, zero-copy.
 
-        Raises KeyError at once for a key the store does not hold, and
-        OutOfBudget when host memory for the copy cannot be found within
-        ``wait`` seconds (default ``host_wait``; 0 for a prefetch that must not block).
+        Raises KeyError at once for a key the store does not hold, and HostBudgetError
+        (an OutOfBudget) naming the object when host memory for the copy cannot be found
+        within ``wait`` seconds (default ``host_wait``; 0 for a prefetch that must not block),
+        at once when the object is larger than the host tier.
         """
         self._check_open()
         copy, load, meta = self._pin_host_copy(key, priority, wait)
@@ -941,11 +1060,22 @@ class TieredStore:
 
     def get(self, key: str, *, tier: str = "host", out: torch.Tensor | None = None,
             priority: Priority = Priority.DEMAND) -> IOFuture:
-        """A future of a tensor the caller owns (a copy), on ``tier`` ("host" or "gpu")."""
+        """A future of a tensor the caller owns (a copy), on ``tier`` ("host" or "gpu").
+
+        An object larger than the host tier is read through it in pieces, into ``out`` or a new
+        tensor, before this returns (:meth:`acquire` of it fails: no lease can hold it)."""
         if tier not in ("host", "gpu"):
             raise StoreError(f"get({key!r}): tier must be 'host' or 'gpu', got {tier!r}")
         if tier == "gpu" and not torch.cuda.is_available():
             raise StoreError(f"get({key!r}, tier='gpu'): no CUDA device on this machine")
+        self._check_open()
+        with self._lock:
+            meta = self._objects.get(key)
+            big = meta is not None and not meta.extent.external and store_stream.too_big_for_host(self, meta.nbytes)
+            if big:
+                meta.extent.readers += 1
+        if big:
+            return self._get_streamed(meta, out, tier, priority)
         lease_f = self.acquire(key, priority=priority)
 
         def copy_out(lease: Lease) -> torch.Tensor:
@@ -963,6 +1093,28 @@ class TieredStore:
                 lease.release()
 
         return chain(lease_f, copy_out, f"get {key}")
+
+    def _get_streamed(self, meta: ObjectMeta, out: torch.Tensor | None, tier: str, priority: Priority) -> IOFuture:
+        """``get`` of an object larger than the host tier: read through it in pieces, before
+        returning (the caller holds ``meta.extent`` as a reader; released here)."""
+        try:
+            if out is not None and (tuple(out.shape) != meta.shape or out.dtype != meta.dtype):
+                raise StoreError(f"get({meta.key!r}): out has {out.dtype}{tuple(out.shape)}, object is "
+                                 f"{meta.dtype}{meta.shape}")
+            device = "cuda" if tier == "gpu" else "cpu"
+            result = store_stream.get_streamed(self, meta, out, device, priority)
+        except Exception as e:  # noqa: BLE001 - handed to the caller through the future
+            f = IOFuture(f"get {meta.key}")
+            if isinstance(e, OutOfBudget) and not isinstance(e, StoreError):
+                e = HostBudgetError(f"get({meta.key!r}) of {meta.nbytes} bytes through the host tier: {e}")
+            elif not isinstance(e, StoreError):
+                e = StoreError(f"get({meta.key!r}) of {meta.nbytes} bytes through the host tier: {e}")
+            f.set_exception(e)
+            return f
+        finally:
+            self._release_extent(meta.extent)
+        self._emit(meta.key, meta.nbytes, "read", meta.kind, meta.extent.tier)
+        return completed(result, f"get {meta.key}")
 
     def prefetch(self, key: str) -> IOFuture:
         """Bring ``key`` into the host tier at prefetch priority.
@@ -1039,7 +1191,10 @@ class TieredStore:
 
         load.add_done_callback(finish)
         try:
-            buf = self._alloc_host(meta.nbytes if window is None else window, wait)
+            try:
+                buf = self._alloc_host(meta.nbytes if window is None else window, wait)
+            except OutOfBudget as e:
+                raise HostBudgetError(f"object {key!r} ({meta.nbytes} bytes): {e}") from e
             copy.buffer, copy.start = buf, lead
             length = len(buf.padded) if window is None else lead + meta.nbytes  # externals end anywhere
             if ext.external and _file_identity(src_file) != ext.identity:
@@ -1201,8 +1356,8 @@ class TieredStore:
                     if not current:
                         out.set_result({"key": key, "superseded": True})
                         return
-                    kind = meta.kind
-                inner = self._put(key, lease.tensor, kind, tier, relocate=lease._version)
+                    kind, ephemeral = meta.kind, meta.ephemeral
+                inner = self._put(key, lease.tensor, kind, tier, relocate=lease._version, ephemeral=ephemeral)
             except BaseException as e:  # noqa: BLE001
                 out.set_exception(e)
                 return
@@ -1231,6 +1386,25 @@ class TieredStore:
             self._unlink(meta)
         self._commit_through(gen)
         self._emit(key, meta.nbytes, "delete", meta.kind, None)
+
+    def delete_prefix(self, prefix: str) -> list[str]:
+        """Remove every key starting with ``prefix`` (one manifest commit); the keys removed."""
+        self._check_open()
+        with self._lock:
+            doomed = [m for k, m in self._objects.items() if k.startswith(prefix)]
+            gen = self._remove(doomed)
+        self._commit_through(gen)
+        for meta in doomed:
+            self._emit(meta.key, meta.nbytes, "delete", meta.kind, None)
+        return [m.key for m in doomed]
+
+    def check(self, repair: bool = False) -> dict:
+        """Read every object and verify its crc32s, and find the blocks of the data files that no
+        manifest entry names (left by a crash mid-put). ``repair`` deletes the corrupt objects and
+        gives those blocks back (hole punch). Returns what was found and done: see
+        :func:`tiered.store_check.check_store`."""
+        self._check_open()
+        return store_check.check_store(self, repair)
 
     # -- inspection ----------------------------------------------------------------
     def __contains__(self, key: str) -> bool:

@@ -1,0 +1,150 @@
+"""Which stores this process has open, for :meth:`TieredStore.shared` and for lock errors.
+
+A store directory is locked (``flock``) by one open store at a time. Within one
+process, clients that want the same store (an offload wrapper, an optimizer, a KV
+cache) share one instance through :meth:`TieredStore.shared`, which counts its
+users; the last ``close()`` closes it. The lock file holds the pid of the process
+that holds it, so a refused open can say who holds the store.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .store import TieredStore
+
+_lock = threading.Lock()  # guards _open
+_shared_lock = threading.Lock()  # held while a shared store is looked up, opened or closed
+_open: dict[str, "TieredStore"] = {}  # resolved root directory -> the store of this process that has it open
+_pid = os.getpid()
+
+
+def _forget_after_fork() -> None:
+    """A fork child holds none of its parent's stores (their threads did not survive the fork)."""
+    global _lock, _shared_lock, _pid
+    _lock, _shared_lock = threading.Lock(), threading.Lock()
+    _open.clear()
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def root_key(root: Path) -> str:
+    return os.path.realpath(root)
+
+
+def lock_directory(store: "TieredStore", lock_path: Path) -> int:
+    """Take the store's directory lock and write our pid into it; a clear StoreError naming the
+    holder when it is taken (another process's pid, or this process's own open store)."""
+    from .store import StoreError
+
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise StoreError(_held_message(store.root, lock_path, holder)) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with _lock:
+        _open[root_key(store.root)] = store
+    return fd
+
+
+def _held_message(root: Path, lock_path: Path, holder: str) -> str:
+    with _lock:
+        mine = _open.get(root_key(root))
+    if mine is not None:
+        how = ("a TieredStore.shared() store; get it with TieredStore.shared(config)" if mine._shared_users
+               else "a TieredStore opened with open(); close() it first, or open every user of the "
+                    "directory with TieredStore.shared(config) to share one store")
+        return f"store at {root} is already open in this process (pid {os.getpid()}) by {how} (lock {lock_path})"
+    who = f"pid {holder}" if holder.isdigit() else "pid unknown"
+    return f"store at {root} is open in another process ({who}; lock {lock_path})"
+
+
+def unlock_directory(store: "TieredStore", fd: int) -> None:
+    with _lock:
+        if _open.get(root_key(store.root)) is store:
+            del _open[root_key(store.root)]
+    os.close(fd)
+
+
+def shared_store(cls: type, config: Any, kwargs: dict) -> "TieredStore":
+    """The open store of this process for ``config``'s directories (one more user), or a new one."""
+    from .config import load_config
+    from .store import StoreError
+
+    cfg = load_config(config)
+    if not cfg.storage_tiers:
+        raise StoreError(f"{cfg.source}: the store needs at least one storage tier")
+    with _shared_lock:
+        return _shared_store(cls, cfg, kwargs)
+
+
+def _shared_store(cls: type, cfg: Any, kwargs: dict) -> "TieredStore":
+    from .store import StoreError
+
+    with _lock:
+        store = _open.get(root_key(Path(cfg.storage_tiers[0].path)))
+    if store is None:
+        store = cls(cfg, **kwargs)
+        store._shared_users = 1
+        store._shared_kwargs = dict(kwargs)
+        try:
+            return store.open()
+        except BaseException:
+            store._shared_users = 0
+            raise
+    if not store._shared_users:
+        raise StoreError(_held_message(store.root, store.root / ".lock", str(os.getpid())))
+    diff = config_differences(store.config, cfg) + [
+        f"{k}: {store._shared_kwargs.get(k)!r} (open) vs {kwargs.get(k)!r} (asked)"
+        for k in sorted(set(store._shared_kwargs) | set(kwargs))
+        if store._shared_kwargs.get(k) != kwargs.get(k)]
+    if diff:
+        raise StoreError(f"store at {store.root} is open in this process with another config "
+                         f"({store.config.source}) than the one asked for ({cfg.source}); differing: "
+                         + "; ".join(diff))
+    store._shared_users += 1
+    return store
+
+
+def close_shared(store: "TieredStore") -> None:
+    """One user of a shared store is done; the last one closes it."""
+    with _shared_lock:
+        store._shared_users -= 1
+        if store._shared_users == 0:
+            store._close_now()
+
+
+def config_differences(a: Any, b: Any) -> list[str]:
+    """``key: a vs b`` for each setting the store uses (tiers, engine, policy) that differs."""
+    fa, fb = _flat(_store_part(a.to_dict())), _flat(_store_part(b.to_dict()))
+    return [f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def _store_part(d: dict) -> dict:
+    return {k: d[k] for k in ("tiers", "engine", "policy") if k in d}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if k.endswith("_human"):
+            continue
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
