@@ -129,3 +129,26 @@ def test_open_releases_retentions_and_objects_an_interrupted_save_left(tmp_path)
             assert set(store.retained()) == committed and store.keys() == ["user/w"]
             assert used(store) == base + 4096  # the leftover's 4 MiB were freed
             assert torch.equal(ck.load()["x"], torch.ones(3))
+
+
+def test_without_store_it_shares_the_process_store_and_leaves_it_to_the_other_users(tmp_path):
+    c = cfg(tmp_path)
+    other = TieredStore.shared(c)  # e.g. the offload wrapper's
+    try:
+        with LazyCheckpointer(c) as ck:
+            assert ck.store is other
+            ck.save({"x": torch.ones(3)}, 1).wait(T)
+        other.put("k", torch.ones(2)).result(T)  # still open for its other user
+        assert len(other.retained()) == 1
+    finally:
+        other.close()
+
+
+def test_a_save_of_many_tensors_costs_a_few_store_commits(tmp_path):
+    """One retain makes every piece durable and one delete_prefix forgets the keys: the store's
+    manifest is not rewritten once per tensor."""
+    with TieredStore(cfg(tmp_path)) as store, LazyCheckpointer(store=store) as ck:
+        before = store.stats()["commits"]
+        ck.save({f"t{i}": torch.full((100,), float(i)) for i in range(50)}, 1).wait(T)
+        assert store.stats()["commits"] - before <= 3
+        assert store.keys() == []

@@ -7,7 +7,8 @@ checkpoints loadable, and the next ``open`` removes what the save left):
 2. ``store.retain(tag, keys)``: one store commit (one fdatasync per tier, one store
    manifest) makes the pieces durable and keeps those exact versions for the tag;
 3. write the checkpoint manifest (the commit point), naming the tag and the records;
-4. delete the piece keys from the store's object table: the retention keeps the bytes.
+4. delete the piece keys from the store's object table (``delete_prefix``: one store
+   commit): the retention keeps the bytes.
 
 Retiring a step removes its manifest (then fsyncs the directory), then releases its tag:
 the store frees the extents, so the storage tier's ``used`` falls by the step's size.
@@ -19,7 +20,6 @@ import logging
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from io_engine import gather
@@ -33,7 +33,6 @@ from .snapshot import _COPIED, _PENDING, CheckpointHandle
 
 log = logging.getLogger("tiered.checkpoint")
 
-DELETE_THREADS = 8  # concurrent store deletes after a commit (see Levels._delete_keys)
 PART_FIELDS = ("key", "version", "tier", "offset", "nbytes", "crc32")
 
 
@@ -71,7 +70,7 @@ class Levels:
             with self._lock:
                 self._cold_busy[h.step] += 1
         try:  # committed: a failure from here on is not this save's, and must not undo it
-            self._delete_keys(keys)
+            self.store.delete_prefix(h.key_prefix)  # one store commit; the retention keeps the bytes
             if old is not None:  # the same step saved again: its previous bytes are unreferenced now
                 self._drop(self.directory, old)
             self._retire(self.directory, self.keep_last)
@@ -81,22 +80,6 @@ class Levels:
             failed.durable.set_exception(e)
             self._record_failure(failed, CheckpointError(f"retention after step {h.step}: {e}"))
         h.durable.set_result({"step": h.step, "manifest": str(mpath), "bytes": h.stats["bytes"]})
-
-    def _delete_keys(self, keys: list[str]) -> None:
-        """Forget the piece objects; a retention (if any) keeps their extents.
-
-        Each ``store.delete`` commits the store's manifest. Called from a few threads at once,
-        the deletes that arrive while one manifest write runs share the next (the store's group
-        commit), so a save of many tensors costs a few manifest writes rather than one per piece."""
-        keys = [k for k in keys if k in self.store]
-        if len(keys) <= 1:
-            for key in keys:
-                self.store.delete(key)
-            return
-        with ThreadPoolExecutor(max_workers=min(DELETE_THREADS, len(keys)),
-                                thread_name_prefix="tiered-ckpt-delete") as pool:
-            for fut in [pool.submit(self.store.delete, key) for key in keys]:
-                fut.result()
 
     # -- cold level ------------------------------------------------------------------
     def _cold_copy(self, h) -> dict:
@@ -175,8 +158,7 @@ class Levels:
         stale_tags = [t for t in self.store.retained(self._tag_prefix) if t not in keep_tags]
         for tag in stale_tags:
             self.store.release(tag)
-        stale_keys = [k for k in self.store.keys() if k.startswith(self._key_prefix)]
-        self._delete_keys(stale_keys)
+        stale_keys = self.store.delete_prefix(self._key_prefix)
         removed = 0
         if self.cold_directory is not None:
             removed = remove_stale_temps(self.cold_directory)
@@ -228,7 +210,7 @@ class Levels:
             gather(h.writes).exception()
         finally:
             try:
-                self._delete_keys([p.key for p in h.pieces])
+                self.store.delete_prefix(h.key_prefix)
                 self.store.release(h.retain_tag)
             finally:
                 if h.durable.set_running_or_notify_cancel():

@@ -428,7 +428,7 @@ def _key_prefix(name: str, dir_id: str) -> str:
 
 
 def _open_store(config: Config, backend: Any):
-    """A store for ``config`` that this checkpointer closes on close."""
+    """This process's store for ``config`` (shared with its other clients); closed once by ``close``."""
     from ..store import TieredStore
 
-    return TieredStore(config, backend=backend).open()
+    return TieredStore.shared(config, **({"backend": backend} if backend is not None else {}))
