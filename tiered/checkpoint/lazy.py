@@ -40,7 +40,7 @@ from io_engine import IOFuture
 
 from ..config import Config, load_config
 from ..sizes import parse_size
-from .commit import Levels, commit_order
+from .commit import Levels, commit_order, part_record
 from .format import SEGMENT, CheckpointError, StoreRef, committed_steps, dtype_name, encode_tree
 from .host import CheckpointHost
 from .load import Loading
@@ -268,8 +268,6 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
     def _plan(self, h: CheckpointHandle, tensors: list, located: list[dict], guarded: set[int] | None):
         """Cut the tensors into pieces (not copied yet); returns the manifest records (their
         ``pieces`` become ``parts`` at commit) and the pieces to copy at once (unguarded tensors)."""
-        from .commit import part_record
-
         eager: list[_Piece] = []
         events: dict = {}
         records: list[dict] = []
