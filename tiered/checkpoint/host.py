@@ -65,9 +65,10 @@ class CheckpointHost:
         self.returned(n)
 
     def prefault(self) -> int:
-        """Touch the host-tier memory the snapshots will use (up to the budget; cached copies are
-        evicted for it as a snapshot would), so the first snapshot's copies do not run into page
-        faults (huge-page faults cost ~1 s per 100 MiB on a busy machine). Returns the bytes touched."""
+        """Touch up to the budget of host-tier memory (cached copies are evicted for it as a
+        snapshot would) so that fewer of the first snapshot's copies run into page faults.
+        Returns the bytes touched. Partial where the host tier is larger than the budget: the
+        arena hands large buffers out ring-wise, so the next snapshot starts after this range."""
         bufs = []
         try:
             while self.budget.free >= SEGMENT:
