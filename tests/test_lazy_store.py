@@ -87,7 +87,8 @@ def test_snapshots_use_the_store_host_tier_within_host_buffer_and_no_own_engine(
             orig = cls.open
             monkeypatch.setattr(cls, "open", lambda self, orig=orig: opened.append(type(self).__name__) or orig(self))
         sd = {f"t{i}": torch.full((2 * MiB,), float(i)) for i in range(5)}  # 40 MiB through an 8 MiB budget
-        with LazyCheckpointer(store=store, host_buffer="8MiB") as ck:
+        # prefault=False: it touches (and so holds for a moment) all the free host memory
+        with LazyCheckpointer(store=store, host_buffer="8MiB", prefault=False) as ck:
             ck.save(sd, 1).wait(T)
             got = ck.load(1)
         assert opened == []
@@ -152,3 +153,13 @@ def test_a_save_of_many_tensors_costs_a_few_store_commits(tmp_path):
         ck.save({f"t{i}": torch.full((100,), float(i)) for i in range(50)}, 1).wait(T)
         assert store.stats()["commits"] - before <= 3
         assert store.keys() == []
+
+
+def test_prefault_touches_the_free_host_tier_without_evicting_cached_copies(tmp_path):
+    with TieredStore(cfg(tmp_path, host="64MiB")) as store:
+        store.put("user/w", torch.ones(MiB)).result(T)  # cached in the host tier
+        with LazyCheckpointer(store=store, host_buffer="8MiB") as ck:
+            assert store.meta("user/w")["in_host"]
+            assert store.stats()["tiers"]["host"]["peak"] == 64 * MiB  # everything free was touched
+            ck.save({"x": torch.ones(10)}, 1).wait(T)
+        assert store.stats()["tiers"]["host"]["used"] == 4 * MiB
