@@ -163,3 +163,30 @@ def test_prefault_touches_the_free_host_tier_without_evicting_cached_copies(tmp_
             assert store.stats()["tiers"]["host"]["peak"] == 64 * MiB  # everything free was touched
             ck.save({"x": torch.ones(10)}, 1).wait(T)
         assert store.stats()["tiers"]["host"]["used"] == 4 * MiB
+
+
+def test_a_format_1_checkpoint_with_its_own_data_file_is_loaded_and_retired(tmp_path):
+    """Written by the earlier checkpointer (its own data file next to the manifest, reproduced
+    here byte for byte): loaded, checksums checked, and retired with its data file."""
+    import json
+    import zlib
+
+    c = cfg(tmp_path)
+    d = tmp_path / "nvme" / "checkpoints" / "default"
+    d.mkdir(parents=True)
+    x = torch.arange(3000, dtype=torch.float32)
+    raw = x.numpy().tobytes()
+    (d / "step-000000000005-0a0b0c0d.data").write_bytes(raw + b"\0" * (align_up(len(raw)) - len(raw)))
+    doc = {"format": "tiered-checkpoint", "format_version": 1, "step": 5, "segment": 8 * MiB, "created": 1.0,
+           "data_file": "step-000000000005-0a0b0c0d.data", "retain_tag": None,
+           "tensors": [{"name": "x", "dtype": "float32", "shape": [3000], "nbytes": len(raw),
+                        "file": "step-000000000005-0a0b0c0d.data", "offset": 0, "crc32": [zlib.crc32(raw)]}],
+           "tree": {"t": "dict", "items": [["x", {"t": "tensor", "i": 0}], ["epoch", {"t": "v", "v": 2}]]}}
+    (d / "step-000000000005.json").write_text(json.dumps(doc))
+    with LazyCheckpointer(c, keep_last=1) as ck:
+        assert ck.steps() == {5: "storage"}
+        got = ck.load()
+        assert torch.equal(got["x"], x) and got["epoch"] == 2
+        ck.save({"x": torch.zeros(3)}, 6).wait(T)  # retires step 5
+        assert ck.steps() == {6: "storage"}
+        assert not list(d.glob("*.data"))

@@ -146,6 +146,10 @@ class Levels:
             path = directory / doc["zarr"]
             if path.is_dir():
                 shutil.rmtree(path)
+        if doc.get("data_file"):  # format 1
+            path = directory / doc["data_file"]
+            self.store.engine.forget(path)
+            path.unlink(missing_ok=True)
         if doc.get("retain_tag"):
             self.store.release(doc["retain_tag"])
 

@@ -41,6 +41,9 @@ import torch
 
 FORMAT = "tiered-checkpoint"
 FORMAT_VERSION = 2  # 2: tensor bytes are retained store objects ("parts")
+#: 1: tensor bytes in the checkpoint's own data file (``data_file``; each tensor names ``file``
+#: and ``offset``): still loaded and retired, no longer written
+READ_VERSIONS = (1, 2)
 SEGMENT = 8 << 20  # bytes per checksum (and per copy piece); equal to the store's segment
 MANIFEST_RE = re.compile(r"^step-(\d{12})\.json$")
 COLD_RE = re.compile(r"^step-(\d{12})-[0-9a-f]+\.zarr$")
@@ -158,20 +161,24 @@ def read_manifest(path: Path) -> dict:
         raise CheckpointError(f"{path}: manifest is not valid JSON ({e})") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} manifest")
-    if doc.get("format_version") != FORMAT_VERSION:
+    if doc.get("format_version") not in READ_VERSIONS:
         raise CheckpointError(f"{path}: format_version {doc.get('format_version')!r}, this reader "
-                              f"understands {FORMAT_VERSION}")
+                              f"understands {', '.join(map(str, READ_VERSIONS))}")
     for field in ("step", "segment", "tensors", "tree"):
         if field not in doc:
             raise CheckpointError(f"{path}: manifest has no {field!r} field")
     for i, t in enumerate(doc["tensors"]):
-        _check_tensor(path, i, t, cold=bool(doc.get("zarr")))
+        layout = "cold" if doc.get("zarr") else ("file" if doc["format_version"] == 1 else "parts")
+        _check_tensor(path, i, t, layout)
     return doc
 
 
-def _check_tensor(path: Path, i: int, t: dict, cold: bool) -> None:
+_LAYOUT_FIELDS = {"cold": ("array", "crc32", "segment"), "file": ("file", "offset", "crc32"), "parts": ("parts",)}
+
+
+def _check_tensor(path: Path, i: int, t: dict, layout: str) -> None:
     """A tensor record has what loading it needs, and its sizes agree with its dtype and shape."""
-    fields = ("name", "dtype", "shape", "nbytes") + (("array", "crc32", "segment") if cold else ("parts",))
+    fields = ("name", "dtype", "shape", "nbytes") + _LAYOUT_FIELDS[layout]
     missing = [k for k in fields if k not in t]
     if missing:
         raise CheckpointError(f"{path}: tensor #{i} lacks {', '.join(missing)}: {t!r}")
@@ -180,7 +187,7 @@ def _check_tensor(path: Path, i: int, t: dict, cold: bool) -> None:
     if expect != t["nbytes"]:
         raise CheckpointError(f"{path}: tensor {t['name']!r}: {t['dtype']}{tuple(t['shape'])} needs "
                               f"{expect} bytes, manifest says {t['nbytes']}")
-    if cold:
+    if layout != "parts":
         return
     for part in t["parts"]:
         missing = [k for k in ("key", "version", "tier", "offset", "nbytes", "crc32") if k not in part]

@@ -7,13 +7,14 @@ its host tier; a cold-level step from its zarr group.
 
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._io import read_parts
+from ._io import read_parts, read_verified
 from .format import (
     SEGMENT, CheckpointChecksumError, CheckpointError, decode_tree, dtype_from, dtype_name, encode_tree,
     manifest_name, read_manifest,
@@ -50,6 +51,11 @@ class Loading:
 
             def read(t, put, where):
                 _read_cold(group[t["array"]], t, put, where, zpath)
+        elif doc["format_version"] == 1:  # the checkpoint's own data file
+            def read(t, put, where):
+                path = t["file"] if os.path.isabs(t["file"]) else str(directory / t["file"])
+                read_verified(self.store.engine, self.host.loans(), path, t["offset"], t["nbytes"], t["crc32"],
+                              t.get("segment", doc["segment"]), put, where, self.host_wait)
         else:
             paths = self._retained_paths(doc, mpath)
 
