@@ -10,7 +10,8 @@ AdamW on random tokens (>= 1 GB of parameters + optimizer state), checkpointed e
 - ``dcp.async_save``: the same, asynchronous (state staged to CPU memory on the caller's
   thread; the previous save is awaited before the next, as DCP requires);
 - ``dcp.async_save+tiered``: ``dcp.async_save`` with ``TieredStorageWriter``;
-- ``lazy``: ``tiered.checkpoint.LazyCheckpointer`` (attached to the optimizer).
+- ``lazy``: ``tiered.checkpoint.LazyCheckpointer`` (attached to the optimizer), writing through a
+  ``TieredStore`` whose host tier holds its ``host_buffer`` and 64 MiB more.
 
 Per contender: stall per checkpoint (time the training thread is blocked by the
 checkpoint: the save call, waits for an earlier save, and for ``lazy`` the optimizer
@@ -201,7 +202,9 @@ class Lazy(Contender):
         from tiered.checkpoint import LazyCheckpointer
 
         super().open()
-        cfg = {"tiers": {"host": {"capacity": "64MiB"}, "nvme": {"path": str(self.root), "capacity": "64GiB"}},
+        # the snapshot buffers come from the store's host tier: room for host_buffer and a little more
+        cfg = {"tiers": {"host": {"capacity": self.host_buffer + (64 << 20)},
+                         "nvme": {"path": str(self.root), "capacity": "64GiB"}},
                "engine": {"workers": 4}}
         self.ck = LazyCheckpointer(cfg, keep_last=2, host_buffer=self.host_buffer).open()
         self.ck.attach(self.opt)

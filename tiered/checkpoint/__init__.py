@@ -1,7 +1,8 @@
 """Checkpoints on the tiers: lazy, asynchronous, multi-level, crash-safe (issue 8).
 
 - :class:`LazyCheckpointer` — ``save`` returns at once; tensors are snapshotted in the
-  background before the optimizer mutates them; host -> storage -> optional zarr cold tier.
+  background before the optimizer mutates them, written through the :class:`~tiered.TieredStore`
+  (its host tier, then retained objects on a storage tier) -> optional zarr cold tier.
 - :class:`TieredStorageWriter` / :class:`TieredStorageReader` — the same crash safety and
   tiers behind ``torch.distributed.checkpoint`` (``dcp.save`` / ``dcp.async_save``).
 """

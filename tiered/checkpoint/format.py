@@ -1,25 +1,29 @@
-"""The on-disk form of a checkpoint: raw tensor bytes in a data file, and a JSON manifest.
+"""The on-disk form of a checkpoint: tensor bytes kept by the store, and a JSON manifest.
 
-A checkpoint directory holds, per committed step, ``step-<step>.json`` (the manifest)
-and the data file it names (``step-<step>-<token>.data``). The manifest is the commit
-point: it is written (temp -> fsync -> rename -> fsync dir, :mod:`tiered.atomic`) only
-after every byte it names is durable, so a directory listing shows a step only when it
-is complete. A data file no manifest names is a leftover of an interrupted save and is
-deleted at the next start. Nothing is pickled: tensors are raw bytes, the rest of the
+A checkpoint's tensor bytes are objects of the :class:`~tiered.TieredStore` (on one of
+its storage tiers, within its capacity), kept by a retention tag
+(``TieredStore.retain``) after their keys are deleted. The checkpoint directory holds,
+per committed step, ``step-<step>.json`` (the manifest): written (temp -> fsync ->
+rename -> fsync dir, :mod:`tiered.atomic`) only after the store has made every byte it
+names durable and retained, so a directory listing shows a step only when it is
+complete. A retention tag no manifest names is a leftover of an interrupted save and is
+released at the next start. Nothing is pickled: tensors are raw bytes, the rest of the
 state dict (ints, floats, strings, nesting) is JSON in the manifest's ``tree``.
 
-Manifest (``format_version`` 1)::
+Storage manifest (``format_version`` 2); a tensor is the concatenation of its ``parts``,
+each one retained version of a store object (pieces of at most ``segment`` bytes, or
+the whole object a :class:`StoreRef` names), with the crc32 of each ``segment`` bytes::
 
-    {"format": "tiered-checkpoint", "format_version": 1, "step": 42, "segment": 8388608,
+    {"format": "tiered-checkpoint", "format_version": 2, "step": 42, "segment": 8388608,
+     "retain_tag": "ckpt:1a2b3c4d:42:ab12cd34", "created": 1700000000.0,
      "tensors": [{"name": "model/w", "dtype": "float32", "shape": [4, 4], "nbytes": 64,
-                  "file": "step-000000000042-ab12.data", "offset": 0,
-                  "crc32": [...one per segment...]}, ...],
-     "tree": {"t": "dict", "items": [["model", {"t": "dict", "items": [["w", {"t": "tensor", "i": 0}]]}]]},
-     "retain_tag": null}
+                  "parts": [{"key": "ckpt/default/1a2b3c4d/42-ab12cd34/0", "version": 1,
+                             "tier": "nvme", "offset": 8192, "nbytes": 64, "crc32": [...]}]}, ...],
+     "tree": {"t": "dict", "items": [["model", {"t": "dict", "items": [["w", {"t": "tensor", "i": 0}]]}]]}}
 
-A tensor held by a :class:`~tiered.TieredStore` is recorded by reference: ``file`` is
-the store's absolute data file path, ``ref`` names the key, version and retention tag,
-and the store keeps that extent until the checkpoint is retired.
+Cold manifest (same fields, ``zarr`` names the step's zarr group, no ``retain_tag``):
+each tensor has ``array`` (a uint8 zarr array in that group), ``crc32`` (one per
+``segment``) and ``segment``.
 """
 
 from __future__ import annotations
@@ -29,16 +33,19 @@ import math
 import os
 import re
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 FORMAT = "tiered-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensor bytes are retained store objects ("parts")
+#: 1: tensor bytes in the checkpoint's own data file (``data_file``; each tensor names ``file``
+#: and ``offset``): still loaded and retired, no longer written
+READ_VERSIONS = (1, 2)
 SEGMENT = 8 << 20  # bytes per checksum (and per copy piece); equal to the store's segment
 MANIFEST_RE = re.compile(r"^step-(\d{12})\.json$")
-DATA_RE = re.compile(r"^step-(\d{12})-[0-9a-f]+\.data$")
 COLD_RE = re.compile(r"^step-(\d{12})-[0-9a-f]+\.zarr$")
 
 
@@ -52,10 +59,6 @@ class CheckpointChecksumError(CheckpointError):
 
 def manifest_name(step: int) -> str:
     return f"step-{step:012d}.json"
-
-
-def data_name(step: int, token: str) -> str:
-    return f"step-{step:012d}-{token}.data"
 
 
 def cold_name(step: int, token: str) -> str:
@@ -133,9 +136,16 @@ def decode_tree(node: Any, tensors: list, where: str) -> Any:
     raise CheckpointError(f"{where}: unknown tree node type {t!r}")
 
 
-def _is_ref(obj: Any) -> bool:
-    from .lazy import StoreRef  # circular at import time only
+@dataclass(frozen=True)
+class StoreRef:
+    """A state-dict entry whose current version lives in ``store`` under ``key``:
+    checkpointed by reference to its extent, never read back."""
 
+    store: Any  # TieredStore
+    key: str
+
+
+def _is_ref(obj: Any) -> bool:
     return isinstance(obj, StoreRef)
 
 
@@ -151,22 +161,47 @@ def read_manifest(path: Path) -> dict:
         raise CheckpointError(f"{path}: manifest is not valid JSON ({e})") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} manifest")
-    if doc.get("format_version") != FORMAT_VERSION:
+    if doc.get("format_version") not in READ_VERSIONS:
         raise CheckpointError(f"{path}: format_version {doc.get('format_version')!r}, this reader "
-                              f"understands {FORMAT_VERSION}")
+                              f"understands {', '.join(map(str, READ_VERSIONS))}")
     for field in ("step", "segment", "tensors", "tree"):
         if field not in doc:
             raise CheckpointError(f"{path}: manifest has no {field!r} field")
     for i, t in enumerate(doc["tensors"]):
-        missing = [k for k in ("name", "dtype", "shape", "nbytes", "crc32") if k not in t]
-        if missing:
-            raise CheckpointError(f"{path}: tensor #{i} lacks {', '.join(missing)}: {t!r}")
-        dtype = dtype_from(t["dtype"], f"{path}: tensor {t['name']!r}")
-        expect = math.prod(t["shape"]) * torch.empty((), dtype=dtype).element_size()
-        if expect != t["nbytes"]:
-            raise CheckpointError(f"{path}: tensor {t['name']!r}: {t['dtype']}{tuple(t['shape'])} needs "
-                                  f"{expect} bytes, manifest says {t['nbytes']}")
+        layout = "cold" if doc.get("zarr") else ("file" if doc["format_version"] == 1 else "parts")
+        _check_tensor(path, i, t, layout)
     return doc
+
+
+_LAYOUT_FIELDS = {"cold": ("array", "crc32", "segment"), "file": ("file", "offset", "crc32"), "parts": ("parts",)}
+
+
+def _check_tensor(path: Path, i: int, t: dict, layout: str) -> None:
+    """A tensor record has what loading it needs, and its sizes agree with its dtype and shape."""
+    fields = ("name", "dtype", "shape", "nbytes") + _LAYOUT_FIELDS[layout]
+    missing = [k for k in fields if k not in t]
+    if missing:
+        raise CheckpointError(f"{path}: tensor #{i} lacks {', '.join(missing)}: {t!r}")
+    dtype = dtype_from(t["dtype"], f"{path}: tensor {t['name']!r}")
+    expect = math.prod(t["shape"]) * torch.empty((), dtype=dtype).element_size()
+    if expect != t["nbytes"]:
+        raise CheckpointError(f"{path}: tensor {t['name']!r}: {t['dtype']}{tuple(t['shape'])} needs "
+                              f"{expect} bytes, manifest says {t['nbytes']}")
+    if layout != "parts":
+        return
+    for part in t["parts"]:
+        missing = [k for k in ("key", "version", "tier", "offset", "nbytes", "crc32") if k not in part]
+        if missing:
+            raise CheckpointError(f"{path}: tensor {t['name']!r}: a part lacks {', '.join(missing)}: {part!r}")
+    held = sum(part["nbytes"] for part in t["parts"])
+    if held != t["nbytes"]:
+        raise CheckpointError(f"{path}: tensor {t['name']!r}: its parts hold {held} bytes, it needs {t['nbytes']}")
+
+
+def tensor_crcs(t: dict) -> list[int]:
+    """crc32 of each SEGMENT of a storage tensor: its parts' lists joined (every part but the
+    last is a whole number of segments long)."""
+    return [c for part in t["parts"] for c in part["crc32"]] or segment_crcs(b"")
 
 
 def committed_steps(directory: Path) -> dict[int, Path]:
@@ -183,13 +218,11 @@ def committed_steps(directory: Path) -> dict[int, Path]:
     return out
 
 
-def referenced_files(manifests: dict[int, Path]) -> set[str]:
-    """Names of the data files (or zarr directories) the committed manifests use."""
-    names = set()
-    for p in manifests.values():
-        doc = read_manifest(p)
-        if doc.get("data_file"):
-            names.add(doc["data_file"])
-        if doc.get("zarr"):
-            names.add(doc["zarr"])
-    return names
+def referenced_zarrs(manifests: dict[int, Path]) -> set[str]:
+    """Names of the zarr directories the committed (cold) manifests use."""
+    return {doc["zarr"] for doc in map(read_manifest, manifests.values()) if doc.get("zarr")}
+
+
+def retain_tags(manifests: dict[int, Path]) -> set[str]:
+    """The store retention tags the committed (storage) manifests name."""
+    return {doc["retain_tag"] for doc in map(read_manifest, manifests.values()) if doc.get("retain_tag")}
