@@ -148,10 +148,13 @@ def test_two_models_of_different_sizes_leave_each_other_room_to_stream(tmp_path)
     tiered.offload(b, cfg)
     _fail_fast(a)
     try:
-        assert tiered.offload_stats(b)["resident_bytes"] > 0
+        resident_b = tiered.offload_stats(b)["resident_bytes"]
+        assert resident_b > 0
         for _ in range(2):
             assert torch.equal(_logits(b), want_b)
             assert torch.equal(_logits(a), want_a)
+        # B planned its residents around A's streaming room: A never had to take them back
+        assert tiered.offload_stats(b)["resident_bytes"] == resident_b
     finally:
         tiered.detach(a)
         tiered.detach(b)
@@ -299,3 +302,36 @@ def test_offloading_again_over_kept_objects_keeps_them_durable(tmp_path):
         assert not any(k in store for k in keys)
     finally:
         tiered.detach(keeper)
+
+
+def test_a_forward_that_finds_no_room_takes_back_an_idle_models_residents(tmp_path):
+    cfg = make_cfg(tmp_path, "4MiB", resident=True)
+    a, b = _llama(0, hidden=256, layers=4), _llama(1, hidden=64, layers=16)
+    want_a, want_b = _logits(a), _logits(b)
+    tiered.offload(a, cfg)
+    ra = a._tiered
+    store = ra.store
+    _fail_fast(a)
+    # another client of the store holds host memory next to A's residents, unknown to the plans
+    room = store.arena.capacity - ra.host_pinned_bytes() - max(u.nbytes for u in ra.units)
+    store.put("other/blob", torch.zeros(room // 2, dtype=torch.uint8)).result(timeout=30)
+    store.evict("other/blob")
+    store.trim()
+    store.arena.rewind()
+    lease = store.acquire("other/blob", wait=0.0).result(timeout=30)
+    try:
+        tiered.offload(b, cfg)  # its residents leave A's largest unit no room
+        assert tiered.offload_stats(b)["resident_bytes"] > 0
+        assert store.arena.stats().largest_free < max(u.nbytes for u in ra.units)
+        assert torch.equal(_logits(a), want_a)
+        lease.release()
+        lease = None
+        assert torch.equal(_logits(b), want_b)
+        assert torch.equal(_logits(a), want_a)
+    finally:
+        if lease is not None:
+            lease.release()
+        store.delete("other/blob")
+        tiered.detach(a)
+        if getattr(b, "_tiered", None) is not None:
+            tiered.detach(b)

@@ -1193,6 +1193,11 @@ def offload(model: nn.Module, config=None, *, units=None, layout: str | None = N
         for u in rt.units:  # drop the copies cached by the writes: residents then pack together
             if u.packed_key is not None:
                 rt.store.evict(u.packed_key)
+        if rt.config.offload.resident:
+            # and next to what is pinned already, so that the room left for streaming (this
+            # model's and the store's other models') stays one free range
+            rt.room_from_others()
+            rt._make_room()
         rt.pin_residents()
         rt.hold_residents()
         rt.install_hooks()
