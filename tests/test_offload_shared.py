@@ -79,10 +79,12 @@ def test_failed_from_pretrained_leaves_the_other_models_store_open(tmp_path):
     want = _logits(a)
     tiered.offload(a, cfg)
     store = a._tiered.store
+    keys = set(store.keys())
     try:
         with pytest.raises(OffloadError, match="smaller than unit"):
             tiered.from_pretrained(tmp_path / "big", cfg)
         assert store._opened and store._shared_users == 1
+        assert set(store.keys()) == keys, "the failed model left objects in the store"
         assert torch.equal(_logits(a), want)
     finally:
         tiered.detach(a)

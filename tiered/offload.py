@@ -330,7 +330,7 @@ class OffloadedModule:
         self._running = False  # a forward is in progress (root pre-hook to root post-hook)
         self._busy = 0  # state_dict() reads or detach() runs: other models leave our units alone
         self._orphaned = False  # dropped without detach, queued for cleanup (set without a lock)
-        self._durable: set[str] = set()  # packed keys kept (durable) before offload: written durable
+        self._durable: set[str] | None = None  # packed keys kept (durable) before offload: written durable
         self._stream_reserve = 0  # host bytes this model's forward needs beyond its pinned units
         self.name = type(model).__name__
 
@@ -397,6 +397,7 @@ class OffloadedModule:
     def note_durable(self) -> None:
         """Remember which of the model's packed objects a ``detach(keep=True)`` made durable: writing
         them again keeps them durable (else a crash would lose the only durable copy)."""
+        self._durable = set()
         for u in self.units:
             k = u.packed_key
             if k is not None and k in self.store:
@@ -408,7 +409,15 @@ class OffloadedModule:
                     self._durable.add(k)
 
     def _ephemeral(self, key: str) -> bool:
-        return key not in self._durable
+        return self._durable is None or key not in self._durable
+
+    def delete_scratch(self) -> None:
+        """After a failed ``offload``: delete the packed objects it wrote, but those kept before."""
+        if self._durable is None:
+            return
+        for key in dict.fromkeys(u.packed_key for u in self.units if u.packed_key is not None):
+            if key not in self._durable and key in self.store:
+                self.store.delete(key)
 
     def unbind_all(self) -> None:
         """Replace every unit tensor by a placeholder (frees the original memory)."""
@@ -1209,6 +1218,7 @@ def offload(model: nn.Module, config=None, *, units=None, layout: str | None = N
         finally:
             try:
                 rt.close_device_cache()
+                rt.delete_scratch()
             finally:
                 if opened:
                     store.close()

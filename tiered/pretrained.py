@@ -151,8 +151,8 @@ def from_pretrained(model_dir: str | os.PathLike, config=None, *, model_cls=None
     if owns:
         offload_life.collect()  # models dropped without detach give back their handles first
         store = TieredStore.shared(config)
+    external: dict[int, str] = {}  # id(parameter) -> its key, registered in the store
     try:
-        external: dict[int, str] = {}
         missing = []
         for name, p in model.named_parameters(remove_duplicate=False):
             if id(p) in external:
@@ -177,17 +177,17 @@ def from_pretrained(model_dir: str | os.PathLike, config=None, *, model_cls=None
             loc = _lookup(name, index, prefix)
             if loc is not None and loc.shape == tuple(buf.shape):
                 _load_buffer(store, _external_key(model, loc, name), buf, loc)
-    except BaseException:
-        if owns:
-            store.close()
-        raise
-    # offload closes nothing it was handed when it fails: the store is closed here, once
-    try:
+        # offload closes nothing it was handed when it fails: the store is closed below, once
         return offload(model, store=store, units=units, device=device, _external=external,
                        _owns_store=owns)
     except BaseException:
-        if owns:
-            store.close()
+        try:
+            for key in external.values():  # registered for this model only
+                if key in store:
+                    store.delete(key)
+        finally:
+            if owns:
+                store.close()
         raise
 
 
