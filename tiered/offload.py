@@ -390,7 +390,8 @@ class OffloadedModule:
                     blob[s.offset : s.offset + s.nbytes] = src.contiguous().reshape(-1).view(torch.uint8)
                 else:
                     s.view_in(blob).copy_(src)
-            futures.append(self.store.put(packed[0].key, blob, kind="weight", ephemeral=self._ephemeral(packed[0].key)))
+            key = packed[0].key
+            futures.append(self.store.put(key, blob, kind="weight", ephemeral=self._ephemeral(key)))
         for f in futures:
             f.result(timeout=_WAIT)
 
@@ -568,15 +569,18 @@ class OffloadedModule:
         return not (self._running or self._busy or self._finished or self._saved or self._bw_hold)
 
     def give_back_residents(self) -> int:
-        """Unpin every resident unit, unless busy: for another model of the store that finds no
-        room for a unit even with every prefetch given back. They stream from now on. The bytes given back."""
+        """Unpin the units kept in host memory, unless busy: for another model of the store that
+        finds no room for a unit even with every prefetch given back. They stream from now on.
+        The host bytes given back."""
         with self._idle_lock:
             if not self._idle():
                 return 0
             freed = 0
             for u in self.units:
-                if u.resident or u.host_resident:
+                if (u.resident and not self._two_level) or u.host_resident:
                     freed += u.nbytes
+                    self.stats.resident_bytes -= u.nbytes if u.resident else 0
+                    self.stats.host_resident_bytes -= u.nbytes if u.host_resident else 0
                     u.resident = u.host_resident = False
                     self._unbind(u)
                     self._drop_pending(u)
@@ -584,8 +588,6 @@ class OffloadedModule:
                     for lease in u.host_pins.values():
                         lease.release()
                     u.host_pins.clear()
-            self._resident_ranges = []
-            self.stats.resident_bytes = self.stats.host_resident_bytes = 0
             return freed
 
     def mark_busy(self) -> None:

@@ -33,7 +33,7 @@ from allocators import OutOfBudget
 from .offload import OffloadError
 
 if TYPE_CHECKING:
-    from .offload import OffloadedModule, _Slot, _Unit
+    from .offload import OffloadedModule, _Slot
 
 _WAIT = 600.0
 
