@@ -5,12 +5,15 @@ placeholders are refused with an error that says to detach first."""
 from __future__ import annotations
 
 import copy
+import gc
+import threading
+import weakref
 
 import pytest
 import torch
 
 import tiered
-from tiered import OffloadError
+from tiered import OffloadError, offload_state
 
 transformers = pytest.importorskip("transformers")
 
@@ -90,8 +93,8 @@ def test_state_dict_of_offloaded_model_is_the_real_weights(tmp_path, arch):
         first = next(n for n, _m in model.named_modules() if n.endswith("h.0") or n.endswith("layers.0"))
         sub = model.get_submodule(first).state_dict()
         _assert_same_state(sub, {k[len(first) + 1:]: v for k, v in want.items() if k.startswith(first + ".")})
-        kept = model.state_dict(keep_vars=True)  # the parameters themselves, as for any module
-        assert all(kept[n] is p for n, p in model.named_parameters())
+        with pytest.raises(OffloadError, match=r"keep_vars=True\) would return the placeholder"):
+            model.state_dict(keep_vars=True)  # the parameters themselves are placeholders
     finally:
         tiered.detach(model)
 
@@ -113,6 +116,67 @@ def test_tied_weights_share_one_tensor_in_the_state_dict(tmp_path):
     try:
         sd = model.state_dict()
         assert sd["lm_head.weight"].data_ptr() == sd["transformer.wte.weight"].data_ptr()
+    finally:
+        tiered.detach(model)
+
+
+def test_state_dict_of_a_module_inside_a_unit_is_the_real_weights(tmp_path):
+    model = _llama()
+    want = _state(model)
+    tiered.offload(model, make_cfg(tmp_path, HOST["llama"], resident=False))
+    try:
+        for name in ("model.layers.0.self_attn", "model.layers.1.mlp.up_proj", "model.layers.2.input_layernorm"):
+            sub = model.get_submodule(name).state_dict()
+            _assert_same_state(sub, {k[len(name) + 1:]: v for k, v in want.items() if k.startswith(name + ".")})
+    finally:
+        tiered.detach(model)
+
+
+def test_state_dict_into_a_plain_dict_keeps_no_copy_afterwards(tmp_path):
+    model = _llama()
+    want = _state(model)
+    tiered.offload(model, make_cfg(tmp_path, HOST["llama"]))
+    try:
+        sd = model.state_dict(destination={})
+        _assert_same_state(sd, want)
+        gone = weakref.ref(sd["model.layers.0.mlp.up_proj.weight"])
+        del sd
+        gc.collect()
+        assert gone() is None, "a copy of the weights outlived the state dict"
+    finally:
+        tiered.detach(model)
+
+
+def test_concurrent_state_dicts_each_keep_tied_weights_one_tensor(tmp_path, monkeypatch):
+    model = _gpt2()
+    want = _state(model)
+    tiered.offload(model, make_cfg(tmp_path, HOST["gpt2"]))
+    both_inside = threading.Barrier(2, timeout=20)
+    met = threading.local()
+    acquire = offload_state._acquire
+
+    def meet_then_acquire(rt, key):  # both calls are in the middle of filling their dicts at once
+        if not getattr(met, "done", False):
+            met.done = True
+            both_inside.wait()
+        return acquire(rt, key)
+
+    monkeypatch.setattr(offload_state, "_acquire", meet_then_acquire)
+    got: list = [None, None]
+
+    def run(i):
+        got[i] = model.state_dict()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        for sd in got:
+            assert sd is not None
+            _assert_same_state(sd, want)
+            assert sd["lm_head.weight"].data_ptr() == sd["transformer.wte.weight"].data_ptr()
     finally:
         tiered.detach(model)
 

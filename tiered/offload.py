@@ -326,8 +326,13 @@ class OffloadedModule:
         self._writes: list = []  # puts of updated weights (optimizers)
         self._finished = False  # detached, abandoned, or never attached (offload failed)
         self._pid = os.getpid()  # a fork child's copy cleans up nothing of its parent's
-        self._idle_lock = threading.Lock()  # another model of the store checks ``_running`` under it
+        self._idle_lock = threading.Lock()  # another model of the store checks ``_running``/``_busy`` under it
         self._running = False  # a forward is in progress (root pre-hook to root post-hook)
+        self._busy = 0  # state_dict() reads or detach() runs: other models leave our units alone
+        self._orphaned = False  # dropped without detach, queued for cleanup (set without a lock)
+        self._durable: set[str] | None = None  # packed keys kept (durable) before offload: written durable
+        self._stream_reserve = 0  # host bytes this model's forward needs beyond its pinned units
+        self.name = type(model).__name__
 
     # -- building ------------------------------------------------------------------
     def build_units(self, spec, external: dict[int, str] | None, layout: str = "packed") -> None:
@@ -385,9 +390,35 @@ class OffloadedModule:
                     blob[s.offset : s.offset + s.nbytes] = src.contiguous().reshape(-1).view(torch.uint8)
                 else:
                     s.view_in(blob).copy_(src)
-            futures.append(self.store.put(packed[0].key, blob, kind="weight", ephemeral=True))
+            key = packed[0].key
+            futures.append(self.store.put(key, blob, kind="weight", ephemeral=self._ephemeral(key)))
         for f in futures:
             f.result(timeout=_WAIT)
+
+    def note_durable(self) -> None:
+        """Remember which of the model's packed objects a ``detach(keep=True)`` made durable: writing
+        them again keeps them durable (else a crash would lose the only durable copy)."""
+        self._durable = set()
+        for u in self.units:
+            k = u.packed_key
+            if k is not None and k in self.store:
+                try:
+                    meta = self.store.meta(k)
+                except KeyError:
+                    continue
+                if not meta["ephemeral"] and meta["tier"] != "external":
+                    self._durable.add(k)
+
+    def _ephemeral(self, key: str) -> bool:
+        return self._durable is None or key not in self._durable
+
+    def delete_scratch(self) -> None:
+        """After a failed ``offload``: delete the packed objects it wrote, but those kept before."""
+        if self._durable is None:
+            return
+        for key in dict.fromkeys(u.packed_key for u in self.units if u.packed_key is not None):
+            if key not in self._durable and key in self.store:
+                self.store.delete(key)
 
     def unbind_all(self) -> None:
         """Replace every unit tensor by a placeholder (frees the original memory)."""
@@ -428,6 +459,9 @@ class OffloadedModule:
         budget = self._budget()
         largest = max(self.units, key=lambda u: u.nbytes)
         parents = sum(u.nbytes for u in self.units if not self._is_leaf_unit(u))
+        if largest.nbytes + parents > budget and not self.cuda and self._held_by_others():
+            self.residents_from_others()  # idle models' resident units stream from now on
+            budget = self._budget()
         if largest.nbytes + parents > budget:
             raise OffloadError(
                 f"compute budget {format_size(budget)} ({self._budget_name()}) is smaller than unit "
@@ -453,11 +487,16 @@ class OffloadedModule:
         # Residents are planned around one streaming unit: when weights stream faster than
         # they compute (decoding), bytes not read at all save more than reading ahead does
         window = largest.nbytes
+        # the host room left unpinned must also let each other model of the store stream (their
+        # forwards take turns with ours: the largest of the reserves, not their sum)
+        others = max((o._stream_reserve for o in offload_life.others_on(self.store) if o is not self), default=0)
         if self._two_level:
+            self._stream_reserve = parents + window + largest.nbytes
             self._resident_budget = budget - parents - window
-            self._host_resident_budget = host - parents - window - largest.nbytes
+            self._host_resident_budget = host - max(self._stream_reserve, others)
         else:
-            self._resident_budget = budget - parents - window - (largest.nbytes if fit_host >= 0 else 0)
+            self._stream_reserve = parents + window + (largest.nbytes if fit_host >= 0 else 0)
+            self._resident_budget = budget - max(self._stream_reserve, others)
             self._host_resident_budget = 0
 
     @property
@@ -511,12 +550,56 @@ class OffloadedModule:
             if other is not self:
                 other.give_back_prefetches()
 
+    def residents_from_others(self) -> int:
+        """Take back the host room the idle resident units of the store's other models hold."""
+        freed = sum(o.give_back_residents() for o in offload_life.others_on(self.store) if o is not self)
+        if freed:
+            self.store.trim()
+        return freed
+
     def give_back_prefetches(self) -> None:
         """Release the prefetched units of the next forward, unless a forward or backward is in
         progress: for another model of the store that needs the room now."""
         with self._idle_lock:
-            if not self._running and not self._saved and not self._bw_hold:
+            if self._idle():
                 self._drop_prefetches(keep=None)
+
+    def _idle(self) -> bool:
+        """No forward, backward, state_dict() or detach() in progress (under ``_idle_lock``)."""
+        return not (self._running or self._busy or self._finished or self._saved or self._bw_hold)
+
+    def give_back_residents(self) -> int:
+        """Unpin the units kept in host memory, unless busy: for another model of the store that
+        finds no room for a unit even with every prefetch given back. They stream from now on.
+        The host bytes given back."""
+        with self._idle_lock:
+            if not self._idle():
+                return 0
+            freed = 0
+            for u in self.units:
+                if (u.resident and not self._two_level) or u.host_resident:
+                    freed += u.nbytes
+                    self.stats.resident_bytes -= u.nbytes if u.resident else 0
+                    self.stats.host_resident_bytes -= u.nbytes if u.host_resident else 0
+                    u.resident = u.host_resident = False
+                    self._unbind(u)
+                    self._drop_pending(u)
+                    self._release(u)
+                    for lease in u.host_pins.values():
+                        lease.release()
+                    u.host_pins.clear()
+            return freed
+
+    def mark_busy(self) -> None:
+        with self._idle_lock:
+            self._busy += 1
+
+    def unmark_busy(self) -> None:
+        with self._idle_lock:
+            self._busy -= 1
+
+    def describe(self) -> str:
+        return f"{self.name} (objects {self.prefix}/...)"
 
     def pin_residents(self) -> None:
         if not self.config.offload.resident:
@@ -630,7 +713,9 @@ class OffloadedModule:
         try:
             self._acquire(u, Priority.DEMAND, wait=0.0)
         except OutOfBudget:
-            # prefetches for a path the forward did not take hold the budget: drop them
+            # prefetches for a path the forward did not take hold the budget: drop them (and what
+            # models dropped without detach still pin)
+            offload_life.collect()
             self._drop_prefetches(keep=u)
             self.room_from_others()
             try:
@@ -643,16 +728,26 @@ class OffloadedModule:
                 # still find no block that fits. Drop every unpinned cached copy (the unit's own
                 # included) so the free space is one merged range but for what stays pinned.
                 self._drop_pending(u)
-                if self.dcache is not None:
-                    self.dcache.trim()
-                self.store.trim()
-                self.store.arena.rewind()
-                self._acquire(u, Priority.DEMAND)
+                self._make_room()
+                try:
+                    self._acquire(u, Priority.DEMAND, wait=0.0)
+                except OutOfBudget:  # other models' residents take the room this model streams in
+                    self._drop_pending(u)
+                    if self.residents_from_others():
+                        self._make_room()
+                    self._acquire(u, Priority.DEMAND)
         self._collect(u)
         self.stats.stall_seconds += time.perf_counter() - t0
         self.stats.unit_loads += 1
         self.stats.prefetch_hits += int(ready)
         self._bind(u)
+
+    def _make_room(self) -> None:
+        """Drop every unpinned cached copy, so that the free space is one merged range."""
+        if self.dcache is not None:
+            self.dcache.trim()
+        self.store.trim()
+        self.store.arena.rewind()
 
     def _collect(self, u: _Unit) -> None:
         """Wait for ``u``'s pending acquisitions; their leases become the unit's."""
@@ -922,7 +1017,7 @@ class OffloadedModule:
     def write_unit_params(self, edit: "UnitEdit") -> None:
         """Write the objects of ``edit`` back as new versions (their leases outlive the puts)."""
         for k, (owner, t) in edit.tensors.items():
-            f = self.store.put(k, t, kind="weight", ephemeral=True)
+            f = self.store.put(k, t, kind="weight", ephemeral=self._ephemeral(k))
             self._writes.append(f)
             if owner is not None:
                 owner.writing = [w for w in owner.writing if not w.done()] + [f]  # resident units never release
@@ -934,7 +1029,7 @@ class OffloadedModule:
     def write_unit(self, u: _Unit) -> None:
         """Write the objects ``u`` has bound back as new versions (after changing them in place)."""
         for k, lease in u.leases.items():
-            f = self.store.put(k, lease.tensor, kind="weight", ephemeral=True)
+            f = self.store.put(k, lease.tensor, kind="weight", ephemeral=self._ephemeral(k))
             self._writes.append(f)
             u.writing = [w for w in u.writing if not w.done()] + [f]  # resident units never release
 
@@ -1004,9 +1099,12 @@ class OffloadedModule:
                                      for u in self.units if u.resident for lease in u.leases.values()]
 
     def keep_objects(self) -> None:
-        """Make the model's packed objects durable (``detach(keep=True)``): they were written as
-        this process's scratch, which the store deletes when it closes."""
-        for key in dict.fromkeys(u.packed_key for u in self.units if u.packed_key is not None):
+        """Make the model's objects durable (``detach(keep=True)``): those written as this
+        process's scratch (packed units, and checkpoint tensors updated by training), which the
+        store deletes when it closes, are written again as durable."""
+        for key in dict.fromkeys(k for u in self.units for k in u.keys):
+            if not self.store.meta(key)["ephemeral"]:
+                continue
             lease = self.store.acquire(key, wait=_WAIT).result(timeout=_WAIT)
             try:
                 self.store.put(key, lease.tensor, kind="weight").result(timeout=_WAIT)
@@ -1084,7 +1182,8 @@ def offload(model: nn.Module, config=None, *, units=None, layout: str | None = N
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
     owns = store is None or _owns_store
-    if store is None:  # shared with this process's other users of the directories
+    opened = store is None  # closed here if offload fails; a store handed in is the caller's to close
+    if opened:  # shared with this process's other users of the directories
         store = TieredStore.shared(cfg)
     rt = OffloadedModule(model, store, owns, cfg, device)
     try:
@@ -1097,6 +1196,7 @@ def offload(model: nn.Module, config=None, *, units=None, layout: str | None = N
         rt.build_units(units, _external, layout)
         if not rt.units:
             raise OffloadError(f"{type(model).__name__} has no parameters to offload")
+        rt.note_durable()
         rt.plan_budget()
         rt.open_device_cache()
         rt.write_units()
@@ -1104,6 +1204,11 @@ def offload(model: nn.Module, config=None, *, units=None, layout: str | None = N
         for u in rt.units:  # drop the copies cached by the writes: residents then pack together
             if u.packed_key is not None:
                 rt.store.evict(u.packed_key)
+        if rt.config.offload.resident:
+            # and next to what is pinned already, so that the room left for streaming (this
+            # model's and the store's other models') stays one free range
+            rt.room_from_others()
+            rt._make_room()
         rt.pin_residents()
         rt.hold_residents()
         rt.install_hooks()
@@ -1115,8 +1220,9 @@ def offload(model: nn.Module, config=None, *, units=None, layout: str | None = N
         finally:
             try:
                 rt.close_device_cache()
+                rt.delete_scratch()
             finally:
-                if owns:
+                if opened:
                     store.close()
         raise
     model._tiered = rt
@@ -1134,6 +1240,7 @@ def detach(model: nn.Module, *, keep: bool = False) -> nn.Module:
     if rt is None:
         raise OffloadError(f"{type(model).__name__} is not offloaded")
     offload_life.collect()
+    rt.mark_busy()  # from here other models of the store leave this model's units alone
     rt.remove_hooks()
     try:
         for u in rt.units:

@@ -10,13 +10,21 @@ collector frees: its ``__del__`` runs then, with the cycle still intact (PEP 442
 hands the runtime to :func:`orphaned`. The garbage collector can run inside any thread,
 an I/O worker or a store method holding the store's lock included, so the cleanup is not
 done there: it is done by the next ``offload`` / ``from_pretrained`` / ``detach`` of the
-process (:func:`collect`), or at exit. At exit every runtime still alive is cleaned up too,
-so the store is closed and its ephemeral objects deleted before the process ends.
+process (:func:`collect`), by a forward that finds the budget full, or at exit. At exit every
+runtime still alive is cleaned up too, so the store is closed and its ephemeral objects
+deleted before the process ends.
+
+:func:`orphaned` takes no lock: the garbage collector may run it in a thread that holds
+``_lock`` already (inside :func:`others_on`, :func:`watch`, ...). An orphan's cleanup that
+fails is logged (naming the model) and the others go on: it must not fail an unrelated
+``offload`` or ``detach`` that happened to collect it.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
+import logging
 import os
 import threading
 import weakref
@@ -25,8 +33,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .offload import OffloadedModule
 
+log = logging.getLogger(__name__)
+
 _lock = threading.Lock()
-_orphans: list["OffloadedModule"] = []  # runtimes whose model was collected without detach
+#: runtimes whose model was collected without detach (appended and popped without a lock: both atomic)
+_orphans: "collections.deque[OffloadedModule]" = collections.deque()
 _live: "weakref.WeakSet[OffloadedModule]" = weakref.WeakSet()  # runtimes attached to a model
 _exiting = False
 
@@ -54,38 +65,40 @@ def forget(rt: "OffloadedModule") -> None:
 
 
 def others_on(store) -> list["OffloadedModule"]:
-    """The live runtimes serving models from ``store``."""
+    """The live runtimes serving models from ``store`` (not those finished or awaiting cleanup)."""
     with _lock:
-        return [rt for rt in _live if rt.store is store]
+        return [rt for rt in _live if rt.store is store and not rt._finished and not rt._orphaned]
 
 
 def orphaned(rt: "OffloadedModule") -> None:
-    """Called by the runtime's ``__del__``: clean it up at the next safe point."""
-    with _lock:
-        _live.discard(rt)
-        if not _exiting:
-            _orphans.append(rt)
-            return
-    rt.abandon()  # the exit handler has run: nothing will collect it later
+    """Called by the runtime's ``__del__``: clean it up at the next safe point. Takes no lock."""
+    rt._orphaned = True  # the garbage collector has already dropped it from ``_live`` (a weak set)
+    if not _exiting:
+        _orphans.append(rt)
+        return
+    _abandon_all([rt])  # the exit handler has run: nothing will collect it later
 
 
 def collect() -> None:
     """Clean up the runtimes of models collected since the last call (in the caller's thread)."""
-    with _lock:
-        todo = list(_orphans)
-        _orphans.clear()
+    todo = []
+    while True:
+        try:
+            todo.append(_orphans.popleft())
+        except IndexError:
+            break
     _abandon_all(todo)
 
 
 def _abandon_all(runtimes: list["OffloadedModule"]) -> None:
-    errors = []
+    """Clean up each runtime; a failure is logged with the model it served and the rest go on."""
     for rt in runtimes:
+        if rt._finished:
+            continue
         try:
             rt.abandon()
-        except Exception as e:  # noqa: BLE001 - every runtime gets its turn; the first error is raised
-            errors.append(e)
-    if errors:
-        raise errors[0]
+        except Exception:  # noqa: BLE001 - an orphan's failure is not the caller's: logged, not raised
+            log.exception("cleaning up offloaded %s, dropped without detach, failed", rt.describe())
 
 
 @atexit.register
@@ -93,7 +106,7 @@ def _at_exit() -> None:
     global _exiting
     with _lock:
         _exiting = True
-        todo = list(_orphans) + list(_live)
-        _orphans.clear()
+        todo = list(_live)
         _live.clear()
+    collect()
     _abandon_all(todo)

@@ -1,11 +1,15 @@
 """The plain-module API on an offloaded model: what reads weights gets the real ones.
 
 Between forwards an offloaded model's parameters are placeholders (NaN, no memory).
-``state_dict()`` (and so ``save_pretrained`` and ``torch.save(model.state_dict())``) gets
-each unit's real tensors from the store, one unit at a time: a post-hook on every unit
-module replaces the placeholders of that unit's entries by host (CPU) copies read from its
-objects, whatever the compute device. The returned dict holds every tensor at once, as
-any state dict does, so saving this way needs host memory for the whole model.
+``state_dict()`` (and so ``save_pretrained`` and ``torch.save(model.state_dict())``) of the
+model or of any submodule holding offloaded tensors gets the real tensors from the store,
+one object at a time: the outermost such module's ``state_dict`` call replaces the
+placeholders of every entry by host (CPU) copies read from the objects, whatever the
+compute device (a tensor several names share is read once and stays one tensor). The
+returned dict holds every tensor at once, as any state dict does, so saving this way needs
+host memory for the whole model; nothing is kept once the call returns.
+``state_dict(keep_vars=True)`` would return the placeholder parameters themselves: it is
+refused (call ``tiered.detach(model)`` first to get the real parameters).
 
 Conversions (``model.to(dtype)``, ``.half()``, ``.to(other device)``), ``copy.deepcopy``,
 pickling the module and ``load_state_dict`` would act on the placeholders (silently giving
@@ -17,6 +21,7 @@ first. Conversions that change nothing are allowed.
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from typing import TYPE_CHECKING
 
@@ -28,37 +33,21 @@ from allocators import OutOfBudget
 from .offload import OffloadError
 
 if TYPE_CHECKING:
-    from .offload import OffloadedModule, _Slot, _Unit
+    from .offload import OffloadedModule, _Slot
 
 _WAIT = 600.0
 
 
-class _Copies:
-    """Host copies made for one ``state_dict()`` call: a tensor shared by several names (tied
-    weights) is read once and stays one tensor, as in the in-memory model's state dict."""
-
-    def __init__(self) -> None:
-        self._dest: weakref.ref | None = None
-        self._by_tensor: dict[int, torch.Tensor] = {}
-
-    def for_call(self, destination) -> dict[int, torch.Tensor]:
-        if self._dest is None or self._dest() is not destination:
-            self._dest = weakref.ref(destination)
-            self._by_tensor = {}
-        return self._by_tensor
-
-
 def install(rt: "OffloadedModule") -> list:
     """Hooks and guards on ``rt.model``; returns what ``remove`` undoes."""
-    copies = _Copies()
     handles = []
-    for u in rt.units:
-        names = _slot_names(u)
-        handles.append(u.module.register_state_dict_post_hook(
-            functools.partial(_fill_state, weakref.ref(rt), u, names, copies)))
+    calls = threading.local()  # depth of the state_dict() calls of guarded modules, per thread
     guarded = _guarded_modules(rt)
     for m in guarded:
+        handles.append(m.register_state_dict_post_hook(
+            functools.partial(_fill_state, weakref.ref(rt), _slot_names(m, rt), calls)))
         handles.append(m.register_load_state_dict_pre_hook(_refuse_load))
+        m.state_dict = functools.partial(_counted_state_dict, m, calls)
         m._apply = functools.partial(_checked_apply, m, _slot_types(m, rt))
         m.__deepcopy__ = functools.partial(_refuse_copy, "a deep copy", type(m).__name__)
         m.__reduce_ex__ = functools.partial(_refuse_copy, "pickling (torch.save of the module)", type(m).__name__)
@@ -76,41 +65,59 @@ class _Guards:
 
     def remove(self) -> None:
         for m in self.modules:
-            for attr in ("_apply", "__deepcopy__", "__reduce_ex__"):
+            for attr in ("state_dict", "_apply", "__deepcopy__", "__reduce_ex__"):
                 if attr in vars(m):
                     delattr(m, attr)
 
 
-def _slot_names(u: "_Unit") -> list[tuple[str, "_Slot"]]:
-    """Each slot's state-dict names relative to its unit's module (a shared submodule has several)."""
+def _counted_state_dict(m: nn.Module, calls: threading.local, *args, **kwargs):
+    """``Module.state_dict``, counting nested calls: only the outermost one fills the entries."""
+    if kwargs.get("keep_vars") or (len(args) > 2 and args[2]):
+        raise OffloadError(f"{type(m).__name__} is offloaded: state_dict(keep_vars=True) would return the "
+                           "placeholder parameters, not the weights; call state_dict() for the weights' values, "
+                           "or tiered.detach(model) first for the parameters themselves")
+    depth = getattr(calls, "depth", 0)
+    calls.depth = depth + 1
+    try:
+        return type(m).state_dict(m, *args, **kwargs)
+    finally:
+        calls.depth = depth
+
+
+def _slot_names(m: nn.Module, rt: "OffloadedModule") -> list[tuple[str, "_Slot"]]:
+    """The state-dict names (relative to ``m``) of every offloaded tensor under ``m`` (a shared
+    submodule has several)."""
     where: dict[int, list[str]] = {}
-    for n, m in u.module.named_modules(remove_duplicate=False):
-        where.setdefault(id(m), []).append(n)
+    for n, sub in m.named_modules(remove_duplicate=False):
+        where.setdefault(id(sub), []).append(n)
     out = []
-    for s in u.slots:
-        for n in where.get(id(s.module), []):
-            out.append((f"{n}.{s.attr}" if n else s.attr, s))
+    for u in rt.units:
+        for s in u.slots:
+            for n in where.get(id(s.module), []):
+                out.append((f"{n}.{s.attr}" if n else s.attr, s))
     return out
 
 
-def _fill_state(rt_ref, u: "_Unit", names, copies: _Copies, _module, state_dict, prefix, _meta) -> None:
+def _fill_state(rt_ref, names, calls: threading.local, _module, state_dict, prefix, _meta) -> None:
     rt = rt_ref()
-    if rt is None:
-        return
-    want = [(prefix + n, s) for n, s in names
-            if prefix + n in state_dict and state_dict[prefix + n] is not s.tensor()]  # keep_vars: as is
+    if rt is None or getattr(calls, "depth", 0) > 1:
+        return  # an enclosing guarded module's state_dict() fills the entries once, when it ends
+    want = [(prefix + n, s) for n, s in names if prefix + n in state_dict]
     if not want:
         return
-    made = copies.for_call(state_dict)
-    todo = [(name, s) for name, s in want if id(s.tensor()) not in made]
-    for key in dict.fromkeys(s.key for _n, s in todo):
-        lease = _acquire(rt, key)
-        try:
-            for _name, s in todo:
-                if s.key == key and id(s.tensor()) not in made:
-                    made[id(s.tensor())] = s.source(lease.tensor).clone(memory_format=torch.contiguous_format)
-        finally:
-            lease.release()
+    made: dict[int, torch.Tensor] = {}  # id(tensor) -> its copy: tied weights stay one tensor
+    rt.mark_busy()  # other models of the store leave this model's units alone meanwhile
+    try:
+        for key in dict.fromkeys(s.key for _n, s in want):
+            lease = _acquire(rt, key)
+            try:
+                for _name, s in want:
+                    if s.key == key and id(s.tensor()) not in made:
+                        made[id(s.tensor())] = s.source(lease.tensor).clone(memory_format=torch.contiguous_format)
+            finally:
+                lease.release()
+    finally:
+        rt.unmark_busy()
     for name, s in want:
         state_dict[name] = made[id(s.tensor())]
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import offload_life
-from .offload import OffloadError, offload
+from .offload import OffloadError, _model_prefix, offload
 from .store import TieredStore
 
 _DTYPES = {
@@ -143,13 +143,16 @@ def from_pretrained(model_dir: str | os.PathLike, config=None, *, model_cls=None
     model.eval()
     index = checkpoint_index(model_dir)
     prefix = getattr(model, "base_model_prefix", "") or ""
+    # the model's own prefix in its external keys: two models of one checkpoint in one store
+    # are apart (detach deletes its keys; training writes new versions of them)
+    model._tiered_prefix = _model_prefix(model)
 
     owns = store is None
     if owns:
         offload_life.collect()  # models dropped without detach give back their handles first
         store = TieredStore.shared(config)
+    external: dict[int, str] = {}  # id(parameter) -> its key, registered in the store
     try:
-        external: dict[int, str] = {}
         missing = []
         for name, p in model.named_parameters(remove_duplicate=False):
             if id(p) in external:
@@ -160,7 +163,7 @@ def from_pretrained(model_dir: str | os.PathLike, config=None, *, model_cls=None
                 continue
             if loc.shape != tuple(p.shape):
                 raise OffloadError(f"{loc.path}: {name} has shape {loc.shape}, the model expects {tuple(p.shape)}")
-            key = f"ckpt/{Path(loc.path).name}/{name}"
+            key = _external_key(model, loc, name)
             store.register_external(key, loc.path, loc.offset, loc.nbytes, loc.dtype, loc.shape)
             external[id(p)] = key
             if p.dtype != loc.dtype:  # the checkpoint's dtype is what is read in place
@@ -173,16 +176,29 @@ def from_pretrained(model_dir: str | os.PathLike, config=None, *, model_cls=None
         for name, buf in model.named_buffers():  # persistent buffers saved in the checkpoint: small, load them
             loc = _lookup(name, index, prefix)
             if loc is not None and loc.shape == tuple(buf.shape):
-                buf.copy_(store.get(_register_buffer(store, name, loc)).result(timeout=600))
+                _load_buffer(store, _external_key(model, loc, name), buf, loc)
+        # offload closes nothing it was handed when it fails: the store is closed below, once
         return offload(model, store=store, units=units, device=device, _external=external,
                        _owns_store=owns)
     except BaseException:
-        if owns:
-            store.close()
+        try:
+            for key in external.values():  # registered for this model only
+                if key in store:
+                    store.delete(key)
+        finally:
+            if owns:
+                store.close()
         raise
 
 
-def _register_buffer(store: TieredStore, name: str, loc: TensorLocation) -> str:
-    key = f"ckpt/{Path(loc.path).name}/{name}"
+def _external_key(model: nn.Module, loc: TensorLocation, name: str) -> str:
+    return f"{model._tiered_prefix}/ckpt/{Path(loc.path).name}/{name}"
+
+
+def _load_buffer(store: TieredStore, key: str, buf: torch.Tensor, loc: TensorLocation) -> None:
+    """Copy a persistent buffer out of the checkpoint (registered only for this read)."""
     store.register_external(key, loc.path, loc.offset, loc.nbytes, loc.dtype, loc.shape)
-    return key
+    try:
+        buf.copy_(store.get(key).result(timeout=600))
+    finally:
+        store.delete(key)
