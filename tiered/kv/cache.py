@@ -112,6 +112,16 @@ def _release_lease(f) -> None:
         f.result().release()
 
 
+def _cat_into(parts: list[torch.Tensor], out: torch.Tensor) -> None:
+    """``torch.cat(parts, dim=-2, out=out)`` for parts that fill ``out`` exactly: cat would resize a
+    mismatched ``out`` (a view of a slot: the slot keeps uninitialised memory) with only a warning."""
+    if sum(p.shape[-2] for p in parts) != out.shape[-2] or any(
+            p.shape[:-2] != out.shape[:-2] or p.dtype != out.dtype for p in parts):
+        raise KVCacheError(f"TieredCache: gathering {[(p.dtype, tuple(p.shape)) for p in parts]} into a slot of "
+                           f"{out.dtype}{tuple(out.shape)}: the stored blocks do not match the cache's rows/dtype")
+    torch.cat(parts, dim=-2, out=out)
+
+
 class TieredLayer(CacheLayerMixin):
     """One KV-holding layer's view of a :class:`TieredCache`: its tail of tokens since the last commit.
 
@@ -124,11 +134,12 @@ class TieredLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, cache: "TieredCache", index: int, window: int | None = None) -> None:
+    def __init__(self, cache: "TieredCache", index: int, window: int | None = None, shared: bool = False) -> None:
         super().__init__()
         self._cache = cache
         self.index = index  # row in a block (KV-shared layers have none)
         self.window = window
+        self.shared = shared  # later layers read the K/V it returns (KV sharing): never handed a reused slot
         self.is_sliding = window is not None
         self.tail_k: torch.Tensor | None = None
         self.tail_v: torch.Tensor | None = None
@@ -198,7 +209,7 @@ class TieredCache(Cache):
                               lookahead=lookahead, read_window=read_window, device_policy=device_policy,
                               io_timeout=io_timeout, model=model)
         self.num_layers, self.kv_heads, self.head_dim = len(plan.rows), plan.kv_heads, plan.head_dim
-        self._tlayers = [TieredLayer(self, row, plan.windows[i]) for row, i in enumerate(plan.rows)]
+        self._tlayers = [TieredLayer(self, row, plan.windows[i], i in plan.shared) for row, i in enumerate(plan.rows)]
         it = iter(self._tlayers)
         super().__init__(layers=[DummyLayer() if t == "dummy" else next(it) for t in plan.types])
         self.kv = kv
@@ -243,6 +254,8 @@ class TieredCache(Cache):
         self._step_leases: dict = {}  # (block index, part) -> Lease pinned for this step's layers
         self._step_pinned = 0
         self._hashes: list[str] = []  # chained hashes of the declared prompt's full blocks
+        self._prefix_rows = 1  # batch rows the loaded prefix stands for (batch_repeat_interleave before a step)
+        self._prefix_dtype = None  # dtype of the loaded prefix blocks (checked at the first update)
         self._tokens.reset()
         for layer in self._tlayers:
             layer.reset()
@@ -310,7 +323,9 @@ class TieredCache(Cache):
         return TieredCache(**self._settings)
 
     def _batch(self) -> int:
-        return self._geometry[0] if self._geometry is not None else 0
+        if self._geometry is not None:
+            return self._geometry[0]
+        return self._prefix_rows if self._blocks else 0
 
     def _drop_all(self) -> None:
         errors = []
@@ -351,15 +366,32 @@ class TieredCache(Cache):
             raise KVCacheError(f"TieredCache: K/V of shape {tuple(k.shape)}/{tuple(v.shape)} do not match the "
                                f"config's {self.kv_heads} KV heads of {self.head_dim} dims")
         if self._geometry is None:
-            self._geometry = (b, k.dtype, k.device)
+            if self._blocks and self._prefix_dtype not in (None, k.dtype):
+                raise KVCacheError(f"TieredCache: the loaded prefix blocks are {self._prefix_dtype}, the model's "
+                                   f"K/V are {k.dtype}")
+            self._geometry = (1 if self._blocks else b, k.dtype, k.device)  # loaded blocks hold one row
             if k.is_cuda:
                 self._compute_stream = torch.cuda.current_stream(k.device)
                 self._gather_stream = torch.cuda.Stream(k.device)
             for blk in self._blocks:  # blocks loaded before the first update: check them now
                 self._check_block(blk)
+            if self._blocks and b != 1:
+                self._repeat_prefix(b)
         elif self._geometry != (b, k.dtype, k.device):
             raise KVCacheError(f"TieredCache: layer K/V are {b}x{k.dtype} on {k.device}, the cache holds "
                                f"{self._geometry[0]}x{self._geometry[1]} on {self._geometry[2]}")
+
+    def _repeat_prefix(self, batch: int) -> None:
+        """The first update feeds ``batch`` rows onto a loaded prefix of one row: repeat it to them when
+        they all continue it (``batch_repeat_interleave`` asked for it, or each row is the declared
+        prompt, as beam search and ``num_return_sequences`` feed it); anything else is refused."""
+        if batch != self._prefix_rows and not self._tokens.rows_are_prompt(batch):
+            raise KVCacheError(
+                f"TieredCache: the loaded prefix is one row (repeated to {self._prefix_rows}), the forward feeds "
+                f"{batch} rows that are not each the prompt given to load_prefix (or their tokens are unknown: "
+                f"no model= watched, or inputs other than input_ids); call cache.batch_repeat_interleave({batch}) "
+                "after load_prefix to continue the prefix in every row")
+        edit.select_rows(self, torch.zeros(batch, dtype=torch.long), prefer_resident=True)
 
     def _check_block(self, blk: _Block) -> None:
         if blk.data is not None:
@@ -440,8 +472,10 @@ class TieredCache(Cache):
         if layer.window is not None:  # what DynamicSlidingWindowLayer returns, in tensors of its own
             keep = min(start, layer.window - 1)
             kk, vv = kk[:, :, start - keep:].clone(), vv[:, :, start - keep:].clone()
-        else:  # handed to the caller, who may keep it (KV sharing): the next gather gets a new slot
+        elif layer.shared:  # later layers attend to it (KV sharing): the next gather gets a new slot
             self._slots[slot] = [None, None]
+        # else: attention consumes the returned K/V before the next layer's update, and a gather
+        # overwrites this slot only after that (CUDA: after an event recorded at that update)
         if layer.tail_k is None:
             layer.tail_k, layer.tail_v = k, v
         else:
@@ -619,8 +653,8 @@ class TieredCache(Cache):
         def flush(upto: int) -> None:
             nonlocal run_lo
             if run_k and all(t.device == kk.device for t in run_k):
-                torch.cat(run_k, dim=-2, out=kk[:, :, run_lo:upto])
-                torch.cat(run_v, dim=-2, out=vv[:, :, run_lo:upto])
+                _cat_into(run_k, kk[:, :, run_lo:upto])
+                _cat_into(run_v, vv[:, :, run_lo:upto])
             elif run_k:  # host blocks into a device slot: through a device staging buffer
                 # a stored block's K and V of this layer are one contiguous [2, B, H, n, D] range of its
                 # pinned host copy: one async copy per block lands it in staging, then one cat per K and V
@@ -639,8 +673,8 @@ class TieredCache(Cache):
                     ks.append(dst[0])
                     vs.append(dst[1])
                     i += 1
-                torch.cat(ks, dim=-2, out=kk[:, :, run_lo:upto])
-                torch.cat(vs, dim=-2, out=vv[:, :, run_lo:upto])
+                _cat_into(ks, kk[:, :, run_lo:upto])
+                _cat_into(vs, vv[:, :, run_lo:upto])
                 if kk.is_cuda:  # the leases are released next: their bytes must have crossed (this waits
                     torch.cuda.current_stream(kk.device).synchronize()  # for the gather stream only)
             run_k.clear()
@@ -842,6 +876,9 @@ class TieredCache(Cache):
                         raise KVStoreError(f"KV block {key!r} is {dtype}{shape}, expected {want} for this model")
                     if self._geometry is not None and dtype != self._geometry[1]:
                         raise KVStoreError(f"KV block {key!r} is {dtype}, the cache holds {self._geometry[1]}")
+                    if self._prefix_dtype is not None and dtype != self._prefix_dtype:
+                        raise KVStoreError(f"KV block {key!r} is {dtype}, the blocks before it {self._prefix_dtype}")
+                    self._prefix_dtype = dtype
                 finally:
                     lease.release()
                 keys.append(key)
@@ -858,7 +895,8 @@ class TieredCache(Cache):
                 f.add_done_callback(_release_lease)
         self._blocks = loaded
         self._committed = len(loaded) * self.block_size
-        self._tokens.start(ids[:self._committed])
+        self._tokens.start(ids, self._committed)
+        self._prefix_rows = 1
         if self._model is None and len(self._hashes) > len(loaded):
             log.warning("TieredCache.load_prefix: no model= to watch, so the cache cannot know which tokens "
                         "it computes; the prompt's computed blocks will not be saved")
