@@ -252,6 +252,8 @@ def test_batch_repeat_interleave_right_after_load_prefix(tmp_path):
             assert cache.load_prefix(a) == 32
             with pytest.raises(KVCacheError, match="batch_repeat_interleave"):
                 model(rows, cache=cache, use_cache=True)  # row 1 is not the prompt
+            cache.batch_repeat_interleave(2)  # as the error says
+            assert torch.allclose(want, model(rows, cache=cache, use_cache=True).logits, atol=1e-5, rtol=0)
         with TieredCache(model.config, kv) as cache:  # no model watched: the rows' tokens are unknown
             assert cache.load_prefix(a) == 32
             with pytest.raises(KVCacheError, match="batch_repeat_interleave"):

@@ -158,24 +158,44 @@ def test_returned_kv_stays_valid_while_transformers_reads_it(arch):
     assert plan.shared or arch != "gemma3n-kv-shared"
 
 
+class _CountingSlots(list):
+    """The cache's slot list, recording every new tensor put into a slot."""
+
+    class _Pair(list):
+        def __init__(self, pair, log):
+            super().__init__(pair)
+            self.log = log
+
+        def __setitem__(self, i, value):
+            if value is not None:
+                self.log.append(i)
+            super().__setitem__(i, value)
+
+    def __init__(self, slots, log):
+        super().__init__(self._Pair(p, log) for p in slots)
+        self.log = log
+
+    def __setitem__(self, i, pair):
+        super().__setitem__(i, self._Pair(pair, self.log))
+
+
 def test_decode_reuses_the_staging_slots(monkeypatch):
     """A decode step allocates no new slot per layer: a slot grows (by a block of headroom) only
     when the context outgrows it."""
     model = make_model("llama")
     allocations = []
-    views = TieredCache._views
+    geometry = TieredCache._init_geometry
 
-    def counting(self, slot, tokens):
-        before = self._slots[slot][0]
-        out = views(self, slot, tokens)
-        allocations.append(self._slots[slot][0] is not before)
-        return out
+    def counting(self, k, v):  # counts each slot tensor the cache makes, from its first update on
+        geometry(self, k, v)
+        self._slots = _CountingSlots(self._slots, allocations)
 
-    monkeypatch.setattr(TieredCache, "_views", counting)
+    monkeypatch.setattr(TieredCache, "_init_geometry", counting)
     with TieredCache(model.config, block_size=BS, model=model, lookahead=0) as cache:
         want = generate(model, prompt(10), reference(model), n=50)
         assert_bitwise(want, generate(model, prompt(10), cache, n=50))
-    assert sum(allocations) <= 60 // BS + 2  # one per block of growth (and the first), not 4 per step
+    # K and V, once per block of growth (and the first), not 4 layers x 2 per step
+    assert 0 < len(allocations) <= 2 * (60 // BS + 2)
 
 
 def test_per_layer_head_dim_is_refused_naming_the_setting():
@@ -200,6 +220,23 @@ def test_sliding_layers_read_only_the_blocks_their_window_reaches(tmp_path):
     assert st["spilled_blocks"] >= 6, st
     # a window of 5 cached tokens spans at most 2 blocks: per layer and step, at most 2 reads
     assert st["store_reads"] <= 2 * layers * steps, st
+    assert_bitwise(want, got)
+
+
+def test_sliding_layers_stage_only_their_window(tmp_path):
+    """A sliding-only model's staging slots hold a layer's window (and a block of slack), not the
+    whole context: a budget of a few blocks serves a context many times longer."""
+    model = make_model("mistral-sliding")  # every layer slides over 6 tokens
+    ids, steps = prompt(10), 150
+    layers = kv_geometry(model.config)[0]
+    window_slot = kv_bytes(model, 6 + 3 * BS) // layers  # window, the block it starts in, headroom
+    want = generate(model, ids, reference(model), n=steps)
+    with tiered.TieredStore(store_config(tmp_path)) as store, \
+            TieredCache(model.config, KVStore(store, block_size=BS), lookahead=0,
+                        device_budget=kv_bytes(model, 2 * BS) + window_slot) as cache:
+        got = generate(model, ids, cache, n=steps)
+        assert cache.device_bytes()["staging"] <= window_slot
+        assert cache.device_bytes()["total"] <= cache.device_budget
     assert_bitwise(want, got)
 
 

@@ -162,6 +162,7 @@ def copy_cache(src):
         b.tail_v = None if a.tail_v is None else a.tail_v.clone()
         b.is_initialized, b.device = a.is_initialized, getattr(a, "device", None)
     dst._committed = src._committed
+    dst._prefix_rows, dst._prefix_dtype = src._prefix_rows, src._prefix_dtype
     dst._hashes = list(src._hashes)
     dst._tokens.copy_from(src._tokens)
     if dst._geometry is not None:
