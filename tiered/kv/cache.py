@@ -846,7 +846,10 @@ class TieredCache(Cache):
         (``generate`` skips the cached tokens) or on ``input_ids[:, n:]``. At
         least one token is always left to compute. Full blocks of this prompt
         computed later are saved to the store. A block that fails its checksum
-        is deleted and it and the blocks after it are recomputed.
+        is deleted and it and the blocks after it are recomputed. The prefix is
+        one row: a first step of several rows (beam search, ``num_return_sequences``)
+        continues it in each when each row is this prompt, or after
+        ``batch_repeat_interleave(n)``; other rows are refused.
         """
         self._check_open()
         if self.kv is None or self.kv.identity is None:
