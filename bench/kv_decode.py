@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     log("3/5 TieredCache cold (full prefill, prefix saved)")
     with tiered.TieredStore(store_config(directory, host_big, storage)) as store:
         kv = KVStore(store, ident, block_size=a.block, layers_per_object=a.layers_per_object)
-        with TieredCache(model.config, kv, device_budget=budget) as cache:
+        with TieredCache(model.config, kv, model=model, device_budget=budget) as cache:
             C["tiered_cold"] = decode(model, cache, ids, a.new, before=lambda: cache.load_prefix(ids),
                                       probe=lambda: cache.device_bytes()["total"])
             C["tiered_cold"]["cache"] = cache.stats()
@@ -259,8 +259,8 @@ def main(argv=None) -> int:
     res["caches_dropped"] = drop_caches()
     with tiered.TieredStore(store_config(directory, host_big, storage)) as store:
         kv = KVStore(store, ident, block_size=a.block, layers_per_object=a.layers_per_object)
-        with TieredCache(model.config, kv, device_budget=budget, lookahead=0) as sync_cache, \
-                TieredCache(model.config, kv, device_budget=budget, lookahead=1) as thread_cache:
+        with TieredCache(model.config, kv, model=model, device_budget=budget, lookahead=0) as sync_cache, \
+                TieredCache(model.config, kv, model=model, device_budget=budget, lookahead=1) as thread_cache:
             runs = {"dynamic": dyn_run}
             # the first load reads the prefix cold from storage: that is the stored-prefix TTFT
             runs["tiered_warm_sync"] = prefill(model, sync_cache, ids, before=lambda: sync_cache.load_prefix(ids))
@@ -275,6 +275,10 @@ def main(argv=None) -> int:
                 runs[name]["cache"] = cache.stats()
                 runs[name]["lookahead"] = cache.lookahead
         C["tiered_warm_sync"], C["tiered_warm"] = runs["tiered_warm_sync"], runs["tiered_warm"]
+        for name in ("tiered_warm_sync", "tiered_warm"):
+            if C[name]["prefix_tokens"] != a.prompt:  # the cold run saves the prefix (its model= is watched)
+                raise RuntimeError(f"{name} loaded {C[name]['prefix_tokens']} stored prefix tokens, expected "
+                                   f"{a.prompt}: the cold run did not save the prompt's blocks")
         C["tiered_warm"]["note"] = "prefix read from the host tier (the other warm cache loaded it first)"
         C["tiered_warm_sync"]["store"] = _store_summary(store)
     del dyn_cache, off_cache
@@ -284,7 +288,7 @@ def main(argv=None) -> int:
     stream_dir = directory / "streaming"
     with tiered.TieredStore(store_config(stream_dir, kv_bytes // 3, storage)) as store:
         kv = KVStore(store, ident, block_size=a.block, layers_per_object=1)
-        with TieredCache(model.config, kv, device_budget=budget) as cache:
+        with TieredCache(model.config, kv, model=model, device_budget=budget) as cache:
             C["tiered_streaming"] = decode(model, cache, ids, a.new, probe=lambda: cache.device_bytes()["total"])
             C["tiered_streaming"]["cache"] = cache.stats()
         C["tiered_streaming"]["store"] = _store_summary(store)

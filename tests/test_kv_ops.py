@@ -195,3 +195,106 @@ def test_left_padded_batch_bitwise(tmp_path, arch):
             outs.append(gen(model, ids, c, attention_mask=mask))
         assert cache.stats()["spilled_blocks"] > 0
     assert_bitwise(*outs)
+
+
+# --------------------------------------------------------------------------- several rows on a loaded prefix
+
+
+def _seeded(store, model, ids):
+    """A KVStore holding ``ids``' full blocks (but the last token's)."""
+    from test_kv_prefix_keys import seed_prefix
+
+    kv = KVStore(store, model_identity(model), block_size=BS)
+    seed_prefix(model, kv, ids)
+    return kv
+
+
+@pytest.mark.parametrize("lookahead", [0, 1])
+def test_beam_search_and_num_return_sequences_after_load_prefix(tmp_path, lookahead):
+    """generate feeds the prompt in 2 rows onto a prefix loaded for one: the prefix is repeated to
+    them, and the result is DynamicCache's over the whole prompt (repeatedly: no stale memory)."""
+    model = make_model("llama")
+    ids = prompt(35)
+    want_beam = gen(model, ids, reference(model), n=4, num_beams=2)
+    torch.manual_seed(0)
+    want_nrs = gen(model, ids, reference(model), n=4, do_sample=True, num_return_sequences=2)
+    with tiered.TieredStore(store_config(tmp_path)) as store:
+        kv = _seeded(store, model, ids)
+        for budget in (None, "96KiB", None):
+            with TieredCache(model.config, kv, model=model, device_budget=budget, lookahead=lookahead) as cache:
+                assert cache.load_prefix(ids) == 32
+                assert_bitwise(want_beam, gen(model, ids, cache, n=4, num_beams=2))
+                cache.reset()
+                assert cache.load_prefix(ids) == 32
+                torch.manual_seed(0)
+                assert_bitwise(want_nrs, gen(model, ids, cache, n=4, do_sample=True, num_return_sequences=2))
+
+
+def test_batch_repeat_interleave_right_after_load_prefix(tmp_path):
+    """Repeating a loaded prefix before the first step continues it in every row (as a prefilled
+    DynamicCache repeated the same way); rows that are not the prompt need it, else a clear error."""
+    model = make_model("llama")
+    a, b = prompt(35, seed=1), prompt(35, seed=2)
+    rows = torch.cat([a[:, 32:], b[:, 32:]])
+    with tiered.TieredStore(store_config(tmp_path)) as store:
+        kv = _seeded(store, model, a)
+        ref = reference(model)
+        with torch.no_grad():
+            model(a[:, :32], cache=ref, use_cache=True)
+            ref.batch_repeat_interleave(2)
+            want = model(rows, cache=ref, use_cache=True).logits
+        with TieredCache(model.config, kv, model=model) as cache, torch.no_grad():
+            assert cache.load_prefix(a) == 32
+            cache.batch_repeat_interleave(2)
+            got = model(rows, cache=cache, use_cache=True).logits
+            assert torch.allclose(want, got, atol=1e-5, rtol=0)
+            cache.reset()
+            assert cache.load_prefix(a) == 32
+            with pytest.raises(KVCacheError, match="batch_repeat_interleave"):
+                model(rows, cache=cache, use_cache=True)  # row 1 is not the prompt
+            cache.batch_repeat_interleave(2)  # as the error says
+            assert torch.allclose(want, model(rows, cache=cache, use_cache=True).logits, atol=1e-5, rtol=0)
+        with TieredCache(model.config, kv) as cache:  # no model watched: the rows' tokens are unknown
+            assert cache.load_prefix(a) == 32
+            with pytest.raises(KVCacheError, match="batch_repeat_interleave"):
+                gen(model, a, cache, n=2, num_beams=2)
+
+
+def test_a_gather_that_does_not_fill_its_slot_is_refused():
+    from tiered.kv.cache import _cat_into
+
+    out = torch.empty(1, 2, 8, 4)
+    with pytest.raises(KVCacheError, match="do not match"):
+        _cat_into([torch.zeros(2, 2, 8, 4)], out[:, :, :8])
+    with pytest.raises(KVCacheError, match="do not match"):
+        _cat_into([torch.zeros(1, 2, 4, 4)], out[:, :, :8])
+    _cat_into([torch.ones(1, 2, 3, 4), torch.ones(1, 2, 5, 4)], out)
+    assert torch.equal(out, torch.ones(1, 2, 8, 4))
+
+
+def test_batch_edits_keep_the_device_budget(tmp_path, monkeypatch):
+    """Repeating the rows of a cache whose blocks are all resident spills the blocks that no longer
+    fit as it goes: the device never holds more than the budget."""
+    from tiered.kv import edit
+
+    model = make_model("llama")
+    peak = [0]
+    replace = edit.replace
+
+    def measured(cache, blk, data, resident):
+        replace(cache, blk, data, resident)
+        peak[0] = max(peak[0], cache.device_bytes()["total"])
+
+    monkeypatch.setattr(edit, "replace", measured)
+    with tiered.TieredStore(store_config(tmp_path)) as store, \
+            tiered_cache(store, model, "160KiB", lookahead=0) as cache:
+        ref = reference(model)
+        assert_bitwise(gen(model, prompt(4), ref, n=100), gen(model, prompt(4), cache, n=100))
+        assert len(cache._blocks) > 10 and all(b.data is not None for b in cache._blocks)
+        for c in (ref, cache):
+            c.batch_repeat_interleave(4)
+        assert peak[0] <= cache.device_budget
+        tok = torch.tensor([[5], [6], [7], [8]])
+        with torch.no_grad():
+            assert torch.equal(model(tok, cache=ref, use_cache=True).logits,
+                               model(tok, cache=cache, use_cache=True).logits)

@@ -13,6 +13,7 @@ from transformers import DynamicCache
 
 import tiered
 from tiered.kv import KVCacheError, KVStore, TieredCache, kv_geometry
+from tiered.kv.layers import plan_layers
 
 BS = 8
 VOCAB = 300
@@ -129,27 +130,72 @@ def test_manual_decode_logits_and_mask_sizes_match_sliding_layers(arch):
 # --------------------------------------------------------------------------- returned K/V stay valid
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2"])
-def test_returned_kv_of_a_layer_stays_valid_after_later_layers_update(arch):
-    """As transformers' own cache tests do: keep each layer's returned K/V, update the later layers,
-    then read them; they equal DynamicCache(config=...)'s (its sliding layers return their window)."""
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3n-kv-shared"])
+def test_returned_kv_stays_valid_while_transformers_reads_it(arch):
+    """A layer's returned K/V is read by its attention before the next layer's update; a KV-sharing
+    source layer's ("store" in kv_sharing_modes) is read by later layers and returned by the model,
+    so it stays valid after the step's last update and through the next step. Both equal
+    DynamicCache(config=...)'s (its sliding layers return their window)."""
     model = make_model(arch)
-    layers, heads, dim = kv_geometry(model.config)
+    plan = plan_layers(model.config)
+    heads, dim = plan.kv_heads, plan.head_dim
     for lookahead in (0, 1, 2):
         with TieredCache(model.config, block_size=4, lookahead=lookahead) as cache:
             ref = reference(model)
+            kept = []
             for step, n in enumerate((9, 1, 1, 3, 1, 8, 1)):
-                kept = []
-                for l in range(layers):
+                for l in plan.rows:
                     g = torch.Generator().manual_seed(100 * step + l)
                     k, v = torch.randn(1, heads, n, dim, generator=g), torch.randn(1, heads, n, dim, generator=g)
                     got = cache.update(k, v, l)
-                    want = ref.update(k, v, l)
-                    kept.append((got, tuple(t.clone() for t in want)))
-                for (gk, gv), (wk, wv) in kept:  # every layer's K/V, read after the last layer's update
+                    want = tuple(t.clone() for t in ref.update(k, v, l))
+                    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+                    if l in plan.shared:
+                        kept.append((got, want))
+                for (gk, gv), (wk, wv) in kept[-2 * len(plan.shared):]:  # this step's and the last step's
                     assert torch.equal(gk, wk) and torch.equal(gv, wv)
-                assert [cache.get_seq_length(l) for l in range(layers)] == \
-                    [ref.get_seq_length(l) for l in range(layers)]
+                assert [cache.get_seq_length(l) for l in plan.rows] == [ref.get_seq_length(l) for l in plan.rows]
+    assert plan.shared or arch != "gemma3n-kv-shared"
+
+
+class _CountingSlots(list):
+    """The cache's slot list, recording every new tensor put into a slot."""
+
+    class _Pair(list):
+        def __init__(self, pair, log):
+            super().__init__(pair)
+            self.log = log
+
+        def __setitem__(self, i, value):
+            if value is not None:
+                self.log.append(i)
+            super().__setitem__(i, value)
+
+    def __init__(self, slots, log):
+        super().__init__(self._Pair(p, log) for p in slots)
+        self.log = log
+
+    def __setitem__(self, i, pair):
+        super().__setitem__(i, self._Pair(pair, self.log))
+
+
+def test_decode_reuses_the_staging_slots(monkeypatch):
+    """A decode step allocates no new slot per layer: a slot grows (by a block of headroom) only
+    when the context outgrows it."""
+    model = make_model("llama")
+    allocations = []
+    geometry = TieredCache._init_geometry
+
+    def counting(self, k, v):  # counts each slot tensor the cache makes, from its first update on
+        geometry(self, k, v)
+        self._slots = _CountingSlots(self._slots, allocations)
+
+    monkeypatch.setattr(TieredCache, "_init_geometry", counting)
+    with TieredCache(model.config, block_size=BS, model=model, lookahead=0) as cache:
+        want = generate(model, prompt(10), reference(model), n=50)
+        assert_bitwise(want, generate(model, prompt(10), cache, n=50))
+    # K and V, once per block of growth (and the first), not 4 layers x 2 per step
+    assert 0 < len(allocations) <= 2 * (60 // BS + 2)
 
 
 def test_per_layer_head_dim_is_refused_naming_the_setting():
@@ -174,6 +220,23 @@ def test_sliding_layers_read_only_the_blocks_their_window_reaches(tmp_path):
     assert st["spilled_blocks"] >= 6, st
     # a window of 5 cached tokens spans at most 2 blocks: per layer and step, at most 2 reads
     assert st["store_reads"] <= 2 * layers * steps, st
+    assert_bitwise(want, got)
+
+
+def test_sliding_layers_stage_only_their_window(tmp_path):
+    """A sliding-only model's staging slots hold a layer's window (and a block of slack), not the
+    whole context: a budget of a few blocks serves a context many times longer."""
+    model = make_model("mistral-sliding")  # every layer slides over 6 tokens
+    ids, steps = prompt(10), 150
+    layers = kv_geometry(model.config)[0]
+    window_slot = kv_bytes(model, 6 + 3 * BS) // layers  # window, the block it starts in, headroom
+    want = generate(model, ids, reference(model), n=steps)
+    with tiered.TieredStore(store_config(tmp_path)) as store, \
+            TieredCache(model.config, KVStore(store, block_size=BS), lookahead=0,
+                        device_budget=kv_bytes(model, 2 * BS) + window_slot) as cache:
+        got = generate(model, ids, cache, n=steps)
+        assert cache.device_bytes()["staging"] <= window_slot
+        assert cache.device_bytes()["total"] <= cache.device_budget
     assert_bitwise(want, got)
 
 

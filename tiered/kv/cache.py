@@ -41,8 +41,8 @@ tokens leave the prompt given to ``load_prefix``, nothing more is saved.
 Layers follow transformers' layer plan (:mod:`tiered.kv.layers`): KV-shared
 layers hold nothing; sliding-window layers hand attention what
 ``DynamicSlidingWindowLayer`` would (their last ``window - 1`` tokens and the
-new ones) but their K/V stays in the blocks with the other layers' (a stored
-prefix must hold every layer), so they save compute, not memory. Crop, batch
+new ones) and their staging slot holds only their window; their K/V stays in
+the blocks with the other layers' (a stored prefix must hold every layer). Crop, batch
 edits and ``copy.deepcopy`` are in :mod:`tiered.kv.edit`.
 
 Call order: ``TieredCache(config, kv, model=model)`` -> ``open()`` (starts the
@@ -112,6 +112,16 @@ def _release_lease(f) -> None:
         f.result().release()
 
 
+def _cat_into(parts: list[torch.Tensor], out: torch.Tensor) -> None:
+    """``torch.cat(parts, dim=-2, out=out)`` for parts that fill ``out`` exactly: cat would resize a
+    mismatched ``out`` (a view of a slot: the slot keeps uninitialised memory) with only a warning."""
+    if sum(p.shape[-2] for p in parts) != out.shape[-2] or any(
+            p.shape[:-2] != out.shape[:-2] or p.dtype != out.dtype for p in parts):
+        raise KVCacheError(f"TieredCache: gathering {[(p.dtype, tuple(p.shape)) for p in parts]} into a slot of "
+                           f"{out.dtype}{tuple(out.shape)}: the stored blocks do not match the cache's rows/dtype")
+    torch.cat(parts, dim=-2, out=out)
+
+
 class TieredLayer(CacheLayerMixin):
     """One KV-holding layer's view of a :class:`TieredCache`: its tail of tokens since the last commit.
 
@@ -124,11 +134,12 @@ class TieredLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, cache: "TieredCache", index: int, window: int | None = None) -> None:
+    def __init__(self, cache: "TieredCache", index: int, window: int | None = None, shared: bool = False) -> None:
         super().__init__()
         self._cache = cache
         self.index = index  # row in a block (KV-shared layers have none)
         self.window = window
+        self.shared = shared  # later layers read the K/V it returns (KV sharing): never handed a reused slot
         self.is_sliding = window is not None
         self.tail_k: torch.Tensor | None = None
         self.tail_v: torch.Tensor | None = None
@@ -198,7 +209,7 @@ class TieredCache(Cache):
                               lookahead=lookahead, read_window=read_window, device_policy=device_policy,
                               io_timeout=io_timeout, model=model)
         self.num_layers, self.kv_heads, self.head_dim = len(plan.rows), plan.kv_heads, plan.head_dim
-        self._tlayers = [TieredLayer(self, row, plan.windows[i]) for row, i in enumerate(plan.rows)]
+        self._tlayers = [TieredLayer(self, row, plan.windows[i], i in plan.shared) for row, i in enumerate(plan.rows)]
         it = iter(self._tlayers)
         super().__init__(layers=[DummyLayer() if t == "dummy" else next(it) for t in plan.types])
         self.kv = kv
@@ -243,6 +254,8 @@ class TieredCache(Cache):
         self._step_leases: dict = {}  # (block index, part) -> Lease pinned for this step's layers
         self._step_pinned = 0
         self._hashes: list[str] = []  # chained hashes of the declared prompt's full blocks
+        self._prefix_rows = 1  # batch rows the loaded prefix stands for (batch_repeat_interleave before a step)
+        self._prefix_dtype = None  # dtype of the loaded prefix blocks (checked at the first update)
         self._tokens.reset()
         for layer in self._tlayers:
             layer.reset()
@@ -310,7 +323,9 @@ class TieredCache(Cache):
         return TieredCache(**self._settings)
 
     def _batch(self) -> int:
-        return self._geometry[0] if self._geometry is not None else 0
+        if self._geometry is not None:
+            return self._geometry[0]
+        return self._prefix_rows if self._blocks else 0
 
     def _drop_all(self) -> None:
         errors = []
@@ -351,15 +366,32 @@ class TieredCache(Cache):
             raise KVCacheError(f"TieredCache: K/V of shape {tuple(k.shape)}/{tuple(v.shape)} do not match the "
                                f"config's {self.kv_heads} KV heads of {self.head_dim} dims")
         if self._geometry is None:
-            self._geometry = (b, k.dtype, k.device)
+            self._check_prefix_rows(b)
+            if self._blocks and self._prefix_dtype not in (None, k.dtype):
+                raise KVCacheError(f"TieredCache: the loaded prefix blocks are {self._prefix_dtype}, the model's "
+                                   f"K/V are {k.dtype}")
+            self._geometry = (1 if self._blocks else b, k.dtype, k.device)  # loaded blocks hold one row
             if k.is_cuda:
                 self._compute_stream = torch.cuda.current_stream(k.device)
                 self._gather_stream = torch.cuda.Stream(k.device)
             for blk in self._blocks:  # blocks loaded before the first update: check them now
                 self._check_block(blk)
+            if self._blocks and b != 1:  # repeat the loaded row to the batch
+                edit.select_rows(self, torch.zeros(b, dtype=torch.long), prefer_resident=True)
         elif self._geometry != (b, k.dtype, k.device):
             raise KVCacheError(f"TieredCache: layer K/V are {b}x{k.dtype} on {k.device}, the cache holds "
                                f"{self._geometry[0]}x{self._geometry[1]} on {self._geometry[2]}")
+
+    def _check_prefix_rows(self, batch: int) -> None:
+        """The first update feeds ``batch`` rows onto a loaded prefix of one row: they must all continue
+        it (``batch_repeat_interleave`` asked for it, or each row is the declared prompt, as beam search
+        and ``num_return_sequences`` feed it)."""
+        if self._blocks and batch != self._prefix_rows and not self._tokens.rows_are_prompt(batch):
+            raise KVCacheError(
+                f"TieredCache: the loaded prefix is one row (repeated to {self._prefix_rows}), the forward feeds "
+                f"{batch} rows that are not each the prompt given to load_prefix (or their tokens are unknown: "
+                f"no model= watched, or inputs other than input_ids); call cache.batch_repeat_interleave({batch}) "
+                "after load_prefix to continue the prefix in every row")
 
     def _check_block(self, blk: _Block) -> None:
         if blk.data is not None:
@@ -386,9 +418,9 @@ class TieredCache(Cache):
     def _enforce_budget(self) -> None:
         """After a step's last layer (no gather in flight): size the staging slots for the next
         decode step, then spill blocks until everything fits the budget."""
-        nxt = self._committed + self._tlayers[0].tail_len + 1
+        span = max(self._committed + layer.tail_len + 1 - self._slot_start(layer) for layer in self._tlayers)
         for slot in range(len(self._slots)):
-            self._views(slot, nxt)  # grows (by a block of headroom) only when needed
+            self._reserve(slot, span)  # grows (by a block of headroom) only when needed
         used = self.device_bytes()
         self.counters["device_peak"] = max(self.counters["device_peak"], used["total"])
         if self.device_budget is None:
@@ -433,15 +465,17 @@ class TieredCache(Cache):
         t = layer.tail_len
         total = self._committed + t + n_new
         slot = self._take_gather(l, total)
-        kk, vv = self._views(slot, total)
+        kk, vv, lo = self._views(slot, l, total)
         start = self._committed + t
-        kk[:, :, start:].copy_(k)
-        vv[:, :, start:].copy_(v)
+        kk[:, :, start - lo:].copy_(k)
+        vv[:, :, start - lo:].copy_(v)
         if layer.window is not None:  # what DynamicSlidingWindowLayer returns, in tensors of its own
             keep = min(start, layer.window - 1)
-            kk, vv = kk[:, :, start - keep:].clone(), vv[:, :, start - keep:].clone()
-        else:  # handed to the caller, who may keep it (KV sharing): the next gather gets a new slot
+            kk, vv = kk[:, :, start - keep - lo:].clone(), vv[:, :, start - keep - lo:].clone()
+        elif layer.shared:  # later layers attend to it (KV sharing): the next gather gets a new slot
             self._slots[slot] = [None, None]
+        # else: attention consumes the returned K/V before the next layer's update, and a gather
+        # overwrites this slot only after that (CUDA: after an event recorded at that update)
         if layer.tail_k is None:
             layer.tail_k, layer.tail_v = k, v
         else:
@@ -493,7 +527,23 @@ class TieredCache(Cache):
         for b in remote[:self._window()]:
             self.kv.store.prefetch(b.keys[part])
 
-    def _views(self, slot: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _slot_start(self, layer: TieredLayer) -> int:
+        """The first token a slot holds for ``layer``'s next update: 0, or for a sliding layer the first
+        of the block its window starts in (so a sliding layer's slot is the size of its window)."""
+        return self._first_visible_block(layer) * self.block_size
+
+    def _views(self, slot: int, l: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Layer ``l``'s K and V in ``slot`` for its update to ``tokens`` tokens, and the first token
+        they hold (``[batch, kv_heads, tokens - first, head_dim]`` each)."""
+        b, _dtype, _device = self._geometry
+        lo = self._slot_start(self._tlayers[l])
+        pair = self._reserve(slot, tokens - lo)
+        need = b * self.kv_heads * (tokens - lo) * self.head_dim
+        shape = (b, self.kv_heads, tokens - lo, self.head_dim)
+        return pair[0][:need].view(shape), pair[1][:need].view(shape), lo
+
+    def _reserve(self, slot: int, tokens: int) -> list:
+        """Slot ``slot``, grown to hold ``tokens`` tokens if it is smaller."""
         b, dtype, device = self._geometry
         need = b * self.kv_heads * tokens * self.head_dim
         pair = self._slots[slot]
@@ -506,8 +556,7 @@ class TieredCache(Cache):
             with owner:
                 pair[0] = torch.empty(grow, dtype=dtype, device=device)
                 pair[1] = torch.empty(grow, dtype=dtype, device=device)
-        shape = (b, self.kv_heads, tokens, self.head_dim)
-        return pair[0][:need].view(shape), pair[1][:need].view(shape)
+        return pair
 
     def _take_gather(self, l: int, tokens: int) -> int:
         """The slot holding layer ``l``'s committed blocks and tail, laid out for ``tokens``."""
@@ -527,7 +576,7 @@ class TieredCache(Cache):
         if not hit:
             self._pending.clear()  # out of order: later prefetches were planned for other slots
             t0 = time.perf_counter()
-            self._views(slot, tokens)  # sized before the event (see _schedule)
+            self._views(slot, l, tokens)  # sized before the event (see _schedule)
             self._after_gather(self._gather(l, slot, tokens, self._compute_event()))
             self.counters["gather_wait_s"] += time.perf_counter() - t0
         else:
@@ -547,7 +596,7 @@ class TieredCache(Cache):
                 tokens = self._committed + self._tlayers[nxt].tail_len + n_new
                 # the slot is sized here, on the compute thread, before the event: memory the
                 # allocator hands out later could still be used by compute kernels queued after it
-                self._views(slot, tokens)
+                self._views(slot, nxt, tokens)
                 fut = self._executor.submit(self._gather, nxt, slot, tokens, self._compute_event())
                 self._pending.append((nxt, tokens, slot, fut))
             nxt += 1
@@ -590,13 +639,13 @@ class TieredCache(Cache):
         the step (one read and one acquire per step, not per layer) while half the
         host tier allows.
         """
-        kk, vv = self._views(slot, tokens)
+        kk, vv, lo = self._views(slot, l, tokens)
         bs = self.block_size
         part = self._part_of[l]
         lo_p, hi_p = self._parts[part]
         at = l - lo_p
         keep = hi_p - lo_p > 1 and l < hi_p - 1  # later layers of this part still need it this step
-        first = self._first_visible_block(self._tlayers[l])
+        first = lo // bs
         blocks = self._blocks[first:]
         remote = [b for b in blocks if b.data is None and (b.index, part) not in self._step_leases]
         futs: dict[int, Future] = {}
@@ -607,7 +656,7 @@ class TieredCache(Cache):
         run_v: list[torch.Tensor] = []
         run_pair: list[torch.Tensor | None] = []  # a host block's [2, B, H, n, D] (K and V together), or None
         in_staging = 0  # host blocks of the current run (they land in the staging buffer)
-        run_lo = first * bs  # a sliding layer's slot holds nothing before its window
+        run_lo = lo  # a sliding layer's slot holds nothing before its window
 
         def issue() -> None:
             nonlocal issued
@@ -619,8 +668,8 @@ class TieredCache(Cache):
         def flush(upto: int) -> None:
             nonlocal run_lo
             if run_k and all(t.device == kk.device for t in run_k):
-                torch.cat(run_k, dim=-2, out=kk[:, :, run_lo:upto])
-                torch.cat(run_v, dim=-2, out=vv[:, :, run_lo:upto])
+                _cat_into(run_k, kk[:, :, run_lo - lo:upto - lo])
+                _cat_into(run_v, vv[:, :, run_lo - lo:upto - lo])
             elif run_k:  # host blocks into a device slot: through a device staging buffer
                 # a stored block's K and V of this layer are one contiguous [2, B, H, n, D] range of its
                 # pinned host copy: one async copy per block lands it in staging, then one cat per K and V
@@ -639,8 +688,8 @@ class TieredCache(Cache):
                     ks.append(dst[0])
                     vs.append(dst[1])
                     i += 1
-                torch.cat(ks, dim=-2, out=kk[:, :, run_lo:upto])
-                torch.cat(vs, dim=-2, out=vv[:, :, run_lo:upto])
+                _cat_into(ks, kk[:, :, run_lo - lo:upto - lo])
+                _cat_into(vs, vv[:, :, run_lo - lo:upto - lo])
                 if kk.is_cuda:  # the leases are released next: their bytes must have crossed (this waits
                     torch.cuda.current_stream(kk.device).synchronize()  # for the gather stream only)
             run_k.clear()
@@ -797,7 +846,10 @@ class TieredCache(Cache):
         (``generate`` skips the cached tokens) or on ``input_ids[:, n:]``. At
         least one token is always left to compute. Full blocks of this prompt
         computed later are saved to the store. A block that fails its checksum
-        is deleted and it and the blocks after it are recomputed.
+        is deleted and it and the blocks after it are recomputed. The prefix is
+        one row: a first step of several rows (beam search, ``num_return_sequences``)
+        continues it in each when each row is this prompt, or after
+        ``batch_repeat_interleave(n)``; other rows are refused.
         """
         self._check_open()
         if self.kv is None or self.kv.identity is None:
@@ -842,6 +894,9 @@ class TieredCache(Cache):
                         raise KVStoreError(f"KV block {key!r} is {dtype}{shape}, expected {want} for this model")
                     if self._geometry is not None and dtype != self._geometry[1]:
                         raise KVStoreError(f"KV block {key!r} is {dtype}, the cache holds {self._geometry[1]}")
+                    if self._prefix_dtype is not None and dtype != self._prefix_dtype:
+                        raise KVStoreError(f"KV block {key!r} is {dtype}, the blocks before it {self._prefix_dtype}")
+                    self._prefix_dtype = dtype
                 finally:
                     lease.release()
                 keys.append(key)
@@ -858,7 +913,8 @@ class TieredCache(Cache):
                 f.add_done_callback(_release_lease)
         self._blocks = loaded
         self._committed = len(loaded) * self.block_size
-        self._tokens.start(ids[:self._committed])
+        self._tokens.start(ids, self._committed)
+        self._prefix_rows = 1
         if self._model is None and len(self._hashes) > len(loaded):
             log.warning("TieredCache.load_prefix: no model= to watch, so the cache cannot know which tokens "
                         "it computes; the prompt's computed blocks will not be saved")

@@ -66,16 +66,30 @@ def replace(cache, blk, data: torch.Tensor, resident: bool) -> None:
         cache._spill(blk)
 
 
-def select_rows(cache, index: torch.Tensor) -> None:
-    """Keep batch rows ``index`` (in that order, repeats allowed): beam reorder, select, repeat."""
+def select_rows(cache, index: torch.Tensor, prefer_resident: bool = False) -> None:
+    """Keep batch rows ``index`` (in that order, repeats allowed): beam reorder, select, repeat.
+
+    A block stays resident (``prefer_resident``: becomes resident) only while the device
+    total, counted block by block, fits the budget; otherwise it is spilled at once, so a
+    batch that grows never holds more than the budget (and one block in flight)."""
     quiesce(cache)
     if cache._geometry is None:
+        if cache._blocks:  # a loaded prefix (one row each) before the first update: rows to repeat it to
+            if index.numel() and int(index.max()) >= cache._prefix_rows:
+                raise IndexError(f"TieredCache: row {int(index.max())} of a loaded prefix of "
+                                 f"{cache._prefix_rows} rows")
+            cache._prefix_rows = index.numel()
         return
     batch, dtype, device = cache._geometry
     keeps_tokens = batch == 1 and index.tolist() == [0]
+    used = cache.device_bytes()["total"]
     for blk in cache._blocks:
-        resident = blk.data is not None
-        replace(cache, blk, block_data(cache, blk).index_select(2, index.to(device)), resident)
+        data = block_data(cache, blk).index_select(2, index.to(device))
+        nbytes = data.numel() * data.element_size()
+        fits = cache.device_budget is None or used - blk.nbytes + nbytes <= cache.device_budget
+        resident = (blk.data is not None or prefer_resident) and fits
+        used += (nbytes if resident else 0) - blk.nbytes
+        replace(cache, blk, data, resident)
     for layer in cache._tlayers:
         if layer.tail_k is not None:
             layer.tail_k = layer.tail_k.index_select(0, index.to(layer.tail_k.device))
@@ -148,6 +162,7 @@ def copy_cache(src):
         b.tail_v = None if a.tail_v is None else a.tail_v.clone()
         b.is_initialized, b.device = a.is_initialized, getattr(a, "device", None)
     dst._committed = src._committed
+    dst._prefix_rows, dst._prefix_dtype = src._prefix_rows, src._prefix_dtype
     dst._hashes = list(src._hashes)
     dst._tokens.copy_from(src._tokens)
     if dst._geometry is not None:

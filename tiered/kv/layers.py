@@ -24,6 +24,7 @@ class LayerPlan:
     types: list[str]  # per model layer: "full_attention", "sliding_attention" or "dummy"
     windows: list[int | None]  # per model layer: its sliding window, None for full attention
     rows: list[int]  # model layers that hold KV, in order (a block stores one row per such layer)
+    shared: frozenset[int]  # model layers whose returned K/V later layers read ("store" in kv_sharing_modes)
     kv_heads: int
     head_dim: int
 
@@ -56,4 +57,6 @@ def plan_layers(config) -> LayerPlan:
                          "a block holds one geometry for all layers")
     (kv_heads, head_dim), = geometry
     windows = [kw.get("sliding_window") if t == "sliding_attention" else None for t, kw in zip(types, kwargs)]
-    return LayerPlan(list(types), windows, rows, kv_heads, head_dim)
+    modes = getattr(cfg, "kv_sharing_modes", None) or [None] * len(types)
+    shared = frozenset(i for i, mode in enumerate(modes) if mode == "store")
+    return LayerPlan(list(types), windows, rows, shared, kv_heads, head_dim)
