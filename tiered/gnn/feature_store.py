@@ -245,6 +245,7 @@ class TieredFeatureStore(FeatureStore):
             _OPEN.pop(id(self), None)
             attrs, self._attrs = list(self._attrs.values()), {}
             session, self._session = self._session, None
+            self._fork_snapshot = None
         errors = []
         try:
             for a in attrs:
