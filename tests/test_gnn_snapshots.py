@@ -203,3 +203,40 @@ def test_a_snapshot_racing_close_is_refused(tmp_path, monkeypatch):
             pickle.dumps(fs)
         assert s._tiers["nvme"].used == 0 or all(
             e.readers == 0 for m in s._objects.values() for e in [m.extent])
+
+
+def _read_in_spawned_child(fs, idx, conn) -> None:
+    try:
+        got = fs.get_tensor(group_name=None, attr_name="x", index=idx)
+        conn.send(got.numpy().tobytes())
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        conn.send(repr(e))
+    fs.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_spawned_process_holds_its_snapshot_from_the_moment_it_is_started(tmp_path):
+    """The parent replaces the attribute right after start(), before the child has even
+    unpickled its copy: the child still reads the rows it was started with."""
+    import multiprocessing as mp
+
+    x = torch.randn(4000, 32)
+    idx = torch.arange(0, 4000, 3)
+    ctx = mp.get_context("spawn")
+    with TieredStore(config(tmp_path)) as s, fstore(s) as fs:
+        fs.put_tensor(x, group_name=None, attr_name="x", index=None)
+        ours, theirs = ctx.Pipe()
+        p = ctx.Process(target=_read_in_spawned_child, args=(fs, idx, theirs))
+        p.start()
+        try:
+            for i in range(4):
+                fs.update_tensor(torch.full((4000, 32), float(i)), group_name=None, attr_name="x", index=None)
+                fs.put_tensor(torch.full((4000, 32), -1.0), group_name=None, attr_name=f"w{i % 2}", index=None)
+            assert ours.poll(120), "the spawned child did not answer"
+            got = ours.recv()
+            assert got == x[idx].numpy().tobytes(), got if isinstance(got, str) else "rows differ"
+        finally:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+                p.join()
