@@ -240,3 +240,16 @@ def test_a_spawned_process_holds_its_snapshot_from_the_moment_it_is_started(tmp_
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+def test_lock_files_of_a_process_that_died_are_removed_on_open(tmp_path):
+    with TieredStore(config(tmp_path)) as s:
+        with fstore(s) as fs:
+            live = next((s.root / "gnn-snapshots").iterdir()).name
+        tag = live.split("-")[0]
+        dead = s.root / "gnn-snapshots" / f"{tag}-{2**22 + 12345}-0123456789abcdef"  # above pid_max: not running
+        dead.mkdir()
+        (dead / "s1.lock").touch()
+        with fstore(s):
+            assert not dead.exists()
+        assert not list((s.root / "gnn-snapshots").iterdir())  # close removed its own

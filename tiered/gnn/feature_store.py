@@ -879,7 +879,7 @@ class TieredFeatureStore(FeatureStore):
         state = {"tensor_attr_cls": self._tensor_attr_cls, "namespace": self.namespace, "policy": self.policy}
         if w is None:
             w = self._snapshot()
-            state["hold"] = self._lock_for_spawned_child()
+            state["hold"] = self._lock_for_spawned_child(w)
         state["rows"] = w  # after "hold": the copy takes its own lock while the inherited one is open
         return state
 
@@ -891,14 +891,16 @@ class TieredFeatureStore(FeatureStore):
         if state.get("hold") is not None:
             os.close(state["hold"].detach())  # the copy holds its own lock now
 
-    def _lock_for_spawned_child(self):
-        """The parent's shared-lock descriptor on the current snapshot, duplicated into the
-        process being spawned (multiprocessing spawn/forkserver), or None for a plain pickle."""
+    def _lock_for_spawned_child(self, rows: WorkerRows):
+        """The parent's shared-lock descriptor on snapshot ``rows``, duplicated into the process
+        being spawned (multiprocessing spawn/forkserver), or None for a plain pickle (the copy
+        then takes the lock when it is unpickled, if the snapshot is still held then)."""
         from multiprocessing.context import get_spawning_popen
 
         popen = get_spawning_popen()
         with self._lock:
-            export = self._session.current if self._session is not None else None
+            exports = self._session.exports if self._session is not None else []
+            export = next((e for e in exports if e.rows is rows), None)
             if popen is None or export is None or export.hold_fd is None:
                 return None
             return popen.DupFd(popen.duplicate_for_child(export.hold_fd))
