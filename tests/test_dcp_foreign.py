@@ -35,3 +35,17 @@ def test_reader_still_says_never_saved_for_an_empty_directory(tmp_path):
     (tmp_path / "ck").mkdir()
     with pytest.raises(CheckpointError, match="never saved"):
         TieredStorageReader(tmp_path / "ck").read_metadata()
+
+
+def test_reader_calls_distcp_files_without_metadata_an_incomplete_save(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from tiered.checkpoint import TieredStorageReader
+    from tiered.checkpoint.format import CheckpointError
+
+    path = tmp_path / "ck"
+    dcp.save({"a": torch.arange(10.0)}, storage_writer=dcp.FileSystemWriter(str(path)))
+    (path / ".metadata").unlink()  # what a FileSystemWriter save that died before finish() leaves
+    with pytest.raises(CheckpointError, match=r"incomplete torch\.distributed\.checkpoint FileSystemWriter save") as ei:
+        TieredStorageReader(path).read_metadata()
+    assert "FileSystemReader" not in str(ei.value) and "__0_0.distcp" in str(ei.value)

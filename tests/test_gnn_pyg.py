@@ -6,6 +6,7 @@ attributes raising KeyError, and update_tensor / put_tensor with an index."""
 from __future__ import annotations
 
 import errno
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -206,3 +207,90 @@ def test_put_tensor_with_index_on_a_new_attribute(store):
         with pytest.raises(FeatureStoreError, match=r"'n'/'z'.*every row 0\.\.49 exactly once"):
             fs.put_tensor(x, group_name="n", attr_name="z", index=torch.arange(1, 51))
         assert fs.get_tensor_size(group_name="n", attr_name="z") is None
+
+
+def test_put_tensor_with_an_index_of_every_row_replaces_the_attribute(store):
+    """As PyG's reference store does: re-putting a feature with index 0..n-1 (in any order)
+    replaces it, also with more rows; an index of only some rows updates them."""
+    with fstore(store) as fs:
+        fs.put_tensor(torch.zeros(3, 2), group_name="A", attr_name="x", index=torch.arange(3))
+        fs.put_tensor(torch.ones(5, 2), group_name="A", attr_name="x", index=torch.arange(5))
+        assert torch.equal(fs.get_tensor("A", "x", None), torch.ones(5, 2))
+        perm = torch.tensor([4, 2, 0, 1, 3, 5])
+        vals = torch.arange(12.0).view(6, 2)
+        fs.update_tensor(vals, group_name="A", attr_name="x", index=perm)  # grows to 6 rows
+        want = torch.empty(6, 2)
+        want[perm] = vals
+        assert torch.equal(fs.get_tensor("A", "x", None), want)
+        fs.put_tensor(torch.full((2, 2), 9.0), group_name="A", attr_name="x", index=torch.tensor([1, 0]))
+        want[:2] = 9.0  # rows 0 and 1 updated, the others kept
+        assert torch.equal(fs.get_tensor("A", "x", None), want)
+        with pytest.raises(FeatureStoreError, match=r"'A'/'x'.*6 rows"):
+            fs.put_tensor(torch.ones(2, 2), group_name="A", attr_name="x", index=torch.tensor([1, 7]))
+        assert torch.equal(fs.get_tensor("A", "x", None), want)
+
+
+def test_row_updates_of_another_dtype_are_refused(store):
+    with fstore(store) as fs:
+        fs.put_tensor(torch.zeros(4, 2), group_name="A", attr_name="x", index=None)
+        with pytest.raises(FeatureStoreError, match=r"'A'/'x'.*float32.*float64"):
+            fs.put_tensor(torch.ones(2, 2, dtype=torch.float64), group_name="A", attr_name="x",
+                          index=torch.tensor([0, 1]))
+        with pytest.raises(FeatureStoreError, match=r"'A'/'x'.*float32.*int64"):
+            fs.update_tensor(torch.ones(1, 2, dtype=torch.int64), group_name="A", attr_name="x",
+                             index=torch.tensor([3]))
+        assert torch.equal(fs.get_tensor("A", "x", None), torch.zeros(4, 2))
+
+
+@pytest.mark.parametrize("fail_at", ["second chunk", "catalog"])
+def test_failed_full_replace_leaves_no_orphan_chunks(store, monkeypatch, fail_at):
+    x = torch.randn(3000, 10)
+    with fstore(store) as fs:
+        fs.put_tensor(x, group_name=None, attr_name="x", index=None)
+        keys = set(store.keys())
+        real_put, puts = store.put, []
+
+        def failing_put(key, *args, **kw):
+            puts.append(key)
+            if (fail_at == "catalog") == key.endswith("/catalog") and (fail_at == "catalog" or len(puts) == 2):
+                raise OSError(errno.ENOSPC, "injected: no space left on device")
+            return real_put(key, *args, **kw)
+
+        monkeypatch.setattr(store, "put", failing_put)
+        with pytest.raises(OSError, match="injected"):
+            fs.update_tensor(torch.ones(3000, 10), group_name=None, attr_name="x", index=None)
+        monkeypatch.setattr(store, "put", real_put)
+        assert set(store.keys()) == keys  # the chunks written before the failure are gone
+        assert torch.equal(fs.get_tensor(group_name=None, attr_name="x", index=None), x)
+
+
+@pytest.mark.parametrize("slow_drop", [False, True])
+def test_row_update_racing_a_replace_is_refused_naming_the_attribute(store, slow_drop):
+    """Another thread replaces the attribute between update_tensor's lookup and its lock: the
+    update is refused (not applied to the replaced version, nor lost silently)."""
+    with fstore(store) as fs:
+        fs.put_tensor(torch.zeros(3000, 10), group_name=None, attr_name="x", index=None)
+        real = fs._update_rows
+
+        def interleaved(a, ids, values):
+            held, real_drop = [], fs._drop
+            if slow_drop:
+                fs._drop = held.append  # the replacing thread has not dropped the old version yet
+            t = threading.Thread(target=fs.put_tensor, args=(torch.full((3000, 10), 5.0),),
+                                 kwargs=dict(group_name=None, attr_name="x", index=None))
+            t.start()
+            t.join(timeout=30)
+            try:
+                return real(a, ids, values)
+            finally:
+                fs._drop = real_drop
+                for old in held:
+                    real_drop(old)
+
+        fs._update_rows = interleaved
+        with pytest.raises((KeyError, FeatureStoreError), match=r"'x'.*replaced"):
+            fs.update_tensor(torch.ones(2, 10), group_name=None, attr_name="x", index=torch.tensor([0, 2000]))
+        del fs._update_rows
+        assert torch.equal(fs.get_tensor(group_name=None, attr_name="x", index=None), torch.full((3000, 10), 5.0))
+        named = {k for a in fs._attrs.values() for k in a.keys}
+        assert {k for k in store.keys() if k.startswith("gnn/features/") and not k.endswith("catalog")} == named

@@ -63,6 +63,12 @@ def test_neighbor_loader_with_worker_processes(tmp_path, start_method):
         assert seen == -(-n // 100)
         # the parent still works after its workers are gone
         assert torch.equal(fs.get_tensor(group_name=None, attr_name="x", index=torch.arange(n)), x)
+        # and, with the (non-persistent) workers gone, a write-back frees the replaced version
+        tier = s._tiers["nvme"]
+        used = tier.used
+        for _ in range(3):
+            fs.update_tensor(torch.randn(n, 24), group_name=None, attr_name="x", index=None)
+        assert tier.used <= used + 4096
 
 
 def test_pickled_copy_reads_its_snapshot_and_is_read_only(tmp_path):

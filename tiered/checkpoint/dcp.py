@@ -275,7 +275,8 @@ _DCP_FS_DATA_RE = re.compile(r"^__\d+_\d+\.distcp$")
 
 def _refuse_foreign_format(path: Path) -> None:
     """A directory that torch's own ``FileSystemWriter`` wrote (``.metadata`` plus
-    ``__<rank>_<n>.distcp`` files) is a complete checkpoint in another format: say so."""
+    ``__<rank>_<n>.distcp`` files) is a checkpoint in another format: say so. Data files
+    without ``.metadata`` are a FileSystemWriter save that never finished: no reader loads it."""
     if not path.is_dir():
         return
     names = [p.name for p in path.iterdir()]
@@ -283,6 +284,11 @@ def _refuse_foreign_format(path: Path) -> None:
     if ".metadata" in names or distcp:
         shown = ([".metadata"] if ".metadata" in names else []) + distcp[:3]
         found = ", ".join(shown) + (", ..." if len(distcp) > 3 else "")
+        if ".metadata" not in names:
+            raise CheckpointError(
+                f"{path} holds an incomplete torch.distributed.checkpoint FileSystemWriter save ({found} but no "
+                f".metadata: the save did not finish), and no {METADATA} of a TieredStorageWriter save: "
+                "there is no checkpoint to load here")
         raise CheckpointError(
             f"{path} holds a torch.distributed.checkpoint FileSystemWriter checkpoint ({found}), not one written "
             f"by TieredStorageWriter ({METADATA} missing): load it with "

@@ -38,6 +38,7 @@ from io_engine import IOFuture, Op, Priority, Request, gather
 from ..store import ExtentLease, StoreError, TieredStore, _dtype_from, _dtype_name
 from .cache import RowCache
 from .gather import Layout, plan_reads, rows_from, split_rounds, unique_rows
+from .snapshots import Session
 from .worker import SnapshotAttr, WorkerRows
 
 CATALOG_FORMAT = "tiered-gnn-features"
@@ -55,7 +56,9 @@ _OPEN: dict[int, weakref.ref] = {}
 
 def _snapshot_before_fork() -> None:
     """Give each open feature store a worker snapshot for a forked child (a DataLoader worker)
-    to read from: the child must never use the parent's engine, whose threads it lacks."""
+    to read from: the child must never use the parent's engine, whose threads it lacks. The
+    snapshot of the current catalog is made once and reused by later forks; the child holds
+    it (``snapshots.py``) until it exits or its copy is closed."""
     for ref in list(_OPEN.values()):
         fs = ref()
         if fs is not None and fs._opened and fs._pid == os.getpid():
@@ -146,7 +149,8 @@ class TieredFeatureStore(FeatureStore):
 
     In DataLoader worker processes (``num_workers > 0``, fork or spawn) the store is a
     read-only reader of the attributes as they were when the worker started (see
-    ``worker.py``); extents handed to workers stay reserved until ``close()``.
+    ``worker.py``); the extents of a replaced version stay reserved while a process that
+    got them may read them, until ``close()`` at the latest (see ``snapshots.py``).
     """
 
     def __init__(self, store: TieredStore, *, namespace: str = "features", cache_bytes: int | None = None,
@@ -184,7 +188,8 @@ class TieredFeatureStore(FeatureStore):
         self._pid = os.getpid()
         self._worker: WorkerRows | None = None  # set in a worker process: rows are read from it
         self._fork_snapshot: WorkerRows | BaseException | None = None
-        self._exported: dict[tuple[str, int], ExtentLease] = {}  # extents handed to workers
+        self._session: Session | None = None  # snapshots handed to workers, with their leases
+        self._catalog_gen = 0  # bumped by every catalog write: a snapshot is valid for one
 
     # -- lifecycle -----------------------------------------------------------------
     @property
@@ -192,6 +197,8 @@ class TieredFeatureStore(FeatureStore):
         return f"gnn/{self.namespace}/catalog"
 
     def open(self) -> "TieredFeatureStore":
+        if self._worker is not None:
+            self._check_open()  # the read-only worker copy's error
         if self._opened:
             return self
         self.store._check_open()
@@ -213,6 +220,7 @@ class TieredFeatureStore(FeatureStore):
                 if a.tier == "external":
                     self._register_external(a)
                 self._attrs[(a.group, a.name)] = a
+        self._session = Session.create(self.store.root, self.namespace)
         self._opened = True
         key = id(self)
         _OPEN[key] = weakref.ref(self, lambda r: _OPEN.pop(key) if _OPEN.get(key) is r else None)
@@ -225,20 +233,31 @@ class TieredFeatureStore(FeatureStore):
 
     def close(self) -> None:
         """Wait for prefetches, then give back cache memory and extent leases (those handed
-        to worker processes too). In a worker, close only the worker's own files."""
+        to worker processes too: their copies fail from then on). In a worker, close only
+        the worker's own files."""
         if self._worker is not None:
             self._worker.close()
-        if not self._opened or os.getpid() != self._pid:
             return
-        self._opened = False
-        _OPEN.pop(id(self), None)
-        for a in list(self._attrs.values()):
-            self._shutdown_attr(a)
-        self._attrs.clear()
-        with self._lock:
-            exported, self._exported = list(self._exported.values()), {}
-        for lease in exported:
-            lease.release()
+        with self._lock:  # a concurrent snapshot (a fork) either finishes first or sees it closed
+            if not self._opened or os.getpid() != self._pid:
+                return
+            self._opened = False
+            _OPEN.pop(id(self), None)
+            attrs, self._attrs = list(self._attrs.values()), {}
+            session, self._session = self._session, None
+            self._fork_snapshot = None
+        errors = []
+        try:
+            for a in attrs:
+                try:
+                    self._shutdown_attr(a)
+                except BaseException as e:  # noqa: BLE001 - raised below, after the other attributes
+                    errors.append(e)
+        finally:
+            if session is not None:
+                session.close()
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> "TieredFeatureStore":
         return self.open()
@@ -273,6 +292,7 @@ class TieredFeatureStore(FeatureStore):
         doc = {"format": CATALOG_FORMAT, "version": CATALOG_VERSION, "next_gen": self._next_gen,
                "attrs": [a.describe() for a in self._attrs.values()]}
         raw = np.frombuffer(json.dumps(doc).encode(), dtype=np.uint8).copy()
+        self._catalog_gen += 1  # the table changed (a failed write is rolled back: the cached snapshot is redone)
         self.store.put(self._catalog_key, torch.from_numpy(raw), kind="gnn").result(timeout=self.timeout)
         self.store.evict(self._catalog_key)
 
@@ -299,23 +319,32 @@ class TieredFeatureStore(FeatureStore):
         return a
 
     def attributes(self) -> list[dict]:
+        if (w := self._reader()) is not None:
+            return [a.describe() for a in w.attrs.values()]
         return [a.describe() for a in self._attrs.values()]
 
     def _install(self, a: _Attr) -> None:
-        """Make ``a`` current (its data durable already): catalog first, then drop the old one."""
+        """Make ``a`` current (its data durable already): catalog first, then drop the old one.
+        If the catalog write fails, ``a``'s chunks are deleted and the old one stays."""
         with self._lock:
             old = self._attrs.get((a.group, a.name))
             self._attrs[(a.group, a.name)] = a
             try:
                 self._write_catalog()
-            except BaseException:
+            except BaseException as e:
                 if old is None:
                     del self._attrs[(a.group, a.name)]
                 else:
                     self._attrs[(a.group, a.name)] = old
+                try:
+                    self._drop(a)
+                except BaseException as cleanup:  # noqa: BLE001 - the write's error is the one to raise
+                    e.add_note(f"the new chunks of {a.label} could not be deleted ({cleanup!r}); the next "
+                               "open() collects them")
                 raise
         if old is not None:
             self._drop(old)
+        self._release_superseded()
 
     def _drop(self, a: _Attr) -> None:
         self._shutdown_attr(a)
@@ -703,7 +732,9 @@ class TieredFeatureStore(FeatureStore):
     # -- FeatureStore API ------------------------------------------------------------
     def __setitem__(self, key, value) -> None:
         """``store[attr] = tensor``; unset fields mean None (``store[group] = x`` puts
-        (group, None, index=None)), as PyG's own ``FeatureStore.__setitem__`` does upstream."""
+        (group, None, index=None)). This is what PyG's feature-store tests expect and what
+        upstream's ``FeatureStore.__setitem__`` does on its main branch; torch_geometric 2.8.1's
+        own ``__setitem__`` instead asserts that the key is fully specified."""
         attr = copy.copy(self._tensor_attr_cls.cast(key))
         for name in attr.__dataclass_fields__:
             if not attr.is_set(name):
@@ -712,7 +743,8 @@ class TieredFeatureStore(FeatureStore):
 
     def update_tensor(self, tensor, *args, **kwargs) -> bool:
         """Replace the attribute (``index=None``) or its rows ``index``, all or nothing: a failed
-        update leaves the previous data (PyG's default removes first, then puts)."""
+        update leaves the previous data (PyG's default removes first, then puts). An index
+        is handled as in :meth:`_put_tensor`."""
         attr = self._tensor_attr_cls.cast(*args, **kwargs)
         if not attr.is_fully_specified():
             raise ValueError(f"update_tensor: the TensorAttr {attr} is not fully specified "
@@ -720,25 +752,41 @@ class TieredFeatureStore(FeatureStore):
         return self._put_tensor(tensor, attr)
 
     def _put_tensor(self, tensor, attr: TensorAttr) -> bool:
+        """Put a whole attribute, or update rows of an existing one.
+
+        ``index`` None, or an index naming each row 0..n-1 of the ``n``-row tensor once with
+        ``n`` at least the attribute's rows, replaces the attribute (as PyG's reference store
+        does: a re-put feature may grow). Any other index updates those rows, which must
+        exist, with values of the attribute's dtype (they are not cast); rows are never
+        dropped by an index that covers only some of them."""
         self._check_open()
         t = tensor if isinstance(tensor, torch.Tensor) else torch.as_tensor(np.asarray(tensor))
         t = t.detach().cpu()
+        label = _label(attr.group_name, attr.attr_name)
         if attr.index is None:
             self.import_array(t.contiguous(), attr.group_name, attr.attr_name)
             return True
-        if (attr.group_name, attr.attr_name) not in self._attrs:
-            self.import_array(_rows_in_index_order(t, attr.index, _label(attr.group_name, attr.attr_name)),
-                              attr.group_name, attr.attr_name)
+        a = self._attrs.get((attr.group_name, attr.attr_name))
+        whole = _names_every_row(t, attr.index, label)
+        if a is None or (whole and len(t) >= a.num_rows):
+            self.import_array(_rows_in_index_order(t, attr.index, label), attr.group_name, attr.attr_name)
             return True
         a = self._attr(attr.group_name, attr.attr_name)
         if a.tier != "store":
             raise FeatureStoreError(f"put_tensor({a.label}, index=...): rows can be updated on the store tier only "
                                     f"(this attribute is on the {a.tier} tier); put the whole tensor instead")
-        ids, _out_shape = _normalize_index(attr.index, a.num_rows, a.label)
+        try:
+            ids, _out_shape = _normalize_index(attr.index, a.num_rows, a.label)
+        except IndexError as e:
+            raise FeatureStoreError(f"put_tensor({a.label}, index=...): {e}; to replace the attribute, put a tensor "
+                                    "with index=None or an index naming each of its rows 0..n-1 once") from e
         if t.numel() != len(ids) * int(np.prod(a.row_shape, dtype=np.int64)):
             raise FeatureStoreError(f"put_tensor({a.label}): {len(ids)} rows of shape {a.row_shape} expected, "
                                     f"got a tensor of shape {tuple(t.shape)}")
-        self._update_rows(a, ids, t.to(a.dtype).reshape(len(ids), *a.row_shape))
+        if t.dtype != a.dtype:
+            raise FeatureStoreError(f"put_tensor({a.label}, index=...): the attribute holds {_dtype_name(a.dtype)}, "
+                                    f"got {_dtype_name(t.dtype)} rows; convert them (values are not cast)")
+        self._update_rows(a, ids, t.reshape(len(ids), *a.row_shape))
         return True
 
     def _update_rows(self, a: _Attr, ids: np.ndarray, values: torch.Tensor) -> None:
@@ -753,6 +801,11 @@ class TieredFeatureStore(FeatureStore):
         ids, values = ids[pick], values[torch.from_numpy(pick)]
         chunk = ids // a.chunk_rows
         with self._lock:
+            if not self._opened:
+                raise FeatureStoreError(f"update of {a.label}: the feature store was closed")
+            if self._attrs.get((a.group, a.name)) is not a:
+                raise FeatureStoreError(f"update of {a.label}: the attribute was replaced or removed by another "
+                                        "thread before this update could apply; nothing was written")
             self._shutdown_attr(a)  # leases name the old extents; the cache holds old rows
             gen = self._next_gen
             self._next_gen += 1
@@ -780,6 +833,7 @@ class TieredFeatureStore(FeatureStore):
                 raise
         for old, _key in replaced.values():
             self.store.delete(old)
+        self._release_superseded()
 
     def _get_tensor(self, attr: TensorAttr) -> torch.Tensor:
         """``x[index]``; a missing attribute raises KeyError (as PyG's stores do)."""
@@ -804,6 +858,7 @@ class TieredFeatureStore(FeatureStore):
                 self._attrs[(a.group, a.name)] = a
                 raise
         self._drop(a)
+        self._release_superseded()
         return True
 
     def _get_tensor_size(self, attr: TensorAttr) -> tuple[int, ...] | None:
@@ -818,16 +873,37 @@ class TieredFeatureStore(FeatureStore):
     # -- worker processes ------------------------------------------------------------
     def __getstate__(self) -> dict:
         """What a worker process gets (DataLoader with spawn): a read-only snapshot of where
-        the rows are, not the store, its engine, locks or caches (see ``worker.py``)."""
+        the rows are, not the store, its engine, locks or caches (see ``worker.py``). A process
+        being spawned also inherits the parent's lock on the snapshot, so it is held from now on."""
         w = self._reader()
-        return {"tensor_attr_cls": self._tensor_attr_cls, "namespace": self.namespace, "policy": self.policy,
-                "rows": w if w is not None else self._snapshot()}
+        state = {"tensor_attr_cls": self._tensor_attr_cls, "namespace": self.namespace, "policy": self.policy}
+        if w is None:
+            w = self._snapshot()
+            state["hold"] = self._lock_for_spawned_child(w)
+        state["rows"] = w  # after "hold": the copy takes its own lock while the inherited one is open
+        return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(_tensor_attr_cls=state["tensor_attr_cls"], namespace=state["namespace"],
                              policy=state["policy"], _worker=state["rows"], _pid=os.getpid(), _opened=False,
-                             _attrs={}, _fork_snapshot=None, _exported={},
+                             _attrs={}, _fork_snapshot=None, _session=None, _static={}, _cache_plan={},
                              reads={"requests": 0, "bytes": 0, "rows": 0, "prefetch_skipped": 0})
+        if state.get("hold") is not None:
+            os.close(state["hold"].detach())  # the copy holds its own lock now
+
+    def _lock_for_spawned_child(self, rows: WorkerRows):
+        """The parent's shared-lock descriptor on snapshot ``rows``, duplicated into the process
+        being spawned (multiprocessing spawn/forkserver), or None for a plain pickle (the copy
+        then takes the lock when it is unpickled, if the snapshot is still held then)."""
+        from multiprocessing.context import get_spawning_popen
+
+        popen = get_spawning_popen()
+        with self._lock:
+            exports = self._session.exports if self._session is not None else []
+            export = next((e for e in exports if e.rows is rows), None)
+            if popen is None or export is None or export.hold_fd is None:
+                return None
+            return popen.DupFd(popen.duplicate_for_child(export.hold_fd))
 
     def _reader(self) -> WorkerRows | None:
         """The worker snapshot to read from, or None in the process that opened the store."""
@@ -849,23 +925,38 @@ class TieredFeatureStore(FeatureStore):
         return self._worker
 
     def _snapshot(self) -> WorkerRows:
-        """Every attribute with its chunks' extents, each held (until close) so that a worker
-        never reads bytes the store has freed or reused."""
+        """Every attribute with its chunks' extents, each held while a process may read the
+        snapshot (see ``snapshots.py``); made once per catalog generation."""
         self._check_open()
-        attrs = []
         with self._lock:
-            for a in list(self._attrs.values()):
-                chunks = [] if a.tier == "zarr" else [self._export_extent(key) for key in a.keys]
-                attrs.append(SnapshotAttr(a.group, a.name, a.dtype, tuple(a.shape), a.chunk_rows, a.tier, chunks,
-                                          a.zarr_path))
-        return WorkerRows(self.namespace, attrs, self.max_read)
+            if not self._opened:  # closed since the check
+                raise FeatureStoreError("the feature store is not open: call open() or use it as a context manager")
+            current = self._session.current
+            if current is not None and current.gen == self._catalog_gen:
+                return current.rows
+            attrs, leases = [], []
+            try:
+                for a in list(self._attrs.values()):
+                    chunks = []
+                    for key in ([] if a.tier == "zarr" else a.keys):
+                        leases.append(lease := self.store.locate(key))
+                        chunks.append((lease.path, lease.offset, lease.nbytes))
+                    attrs.append(SnapshotAttr(a.group, a.name, a.dtype, tuple(a.shape), a.chunk_rows, a.tier,
+                                              chunks, a.zarr_path))
+                export = self._session.add(self._catalog_gen, WorkerRows(self.namespace, attrs, self.max_read),
+                                           leases)
+            except BaseException:
+                for lease in leases:
+                    lease.release()
+                raise
+            self._session.reap(self._catalog_gen)
+            return export.rows
 
-    def _export_extent(self, key: str) -> tuple[str, int, int]:
-        lease = self.store.locate(key)
-        held = self._exported.setdefault((key, lease.version), lease)
-        if held is not lease:
-            lease.release()
-        return held.path, held.offset, held.nbytes
+    def _release_superseded(self) -> None:
+        """Give back the extents of snapshots older than the catalog that no process holds."""
+        with self._lock:
+            if self._session is not None:
+                self._session.reap(self._catalog_gen)
 
     # -- reporting -----------------------------------------------------------------
     def stats(self) -> dict:
@@ -969,6 +1060,16 @@ def _normalize_index(index, n: int, label: str) -> tuple[np.ndarray, tuple[int, 
     if lo < 0:
         ids = np.where(ids < 0, ids + n, ids)
     return ids, arr.shape
+
+
+def _names_every_row(t: torch.Tensor, index, label: str) -> bool:
+    """Whether ``index`` names each row 0..len(t)-1 of ``t`` exactly once."""
+    n = len(t) if t.dim() else 0
+    try:
+        ids, _shape = _normalize_index(index, n, label)
+    except IndexError:
+        return False
+    return len(ids) == n and np.array_equal(np.sort(ids), np.arange(n))
 
 
 def _rows_in_index_order(t: torch.Tensor, index, label: str) -> torch.Tensor:

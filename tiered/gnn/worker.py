@@ -4,16 +4,20 @@ Why: a worker process cannot use the parent's ``TieredStore`` (its engine thread
 not exist after a fork; a spawned worker cannot get them at all; and the store
 directory is locked to one process). So the parent hands each worker a snapshot:
 for every attribute its dtype, shape and where each chunk's bytes are (path,
-offset, length), or its zarr path. The parent holds a lease on every extent it
-handed out until it closes, so those bytes are neither freed nor reused while a
-worker may read them; a worker sees the attributes as they were when it got the
-snapshot. Rows are read with ``os.preadv`` in the worker's own thread: no engine,
-no threads, no locks. Like the parent's row gathers (``TieredStore.locate``),
-partial row reads are not checked against the objects' 8 MiB segment checksums.
+offset, length), or its zarr path. The parent keeps those extents from being freed or
+reused while any process holds the snapshot's lock file (see ``snapshots.py``); a worker
+copy holds it from when it is made until it is closed or its process exits, and sees
+the attributes as they were when it got the snapshot. After each read it checks that
+the lock file is still there: the parent removes it on close() (before it gives the
+extents back), so a copy of a closed store fails instead of returning reused bytes.
+Rows are read with ``os.preadv`` in the worker's own thread: no engine, no threads,
+no locks. Like the parent's row gathers (``TieredStore.locate``), partial row reads are
+not checked against the objects' 8 MiB segment checksums.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -45,34 +49,90 @@ class SnapshotAttr:
     def row_bytes(self) -> int:
         return int(np.prod(self.row_shape, dtype=np.int64)) * torch.empty((), dtype=self.dtype).element_size()
 
+    def describe(self) -> dict:
+        from ..store import _dtype_name
+        from .feature_store import _jsonable_group
+
+        return {"group": _jsonable_group(self.group), "attr": self.name, "dtype": _dtype_name(self.dtype),
+                "shape": list(self.shape), "chunk_rows": self.chunk_rows, "tier": self.tier,
+                "zarr": self.zarr_path, "snapshot": True}
+
 
 class WorkerRows:
     """Read-only rows of a snapshot (see the module docstring); one per worker process."""
 
-    def __init__(self, namespace: str, attrs: list[SnapshotAttr], max_read: int) -> None:
+    def __init__(self, namespace: str, attrs: list[SnapshotAttr], max_read: int, lock_path: str = "",
+                 owner_pid: int = 0, session: str = "") -> None:
         self.namespace = namespace
         self.attrs = {(a.group, a.name): a for a in attrs}
         self.max_read = max_read
-        self.pid = os.getpid()  # the process whose file descriptors ``_fds`` holds
+        self.lock_path, self.owner_pid, self.session = lock_path, owner_pid, session  # set by the parent
+        self.pid = os.getpid()  # the process whose file descriptors ``_fds`` and ``_hold`` are
         self._fds: dict[str, int] = {}
+        self._hold: int | None = None  # shared lock on ``lock_path`` (a worker copy's)
+        self._hold_ino: tuple[int, int] | None = None
         self._layouts: dict[tuple, tuple[Layout, list[str]]] = {}
         self._zarr: dict[tuple, Any] = {}
 
     def __getstate__(self) -> dict:
-        return {"namespace": self.namespace, "attrs": list(self.attrs.values()), "max_read": self.max_read}
+        return {"namespace": self.namespace, "attrs": list(self.attrs.values()), "max_read": self.max_read,
+                "lock_path": self.lock_path, "owner_pid": self.owner_pid, "session": self.session}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["namespace"], state["attrs"], state["max_read"])
+        self.__init__(**state)
+        self._attach()
 
     def fresh(self) -> "WorkerRows":
-        """A copy for this process (no descriptors or zarr handles of another one)."""
-        return WorkerRows(self.namespace, list(self.attrs.values()), self.max_read)
+        """A copy for this process (no descriptors or zarr handles of another one), holding
+        the snapshot's lock for as long as it is open."""
+        w = WorkerRows(self.namespace, list(self.attrs.values()), self.max_read, self.lock_path,
+                       self.owner_pid, self.session)
+        w._attach()
+        return w
+
+    def _attach(self) -> None:
+        """Take a shared lock on the snapshot's lock file; if it is gone (or being released),
+        leave ``_hold`` unset: every read then fails (see ``_check_held``)."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            st = os.fstat(fd)
+        except BlockingIOError:  # the parent holds it exclusively only to release it
+            os.close(fd)
+            return
+        self._hold, self._hold_ino = fd, (st.st_dev, st.st_ino)
+        self._check_held()  # unlinked between our open and our lock: released
+
+    def _check_held(self) -> None:
+        """Raise unless the parent still reserves this snapshot's extents."""
+        try:
+            st = os.stat(self.lock_path)
+            ok = self._hold is not None and (st.st_dev, st.st_ino) == self._hold_ino
+        except FileNotFoundError:
+            ok = False
+        if not ok:
+            from .feature_store import FeatureStoreError
+
+            raise FeatureStoreError(
+                f"feature store {self.namespace!r}: this worker copy's snapshot (session {self.session} of process "
+                f"{self.owner_pid}) was released: the store was closed, or the snapshot was superseded by a "
+                "write before this copy was made; its extents may hold other data now. Get a new copy from "
+                "the open store")
 
     def close(self) -> None:
         if os.getpid() == self.pid:  # a forked copy must not close its parent's descriptors
             for fd in self._fds.values():
                 os.close(fd)
-        self._fds = {}
+            if self._hold is not None:
+                os.close(self._hold)
+        self._fds, self._hold = {}, None
+
+    def __del__(self) -> None:
+        if getattr(self, "_hold", None) is not None or getattr(self, "_fds", None):
+            self.close()
 
     def attr(self, group, name: str) -> SnapshotAttr:
         from .feature_store import _label
@@ -93,7 +153,10 @@ class WorkerRows:
         uniq, inv = unique_rows(ids)
         if not len(uniq):
             return torch.empty((*out_shape, *a.row_shape), dtype=a.dtype)
+        if self._hold is None:
+            self._check_held()
         raw = self._read(a, uniq)
+        self._check_held()  # the extents were still reserved while they were read
         rows = torch.from_numpy(np.ascontiguousarray(raw))
         rows = (rows.view(a.dtype) if a.dtype != torch.uint8 else rows).reshape(len(uniq), *a.row_shape)
         if len(inv) != len(uniq) or not _is_identity(inv):
