@@ -119,6 +119,18 @@ class Arena:
     def _admits(self, owner: str, reserved: int) -> bool:
         return self._in_use + reserved + self._held_back(owner) <= self.capacity
 
+    def limit_for(self, owner: str) -> int:
+        """The most ``owner`` could hold if every other owner held nothing beyond its share:
+        the capacity less the others' unused shares."""
+        with self._cond:
+            return self.capacity - self._held_back(owner)
+
+    def over_share(self) -> dict[str, int]:
+        """Per owner, the bytes it holds beyond its share: what giving memory back to another
+        owner can free (bytes within a share stay kept for their owner even when freed)."""
+        with self._cond:
+            return {n: o.held - o.share for n, o in self._owners.items() if o.held > o.share}
+
     def _held_back(self, owner: str) -> int:
         """Bytes kept free for other owners' shares."""
         return sum(max(0, o.share - o.held) for name, o in self._owners.items() if name != owner)

@@ -201,3 +201,64 @@ def test_device_tier_on_cpu_runs_the_same_code(tmp_path):
             buf.release()
         with pytest.raises(MemoryError, match="owner 'offload'.*by owner"):
             store._alloc_device(5 * MiB, wait=0, owner="offload")
+
+
+def test_copies_inside_another_owners_share_are_not_evicted_for_nothing(tmp_path):
+    with TieredStore(config(tmp_path, host="8MiB")) as store:
+        with store.reserve("host", "4MiB", owner="kv"):
+            for i in range(4):
+                store.put(f"k{i}", torch.zeros(MiB // 4), owner="kv").result(T)  # cached, charged to kv
+            other = [store.alloc_host(MiB, owner="gnn") for _ in range(4)]
+            with pytest.raises(MemoryError):
+                store.alloc_host(MiB, wait=0.2, owner="gnn")
+            assert all(store.meta(f"k{i}")["in_host"] for i in range(4))  # kv's copies survived
+            for b in other:
+                b.release()
+
+
+def test_pressure_that_frees_nothing_useful_does_not_spin_past_the_deadline(tmp_path):
+    import time
+
+    with TieredStore(config(tmp_path, host="8MiB")) as store:
+        calls = []
+        kv = store.reserve("host", "4MiB", owner="kv", on_pressure=lambda n: calls.append(n) or n)
+        held = [kv.alloc(MiB) for _ in range(4)] + [kv.alloc(MiB)]  # 1 MiB beyond its share
+        other = [store.alloc_host(MiB, owner="gnn") for _ in range(3)]
+        t0 = time.monotonic()
+        with pytest.raises(MemoryError):
+            store.alloc_host(MiB, wait=0.5, owner="gnn")  # kv claims to give back but frees nothing
+        assert time.monotonic() - t0 < 5 and len(calls) < 1000
+        for b in held + other:
+            b.release()
+        kv.close()
+
+
+def test_placement_skips_a_tier_held_back_by_shares(tmp_path):
+    cfg = config(tmp_path, storage="16MiB")
+    cfg["tiers"]["flash"] = {"path": str(tmp_path / "flash"), "capacity": "64MiB"}
+    with TieredStore(cfg) as store:
+        with store.reserve("nvme", "12MiB", owner="kv"):
+            store.put("x", torch.zeros(8 * MiB, dtype=torch.uint8), owner="gnn").result(T)
+            assert store.meta("x")["tier"] == "flash"
+
+
+def test_the_host_tier_answers_to_its_configured_name(tmp_path):
+    cfg = config(tmp_path, owners={"kv": {"dram": "4MiB"}})
+    cfg["tiers"] = {"dram": {**cfg["tiers"].pop("host"), "kind": "host"}, **cfg["tiers"]}
+    with TieredStore(cfg) as store:
+        with store.reserve("host", owner="kv") as a:
+            assert a.reserved == 4 * MiB
+        with store.reserve("dram", owner="kv") as b:
+            assert b.reserved == 4 * MiB
+
+
+def test_closing_a_reservation_of_an_earlier_open_leaves_the_new_one(tmp_path):
+    store = TieredStore(config(tmp_path))
+    with store:
+        r1 = store.reserve("host", "4MiB", owner="kv")
+    with store:
+        r2 = store.reserve("host", "4MiB", owner="kv")
+        r1.close()
+        assert r2.reserved == 4 * MiB
+        with pytest.raises(StoreError, match="closed"):
+            r1.alloc(10)

@@ -143,3 +143,14 @@ def test_a_corrupt_object_is_still_found_and_removed(tmp_path):
             s.get("bad").result(T)
         report = s.check(repair=True)
         assert report["removed"] == ["bad"] and "bad" not in s
+
+
+def test_a_new_store_cannot_take_another_stores_tier(tmp_path):
+    with TieredStore(two_tier(tmp_path)) as s:
+        s.put("w", filled(1), tier="slow").result(T)
+    other = {"tiers": {"host": {"capacity": "8MiB"}, "new": {"path": str(tmp_path / "new"), "capacity": "16MiB"},
+                       "slow": {"path": str(tmp_path / "slow"), "capacity": "16MiB"}}}
+    with pytest.raises(StoreError, match="tier 'slow' of the store at .*fast"):
+        TieredStore(other).open(start_empty=True)
+    with TieredStore(two_tier(tmp_path)) as s:
+        assert torch.equal(s.get("w").result(T), filled(1))

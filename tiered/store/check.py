@@ -64,6 +64,10 @@ def check_tier_markers(store: "TieredStore") -> None:
         m = _read_marker(tier.path)
         if m is None:
             continue
+        if store_id is None:  # markers are written first tier first: this tier belongs to another store
+            raise StoreError(f"{tier.path} is tier {m.get('tier')!r} of the store at "
+                             f"{m.get('root_path') or tier.path}; it cannot be tier {tier.name!r} of a new store at "
+                             f"{store.root}")
         if m.get("root"):
             raise StoreError(f"{tier.path} is the first tier of another store; it cannot be tier {tier.name!r} "
                              f"of the store at {store.root}")

@@ -225,6 +225,7 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Manifest, _
                 os.close(fd)
 
     def _release_resources(self) -> None:
+        self._close_reservations()
         if self.engine is not None:
             self.engine.close()
             self.engine = None

@@ -40,6 +40,10 @@ class _StorageTier:
         """Free bytes kept for the unused shares of owners other than ``owner``."""
         return sum(max(0, s - self.held.get(o, 0)) for o, s in self.shares.items() if o != owner)
 
+    def room_for(self, owner: str) -> int:
+        """The largest extent ``owner`` could take now (free space less others' unused shares)."""
+        return max(0, min(self.space.largest(), self.space.capacity - self.used - self.held_back(owner)))
+
     def take(self, size: int, owner: str) -> int | None:
         """An extent of ``size`` bytes charged to ``owner``, or None (no room, or only room that
         other owners' shares keep)."""

@@ -20,35 +20,22 @@ class _HostTier:
 
     def _alloc_host(self, nbytes: int, wait: float | None = None, owner: str = DEFAULT_OWNER) -> HostBuffer:
         """A host buffer charged to ``owner``: evicting unpinned cached copies (policy's choice)
-        to make room, then asking other owners holding memory they can give back (their
-        reservations' ``on_pressure``), then waiting up to ``wait`` (default ``host_wait``)
-        seconds for pins to go."""
+        whose eviction makes room for it, then asking other owners holding memory beyond their
+        shares to give some back (their reservations' ``on_pressure``), then waiting up to
+        ``wait`` (default ``host_wait``) seconds for pins to go."""
         size = align_up(max(nbytes, 1))
         if size > self.arena.capacity:
             raise OutOfBudget(f"host tier: {nbytes} bytes requested but its budget is {self.arena.capacity} bytes")
+        if size > self.arena.limit_for(owner):
+            raise OutOfBudget(f"host tier: {nbytes} bytes for owner {owner!r} cannot fit beside the other owners' "
+                              f"shares ({self._describe_owners('host')})")
         wait = self.host_wait if wait is None else wait
         deadline = time.monotonic() + wait
         while True:
-            evicted = []
             seen = self.arena.changes  # read before trying: a change after it ends the wait below
-            with self._lock:
-                buf = self.arena.try_alloc(nbytes, owner=owner)
-                while buf is None:
-                    victims = self.host_policy.victims(size, self._evictable)
-                    if not victims:
-                        break
-                    for key in victims:
-                        meta = self._objects[key]
-                        self._drop_host(meta)
-                        self.counters.evictions += 1
-                        evicted.append(meta)
-                    buf = self.arena.try_alloc(nbytes, owner=owner)
-            for meta in evicted:
-                self._emit(meta.key, meta.nbytes, "evict", meta.kind, "host")
+            buf = self._alloc_evicting(nbytes, size, owner)
             if buf is not None:
                 return buf
-            if self._relieve("host", size, owner):
-                continue  # another owner gave memory back: try again at once
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 st = self.arena.stats()
@@ -57,9 +44,42 @@ class _HostTier:
                     f"({st.in_use} of {st.capacity} bytes held by pinned or loading objects; "
                     f"{self._describe_owners('host')})"
                 )
+            if self._relieve("host", size, owner) and self.arena.changes != seen:
+                continue  # another owner gave memory back: try again at once
             # wait for a buffer to be freed or a cached copy to become evictable (unpinned, or a
             # put's copy installed), then retry with eviction
             self.arena.wait_change(seen, min(0.05, remaining))
+
+    def _alloc_evicting(self, nbytes: int, size: int, owner: str) -> HostBuffer | None:
+        """Try to allocate, evicting cached copies whose space ``owner`` may take: its own, and
+        those of owners holding more than their shares (a copy inside another owner's share
+        frees room only for that owner)."""
+        evicted = []
+        with self._lock:
+            buf = self.arena.try_alloc(nbytes, owner=owner)
+            if buf is None:
+                over = self.arena.over_share()
+
+                def helps(key: str) -> bool:
+                    if not self._evictable(key):
+                        return False
+                    o = self._objects[key].host.buffer.owner
+                    return o == owner or o in over
+
+                while buf is None:
+                    victims = self.host_policy.victims(size, helps)
+                    if not victims:
+                        break
+                    for key in victims:
+                        meta = self._objects[key]
+                        self._drop_host(meta)
+                        self.counters.evictions += 1
+                        evicted.append(meta)
+                    buf = self.arena.try_alloc(nbytes, owner=owner)
+                    over = self.arena.over_share()
+        for meta in evicted:
+            self._emit(meta.key, meta.nbytes, "evict", meta.kind, "host")
+        return buf
 
     def _drop_host(self, meta: ObjectMeta) -> None:
         copy = meta.host

@@ -110,8 +110,10 @@ class _Owners:
         self._check_open()
         if not isinstance(owner, str) or not owner:
             raise StoreError(f"reserve({tier!r}): owner must be a non-empty name, got {owner!r}")
+        tier = self._canonical_tier(tier)
         kind = self._tier_kind(tier)
-        share = self.config.share(owner, tier) if nbytes is None else self._share_bytes(tier, nbytes)
+        share = (self.config.share(owner, self._config_tier_name(tier)) if nbytes is None
+                 else self._share_bytes(tier, nbytes))
         with self._lock:
             if (tier, owner) in self._reservations:
                 raise StoreError(f"owner {owner!r} already holds a reservation on tier {tier!r}; close it first, "
@@ -132,6 +134,15 @@ class _Owners:
     def _tier_names(self) -> list[str]:
         names = ["host"] + ([self._device_tier.name] if self._device_tier is not None else [])
         return names + list(self._tier_order)
+
+    def _canonical_tier(self, tier: str) -> str:
+        """The host tier answers to "host" and to its configured name."""
+        host = self.config.host_tier
+        return "host" if host is not None and tier == host.name else tier
+
+    def _config_tier_name(self, tier: str) -> str:
+        host = self.config.host_tier
+        return host.name if tier == "host" and host is not None else tier
 
     def _tier_kind(self, tier: str) -> str:
         if tier == "host":
@@ -211,11 +222,21 @@ class _Owners:
         return "by owner: " + (", ".join(parts) or "none")
 
     def _end_reservation(self, res: Reservation) -> None:
+        """Give the share back, unless ``res`` is no longer the owner's reservation (the store was
+        reopened, or the owner reserved anew): then it has nothing to give back."""
         with self._lock:
-            if self._reservations.get((res.tier, res.owner)) is res:
-                del self._reservations[(res.tier, res.owner)]
-        if self._opened:
-            self._set_share(res.tier, res.owner, 0)
+            if self._reservations.get((res.tier, res.owner)) is not res:
+                return
+            del self._reservations[(res.tier, res.owner)]
+            if self._opened:
+                self._set_share(res.tier, res.owner, 0)
+
+    def _close_reservations(self) -> None:
+        """The store closes: every reservation ends with it."""
+        with self._lock:
+            for res in self._reservations.values():
+                res._closed = True
+            self._reservations.clear()
 
     def _relieve(self, tier: str, nbytes: int, owner: str) -> bool:
         """Ask the other owners of ``tier`` that registered ``on_pressure`` for ``nbytes``; True
@@ -223,14 +244,16 @@ class _Owners:
         allocates must not start another round)."""
         if getattr(self._relieving, "active", False):
             return False
+        arena = self.arena if self._tier_kind(tier) == "host" else self._device_arena_or_none()
+        over = arena.over_share() if arena is not None else {}  # what is within a share helps nobody else
         with self._lock:
             helpers = [r for (t, o), r in self._reservations.items()
-                       if t == tier and o != owner and r.on_pressure is not None]
+                       if t == tier and o != owner and r.on_pressure is not None and over.get(o, 0) > 0]
         self._relieving.active = True
         try:
             freed = 0
             for r in helpers:
-                freed += int(r.on_pressure(nbytes - freed) or 0)
+                freed += int(r.on_pressure(min(nbytes - freed, over[r.owner])) or 0)
                 if freed >= nbytes:
                     break
             return freed > 0

@@ -42,7 +42,6 @@ def _forget_after_fork() -> None:
     _lock, _shared_lock = threading.Lock(), threading.Lock()
     _open.clear()
     _pid = os.getpid()
-CLOSE_WAIT = 120.0  # seconds shared() waits for a store its last user is closing
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
@@ -114,17 +113,18 @@ def shared_store(cls: type, config: Any, kwargs: dict) -> "TieredStore":
     cfg = load_config(config)
     if not cfg.storage_tiers:
         raise StoreError(f"{cfg.source}: the store needs at least one storage tier")
-    with _shared_lock:
-        return _shared_store(cls, cfg, kwargs)
-
-
-def _shared_store(cls: type, cfg: Any, kwargs: dict) -> "TieredStore":
-    with _lock:
-        store = _open.get(root_key(Path(cfg.storage_tiers[0].path)))
-    if store is not None and store._closing:  # its last user is closing it: wait, then open anew
+    while True:
+        with _shared_lock:
+            with _lock:
+                store = _open.get(root_key(Path(cfg.storage_tiers[0].path)))
+            if store is None or not store._closing:
+                return _shared_store(cls, cfg, kwargs, store)
+        # its last user is closing it: wait (not holding the registry lock), then open anew
         if not store._closed_event.wait(CLOSE_WAIT):
             raise StoreError(f"store at {store.root} is still closing after {CLOSE_WAIT} s")
-        store = None
+
+
+def _shared_store(cls: type, cfg: Any, kwargs: dict, store: "TieredStore | None") -> "TieredStore":
     if store is None:
         store = cls(cfg, **kwargs)
         store._shared_users = 1

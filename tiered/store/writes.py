@@ -35,6 +35,7 @@ class _Writes:
         decides again whether it is ephemeral. ``owner``: the workload charged for the object's
         extent (its storage share) and its cached host copy (see :meth:`reserve`).
         """
+        self._check_open()
         with self._lock:
             self._puts_in_flight[key] = self._puts_in_flight.get(key, 0) + 1
         try:
@@ -77,10 +78,15 @@ class _Writes:
         next read waits for this buffer's room may ask for DEMAND). ``ephemeral``: as for :meth:`put`;
         ``owner``: charged for the extent (default: the owner the buffer was allocated for).
         """
+        try:  # first: a fork child must not wait on a lock its parent's threads held
+            self._check_open()
+        except BaseException:
+            if give and isinstance(buf, HostBuffer) and not buf.released:
+                buf.release()
+            raise
         with self._lock:
             self._puts_in_flight[key] = self._puts_in_flight.get(key, 0) + 1
         try:
-            self._check_open()
             check_key(key)
             shape = tuple(int(d) for d in shape)
             nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
@@ -232,7 +238,7 @@ class _Writes:
                 raise StoreError(f"put({key!r}): unknown storage tier {tier!r}; known: {', '.join(self._tier_order)}")
             name = tier
         else:
-            choices = [(n, self._tiers[n].space.capacity, self._tiers[n].space.largest()) for n in self._tier_order]
+            choices = [(n, self._tiers[n].space.capacity, self._tiers[n].room_for(owner)) for n in self._tier_order]
             name = self.placement.place(Observation(key, size, kind, "write"), choices)
             if name is None:
                 free = ", ".join(f"{n}: {f} bytes in one piece" for n, _c, f in choices)
