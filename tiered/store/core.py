@@ -53,6 +53,7 @@ from .extents import _StorageTier
 from .device import _DeviceTier
 from .host import _HostTier
 from .owners import _Owners
+from .ranges import _Ranges
 from .manifest import _Manifest
 from .reads import _Reads
 from .retention import _Retention
@@ -61,7 +62,7 @@ from .writes import _Writes
 log = logging.getLogger("tiered.store")
 
 
-class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Manifest, _Retention):
+class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Manifest, _Retention):
     """See the module docstring."""
 
     def __init__(
@@ -304,9 +305,9 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Manifest, _
                     if not current:
                         out.set_result({"key": key, "superseded": True})
                         return
-                    kind, ephemeral, owner = meta.kind, meta.ephemeral, meta.owner
+                    kind, ephemeral, owner, block = meta.kind, meta.ephemeral, meta.owner, meta.block
                 inner = self._put(key, lease.tensor, kind, tier, relocate=lease._version, ephemeral=ephemeral,
-                                  owner=owner)
+                                  owner=owner, block=block)
             except BaseException as e:  # noqa: BLE001
                 out.set_exception(e)
                 return

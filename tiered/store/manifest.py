@@ -8,13 +8,12 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from allocators import align_up
 
 from ..atomic import write_json_atomic
 from ..dtypes import dtype_from, dtype_name
 from . import check as store_check
 from .errors import StoreError
-from .objects import DEFAULT_OWNER, Extent, FORMAT, FORMAT_VERSION, MANIFEST, ObjectMeta
+from .objects import DEFAULT_OWNER, Extent, FORMAT, FORMAT_VERSION, MANIFEST, ObjectMeta, extent_length
 from .extents import punch_hole
 
 log = logging.getLogger("tiered.store")
@@ -42,8 +41,9 @@ class _Manifest:
                 tier_name, offset, nbytes = o["tier"], int(o["offset"]), int(o["nbytes"])
                 meta = ObjectMeta(key, str(o["kind"]), dtype_from(o["dtype"]), tuple(int(d) for d in o["shape"]),
                                   nbytes, int(o["version"]), [int(c) for c in o["crc32"]],
-                                  Extent(tier_name, offset, align_up(max(nbytes, 1))),
-                                  owner=str(o.get("owner", DEFAULT_OWNER)))
+                                  Extent(tier_name, offset, extent_length(nbytes, int(o.get("block", 0)))),
+                                  owner=str(o.get("owner", DEFAULT_OWNER)), block=int(o.get("block", 0)),
+                                  table_crc=int(o.get("table_crc", 0)))
             except (KeyError, TypeError, ValueError) as e:
                 raise StoreError(f"{path}: object {key!r} has a malformed entry ({e!r}): {o!r}") from e
             if o.get("ephemeral"):  # scratch of a process that crashed: delete it
@@ -93,7 +93,7 @@ class _Manifest:
                                      f"config ({self.config.source}) does not define")
                 ext = extents.get((tier_name, offset))
                 if ext is None:  # a superseded or deleted version: still reserved until released
-                    ext = Extent(tier_name, offset, align_up(max(nbytes, 1)), retired_gen=0)
+                    ext = Extent(tier_name, offset, extent_length(nbytes, int(r.get("block", 0))), retired_gen=0)
                     try:
                         tier.mark_used(offset, ext.length, str(r.get("owner", DEFAULT_OWNER)))
                     except RuntimeError as e:
@@ -112,7 +112,8 @@ class _Manifest:
                 k: {"kind": m.kind, "dtype": dtype_name(m.dtype), "shape": list(m.shape),
                     "nbytes": m.nbytes, "version": m.version, "crc32": m.crc32,
                     "tier": m.extent.tier, "offset": m.extent.offset, **({"ephemeral": True} if m.ephemeral else {}),
-                    **({"owner": m.owner} if m.owner != DEFAULT_OWNER else {})}
+                    **({"owner": m.owner} if m.owner != DEFAULT_OWNER else {}),
+                    **({"block": m.block, "table_crc": m.table_crc} if m.block else {})}
                 for k, m in self._objects.items() if not m.extent.external
             },
             **({"retained": {tag: [rec for rec, _e in recs] for tag, recs in self._retained.items()}}

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from allocators import HostBuffer
+from allocators import HostBuffer, align_up
 from io_engine import IOFuture
 
 from ..dtypes import dtype_name
@@ -35,6 +35,13 @@ def check_key(key: str) -> str:
     if any(part in ("", ".", "..") for part in key.split("/")):
         raise StoreError(f"invalid object key {key!r}: empty, '.' or '..' path components are not allowed")
     return key
+
+
+def extent_length(nbytes: int, block: int = 0) -> int:
+    """Bytes an object's extent takes: its data padded to 4 KiB, then, for an object with block
+    checksums, the table of one crc32 per ``block`` bytes of data (padded to 4 KiB)."""
+    data = align_up(max(nbytes, 1))
+    return data + (align_up(4 * -(-data // block)) if block else 0)
 
 
 @dataclass
@@ -87,6 +94,9 @@ class ObjectMeta:
     host: HostCopy | None = None
     ephemeral: bool = False  # deleted when the store closes, or by the next open after a crash
     owner: str = DEFAULT_OWNER  # the workload whose storage share holds it
+    block: int = 0  # >0: a crc32 per ``block`` bytes, stored after the data (byte-range reads verify them)
+    table_crc: int = 0  # crc32 of that table
+    block_crcs: object = None  # the table, once read (numpy uint32), for byte-range reads
 
     def describe(self) -> dict:
         return {
@@ -119,6 +129,8 @@ class _PendingPut:
     cache: bool = True
     crc: list[int] | None = None  # computed while streaming; else from ``buf``
     owner: str = DEFAULT_OWNER
+    block: int = 0
+    table_crc: int = 0
 
 
 @dataclass

@@ -42,7 +42,8 @@ class _Retention:
                 ext = meta.extent
                 rec = {"key": key, "version": meta.version, "tier": ext.tier, "offset": ext.offset,
                        "nbytes": meta.nbytes, "dtype": dtype_name(meta.dtype), "shape": list(meta.shape),
-                       "crc32": list(meta.crc32), "segment": SEGMENT, "owner": meta.owner}
+                       "crc32": list(meta.crc32), "segment": SEGMENT, "owner": meta.owner,
+                       **({"block": meta.block} if meta.block else {})}
                 if meta.ephemeral:  # its bytes were never fdatasync'ed: the commit below must first
                     self._unsynced.add(ext.tier)
                 ext.readers += 1

@@ -19,7 +19,7 @@ from io_engine import Priority
 
 from ..checksums import SEGMENT, crc32
 from .errors import ChecksumError, HostBudgetError, StoreError
-from .objects import DEFAULT_OWNER, ObjectMeta, _PendingPut
+from .objects import DEFAULT_OWNER, ObjectMeta, _PendingPut, extent_length
 
 if TYPE_CHECKING:
     from .core import TieredStore
@@ -65,7 +65,7 @@ class SegmentCrc:
 
 
 def put_streamed(store: "TieredStore", key: str, src: torch.Tensor, kind: str, tier: str | None,
-                 relocate: int | None, ephemeral: bool, owner: str = DEFAULT_OWNER):
+                 relocate: int | None, ephemeral: bool, owner: str = DEFAULT_OWNER, block: int = 0):
     """Write contiguous tensor ``src`` (CPU or GPU: copied piece by piece, never whole into host
     memory) as a new version of ``key``; the bytes are all written before this returns, the
     returned future resolves once committed."""
@@ -73,12 +73,13 @@ def put_streamed(store: "TieredStore", key: str, src: torch.Tensor, kind: str, t
 
     data = src.reshape(-1).view(torch.uint8)
     nbytes = data.numel()
-    size = align_up(nbytes)
+    size = extent_length(nbytes, block)
     with store._lock:
         tier_name, offset = store._reserve_extent(key, size, kind, tier, owner)
         version = relocate if relocate is not None else store._next_version(key)
     try:
-        crc = _write_pieces(store, data, store._tiers[tier_name].data_file, offset, not ephemeral, owner)
+        crc, table_crc = _write_pieces(store, data, store._tiers[tier_name].data_file, offset, not ephemeral, owner,
+                                       block)
     except BaseException as e:
         with store._lock:
             store._tiers[tier_name].give(offset, size)
@@ -90,15 +91,20 @@ def put_streamed(store: "TieredStore", key: str, src: torch.Tensor, kind: str, t
         raise error(f"put({key!r}): streaming {nbytes} bytes through the host tier to tier "
                     f"{tier_name!r} failed: {e}") from e
     p = _PendingPut(key, version, relocate, tier_name, offset, size, nbytes, src.dtype, tuple(src.shape), kind,
-                    True, True, ephemeral, crc=crc, owner=owner)
+                    True, True, ephemeral, crc=crc, owner=owner, block=block, table_crc=table_crc)
     return chain(completed(size), lambda _n: store._install(p), f"put {key}", note=f"while putting object {key!r}")
 
 
 def _write_pieces(store: "TieredStore", data: torch.Tensor, path: str, offset: int, durable: bool,
-                  owner: str) -> list[int]:
+                  owner: str, block: int = 0) -> tuple[list[int], int]:
+    """Write the data piece by piece (then, with ``block``, its table of block crc32s); returns the
+    segment crc32s and the table's crc32."""
     nbytes, step = data.numel(), piece_size(store)
+    if block:
+        step = max(block, step // block * block)
     size = align_up(nbytes)
     crc = SegmentCrc()
+    blocks: list[int] = []
     buf = store._alloc_host(step, owner=owner)
     try:
         for o in range(0, size, step):
@@ -107,11 +113,23 @@ def _write_pieces(store: "TieredStore", data: torch.Tensor, path: str, offset: i
             torch.from_numpy(arr[:n]).copy_(data[o:o + n])
             arr[n:m] = 0
             crc.update(arr[:n])
-            last = o + step >= size
+            if block:
+                blocks.extend(crc32(arr[i:min(i + block, m)]) for i in range(0, m, block))
+            last = o + step >= size and not block
             store.engine.write(path, offset + o, arr[:m], m, sync=durable and last).result()
     finally:
         buf.release()
-    return crc.finish()
+    if not block:
+        return crc.finish(), 0
+    table = np.asarray(blocks, dtype=np.uint32).view(np.uint8)
+    tbuf = store._alloc_host(len(table), owner=owner)
+    try:
+        tbuf.array[:] = table
+        tbuf.padded[len(table):] = 0
+        store.engine.write(path, offset + size, tbuf.padded, len(tbuf.padded), sync=durable).result()
+    finally:
+        tbuf.release()
+    return crc.finish(), crc32(table)
 
 
 def read_streamed(store: "TieredStore", meta: "ObjectMeta", consume: Callable[[int, np.ndarray], None],

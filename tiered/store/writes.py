@@ -3,17 +3,18 @@ when the manifest naming it is committed."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from allocators import HostBuffer, OutOfBudget
-from io_engine import IOFuture, Priority, chain
+from io_engine import IOFuture, Priority, chain, gather
 from policies import Observation
 
-from ..checksums import segment_checksums
+from ..checksums import crc32, segment_checksums
 from ..dtypes import dtype_name
 from . import stream as store_stream
 from .errors import HostBudgetError, StoreError
-from .objects import DEFAULT_OWNER, Extent, HostCopy, ObjectMeta, _PendingPut, check_key
+from .objects import DEFAULT_OWNER, Extent, HostCopy, ObjectMeta, _PendingPut, check_key, extent_length
 
 
 class _Writes:
@@ -21,7 +22,7 @@ class _Writes:
 
     # -- put -----------------------------------------------------------------------
     def put(self, key: str, tensor: torch.Tensor, *, kind: str = "blob", tier: str | None = None,
-            ephemeral: bool = False, owner: str = DEFAULT_OWNER) -> IOFuture:
+            ephemeral: bool = False, owner: str = DEFAULT_OWNER, block: int = 0) -> IOFuture:
         """Store ``tensor`` under ``key`` (a new version if it exists).
 
         The bytes are copied into the host arena before this returns, so the
@@ -33,13 +34,15 @@ class _Writes:
         so does the next :meth:`open` after a crash (the manifest records it as ephemeral; its
         bytes are not fdatasync'ed, since no later process reads them). A later put of the key
         decides again whether it is ephemeral. ``owner``: the workload charged for the object's
-        extent (its storage share) and its cached host copy (see :meth:`reserve`).
+        extent (its storage share) and its cached host copy (see :meth:`reserve`). ``block``: also
+        record a crc32 per ``block`` bytes (a multiple of 4096), so that :meth:`read_ranges` can
+        verify reads of parts of the object (rows of a feature table, say).
         """
         self._check_open()
         with self._lock:
             self._puts_in_flight[key] = self._puts_in_flight.get(key, 0) + 1
         try:
-            f = self._put(key, tensor, kind, tier, relocate=None, ephemeral=ephemeral, owner=owner)
+            f = self._put(key, tensor, kind, tier, relocate=None, ephemeral=ephemeral, owner=owner, block=block)
         except BaseException:
             self._put_landed(key)
             raise
@@ -57,7 +60,7 @@ class _Writes:
     def put_buffer(self, key: str, buf: HostBuffer, dtype: torch.dtype, shape, *, kind: str = "blob",
                    tier: str | None = None, give: bool = False, sync: bool = True, commit: bool = True,
                    priority: Priority = Priority.WRITEBACK, cache: bool = True,
-                   ephemeral: bool = False, owner: str | None = None) -> IOFuture:
+                   ephemeral: bool = False, owner: str | None = None, block: int = 0) -> IOFuture:
         """Store the bytes already in ``buf`` (a buffer of this store's arena, e.g. from
         :meth:`alloc_host` or :meth:`Lease.detach`) as ``key``, without copying them.
 
@@ -102,7 +105,7 @@ class _Writes:
             raise
         try:
             f = self._write_buffer(key, buf, nbytes, dtype, shape, kind, tier, None, give, sync, commit,
-                                   priority, cache, ephemeral, buf.owner if owner is None else owner)
+                                   priority, cache, ephemeral, buf.owner if owner is None else owner, block)
         except BaseException:
             self._put_landed(key)
             raise
@@ -118,7 +121,7 @@ class _Writes:
         self._commit_through(gen)
 
     def _put(self, key: str, tensor: torch.Tensor, kind: str, tier: str | None, relocate: int | None,
-             ephemeral: bool = False, owner: str = DEFAULT_OWNER) -> IOFuture:
+             ephemeral: bool = False, owner: str = DEFAULT_OWNER, block: int = 0) -> IOFuture:
         self._check_open()
         check_key(key)
         if not isinstance(tensor, torch.Tensor):
@@ -126,7 +129,8 @@ class _Writes:
         src = tensor.detach().resolve_conj().resolve_neg()
         nbytes = src.numel() * src.element_size()
         if store_stream.too_big_for_host(self, nbytes):  # never whole in host memory
-            return store_stream.put_streamed(self, key, src.contiguous(), kind, tier, relocate, ephemeral, owner)
+            return store_stream.put_streamed(self, key, src.contiguous(), kind, tier, relocate, ephemeral, owner,
+                                             block)
         if src.device.type != "cpu":
             src = src.cpu()
         src = src.contiguous()
@@ -141,37 +145,63 @@ class _Writes:
             buf.release()
             raise
         return self._write_buffer(key, buf, nbytes, src.dtype, tuple(src.shape), kind, tier, relocate,
-                                  True, True, True, Priority.WRITEBACK, True, ephemeral, owner)
+                                  True, True, True, Priority.WRITEBACK, True, ephemeral, owner, block)
 
     def _write_buffer(self, key: str, buf: HostBuffer, nbytes: int, dtype: torch.dtype, shape: tuple,
                       kind: str, tier: str | None, relocate: int | None, give: bool, sync: bool,
                       commit: bool, priority: Priority, cache: bool, ephemeral: bool = False,
-                      owner: str = DEFAULT_OWNER) -> IOFuture:
-        """Write ``buf`` (its first ``nbytes`` are the object) as a new version of ``key``."""
+                      owner: str = DEFAULT_OWNER, block: int = 0) -> IOFuture:
+        """Write ``buf`` (its first ``nbytes`` are the object) as a new version of ``key``; with
+        ``block``, a crc32 per ``block`` bytes is written after the data (same extent)."""
         durable = sync and not ephemeral  # nobody reads an ephemeral object after a crash
+        table = None
         try:
             flat = buf.padded
             flat[nbytes:] = 0
+            length = extent_length(nbytes, block)
+            if block:
+                table, table_crc = self._block_table(flat, block, owner)
             with self._lock:
-                tier_name, offset = self._reserve_extent(key, len(flat), kind, tier, owner)
+                tier_name, offset = self._reserve_extent(key, length, kind, tier, owner)
                 version = relocate if relocate is not None else self._next_version(key)
-            p = _PendingPut(key, version, relocate, tier_name, offset, len(flat), nbytes, dtype, tuple(shape), kind,
-                            sync, commit, ephemeral, buf, give, cache, owner=owner)
-            wf = self.engine.write(self._tiers[tier_name].data_file, offset, flat, sync=durable, priority=priority)
+            p = _PendingPut(key, version, relocate, tier_name, offset, length, nbytes, dtype, tuple(shape), kind,
+                            sync, commit, ephemeral, buf, give, cache, owner=owner, block=block,
+                            table_crc=table_crc if block else 0)
+            path = self._tiers[tier_name].data_file
+            wf = self.engine.write(path, offset, flat, sync=durable and not block, priority=priority)
+            if block:
+                tf = self.engine.write(path, offset + len(flat), table.padded, sync=durable, priority=priority)
+                wf = chain(gather([wf, tf]), lambda _r: length, f"put {key}")
         except BaseException:
             if give:
                 buf.release()
+            if table is not None:
+                table.release()
             raise
 
         def undo(f) -> None:
+            if table is not None:
+                table.release()
             if f.exception() is not None:
                 with self._lock:
-                    self._tiers[tier_name].give(offset, len(flat))
+                    self._tiers[tier_name].give(offset, length)
                 if give:
                     buf.release()
 
         wf.add_done_callback(undo)
         return chain(wf, lambda _n: self._install(p), f"put {key}", note=f"while putting object {key!r}")
+
+    def _block_table(self, flat, block: int, owner: str) -> tuple[HostBuffer, int]:
+        """The crc32 of each ``block`` bytes of ``flat`` (the padded data) in a host buffer, and
+        the crc32 of that table (what the manifest records)."""
+        if block <= 0 or block % 4096:
+            raise StoreError(f"block checksums every {block} bytes: expected a positive multiple of 4096")
+        crcs = np.fromiter((crc32(flat[i:i + block]) for i in range(0, len(flat), block)), dtype=np.uint32,
+                           count=-(-len(flat) // block))
+        table = self._alloc_host(crcs.nbytes, owner=owner)
+        table.array[:] = crcs.view(np.uint8)
+        table.padded[crcs.nbytes:] = 0
+        return table, crc32(table.array)
 
     def _install(self, p: "_PendingPut") -> dict:
         """Make a written version current (unless a later put or delete of the key already took
@@ -196,7 +226,7 @@ class _Writes:
             if old is not None:  # a migration frees its old tier's blocks: they are not rewritten soon
                 self._unlink(old, superseded=p.relocate is None)
             meta = ObjectMeta(key, p.kind, p.dtype, p.shape, p.nbytes, p.version, crc, ext, ephemeral=p.ephemeral,
-                              owner=p.owner)
+                              owner=p.owner, block=p.block, table_crc=p.table_crc)
             self._objects[key] = meta
             self._tiers[tier_name].objects += 1
             if p.give and p.cache and self.cache_on_put:
