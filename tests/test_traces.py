@@ -21,6 +21,8 @@ from traces import (
     write_trace,
 )
 
+import trace_samples  # tests/trace_samples.py (tests/ is on sys.path, as for killing.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = ROOT.parent / "shared" / "traces" / "public"
 DATA = ROOT / "traces" / "data"
@@ -163,10 +165,11 @@ def test_arc_exact_and_zstd(tmp_path):
         import_arc(tmp_path / "junk.lis.zst")
 
 
-def test_truncated_real_arc_trace_is_an_error(tmp_path):
-    data = public("arc-OLTP.lis.zst").read_bytes()
+def test_truncated_arc_trace_is_an_error(tmp_path):
+    trace_samples.arc(tmp_path / "full.lis.zst")
+    data = (tmp_path / "full.lis.zst").read_bytes()
     cut = tmp_path / "OLTP.lis.zst"
-    cut.write_bytes(data[: 200_000])
+    cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(TraceFormatError, match="truncated zstd stream"):
         import_arc(cut)
 
@@ -266,8 +269,25 @@ def test_parsers_fuzz_random_bytes(tmp_path, raw):
             pass
 
 
-# ---------------------------------------------------------------- real public traces
+# ---------------------------------------------------------------- the public formats
 
+def test_traces_in_the_public_formats_import(tmp_path):
+    """Volumes like the public traces' (generated: those files may not be copied here)."""
+    n_arc = trace_samples.arc(tmp_path / "OLTP.lis.zst")
+    arc = load(tmp_path / "OLTP.lis.zst")
+    assert len(arc) == n_arc["pages"] and not arc.timed
+    n_mq = trace_samples.mqsim(tmp_path / "tpcc.trace")
+    mq = load(tmp_path / "tpcc.trace")
+    assert mq.meta["requests"] == n_mq["requests"] and mq.timed and len(mq) >= n_mq["requests"]
+    n_mc = trace_samples.mooncake(tmp_path / "conversation.jsonl")
+    reqs = list(read_requests(tmp_path / "conversation.jsonl"))
+    mc = load(tmp_path / "conversation.jsonl")
+    assert len(reqs) == n_mc["requests"] and len(mc) == n_mc["blocks"] == sum(len(r.hash_ids) for r in reqs)
+    assert [detect_format(tmp_path / n) for n in ("OLTP.lis.zst", "tpcc.trace", "conversation.jsonl")] == \
+        ["arc", "mqsim", "mooncake"]
+
+
+@pytest.mark.skipif(not PUBLIC.exists(), reason="the public traces are not beside this checkout")
 def test_public_traces_import():
     arc = load(public("arc-OLTP.lis.zst"))
     assert len(arc) == 914145 and not arc.timed  # 914,145 page references (the README's count)
@@ -276,8 +296,6 @@ def test_public_traces_import():
     reqs = list(read_requests(public("mooncake-conversation.jsonl")))
     mc = load(public("mooncake-conversation.jsonl"))
     assert len(reqs) == 12031 and len(mc) == sum(len(r.hash_ids) for r in reqs)
-    assert [detect_format(public(n)) for n in ("arc-OLTP.lis.zst", "mqsim-tpcc-small.trace",
-                                               "mooncake-conversation.jsonl")] == ["arc", "mqsim", "mooncake"]
 
 
 def test_detect_format_by_content(tmp_path):
