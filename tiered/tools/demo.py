@@ -19,6 +19,7 @@ import torch
 
 from ..config import load_config
 from ..sizes import format_size
+from . import TOOLS_OWNER
 
 DEMO_HOST_BUDGET = 64 << 20
 DEMO_OBJECTS = 32
@@ -119,7 +120,7 @@ def run_store_demo(config_source=None) -> int:
         futures = []
         for i, (k, v) in enumerate(tensors.items()):
             # ephemeral: the store deletes them when it closes, or after a crash on its next open
-            futures.append(store.put(k, v, kind="blob", ephemeral=True))
+            futures.append(store.put(k, v, kind="blob", ephemeral=True, owner=TOOLS_OWNER))
             if i % 8 == 7:
                 _progress(f"put {i + 1}/{DEMO_OBJECTS}")
         for f in futures:
@@ -129,7 +130,7 @@ def run_store_demo(config_source=None) -> int:
             store.evict(k)
         store.engine.reset_stats()
         t0 = time.perf_counter()
-        futures = [store.get(k) for k in tensors]
+        futures = [store.get(k, owner=TOOLS_OWNER) for k in tensors]
         bad = 0
         for i, (f, (k, v)) in enumerate(zip(futures, tensors.items())):
             if not torch.equal(f.result(timeout=300), v):
@@ -140,7 +141,6 @@ def run_store_demo(config_source=None) -> int:
         st = store.stats()
         for k in tensors:
             store.delete(k)
-    home = cfg.storage_tiers[0].name
     eng = st["engine"]["read"]
     print(f"put (durable): {total / t_put / 1e9:.2f} GB/s   cold get: {total / t_get / 1e9:.2f} GB/s "
           f"(O_DIRECT bytes {format_size(eng['direct_bytes'])}, buffered {format_size(eng['buffered_bytes'])})")
@@ -152,6 +152,8 @@ def run_store_demo(config_source=None) -> int:
         extra = (f"read {format_size(t['bytes_read'])}, written {format_size(t['bytes_written'])}"
                  if t["kind"] == "storage" else f"peak {format_size(t['peak'])}")
         print(f"  tier {name:6s} capacity {format_size(t['capacity']):>10s}  {extra}")
+    for owner, tiers in st["owners"].items():
+        print(f"  owner {owner}: " + ", ".join(f"{tier} peak {format_size(f['peak'])}" for tier, f in tiers.items()))
     if bad:
         print(f"FAILED: {bad} objects read back differ", file=sys.stderr)
         return 1
