@@ -92,7 +92,8 @@ class _RealReplay:
         self.policy, self.placement = policy, placement
         self.names = (tiers[0].name, tiers[1].name)
         self.cap0 = int(tiers[0].capacity)
-        self.osz = [max(1, s) for s in trace.obj_size.tolist()]
+        self.sizes = trace.obj_size.tolist()  # as the policy and the simulator count them
+        self.osz = [max(1, s) for s in self.sizes]  # as stored (an object holds at least one byte)
         self.backing = store.config.storage_tiers[-1].name
         self.prefix = f"replay/{os.getpid()}-{uuid.uuid4().hex[:8]}/"
         share = host_share(self.osz, self.cap0)
@@ -101,7 +102,11 @@ class _RealReplay:
             raise ValueError(f"real replay: a fast tier of {self.cap0} bytes needs {share} bytes of the store's "
                              f"host tier, which holds {host_cap}; lower --fast-fraction or raise tiers.host.capacity")
         self.res = store.reserve("host", share, owner=REPLAY_OWNER)
-        self.scratch = self.res.alloc(max(self.osz, default=4096))
+        try:
+            self.scratch = self.res.alloc(max(self.osz, default=4096))
+        except BaseException:
+            self.res.close()
+            raise
         self.clean: dict[int, Any] = {}  # key -> future of a Lease, or the Lease: a clean fast-tier copy
         self.dirty: dict[int, Any] = {}  # key -> HostBuffer written on the fast tier, not yet written back
         self.writebacks: list = []  # futures of put_buffer write-backs
@@ -207,7 +212,7 @@ class _RealReplay:
 
     def osz_model(self, k: int) -> int:
         """The object's size as the policy and the simulator count it."""
-        return int(self.trace.obj_size[k])
+        return self.sizes[k]
 
     def _occupancy(self) -> tuple[float, float]:
         return (self.used0 / self.cap0 if self.cap0 else 1.0, 0.0)
