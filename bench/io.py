@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tiered.bench_io import add_bench_io_arguments, bench_io_main  # noqa: E402
+from tiered.tools.bench_io import add_bench_io_arguments, bench_io_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

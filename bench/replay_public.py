@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from policies import HEURISTICS  # noqa: E402
-from tiered.replay import _format_table, choose_loop, plot_rows, run_replay, tier_models  # noqa: E402
+from tiered.tools.replay import choose_loop, format_table, plot_rows, run_replay, tier_models  # noqa: E402
 from traces import detect_format, load  # noqa: E402
 
 
@@ -107,7 +107,7 @@ def main() -> int:
         plot_rows(rows, png, f"{f.name} (fast tier {args.fast_fraction:.0%} of footprint)")
         entry["plot"] = str(png.relative_to(ROOT))
         result["traces"].append(entry)
-        print(_format_table(rows), file=sys.stderr)
+        print(format_table(rows), file=sys.stderr)
         if entry.get("goal"):
             print(f"best heuristic: {entry['best_heuristic']}; rl goal: {json.dumps(entry['goal'])}", file=sys.stderr)
     path = out_dir / "replay_public.json"

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import traces  # noqa: E402
 from policies import HEURISTICS, create_policy  # noqa: E402
 from policies.sim import prepare, simulate  # noqa: E402
-from tiered.replay import choose_loop, tier_models  # noqa: E402
+from tiered.tools.replay import choose_loop, tier_models  # noqa: E402
 
 PUBLIC = ROOT.parent / "shared" / "traces" / "public"
 TRACES = {

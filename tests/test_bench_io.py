@@ -14,12 +14,10 @@ import shutil
 import numpy as np
 import pytest
 
-from tiered import bench_io
-from tiered.bench_io import (
-    FIO_HINT, REQUIRED_KEYS, BenchError, _parse_fio_json, _Pattern, add_bench_io_arguments,
-    bench_io_main, print_report, run_bench_io,
-)
-from tiered.probe import add_probe_arguments, print_probe, probe, probe_main
+from io_engine.bench import FIO_HINT, REQUIRED_KEYS, BenchError, Pattern, parse_fio_json
+from io_engine.bench import run as engine_bench_run
+from tiered.tools.bench_io import add_bench_io_arguments, bench_io_main, print_report, run_bench_io
+from tiered.tools.probe import add_probe_arguments, print_probe, probe, probe_main
 
 MiB = 1 << 20
 HAVE_FIO = shutil.which("fio") is not None
@@ -83,7 +81,7 @@ def test_json_mode_prints_only_json(tmp_path, capsys):
 
 @pytest.mark.timeout(60)
 def test_without_fio_fields_are_null_and_said(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench_io.shutil, "which", lambda name, *a, **k: None)
+    monkeypatch.setattr(engine_bench_run.shutil, "which", lambda name, *a, **k: None)
     r = run_bench_io(tmp_path, "16MiB", workers=2, chunk="4MiB", backends_compare=(), **_small(rand_seconds=0.2))
     for key in ("fio_read_gbps", "fio_write_gbps", "fio_rand64k_read_iops"):
         assert r[key] is None
@@ -95,7 +93,7 @@ def test_without_fio_fields_are_null_and_said(tmp_path, monkeypatch, capsys):
 
 
 def test_pattern_catches_a_read_that_did_not_happen():
-    pat = _Pattern(64 * 1024, seed=3)
+    pat = Pattern(64 * 1024, seed=3)
     buf = np.zeros(64 * 1024, dtype=np.uint8)
     pat.fill(buf)
     pat.stamp(buf, 1 << 30, len(buf))
@@ -112,7 +110,7 @@ def test_pattern_catches_a_read_that_did_not_happen():
 
 def test_fio_json_with_preamble():
     text = 'fio: some warning\n{"jobs": [{"read": {"bw_bytes": 5, "iops": 1.0}}]}\n'
-    assert _parse_fio_json(text)["jobs"][0]["read"]["bw_bytes"] == 5
+    assert parse_fio_json(text)["jobs"][0]["read"]["bw_bytes"] == 5
 
 
 def test_bad_directory_is_an_error_not_a_traceback(tmp_path, capsys):

@@ -11,9 +11,10 @@ import pytest
 
 from policies import create_policy
 from policies.sim import prepare, simulate
-from tiered.cli import main
+from tiered.tools.cli import main
 from tiered.config import load_config
-from tiered.replay import run_real, tier_models
+from tiered.store import TieredStore
+from tiered.tools.replay import run_real, tier_models
 from traces import Trace, read_trace, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def test_config_tiers_and_capacity(tmp_path):
         tier_models(cfg, 1, 0.0)
     probe = tmp_path / "probe.json"
     probe.write_text(json.dumps({"storage": [{"name": "nvme", "read_gbps": 2.5, "write_gbps": None}]}))
-    from tiered.replay import measured_bandwidths
+    from tiered.tools.replay import measured_bandwidths
     t = tier_models(cfg, 1_000_000, 0.05, measured=measured_bandwidths(probe))
     assert t[1].read_bw == 2.5e9 and t[1].write_bw == 2e9  # measured read, typical write
 
@@ -126,6 +127,8 @@ def test_real_mode_makes_the_simulators_decisions(tmp_path, name):
     assert real.peak_used[0] <= tiers[0].capacity
     assert np.all(real.latency_s > 0) and real.total_time_s > 0
     assert not list((tmp_path / "nvme").glob(".replay-*")), "real mode left its data file"
+    with TieredStore(cfg) as store:
+        assert store.keys() == [], "real mode left objects in the store"
 
 
 def test_real_mode_cli(tmp_path, capsys):
@@ -149,7 +152,7 @@ def test_public_mqsim_replays(capsys):
 
 
 def test_loop_choice():
-    from tiered.replay import choose_loop
+    from tiered.tools.replay import choose_loop
 
     tiers = tier_models(None, 1 << 20, 0.1)
     slow = Trace(np.arange(10.0), np.arange(10), np.full(10, 4096), np.zeros(10, np.uint8), np.full(10, 5, np.uint8))
@@ -172,3 +175,30 @@ def test_real_mode_small_objects(tmp_path):
     sim = simulate(prep, tiers, create_policy("lru"))
     real = run_real(prep, tiers, create_policy("lru"), cfg)
     assert np.array_equal(sim.served, real.served) and real.peak_used[0] <= tiers[0].capacity
+
+
+def test_real_mode_runs_in_a_live_store_shared_with_another_owner(tmp_path):
+    """Real mode's fast tier is the store's host tier, charged to owner "replay", next to another
+    owner's buffer and cached objects; it makes the simulator's decisions and leaves nothing behind."""
+    import torch
+
+    cfg = {"tiers": {"host": {"capacity": "24MiB"}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "256MiB"}},
+           "engine": {"workers": 2, "chunk": "1MiB"}}
+    tr = small_trace(2000, seed=3)
+    prep = prepare(tr.time, tr.key, tr.size, tr.op, tr.kind)
+    tiers = tier_models(load_config(cfg), prep.footprint, 0.1)
+    sim = simulate(prep, tiers, create_policy("lru"))
+    with TieredStore(cfg, hugepages=False) as store, store.reserve("host", "6MiB", owner="other") as other:
+        mine = other.alloc(4 << 20)
+        mine.array[:] = 7
+        kept = torch.arange(64 * 1024, dtype=torch.float32)
+        store.put("other/kept", kept, owner="other").result(timeout=60)
+        real = run_real(prep, tiers, create_policy("lru"), store=store)
+        assert np.array_equal(sim.served, real.served) and sim.bytes_migrated == real.bytes_migrated
+        figures = store.owners()["replay"]
+        assert figures["host"]["held"] == 0 and figures["host"]["peak"] >= real.peak_used[0] > 0
+        assert figures["nvme"]["peak"] >= prep.footprint and figures["nvme"]["held"] == 0
+        assert store.keys() == ["other/kept"] and torch.equal(store.get("other/kept").result(timeout=60), kept)
+        assert (mine.array == 7).all()
+        assert store.stats()["tiers"]["nvme"]["bytes_read"] > 0  # the backing tier was read for real
+        mine.release()

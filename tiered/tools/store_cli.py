@@ -36,8 +36,8 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _guarded(fn):
     def run(args: argparse.Namespace) -> int:
-        from .config import ConfigError
-        from .store import StoreError
+        from ..config import ConfigError
+        from ..store import StoreError
 
         try:
             return fn(args)
@@ -51,8 +51,8 @@ def _guarded(fn):
 
 
 def _open(args: argparse.Namespace, start_empty: bool = False):
-    from .store import StoreError, TieredStore
-    from .store.check import config_for_directory
+    from ..store import StoreError, TieredStore
+    from ..store.check import config_for_directory
 
     if (args.dir is None) == (args.config is None):
         raise StoreError("give a storage tier directory or --config FILE (one of them)")
@@ -104,7 +104,7 @@ def _summary(r: dict) -> str:
 
 
 def _rm(args: argparse.Namespace) -> int:
-    from .store import StoreError
+    from ..store import StoreError
 
     if args.config is not None and args.dir is not None and args.key is None and args.prefix is None:
         args.key, args.dir = args.dir, None  # `rm --config F KEY`

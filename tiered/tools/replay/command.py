@@ -1,0 +1,93 @@
+"""``tiered bench replay``: options and the command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from policies import PolicyError
+
+from ...config import load_config
+from .models import choose_loop, measured_bandwidths, tier_models
+from .report import format_table, plot_rows
+from .runner import DEFAULT_POLICIES, run_replay
+
+
+def add_replay_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trace", help="trace file or tiered trace directory")
+    p.add_argument("--format", default="auto", choices=["auto", "tiered", "mqsim", "arc", "msr", "mooncake"])
+    p.add_argument("--config", default=None, help="offload TOML: tier speeds (sim) and directories (real)")
+    p.add_argument("--policy", default=",".join(DEFAULT_POLICIES),
+                   help=f"comma-separated policy names (default {','.join(DEFAULT_POLICIES)}; also rl)")
+    p.add_argument("--mode", default="sim", choices=["sim", "real"])
+    p.add_argument("--json", action="store_true", help="print a JSON list of rows on stdout")
+    p.add_argument("--plot", default=None, help="write a PNG of latency and hit ratio per policy")
+    p.add_argument("--fast-fraction", type=float, default=0.08,
+                   help="fast tier capacity as a fraction of the trace footprint (default 0.08)")
+    p.add_argument("--config-capacity", action="store_true", help="use the config's tier capacities instead")
+    p.add_argument("--probe", default=None, help="JSON from `tiered probe --json`: measured storage bandwidths")
+    p.add_argument("--limit", type=int, default=None, help="replay only the first N accesses")
+    p.add_argument("--block-size", type=int, default=None, help="block size for block traces (importer default)")
+    p.add_argument("--bytes-per-token", type=int, default=None, help="Mooncake: KV bytes per token")
+    p.add_argument("--loop", default="auto", choices=["auto", "open", "closed"],
+                   help="arrivals: at trace times (open), or each after the previous (closed); auto: closed for "
+                        "untimed traces and when the trace offers more bytes/s than the backing tier reads")
+    p.add_argument("--window", type=float, default=0.2, help="final window reported for learning policies")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def replay_main(args: argparse.Namespace) -> int:
+    from traces import TraceFormatError, load
+
+    from ...config import ConfigError
+    from ...store import StoreError
+
+    try:
+        options: dict[str, Any] = {}
+        if args.block_size is not None:
+            options["block_size"] = args.block_size
+        if args.bytes_per_token is not None:
+            options["bytes_per_token"] = args.bytes_per_token
+        trace = load(args.trace, args.format, **options)
+        if args.limit is not None:
+            trace = _head(trace, args.limit)
+        cfg = load_config(args.config) if (args.config or args.mode == "real") else None
+        footprint = trace.footprint
+        measured = measured_bandwidths(args.probe) if args.probe else None
+        if measured and cfg is None:
+            cfg = load_config(None)
+        tiers = tier_models(cfg, footprint, args.fast_fraction, args.config_capacity, measured)
+        names = [p.strip() for p in args.policy.split(",") if p.strip()]
+        closed = None if args.loop == "auto" else args.loop == "closed"
+        rows = run_replay(trace, names, tiers, mode=args.mode, cfg=cfg, closed_loop=closed, window=args.window,
+                          progress=not args.no_progress and sys.stderr.isatty())
+    except (TraceFormatError, ConfigError, StoreError, PolicyError, KeyError, ValueError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    info = (f"{args.trace}: {len(trace)} accesses, footprint {footprint} bytes; "
+            + ", ".join(f"{t.name} {'unbounded' if t.capacity == math.inf else int(t.capacity)} B" for t in tiers)
+            + f"; mode {args.mode}; "
+            + ("one access at a time (real I/O)" if args.mode == "real" else
+               choose_loop(trace, tiers)[1] if closed is None else ("closed" if closed else "open") + " loop (--loop)"))
+    if args.plot:
+        plot_rows(rows, args.plot, Path(args.trace).name)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(info)
+        print(format_table(rows))
+    return 0
+
+
+def _head(trace, n: int):
+    from traces import Trace
+
+    if n < 1:
+        raise ValueError(f"--limit must be >= 1, got {n}")
+    return Trace(trace.time[:n], trace.key[:n], trace.size[:n], trace.op[:n], trace.kind[:n],
+                 trace.key_names, trace.timed, dict(trace.meta, limit=n))
