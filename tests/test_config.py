@@ -410,3 +410,18 @@ def test_bad_owner_shares_name_the_key(tmp_path, owners, match):
     import re
 
     assert re.search(match, msg), msg
+
+
+def test_budgets_larger_than_the_machine_are_named(tmp_path):
+    from tiered.config import machine_warnings
+    from tiered.store import StoreError, TieredStore
+
+    text = '[tiers.host]\ncapacity = "100TiB"\n' + storage(tmp_path).replace('"1GiB"', '"500PiB"')
+    cfg = load_config(write(tmp_path, text))
+    warnings = machine_warnings(cfg)
+    assert any("tiers.host.capacity = 100 TiB" in w and "RAM" in w for w in warnings), warnings
+    assert any("tiers.nvme.capacity" in w and "free at" in w for w in warnings), warnings
+    with pytest.raises(StoreError, match=r"tiers.host.capacity = 100 TiB .* more than this machine's RAM"):
+        TieredStore(cfg).open()
+    ok = load_config(write(tmp_path, '[tiers.host]\ncapacity = "64MiB"\n' + storage(tmp_path), "ok.toml"))
+    assert machine_warnings(ok) == []

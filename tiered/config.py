@@ -39,6 +39,7 @@ __all__ = [
     "TierSpec",
     "OwnerShare",
     "check_config",
+    "machine_warnings",
     "default_config",
     "load_config",
 ]
@@ -276,6 +277,43 @@ def check_config(
     if source is None:
         raise ConfigError("check_config() needs a config file or mapping to check")
     return load_config(source, placement_policies=placement_policies)
+
+
+def machine_warnings(cfg: Config) -> list[str]:
+    """Budgets this machine cannot hold: a host tier larger than its RAM, a storage tier larger
+    than the space its directory's file system has left (what the store's data file already
+    takes counted as available). ``tiered config check`` and ``tiered probe`` print them; the
+    store refuses to open on the first kind (:func:`machine_limits`)."""
+    return [msg for _key, msg in machine_limits(cfg)]
+
+
+def machine_limits(cfg: Config) -> list[tuple[str, str]]:
+    """(dotted key, message) for each budget larger than this machine's figure."""
+    import psutil
+
+    out = []
+    host = cfg.host_tier
+    ram = psutil.virtual_memory().total
+    if host is not None and host.capacity > ram:
+        out.append((f"tiers.{host.name}.capacity", f"tiers.{host.name}.capacity = {format_size(host.capacity)} in "
+                    f"{cfg.source} is more than this machine's RAM ({format_size(ram)})"))
+    for t in cfg.storage_tiers:
+        room = _disk_room(t.path)
+        if t.capacity > room:
+            out.append((f"tiers.{t.name}.capacity", f"tiers.{t.name}.capacity = {format_size(t.capacity)} in "
+                        f"{cfg.source} is more than the {format_size(room)} free at {t.path}"))
+    return out
+
+
+def _disk_room(path: Path) -> int:
+    """Free bytes at ``path`` plus those a store's data file there already holds."""
+    free = shutil.disk_usage(_nearest_existing(path)).free
+    data = path / "objects.dat"
+    try:
+        free += data.stat().st_blocks * 512
+    except OSError:
+        pass
+    return free
 
 
 # --------------------------------------------------------------------------- default

@@ -140,6 +140,7 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
         file's blocks are given back by :meth:`check` with ``repair=True``."""
         if self._opened:
             return self
+        self._check_machine()
         self._reset_state()
         self._start_empty = start_empty
         self._closing = False
@@ -176,6 +177,15 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
             raise
         self._opened = True
         return self
+
+    def _check_machine(self) -> None:
+        """A budget larger than the machine fails here, naming the key and the machine's figure
+        (not later, as a bare ENOMEM from the arena or ENOSPC from a write)."""
+        from ..config import machine_limits
+
+        limits = machine_limits(self.config)
+        if limits:
+            raise StoreError("; ".join(msg for _key, msg in limits))
 
     def close(self) -> None:
         """Wait for in-flight work, delete the ephemeral objects, then release memory, threads and
