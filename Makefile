@@ -26,14 +26,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test,hf]"
 	touch $@
 
-# a wheel already on this machine (pip's find-links) is used without asking PyTorch's index
+# the configured indexes first (a wheel already on this machine, a mirror); PyTorch's own index
+# only when they have no such build
 torch:
 	@if [ "$(TORCH_VARIANT)" = keep ]; then \
 	  $(PY) -c "import torch" || { echo "TORCH_VARIANT=keep: no torch in $(VENV); install one first" >&2; exit 1; }; \
 	elif $(PY) -c "import torch, sys; sys.exit(torch.__version__ != '$(TORCH_VERSION)+$(TORCH_VARIANT)')" 2>/dev/null; then \
 	  :; \
 	else \
-	  $(PY) -m pip install -q --no-index "$(TORCH_SPEC)" 2>/dev/null || \
+	  $(PY) -m pip install -q "$(TORCH_SPEC)" 2>/dev/null || \
 	  $(PY) -m pip install -q --extra-index-url $(TORCH_INDEX) "$(TORCH_SPEC)"; \
 	fi
 
