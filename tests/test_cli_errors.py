@@ -142,8 +142,8 @@ def _project_errors():
     from tiered.store import StoreError
     from traces import TraceFormatError
 
-    return [ConfigError("c"), StoreError("s"), OffloadError("o"), TraceFormatError("t.trace", 3, "bad"), PolicyError("p"),
-            FeatureStoreError("f"), KVCacheError("k"), CheckpointError("x"), BenchError("b"),
+    return [ConfigError("c"), StoreError("s"), OffloadError("o"), TraceFormatError("t.trace", 3, "bad"),
+            PolicyError("p"), FeatureStoreError("f"), KVCacheError("k"), CheckpointError("x"), BenchError("b"),
             OutOfBudget("tier host: 5 bytes over budget"), OSError(28, "No space left on device", "/x/y")]
 
 
@@ -238,3 +238,22 @@ def test_replay_header_sizes_are_human(capsys):
     header = out.splitlines()[0]
     assert "footprint" in header and " bytes" not in header and " B," not in header
     assert any(unit in header for unit in ("KiB", "MiB", "GiB"))
+
+
+def test_replay_plot_without_matplotlib_is_said_before_replaying(tmp_path, monkeypatch, capsys):
+    from tiered.tools.replay import command
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setattr(command, "run_replay", _raise(AssertionError("replayed")))
+    argv = ["bench", "replay", str(DATA / "store-roundtrip.trace"), "--plot", str(tmp_path / "x.png")]
+    assert main(argv) == 2
+    assert "--plot needs matplotlib" in _one_error_line(capsys.readouterr().err)
+
+
+def test_an_engine_error_keeps_its_own_words(monkeypatch, capsys):
+    from io_engine.errors import IOEngineError
+
+    monkeypatch.setattr(demo_mod, "run_demo", _raise(IOEngineError("read", "/d/f", 4096, 8192, "EIO", 5)))
+    assert main(["demo"]) == 2
+    assert _one_error_line(capsys.readouterr().err) == \
+        "error: read of 8192 bytes at offset 4096 of /d/f failed: EIO"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from typing import Callable
 
 from ..sizes import SizeError, format_size, parse_size
@@ -45,8 +44,10 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 
 def error_message(e: BaseException) -> str:
-    """One line for the user: the message, or for a bare OSError ``file: reason``."""
-    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+    """One line for the user: the message; for an OSError that words itself the default way
+    (``[Errno 2] No such file or directory: 'x'``), ``x: No such file or directory``."""
+    plain_os_error = isinstance(e, OSError) and type(e).__str__ is OSError.__str__
+    if plain_os_error and e.strerror and e.filename is not None:
         files = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else f"{e.filename}"
         return f"{files}: {e.strerror}"
     text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)

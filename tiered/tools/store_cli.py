@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def add_store_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from ...config import load_config
 from ...sizes import format_size
 from ..args import positive_float, positive_int
 from .models import choose_loop, measured_bandwidths, tier_models
-from .report import format_table, plot_rows
+from .report import format_table, plot_rows, pyplot
 from .runner import DEFAULT_POLICIES, run_replay
 
 
@@ -46,6 +46,8 @@ def replay_main(args: argparse.Namespace) -> int:
     loses no results. Errors propagate to :func:`tiered.tools.args.run_command`."""
     from traces import load
 
+    if args.plot:
+        pyplot()  # a missing matplotlib is said before the replay, not after it
     options: dict[str, Any] = {}
     if args.block_size is not None:
         options["block_size"] = args.block_size

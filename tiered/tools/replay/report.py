@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from ...sizes import format_size
+from ..args import UsageError
 
 
 def format_table(rows: list[dict]) -> str:
@@ -25,11 +26,21 @@ def format_table(rows: list[dict]) -> str:
                      for row in lines)
 
 
-def plot_rows(rows: list[dict], out: str | os.PathLike, title: str = "") -> None:
-    """Mean/p99 latency and fast-tier hit ratio per policy, side by side."""
-    import matplotlib
+def pyplot():
+    """matplotlib's pyplot on the file-only backend; a clear error when the ``plot`` extra is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("--plot needs matplotlib (pip install 'tiered[plot]')") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_rows(rows: list[dict], out: str | os.PathLike, title: str = "") -> None:
+    """Mean/p99 latency and fast-tier hit ratio per policy, side by side."""
+    plt = pyplot()
 
     names = [r["policy"] for r in rows]
     fast = list(rows[0]["hit_ratio"])[0]
