@@ -63,7 +63,7 @@ def build(arch: str) -> nn.Module:
     return m.eval()
 
 
-def cfg(tmp_path, host="768KiB", resident=False) -> dict:
+def cfg(tmp_path, host="1MiB", resident=False) -> dict:
     return {"tiers": {"host": {"capacity": host}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "256MiB"}},
             "engine": {"workers": 2, "chunk": "1MiB"}, "offload": {"lookahead": 1, "resident": resident}}
 
@@ -83,7 +83,7 @@ def weight_bytes(model) -> int:
 @pytest.mark.parametrize("arch,resident", [("llama", False), ("gpt2", False), ("opt", False), ("llama", True)])
 def test_each_step_equals_in_memory_mezo(tmp_path, arch, resident):
     ref = build(arch)
-    model = tiered.offload(copy.deepcopy(ref), cfg(tmp_path, host="2MiB" if resident else "768KiB", resident=resident))
+    model = tiered.offload(copy.deepcopy(ref), cfg(tmp_path, host="2MiB" if resident else "1MiB", resident=resident))
     store = model._tiered.store
     with ZOSGD(model, lr=LR, eps=EPS, seed=SEED) as zo:
         for step in range(4):
