@@ -198,6 +198,8 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
                 self._end_host()
                 if self._owns_store:
                     self._store.close()
+                else:
+                    self._evict_cached()
 
     def flush(self) -> None:
         """Make the last step durable now (it is otherwise committed when the next step begins)."""

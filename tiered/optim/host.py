@@ -72,7 +72,8 @@ class _HostMemory:
 
     def _default_chunk_bytes(self) -> int:
         limit, _what = self._host_limit()
-        return min(MAX_CHUNK_BYTES, limit // (self.lookahead + 3) - 4096 - 4 * TAG)
+        # a chunk's host bytes: its state rounded up to a page, and a split chunk's master page
+        return min(MAX_CHUNK_BYTES, limit // (self.lookahead + 3) - 2 * 4096 - 4 * TAG)
 
     def _pipeline_bytes(self) -> int:
         """Host memory the streaming pipeline needs: lookahead reads, one update, two writes."""
@@ -130,6 +131,14 @@ class _HostMemory:
                 buf.release()
         c.resident_writes = []
         return freed
+
+    def _evict_cached(self) -> None:
+        """Drop the cached copies of this optimizer's objects (a closed owner holds no host memory)."""
+        keys = [self._marker_key] + [k for c in self._chunks for s in (0, 1)
+                                     for k in (self._chunk_key(c, s), self._master_key(c, s))]
+        for key in keys:
+            if key in self._store:
+                self._store.evict(key)
 
     def _release_resident(self) -> None:
         with self._res_lock:
