@@ -18,7 +18,6 @@ storage tier because the host tier is smaller than it):
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import subprocess
@@ -326,6 +325,48 @@ def test_a_step_next_to_another_owner_on_a_small_host_tier(tmp_path):
             assert store.stats()["tiers"]["host"]["peak"] <= cap
         for b in other:
             b.release()
+
+
+def test_another_owner_takes_resident_memory_while_steps_run(tmp_path):
+    """The other owner allocates and frees from its own thread while the optimizer steps: the
+    resident chunks it needs are given back between their updates, and the steps stay bitwise."""
+    import threading
+
+    ref, mine = make_model(), make_model()
+    o_ref = torch.optim.AdamW(groups(ref), lr=3e-3)
+    with TieredStore(cfg(tmp_path)) as store:
+        cap = host_capacity(store)
+        base = store.alloc_host(256 << 10, wait=0, owner="kv/other")
+        with OffloadedAdamW(groups(mine), lr=3e-3, store=store, chunk_bytes=12 * 4096, lookahead=0,
+                            resident_bytes=cap) as opt:
+            resident = opt.resident_chunks
+            want = cap - (256 << 10) - opt._pipeline_bytes() - (16 << 10)
+            stop, got, errors = threading.Event(), [], []
+
+            def other_owner() -> None:
+                try:
+                    while not stop.is_set():
+                        buf = store.alloc_host(want, wait=30.0, owner="kv/other")
+                        got.append(buf.reserved)
+                        time.sleep(0.005)
+                        buf.release()
+                        time.sleep(0.005)
+                except BaseException as e:  # noqa: BLE001 - reported by the test
+                    errors.append(e)
+
+            t = threading.Thread(target=other_owner)
+            t.start()
+            try:
+                for step in range(4):
+                    train_step(ref, o_ref, step)
+                    train_step(mine, opt, step)
+                    assert_same(ref, mine, step)
+            finally:
+                stop.set()
+                t.join(timeout=60)
+            assert not errors and got
+            assert opt.resident_chunks < resident
+        base.release()
 
 
 def test_explicit_host_share_is_honoured(tmp_path):

@@ -13,7 +13,6 @@ from torch.optim.adamw import adamw as _functional_adamw
 from allocators import HostBuffer
 from io_engine import Priority
 
-from ..store import Lease
 from .layout import TAG, WAIT, Chunk, OptimStateError, Segment, decode_step, drop, encode_step
 
 
@@ -72,9 +71,10 @@ class _Pipeline:
 
         The state is updated in place in the buffer it was read into (or the chunk's resident
         buffer), which is then written as is: no copy. ``lease_f`` is None for a resident chunk
-        (claimed by the caller with :meth:`_take_resident`) and in step 1. A streamed chunk's write goes at read priority (the next reads need its
-        room); a resident chunk's write at write-back priority, or, with ``deferred``, is appended
-        there (with the chunk) as callables for the caller to issue later (after the streamed ones)."""
+        (claimed by the caller with :meth:`_take_resident`) and in step 1. A streamed chunk's
+        write goes at read priority (the next reads need its room); a resident chunk's write at
+        write-back priority, or, with ``deferred``, is appended there (with the chunk) as
+        callables for the caller to issue later (after the streamed ones)."""
         if c.index in self._updated:
             raise OptimStateError(f"chunk {c.index} of {self.name!r} was updated twice in step {s}: "
                                   "call step() after every backward")
