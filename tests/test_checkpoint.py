@@ -373,8 +373,8 @@ def test_bad_input_errors_name_the_key(tmp_path):
 
 def test_a_second_checkpointer_on_the_directory_is_refused(tmp_path):
     c = cfg(tmp_path)
-    with LazyCheckpointer(c):  # flock: a second open file description conflicts, as another process's would
-        with pytest.raises(CheckpointError, match="already open"):
+    with LazyCheckpointer(c):  # in this process; another process: test_lazy_safety.py
+        with pytest.raises(CheckpointError, match="already in use in this process"):
             LazyCheckpointer(c).open()
     LazyCheckpointer(c).open().close()  # released on close
 

@@ -41,16 +41,13 @@ from io_engine import IOFuture
 from ..config import Config, load_config
 from ..sizes import parse_size
 from .commit import Levels, commit_order, part_record
+from .dirs import DirectoryClaim
 from .format import SEGMENT, CheckpointError, StoreRef, committed_steps, dtype_name, encode_tree
 from .host import CheckpointHost
 from .load import Loading
 from .snapshot import CheckpointHandle, Snapshots, _Piece
 
 __all__ = ["CheckpointHandle", "LazyCheckpointer", "StoreRef"]
-
-_open_directories: set[Path] = set()  # checkpoint directories open in this process
-_open_lock = threading.Lock()
-
 
 class LazyCheckpointer(Snapshots, Levels, Loading):
     """See the module docstring.
@@ -117,6 +114,7 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
         self._failures: list[tuple[CheckpointHandle, BaseException]] = []  # not yet raised to the caller
         self._retire_lock = threading.RLock()
         self._threads: list[threading.Thread] = []
+        self._claim_dirs: DirectoryClaim | None = None
         self._opened = False
 
     def _storage_tier(self, name: str | None, what: str):
@@ -135,14 +133,10 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
     def open(self) -> "LazyCheckpointer":
         if self._opened:
             return self
-        with _open_lock:
-            if self.directory in _open_directories:
-                raise CheckpointError(f"checkpoint directory {self.directory} is already open "
-                                      "(another LazyCheckpointer of this process)")
-            _open_directories.add(self.directory)
+        self._claim_dirs = DirectoryClaim({"directory": self.directory} |
+                                          ({"cold_directory": self.cold_directory} if self.cold_directory else {}))
+        self._claim_dirs.acquire()
         try:
-            for d in filter(None, (self.directory, self.cold_directory)):
-                d.mkdir(parents=True, exist_ok=True, mode=0o700)
             if self._own_store:
                 self.store = _open_store(self.config, self._backend)
             self.host = CheckpointHost(self.store, self.host_buffer)
@@ -193,8 +187,9 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
                 self.store.close()
                 self.store = None
         finally:
-            with _open_lock:
-                _open_directories.discard(self.directory)
+            claim, self._claim_dirs = self._claim_dirs, None
+            if claim is not None:
+                claim.release()
 
     def __enter__(self) -> "LazyCheckpointer":
         return self.open()
