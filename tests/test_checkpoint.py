@@ -426,7 +426,7 @@ def test_leftovers_of_an_interrupted_save_are_removed_on_open(tmp_path):
     (d / ".tmp-abc").write_bytes(b"{")  # a manifest temp file
     (cd / "step-000000000002-deadbeef.zarr").mkdir()
     with LazyCheckpointer(c, cold_tier="flash") as ck:
-        assert sorted(p.name for p in d.iterdir()) == ["step-000000000001.json"]
+        assert sorted(p.name for p in d.iterdir()) == [".lock", "step-000000000001.json"]
         assert ck.store.keys() == [] and len(ck.store.retained(ck._tag_prefix)) == 1
         assert len(list(cd.glob("*.zarr"))) == 1
         assert same(ck.load(1)["x"], torch.ones(10))

@@ -106,6 +106,9 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
         self._pending: dict[int, list[_Piece]] = {}  # storage data_ptr -> pieces not yet copied
         self._handles: list[CheckpointHandle] = []
         self._cold_busy: Counter[int] = Counter()  # step -> cold copies still reading it (a step can be saved twice)
+        self._pins: Counter[tuple] = Counter()  # bytes of a manifest -> readers (loads, cold copies) of them
+        self._deferred: dict[tuple, tuple] = {}  # pinned bytes whose manifest is gone: freed on the last _unpin
+        self._commit_seq = 0  # commit_seq of the last manifest committed (read back at open)
         self._attached: list[Any] = []
         self._hooks: list[Any] = []
         self._seq = 0
@@ -339,6 +342,7 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
                 try:
                     info = self._cold_copy(h)
                 finally:
+                    self._unpin(h.cold_pin)
                     with self._lock:
                         self._cold_busy[h.step] -= 1
                         if self._cold_busy[h.step] <= 0:

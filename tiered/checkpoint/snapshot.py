@@ -71,6 +71,7 @@ class CheckpointHandle:
         self.writes: list[IOFuture] = []
         self.taken: list[_Piece] = []  # copied into host buffers by a guard, not yet written
         self.doc: dict | None = None
+        self.cold_pin: tuple | None = None  # keeps the committed bytes until the cold copy has read them
 
     @property
     def stall_s(self) -> float:
