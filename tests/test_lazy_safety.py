@@ -190,3 +190,34 @@ def test_a_retire_waits_for_a_re_save_between_reading_the_old_manifest_and_dropp
                 break
             time.sleep(0.05)
         assert ck.steps() == {1: "storage"} and torch.equal(ck.load(1)["x"], torch.full((4,), 5.0))
+
+
+def test_a_full_host_tier_does_not_stall_the_optimizer_step(tmp_path):
+    """Another owner holds most of the host tier: the background thread waits for a buffer
+    without claiming the parameter's piece, so the step hook copies it privately at once."""
+    with TieredStore(cfg(tmp_path)) as s, \
+            LazyCheckpointer(store=s, host_buffer="8MiB", host_wait=4.0, prefault=False) as ck:
+        w = torch.nn.Parameter(torch.randn(2 * MiB))  # 8 MiB: one piece
+        opt = torch.optim.SGD([w], lr=0.1)
+        ck.attach(opt)
+        want = w.detach().clone()
+        held = s.alloc_host(28 * MiB, owner="kv")
+        try:
+            w.grad = torch.ones_like(w)
+            h = ck.save({"w": w}, 1)
+            time.sleep(0.3)  # the background thread is waiting for host memory
+            t0 = time.perf_counter()
+            opt.step()
+            assert time.perf_counter() - t0 < 2.0
+        finally:
+            held.release()
+        h.wait(T)
+        assert torch.equal(ck.load(1)["w"], want)
+        held = s.alloc_host(28 * MiB, owner="kv")  # never given back: the save fails after host_wait
+        try:
+            t0 = time.perf_counter()
+            with pytest.raises(CheckpointError, match=r"host_wait=4\.0 s"):
+                ck.save({"w": w}, 2).wait(T)
+            assert time.perf_counter() - t0 >= 3.5
+        finally:
+            held.release()

@@ -58,10 +58,13 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
     ``tier`` (default the first), their manifests in ``<tier path>/checkpoints/<name>``
     unless ``directory`` is given. ``cold_tier`` / ``cold_directory``: also keep a
     zstd-compressed zarr copy there. ``keep_last`` / ``cold_keep_last``: how many
-    committed steps each level keeps. ``host_buffer``: the most bytes of the store's host
-    tier the checkpointer holds at once (a snapshot larger than this streams through it,
-    and the optimizer step may then wait for the disk); ``prefault`` touches that much of
-    the host tier at ``open``. ``backend`` overrides
+    committed steps each level keeps. Host memory is the store's host tier, charged to owner
+    ``checkpoint/<name>``: ``host_share`` (bytes, "2GiB" or "25%"; default the config's
+    ``[owners.checkpoint]`` share) reserves a guaranteed share, which is then the most the
+    checkpointer holds at once; without a share it competes for free memory and holds at most
+    ``host_buffer`` bytes at once (a snapshot larger than that streams through it, and the
+    optimizer step may then wait for the disk); ``prefault`` touches that much of the host tier
+    at ``open``. ``backend`` overrides
     ``[engine] backend`` of the store it opens (a name or a Backend, e.g. a FaultyBackend).
     """
 
@@ -69,7 +72,7 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
                  directory: str | os.PathLike | None = None, tier: str | None = None, keep_last: int = 3,
                  cold_tier: str | None = None, cold_directory: str | os.PathLike | None = None,
                  cold_keep_last: int | None = None, cold_level: int = 3, host_buffer: int | str = "1GiB",
-                 store: Any = None, unguarded: str = "copy", host_wait: float = 120.0,
+                 host_share: int | str | None = None, store: Any = None, unguarded: str = "copy", host_wait: float = 120.0,
                  backend: Any = None, prefault: bool = True) -> None:
         self.config = _config_for(config, store, backend)
         if keep_last < 1:
@@ -92,6 +95,8 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
         self.host_buffer = parse_size(host_buffer, where="host_buffer")
         if self.host_buffer < SEGMENT:
             raise CheckpointError(f"host_buffer = {host_buffer!r}: must hold at least one {SEGMENT}-byte segment")
+        self.host_share = host_share
+        self.owner = f"checkpoint/{name}"
         self.store = store
         self._own_store = store is None
         self._backend = backend
@@ -142,10 +147,10 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
         try:
             if self._own_store:
                 self.store = _open_store(self.config, self._backend)
-            self.host = CheckpointHost(self.store, self.host_buffer)
+            self.host = CheckpointHost(self.store, self.host_buffer, self.owner, self.host_share)
             if self.host.capacity < SEGMENT:
-                raise CheckpointError(f"the host tier of the store at {self.store.root} holds "
-                                      f"{self.host.capacity} bytes: less than one {SEGMENT}-byte segment")
+                raise CheckpointError(f"{self.owner} may hold {self.host.capacity} bytes of the host tier of the "
+                                      f"store at {self.store.root}: less than one {SEGMENT}-byte segment")
             self._recover()
             if self.prefault:  # now, not during the first snapshot (page faults would slow its copies)
                 self.host.prefault()
@@ -184,15 +189,19 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self.host = None
+        host, self.host = self.host, None
         try:
-            if self._own_store and self.store is not None:
-                self.store.close()
-                self.store = None
+            if host is not None:
+                host.close()  # its share of the host tier; buffers still out stay charged until released
         finally:
-            claim, self._claim_dirs = self._claim_dirs, None
-            if claim is not None:
-                claim.release()
+            try:
+                if self._own_store and self.store is not None:
+                    self.store.close()
+                    self.store = None
+            finally:
+                claim, self._claim_dirs = self._claim_dirs, None
+                if claim is not None:
+                    claim.release()
 
     def __enter__(self) -> "LazyCheckpointer":
         return self.open()
