@@ -583,7 +583,6 @@ def test_dcp_checkpoint_is_invisible_until_committed_and_checksummed(tmp_path):
 
     sd = {"a": torch.arange(100.0), "b": torch.ones(3)}
     path = tmp_path / "ck"
-    fb_dir = path
     w = TieredStorageWriter(path)
     orig_finish = w.finish
 
@@ -598,13 +597,16 @@ def test_dcp_checkpoint_is_invisible_until_committed_and_checksummed(tmp_path):
     w.finish = orig_finish
     w.reset(path)
     dcp.save(sd, storage_writer=w)
-    data = [p for p in fb_dir.iterdir() if p.suffix == ".data"]
-    assert len(data) == 1  # the uncommitted file of the failed save was cleaned up by the commit
+    c = w._own_config()  # the store of this rank inside the checkpoint directory
+    with TieredStore.shared(c) as store:
+        assert len(store.retained("dcp:")) == 1  # the failed save's retention was released by the commit
     dest = {"a": torch.zeros(100), "b": torch.zeros(3)}
     dcp.load(dest, storage_reader=TieredStorageReader(path))
     assert_tree_same(dest, sd)
-    with open(data[0], "r+b") as f:
-        f.seek(8)
+    doc = json.loads((path / ".metadata.json").read_text())
+    part = next(info for fqn, _o, _i, info in doc["storage_data"] if fqn == "a")["parts"][0]
+    with open(part["path"], "r+b") as f:
+        f.seek(part["offset"] + 8)
         f.write(b"\xff")
     with pytest.raises(BaseException, match="crc32"):
         dcp.load({"a": torch.zeros(100), "b": torch.zeros(3)}, storage_reader=TieredStorageReader(path))

@@ -21,21 +21,29 @@ class CheckpointHost:
     """Buffers of ``store``'s host tier for one checkpointer (owner ``owner``), at most ``cap``
     bytes at once, or the reservation's share when it has one."""
 
-    def __init__(self, store, cap: int, owner: str, share: int | str | None = None) -> None:
+    def __init__(self, store, cap: int, owner: str, share: int | str | None = None, *, reserve: bool = True) -> None:
         from ..store import StoreError
 
         self.store = store
         self.owner = owner
-        try:
-            self.res = store.reserve("host", share, owner=owner)
-        except StoreError as e:
-            raise CheckpointError(f"host memory for the checkpointer {owner!r}: {e}") from e
+        self.res = None  # reserve=False: an elastic owner without a reservation (several may run at once)
+        if reserve:
+            try:
+                self.res = store.reserve("host", share, owner=owner)
+            except StoreError as e:
+                raise CheckpointError(f"host memory for the checkpointer {owner!r}: {e}") from e
         capacity = store.arena.capacity
-        cap = self.res.reserved or min(cap, capacity)
+        cap = (self.res.reserved if self.res is not None else 0) or min(cap, capacity)
         self.budget = Budget(cap, name=f"{owner} host buffers")
 
     def close(self) -> None:
-        self.res.close()
+        if self.res is not None:
+            self.res.close()
+
+    def _alloc(self, nbytes: int, wait: float):
+        if self.res is not None:
+            return self.res.alloc(nbytes, wait=wait)
+        return self.store.alloc_host(nbytes, wait, owner=self.owner)
 
     @property
     def capacity(self) -> int:
@@ -51,7 +59,7 @@ class CheckpointHost:
         if not self.budget.try_reserve(size):
             return None
         try:
-            return self.res.alloc(nbytes, wait=0)
+            return self._alloc(nbytes, 0)
         except OutOfBudget:
             self.budget.release(size)
             return None
@@ -65,7 +73,7 @@ class CheckpointHost:
         deadline = time.monotonic() + timeout
         self.budget.reserve(size, timeout)
         try:
-            return self.res.alloc(nbytes, wait=max(0.0, deadline - time.monotonic()))
+            return self._alloc(nbytes, max(0.0, deadline - time.monotonic()))
         except BaseException:
             self.budget.release(size)
             raise
