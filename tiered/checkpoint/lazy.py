@@ -9,9 +9,11 @@ has started on itself, so no tensor is ever saved half-updated. Tensors no
 attached hook protects are copied inside ``save`` (``unguarded="copy"``).
 
 The checkpointer is a client of a :class:`~tiered.TieredStore`, not a store of its own:
-snapshot buffers come from the store's host tier (at most ``host_buffer`` bytes at a
-time), each piece is written as a store object, and a store retention keeps the
-committed bytes on the storage tier, within its capacity (see :mod:`.commit`). Then
+snapshot buffers come from its reservation of the store's host tier (owner
+``checkpoint/<name>``; at most ``host_buffer`` bytes, or its share, at a time), each piece is
+written as a store object of that owner, and a store retention keeps the committed bytes
+on the storage tier, within its capacity (see :mod:`.commit`). Its directories are its own
+(:mod:`.dirs`), and a load pins the bytes it reads against a concurrent retire. Then
 optionally a cold tier: a zarr v3 group per step, zstd-compressed, written from the
 storage copy. Tensors already held by the store (``StoreRef``) are checkpointed by
 reference: the same retention keeps their extent until the checkpoint is retired.
