@@ -605,7 +605,8 @@ def test_dcp_checkpoint_is_invisible_until_committed_and_checksummed(tmp_path):
     assert_tree_same(dest, sd)
     doc = json.loads((path / ".metadata.json").read_text())
     part = next(info for fqn, _o, _i, info in doc["storage_data"] if fqn == "a")["parts"][0]
-    with open(part["path"], "r+b") as f:
+    assert not os.path.isabs(part["path"])  # in the checkpoint directory's own store
+    with open(path / part["path"], "r+b") as f:
         f.seek(part["offset"] + 8)
         f.write(b"\xff")
     with pytest.raises(BaseException, match="crc32"):

@@ -102,3 +102,39 @@ def test_a_save_that_does_not_fit_the_tier_fails_and_leaves_the_previous_one(tmp
         dest = zeros()
         dcp.load(dest, storage_reader=TieredStorageReader("r", store=store))
         assert same(dest, state(1))
+
+
+def test_a_format_1_checkpoint_with_a_data_file_per_rank_still_loads(tmp_path):
+    """Written by the earlier writer (each rank's own data file in the directory, reproduced here
+    from a format-2 save): loaded with its checksums, and its data file removed by the next save."""
+    import json
+    import zlib
+
+    import torch.distributed.checkpoint as dcp
+
+    from allocators import align_up
+
+    path = tmp_path / "ck"
+    with TieredStore(cfg(tmp_path)) as store:
+        dcp.save(state(4), storage_writer=TieredStorageWriter(path, store=store))
+        doc = json.loads((path / ".metadata.json").read_text())
+        blob, name = bytearray(), "0123456789abcdef0123456789abcdef-r0.data"
+        for entry in doc["storage_data"]:
+            info = entry[3]
+            raw = b""
+            for part in info.pop("parts"):
+                with open(part["path"], "rb") as f:
+                    f.seek(part["offset"])
+                    raw += f.read(part["nbytes"])
+            info.pop("retain_tag")
+            info.update(file=name, offset=len(blob), crc32=[zlib.crc32(raw[i:i + 8 * MiB])
+                                                            for i in range(0, max(len(raw), 1), 8 * MiB)])
+            blob += raw + b"\0" * (align_up(max(len(raw), 1)) - len(raw))
+        (path / name).write_bytes(bytes(blob))
+        doc["format_version"] = 1
+        (path / ".metadata.json").write_text(json.dumps(doc))
+        dest = zeros()
+        dcp.load(dest, storage_reader=TieredStorageReader(path, store=store))
+        assert same(dest, state(4))
+        dcp.save(state(5), storage_writer=TieredStorageWriter(path, store=store))
+        assert not (path / name).exists()

@@ -204,10 +204,17 @@ class TieredStorageWriter(_Common, StorageWriter):
         located = {r["key"]: r for r in (store.retain(tag, keys) if keys else [])}
         results = []
         for item, info, n, item_keys in items:
-            parts = [part_record(located[k]) | {"path": located[k]["path"]} for k in item_keys]
+            parts = [part_record(located[k]) | {"path": self._recorded_path(located[k]["path"])} for k in item_keys]
             info.update(length=n, parts=parts, retain_tag=tag)
             results.append(WriteResult(index=item.index, size_in_bytes=n, storage_data=info))
         return results
+
+    def _recorded_path(self, data_file: str) -> str:
+        """A data file inside the checkpoint directory (its own per-rank store) is named relative to
+        it, so the directory can be moved as a whole; any other one absolutely."""
+        base = self._path().resolve()
+        p = Path(data_file).resolve()
+        return str(p.relative_to(base)) if p.is_relative_to(base) else str(p)
 
     def _release_stale(self, store, keep: set[str]) -> None:
         """Release this store's retentions of saves of this directory that no committed metadata
@@ -349,7 +356,8 @@ class TieredStorageReader(_Common, StorageReader):
         if "parts" in info:
             parts, start = [], 0
             for part in info["parts"]:
-                parts.append((part["path"], part["offset"], part["nbytes"], part["crc32"], start))
+                path = part["path"] if os.path.isabs(part["path"]) else str(self._path() / part["path"])
+                parts.append((path, part["offset"], part["nbytes"], part["crc32"], start))
                 start += part["nbytes"]
         else:  # format 1: the rank's own data file in the checkpoint directory
             parts = [(str(self._path() / info["file"]), info["offset"], info["length"], info["crc32"], 0)]
