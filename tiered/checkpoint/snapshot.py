@@ -344,7 +344,7 @@ class Snapshots:
         p.submitted = True
         try:
             fut = self.store.put_buffer(p.key, buf, torch.uint8, (p.length,), kind="checkpoint", tier=self.tier,
-                                        give=True, sync=False, commit=False, cache=False)
+                                        give=True, sync=False, commit=False, cache=False, owner=self.owner)
         except BaseException as e:
             self.host.returned(p.length)  # the store released the buffer it was given
             raise _WriteError(f"checkpoint step {h.step}: writing bytes {p.offset}.. of tensor {p.name!r} "
