@@ -221,3 +221,20 @@ def test_a_full_host_tier_does_not_stall_the_optimizer_step(tmp_path):
             assert time.perf_counter() - t0 >= 3.5
         finally:
             held.release()
+
+
+def test_a_forked_child_does_not_keep_the_directory_locked(tmp_path):
+    """A child forked while the checkpointer is open (e.g. DataLoader workers) closes its copy of
+    the lock: the parent can close and open the directory again while the child lives."""
+    import multiprocessing as mp
+
+    c = cfg(tmp_path)
+    ck = LazyCheckpointer(c, prefault=False).open()
+    child = mp.get_context("fork").Process(target=time.sleep, args=(30,))
+    child.start()
+    try:
+        ck.close()
+        LazyCheckpointer(c, prefault=False).open().close()
+    finally:
+        child.terminate()
+        child.join(T)

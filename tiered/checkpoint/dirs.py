@@ -5,7 +5,8 @@ not know, so two checkpointers writing one directory (the storage level of one a
 of another, or two processes given the same ``directory=``) would delete each other's
 checkpoints. Every directory a checkpointer writes is registered in this process (the same,
 or one inside the other, is refused) and locked with ``flock`` on ``<dir>/.lock`` from
-``open`` to ``close`` (another process holding it is refused).
+``open`` to ``close`` (another process holding it is refused). A forked child closes its copies
+of the lock files at once, so it cannot keep a directory locked after the parent closed it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,21 @@ LOCK_NAME = ".lock"
 
 _claimed: dict[Path, str] = {}  # directory -> what claims it, for this process
 _claimed_lock = threading.Lock()
+_held_fds: set[int] = set()  # lock files open in this process
+
+
+def _forget_after_fork() -> None:
+    """In a forked child: close the copies of the lock files (the parent's stay locked); no lock
+    taken, another thread of the parent may have held it at the fork."""
+    for fd in list(_held_fds):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_fds.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _overlaps(a: Path, b: Path) -> bool:
@@ -54,16 +70,21 @@ class DirectoryClaim:
                     self._registered.append(d)
             for role, d in roles:
                 d.mkdir(parents=True, exist_ok=True, mode=0o700)
-                self._fds.append(_flock(d, role))
+                fd = _flock(d, role)
+                with _claimed_lock:
+                    _held_fds.add(fd)
+                self._fds.append(fd)
         except BaseException:
             self.release()
             raise
 
     def release(self) -> None:
         fds, self._fds = self._fds, []
-        for fd in fds:
-            os.close(fd)  # drops the flock
         with _claimed_lock:
+            for fd in fds:
+                if fd in _held_fds:  # else a fork child closed it already
+                    _held_fds.discard(fd)
+                    os.close(fd)  # drops the flock
             for d in self._registered:
                 _claimed.pop(d, None)
         self._registered = []
