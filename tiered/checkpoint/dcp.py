@@ -71,6 +71,15 @@ def _resolve(checkpoint_id, config, tier: str | None, store) -> Path:
     return Path(spec.path) / "dcp" / p
 
 
+def _room(path: Path) -> int:
+    """What a store of its own in ``path`` may hold: the free disk space plus what its files take
+    already, rounded down (to GiB above 2 GiB) so that it does not change with every write."""
+    held = sum(e.stat().st_blocks * 512 for e in os.scandir(path) if e.is_file(follow_symlinks=False))
+    room = shutil.disk_usage(path).free + held
+    unit = 1 << 30 if room >= 2 << 30 else 1 << 20
+    return max(unit, room // unit * unit)
+
+
 def _rank() -> int:
     import torch.distributed as dist
 
@@ -122,7 +131,7 @@ class _Common:
         path = self._path() / f".store-r{_rank()}"
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         return {"tiers": {"host": {"capacity": self.host_buffer},
-                          "dcp": {"path": str(path), "capacity": shutil.disk_usage(path).total}}}
+                          "dcp": {"path": str(path), "capacity": _room(path)}}}
 
     @contextmanager
     def _host(self, store) -> Iterator[CheckpointHost]:
