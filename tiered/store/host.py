@@ -129,6 +129,14 @@ class _HostTier:
         self._check_open()
         return self._alloc_host(nbytes, wait, owner)
 
+    def prefault_host(self) -> bool:
+        """Fault the whole host tier's memory in now (its pages are touched without changing a
+        byte, so this is safe at any time), so the first copies into it (a checkpoint's
+        snapshot, a model's first units) do not pay page faults. It commits the tier's budget of
+        RAM. False where the kernel cannot do it safely."""
+        self._check_open()
+        return self.arena.populate()
+
     # -- eviction, migration, deletion ---------------------------------------------
     def trim(self) -> int:
         """Drop every cached host copy that nobody pins and no read is filling; returns how many.
