@@ -498,5 +498,6 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
         out["device_bytes"] = self.device_bytes() if self._geometry else None
         out["device_budget"] = self.device_budget
         out["owner"] = self.owner
+        out["host_pinned"] = self._step_pinned  # stored blocks pinned for this step's later layers
         out["device_tier"] = self._device.shared  # blocks, slots and tails are buffers of the store's GPU tier
         return out
