@@ -196,3 +196,36 @@ def test_an_elastic_cache_gives_gpu_memory_back_after_its_step(tmp_path):
             assert cache.stats()["spilled_blocks"] >= 2  # given back after that step
         other.close()
         assert_bitwise(want, got)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_edits_on_the_gpu_tier_are_bitwise(tmp_path, arch):
+    """Beam search (row selection), prompt lookup (crop) and deepcopy with blocks, slots and
+    tails in GPU-tier buffers: the same tokens and logits as the default cache."""
+    import copy
+
+    from test_kv_ops import _prefilled, gen, repetitive, tiered_cache
+
+    model = make_model(arch)
+    ids, rep = prompt(30), repetitive()
+    want_beam = gen(model, ids, reference(model), num_beams=2)
+    want_lookup = gen(model, rep, reference(model), n=12, prompt_lookup_num_tokens=3)
+    ref = _prefilled(model, reference(model), ids)
+    more = torch.cat([ids, prompt(6, 2)], 1)
+    want_a, want_b = gen(model, more, ref), gen(model, more, copy.deepcopy(_prefilled(model, reference(model), ids)))
+    with tiered.TieredStore(config(tmp_path, gpu="512KiB")) as store:
+        with tiered_cache(store, model, budget="64KiB") as cache:
+            got_beam = gen(model, ids, cache, num_beams=2)
+            assert cache.stats()["device_tier"] and cache.stats()["spilled_blocks"] > 0
+        with tiered_cache(store, model, budget="64KiB") as cache:
+            got_lookup = gen(model, rep, cache, n=12, prompt_lookup_num_tokens=3)
+        with tiered_cache(store, model, budget="64KiB") as cache:
+            _prefilled(model, cache, ids)
+            with copy.deepcopy(cache) as twin:
+                assert twin.stats()["device_tier"] and twin.owner != cache.owner
+                got_a, got_b = gen(model, more, cache), gen(model, more, twin)
+        assert store.stats()["tiers"]["gpu"]["used"] == 0  # every buffer given back
+    assert_bitwise(want_beam, got_beam)
+    assert torch.equal(want_lookup.sequences, got_lookup.sequences)
+    assert_bitwise(want_a, got_a)
+    assert_bitwise(want_b, got_b)

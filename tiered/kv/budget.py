@@ -121,7 +121,8 @@ class BudgetMixin:
         """``on_pressure`` of the GPU-tier reservation: called from another owner's thread while
         a step may be running, so it only notes the request; the cache spills that many bytes of
         resident blocks after its current step (the asking owner waits for them)."""
-        self._device_wanted += nbytes
+        with self._pin_lock:
+            self._device_wanted += nbytes
         return 0
 
     # -- keeping the budget ---------------------------------------------------------------
@@ -136,7 +137,8 @@ class BudgetMixin:
         budget = self._budget()
         total = max(used["total"], self._device.held() or 0)  # the tier counts aligned buffers
         over = 0 if budget is None else total - budget
-        wanted, self._device_wanted = self._device_wanted, 0
+        with self._pin_lock:
+            wanted, self._device_wanted = self._device_wanted, 0
         over = max(over, min(wanted, used["blocks"]))
         if over <= 0:
             return
