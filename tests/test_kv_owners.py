@@ -77,7 +77,7 @@ def test_an_explicit_or_configured_host_share_is_reserved(tmp_path):
         kv = KVStore(store, model_identity(model), block_size=BS)
         with TieredCache(model.config, kv, model=model, cache_id="a") as a, \
                 TieredCache(model.config, kv, model=model, cache_id="b", host_share="1MiB") as b:
-            assert figures(store, "kv/a", "host")["reserved"] == 2 << 20  # [owners.kv] host = "25%"
+            assert a.owner == "kv/a" and figures(store, "kv/a", "host")["reserved"] == 2 << 20  # [owners.kv] 25%
             assert figures(store, "kv/b", "host")["reserved"] == 1 << 20
             generate(model, prompt(20), b, n=2)
             assert b._pin_limit() == (1 << 20) // 2  # its pins are planned within its share
@@ -229,3 +229,30 @@ def test_edits_on_the_gpu_tier_are_bitwise(tmp_path, arch):
     assert torch.equal(want_lookup.sequences, got_lookup.sequences)
     assert_bitwise(want_a, got_a)
     assert_bitwise(want_b, got_b)
+
+
+@pytest.mark.parametrize("lookahead", [0, 1])
+def test_gpu_tier_buffers_are_never_read_after_they_are_freed(tmp_path, monkeypatch, lookahead):
+    """Every buffer the cache gives back to the GPU tier is poisoned (NaN) as it is freed: the
+    logits stay exact, so no attention read a slot, tail or block after its free (a grown slot
+    is freed only once the step's forward is over)."""
+    from tiered.kv.memory import DeviceMemory
+
+    free = DeviceMemory.free
+
+    def poisoning(self, t):
+        if t is not None and t.numel() and self.res is not None and self.owns(t) and t.is_floating_point():
+            t.fill_(float("nan"))
+        free(self, t)
+
+    monkeypatch.setattr(DeviceMemory, "free", poisoning)
+    model = make_model("llama")
+    ids = prompt(30)
+    want = generate(model, ids, reference(model), n=30)
+    with tiered.TieredStore(config(tmp_path, gpu="1MiB")) as store:
+        kv = KVStore(store, model_identity(model), block_size=BS)
+        with TieredCache(model.config, kv, model=model, device_budget=kv_bytes(model, 40),
+                         lookahead=lookahead) as cache:
+            got = generate(model, ids, cache, n=30)
+            assert cache.stats()["device_tier"] and cache.stats()["spilled_blocks"] > 0
+    assert_bitwise(want, got)

@@ -105,10 +105,22 @@ class BudgetMixin:
         for blk in self._blocks:
             self._set_block_data(blk, None)
         self._free_slots()
+        self._free_retired()
         for layer in self._tlayers:
             self._set_tail(layer, None, None)
         self._free_staging()
         self._device_closer()
+
+    def _retire(self, t: torch.Tensor | None) -> None:
+        """Free ``t`` (a slot tensor) once the step's forward is over: the K/V an update returned
+        from it may still be read by this layer's attention (or, KV sharing, by later layers)."""
+        if t is not None and self._device.shared:
+            self._retired.append(t)
+
+    def _free_retired(self) -> None:
+        retired, self._retired = self._retired, []
+        for t in retired:
+            self._device.free(t)
 
     def _free_slots(self) -> None:
         """Give back the staging slots (sized again for the next step)."""

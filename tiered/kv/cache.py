@@ -20,12 +20,19 @@ What attention sees is a contiguous ``[batch, kv_heads, tokens, head_dim]``
 tensor holding exactly the values ``DynamicCache`` would hold, so generated
 tokens and logits are the same bit for bit.
 
-The device budget covers resident blocks, staging slots and tails; blocks
-are spilled (oldest first, through an eviction policy) to stay within it.
-A prefill with a budget does not hold the prompt's K/V on the device until
-its last layer: right after each layer's attention, the full blocks of its
-new tokens are copied into host block buffers, and at the last layer those
-blocks go to the store without ever being whole on the device.
+The store owns every byte: the cache is its owner ``kv/<cache_id>``, and its
+host memory (prefill block buffers, the reads and spills of its blocks) and,
+where the store has a GPU tier on the K/V's device, its device memory come
+from the store's tiers, charged to that owner (:mod:`tiered.kv.memory`).
+
+The device budget (the cache's share of the GPU tier, or a private budget
+without one) covers resident blocks, staging slots and tails; blocks are
+spilled (oldest first, through an eviction policy) to stay within it. A
+prefill with a budget does not hold the prompt's K/V on the device until its
+last layer: right after each layer's attention, the full blocks of its new
+tokens are copied into host block buffers, and at the last layer those
+buffers are handed to the store's puts without ever being whole on the
+device (:mod:`tiered.kv.budget`).
 
 Prefix reuse: :meth:`TieredCache.load_prefix` finds the longest run of the
 prompt's full blocks in the :class:`~tiered.kv.prefix.KVStore` and loads them
@@ -42,8 +49,11 @@ Layers follow transformers' layer plan (:mod:`tiered.kv.layers`): KV-shared
 layers hold nothing; sliding-window layers hand attention what
 ``DynamicSlidingWindowLayer`` would (their last ``window - 1`` tokens and the
 new ones) and their staging slot holds only their window; their K/V stays in
-the blocks with the other layers' (a stored prefix must hold every layer). Crop, batch
-edits and ``copy.deepcopy`` are in :mod:`tiered.kv.edit`.
+the blocks with the other layers' (a stored prefix must hold every layer).
+
+Modules: gathers in :mod:`tiered.kv.gather`, prefix load and save in
+:mod:`tiered.kv.loading`, crop, batch edits and ``copy.deepcopy`` in
+:mod:`tiered.kv.edit`.
 
 Call order: ``TieredCache(config, kv, model=model)`` -> ``open()`` (starts the
 gather thread) or ``with`` -> ``load_prefix(ids)`` (optional) ->
@@ -228,6 +238,7 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
         self._opened = False
         self._host: HostMemory | None = None  # the host reservation, while open
         self._host_closer = None
+        self._host_budget: int | None = None  # the host budget planned with this step (_host_plan)
         self._pin_lock = threading.Lock()  # step pins: the gather and another owner's on_pressure
         self._reset_state()
 
@@ -249,6 +260,7 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
         self._device = DeviceMemory()  # chosen at the first update (the K/V's device)
         self._device_closer = lambda: None
         self._device_wanted = 0  # bytes another owner asked the GPU tier for (spilled after the step)
+        self._retired: list = []  # slot tensors freed at the next step (see _retire)
         self._hashes: list[str] = []  # chained hashes of the declared prompt's full blocks
         self._prefix_rows = 1  # batch rows the loaded prefix stands for (batch_repeat_interleave before a step)
         self._prefix_dtype = None  # dtype of the loaded prefix blocks (checked at the first update)
@@ -289,7 +301,7 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
                 self._executor = None
             if self._host_closer is not None:
                 self._host_closer()
-                self._host, self._host_closer = None, None
+                self._host, self._host_closer, self._host_budget = None, None, None
             self._opened = False
 
     def __enter__(self) -> "TieredCache":
@@ -427,6 +439,8 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
                                "cache.batch_repeat_interleave(n) first")
         if l == 0:
             self._tokens.step(n_new, k.shape[0])
+            self._host_plan(refresh=True)
+            self._free_retired()  # the previous forward is over
         t = layer.tail_len
         total = self._committed + t + n_new
         slot = self._take_gather(l, total)
@@ -438,6 +452,8 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
             keep = min(start, layer.window - 1)
             kk, vv = kk[:, :, start - keep - lo:].clone(), vv[:, :, start - keep - lo:].clone()
         elif layer.shared:  # later layers attend to it (KV sharing): the next gather gets a new slot
+            for t in self._slots[slot]:
+                self._retire(t)
             self._slots[slot] = [None, None]
         # else: attention consumes the returned K/V before the next layer's update, and a gather
         # overwrites this slot only after that (CUDA: after an event recorded at that update)

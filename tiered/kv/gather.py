@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import Future
 
 import torch
 
@@ -60,7 +61,7 @@ class GatherMixin:
             with owner:
                 for i in range(2):
                     old, pair[i] = pair[i], None
-                    self._device.free(old)
+                    self._retire(old)  # attention may still read the K/V returned from it
                     pair[i] = self._dev_empty((grow,), dtype)
         return pair
 
@@ -294,7 +295,7 @@ class GatherMixin:
     def _pin_limit(self) -> int:
         """Bytes of stored blocks a step keeps pinned: half the cache's host budget (the other
         half is for the reads in flight and the puts of spilled blocks)."""
-        return self._host.budget() // 2 if self._host is not None else 0
+        return self._host_plan() // 2
 
     def _release_step_leases(self, part: int | None = None) -> None:
         with self._pin_lock:
@@ -327,4 +328,13 @@ class GatherMixin:
         can pin at once."""
         if self.kv is None or self._host is None:
             return self.read_window
-        return max(1, min(self.read_window * len(self._parts), self._host.budget() // (2 * self._part_bytes())))
+        return max(1, min(self.read_window * len(self._parts), self._host_plan() // (2 * self._part_bytes())))
+
+    def _host_plan(self, refresh: bool = False) -> int:
+        """The host budget the cache plans with (:meth:`HostMemory.budget`), read once a step:
+        other owners' shares change rarely, and asking the store per layer costs a lock round."""
+        if self._host is None:
+            return 0
+        if refresh or self._host_budget is None:
+            self._host_budget = self._host.budget()
+        return self._host_budget

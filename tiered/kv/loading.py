@@ -83,6 +83,7 @@ class PrefixMixin:
         futs = deque()
         loaded: list[Block] = []
         nxt = 0
+        self._host_plan(refresh=True)
         window = self._window()
         while nxt < len(todo) and len(futs) < window:
             futs.append(self._acquire(todo[nxt][2]))
