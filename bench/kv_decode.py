@@ -1,6 +1,9 @@
 """KV cache tiers: decode tokens/s and time-to-first-token, TieredCache vs transformers' caches.
 
-    python bench/kv_decode.py [--json] [--prompt 8192] [--new 32] [--dir DIR] [--small]
+    python bench/kv_decode.py [--json] [--prompt 8192] [--new 32] [--dir DIR] [--small] [--gpu-tier BYTES]
+
+(``--gpu-tier``: the stores get a GPU tier on ``--device`` and each TieredCache's
+device budget is its share of that tier; the owners' figures are in each "store" entry.)
 
 One seeded Llama-architecture model built from its config (fp32, 16 layers,
 hidden 256, 4 heads, 2 KV heads of 64 dims: 16 KiB of KV per token), one
