@@ -256,3 +256,25 @@ def test_gpu_tier_buffers_are_never_read_after_they_are_freed(tmp_path, monkeypa
             got = generate(model, ids, cache, n=30)
             assert cache.stats()["device_tier"] and cache.stats()["spilled_blocks"] > 0
     assert_bitwise(want, got)
+
+
+@pytest.mark.parametrize("lookahead", [0, 1])
+def test_an_unclosed_cache_gives_its_reservations_back(tmp_path, lookahead):
+    import gc
+    import weakref
+
+    model = make_model("llama")
+    with tiered.TieredStore(config(tmp_path, gpu="1MiB")) as store:
+        kv = KVStore(store, model_identity(model), block_size=BS)
+        cache = TieredCache(model.config, kv, model=model, device_budget=kv_bytes(model, 40), lookahead=lookahead,
+                            cache_id="u", host_share="1MiB").open()
+        generate(model, prompt(20), cache, n=3)
+        assert figures(store, "kv/u", "gpu")["held"] > 0 and figures(store, "kv/u", "host")["reserved"] == 1 << 20
+        ref = weakref.ref(cache)
+        del cache
+        gc.collect()
+        assert ref() is None
+        assert figures(store, "kv/u", "gpu")["held"] == 0 and figures(store, "kv/u", "gpu")["reserved"] == 0
+        assert figures(store, "kv/u", "host")["reserved"] == 0
+        with store.reserve("host", "1MiB", owner="kv/u"):  # the name is free again
+            pass
