@@ -278,3 +278,19 @@ def test_an_unclosed_cache_gives_its_reservations_back(tmp_path, lookahead):
         assert figures(store, "kv/u", "host")["reserved"] == 0
         with store.reserve("host", "1MiB", owner="kv/u"):  # the name is free again
             pass
+
+
+def test_a_device_budget_in_percent_is_a_share_of_the_gpu_tier(tmp_path):
+    model = make_model("llama")
+    with tiered.TieredStore(config(tmp_path, gpu="1MiB")) as store:
+        kv = KVStore(store, model_identity(model), block_size=BS)
+        with TieredCache(model.config, kv, model=model, device_budget="10%", cache_id="pct") as cache:
+            generate(model, prompt(20), cache, n=2)
+            reserved = figures(store, "kv/pct", "gpu")["reserved"]
+            assert abs(reserved - (1 << 20) // 10) < 1024  # (rounded to the tier's alignment)
+            assert cache.stats()["device_budget"] == reserved
+    with tiered.TieredStore(config(tmp_path / "b")) as store:
+        kv = KVStore(store, model_identity(model), block_size=BS)
+        with TieredCache(model.config, kv, model=model, device_budget="10%") as cache:
+            with pytest.raises(KVCacheError, match="share of the store's GPU tier.*give a size"):
+                generate(model, prompt(20), cache, n=2)

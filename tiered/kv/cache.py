@@ -178,8 +178,9 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
     shares leave, and lets go of pinned blocks when another owner needs room).
     ``device_budget``: bytes of KV (blocks + staging + tails) allowed on the compute
     device. Where the store has a GPU tier on the K/V's device (``store.device_tier``),
-    it is the cache's share of that tier, and the blocks, slots and tails are the
-    tier's buffers (None: the config's share, else elastic: blocks are spilled when
+    it is the cache's share of that tier (a size, or "25%" of the tier), and the
+    blocks, slots and tails are the tier's buffers (None: the config's share, else
+    elastic: blocks are spilled when
     the tier has no room or another owner asks for some). Without a GPU tier it is a
     private budget of PyTorch-allocated tensors (None: unlimited).
     ``lookahead``: layers gathered ahead of the computing one on the gather thread
@@ -219,9 +220,11 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
         if kv is not None and self.block_size != kv.block_size:
             raise KVCacheError(f"TieredCache: block_size {self.block_size} differs from the KVStore's "
                                f"{kv.block_size}")
-        self.device_budget = None if device_budget is None else parse_size(device_budget,
-                                                                           where="TieredCache device_budget")
-        if self.device_budget is not None and kv is None:
+        self._device_share = device_budget  # a share of the GPU tier may be a percentage of it
+        percent = isinstance(device_budget, str) and device_budget.strip().endswith("%")
+        self.device_budget = None if device_budget is None or percent else parse_size(
+            device_budget, where="TieredCache device_budget")
+        if device_budget is not None and kv is None:
             raise KVCacheError("TieredCache: a device_budget needs a KVStore to spill blocks to")
         if lookahead == "auto":
             lookahead = 1 if torch.cuda.is_available() else 0
@@ -401,7 +404,10 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
     def _open_device(self, device: torch.device) -> None:
         """Take the cache's device memory: the store's GPU tier when it is on ``device``."""
         self._device = DeviceMemory.for_kv(None if self.kv is None else self.kv.store, device,
-                                           self.device_budget, self.owner, weak_callback(self._device_pressure))
+                                           self._device_share, self.owner, weak_callback(self._device_pressure))
+        if not self._device.shared and self.device_budget is None and self._device_share is not None:
+            raise KVCacheError(f"TieredCache: device_budget {self._device_share!r} is a share of the store's GPU "
+                               f"tier, but the store has none on {device}; give a size")
         self._device_closer = weakref.finalize(self, self._device.close)  # an unclosed cache gives it back
         if self._compute_stream is not None:
             self._device.streams = [self._compute_stream, self._gather_stream]
@@ -512,7 +518,7 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
         out["blocks"] = len(self._blocks)
         out["resident_blocks"] = sum(1 for b in self._blocks if b.data is not None)
         out["device_bytes"] = self.device_bytes() if self._geometry else None
-        out["device_budget"] = self.device_budget
+        out["device_budget"] = self._budget() if self._geometry else self.device_budget
         out["owner"] = self.owner
         out["host_pinned"] = self._step_pinned  # stored blocks pinned for this step's later layers
         out["device_tier"] = self._device.shared  # blocks, slots and tails are buffers of the store's GPU tier

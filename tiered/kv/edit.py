@@ -87,7 +87,8 @@ def select_rows(cache, index: torch.Tensor, prefer_resident: bool = False) -> No
     for blk in cache._blocks:
         data = block_data(cache, blk).index_select(2, index.to(device))
         nbytes = data.numel() * data.element_size()
-        fits = cache.device_budget is None or used - blk.nbytes + nbytes <= cache.device_budget
+        budget = cache._budget()
+        fits = budget is None or used - blk.nbytes + nbytes <= budget
         resident = (blk.data is not None or prefer_resident) and fits
         used += (nbytes if resident else 0) - blk.nbytes
         replace(cache, blk, data, resident)
