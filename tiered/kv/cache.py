@@ -51,7 +51,9 @@ layers hold nothing; sliding-window layers hand attention what
 new ones) and their staging slot holds only their window; their K/V stays in
 the blocks with the other layers' (a stored prefix must hold every layer).
 
-Modules: the layer view in :mod:`tiered.kv.tiered_layer`, gathers in :mod:`tiered.kv.gather`, prefix load and save in
+Modules: the layer view in :mod:`tiered.kv.tiered_layer`, gathers in
+:mod:`tiered.kv.gather`, budgets and spills in :mod:`tiered.kv.budget`, the
+store memory in :mod:`tiered.kv.memory`, prefix load and save in
 :mod:`tiered.kv.loading`, crop, batch edits and ``copy.deepcopy`` in
 :mod:`tiered.kv.edit`.
 
