@@ -108,6 +108,7 @@ class TieredFeatureStore(_Memory, _Gathers, _Imports, _Updates, _Workers, Featur
         self._attrs: dict[tuple, _Attr] = {}
         self._static: dict[Any, np.ndarray] = {}
         self._cache_plan: dict[tuple, int] = {}
+        self._shrunk: dict[tuple, int] = {}  # cache sizes left by on_pressure (see memory.py)
         self._lock = threading.RLock()
         self._next_gen = 1
         self._opened = False

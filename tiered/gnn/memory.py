@@ -79,22 +79,21 @@ class _Memory:
 
     def _make_cache(self, a: _Attr) -> RowCache:
         """The attribute's row cache, made now (call under ``a.lock``). Its size is the set_cache
-        plan, else its share of the budget by size; an elastic cache that does not fit what is
-        free is made smaller (halving) instead of failing."""
+        plan, else what pressure left it, else its share of the budget by size; a cache whose
+        size was not set explicitly is made smaller (halving) when it does not fit, not failed."""
         planned = self._cache_plan.get((a.group, a.name))
-        nbytes = planned
+        nbytes = planned if planned is not None else self._shrunk.get((a.group, a.name))
         if nbytes is None:
             budget = self._cache_budget()
             total = sum(x.nbytes for x in self._attrs.values()) or 1
             held = sum(x.cache.nbytes for x in self._attrs.values() if x.cache is not None)
             nbytes = min(int(budget * a.nbytes / total), max(0, budget - held))
-        elastic = planned is None and self._cache_bytes is None and not self._host.reserved
         while True:
             try:
                 a.cache = self._new_cache(a, nbytes)
                 return a.cache
             except OutOfBudget:
-                if not elastic or nbytes < a.row_bytes:
+                if planned is not None or nbytes < a.row_bytes:
                     raise
                 nbytes //= 2
 
@@ -129,7 +128,11 @@ class _Memory:
                     if not whole:
                         freed += c.drop_victims()
                         continue
-                    self._cache_plan[(a.group, a.name)] = max(0, c.nbytes - (wanted - freed))
+                    key = (a.group, a.name)
+                    if key in self._cache_plan:
+                        self._cache_plan[key] = max(0, c.nbytes - (wanted - freed))
+                    else:
+                        self._shrunk[key] = max(0, c.nbytes - (wanted - freed))
                     freed += c.nbytes
                     a.cache = None
                     c.close()
