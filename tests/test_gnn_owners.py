@@ -121,3 +121,29 @@ def test_a_feature_store_and_another_owner_share_a_small_host_tier(tmp_path):
             for b in bufs:
                 b.release()
         assert s.stats()["tiers"]["host"]["peak"] <= cap
+
+
+def test_chunks_stored_without_block_checksums_get_them_on_open(tmp_path):
+    """A feature table stored before chunks had block checksums (its catalog names no block) is
+    put again with them when it is opened, so its rows can be read (and verified)."""
+    import json
+
+    x = torch.randn(3000, 16)
+    with TieredStore(config(tmp_path)) as s:
+        with fstore(s) as fs:
+            fs.put_tensor(x, group_name=None, attr_name="x", index=None)
+            keys = _chunk_keys(fs)
+        for key in keys:  # as an older version wrote them: no block table
+            s.put(key, s.get(key).result(T), kind="gnn").result(T)
+        doc = json.loads(s.get("gnn/features/catalog").result(T).numpy().tobytes())
+        for d in doc["attrs"]:
+            d.pop("block", None)
+        raw = np.frombuffer(json.dumps(doc).encode(), dtype=np.uint8).copy()
+        s.put("gnn/features/catalog", torch.from_numpy(raw), kind="gnn").result(T)
+        with fstore(s, cache_bytes=0) as fs:
+            idx = torch.arange(0, 3000, 11)
+            assert torch.equal(fs.get_tensor(group_name=None, attr_name="x", index=idx), x[idx])
+            assert fs.attributes()[0]["block"] == 4096
+            _flip_byte(s, keys[0], 64 * 5)  # row 5: verified now
+            with pytest.raises(ChecksumError, match=keys[0]):
+                fs.get_tensor(group_name=None, attr_name="x", index=torch.tensor([5]))

@@ -44,6 +44,7 @@ class _Attr:
     gen: int
     external: dict | None = None  # {"path", "offset", "identity"}
     zarr_path: str | None = None
+    block: int = 0  # >0: the chunk objects carry a crc32 per ``block`` bytes (read_ranges verifies them)
     # runtime state
     layout: Layout | None = None  # chunk c is object keys[c]; offsets in layout coordinates (see rows.py)
     cache: RowCache | None = None
@@ -80,4 +81,5 @@ class _Attr:
     def describe(self) -> dict:
         return {"group": _jsonable_group(self.group), "attr": self.name, "dtype": dtype_name(self.dtype),
                 "shape": list(self.shape), "chunk_rows": self.chunk_rows, "tier": self.tier,
-                "keys": self.keys, "gen": self.gen, "external": self.external, "zarr": self.zarr_path}
+                "keys": self.keys, "gen": self.gen, "external": self.external, "zarr": self.zarr_path,
+                "block": self.block}

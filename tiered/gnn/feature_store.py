@@ -38,7 +38,7 @@ from ..dtypes import dtype_from
 from ..store import TieredStore
 from .attrs import FeatureStoreError, _Attr, _group_from_json, _jsonable_group, _label
 from .forking import _OPEN, _Workers
-from .imports import _Imports
+from .imports import BLOCK, _Imports
 from .loops import sampling_degree, window
 from .memory import _Memory
 from .rows import _Gathers
@@ -158,12 +158,18 @@ class TieredFeatureStore(_Memory, _Gathers, _Imports, _Updates, _Workers, Featur
                 raise FeatureStoreError(f"{self._catalog_key!r} is not a {CATALOG_FORMAT} v{CATALOG_VERSION} catalog")
             self._next_gen = int(doc.get("next_gen", 1))
             for d in doc["attrs"]:
-                a = _Attr(_group_from_json(d["group"]), d["attr"], dtype_from(d["dtype"], error=FeatureStoreError, where=self._catalog_key), tuple(d["shape"]),
+                dtype = dtype_from(d["dtype"], error=FeatureStoreError, where=self._catalog_key)
+                a = _Attr(_group_from_json(d["group"]), d["attr"], dtype, tuple(d["shape"]),
                           int(d["chunk_rows"]), d["tier"], list(d["keys"]), int(d["gen"]), d.get("external"),
-                          d.get("zarr"))
+                          d.get("zarr"), int(d.get("block", 0)))
                 if a.tier == "external":
                     self._register_external(a)
                 self._attrs[(a.group, a.name)] = a
+            legacy = [a for a in self._attrs.values() if a.tier == "store" and a.block != BLOCK]
+            for a in legacy:
+                self._add_block_checksums(a)
+            if legacy:
+                self._write_catalog()
 
     def close(self) -> None:
         """Wait for prefetches, then give back cache memory and extent leases (those handed

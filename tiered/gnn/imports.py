@@ -52,7 +52,7 @@ class _Imports:
         prefix = self._chunk_prefix(group_name, attr_name, gen)
         n = shape[0]
         starts = list(range(0, n, chunk_rows))
-        a = _Attr(group_name, attr_name, dtype, shape, chunk_rows, "store", [], gen)
+        a = _Attr(group_name, attr_name, dtype, shape, chunk_rows, "store", [], gen, block=BLOCK)
         if in_place:
             if tier != "store":
                 raise FeatureStoreError(f"import_array({a.label}): in_place works with tier='store' only")
@@ -93,6 +93,16 @@ class _Imports:
                 raise
         self._install(a)
         return a.describe()
+
+    def _add_block_checksums(self, a: _Attr) -> None:
+        """Put again, with a crc32 per block, the chunks of an attribute stored before chunks had
+        them (row reads need them). Each put replaces its chunk atomically; the catalog records
+        the attribute's ``block`` once all are done (a crash in between redoes it)."""
+        for key in a.keys:
+            t = self.store.get(key, owner=self.owner).result(timeout=self.timeout)
+            self.store.put(key, t, kind="gnn", owner=self.owner, block=BLOCK).result(timeout=self.timeout)
+            self.store.evict(key)
+        a.block = BLOCK
 
     def _register_external(self, a: _Attr, first: bool = False) -> None:
         ext = a.external
