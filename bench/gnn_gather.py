@@ -281,9 +281,10 @@ def run_worker(name: str, spec: dict) -> dict:
     cfg = {"tiers": {"host": {"capacity": cache + spec["scratch_bytes"] * 2 + 64 * MiB},
                      "nvme": {"path": str(store_dir), "capacity": max(GiB, 2 * feats.stat().st_size)}},
            "engine": {"workers": spec["workers"], "chunk": "8MiB"}}
+    kw = {"checksum_block": spec["checksum_block"]} if spec.get("checksum_block") else {}
     with TieredStore(cfg) as st, TieredFeatureStore(st, cache_bytes=cache, policy=policy,
                                                     merge_gap=spec["merge_gap"],
-                                                    scratch_bytes=spec["scratch_bytes"]) as fs:
+                                                    scratch_bytes=spec["scratch_bytes"], **kw) as fs:
         fs.import_array(feats, None, "x", in_place=not copied)
         if policy == "hybrid":
             fs.set_static_score(None, np.load(d / "score.npy"))
@@ -407,6 +408,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--merge-gap", type=int, default=128 << 10)
     ap.add_argument("--scratch", type=int, default=64 << 20)
+    ap.add_argument("--checksum-block", type=int, default=0,
+                    help="crc32 block of the _store contenders' chunks (0: the feature store's default)")
     ap.add_argument("--fio-seconds", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", default="/var/tmp/tiered-gnn-bench")
@@ -435,7 +438,7 @@ def main() -> None:
     why = cgroup_v1_unavailable()
     spec = {"dir": str(d), "store_dir": str(d / "stores"), "warmup": args.warmup, "batches": args.batches,
             "max_seconds": args.max_seconds, "cache_bytes": cache_bytes, "workers": args.workers,
-            "merge_gap": args.merge_gap, "scratch_bytes": args.scratch,
+            "merge_gap": args.merge_gap, "scratch_bytes": args.scratch, "checksum_block": args.checksum_block,
             "memory_rows": min(args.nodes, int(2 * GiB // row_bytes)), "memmap_slice": 2048}
     log(f"features {data_bytes / GiB:.2f} GiB; row cache {cache_bytes / GiB:.2f} GiB "
         f"(data / cache = {data_bytes / cache_bytes:.1f}); memory limit per contender {limit / GiB:.2f} GiB "

@@ -68,6 +68,9 @@ class TieredFeatureStore(_Memory, _Gathers, _Imports, _Updates, _Workers, Featur
     ``merge_gap``: page ranges closer than this are read as one request (reading a gap is
     cheaper than another request while gap < per-request cost x bandwidth: ~100 us x ~1.5 GB/s
     for the Python engine on a virtio disk);
+    ``checksum_block``: chunks stored from now on carry a crc32 per this many bytes (a
+    multiple of 4 KiB) and every row read is verified with them; larger blocks cost less CPU
+    per byte read but make each isolated row's read that large (see ``imports.py``).
     ``scratch_bytes``: read buffer per gather round; ``chunk_bytes``: size of
     the row-range objects. Call ``open()`` (or use ``with``) after the store is open.
 
@@ -80,7 +83,8 @@ class TieredFeatureStore(_Memory, _Gathers, _Imports, _Updates, _Workers, Featur
     def __init__(self, store: TieredStore, *, namespace: str = "features", cache_bytes: int | None = None,
                  host_share: int | str | None = None, policy: str = "hybrid", victim_fraction: float | None = None, chunk_bytes: int = 16 << 20,
                  merge_gap: int = 128 << 10, max_read: int = 4 << 20, scratch_bytes: int = 64 << 20,
-                 timeout: float = 300.0, zarr_dir: str | os.PathLike | None = None) -> None:
+                 timeout: float = 300.0, zarr_dir: str | os.PathLike | None = None,
+                 checksum_block: int = BLOCK) -> None:
         super().__init__()
         from policies.row_cache import ROW_CACHE_POLICIES
 
@@ -88,6 +92,9 @@ class TieredFeatureStore(_Memory, _Gathers, _Imports, _Updates, _Workers, Featur
             raise FeatureStoreError(f"unknown row-cache policy {policy!r}; known: {', '.join(sorted(ROW_CACHE_POLICIES))}")
         if not 0 <= (victim_fraction or 0) < 1:
             raise FeatureStoreError(f"victim_fraction must be in [0, 1), got {victim_fraction}")
+        if checksum_block <= 0 or checksum_block % 4096 or checksum_block > min(scratch_bytes, 16 << 20):
+            raise FeatureStoreError(f"checksum_block must be a positive multiple of 4096 of at most "
+                                    f"scratch_bytes and 16 MiB, got {checksum_block}")
         if chunk_bytes < 4096 or scratch_bytes < max_read or max_read < 4096:
             raise FeatureStoreError(f"chunk_bytes ({chunk_bytes}) and max_read ({max_read}) must be >= 4096 and "
                                     f"scratch_bytes ({scratch_bytes}) >= max_read")
@@ -100,6 +107,7 @@ class TieredFeatureStore(_Memory, _Gathers, _Imports, _Updates, _Workers, Featur
         self._host = None  # the host tier reservation, while open
         self._cache_total: int | None = None  # bytes for all row caches (see _cache_budget)
         self.chunk_bytes = int(chunk_bytes)
+        self.checksum_block = int(checksum_block)
         self.merge_gap = int(merge_gap)
         self.max_read = int(max_read)
         self.scratch_bytes = align_up(int(scratch_bytes))
@@ -165,7 +173,7 @@ class TieredFeatureStore(_Memory, _Gathers, _Imports, _Updates, _Workers, Featur
                 if a.tier == "external":
                     self._register_external(a)
                 self._attrs[(a.group, a.name)] = a
-            legacy = [a for a in self._attrs.values() if a.tier == "store" and a.block != BLOCK]
+            legacy = [a for a in self._attrs.values() if a.tier == "store" and not a.block]
             for a in legacy:
                 self._add_block_checksums(a)
             if legacy:

@@ -8,7 +8,6 @@ import os
 import weakref
 
 from .attrs import FeatureStoreError
-from .imports import BLOCK
 from .worker import SnapshotAttr, WorkerRows
 
 
@@ -107,7 +106,7 @@ class _Workers:
                         leases.append(lease := self.store.locate(key))
                         chunks.append((lease.path, lease.offset, lease.nbytes))
                     attrs.append(SnapshotAttr(a.group, a.name, a.dtype, tuple(a.shape), a.chunk_rows, a.tier,
-                                              chunks, a.zarr_path, BLOCK if a.tier == "store" else 0,
+                                              chunks, a.zarr_path, a.block if a.tier == "store" else 0,
                                               [] if a.tier == "zarr" else list(a.keys)))
                 export = self._session.add(self._catalog_gen, WorkerRows(self.namespace, attrs, self.max_read),
                                            leases)

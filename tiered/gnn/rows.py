@@ -2,7 +2,7 @@
 
 The rows not cached are planned into few page-aligned reads (``gather.py``) and read in
 rounds of ``scratch_bytes``, each round one :meth:`TieredStore.read_ranges` call: the store
-verifies every 4 KiB block read against the crc32 recorded when the chunk was put (chunks
+verifies every block read (``checksum_block``) against the crc32 recorded when the chunk was put (chunks
 imported in place from a ``.npy`` file are checked by file identity instead), counts the
 bytes and holds the chunks' extents until the reads are done. Prefetches read the next
 minibatch's rows into the caches at prefetch priority.
@@ -20,7 +20,7 @@ from allocators import OutOfBudget, align_up
 from io_engine import IOFuture, Priority, gather
 
 from .attrs import _Attr
-from .gather import Layout, plan_reads, rows_from, split_rounds, unique_rows
+from .gather import PAGE, Layout, plan_reads, rows_from, split_rounds, unique_rows
 from .indexing import _is_identity, _normalize_index
 
 
@@ -86,12 +86,12 @@ class _Gathers:
             out.set_result(len(rows))
             return out
         keys, layout = list(a.keys), a.layout  # an update may replace them meanwhile
-        plan = plan_reads(rows, layout, merge_gap=self.merge_gap, max_read=self.max_read)
+        plan = plan_reads(rows, layout, merge_gap=self.merge_gap, max_read=max(self.max_read, a.block),
+                          page=a.block or PAGE)
         rounds = split_rounds(plan, self.scratch_bytes)
         need = max(int(plan.buf_offset[j - 1] - plan.buf_offset[i] + align_up(int(plan.length[j - 1])))
                    for i, j in rounds)
-        # a prefetch never waits for memory: it may run under the attribute lock that the
-        # completion callbacks of earlier reads (which free scratch) need
+        # a prefetch never waits for memory: it is skipped instead (the rows are read on demand)
         wait = 0.0 if priority is Priority.PREFETCH else self.store.host_wait
         buf = self._host.alloc(need, wait)
         scratch = buf.padded
@@ -248,6 +248,10 @@ class _Gathers:
         return total
 
     def _prefetch_attr(self, a: _Attr, index) -> IOFuture:
+        """Start reading the rows of ``index`` that are neither cached nor being read. The rows
+        are registered as in flight under the attribute lock, and read outside it: the store
+        may read a chunk's checksum table in this thread, and the completions of earlier
+        prefetches (on the engine's threads) need the lock."""
         self._ready(a)
         ids, _shape = _normalize_index(index, a.num_rows, a.label)
         uniq = np.unique(ids)
@@ -259,26 +263,34 @@ class _Gathers:
                 if len(want) and not f.done():
                     want = want[~np.isin(want, r, assume_unique=True)]
             cache = a.cache
-
-            def sink(sel: slice, data: np.ndarray) -> None:
-                with a.lock:
-                    if a.cache is cache:
-                        cache.counters.prefetched += cache.admit(want[sel], data, force=True)
-
-            try:
-                fut = self._read_rows(a, want, Priority.PREFETCH, sink)
-            except OutOfBudget:  # no scratch free now: skip; the rows are read on demand
-                with self._lock:
-                    self.reads["prefetch_skipped"] += 1
-                skipped = IOFuture(f"prefetch of {a.label} skipped (no scratch memory)")
-                skipped.set_result(0)
-                return skipped
-            entry = (want, fut)
+            done = IOFuture(f"prefetch {len(want)} rows of {a.label}")
+            entry = (want, done)
             a.inflight.append(entry)
 
-        def forget(_f) -> None:
+        def sink(sel: slice, data: np.ndarray) -> None:
+            with a.lock:
+                if a.cache is cache:
+                    cache.counters.prefetched += cache.admit(want[sel], data, force=True)
+
+        def finish(f) -> None:
             with a.lock:
                 a.inflight = [e for e in a.inflight if e is not entry]
+            if f.exception() is not None:
+                done.set_exception(f.exception())
+            else:
+                done.set_result(f.result())
 
-        fut.add_done_callback(forget)
-        return fut
+        try:
+            fut = self._read_rows(a, want, Priority.PREFETCH, sink)
+        except OutOfBudget:  # no scratch free now: skip; the rows are read on demand
+            with self._lock:
+                self.reads["prefetch_skipped"] += 1
+            fut = IOFuture(f"prefetch of {a.label} skipped (no scratch memory)")
+            fut.set_result(0)
+        except BaseException as e:
+            with a.lock:
+                a.inflight = [x for x in a.inflight if x is not entry]
+            done.set_exception(e)
+            raise
+        fut.add_done_callback(finish)
+        return done

@@ -8,7 +8,6 @@ from torch_geometric.data import TensorAttr
 
 from ..dtypes import dtype_name
 from .attrs import FeatureStoreError, _Attr, _label
-from .imports import BLOCK
 from .indexing import _names_every_row, _normalize_index, _rows_in_index_order
 
 
@@ -94,7 +93,7 @@ class _Updates:
                     part[torch.from_numpy(ids[sel] - c * a.chunk_rows)] = values[torch.from_numpy(sel)]
                     key = f"{prefix}/c{c:06d}"
                     replaced[c] = (old_keys[c], key)
-                    self.store.put(key, part, kind="gnn", owner=self.owner, block=BLOCK).result(timeout=self.timeout)
+                    self.store.put(key, part, kind="gnn", owner=self.owner, block=a.block).result(timeout=self.timeout)
                     self.store.evict(key)
                 for c, (_old, key) in replaced.items():
                     a.keys[c] = key

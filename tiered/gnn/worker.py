@@ -178,13 +178,15 @@ class WorkerRows:
                 z = self._zarr[(a.group, a.name)] = zarr.open_array(a.zarr_path, mode="r")
             return np.ascontiguousarray(z.oindex[(rows,)]).reshape(len(rows), -1).view(np.uint8)
         layout, paths = self._layout(a)
-        plan = plan_reads(rows, layout, merge_gap=0, max_read=self.max_read)
+        plan = plan_reads(rows, layout, merge_gap=0, max_read=max(self.max_read, a.block), page=a.block or 4096)
         scratch = np.empty(plan.nbytes, dtype=np.uint8)
         for c, off, n, b in zip(plan.file.tolist(), plan.offset.tolist(), plan.length.tolist(),
                                 plan.buf_offset.tolist()):
-            self._pread(paths[c], scratch[b : b + n], off)
-            if a.block:
-                self._verify(a, c, off - int(layout.chunk_offset[c]), scratch[b : b + n])
+            if a.block:  # chunk coordinates (see _layout)
+                self._pread(paths[c], scratch[b : b + n], a.chunks[c][1] + off)
+                self._verify(a, c, off, scratch[b : b + n])
+            else:
+                self._pread(paths[c], scratch[b : b + n], off)
         return rows_from(scratch, plan.row_pos, a.row_bytes)
 
     def _verify(self, a: SnapshotAttr, c: int, rel: int, data: np.ndarray) -> None:
@@ -208,9 +210,12 @@ class WorkerRows:
         got = self._layouts.get((a.group, a.name))
         if got is None:
             paths = [p for p, _o, _n in a.chunks]  # one per chunk: reads are verified per chunk
-            off = np.array([o for _p, o, _n in a.chunks], dtype=np.int64)
-            # a chunk with checksums is read in whole blocks (its data is padded to 4 KiB)
-            limit = np.array([o + (align_up(max(n, 1)) if a.block else n) for _p, o, n in a.chunks], dtype=np.int64)
+            if a.block:  # offsets in the chunk, so reads start on its blocks; whole blocks up to its padded end
+                off = np.zeros(len(a.chunks), dtype=np.int64)
+                limit = np.array([align_up(max(n, 1)) for _p, _o, n in a.chunks], dtype=np.int64)
+            else:  # offsets in the file, so reads start on its pages
+                off = np.array([o for _p, o, _n in a.chunks], dtype=np.int64)
+                limit = np.array([o + n for _p, o, n in a.chunks], dtype=np.int64)
             files = np.arange(len(a.chunks), dtype=np.int64)
             got = self._layouts[(a.group, a.name)] = (
                 Layout(a.shape[0], a.row_bytes, a.chunk_rows, off, files, limit), paths)
