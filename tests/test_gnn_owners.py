@@ -149,3 +149,16 @@ def test_chunks_stored_without_block_checksums_get_them_on_open(tmp_path):
             _flip_byte(s, keys[0], 64 * 5)  # row 5: verified now
             with pytest.raises(ChecksumError, match=keys[0]):
                 fs.get_tensor(group_name=None, attr_name="x", index=torch.tensor([5]))
+
+
+def test_the_config_gives_the_feature_store_its_share(tmp_path):
+    cfg = config(tmp_path, host="8MiB")
+    cfg["owners"] = {"gnn": {"host": "25%"}}
+    x = torch.randn(8000, 32)
+    with TieredStore(cfg) as s, fstore(s) as fs:
+        assert s.owners()[OWNER]["host"]["reserved"] == 2 << 20
+        fs.put_tensor(x, group_name=None, attr_name="x", index=None)
+        idx = torch.arange(0, 8000, 5)
+        assert torch.equal(fs.get_tensor(group_name=None, attr_name="x", index=idx), x[idx])
+        # the caches take the share less one gather's scratch
+        assert fs.stats()["attrs"]["'x'"]["cache_bytes"] <= (2 << 20) - fs.scratch_bytes
