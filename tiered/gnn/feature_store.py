@@ -180,9 +180,9 @@ class TieredFeatureStore(_Memory, _Gathers, _Imports, _Updates, _Workers, Featur
                 self._write_catalog()
 
     def close(self) -> None:
-        """Wait for prefetches, then give back cache memory and extent leases (those handed
-        to worker processes too: their copies fail from then on). In a worker, close only
-        the worker's own files."""
+        """Wait for prefetches, then give back cache memory (and the host reservation) and the
+        extent leases of worker snapshots (their copies fail from then on). In a worker, close
+        only the worker's own files."""
         if self._worker is not None:
             self._worker.close()
             return

@@ -114,7 +114,8 @@ class _Memory:
         attribute whose lock is busy (a gather is using its cache) is skipped, not waited for:
         this runs in another owner's allocation. The budget shrinks by what was given."""
         freed = 0
-        attrs = sorted(self._attrs.values(), key=lambda x: x.cache.nbytes if x.cache else 0, reverse=True)
+        attrs = list(self._attrs.values())  # one step: the table may change in another thread
+        attrs.sort(key=lambda x: x.cache.nbytes if x.cache else 0, reverse=True)
         for whole in (False, True):
             for a in attrs:
                 if freed >= wanted:

@@ -79,7 +79,7 @@ class _Updates:
             if self._attrs.get((a.group, a.name)) is not a:
                 raise FeatureStoreError(f"update of {a.label}: the attribute was replaced or removed by another "
                                         "thread before this update could apply; nothing was written")
-            self._shutdown_attr(a)  # leases name the old extents; the cache holds old rows
+            self._shutdown_attr(a)  # prefetches finish first; the cache holds old rows
             gen = self._next_gen
             self._next_gen += 1
             prefix = self._chunk_prefix(a.group, a.name, gen)
