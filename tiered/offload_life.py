@@ -31,7 +31,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .offload import OffloadedModule
+    from .offload.runtime import OffloadedModule
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,12 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 from torch import nn
 
-from .runtime import OffloadError, UnitEdit
+from .common import OffloadError
+from .training import UnitEdit
 
 if TYPE_CHECKING:
-    from .runtime import OffloadedModule, _Unit
+    from .layout import _Unit
+    from .runtime import OffloadedModule
 
 
 class Unit:
