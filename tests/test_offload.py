@@ -1062,9 +1062,9 @@ def test_demand_load_after_partial_prefetch_takes_the_unit_in_one_go(tmp_path):
 
     store.trim()  # only pinned (resident) copies stay in the host tier
     fillers = {}
-    while True:  # every free page held by a filler buffer
+    while True:  # every free page held by a filler buffer (charged to the model: its share too)
         try:
-            b = arena.alloc(PAGE, timeout=0)
+            b = arena.alloc(PAGE, timeout=0, owner=rt.owner)
         except OutOfBudget:
             break
         fillers[b.offset] = b
@@ -1094,7 +1094,7 @@ def test_demand_load_after_partial_prefetch_takes_the_unit_in_one_go(tmp_path):
             at += gaps[before.index(k)]
         for o in region[at:at + pages(k)]:
             fillers.pop(o).release()
-        u.pending[k] = store.acquire(k, priority=Priority.PREFETCH, wait=0.0)
+        u.pending[k] = store.acquire(k, priority=Priority.PREFETCH, wait=0.0, owner=rt.owner)
         u.pending[k].result(timeout=30)
         at += pages(k)
     for b in fillers.values():  # the gaps, free now: enough bytes, no block large enough

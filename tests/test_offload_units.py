@@ -152,3 +152,27 @@ def test_on_backward_load_names_each_streamed_unit(tmp_path):
         units.wait_writes()
     finally:
         tiered.detach(model)
+
+
+def test_an_open_edit_keeps_its_resident_unit_from_other_owners(tmp_path):
+    """While an optimizer edits a resident unit's copy in place, another owner's pressure must
+    not take the unit back (its buffer could be reused before the edit is written)."""
+    torch.manual_seed(0)
+    model = Net()
+    tiered.offload(model, cfg(tmp_path, resident=True))
+    rt = model._tiered
+    try:
+        units = offload_units(model)
+        res = next(u for u in units if u.resident)
+        edit = units.open_unit_params(res)
+        assert rt.compute_res.on_pressure(1 << 30) == 0  # what the store calls for another owner
+        assert res.resident
+        units.write_unit_params(edit)
+        units.wait_writes()
+        assert rt.compute_res.on_pressure(1 << 30) > 0  # idle again: residents go back
+        assert not res.resident
+        edit = units.open_unit_params("head")
+        edit.abandon()
+        assert not rt._busy  # abandoning ends the edit too
+    finally:
+        tiered.detach(model)

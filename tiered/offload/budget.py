@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import weakref
 
+import torch
+
 from allocators import OutOfBudget
 from io_engine import Priority
 
@@ -25,6 +27,16 @@ from ..device_cache import DeviceCache
 from ..sizes import format_size
 from ..store import StoreError
 from .common import _WAIT, OffloadError, prefetching
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:<current>`` are one device."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
 
 
 def _weak(method):
@@ -67,8 +79,7 @@ class _Budget:
         tier = self.compute_tier
         if tier != "host":
             spec = next(t for t in self.store.config.device_tiers if t.name == tier)
-            if (spec.device or "cuda:0") != str(self.device) and not (
-                    self.device.type == "cuda" and spec.device in (None, "cuda") and self.device.index in (None, 0)):
+            if not _same_device(torch.device(spec.device or "cuda:0"), self.device):
                 raise OffloadError(f"tier {tier!r} of {self.config.source} is on {spec.device}, but the model computes "
                                    f"on {self.device}")
         try:

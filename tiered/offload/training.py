@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -28,20 +29,29 @@ class _SavedWeight:
 class UnitEdit:
     """Writable host copies of some units' objects (see ``OffloadedModule.open_unit_params``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_end: Callable[[], None] | None = None) -> None:
         self.tensors: dict[str, tuple[_Unit | None, torch.Tensor]] = {}  # key -> (unit holding it, bytes)
         self.leases: dict[str, Lease] = {}  # leases taken for the edit (units not loaded)
         self.views: dict[int, list[torch.Tensor]] = {}  # id(parameter) -> its views in those copies
         self.store: TieredStore | None = None
+        self._on_end = on_end  # the model is busy (keeps its units) until the edit is written or abandoned
 
     def abandon(self) -> None:
         """Give the copies back unwritten; copies changed in place are dropped from the cache."""
-        for k, lease in self.leases.items():
-            lease.release()
-            if self.store is not None and k in self.store:
-                self.store.evict(k)
-        self.leases.clear()
-        self.tensors.clear()
+        try:
+            for k, lease in self.leases.items():
+                lease.release()
+                if self.store is not None and k in self.store:
+                    self.store.evict(k)
+            self.leases.clear()
+            self.tensors.clear()
+        finally:
+            self.end()
+
+    def end(self) -> None:
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end()
 
 
 
@@ -155,7 +165,8 @@ class _Training:
         parameters (tied weights); ``edit.views[id(param)]`` lists that parameter's views."""
         params = {id(s.tensor()) for s in u.slots if not s.is_buffer}
         units = [u] + [v for v in self.units if v is not u and any(id(s.tensor()) in params for s in v.slots)]
-        edit = UnitEdit()
+        self.mark_busy()  # a resident unit's copies are edited in place: it is not given back meanwhile
+        edit = UnitEdit(self.unmark_busy)
         try:
             for v in units:
                 for k in v.keys:
@@ -178,15 +189,18 @@ class _Training:
 
     def write_unit_params(self, edit: "UnitEdit") -> None:
         """Write the objects of ``edit`` back as new versions (their leases outlive the puts)."""
-        for k, (owner, t) in edit.tensors.items():
-            f = self.store.put(k, t, kind="weight", ephemeral=self._ephemeral(k), owner=self.owner)
-            self._writes.append(f)
-            if owner is not None:
-                owner.writing = [w for w in owner.writing if not w.done()] + [f]  # resident units never release
-            elif k in edit.leases:
-                lease = edit.leases.pop(k)
-                f.add_done_callback(lambda _f, lease=lease: lease.release())
-        edit.tensors.clear()
+        try:
+            for k, (owner, t) in edit.tensors.items():
+                f = self.store.put(k, t, kind="weight", ephemeral=self._ephemeral(k), owner=self.owner)
+                self._writes.append(f)
+                if owner is not None:
+                    owner.writing = [w for w in owner.writing if not w.done()] + [f]  # resident units never release
+                elif k in edit.leases:
+                    lease = edit.leases.pop(k)
+                    f.add_done_callback(lambda _f, lease=lease: lease.release())
+            edit.tensors.clear()
+        finally:
+            edit.end()
 
     def write_unit(self, u: _Unit) -> None:
         """Write the objects ``u`` has bound back as new versions (after changing them in place)."""
