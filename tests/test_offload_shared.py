@@ -225,7 +225,7 @@ def test_collected_model_does_not_deadlock_a_thread_holding_the_registry_lock(tm
         r, m = Runtime(), Model()
         r.model, m.rt = m, r
         del r, m
-        with offload_life._lock:  # the garbage collector runs inside others_on(), watch(), ...
+        with offload_life._lock:  # the garbage collector runs inside watch(), forget(), ...
             gc.collect()
         assert len(offload_life._orphans) == 1
         print("ok")

@@ -59,6 +59,7 @@ def test_units_list_names_keys_bytes_and_params(tmp_path):
         assert sum(len(u.params()) for u in units) == len(params)
         assert units.owns_param(units["head"].params()[0]) and not units.owns_param(torch.zeros(1))
         assert units.owner.startswith("offload/")
+        assert units.budget == units.store.arena.capacity  # alone on the store, elastic: the whole tier
         with pytest.raises(OffloadError, match="no unit 'nope'"):
             units.unit("nope")
     finally:

@@ -61,9 +61,9 @@ class OffloadedModule(_Packing, _Budget, _Loading, _Training, _Teardown, _Stats)
         self._writes: list = []  # puts of updated weights (optimizers)
         self._finished = False  # detached, abandoned, or never attached (offload failed)
         self._pid = os.getpid()  # a fork child's copy cleans up nothing of its parent's
-        self._idle_lock = threading.Lock()  # another model of the store checks ``_running``/``_busy`` under it
+        self._idle_lock = threading.Lock()  # on_pressure (in another owner's thread) reads the flags under it
         self._running = False  # a forward is in progress (root pre-hook to root post-hook)
-        self._busy = 0  # state_dict() reads or detach() runs: other models leave our units alone
+        self._busy = 0  # state_dict(), detach(), a unit lease or edit: other owners' pressure leaves our units alone
         self._orphaned = False  # dropped without detach, queued for cleanup (set without a lock)
         self._durable: set[str] | None = None  # packed keys kept (durable) before offload: written durable
         self._floor = self._host_floor = 0  # compute / host bytes one forward needs besides residents

@@ -173,6 +173,12 @@ class OffloadUnits:
         return self._rt.lookahead
 
     @property
+    def budget(self) -> int:
+        """Compute-tier bytes the model plans with: its share, or what other owners' shares leave
+        (a workload that keeps more units loaded at once checks against this)."""
+        return self._rt._budget()
+
+    @property
     def resident_bytes(self) -> int:
         """Bytes of the units kept loaded between forwards."""
         return self._rt.stats.resident_bytes + self._rt.stats.host_resident_bytes
