@@ -159,10 +159,10 @@ class _Budget:
         """After giving residents back, an elastic model's share is its working set again."""
         if res is None or (res is self.compute_res and self._explicit) or not res.reserved:
             return
-        device = res is self.compute_res and self._two_level or not self._two_level
-        floor = self._floor if res is self.compute_res else self._host_floor
+        compute = res is self.compute_res  # on a CPU the residents are the compute tier's
+        floor = self._floor if compute else self._host_floor
         try:
-            res.resize(min(res.reserved, floor + self._resident_bytes(device=device)))
+            res.resize(min(res.reserved, floor + self._resident_bytes(device=compute)))
         except StoreError:
             pass  # shrinking is never refused; a closed store is
 
