@@ -169,3 +169,34 @@ def test_an_idle_models_residents_go_to_another_owner_that_needs_the_room(tmp_pa
         assert torch.equal(_out(model), want)
     finally:
         tiered.detach(model)
+
+
+def test_residents_stay_while_a_backward_may_read_them(tmp_path):
+    """Between a grad-enabled forward and the end of its backward, autograd holds views of the
+    resident units' copies: another owner's pressure (an optimizer allocating in a grad hook)
+    must not take them back, or backward reads reused memory."""
+    torch.manual_seed(0)
+    ref = _net(0)
+    x = X.clone().requires_grad_(True)
+    ref(x).square().sum().backward()
+    model = _net(0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tiered.offload(model, _cfg(tmp_path, "1MiB"), units=_units(6))
+    rt = model._tiered
+    try:
+        resident = tiered.offload_stats(model)["resident_bytes"]
+        assert resident > 0
+        x2 = X.clone().requires_grad_(True)
+        y = model(x2).square().sum()
+        rt.compute_res.on_pressure(1 << 30)  # what the store calls for another owner, mid-step
+        assert tiered.offload_stats(model)["resident_bytes"] == resident
+        for _ in range(3):  # other owners reuse whatever was given back
+            rt.store.put("other/blob", torch.full((64 * KiB,), float("nan"))).result(timeout=30)
+        y.backward()
+        assert torch.equal(x2.grad, x.grad)
+        rt.finish_backward()  # between steps (an optimizer's step ends with it)
+        assert rt.compute_res.on_pressure(1 << 30) > 0
+        assert tiered.offload_stats(model)["resident_bytes"] < resident
+    finally:
+        tiered.detach(model)

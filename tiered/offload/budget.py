@@ -305,7 +305,7 @@ class _Budget:
             if self.dcache is not None:
                 self.dcache.trim()
                 freed = held - self.compute_res.held
-            if freed < wanted and not self._explicit:
+            if freed < wanted and not self._explicit and not self._graph:  # autograd may hold resident views
                 freed += self._give_back_residents(device=True)
                 if self.dcache is not None:
                     self.dcache.trim()
@@ -319,7 +319,7 @@ class _Budget:
         if getattr(prefetching, "active", False):
             return 0
         with self._idle_lock:
-            if not self._idle():
+            if not self._idle() or self._graph:
                 return 0
             freed = self._give_back_residents(device=False)
             self._shrink_share(self.host_res)

@@ -63,6 +63,8 @@ class OffloadedModule(_Packing, _Budget, _Loading, _Training, _Teardown, _Stats)
         self._pid = os.getpid()  # a fork child's copy cleans up nothing of its parent's
         self._idle_lock = threading.Lock()  # on_pressure (in another owner's thread) reads the flags under it
         self._running = False  # a forward is in progress (root pre-hook to root post-hook)
+        # a grad-enabled forward's graph may hold views of resident units until finish_backward()
+        self._graph = False
         self._busy = 0  # state_dict(), detach(), a unit lease or edit: other owners' pressure leaves our units alone
         self._orphaned = False  # dropped without detach, queued for cleanup (set without a lock)
         self._durable: set[str] | None = None  # packed keys kept (durable) before offload: written durable
@@ -102,6 +104,8 @@ class OffloadedModule(_Packing, _Budget, _Loading, _Training, _Teardown, _Stats)
         self._pass = []
         self._cursor = 0
         if torch.is_grad_enabled():
+            with self._idle_lock:
+                self._graph = True
             self._sth = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             self._sth.__enter__()
 

@@ -148,6 +148,8 @@ class _Training:
             if u.leases and not u.active and not u.resident and not u.host_resident:
                 self._release(u)
         self._saved.clear()
+        with self._idle_lock:
+            self._graph = False  # resident units may be given back again
 
     def check_trainable(self) -> None:
         """Updating weights in place needs each parameter's bytes in the store objects themselves."""
