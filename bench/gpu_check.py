@@ -305,7 +305,8 @@ def device_cache(work: str, objects: int = 48, mib: int = 16, budget_mib: int = 
     from tiered import TieredStore
     from tiered.device_cache import DeviceCache
 
-    cfg = {"tiers": {"host": {"capacity": f"{objects * mib + 256}MiB"},
+    cfg = {"tiers": {"gpu": {"kind": "device", "device": "cuda:0", "capacity": f"{budget_mib}MiB"},
+                     "host": {"capacity": f"{objects * mib + 256}MiB"},
                      "nvme": {"path": os.path.join(work, "dc"), "capacity": f"{objects * mib + 256}MiB"}}}
     keys = [f"o{i}" for i in range(objects)]
     out: dict = {"objects": objects, "object_mib": mib, "device_budget_mib": budget_mib, "rounds": rounds}
@@ -334,7 +335,7 @@ def device_cache(work: str, objects: int = 48, mib: int = 16, budget_mib: int = 
             before = torch.cuda.memory_stats().get("num_device_alloc", 0)
             t0 = time.perf_counter()
             if run is None:
-                with DeviceCache(store, budget_mib << 20, "cuda") as cache:
+                with DeviceCache(store, owner="tools") as cache:  # the store's GPU tier, budget_mib
                     t0 = time.perf_counter()
                     cycle_cache(cache)
                     torch.cuda.synchronize()
