@@ -60,7 +60,7 @@ class _Teardown:
         if self._finished:
             return
         self._finished = True
-        if not self.store._opened:  # a store the caller owns, closed already: it took all of it along
+        if not self.store.is_open:  # a store the caller owns, closed already: it took all of it along
             return
         try:
             self.remove_hooks()
