@@ -23,7 +23,10 @@ from .freelist import FreeList
 NO_OWNER = "-"
 
 
-def align_up(n: int, alignment: int) -> int:
+PAGE = 4096
+
+
+def align_up(n: int, alignment: int = PAGE) -> int:
     return (n + alignment - 1) // alignment * alignment
 
 

@@ -21,15 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .arena import NO_OWNER, Arena
+from .arena import NO_OWNER, PAGE, Arena, align_up
 
-PAGE = 4096
 HUGE_PAGE = 2 << 20
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
-
-
-def align_up(n: int, alignment: int = PAGE) -> int:
-    return (n + alignment - 1) // alignment * alignment
 
 
 @dataclass(frozen=True)

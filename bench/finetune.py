@@ -52,7 +52,7 @@ import time
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 
-from io_engine.bench.bare import engine_bandwidth  # noqa: E402  (the engine's own bound, no store)
+from tiered.io_engine.bench.bare import engine_bandwidth  # noqa: E402  (the engine's own bound, no store)
 
 MiB, GB = 1 << 20, 1e9
 TARGET_VS_DS = 0.7

@@ -364,7 +364,7 @@ def summarize(r: dict, row_bytes: int) -> dict:
 def simulate_policies(d: Path, nodes: int, row_bytes: int, data_bytes: int, fracs: list[float], count: int,
                       warmup: int) -> dict:
     """Hit rates of every policy at several cache sizes, replaying the same batches without I/O."""
-    from policies.row_cache import VictimBuffer, create_row_cache_policy, simulate
+    from tiered.policies.row_cache import VictimBuffer, create_row_cache_policy, simulate
 
     scores = {"sampling": np.load(d / "score.npy"), "degree": np.load(d / "degree.npy")}
     batches = load_batches(d, count)

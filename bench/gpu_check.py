@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from io_engine import available_backends  # noqa: E402
-from io_engine.bench.gpu import drop_caches, h2d_bandwidth, pinned_peak, storage_to_device  # noqa: E402
+from tiered.io_engine import available_backends  # noqa: E402
+from tiered.io_engine.bench.gpu import drop_caches, h2d_bandwidth, pinned_peak, storage_to_device  # noqa: E402
 
 GB = 1e9
 

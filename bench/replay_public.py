@@ -25,14 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from policies import HEURISTICS  # noqa: E402
+from tiered.policies import HEURISTICS  # noqa: E402
 from tiered.tools.replay import choose_loop, format_table, plot_rows, run_replay, tier_models  # noqa: E402
-from traces import detect_format, load  # noqa: E402
+from tiered.traces import detect_format, load  # noqa: E402
 
 
 def _rl_available() -> str | None:
     try:
-        from policies import create_policy
+        from tiered.policies import create_policy
 
         create_policy("rl").close()
         return None

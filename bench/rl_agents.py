@@ -28,9 +28,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import traces  # noqa: E402
-from policies import HEURISTICS, create_policy  # noqa: E402
-from policies.sim import prepare, simulate  # noqa: E402
+from tiered import traces  # noqa: E402
+from tiered.policies import HEURISTICS, create_policy  # noqa: E402
+from tiered.policies.sim import prepare, simulate  # noqa: E402
 from tiered.tools.replay import choose_loop, tier_models  # noqa: E402
 
 PUBLIC = ROOT.parent / "shared" / "traces" / "public"
@@ -103,9 +103,9 @@ def run_trace(name: str, path: Path, limit: int | None, frac: float, window: flo
 def microbench(reps: int = 2000) -> dict:
     """Network cost alone: one batched value call (a 16-access batch + 64 sampled residents)
     and one training step, median over ``reps`` (host wall time, this machine, loaded or not)."""
-    from policies.rl import make_policy
-    from policies.rl.features import N_FEATURES
-    from policies.rl.predictor import HORIZONS
+    from tiered.policies.rl import make_policy
+    from tiered.policies.rl.features import N_FEATURES
+    from tiered.policies.rl.predictor import HORIZONS
 
     pol = make_policy()
     ag = pol.agents[1]

@@ -37,7 +37,7 @@ from typing import Any, Generator
 
 import numpy as np
 
-from allocators import PAGE, align_up, aligned_empty
+from ..allocators import PAGE, align_up, aligned_empty
 
 from .backends import Backend, create_backend
 from .errors import EngineClosed, IOEngineError, ShortTransferError

@@ -65,7 +65,7 @@ def _caching(name: str, factory: Callable[[], EvictionPolicy]) -> Callable[..., 
 
 def _rl(**options: Any) -> MigrationPolicy:
     try:
-        mod = importlib.import_module("policies.rl")
+        mod = importlib.import_module(".rl", __name__)
     except ImportError as e:
         raise KeyError(f"policy 'rl' needs the policies.rl package (and torch): {e}") from e
     factory = getattr(mod, "make_policy", None)

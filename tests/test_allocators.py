@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from allocators import (
+from tiered.allocators import (
     HUGE_PAGE,
     PAGE,
     Budget,

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from allocators import DeviceArena, HostArena, OutOfBudget
+from tiered.allocators import DeviceArena, HostArena, OutOfBudget
 
 MiB = 1 << 20
 

@@ -14,8 +14,8 @@ import shutil
 import numpy as np
 import pytest
 
-from io_engine.bench import FIO_HINT, REQUIRED_KEYS, BenchError, Pattern, parse_fio_json
-from io_engine.bench import run as engine_bench_run
+from tiered.io_engine.bench import FIO_HINT, REQUIRED_KEYS, BenchError, Pattern, parse_fio_json
+from tiered.io_engine.bench import run as engine_bench_run
 from tiered.tools.bench_io import add_bench_io_arguments, bench_io_main, print_report, run_bench_io
 from tiered.tools.probe import add_probe_arguments, print_probe, probe, probe_main
 

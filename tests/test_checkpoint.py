@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from io_engine.testing import FaultyBackend
+from tiered.io_engine.testing import FaultyBackend
 from killing import run_and_kill
 from tiered.checkpoint import CheckpointChecksumError, CheckpointError, LazyCheckpointer, StoreRef
 from tiered.checkpoint.format import SEGMENT, committed_steps, read_manifest

@@ -131,16 +131,16 @@ def _raise(exc):
 
 
 def _project_errors():
-    from allocators.budget import OutOfBudget
-    from io_engine.bench import BenchError
-    from policies import PolicyError
+    from tiered.allocators.budget import OutOfBudget
+    from tiered.io_engine.bench import BenchError
+    from tiered.policies import PolicyError
     from tiered.checkpoint.format import CheckpointError
     from tiered.config import ConfigError
     from tiered.gnn.feature_store import FeatureStoreError
     from tiered.kv.cache import KVCacheError
     from tiered.offload import OffloadError
     from tiered.store import StoreError
-    from traces import TraceFormatError
+    from tiered.traces import TraceFormatError
 
     return [ConfigError("c"), StoreError("s"), OffloadError("o"), TraceFormatError("t.trace", 3, "bad"),
             PolicyError("p"), FeatureStoreError("f"), KVCacheError("k"), CheckpointError("x"), BenchError("b"),
@@ -251,7 +251,7 @@ def test_replay_plot_without_matplotlib_is_said_before_replaying(tmp_path, monke
 
 
 def test_an_engine_error_keeps_its_own_words(monkeypatch, capsys):
-    from io_engine.errors import IOEngineError
+    from tiered.io_engine.errors import IOEngineError
 
     monkeypatch.setattr(demo_mod, "run_demo", _raise(IOEngineError("read", "/d/f", 4096, 8192, "EIO", 5)))
     assert main(["demo"]) == 2

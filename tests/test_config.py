@@ -381,7 +381,7 @@ def test_placement_accepts_every_registered_eviction_policy(tmp_path, name):
 
 
 def test_a_newly_registered_backend_is_accepted(tmp_path, monkeypatch):
-    from io_engine.backends import base
+    from tiered.io_engine.backends import base
 
     monkeypatch.setitem(base._REGISTRY, "uring-test", base._Entry(lambda: None, ""))
     cfg = load_config(write(tmp_path, storage(tmp_path) + '\n[engine]\nbackend = "uring-test"\n'))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from allocators import HostArena
-from io_engine import IOEngine, available_backends
+from tiered.allocators import HostArena
+from tiered.io_engine import IOEngine, available_backends
 
 pytestmark = [
     pytest.mark.cuda,
@@ -118,8 +118,8 @@ def test_offloaded_llama_on_gpu_matches_in_gpu_model(tmp_path, device_cache):
 def test_bundled_layout_on_gpu_and_auto_backend(tmp_path):
     transformers = pytest.importorskip("transformers")
     import tiered
-    from io_engine import create_backend
-    from io_engine.backends.kvikio_backend import KvikioBackend
+    from tiered.io_engine import create_backend
+    from tiered.io_engine.backends.kvikio_backend import KvikioBackend
 
     expected = "kvikio" if KvikioBackend.gds_available() else "threads"
     assert create_backend("auto").name == expected

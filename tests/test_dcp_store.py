@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import allocators
-import io_engine
+from tiered import allocators
+from tiered import io_engine
 from tiered.checkpoint import TieredStorageReader, TieredStorageWriter
 from tiered.store import TieredStore
 
@@ -112,7 +112,7 @@ def test_a_format_1_checkpoint_with_a_data_file_per_rank_still_loads(tmp_path):
 
     import torch.distributed.checkpoint as dcp
 
-    from allocators import align_up
+    from tiered.allocators import align_up
 
     path = tmp_path / "ck"
     with TieredStore(cfg(tmp_path)) as store:

@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 
-from allocators import DeviceArena, OutOfBudget
+from tiered.allocators import DeviceArena, OutOfBudget
 from tiered import ChecksumError, StoreError, TieredStore
 from tiered.device_cache import DeviceCache
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from allocators import PAGE, aligned_empty
-from io_engine import (
+from tiered.allocators import PAGE, aligned_empty
+from tiered.io_engine import (
     BackendUnavailable,
     EngineClosed,
     IOEngine,
@@ -29,7 +29,7 @@ from io_engine import (
     completed,
     create_backend,
 )
-from io_engine.testing import FaultyBackend, Rule
+from tiered.io_engine.testing import FaultyBackend, Rule
 
 KiB = 1 << 10
 MiB = 1 << 20

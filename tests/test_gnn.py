@@ -19,13 +19,13 @@ from hypothesis import strategies as st
 pytest.importorskip("torch_geometric")
 pytestmark = pytest.mark.filterwarnings("ignore:Using .* without a .pyg-lib. installation:UserWarning")
 
-from allocators import OutOfBudget
+from tiered.allocators import OutOfBudget
 from tiered.gnn.gather import PAGE, Layout, plan_reads, rows_from, split_rounds
 from tiered.gnn.feature_store import FeatureStoreError, TieredFeatureStore, sampling_degree, window
 from tiered.store import StoreError, TieredStore
 
 try:
-    from io_engine.testing import FaultyBackend
+    from tiered.io_engine.testing import FaultyBackend
 except ImportError:  # pragma: no cover
     FaultyBackend = None
 

@@ -18,8 +18,8 @@ import transformers
 from transformers import DynamicCache
 
 import tiered
-from policies import LRU, Observation
-from policies.prefix_aware import PrefixAware
+from tiered.policies import LRU, Observation
+from tiered.policies.prefix_aware import PrefixAware
 from tiered.kv import KVCacheError, KVStore, KVStoreError, TieredCache, chain_hashes, model_identity
 from tiered.kv.replay import ReplayConfig, replay
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import allocators
-import io_engine
-from allocators import align_up
+from tiered import allocators
+from tiered import io_engine
+from tiered.allocators import align_up
 from tiered.checkpoint import CheckpointError, LazyCheckpointer
 from tiered.store import TieredStore
 

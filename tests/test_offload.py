@@ -39,8 +39,8 @@ import tiered
 from tiered import OffloadError
 from tiered.sizes import parse_size
 from tiered.store import TieredStore
-from allocators.budget import OutOfBudget
-from io_engine import Priority
+from tiered.allocators.budget import OutOfBudget
+from tiered.io_engine import Priority
 
 transformers = pytest.importorskip("transformers")
 
@@ -1293,7 +1293,7 @@ def test_device_cache_input_gradients_match(tmp_path):
 
 
 def test_device_cache_failed_read_during_offload_closes_everything(tmp_path, monkeypatch):
-    from io_engine import IOFuture
+    from tiered.io_engine import IOFuture
     from tiered.device_cache import DeviceCache
 
     closed = []

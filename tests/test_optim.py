@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from tiered.optim import OffloadedAdamW, OptimStateError
-from allocators import OutOfBudget
+from tiered.allocators import OutOfBudget
 from tiered.store import TieredStore
 
 pytestmark = [pytest.mark.timeout(60)]

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from policies import create_policy
-from policies.sim import prepare, simulate
+from tiered.policies import create_policy
+from tiered.policies.sim import prepare, simulate
 from tiered.tools.cli import main
 from tiered.config import load_config
 from tiered.store import TieredStore
 from tiered.tools.replay import run_real, tier_models
-from traces import Trace, read_trace, write_text
+from tiered.traces import Trace, read_trace, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "traces" / "data"
@@ -89,9 +89,9 @@ def test_errors_are_clear(tmp_path, capsys):
 
 
 def test_learning_policy_gets_final_window_row(tmp_path, capsys, monkeypatch):
-    from policies import register_policy
-    from policies.cache import CachingMigration
-    from policies.lru import LRU
+    from tiered.policies import register_policy
+    from tiered.policies.cache import CachingMigration
+    from tiered.policies.lru import LRU
 
     class Learner(CachingMigration):
         learns = True

@@ -10,11 +10,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from policies import create_policy  # noqa: E402
-from policies.base import Observation, TierModel  # noqa: E402
-from policies.rl import AgentOptions, HarmoniaAgents, make_policy  # noqa: E402
-from policies.rl.features import FEATURE_NAMES, N_FEATURES  # noqa: E402
-from policies.sim import prepare, simulate  # noqa: E402
+from tiered.policies import create_policy  # noqa: E402
+from tiered.policies.base import Observation, TierModel  # noqa: E402
+from tiered.policies.rl import AgentOptions, HarmoniaAgents, make_policy  # noqa: E402
+from tiered.policies.rl.features import FEATURE_NAMES, N_FEATURES  # noqa: E402
+from tiered.policies.sim import prepare, simulate  # noqa: E402
 
 
 def make_trace(keys, sizes=None, ops=None):
@@ -156,7 +156,7 @@ def test_gym_env_check_env_and_semantics():
     gym = pytest.importorskip("gymnasium")
     from gymnasium.utils.env_checker import check_env
 
-    from policies.gym_env import TieredCacheEnv
+    from tiered.policies.gym_env import TieredCacheEnv
 
     rng = np.random.default_rng(0)
     keys = rng.zipf(1.3, 3000) % 300
@@ -186,7 +186,7 @@ def test_gym_env_check_env_and_semantics():
 def test_hindsight_labels_each_horizon_once_and_correct():
     """Every sampled (state, horizon) pair is labelled exactly once: 1 if the object came back
     within the horizon, 0 when the horizon passed without it (no guessing, no double counting)."""
-    from policies.rl.predictor import HORIZONS
+    from tiered.policies.rl.predictor import HORIZONS
 
     cap = 64 * 4096
     pol = make_policy(batch=1, warmup_steps=10_000, pending=4096)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.row_cache import (
+from tiered.policies.row_cache import (
     ROW_CACHE_POLICIES, RowHybrid, RowLRU, RowS3FIFO, VictimBuffer, create_row_cache_policy, simulate,
 )
 

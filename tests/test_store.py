@@ -27,12 +27,12 @@ import torch
 
 import tiered.store.extents as store_extents
 import tiered.store.manifest as store_manifest
-from allocators import OutOfBudget
-from io_engine import IOEngine
+from tiered.allocators import OutOfBudget
+from tiered.io_engine import IOEngine
 from tiered.store import ChecksumError, Lease, StoreError, TieredStore, check_key
 
 try:
-    from io_engine.testing import FaultyBackend
+    from tiered.io_engine.testing import FaultyBackend
 except ImportError:  # written in parallel; the fault tests skip without it
     FaultyBackend = None
 
@@ -1385,7 +1385,7 @@ def test_put_buffer_errors(tmp_path):
         with pytest.raises(StoreError, match="holds 64 bytes"):
             store.put_buffer("x", buf, torch.float32, (32,), give=True)
         assert buf.released  # given: released also when the put is refused
-        from allocators import HostArena
+        from tiered.allocators import HostArena
         with HostArena(1 << 20, hugepages=False) as other:
             with pytest.raises(StoreError, match="this store's host arena"):
                 store.put_buffer("x", other.alloc(64), torch.uint8, (64,))

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from allocators import OutOfBudget
-from io_engine import IOEngine
+from tiered.allocators import OutOfBudget
+from tiered.io_engine import IOEngine
 from tiered.store import SEGMENT, ChecksumError, HostBudgetError, StoreError, TieredStore, segment_checksums
 
 T = 30.0
@@ -70,7 +70,7 @@ def test_lease_of_an_object_larger_than_the_host_tier_fails_naming_key_and_budge
 
 
 def test_a_failed_streamed_put_names_the_key_and_keeps_the_previous_version(tmp_path):
-    FaultyBackend = pytest.importorskip("io_engine.testing").FaultyBackend
+    FaultyBackend = pytest.importorskip("tiered.io_engine.testing").FaultyBackend
     with TieredStore(make_config(tmp_path)) as s:
         s.put("w", big(MiB, 1)).result(T)
         used = s.stats()["tiers"]["nvme"]["used"]
@@ -102,7 +102,7 @@ def test_gpu_tensor_larger_than_the_host_tier_streams_both_ways(tmp_path):
 
 
 def test_streamed_get_errors_name_the_key(tmp_path):
-    FaultyBackend = pytest.importorskip("io_engine.testing").FaultyBackend
+    FaultyBackend = pytest.importorskip("tiered.io_engine.testing").FaultyBackend
     with TieredStore(make_config(tmp_path)) as s:
         s.put("w", big(MiB)).result(T)
         with pytest.raises(StoreError, match="'w'.*out has"):

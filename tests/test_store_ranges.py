@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from allocators import aligned_empty
+from tiered.allocators import aligned_empty
 from tiered.store import ChecksumError, StoreError, TieredStore
 
 KiB, MiB = 1 << 10, 1 << 20

@@ -16,6 +16,15 @@ TEMP_PREFIX = ".tmp-"
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` so that a crash leaves the old file or the new one:
+    temp file, fsync, rename, fsync the directory."""
+    replace_json(path, obj)
+    fsync_dir(Path(path).parent)
+
+
+def replace_json(path: str | os.PathLike, obj: Any) -> None:
+    """Temp file, fsync, rename to ``path``: the rename is the commit point; the caller fsyncs
+    the directory (a failure before the rename leaves no trace)."""
     path = Path(path)
     data = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
@@ -31,7 +40,6 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(path.parent)
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:

@@ -23,9 +23,9 @@ from typing import Any
 
 import tomllib
 
-from policies import eviction_policy_names
+from tiered.policies import eviction_policy_names
 
-from .sizes import SizeError, format_rate, format_size, parse_rate, parse_size
+from .sizes import SizeError, format_rate, format_size, parse_rate, parse_share, parse_size
 
 __all__ = [
     "BACKENDS",
@@ -48,7 +48,7 @@ TIER_KINDS = ("device", "host", "storage")
 def backend_choices() -> tuple[str, ...]:
     """Names ``[engine] backend`` accepts: the engine's backend registry, read at validation
     time (a backend registered later is accepted), plus ``auto``."""
-    from io_engine import backend_names
+    from tiered.io_engine import backend_names
 
     return (*backend_names(), "auto")
 
@@ -528,15 +528,10 @@ class _Validator:
         return tuple(shares)
 
     def share_size(self, value: object, key: str, capacity: int) -> int:
-        if isinstance(value, str) and value.strip().endswith("%"):
-            try:
-                pct = float(value.strip()[:-1])
-            except ValueError:
-                pct = -1.0
-            if not 0 <= pct <= 100:
-                raise self.bad(key, value, 'expected a percentage from "0%" to "100%" or a size such as "2GiB"')
-            return int(capacity * pct / 100)
-        return self.size(value, key)
+        try:
+            return parse_share(value, capacity, where=key)
+        except SizeError as e:
+            raise self.bad(key, value, e.reason) from None
 
     def tiers(self, table: Mapping[str, Any]) -> tuple[TierSpec, ...]:
         specs = []

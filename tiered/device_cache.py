@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from allocators import DeviceBuffer, OutOfBudget
-from io_engine import IOFuture, Priority, chain, completed
-from policies import Observation, create_eviction_policy
+from tiered.allocators import DeviceBuffer, OutOfBudget
+from tiered.io_engine import IOFuture, Priority, chain, completed
+from tiered.policies import Observation, create_eviction_policy
 
 from .store import Lease, Reservation, StoreError, TieredStore
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from allocators import OutOfBudget
+from tiered.allocators import OutOfBudget
 
 from .offload.common import OffloadError
 

@@ -118,3 +118,17 @@ def format_size(n: int) -> str:
 def format_rate(n: int) -> str:
     """Human form of a bytes/second rate: 419430400 -> "400 MiB/s"."""
     return f"{format_size(n)}/s"
+
+
+def parse_share(value: object, capacity: int, *, where: str = "share") -> int:
+    """Bytes of a share of a tier of ``capacity`` bytes: a size ("2GiB", an int) or a percentage
+    of the capacity ("25%"). Raises :class:`SizeError`."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            pct = float(value.strip()[:-1])
+        except ValueError:
+            pct = -1.0
+        if not 0 <= pct <= 100:
+            raise SizeError(where, value, 'expected a percentage from "0%" to "100%" or a size such as "2GiB"')
+        return int(capacity * pct / 100)
+    return parse_size(value, where=where)

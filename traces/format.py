@@ -37,7 +37,7 @@ from typing import IO, Any, Iterable, Iterator
 
 import numpy as np
 
-from policies.base import KINDS, OPS
+from ..policies.base import KINDS, OPS
 
 from .errors import TraceFormatError
 from .events import AccessEvent, normalize_kind

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from policies.base import KINDS, OPS
+from ..policies.base import KINDS, OPS
 
 from ._lines import is_zstd, iter_lines, parse_uint
 from .errors import TraceFormatError

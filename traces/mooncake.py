@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from policies.base import KINDS, OPS
+from ..policies.base import KINDS, OPS
 
 from ._lines import iter_lines
 from .errors import TraceFormatError

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from policies.base import KINDS, OPS
+from ..policies.base import KINDS, OPS
 
 from .events import AccessEvent, normalize_kind
 from .format import COLUMNS, _write_file, header, install_dir

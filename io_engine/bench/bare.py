@@ -17,7 +17,7 @@ def engine_bandwidth(directory: str, size: int, workers: int) -> dict:
     virtio disk needs for its full read rate; fio's own buffers are not). Sequential write
     of ``size`` bytes (then fdatasync), read of them, and both at once (a second file read
     while the first is rewritten), each over its own bytes."""
-    from allocators import HostArena
+    from ...allocators import HostArena
 
     from ..engine import IOEngine
     from ..request import Priority

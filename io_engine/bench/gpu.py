@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from allocators import HostArena
+from ...allocators import HostArena
 
 from ..backends import available_backends
 from ..engine import IOEngine

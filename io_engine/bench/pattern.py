@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from allocators import PAGE
+from ...allocators import PAGE
 
 from .common import BenchError
 

@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from allocators import PAGE
+from ...allocators import PAGE
 
 from ..backends import available_backends
 from ..engine import IOEngine

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from allocators import HostArena
+from ...allocators import HostArena
 
 from ..backends import available_backends
 from ..engine import IOEngine

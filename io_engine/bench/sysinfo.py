@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from allocators import PAGE, HostArena, anon_hugepage_bytes
+from ...allocators import PAGE, HostArena, anon_hugepage_bytes
 
 from .common import KiB
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import zlib
 from typing import Callable
 
-from allocators import align_up
-from io_engine import IOFuture, chain, gather
+from tiered.allocators import align_up
+from tiered.io_engine import IOFuture, chain, gather
 
 from .format import CheckpointChecksumError, CheckpointError
 

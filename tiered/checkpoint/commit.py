@@ -16,17 +16,15 @@ the store frees the extents, so the storage tier's ``used`` falls by the step's 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from io_engine import gather
+from tiered.io_engine import gather
 
-from ..atomic import TEMP_PREFIX, fsync_dir, remove_stale_temps, write_json_atomic
+from ..atomic import fsync_dir, remove_stale_temps, replace_json, write_json_atomic
 from .format import (
     COLD_RE, DATA_RE, FORMAT, FORMAT_VERSION, SEGMENT, CheckpointError, cold_name, committed_steps, manifest_name,
     read_manifest, referenced_zarrs, retain_tags, tensor_crcs,
@@ -303,22 +301,9 @@ def _doc_key(directory: Path, doc: dict) -> tuple:
 
 
 def _publish(path: Path, doc: dict) -> None:
-    """Write ``doc`` to a temp file, fsync it, rename it to ``path``. A failure before the rename
-    leaves no trace; the rename is the commit point (the caller fsyncs the directory)."""
-    data = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write ``doc`` to ``path`` atomically; the rename is the commit point (the caller fsyncs the
+    directory)."""
+    replace_json(path, doc)
 
 
 def _remove_unnamed_data_files(directory: Path) -> int:

@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from io_engine import gather
+from tiered.io_engine import gather
 
 from ..atomic import fsync_dir, remove_stale_temps, write_json_atomic
 from ..config import load_config

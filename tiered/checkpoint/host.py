@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from allocators import PAGE, Budget, HostBuffer, OutOfBudget, align_up
+from tiered.allocators import PAGE, Budget, HostBuffer, OutOfBudget, align_up
 
 from .format import SEGMENT, CheckpointError
 

@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from allocators import align_up
-from io_engine import IOFuture
+from tiered.allocators import align_up
+from tiered.io_engine import IOFuture
 
 from ..config import Config, load_config
 from ..sizes import parse_size

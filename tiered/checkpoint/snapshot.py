@@ -17,8 +17,8 @@ from typing import Any, Iterable
 
 import torch
 
-from allocators import OutOfBudget
-from io_engine import IOFuture
+from tiered.allocators import OutOfBudget
+from tiered.io_engine import IOFuture
 
 from .format import CheckpointError
 

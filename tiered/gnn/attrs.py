@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from io_engine import IOFuture
+from tiered.io_engine import IOFuture
 
 from ..dtypes import dtype_name
 from ..store import StoreError

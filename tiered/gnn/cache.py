@@ -13,8 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from allocators import HostBuffer, OutOfBudget
-from policies.row_cache import RowCachePolicy, VictimBuffer
+from tiered.allocators import HostBuffer, OutOfBudget
+from tiered.policies.row_cache import RowCachePolicy, VictimBuffer
 
 
 @dataclass

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch_geometric.data import FeatureStore, TensorAttr
 
-from allocators import align_up
+from tiered.allocators import align_up
 
 from ..dtypes import dtype_from
 from ..store import TieredStore
@@ -86,7 +86,7 @@ class TieredFeatureStore(_Memory, _Gathers, _Imports, _Updates, _Workers, Featur
                  timeout: float = 300.0, zarr_dir: str | os.PathLike | None = None,
                  checksum_block: int = BLOCK) -> None:
         super().__init__()
-        from policies.row_cache import ROW_CACHE_POLICIES
+        from tiered.policies.row_cache import ROW_CACHE_POLICIES
 
         if policy not in ROW_CACHE_POLICIES:
             raise FeatureStoreError(f"unknown row-cache policy {policy!r}; known: {', '.join(sorted(ROW_CACHE_POLICIES))}")

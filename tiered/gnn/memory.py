@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from allocators import OutOfBudget
+from tiered.allocators import OutOfBudget
 
 from .attrs import FeatureStoreError, _Attr
 from .cache import RowCache
@@ -98,7 +98,7 @@ class _Memory:
                 nbytes //= 2
 
     def _new_cache(self, a: _Attr, nbytes: int) -> RowCache:
-        from policies.row_cache import create_row_cache_policy
+        from tiered.policies.row_cache import create_row_cache_policy
 
         rows = min(a.num_rows, nbytes // max(a.row_bytes, 1))
         victims = int(rows * self.victim_fraction)

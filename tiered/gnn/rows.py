@@ -16,8 +16,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from allocators import OutOfBudget, align_up
-from io_engine import IOFuture, Priority, gather
+from tiered.allocators import OutOfBudget, align_up
+from tiered.io_engine import IOFuture, Priority, gather
 
 from .attrs import _Attr
 from .gather import PAGE, Layout, plan_reads, rows_from, split_rounds, unique_rows

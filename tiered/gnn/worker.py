@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from allocators import align_up
+from tiered.allocators import align_up
 
 from ..checksums import crc32
 from ..dtypes import dtype_name

@@ -7,7 +7,7 @@
 ``TieredCache`` is imported on first use, so the replay and the KVStore do not need transformers.
 """
 
-from policies import PrefixAware
+from tiered.policies import PrefixAware
 
 from .prefix import KVStore, KVStoreError, chain_hashes, model_identity
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from allocators import OutOfBudget
+from tiered.allocators import OutOfBudget
 
 from .blocks import Block, KVCacheError
 

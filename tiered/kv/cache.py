@@ -74,7 +74,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from transformers.cache_utils import Cache, DummyLayer
 
-from policies import Observation, create_eviction_policy
+from tiered.policies import Observation, create_eviction_policy
 
 from ..sizes import parse_size
 from . import edit

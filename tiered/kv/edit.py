@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from policies import Observation
+from tiered.policies import Observation
 
 
 def quiesce(cache) -> None:

@@ -14,7 +14,7 @@ from concurrent.futures import Future
 
 import torch
 
-from allocators import OutOfBudget
+from tiered.allocators import OutOfBudget
 
 from .blocks import KVCacheError, cat_into, release_lease
 

@@ -23,7 +23,7 @@ import weakref
 
 import torch
 
-from allocators import OutOfBudget
+from tiered.allocators import OutOfBudget
 
 KV_OWNER = "kv"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-/]*")

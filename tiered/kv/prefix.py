@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from policies import EvictionPolicy, Observation, create_eviction_policy
+from tiered.policies import EvictionPolicy, Observation, create_eviction_policy
 
 from ..sizes import parse_size
 from ..store import ChecksumError, StoreError, TieredStore

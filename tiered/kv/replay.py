@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-from policies import EvictionPolicy, Observation, create_eviction_policy
+from tiered.policies import EvictionPolicy, Observation, create_eviction_policy
 
 from ..sizes import parse_size
 
@@ -159,7 +159,7 @@ def replay(requests: Iterable, cfg: ReplayConfig, *, progress: bool = False) -> 
 
 def replay_file(path, cfg: ReplayConfig, *, limit: int | None = None, progress: bool = False) -> dict:
     """Replay a Mooncake JSONL trace read by :func:`traces.mooncake.read_requests`."""
-    from traces.mooncake import read_requests  # the trace tooling (policies/traces issue)
+    from tiered.traces.mooncake import read_requests  # the trace tooling (policies/traces issue)
 
     reqs = []
     for r in read_requests(path):

@@ -20,8 +20,8 @@ import weakref
 
 import torch
 
-from allocators import OutOfBudget
-from io_engine import Priority
+from tiered.allocators import OutOfBudget
+from tiered.io_engine import Priority
 
 from ..device_cache import DeviceCache
 from ..sizes import format_size

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from allocators import align_up
+from tiered.allocators import align_up
 
 from ..store import Lease
 from .common import _ALIGN, OffloadError, _itemsize, _placeholder, _WAIT

@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from allocators import OutOfBudget
-from io_engine import Priority, gather
+from tiered.allocators import OutOfBudget
+from tiered.io_engine import Priority, gather
 
 from .. import offload_life
 from .common import _WAIT, _placeholder, prefetching

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from io_engine import Priority
+from tiered.io_engine import Priority
 
 from .. import offload_life
 from .common import _WAIT

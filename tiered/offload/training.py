@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from io_engine import Priority, gather
+from tiered.io_engine import Priority, gather
 
 from ..store import Lease, TieredStore
 from .common import _WAIT, OffloadError

@@ -4,8 +4,8 @@ unit's state chunk, whose read began when the unit's backward did, is updated ri
 
 from __future__ import annotations
 
-from allocators import OutOfBudget
-from io_engine import Priority
+from tiered.allocators import OutOfBudget
+from tiered.io_engine import Priority
 
 from .layout import Chunk, drop
 

@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from io_engine import gather
+from tiered.io_engine import gather
 
 from ..store import Lease
 from .layout import TAG, WAIT, Chunk, OptimStateError, decode_step

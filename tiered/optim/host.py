@@ -20,7 +20,7 @@ import weakref
 
 import torch
 
-from allocators import HostBuffer, OutOfBudget
+from tiered.allocators import HostBuffer, OutOfBudget
 
 from .layout import MAX_CHUNK_BYTES, TAG, Chunk, OptimStateError, encode_step
 

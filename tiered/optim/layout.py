@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from allocators import HostBuffer, align_up
+from tiered.allocators import HostBuffer, align_up
 
 from ..store import StoreError
 

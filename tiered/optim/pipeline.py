@@ -10,8 +10,8 @@ from collections import deque
 import torch
 from torch.optim.adamw import adamw as _functional_adamw
 
-from allocators import HostBuffer
-from io_engine import Priority
+from tiered.allocators import HostBuffer
+from tiered.io_engine import Priority
 
 from .layout import TAG, WAIT, Chunk, OptimStateError, Segment, decode_step, drop, encode_step
 

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from io_engine import Priority
+from tiered.io_engine import Priority
 
 from . import stream as store_stream
 from .errors import ChecksumError, StoreError

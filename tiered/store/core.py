@@ -39,10 +39,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from allocators import HostArena
-from io_engine import Backend, IOEngine, IOFuture, Priority
-from policies import FirstFit, create_eviction_policy
-from traces import AccessEvent
+from tiered.allocators import HostArena
+from tiered.io_engine import Backend, IOEngine, IOFuture, Priority
+from tiered.policies import FirstFit, create_eviction_policy
+from tiered.traces import AccessEvent
 
 from ..atomic import remove_stale_temps
 from ..config import Config, load_config

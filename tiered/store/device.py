@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from allocators import DeviceArena, DeviceBuffer, OutOfBudget
+from tiered.allocators import DeviceArena, DeviceBuffer, OutOfBudget
 
 from .errors import StoreError
 from .objects import DEFAULT_OWNER

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from allocators import OutOfBudget
+from tiered.allocators import OutOfBudget
 
 
 class StoreError(RuntimeError):

@@ -7,7 +7,7 @@ import functools
 import os
 from pathlib import Path
 
-from allocators import FreeList
+from tiered.allocators import FreeList
 
 from ..config import TierSpec
 from .objects import DATA_FILE

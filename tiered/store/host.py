@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from allocators import HostBuffer, OutOfBudget, align_up
+from tiered.allocators import HostBuffer, OutOfBudget, align_up
 
 from .errors import StoreError
 from .objects import DEFAULT_OWNER, HostCopy, ObjectMeta

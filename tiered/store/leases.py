@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from allocators import HostBuffer
-from io_engine import IOFuture
+from tiered.allocators import HostBuffer
+from tiered.io_engine import IOFuture
 
 from .errors import StoreError
 from .objects import Extent, HostCopy, ObjectMeta

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from allocators import HostBuffer, align_up
-from io_engine import IOFuture
+from tiered.allocators import HostBuffer, align_up
+from tiered.io_engine import IOFuture
 
 from ..dtypes import dtype_name
 from .errors import StoreError

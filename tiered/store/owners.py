@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Callable
 
-from ..sizes import parse_size
+from ..sizes import parse_share
 from .errors import StoreError
 from .objects import DEFAULT_OWNER
 
@@ -162,21 +162,13 @@ class _Owners:
         return self._tiers[tier].space.capacity
 
     def _share_bytes(self, tier: str, nbytes: int | str) -> int:
-        if isinstance(nbytes, str) and nbytes.strip().endswith("%"):
-            try:
-                pct = float(nbytes.strip()[:-1])
-            except ValueError:
-                pct = -1.0
-            if not 0 <= pct <= 100:
-                raise StoreError(f"share {nbytes!r} of tier {tier!r}: expected a percentage from 0% to 100%")
-            return int(self._tier_capacity(tier) * pct / 100)
         try:
-            return parse_size(nbytes, where=f"share of tier {tier!r}")
+            return parse_share(nbytes, self._tier_capacity(tier), where=f"share of tier {tier!r}")
         except ValueError as e:
             raise StoreError(str(e)) from None
 
     def _set_share(self, tier: str, owner: str, nbytes: int) -> None:
-        from allocators import OutOfBudget
+        from tiered.allocators import OutOfBudget
 
         kind = self._tier_kind(tier)
         if kind == "storage":

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from allocators import aligned_empty
-from io_engine import IOFuture, Op, Priority, Request, chain, gather
+from tiered.allocators import aligned_empty
+from tiered.io_engine import IOFuture, Op, Priority, Request, chain, gather
 
 from ..checksums import crc32
 from .errors import ChecksumError, StoreError

@@ -7,9 +7,9 @@ import os
 from typing import Callable
 import torch
 
-from allocators import HostBuffer, OutOfBudget, align_up
-from io_engine import IOFuture, Priority, chain, completed, gather
-from policies import Observation
+from tiered.allocators import HostBuffer, OutOfBudget, align_up
+from tiered.io_engine import IOFuture, Priority, chain, completed, gather
+from tiered.policies import Observation
 
 from ..checksums import SEGMENT, crc32, segments
 from . import stream as store_stream

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from allocators import align_up
-from io_engine import Priority
+from tiered.allocators import align_up
+from tiered.io_engine import Priority
 
 from ..checksums import SEGMENT, crc32
 from .errors import ChecksumError, HostBudgetError, StoreError
@@ -69,7 +69,7 @@ def put_streamed(store: "TieredStore", key: str, src: torch.Tensor, kind: str, t
     """Write contiguous tensor ``src`` (CPU or GPU: copied piece by piece, never whole into host
     memory) as a new version of ``key``; the bytes are all written before this returns, the
     returned future resolves once committed."""
-    from io_engine import chain, completed
+    from tiered.io_engine import chain, completed
 
     data = src.reshape(-1).view(torch.uint8)
     nbytes = data.numel()
@@ -85,7 +85,7 @@ def put_streamed(store: "TieredStore", key: str, src: torch.Tensor, kind: str, t
             store._tiers[tier_name].give(offset, size)
         if isinstance(e, StoreError) or not isinstance(e, Exception):
             raise
-        from allocators import OutOfBudget
+        from tiered.allocators import OutOfBudget
 
         error = HostBudgetError if isinstance(e, OutOfBudget) else StoreError
         raise error(f"put({key!r}): streaming {nbytes} bytes through the host tier to tier "
@@ -164,8 +164,8 @@ def get_future(store: "TieredStore", meta: "ObjectMeta", out: torch.Tensor | Non
     """``get`` of an object larger than the host tier, read before this returns; a done future of
     the tensor or of a StoreError naming the object. The caller holds ``meta.extent`` as a reader
     (released here)."""
-    from allocators import OutOfBudget
-    from io_engine import IOFuture, completed
+    from tiered.allocators import OutOfBudget
+    from tiered.io_engine import IOFuture, completed
 
     try:
         if out is not None and (tuple(out.shape) != meta.shape or out.dtype != meta.dtype):

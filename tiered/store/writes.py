@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from allocators import HostBuffer, OutOfBudget
-from io_engine import IOFuture, Priority, chain, gather
-from policies import Observation
+from tiered.allocators import HostBuffer, OutOfBudget
+from tiered.io_engine import IOFuture, Priority, chain, gather
+from tiered.policies import Observation
 
 from ..checksums import crc32, segment_checksums
 from ..dtypes import dtype_name

@@ -22,10 +22,10 @@ _USER_ERRORS = (
     ("tiered.kv.cache", "KVCacheError"),
     ("tiered.gnn.feature_store", "FeatureStoreError"),
     ("tiered.checkpoint.format", "CheckpointError"),
-    ("traces.errors", "TraceFormatError"),
-    ("policies.base", "PolicyError"),
-    ("io_engine.bench.common", "BenchError"),
-    ("io_engine.errors", "BackendUnavailable"),
+    ("tiered.traces.errors", "TraceFormatError"),
+    ("tiered.policies.base", "PolicyError"),
+    ("tiered.io_engine.bench.common", "BenchError"),
+    ("tiered.io_engine.errors", "BackendUnavailable"),
     (__name__, "UsageError"),
 )
 

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from io_engine.bench import (
+from tiered.io_engine.bench import (
     FIO_HINT, RAND_BS, REQUIRED_KEYS, TARGETS, BenchError, BenchSettings, Pattern, Progress, parse_fio_json,
     run_engine_bench, run_fio,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from io_engine.bench import TARGETS
+from tiered.io_engine.bench import TARGETS
 
 from ..sizes import format_size
 

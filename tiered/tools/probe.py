@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from allocators import PAGE, aligned_empty
-from io_engine import available_backends
-from io_engine.bench import measure_storage
+from tiered.allocators import PAGE, aligned_empty
+from tiered.io_engine import available_backends
+from tiered.io_engine.bench import measure_storage
 
 from ..sizes import format_size, parse_size
 from .args import UsageError, size_arg

@@ -44,7 +44,7 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
 def replay_main(args: argparse.Namespace) -> int:
     """Replay, then print the rows (table or JSON) before the plot: a plot that cannot be written
     loses no results. Errors propagate to :func:`tiered.tools.args.run_command`."""
-    from traces import load
+    from tiered.traces import load
 
     if args.plot:
         pyplot()  # a missing matplotlib is said before the replay, not after it
@@ -91,7 +91,7 @@ def _header(args: argparse.Namespace, trace, tiers, closed: bool | None) -> str:
 
 
 def _head(trace, n: int):
-    from traces import Trace
+    from tiered.traces import Trace
 
     return Trace(trace.time[:n], trace.key[:n], trace.size[:n], trace.op[:n], trace.kind[:n],
                  trace.key_names, trace.timed, dict(trace.meta, limit=n))

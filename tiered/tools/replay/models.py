@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from policies import TierModel
+from tiered.policies import TierModel
 
 from ...config import Config
 from ..args import UsageError

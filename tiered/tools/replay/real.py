@@ -28,10 +28,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from allocators import align_up
-from io_engine import Priority
-from policies import KINDS, OPS, Backing, MigrationPolicy, Observation, Outcome, PlacementPolicy, PolicyError, TierModel
-from policies.sim import Prepared, SimResult
+from tiered.allocators import align_up
+from tiered.io_engine import Priority
+from tiered.policies import KINDS, OPS, Backing, MigrationPolicy, Observation, Outcome, PlacementPolicy, PolicyError, TierModel
+from tiered.policies.sim import Prepared, SimResult
 
 from ...config import Config
 from .. import REPLAY_OWNER

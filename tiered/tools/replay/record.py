@@ -20,7 +20,7 @@ def record_workloads(out_dir: str | os.PathLike, work_dir: str | os.PathLike) ->
     """
     import torch
 
-    from traces import TraceRecorder
+    from tiered.traces import TraceRecorder
 
     from ...offload import detach, offload
     from ...store import TieredStore

@@ -6,8 +6,8 @@ import sys
 import time
 from typing import Sequence
 
-from policies import HEURISTICS, PolicyError, TierModel, create_policy, policy_names
-from policies.sim import SimResult, prepare, simulate
+from tiered.policies import HEURISTICS, PolicyError, TierModel, create_policy, policy_names
+from tiered.policies.sim import SimResult, prepare, simulate
 
 from ...config import Config
 from .models import choose_loop
