@@ -1262,7 +1262,7 @@ def test_second_open_from_another_process_is_refused(tmp_path):
         assert line == "OPEN", holder.stderr.read()
         with pytest.raises(StoreError, match="lock"):
             TieredStore(cfg).open()
-        holder.kill()  # the kernel drops the flock with the process: no stale lock
+        holder.kill()  # the kernel drops the lock with the process: no stale lock
         holder.wait(10)
         with TieredStore(cfg) as s:
             assert s.keys() == []

@@ -4,39 +4,23 @@ A checkpointer deletes manifests its retention does not keep and the leftovers o
 not know, so two checkpointers writing one directory (the storage level of one and the cold level
 of another, or two processes given the same ``directory=``) would delete each other's
 checkpoints. Every directory a checkpointer writes is registered in this process (the same,
-or one inside the other, is refused) and locked with ``flock`` on ``<dir>/.lock`` from
-``open`` to ``close`` (another process holding it is refused). A forked child closes its copies
-of the lock files at once, so it cannot keep a directory locked after the parent closed it.
+or one inside the other, is refused) and locked (:mod:`tiered.dirlock`) on ``<dir>/.lock`` from
+``open`` to ``close`` (another process holding it is refused). A forked child never holds the
+lock, so it cannot keep a directory locked after the parent closed it.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
 import threading
 from pathlib import Path
 
+from .. import dirlock
 from .format import CheckpointError
 
 LOCK_NAME = ".lock"
 
 _claimed: dict[Path, str] = {}  # directory -> what claims it, for this process
 _claimed_lock = threading.Lock()
-_held_fds: set[int] = set()  # lock files open in this process
-
-
-def _forget_after_fork() -> None:
-    """In a forked child: close the copies of the lock files (the parent's stay locked); no lock
-    taken, another thread of the parent may have held it at the fork."""
-    for fd in list(_held_fds):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _held_fds.clear()
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _overlaps(a: Path, b: Path) -> bool:
@@ -70,10 +54,7 @@ class DirectoryClaim:
                     self._registered.append(d)
             for role, d in roles:
                 d.mkdir(parents=True, exist_ok=True, mode=0o700)
-                fd = _flock(d, role)
-                with _claimed_lock:
-                    _held_fds.add(fd)
-                self._fds.append(fd)
+                self._fds.append(_lock(d, role))
         except BaseException:
             self.release()
             raise
@@ -82,24 +63,19 @@ class DirectoryClaim:
         fds, self._fds = self._fds, []
         with _claimed_lock:
             for fd in fds:
-                if fd in _held_fds:  # else a fork child closed it already
-                    _held_fds.discard(fd)
-                    os.close(fd)  # drops the flock
+                dirlock.release(fd)
             for d in self._registered:
                 _claimed.pop(d, None)
         self._registered = []
 
 
-def _flock(d: Path, role: str) -> int:
+def _lock(d: Path, role: str) -> int:
     path = d / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise CheckpointError(f"{role}={d} is open in another process (lock {path} is held): a checkpoint "
-                              "directory belongs to one checkpointer") from None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        return dirlock.acquire(path, f"the {role} of a LazyCheckpointer")
+    except dirlock.HeldElsewhere as e:
+        raise CheckpointError(f"{role}={d} is open in another process (pid {e.holder or 'unknown'}; lock "
+                              f"{path} is held): a checkpoint directory belongs to one checkpointer") from None
+    except dirlock.HeldHere as e:
+        raise CheckpointError(f"{role}={d} is already in use in this process by {e.who} (lock {path}): "
+                              "a checkpoint directory belongs to one checkpointer") from None

@@ -1,6 +1,6 @@
 """Which stores this process has open, for :meth:`TieredStore.shared` and for lock errors.
 
-A store directory is locked (``flock``) by one open store at a time. Within one
+A store directory is locked (:mod:`tiered.dirlock`) by one open store at a time. Within one
 process, clients that want the same store (an offload wrapper, an optimizer, a KV
 cache) share one instance through :meth:`TieredStore.shared`, which counts its
 users; the last ``close()`` closes it. The lock file holds the pid of the process
@@ -9,7 +9,6 @@ that holds it, so a refused open can say who holds the store.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import threading
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .core import TieredStore
 
+from .. import dirlock
 from .errors import StoreError
 
 _lock = threading.Lock()  # guards _open
@@ -28,16 +28,10 @@ CLOSE_WAIT = 120.0  # seconds shared() waits for a store its last user is closin
 
 
 def _forget_after_fork() -> None:
-    """A fork child holds none of its parent's stores (their threads did not survive the fork):
-    it closes its copies of their lock files (the parent's locks stay held by the parent's own
-    descriptors), so the locks do not outlive the parent's close."""
+    """A fork child holds none of its parent's stores (their threads did not survive the fork) nor
+    their locks (tiered.dirlock closes its copies of the lock files)."""
     global _lock, _shared_lock, _pid
     for store in list(_open.values()):
-        for fd in store._lock_fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
         store._lock_fds = []
     _lock, _shared_lock = threading.Lock(), threading.Lock()
     _open.clear()
@@ -68,27 +62,24 @@ def lock_directory(store: "TieredStore", lock_path: Path, register: bool = True)
     """Take a directory lock and write our pid into it; a clear StoreError naming the holder
     when it is taken (another process's pid, or this process's own open store)."""
 
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise StoreError(_held_message(lock_path.parent, lock_path, holder)) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        fd = dirlock.acquire(lock_path, f"the store at {store.root}")
+    except dirlock.HeldHere as e:
+        raise StoreError(_held_message(lock_path.parent, lock_path, str(os.getpid()), e.who)) from None
+    except dirlock.HeldElsewhere as e:
+        raise StoreError(_held_message(lock_path.parent, lock_path, e.holder)) from None
     if register:
         with _lock:
             _open[root_key(store.root)] = store
     return fd
 
 
-def _held_message(root: Path, lock_path: Path, holder: str) -> str:
+def _held_message(root: Path, lock_path: Path, holder: str, here: str = "") -> str:
     with _lock:
         mine = _open.get(root_key(root))
+    if mine is None and here:
+        return (f"store directory {root} is already open in this process (pid {os.getpid()}) as a tier of "
+                f"{here} (lock {lock_path}): a tier directory belongs to one store")
     if mine is not None:
         how = ("a TieredStore.shared() store; get it with TieredStore.shared(config)" if mine._shared_users
                else "a TieredStore opened with open(); close() it first, or open every user of the "
@@ -103,7 +94,7 @@ def unlock_directory(store: "TieredStore", fds: list[int]) -> None:
         if _open.get(root_key(store.root)) is store:
             del _open[root_key(store.root)]
     for fd in fds:
-        os.close(fd)
+        dirlock.release(fd)
 
 
 def shared_store(cls: type, config: Any, kwargs: dict) -> "TieredStore":
