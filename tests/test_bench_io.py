@@ -114,12 +114,16 @@ def test_fio_json_with_preamble():
 
 
 def test_bad_directory_is_an_error_not_a_traceback(tmp_path, capsys):
+    from tiered.tools.cli import main
+
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    args = _args(add_bench_io_arguments, ["--dir", str(blocker / "sub"), "--size", "16MiB", "--workers", "2",
-                                          "--chunk", "4MiB", "--backend", "threads", "--no-fio"])
-    assert bench_io_main(args) == 2
-    assert "error:" in capsys.readouterr().err
+    assert main(["bench", "io", "--dir", str(blocker / "sub"), "--size", "16MiB", "--workers", "2",
+                 "--chunk", "4MiB", "--backend", "threads", "--no-fio"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --dir ") and "Traceback" not in err
+    assert main(["bench", "io", "--dir", str(blocker), "--size", "16MiB", "--no-fio"]) == 2
+    assert "not a directory" in capsys.readouterr().err
 
 
 def _config(tmp_path) -> dict:

@@ -17,9 +17,9 @@ from io_engine.bench import (
     FIO_HINT, RAND_BS, REQUIRED_KEYS, TARGETS, BenchError, BenchSettings, Pattern, Progress, parse_fio_json,
     run_engine_bench, run_fio,
 )
-from io_engine.errors import BackendUnavailable
 
 from ..sizes import format_size, parse_size
+from .args import UsageError, positive_float, positive_int, size_arg
 from .bench_report import fio_label, print_report
 
 __all__ = [
@@ -93,15 +93,16 @@ def add_bench_io_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``tiered bench io`` (and ``bench/io.py``)."""
     parser.add_argument("--dir", default=None,
                         help="directory to benchmark (default: the first storage tier of the config)")
-    parser.add_argument("--size", default="1GiB", help="file size (default 1GiB)")
+    parser.add_argument("--size", default="1GiB", type=size_arg(), help="file size (default 1GiB)")
     parser.add_argument("--config", default=None, help="offload TOML file (default: the built-in default)")
     parser.add_argument("--backend", default=None, choices=("threads", "aiofiles", "kvikio", "auto"),
                         help="engine backend (default: the config's, threads)")
-    parser.add_argument("--workers", type=int, default=None, help="engine workers (default: the config's)")
-    parser.add_argument("--chunk", default=None, help="engine chunk size (default: the config's, 8MiB)")
-    parser.add_argument("--rand-seconds", type=float, default=10.0,
+    parser.add_argument("--workers", type=positive_int, default=None, help="engine workers (default: the config's)")
+    parser.add_argument("--chunk", type=size_arg(), default=None,
+                        help="engine chunk size (default: the config's, 8MiB)")
+    parser.add_argument("--rand-seconds", type=positive_float, default=10.0,
                         help="seconds of 64 KiB random reads per tool (default 10)")
-    parser.add_argument("--rand-rounds", type=int, default=2,
+    parser.add_argument("--rand-rounds", type=positive_int, default=2,
                         help="engine/fio random-read rounds, alternating, best of each (default 2)")
     parser.add_argument("--compare", default="aiofiles",
                         help="comma-separated backends measured side by side ('' for none; default aiofiles)")
@@ -115,32 +116,32 @@ def add_bench_io_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def bench_io_main(args: argparse.Namespace) -> int:
-    """Run ``tiered bench io`` from parsed arguments; returns the exit code."""
-    from ..config import ConfigError, load_config
+    """Run ``tiered bench io`` from parsed arguments; returns the exit code. Errors propagate:
+    :func:`tiered.tools.args.run_command` turns them into one line."""
+    from ..config import load_config
 
-    try:
-        cfg = None
-        if args.dir is None or args.workers is None or args.chunk is None or args.backend is None:
-            cfg = load_config(getattr(args, "config", None))
-        directory = args.dir or str(cfg.storage_tiers[0].path)
-        result = run_bench_io(
-            directory, args.size,
-            backend=args.backend or cfg.engine.backend,
-            workers=args.workers or cfg.engine.workers,
-            chunk=args.chunk or cfg.engine.chunk,
-            rand_seconds=args.rand_seconds,
-            rand_rounds=args.rand_rounds,
-            json=args.json,
-            progress=True,
-            backends_compare=tuple(b.strip() for b in args.compare.split(",") if b.strip()),
-            hugepages=not args.no_hugepages,
-            keep=args.keep,
-            fio=not args.no_fio,
-            sweep=not args.no_sweep,
-        )
-    except (BenchError, ConfigError, BackendUnavailable, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = None
+    if args.dir is None or args.workers is None or args.chunk is None or args.backend is None:
+        cfg = load_config(getattr(args, "config", None))
+    directory = args.dir or str(cfg.storage_tiers[0].path)
+    if args.dir is not None and not os.path.isdir(args.dir):
+        why = "not a directory" if os.path.exists(args.dir) else "no such directory"
+        raise UsageError(f"--dir {args.dir}: {why} (the benchmark writes its file into an existing directory)")
+    result = run_bench_io(
+        directory, args.size,
+        backend=args.backend or cfg.engine.backend,
+        workers=args.workers or cfg.engine.workers,
+        chunk=args.chunk or cfg.engine.chunk,
+        rand_seconds=args.rand_seconds,
+        rand_rounds=args.rand_rounds,
+        json=args.json,
+        progress=True,
+        backends_compare=tuple(b.strip() for b in args.compare.split(",") if b.strip()),
+        hugepages=not args.no_hugepages,
+        keep=args.keep,
+        fio=not args.no_fio,
+        sweep=not args.no_sweep,
+    )
     if args.json:
         print(_json.dumps(result, indent=2, sort_keys=True))
     else:

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..config import load_config
+from ..config import Config, TierSpec, load_config
 from ..sizes import format_size
 from . import TOOLS_OWNER
 
@@ -28,6 +28,18 @@ DEMO_OBJECT_BYTES = 8 << 20
 
 def _progress(msg: str) -> None:
     print(f"  {msg}", file=sys.stderr, flush=True)
+
+
+def with_host_budget(cfg: Config, budget: int) -> Config:
+    """``cfg`` with a host tier of ``budget`` bytes: its own resized, or one added after the device
+    tiers when it has none (a storage-only config is valid: the store then sizes host memory itself)."""
+    if cfg.host_tier is not None:
+        host = dataclasses.replace(cfg.host_tier, capacity=budget)
+        return dataclasses.replace(cfg, tiers=tuple(host if t.kind == "host" else t for t in cfg.tiers))
+    names = {t.name for t in cfg.tiers}
+    name = next(n for n in ("host", "demo-host", "demo-host-tier") if n not in names)
+    at = len(cfg.device_tiers)
+    return dataclasses.replace(cfg, tiers=(*cfg.tiers[:at], TierSpec(name, "host", budget), *cfg.tiers[at:]))
 
 
 def run_demo(config_source=None) -> int:
@@ -50,8 +62,7 @@ def run_generation_demo(config_source=None) -> int:
     from ..offload import detach, offload, offload_stats
 
     cfg = load_config(config_source)
-    host = dataclasses.replace(cfg.host_tier, capacity=GEN_BUDGET)
-    demo_cfg = dataclasses.replace(cfg, tiers=tuple(host if t.kind == "host" else t for t in cfg.tiers))
+    demo_cfg = with_host_budget(cfg, GEN_BUDGET)
     threads = torch.get_num_threads()
     # leave a core to the I/O workers on small machines (both runs use the same setting)
     torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
@@ -106,9 +117,7 @@ def run_store_demo(config_source=None) -> int:
     print(f"== tiered demo (config: {cfg.source})")
     print_probe(probe(cfg, size=64 << 20))
 
-    host = dataclasses.replace(cfg.host_tier, capacity=DEMO_HOST_BUDGET) if cfg.host_tier else None
-    tiers = tuple(host if t.kind == "host" else t for t in cfg.tiers)
-    demo_cfg = dataclasses.replace(cfg, tiers=tiers)
+    demo_cfg = with_host_budget(cfg, DEMO_HOST_BUDGET)
     total = DEMO_OBJECTS * DEMO_OBJECT_BYTES
     print(f"\n== store round trip: {DEMO_OBJECTS} objects, {format_size(total)} in all, "
           f"host budget {format_size(DEMO_HOST_BUDGET)}, home tier {cfg.storage_tiers[0].name} "

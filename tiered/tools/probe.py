@@ -26,6 +26,7 @@ from io_engine import available_backends
 from io_engine.bench import measure_storage
 
 from ..sizes import format_size, parse_size
+from .args import UsageError, size_arg
 
 __all__ = ["add_probe_arguments", "print_probe", "probe", "probe_main"]
 
@@ -163,13 +164,16 @@ def _measure(path: Path, size: int, engine_spec: Any) -> dict:
 
 def probe(config=None, *, measure: bool = True, size: int | str = 256 << 20) -> dict:
     """Detect tiers and (with ``measure``) time each storage directory; a JSON-able dict."""
-    from ..config import load_config
+    from ..config import load_config, machine_warnings
 
     import psutil
 
     t0 = time.perf_counter()
     cfg = load_config(config)
-    size = max(MiB, parse_size(size, where="size") // MiB * MiB)
+    size = parse_size(size, where="size")
+    if size < MiB:
+        raise UsageError(f"probe size {format_size(size)}: expected at least 1 MiB")
+    size = size // MiB * MiB
     vm = psutil.virtual_memory()
     host_tier = cfg.host_tier
     result: dict[str, Any] = {
@@ -188,6 +192,7 @@ def probe(config=None, *, measure: bool = True, size: int | str = 256 << 20) -> 
         "backends": available_backends(),
         "fio": shutil.which("fio"),
         "storage": [],
+        "warnings": machine_warnings(cfg),
     }
     for t in cfg.storage_tiers:
         path = Path(t.path)
@@ -202,9 +207,6 @@ def probe(config=None, *, measure: bool = True, size: int | str = 256 << 20) -> 
             "read_bandwidth_limit": t.read_bandwidth, "write_bandwidth_limit": t.write_bandwidth,
             "read_gbps": None, "write_gbps": None,
         }
-        if t.capacity > du.free:
-            entry["warning"] = (f"capacity {format_size(t.capacity)} exceeds the {format_size(du.free)} "
-                                "free on the filesystem")
         if measure:
             if du.free < size + 64 * MiB:
                 entry["measure_error"] = f"not measured: only {format_size(du.free)} free"
@@ -263,8 +265,6 @@ def print_probe(result: dict, file=None) -> None:
         for k in ("read_bandwidth_limit", "write_bandwidth_limit"):
             if s.get(k):
                 p(f"  {k.replace('_', ' ')}: {format_size(s[k])}/s")
-        if s.get("warning"):
-            p(f"  warning: {s['warning']}")
     p("I/O backends:")
     for name, reason in result["backends"].items():
         p(f"  {name}: {'available' if reason is None else reason}")
@@ -274,21 +274,20 @@ def print_probe(result: dict, file=None) -> None:
 
 def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="offload TOML file (default: the built-in default)")
-    parser.add_argument("--size", default="256MiB", help="bytes written and read per storage tier (default 256MiB)")
+    parser.add_argument("--size", default="256MiB", type=size_arg(MiB),
+                        help="bytes written and read per storage tier, at least 1MiB, rounded down to whole MiB "
+                             "(default 256MiB)")
     parser.add_argument("--no-measure", action="store_true", help="detect only; no bandwidth test")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
 def probe_main(args: argparse.Namespace) -> int:
-    from ..config import ConfigError
-
-    try:
-        result = probe(getattr(args, "config", None), measure=not args.no_measure, size=args.size)
-    except (ConfigError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """``tiered probe``: the report (or JSON) on stdout, budgets beyond the machine as warnings on stderr."""
+    result = probe(getattr(args, "config", None), measure=not args.no_measure, size=args.size)
     if args.json:
         print(_json.dumps(result, indent=2, sort_keys=True))
     else:
         print_probe(result)
+    for msg in result["warnings"]:
+        print(f"warning: {msg}", file=sys.stderr)
     return 0

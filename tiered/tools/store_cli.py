@@ -6,14 +6,14 @@
     tiered store rm DIR KEY             delete a key (or --prefix P: every key starting with P)
 
 DIR is a storage tier directory (the one holding ``manifest.json``); ``--config FILE``
-opens the store a config describes instead. Errors print one line and exit 2.
+opens the store a config describes instead. Errors print one line and exit 2
+(:func:`tiered.tools.args.run_command`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def add_store_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,28 +26,12 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("dir", nargs="?", help="a storage tier directory of the store")
         p.add_argument("--config", help="open the store this config file describes instead of DIR")
         p.add_argument("--json", action="store_true", help="print JSON")
-        p.set_defaults(func=_guarded(fn))
+        p.set_defaults(func=fn)
     parsers["check"].add_argument("--repair", action="store_true",
                                   help="delete corrupt objects, give back blocks nothing names, start "
                                        "empty if the manifest is missing")
     parsers["rm"].add_argument("key", nargs="?", help="the key to delete")
     parsers["rm"].add_argument("--prefix", help="delete every key starting with this")
-
-
-def _guarded(fn):
-    def run(args: argparse.Namespace) -> int:
-        from ..config import ConfigError
-        from ..store import StoreError
-
-        try:
-            return fn(args)
-        except (StoreError, ConfigError, OSError, MemoryError) as e:  # MemoryError: OutOfBudget
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except KeyError as e:
-            print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-            return 2
-    return run
 
 
 def _open(args: argparse.Namespace, start_empty: bool = False):
@@ -112,9 +96,10 @@ def _rm(args: argparse.Namespace) -> int:
         raise StoreError("give a KEY or --prefix P (one of them)")
     with _open(args) as store:
         if args.key is not None:
-            if args.key not in store:
-                raise StoreError(f"no object {args.key!r} in the store at {store.root}")
-            store.delete(args.key)
+            try:
+                store.delete(args.key)
+            except KeyError:
+                raise StoreError(f"no object {args.key!r} in the store at {store.root}") from None
             removed = [args.key]
         else:
             removed = store.delete_prefix(args.prefix)

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from policies import PolicyError
-
 from ...config import load_config
+from ...sizes import format_size
+from ..args import positive_float, positive_int
 from .models import choose_loop, measured_bandwidths, tier_models
-from .report import format_table, plot_rows
+from .report import format_table, plot_rows, pyplot
 from .runner import DEFAULT_POLICIES, run_replay
 
 
@@ -26,13 +26,14 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="sim", choices=["sim", "real"])
     p.add_argument("--json", action="store_true", help="print a JSON list of rows on stdout")
     p.add_argument("--plot", default=None, help="write a PNG of latency and hit ratio per policy")
-    p.add_argument("--fast-fraction", type=float, default=0.08,
+    p.add_argument("--fast-fraction", type=positive_float, default=0.08,
                    help="fast tier capacity as a fraction of the trace footprint (default 0.08)")
     p.add_argument("--config-capacity", action="store_true", help="use the config's tier capacities instead")
     p.add_argument("--probe", default=None, help="JSON from `tiered probe --json`: measured storage bandwidths")
-    p.add_argument("--limit", type=int, default=None, help="replay only the first N accesses")
-    p.add_argument("--block-size", type=int, default=None, help="block size for block traces (importer default)")
-    p.add_argument("--bytes-per-token", type=int, default=None, help="Mooncake: KV bytes per token")
+    p.add_argument("--limit", type=positive_int, default=None, help="replay only the first N accesses")
+    p.add_argument("--block-size", type=positive_int, default=None,
+                   help="block size for block traces (importer default)")
+    p.add_argument("--bytes-per-token", type=positive_int, default=None, help="Mooncake: KV bytes per token")
     p.add_argument("--loop", default="auto", choices=["auto", "open", "closed"],
                    help="arrivals: at trace times (open), or each after the previous (closed); auto: closed for "
                         "untimed traces and when the trace offers more bytes/s than the backing tier reads")
@@ -41,53 +42,56 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def replay_main(args: argparse.Namespace) -> int:
-    from traces import TraceFormatError, load
+    """Replay, then print the rows (table or JSON) before the plot: a plot that cannot be written
+    loses no results. Errors propagate to :func:`tiered.tools.args.run_command`."""
+    from traces import load
 
-    from ...config import ConfigError
-    from ...store import StoreError
-
-    try:
-        options: dict[str, Any] = {}
-        if args.block_size is not None:
-            options["block_size"] = args.block_size
-        if args.bytes_per_token is not None:
-            options["bytes_per_token"] = args.bytes_per_token
-        trace = load(args.trace, args.format, **options)
-        if args.limit is not None:
-            trace = _head(trace, args.limit)
-        cfg = load_config(args.config) if (args.config or args.mode == "real") else None
-        footprint = trace.footprint
-        measured = measured_bandwidths(args.probe) if args.probe else None
-        if measured and cfg is None:
-            cfg = load_config(None)
-        tiers = tier_models(cfg, footprint, args.fast_fraction, args.config_capacity, measured)
-        names = [p.strip() for p in args.policy.split(",") if p.strip()]
-        closed = None if args.loop == "auto" else args.loop == "closed"
-        rows = run_replay(trace, names, tiers, mode=args.mode, cfg=cfg, closed_loop=closed, window=args.window,
-                          progress=not args.no_progress and sys.stderr.isatty())
-    except (TraceFormatError, ConfigError, StoreError, PolicyError, KeyError, ValueError, FileNotFoundError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    info = (f"{args.trace}: {len(trace)} accesses, footprint {footprint} bytes; "
-            + ", ".join(f"{t.name} {'unbounded' if t.capacity == math.inf else int(t.capacity)} B" for t in tiers)
-            + f"; mode {args.mode}; "
-            + ("one access at a time (real I/O)" if args.mode == "real" else
-               choose_loop(trace, tiers)[1] if closed is None else ("closed" if closed else "open") + " loop (--loop)"))
     if args.plot:
-        plot_rows(rows, args.plot, Path(args.trace).name)
+        pyplot()  # a missing matplotlib is said before the replay, not after it
+    options: dict[str, Any] = {}
+    if args.block_size is not None:
+        options["block_size"] = args.block_size
+    if args.bytes_per_token is not None:
+        options["bytes_per_token"] = args.bytes_per_token
+    trace = load(args.trace, args.format, **options)
+    if args.limit is not None:
+        trace = _head(trace, args.limit)
+    cfg = load_config(args.config) if (args.config or args.mode == "real") else None
+    measured = measured_bandwidths(args.probe) if args.probe else None
+    if measured and cfg is None:
+        cfg = load_config(None)
+    tiers = tier_models(cfg, trace.footprint, args.fast_fraction, args.config_capacity, measured)
+    names = [p.strip() for p in args.policy.split(",") if p.strip()]
+    closed = None if args.loop == "auto" else args.loop == "closed"
+    rows = run_replay(trace, names, tiers, mode=args.mode, cfg=cfg, closed_loop=closed, window=args.window,
+                      progress=not args.no_progress and sys.stderr.isatty())
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print(info)
+        print(_header(args, trace, tiers, closed))
         print(format_table(rows))
+    sys.stdout.flush()
+    if args.plot:
+        plot_rows(rows, args.plot, Path(args.trace).name)
     return 0
+
+
+def _header(args: argparse.Namespace, trace, tiers, closed: bool | None) -> str:
+    """The line above the table: the trace, its footprint and tier capacities, the mode and loop."""
+    caps = ", ".join(f"{t.name} {'unbounded' if t.capacity == math.inf else format_size(int(t.capacity))}"
+                     for t in tiers)
+    if args.mode == "real":
+        loop = "one access at a time (real I/O)"
+    elif closed is None:
+        loop = choose_loop(trace, tiers)[1]
+    else:
+        loop = ("closed" if closed else "open") + " loop (--loop)"
+    return (f"{args.trace}: {len(trace)} accesses, footprint {format_size(trace.footprint)}; {caps}; "
+            f"mode {args.mode}; {loop}")
 
 
 def _head(trace, n: int):
     from traces import Trace
 
-    if n < 1:
-        raise ValueError(f"--limit must be >= 1, got {n}")
     return Trace(trace.time[:n], trace.key[:n], trace.size[:n], trace.op[:n], trace.kind[:n],
                  trace.key_names, trace.timed, dict(trace.meta, limit=n))

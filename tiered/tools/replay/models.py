@@ -12,6 +12,7 @@ from typing import Sequence
 from policies import TierModel
 
 from ...config import Config
+from ..args import UsageError
 
 _SPEED = {  # latency s, read B/s, write B/s: typical figures when the config says nothing
     "device": (2e-6, 2e11, 2e11),
@@ -40,7 +41,7 @@ def tier_models(cfg: Config | None, footprint: int, fast_fraction: float = 0.08,
     ``measured`` (from ``tiered probe``) over the config's throttles over typical figures.
     """
     if not 0 < fast_fraction <= 1:
-        raise ValueError(f"fast fraction must be in (0, 1], got {fast_fraction}")
+        raise UsageError(f"fast fraction must be in (0, 1], got {fast_fraction}")
     if cfg is None:
         specs = [("host", "host", None, None, None), ("nvme", "storage", None, None, None)]
     else:
@@ -57,7 +58,7 @@ def tier_models(cfg: Config | None, footprint: int, fast_fraction: float = 0.08,
         if not last and not use_config_capacity:
             cap *= 4
     if len(out) < 2:
-        raise ValueError("replay needs at least two tiers (a cache tier and a backing tier)")
+        raise UsageError("replay needs at least two tiers (a cache tier and a backing tier)")
     return tuple(out)
 
 

@@ -35,6 +35,8 @@ from policies.sim import Prepared, SimResult
 
 from ...config import Config
 from .. import REPLAY_OWNER
+from ...sizes import format_size
+from ..args import UsageError
 
 WAIT = 600.0  # seconds one store operation may take before the replay calls it stuck
 
@@ -56,12 +58,13 @@ def run_real(trace: Prepared, tiers: Sequence[TierModel], policy: MigrationPolic
         placement = policy if isinstance(policy, PlacementPolicy) else Backing()
     total = sum(align_up(max(1, s)) for s in trace.obj_size.tolist())
     if total > max_footprint:
-        raise ValueError(f"trace footprint {total} bytes exceeds the real-mode limit {max_footprint}; "
+        raise UsageError(f"trace footprint {format_size(total)} exceeds the real-mode limit "
+                         f"{format_size(max_footprint)}; "
                          "replay fewer events or smaller blocks")
     own = store is None
     if own:
         if cfg is None or not cfg.storage_tiers:
-            raise ValueError(f"{getattr(cfg, 'source', 'the config')}: real replay needs a storage tier")
+            raise UsageError(f"{getattr(cfg, 'source', 'the config')}: real replay needs a storage tier")
         store = TieredStore(cfg, hugepages=False).open()
     try:
         replay = _RealReplay(store, trace, tiers, policy, placement)
@@ -99,8 +102,9 @@ class _RealReplay:
         share = host_share(self.osz, self.cap0)
         host_cap = store.stats()["tiers"]["host"]["capacity"]
         if share > host_cap:
-            raise ValueError(f"real replay: a fast tier of {self.cap0} bytes needs {share} bytes of the store's "
-                             f"host tier, which holds {host_cap}; lower --fast-fraction or raise tiers.host.capacity")
+            raise UsageError(f"real replay: a fast tier of {format_size(self.cap0)} needs {format_size(share)} of the "
+                             f"store's host tier, which holds {format_size(host_cap)}; lower --fast-fraction "
+                             "or raise tiers.host.capacity")
         self.res = store.reserve("host", share, owner=REPLAY_OWNER)
         try:
             self.scratch = self.res.alloc(max(self.osz, default=4096))

@@ -6,28 +6,41 @@ import os
 
 import numpy as np
 
+from ...sizes import format_size
+from ..args import UsageError
+
 
 def format_table(rows: list[dict]) -> str:
     tiers = list(rows[0]["hit_ratio"]) if rows else []
-    head = ["policy"] + [f"hit {t}" for t in tiers] + ["mean us", "p99 us", "migrated MiB", "total s", "wall s"]
+    head = ["policy"] + [f"hit {t}" for t in tiers] + ["mean us", "p99 us", "migrated", "total s", "wall s"]
     lines = [head]
     for r in rows:
         def f(v, fmt):
             return "-" if v is None else format(v, fmt)
         lines.append([r["policy"]] + [f"{r['hit_ratio'][t]:.4f}" for t in tiers] + [
             f(r["mean_latency_us"], ".2f"), f(r["p99_latency_us"], ".2f"),
-            f(None if r["bytes_migrated"] is None else r["bytes_migrated"] / 2**20, ".1f"),
+            "-" if r["bytes_migrated"] is None else format_size(r["bytes_migrated"]),
             f(r["total_time_s"], ".3f"), f(r["wall_s"], ".1f")])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(c).rjust(w) if j else str(c).ljust(w) for j, (c, w) in enumerate(zip(row, widths)))
                      for row in lines)
 
 
-def plot_rows(rows: list[dict], out: str | os.PathLike, title: str = "") -> None:
-    """Mean/p99 latency and fast-tier hit ratio per policy, side by side."""
-    import matplotlib
+def pyplot():
+    """matplotlib's pyplot on the file-only backend; a clear error when the ``plot`` extra is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("--plot needs matplotlib (pip install 'tiered[plot]')") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_rows(rows: list[dict], out: str | os.PathLike, title: str = "") -> None:
+    """Mean/p99 latency and fast-tier hit ratio per policy, side by side."""
+    plt = pyplot()
 
     names = [r["policy"] for r in rows]
     fast = list(rows[0]["hit_ratio"])[0]

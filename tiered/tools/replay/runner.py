@@ -6,7 +6,7 @@ import sys
 import time
 from typing import Sequence
 
-from policies import HEURISTICS, TierModel, create_policy
+from policies import HEURISTICS, PolicyError, TierModel, create_policy, policy_names
 from policies.sim import SimResult, prepare, simulate
 
 from ...config import Config
@@ -51,15 +51,25 @@ class _Progress:
         print(f"\r{self.label:<12} [{bar:<30}] {frac:6.1%} {rate / 1e3:8.1f}k acc/s", end=end, file=sys.stderr, flush=True)
 
 
+def _create(name: str, options: dict):
+    try:
+        return create_policy(name, **options)
+    except KeyError as e:  # a policy that cannot be built here (rl without its package)
+        raise PolicyError(e.args[0] if e.args else str(e)) from e
+
+
 def run_replay(trace, policies: Sequence[str], tiers: Sequence[TierModel], *, mode: str = "sim",
                cfg: Config | None = None, closed_loop: bool | None = None, window: float = 0.2,
                progress: bool = False, policy_options: dict[str, dict] | None = None) -> list[dict]:
     """Replay ``trace`` (a :class:`traces.Trace`) once per policy name; the table's rows."""
     prep = prepare(trace.time, trace.key, trace.size, trace.op, trace.kind)
     closed = choose_loop(trace, tiers)[0] if closed_loop is None else closed_loop
+    unknown = [n for n in policies if n not in policy_names()]
+    if unknown:
+        raise PolicyError(f"unknown policy {unknown[0]!r}; known: {', '.join(policy_names())}")
     rows: list[dict] = []
     for name in policies:
-        pol = create_policy(name, **(policy_options or {}).get(name, {}))
+        pol = _create(name, (policy_options or {}).get(name, {}))
         bar = _Progress(name, progress)
         try:
             if mode == "sim":
