@@ -65,6 +65,15 @@ def test_snippet_runs_as_written(snippet, tmp_path):
                                   f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 
 
+@pytest.mark.parametrize("block", [b for b in README_BLOCKS if b["lang"] == "toml"],
+                         ids=lambda b: f"README.md:{b['line']}")
+def test_toml_examples_are_valid_configs(block, tmp_path):
+    """Every TOML example validates (absolute directories moved under a temporary one)."""
+    text = re.sub(r'path = "/', f'path = "{tmp_path}/', block["code"])
+    (tmp_path / "example.toml").write_text(text)
+    tiered_config.load_config(tmp_path / "example.toml")
+
+
 def test_the_configuration_reference_names_every_key():
     text = README.read_text()
     section = text[text.index("## Configuration reference"):]
