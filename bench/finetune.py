@@ -108,9 +108,9 @@ def run_tiered(spec: dict, sync: bool = False) -> dict:
         st = opt.store.stats()
         out["host_capacity"] = st["tiers"]["host"]["capacity"]
         out["host_peak"] = st["tiers"]["host"]["peak"]
-        out["chunks"] = len(opt._chunks)
-        out["resident_chunks"] = sum(c.resident is not None for c in opt._chunks)
-        out["resident_bytes"] = sum(c.resident.reserved for c in opt._chunks if c.resident is not None)
+        out["chunks"] = opt.chunks
+        out["resident_chunks"] = opt.resident_chunks
+        out["owner_host"] = st["owners"][opt.owner]["host"]  # held, peak, reserved by the optimizer
         out["sync"] = sync
         out["state_bytes"] = 12 * sum(p.numel() for p in model.parameters())
         out["total_read"] = st["tiers"]["nvme"]["bytes_read"] - st0["bytes_read"]
@@ -242,6 +242,7 @@ def run_zo(spec: dict) -> dict:
     import torch
 
     import tiered
+    from tiered.offload import offload_units
     from tiered.optim import ZOSGD
     from tiered.optim.zo import mezo_step
 
@@ -259,7 +260,7 @@ def run_zo(spec: dict) -> dict:
     out["memory_step_s"] = times[1:]
     del model
     model = tiered.offload(build_model(spec).eval(), _tiered_cfg(spec, spec["zo_host_mib"]))
-    store = model._tiered.store
+    store = offload_units(model).store
     times, reads = [], []
     with ZOSGD(model, lr=1e-6, eps=1e-3, seed=0) as zo:
         for i in range(n + 1):
@@ -272,7 +273,7 @@ def run_zo(spec: dict) -> dict:
     out["tiered_step_s"] = times[1:]
     out["tiered_read_per_step"] = statistics.median(reads[1:])
     out["weights_bytes"] = weights
-    out["host_capacity"] = store.arena.capacity
+    out["host_capacity"] = store.stats()["tiers"]["host"]["capacity"]
     path = store.root
     tiered.detach(model)
     shutil.rmtree(path, ignore_errors=True)

@@ -155,12 +155,14 @@ def test_a_save_of_many_tensors_costs_a_few_store_commits(tmp_path):
         assert store.keys() == []
 
 
-def test_prefault_touches_the_free_host_tier_without_evicting_cached_copies(tmp_path):
+def test_prefault_touches_host_buffer_of_the_free_host_tier_without_evicting_cached_copies(tmp_path):
     with TieredStore(cfg(tmp_path, host="64MiB")) as store:
         store.put("user/w", torch.ones(MiB)).result(T)  # cached in the host tier
         with LazyCheckpointer(store=store, host_buffer="8MiB") as ck:
             assert store.meta("user/w")["in_host"]
-            assert store.stats()["tiers"]["host"]["peak"] == 64 * MiB  # everything free was touched
+            host = store.stats()["tiers"]["host"]
+            assert host["peak"] == 4 * MiB + 8 * MiB  # host_buffer touched, the rest left to the other owners
+            assert store.owners()["checkpoint/default"]["host"]["peak"] == 8 * MiB
             ck.save({"x": torch.ones(10)}, 1).wait(T)
         assert store.stats()["tiers"]["host"]["used"] == 4 * MiB
 
@@ -190,3 +192,58 @@ def test_a_format_1_checkpoint_with_its_own_data_file_is_loaded_and_retired(tmp_
         ck.save({"x": torch.zeros(3)}, 6).wait(T)  # retires step 5
         assert ck.steps() == {6: "storage"}
         assert not list(d.glob("*.data"))
+
+
+def test_host_buffers_and_extents_are_charged_to_the_checkpointer(tmp_path):
+    with TieredStore(cfg(tmp_path, host="64MiB")) as store:
+        with LazyCheckpointer(store=store, name="run1", host_buffer="8MiB", prefault=False) as ck:
+            sd = state(1)
+            ck.save(sd, 1).wait(T)
+            owners = store.owners()["checkpoint/run1"]
+            assert 0 < owners["host"]["peak"] <= 8 * MiB and owners["host"]["reserved"] == 0  # elastic
+            assert owners["nvme"]["held"] == footprint(sd)  # the retained extents
+            assert torch.equal(ck.load(1)["big"], sd["big"])
+        assert store.owners()["checkpoint/run1"]["host"]["held"] == 0
+
+
+def test_a_host_share_is_reserved_and_bounds_the_snapshot_buffers(tmp_path):
+    with TieredStore(cfg(tmp_path, host="64MiB")) as store:
+        with LazyCheckpointer(store=store, host_share="16MiB", prefault=False) as ck:
+            assert ck.host.capacity == 16 * MiB
+            assert store.owners()["checkpoint/default"]["host"]["reserved"] == 16 * MiB
+            other = store.reserve("host", "48MiB", owner="kv")  # the rest of the tier
+            with pytest.raises(Exception, match="cannot reserve"):
+                store.reserve("host", "1MiB", owner="gnn/x")
+            sd = {f"t{i}": torch.full((2 * MiB,), float(i)) for i in range(5)}  # 40 MiB through 16 MiB
+            ck.save(sd, 1).wait(T)
+            assert store.owners()["checkpoint/default"]["host"]["peak"] <= 16 * MiB
+            assert all(torch.equal(ck.load(1)[k], v) for k, v in sd.items())
+            other.close()
+        assert store.owners()["checkpoint/default"]["host"]["reserved"] == 0  # given back on close
+
+
+def test_a_checkpointer_and_another_owner_share_a_small_host_tier(tmp_path):
+    """Another workload holds most of the host tier and reserves a share: the checkpointer saves
+    and loads in what is left, and never takes the other's share."""
+    with TieredStore(cfg(tmp_path, host="32MiB")) as store:
+        kv = store.reserve("host", "16MiB", owner="kv")
+        bufs = [kv.alloc(4 * MiB, wait=0) for _ in range(4)]  # its whole share in use
+        with LazyCheckpointer(store=store, host_buffer="16MiB", prefault=True) as ck:
+            sd = state(3)
+            ck.save(sd, 3).wait(T)
+            got = ck.load(3)
+            assert torch.equal(got["big"], sd["big"]) and torch.equal(got["small"], sd["small"])
+            assert store.owners()["checkpoint/default"]["host"]["peak"] <= 16 * MiB
+        assert store.owners()["kv"]["host"]["held"] == 16 * MiB
+        for b in bufs:
+            b.release()
+        kv.close()
+
+
+def test_two_checkpointers_of_one_name_on_one_store_are_refused_clearly(tmp_path):
+    c = cfg(tmp_path)
+    c["tiers"]["flash"] = {"path": str(tmp_path / "flash"), "capacity": "64MiB"}
+    with TieredStore(c) as store, LazyCheckpointer(store=store, prefault=False):
+        with pytest.raises(CheckpointError, match="checkpoint/default.*already holds a reservation"):
+            LazyCheckpointer(store=store, tier="flash", prefault=False).open()
+        LazyCheckpointer(store=store, tier="flash", name="b", prefault=False).open().close()

@@ -22,6 +22,7 @@ import torch
 
 import tiered
 from tiered import OffloadError
+from tiered.offload import offload_units
 from tiered.optim import OffloadedAdamW
 
 transformers = pytest.importorskip("transformers")
@@ -63,6 +64,10 @@ def batch(step: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(step))
 
 
+def host_capacity(store) -> int:
+    return store.stats()["tiers"]["host"]["capacity"]
+
+
 def nvme_read(store) -> int:
     return store.stats()["tiers"]["nvme"]["bytes_read"]
 
@@ -83,7 +88,7 @@ def test_backward_gradients_are_bitwise_equal(tmp_path, arch):
         for (name, a), b in zip(ref.named_parameters(), model.parameters()):
             assert torch.equal(a.grad, b.grad), name
         rt.finish_backward()
-        assert rt.store.stats()["tiers"]["host"]["used"] <= rt.store.arena.capacity
+        assert rt.store.stats()["tiers"]["host"]["used"] <= host_capacity(rt.store)
     finally:
         tiered.detach(model)
 
@@ -95,14 +100,14 @@ def test_training_loss_curve_is_bitwise_equal_to_in_memory(tmp_path, arch, looka
     host = {"llama": 2, "gpt2": 3}[arch] + resident  # MiB: a GPT-2 block's state chunk is 0.6 MiB
     model = tiered.offload(copy.deepcopy(ref), cfg(tmp_path, host=f"{host}MiB", lookahead=lookahead,
                                                    resident=resident))
-    rt = model._tiered
+    store = offload_units(model).store
     o_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05)
     params = list(model.parameters())
     state_bytes = 12 * sum(p.numel() for p in params)
     try:
         with OffloadedAdamW(params, lr=1e-2, weight_decay=0.05, model=model, lookahead=1) as opt:
             assert [c.unit for c in opt._chunks if c.unit is not None]  # one state chunk per unit
-            read0 = nvme_read(rt.store)
+            read0 = nvme_read(store)
             for step in range(4):
                 x = batch(step)
                 l_ref = ref(input_ids=x, labels=x).loss
@@ -118,10 +123,13 @@ def test_training_loss_curve_is_bitwise_equal_to_in_memory(tmp_path, arch, looka
             # streamed: whatever the host tier cannot hold of the weights and state is read again
             # in every step after the first (state chunks are updated and written from the buffer
             # they were read into, so the cache holds more of them than a copying put allowed)
-            excess = state_bytes + sum(p.numel() * p.element_size() for p in params) - rt.store.arena.capacity
+            excess = state_bytes + sum(p.numel() * p.element_size() for p in params) - host_capacity(store)
             if not resident and excess > 0:
-                assert nvme_read(rt.store) - read0 >= 3 * excess
-            assert rt.store.stats()["tiers"]["host"]["peak"] <= rt.store.arena.capacity
+                assert nvme_read(store) - read0 >= 3 * excess
+            assert store.stats()["tiers"]["host"]["peak"] <= host_capacity(store)
+            # the state's buffers and objects are the optimizer's, not the model's
+            mine = store.owners()[opt.owner]
+            assert mine["host"]["peak"] > 0 and mine["nvme"]["held"] >= 2 * state_bytes
     finally:
         tiered.detach(model)
     for (name, a), b in zip(ref.named_parameters(), model.parameters()):

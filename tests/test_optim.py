@@ -18,7 +18,6 @@ storage tier because the host tier is smaller than it):
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import subprocess
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from tiered.optim import OffloadedAdamW, OptimStateError
+from allocators import OutOfBudget
 from tiered.store import TieredStore
 
 pytestmark = [pytest.mark.timeout(60)]
@@ -78,6 +78,14 @@ def nvme_bytes_read(opt) -> int:
     return opt.store.stats()["tiers"]["nvme"]["bytes_read"]
 
 
+def host_capacity(store) -> int:
+    return store.stats()["tiers"]["host"]["capacity"]
+
+
+def owner_figures(store, owner: str, tier: str = "host") -> dict:
+    return store.owners().get(owner, {}).get(tier, {"held": 0, "peak": 0, "reserved": 0})
+
+
 @pytest.mark.parametrize("mode", ["single", "foreach", "fused"])
 def test_bitwise_equal_to_torch_adamw_over_many_steps(tmp_path, mode):
     kw = {"single": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(foreach=False, fused=True)}[mode]
@@ -104,10 +112,10 @@ def test_bitwise_equal_to_torch_adamw_over_many_steps(tmp_path, mode):
         # steps 2..8 read the streamed chunks from storage (never a resident one), but for those the
         # rest of the host tier still caches (written last in a step, updated first in the next):
         # at least what does not fit there; and every step writes all chunks
-        cached = opt.store.arena.capacity - sum(c.resident.reserved for c in resident)
+        cached = host_capacity(opt.store) - sum(c.resident_bytes for c in resident)
         assert 7 * (streamed - cached) <= nvme_bytes_read(opt) <= 7 * streamed
         assert opt.store.stats()["tiers"]["nvme"]["bytes_written"] - written0 >= 8 * state_bytes
-        assert opt.store.stats()["tiers"]["host"]["peak"] <= opt.store.arena.capacity
+        assert opt.store.stats()["tiers"]["host"]["peak"] <= host_capacity(opt.store)
         mine_sd, ref_sd = opt.state_dict(), o_ref.state_dict()
     assert mine_sd["param_groups"][0]["params"] == ref_sd["param_groups"][0]["params"]
     for i, st in ref_sd["state"].items():
@@ -196,7 +204,7 @@ def test_a_step_failing_part_way_cannot_be_retried_and_resume_recovers(tmp_path,
     """A streamed chunk fails after the resident chunks (and the parameters, their own masters)
     were updated: retrying would apply Adam twice or commit a step some chunk never reached
     (found by review). The optimizer refuses further steps; resume=True continues bitwise."""
-    from tiered.optim.adamw import _drop
+    from tiered.optim.layout import drop as _drop
 
     class Failing(OffloadedAdamW):
         fail = None
@@ -257,6 +265,143 @@ def test_a_chunk_of_another_step_is_refused(tmp_path):
         opt.store.put(key, stale).result(timeout=30)
         with pytest.raises(OptimStateError, match=rf"object '{key}' holds state of step 1, expected 2"):
             train_step(m, opt, 2)
+
+
+# --------------------------------------------------------------------------- owners
+
+
+def assert_same(ref: nn.Module, mine: nn.Module, step) -> None:
+    for a, b in zip(ref.parameters(), mine.parameters()):
+        assert torch.equal(a, b), f"step {step}"
+
+
+def test_memory_and_objects_are_charged_to_the_optimizer_owner(tmp_path):
+    m = make_model()
+    with OffloadedAdamW(m.parameters(), config=cfg(tmp_path), chunk_bytes=CHUNK, name="run1") as opt:
+        assert opt.owner == "optim/run1"
+        for step in range(3):
+            train_step(m, opt, step)
+        opt.flush()
+        host = owner_figures(opt.store, "optim/run1")
+        assert host["held"] >= sum(c.resident_bytes for c in opt._chunks) > 0
+        assert host["peak"] >= host["held"]
+        # pipeline buffers, reads and the resident chunks: nothing of it is anyone else's
+        assert owner_figures(opt.store, "default")["peak"] == 0
+        # two steps' state (12 bytes per parameter each) and the marker: the optimizer's extents
+        state_bytes = 12 * sum(p.numel() for p in m.parameters())
+        assert owner_figures(opt.store, "optim/run1", "nvme")["held"] >= 2 * state_bytes
+        assert owner_figures(opt.store, "default", "nvme")["held"] == 0
+
+
+def test_a_step_next_to_another_owner_on_a_small_host_tier(tmp_path):
+    """Another owner holds part of a 1 MiB host tier and later asks for more: the optimizer
+    (elastic, resident chunks in what was free) gives resident chunks back, the other owner gets
+    its memory, and every step stays bitwise equal to torch's AdamW."""
+    ref, mine = make_model(), make_model()
+    o_ref = torch.optim.AdamW(groups(ref), lr=3e-3)
+    with TieredStore(cfg(tmp_path)) as store:
+        cap = host_capacity(store)
+        other = [store.alloc_host(256 << 10, wait=0, owner="kv/other")]
+        with OffloadedAdamW(groups(mine), lr=3e-3, store=store, chunk_bytes=12 * 4096, lookahead=0,
+                            resident_bytes=cap) as opt:
+            resident = opt.resident_chunks
+            assert resident > 0
+            for step in range(3):
+                train_step(ref, o_ref, step)
+                train_step(mine, opt, step)
+                assert_same(ref, mine, step)
+            opt.flush()
+            # the other owner wants memory the resident chunks hold (leaving the pipeline its room)
+            want = cap - (256 << 10) - opt._pipeline_bytes() - (16 << 10)
+            assert want > cap - (256 << 10) - sum(c.resident_bytes for c in opt._chunks)
+            other.append(store.alloc_host(want, wait=5.0, owner="kv/other"))
+            assert opt.resident_chunks < resident
+            figs = store.owners()
+            assert sum(f["host"]["held"] for f in figs.values() if "host" in f) <= cap
+            for step in range(3, 6):
+                train_step(ref, o_ref, step)
+                train_step(mine, opt, step)
+                assert_same(ref, mine, step)
+            assert store.stats()["tiers"]["host"]["peak"] <= cap
+        for b in other:
+            b.release()
+
+
+def test_another_owner_takes_resident_memory_while_steps_run(tmp_path):
+    """The other owner allocates and frees from its own thread while the optimizer steps: the
+    resident chunks it needs are given back between their updates, and the steps stay bitwise."""
+    import threading
+
+    ref, mine = make_model(), make_model()
+    o_ref = torch.optim.AdamW(groups(ref), lr=3e-3)
+    with TieredStore(cfg(tmp_path)) as store:
+        cap = host_capacity(store)
+        base = store.alloc_host(256 << 10, wait=0, owner="kv/other")
+        with OffloadedAdamW(groups(mine), lr=3e-3, store=store, chunk_bytes=12 * 4096, lookahead=0,
+                            resident_bytes=cap) as opt:
+            resident = opt.resident_chunks
+            want = cap - (256 << 10) - opt._pipeline_bytes() - (16 << 10)
+            stop, got, errors = threading.Event(), [], []
+
+            def other_owner() -> None:
+                try:
+                    while not stop.is_set():
+                        buf = store.alloc_host(want, wait=30.0, owner="kv/other")
+                        got.append(buf.reserved)
+                        time.sleep(0.005)
+                        buf.release()
+                        time.sleep(0.005)
+                except BaseException as e:  # noqa: BLE001 - reported by the test
+                    errors.append(e)
+
+            t = threading.Thread(target=other_owner)
+            t.start()
+            try:
+                for step in range(4):
+                    train_step(ref, o_ref, step)
+                    train_step(mine, opt, step)
+                    assert_same(ref, mine, step)
+            finally:
+                stop.set()
+                t.join(timeout=60)
+            assert not errors and got
+            assert opt.resident_chunks < resident
+        base.release()
+
+
+def test_explicit_host_share_is_honoured(tmp_path):
+    """host_share= reserves host memory for the optimizer: the chunk size and the resident
+    chunks come from the share, not from the whole tier, and another owner cannot take it."""
+    ref, mine = make_model(), make_model()
+    o_ref = torch.optim.AdamW(groups(ref), lr=3e-3)
+    share = 512 << 10
+    with TieredStore(cfg(tmp_path)) as store:
+        with OffloadedAdamW(groups(mine), lr=3e-3, store=store, host_share="512KiB", lookahead=2) as opt:
+            assert owner_figures(store, opt.owner)["reserved"] == share
+            biggest = max(c.host_bytes for c in opt._chunks)
+            assert 5 * biggest <= share < 5 * 2 * biggest  # chunks sized from the share
+            resident = sum(c.resident_bytes for c in opt._chunks)
+            assert 0 < resident <= share - 5 * biggest  # what the share holds beyond the pipeline
+            # the rest of the tier is the others': they cannot take the share
+            with pytest.raises(OutOfBudget, match="kv/other"):
+                store.alloc_host(host_capacity(store) - share + (64 << 10), wait=0, owner="kv/other")
+            for step in range(4):
+                train_step(ref, o_ref, step)
+                train_step(mine, opt, step)
+                assert_same(ref, mine, step)
+        assert owner_figures(store, "optim/adamw")["reserved"] == 0  # given back by close()
+        assert owner_figures(store, "optim/adamw")["held"] == 0
+
+
+def test_config_share_of_the_optim_owner_kind(tmp_path):
+    m = make_model()
+    conf = dict(cfg(tmp_path), owners={"optim": {"host": "50%"}})
+    with OffloadedAdamW(m.parameters(), config=conf, name="x") as opt:
+        assert owner_figures(opt.store, "optim/x")["reserved"] == host_capacity(opt.store) // 2
+        assert 5 * max(c.host_bytes for c in opt._chunks) <= host_capacity(opt.store) // 2
+        train_step(m, opt, 0)
+    with pytest.raises(OptimStateError, match=r"host share of 'optim/adamw' of \d+ bytes cannot hold 5 state"):
+        OffloadedAdamW(m.parameters(), config=cfg(tmp_path / "b"), host_share="128KiB", chunk_bytes=CHUNK).open()
 
 
 def test_usage_errors(tmp_path):

@@ -24,6 +24,7 @@ from torch import nn
 
 import tiered
 from tiered import OffloadError
+from tiered.offload import offload_units
 from tiered.optim import ZOSGD, mezo_noise
 from tiered.optim.zo import mezo_step
 
@@ -63,7 +64,7 @@ def build(arch: str) -> nn.Module:
     return m.eval()
 
 
-def cfg(tmp_path, host="768KiB", resident=False) -> dict:
+def cfg(tmp_path, host="1MiB", resident=False) -> dict:
     return {"tiers": {"host": {"capacity": host}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "256MiB"}},
             "engine": {"workers": 2, "chunk": "1MiB"}, "offload": {"lookahead": 1, "resident": resident}}
 
@@ -83,7 +84,7 @@ def weight_bytes(model) -> int:
 @pytest.mark.parametrize("arch,resident", [("llama", False), ("gpt2", False), ("opt", False), ("llama", True)])
 def test_each_step_equals_in_memory_mezo(tmp_path, arch, resident):
     ref = build(arch)
-    model = tiered.offload(copy.deepcopy(ref), cfg(tmp_path, host="2MiB" if resident else "768KiB", resident=resident))
+    model = tiered.offload(copy.deepcopy(ref), cfg(tmp_path, host="2MiB" if resident else "1MiB", resident=resident))
     store = model._tiered.store
     with ZOSGD(model, lr=LR, eps=EPS, seed=SEED) as zo:
         for step in range(4):
@@ -136,6 +137,28 @@ def test_noise_is_regenerated_from_the_seed():
     assert torch.equal(a, mezo_noise(3, 7, (4, 5), torch.float32))
     assert not torch.equal(a, mezo_noise(3, 8, (4, 5), torch.float32))
     assert not torch.equal(a, mezo_noise(4, 7, (4, 5), torch.float32))
+
+
+def test_the_noise_is_host_memory_of_the_zo_owner(tmp_path):
+    ref = build("llama")
+    model = tiered.offload(copy.deepcopy(ref), cfg(tmp_path))
+    store = offload_units(model).store
+    largest = max(sum(p.numel() for p in u.params()) for u in offload_units(model))
+    with ZOSGD(model, lr=LR, eps=EPS, seed=SEED, name="run", host_share="256KiB") as zo:
+        assert zo.owner == "zo/run"
+        assert store.owners()["zo/run"]["host"]["reserved"] == 256 << 10
+        for step in range(2):
+            want = mezo_step(ref, batch(step), seed=SEED + step, lr=LR, eps=EPS)
+            assert zo.step(batch(step)).projected_grad == want.projected_grad
+        fig = store.owners()["zo/run"]["host"]
+        assert fig["peak"] >= 4 * largest and fig["held"] == 0  # held while a unit computes
+    assert store.owners()["zo/run"]["host"]["reserved"] == 0
+    # another owner's share leaves too little room for the units and the noise
+    store.trim()  # the units' cached copies
+    with store.reserve("host", "60%", owner="kv/other"):
+        with pytest.raises(OffloadError, match=r"\(\d+ reserved by other owners\) cannot hold 3 units"):
+            ZOSGD(model)
+    tiered.detach(model)
 
 
 def test_misuse_is_a_clear_error(tmp_path):

@@ -16,17 +16,19 @@ the store frees the extents, so the storage tier's ``used`` falls by the step's 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 from io_engine import gather
 
-from ..atomic import fsync_dir, remove_stale_temps, write_json_atomic
+from ..atomic import TEMP_PREFIX, fsync_dir, remove_stale_temps, write_json_atomic
 from .format import (
-    COLD_RE, FORMAT, FORMAT_VERSION, SEGMENT, CheckpointError, cold_name, committed_steps, manifest_name,
+    COLD_RE, DATA_RE, FORMAT, FORMAT_VERSION, SEGMENT, CheckpointError, cold_name, committed_steps, manifest_name,
     read_manifest, referenced_zarrs, retain_tags, tensor_crcs,
 )
 from .snapshot import _COPIED, _PENDING, CheckpointHandle
@@ -61,24 +63,30 @@ class Levels:
         doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": h.step, "segment": SEGMENT,
                "created": time.time(), "tensors": tensors, "tree": h.tree, "retain_tag": h.retain_tag}
         mpath = self.directory / manifest_name(h.step)
-        old = read_manifest(mpath) if mpath.exists() else None
-        write_json_atomic(mpath, doc)  # the commit point
-        h.doc = doc
-        h.pieces = []
-        h.stats["durable_s"] = time.perf_counter() - h.t_called
-        if h.cold is not None:
-            with self._lock:
-                self._cold_busy[h.step] += 1
-        try:  # committed: a failure from here on is not this save's, and must not undo it
-            self.store.delete_prefix(h.key_prefix)  # one store commit; the retention keeps the bytes
-            if old is not None:  # the same step saved again: its previous bytes are unreferenced now
-                self._drop(self.directory, old)
-            self._retire(self.directory, self.keep_last)
-        except BaseException as e:  # noqa: BLE001 - raised by the next save(), wait_all() or close()
-            log.error("checkpoint retention in %s failed: %s", self.directory, e)
-            failed = CheckpointHandle(h.step, h.seq)  # reported even when this save's handle is waited for
-            failed.durable.set_exception(e)
-            self._record_failure(failed, CheckpointError(f"retention after step {h.step}: {e}"))
+        with self._retire_lock:  # read old -> publish new -> drop old: no retire or load in between
+            old = read_manifest(mpath) if mpath.exists() else None
+            doc["commit_seq"] = self._commit_seq + 1
+            _publish(mpath, doc)  # the commit point: once renamed, the manifest is the checkpoint's
+            self._commit_seq += 1
+            h.doc = doc
+            h.pieces = []
+            h.stats["durable_s"] = time.perf_counter() - h.t_called
+            if h.cold is not None:
+                with self._lock:
+                    self._cold_busy[h.step] += 1
+                h.cold_pin = self._pin(self.directory, doc)
+            try:  # committed: a failure from here on is not this save's, and must not undo it
+                fsync_dir(self.directory)
+                if old is not None:  # the same step saved again: its previous bytes are unreferenced now
+                    self._drop(self.directory, old)
+                self.store.delete_prefix(h.key_prefix)  # one store commit; the retention keeps the bytes
+                self._retire(self.directory, self.keep_last)
+            except BaseException as e:  # noqa: BLE001 - raised by the next save(), wait_all() or close()
+                log.error("checkpoint step %d in %s: after its commit: %s", h.step, self.directory, e)
+                failed = CheckpointHandle(h.step, h.seq)  # reported even when this save's handle is waited for
+                failed.durable.set_exception(e)
+                self._record_failure(failed, CheckpointError(f"after committing step {h.step} to "
+                                                             f"{self.directory}: {e}"))
         h.durable.set_result({"step": h.step, "manifest": str(mpath), "bytes": h.stats["bytes"]})
 
     # -- cold level ------------------------------------------------------------------
@@ -107,11 +115,12 @@ class Levels:
         _fsync_tree(zpath)
         cold_doc = dict(doc, zarr=zname, tensors=tensors, retain_tag=None)
         mpath = self.cold_directory / manifest_name(h.step)
-        old = read_manifest(mpath) if mpath.exists() else None
-        write_json_atomic(mpath, cold_doc)
-        if old is not None:
-            self._drop(self.cold_directory, old)
-        self._retire(self.cold_directory, self.cold_keep_last)
+        with self._retire_lock:
+            old = read_manifest(mpath) if mpath.exists() else None
+            write_json_atomic(mpath, cold_doc)
+            if old is not None:
+                self._drop(self.cold_directory, old)
+            self._retire(self.cold_directory, self.cold_keep_last)
         h.stats["cold_s"] = time.perf_counter() - h.t_called
         return {"step": h.step, "manifest": str(mpath)}
 
@@ -142,6 +151,15 @@ class Levels:
             self._drop(directory, doc)
 
     def _drop(self, directory: Path, doc: dict) -> None:
+        """Free the bytes of a manifest no longer visible; deferred while a reader pins them."""
+        with self._retire_lock:
+            key = _doc_key(directory, doc)
+            if self._pins.get(key):
+                self._deferred[key] = (directory, doc)  # the last reader drops it (_unpin)
+                return
+            self._drop_now(directory, doc)
+
+    def _drop_now(self, directory: Path, doc: dict) -> None:
         if doc.get("zarr"):
             path = directory / doc["zarr"]
             if path.is_dir():
@@ -153,6 +171,26 @@ class Levels:
         if doc.get("retain_tag"):
             self.store.release(doc["retain_tag"])
 
+    # -- readers ---------------------------------------------------------------------
+    def _pin(self, directory: Path, doc: dict) -> tuple:
+        """Keep the bytes of ``doc`` (read from a visible manifest, under ``_retire_lock``) until
+        ``_unpin``: a retire, delete or re-save meanwhile removes the manifest at once and frees
+        the bytes after the last reader (a load, a cold copy)."""
+        key = _doc_key(directory, doc)
+        with self._retire_lock:
+            self._pins[key] += 1
+        return key
+
+    def _unpin(self, key: tuple) -> None:
+        with self._retire_lock:
+            self._pins[key] -= 1
+            if self._pins[key] > 0:
+                return
+            del self._pins[key]
+            deferred = self._deferred.pop(key, None)
+            if deferred is not None:
+                self._drop_now(*deferred)
+
     # -- recovery --------------------------------------------------------------------
     def _recover(self) -> None:
         """Remove what an interrupted save left: temp manifests, store retentions no committed
@@ -163,9 +201,9 @@ class Levels:
         for tag in stale_tags:
             self.store.release(tag)
         stale_keys = self.store.delete_prefix(self._key_prefix)
-        removed = 0
+        removed = _remove_unnamed_data_files(self.directory)
         if self.cold_directory is not None:
-            removed = remove_stale_temps(self.cold_directory)
+            removed += remove_stale_temps(self.cold_directory)
             keep = referenced_zarrs(committed_steps(self.cold_directory))
             for name in os.listdir(self.cold_directory):
                 if COLD_RE.match(name) and name not in keep:
@@ -173,8 +211,10 @@ class Levels:
                     removed += 1
             if removed:
                 fsync_dir(self.cold_directory)
+        self._commit_seq = max(last_commit_seq(self.directory),
+                               last_commit_seq(self.cold_directory) if self.cold_directory else 0)
         if stale_tags or stale_keys or removed:
-            log.info("checkpoint %s: removed leftovers of interrupted saves (%d retentions, %d objects, %d cold)",
+            log.info("checkpoint %s: removed leftovers of interrupted saves (%d retentions, %d objects, %d files)",
                      self.directory, len(stale_tags), len(stale_keys), removed)
 
     # -- failures --------------------------------------------------------------------
@@ -229,16 +269,69 @@ class Levels:
             self._failures.append((h, e))
 
 
-def commit_order(directory: Path) -> list[int]:
-    """Committed steps in ``directory``, oldest commit first (manifest ``created``, then step)."""
+def _rank(doc: dict) -> tuple:
+    """Commit order of a manifest: its ``commit_seq`` (a counter, immune to wall-clock steps);
+    manifests written before it existed come first, by ``created``."""
+    if "commit_seq" in doc:
+        return (1, int(doc["commit_seq"]))
+    return (0, float(doc.get("created", 0.0)))
+
+
+def _ranked(directory: Path) -> list[tuple[tuple, int]]:
     ranked = []
     for step, path in committed_steps(directory).items():
         try:
-            created = float(read_manifest(path).get("created", 0.0))
+            ranked.append((_rank(read_manifest(path)), step))
         except FileNotFoundError:
             continue  # retired meanwhile by another pass
-        ranked.append((created, step))
-    return [step for _created, step in sorted(ranked)]
+    return sorted(ranked)
+
+
+def commit_order(directory: Path) -> list[int]:
+    """Committed steps in ``directory``, oldest commit first (``commit_seq``, then step)."""
+    return [step for _rank, step in _ranked(directory)]
+
+
+def last_commit_seq(directory: Path) -> int:
+    """The highest ``commit_seq`` of the manifests in ``directory`` (0 when none has one)."""
+    return max((r[1] for r, _step in _ranked(directory) if r[0] == 1), default=0)
+
+
+def _doc_key(directory: Path, doc: dict) -> tuple:
+    """What identifies the bytes of one manifest (a step saved again has other bytes)."""
+    return (str(directory), doc.get("retain_tag") or doc.get("zarr") or doc.get("data_file") or doc["step"])
+
+
+def _publish(path: Path, doc: dict) -> None:
+    """Write ``doc`` to a temp file, fsync it, rename it to ``path``. A failure before the rename
+    leaves no trace; the rename is the commit point (the caller fsyncs the directory)."""
+    data = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _remove_unnamed_data_files(directory: Path) -> int:
+    """Delete the data files of format-1 saves that never committed (no manifest names them)."""
+    keep = {doc.get("data_file") for doc in map(read_manifest, committed_steps(directory).values())}
+    removed = 0
+    for name in os.listdir(directory):
+        if DATA_RE.match(name) and name not in keep:
+            (directory / name).unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        fsync_dir(directory)
+    return removed
 
 
 def _fsync_tree(root: Path) -> None:

@@ -1,17 +1,24 @@
-"""torch.distributed.checkpoint storage on the tiers, with the LazyCheckpointer's crash safety.
+"""torch.distributed.checkpoint storage on the tiers, written through a TieredStore.
 
 ``dcp.save(sd, storage_writer=TieredStorageWriter("run/step-100", config=cfg))`` and
-``dcp.async_save(...)`` write each rank's items as raw bytes into one data file per rank
-and save (``<save_id>-r<rank>.data``: a new save never overwrites the files of the
-committed one), 4 KiB aligned, through the IOEngine with O_DIRECT from a HostArena,
-with a crc32 per 8 MiB; each rank fsyncs its file before it reports its results. The
-coordinator then commits ``.metadata.json`` (temp -> fsync -> rename -> fsync dir) and
-deletes data files the new metadata does not name (older saves, interrupted ones).
-A checkpoint is visible only once that file exists. The metadata is JSON, not pickle;
-non-tensor values are the bytes DCP's planner produces (``torch.save`` of the object)
-and are stored opaque. ``TieredStorageReader`` checks every item's crc32 on load.
+``dcp.async_save(...)``: each rank writes its items as objects of a
+:class:`~tiered.TieredStore` (owner ``dcp``, staged through at most ``host_buffer`` bytes of
+its host tier, pieces of 8 MiB with a crc32 each, no fsync per piece), then one
+``store.retain`` makes them durable together and keeps those versions for the save (the
+bytes count in the storage tier's capacity), and the keys are deleted. The coordinator then
+commits ``.metadata.json`` (temp -> fsync -> rename -> fsync dir), naming every part's data
+file, offset, size and crc32: a checkpoint is visible only once that file exists. The
+metadata is JSON, not pickle; non-tensor values are the bytes DCP's planner produces and are
+stored opaque. ``TieredStorageReader`` reads through its store's engine and checks every
+segment's crc32.
 
-A relative ``checkpoint_id`` lives under ``<storage tier path>/dcp/`` of ``config``.
+The store: ``store=`` (an open TieredStore, left open), else ``TieredStore.shared(config)``
+for the duration of each call, else (neither given) a store of one storage tier inside the
+checkpoint directory, one per rank (``.store-r<rank>``). A relative ``checkpoint_id`` lives
+under ``<storage tier path>/dcp/`` of the config. A save's retention is released once a later
+save of the same checkpoint directory is committed: by the coordinator for its own store at
+commit, by the other ranks when they next write there (a rank keeps at most the committed save
+and one older one). Retentions of saves that never committed are released then too.
 """
 
 from __future__ import annotations
@@ -20,42 +27,42 @@ import dataclasses
 import io
 import os
 import re
+import shutil
 import uuid
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties,
-    TensorStorageMetadata,
-)
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from allocators import HostArena, align_up
-from io_engine import IOEngine, gather
+from io_engine import gather
 
 from ..atomic import fsync_dir, remove_stale_temps, write_json_atomic
 from ..config import load_config
 from ..sizes import parse_size
-from ._io import read_verified, write_bytes
-from .format import SEGMENT, CheckpointError, decode_tree, dtype_from, dtype_name, encode_tree
+from ._io import read_parts
+from .commit import part_record
+from .dcp_meta import METADATA, metadata_from_json, metadata_to_json, refuse_foreign_format
+from .format import SEGMENT, CheckpointError, dtype_from, dtype_name
+from .host import CheckpointHost
 
-METADATA = ".metadata.json"
-FORMAT = "tiered-dcp"
-FORMAT_VERSION = 1
-_DATA_RE = re.compile(r"^[0-9a-f]{32}-r\d+\.data$")
+OWNER = "dcp"
+_DATA_RE = re.compile(r"^[0-9a-f]{32}-r\d+\.data$")  # format 1: a rank's own data file
 
 
-def _resolve(checkpoint_id, config, tier: str | None) -> Path:
+def _resolve(checkpoint_id, config, tier: str | None, store) -> Path:
     if checkpoint_id is None:
         raise CheckpointError("a checkpoint_id (a directory) is needed: pass it to the storage writer/reader "
                               "or to dcp.save/dcp.load")
     p = Path(checkpoint_id).expanduser()
     if p.is_absolute():
         return p
-    cfg = load_config(config)
+    cfg = store.config if store is not None else load_config(config)
     tiers = cfg.storage_tiers
     spec = tiers[0] if tier is None else next((t for t in tiers if t.name == tier), None)
     if spec is None:
@@ -64,55 +71,91 @@ def _resolve(checkpoint_id, config, tier: str | None) -> Path:
     return Path(spec.path) / "dcp" / p
 
 
-class _Engine:
-    """An IOEngine and a HostArena for the duration of one write_data/read_data call."""
+def _room(path: Path) -> int:
+    """What a store of its own in ``path`` may hold: the free disk space plus what its files take
+    already, rounded down (to GiB above 2 GiB) so that it does not change with every write."""
+    held = sum(e.stat().st_blocks * 512 for e in os.scandir(path) if e.is_file(follow_symlinks=False))
+    room = shutil.disk_usage(path).free + held
+    unit = 1 << 30 if room >= 2 << 30 else 1 << 20
+    return max(unit, room // unit * unit)
 
-    def __init__(self, config, host_buffer: int) -> None:
-        e = load_config(config).engine if config is not None else None
-        self.engine = IOEngine(e.backend if e else "threads", workers=e.workers if e else 4,
-                               chunk=e.chunk if e else 8 << 20, direct=e.direct if e else True)
-        self.arena = HostArena(host_buffer, name="dcp host buffer")
 
-    def __enter__(self) -> "_Engine":
-        self.arena.open()
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class _Common:
+    """What the writer and the reader share: where the checkpoint lives, the store, the staging budget."""
+
+    def _init_common(self, checkpoint_id, store, config: Any, tier: str | None, host_buffer: int | str,
+                     wait: float) -> None:
+        if store is not None and config is not None:
+            raise CheckpointError("give store= or config=, not both")
+        self.store, self.config, self.tier = store, config, tier
+        self.path = None if checkpoint_id is None else _resolve(checkpoint_id, config, tier, store)
+        self.host_buffer = parse_size(host_buffer, where="host_buffer")
+        if self.host_buffer < SEGMENT:
+            raise CheckpointError(f"host_buffer = {host_buffer!r}: must hold at least one {SEGMENT}-byte segment")
+        self.wait = wait
+
+    def _set_path(self, checkpoint_id) -> None:
+        if checkpoint_id is not None:
+            self.path = _resolve(checkpoint_id, self.config, self.tier, self.store)
+
+    def _path(self) -> Path:
+        if self.path is None:
+            raise CheckpointError(f"{type(self).__name__} has no checkpoint_id: pass one to it or to dcp.save/load")
+        return self.path
+
+    def _path_id(self) -> str:
+        return f"{zlib.crc32(str(self._path().resolve()).encode()):08x}"
+
+    @contextmanager
+    def _open_store(self) -> Iterator[Any]:
+        """The store given, else this process's shared store for the config (closed after)."""
+        if self.store is not None:
+            yield self.store
+            return
+        from ..store import TieredStore
+
+        store = TieredStore.shared(self.config if self.config is not None else self._own_config())
         try:
-            self.engine.open()
-        except BaseException:
-            self.arena.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            self.engine.close()
+            yield store
         finally:
-            self.arena.close()
+            store.close()
+
+    def _own_config(self) -> dict:
+        """Neither store nor config: a store of one tier in the checkpoint directory, per rank."""
+        path = self._path() / f".store-r{_rank()}"
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return {"tiers": {"host": {"capacity": self.host_buffer},
+                          "dcp": {"path": str(path), "capacity": _room(path)}}}
+
+    @contextmanager
+    def _host(self, store) -> Iterator[CheckpointHost]:
+        host = CheckpointHost(store, self.host_buffer, OWNER, reserve=False)
+        try:
+            yield host
+        finally:
+            host.close()
 
 
-def _init_common(obj, checkpoint_id, config: Any, tier: str | None, host_buffer: int | str, wait: float) -> None:
-    """What the writer and the reader share: where the checkpoint lives and the staging budget."""
-    obj.config, obj.tier = config, tier
-    obj.path = None if checkpoint_id is None else _resolve(checkpoint_id, config, tier)
-    obj.host_buffer = parse_size(host_buffer, where="host_buffer")
-    if obj.host_buffer < SEGMENT:
-        raise CheckpointError(f"host_buffer = {host_buffer!r}: must hold at least one {SEGMENT}-byte segment")
-    obj.wait = wait
+class TieredStorageWriter(_Common, StorageWriter):
+    """DCP StorageWriter through a TieredStore (see the module docstring). ``host_buffer``: host
+    memory each rank stages writes through; ``tier``: the storage tier holding the bytes (and
+    relative ids)."""
 
-
-class TieredStorageWriter(StorageWriter):
-    """DCP StorageWriter on a storage tier (see the module docstring). ``host_buffer``: host
-    memory each rank stages writes through; ``config``/``tier``: where relative ids live."""
-
-    def __init__(self, checkpoint_id: str | os.PathLike | None = None, *, config: Any = None,
+    def __init__(self, checkpoint_id: str | os.PathLike | None = None, *, store: Any = None, config: Any = None,
                  tier: str | None = None, host_buffer: int | str = "256MiB", wait: float = 120.0) -> None:
         super().__init__()
-        _init_common(self, checkpoint_id, config, tier, host_buffer, wait)
+        self._init_common(checkpoint_id, store, config, tier, host_buffer, wait)
         self.save_id = uuid.uuid4().hex
         self.is_coordinator = True
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
-        if checkpoint_id is not None:
-            self.path = _resolve(checkpoint_id, self.config, self.tier)
+        self._set_path(checkpoint_id)
         self.save_id = uuid.uuid4().hex
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -125,11 +168,6 @@ class TieredStorageWriter(StorageWriter):
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         return isinstance(checkpoint_id, (str, os.PathLike))
 
-    def _path(self) -> Path:
-        if self.path is None:
-            raise CheckpointError("TieredStorageWriter has no checkpoint_id: pass one to it or to dcp.save")
-        return self.path
-
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         self._path().mkdir(parents=True, exist_ok=True, mode=0o700)
         return plan
@@ -138,81 +176,151 @@ class TieredStorageWriter(StorageWriter):
         return [dataclasses.replace(p, storage_data=f"r{i}") for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        name = f"{self.save_id}-{plan.storage_data or 'r0'}.data"
-        path = str(self._path() / name)
-        results, futs, offset = [], [], 0
-        with _Engine(self.config, self.host_buffer) as io_:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        rank = plan.storage_data or "r0"
+        tag = f"dcp:{self._path_id()}:{self.save_id}:{rank}"
+        prefix = f"dcp/{self._path_id()}/{self.save_id}-{rank}/"
+        with self._open_store() as store, self._host(store) as host:
+            self._release_stale(store, keep=_committed_tags(self._path()))
             try:
-                for item in plan.items:
-                    data = planner.resolve_data(item)
-                    if item.type == WriteItemType.BYTE_IO:
-                        raw = data.getbuffer() if isinstance(data, io.BytesIO) else data
-                        info = {"kind": "bytes"}
-                        src = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if len(raw) else torch.empty(0, dtype=torch.uint8)
-                    else:
-                        t = data.detach()
-                        if t.device.type != "cpu":
-                            t = t.cpu()
-                        t = t.contiguous()
-                        info = {"kind": "tensor", "dtype": dtype_name(t.dtype), "shape": list(t.shape)}
-                        src = t.reshape(-1).view(torch.uint8) if t.dtype != torch.uint8 else t.reshape(-1)
-                    n = src.numel()
-                    fs, crcs = write_bytes(io_.engine, io_.arena, path, offset, src, SEGMENT, self.wait)
-                    futs.extend(fs)
-                    info.update(file=name, offset=offset, length=n, crc32=crcs)
-                    results.append(WriteResult(index=item.index, size_in_bytes=n, storage_data=info))
-                    offset += align_up(max(n, 1))
-                gather(futs).result()
-                io_.engine.fsync(path)  # durable before the coordinator can name it
+                results = self._write_items(store, host, plan, planner, prefix, tag)
             except BaseException:
-                gather(futs).exception()  # let in-flight writes finish before the buffers go
+                store.delete_prefix(prefix)
+                store.release(tag)
                 raise
+            store.delete_prefix(prefix)  # one store commit; the retention keeps the bytes
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
 
+    def _write_items(self, store, host: CheckpointHost, plan: SavePlan, planner: SavePlanner, prefix: str,
+                     tag: str) -> list[WriteResult]:
+        """Put every item's bytes as store objects of ``SEGMENT`` bytes, then retain them all (one
+        commit: durable before the coordinator can name them)."""
+        items, futs, keys = [], [], []
+        try:
+            for item in plan.items:
+                info, src = _item_bytes(item, planner.resolve_data(item))
+                item_keys = []
+                for lo in range(0, src.numel(), SEGMENT):
+                    key = f"{prefix}{len(keys)}"
+                    futs.append(_put_piece(store, host, key, src[lo:lo + SEGMENT], self.tier, self.wait))
+                    keys.append(key)
+                    item_keys.append(key)
+                items.append((item, info, src.numel(), item_keys))
+        finally:
+            gather(futs).exception()  # in-flight puts end before a failure is raised
+        gather(futs).result()
+        located = {r["key"]: r for r in (store.retain(tag, keys) if keys else [])}
+        results = []
+        for item, info, n, item_keys in items:
+            parts = [part_record(located[k]) | {"path": self._recorded_path(located[k]["path"])} for k in item_keys]
+            info.update(length=n, parts=parts, retain_tag=tag)
+            results.append(WriteResult(index=item.index, size_in_bytes=n, storage_data=info))
+        return results
+
+    def _recorded_path(self, data_file: str) -> str:
+        """A data file inside the checkpoint directory (its own per-rank store) is named relative to
+        it, so the directory can be moved as a whole; any other one absolutely."""
+        base = self._path().resolve()
+        p = Path(data_file).resolve()
+        return str(p.relative_to(base)) if p.is_relative_to(base) else str(p)
+
+    def _release_stale(self, store, keep: set[str]) -> None:
+        """Release this store's retentions of saves of this directory that no committed metadata
+        names (older saves, interrupted ones), and forget keys of interrupted puts."""
+        pid = self._path_id()
+        for t in store.retained(f"dcp:{pid}:"):
+            if t not in keep:
+                store.release(t)
+        store.delete_prefix(f"dcp/{pid}/")
+
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        """Commit the checkpoint (coordinator only), then delete files it does not name."""
+        """Commit the checkpoint (coordinator only), then release what the new metadata does not name."""
         path = self._path()
         metadata.storage_data = {wr.index: wr.storage_data for rs in results for wr in rs}
         metadata.storage_meta = self.storage_meta()
         write_json_atomic(path / METADATA, metadata_to_json(metadata))
-        keep = {info["file"] for info in metadata.storage_data.values()}
+        keep = {info["retain_tag"] for info in metadata.storage_data.values() if info.get("retain_tag")}
         removed = remove_stale_temps(path)
         for name in os.listdir(path):
-            if _DATA_RE.match(name) and name not in keep:
+            if _DATA_RE.match(name):  # format 1 data files: the new metadata names none
                 (path / name).unlink()
                 removed += 1
         if removed:
             fsync_dir(path)
+        with self._open_store() as store:
+            pid = self._path_id()
+            for t in store.retained(f"dcp:{pid}:"):
+                if t not in keep:
+                    store.release(t)
 
 
-class TieredStorageReader(StorageReader):
+def _item_bytes(item, data) -> tuple[dict, torch.Tensor]:
+    """The manifest info and the flat uint8 bytes of one write item."""
+    if item.type == WriteItemType.BYTE_IO:
+        raw = data.getbuffer() if isinstance(data, io.BytesIO) else data
+        src = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if len(raw) else torch.empty(0, dtype=torch.uint8)
+        return {"kind": "bytes"}, src
+    t = data.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    info = {"kind": "tensor", "dtype": dtype_name(t.dtype), "shape": list(t.shape)}
+    return info, (t.reshape(-1).view(torch.uint8) if t.dtype != torch.uint8 else t.reshape(-1))
+
+
+def _put_piece(store, host: CheckpointHost, key: str, src: torch.Tensor, tier: str | None, wait: float):
+    """Copy ``src`` into a host buffer and hand it to the store (written, durable at the retain)."""
+    n = src.numel()
+    buf = host.alloc(n, timeout=wait)
+    try:
+        torch.from_numpy(buf.array).copy_(src)
+    except BaseException:
+        host.free(buf)
+        raise
+    try:
+        fut = store.put_buffer(key, buf, torch.uint8, (n,), kind="dcp", tier=tier, give=True, sync=False,
+                               commit=False, cache=False, owner=OWNER)
+    except BaseException:
+        host.returned(n)  # the store released the buffer it was given
+        raise
+    fut.add_done_callback(lambda _f: host.returned(n))
+    return fut
+
+
+def _committed_tags(path: Path) -> set[str]:
+    """Retention tags the committed metadata of ``path`` names (none when there is none)."""
+    import json
+
+    try:
+        doc = json.loads((path / METADATA).read_bytes())
+    except (FileNotFoundError, ValueError):
+        return set()
+    return {info.get("retain_tag") for *_i, info in doc.get("storage_data", []) if isinstance(info, dict)} - {None}
+
+
+class TieredStorageReader(_Common, StorageReader):
     """DCP StorageReader for checkpoints written by :class:`TieredStorageWriter`; every item
-    is checked against its crc32."""
+    is read through the store's engine and checked against its crc32."""
 
-    def __init__(self, checkpoint_id: str | os.PathLike | None = None, *, config: Any = None,
+    def __init__(self, checkpoint_id: str | os.PathLike | None = None, *, store: Any = None, config: Any = None,
                  tier: str | None = None, host_buffer: int | str = "256MiB", wait: float = 120.0) -> None:
         super().__init__()
-        _init_common(self, checkpoint_id, config, tier, host_buffer, wait)
+        self._init_common(checkpoint_id, store, config, tier, host_buffer, wait)
         self.storage_data: dict = {}
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         self.storage_data = {}
-        if checkpoint_id is not None:
-            self.path = _resolve(checkpoint_id, self.config, self.tier)
+        self._set_path(checkpoint_id)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         return isinstance(checkpoint_id, (str, os.PathLike))
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if self.path is None:
-            raise CheckpointError("TieredStorageReader has no checkpoint_id: pass one to it or to dcp.load")
-        mpath = self.path / METADATA
+        mpath = self._path() / METADATA
         if not mpath.exists():
-            _refuse_foreign_format(self.path)
+            refuse_foreign_format(self.path)
             raise CheckpointError(f"no committed checkpoint at {self.path} ({METADATA} missing: never saved, "
                                   "or the save did not finish)")
         import json
@@ -233,115 +341,50 @@ class TieredStorageReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        with _Engine(self.config, self.host_buffer) as io_:
+        with self._open_store() as store, self._host(store) as host:
             for req in plan.items:
                 info = self.storage_data.get(req.storage_index)
                 if info is None:
                     raise CheckpointError(f"{self.path}: no stored item {req.storage_index} in {METADATA}")
-                raw = torch.empty(info["length"], dtype=torch.uint8)
-                flat = raw.numpy()
-
-                def put(lo: int, data, flat=flat) -> None:
-                    flat[lo:lo + len(data)] = data
-
-                read_verified(io_.engine, io_.arena, str(self.path / info["file"]), info["offset"], info["length"],
-                              info["crc32"], SEGMENT, put, f"{self.path}: item {req.storage_index.fqn!r}", self.wait)
+                raw = self._read_item(store, host, info, f"{self.path}: item {req.storage_index.fqn!r}")
                 if req.type == LoadItemType.BYTE_IO:
                     planner.load_bytes(req, io.BytesIO(raw.numpy().tobytes()))
                     continue
-                dtype = dtype_from(info["dtype"], f"{self.path}: item {req.storage_index.fqn!r}")
-                tensor = raw.view(dtype).view(info["shape"]) if raw.numel() else torch.empty(info["shape"], dtype=dtype)
-                for dim, (start, length) in enumerate(zip(req.storage_offsets, req.lengths)):
-                    tensor = tensor.narrow(dim, start, length)
-                target = planner.resolve_tensor(req).detach()
-                if target.size() != tensor.size():
-                    raise CheckpointError(f"{self.path}: item {req.storage_index.fqn!r} has size {tuple(tensor.size())}, "
-                                          f"the destination {tuple(target.size())}")
-                target.copy_(tensor)
-                planner.commit_tensor(req, target)
+                _load_tensor(planner, req, raw, info, self.path)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
 
+    def _read_item(self, store, host: CheckpointHost, info: dict, where: str) -> torch.Tensor:
+        raw = torch.empty(info["length"], dtype=torch.uint8)
+        flat = raw.numpy()
 
-# --------------------------------------------------------------------------- metadata as JSON
+        def put(lo: int, data) -> None:
+            flat[lo:lo + len(data)] = data
 
-_MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
-                   "preserve": torch.preserve_format}
-
-
-_DCP_FS_DATA_RE = re.compile(r"^__\d+_\d+\.distcp$")
-
-
-def _refuse_foreign_format(path: Path) -> None:
-    """A directory that torch's own ``FileSystemWriter`` wrote (``.metadata`` plus
-    ``__<rank>_<n>.distcp`` files) is a checkpoint in another format: say so. Data files
-    without ``.metadata`` are a FileSystemWriter save that never finished: no reader loads it."""
-    if not path.is_dir():
-        return
-    names = [p.name for p in path.iterdir()]
-    distcp = sorted(n for n in names if _DCP_FS_DATA_RE.match(n))
-    if ".metadata" in names or distcp:
-        shown = ([".metadata"] if ".metadata" in names else []) + distcp[:3]
-        found = ", ".join(shown) + (", ..." if len(distcp) > 3 else "")
-        if ".metadata" not in names:
-            raise CheckpointError(
-                f"{path} holds an incomplete torch.distributed.checkpoint FileSystemWriter save ({found} but no "
-                f".metadata: the save did not finish), and no {METADATA} of a TieredStorageWriter save: "
-                "there is no checkpoint to load here")
-        raise CheckpointError(
-            f"{path} holds a torch.distributed.checkpoint FileSystemWriter checkpoint ({found}), not one written "
-            f"by TieredStorageWriter ({METADATA} missing): load it with "
-            f"torch.distributed.checkpoint.FileSystemReader({str(path)!r})")
+        if "parts" in info:
+            parts, start = [], 0
+            for part in info["parts"]:
+                path = part["path"] if os.path.isabs(part["path"]) else str(self._path() / part["path"])
+                parts.append((path, part["offset"], part["nbytes"], part["crc32"], start))
+                start += part["nbytes"]
+        else:  # format 1: the rank's own data file in the checkpoint directory
+            parts = [(str(self._path() / info["file"]), info["offset"], info["length"], info["crc32"], 0)]
+        read_parts(store.engine, host.loans(), parts, SEGMENT, put, where, self.wait)
+        return raw
 
 
-def metadata_to_json(md: Metadata) -> dict:
-    sd = {}
-    for fqn, m in md.state_dict_metadata.items():
-        if isinstance(m, BytesStorageMetadata):
-            sd[fqn] = {"kind": "bytes"}
-        else:
-            p = m.properties
-            fmt = next((k for k, v in _MEMORY_FORMATS.items() if v == p.memory_format), None)
-            sd[fqn] = {"kind": "tensor", "dtype": dtype_name(p.dtype), "requires_grad": p.requires_grad,
-                       "memory_format": fmt, "pin_memory": p.pin_memory, "size": list(m.size),
-                       "chunks": [[list(c.offsets), list(c.sizes)] for c in m.chunks]}
-            if p.layout != torch.strided:
-                raise CheckpointError(f"{fqn}: only strided tensors can be saved, got layout {p.layout}")
-    tensors: list = []
-    planner = encode_tree(md.planner_data, tensors, "planner_data")
-    if tensors:
-        raise CheckpointError("DCP planner_data holds tensors; it is expected to hold names only")
-    sm = md.storage_meta
-    return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "version": md.version,
-        "state_dict_metadata": sd, "planner_data": planner,
-        "storage_data": [[idx.fqn, None if idx.offset is None else list(idx.offset), idx.index, info]
-                         for idx, info in md.storage_data.items()],
-        "storage_meta": None if sm is None else {"checkpoint_id": None if sm.checkpoint_id is None else str(sm.checkpoint_id),
-                                                 "save_id": sm.save_id, "modules": list(sm.modules)},
-    }
+def _load_tensor(planner: LoadPlanner, req, raw: torch.Tensor, info: dict, path: Path) -> None:
+    where = f"{path}: item {req.storage_index.fqn!r}"
+    dtype = dtype_from(info["dtype"], where)
+    tensor = raw.view(dtype).view(info["shape"]) if raw.numel() else torch.empty(info["shape"], dtype=dtype)
+    for dim, (start, length) in enumerate(zip(req.storage_offsets, req.lengths)):
+        tensor = tensor.narrow(dim, start, length)
+    target = planner.resolve_tensor(req).detach()
+    if target.size() != tensor.size():
+        raise CheckpointError(f"{where} has size {tuple(tensor.size())}, the destination {tuple(target.size())}")
+    target.copy_(tensor)
+    planner.commit_tensor(req, target)
 
 
-def metadata_from_json(doc: dict, where: str) -> Metadata:
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{where}: not a {FORMAT} v{FORMAT_VERSION} metadata file")
-    try:
-        sd: dict = {}
-        for fqn, m in doc["state_dict_metadata"].items():
-            if m["kind"] == "bytes":
-                sd[fqn] = BytesStorageMetadata()
-                continue
-            props = TensorProperties(dtype=dtype_from(m["dtype"], f"{where}: {fqn!r}"), layout=torch.strided,
-                                     requires_grad=m["requires_grad"],
-                                     memory_format=_MEMORY_FORMATS[m["memory_format"]], pin_memory=m["pin_memory"])
-            sd[fqn] = TensorStorageMetadata(props, torch.Size(m["size"]),
-                                            [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in m["chunks"]])
-        storage = {MetadataIndex(fqn, off, idx): info for fqn, off, idx, info in doc["storage_data"]}
-        sm = doc.get("storage_meta")
-        meta = None if sm is None else StorageMeta(checkpoint_id=sm["checkpoint_id"], save_id=sm["save_id"],
-                                                   modules=list(sm["modules"]))
-        return Metadata(state_dict_metadata=sd, planner_data=decode_tree(doc["planner_data"], [], where),
-                        storage_data=storage, storage_meta=meta, version=doc.get("version"))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: malformed metadata ({e!r})") from e
+__all__ = ["TieredStorageReader", "TieredStorageWriter", "metadata_from_json", "metadata_to_json"]

@@ -15,11 +15,14 @@ each one retained version of a store object (pieces of at most ``segment`` bytes
 the whole object a :class:`StoreRef` names), with the crc32 of each ``segment`` bytes::
 
     {"format": "tiered-checkpoint", "format_version": 2, "step": 42, "segment": 8388608,
-     "retain_tag": "ckpt:1a2b3c4d:42:ab12cd34", "created": 1700000000.0,
+     "retain_tag": "ckpt:1a2b3c4d:42:ab12cd34", "created": 1700000000.0, "commit_seq": 17,
      "tensors": [{"name": "model/w", "dtype": "float32", "shape": [4, 4], "nbytes": 64,
                   "parts": [{"key": "ckpt/default/1a2b3c4d/42-ab12cd34/0", "version": 1,
                              "tier": "nvme", "offset": 8192, "nbytes": 64, "crc32": [...]}]}, ...],
      "tree": {"t": "dict", "items": [["model", {"t": "dict", "items": [["w", {"t": "tensor", "i": 0}]]}]]}}
+
+``commit_seq`` counts the commits of the checkpointer's directories (keep-last ranks by it, not
+by the wall clock ``created``; manifests without it rank first, by ``created``).
 
 Cold manifest (same fields, ``zarr`` names the step's zarr group, no ``retain_tag``):
 each tensor has ``array`` (a uint8 zarr array in that group), ``crc32`` (one per
@@ -47,6 +50,7 @@ READ_VERSIONS = (1, 2)
 SEGMENT = 8 << 20  # bytes per checksum (and per copy piece); equal to the store's segment
 MANIFEST_RE = re.compile(r"^step-(\d{12})\.json$")
 COLD_RE = re.compile(r"^step-(\d{12})-[0-9a-f]+\.zarr$")
+DATA_RE = re.compile(r"^step-(\d{12})-[0-9a-f]+\.data$")  # format 1: a save's own data file
 
 
 class CheckpointError(RuntimeError):

@@ -1,9 +1,11 @@
-"""Host memory for checkpoints: buffers of the store's host tier, at most ``cap`` bytes at once.
+"""Host memory for checkpoints: buffers of the store's host tier, charged to the checkpointer.
 
-The checkpointer owns no memory of its own: snapshots and reads take buffers from
-``TieredStore.alloc_host`` (which evicts cached copies to make room), and a byte budget
-of ``host_buffer`` bounds how much of the host tier it holds at a time, so training's
-own cached objects keep the rest.
+The checkpointer owns no memory of its own: snapshots and reads take buffers through its
+reservation of the store's host tier (owner ``checkpoint/<name>``; allocating evicts cached
+copies to make room). With a guaranteed share (``host_share``, or the config's
+``[owners.checkpoint]`` entry) the share bounds what it holds at once; without one it
+competes for free memory, and a byte budget of ``host_buffer`` bounds what it holds, so the
+other owners of the tier keep the rest.
 """
 
 from __future__ import annotations
@@ -12,15 +14,36 @@ import time
 
 from allocators import PAGE, Budget, HostBuffer, OutOfBudget, align_up
 
-from .format import SEGMENT
+from .format import SEGMENT, CheckpointError
 
 
 class CheckpointHost:
-    """Buffers of ``store``'s host tier for one checkpointer, within a budget of ``cap`` bytes."""
+    """Buffers of ``store``'s host tier for one checkpointer (owner ``owner``), at most ``cap``
+    bytes at once, or the reservation's share when it has one."""
 
-    def __init__(self, store, cap: int) -> None:
+    def __init__(self, store, cap: int, owner: str, share: int | str | None = None, *, reserve: bool = True) -> None:
+        from ..store import StoreError
+
         self.store = store
-        self.budget = Budget(min(cap, store.arena.capacity), name="checkpoint host_buffer")
+        self.owner = owner
+        self.res = None  # reserve=False: an elastic owner without a reservation (several may run at once)
+        if reserve:
+            try:
+                self.res = store.reserve("host", share, owner=owner)
+            except StoreError as e:
+                raise CheckpointError(f"host memory for the checkpointer {owner!r}: {e}") from e
+        capacity = store.arena.capacity
+        cap = (self.res.reserved if self.res is not None else 0) or min(cap, capacity)
+        self.budget = Budget(cap, name=f"{owner} host buffers")
+
+    def close(self) -> None:
+        if self.res is not None:
+            self.res.close()
+
+    def _alloc(self, nbytes: int, wait: float):
+        if self.res is not None:
+            return self.res.alloc(nbytes, wait=wait)
+        return self.store.alloc_host(nbytes, wait, owner=self.owner)
 
     @property
     def capacity(self) -> int:
@@ -36,7 +59,7 @@ class CheckpointHost:
         if not self.budget.try_reserve(size):
             return None
         try:
-            return self.store.alloc_host(nbytes, wait=0)
+            return self._alloc(nbytes, 0)
         except OutOfBudget:
             self.budget.release(size)
             return None
@@ -50,7 +73,7 @@ class CheckpointHost:
         deadline = time.monotonic() + timeout
         self.budget.reserve(size, timeout)
         try:
-            return self.store.alloc_host(nbytes, wait=max(0.0, deadline - time.monotonic()))
+            return self._alloc(nbytes, max(0.0, deadline - time.monotonic()))
         except BaseException:
             self.budget.release(size)
             raise
@@ -65,20 +88,22 @@ class CheckpointHost:
         self.returned(n)
 
     def prefault(self) -> int:
-        """Touch the free memory of the host tier now, so the first snapshots' copies do not run
-        into page faults (on a busy machine they made the first snapshot ~5x slower, and the
-        optimizer step waited for it). All of it, not just ``host_buffer``: the arena hands large
-        buffers out ring-wise, so successive snapshots walk the whole tier anyway; this only
-        touches it earlier. Cached copies are not evicted for it. Returns the bytes touched."""
-        arena, bufs, size = self.store.arena, [], SEGMENT
+        """Touch up to ``capacity`` bytes of free host-tier memory now, charged to this owner, so
+        the first snapshot's copies do not run into page faults (on a busy machine they made the
+        first snapshot ~5x slower, and the optimizer step waited for it). Only memory free for
+        this owner is touched: cached copies are not evicted and other owners' shares are left
+        alone. Returns the bytes touched."""
+        arena, bufs, size, left = self.store.arena, [], SEGMENT, self.capacity
         try:
-            while size >= PAGE:
-                buf = arena.try_alloc(size)
+            while size >= PAGE and left >= PAGE:
+                size = min(size, left // PAGE * PAGE)
+                buf = arena.try_alloc(size, owner=self.owner)
                 if buf is None:
                     size //= 2  # what is left is in smaller free blocks
                     continue
                 buf.array[::PAGE] = 0
                 bufs.append(buf)
+                left -= buf.reserved
         finally:
             for buf in bufs:
                 buf.release()

@@ -9,9 +9,11 @@ has started on itself, so no tensor is ever saved half-updated. Tensors no
 attached hook protects are copied inside ``save`` (``unguarded="copy"``).
 
 The checkpointer is a client of a :class:`~tiered.TieredStore`, not a store of its own:
-snapshot buffers come from the store's host tier (at most ``host_buffer`` bytes at a
-time), each piece is written as a store object, and a store retention keeps the
-committed bytes on the storage tier, within its capacity (see :mod:`.commit`). Then
+snapshot buffers come from its reservation of the store's host tier (owner
+``checkpoint/<name>``; at most ``host_buffer`` bytes, or its share, at a time), each piece is
+written as a store object of that owner, and a store retention keeps the committed bytes
+on the storage tier, within its capacity (see :mod:`.commit`). Its directories are its own
+(:mod:`.dirs`), and a load pins the bytes it reads against a concurrent retire. Then
 optionally a cold tier: a zarr v3 group per step, zstd-compressed, written from the
 storage copy. Tensors already held by the store (``StoreRef``) are checkpointed by
 reference: the same retention keeps their extent until the checkpoint is retired.
@@ -41,16 +43,13 @@ from io_engine import IOFuture
 from ..config import Config, load_config
 from ..sizes import parse_size
 from .commit import Levels, commit_order, part_record
+from .dirs import DirectoryClaim
 from .format import SEGMENT, CheckpointError, StoreRef, committed_steps, dtype_name, encode_tree
 from .host import CheckpointHost
 from .load import Loading
 from .snapshot import CheckpointHandle, Snapshots, _Piece
 
 __all__ = ["CheckpointHandle", "LazyCheckpointer", "StoreRef"]
-
-_open_directories: set[Path] = set()  # checkpoint directories open in this process
-_open_lock = threading.Lock()
-
 
 class LazyCheckpointer(Snapshots, Levels, Loading):
     """See the module docstring.
@@ -61,10 +60,13 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
     ``tier`` (default the first), their manifests in ``<tier path>/checkpoints/<name>``
     unless ``directory`` is given. ``cold_tier`` / ``cold_directory``: also keep a
     zstd-compressed zarr copy there. ``keep_last`` / ``cold_keep_last``: how many
-    committed steps each level keeps. ``host_buffer``: the most bytes of the store's host
-    tier the checkpointer holds at once (a snapshot larger than this streams through it,
-    and the optimizer step may then wait for the disk); ``prefault`` touches that much of
-    the host tier at ``open``. ``backend`` overrides
+    committed steps each level keeps. Host memory is the store's host tier, charged to owner
+    ``checkpoint/<name>``: ``host_share`` (bytes, "2GiB" or "25%"; default the config's
+    ``[owners.checkpoint]`` share) reserves a guaranteed share, which is then the most the
+    checkpointer holds at once; without a share it competes for free memory and holds at most
+    ``host_buffer`` bytes at once (a snapshot larger than that streams through it, and the
+    optimizer step may then wait for the disk); ``prefault`` touches that much of the host tier
+    at ``open``. ``backend`` overrides
     ``[engine] backend`` of the store it opens (a name or a Backend, e.g. a FaultyBackend).
     """
 
@@ -72,7 +74,7 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
                  directory: str | os.PathLike | None = None, tier: str | None = None, keep_last: int = 3,
                  cold_tier: str | None = None, cold_directory: str | os.PathLike | None = None,
                  cold_keep_last: int | None = None, cold_level: int = 3, host_buffer: int | str = "1GiB",
-                 store: Any = None, unguarded: str = "copy", host_wait: float = 120.0,
+                 host_share: int | str | None = None, store: Any = None, unguarded: str = "copy", host_wait: float = 120.0,
                  backend: Any = None, prefault: bool = True) -> None:
         self.config = _config_for(config, store, backend)
         if keep_last < 1:
@@ -95,6 +97,8 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
         self.host_buffer = parse_size(host_buffer, where="host_buffer")
         if self.host_buffer < SEGMENT:
             raise CheckpointError(f"host_buffer = {host_buffer!r}: must hold at least one {SEGMENT}-byte segment")
+        self.host_share = host_share
+        self.owner = f"checkpoint/{name}"
         self.store = store
         self._own_store = store is None
         self._backend = backend
@@ -109,6 +113,9 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
         self._pending: dict[int, list[_Piece]] = {}  # storage data_ptr -> pieces not yet copied
         self._handles: list[CheckpointHandle] = []
         self._cold_busy: Counter[int] = Counter()  # step -> cold copies still reading it (a step can be saved twice)
+        self._pins: Counter[tuple] = Counter()  # bytes of a manifest -> readers (loads, cold copies) of them
+        self._deferred: dict[tuple, tuple] = {}  # pinned bytes whose manifest is gone: freed on the last _unpin
+        self._commit_seq = 0  # commit_seq of the last manifest committed (read back at open)
         self._attached: list[Any] = []
         self._hooks: list[Any] = []
         self._seq = 0
@@ -117,6 +124,7 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
         self._failures: list[tuple[CheckpointHandle, BaseException]] = []  # not yet raised to the caller
         self._retire_lock = threading.RLock()
         self._threads: list[threading.Thread] = []
+        self._claim_dirs: DirectoryClaim | None = None
         self._opened = False
 
     def _storage_tier(self, name: str | None, what: str):
@@ -135,20 +143,16 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
     def open(self) -> "LazyCheckpointer":
         if self._opened:
             return self
-        with _open_lock:
-            if self.directory in _open_directories:
-                raise CheckpointError(f"checkpoint directory {self.directory} is already open "
-                                      "(another LazyCheckpointer of this process)")
-            _open_directories.add(self.directory)
+        self._claim_dirs = DirectoryClaim({"directory": self.directory} |
+                                          ({"cold_directory": self.cold_directory} if self.cold_directory else {}))
+        self._claim_dirs.acquire()
         try:
-            for d in filter(None, (self.directory, self.cold_directory)):
-                d.mkdir(parents=True, exist_ok=True, mode=0o700)
             if self._own_store:
                 self.store = _open_store(self.config, self._backend)
-            self.host = CheckpointHost(self.store, self.host_buffer)
+            self.host = CheckpointHost(self.store, self.host_buffer, self.owner, self.host_share)
             if self.host.capacity < SEGMENT:
-                raise CheckpointError(f"the host tier of the store at {self.store.root} holds "
-                                      f"{self.host.capacity} bytes: less than one {SEGMENT}-byte segment")
+                raise CheckpointError(f"{self.owner} may hold {self.host.capacity} bytes of the host tier of the "
+                                      f"store at {self.store.root}: less than one {SEGMENT}-byte segment")
             self._recover()
             if self.prefault:  # now, not during the first snapshot (page faults would slow its copies)
                 self.host.prefault()
@@ -187,14 +191,19 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self.host = None
+        host, self.host = self.host, None
         try:
-            if self._own_store and self.store is not None:
-                self.store.close()
-                self.store = None
+            if host is not None:
+                host.close()  # its share of the host tier; buffers still out stay charged until released
         finally:
-            with _open_lock:
-                _open_directories.discard(self.directory)
+            try:
+                if self._own_store and self.store is not None:
+                    self.store.close()
+                    self.store = None
+            finally:
+                claim, self._claim_dirs = self._claim_dirs, None
+                if claim is not None:
+                    claim.release()
 
     def __enter__(self) -> "LazyCheckpointer":
         return self.open()
@@ -344,6 +353,7 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
                 try:
                     info = self._cold_copy(h)
                 finally:
+                    self._unpin(h.cold_pin)
                     with self._lock:
                         self._cold_busy[h.step] -= 1
                         if self._cold_busy[h.step] <= 0:

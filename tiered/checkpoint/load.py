@@ -30,6 +30,16 @@ class Loading:
         verify: after an error ``into`` may hold some tensors of this step and some old ones, so load
         without ``into`` (then copy) where a failed load must leave the live state untouched."""
         self._check_open()
+        with self._retire_lock:  # the manifest read and the pin together: no retire in between
+            step, directory, doc = self._visible(step)
+            pin = self._pin(directory, doc)
+        try:
+            return self._load_doc(step, directory, doc, into)
+        finally:
+            self._unpin(pin)
+
+    def _visible(self, step: int | None) -> tuple[int, Path, dict]:
+        """The committed manifest of ``step`` (default: the latest) and the directory holding it."""
         steps = self.steps()
         if step is None:
             if not steps:
@@ -40,8 +50,10 @@ class Loading:
             raise CheckpointError(f"no committed checkpoint of step {step} in {self.directory}; "
                                   f"committed: {sorted(steps) or 'none'}")
         directory = self.directory if steps[step] == "storage" else self.cold_directory
+        return step, directory, read_manifest(directory / manifest_name(step))
+
+    def _load_doc(self, step: int, directory: Path, doc: dict, into: Any) -> Any:
         mpath = directory / manifest_name(step)
-        doc = read_manifest(mpath)
         targets = _targets(into, doc, step, mpath)
         if doc.get("zarr"):
             import zarr

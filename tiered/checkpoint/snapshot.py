@@ -71,6 +71,7 @@ class CheckpointHandle:
         self.writes: list[IOFuture] = []
         self.taken: list[_Piece] = []  # copied into host buffers by a guard, not yet written
         self.doc: dict | None = None
+        self.cold_pin: tuple | None = None  # keeps the committed bytes until the cold copy has read them
 
     @property
     def stall_s(self) -> float:
@@ -176,20 +177,27 @@ class Snapshots:
             return True
 
     # -- copies ----------------------------------------------------------------------
-    def _copy(self, p: _Piece, drain) -> None:
-        """Background thread: copy a claimed piece into a host buffer; when the budget is used
-        up, ``drain()`` writes the pieces copied so far and the allocation waits for them."""
-        buf = None
+    def _host_buffer(self, p: _Piece, drain):
+        """Background thread: a host buffer for ``p``, taken before the piece is claimed (a guard
+        never waits for host memory: it copies the piece privately meanwhile). When the budget is
+        used up, ``drain()`` writes the pieces copied so far and the allocation waits for them,
+        up to ``host_wait`` seconds in all."""
+        buf = self.host.try_alloc(p.length)
+        t0 = time.monotonic()
+        while buf is None:  # write what is copied (guards too keep copying), then wait a bit
+            drain()
+            try:
+                buf = self.host.alloc(p.length, timeout=0.05)
+            except OutOfBudget as e:
+                waited = time.monotonic() - t0
+                if waited > self.host_wait:
+                    raise OutOfBudget(f"no host buffer of {p.length} bytes for the checkpoint within "
+                                      f"host_wait={self.host_wait} s (waited {waited:.1f} s; last: {e})") from None
+        return buf
+
+    def _copy(self, p: _Piece, buf) -> None:
+        """Background thread: copy a claimed piece into ``buf`` (a host buffer it got first)."""
         try:
-            buf = self.host.try_alloc(p.length)
-            deadline = time.monotonic() + self.host_wait
-            while buf is None:  # write what is copied (guards too keep copying), then wait a bit
-                drain()
-                try:
-                    buf = self.host.alloc(p.length, timeout=0.05)
-                except OutOfBudget:
-                    if time.monotonic() > deadline:
-                        raise
             dst = torch.from_numpy(buf.array)
             if p.shape is not None:  # a non-contiguous tensor: copied whole, made contiguous
                 dst = dst.view(p.src.dtype).view(p.shape)
@@ -200,8 +208,7 @@ class Snapshots:
             p.buf = buf
         except BaseException as e:  # noqa: BLE001 - fails the save through its handle
             p.error = e
-            if buf is not None:
-                self.host.free(buf)
+            self.host.free(buf)
         finally:
             p.src = None
             self._settle(p, _COPIED)
@@ -293,12 +300,7 @@ class Snapshots:
                     self._put_piece(h, p)
 
         for p in h.pieces:
-            if self._claim(p):
-                self._copy(p, drain)
-            else:
-                p.event.wait()  # a guard is taking a private copy
-                if self._claim(p):
-                    self._copy(p, drain)
+            self._snapshot_piece(p, drain)
             if isinstance(p.error, _WriteError):  # raised by drain() while this piece waited for room
                 raise p.error
             if p.error is not None:
@@ -311,6 +313,30 @@ class Snapshots:
             self._current = None
         drain()
 
+    def _snapshot_piece(self, p: _Piece, drain) -> None:
+        """Copy ``p`` into a host buffer, unless a guard did (into a host buffer of its own);
+        a guard's private copy is moved into the buffer here."""
+        if p.state == _COPIED:
+            return
+        try:
+            buf = self._host_buffer(p, drain)
+        except BaseException as e:  # noqa: BLE001 - fails the save through its handle
+            if self._claim(p):
+                p.src = None
+                self._settle(p, _COPIED)
+            else:
+                p.event.wait()  # a guard copies it: it may still need p.src
+            p.error = p.error or e
+            return
+        while True:
+            if self._claim(p):
+                self._copy(p, buf)
+                return
+            p.event.wait()  # a guard is copying it: into a host buffer, or privately (then pending again)
+            if p.state == _COPIED:
+                self.host.free(buf)
+                return
+
     def _put_piece(self, h, p: _Piece) -> None:
         """Give the piece's buffer to the store as object ``p.key``: written now, made durable by
         the commit level, not cached; the checksum is computed by the I/O worker that wrote it."""
@@ -318,7 +344,7 @@ class Snapshots:
         p.submitted = True
         try:
             fut = self.store.put_buffer(p.key, buf, torch.uint8, (p.length,), kind="checkpoint", tier=self.tier,
-                                        give=True, sync=False, commit=False, cache=False)
+                                        give=True, sync=False, commit=False, cache=False, owner=self.owner)
         except BaseException as e:
             self.host.returned(p.length)  # the store released the buffer it was given
             raise _WriteError(f"checkpoint step {h.step}: writing bytes {p.offset}.. of tensor {p.name!r} "

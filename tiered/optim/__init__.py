@@ -2,9 +2,11 @@
 
 - :class:`OffloadedAdamW`: AdamW with fp32 master weights and both moments in
   the store, streamed in chunks by a pipelined ``step()``; bitwise equal to
-  ``torch.optim.AdamW``; crash-consistent (double-buffered by step parity).
+  ``torch.optim.AdamW``; crash-consistent (double-buffered by step parity). Its memory
+  and objects are charged to the store owner ``optim/<name>``.
 - :class:`ZOSGD`: zeroth-order (MeZO / ZO2) fine-tuning of a model wrapped by
-  :func:`tiered.offload`, one read of every weight per step.
+  :func:`tiered.offload`, one read of every weight per step; the noise it draws is host
+  memory of the owner ``zo/<name>``.
 """
 
 from .adamw import OffloadedAdamW, OptimStateError

@@ -18,6 +18,7 @@ to it on every step (fp32, CPU).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -25,14 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..offload import OffloadError
+from ..offload import OffloadError, offload_units
 
 
-def mezo_noise(seed: int, index: int, shape, dtype: torch.dtype) -> torch.Tensor:
+def mezo_noise(seed: int, index: int, shape, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The perturbation of parameter ``index`` at the step of ``seed``: N(0, 1), regenerated
-    from the seed whenever needed (fp32 samples, cast to the parameter's dtype)."""
+    from the seed whenever needed (fp32 samples, cast to the parameter's dtype). ``out``: an
+    fp32 tensor of ``shape`` the samples are drawn into (the same samples)."""
     g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(index)) % (1 << 63))
-    return torch.randn(tuple(shape), generator=g, dtype=torch.float32).to(dtype)
+    if out is None:
+        return torch.randn(tuple(shape), generator=g, dtype=torch.float32).to(dtype)
+    torch.randn(tuple(shape), generator=g, dtype=torch.float32, out=out)
+    return out.to(dtype)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -128,43 +133,63 @@ class ZOSGD:
     ``attention_mask`` and ``labels``; labels default to ``input_ids``). Updates are
     applied lazily, when each unit is next loaded; :meth:`flush` applies the last one
     everywhere (``close`` does) so the stored weights are the trained ones.
+
+    The noise of the unit computing (fp32, as many elements as its parameters) is drawn into
+    host memory of the store owner ``zo/<name>`` (default name: the model's); ``host_share``
+    reserves it (bytes, "1MiB", "5%"; default: the config's ``[owners.zo]`` host share, else
+    none: it competes for what is free).
     """
 
     def __init__(self, model: nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, seed: int = 0,
-                 loss_fn: Callable = causal_lm_loss) -> None:
-        rt = getattr(model, "_tiered", None)
-        if rt is None:
+                 loss_fn: Callable = causal_lm_loss, name: str | None = None,
+                 host_share: int | str | None = None) -> None:
+        try:
+            units = offload_units(model)
+        except OffloadError:
             raise OffloadError(f"ZOSGD: {type(model).__name__} is not wrapped by tiered.offload "
-                               "(use tiered.optim.zo.mezo_step for an in-memory model)")
+                               "(use tiered.optim.zo.mezo_step for an in-memory model)") from None
         if eps <= 0:
             raise ValueError(f"ZOSGD: eps must be > 0, got {eps}")
-        rt.check_trainable()
-        for u in rt.units:
-            if not rt._is_leaf_unit(u):
+        units.check_trainable()
+        for u in units:
+            if not u.leaf:
                 raise OffloadError(f"ZOSGD: unit {u.name or '<root>'!r} encloses other units; the dual forward "
                                    "needs every unit to be a leaf (pass units=[...] without nesting)")
-        # a unit being written back is pinned until its put (which copies it) is durable, while
-        # the next ``lookahead`` units are read: the host tier must hold lookahead + 2 units
-        largest = max(u.nbytes for u in rt.units if not (u.resident or u.host_resident)) \
-            if any(not (u.resident or u.host_resident) for u in rt.units) else 0
-        need = (rt.lookahead + 2) * largest + rt.stats.resident_bytes
-        if need > rt.store.arena.capacity:
-            raise OffloadError(
-                f"ZOSGD: host tier of {rt.store.arena.capacity} bytes cannot hold {rt.lookahead + 2} units of "
-                f"{largest} bytes (the one computing, its write-back copy, lookahead {rt.lookahead}) plus "
-                f"{rt.stats.resident_bytes} resident bytes; raise [tiers.host] capacity or lower [offload] lookahead")
         self.model = model
         self.lr, self.eps, self.seed, self.loss_fn = lr, eps, seed, loss_fn
-        self._rt = rt
+        self._units = units
+        self.owner = f"zo/{name or units.owner.split('/', 1)[-1]}"
         self._index = {id(p): j for j, (_n, p) in enumerate(_unique_params(model))}
+        self._noise_bytes = max((4 * sum(p.numel() for p in u.params() if id(p) in self._index) for u in units),
+                                default=0)
+        self._check_room(host_share)
+        self._res = units.store.reserve("host", host_share, owner=self.owner)
         self._history: list[tuple[int, float]] = []  # (seed, projected grad) of every step
-        self._applied = {u.index: 0 for u in rt.units}  # updates applied to each unit
+        self._applied = {u.index: 0 for u in units}  # updates applied to each unit
         self._batch: int | None = None  # half batch of the dual forward in progress
         self._seed_now = 0
         self._wrapped: list[nn.Module] = []
-        for u in rt.units:
+        for u in units:
             u.module.forward = self._wrap(u, u.module.forward)
             self._wrapped.append(u.module)
+
+    def _check_room(self, host_share) -> None:
+        """A unit being written back is pinned until its put (which copies it) is durable, while
+        the next ``lookahead`` units are read, and the noise of the unit computing is held: the
+        host tier, less other owners' shares, must hold lookahead + 2 units and that noise."""
+        units, store = self._units, self._units.store
+        streamed = [u.nbytes for u in units if not u.resident]
+        largest = max(streamed, default=0)
+        cap = store.stats()["tiers"]["host"]["capacity"]
+        others = sum(t["host"]["reserved"] for o, t in store.owners().items()
+                     if o not in (self.owner, units.owner) and "host" in t)
+        need = (units.lookahead + 2) * largest + units.resident_bytes + self._noise_bytes
+        if need > cap - others:
+            raise OffloadError(
+                f"ZOSGD: host tier of {cap} bytes ({others} reserved by other owners) cannot hold "
+                f"{units.lookahead + 2} units of {largest} bytes (the one computing, its write-back copy, "
+                f"lookahead {units.lookahead}) plus {units.resident_bytes} resident bytes and {self._noise_bytes} "
+                "bytes of noise; raise [tiers.host] capacity or lower [offload] lookahead")
 
     # -- lifecycle -------------------------------------------------------------------
     def __enter__(self) -> "ZOSGD":
@@ -183,6 +208,7 @@ class ZOSGD:
             for m in self._wrapped:
                 del m.forward
             self._wrapped = []
+            self._res.close()
 
     @property
     def steps(self) -> int:
@@ -207,64 +233,87 @@ class ZOSGD:
         lp, lm = self.loss_fn(out[:b], labels), self.loss_fn(out[b:], labels)
         g = ((lp - lm) / (2 * self.eps)).item()
         self._history.append((seed, g))
-        self._rt.wait_writes()
+        self._units.wait_writes()
         return ZOStep(lp.item(), lm.item(), g, seed)
 
+    @torch.no_grad()
     def flush(self) -> None:
         """Apply the updates not yet applied to every unit and wait until they are durable."""
-        rt = self._rt
-        for u in rt.units:
+        for u in self._units:
             if self._applied[u.index] < len(self._history):
-                loaded = bool(u.bound)
-                if not loaded:
-                    rt._load(u)
-                try:
+                with self._units.load_unit(u):
                     self._catch_up(u)
-                    rt.write_unit(u)
-                finally:
-                    if not loaded:
-                        rt._done_with(u)
-        rt.wait_writes()
+                    self._units.write_back_unit(u)
+        self._units.wait_writes()
 
     def _views(self, u) -> list[tuple[int, torch.Tensor]]:
-        return [(self._index[id(s.tensor())], view) for s, view in u.bound
-                if not s.is_buffer and id(s.tensor()) in self._index]
+        return [(self._index[id(p)], view) for p, view in u.views() if id(p) in self._index]
 
-    def _catch_up(self, u) -> None:
+    @contextlib.contextmanager
+    def _noise(self, views):
+        """A function drawing the noise of ``views`` for a seed into host memory of this owner
+        (one fp32 buffer for the unit, held while the context is)."""
+        n = sum(v.numel() for _j, v in views)
+        buf = self._res.alloc(4 * n) if n else None
+        try:
+            flat = buf.tensor(torch.float32)[:n] if buf is not None else None
+
+            def draw(seed: int) -> list[torch.Tensor]:
+                zs, off = [], 0
+                for j, v in views:
+                    out = flat[off:off + v.numel()].view(v.shape)
+                    zs.append(mezo_noise(seed, j, v.shape, v.dtype, out=out))
+                    off += v.numel()
+                return zs
+            yield draw
+        finally:
+            if buf is not None:
+                buf.release()
+
+    def _catch_up(self, u, draw=None) -> None:
         """Apply to ``u`` the updates of the steps since it was last loaded."""
-        for seed, g in self._history[self._applied[u.index]:]:
-            for j, view in self._views(u):
-                view.add_(mezo_noise(seed, j, view.shape, view.dtype), alpha=-self.lr * g)
+        pending = self._history[self._applied[u.index]:]
+        if pending:
+            views = self._views(u)
+            with (contextlib.nullcontext(draw) if draw is not None else self._noise(views)) as draw:
+                for seed, g in pending:
+                    for (_j, view), z in zip(views, draw(seed)):
+                        view.add_(z, alpha=-self.lr * g)
         self._applied[u.index] = len(self._history)
 
     def _wrap(self, u, forward: Callable) -> Callable:
         def dual_forward(*args, **kwargs):
             with torch.no_grad():
-                changed = self._applied[u.index] < len(self._history)
-                self._catch_up(u)
                 b = self._batch
                 if b is None:  # an ordinary forward (evaluation): current weights, one pass
-                    if changed:
-                        self._rt.write_unit(u)
+                    if self._applied[u.index] < len(self._history):
+                        self._catch_up(u)
+                        self._units.write_back_unit(u)
                     return forward(*args, **kwargs)
                 views = self._views(u)
-                zs = [mezo_noise(self._seed_now, j, v.shape, v.dtype) for j, v in views]
-
-                def shift(alpha: float) -> None:
-                    for (_j, v), z in zip(views, zs):
-                        v.add_(z, alpha=alpha)
-
-                shift(self.eps)
-                sign = 1  # which perturbation the cached weights hold now
-                try:
-                    plus = forward(*_half(args, b, 0), **_half(kwargs, b, 0))
-                    shift(-2 * self.eps)
-                    sign = -1
-                    minus = forward(*_half(args, b, 1), **_half(kwargs, b, 1))
-                finally:
-                    # (theta + e z) - 2e z + e z is not theta bitwise: write it back. On an error in
-                    # either forward the perturbation is undone too, so no later forward sees it.
-                    shift(-sign * self.eps)
-                    self._rt.write_unit(u)
-                return _join(plus, minus, b, u.name)
+                with self._noise(views) as draw:
+                    self._catch_up(u, draw)
+                    zs = draw(self._seed_now)
+                    return self._perturbed_forwards(u, forward, views, zs, b, args, kwargs)
         return dual_forward
+
+    def _perturbed_forwards(self, u, forward: Callable, views, zs, b: int, args, kwargs):
+        """The first half of the batch with ``+eps*z``, the second with ``-eps*z``; the unit is
+        written back once with its weights restored."""
+        def shift(alpha: float) -> None:
+            for (_j, v), z in zip(views, zs):
+                v.add_(z, alpha=alpha)
+
+        shift(self.eps)
+        sign = 1  # which perturbation the cached weights hold now
+        try:
+            plus = forward(*_half(args, b, 0), **_half(kwargs, b, 0))
+            shift(-2 * self.eps)
+            sign = -1
+            minus = forward(*_half(args, b, 1), **_half(kwargs, b, 1))
+        finally:
+            # (theta + e z) - 2e z + e z is not theta bitwise: write it back. On an error in
+            # either forward the perturbation is undone too, so no later forward sees it.
+            shift(-sign * self.eps)
+            self._units.write_back_unit(u)
+        return _join(plus, minus, b, u.name)

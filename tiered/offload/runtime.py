@@ -44,11 +44,11 @@ from allocators import DeviceBudget, OutOfBudget, align_up
 from allocators.device_arena import DEVICE_ALIGN
 from io_engine import Priority, gather
 
-from .config import Config, load_config
-from . import offload_life
-from .device_cache import DeviceCache
-from .sizes import format_size
-from .store import Lease, StoreError, TieredStore
+from ..config import Config, load_config
+from .. import offload_life
+from ..device_cache import DeviceCache
+from ..sizes import format_size
+from ..store import Lease, StoreError, TieredStore
 
 _ALIGN = 64  # byte alignment of each tensor inside a packed unit (any dtype can view it)
 _WAIT = 600.0  # seconds a forward waits for a unit's weights before giving up
@@ -333,6 +333,7 @@ class OffloadedModule:
         self._durable: set[str] | None = None  # packed keys kept (durable) before offload: written durable
         self._stream_reserve = 0  # host bytes this model's forward needs beyond its pinned units
         self.name = type(model).__name__
+        self._public_units = None  # the OffloadUnits of offload_units(model), made on first use
 
     # -- building ------------------------------------------------------------------
     def build_units(self, spec, external: dict[int, str] | None, layout: str = "packed") -> None:
@@ -625,7 +626,7 @@ class OffloadedModule:
         # first of all pre-hooks (the root may also be a unit): clears what an interrupted forward left
         self._hooks.append(self.model.register_forward_pre_hook(self._root_pre, prepend=True))
         self._hooks.append(self.model.register_forward_hook(self._root_post, always_call=True))
-        from . import offload_state  # imports this module
+        from .. import offload_state  # imports this module
 
         # state_dict() reads the real weights; conversions and deep copies are refused
         self._hooks += offload_state.install(self)
