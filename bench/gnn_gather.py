@@ -24,6 +24,9 @@ row cache):
   static score is the sampling degree, with a 10 % victim buffer;
 - ``tiered_hybrid_window``: hybrid with the next batch prefetched
   (``tiered.gnn.window``) while the current one is gathered;
+- ``tiered_<policy>_store`` (e.g. ``tiered_hybrid_store``): the file copied into
+  store objects first (import without ``in_place``), so every row read is
+  verified against the crc32 of each 4 KiB block it covers;
 - ``memory``: ``torch.index_select`` on the first rows that fit in RAM
   (ids folded into that subset), no limit: the in-memory reference.
 
@@ -271,21 +274,23 @@ def run_worker(name: str, spec: dict) -> dict:
     from tiered.store import TieredStore
 
     policy = name.split("_")[1]
+    copied = name.endswith("_store")  # rows copied into store objects: reads verified per 4 KiB block
     store_dir = Path(spec["store_dir"]) / name
     shutil.rmtree(store_dir, ignore_errors=True)
     cache = spec["cache_bytes"]
     cfg = {"tiers": {"host": {"capacity": cache + spec["scratch_bytes"] * 2 + 64 * MiB},
-                     "nvme": {"path": str(store_dir), "capacity": "1GiB"}},
+                     "nvme": {"path": str(store_dir), "capacity": max(GiB, 2 * feats.stat().st_size)}},
            "engine": {"workers": spec["workers"], "chunk": "8MiB"}}
+    kw = {"checksum_block": spec["checksum_block"]} if spec.get("checksum_block") else {}
     with TieredStore(cfg) as st, TieredFeatureStore(st, cache_bytes=cache, policy=policy,
                                                     merge_gap=spec["merge_gap"],
-                                                    scratch_bytes=spec["scratch_bytes"]) as fs:
-        fs.import_array(feats, None, "x", in_place=True)
+                                                    scratch_bytes=spec["scratch_bytes"], **kw) as fs:
+        fs.import_array(feats, None, "x", in_place=not copied)
         if policy == "hybrid":
             fs.set_static_score(None, np.load(d / "score.npy"))
         fs.gather_rows(None, "x", np.array([0]))  # creates the cache (outside the timing)
         fs.reset_stats()
-        seq = (window(batches, fs, depth=1) if name.endswith("window") else iter(batches))
+        seq = (window(batches, fs, depth=1) if "window" in name else iter(batches))
         prev = None
         for i in range(len(batches)):
             if i == warm:
@@ -403,12 +408,15 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--merge-gap", type=int, default=128 << 10)
     ap.add_argument("--scratch", type=int, default=64 << 20)
+    ap.add_argument("--checksum-block", type=int, default=0,
+                    help="crc32 block of the _store contenders' chunks (0: the feature store's default)")
     ap.add_argument("--fio-seconds", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", default="/var/tmp/tiered-gnn-bench")
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
     ap.add_argument("--contenders", default="memmap,memmap_random,tiered_lru,tiered_s3fifo,tiered_hybrid,memory",
-                    help="also: tiered_hybrid_window (next batch prefetched)")
+                    help="also: tiered_hybrid_window (next batch prefetched), tiered_<policy>_store "
+                         "(rows copied into store objects, reads verified per 4 KiB block)")
     ap.add_argument("--out", default=str(HERE / "results" / "gnn_gather.json"))
     ap.add_argument("--worker")
     ap.add_argument("--spec")
@@ -430,7 +438,7 @@ def main() -> None:
     why = cgroup_v1_unavailable()
     spec = {"dir": str(d), "store_dir": str(d / "stores"), "warmup": args.warmup, "batches": args.batches,
             "max_seconds": args.max_seconds, "cache_bytes": cache_bytes, "workers": args.workers,
-            "merge_gap": args.merge_gap, "scratch_bytes": args.scratch,
+            "merge_gap": args.merge_gap, "scratch_bytes": args.scratch, "checksum_block": args.checksum_block,
             "memory_rows": min(args.nodes, int(2 * GiB // row_bytes)), "memmap_slice": 2048}
     log(f"features {data_bytes / GiB:.2f} GiB; row cache {cache_bytes / GiB:.2f} GiB "
         f"(data / cache = {data_bytes / cache_bytes:.1f}); memory limit per contender {limit / GiB:.2f} GiB "

@@ -1,6 +1,9 @@
 """KV cache tiers: decode tokens/s and time-to-first-token, TieredCache vs transformers' caches.
 
-    python bench/kv_decode.py [--json] [--prompt 8192] [--new 32] [--dir DIR] [--small]
+    python bench/kv_decode.py [--json] [--prompt 8192] [--new 32] [--dir DIR] [--small] [--gpu-tier BYTES]
+
+(``--gpu-tier``: the stores get a GPU tier on ``--device`` and each TieredCache's
+device budget is its share of that tier; the owners' figures are in each "store" entry.)
 
 One seeded Llama-architecture model built from its config (fp32, 16 layers,
 hidden 256, 4 heads, 2 KV heads of 64 dims: 16 KiB of KV per token), one
@@ -177,9 +180,12 @@ def interleave(model, caches: dict, runs: dict, new: int) -> None:
         del runs[n]["_tok"]
 
 
-def store_config(directory: Path, host: int, storage: int) -> dict:
-    return {"tiers": {"host": {"capacity": host}, "nvme": {"path": str(directory), "capacity": storage}},
-            "engine": {"workers": 4, "chunk": "4MiB"}}
+def store_config(directory: Path, host: int, storage: int, gpu: tuple | None = None) -> dict:
+    """``gpu``: (device, capacity) of a GPU tier; the caches' device budgets are then their shares of it."""
+    tiers = {"host": {"capacity": host}, "nvme": {"path": str(directory), "capacity": storage}}
+    if gpu is not None:
+        tiers = {"gpu": {"kind": "device", "device": gpu[0], "capacity": gpu[1]}, **tiers}
+    return {"tiers": tiers, "engine": {"workers": 4, "chunk": "4MiB"}}
 
 
 def main(argv=None) -> int:
@@ -194,6 +200,9 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default="/tmp/tiered_kv_bench", help="storage tier directory (deleted after)")
     p.add_argument("--small", action="store_true", help="8 layers, hidden 128 (a quick check)")
     p.add_argument("--device", default="cpu", help="compute device (cuda: the device budget is GPU memory)")
+    p.add_argument("--gpu-tier", type=int, default=None, metavar="BYTES",
+                   help="give the stores a GPU tier of BYTES on --device: the caches' K/V are its buffers and "
+                        "each cache's device budget is its share of it (default: no tier, private budgets)")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="after the timed steps, profile 3 decode steps of each warm cache (torch.profiler) "
                         "and write the top operators by CPU and device time to FILE")
@@ -244,8 +253,9 @@ def main(argv=None) -> int:
 
     ident = model_identity(model)
     host_big, storage = 2 * kv_bytes + 64 * MiB, 4 * kv_bytes + 256 * MiB
+    gpu = None if a.gpu_tier is None else (a.device, a.gpu_tier)
     log("3/5 TieredCache cold (full prefill, prefix saved)")
-    with tiered.TieredStore(store_config(directory, host_big, storage)) as store:
+    with tiered.TieredStore(store_config(directory, host_big, storage, gpu)) as store:
         kv = KVStore(store, ident, block_size=a.block, layers_per_object=a.layers_per_object)
         with TieredCache(model.config, kv, model=model, device_budget=budget) as cache:
             C["tiered_cold"] = decode(model, cache, ids, a.new, before=lambda: cache.load_prefix(ids),
@@ -257,7 +267,7 @@ def main(argv=None) -> int:
     log("4/5 TieredCache warm: store reopened, prefix loaded cold from storage; decode interleaved with "
         "DynamicCache step by step")
     res["caches_dropped"] = drop_caches()
-    with tiered.TieredStore(store_config(directory, host_big, storage)) as store:
+    with tiered.TieredStore(store_config(directory, host_big, storage, gpu)) as store:
         kv = KVStore(store, ident, block_size=a.block, layers_per_object=a.layers_per_object)
         with TieredCache(model.config, kv, model=model, device_budget=budget, lookahead=0) as sync_cache, \
                 TieredCache(model.config, kv, model=model, device_budget=budget, lookahead=1) as thread_cache:
@@ -286,7 +296,7 @@ def main(argv=None) -> int:
 
     log("5/5 TieredCache streaming: host tier 1/3 of the KV, one layer per stored part (full prefill first)")
     stream_dir = directory / "streaming"
-    with tiered.TieredStore(store_config(stream_dir, kv_bytes // 3, storage)) as store:
+    with tiered.TieredStore(store_config(stream_dir, kv_bytes // 3, storage, gpu)) as store:
         kv = KVStore(store, ident, block_size=a.block, layers_per_object=1)
         with TieredCache(model.config, kv, model=model, device_budget=budget) as cache:
             C["tiered_streaming"] = decode(model, cache, ids, a.new, probe=lambda: cache.device_bytes()["total"])
@@ -338,7 +348,7 @@ def _store_summary(store) -> dict:
     return {"bytes_read": {k: v["bytes_read"] for k, v in s["tiers"].items() if v and "bytes_read" in v},
             "bytes_written": {k: v["bytes_written"] for k, v in s["tiers"].items() if v and "bytes_written" in v},
             "host_hits": s["hits"], "host_misses": s["misses"], "evictions": s["evictions"],
-            "direct_bytes": (s["engine"] or {}).get("direct_bytes"),
+            "direct_bytes": (s["engine"] or {}).get("direct_bytes"), "owners": s["owners"],
             "buffered_bytes": (s["engine"] or {}).get("buffered_bytes")}
 
 

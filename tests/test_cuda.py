@@ -138,3 +138,46 @@ def test_bundled_layout_on_gpu_and_auto_backend(tmp_path):
     tiered.detach(model)
     assert torch.equal(got, want), f"max abs diff {(got - want).abs().max().item()}"
     assert stats["peak_device_bytes"] <= nbytes // 2
+
+
+@pytest.mark.parametrize("lookahead", [0, 1])
+def test_kv_cache_in_the_gpu_tier_beside_another_owner_is_bitwise(tmp_path, lookahead):
+    """Blocks, slots, tails and the gather's staging are buffers of the store's GPU tier (freed
+    only once the streams that use them are past them); another owner holds part of the tier."""
+    import transformers
+    from transformers import DynamicCache
+
+    from tiered import TieredStore
+    from tiered.kv import KVStore, TieredCache, kv_geometry, model_identity
+
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval().to("cuda")
+    ids = torch.randint(3, 300, (1, 70), generator=torch.Generator().manual_seed(1)).to("cuda")
+
+    def generate(cache):
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=20, do_sample=False, cache=cache, output_scores=True,
+                                  return_dict_in_generate=True, pad_token_id=0)
+
+    want = generate(DynamicCache(config=cfg))
+    layers, heads, dim = kv_geometry(cfg)
+    share = 40 * layers * 2 * heads * dim * 4  # 40 tokens of K/V: blocks are spilled
+    with TieredStore(_config(tmp_path, gpu="4MiB")) as store:
+        weights = store.reserve("gpu", "1MiB", owner="offload/model")
+        held = weights.alloc(1 << 20)
+        held.tensor(torch.float32)[:] = 3.0
+        kv = KVStore(store, model_identity(model), block_size=8)
+        with TieredCache(cfg, kv, model=model, device_budget=share, lookahead=lookahead, cache_id="gpu") as cache:
+            got = generate(cache)
+            st = cache.stats()
+            assert st["device_tier"] and st["spilled_blocks"] > 0 and st["store_reads"] > 0
+            assert store.owners()["kv/gpu"]["gpu"]["reserved"] == share
+        torch.cuda.synchronize()
+        assert store.owners()["kv/gpu"]["gpu"]["held"] == 0
+        assert bool((held.tensor(torch.float32) == 3.0).all())
+        held.release()
+        weights.close()
+    assert torch.equal(want.sequences, got.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(want.scores, got.scores))

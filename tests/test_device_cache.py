@@ -1,7 +1,8 @@
 """The GPU tier's pre-reserved arena and object cache.
 
-Everything runs with device="cpu" here (the arena and cache behave the
-same); the same tests run on CUDA when a GPU is present (marked ``cuda``).
+Everything runs with device="cpu" here (a ``[tiers.gpu] kind = "device", device = "cpu"``
+tier: the arena and cache behave the same); the same tests run on CUDA when a GPU is
+present (marked ``cuda``). The cache allocates from the store's GPU tier, charged to its owner.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from allocators import DeviceArena, OutOfBudget
-from tiered import ChecksumError, TieredStore
+from tiered import ChecksumError, StoreError, TieredStore
 from tiered.device_cache import DeviceCache
 
 T = 10.0
@@ -22,9 +23,12 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip
     not torch.cuda.is_available(), reason="needs a CUDA device")])]
 
 
-def make_store(tmp_path) -> TieredStore:
+def make_store(tmp_path, gpu: int | None = None, device: str = "cpu") -> TieredStore:
+    """A store whose GPU tier holds ``gpu`` bytes on ``device`` (none when ``gpu`` is None)."""
     cfg = {"tiers": {"host": {"capacity": "16MiB"}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "64MiB"}},
            "engine": {"workers": 2, "chunk": "1MiB"}}
+    if gpu is not None:
+        cfg["tiers"]["gpu"] = {"kind": "device", "device": "cuda:0" if device == "cuda" else device, "capacity": gpu}
     return TieredStore(cfg).open()
 
 
@@ -74,7 +78,7 @@ def test_arena_must_be_open():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_cache_returns_store_contents_on_device(tmp_path, device):
-    with make_store(tmp_path) as store, DeviceCache(store, 4 * MiB, device) as cache:
+    with make_store(tmp_path, 4 * MiB, device) as store, DeviceCache(store) as cache:
         x = torch.randn(300, 77)
         store.put("w", x).result(T)
         with cache.acquire("w").result(T) as lease:
@@ -87,20 +91,21 @@ def test_cache_returns_store_contents_on_device(tmp_path, device):
 
 
 def test_cache_evicts_unheld_entries_and_stays_within_capacity(tmp_path):
-    with make_store(tmp_path) as store, DeviceCache(store, 1 * MiB, "cpu") as cache:
+    with make_store(tmp_path, 1 * MiB) as store, DeviceCache(store) as cache:
         tensors = {f"t{i}": torch.full((64 * KiB,), float(i)) for i in range(8)}  # 256 KiB each
         for k, t in tensors.items():
             store.put(k, t).result(T)
         for k, t in tensors.items():
             with cache.acquire(k).result(T) as lease:
                 assert torch.equal(lease.tensor, t)
-            assert cache.arena.stats().in_use <= 1 * MiB
+            assert cache.held <= 1 * MiB
+            assert store.owners()["device_cache"]["gpu"]["held"] == cache.held
         assert cache.stats.evictions >= 4
         assert "t7" in cache and "t0" not in cache  # LRU kept the most recent
 
 
 def test_cache_never_evicts_a_held_entry_and_times_out_clearly(tmp_path):
-    with make_store(tmp_path) as store, DeviceCache(store, 400 * KiB, "cpu", wait=0.2) as cache:
+    with make_store(tmp_path, 400 * KiB) as store, DeviceCache(store, wait=0.2) as cache:
         a, b = torch.ones(64 * KiB), torch.zeros(64 * KiB)
         store.put("a", a).result(T)
         store.put("b", b).result(T)
@@ -116,7 +121,7 @@ def test_cache_never_evicts_a_held_entry_and_times_out_clearly(tmp_path):
 
 
 def test_cache_reloads_after_a_newer_put(tmp_path):
-    with make_store(tmp_path) as store, DeviceCache(store, 1 * MiB, "cpu") as cache:
+    with make_store(tmp_path, 1 * MiB) as store, DeviceCache(store) as cache:
         store.put("w", torch.zeros(1000)).result(T)
         old = cache.acquire("w").result(T)
         store.put("w", torch.ones(1000)).result(T)
@@ -125,11 +130,11 @@ def test_cache_reloads_after_a_newer_put(tmp_path):
         assert torch.equal(old.tensor, torch.zeros(1000))  # the holder's view is not overwritten
         old.release()
         assert cache.stats.reloads == 1
-        assert cache.arena.stats().in_use == 4096  # the stale copy went back on release
+        assert cache.held == 4096  # the stale copy went back on release
 
 
 def test_cache_concurrent_acquires_share_one_load(tmp_path):
-    with make_store(tmp_path) as store, DeviceCache(store, 2 * MiB, "cpu") as cache:
+    with make_store(tmp_path, 2 * MiB) as store, DeviceCache(store) as cache:
         x = torch.randn(100_000)
         store.put("w", x).result(T)
         store.evict("w")
@@ -152,7 +157,7 @@ def test_cache_concurrent_acquires_share_one_load(tmp_path):
 
 
 def test_cache_unknown_key_and_failed_load_leave_no_residue(tmp_path):
-    with make_store(tmp_path) as store, DeviceCache(store, 1 * MiB, "cpu") as cache:
+    with make_store(tmp_path, 1 * MiB) as store, DeviceCache(store) as cache:
         with pytest.raises(KeyError, match="nope"):
             cache.acquire("nope")
         store.put("w", torch.ones(1000)).result(T)
@@ -163,4 +168,36 @@ def test_cache_unknown_key_and_failed_load_leave_no_residue(tmp_path):
             f.write(b"\xff" * 64)
         with pytest.raises(ChecksumError, match="crc32"):
             cache.acquire("w").result(T)
-        assert "w" not in cache and cache.arena.stats().in_use == 0
+        assert "w" not in cache and cache.held == 0
+
+
+def test_caches_of_two_owners_share_the_store_gpu_tier(tmp_path):
+    """Two owners' caches on one GPU tier: each charged to its owner, together within the tier;
+    one that finds no room takes back what the other holds but nobody leases."""
+    with make_store(tmp_path, 1 * MiB) as store, DeviceCache(store, owner="offload/a") as a, \
+            DeviceCache(store, owner="kv/b") as b:
+        tensors = {f"t{i}": torch.full((64 * KiB,), float(i)) for i in range(6)}  # 256 KiB each
+        for k, t in tensors.items():
+            store.put(k, t).result(T)
+        for k in ("t0", "t1", "t2"):
+            a.acquire(k).result(T).release()
+        held_by_a = a.acquire("t3").result(T)  # a fills the tier: 3 unheld entries and 1 held
+        assert store.owners()["offload/a"]["gpu"]["held"] == a.held == 4 * 256 * KiB
+        for k in ("t4", "t5"):
+            with b.acquire(k).result(T) as lease:
+                assert torch.equal(lease.tensor, tensors[k])
+        owners = store.owners()
+        assert owners["kv/b"]["gpu"]["held"] == b.held > 0
+        assert a.held + b.held <= 1 * MiB
+        assert "t3" in a and torch.equal(held_by_a.tensor, tensors["t3"])  # a held entry is never taken
+        held_by_a.release()
+
+
+def test_cache_with_a_share_keeps_it_and_needs_a_device_tier(tmp_path):
+    with make_store(tmp_path, 1 * MiB) as store:
+        with DeviceCache(store, owner="tools", share="50%") as cache:
+            assert cache.reservation.reserved == 512 * KiB and cache.limit == 512 * KiB
+            assert store.owners()["tools"]["gpu"]["reserved"] == 512 * KiB
+        assert store.owners()["tools"]["gpu"]["reserved"] == 0  # closed: the share goes back
+    with make_store(tmp_path / "b") as store, pytest.raises(StoreError, match="device tier"):
+        DeviceCache(store)

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using .* without a .pyg-lib. ins
 from allocators import OutOfBudget
 from tiered.gnn.gather import PAGE, Layout, plan_reads, rows_from, split_rounds
 from tiered.gnn.feature_store import FeatureStoreError, TieredFeatureStore, sampling_degree, window
-from tiered.store import TieredStore
+from tiered.store import StoreError, TieredStore
 
 try:
     from io_engine.testing import FaultyBackend
@@ -360,8 +360,14 @@ def test_orphan_chunks_are_collected_on_open(store):
 
 
 def test_cache_budget_comes_from_the_host_tier(store):
-    with TieredFeatureStore(store, cache_bytes=1 << 40).open() as fs:
+    """The cache is the owner's reserved share of the host tier: a share the tier cannot hold is
+    refused when the feature store opens, naming the owner."""
+    with pytest.raises(StoreError, match="gnn/features"):
+        TieredFeatureStore(store, cache_bytes=1 << 40).open()
+    with TieredFeatureStore(store, cache_bytes=1 << 20).open() as fs:
+        assert store.owners()["gnn/features"]["host"]["reserved"] == 1 << 20
         fs.put_tensor(torch.randn(100000, 128), group_name=None, attr_name="x", index=None)
+        fs.set_cache(None, "x", 64 << 20)  # more than the host tier: fails at once, naming the cache
         with pytest.raises(OutOfBudget, match="row cache of 'x'"):
             fs.get_tensor(group_name=None, attr_name="x", index=torch.tensor([1]))
 
@@ -390,8 +396,10 @@ def test_gather_waits_for_a_running_prefetch_instead_of_reading_twice(tmp_path):
     x = torch.randn(3000, 16)
     with TieredStore(config(tmp_path), backend=fb) as s, fstore(s, cache_bytes=1 << 20, policy="lru") as fs:
         fs.put_tensor(x, group_name=None, attr_name="x", index=None)
-        gate = fb.gate("read")
         ids = torch.arange(0, 3000, 3)
+        fs.get_tensor(group_name=None, attr_name="x", index=ids)  # the store reads each chunk's crc table once
+        fs.set_cache(None, "x", 1 << 20)  # an empty cache again
+        gate = fb.gate("read")
         f = fs.prefetch(ids)
         assert gate.entered.wait(T)  # the prefetch's reads are parked in the backend
         assert not f.done()  # a real future on the engine, not one completed up front

@@ -261,7 +261,7 @@ def test_batch_repeat_interleave_right_after_load_prefix(tmp_path):
 
 
 def test_a_gather_that_does_not_fill_its_slot_is_refused():
-    from tiered.kv.cache import _cat_into
+    from tiered.kv.blocks import cat_into as _cat_into
 
     out = torch.empty(1, 2, 8, 4)
     with pytest.raises(KVCacheError, match="do not match"):

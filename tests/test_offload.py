@@ -1062,9 +1062,9 @@ def test_demand_load_after_partial_prefetch_takes_the_unit_in_one_go(tmp_path):
 
     store.trim()  # only pinned (resident) copies stay in the host tier
     fillers = {}
-    while True:  # every free page held by a filler buffer
+    while True:  # every free page held by a filler buffer (charged to the model: its share too)
         try:
-            b = arena.alloc(PAGE, timeout=0)
+            b = arena.alloc(PAGE, timeout=0, owner=rt.owner)
         except OutOfBudget:
             break
         fillers[b.offset] = b
@@ -1094,7 +1094,7 @@ def test_demand_load_after_partial_prefetch_takes_the_unit_in_one_go(tmp_path):
             at += gaps[before.index(k)]
         for o in region[at:at + pages(k)]:
             fillers.pop(o).release()
-        u.pending[k] = store.acquire(k, priority=Priority.PREFETCH, wait=0.0)
+        u.pending[k] = store.acquire(k, priority=Priority.PREFETCH, wait=0.0, owner=rt.owner)
         u.pending[k].result(timeout=30)
         at += pages(k)
     for b in fillers.values():  # the gaps, free now: enough bytes, no block large enough
@@ -1218,8 +1218,10 @@ def test_bundled_neuron_is_one_contiguous_range(tmp_path):
 
 
 def _cache_cfg(tmp_path, host, **kw) -> dict:
+    """The device-cache path on a CPU: a GPU tier on device "cpu" as large as the host tier."""
     cfg = make_cfg(tmp_path, host, **kw)
     cfg["offload"]["device_cache"] = True
+    cfg["tiers"]["gpu"] = {"kind": "device", "device": "cpu", "capacity": cfg["tiers"]["host"]["capacity"]}
     return cfg
 
 
@@ -1239,7 +1241,7 @@ def test_device_cache_path_keeps_outputs_bitwise(tmp_path, arch, layout):
     dc = st["device_cache"]
     assert st["resident_bytes"] > 0
     assert dc["misses"] > len(rt.units), dc  # streamed units are placed again on later forwards
-    assert dc["peak"] <= rt.dcache.arena.capacity
+    assert dc["peak"] <= rt.dcache.limit
     assert st["peak_host_bytes"] <= capacity_of(host)
     if arch == "llama":  # 6.9 units: some stream from storage, one stays in (pinned) host memory
         assert st["bytes_read"].get("nvme", 0) > 0, st

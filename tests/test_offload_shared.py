@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import tiered
-from tiered import OffloadError
+from tiered import OffloadError, offload_life
 
 transformers = pytest.importorskip("transformers")
 
@@ -188,13 +188,16 @@ def test_another_model_leaves_a_detaching_models_units_alone(tmp_path):
     ra = a._tiered
     collect = ra._collect
 
+    given = []
+
     def collect_then_other_model_wants_room(u):  # B's forward, in another thread, at the worst time
         collect(u)
-        b._tiered.room_from_others()
+        given.append(ra.compute_res.on_pressure(1 << 30))  # what the store calls for B's allocation
 
     ra._collect = collect_then_other_model_wants_room
     try:
         tiered.detach(a)
+        assert given and not any(given)
         assert torch.equal(_logits(a), want_a)
     finally:
         if getattr(a, "_tiered", None) is not None:
@@ -222,7 +225,7 @@ def test_collected_model_does_not_deadlock_a_thread_holding_the_registry_lock(tm
         r, m = Runtime(), Model()
         r.model, m.rt = m, r
         del r, m
-        with offload_life._lock:  # the garbage collector runs inside others_on(), watch(), ...
+        with offload_life._lock:  # the garbage collector runs inside watch(), forget(), ...
             gc.collect()
         assert len(offload_life._orphans) == 1
         print("ok")
@@ -246,14 +249,21 @@ def test_forward_that_finds_no_room_cleans_up_dropped_models(tmp_path):
     want_b = _logits(b)
     tiered.offload(b, cfg)
     a = tiered.offload(_llama(0, hidden=64, layers=16), cfg)
+    store, owner_a = a._tiered.store, a._tiered.owner
     _logits(a)
-    _logits(a)  # its prefetches of the next forward fill the host tier, but for less than a unit of B
-    assert a._tiered.store.arena.stats().largest_free < max(u.nbytes for u in b._tiered.units)
+    _logits(a)  # its prefetches of the next forward fill what B's reserved floor leaves of the host tier
+    b_floor = store.owners()[b._tiered.owner]["host"]["reserved"]
+    assert b_floor >= max(u.nbytes for u in b._tiered.units)
+    assert store.arena.stats().in_use >= store.arena.capacity - b_floor - max(u.nbytes for u in a._tiered.units)
     del a
     gc.collect()
     _fail_fast(b)
     try:
         assert torch.equal(_logits(b), want_b)
+        assert torch.equal(_logits(b), want_b)
+        offload_life.collect()  # what the next offload or detach does first
+        assert store.owners()[owner_a]["host"]["held"] == 0
+        assert store.owners()[owner_a]["host"]["reserved"] == 0
     finally:
         tiered.detach(b)
 

@@ -59,6 +59,7 @@ def test_units_list_names_keys_bytes_and_params(tmp_path):
         assert sum(len(u.params()) for u in units) == len(params)
         assert units.owns_param(units["head"].params()[0]) and not units.owns_param(torch.zeros(1))
         assert units.owner.startswith("offload/")
+        assert units.budget == units.store.arena.capacity  # alone on the store, elastic: the whole tier
         with pytest.raises(OffloadError, match="no unit 'nope'"):
             units.unit("nope")
     finally:
@@ -150,5 +151,29 @@ def test_on_backward_load_names_each_streamed_unit(tmp_path):
         model(torch.randn(2, 16)).sum().backward()
         assert seen == []
         units.wait_writes()
+    finally:
+        tiered.detach(model)
+
+
+def test_an_open_edit_keeps_its_resident_unit_from_other_owners(tmp_path):
+    """While an optimizer edits a resident unit's copy in place, another owner's pressure must
+    not take the unit back (its buffer could be reused before the edit is written)."""
+    torch.manual_seed(0)
+    model = Net()
+    tiered.offload(model, cfg(tmp_path, resident=True))
+    rt = model._tiered
+    try:
+        units = offload_units(model)
+        res = next(u for u in units if u.resident)
+        edit = units.open_unit_params(res)
+        assert rt.compute_res.on_pressure(1 << 30) == 0  # what the store calls for another owner
+        assert res.resident
+        units.write_unit_params(edit)
+        units.wait_writes()
+        assert rt.compute_res.on_pressure(1 << 30) > 0  # idle again: residents go back
+        assert not res.resident
+        edit = units.open_unit_params("head")
+        edit.abandon()
+        assert not rt._busy  # abandoning ends the edit too
     finally:
         tiered.detach(model)

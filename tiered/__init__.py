@@ -7,18 +7,18 @@ Public entry points:
 """
 
 from .config import Config, ConfigError, TierSpec, default_config, load_config
-from .store import ChecksumError, Lease, StoreError, TieredStore
+from .store import ChecksumError, Lease, Reservation, StoreError, TieredStore
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ChecksumError", "Config", "ConfigError", "Lease", "StoreError", "TierSpec", "TieredStore",
+    "ChecksumError", "Config", "ConfigError", "Lease", "Reservation", "StoreError", "TierSpec", "TieredStore",
     "default_config", "load_config",
 ]
 
-from .offload import OffloadError, detach, offload, offload_stats  # noqa: E402
+from .offload import OffloadError, OffloadUnits, detach, offload, offload_stats, offload_units  # noqa: E402
 
-__all__ += ["OffloadError", "detach", "offload", "offload_stats"]
+__all__ += ["OffloadError", "OffloadUnits", "detach", "offload", "offload_stats", "offload_units"]
 from .pretrained import from_pretrained  # noqa: E402
 
 __all__ += ["from_pretrained"]

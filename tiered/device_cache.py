@@ -1,17 +1,21 @@
 """The GPU tier's object cache: store objects resident on the compute device.
 
 Objects come from a :class:`~tiered.store.TieredStore` (host arena, pinned
-when CUDA is present) and are copied into one pre-reserved
-:class:`~allocators.DeviceArena` on a dedicated copy stream, so device memory
-is never allocated per object and the copies overlap the compute stream.
-Residency is bounded by the arena; victims are chosen by an eviction policy
-from ``policies/`` among entries nobody holds.
+when CUDA is present) and are copied into buffers of the store's GPU tier (one
+region the store reserves once, shared by every owner) on a dedicated copy
+stream, so device memory is never allocated per object and the copies overlap
+the compute stream. The buffers are charged to the cache's owner through a
+:class:`~tiered.store.Reservation` of that tier (given, or opened by the cache for
+``owner`` and ``share``); the cache keeps itself within ``limit`` bytes (default:
+the reservation's share, else the tier) by evicting entries nobody holds, chosen
+by an eviction policy from ``policies/``, and gives them back when another owner
+of the tier finds no room (``on_pressure``, when the cache opened the reservation).
 
 Call order: ``open()``; ``acquire(key)`` → future of a :class:`DeviceLease`;
 use ``lease.tensor``; ``lease.release()`` (records an event on the current
 stream, so a buffer is reused only after the kernels that read it finished);
 ``close()``. An entry whose store version changed (a newer ``put``) is
-reloaded, never served stale. The device may be ``"cpu"`` (tests).
+reloaded, never served stale. The tier's device may be ``"cpu"`` (tests).
 
 On CUDA nothing here blocks the host on the GPU: a load's future completes
 once its copy is *queued*; ``lease.tensor`` makes the caller's current stream
@@ -25,16 +29,17 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 
 import torch
 
-from allocators import DeviceArena, DeviceBuffer, OutOfBudget
+from allocators import DeviceBuffer, OutOfBudget
 from io_engine import IOFuture, Priority, chain, completed
 from policies import Observation, create_eviction_policy
 
-from .store import Lease, TieredStore
+from .store import Lease, Reservation, StoreError, TieredStore
 
 
 @dataclass
@@ -100,12 +105,47 @@ class DeviceLease:
         self.release()
 
 
+def _weak_give_back(cache: "DeviceCache"):
+    """The cache's ``on_pressure``, without the store's reservation keeping the cache alive."""
+    ref = weakref.ref(cache)
+
+    def on_pressure(nbytes: int) -> int:
+        c = ref()
+        return 0 if c is None else c._give_back(nbytes)
+    return on_pressure
+
+
 class DeviceCache:
-    def __init__(self, store: TieredStore, capacity: int, device: str = "cuda:0", *,
-                 policy: str = "lru", wait: float = 30.0) -> None:
+    """Store objects copied onto the store's GPU tier (see the module docstring).
+
+    ``reservation``: the owner's reservation of the GPU tier to allocate from (kept open by
+    its owner); else the cache reserves ``share`` of the tier for ``owner`` on ``open()``
+    (None: the config's share, else elastic) and closes it on ``close()``. ``limit``: bytes
+    the cache holds at most (default: the share, else the tier's capacity).
+    """
+
+    def __init__(self, store: TieredStore, reservation: Reservation | None = None, *, owner: str = "device_cache",
+                 share: int | str | None = None, limit: int | None = None, policy: str = "lru",
+                 wait: float = 30.0) -> None:
+        tier = store.device_tier
+        if tier is None:
+            raise StoreError(f"{store.config.source}: DeviceCache needs a device tier in the store "
+                             "(e.g. [tiers.gpu] kind = \"device\", capacity = \"8GiB\")")
+        if reservation is not None and reservation.tier != tier:
+            raise StoreError(f"DeviceCache: reservation of {reservation.owner!r} is on tier {reservation.tier!r}, "
+                             f"not on the device tier {tier!r}")
+        spec = next(t for t in store.config.device_tiers if t.name == tier)
         self.store = store
-        self.device = torch.device(device)
-        self.arena = DeviceArena(capacity, str(self.device))
+        self.device = torch.device(spec.device or "cuda:0")
+        self.capacity = spec.capacity
+        self.owner = reservation.owner if reservation is not None else owner
+        self._given = reservation  # owned by the caller
+        self._share = share
+        self._limit = limit
+        self.reservation: Reservation | None = reservation
+        self.held = 0  # bytes of the tier the entries hold (aligned buffer sizes)
+        self.peak = 0
+        self._region: int | None = None  # address of the tier's region (the storage every buffer views)
         self.policy = create_eviction_policy(policy)
         self.wait = wait
         self.stats = DeviceCacheStats()
@@ -121,10 +161,20 @@ class DeviceCache:
         self._loading: set = set()  # ready futures of loads in flight (discarded entries' included)
 
     # -- lifecycle -----------------------------------------------------------------
+    @property
+    def limit(self) -> int:
+        """Bytes the cache holds at most."""
+        if self._limit is not None:
+            return self._limit
+        reserved = self.reservation.reserved if self.reservation is not None else 0
+        return reserved or self.capacity
+
     def open(self) -> "DeviceCache":
         if self._opened:
             return self
-        self.arena.open()
+        if self._given is None:
+            self.reservation = self.store.reserve(self.store.device_tier, self._share, owner=self.owner,
+                                                  on_pressure=_weak_give_back(self))
         self._opened = True
         if self.device.type == "cuda":
             self._stream = torch.cuda.Stream(self.device)
@@ -176,9 +226,12 @@ class DeviceCache:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # every kernel reading the region finished
         with self._lock:
-            self._entries.clear()
+            for entry in list(self._entries.values()):
+                self._discard(entry)  # a buffer still leased goes back when its holder releases it
             self._fences.clear()
-        self.arena.close()
+        if self._given is None and self.reservation is not None:
+            self.reservation.close()
+            self.reservation = None
         self._stream = None
         self._opened = False
         if stuck:
@@ -260,6 +313,7 @@ class DeviceCache:
         buffer = self._make_room(key, nbytes, wait)
         with self._lock:
             if key in self._entries:  # another caller started the same load meanwhile
+                self.held -= buffer.reserved
                 buffer.release()
                 self._lock.notify_all()
                 return self.acquire(key, priority=priority, wait=wait)
@@ -270,7 +324,7 @@ class DeviceCache:
             self._entries[key] = entry
             self._loading.add(ready)
         try:
-            host = self.store.acquire(key, priority=priority, wait=wait)
+            host = self.store.acquire(key, priority=priority, wait=wait, owner=self.owner)
         except BaseException as e:
             with self._lock:
                 self._loading.discard(ready)
@@ -338,27 +392,62 @@ class DeviceCache:
             entry.ready.set_exception(f.exception())
 
     def _make_room(self, key: str, nbytes: int, wait: float) -> DeviceBuffer:
-        """A device buffer for ``nbytes``, evicting unheld entries; waits for releases up to ``wait`` s."""
+        """A device buffer for ``nbytes``: evicting unheld entries to stay within ``limit``, then
+        from the tier (whose other owners are asked to give room back); waits for releases up to
+        ``wait`` s. No lock is held while allocating: another owner's ``on_pressure`` may trim
+        this cache meanwhile."""
         deadline = time.monotonic() + wait
-        with self._lock:
-            while True:
-                buffer = self.arena.try_alloc(nbytes)
-                if buffer is not None:
-                    return buffer
-                victims = self.policy.victims(nbytes, self._evictable)
-                for victim in victims:
-                    self._discard(self._entries[victim])
-                    self.stats.evictions += 1
-                if victims:
+        while True:
+            with self._lock:
+                over = self.held + nbytes - self.limit
+                if over > 0 and self._evict(over):
+                    continue
+            buffer = self._alloc(nbytes)
+            if buffer is not None:
+                return buffer
+            with self._lock:
+                if self._evict(nbytes):
                     continue
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.arena.capacity < nbytes:
-                    st = self.arena.stats()
+                if remaining <= 0 or self.limit < nbytes:
                     raise OutOfBudget(
-                        f"device cache on {self.device}: no room for {key!r} ({nbytes} bytes) after "
-                        f"{wait} s: {st.in_use} of {st.capacity} bytes held by "
-                        f"{sum(e.pins > 0 for e in self._entries.values())} leased objects")
-                self._lock.wait(remaining)
+                        f"device cache of {self.owner!r} on {self.device}: no room for {key!r} ({nbytes} bytes) "
+                        f"after {wait} s: it holds {self.held} of its limit {self.limit} bytes in "
+                        f"{sum(e.pins > 0 for e in self._entries.values())} leased objects "
+                        f"(tier {self.store.device_tier!r}: {self.capacity} bytes)")
+                self._lock.wait(min(remaining, 0.05))  # other owners' frees do not notify this cache
+
+    def _alloc(self, nbytes: int) -> DeviceBuffer | None:
+        try:
+            buffer = self.reservation.alloc(nbytes, wait=0.0)
+        except OutOfBudget:
+            return None
+        with self._lock:
+            self.held += buffer.reserved
+            self.peak = max(self.peak, self.held)
+            if self._region is None:
+                self._region = buffer.tensor().untyped_storage().data_ptr()
+        return buffer
+
+    def _evict(self, nbytes: int) -> bool:
+        """Discard unheld entries (policy's choice) for ``nbytes`` (lock held); False if none."""
+        victims = self.policy.victims(nbytes, self._evictable)
+        for victim in victims:
+            self._discard(self._entries[victim])
+            self.stats.evictions += 1
+        return bool(victims)
+
+    def _give_back(self, wanted: int) -> int:
+        """``on_pressure``: another owner of the tier finds no room; drop what nobody holds."""
+        held = self.held
+        self.trim()
+        return held - self.held
+
+    def offset_of(self, t: torch.Tensor) -> int | None:
+        """Where ``t`` starts in the tier's region, or None when it is not a view of it."""
+        if self._region is None or t.untyped_storage().data_ptr() != self._region:
+            return None
+        return t.data_ptr() - self._region
 
     def _evictable(self, key: str) -> bool:
         entry = self._entries.get(key)
@@ -401,4 +490,5 @@ class DeviceCache:
         self._fences.extend(entry.used.values())
         entry.used.clear()
         if not entry.buffer.released:
+            self.held -= entry.buffer.reserved
             entry.buffer.release()

@@ -15,7 +15,7 @@ runtime still alive is cleaned up too, so the store is closed and its ephemeral 
 deleted before the process ends.
 
 :func:`orphaned` takes no lock: the garbage collector may run it in a thread that holds
-``_lock`` already (inside :func:`others_on`, :func:`watch`, ...). An orphan's cleanup that
+``_lock`` already (inside :func:`watch`, :func:`forget`, ...). An orphan's cleanup that
 fails is logged (naming the model) and the others go on: it must not fail an unrelated
 ``offload`` or ``detach`` that happened to collect it.
 """
@@ -31,7 +31,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .offload import OffloadedModule
+    from .offload.runtime import OffloadedModule
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,6 @@ def watch(rt: "OffloadedModule") -> None:
 def forget(rt: "OffloadedModule") -> None:
     with _lock:
         _live.discard(rt)
-
-
-def others_on(store) -> list["OffloadedModule"]:
-    """The live runtimes serving models from ``store`` (not those finished or awaiting cleanup)."""
-    with _lock:
-        return [rt for rt in _live if rt.store is store and not rt._finished and not rt._orphaned]
 
 
 def orphaned(rt: "OffloadedModule") -> None:

@@ -30,10 +30,11 @@ from torch import nn
 
 from allocators import OutOfBudget
 
-from .offload import OffloadError
+from .offload.common import OffloadError
 
 if TYPE_CHECKING:
-    from .offload import OffloadedModule, _Slot
+    from .offload.layout import _Slot
+    from .offload.runtime import OffloadedModule
 
 _WAIT = 600.0
 
@@ -125,11 +126,10 @@ def _fill_state(rt_ref, names, calls: threading.local, _module, state_dict, pref
 def _acquire(rt: "OffloadedModule", key: str):
     """The host copy of ``key``; prefetches of the next forward give their room back if needed."""
     try:
-        return rt.store.acquire(key, wait=0.0).result(timeout=_WAIT)
-    except OutOfBudget:
+        return rt.store.acquire(key, wait=0.0, owner=rt.owner).result(timeout=_WAIT)
+    except OutOfBudget:  # the store asked the other owners already; this model's prefetches go too
         rt._drop_prefetches(keep=None)
-        rt.room_from_others()
-        return rt.store.acquire(key, wait=_WAIT).result(timeout=_WAIT)
+        return rt.store.acquire(key, wait=_WAIT, owner=rt.owner).result(timeout=_WAIT)
 
 
 def _guarded_modules(rt: "OffloadedModule") -> list[nn.Module]:

@@ -119,12 +119,13 @@ def _lookup(name: str, index: dict[str, TensorLocation], prefix: str) -> TensorL
 
 
 def from_pretrained(model_dir: str | os.PathLike, config=None, *, model_cls=None, units=None,
-                    store: TieredStore | None = None, device=None) -> nn.Module:
+                    store: TieredStore | None = None, device=None, share: int | str | None = None) -> nn.Module:
     """Build a transformers model from ``model_dir`` with its weights served from the
     checkpoint files in place, streamed through the forward like :func:`tiered.offload`.
 
     ``model_cls``: a transformers class (default: ``AutoModelForCausalLM`` when the
-    config's architecture is a causal LM, else ``AutoModel``).
+    config's architecture is a causal LM, else ``AutoModel``). ``share``: the model's
+    compute budget, as for :func:`tiered.offload`.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -176,9 +177,9 @@ def from_pretrained(model_dir: str | os.PathLike, config=None, *, model_cls=None
         for name, buf in model.named_buffers():  # persistent buffers saved in the checkpoint: small, load them
             loc = _lookup(name, index, prefix)
             if loc is not None and loc.shape == tuple(buf.shape):
-                _load_buffer(store, _external_key(model, loc, name), buf, loc)
+                _load_buffer(store, _external_key(model, loc, name), buf, loc, model._tiered_prefix)
         # offload closes nothing it was handed when it fails: the store is closed below, once
-        return offload(model, store=store, units=units, device=device, _external=external,
+        return offload(model, store=store, units=units, device=device, share=share, _external=external,
                        _owns_store=owns)
     except BaseException:
         try:
@@ -195,10 +196,10 @@ def _external_key(model: nn.Module, loc: TensorLocation, name: str) -> str:
     return f"{model._tiered_prefix}/ckpt/{Path(loc.path).name}/{name}"
 
 
-def _load_buffer(store: TieredStore, key: str, buf: torch.Tensor, loc: TensorLocation) -> None:
+def _load_buffer(store: TieredStore, key: str, buf: torch.Tensor, loc: TensorLocation, owner: str) -> None:
     """Copy a persistent buffer out of the checkpoint (registered only for this read)."""
     store.register_external(key, loc.path, loc.offset, loc.nbytes, loc.dtype, loc.shape)
     try:
-        buf.copy_(store.get(key).result(timeout=600))
+        buf.copy_(store.get(key, owner=owner).result(timeout=600))
     finally:
         store.delete(key)

@@ -65,8 +65,9 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
     ``[owners.checkpoint]`` share) reserves a guaranteed share, which is then the most the
     checkpointer holds at once; without a share it competes for free memory and holds at most
     ``host_buffer`` bytes at once (a snapshot larger than that streams through it, and the
-    optimizer step may then wait for the disk); ``prefault`` touches that much of the host tier
-    at ``open``. ``backend`` overrides
+    optimizer step may then wait for the disk); ``prefault`` faults the host tier's memory in
+    at ``open`` (:meth:`TieredStore.prefault_host`; it changes no byte and takes no memory from
+    other owners), so snapshots do not pay page faults. ``backend`` overrides
     ``[engine] backend`` of the store it opens (a name or a Backend, e.g. a FaultyBackend).
     """
 
@@ -155,7 +156,8 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
                                       f"store at {self.store.root}: less than one {SEGMENT}-byte segment")
             self._recover()
             if self.prefault:  # now, not during the first snapshot (page faults would slow its copies)
-                self.host.prefault()
+                if not self.store.prefault_host():  # faults the host tier in, touching nobody's bytes
+                    self.host.prefault()  # a kernel without MADV_POPULATE_WRITE: this owner's free share
             self._start_threads()
         except BaseException:
             self._release_resources()

@@ -1,18 +1,19 @@
-"""The bytes of a row cache: slots and a victim buffer carved from the store's host arena.
+"""The bytes of a row cache: slots and a victim buffer, host buffers of the feature store's
+reservation (so the host tier's one budget accounts for feature rows under the store's owner).
 
 The decisions (which rows stay) are a ``policies.row_cache`` policy's; this
-class only moves bytes, so the host tier's one budget (the arena) accounts
-for feature rows like for every other object. Not thread-safe: the feature
-store calls it under its attribute lock.
+class only moves bytes. Not thread-safe: the feature store calls it under its
+attribute lock.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from allocators import HostArena, OutOfBudget
+from allocators import HostBuffer, OutOfBudget
 from policies.row_cache import RowCachePolicy, VictimBuffer
 
 
@@ -47,11 +48,12 @@ class RowCache:
     def nbytes(self) -> int:
         return (self.policy.num_slots + self.victims.capacity) * self.row_bytes
 
-    def open(self, arena: HostArena, name: str) -> "RowCache":
-        """Take the cache's memory from ``arena`` (fails at once, naming the budget, if it does not fit)."""
+    def open(self, alloc: Callable[[int], HostBuffer], name: str) -> "RowCache":
+        """Take the cache's memory with ``alloc(nbytes)`` (a reservation's, failing at once with
+        OutOfBudget if it does not fit; the message names the cache)."""
         try:
             for rows in (self.policy.num_slots, self.victims.capacity):
-                buf = arena.alloc(rows * self.row_bytes, timeout=0) if rows else None
+                buf = alloc(rows * self.row_bytes) if rows else None
                 self._bufs.append(buf)
         except OutOfBudget as e:
             self.close()
@@ -68,6 +70,18 @@ class RowCache:
                 b.release()
         self._bufs = []
         self.data = self.victim_data = None
+
+    def drop_victims(self) -> int:
+        """Give the victim buffer's memory back (its rows are the cache's coldest); returns the
+        bytes released. The slots stay."""
+        if len(self._bufs) < 2 or self._bufs[1] is None:
+            return 0
+        buf, self._bufs[1] = self._bufs[1], None
+        freed = self.victims.capacity * self.row_bytes
+        self.victims = VictimBuffer(self.policy.num_rows, 0)
+        self.victim_data = np.empty((0, self.row_bytes), np.uint8)
+        buf.release()
+        return freed
 
     def lookup(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Copy cached rows (slots, then victim buffer) into ``out`` (one row per entry of

@@ -61,11 +61,13 @@ def unique_rows(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plan_reads(rows: np.ndarray, layout: Layout, *, merge_gap: int = 16 << 10,
-               max_read: int = 4 << 20) -> ReadPlan:
+               max_read: int = 4 << 20, page: int = PAGE) -> ReadPlan:
     """Coalesce the page ranges of sorted unique ``rows`` into reads (see module docstring).
 
     A read never crosses a chunk (chunks are separate extents) nor a
     ``max_read`` boundary of the file, so no read outgrows a scratch round.
+    ``page`` (a multiple of 4 KiB): the unit reads start and end on (a chunk's checksum
+    block, so that each block read can be verified whole).
     """
     rows = np.asarray(rows, dtype=np.int64)
     n = len(rows)
@@ -75,10 +77,10 @@ def plan_reads(rows: np.ndarray, layout: Layout, *, merge_gap: int = 16 << 10,
     rb = layout.row_bytes
     chunk = rows // layout.chunk_rows
     start = layout.chunk_offset[chunk] + (rows - chunk * layout.chunk_rows) * rb
-    p0 = start // PAGE
-    p1 = -(-(start + rb) // PAGE)
-    gap_pages = max(0, merge_gap // PAGE)
-    block = max(1, max_read // PAGE)
+    p0 = start // page
+    p1 = -(-(start + rb) // page)
+    gap_pages = max(0, merge_gap // page)
+    block = max(1, max_read // page)
     new = np.ones(n, dtype=bool)
     if n > 1:
         # rows are sorted, so within a chunk p0 and p1 never decrease
@@ -88,8 +90,8 @@ def plan_reads(rows: np.ndarray, layout: Layout, *, merge_gap: int = 16 << 10,
     last = np.append(first[1:], n) - 1
     run_p0 = p0[first]
     run_c = chunk[first]
-    lo = run_p0 * PAGE
-    hi = np.minimum(p1[last] * PAGE, layout.chunk_limit[run_c])
+    lo = run_p0 * page
+    hi = np.minimum(p1[last] * page, layout.chunk_limit[run_c])
     length = hi - lo
     padded = -(-length // PAGE) * PAGE
     buf_off = np.zeros(len(first), dtype=np.int64)

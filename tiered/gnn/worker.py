@@ -11,21 +11,32 @@ the attributes as they were when it got the snapshot. After each read it checks 
 the lock file is still there: the parent removes it on close() (before it gives the
 extents back), so a copy of a closed store fails instead of returning reused bytes.
 Rows are read with ``os.preadv`` in the worker's own thread: no engine, no threads,
-no locks. Like the parent's row gathers (``TieredStore.locate``), partial row reads are
-not checked against the objects' 8 MiB segment checksums.
+no locks. Chunks stored with block checksums (``block`` > 0) are verified like the
+parent's reads: each 4 KiB block read is checked against the crc32 table the store keeps
+after the chunk's data (at data offset + the data's size rounded up to 4 KiB, one uint32
+per block), read once per chunk. Limit: the store's crc32 of that table is not public, so
+the table itself is not checked; a damaged table fails the read (a ChecksumError), it never
+passes damaged rows. Chunks read in place from a ``.npy`` file carry no checksums.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from allocators import align_up
+
+from ..checksums import crc32
+from ..dtypes import dtype_name
+from ..store import ChecksumError
+from .attrs import FeatureStoreError, _jsonable_group, _label
 from .gather import Layout, plan_reads, rows_from, unique_rows
+from .indexing import _is_identity, _normalize_index
 
 
 @dataclass
@@ -40,6 +51,8 @@ class SnapshotAttr:
     tier: str
     chunks: list[tuple[str, int, int]]  # (path, offset, nbytes) per chunk; empty for zarr
     zarr_path: str | None = None
+    block: int = 0  # >0: each chunk has a crc32 per ``block`` bytes after its data
+    keys: list[str] = field(default_factory=list)  # the chunks' object keys (for messages)
 
     @property
     def row_shape(self) -> tuple[int, ...]:
@@ -50,10 +63,7 @@ class SnapshotAttr:
         return int(np.prod(self.row_shape, dtype=np.int64)) * torch.empty((), dtype=self.dtype).element_size()
 
     def describe(self) -> dict:
-        from ..store import _dtype_name
-        from .feature_store import _jsonable_group
-
-        return {"group": _jsonable_group(self.group), "attr": self.name, "dtype": _dtype_name(self.dtype),
+        return {"group": _jsonable_group(self.group), "attr": self.name, "dtype": dtype_name(self.dtype),
                 "shape": list(self.shape), "chunk_rows": self.chunk_rows, "tier": self.tier,
                 "zarr": self.zarr_path, "snapshot": True}
 
@@ -72,6 +82,7 @@ class WorkerRows:
         self._hold: int | None = None  # shared lock on ``lock_path`` (a worker copy's)
         self._hold_ino: tuple[int, int] | None = None
         self._layouts: dict[tuple, tuple[Layout, list[str]]] = {}
+        self._tables: dict[tuple, np.ndarray] = {}  # (group, name, chunk) -> block crc32s
         self._zarr: dict[tuple, Any] = {}
 
     def __getstate__(self) -> dict:
@@ -114,8 +125,6 @@ class WorkerRows:
         except FileNotFoundError:
             ok = False
         if not ok:
-            from .feature_store import FeatureStoreError
-
             raise FeatureStoreError(
                 f"feature store {self.namespace!r}: this worker copy's snapshot (session {self.session} of process "
                 f"{self.owner_pid}) was released: the store was closed, or the snapshot was superseded by a "
@@ -135,8 +144,6 @@ class WorkerRows:
             self.close()
 
     def attr(self, group, name: str) -> SnapshotAttr:
-        from .feature_store import _label
-
         a = self.attrs.get((group, name))
         if a is None:
             known = ", ".join(_label(g, n) for g, n in self.attrs) or "none"
@@ -146,8 +153,6 @@ class WorkerRows:
 
     def gather(self, group, name: str, index) -> torch.Tensor:
         """``x[index]`` of attribute (``group``, ``name``) as a new CPU tensor."""
-        from .feature_store import _is_identity, _label, _normalize_index
-
         a = self.attr(group, name)
         ids, out_shape = _normalize_index(index, a.shape[0], _label(group, name))
         uniq, inv = unique_rows(ids)
@@ -173,21 +178,45 @@ class WorkerRows:
                 z = self._zarr[(a.group, a.name)] = zarr.open_array(a.zarr_path, mode="r")
             return np.ascontiguousarray(z.oindex[(rows,)]).reshape(len(rows), -1).view(np.uint8)
         layout, paths = self._layout(a)
-        plan = plan_reads(rows, layout, merge_gap=0, max_read=self.max_read)
+        plan = plan_reads(rows, layout, merge_gap=0, max_read=max(self.max_read, a.block), page=a.block or 4096)
         scratch = np.empty(plan.nbytes, dtype=np.uint8)
-        for f, off, n, b in zip(plan.file.tolist(), plan.offset.tolist(), plan.length.tolist(),
+        for c, off, n, b in zip(plan.file.tolist(), plan.offset.tolist(), plan.length.tolist(),
                                 plan.buf_offset.tolist()):
-            self._pread(paths[f], scratch[b : b + n], off)
+            if a.block:  # chunk coordinates (see _layout)
+                self._pread(paths[c], scratch[b : b + n], a.chunks[c][1] + off)
+                self._verify(a, c, off, scratch[b : b + n])
+            else:
+                self._pread(paths[c], scratch[b : b + n], off)
         return rows_from(scratch, plan.row_pos, a.row_bytes)
+
+    def _verify(self, a: SnapshotAttr, c: int, rel: int, data: np.ndarray) -> None:
+        """Check bytes ``rel``.. of chunk ``c`` (a whole number of blocks) against its crc32 table."""
+        table = self._tables.get((a.group, a.name, c))
+        path, offset, nbytes = a.chunks[c]
+        if table is None:
+            padded = align_up(max(nbytes, 1))
+            raw = np.empty(4 * -(-padded // a.block), dtype=np.uint8)
+            self._pread(path, raw, offset + padded)
+            table = self._tables[(a.group, a.name, c)] = raw.view(np.uint32)
+        for i in range(0, len(data), a.block):
+            got, want = crc32(data[i : i + a.block]), int(table[(rel + i) // a.block])
+            if got != want:
+                key = a.keys[c] if c < len(a.keys) else f"chunk {c}"
+                raise ChecksumError(f"object {key!r} ({_label(a.group, a.name)} in a worker snapshot): block "
+                                    f"{(rel + i) // a.block} (file {path} offset {offset + rel + i}) has crc32 "
+                                    f"{got:#010x}, recorded {want:#010x}")
 
     def _layout(self, a: SnapshotAttr) -> tuple[Layout, list[str]]:
         got = self._layouts.get((a.group, a.name))
         if got is None:
-            paths = sorted({p for p, _o, _n in a.chunks})
-            fidx = {p: i for i, p in enumerate(paths)}
-            off = np.array([o for _p, o, _n in a.chunks], dtype=np.int64)
-            limit = np.array([o + n for _p, o, n in a.chunks], dtype=np.int64)
-            files = np.array([fidx[p] for p, _o, _n in a.chunks], dtype=np.int64)
+            paths = [p for p, _o, _n in a.chunks]  # one per chunk: reads are verified per chunk
+            if a.block:  # offsets in the chunk, so reads start on its blocks; whole blocks up to its padded end
+                off = np.zeros(len(a.chunks), dtype=np.int64)
+                limit = np.array([align_up(max(n, 1)) for _p, _o, n in a.chunks], dtype=np.int64)
+            else:  # offsets in the file, so reads start on its pages
+                off = np.array([o for _p, o, _n in a.chunks], dtype=np.int64)
+                limit = np.array([o + n for _p, o, n in a.chunks], dtype=np.int64)
+            files = np.arange(len(a.chunks), dtype=np.int64)
             got = self._layouts[(a.group, a.name)] = (
                 Layout(a.shape[0], a.row_bytes, a.chunk_rows, off, files, limit), paths)
         return got

@@ -30,8 +30,8 @@ def quiesce(cache) -> None:
         for f in blk.saving or ():
             f.result(timeout=cache.io_timeout)
         blk.saving = None
-    cache._slots = [[None, None] for _ in cache._slots]  # sized again for the next step
-    cache._staging = None
+    cache._free_slots()  # sized again for the next step
+    cache._free_staging()
 
 
 def block_data(cache, blk) -> torch.Tensor:
@@ -39,7 +39,7 @@ def block_data(cache, blk) -> torch.Tensor:
     if blk.data is not None:
         return blk.data
     device = cache._geometry[2]
-    parts = [cache.kv.store.get(key).result(timeout=cache.io_timeout) for key in blk.keys]
+    parts = [cache.kv.store.get(key, owner=cache.owner).result(timeout=cache.io_timeout) for key in blk.keys]
     return torch.cat(parts).to(device)
 
 
@@ -53,14 +53,15 @@ def release(cache, blk) -> None:
     blk.keys, blk.prefix, blk.saving = None, False, None
     if blk.data is not None:
         cache._device_policy.remove(f"b{blk.index}")
-        blk.data = None
+        cache._set_block_data(blk, None)
 
 
 def replace(cache, blk, data: torch.Tensor, resident: bool) -> None:
     """Give a block new contents, resident on the device or spilled to the store."""
     release(cache, blk)
-    blk.data = data
-    if resident or cache.kv is None:
+    resident = resident or cache.kv is None
+    cache._set_block_data(blk, cache._adopt(data) if resident else data)
+    if resident:
         cache._device_policy.admit(Observation(f"b{blk.index}", blk.nbytes, "kv", "write", "device"))
     else:
         cache._spill(blk)
@@ -86,14 +87,15 @@ def select_rows(cache, index: torch.Tensor, prefer_resident: bool = False) -> No
     for blk in cache._blocks:
         data = block_data(cache, blk).index_select(2, index.to(device))
         nbytes = data.numel() * data.element_size()
-        fits = cache.device_budget is None or used - blk.nbytes + nbytes <= cache.device_budget
+        budget = cache._budget()
+        fits = budget is None or used - blk.nbytes + nbytes <= budget
         resident = (blk.data is not None or prefer_resident) and fits
         used += (nbytes if resident else 0) - blk.nbytes
         replace(cache, blk, data, resident)
     for layer in cache._tlayers:
         if layer.tail_k is not None:
-            layer.tail_k = layer.tail_k.index_select(0, index.to(layer.tail_k.device))
-            layer.tail_v = layer.tail_v.index_select(0, index.to(layer.tail_v.device))
+            cache._set_tail(layer, layer.tail_k.index_select(0, index.to(layer.tail_k.device)),
+                            layer.tail_v.index_select(0, index.to(layer.tail_v.device)))
     cache._geometry = (index.numel(), dtype, device)
     if not keeps_tokens:
         cache._tokens.forget()
@@ -117,8 +119,8 @@ def crop(cache, tokens_to_remove: int) -> None:
     if keep >= cache._committed:
         for layer in cache._tlayers:
             cut = keep - cache._committed
-            layer.tail_k, layer.tail_v = (layer.tail_k[:, :, :cut].clone(), layer.tail_v[:, :, :cut].clone()) \
-                if cut else (None, None)
+            cache._set_tail(layer, *((layer.tail_k[:, :, :cut].clone(), layer.tail_v[:, :, :cut].clone())
+                                     if cut else (None, None)))
     else:
         first, rest = divmod(keep, bs)
         partial = block_data(cache, cache._blocks[first]) if rest else None
@@ -126,10 +128,10 @@ def crop(cache, tokens_to_remove: int) -> None:
             release(cache, blk)
         del cache._blocks[first:]
         for layer in cache._tlayers:
-            layer.tail_k = layer.tail_v = None
+            cache._set_tail(layer, None, None)
             if partial is not None:
-                layer.tail_k = partial[layer.index, 0, :, :, :rest].clone()
-                layer.tail_v = partial[layer.index, 1, :, :, :rest].clone()
+                cache._set_tail(layer, partial[layer.index, 0, :, :, :rest].clone(),
+                                partial[layer.index, 1, :, :, :rest].clone())
         cache._committed = first * bs
     cache._tokens.crop(keep, bs)
     cache._enforce_budget()
@@ -145,6 +147,8 @@ def copy_cache(src):
     if src._compute_stream is not None:  # CUDA: same compute stream, a gather stream of its own
         dst._compute_stream = src._compute_stream
         dst._gather_stream = torch.cuda.Stream(src._geometry[2])
+    if dst._geometry is not None:
+        dst._open_device(dst._geometry[2])
     for blk in src._blocks:
         new = type(blk)(blk.index)
         if blk.prefix:  # a stored prefix block: shared, held by both
@@ -152,14 +156,14 @@ def copy_cache(src):
             for key in new.keys:
                 dst.kv.hold(key)
             if blk.data is not None:
-                new.data = blk.data.clone()
+                dst._set_block_data(new, dst._own_copy(blk.data))
                 dst._device_policy.admit(Observation(f"b{new.index}", new.nbytes, "kv", "write", "device"))
         else:
             replace(dst, new, block_data(src, blk).clone(), resident=blk.data is not None)
         dst._blocks.append(new)
     for a, b in zip(src._tlayers, dst._tlayers):
-        b.tail_k = None if a.tail_k is None else a.tail_k.clone()
-        b.tail_v = None if a.tail_v is None else a.tail_v.clone()
+        if a.tail_k is not None:
+            dst._set_tail(b, dst._own_copy(a.tail_k), dst._own_copy(a.tail_v))
         b.is_initialized, b.device = a.is_initialized, getattr(a, "device", None)
     dst._committed = src._committed
     dst._prefix_rows, dst._prefix_dtype = src._prefix_rows, src._prefix_dtype

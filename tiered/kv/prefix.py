@@ -122,21 +122,24 @@ class KVStore:
     ``capacity``: bytes of prefix blocks kept on storage (default: the storage tier's
     capacity); beyond it, blocks are deleted in the order ``policy`` chooses ("lru",
     "prefix-aware", or an :class:`EvictionPolicy`). Create one per store and model.
+    ``owner``: the store owner its prefix blocks and records are charged to (default
+    ``kv/<identity[:16]>``, the name of its key namespace; ``kv/anon`` without an identity).
+    A cache's own spills and reads are charged to the cache (``TieredCache.owner``).
     """
 
     def __init__(self, store: TieredStore, identity: str | None = None, *, block_size: int = 256,
                  capacity: int | str | None = None, policy: str | EvictionPolicy = "lru", sweep: bool = True,
-                 layers_per_object: int | None = None) -> None:
+                 layers_per_object: int | None = None, owner: str | None = None) -> None:
         if not isinstance(block_size, int) or block_size < 1:
             raise KVStoreError(f"KVStore: block_size must be a positive int, got {block_size!r}")
         if layers_per_object is not None and (not isinstance(layers_per_object, int) or layers_per_object < 1):
             raise KVStoreError(f"KVStore: layers_per_object must be a positive int or None, got {layers_per_object!r}")
         self.layers_per_object = layers_per_object
-        store._check_open()
         self.store = store
         self.identity = identity
         self.block_size = block_size
         self.ns = f"{KEY_ROOT}/{identity[:16] if identity else 'anon'}"
+        self.owner = self.ns if owner is None else owner
         first = store.config.storage_tiers[0]
         self.capacity = first.capacity if capacity is None else parse_size(capacity, where="KVStore capacity")
         self.policy = create_eviction_policy(policy) if isinstance(policy, str) else policy
@@ -168,7 +171,7 @@ class KVStore:
         want = torch.frombuffer(bytearray(self.identity.encode()), dtype=torch.uint8)
         if key in self.store:
             try:
-                got = self.store.get(key).result(timeout=60)
+                got = self.store.get(key, owner=self.owner).result(timeout=60)
             except ChecksumError as e:
                 raise KVStoreError(f"KV store {self.store.root}: identity record {key!r} is corrupt ({e})") from e
             if not torch.equal(got, want):
@@ -177,7 +180,7 @@ class KVStore:
                     f"{bytes(got.numpy()).decode(errors='replace')!r}, not this model's {self.identity!r}: "
                     "blocks of another model are never reused")
         else:
-            self.store.put(key, want, kind="kv").result(timeout=60)
+            self.store.put(key, want, kind="kv", owner=self.owner).result(timeout=60)
 
     # -- keys ------------------------------------------------------------------------
     def parts(self, layers: int) -> list[tuple[int, int]]:
@@ -230,13 +233,25 @@ class KVStore:
             else:
                 self._in_use[key] = n
 
-    def save(self, key: str, block: torch.Tensor):
-        """Put a prefix block part (durable when the returned future is done); None if already stored."""
+    def save(self, key: str, block):
+        """Put a prefix block part (durable when the returned future is done); None if already stored.
+
+        ``block``: a tensor, or ``(buffer, dtype, shape)``: a host buffer of the store holding it,
+        handed over (put without a copy, or released when the key is already stored)."""
+        if isinstance(block, tuple):
+            buf, dtype, shape = block
+            nbytes = buf.nbytes
+        else:
+            nbytes = block.numel() * block.element_size()
         if key in self.store:
+            if isinstance(block, tuple):
+                buf.release()
             return None
-        nbytes = block.numel() * block.element_size()
         self._make_room(nbytes)
-        fut = self.store.put(key, block, kind="kv")
+        if isinstance(block, tuple):
+            fut = self.store.put_buffer(key, buf, dtype, shape, kind="kv", give=True, owner=self.owner)
+        else:
+            fut = self.store.put(key, block, kind="kv", owner=self.owner)
         with self._lock:
             if key not in self._sizes:
                 self._sizes[key] = nbytes
@@ -273,6 +288,13 @@ class KVStore:
         with self._lock:
             self.stats["corrupt_blocks"] += 1
         self.forget(key)
+
+    def record_load(self, hit_blocks: int, miss_blocks: int, loaded_bytes: int) -> None:
+        """Count one prefix load of a cache: blocks found, blocks missing, bytes read."""
+        with self._lock:
+            self.stats["hit_blocks"] += hit_blocks
+            self.stats["miss_blocks"] += miss_blocks
+            self.stats["loaded_bytes"] += loaded_bytes
 
     def used_bytes(self) -> int:
         return self._bytes

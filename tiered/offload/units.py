@@ -24,10 +24,12 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 from torch import nn
 
-from .runtime import OffloadError, UnitEdit
+from .common import OffloadError
+from .training import UnitEdit
 
 if TYPE_CHECKING:
-    from .runtime import OffloadedModule, _Unit
+    from .layout import _Unit
+    from .runtime import OffloadedModule
 
 
 class Unit:
@@ -169,6 +171,12 @@ class OffloadUnits:
     def lookahead(self) -> int:
         """Units read ahead of the one computing."""
         return self._rt.lookahead
+
+    @property
+    def budget(self) -> int:
+        """Compute-tier bytes the model plans with: its share, or what other owners' shares leave
+        (a workload that keeps more units loaded at once checks against this)."""
+        return self._rt._budget()
 
     @property
     def resident_bytes(self) -> int:

@@ -260,6 +260,11 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def is_open(self) -> bool:
+        """Whether the store is open in this process (a fork child's inherited copy is not)."""
+        return self._opened and self._pid == os.getpid()
+
     def _check_open(self) -> None:
         if not self._opened:
             raise StoreError("the store is not open: call open() or use it as a context manager")

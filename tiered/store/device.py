@@ -57,17 +57,20 @@ class _DeviceTier:
         if nbytes > arena.limit_for(owner):
             raise OutOfBudget(f"tier {self._device_tier.name!r}: {nbytes} bytes for owner {owner!r} cannot fit beside "
                               f"the other owners' shares ({self._describe_owners(self._device_tier.name)})")
+        relieved_late = False  # past the deadline, one more round after others gave memory back
         while True:
             seen = arena.changes
             buf = arena.try_alloc(nbytes, owner=owner)
             if buf is not None:
                 return buf
             remaining = deadline - time.monotonic()
+            if (remaining > 0 or not relieved_late) and self._relieve(self._device_tier.name, nbytes, owner) \
+                    and arena.changes != seen:
+                relieved_late = remaining <= 0
+                continue
             if remaining <= 0:
                 st = arena.stats()
                 raise OutOfBudget(f"tier {self._device_tier.name!r}: no room for {nbytes} bytes for owner {owner!r} "
                                   f"within {wait} s ({st.in_use} of {st.capacity} bytes held; "
                                   f"{self._describe_owners(self._device_tier.name)})")
-            if self._relieve(self._device_tier.name, nbytes, owner) and arena.changes != seen:
-                continue
             arena.wait_change(seen, min(0.05, remaining))

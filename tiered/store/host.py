@@ -31,12 +31,17 @@ class _HostTier:
                               f"shares ({self._describe_owners('host')})")
         wait = self.host_wait if wait is None else wait
         deadline = time.monotonic() + wait
+        relieved_late = False  # past the deadline, one more round after others gave memory back
         while True:
             seen = self.arena.changes  # read before trying: a change after it ends the wait below
             buf = self._alloc_evicting(nbytes, size, owner)
             if buf is not None:
                 return buf
             remaining = deadline - time.monotonic()
+            if (remaining > 0 or not relieved_late) and self._relieve("host", size, owner) \
+                    and self.arena.changes != seen:
+                relieved_late = remaining <= 0
+                continue  # another owner gave memory back: try again at once
             if remaining <= 0:
                 st = self.arena.stats()
                 raise OutOfBudget(
@@ -44,8 +49,6 @@ class _HostTier:
                     f"({st.in_use} of {st.capacity} bytes held by pinned or loading objects; "
                     f"{self._describe_owners('host')})"
                 )
-            if self._relieve("host", size, owner) and self.arena.changes != seen:
-                continue  # another owner gave memory back: try again at once
             # wait for a buffer to be freed or a cached copy to become evictable (unpinned, or a
             # put's copy installed), then retry with eviction
             self.arena.wait_change(seen, min(0.05, remaining))
@@ -128,6 +131,14 @@ class _HostTier:
         through their :class:`Reservation` instead."""
         self._check_open()
         return self._alloc_host(nbytes, wait, owner)
+
+    def prefault_host(self) -> bool:
+        """Fault the whole host tier's memory in now (its pages are touched without changing a
+        byte, so this is safe at any time), so the first copies into it (a checkpoint's
+        snapshot, a model's first units) do not pay page faults. It commits the tier's budget of
+        RAM. False where the kernel cannot do it safely."""
+        self._check_open()
+        return self.arena.populate()
 
     # -- eviction, migration, deletion ---------------------------------------------
     def trim(self) -> int:

@@ -104,6 +104,7 @@ class ObjectMeta:
             "shape": list(self.shape), "nbytes": self.nbytes, "version": self.version,
             "tier": self.extent.tier, "offset": self.extent.offset,
             "in_host": bool(self.host and self.host.ready), "ephemeral": self.ephemeral, "owner": self.owner,
+            **({"block": self.block, "table_crc": self.table_crc} if self.block else {}),
         }
 
 

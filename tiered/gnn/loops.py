@@ -1,0 +1,45 @@
+"""Helpers for training loops: the hybrid policy's static score, and window prefetch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from .feature_store import TieredFeatureStore
+
+
+def sampling_degree(edge_index, num_nodes: int) -> np.ndarray:
+    """How often each node can be drawn as a neighbor: its count as an edge source.
+
+    PyG's neighbor samplers walk incoming edges (``edge_index[1]`` is the node
+    sampled from), so a node's features are fetched in proportion to this
+    degree; it is the static score the hybrid policy wants.
+    """
+    src = edge_index[0].numpy() if isinstance(edge_index, torch.Tensor) else np.asarray(edge_index)[0]
+    return np.bincount(src.astype(np.int64), minlength=num_nodes).astype(np.float64)
+
+
+def window(batches: Iterable, fs: "TieredFeatureStore", *, depth: int = 1, group_name=None,
+           attr_names: Sequence[str] | None = None) -> Iterator:
+    """Yield ``batches`` (node-id tensors/arrays) with prefetches of the next ``depth`` already
+    issued: the window prefetch of GIDS, for loops that know upcoming ids."""
+    it = iter(batches)
+    queue: list = []
+    for _ in range(depth + 1):
+        try:
+            queue.append((b := next(it), fs.prefetch(b, group_name, attr_names) if queue else None))
+        except StopIteration:
+            break
+    while queue:
+        b, f = queue.pop(0)
+        try:
+            nb = next(it)
+            queue.append((nb, fs.prefetch(nb, group_name, attr_names)))
+        except StopIteration:
+            pass
+        if f is not None:
+            f.result(timeout=fs.timeout)  # surfaces prefetch errors in the consumer's thread
+        yield b

@@ -1,0 +1,220 @@
+"""Training through offloaded weights: saved tensors fetched again in backward, weights written back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from io_engine import Priority, gather
+
+from ..store import Lease, TieredStore
+from .common import _WAIT, OffloadError
+from .layout import _Unit
+
+
+@dataclass(frozen=True)
+class _SavedWeight:
+    """A saved-for-backward tensor that views a unit's weights: fetched again on unpack."""
+
+    unit: int
+    key: str
+    dtype: torch.dtype
+    shape: tuple
+    stride: tuple
+    offset: int
+
+
+class UnitEdit:
+    """Writable host copies of some units' objects (see ``OffloadedModule.open_unit_params``)."""
+
+    def __init__(self, on_end: Callable[[], None] | None = None) -> None:
+        self.tensors: dict[str, tuple[_Unit | None, torch.Tensor]] = {}  # key -> (unit holding it, bytes)
+        self.leases: dict[str, Lease] = {}  # leases taken for the edit (units not loaded)
+        self.views: dict[int, list[torch.Tensor]] = {}  # id(parameter) -> its views in those copies
+        self.store: TieredStore | None = None
+        self._on_end = on_end  # the model is busy (keeps its units) until the edit is written or abandoned
+
+    def abandon(self) -> None:
+        """Give the copies back unwritten; copies changed in place are dropped from the cache."""
+        try:
+            for k, lease in self.leases.items():
+                lease.release()
+                if self.store is not None and k in self.store:
+                    self.store.evict(k)
+            self.leases.clear()
+            self.tensors.clear()
+        finally:
+            self.end()
+
+    def end(self) -> None:
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end()
+
+
+
+class _Training:
+    """Part of :class:`~tiered.offload.runtime.OffloadedModule`: backward and write-back."""
+
+    def _map_storages(self, u: _Unit) -> None:
+        for k, lease in u.leases.items():
+            self._storage_of[lease.tensor.untyped_storage().data_ptr()] = (u, k)
+
+    def _pop_saved_hooks(self) -> None:
+        if self._sth is not None:
+            sth, self._sth = self._sth, None
+            sth.__exit__(None, None, None)
+
+    def _pack(self, t: torch.Tensor):
+        """A saved tensor that views a streamed unit's host copy becomes a handle (the memory
+        goes back to the budget); everything else is saved as usual."""
+        if self.dcache is not None and t.layout is torch.strided:
+            at = self.dcache.offset_of(t)
+            if at is not None and not any(lo <= at < hi for lo, hi in self._resident_ranges):
+                # the region is refilled with other units once this one is released: autograd keeps
+                # its own copy (refetching in backward is the CPU path's; training on CUDA is not supported)
+                return t.clone()
+            return t
+        if not self._storage_of or t.layout is not torch.strided or t.device.type != "cpu":
+            return t
+        hit = self._storage_of.get(t.untyped_storage().data_ptr())
+        if hit is None:
+            return t
+        u, key = hit
+        if u.resident or u.host_resident or key not in u.leases:
+            return t  # stays in memory anyway
+        if u.index not in self._saved or self._saved[u.index] == 0:
+            self._bw_order.append(u.index)
+        self._saved[u.index] = self._saved.get(u.index, 0) + 1
+        return _SavedWeight(u.index, key, t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset())
+
+    def _unpack(self, h):
+        if not isinstance(h, _SavedWeight):
+            return h
+        self._release_unused()
+        u = self.units[h.unit]
+        if not all(k in u.leases for k in u.keys):
+            self._acquire(u, Priority.DEMAND)
+            self._collect(u)
+            self.stats.unit_loads += 1
+            self._prefetch_backward(u)
+            for fn in self.backward_listeners:
+                fn(u)
+        out = torch.empty(0, dtype=h.dtype).set_(u.leases[h.key].tensor.untyped_storage(), h.offset, h.shape,
+                                                 h.stride)
+        self._bw_hold.setdefault(u.index, []).append(out)
+        self._saved[u.index] = self._saved.get(u.index, 1) - 1
+        if self._saved[u.index] <= 0 and u not in self._bw_done:
+            self._bw_done.append(u)
+        return out
+
+    def _prefetch_backward(self, u: _Unit) -> None:
+        """Backward visits units in reverse: read the ones before ``u`` that still hold handles."""
+        try:
+            pos = len(self._bw_order) - 1 - self._bw_order[::-1].index(u.index)
+        except ValueError:
+            return
+        for j in range(pos - 1, max(pos - 1 - self.lookahead, -1), -1):
+            v = self.units[self._bw_order[j]]
+            if self._saved.get(v.index, 0) > 0 and not v.active and not v.resident and not v.host_resident \
+                    and not self._acquire(v, Priority.PREFETCH):
+                break
+
+    def _release_unused(self, force: bool = False) -> None:
+        """Release units whose backward is over: every handle unpacked and no tensor unpacked
+        from them still used by autograd (only our reference left)."""
+        keep = []
+        for u in self._bw_done:
+            held = self._bw_hold.get(u.index, [])
+            if not force and any(t._use_count() > 1 for t in held):
+                keep.append(u)
+                continue
+            self._bw_hold.pop(u.index, None)
+            if not u.active and not u.resident and not u.host_resident:
+                self._drop_pending(u)
+                self._release(u)
+        self._bw_done = keep
+
+    def finish_backward(self) -> None:
+        """Give back every unit still held for backward (called between steps)."""
+        for i in list(self._bw_hold):
+            u = self.units[i]
+            if u not in self._bw_done:
+                self._bw_done.append(u)
+        self._release_unused(force=True)
+        for u in self.units:
+            if u.leases and not u.active and not u.resident and not u.host_resident:
+                self._release(u)
+        self._saved.clear()
+        with self._idle_lock:
+            self._graph = False  # resident units may be given back again
+
+    def check_trainable(self) -> None:
+        """Updating weights in place needs each parameter's bytes in the store objects themselves."""
+        if self.cuda or self.dcache is not None:
+            raise OffloadError("training offloaded weights runs on the CPU without a device cache in this "
+                               f"version (model is on {self.device})")
+        for u in self.units:
+            for s in u.slots:
+                if s.bundle is not None:
+                    raise OffloadError(f"unit {u.name!r}: the bundled layout cannot be trained; "
+                                       "offload with layout='packed'")
+
+    def open_unit_params(self, u: _Unit) -> "UnitEdit":
+        """Writable host copies of ``u``'s objects and of every other unit holding one of its
+        parameters (tied weights); ``edit.views[id(param)]`` lists that parameter's views."""
+        params = {id(s.tensor()) for s in u.slots if not s.is_buffer}
+        units = [u] + [v for v in self.units if v is not u and any(id(s.tensor()) in params for s in v.slots)]
+        self.mark_busy()  # a resident unit's copies are edited in place: it is not given back meanwhile
+        edit = UnitEdit(self.unmark_busy)
+        try:
+            for v in units:
+                for k in v.keys:
+                    if k in edit.tensors:
+                        continue
+                    if k in v.leases:
+                        edit.tensors[k] = (v, v.leases[k].tensor)
+                    else:
+                        lease = self.store.acquire(k, wait=_WAIT, owner=self.owner).result(timeout=_WAIT)
+                        edit.leases[k] = lease
+                        edit.tensors[k] = (None, lease.tensor)
+                for s in v.slots:
+                    if not s.is_buffer and id(s.tensor()) in params:
+                        edit.views.setdefault(id(s.tensor()), []).append(s.source(edit.tensors[s.key][1]))
+        except BaseException:
+            edit.abandon()
+            raise
+        edit.store = self.store
+        return edit
+
+    def write_unit_params(self, edit: "UnitEdit") -> None:
+        """Write the objects of ``edit`` back as new versions (their leases outlive the puts)."""
+        try:
+            for k, (owner, t) in edit.tensors.items():
+                f = self.store.put(k, t, kind="weight", ephemeral=self._ephemeral(k), owner=self.owner)
+                self._writes.append(f)
+                if owner is not None:
+                    owner.writing = [w for w in owner.writing if not w.done()] + [f]  # resident units never release
+                elif k in edit.leases:
+                    lease = edit.leases.pop(k)
+                    f.add_done_callback(lambda _f, lease=lease: lease.release())
+            edit.tensors.clear()
+        finally:
+            edit.end()
+
+    def write_unit(self, u: _Unit) -> None:
+        """Write the objects ``u`` has bound back as new versions (after changing them in place)."""
+        for k, lease in u.leases.items():
+            f = self.store.put(k, lease.tensor, kind="weight", ephemeral=self._ephemeral(k), owner=self.owner)
+            self._writes.append(f)
+            u.writing = [w for w in u.writing if not w.done()] + [f]  # resident units never release
+
+    def wait_writes(self) -> None:
+        """Wait until every weight update is durable; release what backward still held."""
+        writes, self._writes = self._writes, []
+        try:
+            gather(writes).result(timeout=_WAIT)  # waits for every put; raises the first error
+        finally:
+            self.finish_backward()
