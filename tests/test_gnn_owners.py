@@ -162,3 +162,22 @@ def test_the_config_gives_the_feature_store_its_share(tmp_path):
         assert torch.equal(fs.get_tensor(group_name=None, attr_name="x", index=idx), x[idx])
         # the caches take the share less one gather's scratch
         assert fs.stats()["attrs"]["'x'"]["cache_bytes"] <= (2 << 20) - fs.scratch_bytes
+
+
+@pytest.mark.timeout(60)
+def test_first_gathers_after_reopen_do_not_block_the_engine_on_checksum_tables(tmp_path):
+    """Each round after the first is submitted from the engine worker that finished the one
+    before; loading a chunk's checksum table there must not wait for another worker."""
+    from torch_geometric.data import TensorAttr
+
+    cfg = {"tiers": {"host": {"capacity": "32MiB"}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "64MiB"}},
+           "engine": {"workers": 2, "chunk": "1MiB"}}
+    xs = [torch.randn(4000, 32) for _ in range(3)]
+    kw = dict(chunk_bytes=64 << 10, scratch_bytes=64 << 10, max_read=64 << 10, cache_bytes=0, namespace="f")
+    with TieredStore(cfg) as s, TieredFeatureStore(s, **kw).open() as fs:
+        for i, x in enumerate(xs):
+            fs.put_tensor(x, group_name=None, attr_name=f"x{i}", index=None)
+    with TieredStore(cfg) as s, TieredFeatureStore(s, **kw).open() as fs:
+        idx = torch.arange(0, 4000, 3)
+        got = fs.multi_get_tensor([TensorAttr(None, f"x{i}", idx) for i in range(3)])
+        assert all(torch.equal(g, x[idx]) for g, x in zip(got, xs))

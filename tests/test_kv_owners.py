@@ -258,6 +258,36 @@ def test_gpu_tier_buffers_are_never_read_after_they_are_freed(tmp_path, monkeypa
     assert_bitwise(want, got)
 
 
+def test_crop_into_a_resident_block_copies_it_before_giving_the_buffer_back(tmp_path, monkeypatch):
+    from tiered.kv.memory import DeviceMemory
+
+    free = DeviceMemory.free
+
+    def poisoning(self, t):
+        if t is not None and t.numel() and self.res is not None and self.owns(t) and t.is_floating_point():
+            t.fill_(float("nan"))
+        free(self, t)
+
+    monkeypatch.setattr(DeviceMemory, "free", poisoning)
+    model = make_model("llama")
+    ids = prompt(30)
+
+    def run(cache):
+        with torch.no_grad():
+            model(ids[:, :20], cache=cache, use_cache=True)
+            for i in range(20, 30):  # decoded blocks are committed resident
+                model(ids[:, i:i + 1], cache=cache, use_cache=True)
+            cache.crop(-9)  # keep 21 tokens: inside a resident block
+            return model(ids[:, 21:22], cache=cache, use_cache=True).logits
+
+    want = run(reference(model))
+    with tiered.TieredStore(config(tmp_path, gpu="1MiB")) as store:
+        kv = KVStore(store, model_identity(model), block_size=BS)
+        with TieredCache(model.config, kv, model=model, cache_id="c", device_budget="512KiB", lookahead=0) as cache:
+            got = run(cache)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("lookahead", [0, 1])
 def test_an_unclosed_cache_gives_its_reservations_back(tmp_path, lookahead):
     import gc

@@ -185,21 +185,23 @@ class DeviceCache:
         return self
 
     def _complete(self) -> None:
-        """Release host copies in copy order, each once its copy has run on the device. A failure
-        (a sticky CUDA error) is kept for close() to raise; the queue is drained either way, so no
-        host copy stays pinned."""
+        """Run each queued release once the device work it waits for has run: a host copy after
+        its copy to the device, a device buffer given back to the shared GPU tier after the
+        kernels that read it (another owner may fill it at once). A failure (a sticky CUDA error)
+        is kept for close() to raise; the queue is drained either way, so nothing stays held."""
         while True:
             item = self._landing.get()
             if item is None:
                 return
-            event, lease = item
+            events, release = item
             try:
-                event.synchronize()
+                for event in events:
+                    event.synchronize()
             except BaseException as e:  # noqa: BLE001 - kept and raised by close()
                 if self._landing_error is None:
                     self._landing_error = e
             try:
-                lease.release()
+                release()
             except BaseException as e:  # noqa: BLE001 - kept and raised by close()
                 if self._landing_error is None:
                     self._landing_error = e
@@ -360,7 +362,7 @@ class DeviceCache:
                 landing = self._landing
                 if landing is None or not self._completer.is_alive():
                     raise RuntimeError(f"device cache on {self.device} is closed or its completion thread died")
-                landing.put((done, lease))
+                landing.put(([done], lease.release))
                 landed = True
             entry.tensor = dst
             entry.version = lease.version
@@ -486,9 +488,18 @@ class DeviceCache:
         self._lock.notify_all()
 
     def _free(self, entry: _Entry) -> None:
-        # kernels that read the buffer must finish before it is refilled: the next copy waits for them
+        # kernels that read the buffer must finish before it is refilled: the next copy waits for
+        # them, and the buffer goes back to the tier (which other owners share) only once they ran
+        readers = [e for e in entry.used.values() if not e.query()]
         self._fences.extend(entry.used.values())
         entry.used.clear()
         if not entry.buffer.released:
             self.held -= entry.buffer.reserved
-            entry.buffer.release()
+            landing = self._landing
+            if readers and landing is not None and self._completer is not None and self._completer.is_alive():
+                landing.put((readers, entry.buffer.release))
+            else:
+                if readers:
+                    for e in readers:
+                        e.synchronize()
+                entry.buffer.release()

@@ -123,15 +123,19 @@ def crop(cache, tokens_to_remove: int) -> None:
                                      if cut else (None, None)))
     else:
         first, rest = divmod(keep, bs)
-        partial = block_data(cache, cache._blocks[first]) if rest else None
+        tails = {}
+        if rest:  # copied out before the blocks go: a resident block's buffer may be refilled at once
+            partial = block_data(cache, cache._blocks[first])
+            tails = {layer.index: (partial[layer.index, 0, :, :, :rest].clone(),
+                                   partial[layer.index, 1, :, :, :rest].clone()) for layer in cache._tlayers}
+            del partial
         for blk in cache._blocks[first:]:
             release(cache, blk)
         del cache._blocks[first:]
         for layer in cache._tlayers:
             cache._set_tail(layer, None, None)
-            if partial is not None:
-                cache._set_tail(layer, partial[layer.index, 0, :, :, :rest].clone(),
-                                partial[layer.index, 1, :, :, :rest].clone())
+            if rest:
+                cache._set_tail(layer, *tails[layer.index])
         cache._committed = first * bs
     cache._tokens.crop(keep, bs)
     cache._enforce_budget()

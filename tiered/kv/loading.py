@@ -40,18 +40,6 @@ class PrefixMixin:
         if blk.saving:
             self.counters["prefix_blocks_saved"] += 1
 
-    def _commit_host_blocks(self, count: int) -> None:
-        """The blocks a prefill staged on the host become stored blocks (never resident)."""
-        for _ in range(count):
-            index = len(self._blocks)
-            blk = Block(index, self._host_blocks.pop(index))
-            self._save_prefix(blk)
-            self._spill(blk)  # readable from the store by the next step's gathers
-            self._blocks.append(blk)
-        for layer in self._tlayers:
-            layer.staged = 0
-        self._committed += count * self.block_size
-
     # -- prefix reuse ------------------------------------------------------------------------
     def load_prefix(self, input_ids: torch.Tensor) -> int:
         """Load the prompt's longest stored prefix of full blocks; returns its length in tokens.

@@ -223,12 +223,14 @@ class OffloadUnits:
         unit = self.unit(which)
         if not unit.loaded:
             raise OffloadError(f"write_back_unit({unit.name!r}): the unit is not loaded; load_unit() it first")
+        self.check_trainable()  # where views are copies (bundled layout, CUDA), writes would be lost
         self._rt.write_unit(unit._u)
 
     def open_unit_params(self, which: "int | str | Unit") -> UnitEdit:
         """Writable host copies of the unit's parameters (and of other units tying them):
         ``edit.views[id(param)]`` lists each parameter's views; give it to
         :meth:`write_unit_params`, or ``edit.abandon()`` it."""
+        self.check_trainable()
         return self._rt.open_unit_params(self.unit(which)._u)
 
     def write_unit_params(self, edit: UnitEdit) -> None:

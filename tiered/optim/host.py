@@ -16,6 +16,7 @@ reads load) is charged to that owner. Its size comes from ``host_share=`` or the
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 
@@ -39,7 +40,10 @@ class _HostMemory:
         return f"optim/{self.name}"
 
     def _reserve_host(self) -> None:
-        self._res = self._store.reserve("host", self.host_share, owner=self.owner, on_pressure=self._give_back)
+        # held weakly: the store's reservation table must not keep a dropped optimizer alive
+        ref = weakref.WeakMethod(self._give_back)
+        self._res = self._store.reserve("host", self.host_share, owner=self.owner,
+                                        on_pressure=lambda n: (fn(n) if (fn := ref()) is not None else 0))
 
     def _end_host(self) -> None:
         if self._res is not None:
@@ -111,14 +115,19 @@ class _HostMemory:
         for c in reversed(self._chunks):
             if c.host_bytes > room:
                 break
-            try:
-                c.resident = self._alloc(4 * c.state_numel, wait=0.0)
+            state = master = None
+            try:  # filled here, published under the lock: another owner's pressure may drop it meanwhile
+                state = self._alloc(4 * c.state_numel, wait=0.0)
                 if c.split:
-                    c.resident_master = self._alloc(4 * (c.numel + TAG), wait=0.0)
+                    master = self._alloc(4 * (c.numel + TAG), wait=0.0)
             except OutOfBudget:  # taken meanwhile: the rest is streamed
-                self._drop_resident(c)
+                for buf in (state, master):
+                    if buf is not None:
+                        buf.release()
                 break
-            encode_step(c.resident.tensor(torch.float32), -1)  # holds no step yet: loaded on first use
+            encode_step(state.tensor(torch.float32), -1)  # holds no step yet: loaded on first use
+            with self._res_lock:
+                c.resident, c.resident_master = state, master
             room -= c.host_bytes
 
     def _drop_resident(self, c: Chunk) -> int:

@@ -240,22 +240,29 @@ class _Owners:
 
     def _relieve(self, tier: str, nbytes: int, owner: str) -> bool:
         """Ask the other owners of ``tier`` that registered ``on_pressure`` for ``nbytes``; True
-        when any gave memory back. Not re-entered from inside a callback (a callback that
-        allocates must not start another round)."""
+        when any gave memory back. First those holding more than their shares, for what is beyond
+        them (freeing it helps at once); then, if that was not enough, the others (memory freed
+        inside a share helps only when its owner also shrinks the share, as an elastic model's
+        floor does). Not re-entered from inside a callback (a callback that allocates must not
+        start another round)."""
         if getattr(self._relieving, "active", False):
             return False
         arena = self.arena if self._tier_kind(tier) == "host" else self._device_arena_or_none()
-        over = arena.over_share() if arena is not None else {}  # what is within a share helps nobody else
+        over = arena.over_share() if arena is not None else {}
         with self._lock:
             helpers = [r for (t, o), r in self._reservations.items()
-                       if t == tier and o != owner and r.on_pressure is not None and over.get(o, 0) > 0]
+                       if t == tier and o != owner and r.on_pressure is not None]
+        beyond = [(r, over[r.owner]) for r in helpers if over.get(r.owner, 0) > 0]
+        within = [(r, None) for r in helpers if over.get(r.owner, 0) <= 0]
         self._relieving.active = True
         try:
             freed = 0
-            for r in helpers:
-                freed += int(r.on_pressure(min(nbytes - freed, over[r.owner])) or 0)
-                if freed >= nbytes:
-                    break
+            for phase in (beyond, within):
+                for r, cap in phase:
+                    want = nbytes - freed if cap is None else min(nbytes - freed, cap)
+                    freed += int(r.on_pressure(want) or 0)
+                    if freed >= nbytes:
+                        return True
             return freed > 0
         finally:
             self._relieving.active = False

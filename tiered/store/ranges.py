@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from io_engine import IOFuture, Op, Priority, Request, chain
+from allocators import aligned_empty
+from io_engine import IOFuture, Op, Priority, Request, chain, gather
 
 from ..checksums import crc32
 from .errors import ChecksumError, StoreError
@@ -44,26 +45,44 @@ class _Ranges:
                         held[key] = self._hold_for_ranges(key)
             for key, off, length, out in reads:
                 self._check_range(key, held[key][0], off, length, out)
-            for key, (meta, path) in held.items():
-                if meta.block and meta.block_crcs is None:
-                    meta.block_crcs = self._read_block_table(meta, path, owner)
-            reqs = [Request(Op.READ, held[key][1], held[key][0].extent.offset + off, length, out[:length], priority)
-                    for key, off, length, out in reads]
-            done = self.engine.submit_many(reqs)
+            missing = [(meta, path) for meta, path in held.values() if meta.block and meta.block_crcs is None]
+            tables = [self._load_block_table(meta, path, priority) for meta, path in missing]
         except BaseException:
             self._release_held(held)
             raise
         metas = {key: meta for key, (meta, _path) in held.items()}
-        done.add_done_callback(lambda f: (f.cancelled() or f.exception() is not None) and self._release_held(held))
-
-        def finish(n: int) -> int:
-            try:
-                return self._verify_ranges(reads, metas, n)
-            finally:
-                self._release_held(held)
-
         names = ", ".join(list(metas)[:3]) + ("..." if len(metas) > 3 else "")
-        return chain(done, finish, f"read {len(reads)} ranges", note=f"while reading ranges of {names}")
+        out = IOFuture(f"read {len(reads)} ranges")
+
+        def fail(e: BaseException) -> None:
+            self._release_held(held)
+            e.add_note(f"while reading ranges of {names}")
+            out.set_exception(e)
+
+        def finish(f) -> None:
+            try:
+                out.set_result(self._verify_ranges(reads, metas, f.result()))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+                fail(e)
+                return
+            self._release_held(held)
+
+        def submit(_f=None) -> None:
+            # never blocks: it may run on the engine worker that read the last checksum table
+            try:
+                if _f is not None:
+                    _f.result()
+                reqs = [Request(Op.READ, held[key][1], held[key][0].extent.offset + off, length, out_[:length],
+                                priority) for key, off, length, out_ in reads]
+                self.engine.submit_many(reqs).add_done_callback(finish)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+                fail(e)
+
+        if tables:
+            gather(tables).add_done_callback(submit)
+        else:
+            submit()
+        return out
 
     def _hold_for_ranges(self, key: str) -> tuple[ObjectMeta, str]:
         meta = self._objects.get(key)
@@ -99,22 +118,25 @@ class _Ranges:
         if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.nbytes < length:
             raise StoreError(f"read_ranges({key!r}): out must be a uint8 numpy array of at least {length} bytes")
 
-    def _read_block_table(self, meta: ObjectMeta, path: str, owner: str) -> np.ndarray:
-        """Read and verify the object's table of block crc32s (stored after its data)."""
+    def _load_block_table(self, meta: ObjectMeta, path: str, priority: Priority) -> IOFuture:
+        """Read and verify the object's table of block crc32s (stored after its data) into
+        ``meta.block_crcs``, without blocking the caller. The table is the store's own metadata
+        (4 bytes per block), read into a private page-aligned buffer."""
         data = -(-max(meta.nbytes, 1) // 4096) * 4096
         n = -(-data // meta.block)
-        buf = self._alloc_host(4 * n, owner=owner)
-        try:
-            self.engine.read(path, meta.extent.offset + data, buf.padded, len(buf.padded)).result()
-            table = buf.array[: 4 * n]
+        buf = aligned_empty(-(-4 * n // 4096) * 4096)
+
+        def check(_nbytes: int) -> None:
+            table = buf[: 4 * n]
             got = crc32(table)
             if got != meta.table_crc:
                 raise ChecksumError(f"object {meta.key!r} (version {meta.version}): its block checksum table in "
                                     f"{path} at offset {meta.extent.offset + data} has crc32 {got:#010x}, recorded "
                                     f"{meta.table_crc:#010x}")
-            return table.view(np.uint32).copy()
-        finally:
-            buf.release()
+            meta.block_crcs = table.view(np.uint32).copy()
+
+        return chain(self.engine.read(path, meta.extent.offset + data, buf, len(buf), priority=priority), check,
+                     f"checksums of {meta.key}")
 
     def _verify_ranges(self, reads, metas: dict[str, ObjectMeta], nbytes: int) -> int:
         """Check each range against its object's block crc32s (the versions read), count and emit."""
