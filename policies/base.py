@@ -236,5 +236,9 @@ class MigrationPolicy(abc.ABC):
     def observe(self, outcomes: Sequence[Outcome]) -> None:
         """Outcomes of the last batch (only called when ``learns``)."""
 
+    def forget(self, key: Key) -> None:
+        """``key`` no longer exists (deleted in a live store): drop what is kept about it, so its
+        room counts as free. The simulator never deletes; the default keeps nothing per key."""
+
     def close(self) -> None:
         """Release anything held (threads, files); the default holds nothing."""

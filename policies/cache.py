@@ -111,3 +111,11 @@ class CachingMigration(MigrationPolicy, PlacementPolicy):
                 self.levels[own].remove(k)  # its move to tier 0 is the last one: room until then
                 self.free[own] += size
         return moves
+
+    def forget(self, key: Key) -> None:
+        level = self.where.pop(key, None)
+        if level is not None and level < self.back:
+            self.levels[level].remove(key)
+            self.free[level] += self.size.get(key, 0)
+        self.size.pop(key, None)
+        self.last.pop(key, None)

@@ -23,7 +23,7 @@ from typing import Any
 
 import tomllib
 
-from tiered.policies import eviction_policy_names
+from tiered.policies import eviction_policy_names, policy_names
 
 from .sizes import SizeError, format_rate, format_size, parse_rate, parse_share, parse_size
 
@@ -73,7 +73,10 @@ _TIER_KEYS = {
 }
 _ALL_TIER_KEYS = tuple(dict.fromkeys(k for keys in _TIER_KEYS.values() for k in keys))
 _ENGINE_KEYS = ("backend", "workers", "queue_depth", "chunk", "direct")
-_POLICY_KEYS = ("placement",)
+_POLICY_KEYS = ("placement", "migration", "migration_bandwidth", "migration_batch")
+# Migration policies a live store cannot run, and why (they run in ``tiered bench replay``).
+NOT_LIVE = {"belady": "it needs the future of the accesses, which a live store does not know",
+            "rl": "it learns from access latencies, which the live governor does not report"}
 _OFFLOAD_KEYS = ("lookahead", "resident", "layout", "device_cache")
 
 
@@ -107,9 +110,19 @@ class EngineSpec:
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """Which placement policy decides what lives on which tier."""
+    """Which policies decide what lives where.
+
+    ``placement``: the host tier's ranking of cached copies (which is evicted first).
+    ``migration``: the policy the store's governor asks, from the store's own accesses, which
+    storage tier each object lives on ("none": objects stay where they were put).
+    ``migration_bandwidth``: bytes/s the governor's moves may use; ``migration_batch``: accesses
+    per decision round.
+    """
 
     placement: str = "lru"
+    migration: str = "none"
+    migration_bandwidth: int = 128_000_000
+    migration_batch: int = 64
 
 
 @dataclass(frozen=True)
@@ -213,7 +226,10 @@ class Config:
                 "chunk_human": format_size(e.chunk),
                 "direct": e.direct,
             },
-            "policy": {"placement": self.policy.placement},
+            "policy": {"placement": self.policy.placement, "migration": self.policy.migration,
+                       "migration_bandwidth": self.policy.migration_bandwidth,
+                       "migration_bandwidth_human": format_rate(self.policy.migration_bandwidth),
+                       "migration_batch": self.policy.migration_batch},
             "offload": {"lookahead": self.offload.lookahead if self.offload.lookahead is not None else "auto",
                         "resident": self.offload.resident, "layout": self.offload.layout,
                         "device_cache": "auto" if self.offload.device_cache is None else self.offload.device_cache},
@@ -651,10 +667,23 @@ class _Validator:
 
     def policy(self, table: Mapping[str, Any]) -> PolicySpec:
         self.unknown_keys(table, "policy.", _POLICY_KEYS)
-        placement = PolicySpec().placement
+        fields: dict[str, Any] = {}
         if "placement" in table:
-            placement = self.choice(table["placement"], "policy.placement", self.policies)
-        return PolicySpec(placement=placement)
+            fields["placement"] = self.choice(table["placement"], "policy.placement", self.policies)
+        if "migration" in table:
+            fields["migration"] = self.migration_policy(table["migration"])
+        if "migration_bandwidth" in table:
+            fields["migration_bandwidth"] = self.rate(table["migration_bandwidth"], "policy.migration_bandwidth")
+        if "migration_batch" in table:
+            fields["migration_batch"] = self.integer(table["migration_batch"], "policy.migration_batch", 1, 1 << 16)
+        return PolicySpec(**fields)
+
+    def migration_policy(self, value: object) -> str:
+        name = self.choice(value, "policy.migration", ("none", *policy_names()))
+        if name in NOT_LIVE:
+            raise self.bad("policy.migration", value, f"a live store cannot run {name!r}: {NOT_LIVE[name]}; "
+                           "it runs in `tiered bench replay`")
+        return name
 
     def offload(self, table: Mapping[str, Any]) -> OffloadSpec:
         self.unknown_keys(table, "offload.", _OFFLOAD_KEYS)

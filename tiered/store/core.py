@@ -41,13 +41,14 @@ from typing import Callable
 
 from tiered.allocators import HostArena
 from tiered.io_engine import Backend, IOEngine, IOFuture, Priority
-from tiered.policies import FirstFit, create_eviction_policy
+from tiered.policies import FirstFit, create_eviction_policy, create_policy
 from tiered.traces import AccessEvent
 
 from ..atomic import remove_stale_temps
 from ..config import Config, load_config
 from . import check as store_check, registry as store_registry
 from .errors import StoreError
+from .governor import Governor
 from .objects import LOCK_FILE, Extent, ObjectMeta, StoreCounters
 from .extents import _StorageTier
 from .device import _DeviceTier
@@ -92,6 +93,7 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
         self._device_tier = next(iter(self.config.device_tiers), None)
         self._device_region = None  # the GPU tier's DeviceArena, reserved on first use
         self.engine: IOEngine | None = None
+        self._governor: Governor | None = None  # started by open() when [policy] migration names a policy
         self._opened = False
         self._shared_users = 0  # >0: a TieredStore.shared() store, closed by its last user
         self._shared_kwargs: dict = {}
@@ -176,7 +178,16 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
             self._release_resources()
             raise
         self._opened = True
+        self._start_governor()
         return self
+
+    def _start_governor(self) -> None:
+        p = self.config.policy
+        if p.migration == "none" or len(self._tier_order) < 2:
+            return
+        self._governor = Governor(self, create_policy(p.migration), bandwidth=p.migration_bandwidth,
+                                  batch=p.migration_batch)
+        self._governor.start()
 
     def _check_machine(self) -> None:
         """A budget larger than the machine fails here, naming the key and the machine's figure
@@ -201,6 +212,7 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
             self._close_now()
 
     def _close_now(self) -> None:
+        self._stop_governor()
         self._opened = False
         try:
             if self.engine is not None:
@@ -235,7 +247,13 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
             finally:
                 os.close(fd)
 
+    def _stop_governor(self) -> None:
+        governor, self._governor = self._governor, None
+        if governor is not None:
+            governor.stop()
+
     def _release_resources(self) -> None:
+        self._stop_governor()
         self._close_reservations()
         if self.engine is not None:
             self.engine.close()
@@ -282,8 +300,11 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
         self._listeners.append(fn)
 
     def _emit(self, key: str, nbytes: int, op: str, kind: str, tier: str | None) -> None:
-        if self._listeners:
+        governor = self._governor
+        if self._listeners or governor is not None:
             ev = AccessEvent(time.monotonic(), key, nbytes, op, kind, tier)
+            if governor is not None:
+                governor.offer(ev)
             for fn in list(self._listeners):
                 try:
                     fn(ev)
@@ -413,4 +434,5 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
                 "hits": c.hits, "misses": c.misses, "puts": c.puts, "evictions": c.evictions,
                 "commits": c.commits, "objects": len(self._objects),
                 "engine": self.engine.stats() if self.engine else None,
+                "governor": self._governor.stats() if self._governor is not None else None,
             }

@@ -1,0 +1,185 @@
+"""The store's governor moves objects between storage tiers as the migration policy decides, and
+the store refuses what the policy may not do: no lost or stale data under concurrent puts, no
+overfilled tier, no move of an external file's object; every decision is counted and emitted."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from tiered.config import ConfigError, load_config
+from tiered.store import TieredStore
+
+KiB, MiB = 1 << 10, 1 << 20
+T = 30.0
+
+
+def config(tmp_path, *, fast="1MiB", migration="lru", bandwidth="1GB/s", batch=1, host="8MiB"):
+    return {"tiers": {"host": {"capacity": host},
+                      "fast": {"path": str(tmp_path / "fast"), "capacity": fast},
+                      "slow": {"path": str(tmp_path / "slow"), "capacity": "16MiB"}},
+            "engine": {"workers": 2},
+            "policy": {"migration": migration, "migration_bandwidth": bandwidth, "migration_batch": batch}}
+
+
+def filled(v, n=64 * KiB // 4):
+    return torch.full((n,), float(v), dtype=torch.float32)
+
+
+def wait_until(cond, timeout=T):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def read(store, key):
+    """A read that reaches the storage tier (the host copy dropped first), as the policy sees it."""
+    store.evict(key)
+    return store.get(key).result(T)
+
+
+def test_a_hot_object_on_the_slow_tier_is_promoted_and_stays_intact(tmp_path):
+    with TieredStore(config(tmp_path), cache_on_put=False) as s:
+        for i in range(4):
+            s.put(f"k{i}", filled(i), tier="slow").result(T)
+        assert torch.equal(read(s, "k1"), filled(1))
+        assert wait_until(lambda: s.meta("k1")["tier"] == "fast"), s.stats()["governor"]
+        assert torch.equal(read(s, "k1"), filled(1))
+        g = s.stats()["governor"]
+        assert g["policy"] == "lru" and g["migrations"] >= 1 and g["bytes_migrated"]["slow->fast"] >= 64 * KiB
+        assert g["failed"] == 0 and g["last_error"] is None
+
+
+def test_cold_objects_are_demoted_to_make_room_and_no_tier_is_overfilled(tmp_path):
+    with TieredStore(config(tmp_path, fast="256KiB"), cache_on_put=False) as s:
+        for i in range(4):  # fill the fast tier with objects never read again
+            s.put(f"cold{i}", filled(i), tier="fast").result(T)
+        for i in range(4):
+            s.put(f"hot{i}", filled(10 + i), tier="slow").result(T)
+        cap = s.stats()["tiers"]["fast"]["capacity"]
+        for _ in range(3):
+            for i in range(4):
+                assert torch.equal(read(s, f"hot{i}"), filled(10 + i))
+                assert s.stats()["tiers"]["fast"]["used"] <= cap
+        assert wait_until(lambda: all(s.meta(f"hot{i}")["tier"] == "fast" for i in range(4))), \
+            s.stats()["governor"]
+        assert all(s.meta(f"cold{i}")["tier"] == "slow" for i in range(4))
+        for i in range(4):
+            assert torch.equal(read(s, f"cold{i}"), filled(i))
+        assert s.stats()["governor"]["bytes_migrated"]["fast->slow"] >= 4 * 64 * KiB
+
+
+def test_moves_under_concurrent_puts_and_reads_lose_nothing_and_never_bring_back_an_old_version(tmp_path):
+    keys = [f"k{i}" for i in range(6)]
+    latest = {}
+    with TieredStore(config(tmp_path, fast="256KiB", batch=2), cache_on_put=False) as s:
+        for i, k in enumerate(keys):
+            s.put(k, filled(i), tier="slow").result(T)
+            latest[k] = i
+        stop = threading.Event()
+        errors = []
+
+        def writer():
+            v = 100
+            while not stop.is_set():
+                for k in keys[::2]:
+                    v += 1
+                    s.put(k, filled(v)).result(T)
+                    latest[k] = v
+
+        def reader():
+            while not stop.is_set():
+                for k in keys:
+                    try:
+                        got = read(s, k)
+                    except Exception as e:  # noqa: BLE001 - reported below
+                        errors.append(e)
+                        return
+                    if len(set(got.tolist())) != 1:
+                        errors.append(AssertionError(f"{k}: a torn object"))
+
+        threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: s.stats()["governor"]["migrations"] >= 10, timeout=15)
+        stop.set()
+        for t in threads:
+            t.join(T)
+        assert not errors, errors
+        g = s.stats()["governor"]
+        assert g["migrations"] >= 1 and g["failed"] == 0, g
+        for k in keys:
+            assert torch.equal(s.get(k).result(T), filled(latest[k])), k
+    with TieredStore(config(tmp_path, migration="none")) as s:  # and after a reopen
+        for k in keys:
+            assert torch.equal(s.get(k).result(T), filled(latest[k])), k
+
+
+def test_a_tier_kept_for_another_owners_share_refuses_the_move(tmp_path):
+    with TieredStore(config(tmp_path, fast="256KiB"), cache_on_put=False) as s:
+        s.reserve("fast", "256KiB", owner="other")  # all of it kept for an owner that holds nothing yet
+        s.put("a", filled(1), tier="slow").result(T)
+        assert torch.equal(read(s, "a"), filled(1))
+        assert wait_until(lambda: s.stats()["governor"]["refused_overfull"] >= 1), s.stats()["governor"]
+        assert s.meta("a")["tier"] == "slow" and torch.equal(read(s, "a"), filled(1))
+        assert s.stats()["governor"]["migrations"] == 0
+
+
+def test_an_object_read_in_place_from_an_external_file_is_never_moved(tmp_path):
+    path = tmp_path / "w.bin"
+    path.write_bytes(filled(7).numpy().tobytes())
+    with TieredStore(config(tmp_path), cache_on_put=False) as s:
+        s.register_external("w", path, 0, 64 * KiB, torch.float32, (16 * KiB,))
+        s.put("x", filled(1), tier="fast").result(T)  # on the fast tier: the policy seeds it there
+        for _ in range(3):
+            assert torch.equal(read(s, "w"), filled(7))
+        s.put("y", filled(2), tier="slow").result(T)
+        read(s, "y")  # an event after w's: w's were handled by the time y is moved
+        assert wait_until(lambda: s.meta("y")["tier"] == "fast"), s.stats()["governor"]
+        assert s.meta("w")["tier"] == "external" and s.stats()["governor"]["migrations"] == 1
+
+
+def test_decisions_are_emitted_and_paced_to_the_bandwidth_budget(tmp_path):
+    events = []
+    with TieredStore(config(tmp_path, fast="4MiB", bandwidth="1MB/s"), cache_on_put=False) as s:
+        s.add_listener(lambda ev: events.append(ev) if ev.op == "migrate" else None)
+        for i in range(3):
+            s.put(f"k{i}", filled(i, n=256 * KiB // 4), tier="slow").result(T)
+        t0 = time.monotonic()
+        for i in range(3):
+            read(s, f"k{i}")
+        assert wait_until(lambda: s.stats()["governor"]["migrations"] == 3), s.stats()["governor"]
+        took = time.monotonic() - t0
+    assert took >= 0.45, f"three 256 KiB moves at 1 MB/s took {took:.2f} s"  # the first is not paced
+    assert [(ev.key, ev.tier) for ev in events] == [(f"k{i}", "fast") for i in range(3)]
+
+
+def test_a_deleted_object_frees_the_policys_room(tmp_path):
+    with TieredStore(config(tmp_path, fast="128KiB"), cache_on_put=False) as s:
+        s.put("a", filled(1), tier="slow").result(T)
+        read(s, "a")
+        assert wait_until(lambda: s.meta("a")["tier"] == "fast")
+        s.delete("a")
+        s.put("b", filled(2), tier="slow").result(T)
+        s.put("c", filled(3), tier="slow").result(T)
+        read(s, "b")
+        read(s, "c")
+        assert wait_until(lambda: {s.meta(k)["tier"] for k in "bc"} == {"fast"}), s.stats()["governor"]
+        assert s.stats()["governor"]["refused_gone"] == 0
+
+
+def test_migration_none_starts_no_governor_and_bad_names_are_refused(tmp_path):
+    with TieredStore(config(tmp_path, migration="none")) as s:
+        assert s.stats()["governor"] is None
+    with pytest.raises(ConfigError, match="policy.migration.*expected one of"):
+        load_config(config(tmp_path, migration="nope"))
+    with pytest.raises(ConfigError, match="policy.migration.*live store cannot run 'belady'.*future"):
+        load_config(config(tmp_path, migration="belady"))
+    with pytest.raises(ConfigError, match="policy.migration_bandwidth"):
+        load_config(config(tmp_path, bandwidth="fast"))
