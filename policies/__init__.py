@@ -3,11 +3,11 @@
 Never imports ``io_engine`` or ``tiered``, so every policy also runs in
 trace simulation (:mod:`policies.sim`). Policies are looked up by name:
 
-* eviction policies (one tier's ranking, used by the store): lru, lfu, arc, s3fifo,
+* eviction policies (one tier's ranking, used by the store): lru, lfu, arc, s3fifo, sieve,
   prefix-aware (keeps KV blocks that queued requests will read)
 * row-cache policies (vectorized, one call per minibatch of GNN rows): see :mod:`policies.row_cache`
 * migration policies (whole-hierarchy decisions, used by the simulator and
-  ``tiered bench replay``): lru, lfu, arc, s3fifo, static, belady, rl
+  ``tiered bench replay``): lru, lfu, arc, s3fifo, sieve, static, belady, rl
 
 ``rl`` is resolved lazily: it imports :mod:`policies.rl` (torch) and calls its
 ``make_policy(**options)``, which returns a :class:`MigrationPolicy` that is
@@ -31,10 +31,11 @@ from .lru import LRU
 from .prefix_aware import PrefixAware
 from .row_cache import ROW_CACHE_POLICIES, RowCachePolicy, VictimBuffer, create_row_cache_policy
 from .s3fifo import S3FIFO
+from .sieve import SIEVE
 from .static import StaticSplit
 
 _EVICTION: dict[str, Callable[[], EvictionPolicy]] = {
-    "lru": LRU, "lfu": LFU, "arc": ARC, "s3fifo": S3FIFO, "prefix-aware": PrefixAware,
+    "lru": LRU, "lfu": LFU, "arc": ARC, "s3fifo": S3FIFO, "sieve": SIEVE, "prefix-aware": PrefixAware,
 }
 
 
@@ -79,12 +80,13 @@ _POLICIES: dict[str, Callable[..., MigrationPolicy]] = {
     "lfu": _caching("lfu", LFU),
     "arc": _caching("arc", ARC),
     "s3fifo": _caching("s3fifo", S3FIFO),
+    "sieve": _caching("sieve", SIEVE),
     "belady": _caching("belady", Belady),
     "static": StaticSplit,
     "rl": _rl,
 }
 #: the policies that need no future and no training: what "best heuristic" means
-HEURISTICS = ("lru", "lfu", "arc", "s3fifo", "static")
+HEURISTICS = ("lru", "lfu", "arc", "s3fifo", "sieve", "static")
 
 
 def register_policy(name: str, factory: Callable[..., MigrationPolicy]) -> None:
@@ -108,7 +110,7 @@ def create_policy(name: str, **options: Any) -> MigrationPolicy:
 __all__ = [
     "ARC", "HEURISTICS", "KINDS", "LFU", "LRU", "OPS", "S3FIFO", "Backing", "Belady",
     "CachingMigration", "EvictionPolicy", "FirstFit", "MigrationPolicy", "Move", "Observation",
-    "Outcome", "PlacementPolicy", "PolicyError", "PrefixAware", "ROW_CACHE_POLICIES", "RowCachePolicy",
+    "Outcome", "PlacementPolicy", "PolicyError", "PrefixAware", "ROW_CACHE_POLICIES", "RowCachePolicy", "SIEVE",
     "StaticSplit", "TierModel", "VictimBuffer", "create_row_cache_policy",
     "create_eviction_policy", "create_policy", "eviction_policy_names", "policy_names",
     "register_eviction_policy", "register_policy",
