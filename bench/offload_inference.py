@@ -845,14 +845,20 @@ def orchestrate(args) -> dict:
     bpt = tie.get("bytes_per_token") if ok(tie) else None
     if bpf is None:  # no tiered counters: everything that is not resident is read
         bpf = bpt = model_bytes
-    io_fwd = bpf / (fio_best * GB) if fio_best else None
-    io_tok = bpt / (fio_best * GB) if fio_best and bpt is not None else None
+    # without fio the best read the bare engine or plain O_DIRECT reached in this run is the bound
+    bare = [(bench_io or {}).get(k) for k in ("posix_contig_read_gbps", "engine_read_gbps",
+                                               "engine_read_gbps_no_hugepages")]
+    ref_gbps = fio_best or max([x for x in bare if x], default=None)
+    result["bound_read_gbps"] = ref_gbps
+    result["bound_reference"] = "fio" if fio_best else ("best bare read of the run" if ref_gbps else None)
+    io_fwd = bpf / (ref_gbps * GB) if ref_gbps else None
+    io_tok = bpt / (ref_gbps * GB) if ref_gbps and bpt is not None else None
     comp_fwd = mem.get("forward_s") if ok(mem) else None
     comp_tok = mem.get("token_s") if ok(mem) else None
     bound_fwd = max(x for x in (comp_fwd, io_fwd) if x is not None) if (comp_fwd or io_fwd) else None
     bound_tok = max(x for x in (comp_tok, io_tok) if x is not None) if (comp_tok or io_tok) else None
     result["io_bound"] = {"bytes_per_forward": bpf, "bytes_per_token": bpt, "fio_read_gbps": fio_best,
-                          "forward_s": io_fwd, "token_s": io_tok}
+                          "read_gbps": ref_gbps, "forward_s": io_fwd, "token_s": io_tok}
     pc = (bench_io or {}).get("posix_contig_read_gbps")
     if pc:
         result["io_bound"].update(posix_contig_read_gbps=pc, forward_s_posix_contig=bpf / (pc * GB),
