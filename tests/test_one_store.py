@@ -88,8 +88,10 @@ def test_every_workload_shares_one_store_within_its_budgets(tmp_path):
             loss.backward()
             opt.step()
             check_budgets(store, "optimizer step")
+            assert store.stats()["plans"]["active"][opt.owner]["keys"] > 0  # the next step's reads, declared
             ck.save({"model": student.state_dict()}, step=1).wait(T)
             owners = check_budgets(store, "checkpoint")
+        assert opt.owner not in store.stats()["plans"]["active"]  # withdrawn by close()
         peaks = {o: {t: f["peak"] for t, f in tiers.items()} for o, tiers in owners.items()}
         tiered.detach(model)
     finally:

@@ -94,6 +94,8 @@ class _Budget:
                                                on_pressure=_weak(self._give_back_host))
 
     def close_reservations(self) -> None:
+        if self.store.is_open:
+            self.store.plan([], owner=self.owner)  # this model reads nothing more
         for res in {id(r): r for r in (self.compute_res, self.host_res) if r is not None}.values():
             res.close()
         self.compute_res = self.host_res = None

@@ -103,11 +103,19 @@ class OffloadedModule(_Packing, _Budget, _Loading, _Training, _Teardown, _Stats)
         self._bw_order = []
         self._pass = []
         self._cursor = 0
+        self._declare_plan(torch.is_grad_enabled())
         if torch.is_grad_enabled():
             with self._idle_lock:
                 self._graph = True
             self._sth = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             self._sth.__enter__()
+
+    def _declare_plan(self, backward: bool) -> None:
+        """Tell the store the streamed units this forward reads, in the order the last forward
+        ran them (and in reverse for backward), so that evictions keep what is read soonest."""
+        keys = [k for i in self.order if not self.units[i].bound for k in self.units[i].keys]
+        if keys:
+            self.store.plan(keys + keys[::-1] if backward else keys, owner=self.owner)
 
     def _root_post(self, _m, _args, _out) -> None:
         with self._idle_lock:

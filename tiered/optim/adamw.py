@@ -199,6 +199,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
                 if self._owns_store:
                     self._store.close()
                 else:
+                    self._store.plan([], owner=self.owner)  # nothing more will be read
                     self._evict_cached()
 
     def flush(self) -> None:

@@ -36,6 +36,7 @@ class _Pipeline:
             # cached in the host tier (the buffers their writes went out of) and come first now,
             # so they are not read again; forwards every step, they would be evicted by then
             chunks.reverse()
+        self._declare_plan(chunks, s)
         deferred: list = []  # resident chunks' writes, issued once the streamed ones are
         try:
             while nxt < len(chunks) and len(reads) <= self.lookahead:
@@ -53,6 +54,12 @@ class _Pipeline:
             for f in reads:
                 drop(f)
             raise
+
+    def _declare_plan(self, chunks: list[Chunk], s: int) -> None:
+        """Tell the store what this step reads and what the next one will (the same chunks, in
+        reverse), so that when the host tier must evict, it keeps the copies read soonest."""
+        now = [self._chunk_key(c, s - 1) for c in chunks] if s > 1 else []
+        self._store.plan(now + [self._chunk_key(c, s) for c in reversed(chunks)], owner=self.owner)
 
     def _start_read(self, c: Chunk, s: int):
         if s == 1 or c.resident is not None:

@@ -37,7 +37,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from tiered.allocators import HostArena
 from tiered.io_engine import Backend, IOEngine, IOFuture, Priority
@@ -49,7 +49,8 @@ from ..config import Config, load_config
 from . import check as store_check, registry as store_registry
 from .errors import StoreError
 from .governor import Governor
-from .objects import LOCK_FILE, Extent, ObjectMeta, StoreCounters
+from .plans import Plans
+from .objects import DEFAULT_OWNER, LOCK_FILE, Extent, ObjectMeta, StoreCounters
 from .extents import _StorageTier
 from .device import _DeviceTier
 from .host import _HostTier
@@ -118,6 +119,7 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
         self.recovered: dict = {}  # what open() cleaned up after a crash (see check())
         self.counters = StoreCounters()
         self.host_policy = create_eviction_policy(self.config.policy.placement)
+        self._plans = Plans()
         self._init_owners()
 
     # -- lifecycle -----------------------------------------------------------------
@@ -300,6 +302,8 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
         self._listeners.append(fn)
 
     def _emit(self, key: str, nbytes: int, op: str, kind: str, tier: str | None) -> None:
+        if op == "read":
+            self._plans.advance(key)
         governor = self._governor
         if self._listeners or governor is not None:
             ev = AccessEvent(time.monotonic(), key, nbytes, op, kind, tier)
@@ -310,6 +314,17 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
                     fn(ev)
                 except Exception:  # noqa: BLE001 - logged, see add_listener
                     log.exception("store listener %r failed on %s", fn, ev)
+
+    def plan(self, keys: Sequence[str], *, owner: str = DEFAULT_OWNER) -> None:
+        """Declare the keys ``owner`` will read next, in order (replacing its previous plan; an
+        empty list withdraws it). While a plan is active the host tier evicts unplanned copies
+        first and planned ones farthest-read-first (see :mod:`tiered.store.plans`)."""
+        self._check_open()
+        keys = list(keys)
+        for k in keys:
+            if not isinstance(k, str):
+                raise TypeError(f"plan(owner={owner!r}): keys are strings, got {k!r}")
+        self._plans.set(owner, keys)
 
     def migrate(self, key: str, tier: str) -> IOFuture:
         """Move ``key``'s home to storage tier ``tier`` (or, for "host", prefetch it).
@@ -435,4 +450,5 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
                 "commits": c.commits, "objects": len(self._objects),
                 "engine": self.engine.stats() if self.engine else None,
                 "governor": self._governor.stats() if self._governor is not None else None,
+                "plans": self._plans.stats(),
             }

@@ -70,7 +70,7 @@ class _HostTier:
                     return o == owner or o in over
 
                 while buf is None:
-                    victims = self.host_policy.victims(size, helps)
+                    victims = self._host_victims(size, helps)
                     if not victims:
                         break
                     for key in victims:
@@ -83,6 +83,22 @@ class _HostTier:
         for meta in evicted:
             self._emit(meta.key, meta.nbytes, "evict", meta.kind, "host")
         return buf
+
+    def _host_victims(self, size: int, helps) -> list[str]:
+        """Cached copies to evict for ``size`` bytes (under ``self._lock``): those no plan names,
+        in the policy's order, then planned ones, the one read farthest in the future first."""
+        if not self._plans.active:
+            return self.host_policy.victims(size, helps)
+        planned = self._plans.planned_keys()
+        out = self.host_policy.victims(size, lambda k: k not in planned and helps(k))
+        freed = sum(align_up(max(1, self._objects[k].nbytes)) for k in out)
+        if freed < size:
+            for k in sorted((k for k in planned if helps(k)), key=planned.__getitem__, reverse=True):
+                out.append(k)
+                freed += align_up(max(1, self._objects[k].nbytes))
+                if freed >= size:
+                    break
+        return out
 
     def _drop_host(self, meta: ObjectMeta) -> None:
         copy = meta.host
