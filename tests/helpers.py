@@ -7,9 +7,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from tiered.store import DATA_FILE
+
+#: The marks of a file that runs tiny transformers models: one intra-op thread (the conftest
+#: fixture ``one_intra_op_thread``), and no UserWarning or FutureWarning from building and running them.
+TINY_MODEL_MARKS = [
+    pytest.mark.usefixtures("one_intra_op_thread"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
 
 
 def store_config(tmp_path: Path, host: str = "16MiB", nvme: str = "64MiB", *, workers: int = 2,

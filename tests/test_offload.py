@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 import tiered
-from helpers import offload_config, tiny_gpt2, tiny_llama
+from helpers import TINY_MODEL_MARKS, offload_config, tiny_gpt2, tiny_llama
 from tiered import OffloadError
 from tiered.sizes import parse_size
 from tiered.store import TieredStore
@@ -45,13 +45,7 @@ from tiered.io_engine import Priority
 
 transformers = pytest.importorskip("transformers")
 
-pytestmark = [
-    pytest.mark.timeout(60),
-    pytest.mark.usefixtures("one_intra_op_thread"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-]
+pytestmark = [pytest.mark.timeout(60), *TINY_MODEL_MARKS, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 KiB, MiB = 1 << 10, 1 << 20
 PAGE = 4096

@@ -24,19 +24,13 @@ import pytest
 import torch
 
 import tiered
-from helpers import allocated_bytes, offload_config, tiny_llama
+from helpers import TINY_MODEL_MARKS, allocated_bytes, offload_config, tiny_llama
 from tiered import OffloadError
 from tiered.store import TieredStore
 
 transformers = pytest.importorskip("transformers")
 
-pytestmark = [
-    pytest.mark.timeout(90),
-    pytest.mark.usefixtures("one_intra_op_thread"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-]
+pytestmark = [pytest.mark.timeout(90), *TINY_MODEL_MARKS, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 KiB = 1 << 10
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,18 +21,12 @@ import pytest
 import torch
 
 import tiered
-from helpers import offload_config, tiny_llama
+from helpers import TINY_MODEL_MARKS, offload_config, tiny_llama
 from tiered import OffloadError, offload_life
 
 transformers = pytest.importorskip("transformers")
 
-pytestmark = [
-    pytest.mark.timeout(90),
-    pytest.mark.usefixtures("one_intra_op_thread"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-]
+pytestmark = [pytest.mark.timeout(90), *TINY_MODEL_MARKS, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 ROOT = Path(__file__).resolve().parent.parent
 IDS = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(1))

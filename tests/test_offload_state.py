@@ -13,18 +13,12 @@ import pytest
 import torch
 
 import tiered
-from helpers import offload_config, tiny_gpt2, tiny_llama
+from helpers import TINY_MODEL_MARKS, offload_config, tiny_gpt2, tiny_llama
 from tiered import OffloadError, offload_state
 
 transformers = pytest.importorskip("transformers")
 
-pytestmark = [
-    pytest.mark.timeout(60),
-    pytest.mark.usefixtures("one_intra_op_thread"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-]
+pytestmark = [pytest.mark.timeout(60), *TINY_MODEL_MARKS, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 KiB = 1 << 10
 

@@ -21,19 +21,14 @@ import pytest
 import torch
 
 import tiered
-from helpers import offload_config, tiny_llama
+from helpers import TINY_MODEL_MARKS, offload_config, tiny_llama
 from tiered import OffloadError
 from tiered.offload import offload_units
 from tiered.optim import OffloadedAdamW
 
 transformers = pytest.importorskip("transformers")
 
-pytestmark = [
-    pytest.mark.timeout(60),
-    pytest.mark.usefixtures("one_intra_op_thread"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-]
+pytestmark = [pytest.mark.timeout(60), *TINY_MODEL_MARKS]
 
 VOCAB = 128
 
