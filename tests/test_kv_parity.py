@@ -21,6 +21,7 @@ BS = 8
 VOCAB = 300
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                max_position_embeddings=512, num_attention_heads=4, num_key_value_heads=2)
 
