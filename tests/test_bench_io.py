@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 import pytest
 
+from helpers import store_config
 from tiered.io_engine.bench import FIO_HINT, REQUIRED_KEYS, BenchError, Pattern, parse_fio_json
 from tiered.io_engine.bench import run as engine_bench_run
 from tiered.tools.bench_io import add_bench_io_arguments, bench_io_main, print_report, run_bench_io
@@ -127,9 +128,7 @@ def test_bad_directory_is_an_error_not_a_traceback(tmp_path, capsys):
 
 
 def _config(tmp_path) -> dict:
-    return {"tiers": {"host": {"capacity": "64MiB"},
-                      "nvme": {"path": str(tmp_path / "nvme"), "capacity": "1GiB"}},
-            "engine": {"workers": 2, "chunk": "4MiB"}}
+    return store_config(tmp_path, "64MiB", "1GiB", chunk="4MiB")
 
 
 @pytest.mark.timeout(60)

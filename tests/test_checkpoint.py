@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tiered.io_engine.testing import FaultyBackend
+from helpers import store_config
 from killing import run_and_kill
 from tiered.checkpoint import CheckpointChecksumError, CheckpointError, LazyCheckpointer, StoreRef
 from tiered.checkpoint.format import SEGMENT, committed_steps, read_manifest
@@ -30,10 +31,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def cfg(tmp_path: Path, *, flash: bool = True) -> dict:
-    tiers = {"host": {"capacity": "32MiB"}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "256MiB"}}
-    if flash:
-        tiers["flash"] = {"path": str(tmp_path / "flash"), "capacity": "256MiB"}
-    return {"tiers": tiers, "engine": {"workers": 2, "chunk": "1MiB"}}
+    return store_config(tmp_path, "32MiB", "256MiB", flash="256MiB" if flash else None)
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:

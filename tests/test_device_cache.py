@@ -12,6 +12,7 @@ import threading
 import pytest
 import torch
 
+from helpers import store_config
 from tiered.allocators import DeviceArena, OutOfBudget
 from tiered import ChecksumError, StoreError, TieredStore
 from tiered.device_cache import DeviceCache
@@ -25,8 +26,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip
 
 def make_store(tmp_path, gpu: int | None = None, device: str = "cpu") -> TieredStore:
     """A store whose GPU tier holds ``gpu`` bytes on ``device`` (none when ``gpu`` is None)."""
-    cfg = {"tiers": {"host": {"capacity": "16MiB"}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "64MiB"}},
-           "engine": {"workers": 2, "chunk": "1MiB"}}
+    cfg = store_config(tmp_path)
     if gpu is not None:
         cfg["tiers"]["gpu"] = {"kind": "device", "device": "cuda:0" if device == "cuda" else device, "capacity": gpu}
     return TieredStore(cfg).open()

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 pytest.importorskip("torch_geometric")
 pytestmark = pytest.mark.filterwarnings("ignore:Using .* without a .pyg-lib. installation:UserWarning")
 
+from helpers import store_config
 from tiered.allocators import OutOfBudget
 from tiered.gnn.gather import PAGE, Layout, plan_reads, rows_from, split_rounds
 from tiered.gnn.feature_store import FeatureStoreError, TieredFeatureStore, sampling_degree, window
@@ -33,8 +34,7 @@ T = 30.0
 
 
 def config(tmp_path: Path, host: str = "32MiB", workers: int = 4) -> dict:
-    return {"tiers": {"host": {"capacity": host}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "256MiB"}},
-            "engine": {"workers": workers, "chunk": "1MiB"}}
+    return store_config(tmp_path, host, "256MiB", workers=workers)
 
 
 def fstore(store, **kw) -> TieredFeatureStore:

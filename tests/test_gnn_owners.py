@@ -12,6 +12,7 @@ import torch
 
 pytest.importorskip("torch_geometric")
 
+from helpers import store_config  # noqa: E402
 from tiered.gnn.feature_store import TieredFeatureStore  # noqa: E402
 from tiered.store import ChecksumError, TieredStore  # noqa: E402
 
@@ -20,8 +21,7 @@ OWNER = "gnn/features"
 
 
 def config(tmp_path: Path, host: str = "32MiB") -> dict:
-    return {"tiers": {"host": {"capacity": host}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "64MiB"}},
-            "engine": {"workers": 2, "chunk": "1MiB"}}
+    return store_config(tmp_path, host)
 
 
 def fstore(store, **kw) -> TieredFeatureStore:

@@ -17,13 +17,13 @@ pytest.importorskip("torch_geometric")
 from torch_geometric.data import TensorAttr
 from torch_geometric.data.feature_store import AttrView, _FieldStatus
 
+from helpers import store_config
 from tiered.gnn.feature_store import FeatureStoreError, TieredFeatureStore
 from tiered.store import TieredStore
 
 
 def config(tmp_path) -> dict:
-    return {"tiers": {"host": {"capacity": "32MiB"}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "64MiB"}},
-            "engine": {"workers": 2, "chunk": "1MiB"}}
+    return store_config(tmp_path, "32MiB")
 
 
 @pytest.fixture

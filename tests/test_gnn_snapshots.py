@@ -17,13 +17,13 @@ import torch
 
 pytest.importorskip("torch_geometric")
 
+from helpers import store_config  # noqa: E402
 from tiered.gnn.feature_store import FeatureStoreError, TieredFeatureStore  # noqa: E402
 from tiered.store import TieredStore  # noqa: E402
 
 
 def config(tmp_path, nvme: str = "16MiB") -> dict:
-    return {"tiers": {"host": {"capacity": "32MiB"}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": nvme}},
-            "engine": {"workers": 2, "chunk": "1MiB"}}
+    return store_config(tmp_path, "32MiB", nvme)
 
 
 def fstore(store) -> TieredFeatureStore:

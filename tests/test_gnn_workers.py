@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("torch_geometric")
 pytestmark = pytest.mark.filterwarnings("ignore:Using .* without a .pyg-lib. installation:UserWarning")
 
+from helpers import store_config  # noqa: E402
 from test_gnn import _reference_sampler_cls  # noqa: E402
 
 from tiered.gnn.feature_store import FeatureStoreError, TieredFeatureStore  # noqa: E402
@@ -25,8 +26,7 @@ ReferenceSampler.__module__ = __name__
 
 
 def config(tmp_path) -> dict:
-    return {"tiers": {"host": {"capacity": "32MiB"}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "64MiB"}},
-            "engine": {"workers": 2, "chunk": "1MiB"}}
+    return store_config(tmp_path, "32MiB")
 
 
 def fstore(store) -> TieredFeatureStore:

@@ -17,7 +17,9 @@ import torch
 import transformers
 from transformers import DynamicCache
 
+import helpers
 import tiered
+from helpers import kv_bytes
 from tiered.policies import LRU, Observation
 from tiered.policies.prefix_aware import PrefixAware
 from tiered.kv import KVCacheError, KVStore, KVStoreError, TieredCache, chain_hashes, model_identity
@@ -29,6 +31,8 @@ CACHE = ("cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.f
          else "past_key_values")
 BS = 16  # tokens per block in these tests
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 # tiny decoders of several architectures, built from config (no downloads)
 ARCHS = {
     "llama-gqa": ("LlamaConfig", "LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2)),
@@ -36,15 +40,6 @@ ARCHS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_attention_heads=4, num_key_value_heads=1)),
     "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(num_attention_heads=4)),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the gather thread and the store's workers get the other core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,15 +54,7 @@ def make_model(arch: str = "llama-gqa", seed: int = 0, layers: int = 8, dtype=to
 
 
 def store_config(tmp_path: Path, host: str = "8MiB") -> dict:
-    return {"tiers": {"host": {"capacity": host}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "64MiB"}},
-            "engine": {"workers": 2, "chunk": "1MiB"}}
-
-
-def kv_bytes(model, tokens: int) -> int:
-    from tiered.kv import kv_geometry
-
-    layers, heads, dim = kv_geometry(model.config)
-    return tokens * layers * 2 * heads * dim * 4
+    return helpers.store_config(tmp_path, host)
 
 
 def generate(model, ids, cache, n=16):

@@ -9,24 +9,35 @@ import torch
 import tiered
 from tiered.kv import KVCacheError, KVStore, TieredCache, model_identity
 
-from test_kv_parity import assert_bitwise, generate, kv_bytes, make_model, prompt, reference
+from helpers import kv_bytes, owner_figures, store_config
+from test_kv_parity import assert_bitwise, generate, make_model, prompt, reference
 
 BS = 8
 KiB = 1 << 10
 
 
 def config(tmp_path, host="8MiB", gpu=None, owners=None) -> dict:
-    tiers = {"host": {"capacity": host}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "64MiB"}}
+    cfg = store_config(tmp_path, host)
     if gpu is not None:  # the GPU tier's code, run on the CPU
-        tiers = {"gpu": {"kind": "device", "device": "cpu", "capacity": gpu}, **tiers}
-    cfg = {"tiers": tiers, "engine": {"workers": 2, "chunk": "1MiB"}}
+        cfg["tiers"] = {"gpu": {"kind": "device", "device": "cpu", "capacity": gpu}, **cfg["tiers"]}
     if owners:
         cfg["owners"] = owners
     return cfg
 
 
-def figures(store, owner, tier):
-    return store.owners().get(owner, {}).get(tier, {"held": 0, "peak": 0, "reserved": 0})
+@pytest.fixture
+def poisoned_frees(monkeypatch):
+    """Every buffer the cache gives back to the GPU tier is poisoned (NaN) as it is freed."""
+    from tiered.kv.memory import DeviceMemory
+
+    free = DeviceMemory.free
+
+    def poisoning(self, t):
+        if t is not None and t.numel() and self.res is not None and self.owns(t) and t.is_floating_point():
+            t.fill_(float("nan"))
+        free(self, t)
+
+    monkeypatch.setattr(DeviceMemory, "free", poisoning)
 
 
 def test_the_cache_memory_is_charged_to_its_owner(tmp_path):
@@ -41,14 +52,14 @@ def test_the_cache_memory_is_charged_to_its_owner(tmp_path):
             cache.load_prefix(ids)
             got = generate(model, ids, cache, n=12)
             assert cache.stats()["spilled_blocks"] and cache.stats()["store_reads"]
-            mine = figures(store, "kv/req-1", "host")
+            mine = owner_figures(store, "kv/req-1", "host")
             assert mine["peak"] >= kv_bytes(model, BS)  # prefill host blocks, spills, reads
-            assert figures(store, "kv/req-1", "nvme")["held"] > 0  # its session blocks
+            assert owner_figures(store, "kv/req-1", "nvme")["held"] > 0  # its session blocks
         assert_bitwise(want, got)
         store.trim()  # what stays charged after close is only cached copies it read, evictable
-        assert figures(store, "kv/req-1", "host")["held"] == 0
-        assert figures(store, "kv/req-1", "nvme")["held"] == 0  # session blocks deleted
-        prefix = figures(store, kv.owner, "nvme")["held"]  # the saved prefix blocks and the identity record
+        assert owner_figures(store, "kv/req-1", "host")["held"] == 0
+        assert owner_figures(store, "kv/req-1", "nvme")["held"] == 0  # session blocks deleted
+        prefix = owner_figures(store, kv.owner, "nvme")["held"]  # the saved prefix blocks and the identity record
         assert 5 * kv_bytes(model, BS) <= prefix < 6 * kv_bytes(model, BS)
         assert store.owners().get("default", {}).get("host", {}).get("peak", 0) == 0  # nothing unowned
 
@@ -77,12 +88,12 @@ def test_an_explicit_or_configured_host_share_is_reserved(tmp_path):
         kv = KVStore(store, model_identity(model), block_size=BS)
         with TieredCache(model.config, kv, model=model, cache_id="a") as a, \
                 TieredCache(model.config, kv, model=model, cache_id="b", host_share="1MiB") as b:
-            assert a.owner == "kv/a" and figures(store, "kv/a", "host")["reserved"] == 2 << 20  # [owners.kv] 25%
-            assert figures(store, "kv/b", "host")["reserved"] == 1 << 20
+            assert a.owner == "kv/a" and owner_figures(store, "kv/a", "host")["reserved"] == 2 << 20  # [owners.kv] 25%
+            assert owner_figures(store, "kv/b", "host")["reserved"] == 1 << 20
             generate(model, prompt(20), b, n=2)
             assert b._pin_limit() == (1 << 20) // 2  # its pins are planned within its share
-        assert figures(store, "kv/a", "host")["reserved"] == 0  # given back at close
-        assert figures(store, "kv/b", "host")["reserved"] == 0
+        assert owner_figures(store, "kv/a", "host")["reserved"] == 0  # given back at close
+        assert owner_figures(store, "kv/b", "host")["reserved"] == 0
 
 
 def test_a_kv_cache_and_another_owner_share_a_small_host_tier(tmp_path):
@@ -117,7 +128,7 @@ def test_a_kv_cache_and_another_owner_share_a_small_host_tier(tmp_path):
             assert asked, "no step pinned blocks: the test did not exercise the pressure"
             assert cache.stats()["store_reads"] > 0
         assert_bitwise(want, got)
-        kv_peak = figures(store, "kv/c", "host")["peak"]
+        kv_peak = owner_figures(store, "kv/c", "host")["peak"]
         assert kv_peak <= store.arena.capacity - 192 * KiB
         assert bool((held.tensor(torch.uint8) == 7).all())  # the other owner's bytes untouched
         held.release()
@@ -136,12 +147,12 @@ def test_the_gpu_tier_holds_the_cache_device_memory(tmp_path):
             got = generate(model, ids, cache, n=12)
             st = cache.stats()
             assert st["device_tier"] and st["spilled_blocks"] > 0
-            fig = figures(store, "kv/g", "gpu")
+            fig = owner_figures(store, "kv/g", "gpu")
             assert fig["reserved"] == share and 0 < fig["held"] <= share  # the explicit share is kept
             assert cache.device_bytes()["total"] <= share
             assert store.stats()["tiers"]["gpu"]["used"] == fig["held"]
         assert_bitwise(want, got)
-        assert figures(store, "kv/g", "gpu") == {"held": 0, "peak": fig["peak"], "reserved": 0}
+        assert owner_figures(store, "kv/g", "gpu") == {"held": 0, "peak": fig["peak"], "reserved": 0}
 
 
 @pytest.mark.parametrize("lookahead", [0, 1])
@@ -161,7 +172,7 @@ def test_a_kv_cache_and_another_owner_share_one_gpu_tier(tmp_path, lookahead):
             got = generate(model, ids, cache, n=20)
             assert cache.stats()["spilled_blocks"] > 0  # the tier, not a budget, made it spill
         assert_bitwise(want, got)
-        assert figures(store, "kv/e", "gpu")["peak"] <= capacity - 64 * KiB
+        assert owner_figures(store, "kv/e", "gpu")["peak"] <= capacity - 64 * KiB
         assert bool((held.tensor(torch.float32) == 1.5).all())
         held.release()
         weights.close()
@@ -232,20 +243,10 @@ def test_edits_on_the_gpu_tier_are_bitwise(tmp_path, arch):
 
 
 @pytest.mark.parametrize("lookahead", [0, 1])
-def test_gpu_tier_buffers_are_never_read_after_they_are_freed(tmp_path, monkeypatch, lookahead):
+def test_gpu_tier_buffers_are_never_read_after_they_are_freed(tmp_path, poisoned_frees, lookahead):
     """Every buffer the cache gives back to the GPU tier is poisoned (NaN) as it is freed: the
     logits stay exact, so no attention read a slot, tail or block after its free (a grown slot
     is freed only once the step's forward is over)."""
-    from tiered.kv.memory import DeviceMemory
-
-    free = DeviceMemory.free
-
-    def poisoning(self, t):
-        if t is not None and t.numel() and self.res is not None and self.owns(t) and t.is_floating_point():
-            t.fill_(float("nan"))
-        free(self, t)
-
-    monkeypatch.setattr(DeviceMemory, "free", poisoning)
     model = make_model("llama")
     ids = prompt(30)
     want = generate(model, ids, reference(model), n=30)
@@ -258,17 +259,7 @@ def test_gpu_tier_buffers_are_never_read_after_they_are_freed(tmp_path, monkeypa
     assert_bitwise(want, got)
 
 
-def test_crop_into_a_resident_block_copies_it_before_giving_the_buffer_back(tmp_path, monkeypatch):
-    from tiered.kv.memory import DeviceMemory
-
-    free = DeviceMemory.free
-
-    def poisoning(self, t):
-        if t is not None and t.numel() and self.res is not None and self.owns(t) and t.is_floating_point():
-            t.fill_(float("nan"))
-        free(self, t)
-
-    monkeypatch.setattr(DeviceMemory, "free", poisoning)
+def test_crop_into_a_resident_block_copies_it_before_giving_the_buffer_back(tmp_path, poisoned_frees):
     model = make_model("llama")
     ids = prompt(30)
 
@@ -299,13 +290,14 @@ def test_an_unclosed_cache_gives_its_reservations_back(tmp_path, lookahead):
         cache = TieredCache(model.config, kv, model=model, device_budget=kv_bytes(model, 40), lookahead=lookahead,
                             cache_id="u", host_share="1MiB").open()
         generate(model, prompt(20), cache, n=3)
-        assert figures(store, "kv/u", "gpu")["held"] > 0 and figures(store, "kv/u", "host")["reserved"] == 1 << 20
+        assert owner_figures(store, "kv/u", "gpu")["held"] > 0
+        assert owner_figures(store, "kv/u", "host")["reserved"] == 1 << 20
         ref = weakref.ref(cache)
         del cache
         gc.collect()
         assert ref() is None
-        assert figures(store, "kv/u", "gpu")["held"] == 0 and figures(store, "kv/u", "gpu")["reserved"] == 0
-        assert figures(store, "kv/u", "host")["reserved"] == 0
+        assert owner_figures(store, "kv/u", "gpu")["held"] == 0 and owner_figures(store, "kv/u", "gpu")["reserved"] == 0
+        assert owner_figures(store, "kv/u", "host")["reserved"] == 0
         with store.reserve("host", "1MiB", owner="kv/u"):  # the name is free again
             pass
 
@@ -316,7 +308,7 @@ def test_a_device_budget_in_percent_is_a_share_of_the_gpu_tier(tmp_path):
         kv = KVStore(store, model_identity(model), block_size=BS)
         with TieredCache(model.config, kv, model=model, device_budget="10%", cache_id="pct") as cache:
             generate(model, prompt(20), cache, n=2)
-            reserved = figures(store, "kv/pct", "gpu")["reserved"]
+            reserved = owner_figures(store, "kv/pct", "gpu")["reserved"]
             assert abs(reserved - (1 << 20) // 10) < 1024  # (rounded to the tier's alignment)
             assert cache.stats()["device_budget"] == reserved
     with tiered.TieredStore(config(tmp_path / "b")) as store:

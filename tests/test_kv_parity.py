@@ -11,12 +11,17 @@ import torch
 import transformers
 from transformers import DynamicCache
 
+import helpers
 import tiered
+from helpers import kv_bytes
 from tiered.kv import KVCacheError, KVStore, TieredCache, kv_geometry
 from tiered.kv.layers import plan_layers
 
 BS = 8
 VOCAB = 300
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                max_position_embeddings=512, num_attention_heads=4, num_key_value_heads=2)
 
@@ -43,14 +48,6 @@ ARCHS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.lru_cache(maxsize=None)
 def make_model(arch: str):
     torch.manual_seed(0)
@@ -63,8 +60,7 @@ def prompt(n: int, seed: int = 1) -> torch.Tensor:
 
 
 def store_config(tmp_path) -> dict:
-    return {"tiers": {"host": {"capacity": "8MiB"}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "64MiB"}},
-            "engine": {"workers": 2, "chunk": "1MiB"}}
+    return helpers.store_config(tmp_path, "8MiB")
 
 
 def generate(model, ids, cache, n=10, **kw):
@@ -81,11 +77,6 @@ def assert_bitwise(want, got):
     assert torch.equal(want.sequences, got.sequences), (want.sequences, got.sequences)
     assert len(want.scores) == len(got.scores)
     assert all(torch.equal(a, b) for a, b in zip(want.scores, got.scores))
-
-
-def kv_bytes(model, tokens: int) -> int:
-    layers, heads, dim = kv_geometry(model.config)
-    return tokens * layers * 2 * heads * dim * 4
 
 
 # --------------------------------------------------------------------------- parity per architecture

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import store_config
 from tiered import allocators
 from tiered import io_engine
 from tiered.allocators import align_up
@@ -23,8 +24,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def cfg(tmp_path: Path, *, host: str = "32MiB", nvme: str = "256MiB") -> dict:
-    return {"tiers": {"host": {"capacity": host}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": nvme}},
-            "engine": {"workers": 2, "chunk": "1MiB"}}
+    return store_config(tmp_path, host, nvme)
 
 
 def used(store: TieredStore) -> int:

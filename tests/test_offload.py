@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 import tiered
+from helpers import TINY_MODEL_MARKS, offload_config, tiny_gpt2, tiny_llama
 from tiered import OffloadError
 from tiered.sizes import parse_size
 from tiered.store import TieredStore
@@ -44,12 +45,7 @@ from tiered.io_engine import Priority
 
 transformers = pytest.importorskip("transformers")
 
-pytestmark = [
-    pytest.mark.timeout(60),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-]
+pytestmark = [pytest.mark.timeout(60), *TINY_MODEL_MARKS, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 KiB, MiB = 1 << 10, 1 << 20
 PAGE = 4096
@@ -57,25 +53,6 @@ NEW_TOKENS = 8
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """On a 2-core machine torch's OpenMP workers and the I/O engine's threads fight for the
-    cores (forwards get ~7x slower); one intra-op thread keeps this file fast. References and
-    offloaded runs use the same setting, so bitwise comparisons stay meaningful."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def make_cfg(tmp_path, host, *, lookahead=1, resident=True) -> dict:
-    return {
-        "tiers": {"host": {"capacity": host}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "1GiB"}},
-        "engine": {"workers": 2, "chunk": "1MiB"},
-        "offload": {"lookahead": lookahead, "resident": resident},
-    }
 
 
 def capacity_of(host) -> int:
@@ -182,7 +159,7 @@ def pinned_level(store: TieredStore) -> int:
 
 def own_store(tmp_path, host, *, host_wait=5.0, **kw) -> TieredStore:
     """A store the test owns, with a short host wait so a leaked pin fails fast."""
-    return TieredStore(make_cfg(tmp_path, host, **kw), host_wait=host_wait).open()
+    return TieredStore(offload_config(tmp_path, host, **kw), host_wait=host_wait).open()
 
 
 # --------------------------------------------------------------------------- tiny models
@@ -202,24 +179,12 @@ def _seeded(fn):
     return build
 
 
-@_seeded
 def _llama():
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    return tiny_llama(layers=6)
 
 
-@_seeded
 def _llama_bf16():
-    return _llama().to(torch.bfloat16)
-
-
-@_seeded
-def _gpt2():
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=256, n_positions=64, n_embd=64, n_layer=3, n_head=4,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    return tiny_llama(layers=6).to(torch.bfloat16)
 
 
 @_seeded
@@ -264,7 +229,7 @@ def _t5():
 ARCHS = {
     "llama": Arch(_llama, "causal"),
     "llama-bf16": Arch(_llama_bf16, "causal"),
-    "gpt2": Arch(_gpt2, "causal"),
+    "gpt2": Arch(tiny_gpt2, "causal"),
     "bert": Arch(_bert, "encoder"),
     "mixtral": Arch(_mixtral, "causal"),
     "qwen2moe": Arch(_qwen2moe, "causal"),
@@ -352,7 +317,7 @@ def test_parity_with_in_memory_model(tmp_path, arch, mode):
     host = int(2.5 * ref.largest)
     assert 2 * ref.largest < host < ref.total, "budget must force streaming"
     model = spec.build()
-    assert tiered.offload(model, make_cfg(tmp_path, host, lookahead=1, resident=mode == "resident")) is model
+    assert tiered.offload(model, offload_config(tmp_path, host, lookahead=1, resident=mode == "resident")) is model
 
     for i in range(3):
         assert_same(forward(model, spec.kind), ref.out, f"{arch} forward #{i + 1}")
@@ -380,7 +345,7 @@ def test_t5_generate_with_resident_tied_embeddings(tmp_path):
     ref = reference("t5")
     host = 3 * ref.largest  # encoder.embed_tokens resident, decoder.embed_tokens streamed
     model = ARCHS["t5"].build()
-    tiered.offload(model, make_cfg(tmp_path, host, lookahead=1, resident=True))
+    tiered.offload(model, offload_config(tmp_path, host, lookahead=1, resident=True))
     st = tiered.offload_stats(model)
     assert 0 < st["resident_bytes"] < ref.total
     for i in range(2):
@@ -398,7 +363,7 @@ def test_tied_llama_with_resident_embedding(tmp_path):
     want = forward(model, "causal")
     # the embedding (256 KiB) is the largest unit: it fits the resident share only with room to spare
     host = capacity_of(largest_unit(model)) * 4
-    tiered.offload(model, make_cfg(tmp_path, host, lookahead=0, resident=True))
+    tiered.offload(model, offload_config(tmp_path, host, lookahead=0, resident=True))
     assert 0 < tiered.offload_stats(model)["resident_bytes"]
     for i in range(3):
         assert_same(forward(model, "causal"), want, f"tied llama forward #{i + 1}")
@@ -411,7 +376,7 @@ def test_lookahead_and_residency_do_not_change_outputs(tmp_path, lookahead, resi
     host = 5 * ref.largest  # room for lookahead 2 (running unit + 2 ahead + ring spare)
     assert host < ref.total
     model = ARCHS["llama"].build()
-    tiered.offload(model, make_cfg(tmp_path, host, lookahead=lookahead, resident=resident))
+    tiered.offload(model, offload_config(tmp_path, host, lookahead=lookahead, resident=resident))
     for i in range(3):
         assert_same(forward(model, "causal"), ref.out, f"lookahead={lookahead} resident={resident} #{i + 1}")
     assert torch.equal(generate(model, "causal"), ref.gen)
@@ -432,7 +397,7 @@ def test_moe_routes_to_several_experts_and_matches(tmp_path):
         out = model(**inputs_for("causal"), output_router_logits=True)
     chosen = torch.cat([r.topk(2, dim=-1).indices.flatten() for r in out.router_logits]).unique()
     assert len(chosen) >= 3, "tiny MoE routes everything to the same experts; parity would be weak"
-    tiered.offload(model, make_cfg(tmp_path, int(2.5 * ref.largest), lookahead=2, resident=False))
+    tiered.offload(model, offload_config(tmp_path, int(2.5 * ref.largest), lookahead=2, resident=False))
     with torch.no_grad():
         off = model(**inputs_for("causal"), output_router_logits=True)
     assert torch.equal(off.logits, out.logits)
@@ -450,7 +415,7 @@ def test_weights_in_use_never_exceed_the_budget(tmp_path):
     ref = reference("llama")
     host = int(3.5 * ref.largest)
     model = ARCHS["llama"].build()
-    tiered.offload(model, make_cfg(tmp_path, host, lookahead=1, resident=True))
+    tiered.offload(model, offload_config(tmp_path, host, lookahead=1, resident=True))
     params = [p for _n, p in model.named_parameters()]
     worst = [0]
     calls = [0]
@@ -487,7 +452,7 @@ def test_budget_smaller_than_largest_block_is_a_clear_error(tmp_path):
     block = default_unit_sizes(model)["model.layers.0"]
     assert block == ref.largest
     with pytest.raises(OffloadError) as ei:
-        tiered.offload(model, make_cfg(tmp_path, "100KiB"))
+        tiered.offload(model, offload_config(tmp_path, "100KiB"))
     assert re.search(r"model\.layers\.\d", str(ei.value)), str(ei.value)
     name = re.search(r"model\.layers\.\d", str(ei.value)).group(0)
     assert_names_unit_and_size(ei.value, name, block)
@@ -496,7 +461,7 @@ def test_budget_smaller_than_largest_block_is_a_clear_error(tmp_path):
     assert getattr(model, "_tiered", None) is None
     all_modules_hookless(model)
     assert_same(forward(model, "causal"), ref.out, "after a refused offload")
-    tiered.offload(model, make_cfg(tmp_path, 3 * ref.largest))  # same store directory: not left locked
+    tiered.offload(model, offload_config(tmp_path, 3 * ref.largest))  # same store directory: not left locked
     assert_same(forward(model, "causal"), ref.out)
     tiered.detach(model)
 
@@ -508,7 +473,7 @@ def test_budget_error_names_the_embedding_when_it_is_the_largest(tmp_path):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
     emb = 4096 * 64 * 4
     with pytest.raises(OffloadError) as ei:
-        tiered.offload(model, make_cfg(tmp_path, emb // 2))
+        tiered.offload(model, offload_config(tmp_path, emb // 2))
     assert "model.embed_tokens" in str(ei.value) or "lm_head" in str(ei.value), str(ei.value)
     name = "model.embed_tokens" if "model.embed_tokens" in str(ei.value) else "lm_head"
     assert_names_unit_and_size(ei.value, name, emb)
@@ -542,7 +507,7 @@ def test_units_as_list_and_as_callable(tmp_path):
     names = ["model.embed_tokens", *[f"model.layers.{i}" for i in range(6)], "model.norm", "lm_head"]
     for i, units in enumerate([names, lambda name, mod: isinstance(mod, layer_cls)]):
         model = ARCHS["llama"].build()
-        tiered.offload(model, make_cfg(tmp_path / str(i), int(2.5 * ref.largest)), units=units)
+        tiered.offload(model, offload_config(tmp_path / str(i), int(2.5 * ref.largest)), units=units)
         for _ in range(2):
             assert_same(forward(model, "causal"), ref.out, f"units={units!r}")
         assert torch.equal(generate(model, "causal"), ref.gen)
@@ -560,12 +525,12 @@ def test_finer_units_fit_a_budget_the_default_blocks_do_not(tmp_path):
     host = (mlp + ref.largest) // 2  # between the largest sub-unit and the block
     assert mlp < host < ref.largest
     with pytest.raises(OffloadError, match=r"model\.layers\.\d"):
-        tiered.offload(model, make_cfg(tmp_path / "a", host))
+        tiered.offload(model, offload_config(tmp_path / "a", host))
 
     def split(name, _mod):
         return name.endswith(".self_attn") or name.endswith(".mlp")
 
-    tiered.offload(model, make_cfg(tmp_path / "b", host, lookahead=0), units=split)
+    tiered.offload(model, offload_config(tmp_path / "b", host, lookahead=0), units=split)
     for _ in range(2):
         assert_same(forward(model, "causal"), ref.out, "split units")
     assert torch.equal(generate(model, "causal"), ref.gen)
@@ -581,9 +546,9 @@ def test_coarse_unit_is_one_block(tmp_path):
     model = ARCHS["llama"].build()
     stack = tensor_bytes(model.model.parameters())
     with pytest.raises(OffloadError) as ei:
-        tiered.offload(model, make_cfg(tmp_path / "a", 3 * ref.largest), units=["model"])
+        tiered.offload(model, offload_config(tmp_path / "a", 3 * ref.largest), units=["model"])
     assert_names_unit_and_size(ei.value, "'model'", stack)
-    tiered.offload(model, make_cfg(tmp_path / "b", stack + 4 * ref.largest), units=["model"])
+    tiered.offload(model, offload_config(tmp_path / "b", stack + 4 * ref.largest), units=["model"])
     assert_same(forward(model, "causal"), ref.out)
     tiered.detach(model)
 
@@ -591,7 +556,7 @@ def test_coarse_unit_is_one_block(tmp_path):
 def test_unknown_unit_name_is_an_error_naming_it(tmp_path):
     model = ARCHS["llama"].build()
     with pytest.raises(OffloadError, match=r"model\.layers\.99"):
-        tiered.offload(model, make_cfg(tmp_path, "2MiB"), units=["model.layers.0", "model.layers.99"])
+        tiered.offload(model, offload_config(tmp_path, "2MiB"), units=["model.layers.0", "model.layers.99"])
     assert getattr(model, "_tiered", None) is None
     all_modules_hookless(model)
     assert_same(forward(model, "causal"), reference("llama").out)
@@ -601,7 +566,7 @@ def test_unit_that_is_never_called_is_refused_or_works(tmp_path):
     ref = reference("llama")
     model = ARCHS["llama"].build()
     try:
-        tiered.offload(model, make_cfg(tmp_path, "2MiB"), units=["model.layers"])
+        tiered.offload(model, offload_config(tmp_path, "2MiB"), units=["model.layers"])
     except OffloadError as e:
         assert "model.layers" in str(e)
         return
@@ -663,7 +628,7 @@ def test_plain_modules(tmp_path, build, shape, resident):
     total = tensor_bytes(model.parameters())
     host = max(int(2.5 * largest_unit(model)) + 2 * PAGE, 3 * PAGE * len(default_unit_sizes(model)) // 2)
     host = min(host, total * 3 // 4)
-    tiered.offload(model, make_cfg(tmp_path, host, resident=resident))
+    tiered.offload(model, offload_config(tmp_path, host, resident=resident))
     with torch.no_grad():
         for _ in range(3):
             assert torch.equal(model(x), want)
@@ -691,7 +656,7 @@ def test_module_called_several_times_per_forward(tmp_path):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     host = 4 * capacity_of(largest_unit(model) + PAGE)  # lookahead 2: running + 2 ahead + ring spare
     assert host < tensor_bytes(model.parameters())
-    tiered.offload(model, make_cfg(tmp_path, host, lookahead=2, resident=False))
+    tiered.offload(model, offload_config(tmp_path, host, lookahead=2, resident=False))
     for i in range(3):
         assert_same(forward(model, "encoder"), want, f"albert forward #{i + 1}")
     st = tiered.offload_stats(model)
@@ -706,7 +671,7 @@ def test_inference_mode_and_grad_enabled_forwards(tmp_path):
     and switching between them and no_grad keeps working (resident units stay bound across)."""
     ref = reference("llama")
     model = ARCHS["llama"].build()
-    tiered.offload(model, make_cfg(tmp_path, int(3.5 * ref.largest), lookahead=1, resident=True))
+    tiered.offload(model, offload_config(tmp_path, int(3.5 * ref.largest), lookahead=1, resident=True))
     x = inputs_for("causal")
     for _ in range(2):
         with torch.inference_mode():
@@ -732,9 +697,9 @@ def test_offload_twice_and_detach_or_stats_without_offload_are_errors(tmp_path):
         tiered.detach(model)
     with pytest.raises(OffloadError):
         tiered.offload_stats(model)
-    tiered.offload(model, make_cfg(tmp_path / "a", int(2.5 * ref.largest)))
+    tiered.offload(model, offload_config(tmp_path / "a", int(2.5 * ref.largest)))
     with pytest.raises(OffloadError, match="already offloaded"):
-        tiered.offload(model, make_cfg(tmp_path / "b", int(2.5 * ref.largest)))
+        tiered.offload(model, offload_config(tmp_path / "b", int(2.5 * ref.largest)))
     assert_same(forward(model, "causal"), ref.out, "after a refused second offload")
     tiered.detach(model)
     with pytest.raises(OffloadError):
@@ -743,7 +708,7 @@ def test_offload_twice_and_detach_or_stats_without_offload_are_errors(tmp_path):
         tiered.offload_stats(model)
     assert_ordinary(model, ref.state)
     # and it can be offloaded again (same store directory)
-    tiered.offload(model, make_cfg(tmp_path / "a", int(2.5 * ref.largest), lookahead=2, resident=False))
+    tiered.offload(model, offload_config(tmp_path / "a", int(2.5 * ref.largest), lookahead=2, resident=False))
     assert_same(forward(model, "causal"), ref.out, "second offload")
     assert torch.equal(generate(model, "causal"), ref.gen)
     tiered.detach(model)
@@ -752,11 +717,11 @@ def test_offload_twice_and_detach_or_stats_without_offload_are_errors(tmp_path):
 
 def test_models_that_cannot_be_offloaded(tmp_path):
     with pytest.raises(OffloadError, match="no parameters"):
-        tiered.offload(nn.Sequential(nn.ReLU(), nn.Dropout()), make_cfg(tmp_path / "a", "1MiB"))
+        tiered.offload(nn.Sequential(nn.ReLU(), nn.Dropout()), offload_config(tmp_path / "a", "1MiB"))
     with torch.device("meta"):
         meta = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     with pytest.raises(OffloadError, match="meta"):
-        tiered.offload(meta, make_cfg(tmp_path / "b", "1MiB"))
+        tiered.offload(meta, offload_config(tmp_path / "b", "1MiB"))
     assert getattr(meta, "_tiered", None) is None
     all_modules_hookless(meta)
 
@@ -778,7 +743,7 @@ def test_stats(tmp_path):
     ref = reference("llama")
     host = int(3.5 * ref.largest)
     model = ARCHS["llama"].build()
-    tiered.offload(model, make_cfg(tmp_path, host, lookahead=1, resident=True))
+    tiered.offload(model, offload_config(tmp_path, host, lookahead=1, resident=True))
     forward(model, "causal")
     st1 = tiered.offload_stats(model)
     for _ in range(2):
@@ -806,8 +771,7 @@ _SHARED_KEYS = ("BUG: store keys are derived only from the architecture (offload
 def test_two_models_of_one_architecture_in_one_store(tmp_path):
     ref = reference("llama")
     a = ARCHS["llama"].build()
-    torch.manual_seed(123)
-    b = _llama.__wrapped__().eval()  # same architecture, other weights
+    b = tiny_llama(123, layers=6)  # same architecture, other weights
     want_b = forward(b, "causal")
     assert not torch.equal(want_b[0], ref.out[0])
     with own_store(tmp_path, 4 * ref.largest, resident=False) as store:
@@ -953,7 +917,7 @@ def _minilm_forward(model, batch):
 def test_minilm_from_pretrained_reads_checkpoint_in_place(tmp_path, minilm):
     path, batch, ref_model, want = minilm
     host = "64MiB"
-    model = tiered.from_pretrained(path, make_cfg(tmp_path, host, lookahead=1, resident=True))
+    model = tiered.from_pretrained(path, offload_config(tmp_path, host, lookahead=1, resident=True))
     assert type(model) is type(ref_model)
     for i in range(2):
         assert_same(_minilm_forward(model, batch), want, f"minilm from_pretrained forward #{i + 1}")
@@ -970,7 +934,7 @@ def test_minilm_from_pretrained_reads_checkpoint_in_place(tmp_path, minilm):
 def test_minilm_offload_of_loaded_model(tmp_path, minilm):
     path, batch, ref_model, want = minilm
     model = copy.deepcopy(ref_model)
-    tiered.offload(model, make_cfg(tmp_path, "64MiB", lookahead=1, resident=True))
+    tiered.offload(model, offload_config(tmp_path, "64MiB", lookahead=1, resident=True))
     for i in range(2):
         assert_same(_minilm_forward(model, batch), want, f"minilm offload forward #{i + 1}")
     st = tiered.offload_stats(model)
@@ -985,14 +949,14 @@ def test_minilm_budget_smaller_than_word_embeddings(tmp_path, minilm):
     emb = tensor_bytes(ref_model.embeddings.word_embeddings.parameters())
     assert emb > 40 * MiB
     with pytest.raises(OffloadError) as ei:
-        tiered.from_pretrained(path, make_cfg(tmp_path / "a", "32MiB"))
+        tiered.from_pretrained(path, offload_config(tmp_path / "a", "32MiB"))
     assert_names_unit_and_size(ei.value, "embeddings.word_embeddings", emb)
     model = copy.deepcopy(ref_model)
     with pytest.raises(OffloadError) as ei:
-        tiered.offload(model, make_cfg(tmp_path / "b", "32MiB"))
+        tiered.offload(model, offload_config(tmp_path / "b", "32MiB"))
     assert_names_unit_and_size(ei.value, "embeddings.word_embeddings", emb)
     # the failed from_pretrained released its store: the same directory opens again
-    m2 = tiered.from_pretrained(path, make_cfg(tmp_path / "a", "64MiB"))
+    m2 = tiered.from_pretrained(path, offload_config(tmp_path / "a", "64MiB"))
     tiered.detach(m2)
 
 
@@ -1024,7 +988,7 @@ def test_from_pretrained_sharded_checkpoint_in_place(tmp_path):
     digest = _files_digest(ckpt)
     assert len(digest) > 2
     host = int(2.5 * ref.largest)
-    model = tiered.from_pretrained(ckpt, make_cfg(tmp_path, host, lookahead=1, resident=True))
+    model = tiered.from_pretrained(ckpt, offload_config(tmp_path, host, lookahead=1, resident=True))
     assert isinstance(model, transformers.LlamaForCausalLM)
     for i in range(3):
         assert_same(forward(model, "causal"), ref.out, f"from_pretrained forward #{i + 1}")
@@ -1050,7 +1014,7 @@ def test_demand_load_after_partial_prefetch_takes_the_unit_in_one_go(tmp_path):
     unit's objects but the largest sit evenly spread over the free space, nothing is evictable."""
     ref = reference("llama")
     ckpt = _save(ARCHS["llama"].build(), tmp_path / "ckpt", max_shard_size="200KB")
-    model = tiered.from_pretrained(ckpt, make_cfg(tmp_path, int(2.5 * ref.largest), lookahead=1, resident=True))
+    model = tiered.from_pretrained(ckpt, offload_config(tmp_path, int(2.5 * ref.largest), lookahead=1, resident=True))
     rt, store = model._tiered, model._tiered.store
     arena = store.arena
     u = max((v for v in rt.units if not v.resident and not v.host_resident), key=lambda v: len(v.keys))
@@ -1117,7 +1081,7 @@ def test_from_pretrained_bf16_checkpoint(tmp_path):
     ckpt = _save(ARCHS["llama-bf16"].build(), tmp_path / "ckpt")
     hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
     want, want_gen = forward(hf, "causal"), generate(hf, "causal")
-    model = tiered.from_pretrained(ckpt, make_cfg(tmp_path, int(2.5 * largest_unit(hf))))
+    model = tiered.from_pretrained(ckpt, offload_config(tmp_path, int(2.5 * largest_unit(hf))))
     assert {p.dtype for p in model.parameters()} == {p.dtype for p in hf.parameters()}
     assert_same(forward(model, "causal"), want, "bf16 checkpoint")
     assert torch.equal(generate(model, "causal"), want_gen)
@@ -1127,7 +1091,7 @@ def test_from_pretrained_bf16_checkpoint(tmp_path):
 def test_from_pretrained_gpt2_gets_its_lm_head(tmp_path):
     ref = reference("gpt2")
     ckpt = _save(ARCHS["gpt2"].build(), tmp_path / "ckpt")
-    model = tiered.from_pretrained(ckpt, make_cfg(tmp_path, int(2.5 * ref.largest)))
+    model = tiered.from_pretrained(ckpt, offload_config(tmp_path, int(2.5 * ref.largest)))
     assert isinstance(model, transformers.GPT2LMHeadModel), type(model).__name__
     assert_same(forward(model, "causal"), ref.out)
 
@@ -1142,7 +1106,7 @@ _TIE_META = ("BUG: from_pretrained's init_empty_weights re-wraps every registere
 def test_from_pretrained_tied_embeddings(tmp_path, arch, cls):
     ref = reference(arch)
     ckpt = _save(ARCHS[arch].build(), tmp_path / "ckpt")
-    model = tiered.from_pretrained(ckpt, make_cfg(tmp_path, int(2.5 * ref.largest), resident=False),
+    model = tiered.from_pretrained(ckpt, offload_config(tmp_path, int(2.5 * ref.largest), resident=False),
                                    model_cls=getattr(transformers, cls))
     assert param_tie_groups(model) == ref.ties
     assert_same(forward(model, ARCHS[arch].kind), ref.out)
@@ -1155,7 +1119,7 @@ def test_from_pretrained_converted_moe_checkpoint_works_or_says_what_is_missing(
     ref = reference("mixtral")
     ckpt = _save(ARCHS["mixtral"].build(), tmp_path / "ckpt")
     try:
-        model = tiered.from_pretrained(ckpt, make_cfg(tmp_path, int(2.5 * ref.largest)))
+        model = tiered.from_pretrained(ckpt, offload_config(tmp_path, int(2.5 * ref.largest)))
     except OffloadError as e:
         assert "experts" in str(e) and "no tensor in the checkpoint" in str(e), str(e)
         return
@@ -1166,7 +1130,7 @@ def test_from_pretrained_converted_moe_checkpoint_works_or_says_what_is_missing(
 def test_minilm_checkpoint_untouched(tmp_path, minilm):
     path = minilm[0]
     digest = _files_digest(path)
-    model = tiered.from_pretrained(path, make_cfg(tmp_path, "64MiB"))
+    model = tiered.from_pretrained(path, offload_config(tmp_path, "64MiB"))
     _minilm_forward(model, minilm[1])
     tiered.detach(model)
     assert _files_digest(path) == digest
@@ -1181,7 +1145,7 @@ def test_bundled_ffn_layout_keeps_outputs_bitwise(tmp_path, arch):
     the model still computes bit for bit what the in-memory model does, generate included."""
     spec, ref = ARCHS[arch], reference(arch)
     model = spec.build()
-    tiered.offload(model, make_cfg(tmp_path, int(2.5 * ref.largest)), layout="bundled")
+    tiered.offload(model, offload_config(tmp_path, int(2.5 * ref.largest)), layout="bundled")
     assert any(s.bundle for u in model._tiered.units for s in u.slots), "no FFN was bundled"
     for _ in range(2):
         assert_same(forward(model, spec.kind), ref.out)
@@ -1219,7 +1183,7 @@ def test_bundled_neuron_is_one_contiguous_range(tmp_path):
 
 def _cache_cfg(tmp_path, host, **kw) -> dict:
     """The device-cache path on a CPU: a GPU tier on device "cpu" as large as the host tier."""
-    cfg = make_cfg(tmp_path, host, **kw)
+    cfg = offload_config(tmp_path, host, **kw)
     cfg["offload"]["device_cache"] = True
     cfg["tiers"]["gpu"] = {"kind": "device", "device": "cpu", "capacity": cfg["tiers"]["host"]["capacity"]}
     return cfg
@@ -1326,7 +1290,7 @@ def test_device_cache_refuses_training_and_bad_config(tmp_path):
     with pytest.raises(OffloadError, match="device cache"):
         model._tiered.check_trainable()
     tiered.detach(model)
-    cfg = make_cfg(tmp_path / "b", "1MiB")
+    cfg = offload_config(tmp_path / "b", "1MiB")
     cfg["offload"]["device_cache"] = "yes"
     with pytest.raises(Exception, match="offload.device_cache"):
         tiered.offload(ARCHS["llama"].build(), cfg)

@@ -24,37 +24,17 @@ import pytest
 import torch
 
 import tiered
+from helpers import TINY_MODEL_MARKS, allocated_bytes, offload_config, tiny_llama
 from tiered import OffloadError
-from tiered.store import DATA_FILE, TieredStore
+from tiered.store import TieredStore
 
 transformers = pytest.importorskip("transformers")
 
-pytestmark = [
-    pytest.mark.timeout(90),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-]
+pytestmark = [pytest.mark.timeout(90), *TINY_MODEL_MARKS, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 KiB = 1 << 10
 ROOT = Path(__file__).resolve().parent.parent
 IDS = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(1))
-
-
-def make_cfg(tmp_path, host="1MiB", *, lookahead=1, resident=True) -> dict:
-    return {
-        "tiers": {"host": {"capacity": host}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "1GiB"}},
-        "engine": {"workers": 2, "chunk": "1MiB"},
-        "offload": {"lookahead": lookahead, "resident": resident},
-    }
-
-
-def _llama(seed=0):
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
 
 
 def _generate(model):
@@ -62,16 +42,8 @@ def _generate(model):
         return model.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=6, do_sample=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _allocated_bytes(cfg: dict) -> int:
-    return os.stat(Path(cfg["tiers"]["nvme"]["path"]) / DATA_FILE).st_blocks * 512
+    return allocated_bytes(cfg["tiers"]["nvme"]["path"])
 
 
 def _assert_store_empty(cfg: dict, blocks: bool = True) -> None:
@@ -120,7 +92,7 @@ def _wait_line(proc: subprocess.Popen, timeout: float) -> str:
 
 
 def test_process_exiting_without_detach_leaves_nothing(tmp_path):
-    cfg = make_cfg(tmp_path)
+    cfg = offload_config(tmp_path, "1MiB")
     proc = _child(cfg, "exit")
     line = _wait_line(proc, 60)
     assert proc.wait(timeout=30) == 0, proc.stderr.read()[-2000:]
@@ -130,7 +102,7 @@ def test_process_exiting_without_detach_leaves_nothing(tmp_path):
 
 
 def test_killed_process_leaves_nothing_after_the_next_open(tmp_path):
-    cfg = make_cfg(tmp_path)
+    cfg = offload_config(tmp_path, "1MiB")
     proc = _child(cfg, "hang")
     try:
         assert _wait_line(proc, 60).startswith("offloaded")
@@ -144,8 +116,8 @@ def test_killed_process_leaves_nothing_after_the_next_open(tmp_path):
 
 
 def test_detach_keep_makes_the_objects_durable(tmp_path):
-    cfg = make_cfg(tmp_path)
-    model = _llama()
+    cfg = offload_config(tmp_path, "1MiB")
+    model = tiny_llama()
     tiered.offload(model, cfg)
     keys = list(model._tiered.store.keys())
     tiered.detach(model, keep=True)
@@ -160,7 +132,7 @@ def test_detach_keep_makes_the_objects_durable(tmp_path):
 def test_demo_round_trip_interrupted_leaves_nothing(tmp_path, monkeypatch):
     from tiered import demo, probe
 
-    cfg = make_cfg(tmp_path, "4MiB")
+    cfg = offload_config(tmp_path, "4MiB")
     monkeypatch.setattr(demo, "DEMO_OBJECTS", 8)
     monkeypatch.setattr(demo, "DEMO_OBJECT_BYTES", 256 * KiB)
     monkeypatch.setattr(demo, "DEMO_HOST_BUDGET", 1 << 20)
@@ -181,7 +153,7 @@ def test_demo_generation_interrupted_detaches(tmp_path):
     from tiered import demo
     from tiered.config import load_config
 
-    cfg = load_config(make_cfg(tmp_path, "2MiB"))
+    cfg = load_config(offload_config(tmp_path, "2MiB"))
     seen = []
 
     def small_config(**_kw):
@@ -201,15 +173,15 @@ def test_demo_generation_interrupted_detaches(tmp_path):
         demo._generate(cfg, cfg, offload_then_interrupt, tiered.detach, tiered.offload_stats, small_config,
                        transformers.LlamaForCausalLM)
     assert seen and seen[0]._tiered is None, "the interrupted demo left its model offloaded"
-    _assert_store_empty(make_cfg(tmp_path, "2MiB"))
+    _assert_store_empty(offload_config(tmp_path, "2MiB"))
 
 
 # --------------------------------------------------------------------------- one store per process
 
 
 def test_two_models_with_one_config_in_one_process(tmp_path):
-    cfg = make_cfg(tmp_path, "1MiB")
-    a, b = _llama(0), _llama(1)
+    cfg = offload_config(tmp_path, "1MiB")
+    a, b = tiny_llama(0), tiny_llama(1)
     want_a, want_b = _generate(a), _generate(b)
     tiered.offload(a, cfg)
     tiered.offload(b, cfg)
@@ -225,8 +197,8 @@ def test_two_models_with_one_config_in_one_process(tmp_path):
 
 
 def test_model_dropped_without_detach_gives_everything_back(tmp_path):
-    cfg = make_cfg(tmp_path, "1MiB")
-    m = _llama(0)
+    cfg = offload_config(tmp_path, "1MiB")
+    m = tiny_llama(0)
     want = _generate(m)
     tiered.offload(m, cfg)
     first = {k for k in m._tiered.store.keys()}
@@ -234,7 +206,7 @@ def test_model_dropped_without_detach_gives_everything_back(tmp_path):
     _generate(m)
     del m
     gc.collect()
-    m = _llama(0)  # a notebook cell run again
+    m = tiny_llama(0)  # a notebook cell run again
     tiered.offload(m, cfg)
     try:
         assert torch.equal(_generate(m), want)
@@ -247,8 +219,8 @@ def test_model_dropped_without_detach_gives_everything_back(tmp_path):
 
 
 def test_offloading_an_offloaded_model_again_is_a_clear_error(tmp_path):
-    cfg = make_cfg(tmp_path, "1MiB")
-    m = _llama(0)
+    cfg = offload_config(tmp_path, "1MiB")
+    m = tiny_llama(0)
     tiered.offload(m, cfg)
     try:
         with pytest.raises(OffloadError, match="already offloaded.*detach"):
@@ -261,8 +233,8 @@ def test_offloading_an_offloaded_model_again_is_a_clear_error(tmp_path):
 def test_two_models_streaming_through_one_small_budget(tmp_path):
     """Each model's prefetches for its next forward stay pinned between forwards; the other model
     takes that room back when it needs it (else it would wait for the host tier until it gives up)."""
-    cfg = make_cfg(tmp_path, 320 * KiB, lookahead=2, resident=False)
-    a, b = _llama(0), _llama(1)
+    cfg = offload_config(tmp_path, 320 * KiB, lookahead=2, resident=False)
+    a, b = tiny_llama(0), tiny_llama(1)
     want_a, want_b = _generate(a), _generate(b)
     tiered.offload(a, cfg)
     tiered.offload(b, cfg)

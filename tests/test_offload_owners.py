@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import tiered
+from helpers import offload_config
 from tiered import OffloadError
 from tiered.offload import offload_units
 
@@ -24,8 +25,7 @@ def _net(seed: int, blocks: int = 6) -> nn.Sequential:
 
 
 def _cfg(tmp_path, host="1MiB", *, gpu=None, resident=True, lookahead=1, owners=None) -> dict:
-    cfg = {"tiers": {"host": {"capacity": host}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "64MiB"}},
-           "engine": {"workers": 2, "chunk": "1MiB"}, "offload": {"lookahead": lookahead, "resident": resident}}
+    cfg = offload_config(tmp_path, host, nvme="64MiB", lookahead=lookahead, resident=resident)
     if gpu is not None:  # the device-cache path on a CPU: a GPU tier on device "cpu"
         cfg["tiers"]["gpu"] = {"kind": "device", "device": "cpu", "capacity": gpu}
         cfg["offload"]["device_cache"] = True

@@ -21,35 +21,19 @@ import pytest
 import torch
 
 import tiered
+from helpers import TINY_MODEL_MARKS, offload_config, tiny_llama
 from tiered import OffloadError, offload_life
 
 transformers = pytest.importorskip("transformers")
 
-pytestmark = [
-    pytest.mark.timeout(90),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-]
+pytestmark = [pytest.mark.timeout(90), *TINY_MODEL_MARKS, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 ROOT = Path(__file__).resolve().parent.parent
 IDS = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(1))
 
 
 def make_cfg(tmp_path, host="4MiB", *, lookahead=1, resident=False) -> dict:
-    return {
-        "tiers": {"host": {"capacity": host}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "1GiB"}},
-        "engine": {"workers": 2, "chunk": "1MiB"},
-        "offload": {"lookahead": lookahead, "resident": resident},
-    }
-
-
-def _llama(seed=0, hidden=64, layers=4):
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+    return offload_config(tmp_path, host, lookahead=lookahead, resident=resident)
 
 
 def _logits(model):
@@ -57,12 +41,12 @@ def _logits(model):
         return model(IDS).logits
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _wide_and_deep(tmp_path):
+    """A 4 MiB host tier with resident units for two models: A of 4 wide layers (256), B of 16
+    narrow ones (64); their config, the models and their in-memory logits."""
+    cfg = make_cfg(tmp_path, "4MiB", resident=True)
+    a, b = tiny_llama(0, hidden=256, layers=4), tiny_llama(1, hidden=64, layers=16)
+    return cfg, a, b, _logits(a), _logits(b)
 
 
 def _fail_fast(model, seconds=3.0):
@@ -74,8 +58,8 @@ def _fail_fast(model, seconds=3.0):
 
 def test_failed_from_pretrained_leaves_the_other_models_store_open(tmp_path):
     cfg = make_cfg(tmp_path, "1MiB")
-    _llama(1, hidden=256).save_pretrained(tmp_path / "big")  # a block larger than the host tier
-    a = _llama(0)
+    tiny_llama(1, hidden=256).save_pretrained(tmp_path / "big")  # a block larger than the host tier
+    a = tiny_llama(0)
     want = _logits(a)
     tiered.offload(a, cfg)
     store = a._tiered.store
@@ -92,7 +76,7 @@ def test_failed_from_pretrained_leaves_the_other_models_store_open(tmp_path):
 
 
 def test_two_models_of_one_checkpoint_are_apart(tmp_path):
-    m = _llama(0)
+    m = tiny_llama(0)
     want = _logits(m)
     m.save_pretrained(tmp_path / "ck")
     cfg = make_cfg(tmp_path)
@@ -121,10 +105,10 @@ def test_two_models_of_one_checkpoint_are_apart(tmp_path):
 
 
 def test_detach_keep_makes_trained_checkpoint_weights_durable(tmp_path):
-    _llama(0).save_pretrained(tmp_path / "ck")
+    tiny_llama(0).save_pretrained(tmp_path / "ck")
     cfg = make_cfg(tmp_path)
     a = tiered.from_pretrained(tmp_path / "ck", cfg)
-    b = tiered.offload(_llama(1), cfg)  # keeps the shared store open after A's detach
+    b = tiered.offload(tiny_llama(1), cfg)  # keeps the shared store open after A's detach
     try:
         ra = a._tiered
         u = next(u for u in ra.units if u.packed_key is None)
@@ -143,9 +127,7 @@ def test_detach_keep_makes_trained_checkpoint_weights_durable(tmp_path):
 
 
 def test_two_models_of_different_sizes_leave_each_other_room_to_stream(tmp_path):
-    cfg = make_cfg(tmp_path, "4MiB", resident=True)
-    a, b = _llama(0, hidden=256, layers=4), _llama(1, hidden=64, layers=16)
-    want_a, want_b = _logits(a), _logits(b)
+    cfg, a, b, want_a, want_b = _wide_and_deep(tmp_path)
     tiered.offload(a, cfg)
     tiered.offload(b, cfg)
     _fail_fast(a)
@@ -163,9 +145,7 @@ def test_two_models_of_different_sizes_leave_each_other_room_to_stream(tmp_path)
 
 
 def test_a_larger_model_takes_back_an_idle_models_resident_room(tmp_path):
-    cfg = make_cfg(tmp_path, "4MiB", resident=True)
-    a, b = _llama(0, hidden=256, layers=4), _llama(1, hidden=64, layers=16)
-    want_a, want_b = _logits(a), _logits(b)
+    cfg, a, b, want_a, want_b = _wide_and_deep(tmp_path)
     tiered.offload(b, cfg)  # the small one first: its residents fill what it does not stream with
     assert tiered.offload_stats(b)["resident_bytes"] > 0
     tiered.offload(a, cfg)
@@ -181,7 +161,7 @@ def test_a_larger_model_takes_back_an_idle_models_resident_room(tmp_path):
 
 def test_another_model_leaves_a_detaching_models_units_alone(tmp_path):
     cfg = make_cfg(tmp_path, "4MiB", lookahead=2)
-    a, b = _llama(0), _llama(1)
+    a, b = tiny_llama(0), tiny_llama(1)
     want_a = _logits(a)
     tiered.offload(a, cfg)
     tiered.offload(b, cfg)
@@ -245,10 +225,10 @@ def _run_with_timeout(code: str, cwd) -> subprocess.CompletedProcess:
 
 def test_forward_that_finds_no_room_cleans_up_dropped_models(tmp_path):
     cfg = make_cfg(tmp_path, "2MiB", lookahead=32)
-    b = _llama(1, hidden=128)
+    b = tiny_llama(1, hidden=128)
     want_b = _logits(b)
     tiered.offload(b, cfg)
-    a = tiered.offload(_llama(0, hidden=64, layers=16), cfg)
+    a = tiered.offload(tiny_llama(0, hidden=64, layers=16), cfg)
     store, owner_a = a._tiered.store, a._tiered.owner
     _logits(a)
     _logits(a)  # its prefetches of the next forward fill what B's reserved floor leaves of the host tier
@@ -269,7 +249,7 @@ def test_forward_that_finds_no_room_cleans_up_dropped_models(tmp_path):
 
 
 def _drop_model_whose_cleanup_fails(cfg):
-    ra = tiered.offload(_llama(0), cfg)._tiered
+    ra = tiered.offload(tiny_llama(0), cfg)._tiered
 
     def abandon_then_fail(abandon=ra.abandon):  # gives everything back, then reports a failure
         abandon()
@@ -283,7 +263,7 @@ def test_a_failing_orphan_cleanup_is_logged_not_raised_by_an_unrelated_offload(t
     cfg = make_cfg(tmp_path)
     prefix, store = _drop_model_whose_cleanup_fails(cfg)
     gc.collect()
-    b = _llama(1)
+    b = tiny_llama(1)
     want = _logits(b)
     with caplog.at_level(logging.ERROR, logger="tiered.offload_life"):
         tiered.offload(b, cfg)
@@ -299,9 +279,9 @@ def test_a_failing_orphan_cleanup_is_logged_not_raised_by_an_unrelated_offload(t
 
 def test_offloading_again_over_kept_objects_keeps_them_durable(tmp_path):
     cfg = make_cfg(tmp_path)
-    m = _llama(0)
+    m = tiny_llama(0)
     want = _logits(m)
-    keeper = tiered.offload(_llama(1), cfg)  # keeps the shared store open between the two offloads
+    keeper = tiered.offload(tiny_llama(1), cfg)  # keeps the shared store open between the two offloads
     try:
         tiered.offload(m, cfg)
         keys = [u.packed_key for u in m._tiered.units]
@@ -317,9 +297,7 @@ def test_offloading_again_over_kept_objects_keeps_them_durable(tmp_path):
 
 
 def test_a_forward_that_finds_no_room_takes_back_an_idle_models_residents(tmp_path):
-    cfg = make_cfg(tmp_path, "4MiB", resident=True)
-    a, b = _llama(0, hidden=256, layers=4), _llama(1, hidden=64, layers=16)
-    want_a, want_b = _logits(a), _logits(b)
+    cfg, a, b, want_a, want_b = _wide_and_deep(tmp_path)
     tiered.offload(a, cfg)
     ra = a._tiered
     store = ra.store

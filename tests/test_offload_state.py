@@ -13,44 +13,17 @@ import pytest
 import torch
 
 import tiered
+from helpers import TINY_MODEL_MARKS, offload_config, tiny_gpt2, tiny_llama
 from tiered import OffloadError, offload_state
 
 transformers = pytest.importorskip("transformers")
 
-pytestmark = [
-    pytest.mark.timeout(60),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-]
+pytestmark = [pytest.mark.timeout(60), *TINY_MODEL_MARKS, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 KiB = 1 << 10
 
 
-def make_cfg(tmp_path, host, *, lookahead=1, resident=True) -> dict:
-    return {
-        "tiers": {"host": {"capacity": host}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "1GiB"}},
-        "engine": {"workers": 2, "chunk": "1MiB"},
-        "offload": {"lookahead": lookahead, "resident": resident},
-    }
-
-
-def _llama():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
-
-
-def _gpt2():
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=256, n_positions=64, n_embd=64, n_layer=3, n_head=4,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
-
-
-BUILDERS = {"llama": (_llama, transformers.LlamaForCausalLM), "gpt2": (_gpt2, transformers.GPT2LMHeadModel)}
+BUILDERS = {"llama": (tiny_llama, transformers.LlamaForCausalLM), "gpt2": (tiny_gpt2, transformers.GPT2LMHeadModel)}
 IDS = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(1))
 # a budget below the model: some units resident, the others streamed
 HOST = {"llama": 600 * KiB, "gpt2": 1000 * KiB}
@@ -67,14 +40,6 @@ def _assert_same_state(got: dict, want: dict) -> None:
         assert torch.equal(got[k], v), f"{k}: offloaded state_dict differs from the in-memory model's"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_state_dict_of_offloaded_model_is_the_real_weights(tmp_path, arch):
     build, _cls = BUILDERS[arch]
@@ -82,7 +47,7 @@ def test_state_dict_of_offloaded_model_is_the_real_weights(tmp_path, arch):
     want = _state(model)
     with torch.no_grad():
         ref = model(IDS).logits
-    tiered.offload(model, make_cfg(tmp_path, HOST[arch]))
+    tiered.offload(model, offload_config(tmp_path, HOST[arch]))
     try:
         rt = model._tiered
         assert any(u.resident for u in rt.units) and not all(u.resident for u in rt.units)
@@ -100,9 +65,9 @@ def test_state_dict_of_offloaded_model_is_the_real_weights(tmp_path, arch):
 
 
 def test_state_dict_of_bundled_layout(tmp_path):
-    model = _llama()
+    model = tiny_llama()
     want = _state(model)
-    tiered.offload(model, make_cfg(tmp_path, HOST["llama"]), layout="bundled")
+    tiered.offload(model, offload_config(tmp_path, HOST["llama"]), layout="bundled")
     try:
         assert any(s.bundle for u in model._tiered.units for s in u.slots)
         _assert_same_state(model.state_dict(), want)
@@ -111,8 +76,8 @@ def test_state_dict_of_bundled_layout(tmp_path):
 
 
 def test_tied_weights_share_one_tensor_in_the_state_dict(tmp_path):
-    model = _gpt2()
-    tiered.offload(model, make_cfg(tmp_path, HOST["gpt2"]))
+    model = tiny_gpt2()
+    tiered.offload(model, offload_config(tmp_path, HOST["gpt2"]))
     try:
         sd = model.state_dict()
         assert sd["lm_head.weight"].data_ptr() == sd["transformer.wte.weight"].data_ptr()
@@ -121,9 +86,9 @@ def test_tied_weights_share_one_tensor_in_the_state_dict(tmp_path):
 
 
 def test_state_dict_of_a_module_inside_a_unit_is_the_real_weights(tmp_path):
-    model = _llama()
+    model = tiny_llama()
     want = _state(model)
-    tiered.offload(model, make_cfg(tmp_path, HOST["llama"], resident=False))
+    tiered.offload(model, offload_config(tmp_path, HOST["llama"], resident=False))
     try:
         for name in ("model.layers.0.self_attn", "model.layers.1.mlp.up_proj", "model.layers.2.input_layernorm"):
             sub = model.get_submodule(name).state_dict()
@@ -133,9 +98,9 @@ def test_state_dict_of_a_module_inside_a_unit_is_the_real_weights(tmp_path):
 
 
 def test_state_dict_into_a_plain_dict_keeps_no_copy_afterwards(tmp_path):
-    model = _llama()
+    model = tiny_llama()
     want = _state(model)
-    tiered.offload(model, make_cfg(tmp_path, HOST["llama"]))
+    tiered.offload(model, offload_config(tmp_path, HOST["llama"]))
     try:
         sd = model.state_dict(destination={})
         _assert_same_state(sd, want)
@@ -148,9 +113,9 @@ def test_state_dict_into_a_plain_dict_keeps_no_copy_afterwards(tmp_path):
 
 
 def test_concurrent_state_dicts_each_keep_tied_weights_one_tensor(tmp_path, monkeypatch):
-    model = _gpt2()
+    model = tiny_gpt2()
     want = _state(model)
-    tiered.offload(model, make_cfg(tmp_path, HOST["gpt2"]))
+    tiered.offload(model, offload_config(tmp_path, HOST["gpt2"]))
     both_inside = threading.Barrier(2, timeout=20)
     met = threading.local()
     acquire = offload_state._acquire
@@ -182,9 +147,9 @@ def test_concurrent_state_dicts_each_keep_tied_weights_one_tensor(tmp_path, monk
 
 
 def test_torch_save_of_state_dict(tmp_path):
-    model = _llama()
+    model = tiny_llama()
     want = _state(model)
-    tiered.offload(model, make_cfg(tmp_path, HOST["llama"]))
+    tiered.offload(model, offload_config(tmp_path, HOST["llama"]))
     try:
         torch.save(model.state_dict(), tmp_path / "sd.pt")
     finally:
@@ -198,7 +163,7 @@ def test_save_pretrained_then_plain_from_pretrained_gives_identical_logits(tmp_p
     model = build()
     with torch.no_grad():
         ref = model(IDS).logits
-    tiered.offload(model, make_cfg(tmp_path, HOST[arch]))
+    tiered.offload(model, offload_config(tmp_path, HOST[arch]))
     try:
         model.save_pretrained(tmp_path / "saved")
     finally:
@@ -209,10 +174,10 @@ def test_save_pretrained_then_plain_from_pretrained_gives_identical_logits(tmp_p
 
 
 def test_state_dict_of_model_read_in_place_from_its_checkpoint(tmp_path):
-    model = _gpt2()
+    model = tiny_gpt2()
     want = _state(model)
     model.save_pretrained(tmp_path / "ckpt")
-    served = tiered.from_pretrained(tmp_path / "ckpt", make_cfg(tmp_path, HOST["gpt2"]))
+    served = tiered.from_pretrained(tmp_path / "ckpt", offload_config(tmp_path, HOST["gpt2"]))
     try:
         got = served.state_dict()
         _assert_same_state({k: got[k] for k in want}, want)
@@ -221,10 +186,10 @@ def test_state_dict_of_model_read_in_place_from_its_checkpoint(tmp_path):
 
 
 def test_conversions_that_would_act_on_placeholders_are_refused(tmp_path):
-    model = _llama()
+    model = tiny_llama()
     with torch.no_grad():
         ref = model(IDS).logits
-    tiered.offload(model, make_cfg(tmp_path, HOST["llama"]))
+    tiered.offload(model, offload_config(tmp_path, HOST["llama"]))
     try:
         for convert in (lambda m: m.to(torch.float16), lambda m: m.half(), lambda m: m.model.layers[1].double(),
                         lambda m: m.to("meta")):
@@ -241,7 +206,7 @@ def test_conversions_that_would_act_on_placeholders_are_refused(tmp_path):
             torch.save(model, tmp_path / "model.pt")
         for assign in (False, True):
             with pytest.raises(OffloadError, match="detach"):
-                model.load_state_dict(_llama().state_dict(), assign=assign)
+                model.load_state_dict(tiny_llama().state_dict(), assign=assign)
         with torch.no_grad():
             assert torch.equal(model(IDS).logits, ref)  # nothing was changed by the refused calls
     finally:

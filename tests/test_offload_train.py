@@ -21,43 +21,29 @@ import pytest
 import torch
 
 import tiered
+from helpers import TINY_MODEL_MARKS, offload_config, tiny_llama
 from tiered import OffloadError
 from tiered.offload import offload_units
 from tiered.optim import OffloadedAdamW
 
 transformers = pytest.importorskip("transformers")
 
-pytestmark = [
-    pytest.mark.timeout(60),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-]
+pytestmark = [pytest.mark.timeout(60), *TINY_MODEL_MARKS]
 
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def build(arch: str):
+    if arch == "llama":  # in training mode, as built
+        return tiny_llama(vocab=VOCAB, layers=6, positions=64, pad_token_id=None).train()
     torch.manual_seed(0)
-    if arch == "llama":
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64))
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=64, n_layer=6, n_head=4, n_positions=64,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
 
 
 def cfg(tmp_path, host="2MiB", lookahead=1, resident=False) -> dict:
-    return {"tiers": {"host": {"capacity": host}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "256MiB"}},
-            "engine": {"workers": 2, "chunk": "1MiB"}, "offload": {"lookahead": lookahead, "resident": resident}}
+    return offload_config(tmp_path, host, nvme="256MiB", lookahead=lookahead, resident=resident)
 
 
 def batch(step: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import tiered
+from helpers import offload_config
 from tiered import OffloadError
 from tiered.offload import Unit, offload_units
 
@@ -38,8 +39,7 @@ class Net(nn.Module):
 
 
 def cfg(tmp_path, resident=False) -> dict:
-    return {"tiers": {"host": {"capacity": "256KiB"}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "64MiB"}},
-            "engine": {"workers": 2, "chunk": "1MiB"}, "offload": {"lookahead": 1, "resident": resident}}
+    return offload_config(tmp_path, "256KiB", nvme="64MiB", resident=resident)
 
 
 def test_units_list_names_keys_bytes_and_params(tmp_path):

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("torch_geometric")
 
 import tiered  # noqa: E402
+from helpers import tiny_llama  # noqa: E402
 from tiered.checkpoint import LazyCheckpointer  # noqa: E402
 from tiered.gnn import TieredFeatureStore  # noqa: E402
 from tiered.kv import KVStore, TieredCache  # noqa: E402
@@ -24,10 +25,7 @@ T = 60.0
 
 
 def llama(seed=0, layers=4):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed, layers=layers, positions=256, pad_token_id=None)
 
 
 def config(tmp_path, gpu=None):

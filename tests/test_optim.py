@@ -29,27 +29,19 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import owner_figures, store_config
 from tiered.optim import OffloadedAdamW, OptimStateError
 from tiered.allocators import OutOfBudget
 from tiered.store import TieredStore
 
-pytestmark = [pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_intra_op_thread")]
 
 HERE = Path(__file__).parent
 CHUNK = 12 * 4096 * 2  # 8192 elements per chunk: the large layers are split across chunks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cfg(tmp_path, host="1MiB") -> dict:
-    return {"tiers": {"host": {"capacity": host}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "256MiB"}},
-            "engine": {"workers": 2, "chunk": "1MiB"}}
+    return store_config(tmp_path, host, "256MiB")
 
 
 def make_model(seed=0, dtype=torch.float32) -> nn.Module:
@@ -80,10 +72,6 @@ def nvme_bytes_read(opt) -> int:
 
 def host_capacity(store) -> int:
     return store.stats()["tiers"]["host"]["capacity"]
-
-
-def owner_figures(store, owner: str, tier: str = "host") -> dict:
-    return store.owners().get(owner, {}).get(tier, {"held": 0, "peak": 0, "reserved": 0})
 
 
 @pytest.mark.parametrize("mode", ["single", "foreach", "fused"])

@@ -27,6 +27,7 @@ import torch
 
 import tiered.store.extents as store_extents
 import tiered.store.manifest as store_manifest
+from helpers import store_config
 from tiered.allocators import OutOfBudget
 from tiered.io_engine import IOEngine
 from tiered.store import ChecksumError, Lease, StoreError, TieredStore, check_key
@@ -47,16 +48,9 @@ WRITER = HERE / "crash_writer.py"
 # --------------------------------------------------------------------------- helpers
 
 
-def make_config(tmp_path: Path, *, host="16MiB", nvme="64MiB", flash=None, workers=2) -> dict:
-    tiers: dict = {"host": {"capacity": host}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": nvme}}
-    if flash is not None:
-        tiers["flash"] = {"path": str(tmp_path / "flash"), "capacity": flash}
-    return {"tiers": tiers, "engine": {"workers": workers, "chunk": "1MiB"}}
-
-
 def open_store(tmp_path: Path, **kw) -> TieredStore:
     store_kw = {k: kw.pop(k) for k in ("host_wait", "cache_on_put") if k in kw}
-    return TieredStore(make_config(tmp_path, **kw), **store_kw).open()
+    return TieredStore(store_config(tmp_path, **kw), **store_kw).open()
 
 
 def use_faulty(store: TieredStore, workers: int = 2) -> "FaultyBackend":
@@ -255,7 +249,7 @@ def test_get_to_gpu(store):
 
 
 def test_persistence_across_reopen(tmp_path):
-    cfg = make_config(tmp_path, flash="64MiB")
+    cfg = store_config(tmp_path, flash="64MiB")
     data = {
         "layer.0/weight": (torch.randn(128, 64), "weight", None),
         "layer.0/bias": (torch.randn(64).to(torch.bfloat16), "weight", "flash"),
@@ -289,7 +283,7 @@ def test_persistence_across_reopen(tmp_path):
 
 
 def test_close_waits_for_pending_puts(tmp_path):
-    cfg = make_config(tmp_path)
+    cfg = store_config(tmp_path)
     s = TieredStore(cfg).open()
     tensors = {f"p{i}": torch.full((50_000 + i,), i, dtype=torch.int32) for i in range(12)}
     futs = [s.put(k, t) for k, t in tensors.items()]  # not waited on
@@ -452,7 +446,7 @@ def test_retired_extent_not_reused_before_manifest_commit(tmp_path, monkeypatch)
     assert c_offset != on_disk["a"]["offset"], (
         f"c was written at offset {c_offset}, the extent the committed manifest still names for 'a'")
     os.remove(crash / "nvme" / ".lock")
-    with TieredStore(make_config(crash)) as after_crash:
+    with TieredStore(store_config(crash)) as after_crash:
         assert torch.equal(after_crash.get("a").result(T), filled(1, n))
 
 
@@ -567,7 +561,7 @@ def test_storage_capacity_is_a_hard_budget(tmp_path):
 
 
 def test_two_storage_tiers_placement_and_migration(tmp_path):
-    cfg = make_config(tmp_path, nvme="1MiB", flash="4MiB")
+    cfg = store_config(tmp_path, nvme="1MiB", flash="4MiB")
     a, b, c = filled(1, 256 * KiB), filled(2, 100_000), filled(3, 512 * KiB)
     with TieredStore(cfg) as s:
         assert s.put("a", a).result(T)["tier"] == "nvme"  # first fit: the fastest tier
@@ -597,7 +591,7 @@ def test_two_storage_tiers_placement_and_migration(tmp_path):
 
 
 def test_unknown_tier_names_known_ones(tmp_path):
-    with TieredStore(make_config(tmp_path, flash="8MiB")) as s:
+    with TieredStore(store_config(tmp_path, flash="8MiB")) as s:
         s.put("k", filled(1)).result(T)
         with pytest.raises(StoreError) as ei:
             s.put("x", filled(1), tier="tape")
@@ -614,7 +608,7 @@ def test_unknown_tier_names_known_ones(tmp_path):
 
 @needs_faulty
 def test_migrate_does_not_undo_a_concurrent_put(tmp_path):
-    with TieredStore(make_config(tmp_path, flash="8MiB")) as s:
+    with TieredStore(store_config(tmp_path, flash="8MiB")) as s:
         fb = use_faulty(s, workers=2)
         s.put("k", filled(1)).result(T)
         s.evict("k")
@@ -706,7 +700,7 @@ def corrupt(path: Path, offset: int, nbytes: int = 16) -> None:
 
 
 def test_corruption_is_detected(tmp_path):
-    cfg = make_config(tmp_path)
+    cfg = store_config(tmp_path)
     data_file = tmp_path / "nvme" / "objects.dat"
     with TieredStore(cfg) as s:
         s.put("good", filled(1, 10_000)).result(T)
@@ -734,7 +728,7 @@ def test_corruption_is_detected(tmp_path):
 
 
 def test_corrupted_padding_is_harmless_but_data_is_checked(tmp_path):
-    with TieredStore(make_config(tmp_path)) as s:
+    with TieredStore(store_config(tmp_path)) as s:
         s.put("k", filled(1, 5000)).result(T)
         off = s.meta("k")["offset"]
         s.evict("k")
@@ -747,7 +741,7 @@ def test_corrupted_padding_is_harmless_but_data_is_checked(tmp_path):
 
 
 def test_truncated_data_file_is_a_clear_error(tmp_path):
-    cfg = make_config(tmp_path)
+    cfg = store_config(tmp_path)
     with TieredStore(cfg) as s:
         s.put("first", filled(1, 8192)).result(T)
         s.put("second", filled(2, 300_000)).result(T)
@@ -769,7 +763,7 @@ def test_truncated_data_file_is_a_clear_error(tmp_path):
 
 
 def test_corrupt_manifest_is_a_clear_error(tmp_path):
-    cfg = make_config(tmp_path)
+    cfg = store_config(tmp_path)
     with TieredStore(cfg) as s:
         s.put("k", filled(1)).result(T)
     manifest = tmp_path / "nvme" / "manifest.json"
@@ -789,7 +783,7 @@ def test_corrupt_manifest_is_a_clear_error(tmp_path):
 
 @needs_faulty
 def test_enospc_on_write_keeps_previous_version(tmp_path):
-    cfg = make_config(tmp_path)
+    cfg = store_config(tmp_path)
     s = TieredStore(cfg).open()
     fb = use_faulty(s)
     v1 = filled(1, 300_000)
@@ -815,7 +809,7 @@ def test_enospc_on_write_keeps_previous_version(tmp_path):
 
 
 def test_manifest_write_failure_fails_the_put_and_keeps_the_old_version(tmp_path, monkeypatch):
-    cfg = make_config(tmp_path)
+    cfg = store_config(tmp_path)
     s = TieredStore(cfg).open()
     try:
         s.put("k", filled(1)).result(T)
@@ -1013,7 +1007,7 @@ GOOD_KEYS = ["layer.0/weight", "a", "model/layers.1/attn:q@v2", "x" * 1024, "a-b
 
 
 def test_good_keys_accepted_and_no_file_outside_tier_dirs(tmp_path):
-    cfg = make_config(tmp_path, flash="16MiB")
+    cfg = store_config(tmp_path, flash="16MiB")
     tier_dirs = {tmp_path / "nvme", tmp_path / "flash"}
     outside_before = files_under(tmp_path, exclude=tier_dirs)
     with TieredStore(cfg) as s:
@@ -1034,7 +1028,7 @@ def test_good_keys_accepted_and_no_file_outside_tier_dirs(tmp_path):
 
 
 def run_concurrent_random_operations(tmp_path, full: bool) -> None:
-    cfg = make_config(tmp_path, host="4MiB", nvme="128MiB")
+    cfg = store_config(tmp_path, host="4MiB", nvme="128MiB")
     s = TieredStore(cfg).open()
     nthreads, nkeys, duration = 8, 16, 3.0 if full else 2.5
     sizes = {i: 24_000 + i * 2_000 for i in range(nkeys)}  # 192..432 KB int64 objects
@@ -1194,7 +1188,7 @@ def _read_lines(stream, sink: list, ready: threading.Event) -> None:
 
 
 def test_crash_safety_sigkill(tmp_path):
-    cfg = make_config(tmp_path, host="16MiB", nvme="64MiB", workers=4)
+    cfg = store_config(tmp_path, host="16MiB", nvme="64MiB", workers=4)
     nkeys = 4
     last: dict[int, int] = {}
     rng = random.Random(20240601)
@@ -1242,7 +1236,7 @@ def test_crash_safety_sigkill(tmp_path):
 
 
 def test_second_open_in_process_is_refused(tmp_path):
-    cfg = make_config(tmp_path)
+    cfg = store_config(tmp_path)
     with TieredStore(cfg) as s:
         s.put("k", filled(1)).result(T)
         with pytest.raises(StoreError) as ei:
@@ -1254,7 +1248,7 @@ def test_second_open_in_process_is_refused(tmp_path):
 
 
 def test_second_open_from_another_process_is_refused(tmp_path):
-    cfg = make_config(tmp_path)
+    cfg = store_config(tmp_path)
     holder = subprocess.Popen([sys.executable, str(WRITER), "hold", json.dumps(cfg)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -1279,7 +1273,7 @@ def test_second_open_from_another_process_is_refused(tmp_path):
 
 
 def test_listener_events(tmp_path):
-    with TieredStore(make_config(tmp_path, flash="8MiB")) as s:
+    with TieredStore(store_config(tmp_path, flash="8MiB")) as s:
         events = []
         s.add_listener(events.append)
         s.put("w", filled(1, 5000), kind="weight").result(T)
@@ -1317,7 +1311,7 @@ def test_raising_listener_does_not_fail_a_committed_put(store):
 
 
 def test_storage_dirs_and_files_are_private(tmp_path):
-    cfg = make_config(tmp_path / "deep" / "er", flash="8MiB")
+    cfg = store_config(tmp_path / "deep" / "er", flash="8MiB")
     with TieredStore(cfg) as s:
         s.put("k", filled(1)).result(T)
         s.put("f", filled(1), tier="flash").result(T)
@@ -1441,7 +1435,7 @@ def test_uncommitted_put_is_lost_by_a_crash_and_leaves_the_previous_version(tmp_
 import sys, os, torch
 sys.path.insert(0, {str(HERE.parent)!r})
 from tiered.store import TieredStore
-cfg = {make_config(tmp_path)!r}
+cfg = {store_config(tmp_path)!r}
 s = TieredStore(cfg).open()
 s.put("k", torch.zeros(1024)).result(timeout=10)
 buf = s.alloc_host(4096)

@@ -4,13 +4,13 @@ and the `tiered store` command line."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import allocated_bytes, store_config
 from killing import run_and_kill
 from tiered.cli import main
 from tiered.store import StoreError, TieredStore
@@ -20,17 +20,8 @@ MiB = 1 << 20
 CHILD = Path(__file__).resolve().parent / "store_child.py"
 
 
-def make_config(tmp_path: Path) -> dict:
-    return {"tiers": {"host": {"capacity": "16MiB"}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "64MiB"}},
-            "engine": {"workers": 2, "chunk": "1MiB"}}
-
-
-def allocated(tmp_path: Path) -> int:
-    return os.stat(tmp_path / "nvme" / "objects.dat").st_blocks * 512
-
-
 def test_missing_manifest_with_a_data_file_is_an_error_naming_both_and_the_repair(tmp_path):
-    cfg = make_config(tmp_path)
+    cfg = store_config(tmp_path)
     with TieredStore(cfg) as s:
         s.put("a", torch.ones(MiB // 4)).result(T)
     (tmp_path / "nvme" / "manifest.json").unlink()
@@ -42,7 +33,7 @@ def test_missing_manifest_with_a_data_file_is_an_error_naming_both_and_the_repai
 
 
 def test_a_new_store_is_not_mistaken_for_one_that_lost_its_manifest(tmp_path):
-    cfg = make_config(tmp_path)
+    cfg = store_config(tmp_path)
     with TieredStore(cfg) as s:  # the first open writes an empty manifest
         assert (tmp_path / "nvme" / "manifest.json").exists()
     with TieredStore(cfg) as s:
@@ -50,42 +41,42 @@ def test_a_new_store_is_not_mistaken_for_one_that_lost_its_manifest(tmp_path):
 
 
 def test_check_repair_starts_a_store_without_manifest_empty_and_reclaims_its_data(tmp_path, capsys):
-    cfg = make_config(tmp_path)
+    cfg = store_config(tmp_path)
     with TieredStore(cfg) as s:
         s.put("a", torch.ones(MiB // 4)).result(T)
     (tmp_path / "nvme" / "manifest.json").unlink()
-    before = allocated(tmp_path)
+    before = allocated_bytes(tmp_path / "nvme")
     assert main(["store", "check", str(tmp_path / "nvme")]) == 2  # without --repair: the error
     assert "--repair" in capsys.readouterr().err
     assert main(["store", "check", str(tmp_path / "nvme"), "--repair"]) == 0
     out = capsys.readouterr().out
     assert "manifest was missing" in out and "bytes reclaimed" in out, out
-    assert allocated(tmp_path) <= before - MiB
+    assert allocated_bytes(tmp_path / "nvme") <= before - MiB
     with TieredStore(cfg) as s:
         assert s.keys() == []
 
 
 def test_check_repair_reclaims_the_blocks_of_a_put_killed_before_its_commit(tmp_path, capsys):
-    cfg = make_config(tmp_path)
+    cfg = store_config(tmp_path)
     run_and_kill([sys.executable, str(CHILD), "orphan", json.dumps(cfg)], 0.05)
-    before = allocated(tmp_path)
+    before = allocated_bytes(tmp_path / "nvme")
     with TieredStore(cfg) as s:
         assert s.keys() == ["keep"]
         report = s.check()
         assert report["reclaimable_bytes"]["nvme"] >= MiB and report["reclaimed_bytes"] == 0
         assert report["objects"] == 1 and report["corrupt"] == {}
-    assert allocated(tmp_path) == before, "check without repair changed the data file"
+    assert allocated_bytes(tmp_path / "nvme") == before, "check without repair changed the data file"
     assert main(["store", "check", str(tmp_path / "nvme"), "--repair", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["reclaimed_bytes"] >= MiB and report["removed"] == []
-    assert allocated(tmp_path) <= before - MiB, "the orphaned put's blocks are still allocated"
+    assert allocated_bytes(tmp_path / "nvme") <= before - MiB, "the orphaned put's blocks are still allocated"
     with TieredStore(cfg) as s:
         assert torch.equal(s.get("keep").result(T), torch.full((MiB,), 1, dtype=torch.uint8))
         assert s.check()["reclaimable_bytes"]["nvme"] == 0
 
 
 def test_check_finds_corrupt_objects_and_repair_removes_them(tmp_path, capsys):
-    cfg = make_config(tmp_path)
+    cfg = store_config(tmp_path)
     with TieredStore(cfg) as s:
         s.put("good", torch.ones(1000)).result(T)
         s.put("bad", torch.ones(1000)).result(T)
@@ -103,7 +94,7 @@ def test_check_finds_corrupt_objects_and_repair_removes_them(tmp_path, capsys):
 
 
 def test_ls_and_rm(tmp_path, capsys):
-    cfg = make_config(tmp_path)
+    cfg = store_config(tmp_path)
     with TieredStore(cfg) as s:
         s.put("layers/0/w", torch.ones(2, 3)).result(T)
         s.put("layers/1/w", torch.ones(4, dtype=torch.float16), kind="weight").result(T)
@@ -126,7 +117,7 @@ def test_ls_and_rm(tmp_path, capsys):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["store", "ls", str(tmp_path / "nowhere")]) == 2
     assert "not a directory" in capsys.readouterr().err
-    cfg = make_config(tmp_path)
+    cfg = store_config(tmp_path)
     with TieredStore(cfg):
         assert main(["store", "ls", str(tmp_path / "nvme")]) == 2  # held: says by whom
         err = capsys.readouterr().err
@@ -134,7 +125,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_delete_prefix(tmp_path):
-    with TieredStore(make_config(tmp_path)) as s:
+    with TieredStore(store_config(tmp_path)) as s:
         for k in ("a/1", "a/2", "b"):
             s.put(k, torch.ones(3)).result(T)
         assert sorted(s.delete_prefix("a/")) == ["a/1", "a/2"]
@@ -142,7 +133,7 @@ def test_delete_prefix(tmp_path):
 
 
 def test_cli_opens_a_store_from_a_config_file(tmp_path, capsys):
-    cfg = make_config(tmp_path)
+    cfg = store_config(tmp_path)
     with TieredStore(cfg) as s:
         s.put("k", torch.ones(3)).result(T)
         s.put("j", torch.ones(3)).result(T)

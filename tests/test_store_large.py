@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import store_config
 from tiered.allocators import OutOfBudget
 from tiered.io_engine import IOEngine
 from tiered.store import SEGMENT, ChecksumError, HostBudgetError, StoreError, TieredStore, segment_checksums
@@ -18,8 +19,7 @@ MiB = 1 << 20
 
 
 def make_config(tmp_path: Path, host: str = "1MiB", nvme: str = "64MiB") -> dict:
-    return {"tiers": {"host": {"capacity": host}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": nvme}},
-            "engine": {"workers": 2, "chunk": "1MiB"}}
+    return store_config(tmp_path, host, nvme)
 
 
 def big(n: int, seed: int = 0) -> torch.Tensor:

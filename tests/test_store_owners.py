@@ -11,6 +11,7 @@ import itertools
 import pytest
 import torch
 
+from helpers import owner_figures
 from tiered.store import DEFAULT_OWNER, StoreError, TieredStore
 
 MiB = 1 << 20
@@ -76,7 +77,7 @@ class TierOwnerTests:
             yield self.kind(store)
 
     def figures(self, tier, owner):
-        return tier.store.owners().get(owner, {}).get(tier.tier, {"held": 0, "peak": 0, "reserved": 0})
+        return owner_figures(tier.store, owner, tier.tier)
 
     def test_bytes_are_charged_to_their_owner(self, tier):
         a = tier.alloc("kv", MiB)

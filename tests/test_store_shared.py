@@ -10,19 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import store_config
 from tiered.store import StoreError, TieredStore
 
 T = 10.0
 HERE = Path(__file__).resolve().parent
 
 
-def make_config(tmp_path: Path, host: str = "16MiB") -> dict:
-    return {"tiers": {"host": {"capacity": host}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "64MiB"}},
-            "engine": {"workers": 2, "chunk": "1MiB"}}
-
-
 def test_shared_returns_the_open_store_and_closes_with_its_last_user(tmp_path):
-    cfg = make_config(tmp_path)
+    cfg = store_config(tmp_path)
     a = TieredStore.shared(cfg)
     b = TieredStore.shared(dict(cfg))  # an equal config, another object
     assert a is b
@@ -40,19 +36,19 @@ def test_shared_returns_the_open_store_and_closes_with_its_last_user(tmp_path):
 
 
 def test_shared_with_another_config_names_the_differing_settings(tmp_path):
-    s = TieredStore.shared(make_config(tmp_path))
+    s = TieredStore.shared(store_config(tmp_path))
     try:
         with pytest.raises(StoreError) as ei:
-            TieredStore.shared(make_config(tmp_path, host="32MiB"))
+            TieredStore.shared(store_config(tmp_path, host="32MiB"))
         assert "tiers.host.capacity" in str(ei.value) and str(tmp_path / "nvme") in str(ei.value)
         with pytest.raises(StoreError, match="host_wait"):
-            TieredStore.shared(make_config(tmp_path), host_wait=1.0)
+            TieredStore.shared(store_config(tmp_path), host_wait=1.0)
     finally:
         s.close()
 
 
 def test_plain_open_next_to_a_shared_store_says_it_is_this_process(tmp_path):
-    cfg = make_config(tmp_path)
+    cfg = store_config(tmp_path)
     with TieredStore(cfg) as plain:
         with pytest.raises(StoreError) as ei:
             TieredStore.shared(cfg)
@@ -70,7 +66,7 @@ def test_plain_open_next_to_a_shared_store_says_it_is_this_process(tmp_path):
 
 
 def test_lock_error_names_the_holding_process(tmp_path):
-    cfg = make_config(tmp_path)
+    cfg = store_config(tmp_path)
     holder = subprocess.Popen([sys.executable, str(HERE / "crash_writer.py"), "hold", json.dumps(cfg)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -84,7 +80,7 @@ def test_lock_error_names_the_holding_process(tmp_path):
 
 
 def test_a_fork_child_does_not_inherit_the_parents_shared_store(tmp_path):
-    cfg = make_config(tmp_path)
+    cfg = store_config(tmp_path)
     out = subprocess.run([sys.executable, str(HERE / "store_child.py"), "shared", json.dumps(cfg)],
                          capture_output=True, text=True, timeout=120)
     lines = out.stdout.splitlines()

@@ -1,0 +1,78 @@
+"""Small builders the tests share: store configs, tiny transformers models built from their
+configs (no downloads), and figures read back from a store. Plain functions, imported by name
+(``from helpers import store_config``); the pytest fixtures are in conftest.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiered.store import DATA_FILE
+
+#: The marks of a file that runs tiny transformers models: one intra-op thread (the conftest
+#: fixture ``one_intra_op_thread``), and no UserWarning or FutureWarning from building and running them.
+TINY_MODEL_MARKS = [
+    pytest.mark.usefixtures("one_intra_op_thread"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+
+def store_config(tmp_path: Path, host: str = "16MiB", nvme: str = "64MiB", *, workers: int = 2,
+                 chunk: str = "1MiB", flash: str | None = None) -> dict:
+    """A host tier and an nvme tier under ``tmp_path`` (and a flash tier after it, when given)."""
+    tiers: dict = {"host": {"capacity": host}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": nvme}}
+    if flash is not None:
+        tiers["flash"] = {"path": str(tmp_path / "flash"), "capacity": flash}
+    return {"tiers": tiers, "engine": {"workers": workers, "chunk": chunk}}
+
+
+def offload_config(tmp_path: Path, host: str | int, *, nvme: str = "1GiB", lookahead: int = 1,
+                   resident: bool = True) -> dict:
+    """A store config with an ``[offload]`` table: ``host`` is the compute budget of the model."""
+    cfg = store_config(tmp_path, host, nvme)
+    cfg["offload"] = {"lookahead": lookahead, "resident": resident}
+    return cfg
+
+
+def tiny_llama(seed: int = 0, *, layers: int = 4, hidden: int = 64, vocab: int = 256, positions: int = 128,
+               pad_token_id: int | None = 0):
+    """A Llama with grouped-query attention (4 heads, 2 KV heads), seeded, in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
+        bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id)).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    """A 3-layer GPT-2 (its head tied to the token embedding), seeded, in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=256, n_positions=64, n_embd=64, n_layer=3, n_head=4,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+
+
+def kv_bytes(model, tokens: int) -> int:
+    """What ``tokens`` tokens of fp32 K and V take over all of ``model``'s layers."""
+    from tiered.kv import kv_geometry
+
+    layers, heads, dim = kv_geometry(model.config)
+    return tokens * layers * 2 * heads * dim * 4
+
+
+def owner_figures(store, owner: str, tier: str = "host") -> dict:
+    """What ``owner`` holds, peaked at and has reserved of ``tier`` (zeros for an owner it never saw)."""
+    return store.owners().get(owner, {}).get(tier, {"held": 0, "peak": 0, "reserved": 0})
+
+
+def allocated_bytes(tier_dir: Path) -> int:
+    """The disk blocks the data file of a storage tier really takes (holes punched are not counted)."""
+    return os.stat(Path(tier_dir) / DATA_FILE).st_blocks * 512
