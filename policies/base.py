@@ -236,6 +236,11 @@ class MigrationPolicy(abc.ABC):
     def observe(self, outcomes: Sequence[Outcome]) -> None:
         """Outcomes of the last batch (only called when ``learns``)."""
 
+    def plan(self, owner: str, keys: Sequence[Key]) -> None:
+        """``owner`` declared the keys it reads next, in order, replacing its previous plan (empty:
+        withdrawn). Called between decisions, in order with the accesses around the declaration,
+        live and in simulation alike; policies that do not plan ignore it."""
+
     def forget(self, key: Key) -> None:
         """``key`` no longer exists (deleted in a live store): drop what is kept about it, so its
         room counts as free. The simulator never deletes; the default keeps nothing per key."""

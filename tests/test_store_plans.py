@@ -5,6 +5,7 @@ LRU misses on every read, hits as Belady's choice does; plans replace each other
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -109,3 +110,36 @@ def test_an_offloaded_model_declares_its_unit_order_and_withdraws_it_when_detach
         assert owner not in store.stats()["plans"]["active"]
     finally:
         store.close()
+
+
+def test_plans_reach_listeners_and_the_governors_policy_in_order_with_the_accesses(tmp_path, monkeypatch):
+    from tiered import policies
+    from tiered.policies.cache import CachingMigration
+    from tiered.policies.lru import LRU
+
+    seen = []
+
+    class Recording(CachingMigration):
+        def decide(self, batch):
+            seen.extend((o.op, o.key) for o in batch)
+            return super().decide(batch)
+
+        def plan(self, owner, keys):
+            seen.append(("plan", owner, tuple(keys)))
+
+    monkeypatch.setitem(policies._POLICIES, "recording-test", lambda: Recording("recording-test", LRU))
+    cfg = config(tmp_path)
+    cfg["tiers"]["flash"] = {"path": str(tmp_path / "flash"), "capacity": "16MiB"}
+    cfg["policy"] = {"migration": "recording-test", "migration_batch": 1}
+    events = []
+    with TieredStore(cfg, cache_on_put=False) as s:
+        s.add_listener(lambda ev: events.append(ev) if ev.op == "plan" else None)
+        s.put("a", filled(1)).result(T)
+        s.get("a").result(T)
+        s.plan(["a", "b"], owner="me")
+        s.get("a").result(T)
+        deadline = time.monotonic() + T
+        while len([x for x in seen if x[0] == "read"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert [(ev.key, ev.keys) for ev in events] == [("me", ("a", "b"))]
+    assert seen == [("write", "a"), ("read", "a"), ("plan", "me", ("a", "b")), ("read", "a")], seen

@@ -10,9 +10,12 @@ class AccessEvent:
     time: float  # seconds (time.monotonic() of the process that recorded it)
     key: str
     nbytes: int
-    op: str  # "read" | "write" | "evict" | "delete"
+    op: str  # "read" | "write" | "evict" | "delete" | "migrate" | "plan"
     kind: str = "blob"  # weight | optim | kv | gnn | checkpoint | blob
     tier: str | None = None  # tier that served a read (or received a write); None on a miss
+    #: op "plan" only: the keys the owner named in ``key`` declared it reads next, in order
+    #: (an empty tuple withdraws its plan)
+    keys: tuple[str, ...] | None = None
 
 
 #: other spellings of a kind that workloads emit, mapped to the name in ``policies.KINDS``

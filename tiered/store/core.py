@@ -304,16 +304,18 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
     def _emit(self, key: str, nbytes: int, op: str, kind: str, tier: str | None) -> None:
         if op == "read":
             self._plans.advance(key)
+        if self._listeners or self._governor is not None:
+            self._deliver(AccessEvent(time.monotonic(), key, nbytes, op, kind, tier))
+
+    def _deliver(self, ev: AccessEvent) -> None:
         governor = self._governor
-        if self._listeners or governor is not None:
-            ev = AccessEvent(time.monotonic(), key, nbytes, op, kind, tier)
-            if governor is not None:
-                governor.offer(ev)
-            for fn in list(self._listeners):
-                try:
-                    fn(ev)
-                except Exception:  # noqa: BLE001 - logged, see add_listener
-                    log.exception("store listener %r failed on %s", fn, ev)
+        if governor is not None:
+            governor.offer(ev)
+        for fn in list(self._listeners):
+            try:
+                fn(ev)
+            except Exception:  # noqa: BLE001 - logged, see add_listener
+                log.exception("store listener %r failed on %s", fn, ev)
 
     def plan(self, keys: Sequence[str], *, owner: str = DEFAULT_OWNER) -> None:
         """Declare the keys ``owner`` will read next, in order (replacing its previous plan; an
@@ -325,6 +327,8 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
             if not isinstance(k, str):
                 raise TypeError(f"plan(owner={owner!r}): keys are strings, got {k!r}")
         self._plans.set(owner, keys)
+        if self._listeners or self._governor is not None:
+            self._deliver(AccessEvent(time.monotonic(), owner, 0, "plan", "blob", None, tuple(keys)))
 
     def migrate(self, key: str, tier: str) -> IOFuture:
         """Move ``key``'s home to storage tier ``tier`` (or, for "host", prefetch it).

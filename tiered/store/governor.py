@@ -82,7 +82,7 @@ class Governor:
 
     def offer(self, ev: "AccessEvent") -> None:
         """Called on every access (any thread): queue the event; never blocks."""
-        if ev.op not in ("read", "write", "delete"):
+        if ev.op not in ("read", "write", "delete", "plan"):
             return
         if len(self._events) >= MAX_QUEUE:
             self._events.popleft()
@@ -132,6 +132,11 @@ class Governor:
     def _round(self, events: list["AccessEvent"]) -> None:
         obs = []
         for ev in events:
+            if ev.op == "plan":  # in order with the accesses around it: the policy sees it when they do
+                self._decide(obs)
+                obs = []
+                self.policy.plan(ev.key, ev.keys)
+                continue
             if ev.op == "delete":
                 self.policy.forget(ev.key)
                 self._seen.pop(ev.key, None)
@@ -144,6 +149,9 @@ class Governor:
             obs.append(self._observation(ev.key, ev.nbytes, ev.kind, ev.op, tier, ev.time))
         with self._lock:
             self.counts["events"] += len(events)
+        self._decide(obs)
+
+    def _decide(self, obs: list[Observation]) -> None:
         step = max(1, self.policy.batch)
         for i in range(0, len(obs), step):
             self._apply(self.policy.decide(obs[i:i + step]))
