@@ -113,7 +113,7 @@ def test_moves_under_concurrent_puts_and_reads_lose_nothing_and_never_bring_back
             t.join(T)
         assert not errors, errors
         g = s.stats()["governor"]
-        assert g["migrations"] >= 1 and g["failed"] == 0, g
+        assert g["migrations"] >= 1 and g["failed"] == 0, g["last_error"]
         for k in keys:
             assert torch.equal(s.get(k).result(T), filled(latest[k])), k
     with TieredStore(config(tmp_path, migration="none")) as s:  # and after a reopen

@@ -3,7 +3,7 @@
 
 from ..checksums import SEGMENT, segment_checksums
 from .core import TieredStore
-from .errors import ChecksumError, HostBudgetError, StoreError
+from .errors import ChecksumError, HostBudgetError, StoreError, TierFullError
 from .extents import punch_hole
 from .leases import ExtentLease, Lease
 from .owners import Reservation
@@ -11,7 +11,7 @@ from .objects import DEFAULT_OWNER, DATA_FILE, FORMAT, FORMAT_VERSION, LOCK_FILE
 
 __all__ = [
     "DATA_FILE", "DEFAULT_OWNER", "FORMAT", "FORMAT_VERSION", "LOCK_FILE", "MANIFEST", "SEGMENT", "ChecksumError", "ExtentLease",
-    "HostBudgetError", "Lease", "Reservation", "StoreError", "TieredStore", "check_key", "punch_hole", "segment_checksums",
+    "HostBudgetError", "Lease", "Reservation", "StoreError", "TierFullError", "TieredStore", "check_key", "punch_hole", "segment_checksums",
 ]
 
 from ..dtypes import dtype_name as _dtype_name  # noqa: E402  (older private spellings)

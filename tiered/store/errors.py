@@ -13,5 +13,9 @@ class HostBudgetError(StoreError, OutOfBudget):
     """The host tier cannot hold what an operation on an object needs; names the object."""
 
 
+class TierFullError(StoreError):
+    """A storage tier has no extent free for the object (for its owner); names tier and object."""
+
+
 class ChecksumError(StoreError):
     """Bytes read back do not match the checksum recorded when they were written."""

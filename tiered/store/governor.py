@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 from tiered.io_engine import IOFuture
 from tiered.policies import MigrationPolicy, Move, Observation, TierModel
 
+from .errors import TierFullError
+
 if TYPE_CHECKING:
     from tiered.traces import AccessEvent
 
@@ -193,6 +195,9 @@ class Governor:
         store._emit(move.key, meta.nbytes, "migrate", meta.kind, dst)
         try:
             result = _wait(store.migrate(move.key, dst), self._stopping)
+        except TierFullError:  # a put took the room since the check: the object stays where it was
+            self._count("refused_overfull")
+            return
         except Exception as e:  # noqa: BLE001 - counted and reported in stats(); the object stays where it was
             with self._lock:
                 self.counts["failed"] += 1

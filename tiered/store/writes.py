@@ -13,7 +13,7 @@ from tiered.policies import Observation
 from ..checksums import crc32, segment_checksums
 from ..dtypes import dtype_name
 from . import stream as store_stream
-from .errors import HostBudgetError, StoreError
+from .errors import HostBudgetError, StoreError, TierFullError
 from .objects import DEFAULT_OWNER, Extent, HostCopy, ObjectMeta, _PendingPut, check_key, extent_length
 
 
@@ -272,12 +272,12 @@ class _Writes:
             name = self.placement.place(Observation(key, size, kind, "write"), choices)
             if name is None:
                 free = ", ".join(f"{n}: {f} bytes in one piece" for n, _c, f in choices)
-                raise StoreError(f"put({key!r}): no storage tier has room for {size} bytes ({free})")
+                raise TierFullError(f"put({key!r}): no storage tier has room for {size} bytes ({free})")
         t = self._tiers[name]
         offset = t.take(size, owner)
         if offset is None:
             kept = t.held_back(owner)
-            raise StoreError(f"put({key!r}): tier {name!r} has no free extent of {size} bytes for owner {owner!r} "
+            raise TierFullError(f"put({key!r}): tier {name!r} has no free extent of {size} bytes for owner {owner!r} "
                              f"({t.space.free_bytes} of {t.space.capacity} bytes free, largest piece "
                              f"{t.space.largest()}" + (f", {kept} kept for other owners' shares" if kept else "") + ")")
         return name, offset
