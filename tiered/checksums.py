@@ -26,3 +26,17 @@ def segment_checksums(data, lead: int = 0) -> list[int]:
     """crc32 of the object's bytes in each SEGMENT of its buffer (``data`` starts at ``lead``)."""
     return [crc32(data[max(0, i * SEGMENT - lead) : (i + 1) * SEGMENT - lead])
             for i in range(segments(lead, len(data)))]
+
+
+def block_crcs(data, block: int) -> list[int]:
+    """crc32 of each ``block`` bytes of the contiguous buffer ``data`` (the last may be shorter).
+
+    One C-level pass (map over memoryview slices): a Python loop that slices and indexes per
+    block cost twice as much as the checksums themselves for 4 KiB blocks."""
+    mv = memoryview(data)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    n = len(mv)
+    if n <= block:
+        return [crc32(mv)]
+    return list(map(crc32, map(mv.__getitem__, map(slice, range(0, n, block), range(block, n + block, block)))))
