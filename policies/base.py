@@ -241,6 +241,11 @@ class MigrationPolicy(abc.ABC):
         withdrawn). Called between decisions, in order with the accesses around the declaration,
         live and in simulation alike; policies that do not plan ignore it."""
 
+    def locate(self, key: Key, tier: int, nbytes: int) -> None:
+        """``key`` (``nbytes``) is on tier ``tier`` now, as the caller knows it: a live store tells
+        this at start for what is already placed, and after refusing one of the policy's moves.
+        Not an access: recency and counts stay. The default keeps no placement of its own."""
+
     def forget(self, key: Key) -> None:
         """``key`` no longer exists (deleted in a live store): drop what is kept about it, so its
         room counts as free. The simulator never deletes; the default keeps nothing per key."""

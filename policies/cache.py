@@ -112,6 +112,18 @@ class CachingMigration(MigrationPolicy, PlacementPolicy):
                 self.free[own] += size
         return moves
 
+    def locate(self, key: Key, tier: int, nbytes: int) -> None:
+        own = self.where.pop(key, self.back)
+        if own < self.back:
+            self.levels[own].remove(key)
+            self.free[own] += self.size.get(key, nbytes)
+        self.size[key] = nbytes
+        obs = self.last.setdefault(key, Observation(key, nbytes, tier_index=tier))
+        if 0 <= tier < self.back:
+            self.levels[tier].admit(obs)
+            self.free[tier] -= nbytes
+            self.where[key] = tier
+
     def forget(self, key: Key) -> None:
         level = self.where.pop(key, None)
         if level is not None and level < self.back:

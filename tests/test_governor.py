@@ -10,7 +10,11 @@ import time
 import pytest
 import torch
 
+from tiered import policies
 from tiered.config import ConfigError, load_config
+from tiered.policies import Move
+from tiered.policies.cache import CachingMigration
+from tiered.policies.lru import LRU
 from tiered.store import TieredStore
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -107,11 +111,12 @@ def test_moves_under_concurrent_puts_and_reads_lose_nothing_and_never_bring_back
         threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
         for t in threads:
             t.start()
-        wait_until(lambda: s.stats()["governor"]["migrations"] >= 10, timeout=15)
+        moved = wait_until(lambda: s.stats()["governor"]["migrations"] >= 10, timeout=15)
         stop.set()
         for t in threads:
             t.join(T)
         assert not errors, errors
+        assert moved, s.stats()["governor"]
         g = s.stats()["governor"]
         assert g["migrations"] >= 1 and g["failed"] == 0, g["last_error"]
         for k in keys:
@@ -131,18 +136,102 @@ def test_a_tier_kept_for_another_owners_share_refuses_the_move(tmp_path):
         assert s.stats()["governor"]["migrations"] == 0
 
 
-def test_an_object_read_in_place_from_an_external_file_is_never_moved(tmp_path):
+class Scripted(CachingMigration):
+    """No moves of its own; one scripted move proposed when it sees an access to ``when``."""
+
+    def __init__(self, move, when):
+        super().__init__("scripted-test", LRU)
+        self.move, self.when = move, when
+
+    def decide(self, batch):
+        if self.move and any(o.key == self.when for o in batch):
+            moves, self.move = [self.move], None
+            return moves
+        return []
+
+
+def test_a_move_of_an_object_read_in_place_from_an_external_file_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "w.bin"
     path.write_bytes(filled(7).numpy().tobytes())
-    with TieredStore(config(tmp_path), cache_on_put=False) as s:
+    monkeypatch.setitem(policies._POLICIES, "scripted-test", lambda: Scripted(Move("w", 0), when="x"))
+    with TieredStore(config(tmp_path, migration="scripted-test"), cache_on_put=False) as s:
         s.register_external("w", path, 0, 64 * KiB, torch.float32, (16 * KiB,))
-        s.put("x", filled(1), tier="fast").result(T)  # on the fast tier: the policy seeds it there
+        s.put("x", filled(1), tier="slow").result(T)
+        read(s, "x")
+        assert wait_until(lambda: s.stats()["governor"]["refused_external"] == 1), s.stats()["governor"]
+        assert s.meta("w")["tier"] == "external" and torch.equal(read(s, "w"), filled(7))
+        assert path.read_bytes() == filled(7).numpy().tobytes()
+
+
+def test_moves_stop_when_the_accesses_stop(tmp_path):
+    """The store's own reads and writes of a move are no accesses: nothing moves back and forth."""
+    with TieredStore(config(tmp_path, fast="256KiB"), cache_on_put=False) as s:
+        for i in range(4):
+            s.put(f"cold{i}", filled(i), tier="fast").result(T)
+        for i in range(4):
+            s.put(f"hot{i}", filled(10 + i), tier="slow").result(T)
+        for i in range(4):
+            read(s, f"hot{i}")
+        assert wait_until(lambda: all(s.meta(f"hot{i}")["tier"] == "fast" for i in range(4))), s.stats()["governor"]
+        time.sleep(0.3)
+        before = s.stats()["governor"]["migrations"]
+        time.sleep(1.0)
+        assert s.stats()["governor"]["migrations"] == before <= 8, s.stats()["governor"]
+        assert not any(s.meta(f"cold{i}")["in_host"] for i in range(4))  # moves leave the cache as it was
+
+
+def test_sizes_count_as_the_tier_counts_them(tmp_path):
+    """Objects of 4100 bytes take 8 KiB extents: the policy must see 8 KiB to make room."""
+    with TieredStore(config(tmp_path, fast="32KiB"), cache_on_put=False) as s:
+        for i in range(4):
+            s.put(f"cold{i}", filled(i, n=1025), tier="fast").result(T)  # 4100 bytes each
+        s.put("hot", filled(9, n=1025), tier="slow").result(T)
         for _ in range(3):
-            assert torch.equal(read(s, "w"), filled(7))
-        s.put("y", filled(2), tier="slow").result(T)
-        read(s, "y")  # an event after w's: w's were handled by the time y is moved
-        assert wait_until(lambda: s.meta("y")["tier"] == "fast"), s.stats()["governor"]
-        assert s.meta("w")["tier"] == "external" and s.stats()["governor"]["migrations"] == 1
+            read(s, "hot")
+        assert wait_until(lambda: s.meta("hot")["tier"] == "fast"), s.stats()["governor"]
+
+
+def test_opening_a_store_moves_nothing_by_itself(tmp_path):
+    cfg = config(tmp_path)
+    cfg["tiers"]["flash"] = {"path": str(tmp_path / "flash"), "capacity": "16MiB"}
+    with TieredStore({**cfg, "policy": {"migration": "none"}}) as s:
+        for i in range(6):
+            s.put(f"k{i}", filled(i), tier="slow").result(T)  # the middle tier of three
+    with TieredStore(cfg) as s:
+        time.sleep(0.5)
+        g = s.stats()["governor"]
+        assert g["decisions"] == 0 and {s.meta(f"k{i}")["tier"] for i in range(6)} == {"slow"}, g
+
+
+def test_a_move_never_waits_for_host_memory_and_close_is_prompt(tmp_path, monkeypatch):
+    monkeypatch.setitem(policies._POLICIES, "scripted-test", lambda: Scripted(Move("a", 0), when="trigger"))
+    s = TieredStore(config(tmp_path, host="1MiB", migration="scripted-test"), cache_on_put=False, host_wait=20)
+    with s:
+        s.put("a", filled(1), tier="slow").result(T)
+        held = s.alloc_host(1 << 20, owner="other")  # every host byte pinned by another owner
+        # a write out of that buffer needs no host memory; its event makes the policy move "a"
+        s.put_buffer("trigger", held, torch.uint8, (1 << 20,), tier="slow").result(T)
+        assert wait_until(lambda: s.stats()["governor"]["refused_host"] == 1), s.stats()["governor"]
+        assert s.meta("a")["tier"] == "slow"
+        t0 = time.monotonic()
+    assert time.monotonic() - t0 < 5
+    held.release()
+
+
+def test_a_policy_that_raises_stops_the_governor_not_the_store(tmp_path, monkeypatch):
+    class Broken(CachingMigration):
+        def decide(self, batch):
+            raise RuntimeError("broken policy")
+
+    monkeypatch.setitem(policies._POLICIES, "broken-test", lambda: Broken("broken-test", LRU))
+    with TieredStore(config(tmp_path, migration="broken-test"), cache_on_put=False) as s:
+        s.put("a", filled(1), tier="slow").result(T)
+        read(s, "a")
+        assert wait_until(lambda: s.stats()["governor"]["stopped"] is not None)
+        assert "broken policy" in s.stats()["governor"]["stopped"]
+        for _ in range(3):
+            assert torch.equal(read(s, "a"), filled(1))
+        assert s.stats()["governor"]["queued"] == 0
 
 
 def test_decisions_are_emitted_and_paced_to_the_bandwidth_budget(tmp_path):
@@ -183,3 +272,7 @@ def test_migration_none_starts_no_governor_and_bad_names_are_refused(tmp_path):
         load_config(config(tmp_path, migration="belady"))
     with pytest.raises(ConfigError, match="policy.migration_bandwidth"):
         load_config(config(tmp_path, bandwidth="fast"))
+    one = config(tmp_path)
+    del one["tiers"]["slow"]
+    with pytest.raises(ConfigError, match="policy.migration.*two or more"):
+        load_config(one)

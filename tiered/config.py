@@ -517,6 +517,9 @@ class _Validator:
         tiers = self.tiers(self.table(data["tiers"], "tiers"))
         engine = self.engine(self.table(data.get("engine", {}), "engine"))
         policy = self.policy(self.table(data.get("policy", {}), "policy"))
+        if policy.migration != "none" and sum(t.kind == "storage" for t in tiers) < 2:
+            raise self.bad("policy.migration", policy.migration, "a migration policy moves objects between "
+                           "storage tiers: configure two or more, or set \"none\"")
         offload = self.offload(self.table(data.get("offload", {}), "offload"))
         owners = self.owners(self.table(data.get("owners", {}), "owners"), tiers)
         return Config(tiers=tiers, engine=engine, policy=policy, source=self.source, offload=offload, owners=owners)

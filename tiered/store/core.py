@@ -176,11 +176,11 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
             for tier in self._tiers.values():
                 if tier.spec.read_bandwidth or tier.spec.write_bandwidth:
                     self.engine.set_bandwidth_limit(tier.path, tier.spec.read_bandwidth, tier.spec.write_bandwidth)
+            self._start_governor()
         except BaseException:
             self._release_resources()
             raise
         self._opened = True
-        self._start_governor()
         return self
 
     def _start_governor(self) -> None:
@@ -330,49 +330,63 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
         if self._listeners or self._governor is not None:
             self._deliver(AccessEvent(time.monotonic(), owner, 0, "plan", "blob", None, tuple(keys)))
 
-    def migrate(self, key: str, tier: str) -> IOFuture:
+    def migrate(self, key: str, tier: str, *, wait: float | None = None) -> IOFuture:
         """Move ``key``'s home to storage tier ``tier`` (or, for "host", prefetch it).
 
-        The version read is rewritten as the same version; if a newer put or a
-        delete of the key lands meanwhile, that one wins and the move is dropped.
+        The version read is rewritten as the same version, from its host copy: read first when
+        not cached (charged to the object's owner, waiting up to ``wait`` seconds, default
+        ``host_wait``, for host memory), and still cached after the move. If a newer put or a
+        delete of the key lands meanwhile, that one wins and the move is dropped (the result
+        says ``superseded``). Listeners see one ``migrate`` event, not the move's own I/O.
         """
         self._check_open()
         if tier == "host":
             return self.prefetch(key)
         if tier not in self._tiers:
             raise StoreError(f"migrate({key!r}): unknown tier {tier!r}; known: host, {', '.join(self._tier_order)}")
-        lease_f = self.acquire(key, priority=Priority.WRITEBACK)
+        with self._lock:
+            meta = self._objects.get(key)
+            if meta is None:
+                raise KeyError(f"no object {key!r} in the store at {self.root}")
+            if meta.extent.external:
+                raise StoreError(f"migrate({key!r}): the object is read in place from {meta.extent.path}; "
+                                 "put it into the store to give it a home on a tier")
+        lease_f = self._acquire(key, Priority.WRITEBACK, wait, meta.owner, emit=False)
+        self._emit(key, meta.nbytes, "migrate", meta.kind, tier)
         out = IOFuture(f"migrate {key} -> {tier}")
-
-        def rewrite(f) -> None:
-            try:
-                lease = f.result()
-            except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
-                out.set_exception(e)
-                return
-            try:
-                with self._lock:
-                    meta = self._objects.get(key)
-                    current = meta is not None and meta.version == lease._version
-                    if current and meta.extent.tier == tier:
-                        out.set_result(meta.describe())
-                        return
-                    if not current:
-                        out.set_result({"key": key, "superseded": True})
-                        return
-                    kind, ephemeral, owner, block = meta.kind, meta.ephemeral, meta.owner, meta.block
-                inner = self._put(key, lease.tensor, kind, tier, relocate=lease._version, ephemeral=ephemeral,
-                                  owner=owner, block=block)
-            except BaseException as e:  # noqa: BLE001
-                out.set_exception(e)
-                return
-            finally:
-                lease.release()
-            inner.add_done_callback(
-                lambda g: out.set_exception(g.exception()) if g.exception() else out.set_result(g.result()))
-
-        lease_f.add_done_callback(rewrite)
+        lease_f.add_done_callback(lambda f: self._rewrite_for_migration(f, key, tier, out))
         return out
+
+    def _rewrite_for_migration(self, lease_f, key: str, tier: str, out: IOFuture) -> None:
+        try:
+            lease = lease_f.result()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+            out.set_exception(e)
+            return
+        try:
+            with self._lock:
+                meta = self._objects.get(key)
+                current = meta is not None and meta.version == lease.version
+                if not current or meta.extent.tier == tier:
+                    lease.release()
+                    out.set_result(meta.describe() if current else {"key": key, "superseded": True})
+                    return
+            inner = self._write_buffer(key, lease._copy.buffer, meta.nbytes, meta.dtype, meta.shape, meta.kind,
+                                       tier, lease.version, False, True, True, Priority.WRITEBACK, False,
+                                       meta.ephemeral, meta.owner, meta.block)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+            lease.release()
+            out.set_exception(e)
+            return
+
+        def done(g) -> None:
+            lease.release()  # the bytes were written out of the pinned copy
+            if g.exception() is not None:
+                out.set_exception(g.exception())
+            else:
+                out.set_result(g.result())
+
+        inner.add_done_callback(done)
 
     def delete(self, key: str) -> None:
         """Remove ``key``; its extent is reused once the manifest no longer names it.
@@ -442,6 +456,7 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
                 "objects": sum(1 for m in self._objects.values() if m.host is not None and m.host.ready),
             }
             c = self.counters
+            governor = self._governor
             d = self._device_region.stats() if self._device_region is not None else None
             device = {} if self._device_tier is None else {self._device_tier.name: {
                 "kind": "device", "device": self._device_tier.device, "capacity": self._device_tier.capacity,
@@ -453,6 +468,6 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
                 "hits": c.hits, "misses": c.misses, "puts": c.puts, "evictions": c.evictions,
                 "commits": c.commits, "objects": len(self._objects),
                 "engine": self.engine.stats() if self.engine else None,
-                "governor": self._governor.stats() if self._governor is not None else None,
+                "governor": governor.stats() if governor is not None else None,
                 "plans": self._plans.stats(),
             }

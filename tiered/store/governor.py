@@ -3,16 +3,21 @@ each object lives on.
 
 An access only appends its event to a bounded queue; a thread started by ``open()`` drains it in
 batches, turns the events into :class:`~tiered.policies.Observation`s (tier = where the object
-lives now, the store's truth), asks the ``[policy] migration`` policy for moves and carries them
-out one at a time through :meth:`TieredStore.migrate` (write-back priority), paced to
-``[policy] migration_bandwidth`` so they never take more than that from the workloads.
+lives now, the store's truth; size = the bytes it takes there), asks the ``[policy] migration``
+policy for moves and carries them out one at a time through :meth:`TieredStore.migrate`
+(write-back priority, never waiting for host memory), paced so that the bytes moved per second
+stay within ``[policy] migration_bandwidth`` (each byte moved is read once and written once).
+Moves are the store's own I/O: they reach listeners as one ``migrate`` event each, never as
+accesses, so they are not mistaken for the workload's.
 
 The store checks every move rather than trusting the policy: a move of an object deleted
-meanwhile, of an object read in place from an external file, or to a tier without room for the
-object's owner is refused; a move overtaken by a newer put is dropped by ``migrate``'s version
-check. Every decision is emitted to the store's listeners as an event (op ``"migrate"``) and
-counted in ``stats()["governor"]``. Tiers are the storage tiers, fastest first, as configured;
-the host tier stays the host policy's.
+meanwhile, of an object read in place from an external file, to a tier without room for the
+object's owner, or one whose copy finds no free host memory is refused and the policy told where
+the object really is (:meth:`MigrationPolicy.locate`); a move overtaken by a newer put is
+dropped by ``migrate``'s version check. A move leaves the object's host copy as it found it
+(cached or not). ``stats()["governor"]`` counts decisions, migrations, refusals by reason and
+bytes migrated per tier pair. A policy that raises stops the governor (the store goes on
+without it; ``stopped`` says why).
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from tiered.allocators import OutOfBudget
 from tiered.io_engine import IOFuture
 from tiered.policies import MigrationPolicy, Move, Observation, TierModel
 
-from .errors import TierFullError
+from .errors import StoreError, TierFullError
 
 if TYPE_CHECKING:
     from tiered.traces import AccessEvent
@@ -40,17 +46,22 @@ log = logging.getLogger("tiered.store.governor")
 MAX_QUEUE = 1 << 16  # events kept while the governor is behind; older ones are dropped and counted
 POLL_S = 0.05  # how long the governor waits for a full batch before deciding on a partial one
 MOVE_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 60.0
 
 
 class Governor:
     """See the module docstring. ``start()`` from ``open()``, ``stop()`` from ``close()``."""
 
     def __init__(self, store: "TieredStore", policy: MigrationPolicy, *, bandwidth: int, batch: int) -> None:
+        if policy.needs_future or policy.learns:
+            raise StoreError(f"migration policy {policy.name!r} cannot govern a live store: it "
+                             + ("needs the future of the accesses" if policy.needs_future
+                                else "learns from access latencies the governor does not report"))
         self.store = store
         self.policy = policy
         self.bandwidth = bandwidth
         self.batch = batch
-        self._events: collections.deque = collections.deque()
+        self._events: collections.deque = collections.deque(maxlen=MAX_QUEUE)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -58,11 +69,12 @@ class Governor:
         self._index = 0
         self._paced_until = 0.0
         self._lock = threading.Lock()  # guards the counters below
-        self.counts = {"events": 0, "dropped_events": 0, "decisions": 0, "migrations": 0,
-                       "in_place": 0, "superseded": 0, "refused_gone": 0, "refused_external": 0,
-                       "refused_overfull": 0, "failed": 0}
-        self.bytes_migrated: dict[str, int] = {}  # "src->dst" -> bytes
+        self.counts = {"events": 0, "offered": 0, "decisions": 0, "migrations": 0, "in_place": 0,
+                       "superseded": 0, "refused_gone": 0, "refused_external": 0, "refused_overfull": 0,
+                       "refused_host": 0, "failed": 0}
+        self.bytes_migrated: dict[str, int] = {}  # "src->dst" -> bytes of objects moved
         self.last_error: str | None = None
+        self.stopped: str | None = None  # why the governor stopped deciding, if it did
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -72,25 +84,27 @@ class Governor:
         self._thread = threading.Thread(target=self._run, name="tiered-governor", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = MOVE_TIMEOUT_S) -> None:
+    def stop(self) -> bool:
+        """Stop deciding and wait for the thread (a move in flight finishes as the engine drains);
+        False when it did not end in time (then the policy is left open)."""
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(STOP_TIMEOUT_S)
             if self._thread.is_alive():
-                log.warning("the governor of %s did not stop within %.0f s", self.store.root, timeout)
+                log.error("the governor of %s did not stop within %.0f s", self.store.root, STOP_TIMEOUT_S)
+                return False
             self._thread = None
         self.policy.close()
+        return True
 
     def offer(self, ev: "AccessEvent") -> None:
-        """Called on every access (any thread): queue the event; never blocks."""
-        if ev.op not in ("read", "write", "delete", "plan"):
+        """Called on every access (any thread): queue the event; never blocks. The deque drops the
+        oldest event when full (``offered - events`` counts what was dropped or is queued)."""
+        if self.stopped is not None or ev.op not in ("read", "write", "delete", "plan"):
             return
-        if len(self._events) >= MAX_QUEUE:
-            self._events.popleft()
-            with self._lock:
-                self.counts["dropped_events"] += 1
         self._events.append(ev)
+        self.counts["offered"] += 1  # approximate under races; only reported
         if len(self._events) >= self.batch:
             self._wake.set()
 
@@ -98,7 +112,7 @@ class Governor:
         with self._lock:
             return {"policy": self.policy.name or type(self.policy).__name__, **self.counts,
                     "bytes_migrated": dict(self.bytes_migrated), "queued": len(self._events),
-                    "bandwidth": self.bandwidth, "last_error": self.last_error}
+                    "bandwidth": self.bandwidth, "last_error": self.last_error, "stopped": self.stopped}
 
     # -- the thread -----------------------------------------------------------------------
     def _run(self) -> None:
@@ -109,10 +123,11 @@ class Governor:
                 self._wake.clear()
                 while self._events and not self._stopping.is_set():
                     self._round(self._drain())
-        except BaseException as e:  # noqa: BLE001 - the store keeps working without its governor
+        except Exception as e:  # noqa: BLE001 - the store goes on without its governor; stats say why
             log.exception("the governor of %s stopped", self.store.root)
             with self._lock:
-                self.last_error = f"governor stopped: {type(e).__name__}: {e}"
+                self.stopped = f"{type(e).__name__}: {e}"
+            self._events.clear()
 
     def _drain(self) -> list["AccessEvent"]:
         out = []
@@ -124,15 +139,13 @@ class Governor:
         """Tell the policy where the objects of the faster tiers are (it assumes the slowest)."""
         back = self.store._tier_order[-1]
         with self.store._lock:
-            found = [(m.key, m.nbytes, m.kind, m.extent.tier) for m in self.store._objects.values()
+            found = [(m.key, m.extent.tier, m.extent.length) for m in self.store._objects.values()
                      if not m.extent.external and m.extent.tier != back]
-        for i in range(0, len(found), self.batch):
-            obs = [self._observation(key, n, kind, "read", tier, time.monotonic()) for key, n, kind, tier in
-                   found[i:i + self.batch]]
-            self._apply(self.policy.decide(obs))
+        for key, tier, length in found:
+            self.policy.locate(key, self.store._tier_order.index(tier), length)
 
     def _round(self, events: list["AccessEvent"]) -> None:
-        obs = []
+        obs: list[Observation] = []
         for ev in events:
             if ev.op == "plan":  # in order with the accesses around it: the policy sees it when they do
                 self._decide(obs)
@@ -145,10 +158,9 @@ class Governor:
                 continue
             with self.store._lock:
                 meta = self.store._objects.get(ev.key)
-                tier = None if meta is None or meta.extent.external else meta.extent.tier
-            if tier is None:
-                continue
-            obs.append(self._observation(ev.key, ev.nbytes, ev.kind, ev.op, tier, ev.time))
+                where = None if meta is None or meta.extent.external else (meta.extent.tier, meta.extent.length)
+            if where is not None:
+                obs.append(self._observation(ev.key, where[1], ev.kind, ev.op, where[0], ev.time))
         with self._lock:
             self.counts["events"] += len(events)
         self._decide(obs)
@@ -175,43 +187,53 @@ class Governor:
                 return
             with self._lock:
                 self.counts["decisions"] += 1
-            self._carry_out(move)
+            why = self._carry_out(move)
+            if why is not None:
+                self._count(why)
+                self._tell_truth(move.key)
 
-    def _carry_out(self, move: Move) -> None:
+    def _carry_out(self, move: Move) -> str | None:
+        """Carry one move out; the reason it was refused, or None."""
         store = self.store
         dst = store._tier_order[move.dst]
         with store._lock:
             meta = store._objects.get(move.key)
             why = self._refusal(meta, dst)
-            if why is None:
-                src, size = meta.extent.tier, meta.extent.length
-        if why is not None:
-            self._count(why)
-            return
+            if why is not None:
+                return why
+            src, length, cached = meta.extent.tier, meta.extent.length, meta.host is not None
         if src == dst:
             self._count("in_place")
-            return
-        self._pace(size)
-        store._emit(move.key, meta.nbytes, "migrate", meta.kind, dst)
+            return None
+        self._pace(length)
         try:
-            result = _wait(store.migrate(move.key, dst), self._stopping)
-        except TierFullError:  # a put took the room since the check: the object stays where it was
-            self._count("refused_overfull")
-            return
+            result = _wait(store.migrate(move.key, dst, wait=0), self._stopping)
+        except KeyError:
+            return "refused_gone"
+        except TierFullError:  # a put took the room since the check
+            return "refused_overfull"
+        except OutOfBudget:  # no host memory free for the copy right now: never wait for it
+            return "refused_host"
         except Exception as e:  # noqa: BLE001 - counted and reported in stats(); the object stays where it was
             with self._lock:
                 self.counts["failed"] += 1
                 self.last_error = f"migrate {move.key!r} {src}->{dst}: {type(e).__name__}: {e}"
-            return
+            return None
         if result is None:  # stopping: the move finishes (or not) as the engine drains
-            return
+            return None
         if result.get("superseded"):
             self._count("superseded")
-            return
+            return None
+        if not cached:  # the move read it into host memory: leave the cache as it was
+            try:
+                store.evict(move.key)
+            except KeyError:
+                pass  # deleted since the move: nothing is cached
         with self._lock:
             self.counts["migrations"] += 1
             pair = f"{src}->{dst}"
             self.bytes_migrated[pair] = self.bytes_migrated.get(pair, 0) + meta.nbytes
+        return None
 
     def _refusal(self, meta, dst: str) -> str | None:
         """Why a move of ``meta`` to ``dst`` is refused (call under the store's lock), or None."""
@@ -222,6 +244,16 @@ class Governor:
         if meta.extent.tier != dst and self.store._tiers[dst].room_for(meta.owner) < meta.extent.length:
             return "refused_overfull"
         return None
+
+    def _tell_truth(self, key: str) -> None:
+        """After a refused move: where the object really is, so the policy does not build on it."""
+        with self.store._lock:
+            meta = self.store._objects.get(key)
+            where = None if meta is None or meta.extent.external else (meta.extent.tier, meta.extent.length)
+        if where is None:
+            self.policy.forget(key)
+        else:
+            self.policy.locate(key, self.store._tier_order.index(where[0]), where[1])
 
     def _count(self, what: str) -> None:
         with self._lock:

@@ -33,9 +33,15 @@ class _Reads:
         at once when the object is larger than the host tier.
         """
         self._check_open()
-        copy, load, meta = self._pin_host_copy(key, priority, wait, owner)
+        return self._acquire(key, priority, wait, owner, emit=True)
+
+    def _acquire(self, key: str, priority: Priority, wait: float | None, owner: str, emit: bool) -> IOFuture:
+        """:meth:`acquire`; ``emit=False`` for the store's own reads (a migration), which are no
+        workload's accesses."""
+        copy, load, meta = self._pin_host_copy(key, priority, wait, owner, emit)
         if load is None:
-            self._emit(key, meta.nbytes, "read", meta.kind, "host")
+            if emit:
+                self._emit(key, meta.nbytes, "read", meta.kind, "host")
             return completed(Lease(self, meta, copy), f"acquire {key}")
         out = chain(load, lambda _: Lease(self, meta, copy), f"acquire {key}")
         out.add_done_callback(lambda f: (f.cancelled() or f.exception() is not None) and self._unpin(copy))
@@ -109,7 +115,7 @@ class _Reads:
         return out
 
     def _pin_host_copy(self, key: str, priority: Priority, wait: float | None = None,
-                       owner: str = DEFAULT_OWNER) -> tuple[HostCopy, IOFuture | None, ObjectMeta]:
+                       owner: str = DEFAULT_OWNER, emit: bool = True) -> tuple[HostCopy, IOFuture | None, ObjectMeta]:
         """Pin the host copy of ``key``, starting a load if needed.
 
         Returns (copy, load future or None when the copy is ready, the object's
@@ -186,7 +192,8 @@ class _Reads:
                     copy.detached = True
                 self.counters.bytes_read[ext.tier] = self.counters.bytes_read.get(ext.tier, 0) + buf.reserved
             self._notify_host()  # unpinned (a prefetch) it is evictable now
-            self._emit(key, meta.nbytes, "read", meta.kind, ext.tier)
+            if emit:
+                self._emit(key, meta.nbytes, "read", meta.kind, ext.tier)
 
         load.follow(chain(gather(reads), publish, f"load {key}", note=f"while reading object {key!r}"), reads)
         return copy, load, meta

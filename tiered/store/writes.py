@@ -223,13 +223,21 @@ class _Writes:
                 self._unsynced.add(tier_name)
             self._gen += 1
             gen = self._gen
+            moved_copy = None
+            if p.relocate is not None and old is not None and old.host is not None and old.host.ready:
+                moved_copy, old.host = old.host, None  # a migration: the same bytes, so the cached copy stays
             if old is not None:  # a migration frees its old tier's blocks: they are not rewritten soon
                 self._unlink(old, superseded=p.relocate is None)
             meta = ObjectMeta(key, p.kind, p.dtype, p.shape, p.nbytes, p.version, crc, ext, ephemeral=p.ephemeral,
                               owner=p.owner, block=p.block, table_crc=p.table_crc)
             self._objects[key] = meta
             self._tiers[tier_name].objects += 1
-            if p.give and p.cache and self.cache_on_put:
+            if moved_copy is not None:
+                meta.host = moved_copy
+                self.host_policy.admit(Observation(key, p.length, p.kind, "read", "host"))
+                if p.give:
+                    p.buf.release()
+            elif p.give and p.cache and self.cache_on_put:
                 meta.host = HostCopy(p.buf, p.version, ready=True)
                 self.host_policy.admit(Observation(key, p.length, p.kind, "write", "host"))
             elif p.give:
@@ -258,7 +266,8 @@ class _Writes:
         with self._lock:
             self.counters.puts += 1
             self.counters.bytes_written[tier_name] = self.counters.bytes_written.get(tier_name, 0) + p.length
-        self._emit(key, p.nbytes, "write", p.kind, tier_name)
+        if p.relocate is None:  # a migration is no workload's write (migrate emits its own event)
+            self._emit(key, p.nbytes, "write", p.kind, tier_name)
         return meta.describe()
 
     def _reserve_extent(self, key: str, size: int, kind: str, tier: str | None,
