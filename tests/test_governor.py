@@ -276,3 +276,13 @@ def test_migration_none_starts_no_governor_and_bad_names_are_refused(tmp_path):
     del one["tiers"]["slow"]
     with pytest.raises(ConfigError, match="policy.migration.*two or more"):
         load_config(one)
+
+
+def test_sync_governor_returns_once_the_moves_of_earlier_accesses_are_done(tmp_path):
+    with TieredStore(config(tmp_path), cache_on_put=False) as s:
+        s.put("a", filled(1), tier="slow").result(T)
+        read(s, "a")
+        assert s.sync_governor(T)
+        assert s.meta("a")["tier"] == "fast" and s.stats()["governor"]["migrations"] == 1
+    with TieredStore(config(tmp_path, migration="none")) as s:
+        assert s.sync_governor(0)

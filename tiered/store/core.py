@@ -317,6 +317,12 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
             except Exception:  # noqa: BLE001 - logged, see add_listener
                 log.exception("store listener %r failed on %s", fn, ev)
 
+    def sync_governor(self, timeout: float = 30.0) -> bool:
+        """Wait until the governor has decided on every access made before this call and carried
+        its moves out (True), for replay and tests; True at once when no governor runs."""
+        governor = self._governor
+        return True if governor is None else governor.sync(timeout)
+
     def plan(self, keys: Sequence[str], *, owner: str = DEFAULT_OWNER) -> None:
         """Declare the keys ``owner`` will read next, in order (replacing its previous plan; an
         empty list withdraws it). While a plan is active the host tier evicts unplanned copies

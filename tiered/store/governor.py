@@ -108,6 +108,16 @@ class Governor:
         if len(self._events) >= self.batch:
             self._wake.set()
 
+    def sync(self, timeout: float) -> bool:
+        """Wait until every event offered before this call was decided on and its moves carried
+        out; False on timeout, or when the governor has stopped or is stopping."""
+        if self.stopped is not None or self._stopping.is_set():
+            return False
+        marker = threading.Event()
+        self._events.append(marker)
+        self._wake.set()
+        return marker.wait(timeout) and self.stopped is None and not self._stopping.is_set()
+
     def stats(self) -> dict:
         with self._lock:
             return {"policy": self.policy.name or type(self.policy).__name__, **self.counts,
@@ -127,7 +137,15 @@ class Governor:
             log.exception("the governor of %s stopped", self.store.root)
             with self._lock:
                 self.stopped = f"{type(e).__name__}: {e}"
-            self._events.clear()
+        finally:
+            self._release_markers()
+
+    def _release_markers(self) -> None:
+        """The thread ends: nothing waits on it any more (sync() then sees stopped or stopping)."""
+        while self._events:
+            ev = self._events.popleft()
+            if isinstance(ev, threading.Event):
+                ev.set()
 
     def _drain(self) -> list["AccessEvent"]:
         out = []
@@ -147,6 +165,11 @@ class Governor:
     def _round(self, events: list["AccessEvent"]) -> None:
         obs: list[Observation] = []
         for ev in events:
+            if isinstance(ev, threading.Event):  # a sync() marker: what came before it is done
+                self._decide(obs)
+                obs = []
+                ev.set()
+                continue
             if ev.op == "plan":  # in order with the accesses around it: the policy sees it when they do
                 self._decide(obs)
                 obs = []
@@ -162,7 +185,7 @@ class Governor:
             if where is not None:
                 obs.append(self._observation(ev.key, where[1], ev.kind, ev.op, where[0], ev.time))
         with self._lock:
-            self.counts["events"] += len(events)
+            self.counts["events"] += sum(not isinstance(ev, threading.Event) for ev in events)
         self._decide(obs)
 
     def _decide(self, obs: list[Observation]) -> None:
