@@ -286,3 +286,19 @@ def test_sync_governor_returns_once_the_moves_of_earlier_accesses_are_done(tmp_p
         assert s.meta("a")["tier"] == "fast" and s.stats()["governor"]["migrations"] == 1
     with TieredStore(config(tmp_path, migration="none")) as s:
         assert s.sync_governor(0)
+
+
+def test_new_objects_go_where_the_policy_places_them(tmp_path, monkeypatch):
+    class Backing(CachingMigration):
+        def place(self, obs, tiers):
+            return list(tiers)[-1][0]
+
+    monkeypatch.setitem(policies._POLICIES, "backing-test", lambda: Backing("backing-test", LRU))
+    with TieredStore(config(tmp_path, migration="backing-test"), cache_on_put=False) as s:
+        s.put("a", filled(1)).result(T)  # first-fit would take the fast tier: it has room
+        assert s.meta("a")["tier"] == "slow"
+        s.put("b", filled(2), tier="fast").result(T)  # an explicit tier is the caller's
+        assert s.meta("b")["tier"] == "fast"
+    with TieredStore(config(tmp_path, migration="none")) as s:
+        s.put("c", filled(3)).result(T)
+        assert s.meta("c")["tier"] == "fast"

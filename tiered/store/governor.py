@@ -7,7 +7,8 @@ lives now, the store's truth; size = the bytes it takes there), asks the ``[poli
 policy for moves and carries them out one at a time through :meth:`TieredStore.migrate`
 (write-back priority, never waiting for host memory), paced so that the bytes moved per second
 stay within ``[policy] migration_bandwidth`` (each byte moved is read once and written once).
-Moves are the store's own I/O: they reach listeners as one ``migrate`` event each, never as
+When the policy is also a placement policy, it picks the tier of each new object put without
+one (first-fit otherwise, and whenever it names a tier without room). Moves are the store's own I/O: they reach listeners as one ``migrate`` event each, never as
 accesses, so they are not mistaken for the workload's.
 
 The store checks every move rather than trusting the policy: a move of an object deleted
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from tiered.allocators import OutOfBudget
 from tiered.io_engine import IOFuture
-from tiered.policies import MigrationPolicy, Move, Observation, TierModel
+from tiered.policies import MigrationPolicy, Move, Observation, PlacementPolicy, TierModel
 
 from .errors import StoreError, TierFullError
 
@@ -68,6 +69,7 @@ class Governor:
         self._seen: dict[str, tuple[int, float]] = {}  # key -> (accesses so far, time of the last)
         self._index = 0
         self._paced_until = 0.0
+        self._policy_lock = threading.Lock()  # the policy is called from the governor and from puts (place)
         self._lock = threading.Lock()  # guards the counters below
         self.counts = {"events": 0, "offered": 0, "decisions": 0, "migrations": 0, "in_place": 0,
                        "superseded": 0, "refused_gone": 0, "refused_external": 0, "refused_overfull": 0,
@@ -79,8 +81,9 @@ class Governor:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         order = self.store._tier_order
-        self.policy.reset([TierModel(n, self.store._tiers[n].space.capacity if i < len(order) - 1 else math.inf)
-                           for i, n in enumerate(order)])
+        with self._policy_lock:
+            self.policy.reset([TierModel(n, self.store._tiers[n].space.capacity if i < len(order) - 1 else math.inf)
+                               for i, n in enumerate(order)])
         self._thread = threading.Thread(target=self._run, name="tiered-governor", daemon=True)
         self._thread.start()
 
@@ -95,8 +98,18 @@ class Governor:
                 log.error("the governor of %s did not stop within %.0f s", self.store.root, STOP_TIMEOUT_S)
                 return False
             self._thread = None
-        self.policy.close()
+        with self._policy_lock:
+            self.policy.close()
         return True
+
+    def place(self, obs: Observation, choices: list[tuple[str, int, int]]) -> str | None:
+        """The tier the policy picks for a new object (``choices``: name, capacity, free bytes in
+        one piece), when it is also a placement policy and names a tier with room; else None."""
+        if not isinstance(self.policy, PlacementPolicy) or self.stopped is not None:
+            return None
+        with self._policy_lock:
+            name = self.policy.place(obs, choices)
+        return name if any(n == name and free >= obs.nbytes for n, _c, free in choices) else None
 
     def offer(self, ev: "AccessEvent") -> None:
         """Called on every access (any thread): queue the event; never blocks. The deque drops the
@@ -159,8 +172,9 @@ class Governor:
         with self.store._lock:
             found = [(m.key, m.extent.tier, m.extent.length) for m in self.store._objects.values()
                      if not m.extent.external and m.extent.tier != back]
-        for key, tier, length in found:
-            self.policy.locate(key, self.store._tier_order.index(tier), length)
+        with self._policy_lock:
+            for key, tier, length in found:
+                self.policy.locate(key, self.store._tier_order.index(tier), length)
 
     def _round(self, events: list["AccessEvent"]) -> None:
         obs: list[Observation] = []
@@ -173,10 +187,12 @@ class Governor:
             if ev.op == "plan":  # in order with the accesses around it: the policy sees it when they do
                 self._decide(obs)
                 obs = []
-                self.policy.plan(ev.key, ev.keys)
+                with self._policy_lock:
+                    self.policy.plan(ev.key, ev.keys)
                 continue
             if ev.op == "delete":
-                self.policy.forget(ev.key)
+                with self._policy_lock:
+                    self.policy.forget(ev.key)
                 self._seen.pop(ev.key, None)
                 continue
             with self.store._lock:
@@ -191,7 +207,9 @@ class Governor:
     def _decide(self, obs: list[Observation]) -> None:
         step = max(1, self.policy.batch)
         for i in range(0, len(obs), step):
-            self._apply(self.policy.decide(obs[i:i + step]))
+            with self._policy_lock:
+                moves = self.policy.decide(obs[i:i + step])
+            self._apply(moves)
 
     def _observation(self, key: str, nbytes: int, kind: str, op: str, tier: str, now: float) -> Observation:
         count, last = self._seen.get(key, (0, None))
@@ -273,10 +291,11 @@ class Governor:
         with self.store._lock:
             meta = self.store._objects.get(key)
             where = None if meta is None or meta.extent.external else (meta.extent.tier, meta.extent.length)
-        if where is None:
-            self.policy.forget(key)
-        else:
-            self.policy.locate(key, self.store._tier_order.index(where[0]), where[1])
+        with self._policy_lock:
+            if where is None:
+                self.policy.forget(key)
+            else:
+                self.policy.locate(key, self.store._tier_order.index(where[0]), where[1])
 
     def _count(self, what: str) -> None:
         with self._lock:

@@ -278,7 +278,11 @@ class _Writes:
             name = tier
         else:
             choices = [(n, self._tiers[n].space.capacity, self._tiers[n].room_for(owner)) for n in self._tier_order]
-            name = self.placement.place(Observation(key, size, kind, "write"), choices)
+            obs = Observation(key, size, kind, "write")
+            governor = self._governor
+            name = governor.place(obs, choices) if governor is not None else None
+            if name is None:
+                name = self.placement.place(obs, choices)
             if name is None:
                 free = ", ".join(f"{n}: {f} bytes in one piece" for n, _c, f in choices)
                 raise TierFullError(f"put({key!r}): no storage tier has room for {size} bytes ({free})")
