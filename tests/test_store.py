@@ -1140,8 +1140,8 @@ def test_acquire_racing_with_put_or_delete(store, monkeypatch, race):
     store.put("k", torch.ones(1024, dtype=torch.float32)).result(T)
     real_pin = store._pin_host_copy
 
-    def pin_then_race(key, priority, wait=None, owner="default", emit=True):
-        out = real_pin(key, priority, wait, owner, emit)
+    def pin_then_race(key, priority, wait=None, owner="default", emit=True, evict=True):
+        out = real_pin(key, priority, wait, owner, emit, evict)
         # another thread changes the key right after the pin, before acquire() builds the Lease
         if race == "replace":
             other = threading.Thread(target=lambda: store.put(key, torch.full((1024,), 7, dtype=torch.int32)).result(T))
@@ -1292,7 +1292,7 @@ def test_listener_events(tmp_path):
             ("evict", "w", "host", "weight", 5000),
             ("read", "w", "nvme", "weight", 5000),
             ("evict", "f", "host", "kv", 100),
-            ("read", "f", "flash", "kv", 100),
+            ("prefetch", "f", "flash", "kv", 100),  # a load ahead of use, not an access
             ("delete", "w", None, "weight", 5000),
         ]
         times = [e.time for e in events]

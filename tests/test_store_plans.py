@@ -143,3 +143,127 @@ def test_plans_reach_listeners_and_the_governors_policy_in_order_with_the_access
             time.sleep(0.02)
     assert [(ev.key, ev.keys) for ev in events] == [("me", ("a", "b"))]
     assert seen == [("write", "a"), ("read", "a"), ("plan", "me", ("a", "b")), ("read", "a")], seen
+
+
+# -- what the review of plans and migrate found -------------------------------------------------
+
+def two_storage(tmp_path, host="1MiB"):
+    return {"tiers": {"host": {"capacity": host}, "fast": {"path": str(tmp_path / "fast"), "capacity": "8MiB"},
+                      "slow": {"path": str(tmp_path / "slow"), "capacity": "8MiB"}}, "engine": {"workers": 2}}
+
+
+def test_the_owner_allocating_keeps_its_own_next_reads_over_another_owners_later_ones(tmp_path):
+    """Positions of two owners' plans are no common clock: the model reading now must not evict
+    its own next weights to keep chunks the optimizer reads only after the model's pass."""
+    def model_misses(opt_plan):
+        with TieredStore(config(tmp_path / str(opt_plan), host="2MiB"), cache_on_put=False) as s:
+            for i in range(4):
+                s.put(f"o{i}", filled(i), owner="opt").result(T)
+            model = [f"m{i}" for i in range(12)]
+            for k in model:
+                s.put(k, filled(1), owner="model").result(T)
+                s.get(k, owner="model").result(T)
+            for i in range(4):
+                s.get(f"o{i}", owner="opt").result(T)
+            if opt_plan:
+                s.plan([f"o{i}" for i in range(4)], owner="opt")
+            before = s.stats()["misses"]
+            for _ in range(3):
+                s.plan(model + model, owner="model")  # this pass and the next
+                for k in model:
+                    s.get(k, owner="model").result(T)
+            return s.stats()["misses"] - before
+    assert model_misses(True) <= model_misses(False)
+
+
+def test_a_prefetch_is_not_a_read_of_the_plan(tmp_path):
+    with TieredStore(config(tmp_path), cache_on_put=False) as s:
+        for i in range(3):
+            s.put(f"k{i}", filled(i)).result(T)
+        s.plan(["k0", "k1", "k2"], owner="me")
+        s.prefetch("k0").result(T)
+        s.prefetch("k1").result(T)
+        assert s.stats()["plans"]["active"]["me"]["position"] == 0
+        s.get("k0").result(T)
+        assert s.stats()["plans"]["active"]["me"]["position"] == 1
+
+
+def test_a_read_that_joins_a_load_the_store_started_is_an_access(tmp_path):
+    from tiered.io_engine.testing import FaultyBackend
+
+    fb = FaultyBackend()
+    with TieredStore(two_storage(tmp_path, host="4MiB"), cache_on_put=False, backend=fb) as s:
+        s.put("a", filled(1), tier="fast").result(T)
+        events = []
+        s.add_listener(lambda e: events.append((e.op, e.key)))
+        s.plan(["a", "b"], owner="w")
+        fb.delay("read", seconds=0.5, path="fast", times=1)
+        moving = s.migrate("a", "slow")  # its own read of "a" is no access
+        time.sleep(0.1)
+        with s.acquire("a", owner="w").result(T):  # joins that read
+            pass
+        moving.result(T)
+        assert ("read", "a") in events and s.stats()["plans"]["active"]["w"]["position"] == 1, events
+
+
+def test_a_key_reregistered_as_an_external_file_during_a_move_is_not_rewritten(tmp_path):
+    import numpy as np
+
+    ext = tmp_path / "weights.bin"
+    data = np.arange(5096, dtype=np.float32)
+    data.tofile(ext)
+    with TieredStore(two_storage(tmp_path)) as s:
+        s.put("w", torch.zeros(1000), tier="fast").result(T)
+        real = s._acquire
+
+        def racing(key, *a, **k):  # the key becomes an external file's window meanwhile
+            s.register_external("w", ext, 400, 4000, torch.float32, (1000,))
+            s._acquire = real
+            return real(key, *a, **k)
+
+        s._acquire = racing
+        assert s.migrate("w", "slow").result(T).get("superseded")
+        assert torch.equal(s.get("w").result(T), torch.from_numpy(data[100:1100]))
+        assert s.meta("w")["tier"] == "external"
+
+
+def test_a_move_of_a_block_checksummed_object_does_not_wait_for_host_memory(tmp_path):
+    from tiered.allocators import OutOfBudget
+
+    with TieredStore(two_storage(tmp_path), cache_on_put=False, host_wait=5) as s:
+        s.put("a", filled(1), tier="fast", block=4096).result(T)
+        lease = s.acquire("a").result(T)  # cached and pinned: the move needs only its crc table
+        held = s.alloc_host(s.stats()["tiers"]["host"]["capacity"] - OBJ, owner="other")
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(OutOfBudget):
+                s._migrate("a", "slow", wait=0, evict=False).result(T)
+            assert time.monotonic() - t0 < 2
+        finally:
+            held.release()
+            lease.release()
+        assert s.meta("a")["tier"] == "fast" and torch.equal(s.get("a").result(T), filled(1))
+
+
+def test_a_move_leaves_the_host_policys_order_as_it_was(tmp_path):
+    cfg = two_storage(tmp_path)
+    with TieredStore(cfg, cache_on_put=False) as s:
+        for k in "abcd":
+            s.put(k, filled(ord(k)), tier="fast").result(T)
+            s.get(k).result(T)  # a is the least recently used of four cached copies
+        s.migrate("a", "slow").result(T)
+        s.put("e", filled(5), tier="fast").result(T)
+        s.get("e").result(T)  # needs room: LRU evicts a, as before the move
+        assert [k for k in "abcde" if s.meta(k)["in_host"]] == ["b", "c", "d", "e"]
+
+
+def test_a_plan_resyncs_on_the_last_occurrence_of_a_key_far_ahead():
+    p = Plan("o", [f"k{i}" for i in range(60)])
+    p.advance("k30")  # 30 reads the store never saw (served from a device cache, say)
+    assert p.pos == 31 and p.next_use("k59") == 28
+    q = Plan("o", ["a", "b"] * 20)
+    q.advance("b")
+    q.advance("b")  # b recurs: only a near occurrence moves the position
+    assert q.pos == 4
+    q.advance("a")
+    assert q.pos == 5

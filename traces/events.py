@@ -10,7 +10,7 @@ class AccessEvent:
     time: float  # seconds (time.monotonic() of the process that recorded it)
     key: str
     nbytes: int
-    op: str  # "read" | "write" | "evict" | "delete" | "migrate" | "plan"
+    op: str  # "read" | "write" | "evict" | "delete" | "prefetch" | "migrate" | "plan"
     kind: str = "blob"  # weight | optim | kv | gnn | checkpoint | blob
     tier: str | None = None  # tier that served a read (or received a write); None on a miss
     #: op "plan" only: the keys the owner named in ``key`` declared it reads next, in order

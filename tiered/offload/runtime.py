@@ -113,9 +113,12 @@ class OffloadedModule(_Packing, _Budget, _Loading, _Training, _Teardown, _Stats)
     def _declare_plan(self, backward: bool) -> None:
         """Tell the store the streamed units this forward reads, in the order the last forward
         ran them (and in reverse for backward), so that evictions keep what is read soonest."""
-        keys = [k for i in self.order if not self.units[i].bound for k in self.units[i].keys]
+        streamed = [self.units[i] for i in self.order if not self.units[i].bound]
+        keys = [k for u in streamed for k in u.keys]
+        if backward:  # units in reverse, each unit's keys in the order a load reads them
+            keys += [k for u in reversed(streamed) for k in u.keys]
         if keys:
-            self.store.plan(keys + keys[::-1] if backward else keys, owner=self.owner)
+            self.store.plan(keys, owner=self.owner)
 
     def _root_post(self, _m, _args, _out) -> None:
         with self._idle_lock:

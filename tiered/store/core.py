@@ -345,6 +345,11 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
         delete of the key lands meanwhile, that one wins and the move is dropped (the result
         says ``superseded``). Listeners see one ``migrate`` event, not the move's own I/O.
         """
+        return self._migrate(key, tier, wait, evict=True)
+
+    def _migrate(self, key: str, tier: str, wait: float | None, evict: bool) -> IOFuture:
+        """:meth:`migrate`; ``evict=False`` (the governor's moves): the copy is read only into host
+        memory that is free now, never displacing the workloads' cached copies."""
         self._check_open()
         if tier == "host":
             return self.prefetch(key)
@@ -357,13 +362,13 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
             if meta.extent.external:
                 raise StoreError(f"migrate({key!r}): the object is read in place from {meta.extent.path}; "
                                  "put it into the store to give it a home on a tier")
-        lease_f = self._acquire(key, Priority.WRITEBACK, wait, meta.owner, emit=False)
+        lease_f = self._acquire(key, Priority.WRITEBACK, wait, meta.owner, emit=False, evict=evict)
         self._emit(key, meta.nbytes, "migrate", meta.kind, tier)
         out = IOFuture(f"migrate {key} -> {tier}")
-        lease_f.add_done_callback(lambda f: self._rewrite_for_migration(f, key, tier, out))
+        lease_f.add_done_callback(lambda f: self._rewrite_for_migration(f, key, tier, wait, out))
         return out
 
-    def _rewrite_for_migration(self, lease_f, key: str, tier: str, out: IOFuture) -> None:
+    def _rewrite_for_migration(self, lease_f, key: str, tier: str, wait: float | None, out: IOFuture) -> None:
         try:
             lease = lease_f.result()
         except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
@@ -372,14 +377,17 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
         try:
             with self._lock:
                 meta = self._objects.get(key)
-                current = meta is not None and meta.version == lease.version
+                # the version leased, still a stored object (a key re-registered as an external
+                # file since the check holds a window of that file, not the object's bytes)
+                current = (meta is not None and meta.version == lease.version and not meta.extent.external
+                           and lease._copy.start == 0)
                 if not current or meta.extent.tier == tier:
                     lease.release()
                     out.set_result(meta.describe() if current else {"key": key, "superseded": True})
                     return
             inner = self._write_buffer(key, lease._copy.buffer, meta.nbytes, meta.dtype, meta.shape, meta.kind,
                                        tier, lease.version, False, True, True, Priority.WRITEBACK, False,
-                                       meta.ephemeral, meta.owner, meta.block)
+                                       meta.ephemeral, meta.owner, meta.block, wait)
         except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
             lease.release()
             out.set_exception(e)

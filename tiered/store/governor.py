@@ -248,7 +248,7 @@ class Governor:
             return None
         self._pace(length)
         try:
-            result = _wait(store.migrate(move.key, dst, wait=0), self._stopping)
+            result = _wait(store._migrate(move.key, dst, wait=0, evict=False), self._stopping)
         except KeyError:
             return "refused_gone"
         except TierFullError:  # a put took the room since the check

@@ -18,17 +18,24 @@ class _HostTier:
         m = self._objects.get(key)
         return m is not None and m.host is not None and m.host.ready and m.host.pins == 0
 
-    def _alloc_host(self, nbytes: int, wait: float | None = None, owner: str = DEFAULT_OWNER) -> HostBuffer:
+    def _alloc_host(self, nbytes: int, wait: float | None = None, owner: str = DEFAULT_OWNER,
+                    evict: bool = True) -> HostBuffer:
         """A host buffer charged to ``owner``: evicting unpinned cached copies (policy's choice)
         whose eviction makes room for it, then asking other owners holding memory beyond their
         shares to give some back (their reservations' ``on_pressure``), then waiting up to
-        ``wait`` (default ``host_wait``) seconds for pins to go."""
+        ``wait`` (default ``host_wait``) seconds for pins to go. ``evict=False``: only memory that
+        is free now (the store's own background work must not displace the workloads')."""
         size = align_up(max(nbytes, 1))
         if size > self.arena.capacity:
             raise OutOfBudget(f"host tier: {nbytes} bytes requested but its budget is {self.arena.capacity} bytes")
         if size > self.arena.limit_for(owner):
             raise OutOfBudget(f"host tier: {nbytes} bytes for owner {owner!r} cannot fit beside the other owners' "
                               f"shares ({self._describe_owners('host')})")
+        if not evict:
+            buf = self.arena.try_alloc(nbytes, owner=owner)
+            if buf is None:
+                raise OutOfBudget(f"host tier: {nbytes} bytes for owner {owner!r} are not free now")
+            return buf
         wait = self.host_wait if wait is None else wait
         deadline = time.monotonic() + wait
         relieved_late = False  # past the deadline, one more round after others gave memory back
@@ -70,7 +77,7 @@ class _HostTier:
                     return o == owner or o in over
 
                 while buf is None:
-                    victims = self._host_victims(size, helps)
+                    victims = self._host_victims(size, helps, owner)
                     if not victims:
                         break
                     for key in victims:
@@ -84,16 +91,22 @@ class _HostTier:
             self._emit(meta.key, meta.nbytes, "evict", meta.kind, "host")
         return buf
 
-    def _host_victims(self, size: int, helps) -> list[str]:
-        """Cached copies to evict for ``size`` bytes (under ``self._lock``): those no plan names,
-        in the policy's order, then planned ones, the one read farthest in the future first."""
-        if not self._plans.active:
+    def _host_victims(self, size: int, helps, owner: str) -> list[str]:
+        """Cached copies to evict for ``size`` bytes for ``owner`` (under ``self._lock``): first
+        those no plan names and those planned beyond the horizon, in the policy's order; then
+        copies other owners planned, then ``owner``'s own, each the one read farthest in its
+        plan first. Positions of different owners' plans are not one clock: the owner
+        allocating now is the one reading now, so its own next reads are the surest."""
+        plans = self._plans
+        if not plans.active:
             return self.host_policy.victims(size, helps)
-        planned = self._plans.planned_keys()
-        out = self.host_policy.victims(size, lambda k: k not in planned and helps(k))
+        near = plans.near()  # key -> (positions to its next read, owner of that plan)
+        out = self.host_policy.victims(size, lambda k: k not in near and helps(k))
         freed = sum(align_up(max(1, self._objects[k].nbytes)) for k in out)
         if freed < size:
-            for k in sorted((k for k in planned if helps(k)), key=planned.__getitem__, reverse=True):
+            ranked = sorted((k for k in near if helps(k)),
+                            key=lambda k: (near[k][1] != owner, near[k][0]), reverse=True)
+            for k in ranked:
                 out.append(k)
                 freed += align_up(max(1, self._objects[k].nbytes))
                 if freed >= size:
@@ -103,8 +116,8 @@ class _HostTier:
     def _drop_host(self, meta: ObjectMeta) -> None:
         copy = meta.host
         meta.host = None
-        self.host_policy.remove(meta.key)
         if copy is not None:
+            self.host_policy.remove(meta.key)
             copy.detached = True
             self._maybe_free(copy)
 

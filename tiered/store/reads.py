@@ -35,10 +35,11 @@ class _Reads:
         self._check_open()
         return self._acquire(key, priority, wait, owner, emit=True)
 
-    def _acquire(self, key: str, priority: Priority, wait: float | None, owner: str, emit: bool) -> IOFuture:
+    def _acquire(self, key: str, priority: Priority, wait: float | None, owner: str, emit: bool,
+                 evict: bool = True) -> IOFuture:
         """:meth:`acquire`; ``emit=False`` for the store's own reads (a migration), which are no
-        workload's accesses."""
-        copy, load, meta = self._pin_host_copy(key, priority, wait, owner, emit)
+        workload's accesses; ``evict=False`` takes host memory only where it is free."""
+        copy, load, meta = self._pin_host_copy(key, priority, wait, owner, emit, evict)
         if load is None:
             if emit:
                 self._emit(key, meta.nbytes, "read", meta.kind, "host")
@@ -90,7 +91,7 @@ class _Reads:
         started and no other caller waits for the same load.
         """
         self._check_open()
-        copy, load, _meta = self._pin_host_copy(key, Priority.PREFETCH, None, owner)
+        copy, load, _meta = self._pin_host_copy(key, Priority.PREFETCH, None, owner, emit="prefetch")
         with self._lock:
             copy.prefetchers += load is not None
             copy.pins -= 1  # a prefetch keeps nothing pinned; the copy stays cached
@@ -115,11 +116,15 @@ class _Reads:
         return out
 
     def _pin_host_copy(self, key: str, priority: Priority, wait: float | None = None,
-                       owner: str = DEFAULT_OWNER, emit: bool = True) -> tuple[HostCopy, IOFuture | None, ObjectMeta]:
+                       owner: str = DEFAULT_OWNER, emit: bool | str = True,
+                       evict: bool = True) -> tuple[HostCopy, IOFuture | None, ObjectMeta]:
         """Pin the host copy of ``key``, starting a load if needed.
 
         Returns (copy, load future or None when the copy is ready, the object's
-        metadata for the version pinned), all taken under one lock.
+        metadata for the version pinned), all taken under one lock. ``emit``: the read is an
+        access (listeners see it once the copy is loaded, also when this call joins a load
+        another caller started); ``"prefetch"``: a load ahead of use, emitted as such (not an
+        access: plans do not move past it); False: the store's own read (a migration).
         """
         with self._lock:
             meta = self._objects.get(key)
@@ -129,11 +134,16 @@ class _Reads:
             if copy is not None:
                 copy.pins += 1
                 if copy.ready:
-                    self.counters.hits += 1
-                    self.host_policy.touch(Observation(key, meta.nbytes, meta.kind, "read", "host"))
+                    if emit:  # the store's own reads (a migration) are no hit and no recency
+                        self.counters.hits += 1
+                        self.host_policy.touch(Observation(key, meta.nbytes, meta.kind, "read", "host"))
                     return copy, None, meta
+                if emit is True:  # joins a load another caller started: this read is an access too
+                    copy.loaded.add_done_callback(
+                        lambda f: f.cancelled() or f.exception() is not None
+                        or self._emit(key, meta.nbytes, "read", meta.kind, meta.extent.tier))
                 return copy, copy.loaded, meta
-            self.counters.misses += 1
+            self.counters.misses += bool(emit)
             load = _LoadFuture(f"load {key}")
             copy = HostCopy(None, meta.version, pins=1, loaded=load, loading=True)
             meta.host = copy
@@ -159,7 +169,7 @@ class _Reads:
         load.add_done_callback(finish)
         try:
             try:
-                buf = self._alloc_host(meta.nbytes if window is None else window, wait, owner)
+                buf = self._alloc_host(meta.nbytes if window is None else window, wait, owner, evict)
             except OutOfBudget as e:
                 raise HostBudgetError(f"object {key!r} ({meta.nbytes} bytes): {e}") from e
             copy.buffer, copy.start = buf, lead
@@ -193,7 +203,7 @@ class _Reads:
                 self.counters.bytes_read[ext.tier] = self.counters.bytes_read.get(ext.tier, 0) + buf.reserved
             self._notify_host()  # unpinned (a prefetch) it is evictable now
             if emit:
-                self._emit(key, meta.nbytes, "read", meta.kind, ext.tier)
+                self._emit(key, meta.nbytes, "read" if emit is True else emit, meta.kind, ext.tier)
 
         load.follow(chain(gather(reads), publish, f"load {key}", note=f"while reading object {key!r}"), reads)
         return copy, load, meta

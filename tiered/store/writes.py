@@ -150,7 +150,7 @@ class _Writes:
     def _write_buffer(self, key: str, buf: HostBuffer, nbytes: int, dtype: torch.dtype, shape: tuple,
                       kind: str, tier: str | None, relocate: int | None, give: bool, sync: bool,
                       commit: bool, priority: Priority, cache: bool, ephemeral: bool = False,
-                      owner: str = DEFAULT_OWNER, block: int = 0) -> IOFuture:
+                      owner: str = DEFAULT_OWNER, block: int = 0, wait: float | None = None) -> IOFuture:
         """Write ``buf`` (its first ``nbytes`` are the object) as a new version of ``key``; with
         ``block``, a crc32 per ``block`` bytes is written after the data (same extent)."""
         durable = sync and not ephemeral  # nobody reads an ephemeral object after a crash
@@ -160,7 +160,7 @@ class _Writes:
             flat[nbytes:] = 0
             length = extent_length(nbytes, block)
             if block:
-                table, table_crc = self._block_table(flat, block, owner)
+                table, table_crc = self._block_table(flat, block, owner, wait)
             with self._lock:
                 tier_name, offset = self._reserve_extent(key, length, kind, tier, owner)
                 version = relocate if relocate is not None else self._next_version(key)
@@ -191,14 +191,14 @@ class _Writes:
         wf.add_done_callback(undo)
         return chain(wf, lambda _n: self._install(p), f"put {key}", note=f"while putting object {key!r}")
 
-    def _block_table(self, flat, block: int, owner: str) -> tuple[HostBuffer, int]:
+    def _block_table(self, flat, block: int, owner: str, wait: float | None = None) -> tuple[HostBuffer, int]:
         """The crc32 of each ``block`` bytes of ``flat`` (the padded data) in a host buffer, and
         the crc32 of that table (what the manifest records)."""
         if block <= 0 or block % 4096:
             raise StoreError(f"block checksums every {block} bytes: expected a positive multiple of 4096")
         crcs = np.fromiter((crc32(flat[i:i + block]) for i in range(0, len(flat), block)), dtype=np.uint32,
                            count=-(-len(flat) // block))
-        table = self._alloc_host(crcs.nbytes, owner=owner)
+        table = self._alloc_host(crcs.nbytes, wait, owner)
         table.array[:] = crcs.view(np.uint8)
         table.padded[crcs.nbytes:] = 0
         return table, crc32(table.array)
@@ -232,9 +232,8 @@ class _Writes:
                               owner=p.owner, block=p.block, table_crc=p.table_crc)
             self._objects[key] = meta
             self._tiers[tier_name].objects += 1
-            if moved_copy is not None:
+            if moved_copy is not None:  # its entry in the host policy stays as it was
                 meta.host = moved_copy
-                self.host_policy.admit(Observation(key, p.length, p.kind, "read", "host"))
                 if p.give:
                     p.buf.release()
             elif p.give and p.cache and self.cache_on_put:
