@@ -302,3 +302,18 @@ def test_new_objects_go_where_the_policy_places_them(tmp_path, monkeypatch):
     with TieredStore(config(tmp_path, migration="none")) as s:
         s.put("c", filled(3)).result(T)
         assert s.meta("c")["tier"] == "fast"
+
+
+def test_a_move_that_fails_after_its_read_leaves_the_cache_as_it_found_it(tmp_path, monkeypatch):
+    from tiered.io_engine.testing import FaultyBackend
+
+    fb = FaultyBackend()
+    monkeypatch.setitem(policies._POLICIES, "scripted-test", lambda: Scripted(Move("a", 0), when="trigger"))
+    with TieredStore(config(tmp_path, migration="scripted-test"), cache_on_put=False, backend=fb) as s:
+        s.put("a", filled(1), tier="slow").result(T)  # not cached
+        fb.fail("write", path=str(tmp_path / "fast"), times=1)  # the move's write to the fast tier fails
+        s.put("trigger", filled(2), tier="slow").result(T)
+        assert s.sync_governor(T)
+        assert s.stats()["governor"]["failed"] == 1, s.stats()["governor"]
+        assert not s.meta("a")["in_host"] and s.meta("a")["tier"] == "slow"
+        assert torch.equal(read(s, "a"), filled(1))

@@ -248,7 +248,18 @@ class Governor:
             return None
         self._pace(length)
         try:
-            result = _wait(store._migrate(move.key, dst, wait=0, evict=False), self._stopping)
+            return self._move(move.key, src, dst, meta.nbytes)
+        finally:
+            if not cached:  # the move read it into host memory: leave the cache as it was
+                try:
+                    store.evict(move.key)
+                except KeyError:
+                    pass  # deleted since: nothing is cached
+
+    def _move(self, key: str, src: str, dst: str, nbytes: int) -> str | None:
+        """Migrate and count the outcome; the reason it was refused, or None."""
+        try:
+            result = _wait(self.store._migrate(key, dst, wait=0, evict=False), self._stopping)
         except KeyError:
             return "refused_gone"
         except TierFullError:  # a put took the room since the check
@@ -258,22 +269,17 @@ class Governor:
         except Exception as e:  # noqa: BLE001 - counted and reported in stats(); the object stays where it was
             with self._lock:
                 self.counts["failed"] += 1
-                self.last_error = f"migrate {move.key!r} {src}->{dst}: {type(e).__name__}: {e}"
+                self.last_error = f"migrate {key!r} {src}->{dst}: {type(e).__name__}: {e}"
             return None
         if result is None:  # stopping: the move finishes (or not) as the engine drains
             return None
         if result.get("superseded"):
             self._count("superseded")
             return None
-        if not cached:  # the move read it into host memory: leave the cache as it was
-            try:
-                store.evict(move.key)
-            except KeyError:
-                pass  # deleted since the move: nothing is cached
         with self._lock:
             self.counts["migrations"] += 1
             pair = f"{src}->{dst}"
-            self.bytes_migrated[pair] = self.bytes_migrated.get(pair, 0) + meta.nbytes
+            self.bytes_migrated[pair] = self.bytes_migrated.get(pair, 0) + nbytes
         return None
 
     def _refusal(self, meta, dst: str) -> str | None:
