@@ -132,3 +132,13 @@ def test_real_mode_replays_every_heuristic_by_default(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["policy"] for r in rows] == list(HEURISTICS)
     assert all(r["accesses"] == 120 and r["mean_latency_us"] > 0 for r in rows)
+
+
+def test_real_mode_refuses_a_footprint_over_its_limit_and_a_fast_tier_below_one_extent(tmp_path):
+    prep = prepare(*accesses(50, 10, [4096], writes=0.0))
+    cfg = config(tmp_path)
+    with pytest.raises(UsageError, match="trace footprint 40 KiB exceeds the real-mode limit 32 KiB"):
+        run_real(prep, two_tiers(8192), "lru", cfg, max_footprint=32 * KiB)
+    with pytest.raises(UsageError, match="fast tier 'host' of 4000 bytes holds no 4 KiB extent; raise --fast-fraction"):
+        run_real(prep, two_tiers(4000), "lru", cfg)
+    assert not list((tmp_path / "nvme").iterdir())

@@ -7,10 +7,11 @@ slowest. ``[policy] migration`` names the replayed policy, so the store's govern
 replay, decides every move and carries it out (``TieredStore.migrate``); the replay only
 accesses objects, as any workload does:
 
-* an object is created on first sight (an ephemeral put, owner ``replay``) on the tier the
-  placement policy names (the policy itself when it is a PlacementPolicy, as in sim mode, a
-  second instance of it: the governor holds its own). A first read placed on the fast tier is
-  a fill: it counts as served by the backing tier and as a migration, as in sim mode;
+* an object is created on first sight (an ephemeral put, owner ``replay``, whose latency is the
+  access's) on the tier the placement policy names (the policy itself when it is a
+  PlacementPolicy, as in sim mode: a second instance of it, the governor holds its own). A
+  first read placed on the fast tier is a fill: it counts as served by the backing tier and
+  as a migration, as in sim mode;
 * a read reads the whole object from its storage tier (its host copy is evicted after each
   read, so the next one reaches storage again) and checks its bytes against the last write;
 * a write puts the whole object again, on the tier it is on. A new version needs room beside
@@ -85,6 +86,9 @@ def run_real(trace: Prepared, tiers: Sequence[TierModel], policy: str, cfg: Conf
     The store's directories are ``workdir``/fast and ``workdir``/backing when given (kept,
     emptied), else new directories under the config's storage tiers, removed afterwards.
     """
+    if not isinstance(policy, str):
+        raise TypeError(f"run_real: expected a policy name (the store's governor builds the policy by name), "
+                        f"got {type(policy).__name__}")
     check_live(policy)
     placer = create_policy(policy)
     try:
@@ -102,8 +106,7 @@ def run_real(trace: Prepared, tiers: Sequence[TierModel], policy: str, cfg: Conf
             store_cfg = _store_config(cfg, tiers, dirs, policy, placer.batch, fast_cap, sizes)
             return _replay_in_store(store_cfg, trace, tiers, placer, placement, sizes, progress)
         finally:
-            for d in made:
-                shutil.rmtree(d, ignore_errors=True)
+            _remove(made)
     finally:
         placer.close()
 
@@ -151,10 +154,15 @@ def _directories(cfg: Config | None, tiers, workdir) -> tuple[tuple[Path, Path],
         for d in dirs:
             d.mkdir(parents=True)
     except BaseException:
-        for d in made:
-            shutil.rmtree(d, ignore_errors=True)
+        _remove(made)
         raise
     return dirs, made
+
+
+def _remove(made: list[Path]) -> None:
+    for d in made:
+        if d.exists():
+            shutil.rmtree(d)
 
 
 def _store_config(cfg: Config | None, tiers, dirs, policy: str, batch: int, fast_cap: int, sizes) -> dict:
