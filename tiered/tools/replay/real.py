@@ -12,8 +12,10 @@ accesses objects, as any workload does:
   PlacementPolicy, as in sim mode: a second instance of it, the governor holds its own). A
   first read placed on the fast tier is a fill: it counts as served by the backing tier and
   as a migration, as in sim mode;
-* a read reads the whole object from its storage tier (its host copy is evicted after each
-  read, so the next one reaches storage again) and checks its bytes against the last write;
+* a read reads the whole object from its storage tier and checks its bytes against the last
+  write; its host copy is evicted once the governor has decided on the read (a move of the
+  object reads no storage again, as the simulator's fill on miss), so the next read reaches
+  storage again;
 * a write puts the whole object again, on the tier it is on. A new version needs room beside
   the old one (the store never overwrites in place); on a full fast tier the old version is
   moved down first (the replay's own ``migrate``, not a policy decision: ``rewrite_moves``).
@@ -286,9 +288,9 @@ class _RealReplay:
             self.figures["host_copies_read"] += 1  # pinned by a move of the governor's
         t0 = time.perf_counter()
         if op:
-            self._write(i, k, kind, meta["tier"])
+            landed = self._write(i, k, kind, meta["tier"])
             took = time.perf_counter() - t0
-            self.dirty[k] = meta["tier"] == FAST
+            self.dirty[k] = landed == FAST
         else:
             got = self.store.get(key, owner=REPLAY_OWNER).result(timeout=WAIT)
             took = time.perf_counter() - t0
@@ -326,14 +328,14 @@ class _RealReplay:
             raise PolicyError(f"placement {self.placement.name!r} put key {k} ({size} bytes) on full tier {name!r}")
         return FAST if name == self.names[0] else BACKING
 
-    def _write(self, i: int, k: int, kind: int, tier: str) -> None:
+    def _write(self, i: int, k: int, kind: int, tier: str) -> str:
         """A new version on the object's tier; on a full fast tier the old version moves down
-        first (the new one needs room beside it until it is committed)."""
+        first (the new one needs room beside it until it is committed). The tier it landed on."""
         if tier != FAST:
             self._put(i, k, kind, tier)
-            return
+            return tier
         if self._put_if_room(i, k, kind):
-            return
+            return FAST
         self._own_move = True
         try:
             self.store.migrate(self.key(k), BACKING).result(timeout=WAIT)
@@ -341,9 +343,11 @@ class _RealReplay:
             self._own_move = False
         self.store.evict(self.key(k))
         self.figures["rewrite_moves"] += 1
-        if not self._put_if_room(i, k, kind):  # room in bytes, but in no one piece: it stays below
-            self.figures["displaced_writes"] += 1
-            self._put(i, k, kind, BACKING)
+        if self._put_if_room(i, k, kind):
+            return FAST
+        self.figures["displaced_writes"] += 1  # room in bytes, but in no one piece: it stays below
+        self._put(i, k, kind, BACKING)
+        return BACKING
 
     def _put(self, i: int, k: int, kind: int, tier: str) -> None:
         self.store.put(self.key(k), torch.from_numpy(_content(k, i, self.sizes[k])), kind=KINDS[kind], tier=tier,
