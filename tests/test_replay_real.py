@@ -142,3 +142,22 @@ def test_real_mode_refuses_a_footprint_over_its_limit_and_a_fast_tier_below_one_
     with pytest.raises(UsageError, match="fast tier 'host' of 4000 bytes holds no 4 KiB extent; raise --fast-fraction"):
         run_real(prep, two_tiers(4000), "lru", cfg)
     assert not list((tmp_path / "nvme").iterdir())
+
+
+def test_a_policy_that_raises_in_the_governor_stops_the_replay_with_its_error(tmp_path, monkeypatch):
+    from tiered import policies
+    from tiered.policies import PolicyError
+    from tiered.policies.cache import CachingMigration
+    from tiered.policies.lru import LRU
+
+    class Broken(CachingMigration):
+        def decide(self, batch):
+            if any(o.count > 1 for o in batch):
+                raise RuntimeError("broken policy")
+            return super().decide(batch)
+
+    monkeypatch.setitem(policies._POLICIES, "broken-test", lambda: Broken("broken-test", LRU))
+    prep = prepare(*accesses(100, 20, [4096], writes=0.2))
+    with pytest.raises(PolicyError, match="the store's governor stopped: RuntimeError: broken policy"):
+        run_real(prep, two_tiers(4 * 4096), "broken-test", config(tmp_path))
+    assert not list((tmp_path / "nvme").iterdir())

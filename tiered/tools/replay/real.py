@@ -206,9 +206,9 @@ class _RealReplay:
         self.figures = dict.fromkeys(("fills", "fill_bytes", "promotions", "demotions", "clean_demotions",
                                       "clean_demoted_bytes", "rewrite_moves", "displaced_writes",
                                       "placed_below", "verified_reads", "host_copies_read"), 0)
-        from ...store.errors import TierFullError
+        from ...store.errors import StoreError, TierFullError
 
-        self._tier_full = TierFullError
+        self._tier_full, self._store_error = TierFullError, StoreError
         store.add_listener(self._on_event)
 
     @staticmethod
@@ -268,7 +268,7 @@ class _RealReplay:
         stats = self.store.stats()
         g, f = stats["governor"], self.figures
         if g["failed"]:
-            raise RuntimeError(f"the store's governor failed {g['failed']} move(s): {g['last_error']}")
+            raise self._store_error(f"the store's governor failed {g['failed']} move(s): {g['last_error']}")
         owned = self.store.owners().get(REPLAY_OWNER, {})
         extra = {**f, "governor": g, "refused": sum(v for k, v in g.items() if k.startswith("refused_"))}
         return SimResult(policy=name, tier_names=self.names, latency_s=lats, served=served,
