@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ...config import load_config
+from ...config import NOT_LIVE, load_config
 from ...sizes import format_size
 from ..args import positive_float, positive_int
 from .models import choose_loop, measured_bandwidths, tier_models
@@ -21,8 +21,9 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("trace", help="trace file or tiered trace directory")
     p.add_argument("--format", default="auto", choices=["auto", "tiered", "mqsim", "arc", "msr", "mooncake"])
     p.add_argument("--config", default=None, help="offload TOML: tier speeds (sim) and directories (real)")
-    p.add_argument("--policy", default=",".join(DEFAULT_POLICIES),
-                   help=f"comma-separated policy names (default {','.join(DEFAULT_POLICIES)}; also rl)")
+    p.add_argument("--policy", default=None,
+                   help=f"comma-separated policy names (default {','.join(DEFAULT_POLICIES)}, without belady in "
+                        "--mode real; also rl, sim mode only)")
     p.add_argument("--mode", default="sim", choices=["sim", "real"])
     p.add_argument("--json", action="store_true", help="print a JSON list of rows on stdout")
     p.add_argument("--plot", default=None, help="write a PNG of latency and hit ratio per policy")
@@ -61,7 +62,7 @@ def replay_main(args: argparse.Namespace) -> int:
     if measured and cfg is None:
         cfg = load_config(None)
     tiers = tier_models(cfg, trace.footprint, args.fast_fraction, args.config_capacity, measured)
-    names = [p.strip() for p in args.policy.split(",") if p.strip()]
+    names = _policy_names(args)
     closed = None if args.loop == "auto" else args.loop == "closed"
     rows = run_replay(trace, names, tiers, mode=args.mode, cfg=cfg, closed_loop=closed, window=args.window,
                       progress=not args.no_progress and sys.stderr.isatty())
@@ -76,12 +77,19 @@ def replay_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_names(args: argparse.Namespace) -> list[str]:
+    """The --policy names; by default every policy the mode can run."""
+    if args.policy is not None:
+        return [p.strip() for p in args.policy.split(",") if p.strip()]
+    return [p for p in DEFAULT_POLICIES if args.mode == "sim" or p not in NOT_LIVE]
+
+
 def _header(args: argparse.Namespace, trace, tiers, closed: bool | None) -> str:
     """The line above the table: the trace, its footprint and tier capacities, the mode and loop."""
     caps = ", ".join(f"{t.name} {'unbounded' if t.capacity == math.inf else format_size(int(t.capacity))}"
                      for t in tiers)
     if args.mode == "real":
-        loop = "one access at a time (real I/O)"
+        loop = "closed loop, one access at a time, synchronous with the store's governor (real I/O)"
     elif closed is None:
         loop = choose_loop(trace, tiers)[1]
     else:

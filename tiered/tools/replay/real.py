@@ -1,354 +1,379 @@
-"""Real-mode replay: the trace's objects live in a :class:`~tiered.store.TieredStore`.
+"""Real-mode replay: the trace through a live :class:`~tiered.store.TieredStore` and its governor.
 
-Each object of the trace is a store object (ephemeral, owner ``replay``) on the store's last
-storage tier: the backing tier. The fast tier is the store's host tier, where the replay
-reserves a share for owner ``replay``. An object on the fast tier is held there by the
-replay: a lease on its cached copy (:meth:`~tiered.store.TieredStore.acquire`) while clean,
-the detached buffer (:meth:`~tiered.store.Lease.detach`) once written. So:
+The replay opens a store of its own with two storage tiers, each a directory: the fast tier
+(``fast``, the modeled fast tier's capacity, rounded down to whole 4 KiB extents) on the config's
+fastest storage tier, and the backing tier (``backing``, room for the whole footprint) on its
+slowest. ``[policy] migration`` names the replayed policy, so the store's governor, not the
+replay, decides every move and carries it out (``TieredStore.migrate``); the replay only
+accesses objects, as any workload does:
 
-* promotion = ``acquire`` at prefetch priority (a background read the next access may wait for);
-* demotion = release and ``evict`` (clean), or ``put_buffer`` of the written bytes (write-back);
-* an access served by the backing tier = ``acquire`` read from storage and evicted again
-  (kept until the policy's decision when it ends a batch, so a promotion of the object just
-  read costs no second read), a write = ``put_buffer`` of the bytes.
+* an object is created on first sight (an ephemeral put, owner ``replay``, whose latency is the
+  access's) on the tier the placement policy names (the policy itself when it is a
+  PlacementPolicy, as in sim mode: a second instance of it, the governor holds its own). A
+  first read placed on the fast tier is a fill: it counts as served by the backing tier and
+  as a migration, as in sim mode;
+* a read reads the whole object from its storage tier and checks its bytes against the last
+  write; its host copy is evicted once the governor has decided on the read (a move of the
+  object reads no storage again, as the simulator's fill on miss), so the next read reaches
+  storage again;
+* a write puts the whole object again, on the tier it is on. A new version needs room beside
+  the old one (the store never overwrites in place); on a full fast tier the old version is
+  moved down first (the replay's own ``migrate``, not a policy decision: ``rewrite_moves``).
 
-Accesses run one at a time; latency is wall-clock per access; promotions and write-backs are
-store futures running in the background meanwhile, so their traffic delays later accesses as on
-a real machine.
+Closed loop, synchronous with the governor: one access at a time, and after each batch of
+accesses (the policy's ``batch``) ``store.sync_governor()`` waits until the governor has decided
+on them and carried its moves out. So the policy sees the accesses in the simulator's order and
+every access is served where the simulator would serve it. Latency per access is wall-clock;
+the governor's moves run between accesses (unpaced), so they delay none.
+
+The figures are the store's: the tier an access is served from is the object's tier in the
+store's metadata before the access; bytes migrated and migrations are ``stats()["governor"]``'s
+(plus fills). The store keeps one copy per object, so a demotion always moves its bytes, where
+the simulator's backing tier keeps a copy of every object and a clean demotion is free:
+``extra["clean_demotions"]`` (and ``clean_demoted_bytes``) count the difference. Objects count
+as the 4 KiB extents they take. Whatever the replay stored is gone when it returns.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 import uuid
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from tiered.allocators import align_up
-from tiered.io_engine import Priority
-from tiered.policies import KINDS, OPS, Backing, MigrationPolicy, Observation, Outcome, PlacementPolicy, PolicyError, TierModel
+from tiered.policies import KINDS, OPS, Backing, MigrationPolicy, Observation, PlacementPolicy, PolicyError, \
+    TierModel, create_policy
 from tiered.policies.sim import Prepared, SimResult
 
-from ...config import Config
-from .. import REPLAY_OWNER
+from ...config import NOT_LIVE, Config
 from ...sizes import format_size
+from .. import REPLAY_OWNER
 from ..args import UsageError
 
 WAIT = 600.0  # seconds one store operation may take before the replay calls it stuck
+FAST, BACKING = "fast", "backing"  # the replay store's storage tiers, fastest first
+UNPACED = 1 << 50  # bytes/s for the governor's moves: the replay waits for them between accesses
 
 
-def run_real(trace: Prepared, tiers: Sequence[TierModel], policy: MigrationPolicy, cfg: Config | None = None,
-             placement: PlacementPolicy | None = None, *, progress: Callable[[int, int], None] | None = None,
-             max_footprint: int = 4 << 30, store=None) -> SimResult:
-    """Replay with real I/O through a live store (see the module docstring): ``store``, or one
-    opened on ``cfg`` for the replay and closed after it.
+class ReplayDataError(RuntimeError):
+    """A read returned bytes other than the object's last write."""
 
-    Follows the call order of :class:`policies.base.MigrationPolicy` and the same checks as the
-    simulator (a bad decision is a :class:`PolicyError`). Two tiers only (the first cache tier
-    and the backing tier). Whatever the replay held is gone from the store when it returns.
+
+def check_live(name: str, policy: MigrationPolicy | None = None) -> None:
+    """A one-line UsageError for a policy a live store cannot run (it needs the future, or learns
+    from latencies the governor does not report)."""
+    why = NOT_LIVE.get(name)
+    if why is None and policy is not None:
+        if policy.needs_future:
+            why = "it needs the future of the accesses, which a live store does not know"
+        elif policy.learns:
+            why = "it learns from access latencies, which the live governor does not report"
+    if why is not None:
+        raise UsageError(f"policy {name!r} runs in --mode sim only: {why}")
+
+
+def run_real(trace: Prepared, tiers: Sequence[TierModel], policy: str, cfg: Config | None, *,
+             progress: Callable[[int, int], None] | None = None, max_footprint: int = 4 << 30,
+             workdir: str | os.PathLike | None = None) -> SimResult:
+    """Replay ``trace`` with real I/O through a store whose governor runs ``policy`` (a policy
+    name: the store builds the policy by name). Two tiers: the first of ``tiers`` and the last.
+
+    The store's directories are ``workdir``/fast and ``workdir``/backing when given (kept,
+    emptied), else new directories under the config's storage tiers, removed afterwards.
     """
+    if not isinstance(policy, str):
+        raise TypeError(f"run_real: expected a policy name (the store's governor builds the policy by name), "
+                        f"got {type(policy).__name__}")
+    check_live(policy)
+    placer = create_policy(policy)
+    try:
+        check_live(policy, placer)
+        placement = placer if isinstance(placer, PlacementPolicy) else Backing()
+        sizes = [max(1, s) for s in trace.obj_size.tolist()]
+        total = sum(align_up(s) for s in sizes)
+        if total > max_footprint:
+            raise UsageError(f"trace footprint {format_size(total)} exceeds the real-mode limit "
+                             f"{format_size(max_footprint)}; replay fewer events or smaller blocks")
+        fast_cap = _fast_capacity(tiers[0])
+        placer.reset((TierModel(tiers[0].name, fast_cap), TierModel(tiers[-1].name, math.inf)))  # as the governor's
+        dirs, made = _directories(cfg, tiers, workdir)
+        try:
+            store_cfg = _store_config(cfg, tiers, dirs, policy, placer.batch, fast_cap, sizes)
+            return _replay_in_store(store_cfg, trace, tiers, placer, placement, sizes, progress)
+        finally:
+            _remove(made)
+    finally:
+        placer.close()
+
+
+def _replay_in_store(store_cfg: dict, trace: Prepared, tiers, placer, placement, sizes, progress) -> SimResult:
     from ...store import TieredStore
 
-    tiers = (tiers[0], tiers[-1])
-    if placement is None:
-        placement = policy if isinstance(policy, PlacementPolicy) else Backing()
-    total = sum(align_up(max(1, s)) for s in trace.obj_size.tolist())
-    if total > max_footprint:
-        raise UsageError(f"trace footprint {format_size(total)} exceeds the real-mode limit "
-                         f"{format_size(max_footprint)}; "
-                         "replay fewer events or smaller blocks")
-    own = store is None
-    if own:
-        if cfg is None or not cfg.storage_tiers:
-            raise UsageError(f"{getattr(cfg, 'source', 'the config')}: real replay needs a storage tier")
-        store = TieredStore(cfg, hugepages=False).open()
+    store = TieredStore(store_cfg, hugepages=False, cache_on_put=False).open()
     try:
-        replay = _RealReplay(store, trace, tiers, policy, placement)
-        try:
-            replay.lay_out()
-            return replay.run(progress)
-        finally:
-            replay.close()
+        names = (tiers[0].name, tiers[-1].name)
+        replay = _RealReplay(store, trace, names, placement, sizes)
+        return replay.run(placer.name or type(placer).__name__, max(1, int(placer.batch)), progress)
     finally:
-        if own:
-            store.close()
+        store.close()  # deletes the replay's (ephemeral) objects
 
 
-def host_share(obj_sizes: list[int], fast_capacity: int) -> int:
-    """The host bytes the replay reserves: the fast tier's capacity as the store's page-aligned
-    copies take it (512-byte objects take a page each), plus room for the access buffer, the
-    object just read from the backing tier and write-backs in flight."""
-    big = max(obj_sizes, default=4096)
-    blowup = max((align_up(max(1, s)) / max(1, s) for s in obj_sizes), default=1.0)
-    return int(fast_capacity * blowup) + 4 * align_up(big) + (8 << 20)
+def _fast_capacity(tier: TierModel) -> int:
+    cap = int(tier.capacity) // 4096 * 4096 if math.isfinite(tier.capacity) else 0
+    if cap < 4096:
+        raise UsageError(f"real replay: the fast tier {tier.name!r} of {tier.capacity:.0f} bytes holds no 4 KiB "
+                         "extent; raise --fast-fraction")
+    return cap
+
+
+def _storage_spec(cfg: Config, name: str, fastest: bool):
+    """The config's storage tier named ``name``, else its fastest (or slowest) storage tier."""
+    storage = cfg.storage_tiers
+    return next((t for t in storage if t.name == name), storage[0] if fastest else storage[-1])
+
+
+def _directories(cfg: Config | None, tiers, workdir) -> tuple[tuple[Path, Path], list[Path]]:
+    """(fast, backing) directories, and the ones made here that the replay removes after."""
+    if workdir is not None:
+        dirs = (Path(workdir) / FAST, Path(workdir) / BACKING)
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+        return dirs, []
+    if cfg is None or not cfg.storage_tiers:
+        raise UsageError(f"{getattr(cfg, 'source', 'the config')}: real replay needs a storage tier")
+    tag = f".replay-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    bases = (_storage_spec(cfg, tiers[0].name, True).path / tag, _storage_spec(cfg, tiers[-1].name, False).path / tag)
+    made = list(dict.fromkeys(bases))
+    dirs = (bases[0] / FAST, bases[1] / BACKING)
+    try:
+        for d in dirs:
+            d.mkdir(parents=True)
+    except BaseException:
+        _remove(made)
+        raise
+    return dirs, made
+
+
+def _remove(made: list[Path]) -> None:
+    for d in made:
+        if d.exists():
+            shutil.rmtree(d)
+
+
+def _store_config(cfg: Config | None, tiers, dirs, policy: str, batch: int, fast_cap: int, sizes) -> dict:
+    """The replay store: a host tier for its copies, the fast and the backing storage tiers (the
+    config's bandwidth throttles), the config's engine, the governor running ``policy``."""
+    big = align_up(max(sizes, default=1))
+    total = sum(align_up(s) for s in sizes)
+    backing = align_up(total + max(total // 4, 16 * big) + (1 << 20))  # room for rewrites' new versions
+    fast_tier = {"path": str(dirs[0]), "capacity": fast_cap}
+    back_tier = {"path": str(dirs[1]), "capacity": backing}
+    out: dict = {"tiers": {"host": {"capacity": 4 * big + (32 << 20)}, FAST: fast_tier, BACKING: back_tier},
+                 "policy": {"migration": policy, "migration_bandwidth": UNPACED,
+                            "migration_batch": min(max(1, int(batch)), 1 << 16)}}
+    if cfg is not None:
+        for spec_tier, name in ((fast_tier, tiers[0].name), (back_tier, tiers[-1].name)):
+            if cfg.storage_tiers:
+                spec = _storage_spec(cfg, name, spec_tier is fast_tier)
+                spec_tier.update({k: v for k, v in (("read_bandwidth", spec.read_bandwidth),
+                                                    ("write_bandwidth", spec.write_bandwidth)) if v})
+        e = cfg.engine
+        out["engine"] = {"backend": e.backend, "workers": e.workers, "queue_depth": e.queue_depth,
+                         "chunk": e.chunk, "direct": e.direct}
+    return out
 
 
 class _RealReplay:
-    """One replay's objects in the store and what the fast tier holds of them."""
+    """One replay's accesses to the store, and the figures the rows are built from."""
 
-    def __init__(self, store, trace: Prepared, tiers, policy: MigrationPolicy, placement: PlacementPolicy) -> None:
-        self.store, self.trace, self.tiers = store, trace, tiers
-        self.policy, self.placement = policy, placement
-        self.names = (tiers[0].name, tiers[1].name)
-        self.cap0 = int(tiers[0].capacity)
-        self.sizes = trace.obj_size.tolist()  # as the policy and the simulator count them
-        self.osz = [max(1, s) for s in self.sizes]  # as stored (an object holds at least one byte)
-        self.backing = store.config.storage_tiers[-1].name
-        self.prefix = f"replay/{os.getpid()}-{uuid.uuid4().hex[:8]}/"
-        share = host_share(self.osz, self.cap0)
-        host_cap = store.stats()["tiers"]["host"]["capacity"]
-        if share > host_cap:
-            raise UsageError(f"real replay: a fast tier of {format_size(self.cap0)} needs {format_size(share)} of the "
-                             f"store's host tier, which holds {format_size(host_cap)}; lower --fast-fraction "
-                             "or raise tiers.host.capacity")
-        self.res = store.reserve("host", share, owner=REPLAY_OWNER)
-        try:
-            self.scratch = self.res.alloc(max(self.osz, default=4096))
-        except BaseException:
-            self.res.close()
-            raise
-        self.clean: dict[int, Any] = {}  # key -> future of a Lease, or the Lease: a clean fast-tier copy
-        self.dirty: dict[int, Any] = {}  # key -> HostBuffer written on the fast tier, not yet written back
-        self.writebacks: list = []  # futures of put_buffer write-backs
-        self.just_read: int | None = None  # backing-tier object still cached after the access that read it
+    def __init__(self, store, trace: Prepared, names: tuple[str, str], placement: PlacementPolicy,
+                 sizes: list[int]) -> None:
+        self.store, self.trace, self.names, self.placement = store, trace, names, placement
+        self.sizes = sizes  # bytes each object holds in the store
+        self.version = [-1] * trace.n_keys  # access index of each object's last write: its bytes
+        self.dirty = bytearray(trace.n_keys)  # written on the fast tier since it arrived there
+        self.fast_cap = store.stats()["tiers"][FAST]["capacity"]
+        self.moves: list[tuple[str, str]] = []  # (key, destination) of the governor's moves
+        self.read_since_sync: list[str] = []  # their host copies go after the governor's decision
+        self._own_move = False  # the replay's own migrate (a rewrite on a full tier) is no decision
+        self.figures = dict.fromkeys(("fills", "fill_bytes", "promotions", "demotions", "clean_demotions",
+                                      "clean_demoted_bytes", "rewrite_moves", "displaced_writes",
+                                      "placed_below", "verified_reads", "host_copies_read"), 0)
+        from ...store.errors import StoreError, TierFullError
 
-    def key(self, k: int) -> str:
-        return f"{self.prefix}{k}"
+        self._tier_full, self._store_error = TierFullError, StoreError
+        store.add_listener(self._on_event)
 
-    # -- setup and teardown -------------------------------------------------------------------
-    def lay_out(self) -> None:
-        """Put every object on the backing tier (ephemeral: nothing outlives the replay)."""
-        limit = max(max(self.osz, default=0), self.res.reserved // 2)
-        pending, held = [], 0
-        for k, n in enumerate(self.osz):
-            if held + n > limit:
-                _wait_all(pending)
-                pending, held = [], 0
-            buf = self.res.alloc(n, WAIT)
-            buf.array[:] = 0x5A
-            pending.append(self.store.put_buffer(
-                self.key(k), buf, torch.uint8, (n,), tier=self.backing, give=True, cache=False, sync=False,
-                commit=False, ephemeral=True, owner=REPLAY_OWNER))
-            held += n
-        _wait_all(pending)
-        self.store.commit()
+    @staticmethod
+    def key(k: int) -> str:
+        return f"replay/{k}"
 
-    def close(self) -> None:
-        errors = []
-        for fut in self.writebacks:
-            try:
-                fut.result(timeout=WAIT)
-            except BaseException as e:  # noqa: BLE001 - re-raised below, after the cleanup
-                errors.append(e)
-        for entry in self.clean.values():
-            try:
-                _lease(entry).release()
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-        for buf in self.dirty.values():
-            buf.release()
-        self.clean.clear()
-        self.dirty.clear()
-        self.scratch.release()
-        self.store.delete_prefix(self.prefix)
-        self.res.close()
-        if errors:
-            raise errors[0]
+    def _on_event(self, ev) -> None:
+        if ev.op == "migrate" and not self._own_move:
+            self.moves.append((ev.key, ev.tier))
 
     # -- the loop -----------------------------------------------------------------------------
-    def run(self, progress) -> SimResult:
-        t, policy = self.trace, self.policy
-        n, nkeys = t.n, t.n_keys
-        self.kl, self.sl, self.opl = t.key.tolist(), t.size.tolist(), t.op.tolist()
-        kindl, prevl, cntl, tl = t.kind.tolist(), t.prev.tolist(), t.count.tolist(), t.time.tolist()
-        policy.reset(self.tiers)
-        future = bool(policy.needs_future)
-        if future:
-            policy.prepare_future(t.key)
-        nextl = t.next.tolist() if future else None
-        self.tier_of = [-1] * nkeys
-        self.used0 = self.peak0 = self.migrated = self.moves_n = 0
+    def run(self, name: str, batch: int, progress) -> SimResult:
+        t = self.trace
+        n = t.n
+        kl, opl, kindl, tl = t.key.tolist(), t.op.tolist(), t.kind.tolist(), t.time.tolist()
         lats, served = np.zeros(n), np.zeros(n, dtype=np.int8)
-        decisions, pending = 0, []
-        batch_size = max(1, int(policy.batch))
-        inf, names = math.inf, self.names
+        decisions = 0
         t_start = time.perf_counter()
         for i in range(n):
-            k = self.kl[i]
-            t0 = time.perf_counter()
-            filled = self.tier_of[k] < 0 and self._place(i, k, kindl[i], tl[i])
-            from_tier = self._access(i, k)
-            served[i] = 1 if filled else from_tier
-            lats[i] = time.perf_counter() - t0
-            src, p = self.tier_of[k], prevl[i]
-            pending.append(Observation(k, self.osz_model(k), KINDS[kindl[i]], OPS[self.opl[i]], names[src], tl[i], i,
-                                       cntl[i], (tl[i] - tl[p]) if p >= 0 else inf, (i - p) if p >= 0 else inf, src,
-                                       self._occupancy(), nextl[i] if future else inf))
-            if len(pending) < batch_size and i != n - 1:
-                self._forget_just_read()
+            served[i], lats[i] = self._access(i, kl[i], opl[i], kindl[i], tl[i])
+            if (i + 1) % batch and i != n - 1:
                 continue
-            batch_bytes = self._apply(policy.decide(pending), i)
+            self._sync()
             decisions += 1
-            self.migrated += batch_bytes
-            if policy.learns:
-                m = len(pending)
-                policy.observe([Outcome(o, float(lats[o.index]), int(served[o.index]), batch_bytes if j == m - 1 else 0)
-                                for j, o in enumerate(pending)])
-            pending = []
-            batch_size = max(1, int(policy.batch))  # a policy may adapt its batch (as sim re-reads it)
-            self._reap()
             if progress is not None and (i + 1) % 4096 == 0:
                 progress(i + 1, n)
-        for k in list(self.clean):  # promotions still reading, and write-backs, count in the time
-            self.clean[k] = _lease(self.clean[k])
-        _wait_all(self.writebacks)
-        self.writebacks = []
         wall = time.perf_counter() - t_start
         if progress is not None:
             progress(n, n)
-        return SimResult(policy=policy.name or type(policy).__name__, tier_names=names, latency_s=lats,
-                         served=served, bytes_migrated=int(self.migrated), migrations=self.moves_n,
-                         total_time_s=wall, wall_s=wall, decisions=decisions, peak_used=(self.peak0, 0))
+        return self._result(name, lats, served, decisions, wall)
 
-    def osz_model(self, k: int) -> int:
-        """The object's size as the policy and the simulator count it."""
-        return self.sizes[k]
+    def _sync(self) -> None:
+        """Wait for the governor's decisions on the accesses so far; account for its moves."""
+        if not self.store.sync_governor(WAIT):
+            g = self.store.stats()["governor"]
+            if g["stopped"]:
+                raise PolicyError(f"the store's governor stopped: {g['stopped']}")
+            raise TimeoutError(f"the store's governor did not decide within {WAIT:.0f} s ({g['queued']} queued)")
+        for key in self.read_since_sync:  # kept until now: a move of it reads no storage again
+            self.store.evict(key)
+        self.read_since_sync = []
+        moves, self.moves = self.moves, []
+        f = self.figures
+        for key, dst in moves:
+            k = int(key.rsplit("/", 1)[1])
+            if dst == FAST:
+                f["promotions"] += 1
+                continue
+            f["demotions"] += 1
+            if self.dirty[k]:
+                self.dirty[k] = 0
+            else:  # the simulator's backing tier holds a copy: this move is free there
+                f["clean_demotions"] += 1
+                f["clean_demoted_bytes"] += self.sizes[k]
 
-    def _occupancy(self) -> tuple[float, float]:
-        return (self.used0 / self.cap0 if self.cap0 else 1.0, 0.0)
-
-    # -- first sight of an object: the placement policy picks its tier ------------------------
-    def _place(self, i: int, k: int, kind: int, t: float) -> bool:
-        """Put a new object on the tier the placement policy names; True when that took a fill read."""
-        names, cap0 = self.names, self.cap0
-        pobs = Observation(k, self.osz_model(k), KINDS[kind], OPS[self.opl[i]], None, t, i, 1, math.inf, math.inf,
-                           -1, self._occupancy())
-        name = self.placement.place(pobs, [(names[0], cap0, cap0 - self.used0), (names[1], math.inf, math.inf)])
-        if name not in names:
-            raise PolicyError(f"placement {self.placement.name!r} named tier {name!r}; tiers: {names}")
-        self.tier_of[k] = names.index(name)
-        if self.tier_of[k] == 0:
-            if self.used0 + self.osz_model(k) > cap0:
-                raise PolicyError(f"placement {self.placement.name!r} put key {k} on full tier {names[0]!r}")
-            self._charge(k)
-            if self.opl[i]:  # written before it was ever read: room on the fast tier, nothing to read
-                self.dirty[k] = self.res.alloc(self.osz[k], WAIT)
-                return False
-            # its bytes come from the backing tier: a fill, counted as a migration
-            self.clean[k] = self.store.acquire(self.key(k), owner=REPLAY_OWNER)
-            self.migrated += self.osz_model(k)
-            self.moves_n += 1
-            return True
-        return False
-
-    def _charge(self, k: int) -> None:
-        self.used0 += self.osz_model(k)
-        self.peak0 = max(self.peak0, self.used0)
+    def _result(self, name: str, lats, served, decisions: int, wall: float) -> SimResult:
+        stats = self.store.stats()
+        g, f = stats["governor"], self.figures
+        if g["failed"]:
+            raise self._store_error(f"the store's governor failed {g['failed']} move(s): {g['last_error']}")
+        owned = self.store.owners().get(REPLAY_OWNER, {})
+        extra = {**f, "governor": g, "refused": sum(v for k, v in g.items() if k.startswith("refused_"))}
+        return SimResult(policy=name, tier_names=self.names, latency_s=lats, served=served,
+                         bytes_migrated=int(sum(g["bytes_migrated"].values()) + f["fill_bytes"]),
+                         migrations=int(g["migrations"] + f["fills"]), total_time_s=wall, wall_s=wall,
+                         decisions=decisions,
+                         peak_used=tuple(owned.get(t, {}).get("peak", 0) for t in (FAST, BACKING)), extra=extra)
 
     # -- one access -----------------------------------------------------------------------------
-    def _access(self, i: int, k: int) -> int:
-        """Serve access ``i``; the tier that served it."""
-        n, scratch = self.sl[i], self.scratch.array
-        if self.tier_of[k] == 1:
-            self._backing_access(i, k)
-            return 1
-        if k in self.dirty:
-            buf = self.dirty[k].array
-            if self.opl[i]:
-                buf[:n] = scratch[:n]
-            else:
-                scratch[:n] = buf[:n]
+    def _access(self, i: int, k: int, op: int, kind: int, t: float) -> tuple[int, float]:
+        """Serve access ``i``: (the tier that served it, seconds it took)."""
+        if self.version[k] < 0:
+            return self._create(i, k, op, kind, t)
+        key = self.key(k)
+        meta = self.store.meta(key)  # where the store says it is, before the access
+        if meta["in_host"] and not self.store.evict(key):  # the copy a read of this batch left
+            self.figures["host_copies_read"] += 1  # pinned by a move of the governor's
+        t0 = time.perf_counter()
+        if op:
+            landed = self._write(i, k, kind, meta["tier"])
+            took = time.perf_counter() - t0
+            self.dirty[k] = landed == FAST
         else:
-            lease = self.clean[k] = _lease(self.clean[k])
-            if self.opl[i]:  # the written bytes stay on the fast tier until the object is demoted
-                buf = self.dirty[k] = lease.detach()
-                del self.clean[k]
-                buf.array[:n] = scratch[:n]
-            else:
-                scratch[:n] = lease.tensor.numpy()[:n]
-        return 0
+            got = self.store.get(key, owner=REPLAY_OWNER).result(timeout=WAIT)
+            took = time.perf_counter() - t0
+            self.read_since_sync.append(key)
+            self._verify(i, k, got.numpy())
+        return (0 if meta["tier"] == FAST else 1), took
 
-    def _backing_access(self, i: int, k: int) -> None:
-        n, scratch = self.sl[i], self.scratch.array
-        if self.opl[i]:
-            buf = self.res.alloc(self.osz[k], WAIT)
-            buf.array[:] = scratch[: self.osz[k]]
-            self.store.put_buffer(self.key(k), buf, torch.uint8, (self.osz[k],), tier=self.backing, give=True,
-                                  cache=True, sync=False, priority=Priority.DEMAND, ephemeral=True,
-                                  owner=REPLAY_OWNER).result(timeout=WAIT)
-        else:
-            lease = self.store.acquire(self.key(k), owner=REPLAY_OWNER).result(timeout=WAIT)
-            try:
-                scratch[:n] = lease.tensor.numpy()[:n]
-            finally:
-                lease.release()
-        self.just_read = k
+    def _create(self, i: int, k: int, op: int, kind: int, t: float) -> tuple[int, float]:
+        """First sight: put the object on the tier the placement policy names."""
+        tier = self._place(i, k, op, kind, t)
+        t0 = time.perf_counter()
+        if tier == FAST and not self._put_if_room(i, k, kind):  # room in bytes, but in no one piece
+            tier = BACKING
+            self.figures["placed_below"] += 1
+        if tier == BACKING:
+            self._put(i, k, kind, BACKING)
+        took = time.perf_counter() - t0
+        if tier == FAST and not op:  # its bytes came from the backing tier: a fill, as in sim mode
+            self.figures["fills"] += 1
+            self.figures["fill_bytes"] += self.sizes[k]
+            return 1, took
+        self.dirty[k] = op == 1 and tier == FAST
+        return (0 if tier == FAST else 1), took
 
-    def _forget_just_read(self) -> None:
-        """Evict the cached copy a backing-tier access left, unless the object was promoted since."""
-        k, self.just_read = self.just_read, None
-        if k is not None and self.tier_of[k] == 1:
-            self.store.evict(self.key(k))
+    def _place(self, i: int, k: int, op: int, kind: int, t: float) -> str:
+        used = self.store.stats()["tiers"][FAST]["used"]
+        size = align_up(self.sizes[k])
+        pobs = Observation(k, size, KINDS[kind], OPS[op], None, t, i, 1, math.inf, math.inf, -1,
+                           (used / self.fast_cap, 0.0))
+        name = self.placement.place(pobs, [(self.names[0], self.fast_cap, self.fast_cap - used),
+                                           (self.names[1], math.inf, math.inf)])
+        if name not in self.names:
+            raise PolicyError(f"placement {self.placement.name!r} named tier {name!r}; tiers: {self.names}")
+        if name == self.names[0] and used + size > self.fast_cap:
+            raise PolicyError(f"placement {self.placement.name!r} put key {k} ({size} bytes) on full tier {name!r}")
+        return FAST if name == self.names[0] else BACKING
 
-    # -- the policy's moves ---------------------------------------------------------------------
-    def _apply(self, moves, i: int) -> int:
-        """Carry out one decision's moves; the bytes they migrate."""
-        batch_bytes = 0
-        nkeys, names = self.trace.n_keys, self.names
-        for key, dst in moves:
-            key, dst = int(key), int(dst)
-            if not 0 <= key < nkeys or self.tier_of[key] < 0:
-                raise PolicyError(f"policy {self.policy.name!r}: move names unknown object {key!r}")
-            if dst not in (0, 1):
-                raise PolicyError(f"policy {self.policy.name!r}: move to tier {dst}; real mode has tiers 0..1 {names}")
-            if self.tier_of[key] == dst:
-                continue
-            batch_bytes += self._promote(key) if dst == 0 else self._demote(key)
-            self.tier_of[key] = dst
-            self.moves_n += 1
-        self._forget_just_read()
-        return batch_bytes
+    def _write(self, i: int, k: int, kind: int, tier: str) -> str:
+        """A new version on the object's tier; on a full fast tier the old version moves down
+        first (the new one needs room beside it until it is committed). The tier it landed on."""
+        if tier != FAST:
+            self._put(i, k, kind, tier)
+            return tier
+        if self._put_if_room(i, k, kind):
+            return FAST
+        self._own_move = True
+        try:
+            self.store.migrate(self.key(k), BACKING).result(timeout=WAIT)
+        finally:
+            self._own_move = False
+        self.store.evict(self.key(k))
+        self.figures["rewrite_moves"] += 1
+        if self._put_if_room(i, k, kind):
+            return FAST
+        self.figures["displaced_writes"] += 1  # room in bytes, but in no one piece: it stays below
+        self._put(i, k, kind, BACKING)
+        return BACKING
 
-    def _promote(self, key: int) -> int:
-        if self.used0 + self.osz_model(key) > self.cap0:
-            raise PolicyError(f"policy {self.policy.name!r}: moving key {key} to {self.names[0]!r} would exceed "
-                              "its capacity")
-        self._charge(key)
-        # the object just read is still cached: its lease costs no read (a fill on miss)
-        self.clean[key] = self.store.acquire(self.key(key), priority=Priority.PREFETCH, owner=REPLAY_OWNER)
-        return self.osz_model(key)
+    def _put(self, i: int, k: int, kind: int, tier: str) -> None:
+        self.store.put(self.key(k), torch.from_numpy(_content(k, i, self.sizes[k])), kind=KINDS[kind], tier=tier,
+                       ephemeral=True, owner=REPLAY_OWNER).result(timeout=WAIT)
+        self.version[k] = i
 
-    def _demote(self, key: int) -> int:
-        self.used0 -= self.osz_model(key)
-        buf = self.dirty.pop(key, None)
-        if buf is None:
-            _lease(self.clean.pop(key)).release()
-            self.store.evict(self.key(key))
-            return 0
-        self.writebacks.append(self.store.put_buffer(
-            self.key(key), buf, torch.uint8, (self.osz[key],), tier=self.backing, give=True, cache=False,
-            sync=False, priority=Priority.WRITEBACK, ephemeral=True, owner=REPLAY_OWNER))
-        return self.osz_model(key)
+    def _put_if_room(self, i: int, k: int, kind: int) -> bool:
+        """Put on the fast tier; False (nothing written) when it has no free extent for it."""
+        try:
+            self._put(i, k, kind, FAST)
+        except self._tier_full:  # refused before anything was written
+            return False
+        return True
 
-    def _reap(self) -> None:
-        keep = []
-        for fut in self.writebacks:
-            if fut.done():
-                fut.result(timeout=0)
-            else:
-                keep.append(fut)
-        self.writebacks = keep
+    def _verify(self, i: int, k: int, got: np.ndarray) -> None:
+        if not np.array_equal(got, _content(k, self.version[k], self.sizes[k])):
+            head = got[:16].view(np.int64).tolist() if got.size >= 16 else got.tolist()
+            raise ReplayDataError(f"access {i}: object {self.key(k)} read back other bytes than its last write "
+                                  f"(access {self.version[k]}); it starts {head}")
+        self.figures["verified_reads"] += 1
 
 
-def _lease(entry):
-    """The Lease of a fast-tier entry, waiting for its promotion read if it is still a future."""
-    return entry.result(timeout=WAIT) if hasattr(entry, "result") else entry
+def _content(k: int, version: int, n: int) -> np.ndarray:
+    """The bytes of object ``k`` written at access ``version``: key and version, then a fill."""
+    out = np.full(n, (k * 131 + version * 7) % 251 + 1, dtype=np.uint8)
+    if n >= 16:
+        out[:16] = np.array([k, version], dtype=np.int64).view(np.uint8)
+    return out
 
-
-def _wait_all(futures) -> None:
-    for f in futures:
-        f.result(timeout=WAIT)

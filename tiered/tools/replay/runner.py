@@ -10,8 +10,9 @@ from tiered.policies import HEURISTICS, PolicyError, TierModel, create_policy, p
 from tiered.policies.sim import SimResult, prepare, simulate
 
 from ...config import Config
+from ..args import UsageError
 from .models import choose_loop
-from .real import run_real
+from .real import check_live, run_real
 
 DEFAULT_POLICIES = (*HEURISTICS, "belady")
 
@@ -61,26 +62,42 @@ def _create(name: str, options: dict):
 def run_replay(trace, policies: Sequence[str], tiers: Sequence[TierModel], *, mode: str = "sim",
                cfg: Config | None = None, closed_loop: bool | None = None, window: float = 0.2,
                progress: bool = False, policy_options: dict[str, dict] | None = None) -> list[dict]:
-    """Replay ``trace`` (a :class:`traces.Trace`) once per policy name; the table's rows."""
+    """Replay ``trace`` (a :class:`traces.Trace`) once per policy name; the table's rows.
+
+    ``real`` mode runs each policy in a live store's governor, which builds it by name: it takes
+    no ``policy_options``, and policies a live store cannot run are refused before any replay."""
+    if mode not in ("sim", "real"):
+        raise ValueError(f"unknown mode {mode!r}; expected sim or real")
     prep = prepare(trace.time, trace.key, trace.size, trace.op, trace.kind)
     closed = choose_loop(trace, tiers)[0] if closed_loop is None else closed_loop
     unknown = [n for n in policies if n not in policy_names()]
     if unknown:
         raise PolicyError(f"unknown policy {unknown[0]!r}; known: {', '.join(policy_names())}")
+    if mode == "real":
+        _check_real(policies, policy_options or {})
     rows: list[dict] = []
     for name in policies:
-        pol = _create(name, (policy_options or {}).get(name, {}))
         bar = _Progress(name, progress)
+        if mode == "real":
+            rows += rows_for(run_real(prep, tiers, name, cfg, progress=bar), learns=False, window=window)
+            continue
+        pol = _create(name, (policy_options or {}).get(name, {}))
         try:
-            if mode == "sim":
-                res = simulate(prep, tiers, pol, closed_loop=closed, progress=bar)
-            elif mode == "real":
-                if cfg is None:
-                    raise ValueError("real mode needs a config naming a storage tier directory")
-                res = run_real(prep, tiers, pol, cfg, progress=bar)
-            else:
-                raise ValueError(f"unknown mode {mode!r}; expected sim or real")
+            res = simulate(prep, tiers, pol, closed_loop=closed, progress=bar)
         finally:
             pol.close()
         rows += rows_for(res, learns=pol.learns, window=window)
     return rows
+
+
+def _check_real(policies: Sequence[str], policy_options: dict[str, dict]) -> None:
+    for name in policies:
+        check_live(name)
+        if policy_options.get(name):
+            raise UsageError(f"policy {name!r}: options run in --mode sim only (the store's governor builds "
+                             "its policy by name)")
+        pol = _create(name, {})
+        try:
+            check_live(name, pol)
+        finally:
+            pol.close()
