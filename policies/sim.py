@@ -55,7 +55,7 @@ from .base import (
     TierModel,
 )
 
-__all__ = ["SimResult", "default_tiers", "prepare", "simulate", "Prepared"]
+__all__ = ["SimResult", "default_tiers", "deliver_plans", "prepare", "simulate", "Prepared"]
 
 GB = 1e9
 
@@ -284,7 +284,7 @@ def simulate(
 
     for i in range(n):
         if i == plan_at:  # between decisions: the previous batch was cut before this event
-            next_plan, plan_at = _deliver_plans(policy, plans, next_plan, i)
+            next_plan, plan_at = deliver_plans(policy, plans, next_plan, i)
         k = kl[i]
         w = opl[i]
         arr = tl[i]
@@ -409,7 +409,7 @@ def simulate(
         if progress is not None and (i + 1) % progress_every == 0:
             progress(i + 1, n)
     if next_plan < n_plans:  # declared after the last event: delivered all the same
-        _deliver_plans(policy, plans, next_plan, n)
+        deliver_plans(policy, plans, next_plan, n)
     if progress is not None:
         progress(n, n)
     end = max([now + 0.0] + busy + [max(ready_at, default=0.0)])
@@ -429,7 +429,7 @@ def simulate(
     )
 
 
-def _deliver_plans(policy: MigrationPolicy, plans, j: int, at: int) -> tuple[int, int]:
+def deliver_plans(policy: MigrationPolicy, plans, j: int, at: int) -> tuple[int, int]:
     """Call ``policy.plan`` for every plan declared before event ``at`` from ``plans[j]`` on; the
     index of the next plan and the event it precedes (-1: none left)."""
     while j < len(plans) and plans[j][0] <= at:

@@ -94,4 +94,4 @@ def _head(trace, n: int):
     from tiered.traces import Trace
 
     return Trace(trace.time[:n], trace.key[:n], trace.size[:n], trace.op[:n], trace.kind[:n],
-                 trace.key_names, trace.timed, dict(trace.meta, limit=n))
+                 trace.key_names, trace.timed, dict(trace.meta, limit=n), tuple(p for p in trace.plans if p.at < n))

@@ -31,7 +31,7 @@ import torch
 from tiered.allocators import align_up
 from tiered.io_engine import Priority
 from tiered.policies import KINDS, OPS, Backing, MigrationPolicy, Observation, Outcome, PlacementPolicy, PolicyError, TierModel
-from tiered.policies.sim import Prepared, SimResult
+from tiered.policies.sim import Prepared, SimResult, deliver_plans
 
 from ...config import Config
 from .. import REPLAY_OWNER
@@ -176,8 +176,12 @@ class _RealReplay:
         decisions, pending = 0, []
         batch_size = max(1, int(policy.batch))
         inf, names = math.inf, self.names
+        plans = t.plans
+        next_plan, plan_at = 0, (plans[0][0] if plans else -1)  # declared plans, as the simulator delivers them
         t_start = time.perf_counter()
         for i in range(n):
+            if i == plan_at:
+                next_plan, plan_at = deliver_plans(policy, plans, next_plan, i)
             k = self.kl[i]
             t0 = time.perf_counter()
             filled = self.tier_of[k] < 0 and self._place(i, k, kindl[i], tl[i])
@@ -188,7 +192,7 @@ class _RealReplay:
             pending.append(Observation(k, self.osz_model(k), KINDS[kindl[i]], OPS[self.opl[i]], names[src], tl[i], i,
                                        cntl[i], (tl[i] - tl[p]) if p >= 0 else inf, (i - p) if p >= 0 else inf, src,
                                        self._occupancy(), nextl[i] if future else inf))
-            if len(pending) < batch_size and i != n - 1:
+            if len(pending) < batch_size and i != n - 1 and plan_at != i + 1:
                 self._forget_just_read()
                 continue
             batch_bytes = self._apply(policy.decide(pending), i)

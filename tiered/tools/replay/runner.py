@@ -62,7 +62,7 @@ def run_replay(trace, policies: Sequence[str], tiers: Sequence[TierModel], *, mo
                cfg: Config | None = None, closed_loop: bool | None = None, window: float = 0.2,
                progress: bool = False, policy_options: dict[str, dict] | None = None) -> list[dict]:
     """Replay ``trace`` (a :class:`traces.Trace`) once per policy name; the table's rows."""
-    prep = prepare(trace.time, trace.key, trace.size, trace.op, trace.kind)
+    prep = prepare(trace.time, trace.key, trace.size, trace.op, trace.kind, trace.plans)
     closed = choose_loop(trace, tiers)[0] if closed_loop is None else closed_loop
     unknown = [n for n in policies if n not in policy_names()]
     if unknown:
