@@ -12,7 +12,8 @@ policy makes Belady's decisions there:
   their reads when there is room or something read later (or never planned) to demote.
 
 Plan positions advance as the planned keys are read; a read up to :data:`SKIP_WINDOW` positions
-ahead moves the position there (reads may reorder slightly), as the store's own plans do. With no
+ahead moves the position there (reads may reorder slightly), as the store's own plans do, and the
+reads it jumped over stay expected until they arrive (or fall out of the window). With no
 plan active the policy is exactly :class:`~policies.cache.CachingMigration` with the fallback
 ranking: same decisions, same code.
 """
@@ -31,19 +32,27 @@ DEFAULT_PREFETCH = 4  # planned reads per plan fetched ahead of use
 
 
 class _Plan:
-    """One owner's declared reads and how far they have come."""
+    """One owner's declared reads and how far they have come.
 
-    __slots__ = ("keys", "pos", "at")
+    A read up to :data:`SKIP_WINDOW` positions ahead moves the position past it; the reads it
+    jumped over stay expected (next use 0) until they arrive or fall out of the window, so a
+    late read consumes its own position instead of jumping into a later repetition.
+    """
+
+    __slots__ = ("keys", "pos", "at", "late")
 
     def __init__(self, keys: Sequence[Key]) -> None:
         self.keys = list(keys)
         self.pos = 0
         self.at: dict[Key, list[int]] = {}
+        self.late: dict[Key, list[int]] = {}  # key -> positions jumped over, still expected
         for i, k in enumerate(self.keys):
             self.at.setdefault(k, []).append(i)
 
     def next_use(self, key: Key) -> float:
         """Plan positions from now to ``key``'s next planned read (inf: not planned any more)."""
+        if key in self.late:
+            return 0
         where = self.at.get(key)
         if not where:
             return math.inf
@@ -51,16 +60,36 @@ class _Plan:
         return where[i] - self.pos if i < len(where) else math.inf
 
     def advance(self, key: Key) -> None:
+        late = self.late.get(key)
+        if late:
+            late.pop(0)
+            if not late:
+                del self.late[key]
+            return
         where = self.at.get(key)
         if not where:
             return
         i = bisect.bisect_left(where, self.pos)
         if i < len(where) and where[i] - self.pos <= SKIP_WINDOW:
+            for j in range(self.pos, where[i]):
+                self.late.setdefault(self.keys[j], []).append(j)
             self.pos = where[i] + 1
+            if self.late:
+                self._forget_late()
+
+    def _forget_late(self) -> None:
+        """Jumped-over reads that never came within the window are no longer expected."""
+        oldest = self.pos - SKIP_WINDOW
+        for k in [k for k, js in self.late.items() if js[0] < oldest]:
+            js = [j for j in self.late[k] if j >= oldest]
+            if js:
+                self.late[k] = js
+            else:
+                del self.late[k]
 
     @property
     def done(self) -> bool:
-        return self.pos >= len(self.keys)
+        return self.pos >= len(self.keys) and not self.late
 
 
 class ScheduledMigration(CachingMigration):
