@@ -35,8 +35,9 @@ class _Plan:
     """One owner's declared reads and how far they have come.
 
     A read up to :data:`SKIP_WINDOW` positions ahead moves the position past it; the reads it
-    jumped over stay expected (next use 0) until they arrive or fall out of the window, so a
-    late read consumes its own position instead of jumping into a later repetition.
+    jumped over stay expected, in their order and before everything after the position, until
+    they arrive or fall out of the window, so a late read consumes its own position instead of
+    jumping into a later repetition.
     """
 
     __slots__ = ("keys", "pos", "at", "late")
@@ -51,8 +52,9 @@ class _Plan:
 
     def next_use(self, key: Key) -> float:
         """Plan positions from now to ``key``'s next planned read (inf: not planned any more)."""
-        if key in self.late:
-            return 0
+        late = self.late.get(key)
+        if late:
+            return late[0] - self.pos  # negative: overdue
         where = self.at.get(key)
         if not where:
             return math.inf
@@ -132,7 +134,7 @@ class ScheduledMigration(CachingMigration):
         """The next ``prefetch`` planned reads of every plan, soonest first, each key once."""
         soon: dict[Key, float] = {}
         for p in self._plans.values():
-            for k in p.keys[p.pos:p.pos + self.prefetch]:
+            for k in [*p.late, *p.keys[p.pos:p.pos + self.prefetch]]:
                 if k not in soon:
                     soon[k] = self._next_use(k)
         return sorted(((d, k) for k, d in soon.items()), key=lambda x: x[0])
