@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -203,3 +204,33 @@ def test_bad_decisions_are_still_refused():
     prep = trace([0, 1, 0, 1], sizes=[300, 100, 300, 100], plans=[(0, "w", [0, 1, 0, 1])])
     res = simulate(prep, two_tiers(200), create_policy("schedule"))
     assert res.peak_used[0] <= 200 and hits(res) == 1  # only 1 fits: its second read hits
+
+
+# ---------------------------------------------------------------- live: the store's governor
+
+def test_schedule_runs_live_as_the_stores_migration_policy(tmp_path):
+    torch = pytest.importorskip("torch")
+    from tiered.store import TieredStore
+
+    cfg = {"tiers": {"host": {"capacity": "8MiB"}, "fast": {"path": str(tmp_path / "fast"), "capacity": "256KiB"},
+                     "slow": {"path": str(tmp_path / "slow"), "capacity": "16MiB"}},
+           "engine": {"workers": 2}, "policy": {"migration": "schedule", "migration_bandwidth": "1GB/s"}}
+    keys = [f"k{i}" for i in range(6)]
+    with TieredStore(cfg, cache_on_put=False) as s:
+        for i, k in enumerate(keys):
+            s.put(k, torch.full((16384,), float(i)), tier="slow").result(30)
+        for _ in range(3):
+            s.plan(keys, owner="scan")
+            for i, k in enumerate(keys):
+                s.evict(k)  # the read reaches the storage tier, as the policy sees it
+                assert torch.equal(s.get(k).result(30), torch.full((16384,), float(i)))
+        s.plan([], owner="scan")
+        deadline = time.monotonic() + 30
+        while s.stats()["governor"]["queued"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        g = s.stats()["governor"]
+        assert g["policy"] == "schedule" and g["failed"] == 0 and g["last_error"] is None
+        assert g["migrations"] >= 1 and g["bytes_migrated"].get("slow->fast", 0) >= 64 << 10
+        assert sum(1 for k in keys if s.meta(k)["tier"] == "fast") <= 4
+        for i, k in enumerate(keys):
+            assert torch.equal(s.get(k).result(30), torch.full((16384,), float(i)))
