@@ -14,8 +14,9 @@ import pytest
 from tiered import policies
 from tiered.policies import MigrationPolicy, TierModel, create_policy
 from tiered.policies.sim import prepare, simulate
-from tiered.traces import AccessEvent, Trace, TraceFormatError, TraceRecorder, read_text, read_trace, write_text, write_trace
-from tiered.traces.format import PlanDecl
+from tiered.traces import (
+    AccessEvent, PlanDecl, Trace, TraceFormatError, TraceRecorder, read_text, read_trace, write_text, write_trace,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
