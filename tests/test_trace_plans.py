@@ -215,3 +215,35 @@ def test_bench_replay_sim_passes_the_traces_plans(tmp_path, capsys, monkeypatch)
     assert main(["bench", "replay", str(p), "--policy", "plan-spy", "--json", "--limit", "5"]) == 0
     assert [c[1:] for c in spies[1].calls if c[0] == "plan"][-1][0] == "fwd"
     assert len([c for c in spies[1].calls if c[0] == "plan"]) == 3  # the plan after event 5 is cut with it
+
+
+def test_real_mode_replays_a_planned_trace_as_the_simulator_does(tmp_path):
+    """Real I/O delivers the plans where the simulator does: schedule's decisions (which do not
+    depend on timing) serve every access from the same tier in both."""
+    from test_replay import write_config
+
+    from tiered.config import load_config
+    from tiered.tools.replay import run_real, tier_models
+
+    cycle = list(range(40))
+    keys, plans = [], []
+    for c in range(6):
+        plans.append((len(keys), "scan", cycle))
+        keys += cycle
+    n = len(keys)
+    tr = Trace(np.arange(n) * 1e-4, np.asarray(keys), np.full(n, 4096), np.zeros(n, np.uint8),
+               np.full(n, 5, np.uint8), None, True, {}, tuple(plans))
+    p = write_trace(tr, tmp_path / "scan.trace")
+    back = read_trace(p)
+    prep = prepare(back.time, back.key, back.size, back.op, back.kind, back.plans)
+    cfg = load_config(write_config(tmp_path))
+    tiers = tier_models(cfg, prep.footprint, 0.3)
+    sim = simulate(prep, tiers, create_policy("schedule"))
+    real = run_real(prep, tiers, create_policy("schedule"), cfg)
+    assert np.array_equal(sim.served, real.served) and sim.bytes_migrated == real.bytes_migrated
+    lru = simulate(prep, tiers, create_policy("lru"))
+    assert hits_of(sim) > hits_of(lru)
+
+
+def hits_of(res) -> int:
+    return res.served.tolist().count(0)
