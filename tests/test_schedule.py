@@ -81,16 +81,17 @@ def test_without_plans_schedule_makes_the_fallbacks_decisions(fallback, tiers):
 
 
 def test_after_plans_end_it_is_the_fallback_again():
-    # a plan for the first 20 reads, withdrawn; from then on decisions equal LRU's from the same state
-    keys = [0, 1, 2, 3] * 5 + [4, 5, 0, 1, 4, 5, 2, 3]
-    prep = trace(keys, plans=[(0, "w", [0, 1, 2, 3] * 5), (20, "w", [])])
-    res, moves = run(prep, two_tiers(300), "schedule", prefetch=0)
-    assert hits(res) >= hits(run(prep, two_tiers(300), "lru")[0])
-    pol = create_policy("schedule")
-    pol.reset(two_tiers(300))
-    pol.plan("w", [0, 1])
-    pol.plan("w", [])
-    assert not pol._plans
+    # while planned, 4 objects fit the fast tier (decisions as LRU's: fill free room); the plan
+    # is withdrawn, then 10 objects compete: every decision from there on is LRU's too
+    rng = np.random.default_rng(7)
+    head = [0, 1, 2, 3] * 5
+    keys = head + rng.integers(0, 10, 400).tolist()
+    prep = trace(keys, plans=[(0, "w", head), (len(head), "w", [])])
+    ref, ref_moves = run(prep, two_tiers(500), "lru")
+    got, got_moves = run(prep, two_tiers(500), "schedule")
+    assert got_moves == ref_moves and np.array_equal(got.served, ref.served)
+    still = trace(keys, plans=[(0, "w", head + keys[len(head):len(head) + 40])])  # a plan still active
+    assert run(still, two_tiers(500), "schedule")[1] != ref_moves
 
 
 # ---------------------------------------------------------------- over the horizon: Belady
