@@ -176,6 +176,19 @@ def test_budgets_and_decisions_with_plans_on_random_traces(fallback):
     assert res.peak_used[0] <= 2000 and res.peak_used[1] <= 6000
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(keys=st.lists(st.integers(0, 30), min_size=1, max_size=200),
+       sizes=st.lists(st.integers(1, 400), min_size=31, max_size=31), cap=st.integers(0, 3000),
+       writes=st.integers(0, 3), every=st.integers(1, 50), span=st.integers(0, 80), three=st.booleans())
+def test_plans_never_make_it_break_budgets(keys, sizes, cap, writes, every, span, three):
+    k = np.asarray(keys)
+    plans = [(i, f"o{i % 2}", keys[i:i + span][::-1 if i % 3 else 1]) for i in range(0, len(keys), every)]
+    prep = trace(k, np.asarray(sizes)[k], (k % 4 < writes).astype(np.uint8), plans)
+    tiers = ((TierModel("a", cap // 2), TierModel("b", cap), TierModel("c", math.inf)) if three else two_tiers(cap))
+    res = simulate(prep, tiers, create_policy("schedule"))  # PolicyError on a move that overfills
+    assert res.peak_used[0] <= tiers[0].capacity and (not three or res.peak_used[1] <= cap)
+
+
 def test_it_follows_the_callers_truth():
     pol = create_policy("schedule", prefetch=2)
     pol.reset(two_tiers(200))
