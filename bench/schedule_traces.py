@@ -1,6 +1,6 @@
 """Declared plans against the heuristics and Belady, on traces of the project's own workloads.
 
-    python bench/schedule_traces.py [--quick] [--fraction 0.5] [--keep-traces DIR] [--json]
+    python bench/schedule_traces.py [--quick] [--fraction 0.5] [--loop auto|open|closed|back-to-back] [--keep-traces DIR] [--json]
 
 Records, with a :class:`~tiered.traces.TraceRecorder` on the store, the workloads that declare
 their next reads (``TieredStore.plan``):
@@ -139,11 +139,16 @@ def gap_closed(best: float, opt: float, value: float) -> float | None:
     return (best - value) / (best - opt)
 
 
-def replay(trace, fraction: float) -> dict:
+def replay(trace, fraction: float, loop_choice: str = "auto") -> dict:
     ws = working_set(trace)
     tiers = tier_models(None, ws, fraction)
     closed, loop = choose_loop(trace, tiers)
-    prep = prepare(trace.time, trace.key, trace.size, trace.op, trace.kind, trace.plans)
+    times = trace.time
+    if loop_choice == "back-to-back":  # no compute between accesses: nothing for a fetch ahead to hide behind
+        closed, loop, times = True, "closed loop, back to back (--loop back-to-back)", np.zeros(len(trace))
+    elif loop_choice != "auto":
+        closed, loop = loop_choice == "closed", f"{loop_choice} loop (--loop)"
+    prep = prepare(times, trace.key, trace.size, trace.op, trace.kind, trace.plans)
     fast = tiers[0].name
 
     reads = np.asarray(trace.op) == 0
@@ -193,6 +198,9 @@ def main() -> int:
     ap.add_argument("--fraction", type=float, default=0.5, help="fast tier as a share of the working set")
     ap.add_argument("--keep-traces", default=None, help="keep the recorded traces in this directory")
     ap.add_argument("--only", default=None, help="comma-separated subset: forward,train,adamw")
+    ap.add_argument("--loop", default="auto", choices=["auto", "open", "closed", "back-to-back"],
+                    help="arrivals at trace times (open), each after the previous completes but not before its "
+                         "trace time (closed), or each right after the previous (back-to-back: no compute gaps)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -206,7 +214,7 @@ def main() -> int:
     recorders = [("forward", lambda o, w: record_offload(o, w, args.quick, False)),
                  ("train", lambda o, w: record_offload(o, w, args.quick, True)),
                  ("adamw", lambda o, w: record_adamw(o, w, args.quick))]
-    result = {"fraction_of_working_set": args.fraction, "quick": args.quick, "host": platform.node(),
+    result = {"fraction_of_working_set": args.fraction, "quick": args.quick, "loop": args.loop, "host": platform.node(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "note": "simulated tiers (policies.sim) over traces recorded from live workloads; host RAM cache "
                       "over NVMe-like backing tier with typical speeds (tiered bench replay's defaults)",
@@ -223,12 +231,12 @@ def main() -> int:
             rec_s = time.perf_counter() - t0
             trace = read_trace(path)
             entry = {"trace": path.name, "workload": trace.meta.get("workload"), "record_s": rec_s}
-            entry.update(replay(trace, args.fraction))
+            entry.update(replay(trace, args.fraction, args.loop))
             entry["seconds"] = time.perf_counter() - t0
             result["traces"].append(entry)
             _print(entry)
-            _plot(entry, out_dir)
-    path = out_dir / "schedule_traces.json"
+            _plot(entry, out_dir, "" if args.loop == "auto" else f"_{args.loop}")
+    path = out_dir / ("schedule_traces.json" if args.loop == "auto" else f"schedule_traces_{args.loop}.json")
     path.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {path}", file=sys.stderr)
     if args.json:
@@ -254,11 +262,11 @@ def _pct(x) -> str:
     return "n/a (no gap)" if x is None else f"{x:.0%}"
 
 
-def _plot(e: dict, out_dir: Path) -> None:
+def _plot(e: dict, out_dir: Path, suffix: str = "") -> None:
     try:
         from tiered.tools.replay import plot_rows
 
-        png = out_dir / f"schedule_{e['trace'].split('.')[0]}.png"
+        png = out_dir / f"schedule_{e['trace'].split('.')[0]}{suffix}.png"
         plot_rows(e["rows"], png, f"{e['trace']} (fast tier {e['fast_capacity']} B)")
         e["plot"] = str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png)
     except Exception as err:  # noqa: BLE001 - no matplotlib: the JSON and the table are the results
