@@ -145,10 +145,6 @@ class Trace:
     def _plan_event(self, p: PlanDecl, t: float) -> AccessEvent:
         return AccessEvent(t, p.owner, 0, "plan", "blob", None, tuple(self.key_name(k) for k in p.keys))
 
-    def plan_triples(self) -> list[tuple[int, str, tuple[int, ...]]]:
-        """``(at, owner, key ids)`` per plan: what :func:`policies.sim.prepare` takes."""
-        return [tuple(p) for p in self.plans]
-
     @classmethod
     def from_events(cls, events: Iterable[AccessEvent], *, timed: bool = True, meta: dict | None = None) -> "Trace":
         """Columns from events: reads and writes, and plans (evict/delete are not accesses); times
