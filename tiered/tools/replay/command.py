@@ -22,7 +22,8 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="auto", choices=["auto", "tiered", "mqsim", "arc", "msr", "mooncake"])
     p.add_argument("--config", default=None, help="offload TOML: tier speeds (sim) and directories (real)")
     p.add_argument("--policy", default=",".join(DEFAULT_POLICIES),
-                   help=f"comma-separated policy names (default {','.join(DEFAULT_POLICIES)}; also rl)")
+                   help=f"comma-separated policy names (default {','.join(DEFAULT_POLICIES)}; also rl, and schedule: "
+                        "Belady over the plans a trace declares, LRU beyond them)")
     p.add_argument("--mode", default="sim", choices=["sim", "real"])
     p.add_argument("--json", action="store_true", help="print a JSON list of rows on stdout")
     p.add_argument("--plot", default=None, help="write a PNG of latency and hit ratio per policy")
