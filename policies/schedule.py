@@ -12,8 +12,9 @@ policy makes Belady's decisions there:
   their reads when there is room or something read later (or never planned) to demote.
 
 Plan positions advance as the planned keys are read; a read up to :data:`SKIP_WINDOW` positions
-ahead moves the position there (reads may reorder slightly), as the store's own plans do, and the
-reads it jumped over stay expected until they arrive (or fall out of the window). With no
+ahead (reads may reorder slightly), or of a key's last planned occurrence, moves the position
+there, as the store's own plans do, and the reads it jumped over stay expected until they arrive
+(or fall out of the window). With no
 plan active the policy is exactly :class:`~policies.cache.CachingMigration` with the fallback
 ranking: same decisions, same code.
 """
@@ -34,8 +35,10 @@ DEFAULT_PREFETCH = 4  # planned reads per plan fetched ahead of use
 class _Plan:
     """One owner's declared reads and how far they have come.
 
-    A read up to :data:`SKIP_WINDOW` positions ahead moves the position past it; the reads it
-    jumped over stay expected, in their order and before everything after the position, until
+    A read up to :data:`SKIP_WINDOW` positions ahead, or of the key's last planned occurrence
+    however far (as the store's plans: reads a policy never saw must not freeze the plan), moves
+    the position past it; the reads it jumped over (the last :data:`SKIP_WINDOW` of them) stay
+    expected, in their order and before everything after the position, until
     they arrive or fall out of the window, so a late read consumes its own position instead of
     jumping into a later repetition.
     """
@@ -72,8 +75,8 @@ class _Plan:
         if not where:
             return
         i = bisect.bisect_left(where, self.pos)
-        if i < len(where) and where[i] - self.pos <= SKIP_WINDOW:
-            for j in range(self.pos, where[i]):
+        if i < len(where) and (where[i] - self.pos <= SKIP_WINDOW or i == len(where) - 1):
+            for j in range(max(self.pos, where[i] - SKIP_WINDOW), where[i]):
                 self.late.setdefault(self.keys[j], []).append(j)
             self.pos = where[i] + 1
             if self.late:

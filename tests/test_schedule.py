@@ -162,6 +162,21 @@ def test_reads_slightly_out_of_order_still_advance_the_plan():
     assert hits(res) > hits(run(prep, two_tiers(500), "lru")[0])
 
 
+def test_a_read_of_a_keys_last_planned_occurrence_resyncs_the_plan():
+    pol = create_policy("schedule")
+    pol.reset(two_tiers(1000))
+    pol.plan("w", list(range(40)) + [5])
+    for i, k in enumerate([0, 1, 39]):  # 39 is 37 positions ahead, but never planned again
+        pol.decide([Observation(k, 100, tier="slow", tier_index=1, index=i)])
+    plan = pol._plans["w"]
+    assert plan.pos == 40
+    assert pol._next_use(2) == math.inf  # passed long ago: no longer expected
+    assert pol._next_use(38) < 0 and pol._next_use(25) < pol._next_use(38)  # just passed: overdue, in order
+    assert pol._next_use(5) == 0  # 5's later occurrence is next
+    pol.decide([Observation(5, 100, tier="slow", tier_index=1, index=3)])
+    assert pol._plans["w"].pos == 41 and pol._next_use(5) == math.inf  # its early read was forgotten
+
+
 # ---------------------------------------------------------------- contract and options
 
 @pytest.mark.parametrize("fallback", FALLBACKS)
