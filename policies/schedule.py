@@ -14,9 +14,8 @@ policy makes Belady's decisions there:
 Plan positions advance as the planned keys are read; a read up to :data:`SKIP_WINDOW` positions
 ahead (reads may reorder slightly), or of a key's last planned occurrence, moves the position
 there, as the store's own plans do, and the reads it jumped over stay expected until they arrive
-(or fall out of the window). With no
-plan active the policy is exactly :class:`~policies.cache.CachingMigration` with the fallback
-ranking: same decisions, same code.
+(or fall out of the window). With no plan active the policy is exactly
+:class:`~policies.cache.CachingMigration` with the fallback ranking: same decisions, same code.
 """
 
 from __future__ import annotations
