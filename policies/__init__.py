@@ -7,7 +7,9 @@ trace simulation (:mod:`policies.sim`). Policies are looked up by name:
   prefix-aware (keeps KV blocks that queued requests will read)
 * row-cache policies (vectorized, one call per minibatch of GNN rows): see :mod:`policies.row_cache`
 * migration policies (whole-hierarchy decisions, used by the simulator and
-  ``tiered bench replay``): lru, lfu, arc, s3fifo, sieve, static, belady, rl
+  ``tiered bench replay``): lru, lfu, arc, s3fifo, sieve, static, belady, rl, and
+  schedule (Belady's choice over the futures workloads declare with ``plan``, the ``fallback``
+  eviction policy beyond them; options ``fallback`` (default lru) and ``prefetch``)
 
 ``rl`` is resolved lazily: it imports :mod:`policies.rl` (torch) and calls its
 ``make_policy(**options)``, which returns a :class:`MigrationPolicy` that is
@@ -31,6 +33,7 @@ from .lru import LRU
 from .prefix_aware import PrefixAware
 from .row_cache import ROW_CACHE_POLICIES, RowCachePolicy, VictimBuffer, create_row_cache_policy
 from .s3fifo import S3FIFO
+from .schedule import ScheduledMigration
 from .sieve import SIEVE
 from .static import StaticSplit
 
@@ -64,6 +67,17 @@ def _caching(name: str, factory: Callable[[], EvictionPolicy]) -> Callable[..., 
     return make
 
 
+def _schedule(fallback: str = "lru", **options: Any) -> MigrationPolicy:
+    """``schedule``: Belady over the declared plans, ``fallback`` (an eviction policy name) beyond."""
+    if fallback not in _EVICTION:
+        raise KeyError(f"policy 'schedule': unknown fallback eviction policy {fallback!r}; "
+                       f"known: {', '.join(eviction_policy_names())}")
+    unknown = sorted(set(options) - {"prefetch"})
+    if unknown:
+        raise TypeError(f"policy 'schedule' takes options fallback and prefetch, got {unknown}")
+    return ScheduledMigration(_EVICTION[fallback], **options)
+
+
 def _rl(**options: Any) -> MigrationPolicy:
     try:
         mod = importlib.import_module(".rl", __name__)
@@ -83,6 +97,7 @@ _POLICIES: dict[str, Callable[..., MigrationPolicy]] = {
     "sieve": _caching("sieve", SIEVE),
     "belady": _caching("belady", Belady),
     "static": StaticSplit,
+    "schedule": _schedule,
     "rl": _rl,
 }
 #: the policies that need no future and no training: what "best heuristic" means
@@ -111,6 +126,7 @@ __all__ = [
     "ARC", "HEURISTICS", "KINDS", "LFU", "LRU", "OPS", "S3FIFO", "Backing", "Belady",
     "CachingMigration", "EvictionPolicy", "FirstFit", "MigrationPolicy", "Move", "Observation",
     "Outcome", "PlacementPolicy", "PolicyError", "PrefixAware", "ROW_CACHE_POLICIES", "RowCachePolicy", "SIEVE",
+    "ScheduledMigration",
     "StaticSplit", "TierModel", "VictimBuffer", "create_row_cache_policy",
     "create_eviction_policy", "create_policy", "eviction_policy_names", "policy_names",
     "register_eviction_policy", "register_policy",

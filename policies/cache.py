@@ -55,7 +55,7 @@ class CachingMigration(MigrationPolicy, PlacementPolicy):
         lvl.admit(obs)
         self.free[level] -= size
         if self.free[level] < 0:
-            for v in lvl.victims(int(-self.free[level]), lambda x: x != key and x != pinned):
+            for v in self._victims(level, int(-self.free[level]), key, pinned):
                 lvl.remove(v)
                 vs = self.size[v]
                 self.free[level] += vs
@@ -80,36 +80,14 @@ class CachingMigration(MigrationPolicy, PlacementPolicy):
                 return name
         return tiers[-1][0] if tiers else None
 
+    def _victims(self, level: int, nbytes: int, key: Key, pinned: Key) -> list[Key]:
+        """Objects of ``level`` to demote, in order, to free ``nbytes`` for ``key`` (never it or ``pinned``)."""
+        return self.levels[level].victims(nbytes, lambda x: x != key and x != pinned)
+
     def decide(self, batch: Sequence[Observation]) -> list[Move]:
         moves: list[Move] = []
-        back = self.back
         for obs in batch:
-            k = obs.key
-            t = obs.tier_index
-            own = self.where.get(k, back)
-            self.size[k] = size = obs.nbytes
-            self.last[k] = obs
-            if own != t:  # the caller placed or moved it: follow the truth
-                if own < back:
-                    self.levels[own].remove(k)
-                    self.free[own] += size
-                if 0 <= t < back:
-                    self.levels[t].admit(obs)
-                    self.free[t] -= size
-                    self.where[k] = t
-                else:
-                    self.where.pop(k, None)
-                own = t if 0 <= t < back else back
-            if own == 0:
-                self.levels[0].touch(obs)
-                continue
-            if size > self.cap[0] or not self.levels[0].should_admit(obs, int(self.free[0])):
-                if own < back:
-                    self.levels[own].touch(obs)
-                continue
-            if self._place(k, size, 0, obs, moves, k) and own < back:
-                self.levels[own].remove(k)  # its move to tier 0 is the last one: room until then
-                self.free[own] += size
+            self._access(obs, self._follow(obs), moves)
         return moves
 
     def locate(self, key: Key, tier: int, nbytes: int) -> None:
@@ -123,6 +101,47 @@ class CachingMigration(MigrationPolicy, PlacementPolicy):
             self.levels[tier].admit(obs)
             self.free[tier] -= nbytes
             self.where[key] = tier
+
+    def _follow(self, obs: Observation) -> int:
+        """Record ``obs``; the level its object is on, the caller's truth (it wins where we differ)."""
+        k = obs.key
+        t = obs.tier_index
+        back = self.back
+        own = self.where.get(k, back)
+        self.size[k] = size = obs.nbytes
+        self.last[k] = obs
+        if own != t:  # the caller placed or moved it: follow the truth
+            if own < back:
+                self.levels[own].remove(k)
+                self.free[own] += size
+            if 0 <= t < back:
+                self.levels[t].admit(obs)
+                self.free[t] -= size
+                self.where[k] = t
+            else:
+                self.where.pop(k, None)
+            own = t if 0 <= t < back else back
+        return own
+
+    def _access(self, obs: Observation, own: int, moves: list[Move]) -> None:
+        """Promote the accessed object to tier 0 unless the ranking declines it (bypass)."""
+        k, size = obs.key, obs.nbytes
+        if own == 0:
+            self.levels[0].touch(obs)
+            return
+        if size > self.cap[0] or not self.levels[0].should_admit(obs, int(self.free[0])):
+            if own < self.back:
+                self.levels[own].touch(obs)
+            return
+        self._promote(k, size, obs, own, moves)
+
+    def _promote(self, k: Key, size: int, obs: Observation, own: int, moves: list[Move]) -> bool:
+        """Move ``k`` from level ``own`` to tier 0, demoting victims first; False if no room."""
+        placed = self._place(k, size, 0, obs, moves, k)
+        if placed and own < self.back:
+            self.levels[own].remove(k)  # its move to tier 0 is the last one: room until then
+            self.free[own] += size
+        return placed
 
     def forget(self, key: Key) -> None:
         level = self.where.pop(key, None)

@@ -31,6 +31,11 @@ Model (documented so results can be judged):
   next access when the previous completes, never earlier than its trace
   time) -- the right model for traces without meaningful timestamps.
 
+Declared futures: ``prepare(..., plans=)`` takes ``(at, owner, keys)`` triples (``keys`` in the
+key column's ids); the simulator calls ``policy.plan(owner, keys)`` before event ``at``, between
+decisions (the batch is cut there), as the store's governor does live. Plan keys the trace never
+accesses keep ids of their own (``n_keys`` and up): a policy never sees them in an observation.
+
 Call order: see :class:`policies.base.MigrationPolicy`. New objects are
 placed by the placement policy (default: the policy itself if it is also a
 :class:`PlacementPolicy`, else :class:`~policies.base.Backing`).
@@ -50,7 +55,7 @@ from .base import (
     TierModel,
 )
 
-__all__ = ["SimResult", "default_tiers", "prepare", "simulate", "Prepared"]
+__all__ = ["SimResult", "default_tiers", "deliver_plans", "prepare", "simulate", "Prepared"]
 
 GB = 1e9
 
@@ -83,6 +88,9 @@ class Prepared:
     next: np.ndarray  # float64 index of the key's next access, inf if none
     count: np.ndarray  # int64 accesses of the key so far, this one included
     original_keys: np.ndarray  # the input key of each dense id
+    #: declared plans, ``(at, owner, keys)`` in order of ``at``: before event ``at`` the owner declared
+    #: it reads ``keys`` (dense ids) next
+    plans: tuple[tuple[int, str, tuple[int, ...]], ...] = ()
 
     @property
     def n(self) -> int:
@@ -97,8 +105,12 @@ class Prepared:
         return int(self.obj_size.sum())
 
 
-def prepare(time, key, size, op, kind) -> Prepared:
-    """Validate the columns and derive the per-event history arrays (vectorised)."""
+def prepare(time, key, size, op, kind, plans=None) -> Prepared:
+    """Validate the columns and derive the per-event history arrays (vectorised).
+
+    ``plans``: ``(at, owner, keys)`` triples (see the module docstring), ``at`` non-decreasing in
+    ``0..n`` (``n``: after the last event).
+    """
     cols = {"time": np.asarray(time, dtype=np.float64), "key": np.asarray(key),
             "size": np.asarray(size), "op": np.asarray(op), "kind": np.asarray(kind)}
     n = cols["time"].shape[0]
@@ -135,7 +147,30 @@ def prepare(time, key, size, op, kind) -> Prepared:
     count = np.empty(n, dtype=np.int64)
     count[order] = np.arange(n) - group_start + 1
     t = cols["time"] - (cols["time"][0] if n else 0.0)
-    return Prepared(t, dense, size_a, op_a, kind_a, obj_size, prev, nxt, count, uniq)
+    dense_plans = _dense_plans(plans or (), uniq, n)
+    return Prepared(t, dense, size_a, op_a, kind_a, obj_size, prev, nxt, count, uniq, dense_plans)
+
+
+def _dense_plans(plans, uniq: np.ndarray, n: int) -> tuple[tuple[int, str, tuple[int, ...]], ...]:
+    """Plans with their keys as dense ids; keys never accessed get ids from ``len(uniq)`` on."""
+    out = []
+    extra: dict[int, int] = {}
+    last = 0
+    for j, (at, owner, keys) in enumerate(plans):
+        at = int(at)
+        if not last <= at <= n:
+            raise ValueError(f"plan {j} (owner {owner!r}): at = {at}; expected {last} <= at <= {n} "
+                             "(non-decreasing event indices)")
+        last = at
+        ids = np.asarray(keys, dtype=np.int64).reshape(-1)
+        pos = np.searchsorted(uniq, ids)
+        found = pos < uniq.shape[0]
+        found[found] = uniq[pos[found]] == ids[found]
+        dense = pos.tolist()
+        for i in np.flatnonzero(~found).tolist():
+            dense[i] = extra.setdefault(int(ids[i]), int(uniq.shape[0]) + len(extra))
+        out.append((at, str(owner), tuple(dense)))
+    return tuple(out)
 
 
 @dataclass
@@ -242,7 +277,14 @@ def simulate(
     now = 0.0
     last_fin = 0.0
 
+    plans = trace.plans
+    n_plans = len(plans)
+    next_plan = 0  # index into plans of the next declaration to deliver
+    plan_at = plans[0][0] if n_plans else -1  # the event it precedes
+
     for i in range(n):
+        if i == plan_at:  # between decisions: the previous batch was cut before this event
+            next_plan, plan_at = deliver_plans(policy, plans, next_plan, i)
         k = kl[i]
         w = opl[i]
         arr = tl[i]
@@ -307,7 +349,7 @@ def simulate(
         )
         pending.append(obs)
         pend_keys.add(k)
-        if len(pending) < batch_size and i != n - 1:
+        if len(pending) < batch_size and i != n - 1 and plan_at != i + 1:
             continue
         moves = policy.decide(pending)
         n_decide += 1
@@ -366,6 +408,8 @@ def simulate(
         batch_size = max(1, int(policy.batch))  # a policy may adapt its batch as it learns the sizes
         if progress is not None and (i + 1) % progress_every == 0:
             progress(i + 1, n)
+    if next_plan < n_plans:  # declared after the last event: delivered all the same
+        deliver_plans(policy, plans, next_plan, n)
     if progress is not None:
         progress(n, n)
     end = max([now + 0.0] + busy + [max(ready_at, default=0.0)])
@@ -383,3 +427,13 @@ def simulate(
         decisions=n_decide,
         peak_used=tuple(peak),
     )
+
+
+def deliver_plans(policy: MigrationPolicy, plans, j: int, at: int) -> tuple[int, int]:
+    """Call ``policy.plan`` for every plan declared before event ``at`` from ``plans[j]`` on; the
+    index of the next plan and the event it precedes (-1: none left)."""
+    while j < len(plans) and plans[j][0] <= at:
+        _at, owner, keys = plans[j]
+        policy.plan(owner, keys)
+        j += 1
+    return j, (plans[j][0] if j < len(plans) else -1)

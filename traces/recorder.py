@@ -11,7 +11,9 @@ Events are buffered in memory and appended to the column files of a
 temporary directory every ``buffer_events`` events; ``close()`` writes the
 key names and the header last and renames the directory into place, so a
 crash leaves no directory that looks like a trace. Only reads and writes are
-accesses; evict/delete events are counted in the header's ``meta``. Kinds
+accesses; plan declarations (op ``"plan"``) are recorded in the plan columns,
+their keys named like accesses' (ids into keys.json); evict/delete events are
+counted in the header's ``meta``. Kinds
 are mapped to ``policies.KINDS`` (aliases such as "optimizer" -> "optim");
 an unknown kind is recorded as "blob" and counted in ``meta``, never dropped.
 Thread-safe: the store may call listeners from several threads.
@@ -32,7 +34,7 @@ import numpy as np
 from ..policies.base import KINDS, OPS
 
 from .events import AccessEvent, normalize_kind
-from .format import COLUMNS, _write_file, header, install_dir
+from .format import COLUMNS, PLAN_COLUMNS, _write_file, header, install_dir, plans_header
 
 __all__ = ["TraceRecorder"]
 
@@ -51,6 +53,11 @@ class TraceRecorder:
         self._files: dict[str, BinaryIO] = {}
         self._ids: dict[str, int] = {}
         self._buf: dict[str, list] = {c: [] for c in COLUMNS}
+        self._plan_buf: dict[str, list] = {c: [] for c in PLAN_COLUMNS}
+        self._plan_files: dict[str, BinaryIO] = {}
+        self._owners: dict[str, int] = {}
+        self._plans = 0  # declarations recorded
+        self._plan_keys = 0  # keys in them
         self._t0: float | None = None
         self._n = 0
         self._skipped: dict[str, int] = {}
@@ -81,6 +88,9 @@ class TraceRecorder:
         with self._lock:
             if self._tmp is None or self._closed:
                 raise RuntimeError(f"trace recorder for {self.path} is not open")
+            if ev.op == "plan":
+                self._record_plan(ev)
+                return
             op = self._op.get(ev.op)
             if op is None:
                 self._skipped[ev.op] = self._skipped.get(ev.op, 0) + 1
@@ -105,11 +115,30 @@ class TraceRecorder:
             if len(b["time"]) >= self.buffer_events:
                 self._flush()
 
+    def _record_plan(self, ev: AccessEvent) -> None:
+        """Call with the lock held: ``ev.key`` (the owner) declared it reads ``ev.keys`` next."""
+        if not self._plan_files:
+            self._plan_files = {c: open(self._tmp / f"{c}.bin", "wb") for c in PLAN_COLUMNS}
+        keys = [self._ids.setdefault(str(k), len(self._ids)) for k in ev.keys or ()]
+        b = self._plan_buf
+        b["plan_at"].append(self._n)
+        b["plan_owner"].append(self._owners.setdefault(str(ev.key), len(self._owners)))
+        b["plan_start"].append(self._plan_keys)
+        b["plan_keys"].extend(keys)
+        self._plans += 1
+        self._plan_keys += len(keys)
+        if len(b["plan_keys"]) + len(b["plan_at"]) >= self.buffer_events:
+            self._flush()
+
     def _flush(self) -> None:
         for c, dtype in COLUMNS.items():
             if self._buf[c]:
                 self._files[c].write(np.asarray(self._buf[c], dtype=dtype).tobytes())
                 self._buf[c].clear()
+        for c, dtype in PLAN_COLUMNS.items():
+            if self._plan_buf[c]:
+                self._plan_files[c].write(np.asarray(self._plan_buf[c], dtype=dtype).tobytes())
+                self._plan_buf[c].clear()
 
     @property
     def events(self) -> int:
@@ -125,8 +154,10 @@ class TraceRecorder:
                 return None
             tmp = self._tmp
             try:
+                if self._plans:
+                    self._plan_buf["plan_start"].append(self._plan_keys)  # the end of the last plan's keys
                 self._flush()
-                for f in self._files.values():
+                for f in (*self._files.values(), *self._plan_files.values()):
                     f.flush()
                     os.fsync(f.fileno())
                     f.close()
@@ -136,11 +167,12 @@ class TraceRecorder:
                     meta["skipped_events"] = dict(self._skipped)
                 if self._unknown:
                     meta["unknown_kinds_as_blob"] = dict(self._unknown)
-                hdr = header(self._n, timed=True, named=True, meta=meta)
+                hdr = header(self._n, timed=True, named=True, meta=meta,
+                             plans=plans_header(self._plans, self._plan_keys, list(self._owners)))
                 _write_file(tmp / "header.json", json.dumps(hdr, indent=1).encode())
                 install_dir(tmp, self.path)
             except BaseException:
-                for f in self._files.values():
+                for f in (*self._files.values(), *self._plan_files.values()):
                     f.close()
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise

@@ -23,7 +23,8 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="offload TOML: tier speeds (sim) and directories (real)")
     p.add_argument("--policy", default=None,
                    help=f"comma-separated policy names (default {','.join(DEFAULT_POLICIES)}, without belady in "
-                        "--mode real; also rl, sim mode only)")
+                        "--mode real; also rl, sim mode only, and schedule: Belady over the plans a trace "
+                        "declares, LRU beyond them)")
     p.add_argument("--mode", default="sim", choices=["sim", "real"])
     p.add_argument("--json", action="store_true", help="print a JSON list of rows on stdout")
     p.add_argument("--plot", default=None, help="write a PNG of latency and hit ratio per policy")
@@ -102,4 +103,4 @@ def _head(trace, n: int):
     from tiered.traces import Trace
 
     return Trace(trace.time[:n], trace.key[:n], trace.size[:n], trace.op[:n], trace.kind[:n],
-                 trace.key_names, trace.timed, dict(trace.meta, limit=n))
+                 trace.key_names, trace.timed, dict(trace.meta, limit=n), tuple(p for p in trace.plans if p.at < n))

@@ -226,8 +226,14 @@ class _RealReplay:
         kl, opl, kindl, tl = t.key.tolist(), t.op.tolist(), t.kind.tolist(), t.time.tolist()
         lats, served = np.zeros(n), np.zeros(n, dtype=np.int8)
         decisions = 0
+        plans, next_plan = t.plans, 0  # declared plans reach the governor as the store's plans
         t_start = time.perf_counter()
         for i in range(n):
+            while next_plan < len(plans) and plans[next_plan][0] <= i:
+                _at, owner, keys = plans[next_plan]
+                self.store.plan([self.key(k) for k in keys], owner=f"replay/{owner}")
+                self.placement.plan(f"replay/{owner}", keys)  # the copy that places new objects
+                next_plan += 1
             served[i], lats[i] = self._access(i, kl[i], opl[i], kindl[i], tl[i])
             if (i + 1) % batch and i != n - 1:
                 continue

@@ -65,10 +65,11 @@ def run_replay(trace, policies: Sequence[str], tiers: Sequence[TierModel], *, mo
     """Replay ``trace`` (a :class:`traces.Trace`) once per policy name; the table's rows.
 
     ``real`` mode runs each policy in a live store's governor, which builds it by name: it takes
-    no ``policy_options``, and policies a live store cannot run are refused before any replay."""
+    no ``policy_options``, and policies a live store cannot run are refused before any replay.
+    The trace's declared plans reach the policies in both modes."""
     if mode not in ("sim", "real"):
         raise ValueError(f"unknown mode {mode!r}; expected sim or real")
-    prep = prepare(trace.time, trace.key, trace.size, trace.op, trace.kind)
+    prep = prepare(trace.time, trace.key, trace.size, trace.op, trace.kind, trace.plans)
     closed = choose_loop(trace, tiers)[0] if closed_loop is None else closed_loop
     unknown = [n for n in policies if n not in policy_names()]
     if unknown:
