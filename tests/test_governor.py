@@ -317,3 +317,21 @@ def test_a_move_that_fails_after_its_read_leaves_the_cache_as_it_found_it(tmp_pa
         assert s.stats()["governor"]["failed"] == 1, s.stats()["governor"]
         assert not s.meta("a")["in_host"] and s.meta("a")["tier"] == "slow"
         assert torch.equal(read(s, "a"), filled(1))
+
+
+def test_auto_is_schedule_with_the_fallback_where_there_are_two_storage_tiers(tmp_path):
+    cfg = config(tmp_path)
+    del cfg["policy"]  # the default: migration = "auto"
+    with TieredStore(cfg, cache_on_put=False) as s:
+        g = s.stats()["governor"]
+        assert g is not None and g["policy"] == "schedule"
+        s.put("a", filled(1), tier="slow").result(T)
+        s.plan(["a"], owner="me")
+        read(s, "a")
+        assert s.sync_governor(T) and s.meta("a")["tier"] == "fast"
+    one = config(tmp_path / "one")
+    del one["tiers"]["slow"], one["policy"]
+    with TieredStore(one) as s:
+        assert s.stats()["governor"] is None
+    with pytest.raises(ConfigError, match="policy.fallback"):
+        load_config({**config(tmp_path), "policy": {"fallback": "nope"}})

@@ -73,7 +73,7 @@ _TIER_KEYS = {
 }
 _ALL_TIER_KEYS = tuple(dict.fromkeys(k for keys in _TIER_KEYS.values() for k in keys))
 _ENGINE_KEYS = ("backend", "workers", "queue_depth", "chunk", "direct")
-_POLICY_KEYS = ("placement", "migration", "migration_bandwidth", "migration_batch")
+_POLICY_KEYS = ("placement", "migration", "fallback", "migration_bandwidth", "migration_batch")
 # Migration policies a live store cannot run, and why (they run in ``tiered bench replay``).
 NOT_LIVE = {"belady": "it needs the future of the accesses, which a live store does not know",
             "rl": "it learns from access latencies, which the live governor does not report"}
@@ -114,13 +114,16 @@ class PolicySpec:
 
     ``placement``: the host tier's ranking of cached copies (which is evicted first).
     ``migration``: the policy the store's governor asks, from the store's own accesses, which
-    storage tier each object lives on ("none": objects stay where they were put).
+    storage tier each object lives on ("none": objects stay where they were put; "auto":
+    ``schedule`` with ``fallback`` where the store has two or more storage tiers, else none).
+    ``fallback``: the eviction ranking ``auto`` uses where no plan says what is read next.
     ``migration_bandwidth``: bytes/s the governor's moves may use; ``migration_batch``: accesses
     per decision round.
     """
 
     placement: str = "lru"
-    migration: str = "none"
+    migration: str = "auto"
+    fallback: str = "lru"
     migration_bandwidth: int = 128_000_000
     migration_batch: int = 64
 
@@ -227,6 +230,7 @@ class Config:
                 "direct": e.direct,
             },
             "policy": {"placement": self.policy.placement, "migration": self.policy.migration,
+                       "fallback": self.policy.fallback,
                        "migration_bandwidth": self.policy.migration_bandwidth,
                        "migration_bandwidth_human": format_rate(self.policy.migration_bandwidth),
                        "migration_batch": self.policy.migration_batch},
@@ -517,7 +521,7 @@ class _Validator:
         tiers = self.tiers(self.table(data["tiers"], "tiers"))
         engine = self.engine(self.table(data.get("engine", {}), "engine"))
         policy = self.policy(self.table(data.get("policy", {}), "policy"))
-        if policy.migration != "none" and sum(t.kind == "storage" for t in tiers) < 2:
+        if policy.migration not in ("none", "auto") and sum(t.kind == "storage" for t in tiers) < 2:
             raise self.bad("policy.migration", policy.migration, "a migration policy moves objects between "
                            "storage tiers: configure two or more, or set \"none\"")
         offload = self.offload(self.table(data.get("offload", {}), "offload"))
@@ -675,6 +679,8 @@ class _Validator:
             fields["placement"] = self.choice(table["placement"], "policy.placement", self.policies)
         if "migration" in table:
             fields["migration"] = self.migration_policy(table["migration"])
+        if "fallback" in table:
+            fields["fallback"] = self.choice(table["fallback"], "policy.fallback", tuple(eviction_policy_names()))
         if "migration_bandwidth" in table:
             fields["migration_bandwidth"] = self.rate(table["migration_bandwidth"], "policy.migration_bandwidth")
         if "migration_batch" in table:
@@ -682,7 +688,7 @@ class _Validator:
         return PolicySpec(**fields)
 
     def migration_policy(self, value: object) -> str:
-        name = self.choice(value, "policy.migration", ("none", *policy_names()))
+        name = self.choice(value, "policy.migration", ("none", "auto", *policy_names()))
         if name in NOT_LIVE:
             raise self.bad("policy.migration", value, f"a live store cannot run {name!r}: {NOT_LIVE[name]}; "
                            "it runs in `tiered bench replay`")

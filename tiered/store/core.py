@@ -187,8 +187,9 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
         p = self.config.policy
         if p.migration == "none" or len(self._tier_order) < 2:
             return
-        self._governor = Governor(self, create_policy(p.migration), bandwidth=p.migration_bandwidth,
-                                  batch=p.migration_batch)
+        policy = (create_policy("schedule", fallback=p.fallback) if p.migration == "auto"
+                  else create_policy(p.migration))
+        self._governor = Governor(self, policy, bandwidth=p.migration_bandwidth, batch=p.migration_batch)
         self._governor.start()
 
     def _check_machine(self) -> None:
