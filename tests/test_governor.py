@@ -320,8 +320,7 @@ def test_a_move_that_fails_after_its_read_leaves_the_cache_as_it_found_it(tmp_pa
 
 
 def test_auto_is_schedule_with_the_fallback_where_there_are_two_storage_tiers(tmp_path):
-    cfg = config(tmp_path)
-    del cfg["policy"]  # the default: migration = "auto"
+    cfg = config(tmp_path, migration="auto")
     with TieredStore(cfg, cache_on_put=False) as s:
         g = s.stats()["governor"]
         assert g is not None and g["policy"] == "schedule"
@@ -329,9 +328,28 @@ def test_auto_is_schedule_with_the_fallback_where_there_are_two_storage_tiers(tm
         s.plan(["a"], owner="me")
         read(s, "a")
         assert s.sync_governor(T) and s.meta("a")["tier"] == "fast"
-    one = config(tmp_path / "one")
-    del one["tiers"]["slow"], one["policy"]
+    one = config(tmp_path / "one", migration="auto")
+    del one["tiers"]["slow"]
     with TieredStore(one) as s:
+        assert s.stats()["governor"] is None
+    default = config(tmp_path / "default")
+    del default["policy"]
+    with TieredStore(default) as s:  # off unless asked for
         assert s.stats()["governor"] is None
     with pytest.raises(ConfigError, match="policy.fallback"):
         load_config({**config(tmp_path), "policy": {"fallback": "nope"}})
+
+
+def test_a_round_of_moves_is_committed_once(tmp_path):
+    with TieredStore(config(tmp_path, batch=8), cache_on_put=False) as s:
+        for i in range(8):
+            s.put(f"k{i}", filled(i), tier="slow").result(T)
+        commits = s.stats()["commits"]
+        for i in range(8):
+            s.get(f"k{i}").result(T)  # cached: the store's own reads of the moves find the copies
+        assert s.sync_governor(T)
+        g = s.stats()["governor"]
+        assert g["migrations"] == 8 and s.stats()["commits"] - commits <= 2, (g, s.stats()["commits"] - commits)
+    with TieredStore(config(tmp_path, migration="none")) as s:  # the moves were committed
+        assert {s.meta(f"k{i}")["tier"] for i in range(8)} == {"fast"}
+        assert all(torch.equal(s.get(f"k{i}").result(T), filled(i)) for i in range(8))

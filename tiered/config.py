@@ -114,15 +114,15 @@ class PolicySpec:
 
     ``placement``: the host tier's ranking of cached copies (which is evicted first).
     ``migration``: the policy the store's governor asks, from the store's own accesses, which
-    storage tier each object lives on ("none": objects stay where they were put; "auto":
-    ``schedule`` with ``fallback`` where the store has two or more storage tiers, else none).
-    ``fallback``: the eviction ranking ``auto`` uses where no plan says what is read next.
+    storage tier each object lives on ("none", the default: objects stay where they were put;
+    "auto": ``schedule`` with ``fallback`` where the store has two or more storage tiers, else
+    none). ``fallback``: the eviction ranking ``schedule`` uses where no plan says what is next.
     ``migration_bandwidth``: bytes/s the governor's moves may use; ``migration_batch``: accesses
     per decision round.
     """
 
     placement: str = "lru"
-    migration: str = "auto"
+    migration: str = "none"
     fallback: str = "lru"
     migration_bandwidth: int = 128_000_000
     migration_batch: int = 64

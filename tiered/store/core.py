@@ -187,7 +187,7 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
         p = self.config.policy
         if p.migration == "none" or len(self._tier_order) < 2:
             return
-        policy = (create_policy("schedule", fallback=p.fallback) if p.migration == "auto"
+        policy = (create_policy("schedule", fallback=p.fallback) if p.migration in ("auto", "schedule")
                   else create_policy(p.migration))
         self._governor = Governor(self, policy, bandwidth=p.migration_bandwidth, batch=p.migration_batch)
         self._governor.start()
@@ -348,9 +348,11 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
         """
         return self._migrate(key, tier, wait, evict=True)
 
-    def _migrate(self, key: str, tier: str, wait: float | None, evict: bool) -> IOFuture:
+    def _migrate(self, key: str, tier: str, wait: float | None, evict: bool, commit: bool = True) -> IOFuture:
         """:meth:`migrate`; ``evict=False`` (the governor's moves): the copy is read only into host
-        memory that is free now, never displacing the workloads' cached copies."""
+        memory that is free now, never displacing the workloads' cached copies. ``commit=False``:
+        the move is durable only after a later :meth:`commit` (the governor commits once per
+        round of moves; until then a crash leaves the object where it was, intact)."""
         self._check_open()
         if tier == "host":
             return self.prefetch(key)
@@ -366,10 +368,11 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
         lease_f = self._acquire(key, Priority.WRITEBACK, wait, meta.owner, emit=False, evict=evict)
         self._emit(key, meta.nbytes, "migrate", meta.kind, tier)
         out = IOFuture(f"migrate {key} -> {tier}")
-        lease_f.add_done_callback(lambda f: self._rewrite_for_migration(f, key, tier, wait, out))
+        lease_f.add_done_callback(lambda f: self._rewrite_for_migration(f, key, tier, wait, commit, out))
         return out
 
-    def _rewrite_for_migration(self, lease_f, key: str, tier: str, wait: float | None, out: IOFuture) -> None:
+    def _rewrite_for_migration(self, lease_f, key: str, tier: str, wait: float | None, commit: bool,
+                               out: IOFuture) -> None:
         try:
             lease = lease_f.result()
         except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
@@ -387,7 +390,7 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
                     out.set_result(meta.describe() if current else {"key": key, "superseded": True})
                     return
             inner = self._write_buffer(key, lease._copy.buffer, meta.nbytes, meta.dtype, meta.shape, meta.kind,
-                                       tier, lease.version, False, True, True, Priority.WRITEBACK, False,
+                                       tier, lease.version, False, True, commit, Priority.WRITEBACK, False,
                                        meta.ephemeral, meta.owner, meta.block, wait)
         except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
             lease.release()

@@ -69,6 +69,7 @@ class Governor:
         self._seen: dict[str, tuple[int, float]] = {}  # key -> (accesses so far, time of the last)
         self._index = 0
         self._paced_until = 0.0
+        self._vacated: set[str] = set()  # tiers moves left since the last commit (room not free yet)
         self._policy_lock = threading.Lock()  # the policy is called from the governor and from puts (place)
         self._lock = threading.Lock()  # guards the counters below
         self.counts = {"events": 0, "offered": 0, "decisions": 0, "migrations": 0, "in_place": 0,
@@ -210,6 +211,13 @@ class Governor:
             with self._policy_lock:
                 moves = self.policy.decide(obs[i:i + step])
             self._apply(moves)
+        self._commit()  # one manifest commit for the round's moves, not one per move
+
+    def _commit(self) -> None:
+        """Make the moves so far durable; their old extents are free only from then on."""
+        if self._vacated:
+            self.store.commit()
+            self._vacated = set()
 
     def _observation(self, key: str, nbytes: int, kind: str, op: str, tier: str, now: float) -> Observation:
         count, last = self._seen.get(key, (0, None))
@@ -237,6 +245,8 @@ class Governor:
         """Carry one move out; the reason it was refused, or None."""
         store = self.store
         dst = store._tier_order[move.dst]
+        if dst in self._vacated:  # a move out of dst frees its room only once committed
+            self._commit()
         with store._lock:
             meta = store._objects.get(move.key)
             why = self._refusal(meta, dst)
@@ -259,7 +269,7 @@ class Governor:
     def _move(self, key: str, src: str, dst: str, nbytes: int) -> str | None:
         """Migrate and count the outcome; the reason it was refused, or None."""
         try:
-            result = _wait(self.store._migrate(key, dst, wait=0, evict=False), self._stopping)
+            result = _wait(self.store._migrate(key, dst, wait=0, evict=False, commit=False), self._stopping)
         except KeyError:
             return "refused_gone"
         except TierFullError:  # a put took the room since the check
@@ -276,6 +286,7 @@ class Governor:
         if result.get("superseded"):
             self._count("superseded")
             return None
+        self._vacated.add(src)
         with self._lock:
             self.counts["migrations"] += 1
             pair = f"{src}->{dst}"
