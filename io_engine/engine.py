@@ -158,7 +158,8 @@ def _address(buf: Any) -> int:
 
 class IOEngine:
     """See the module docstring. ``queue_depth`` caps transfers in flight for an
-    async backend; for the threads backend the in-flight count is ``workers``."""
+    async backend and for a kernel-queue one (``native``, ``aio``); for the threads
+    backend the in-flight count is ``workers``."""
 
     def __init__(
         self,
@@ -202,7 +203,9 @@ class IOEngine:
         self.backend.start(self.workers)
         self._closing = False
         self._open = True
-        if self.backend.is_async:
+        if getattr(self.backend, "submits_batches", False):
+            self._threads = [self._start_driver()]
+        elif self.backend.is_async:
             ready = threading.Event()
             t = threading.Thread(target=self._run_loop, args=(ready,), name="tiered-io-loop", daemon=True)
             t.start()
@@ -217,6 +220,22 @@ class IOEngine:
             for t in self._threads:
                 t.start()
         return self
+
+    def _start_driver(self) -> threading.Thread:
+        """One thread submitting and reaping through the backend's kernel queue (see batch.py);
+        the queue is made here so that a kernel refusing it fails ``open()``."""
+        from .batch import BatchDriver
+
+        try:
+            queue = self.backend.queue(self.queue_depth)
+        except BaseException:
+            self._open = False
+            self.backend.stop()
+            raise
+        driver = BatchDriver(self, self.queue_depth)
+        t = threading.Thread(target=driver.run, args=(queue,), name="tiered-io-ring", daemon=True)
+        t.start()
+        return t
 
     def close(self, timeout: float = 60.0) -> None:
         """Finish queued work, stop workers, close files."""

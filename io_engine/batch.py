@@ -1,0 +1,216 @@
+"""The engine's driver for kernel-queue backends: one thread, up to ``queue_depth`` pieces in flight.
+
+The driver takes pieces off the engine's priority heap only while it has a
+free slot, so a demand read still overtakes queued prefetches and write-back
+(the kernel sees at most ``queue_depth`` transfers; the heap holds the rest).
+Each loop turn stages the next transfer of every piece that is ready, hands
+them all to the kernel in one syscall that also collects completions, and
+feeds each completion back into its piece: the same alignment plans, short
+transfer loops, bounce buffers, throttles and error wrapping as the worker
+threads (``IOEngine._plan``), just without a thread per transfer. An aligned
+O_DIRECT read without a throttle skips the plan (one transfer, checked here).
+
+Futures complete, and their callbacks run, on the driver thread. While
+transfers are in flight the driver waits in the kernel at most ``POLL``
+seconds before looking at the heap again, which bounds how long a request
+from another thread waits for a free slot to be noticed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..allocators import PAGE, aligned_empty
+from .errors import ShortTransferError
+from .request import Op
+
+if TYPE_CHECKING:
+    from .engine import IOEngine, _Piece
+
+POLL = 0.001
+_NO_BOUNCE = np.empty(0, dtype=np.uint8)
+
+
+class _Slot:
+    """One piece in flight: its plan (None on the fast path), the transfer staged or running."""
+
+    __slots__ = ("tag", "piece", "plan", "step", "bounce", "attempt")
+
+    def __init__(self, tag: int) -> None:
+        self.tag = tag
+        self.piece: _Piece | None = None
+        self.plan = None
+        self.step: tuple | None = None  # (write, direct, view, path, offset)
+        self.bounce: np.ndarray | None = None
+        self.attempt = 0
+
+
+class BatchDriver:
+    """Runs an open engine's pieces through ``engine.backend.queue(depth)``; see the module docstring."""
+
+    def __init__(self, engine: "IOEngine", depth: int) -> None:
+        from .engine import BOUNCE_BYTES, _RetryBuffered
+
+        self.e, self.depth = engine, depth
+        self._bounce_bytes, self._retry = BOUNCE_BYTES, _RetryBuffered
+        self._slots = [_Slot(i) for i in range(depth)]
+        self._free = list(range(depth - 1, -1, -1))
+        self._staged: list[tuple] = []  # kernel ops for the next submission
+        self._delayed: list[tuple[float, int, int]] = []  # (ready time, seq, tag): throttled transfers
+        self._seq = itertools.count()
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self, queue: Any) -> None:
+        """Serve pieces until the engine closes and nothing is left; closes ``queue`` at the end."""
+        try:
+            while (pieces := self._take()) is not None:
+                try:
+                    self._turn(queue, pieces)
+                except BaseException as err:  # noqa: BLE001 - a broken queue must not leave futures pending
+                    self._fail_all(err)
+        finally:
+            queue.close()
+
+    def _turn(self, queue: Any, pieces: list) -> None:
+        for piece in pieces:
+            self._start(piece)
+        self._release_delayed()
+        busy = self.depth - len(self._free)
+        idle_heap = not self.e._heap or not self._free
+        timeout = self._wait_time() if busy and idle_heap else None
+        for tag, res in queue.submit_and_wait(self._flush(), timeout):
+            self._complete(self._slots[tag], res)
+
+    def _fail_all(self, err: BaseException) -> None:
+        self._staged.clear()
+        self._delayed.clear()
+        for slot in self._slots:
+            if slot.piece is not None:
+                self._finish(slot, err)
+
+    def _take(self) -> list | None:
+        """Pieces for the free slots; blocks only when nothing is in flight; None once closed and drained."""
+        e = self.e
+        with e._cond:
+            while True:
+                if e._heap and self._free:
+                    return [heapq.heappop(e._heap)[2] for _ in range(min(len(self._free), len(e._heap)))]
+                if len(self._free) < self.depth:
+                    return []
+                if e._closing:
+                    return None
+                e._cond.wait()
+
+    def _wait_time(self) -> float:
+        if not self._delayed:
+            return POLL
+        return min(POLL, max(0.0, self._delayed[0][0] - time.monotonic()))
+
+    def _flush(self) -> list[tuple]:
+        ops, self._staged = self._staged, []
+        return ops
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def _start(self, piece: "_Piece") -> None:
+        e = self.e
+        if not e._begin(piece.job):
+            e._end(piece, None)
+            return
+        slot = self._slots[self._free.pop()]
+        slot.piece, slot.attempt = piece, 0
+        req = piece.job.request
+        view = piece.job.buffer[piece.start: piece.start + piece.length]
+        if (req.op is Op.READ and not e._limits and piece.length and not piece.offset % PAGE
+                and not piece.length % PAGE and isinstance(view, np.ndarray) and not view.ctypes.data % PAGE
+                and e._direct_ok(req.path)):
+            self._stage(slot, (False, True, view, req.path, piece.offset))
+        else:
+            self._new_plan(slot)
+
+    def _new_plan(self, slot: _Slot) -> None:
+        """Start (or, after an O_DIRECT open was refused, restart) the piece's general plan."""
+        piece = slot.piece
+        if piece.job.request.op is Op.READ and slot.bounce is None:
+            slot.bounce = aligned_empty(self._bounce_bytes)
+        slot.plan = self.e._plan(piece, slot.bounce if slot.bounce is not None else _NO_BOUNCE)
+        slot.attempt += 1
+        self._advance(slot, None)
+
+    def _advance(self, slot: _Slot, got: int | None) -> None:
+        """Feed the plan the last transfer's count (None: first step) and stage its next transfer."""
+        try:
+            step = next(slot.plan) if got is None else slot.plan.send(got)
+        except StopIteration:
+            self._finish(slot, None)
+            return
+        except BaseException as err:  # noqa: BLE001 - delivered through the future
+            self._finish(slot, err)
+            return
+        delay = self.e._throttle(step[3], step[0], len(step[2]))
+        slot.step = step
+        if delay:
+            heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._seq), slot.tag))
+        else:
+            self._stage(slot, step)
+
+    def _release_delayed(self) -> None:
+        now = time.monotonic()
+        while self._delayed and self._delayed[0][0] <= now:
+            slot = self._slots[heapq.heappop(self._delayed)[2]]
+            self._stage(slot, slot.step)
+
+    def _stage(self, slot: _Slot, step: tuple) -> None:
+        write, direct, view, path, off = step
+        slot.step = step
+        try:
+            handle = self.e._handle(path, write, direct)
+        except self._retry:  # the file cannot take O_DIRECT: redo the piece buffered
+            if slot.attempt >= 2:
+                self._finish(slot, OSError("O_DIRECT refused twice"))
+            else:
+                self._new_plan(slot)
+            return
+        except OSError as err:
+            self._finish(slot, self.e._wrap(err, write, path, off, len(view)))
+            return
+        except BaseException as err:  # noqa: BLE001
+            self._finish(slot, err)
+            return
+        self._staged.append((slot.tag, write, handle, view.ctypes.data, len(view), off))
+
+    def _complete(self, slot: _Slot, res: int) -> None:
+        write, direct, view, path, off = slot.step
+        if res < 0:
+            err = OSError(-res, _strerror(-res))
+            if slot.plan is not None:
+                slot.plan.close()
+            self._finish(slot, self.e._wrap(err, write, path, off, len(view)))
+        elif slot.plan is not None:
+            self._advance(slot, res)
+        elif res == len(view):  # fast path, whole
+            self.e._stats.transfer("read", res, direct=True)
+            self._finish(slot, None)
+        elif res == 0:
+            self._finish(slot, ShortTransferError("read", path, off, len(view), "end of file"))
+        else:  # fast path, short: the general plan reads the rest
+            self.e._stats.transfer("read", res, direct=True)
+            piece = slot.piece
+            piece.start, piece.offset, piece.length = piece.start + res, piece.offset + res, piece.length - res
+            self._new_plan(slot)
+
+    def _finish(self, slot: _Slot, err: BaseException | None) -> None:
+        piece = slot.piece
+        slot.piece = slot.plan = slot.step = None
+        self._free.append(slot.tag)
+        self.e._end(piece, err)
+
+
+def _strerror(code: int) -> str:
+    import os
+
+    return os.strerror(code)
