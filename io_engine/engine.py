@@ -290,8 +290,23 @@ class IOEngine:
             return fut
         bufs = [self._buffer_of(r) for r in requests]
         member = _Member(_Group(fut, len(requests), sum(r.length for r in requests)))
+        if getattr(self.backend, "submits_batches", False) and self._enqueue_read_batch(requests, bufs, member):
+            return fut
         self._enqueue([(r, buf, member) for r, buf in zip(requests, bufs)])
         return fut
+
+    def _enqueue_read_batch(self, requests: list, bufs: list, member: "_Member") -> bool:
+        """Queue small aligned O_DIRECT reads as one heap entry that the batch driver hands to the
+        kernel whole (see batch.ReadBatch); False when the batch does not qualify."""
+        from .batch import ReadBatch
+
+        batch = ReadBatch.build(self, requests, bufs, member)
+        if batch is None:
+            return False
+        with self._cond:
+            heapq.heappush(self._heap, (batch.priority, next(self._seq), batch))
+            self._cond.notify()
+        return True
 
     def _check_accepting(self, what: str) -> None:
         if not self._open or self._closing:

@@ -195,3 +195,89 @@ def test_auto_prefers_the_native_backend_where_it_runs():
     want = "native" if available_backends()["native"] is None else "threads"
     assert create_backend("auto").name == want
     assert registry.create_backend("auto").name == want
+
+
+# -- submit_many's aligned reads go to the kernel as one batch entry ----------------------------------
+def test_batched_reads_short_failed_and_past_eof(native_name, tmp_path):
+    """A batch read that comes back short continues as an ordinary piece; a failed one and one past
+    the end of the file fail the batch's future (after every read ended), naming file and offset."""
+    path = tmp_path / "rows.bin"
+    data = random_file(path, 24 * PAGE, seed=5)
+    fb = FaultyBackend(create_backend(native_name))
+    short = fb.short("read", max_bytes=PAGE, offset=(0, 8 * PAGE))
+    bufs = [aligned_empty(2 * PAGE) for _ in range(12)]
+    with IOEngine(fb, queue_depth=4, chunk=1 << 20) as e:
+        reqs = [Request(Op.READ, str(path), 2 * i * PAGE, 2 * PAGE, b) for i, b in enumerate(bufs)]
+        assert e.submit_many(reqs).result(T) == 24 * PAGE
+        assert short.hits >= 4
+        assert np.array_equal(np.concatenate(bufs), data)
+        fb.remove(short)
+        fb.fail("read", errno.EIO, offset=(6 * PAGE, 7 * PAGE), times=1)
+        past = aligned_empty(PAGE)
+        reqs = [Request(Op.READ, str(path), 2 * i * PAGE, 2 * PAGE, b) for i, b in enumerate(bufs)]
+        with pytest.raises(IOEngineError) as ei:
+            e.submit_many(reqs + [Request(Op.READ, str(path), 30 * PAGE, PAGE, past)]).result(T)
+        assert ei.value.errno == errno.EIO and ei.value.offset == 6 * PAGE and str(path) in str(ei.value)
+        assert e.stats()["read"]["errors"] == 2  # the EIO read and the one past the end
+        with pytest.raises(IOEngineError, match="end of file"):
+            e.submit_many([Request(Op.READ, str(path), 30 * PAGE, PAGE, past)]).result(T)
+
+
+def test_demand_read_overtakes_the_rest_of_a_prefetch_batch(native_name, tmp_path):
+    rows, other = tmp_path / "rows.bin", tmp_path / "demand.bin"
+    random_file(rows, 16 * PAGE, seed=6)
+    random_file(other, PAGE, seed=7)
+    fb = FaultyBackend(create_backend(native_name))
+    gate = fb.gate("read", path="/rows.bin", times=1)
+    with IOEngine(fb, queue_depth=2, chunk=1 << 20) as e:
+        bufs = [aligned_empty(PAGE) for _ in range(16)]
+        batch = e.submit_many([Request(Op.READ, str(rows), i * PAGE, PAGE, b, Priority.PREFETCH)
+                               for i, b in enumerate(bufs)])
+        assert gate.entered.wait(T), "the first batch read never reached the queue"
+        demand = e.read(other, 0, aligned_empty(PAGE))
+        gate.release()
+        assert demand.result(T) == PAGE and batch.result(T) == 16 * PAGE
+    reads = [ev[2] for ev in fb.events if ev[0] == "read"]
+    assert reads.index(str(other)) == 2, reads  # right after the two reads in flight when it came
+
+
+def test_cancelled_batch_touches_no_buffer(native_name, tmp_path):
+    rows, slow = tmp_path / "rows.bin", tmp_path / "slow.bin"
+    random_file(rows, 8 * PAGE, seed=8)
+    random_file(slow, PAGE, seed=9)
+    fb = FaultyBackend(create_backend(native_name))
+    gate = fb.gate("read", path="/slow.bin", times=1)
+    with IOEngine(fb, queue_depth=1, chunk=1 << 20) as e:
+        running = e.read(slow, 0, aligned_empty(PAGE))
+        assert gate.entered.wait(T)
+        bufs = [aligned_empty(PAGE) for _ in range(8)]
+        for b in bufs:
+            b[:] = 0xAB
+        batch = e.submit_many([Request(Op.READ, str(rows), i * PAGE, PAGE, b) for i, b in enumerate(bufs)])
+        assert batch.cancel() is True
+        gate.release()
+        assert running.result(T) == PAGE
+        assert e.read(rows, 0, aligned_empty(PAGE)).result(T) == PAGE  # queued after the cancelled batch
+        s = e.stats()["read"]
+    assert all((b == 0xAB).all() for b in bufs)
+    assert s["cancelled"] == 8 and s["requests"] == 2 and fb.calls["read"] == 2
+
+
+def test_only_small_aligned_reads_of_one_priority_form_a_batch(native_name, tmp_path):
+    from tiered.io_engine.batch import ReadBatch
+
+    path = str(tmp_path / "f.bin")
+    random_file(tmp_path / "f.bin", 8 * PAGE)
+    with IOEngine(native_name, queue_depth=4, chunk=1 << 20) as e:
+        def batch(*reqs):
+            return ReadBatch.build(e, list(reqs), [e._buffer_of(r) for r in reqs], None)
+
+        a, b = aligned_empty(PAGE), aligned_empty(PAGE)
+        assert batch(Request(Op.READ, path, 0, PAGE, a), Request(Op.READ, path, PAGE, PAGE, b)) is not None
+        assert batch(Request(Op.READ, path, 0, PAGE, a), Request(Op.READ, path, 100, PAGE, b)) is None
+        assert batch(Request(Op.READ, path, 0, PAGE, a), Request(Op.READ, path, PAGE, PAGE, b,
+                                                                  Priority.PREFETCH)) is None
+        assert batch(Request(Op.WRITE, path, 0, PAGE, a)) is None
+        assert batch(Request(Op.READ, path, 0, PAGE, aligned_empty(PAGE + 1)[1:])) is None
+        e.set_bandwidth_limit(tmp_path, read=1 << 30)
+        assert batch(Request(Op.READ, path, 0, PAGE, a)) is None
