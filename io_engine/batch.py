@@ -181,7 +181,7 @@ class BatchDriver:
         slot.piece, slot.attempt = piece, 0
         req = piece.job.request
         view = piece.job.buffer[piece.start: piece.start + piece.length]
-        if (req.op is Op.READ and not e._limits and piece.length and not piece.offset % PAGE
+        if (req.op is _READ and not e._limits and piece.length and not piece.offset % PAGE
                 and not piece.length % PAGE and isinstance(view, np.ndarray) and not view.ctypes.data % PAGE
                 and e._direct_ok(req.path)):
             self._stage(slot, (False, True, view, req.path, piece.offset))
@@ -191,7 +191,7 @@ class BatchDriver:
     def _new_plan(self, slot: _Slot) -> None:
         """Start (or, after an O_DIRECT open was refused, restart) the piece's general plan."""
         piece = slot.piece
-        if piece.job.request.op is Op.READ and slot.bounce is None:
+        if piece.job.request.op is _READ and slot.bounce is None:
             slot.bounce = aligned_empty(self._bounce_bytes)
         slot.plan = self.e._plan(piece, slot.bounce if slot.bounce is not None else _NO_BOUNCE)
         slot.attempt += 1
@@ -278,10 +278,13 @@ class BatchDriver:
             return None
 
     def _complete_batch_read(self, slot: _Slot, res: int) -> None:
-        r = slot.batch.requests[slot.index]
+        batch = slot.batch
+        r = batch.requests[slot.index]
         if res == r.length:
-            self.e._stats.transfer("read", res, direct=True)
-            self._batch_end(slot, None)
+            slot.batch = None
+            self._free.append(slot.tag)
+            self.e._stats.whole_direct_read(res, time.perf_counter() - batch.submitted)
+            batch.member.group.end(None)
         elif res < 0:
             err = OSError(-res, _strerror(-res))
             self._batch_end(slot, self.e._wrap(err, False, r.path, r.offset, r.length))
@@ -291,7 +294,6 @@ class BatchDriver:
             from .engine import _Job, _Piece
 
             self.e._stats.transfer("read", res, direct=True)
-            batch = slot.batch
             job = _Job(r, batch.member, batch.bufs[slot.index], 1, batch.submitted, started=True)
             slot.batch, slot.piece, slot.attempt = None, _Piece(batch.priority, 0, job, r.offset + res, res,
                                                                 r.length - res), 0
