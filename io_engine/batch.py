@@ -127,12 +127,16 @@ class BatchDriver:
         finally:
             queue.close()
 
-    def _turn(self, queue: Any, pieces: list) -> None:
-        for piece in pieces:
-            if type(piece) is ReadBatch:
-                self._start_batch(piece)
+    def _turn(self, queue: Any, entries: list) -> None:
+        for i, entry in enumerate(entries):
+            if not self._free:  # a batch took the slots: the rest go back, in their places
+                self._requeue(entries[i:])
+                break
+            item = entry[2]
+            if type(item) is ReadBatch:
+                self._start_batch(item, entry)
             else:
-                self._start(piece)
+                self._start(item)
         self._release_delayed()
         busy = self.depth - len(self._free)
         idle_heap = not self.e._heap or not self._free
@@ -149,13 +153,19 @@ class BatchDriver:
             elif slot.batch is not None:
                 self._batch_end(slot, err)
 
+    def _requeue(self, entries: list) -> None:
+        with self.e._cond:
+            for entry in entries:
+                heapq.heappush(self.e._heap, entry)
+
     def _take(self) -> list | None:
-        """Pieces for the free slots; blocks only when nothing is in flight; None once closed and drained."""
+        """Heap entries for the free slots; blocks only when nothing is in flight; None once closed
+        and drained."""
         e = self.e
         with e._cond:
             while True:
                 if e._heap and self._free:
-                    return [heapq.heappop(e._heap)[2] for _ in range(min(len(self._free), len(e._heap)))]
+                    return [heapq.heappop(e._heap) for _ in range(min(len(self._free), len(e._heap)))]
                 if len(self._free) < self.depth:
                     return []
                 if e._closing:
@@ -182,7 +192,7 @@ class BatchDriver:
         req = piece.job.request
         view = piece.job.buffer[piece.start: piece.start + piece.length]
         if (req.op is _READ and not e._limits and piece.length and not piece.offset % PAGE
-                and not piece.length % PAGE and isinstance(view, np.ndarray) and not view.ctypes.data % PAGE
+                and not piece.length % PAGE and isinstance(view, np.ndarray) and not _addr(view) % PAGE
                 and e._direct_ok(req.path)):
             self._stage(slot, (False, True, view, req.path, piece.offset))
         else:
@@ -240,8 +250,8 @@ class BatchDriver:
         self._staged.append((slot.tag, write, handle, _addr(view), len(view), off))
 
     # -- reads of a ReadBatch ------------------------------------------------------------------
-    def _start_batch(self, batch: ReadBatch) -> None:
-        """Stage as many of the batch's reads as there are free slots; requeue the rest in place."""
+    def _start_batch(self, batch: ReadBatch, entry: tuple) -> None:
+        """Stage as many of the batch's reads as there are free slots; requeue the rest in its place."""
         e = self.e
         if batch.next == 0 and not batch.member.group.start():
             for r in batch.requests:
@@ -263,8 +273,7 @@ class BatchDriver:
             k += 1
         batch.next = k
         if k < len(reqs):
-            with e._cond:
-                heapq.heappush(e._heap, (batch.priority, next(e._seq), batch))
+            self._requeue([entry])
 
     def _batch_handle(self, batch: ReadBatch, k: int) -> Any:
         """The O_DIRECT handle of read ``k``'s file; None (after queueing reads ``k``.. as ordinary

@@ -281,3 +281,24 @@ def test_only_small_aligned_reads_of_one_priority_form_a_batch(native_name, tmp_
         assert batch(Request(Op.READ, path, 0, PAGE, aligned_empty(PAGE + 1)[1:])) is None
         e.set_bandwidth_limit(tmp_path, read=1 << 30)
         assert batch(Request(Op.READ, path, 0, PAGE, a)) is None
+
+
+def test_requests_queued_behind_a_batch_wait_for_free_slots(native_name, tmp_path):
+    """A batch that takes every free slot sends the entries taken with it back to the heap."""
+    rows, slow = tmp_path / "rows.bin", tmp_path / "slow.bin"
+    data = random_file(rows, 12 * PAGE, seed=10)
+    random_file(slow, PAGE, seed=11)
+    fb = FaultyBackend(create_backend(native_name))
+    gate = fb.gate("read", path="/slow.bin", times=1)
+    with IOEngine(fb, queue_depth=4, chunk=1 << 20) as e:
+        blocker = e.read(slow, 0, aligned_empty(PAGE))
+        assert gate.entered.wait(T)
+        bufs = [aligned_empty(PAGE) for _ in range(10)]
+        batch = e.submit_many([Request(Op.READ, str(rows), i * PAGE, PAGE, b, Priority.PREFETCH)
+                               for i, b in enumerate(bufs)])
+        tails = [aligned_empty(PAGE) for _ in range(2)]
+        after = [e.read(rows, (10 + i) * PAGE, t, priority=Priority.PREFETCH) for i, t in enumerate(tails)]
+        gate.release()
+        assert blocker.result(T) == PAGE and batch.result(T) == 10 * PAGE
+        assert [f.result(T) for f in after] == [PAGE, PAGE]
+    assert np.array_equal(np.concatenate(bufs + tails), data)
