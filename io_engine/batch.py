@@ -10,7 +10,9 @@ transfer loops, bounce buffers, throttles and error wrapping as the worker
 threads (``IOEngine._plan``), just without a thread per transfer. An aligned
 O_DIRECT read without a throttle skips the plan (one transfer, checked here).
 
-Futures complete, and their callbacks run, on the driver thread. While
+Futures complete, and their callbacks run, on the driver thread; so does the
+fdatasync of a ``sync=True`` write (blocking the queue meanwhile, as it blocks
+one worker of the threads backend; the store syncs through ``engine.fsync``). While
 transfers are in flight the driver waits in the kernel at most ``POLL``
 seconds before looking at the heap again, which bounds how long a request
 from another thread waits for a free slot to be noticed.

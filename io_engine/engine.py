@@ -10,7 +10,9 @@ A request is split into ``chunk``-sized pieces that go on one priority heap
 (demand reads before prefetches before write-back, FIFO within a priority);
 worker threads (or, for an async backend, coroutines on the engine's own
 event loop) take pieces off it, so one large read is spread over all
-workers and many requests are in flight at once. A request's future
+workers and many requests are in flight at once (a kernel-queue backend,
+``native``/``aio``, has one driver thread instead that keeps up to
+``queue_depth`` pieces in flight: see batch.py). A request's future
 completes when its last piece does; its first error fails it with the
 file, offset and size named.
 
