@@ -10,7 +10,9 @@ A request is split into ``chunk``-sized pieces that go on one priority heap
 (demand reads before prefetches before write-back, FIFO within a priority);
 worker threads (or, for an async backend, coroutines on the engine's own
 event loop) take pieces off it, so one large read is spread over all
-workers and many requests are in flight at once. A request's future
+workers and many requests are in flight at once (a kernel-queue backend,
+``native``/``aio``, has one driver thread instead that keeps up to
+``queue_depth`` pieces in flight: see batch.py). A request's future
 completes when its last piece does; its first error fails it with the
 file, offset and size named.
 
@@ -158,7 +160,8 @@ def _address(buf: Any) -> int:
 
 class IOEngine:
     """See the module docstring. ``queue_depth`` caps transfers in flight for an
-    async backend; for the threads backend the in-flight count is ``workers``."""
+    async backend and for a kernel-queue one (``native``, ``aio``); for the threads
+    backend the in-flight count is ``workers``."""
 
     def __init__(
         self,
@@ -202,7 +205,9 @@ class IOEngine:
         self.backend.start(self.workers)
         self._closing = False
         self._open = True
-        if self.backend.is_async:
+        if getattr(self.backend, "submits_batches", False):
+            self._threads = [self._start_driver()]
+        elif self.backend.is_async:
             ready = threading.Event()
             t = threading.Thread(target=self._run_loop, args=(ready,), name="tiered-io-loop", daemon=True)
             t.start()
@@ -217,6 +222,22 @@ class IOEngine:
             for t in self._threads:
                 t.start()
         return self
+
+    def _start_driver(self) -> threading.Thread:
+        """One thread submitting and reaping through the backend's kernel queue (see batch.py);
+        the queue is made here so that a kernel refusing it fails ``open()``."""
+        from .batch import BatchDriver
+
+        try:
+            queue = self.backend.queue(self.queue_depth)
+        except BaseException:
+            self._open = False
+            self.backend.stop()
+            raise
+        driver = BatchDriver(self, self.queue_depth)
+        t = threading.Thread(target=driver.run, args=(queue,), name="tiered-io-ring", daemon=True)
+        t.start()
+        return t
 
     def close(self, timeout: float = 60.0) -> None:
         """Finish queued work, stop workers, close files."""
@@ -271,8 +292,23 @@ class IOEngine:
             return fut
         bufs = [self._buffer_of(r) for r in requests]
         member = _Member(_Group(fut, len(requests), sum(r.length for r in requests)))
+        if getattr(self.backend, "submits_batches", False) and self._enqueue_read_batch(requests, bufs, member):
+            return fut
         self._enqueue([(r, buf, member) for r, buf in zip(requests, bufs)])
         return fut
+
+    def _enqueue_read_batch(self, requests: list, bufs: list, member: "_Member") -> bool:
+        """Queue small aligned O_DIRECT reads as one heap entry that the batch driver hands to the
+        kernel whole (see batch.ReadBatch); False when the batch does not qualify."""
+        from .batch import ReadBatch
+
+        batch = ReadBatch.build(self, requests, bufs, member)
+        if batch is None:
+            return False
+        with self._cond:
+            heapq.heappush(self._heap, (batch.priority, next(self._seq), batch))
+            self._cond.notify()
+        return True
 
     def _check_accepting(self, what: str) -> None:
         if not self._open or self._closing:

@@ -63,6 +63,16 @@ class EngineStats:
                 c.bytes += nbytes
                 c.latencies.append(seconds)
 
+    def whole_direct_read(self, nbytes: int, seconds: float) -> None:
+        """A read request done in one O_DIRECT transfer: ``transfer`` and ``finished`` under one lock."""
+        with self._lock:
+            c = self.ops["read"]
+            c.chunks += 1
+            c.direct_bytes += nbytes
+            c.requests += 1
+            c.bytes += nbytes
+            c.latencies.append(seconds)
+
     def summary(self) -> dict:
         with self._lock:
             return {op: c.summary() for op, c in self.ops.items()}

@@ -29,7 +29,8 @@ Delay and gate rules all apply; of the other rules the first that matches
 wins. Every rule counts its applications in ``hits`` and sets ``entered``
 when first applied. The wrapper is thread-safe and has the capability flags
 of the backend it wraps, including ``is_async`` (then ``apread``/``apwrite``
-apply the same rules, sleeping on the event loop).
+apply the same rules, sleeping on the event loop) and ``submits_batches`` (then
+``queue(depth)`` wraps the kernel queue and applies them per submitted transfer).
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ class FaultyBackend(Backend):
         self.supports_host_buffers = inner.supports_host_buffers
         self.supports_device_buffers = inner.supports_device_buffers
         self.is_async = inner.is_async
+        self.submits_batches = getattr(inner, "submits_batches", False)
         self._lock = threading.Lock()
         self._rules: list[Rule] = []
         self.calls: Counter[str] = Counter()  # op -> calls seen (faulty or not)
@@ -321,8 +323,38 @@ class FaultyBackend(Backend):
     def close(self, handle: _Handle) -> None:
         self.inner.close(handle.inner)
 
+    def queue(self, depth: int) -> "_FaultyQueue":
+        """The inner backend's kernel queue, with the rules applied to each transfer as it is submitted."""
+        return _FaultyQueue(self, self.inner.queue(depth))
+
     def __repr__(self) -> str:
         return f"FaultyBackend({self.inner.name}, {len(self.rules)} rules)"
+
+
+class _FaultyQueue:
+    """A kernel queue (see ``backends/rings.py``) behind a FaultyBackend: before a transfer goes to
+    the kernel its rules run as for ``pread``/``pwrite`` (delays and gates stall the submitting
+    thread, as they stall a worker); failed and zero-byte transfers complete without the kernel."""
+
+    def __init__(self, owner: FaultyBackend, inner: Any) -> None:
+        self.owner, self.inner = owner, inner
+
+    def submit_and_wait(self, ops, timeout: float | None) -> list[tuple[int, int]]:
+        passed, done = [], []
+        for tag, write, h, addr, n, off in ops:
+            try:
+                cap = self.owner._before("write" if write else "read", h, off, n)
+            except OSError as e:
+                done.append((tag, -(e.errno or _errno.EIO)))
+                continue
+            if cap == 0:
+                done.append((tag, 0))
+                continue
+            passed.append((tag, write, h.inner, addr, n if cap is None else cap, off))
+        return done + self.inner.submit_and_wait(passed, None if done else timeout)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 __all__ = ["FaultyBackend", "Rule"]

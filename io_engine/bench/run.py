@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 from ...allocators import PAGE
 
-from ..backends import available_backends
+from ..backends import available_backends, create_backend
 from ..engine import IOEngine
 from .common import FIO_HINT, MiB, RAND_BS, TARGETS, BenchError, Progress, ratio
 from .deepnvme import deepnvme
@@ -140,7 +140,7 @@ class _Bench:
         s, avail = self.s, available_backends()
         self.avail = avail
         if s.backend == "auto":
-            s.backend = "kvikio" if avail.get("kvikio") is None else "threads"
+            s.backend = create_backend("auto").name  # the engine's own choice
         if avail.get(s.backend, f"unknown backend {s.backend!r}") is not None:
             raise BenchError(f"I/O backend {s.backend!r} cannot run here: {avail.get(s.backend) or 'unknown backend'}")
         if avail.get("kvikio") is not None:
