@@ -101,7 +101,7 @@ class TierSpec:
 class EngineSpec:
     """How bytes move between host and storage."""
 
-    backend: str = "threads"  # threads | kvikio | aiofiles | auto
+    backend: str = "threads"  # threads | native | aio | aiofiles | kvikio | auto
     workers: int = 8  # threads with a read in flight: 8 keep this virtio disk busy, 4 do not
     queue_depth: int = 32
     chunk: int = 8 * MiB  # positive multiple of 4096, at most 1 GiB

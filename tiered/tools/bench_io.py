@@ -18,6 +18,8 @@ from tiered.io_engine.bench import (
     run_engine_bench, run_fio,
 )
 
+from tiered.io_engine import backend_names
+
 from ..sizes import format_size, parse_size
 from .args import UsageError, positive_float, positive_int, size_arg
 from .bench_report import fio_label, print_report
@@ -95,7 +97,7 @@ def add_bench_io_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory to benchmark (default: the first storage tier of the config)")
     parser.add_argument("--size", default="1GiB", type=size_arg(), help="file size (default 1GiB)")
     parser.add_argument("--config", default=None, help="offload TOML file (default: the built-in default)")
-    parser.add_argument("--backend", default=None, choices=("threads", "aiofiles", "kvikio", "auto"),
+    parser.add_argument("--backend", default=None, choices=(*backend_names(), "auto"),
                         help="engine backend (default: the config's, threads)")
     parser.add_argument("--workers", type=positive_int, default=None, help="engine workers (default: the config's)")
     parser.add_argument("--chunk", type=size_arg(), default=None,
