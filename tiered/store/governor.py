@@ -196,9 +196,7 @@ class Governor:
                     self.policy.forget(ev.key)
                 self._seen.pop(ev.key, None)
                 continue
-            with self.store._lock:
-                meta = self.store._objects.get(ev.key)
-                where = None if meta is None or meta.extent.external else (meta.extent.tier, meta.extent.length)
+            where = self._where(ev.key)
             if where is not None:
                 obs.append(self._observation(ev.key, where[1], ev.kind, ev.op, where[0], ev.time))
         with self._lock:
@@ -303,11 +301,15 @@ class Governor:
             return "refused_overfull"
         return None
 
-    def _tell_truth(self, key: str) -> None:
-        """After a refused move: where the object really is, so the policy does not build on it."""
+    def _where(self, key: str) -> tuple[str, int] | None:
+        """(tier, bytes taken there) of the object, the store's truth; None: gone, or an external file."""
         with self.store._lock:
             meta = self.store._objects.get(key)
-            where = None if meta is None or meta.extent.external else (meta.extent.tier, meta.extent.length)
+            return None if meta is None or meta.extent.external else (meta.extent.tier, meta.extent.length)
+
+    def _tell_truth(self, key: str) -> None:
+        """After a refused move: where the object really is, so the policy does not build on it."""
+        where = self._where(key)
         with self._policy_lock:
             if where is None:
                 self.policy.forget(key)

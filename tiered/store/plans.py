@@ -92,10 +92,6 @@ class Plans:
     def active(self) -> bool:
         return bool(self._plans)
 
-    def next_use(self, key: str) -> float:
-        with self._lock:
-            return min((p.next_use(key) for p in self._plans.values()), default=math.inf)
-
     def near(self) -> dict[str, tuple[int, str]]:
         """Keys within ``HORIZON`` of some plan's position: (positions to the next read, owner),
         the soonest over the plans; rebuilt only after a plan was set or moved."""
