@@ -29,7 +29,7 @@ from .sizes import SizeError, format_rate, format_size, parse_rate, parse_share,
 
 __all__ = [
     "BACKENDS",
-    "KNOWN_PLACEMENT_POLICIES",
+    "KNOWN_EVICTION_POLICIES",
     "TIER_KINDS",
     "Config",
     "ConfigError",
@@ -54,10 +54,12 @@ def backend_choices() -> tuple[str, ...]:
 
 
 BACKENDS = backend_choices()  # those registered when this module was imported
-# Names accepted by ``[policy] placement`` besides those in the policies
+# Names accepted by ``[policy] eviction`` besides those in the policies
 # registry (``policies.eviction_policy_names()``, read at validation time, so
 # a policy registered by a workload package is accepted once it is imported).
-KNOWN_PLACEMENT_POLICIES: tuple[str, ...] = ("lru",)
+KNOWN_EVICTION_POLICIES: tuple[str, ...] = ("lru",)
+# ``[policy] placement``: where a new object put without a named tier goes.
+PLACEMENTS = ("auto", "first-fit")
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -73,7 +75,7 @@ _TIER_KEYS = {
 }
 _ALL_TIER_KEYS = tuple(dict.fromkeys(k for keys in _TIER_KEYS.values() for k in keys))
 _ENGINE_KEYS = ("backend", "workers", "queue_depth", "chunk", "direct")
-_POLICY_KEYS = ("placement", "migration", "fallback", "migration_bandwidth", "migration_batch")
+_POLICY_KEYS = ("placement", "eviction", "migration", "fallback", "migration_bandwidth", "migration_batch")
 # Migration policies a live store cannot run, and why (they run in ``tiered bench replay``).
 NOT_LIVE = {"belady": "it needs the future of the accesses, which a live store does not know",
             "rl": "it learns from access latencies, which the live governor does not report"}
@@ -112,17 +114,24 @@ class EngineSpec:
 class PolicySpec:
     """Which policies decide what lives where.
 
-    ``placement``: the host tier's ranking of cached copies (which is evicted first).
+    ``placement``: where a new object put without a named tier goes ("auto", the default: the
+    tier the migration policy picks when it places objects, else the first with room;
+    "first-fit": always the first storage tier with room).
+    ``eviction``: the host tier's ranking of cached copies (which is evicted first; declared
+    plans come first, see the store).
     ``migration``: the policy the store's governor asks, from the store's own accesses, which
-    storage tier each object lives on ("none", the default: objects stay where they were put;
-    "auto": ``schedule`` with ``fallback`` where the store has two or more storage tiers, else
-    none). ``fallback``: the eviction ranking ``schedule`` uses where no plan says what is next.
+    storage tier each object lives on ("auto", the default: ``schedule`` -- exact decisions over
+    the declared plans -- with ``fallback`` beyond them; "none": objects stay where they were
+    put). The governor acts only where there are two or more storage tiers, and never moves an
+    object whose put or migrate named its tier.
+    ``fallback``: the eviction ranking ``schedule`` uses where no plan says what is next.
     ``migration_bandwidth``: bytes/s the governor's moves may use; ``migration_batch``: accesses
     per decision round.
     """
 
-    placement: str = "lru"
-    migration: str = "none"
+    placement: str = "auto"
+    eviction: str = "lru"
+    migration: str = "auto"
     fallback: str = "lru"
     migration_bandwidth: int = 128_000_000
     migration_batch: int = 64
@@ -229,7 +238,8 @@ class Config:
                 "chunk_human": format_size(e.chunk),
                 "direct": e.direct,
             },
-            "policy": {"placement": self.policy.placement, "migration": self.policy.migration,
+            "policy": {"placement": self.policy.placement, "eviction": self.policy.eviction,
+                       "migration": self.policy.migration,
                        "fallback": self.policy.fallback,
                        "migration_bandwidth": self.policy.migration_bandwidth,
                        "migration_bandwidth_human": format_rate(self.policy.migration_bandwidth),
@@ -248,21 +258,21 @@ class Config:
 def load_config(
     source: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None,
     *,
-    placement_policies: Iterable[str] | None = None,
+    eviction_policies: Iterable[str] | None = None,
 ) -> Config:
     """A validated :class:`Config` from a TOML file, a mapping, a Config, or None (the default).
 
-    ``placement_policies`` overrides :data:`KNOWN_PLACEMENT_POLICIES` for
-    ``policy.placement``. Storage directories are created (0700) as a side
+    ``eviction_policies`` overrides the names accepted by ``policy.eviction`` (default: the
+    policies registry's eviction policies). Storage directories are created (0700) as a side
     effect, so a config that loads is one whose paths are usable.
     """
     if source is None:
         return default_config()
     if isinstance(source, Config):
         return source
-    if placement_policies is None:
-        placement_policies = dict.fromkeys((*KNOWN_PLACEMENT_POLICIES, *eviction_policy_names()))
-    policies = tuple(placement_policies)
+    if eviction_policies is None:
+        eviction_policies = dict.fromkeys((*KNOWN_EVICTION_POLICIES, *eviction_policy_names()))
+    policies = tuple(eviction_policies)
     if isinstance(source, Mapping):
         return _Validator("<dict>", Path.cwd(), policies).config(source)
     if not isinstance(source, (str, os.PathLike)):
@@ -291,12 +301,12 @@ def load_config(
 def check_config(
     source: str | os.PathLike[str] | Mapping[str, Any],
     *,
-    placement_policies: Iterable[str] | None = None,
+    eviction_policies: Iterable[str] | None = None,
 ) -> Config:
     """What ``tiered config check FILE`` runs: load and validate, raising ConfigError."""
     if source is None:
         raise ConfigError("check_config() needs a config file or mapping to check")
-    return load_config(source, placement_policies=placement_policies)
+    return load_config(source, eviction_policies=eviction_policies)
 
 
 def machine_warnings(cfg: Config) -> list[str]:
@@ -379,7 +389,7 @@ def default_config() -> Config:
             f"tiers.nvme.capacity in <default>: no free disk space at {home}; "
             "set TIERED_HOME to a directory with room or pass a config file"
         )
-    return _Validator("<default>", Path.cwd(), tuple(KNOWN_PLACEMENT_POLICIES)).config({"tiers": tiers})
+    return _Validator("<default>", Path.cwd(), tuple(KNOWN_EVICTION_POLICIES)).config({"tiers": tiers})
 
 
 def _default_gpu_tier() -> dict[str, Any] | None:
@@ -676,7 +686,9 @@ class _Validator:
         self.unknown_keys(table, "policy.", _POLICY_KEYS)
         fields: dict[str, Any] = {}
         if "placement" in table:
-            fields["placement"] = self.choice(table["placement"], "policy.placement", self.policies)
+            fields["placement"] = self.placement(table["placement"])
+        if "eviction" in table:
+            fields["eviction"] = self.choice(table["eviction"], "policy.eviction", self.policies)
         if "migration" in table:
             fields["migration"] = self.migration_policy(table["migration"])
         if "fallback" in table:
@@ -686,6 +698,12 @@ class _Validator:
         if "migration_batch" in table:
             fields["migration_batch"] = self.integer(table["migration_batch"], "policy.migration_batch", 1, 1 << 16)
         return PolicySpec(**fields)
+
+    def placement(self, value: object) -> str:
+        if value in self.policies and value not in PLACEMENTS:
+            raise self.bad("policy.placement", value, f"{value!r} ranks the host tier's cached copies: set it as "
+                           f'[policy] eviction = "{value}"; placement takes ' + " or ".join(map(repr, PLACEMENTS)))
+        return self.choice(value, "policy.placement", PLACEMENTS)
 
     def migration_policy(self, value: object) -> str:
         name = self.choice(value, "policy.migration", ("none", "auto", *policy_names()))

@@ -43,7 +43,7 @@ class _Manifest:
                                   nbytes, int(o["version"]), [int(c) for c in o["crc32"]],
                                   Extent(tier_name, offset, extent_length(nbytes, int(o.get("block", 0)))),
                                   owner=str(o.get("owner", DEFAULT_OWNER)), block=int(o.get("block", 0)),
-                                  table_crc=int(o.get("table_crc", 0)))
+                                  table_crc=int(o.get("table_crc", 0)), placed=o.get("placed") is True)
             except (KeyError, TypeError, ValueError) as e:
                 raise StoreError(f"{path}: object {key!r} has a malformed entry ({e!r}): {o!r}") from e
             if o.get("ephemeral"):  # scratch of a process that crashed: delete it
@@ -113,6 +113,7 @@ class _Manifest:
                     "nbytes": m.nbytes, "version": m.version, "crc32": m.crc32,
                     "tier": m.extent.tier, "offset": m.extent.offset, **({"ephemeral": True} if m.ephemeral else {}),
                     **({"owner": m.owner} if m.owner != DEFAULT_OWNER else {}),
+                    **({"placed": True} if m.placed else {}),
                     **({"block": m.block, "table_crc": m.table_crc} if m.block else {})}
                 for k, m in self._objects.items() if not m.extent.external
             },
