@@ -139,6 +139,7 @@ class _Training:
 
     def finish_backward(self) -> None:
         """Give back every unit still held for backward (called between steps)."""
+        self._release_recomputed()
         for i in list(self._bw_hold):
             u = self.units[i]
             if u not in self._bw_done:
