@@ -75,6 +75,7 @@ from torch.optim import Optimizer
 from ..config import load_config
 from ..store import TieredStore
 from .backward import _Backward
+from .clipping import _Clipping, check_clip_args
 from .durability import _Durability
 from .host import _HostMemory
 from .layout import ALIGN_ELEMS, Chunk, OptimStateError, drop, plan_chunks
@@ -86,7 +87,7 @@ _drop = drop  # older spelling
 __all__ = ["OffloadedAdamW", "OptimStateError"]
 
 
-class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward, Optimizer):
+class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward, _Clipping, Optimizer):
     """AdamW with its state in a :class:`~tiered.TieredStore`; see the module docstring.
 
     ``store``: an open store (the caller closes it); else ``config`` (TOML path, dict,
@@ -105,6 +106,10 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
     free beyond it when this optimizer opened the store itself and no model shares it, else
     0). ``sync``: ``step()`` returns only once its step is durable (default: the step is
     committed when the next one begins, see the module docstring; always so with ``model``).
+    ``max_grad_norm``: clip the gradients' global 2-norm to this, as ``clip_grad_norm_`` does
+    (``clip="deferred"``) or each unit's by its own norm (``clip="per_unit"``); ``grads``:
+    where a ``model=``'s unit gradients wait for the update ("stream", "park", "keep"); see
+    :mod:`.clipping`. ``last_grad_norm`` is the global norm of the last step (deferred).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -113,8 +118,10 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
                  store: TieredStore | None = None, model: nn.Module | None = None, name: str = "adamw",
                  chunk_bytes: int | None = None, lookahead: int = 2, resume: bool = False,
                  resident_bytes: int | None = None, host_share: int | str | None = None,
-                 sync: bool = False) -> None:
+                 sync: bool = False, max_grad_norm: float | None = None, clip: str = "deferred",
+                 grads: str | None = None) -> None:
         _check_args(lr, betas, eps, chunk_bytes, lookahead, resident_bytes)
+        grads = check_clip_args(max_grad_norm, clip, grads, model is not None)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
                         foreach=foreach, fused=fused, amsgrad=False)
         super().__init__(params, defaults)
@@ -143,6 +150,8 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         self._writes: list = []
         self._state_reads: dict[int, object] = {}  # chunk index -> acquire future started in backward
         self._hooks: list = []
+        self._names = _param_names(model, self._params) if model is not None else {}
+        self._init_clipping(max_grad_norm, clip, grads)
         self._init_host()
         self._open = False
 
@@ -156,6 +165,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
             self._store = TieredStore(load_config(self._config)).open()
         try:
             self._reserve_host()
+            self._check_params()
             if self._units is not None:
                 self._units.check_trainable()
             self._chunks = plan_chunks(self._params, self._group_of,
@@ -169,7 +179,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
                         f"store at {self._store.root} already holds optimizer state {self.name!r} at step {step} "
                         f"(object {self._marker_key!r}); pass resume=True to continue it, or another name=")
                 self._recover()
-            if self._units is not None:
+            if self._units is not None and self.grads != "keep":
                 self._install_grad_hooks()
         except BaseException:
             self._remove_hooks()
@@ -188,6 +198,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         self._remove_hooks()
         self._drop_state_reads()
         try:
+            self._drop_parked()
             self._settle()
         finally:
             self._open = False
@@ -274,6 +285,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         s = self._next_step()
         todo = [c for c in self._chunks if c.index not in self._updated]
         with self._breaks_on_error():
+            self._deferred_clip()
             self._run(todo, s)
             if self.sync:
                 self._commit(s)
@@ -293,6 +305,28 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
             if self._broken is None:
                 self._broken = e
             raise
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; gradients parked in the store (``grads="park"``) are dropped too."""
+        super().zero_grad(set_to_none)
+        if getattr(self, "_open", False):
+            self._drop_parked()
+
+    def _check_params(self) -> None:
+        """Every parameter is on the CPU (where the update runs) and, with ``model=``, one of
+        that model's: parameters of another (an un-offloaded copy) would be trained while the
+        offloaded weights never change."""
+        for i, p in enumerate(self._params):
+            if p.device.type != "cpu":
+                raise ValueError(f"OffloadedAdamW: parameter {self._param_name(i)} is on {p.device}; the update "
+                                 "runs on the CPU in this version: the parameters must be CPU tensors "
+                                 "(offloaded models' weights are)")
+        if self._units is not None:
+            for i in range(len(self._params)):
+                if i not in self._names:
+                    raise ValueError(f"OffloadedAdamW: parameter {self._param_name(i)} is not a parameter of the "
+                                     "model given as model= (of another model, e.g. an un-offloaded copy?): pass "
+                                     "that model's own parameters")
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_open", False):
@@ -314,6 +348,12 @@ def _check_args(lr, betas, eps, chunk_bytes, lookahead, resident_bytes) -> None:
         raise ValueError(f"OffloadedAdamW: lookahead must be >= 0, got {lookahead}")
     if resident_bytes is not None and resident_bytes < 0:
         raise ValueError(f"OffloadedAdamW: resident_bytes must be >= 0, got {resident_bytes}")
+
+
+def _param_names(model: nn.Module, params: list[torch.Tensor]) -> dict[int, str]:
+    """Index of each of ``params`` that ``model`` holds -> its name there."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return {i: by_id[id(p)] for i, p in enumerate(params) if id(p) in by_id}
 
 
 def _offload_units(model: nn.Module):

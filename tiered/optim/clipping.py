@@ -1,0 +1,201 @@
+"""Gradient clipping (``max_grad_norm``) and where gradients wait for the update.
+
+The global gradient norm is known only once the whole backward is over, but with ``model=``
+(an offloaded model) each unit is updated as soon as its gradients are complete. So the
+optimizer offers where a unit's gradients go in backward (``grads=``):
+
+- ``"stream"`` (no clipping, or ``clip="per_unit"``): updated in backward, gradients released
+  at once. ``clip="per_unit"`` scales each chunk's (one unit's) gradients by that chunk's
+  own norm: ``min(1, max_grad_norm / (unit_norm + 1e-6))``; no gradient is ever held, but the
+  result is not ``clip_grad_norm_`` over the model (units whose norm is small are not scaled
+  at all).
+- ``"park"`` (the default with ``max_grad_norm``): each unit's gradients are written to the
+  store (the optimizer's objects ``<name>/g<param>``, which spill to storage like any other)
+  with their norm; ``step()`` then knows the global norm, scales every gradient as
+  ``torch.nn.utils.clip_grad_norm_`` does and updates. Gradient accumulation across several
+  backward passes before ``step()`` adds into the parked gradients (old + new, as autograd).
+- ``"keep"``: gradients stay in ``param.grad`` (host memory) until ``step()``, so whatever
+  works on ``.grad`` between backward and step (``clip_grad_norm_``, ``GradScaler.unscale_``,
+  Hugging Face ``Trainer``'s ``max_grad_norm``, gradient accumulation) works unchanged.
+
+Deferred clipping computes the norm exactly as ``torch.nn.utils.clip_grad_norm_`` (per-tensor
+norms grouped by device and dtype, in parameter order, then the norm of those), so the result
+is bitwise that of ``clip_grad_norm_`` followed by the update.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils._foreach_utils import _has_foreach_support
+
+from .layout import WAIT, Chunk, OptimStateError
+
+GRADS = ("stream", "park", "keep")
+CLIPS = ("deferred", "per_unit")
+
+
+def check_clip_args(max_grad_norm, clip: str, grads: str | None, has_model: bool) -> str:
+    """Validate the clipping arguments; returns where gradients wait (see the module docstring)."""
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and
+                                          math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ValueError(f"OffloadedAdamW: max_grad_norm must be a finite number > 0 or None, got {max_grad_norm!r}")
+    if clip not in CLIPS:
+        raise ValueError(f"OffloadedAdamW: clip must be one of {CLIPS}, got {clip!r}")
+    if grads is not None and grads not in GRADS:
+        raise ValueError(f"OffloadedAdamW: grads must be one of {GRADS}, got {grads!r}")
+    if not has_model:
+        if grads not in (None, "keep"):
+            raise ValueError(f"OffloadedAdamW: grads={grads!r} needs model= (an offloaded model); without it "
+                             "gradients are always read from param.grad in step()")
+        return "keep"
+    if grads is None:
+        grads = "park" if max_grad_norm is not None and clip == "deferred" else "stream"
+    if max_grad_norm is not None and clip == "deferred" and grads == "stream":
+        raise ValueError("OffloadedAdamW: max_grad_norm with clip='deferred' needs the global norm before any "
+                         "update: use grads='park' or 'keep' (or clip='per_unit' to update in backward)")
+    if clip == "per_unit" and max_grad_norm is not None and grads != "stream":
+        raise ValueError(f"OffloadedAdamW: clip='per_unit' updates each unit in backward (grads='stream'), "
+                         f"got grads={grads!r}")
+    return grads
+
+
+def grad_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-tensor 2-norms computed by the kernel ``clip_grad_norm_`` uses for them."""
+    out = []
+    for g in grads:
+        if _has_foreach_support([g], g.device):
+            out.append(torch._foreach_norm([g], 2.0)[0])
+        else:
+            out.append(torch.linalg.vector_norm(g, 2.0))
+    return out
+
+
+def total_norm(keyed: list[tuple[tuple, torch.Tensor]]) -> torch.Tensor:
+    """``clip_grad_norm_``'s total: the per-tensor norms (given with their grad's (device,
+    dtype), in parameter order) grouped by device and dtype in first-seen order, stacked."""
+    if not keyed:
+        return torch.tensor(0.0)
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for key, n in keyed:
+        groups.setdefault(key, []).append(n)
+    first = keyed[0][1].device
+    norms = [n.to(first) for ns in groups.values() for n in ns]
+    return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+
+
+def clip_coef(max_norm: float, total: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+
+
+class _Clipping:
+    """Part of :class:`~tiered.optim.OffloadedAdamW`: parked gradients and clipping."""
+
+    def _init_clipping(self, max_grad_norm, clip: str, grads: str) -> None:
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.clip = clip
+        self.grads = grads
+        self._parked: dict[int, tuple[str, tuple]] = {}  # param index -> (key, (device, dtype))
+        self._park_norms: dict[int, torch.Tensor] = {}
+        self._coef: torch.Tensor | None = None  # the step's clip coefficient, once known
+        self.last_grad_norm: torch.Tensor | None = None  # total norm before clipping, of the last step
+
+    def _grad_key(self, i: int) -> str:
+        return f"{self.name}/g{i:06d}"
+
+    def _park(self, i: int) -> None:
+        """Move parameter ``i``'s gradient into the store (added to one parked earlier in the
+        same step: accumulation); remember its norm."""
+        p = self._params[i]
+        g = p.grad
+        if g is None:
+            return
+        if g.is_sparse:
+            raise ValueError(f"OffloadedAdamW: parameter {self._param_name(i)} has a sparse gradient")
+        key = self._grad_key(i)
+        if i in self._parked:
+            old = self._store.get(key, owner=self.owner).result(timeout=WAIT)
+            g = old.view(g.shape) + g
+        self._park_norms[i] = grad_norms([g])[0]
+        self._store.put(key, g.detach(), kind="grad", ephemeral=True, owner=self.owner).result(timeout=WAIT)
+        self._parked[i] = (key, (g.device, g.dtype))
+        p.grad = None
+
+    def _deferred_clip(self) -> None:
+        """Before an update with deferred clipping: the global norm over every gradient
+        (parked or in ``.grad``), and ``.grad`` scaled in place, as ``clip_grad_norm_`` does;
+        parked ones are scaled when read (:meth:`_grad`)."""
+        self._coef = None
+        if self.max_grad_norm is None or self.clip != "deferred":
+            return
+        keyed, in_grad = [], []
+        for i, p in enumerate(self._params):
+            if i in self._parked:
+                keyed.append((self._parked[i][1], self._park_norms[i]))
+            elif p.grad is not None:
+                g = p.grad
+                keyed.append(((g.device, g.dtype), grad_norms([g])[0]))
+                in_grad.append(g)
+        total = total_norm(keyed)
+        self.last_grad_norm = total
+        self._coef = clip_coef(self.max_grad_norm, total)
+        for g in in_grad:
+            g.mul_(self._coef.to(g.device))
+
+    def _grad(self, i: int) -> torch.Tensor | None:
+        parked = self._parked.get(i)
+        if parked is None:
+            return self._params[i].grad
+        g = self._store.get(parked[0], owner=self.owner).result(timeout=WAIT).view(self._params[i].shape)
+        if self._coef is not None:
+            g.mul_(self._coef.to(g.device))
+        return g
+
+    def _unpark(self, c: Chunk) -> None:
+        """The chunk's parked gradients were used: delete them."""
+        for seg in c.segments:
+            parked = self._parked.pop(seg.param, None)
+            if parked is not None:
+                self._park_norms.pop(seg.param, None)
+                self._store.delete(parked[0])
+
+    def _clip_chunk(self, c: Chunk) -> None:
+        """``clip='per_unit'``: scale the chunk's gradients by the chunk's own norm."""
+        if self.max_grad_norm is None or self.clip != "per_unit":
+            return
+        grads = []
+        for i in dict.fromkeys(seg.param for seg in c.segments):
+            g = self._params[i].grad
+            if g is not None:
+                grads.append(g)
+        if not grads:
+            return
+        norms = grad_norms(grads)
+        coef = clip_coef(self.max_grad_norm, total_norm([((g.device, g.dtype), n) for g, n in zip(grads, norms)]))
+        for g in grads:
+            g.mul_(coef.to(g.device))
+
+    def _drop_parked(self) -> None:
+        """Forget parked gradients (``zero_grad``, ``close``)."""
+        parked, self._parked = self._parked, {}
+        self._park_norms.clear()
+        if self._store is None or not parked:
+            return
+        for key, _ in parked.values():
+            if key in self._store:
+                self._store.delete(key)
+
+    def _param_name(self, i: int) -> str:
+        names = getattr(self, "_names", None) or {}
+        name = names.get(i)
+        return f"{i} ({name!r})" if name else f"{i} (shape {tuple(self._params[i].shape)})"
+
+    def _check_second_gradient(self, c: Chunk, i: int) -> None:
+        """Updated in backward already: another gradient before ``step()`` is accumulation,
+        which streaming cannot do (the update used the first one)."""
+        if c.index in self._updated:
+            raise OptimStateError(
+                f"OffloadedAdamW {self.name!r}: parameter {self._param_name(i)} received a second gradient "
+                "before step(); with grads='stream' each backward updates the weights at once, so gradient "
+                "accumulation across backward passes is not possible: use grads='park' or grads='keep'")
