@@ -46,7 +46,7 @@ def install(rt: "OffloadedModule") -> list:
     guarded = _guarded_modules(rt)
     for m in guarded:
         handles.append(m.register_state_dict_post_hook(
-            functools.partial(_fill_state, weakref.ref(rt), _slot_names(m, rt), calls)))
+            functools.partial(_fill_state, weakref.ref(rt), calls)))
         handles.append(m.register_load_state_dict_pre_hook(_refuse_load))
         m.state_dict = functools.partial(_counted_state_dict, m, calls)
         m._apply = functools.partial(_checked_apply, m, _slot_types(m, rt))
@@ -99,11 +99,12 @@ def _slot_names(m: nn.Module, rt: "OffloadedModule") -> list[tuple[str, "_Slot"]
     return out
 
 
-def _fill_state(rt_ref, names, calls: threading.local, _module, state_dict, prefix, _meta) -> None:
+def _fill_state(rt_ref, calls: threading.local, module, state_dict, prefix, _meta) -> None:
     rt = rt_ref()
     if rt is None or getattr(calls, "depth", 0) > 1:
         return  # an enclosing guarded module's state_dict() fills the entries once, when it ends
-    want = [(prefix + n, s) for n, s in names if prefix + n in state_dict]
+    # names found now: wrappers added since offload (peft's LoRA layers) move tensors to new names
+    want = [(prefix + n, s) for n, s in _slot_names(module, rt) if prefix + n in state_dict]
     if not want:
         return
     made: dict[int, torch.Tensor] = {}  # id(tensor) -> its copy: tied weights stay one tensor

@@ -284,6 +284,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
                 loss = closure()
         s = self._next_step()
         todo = [c for c in self._chunks if c.index not in self._updated]
+        self._check_frozen_grads()
         with self._breaks_on_error():
             self._deferred_clip()
             self._run(todo, s)
@@ -327,6 +328,15 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
                     raise ValueError(f"OffloadedAdamW: parameter {self._param_name(i)} is not a parameter of the "
                                      "model given as model= (of another model, e.g. an un-offloaded copy?): pass "
                                      "that model's own parameters")
+
+    def _check_frozen_grads(self) -> None:
+        """A parameter frozen at open() has no state: a gradient it got since is not silently ignored."""
+        planned = {seg.param for c in self._chunks for seg in c.segments}
+        for i, p in enumerate(self._params):
+            if p.grad is not None and i not in planned:
+                raise OptimStateError(f"OffloadedAdamW {self.name!r}: parameter {self._param_name(i)} has a gradient "
+                                      "but was frozen (requires_grad=False) when the optimizer opened, so it has no "
+                                      "state; unfreeze parameters before open()")
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_open", False):
