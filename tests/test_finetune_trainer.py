@@ -15,7 +15,7 @@ import torch
 
 import tiered
 from helpers import TINY_MODEL_MARKS, offload_config
-from tiered.optim import OffloadedAdamW
+from tiered.optim import OffloadedAdamW, OptimStateError
 
 transformers = pytest.importorskip("transformers")
 
@@ -89,3 +89,17 @@ def test_trainer_trains_saves_and_resumes_like_in_memory(tmp_path):
     assert resumed == ref_logs  # steps 1-2 from the checkpoint's trainer state, 3-4 trained again
     for k, v in ref_sd.items():
         assert torch.equal(v, sd[k]), k
+
+
+def test_trainer_refuses_the_default_streaming_mode(tmp_path):
+    """Trainer's clipping and accumulation act on .grad, which streaming never fills: an error
+    when training begins, not a run that silently does not clip."""
+    model = tiered.offload(build(), offload_config(tmp_path / "store", "1MiB", nvme="128MiB", resident=False))
+    try:
+        with OffloadedAdamW(model.parameters(), lr=1e-2, model=model) as opt:
+            trainer = transformers.Trainer(model=model, args=args(tmp_path / "out"), train_dataset=DATA,
+                                           optimizers=(opt, schedule(opt)))
+            with pytest.raises(OptimStateError, match="under a Trainer.*grads='keep'"):
+                trainer.train()
+    finally:
+        tiered.detach(model)

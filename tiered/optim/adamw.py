@@ -121,6 +121,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
                  sync: bool = False, max_grad_norm: float | None = None, clip: str = "deferred",
                  grads: str | None = None) -> None:
         _check_args(lr, betas, eps, chunk_bytes, lookahead, resident_bytes)
+        self._grads_given = grads is not None
         grads = check_clip_args(max_grad_norm, clip, grads, model is not None)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
                         foreach=foreach, fused=fused, amsgrad=False)
@@ -278,6 +279,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         """Update every chunk backward did not; the step is committed when the next one begins
         (``sync=True``: before this returns)."""
         self._check_open()
+        self._refuse_amp_scaler()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -328,6 +330,41 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
                     raise ValueError(f"OffloadedAdamW: parameter {self._param_name(i)} is not a parameter of the "
                                      "model given as model= (of another model, e.g. an un-offloaded copy?): pass "
                                      "that model's own parameters")
+
+    @property
+    def _streams_units(self) -> bool:
+        """Some trainable parameters live in units and their gradients never reach ``.grad``
+        as a whole (``grads="stream"`` or ``"park"``)."""
+        return self.grads != "keep" and any(c.unit is not None for c in self._chunks)
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """torch.amp.GradScaler unscales and checks ``.grad`` itself unless this is true; then it
+        hands step() its scale (``grad_scale``, ``found_inf``). So it is where the gradients are
+        not in ``.grad``, and step() refuses the scaler instead of stepping on scaled gradients."""
+        return self._streams_units
+
+    def _refuse_amp_scaler(self) -> None:
+        if getattr(self, "grad_scale", None) is None and getattr(self, "found_inf", None) is None:
+            return
+        for attr in ("grad_scale", "found_inf"):
+            self.__dict__.pop(attr, None)
+        raise OptimStateError(
+            f"OffloadedAdamW {self.name!r}: stepped by a GradScaler, but with grads={self.grads!r} the unit "
+            "gradients are not in .grad, where GradScaler unscales and checks them (grads='stream' has updated "
+            "the weights in backward already); use grads='keep' with a GradScaler")
+
+    def train(self) -> None:
+        """Hugging Face Trainer calls this (through accelerate) when training begins. Trainer clips
+        (``max_grad_norm``, default 1.0) and accumulates ``.grad`` between backward and step, which
+        the default ``grads="stream"`` (units updated in backward) never shows it: refused, unless
+        ``grads=`` was chosen explicitly."""
+        if self.grads == "stream" and not self._grads_given and self._streams_units:
+            raise OptimStateError(
+                f"OffloadedAdamW {self.name!r} under a Trainer: its max_grad_norm and gradient accumulation act on "
+                ".grad, but the default grads='stream' updates units during backward, so they would silently not "
+                "apply; pass grads='keep' (or grads='stream' explicitly when max_grad_norm=0 and "
+                "gradient_accumulation_steps=1)")
 
     def _check_frozen_grads(self) -> None:
         """A parameter frozen at open() has no state: a gradient it got since is not silently ignored."""
