@@ -15,7 +15,7 @@ import torch
 
 import tiered
 from helpers import TINY_MODEL_MARKS, offload_config
-from tiered.optim import OffloadedAdamW, OptimStateError
+from tiered.optim import LossScale, OffloadedAdamW, OptimStateError
 
 transformers = pytest.importorskip("transformers")
 
@@ -88,5 +88,69 @@ def test_grad_scaler_is_refused_where_gradients_are_not_in_grad(tmp_path, grads)
                 scaler.step(opt)
             assert not hasattr(opt, "found_inf")
             opt.zero_grad()
+    finally:
+        tiered.detach(model)
+
+
+def test_loss_scale_with_parked_gradients_is_bitwise_grad_scaler(tmp_path):
+    ref = build()
+    model = tiered.offload(copy.deepcopy(ref), cfg(tmp_path))
+    o_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    s_ref = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)
+    try:
+        with OffloadedAdamW(model.parameters(), lr=1e-2, model=model, max_grad_norm=0.5,
+                            loss_scale=LossScale(init_scale=2.0 ** 10, growth_interval=2)) as opt:
+            assert opt.grads == "park"
+            for step in range(5):
+                a = scaled_step(ref, o_ref, s_ref, step)
+                x = batch(step)
+                loss = model(input_ids=x, labels=x).loss
+                if step == 1:
+                    loss = loss * float("inf")
+                opt.scale_loss(loss).backward()
+                assert all(p.grad is None for p in model.parameters())  # parked
+                opt.step()
+                assert opt.loss_scale.get_scale() == a, step
+            assert opt.loss_scale.skipped_steps == 1 and opt._step == 4
+            assert not any(k.startswith("adamw/g") for k in opt.store.keys())
+        sd = model.state_dict()
+        for n, p in ref.state_dict().items():
+            assert torch.equal(p, sd[n]), n
+    finally:
+        tiered.detach(model)
+
+
+def test_loss_scale_on_in_memory_parameters(tmp_path):
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    mine = copy.deepcopy(ref)
+    o_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    s_ref = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=1)
+    with OffloadedAdamW(mine.parameters(), lr=1e-2, config=offload_config(tmp_path, "4MiB", nvme="64MiB"),
+                        loss_scale=LossScale(init_scale=4.0, growth_interval=1)) as opt:
+        for step in range(4):
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+            bad = float("nan") if step == 2 else 1.0
+            s_ref.scale(ref(x).square().sum() * bad).backward()
+            s_ref.step(o_ref)
+            s_ref.update()
+            o_ref.zero_grad()
+            opt.scale_loss(mine(x).square().sum() * bad).backward()
+            opt.step()
+            opt.zero_grad()
+            assert opt.loss_scale.get_scale() == s_ref.get_scale()
+    for a, b in zip(ref.parameters(), mine.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_loss_scale_arguments(tmp_path):
+    with pytest.raises(ValueError, match="loss_scale must be a tiered.optim.LossScale"):
+        OffloadedAdamW([torch.nn.Parameter(torch.zeros(2))], loss_scale=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match="backoff_factor must be in"):
+        LossScale(backoff_factor=2.0)
+    model = tiered.offload(build(), cfg(tmp_path))
+    try:
+        with pytest.raises(ValueError, match="loss_scale needs every gradient checked"):
+            OffloadedAdamW(model.parameters(), model=model, grads="stream", loss_scale=LossScale())
     finally:
         tiered.detach(model)

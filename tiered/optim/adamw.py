@@ -80,6 +80,7 @@ from .durability import _Durability
 from .host import _HostMemory
 from .layout import ALIGN_ELEMS, Chunk, OptimStateError, drop, plan_chunks
 from .pipeline import _Pipeline
+from .scaling import LossScale
 from .state_dict import _StateDict
 
 _drop = drop  # older spelling
@@ -106,6 +107,8 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
     free beyond it when this optimizer opened the store itself and no model shares it, else
     0). ``sync``: ``step()`` returns only once its step is durable (default: the step is
     committed when the next one begins, see the module docstring; always so with ``model``).
+    ``loss_scale``: a :class:`~tiered.optim.LossScale` for fp16 (``scale_loss(loss)``, then
+    ``step()`` skips on inf/nan and moves the scale; see :mod:`.scaling`).
     ``max_grad_norm``: clip the gradients' global 2-norm to this, as ``clip_grad_norm_`` does
     (``clip="deferred"``) or each unit's by its own norm (``clip="per_unit"``); ``grads``:
     where a ``model=``'s unit gradients wait for the update ("stream", "park", "keep"); see
@@ -119,10 +122,10 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
                  chunk_bytes: int | None = None, lookahead: int = 2, resume: bool = False,
                  resident_bytes: int | None = None, host_share: int | str | None = None,
                  sync: bool = False, max_grad_norm: float | None = None, clip: str = "deferred",
-                 grads: str | None = None) -> None:
+                 grads: str | None = None, loss_scale: LossScale | None = None) -> None:
         _check_args(lr, betas, eps, chunk_bytes, lookahead, resident_bytes)
         self._grads_given = grads is not None
-        grads = check_clip_args(max_grad_norm, clip, grads, model is not None)
+        grads = check_clip_args(max_grad_norm, clip, grads, model is not None, loss_scale)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
                         foreach=foreach, fused=fused, amsgrad=False)
         super().__init__(params, defaults)
@@ -152,7 +155,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         self._state_reads: dict[int, object] = {}  # chunk index -> acquire future started in backward
         self._hooks: list = []
         self._names = _param_names(model, self._params) if model is not None else {}
-        self._init_clipping(max_grad_norm, clip, grads)
+        self._init_clipping(max_grad_norm, clip, grads, loss_scale)
         self._init_host()
         self._open = False
 
@@ -284,12 +287,15 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_frozen_grads()
+        if not self._prepare_grads():
+            return loss  # loss scaling found inf/nan: skipped, nothing updated
         s = self._next_step()
         todo = [c for c in self._chunks if c.index not in self._updated]
-        self._check_frozen_grads()
         with self._breaks_on_error():
-            self._deferred_clip()
             self._run(todo, s)
+            if self.loss_scale is not None:
+                self.loss_scale.update(False)
             if self.sync:
                 self._commit(s)
             else:
@@ -308,6 +314,12 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
             if self._broken is None:
                 self._broken = e
             raise
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` times the loss scale (``loss_scale=``), to call ``backward()`` on."""
+        if self.loss_scale is None:
+            raise OptimStateError(f"OffloadedAdamW {self.name!r}: scale_loss() needs loss_scale=LossScale(...)")
+        return self.loss_scale.scale(loss)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; gradients parked in the store (``grads="park"``) are dropped too."""

@@ -31,13 +31,19 @@ import torch
 from torch.utils._foreach_utils import _has_foreach_support
 
 from .layout import WAIT, Chunk, OptimStateError
+from .scaling import LossScale, check_and_unscale, has_inf_or_nan
 
 GRADS = ("stream", "park", "keep")
 CLIPS = ("deferred", "per_unit")
 
 
-def check_clip_args(max_grad_norm, clip: str, grads: str | None, has_model: bool) -> str:
-    """Validate the clipping arguments; returns where gradients wait (see the module docstring)."""
+def check_clip_args(max_grad_norm, clip: str, grads: str | None, has_model: bool, loss_scale=None) -> str:
+    """Validate the clipping and loss-scaling arguments; returns where gradients wait (see the
+    module docstring)."""
+    if loss_scale is not None and not isinstance(loss_scale, LossScale):
+        raise ValueError(f"OffloadedAdamW: loss_scale must be a tiered.optim.LossScale or None, got "
+                         f"{type(loss_scale).__name__} (a torch.amp.GradScaler steps the optimizer itself: "
+                         "use it with grads='keep')")
     if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and
                                           math.isfinite(max_grad_norm) and max_grad_norm > 0):
         raise ValueError(f"OffloadedAdamW: max_grad_norm must be a finite number > 0 or None, got {max_grad_norm!r}")
@@ -51,10 +57,14 @@ def check_clip_args(max_grad_norm, clip: str, grads: str | None, has_model: bool
                              "gradients are always read from param.grad in step()")
         return "keep"
     if grads is None:
-        grads = "park" if max_grad_norm is not None and clip == "deferred" else "stream"
+        deferred = (max_grad_norm is not None and clip == "deferred") or loss_scale is not None
+        grads = "park" if deferred else "stream"
     if max_grad_norm is not None and clip == "deferred" and grads == "stream":
         raise ValueError("OffloadedAdamW: max_grad_norm with clip='deferred' needs the global norm before any "
                          "update: use grads='park' or 'keep' (or clip='per_unit' to update in backward)")
+    if loss_scale is not None and grads == "stream":
+        raise ValueError("OffloadedAdamW: loss_scale needs every gradient checked for inf/nan before any update: "
+                         "use grads='park' or 'keep'")
     if clip == "per_unit" and max_grad_norm is not None and grads != "stream":
         raise ValueError(f"OffloadedAdamW: clip='per_unit' updates each unit in backward (grads='stream'), "
                          f"got grads={grads!r}")
@@ -92,12 +102,15 @@ def clip_coef(max_norm: float, total: torch.Tensor) -> torch.Tensor:
 class _Clipping:
     """Part of :class:`~tiered.optim.OffloadedAdamW`: parked gradients and clipping."""
 
-    def _init_clipping(self, max_grad_norm, clip: str, grads: str) -> None:
+    def _init_clipping(self, max_grad_norm, clip: str, grads: str, loss_scale: LossScale | None) -> None:
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.clip = clip
         self.grads = grads
         self._parked: dict[int, tuple[str, tuple]] = {}  # param index -> (key, (device, dtype))
-        self._park_norms: dict[int, torch.Tensor] = {}
+        self._park_norms: dict[int, torch.Tensor] = {}  # without loss scaling (else found at step)
+        self._park_inf: dict[int, bool] = {}  # with loss scaling: the parked gradient holds inf/nan
+        self.loss_scale = loss_scale
+        self._inv_scale: torch.Tensor | None = None  # the step's 1/scale, once its gradients are checked
         self._coef: torch.Tensor | None = None  # the step's clip coefficient, once known
         self.last_grad_norm: torch.Tensor | None = None  # total norm before clipping, of the last step
 
@@ -117,37 +130,59 @@ class _Clipping:
         if i in self._parked:
             old = self._store.get(key, owner=self.owner).result(timeout=WAIT)
             g = old.view(g.shape) + g
-        self._park_norms[i] = grad_norms([g])[0]
+        if self.loss_scale is not None:
+            self._park_inf[i] = has_inf_or_nan(g)
+        elif self.max_grad_norm is not None:
+            self._park_norms[i] = grad_norms([g])[0]
         self._store.put(key, g.detach(), kind="grad", ephemeral=True, owner=self.owner).result(timeout=WAIT)
         self._parked[i] = (key, (g.device, g.dtype))
         p.grad = None
 
-    def _deferred_clip(self) -> None:
-        """Before an update with deferred clipping: the global norm over every gradient
-        (parked or in ``.grad``), and ``.grad`` scaled in place, as ``clip_grad_norm_`` does;
-        parked ones are scaled when read (:meth:`_grad`)."""
-        self._coef = None
+    def _prepare_grads(self) -> bool:
+        """Before the update: with loss scaling, check every gradient for inf/nan (False: the
+        step is skipped, its gradients dropped) and unscale those in ``.grad`` in place; with
+        deferred clipping, the global norm over every gradient (parked or in ``.grad``) and
+        ``.grad`` scaled in place, as ``clip_grad_norm_`` does. Parked gradients are unscaled
+        and scaled when read (:meth:`_grad`)."""
+        self._coef = self._inv_scale = None
+        in_grad = {i: p.grad for i, p in enumerate(self._params) if i not in self._parked and p.grad is not None}
+        if self.loss_scale is not None:
+            inv = self.loss_scale.inv_scale()
+            found = torch.zeros(())
+            for g in in_grad.values():
+                check_and_unscale(g, inv, found)
+            if bool(found) or any(self._park_inf.values()):
+                self._drop_parked()
+                self.loss_scale.update(True)
+                return False
+            self._inv_scale = inv
         if self.max_grad_norm is None or self.clip != "deferred":
-            return
-        keyed, in_grad = [], []
-        for i, p in enumerate(self._params):
+            return True
+        keyed = []
+        for i in range(len(self._params)):
             if i in self._parked:
-                keyed.append((self._parked[i][1], self._park_norms[i]))
-            elif p.grad is not None:
-                g = p.grad
+                n = self._park_norms.get(i)
+                if n is None:  # parked scaled: its norm is the unscaled gradient's
+                    n = grad_norms([self._grad(i)])[0]
+                keyed.append((self._parked[i][1], n))
+            elif i in in_grad:
+                g = in_grad[i]
                 keyed.append(((g.device, g.dtype), grad_norms([g])[0]))
-                in_grad.append(g)
         total = total_norm(keyed)
         self.last_grad_norm = total
-        self._coef = clip_coef(self.max_grad_norm, total)
-        for g in in_grad:
-            g.mul_(self._coef.to(g.device))
+        coef = clip_coef(self.max_grad_norm, total)
+        for g in in_grad.values():
+            g.mul_(coef.to(g.device))
+        self._coef = coef
+        return True
 
     def _grad(self, i: int) -> torch.Tensor | None:
         parked = self._parked.get(i)
         if parked is None:
             return self._params[i].grad
         g = self._store.get(parked[0], owner=self.owner).result(timeout=WAIT).view(self._params[i].shape)
+        if self._inv_scale is not None:
+            check_and_unscale(g, self._inv_scale, torch.zeros((), device=g.device))
         if self._coef is not None:
             g.mul_(self._coef.to(g.device))
         return g
@@ -158,6 +193,7 @@ class _Clipping:
             parked = self._parked.pop(seg.param, None)
             if parked is not None:
                 self._park_norms.pop(seg.param, None)
+                self._park_inf.pop(seg.param, None)
                 self._store.delete(parked[0])
 
     def _clip_chunk(self, c: Chunk) -> None:
@@ -180,6 +216,7 @@ class _Clipping:
         """Forget parked gradients (``zero_grad``, ``close``)."""
         parked, self._parked = self._parked, {}
         self._park_norms.clear()
+        self._park_inf.clear()
         if self._store is None or not parked:
             return
         for key, _ in parked.values():
