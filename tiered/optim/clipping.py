@@ -30,6 +30,8 @@ import math
 import torch
 from torch.utils._foreach_utils import _has_foreach_support
 
+from tiered.io_engine import gather
+
 from .layout import WAIT, Chunk, OptimStateError
 from .scaling import LossScale, check_and_unscale, has_inf_or_nan
 
@@ -108,6 +110,7 @@ class _Clipping:
         self.grads = grads
         self._parked: dict[int, tuple[str, tuple]] = {}  # param index -> (key, (device, dtype))
         self._park_norms: dict[int, torch.Tensor] = {}  # without loss scaling (else found at step)
+        self._park_writes: list = []  # puts of parked gradients not known to be done
         self._park_inf: dict[int, bool] = {}  # with loss scaling: the parked gradient holds inf/nan
         self.loss_scale = loss_scale
         self._inv_scale: torch.Tensor | None = None  # the step's 1/scale, once its gradients are checked
@@ -128,13 +131,15 @@ class _Clipping:
             raise ValueError(f"OffloadedAdamW: parameter {self._param_name(i)} has a sparse gradient")
         key = self._grad_key(i)
         if i in self._parked:
+            self._wait_parked()
             old = self._store.get(key, owner=self.owner).result(timeout=WAIT)
             g = old.view(g.shape) + g
         if self.loss_scale is not None:
             self._park_inf[i] = has_inf_or_nan(g)
         elif self.max_grad_norm is not None:
             self._park_norms[i] = grad_norms([g])[0]
-        self._store.put(key, g.detach(), kind="grad", ephemeral=True, owner=self.owner).result(timeout=WAIT)
+        # the bytes are copied before put returns; the write finishes while backward goes on
+        self._park_writes.append(self._store.put(key, g.detach(), kind="grad", ephemeral=True, owner=self.owner))
         self._parked[i] = (key, (g.device, g.dtype))
         p.grad = None
 
@@ -145,6 +150,7 @@ class _Clipping:
         ``.grad`` scaled in place, as ``clip_grad_norm_`` does. Parked gradients are unscaled
         and scaled when read (:meth:`_grad`)."""
         self._coef = self._inv_scale = None
+        self._wait_parked()
         in_grad = {i: p.grad for i, p in enumerate(self._params) if i not in self._parked and p.grad is not None}
         if self.loss_scale is not None:
             inv = self.loss_scale.inv_scale()
@@ -212,8 +218,15 @@ class _Clipping:
         for g in grads:
             g.mul_(coef.to(g.device))
 
+    def _wait_parked(self) -> None:
+        """Every parked gradient written; raises the first write error."""
+        writes, self._park_writes = self._park_writes, []
+        if writes:
+            gather(writes).result(timeout=WAIT)
+
     def _drop_parked(self) -> None:
-        """Forget parked gradients (``zero_grad``, ``close``)."""
+        """Forget parked gradients (``zero_grad``, ``close``, a skipped step)."""
+        self._wait_parked()
         parked, self._parked = self._parked, {}
         self._park_norms.clear()
         self._park_inf.clear()
