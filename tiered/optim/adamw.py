@@ -261,6 +261,11 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         return len(self._chunks)
 
     @property
+    def state_elements(self) -> int:
+        """Parameter elements that have optimizer state (frozen parameters have none)."""
+        return sum(c.numel for c in self._chunks)
+
+    @property
     def resident_chunks(self) -> int:
         """How many of them are resident in host memory now."""
         return sum(c.resident is not None for c in self._chunks)
