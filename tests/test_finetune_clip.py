@@ -201,6 +201,16 @@ def test_parameters_of_another_model_are_refused(tmp_path):
         tiered.detach(model)
 
 
+def test_offloaded_parameters_without_model_are_refused(tmp_path):
+    model = tiered.offload(build(), cfg(tmp_path))
+    try:
+        opt = OffloadedAdamW(model.parameters(), lr=1e-2, config=offload_config(tmp_path / "o", "4MiB", nvme="64MiB"))
+        with pytest.raises(ValueError, match=r"parameter 0 .*sharing one memory location.*pass that model as model="):
+            opt.open()
+    finally:
+        tiered.detach(model)
+
+
 def test_parameter_on_the_wrong_device_is_named(tmp_path):
     ps = [torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(3, device="meta"))]
     opt = OffloadedAdamW(ps, config=offload_config(tmp_path, "4MiB", nvme="64MiB"))

@@ -341,6 +341,11 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
                 raise ValueError(f"OffloadedAdamW: parameter {self._param_name(i)} is on {p.device}; the update "
                                  "runs on the CPU in this version: the parameters must be CPU tensors "
                                  "(offloaded models' weights are)")
+            in_unit = self._units is not None and self._units.owns_param(p)
+            if p.requires_grad and not in_unit and torch._debug_has_internal_overlap(p) == 1:
+                raise ValueError(f"OffloadedAdamW: parameter {self._param_name(i)} has elements sharing one memory "
+                                 "location, so it cannot be updated in place: a placeholder of a model wrapped by "
+                                 "tiered.offload? pass that model as model=")
         if self._units is not None:
             for i in range(len(self._params)):
                 if i not in self._names:
