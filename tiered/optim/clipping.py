@@ -111,6 +111,7 @@ class _Clipping:
         self._parked: dict[int, tuple[str, tuple]] = {}  # param index -> (key, (device, dtype))
         self._park_norms: dict[int, torch.Tensor] = {}  # without loss scaling (else found at step)
         self._park_writes: list = []  # puts of parked gradients not known to be done
+        self._grad_reads: dict[int, object] = {}  # param index -> get of its parked gradient, started early
         self._park_inf: dict[int, bool] = {}  # with loss scaling: the parked gradient holds inf/nan
         self.loss_scale = loss_scale
         self._inv_scale: torch.Tensor | None = None  # the step's 1/scale, once its gradients are checked
@@ -186,12 +187,20 @@ class _Clipping:
         parked = self._parked.get(i)
         if parked is None:
             return self._params[i].grad
-        g = self._store.get(parked[0], owner=self.owner).result(timeout=WAIT).view(self._params[i].shape)
+        f = self._grad_reads.pop(i, None) or self._store.get(parked[0], owner=self.owner)
+        g = f.result(timeout=WAIT).view(self._params[i].shape)
         if self._inv_scale is not None:
             check_and_unscale(g, self._inv_scale, torch.zeros((), device=g.device))
         if self._coef is not None:
             g.mul_(self._coef.to(g.device))
         return g
+
+    def _prefetch_grads(self, c: Chunk) -> None:
+        """Start reading the chunk's parked gradients (with its state: the step's pipeline)."""
+        for seg in c.segments:
+            parked = self._parked.get(seg.param)
+            if parked is not None and seg.param not in self._grad_reads:
+                self._grad_reads[seg.param] = self._store.get(parked[0], owner=self.owner)
 
     def _unpark(self, c: Chunk) -> None:
         """The chunk's parked gradients were used: delete them."""
@@ -218,6 +227,13 @@ class _Clipping:
         for g in grads:
             g.mul_(coef.to(g.device))
 
+    def _forget_grad_reads(self) -> None:
+        """Gradient reads started for a step that did not use them: wait for them (a read in
+        flight must not outlive the key it reads), then drop the copies."""
+        reads, self._grad_reads = self._grad_reads, {}
+        if reads:
+            gather(list(reads.values())).result(timeout=WAIT)
+
     def _wait_parked(self) -> None:
         """Every parked gradient written; raises the first write error."""
         writes, self._park_writes = self._park_writes, []
@@ -227,6 +243,7 @@ class _Clipping:
     def _drop_parked(self) -> None:
         """Forget parked gradients (``zero_grad``, ``close``, a skipped step)."""
         self._wait_parked()
+        self._forget_grad_reads()
         parked, self._parked = self._parked, {}
         self._park_norms.clear()
         self._park_inf.clear()

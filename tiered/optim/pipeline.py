@@ -27,6 +27,7 @@ class _Pipeline:
         def issue() -> None:
             nonlocal nxt
             reads.append(self._start_read(chunks[nxt], s))
+            self._prefetch_grads(chunks[nxt])
             nxt += 1
 
         resident = [c for c in chunks if self._take_resident(c)]
@@ -53,6 +54,7 @@ class _Pipeline:
         except BaseException:
             for f in reads:
                 drop(f)
+            self._forget_grad_reads()
             raise
 
     def _declare_plan(self, chunks: list[Chunk], s: int) -> None:
