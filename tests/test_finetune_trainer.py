@@ -103,3 +103,41 @@ def test_trainer_refuses_the_default_streaming_mode(tmp_path):
                 trainer.train()
     finally:
         tiered.detach(model)
+
+
+def test_trainer_lora_over_an_offloaded_base_saves_and_resumes(tmp_path):
+    """The common fine-tuning run: peft adapters over an offloaded base under a Trainer (the
+    adapters are in memory, so the default grads= is fine); checkpoints hold the adapters."""
+    peft = pytest.importorskip("peft")
+
+    def lora(base):
+        torch.manual_seed(1)
+        return peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                         lora_dropout=0.0, init_lora_weights=False))
+
+    ref = lora(build())
+    o_ref = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+    t_ref = transformers.Trainer(model=ref, args=args(tmp_path / "ref"), train_dataset=DATA,
+                                 optimizers=(o_ref, schedule(o_ref)))
+    t_ref.train()
+
+    def run(store, out, resume=None):
+        base = tiered.offload(build(), offload_config(tmp_path / store, "1MiB", nvme="128MiB", resident=False))
+        model = lora(base)
+        try:
+            with OffloadedAdamW(model.parameters(), lr=1e-2, weight_decay=0.01, model=model) as opt:
+                trainer = transformers.Trainer(model=model, args=args(out), train_dataset=DATA,
+                                               optimizers=(opt, schedule(opt)))
+                trainer.train(resume_from_checkpoint=resume)
+                return logs(trainer), {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        finally:
+            tiered.detach(base)
+
+    got, adapters = run("a", tmp_path / "off")
+    assert got == logs(t_ref)
+    assert (tmp_path / "off" / "checkpoint-2" / "adapter_model.safetensors").exists()
+    resumed, adapters2 = run("b", tmp_path / "resumed", resume=str(tmp_path / "off" / "checkpoint-2"))
+    assert resumed == logs(t_ref)
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, adapters[n]) and torch.equal(p, adapters2[n]), n
