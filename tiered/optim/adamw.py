@@ -55,12 +55,16 @@ unit's gradients are handed to the optimizer as soon as they are complete
 written into the unit's store objects, and the gradients are released. So
 neither the weights, nor the gradients, nor the optimizer state need to be in
 memory at once. ``step()`` then updates what backward did not (parameters
-outside units, unused ones) and commits the step.
+outside units, unused ones) and commits the step. That is ``grads="stream"``, the default;
+``grads="park"`` (gradients written to the store until ``step()``: global clipping, loss
+scaling, accumulation) and ``grads="keep"`` (left in ``.grad``: Trainer, GradScaler) defer the
+update to ``step()``, see :mod:`.clipping`.
 
 The class is assembled from one module per job: :mod:`.layout` (chunks),
 :mod:`.host` (host memory), :mod:`.pipeline` (the step's stream),
 :mod:`.durability` (commit, recovery), :mod:`.state_dict`, :mod:`.backward`
-(``model=``).
+(``model=``), :mod:`.clipping` (where gradients wait, ``max_grad_norm``) and :mod:`.scaling`
+(``LossScale``).
 """
 
 from __future__ import annotations
@@ -320,18 +324,6 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
                 self._broken = e
             raise
 
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """``loss`` times the loss scale (``loss_scale=``), to call ``backward()`` on."""
-        if self.loss_scale is None:
-            raise OptimStateError(f"OffloadedAdamW {self.name!r}: scale_loss() needs loss_scale=LossScale(...)")
-        return self.loss_scale.scale(loss)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """torch's ``zero_grad``; gradients parked in the store (``grads="park"``) are dropped too."""
-        super().zero_grad(set_to_none)
-        if getattr(self, "_open", False):
-            self._drop_parked()
-
     def _check_params(self) -> None:
         """Every parameter is on the CPU (where the update runs) and, with ``model=``, one of
         that model's: parameters of another (an un-offloaded copy) would be trained while the
@@ -352,41 +344,6 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
                     raise ValueError(f"OffloadedAdamW: parameter {self._param_name(i)} is not a parameter of the "
                                      "model given as model= (of another model, e.g. an un-offloaded copy?): pass "
                                      "that model's own parameters")
-
-    @property
-    def _streams_units(self) -> bool:
-        """Some trainable parameters live in units and their gradients never reach ``.grad``
-        as a whole (``grads="stream"`` or ``"park"``)."""
-        return self.grads != "keep" and any(c.unit is not None for c in self._chunks)
-
-    @property
-    def _step_supports_amp_scaling(self) -> bool:
-        """torch.amp.GradScaler unscales and checks ``.grad`` itself unless this is true; then it
-        hands step() its scale (``grad_scale``, ``found_inf``). So it is where the gradients are
-        not in ``.grad``, and step() refuses the scaler instead of stepping on scaled gradients."""
-        return self._streams_units
-
-    def _refuse_amp_scaler(self) -> None:
-        if getattr(self, "grad_scale", None) is None and getattr(self, "found_inf", None) is None:
-            return
-        for attr in ("grad_scale", "found_inf"):
-            self.__dict__.pop(attr, None)
-        raise OptimStateError(
-            f"OffloadedAdamW {self.name!r}: stepped by a GradScaler, but with grads={self.grads!r} the unit "
-            "gradients are not in .grad, where GradScaler unscales and checks them (grads='stream' has updated "
-            "the weights in backward already); use grads='keep' with a GradScaler")
-
-    def train(self) -> None:
-        """Hugging Face Trainer calls this (through accelerate) when training begins. Trainer clips
-        (``max_grad_norm``, default 1.0) and accumulates ``.grad`` between backward and step, which
-        the default ``grads="stream"`` (units updated in backward) never shows it: refused, unless
-        ``grads=`` was chosen explicitly."""
-        if self.grads == "stream" and not self._grads_given and self._streams_units:
-            raise OptimStateError(
-                f"OffloadedAdamW {self.name!r} under a Trainer: its max_grad_norm and gradient accumulation act on "
-                ".grad, but the default grads='stream' updates units during backward, so they would silently not "
-                "apply; pass grads='keep' (or grads='stream' explicitly when max_grad_norm=0 and "
-                "gradient_accumulation_steps=1)")
 
     def _check_frozen_grads(self) -> None:
         """A parameter frozen at open() has no state: a gradient it got since is not silently ignored."""

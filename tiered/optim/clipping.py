@@ -102,7 +102,8 @@ def clip_coef(max_norm: float, total: torch.Tensor) -> torch.Tensor:
 
 
 class _Clipping:
-    """Part of :class:`~tiered.optim.OffloadedAdamW`: parked gradients and clipping."""
+    """Part of :class:`~tiered.optim.OffloadedAdamW`: where gradients wait, clipping, loss
+    scaling, and what ``torch.amp.GradScaler`` and Hugging Face ``Trainer`` are told."""
 
     def _init_clipping(self, max_grad_norm, clip: str, grads: str, loss_scale: LossScale | None) -> None:
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
@@ -266,3 +267,51 @@ class _Clipping:
                 f"OffloadedAdamW {self.name!r}: parameter {self._param_name(i)} received a second gradient "
                 "before step(); with grads='stream' each backward updates the weights at once, so gradient "
                 "accumulation across backward passes is not possible: use grads='park' or grads='keep'")
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` times the loss scale (``loss_scale=``), to call ``backward()`` on."""
+        if self.loss_scale is None:
+            raise OptimStateError(f"OffloadedAdamW {self.name!r}: scale_loss() needs loss_scale=LossScale(...)")
+        return self.loss_scale.scale(loss)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; gradients parked in the store (``grads="park"``) are dropped too."""
+        super().zero_grad(set_to_none)
+        if getattr(self, "_open", False):
+            self._drop_parked()
+
+    @property
+    def _streams_units(self) -> bool:
+        """Some trainable parameters live in units and their gradients never reach ``.grad``
+        as a whole (``grads="stream"`` or ``"park"``)."""
+        chunks = getattr(self, "_chunks", ())  # also asked before __init__ is done
+        return getattr(self, "grads", "keep") != "keep" and any(c.unit is not None for c in chunks)
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """torch.amp.GradScaler unscales and checks ``.grad`` itself unless this is true; then it
+        hands step() its scale (``grad_scale``, ``found_inf``). So it is where the gradients are
+        not in ``.grad``, and step() refuses the scaler instead of stepping on scaled gradients."""
+        return self._streams_units
+
+    def _refuse_amp_scaler(self) -> None:
+        if getattr(self, "grad_scale", None) is None and getattr(self, "found_inf", None) is None:
+            return
+        for attr in ("grad_scale", "found_inf"):
+            self.__dict__.pop(attr, None)
+        raise OptimStateError(
+            f"OffloadedAdamW {self.name!r}: stepped by a GradScaler, but with grads={self.grads!r} the unit "
+            "gradients are not in .grad, where GradScaler unscales and checks them (grads='stream' has updated "
+            "the weights in backward already); use grads='keep' with a GradScaler")
+
+    def train(self) -> None:
+        """Hugging Face Trainer calls this (through accelerate) when training begins. Trainer clips
+        (``max_grad_norm``, default 1.0) and accumulates ``.grad`` between backward and step, which
+        the default ``grads="stream"`` (units updated in backward) never shows it: refused, unless
+        ``grads=`` was chosen explicitly."""
+        if self.grads == "stream" and not self._grads_given and self._streams_units:
+            raise OptimStateError(
+                f"OffloadedAdamW {self.name!r} under a Trainer: its max_grad_norm and gradient accumulation act on "
+                ".grad, but the default grads='stream' updates units during backward, so they would silently not "
+                "apply; pass grads='keep' (or grads='stream' explicitly when max_grad_norm=0 and "
+                "gradient_accumulation_steps=1)")
