@@ -91,16 +91,33 @@ def test_trainer_trains_saves_and_resumes_like_in_memory(tmp_path):
         assert torch.equal(v, sd[k]), k
 
 
-def test_trainer_refuses_the_default_streaming_mode(tmp_path):
-    """Trainer's clipping and accumulation act on .grad, which streaming never fills: an error
-    when training begins, not a run that silently does not clip."""
+def test_the_default_mode_keeps_gradients_under_a_trainer(tmp_path):
+    """Trainer's clipping and accumulation act on .grad, which the default streaming never fills:
+    under a Trainer (which calls optimizer.train()) the default mode keeps them in .grad; an
+    explicit grads= stays."""
+    ref = build()
+    o_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.01)
+    t_ref = transformers.Trainer(model=ref, args=args(tmp_path / "ref"), train_dataset=DATA,
+                                 optimizers=(o_ref, schedule(o_ref)))
+    t_ref.train()
     model = tiered.offload(build(), offload_config(tmp_path / "store", "1MiB", nvme="128MiB", resident=False))
     try:
-        with OffloadedAdamW(model.parameters(), lr=1e-2, model=model) as opt:
+        with OffloadedAdamW(model.parameters(), lr=1e-2, weight_decay=0.01, model=model) as opt:
+            assert opt.grads == "stream"
             trainer = transformers.Trainer(model=model, args=args(tmp_path / "out"), train_dataset=DATA,
                                            optimizers=(opt, schedule(opt)))
-            with pytest.raises(OptimStateError, match="under a Trainer.*grads='keep'"):
-                trainer.train()
+            trainer.train()
+            assert opt.grads == "keep"
+            assert logs(trainer) == logs(t_ref)
+        with OffloadedAdamW(model.parameters(), lr=1e-2, model=model, grads="stream", name="explicit") as opt:
+            opt.train()
+            assert opt.grads == "stream"
+        with OffloadedAdamW(model.parameters(), lr=1e-2, model=model, name="mid-step") as opt:
+            x = DATA[0]["input_ids"][None]
+            model(input_ids=x, labels=x).loss.backward()
+            with pytest.raises(OptimStateError, match=r"train\(\) \(a Trainer starting\) between a backward and step"):
+                opt.train()
+            opt.step()
     finally:
         tiered.detach(model)
 

@@ -305,13 +305,16 @@ class _Clipping:
             "the weights in backward already); use grads='keep' with a GradScaler")
 
     def train(self) -> None:
-        """Hugging Face Trainer calls this (through accelerate) when training begins. Trainer clips
-        (``max_grad_norm``, default 1.0) and accumulates ``.grad`` between backward and step, which
-        the default ``grads="stream"`` (units updated in backward) never shows it: refused, unless
-        ``grads=`` was chosen explicitly."""
-        if self.grads == "stream" and not self._grads_given and self._streams_units:
+        """Hugging Face Trainer calls this (through accelerate) when an epoch begins. Trainer clips
+        (``max_grad_norm``, default 1.0), unscales and accumulates ``.grad`` between backward and
+        step, which the default ``grads="stream"`` (units updated in backward) never fills: so an
+        optimizer left in the default mode keeps gradients in ``.grad`` from here on
+        (``grads="keep"``). A ``grads=`` chosen explicitly is left as it is."""
+        if self.grads != "stream" or self._grads_given or not self._streams_units:
+            return
+        if self._updated or any(c.arrived for c in self._chunks):
             raise OptimStateError(
-                f"OffloadedAdamW {self.name!r} under a Trainer: its max_grad_norm and gradient accumulation act on "
-                ".grad, but the default grads='stream' updates units during backward, so they would silently not "
-                "apply; pass grads='keep' (or grads='stream' explicitly when max_grad_norm=0 and "
-                "gradient_accumulation_steps=1)")
+                f"OffloadedAdamW {self.name!r}: train() (a Trainer starting) between a backward and step(): the "
+                "default grads='stream' has updated units already; pass grads='keep' to use it under a Trainer")
+        self._remove_hooks()  # no update in backward: step() updates every unit from .grad
+        self.grads = "keep"
