@@ -30,8 +30,12 @@ VOCAB = 64
 MAX_NORM = 0.5  # well below the tiny model's gradient norm: clipping is active
 
 
-def build():
+def build(arch: str = "llama"):
     torch.manual_seed(0)
+    if arch == "gpt2":  # its head is tied to the token embedding: one parameter in two units
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0)).train()
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64)).train()
@@ -55,8 +59,9 @@ def assert_same_weights(ref, model):
         assert torch.equal(a, sd[name]), name
 
 
-def test_deferred_clipping_is_bitwise_clip_grad_norm(tmp_path):
-    ref = build()
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_deferred_clipping_is_bitwise_clip_grad_norm(tmp_path, arch):
+    ref = build(arch)
     model = tiered.offload(copy.deepcopy(ref), cfg(tmp_path))
     o_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05)
     try:

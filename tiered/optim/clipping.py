@@ -156,10 +156,12 @@ class _Clipping:
         in_grad = {i: p.grad for i, p in enumerate(self._params) if i not in self._parked and p.grad is not None}
         if self.loss_scale is not None:
             inv = self.loss_scale.inv_scale()
-            found = torch.zeros(())
+            found = False
             for g in in_grad.values():
-                check_and_unscale(g, inv, found)
-            if bool(found) or any(self._park_inf.values()):
+                flag = torch.zeros((), device=g.device)
+                check_and_unscale(g, inv, flag)
+                found = found or bool(flag)
+            if found or any(self._park_inf.values()):
                 self._drop_parked()
                 self.loss_scale.update(True)
                 return False
