@@ -154,3 +154,13 @@ def test_loss_scale_arguments(tmp_path):
             OffloadedAdamW(model.parameters(), model=model, grads="stream", loss_scale=LossScale())
     finally:
         tiered.detach(model)
+
+
+def test_loss_scale_refuses_fp16_gradients(tmp_path):
+    lin = torch.nn.Linear(4, 2).half()
+    with OffloadedAdamW(lin.parameters(), config=offload_config(tmp_path, "4MiB", nvme="64MiB"),
+                        loss_scale=LossScale()) as opt:
+        opt.scale_loss(lin(torch.ones(1, 4, dtype=torch.float16)).float().sum()).backward()
+        with pytest.raises(ValueError, match=r"parameter 0 \(shape \(2, 4\)\) has an fp16 gradient"):
+            opt.step()
+        opt.zero_grad()

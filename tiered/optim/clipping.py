@@ -137,6 +137,7 @@ class _Clipping:
             old = self._store.get(key, owner=self.owner).result(timeout=WAIT)
             g = old.view(g.shape) + g
         if self.loss_scale is not None:
+            self._check_unscalable(i, g)
             self._park_inf[i] = has_inf_or_nan(g)
         elif self.max_grad_norm is not None:
             self._park_norms[i] = grad_norms([g])[0]
@@ -157,7 +158,8 @@ class _Clipping:
         if self.loss_scale is not None:
             inv = self.loss_scale.inv_scale()
             found = False
-            for g in in_grad.values():
+            for i, g in in_grad.items():
+                self._check_unscalable(i, g)
                 flag = torch.zeros((), device=g.device)
                 check_and_unscale(g, inv, flag)
                 found = found or bool(flag)
@@ -185,6 +187,14 @@ class _Clipping:
             g.mul_(coef.to(g.device))
         self._coef = coef
         return True
+
+    def _check_unscalable(self, i: int, g: torch.Tensor) -> None:
+        """As torch.amp.GradScaler: fp16 gradients are not unscaled (in fp16 that loses the
+        small values scaling was for); mixed precision keeps fp32 parameters under autocast."""
+        if g.dtype == torch.float16:
+            raise ValueError(f"OffloadedAdamW: parameter {self._param_name(i)} has an fp16 gradient, which loss "
+                             "scaling cannot unscale without losing precision (GradScaler refuses it too): keep "
+                             "the parameters fp32 and run the forward under torch.autocast")
 
     def _grad(self, i: int) -> torch.Tensor | None:
         parked = self._parked.get(i)
