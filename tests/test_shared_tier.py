@@ -347,6 +347,15 @@ def test_server_stopped_between_lookups_then_back(tmp_path, redis_server):
     assert compute_prefix(model, shared_config(tmp_path, redis_server.url, "d"), ids)["loaded"] == 40
 
 
+def test_a_server_restarted_empty_gets_the_capacity_record_back_with_the_next_put(redis_server):
+    with SharedTier(redis_server.url, 1 << 20, retry_after=0.0) as tier:
+        redis_server.stop()
+        redis_server.start()  # empty: no capacity record
+        assert tier.put("k/1", "m", bytes(100), torch.uint8, (100,))
+        with pytest.raises(SharedTierError, match="capacity is recorded as 1048576"):
+            SharedTier(redis_server.url, 2 << 20).open()
+
+
 # --------------------------------------------------------------------------- the store never manages it
 
 

@@ -53,9 +53,11 @@ PREFIX = "tiered:"
 META, INDEX, SIZES, USED, CLOCK = (PREFIX + k for k in ("meta", "index", "sizes", "bytes", "clock"))
 _HEADER_MAX = 1 << 16
 
-# KEYS: entry, index, sizes, used, clock. ARGV: value, capacity.
+# KEYS: entry, index, sizes, used, clock, meta. ARGV: value, capacity, meta record (set where missing:
+# a server restarted empty still records the capacity its writers enforce).
 # Returns {status, evicted}: 1 written, 0 already there (its recency refreshed), -1 larger than the capacity.
 _PUT = """
+redis.call('SET', KEYS[6], ARGV[3], 'NX')
 local clock = redis.call('INCR', KEYS[5])
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('ZADD', KEYS[2], 'XX', clock, KEYS[1])
@@ -204,8 +206,7 @@ class SharedTier:
 
     def _check_meta(self) -> None:
         """Record this tier's format and capacity on the server, or check those recorded there."""
-        mine = {"format": FORMAT, "version": VERSION, "capacity": self.capacity}
-        self._client.set(META, json.dumps(mine, sort_keys=True), nx=True)
+        self._client.set(META, self._meta(), nx=True)
         raw = self._client.get(META)
         try:
             theirs = json.loads(raw)
@@ -219,6 +220,9 @@ class SharedTier:
                 f"shared tier {self.url}: its capacity is recorded as {theirs.get('capacity')} bytes, and this "
                 f"config says {self.capacity}: every process using one server database must give the same "
                 f"capacity (to change it, stop them all and delete the key {META!r})")
+
+    def _meta(self) -> str:
+        return json.dumps({"format": FORMAT, "version": VERSION, "capacity": self.capacity}, sort_keys=True)
 
     def close(self) -> None:
         if self._client is not None:
@@ -268,7 +272,7 @@ class SharedTier:
         (already there, larger than the capacity, server down or refusing)."""
         value = encode(key, identity, payload, dtype, shape)
         got = self._run(f"put of {key}", lambda: self._scripts["put"](
-            keys=[PREFIX + key, INDEX, SIZES, USED, CLOCK], args=[value, self.capacity]))
+            keys=[PREFIX + key, INDEX, SIZES, USED, CLOCK, META], args=[value, self.capacity, self._meta()]))
         if got is None:
             return False
         status, evicted = int(got[0]), int(got[1])
