@@ -99,12 +99,12 @@ def assert_tokens_equal_default_cache(model, ids, out) -> None:
     assert max((a - b).abs().max().item() for a, b in zip(want.scores, out.scores)) < 1e-4
 
 
-def compute_prefix(model, cfg: dict, ids) -> dict:
+def compute_prefix(model, cfg: dict, ids, **cache_kw) -> dict:
     """What one process does: load what it can, generate, save its blocks (published)."""
     with tiered.TieredStore(cfg) as store:
         kv = KVStore(store, model_identity(model), block_size=BS)
         try:
-            with TieredCache(model.config, kv, model=model) as cache:
+            with TieredCache(model.config, kv, model=model, **cache_kw) as cache:
                 loaded = cache.load_prefix(ids)
                 out = generate(model, ids, cache)
             return {"loaded": loaded, "out": out, "kv": dict(kv.stats),
@@ -146,6 +146,24 @@ def test_a_prefix_computed_by_one_process_is_loaded_by_another(tmp_path, redis_s
     b = run_child(shared_config(tmp_path, redis_server.url, "b"))  # its own local store, empty
     assert b["loaded"] == 5 * BS and b["shared_hits"] == 5
     assert b["same_tokens"] and b["max_score_diff"] < 1e-4
+
+
+def test_blocks_of_a_prefill_under_a_device_budget_are_published(tmp_path, redis_server, monkeypatch):
+    """Under a device budget the prompt's blocks go to the store from host block buffers (handed to
+    the store's put): they are published from those buffers."""
+    model = make_model("llama")
+    ids = prompt(43, seed=5)
+    kinds = []
+    publish = KVStore._publish
+    monkeypatch.setattr(KVStore, "_publish", lambda self, key, block: (kinds.append(type(block)),
+                                                                       publish(self, key, block)))
+    a = compute_prefix(model, shared_config(tmp_path, redis_server.url, "a"), ids,
+                       device_budget=helpers.kv_bytes(model, 43) // 2)
+    assert a["kv"]["shared_published_blocks"] == 5 and tuple in kinds
+    assert_tokens_equal_default_cache(model, ids, a["out"])
+    b = compute_prefix(model, shared_config(tmp_path, redis_server.url, "b"), ids)
+    assert b["loaded"] == 40 and b["kv"]["shared_hit_blocks"] == 5
+    assert_tokens_equal_default_cache(model, ids, b["out"])
 
 
 def test_blocks_pulled_once_are_then_local(tmp_path, redis_server):

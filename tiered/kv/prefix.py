@@ -286,7 +286,7 @@ class KVStore:
                     continue
                 try:
                     f.result(timeout=LOCAL_PUT_TIMEOUT)
-                except Exception as e:  # not stored here: the block is recomputed
+                except (StoreError, OSError, TimeoutError) as e:  # not stored here: the block is recomputed
                     log.warning("KV block pulled from the shared tier could not be stored locally: %s", e)
                     ok = False
             n += ok
