@@ -365,6 +365,30 @@ def test_server_stopped_between_lookups_then_back(tmp_path, redis_server):
     assert compute_prefix(model, shared_config(tmp_path, redis_server.url, "d"), ids)["loaded"] == 40
 
 
+def test_a_hung_server_times_out_into_a_recompute(tmp_path, redis_server):
+    """A server that stops answering (SIGSTOP) costs at most the timeout, then the prefix is recomputed."""
+    import signal
+
+    model = make_model("llama")
+    ids = prompt(43, seed=5)
+    compute_prefix(model, shared_config(tmp_path, redis_server.url, "a"), ids)
+    with tiered.TieredStore(shared_config(tmp_path, redis_server.url, "b")) as store:
+        tier = SharedTier(redis_server.url, 64 << 20, timeout=0.5).open()
+        kv = KVStore(store, model_identity(model), block_size=BS, shared=tier)
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            with TieredCache(model.config, kv, model=model) as cache:
+                t0 = time.monotonic()
+                assert cache.load_prefix(ids) == 0
+                assert time.monotonic() - t0 < 5
+                out = generate(model, ids, cache)
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+            tier.close()
+        assert tier.stats["errors"] == 1 and tier.stats["skipped_down"] >= 1  # the publishes did not wait again
+    assert_tokens_equal_default_cache(model, ids, out)
+
+
 def test_a_server_restarted_empty_gets_the_capacity_record_back_with_the_next_put(redis_server):
     with SharedTier(redis_server.url, 1 << 20, retry_after=0.0) as tier:
         redis_server.stop()
