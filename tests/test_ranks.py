@@ -52,25 +52,59 @@ def test_bad_placeholders_and_rank_variables_are_config_errors(tmp_path, no_rank
         load_config(rank_config(tmp_path, path))
 
 
-def test_the_manifest_records_the_layout_and_refuses_another(tmp_path, no_rank_env):
-    no_rank_env.setenv("RANK", "1")
-    no_rank_env.setenv("WORLD_SIZE", "2")
-    cfg = rank_config(tmp_path, "shared-by-mistake")
+def set_ranks(env, rank: int, local_rank: int, world: int) -> None:
+    env.setenv("RANK", str(rank))
+    env.setenv("LOCAL_RANK", str(local_rank))
+    env.setenv("WORLD_SIZE", str(world))
+
+
+def test_a_shard_is_refused_to_another_rank(tmp_path, no_rank_env):
+    """Node-local paths ({local_rank}): rank 1 wrote /shard-0 on a node where another job makes rank 0
+    (or rank 2) local rank 0."""
+    cfg = rank_config(tmp_path, "shard-{local_rank}")
+    set_ranks(no_rank_env, 1, 0, 2)
     with tiered.TieredStore(cfg) as store:
         store.put("w", torch.ones(8)).result(timeout=30)
-        root = store.root
-    doc = json.loads((root / MANIFEST).read_text())
-    assert doc["layout"] == {"rank": 1, "local_rank": 1, "world_size": 2}
-    for rank, world in (("0", "2"), ("1", "4"), ("0", "1")):
-        no_rank_env.setenv("RANK", rank)
-        no_rank_env.setenv("WORLD_SIZE", world)
-        with pytest.raises(StoreError, match=rf"{root / MANIFEST}: this store shard was written by rank 1 of "
-                                             rf"world size 2, and this process is rank {rank} of world size {world}"):
+        manifest = store.root / MANIFEST
+    assert json.loads(manifest.read_text())["layout"] == {"rank": 1, "local_rank": 0, "world_size": 2}
+    for rank, world in ((0, 2), (2, 4)):
+        set_ranks(no_rank_env, rank, 0, world)
+        with pytest.raises(StoreError, match=rf"{manifest}: this store shard was written by rank 1 of world size "
+                                             rf"2, and this process is rank {rank} of world size {world}"):
             tiered.TieredStore(cfg).open()
-    no_rank_env.setenv("RANK", "1")
-    no_rank_env.setenv("WORLD_SIZE", "2")
+    set_ranks(no_rank_env, 1, 0, 2)
     with tiered.TieredStore(cfg) as store:  # its own rank opens it again
         assert torch.equal(store.get("w").result(timeout=30), torch.ones(8))
+
+
+def test_a_shard_is_refused_to_another_world_size(tmp_path, no_rank_env):
+    cfg = rank_config(tmp_path, "rank{rank}")
+    set_ranks(no_rank_env, 0, 0, 2)
+    with tiered.TieredStore(cfg) as store:
+        store.put("w", torch.ones(8)).result(timeout=30)
+        manifest = store.root / MANIFEST
+    no_rank_env.delenv("RANK")
+    no_rank_env.delenv("LOCAL_RANK")
+    no_rank_env.delenv("WORLD_SIZE")  # a single process: rank 0 of 1, the same path
+    with pytest.raises(StoreError, match=rf"{manifest}: this store shard was written by rank 0 of world size 2, "
+                                         r"and this process is rank 0 of world size 1"):
+        tiered.TieredStore(cfg).open()
+
+
+def test_a_store_at_a_fixed_path_records_the_layout_but_any_process_may_open_it(tmp_path, no_rank_env):
+    """Not a per-rank shard (no placeholder): e.g. a distributed checkpoint's store read by a job of
+    another world size. Its manifest records who wrote it last."""
+    cfg = rank_config(tmp_path, "fixed")
+    set_ranks(no_rank_env, 1, 1, 2)
+    with tiered.TieredStore(cfg) as store:
+        store.put("w", torch.ones(8)).result(timeout=30)
+        manifest = store.root / MANIFEST
+    assert json.loads(manifest.read_text())["layout"] == {"rank": 1, "local_rank": 1, "world_size": 2}
+    set_ranks(no_rank_env, 0, 0, 1)
+    with tiered.TieredStore(cfg) as store:
+        assert torch.equal(store.get("w").result(timeout=30), torch.ones(8))
+        store.put("v", torch.zeros(2)).result(timeout=30)
+    assert json.loads(manifest.read_text())["layout"] == {"rank": 0, "local_rank": 0, "world_size": 1}
 
 
 def test_a_manifest_without_a_layout_is_adopted(tmp_path, no_rank_env):

@@ -97,6 +97,7 @@ class TierSpec:
     kind: str  # "device" | "host" | "storage"
     capacity: int  # bytes
     path: Path | None = None  # storage tiers only (absolute, resolved)
+    path_template: str | None = None  # the path as written, where it holds {rank}/{local_rank}: a per-rank shard
     read_bandwidth: int | None = None  # bytes/s throttle (storage tiers)
     write_bandwidth: int | None = None
     device: str | None = None  # device tiers, e.g. "cuda:0"
@@ -228,6 +229,8 @@ class Config:
                 d["device"] = t.device
             if t.path is not None:
                 d["path"] = str(t.path)
+            if t.path_template is not None:
+                d["path_template"] = t.path_template
             if t.url is not None:
                 d.update(url=t.url, required=t.required, timeout=t.timeout)
             for key in ("read_bandwidth", "write_bandwidth"):
@@ -665,7 +668,8 @@ class _Validator:
             k: self.rate(body[k], prefix + k) if k in body else None
             for k in ("read_bandwidth", "write_bandwidth")
         }
-        return TierSpec(name, kind, capacity, path=path, **rates)
+        template = body["path"] if ranks.is_template(body["path"]) else None
+        return TierSpec(name, kind, capacity, path=path, path_template=template, **rates)
 
     def shared_tier(self, name: str, body: Mapping[str, Any], capacity: int) -> TierSpec:
         """``url`` (redis://HOST:PORT/DB, rediss://..., unix:///path.sock), ``required``, ``timeout``."""

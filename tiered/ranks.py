@@ -4,8 +4,10 @@ A storage tier path may contain ``{rank}`` and ``{local_rank}`` (``/nvme/tiered/
 each rank opens its own store shard from the same config file. The figures come from
 ``torch.distributed`` when a process group is initialised, else from the ``RANK``,
 ``LOCAL_RANK`` and ``WORLD_SIZE`` variables ``torchrun`` sets, else rank 0 of a world of 1.
-The store records them in its manifest and refuses to open a shard written by another rank
-or another world size (:func:`check_layout`).
+The store records them in its manifest; a store whose path is such a template (a per-rank shard)
+refuses to open where another rank or another world size wrote it (:func:`check_layout`). A store
+at a fixed path is not checked: a process may read what a job of another layout wrote there (a
+distributed checkpoint loaded with another world size).
 
 ``torch`` is not imported here: a process that has not imported it cannot have initialised a
 process group, and importing the config must stay cheap (and must not initialise CUDA).
@@ -81,6 +83,11 @@ def _env_int(name: str, default: int | None) -> int | None:
     return value
 
 
+def is_template(path: object) -> bool:
+    """Whether a configured path names a rank (then the store is one rank's shard)."""
+    return isinstance(path, str) and any(f in PLACEHOLDERS for f in _FIELD_RE.findall(path))
+
+
 def expand(template: str, ranks: Ranks | None = None) -> str:
     """``template`` with ``{rank}`` and ``{local_rank}`` replaced; any other ``{...}`` is a RankError
     (a misspelt placeholder must not become a literal directory name)."""
@@ -102,8 +109,8 @@ def layout_record(ranks: Ranks | None = None) -> dict:
 
 
 def check_layout(path: object, recorded: object, ranks: Ranks | None = None) -> None:
-    """Refuse a store shard (manifest ``path``) that ``recorded`` says another rank or another world
-    size wrote. Nothing recorded (a store from before ranks were recorded): accepted."""
+    """Refuse a per-rank store shard (manifest ``path``) that ``recorded`` says another rank or another
+    world size wrote. Nothing recorded (a store from before ranks were recorded): accepted."""
     if recorded is None:
         return
     if not isinstance(recorded, dict) or not all(isinstance(recorded.get(k), int) for k in ("rank", "world_size")):
@@ -113,5 +120,5 @@ def check_layout(path: object, recorded: object, ranks: Ranks | None = None) -> 
         raise RankError(
             f"{path}: this store shard was written by rank {recorded['rank']} of world size "
             f"{recorded['world_size']}, and this process is rank {r.rank} of world size {r.world_size}: "
-            "a shard belongs to one rank of one layout (put {rank} in the tier path so that each rank has "
-            "its own; to inspect another rank's shard, set RANK and WORLD_SIZE to its figures)")
+            "a shard belongs to one rank of one job layout (give this layout its own directories, or remove "
+            "the old shards; to inspect another rank's shard, set RANK and WORLD_SIZE to its figures)")

@@ -41,10 +41,11 @@ class _Manifest:
         dropped = []
         if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
-        try:
-            ranks.check_layout(path, doc.get("layout"))
-        except ranks.RankError as e:
-            raise StoreError(str(e)) from None
+        if any(t.path_template for t in self.config.storage_tiers):  # a per-rank shard: its rank's only
+            try:
+                ranks.check_layout(path, doc.get("layout"))
+            except ranks.RankError as e:
+                raise StoreError(str(e)) from None
         for key, o in doc.get("objects", {}).items():
             try:
                 tier_name, offset, nbytes = o["tier"], int(o["offset"]), int(o["nbytes"])
