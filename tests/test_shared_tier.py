@@ -292,6 +292,19 @@ def test_a_process_with_another_capacity_is_refused_naming_both(redis_server):
             SharedTier(redis_server.url, 2 << 20).open()
 
 
+def test_a_writer_that_could_not_check_the_capacity_at_open_publishes_nothing_under_another(redis_server):
+    """Opened while the server was down (required = false), it learns of the mismatch at its first put."""
+    late = SharedTier(redis_server.url, 2 << 20, required=False, retry_after=0.0)
+    redis_server.stop()
+    late.open()
+    redis_server.start()
+    with SharedTier(redis_server.url, 1 << 20) as first:
+        assert first.put("k/1", "m", bytes(100), torch.uint8, (100,))
+        assert not late.put("k/2", "m", bytes(100), torch.uint8, (100,))
+        assert late.stats["refused"] == 1 and not first.contains("k/2")
+    late.close()
+
+
 def test_a_database_holding_something_else_is_refused(redis_server):
     redis_server.client().set("tiered:meta", b"not ours")
     with pytest.raises(SharedTierError, match="used by something else"):

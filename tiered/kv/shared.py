@@ -55,9 +55,11 @@ _HEADER_MAX = 1 << 16
 
 # KEYS: entry, index, sizes, used, clock, meta. ARGV: value, capacity, meta record (set where missing:
 # a server restarted empty still records the capacity its writers enforce).
-# Returns {status, evicted}: 1 written, 0 already there (its recency refreshed), -1 larger than the capacity.
+# Returns {status, evicted}: 1 written, 0 already there (its recency refreshed), -1 larger than the
+# capacity, -2 the server records another capacity (a writer opened while the server was down).
 _PUT = """
 redis.call('SET', KEYS[6], ARGV[3], 'NX')
+if redis.call('GET', KEYS[6]) ~= ARGV[3] then return {-2, 0} end
 local clock = redis.call('INCR', KEYS[5])
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('ZADD', KEYS[2], 'XX', clock, KEYS[1])
@@ -280,6 +282,11 @@ class SharedTier:
             self.stats["evicted"] += evicted
             self.stats["published"] += status == 1
             self.stats["too_large"] += status == -1
+        if status == -2:
+            with self._lock:
+                self.stats["refused"] += 1
+            log.warning("shared tier %s records another capacity or format than this process's (%d bytes): "
+                        "nothing is published; give every process the same capacity", self.url, self.capacity)
         if status == -1:
             log.warning("shared tier %s: entry %s (%d bytes) is larger than the tier's capacity %d",
                         self.url, key, len(value), self.capacity)
