@@ -187,6 +187,12 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.05)
 
 
+def server_version() -> str:
+    out = subprocess.run([shutil.which("redis-server") or "redis-server", "--version"], capture_output=True,
+                         text=True, timeout=30).stdout
+    return " ".join(out.split()[:3])
+
+
 def run_child(role: str, args) -> dict:
     cmd = [sys.executable, __file__, "--role", role, "--url", args.url, "--prefix", str(args.prefix),
            "--reps", str(args.reps), "--capacity", args.capacity] + (["--small"] if args.small else []) + \
@@ -240,7 +246,7 @@ def main() -> None:
               "model": "llama " + ("8 layers hidden 128" if args.small else "16 layers hidden 256") +
                        ", 4 heads, 2 KV heads of 64, fp32",
               "prefix_tokens": args.prefix, "suffix_tokens": SUFFIX, "block_tokens": BLOCK, "reps": args.reps,
-              "server": "redis-server on loopback" if proc is not None else args.url,
+              "server": (server_version() + " on loopback") if proc is not None else args.url,
               "process_a": a, "process_b": b, "summary": summarise(a, b)}
     text = json.dumps(result, indent=1)
     if args.out:
