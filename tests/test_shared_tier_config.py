@@ -27,7 +27,8 @@ def test_accepted_urls(tmp_path, url):
 
 
 @pytest.mark.parametrize("body, match", [
-    ({"url": "http://h:6379", "capacity": "1GiB"}, r"tiers\.shared\.url = 'http://h:6379'.*schemes: redis, rediss, unix"),
+    ({"url": "http://h:6379", "capacity": "1GiB"},
+     r"tiers\.shared\.url = 'http://h:6379'.*schemes: redis, rediss, unix"),
     ({"url": "redis://h:port/0", "capacity": "1GiB"}, r"tiers\.shared\.url = 'redis://h:port/0'.*expected a URL"),
     ({"url": "redis://h/zero", "capacity": "1GiB"}, r"numeric port and database"),
     ({"url": "redis:///0", "capacity": "1GiB"}, r"with a host"),
