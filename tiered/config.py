@@ -25,6 +25,7 @@ import tomllib
 
 from tiered.policies import eviction_policy_names, policy_names
 
+from . import ranks
 from .sizes import SizeError, format_rate, format_size, parse_rate, parse_share, parse_size
 
 __all__ = [
@@ -44,7 +45,7 @@ __all__ = [
     "load_config",
 ]
 
-TIER_KINDS = ("device", "host", "storage")
+TIER_KINDS = ("device", "host", "storage", "shared")
 def backend_choices() -> tuple[str, ...]:
     """Names ``[engine] backend`` accepts: the engine's backend registry, read at validation
     time (a backend registered later is accepted), plus ``auto``."""
@@ -72,7 +73,9 @@ _TIER_KEYS = {
     "device": ("kind", "capacity", "device"),
     "host": ("kind", "capacity"),
     "storage": ("kind", "capacity", "path", "read_bandwidth", "write_bandwidth"),
+    "shared": ("kind", "capacity", "url", "required", "timeout"),
 }
+_SHARED_SCHEMES = ("redis", "rediss", "unix")
 _ALL_TIER_KEYS = tuple(dict.fromkeys(k for keys in _TIER_KEYS.values() for k in keys))
 _ENGINE_KEYS = ("backend", "workers", "queue_depth", "chunk", "direct")
 _POLICY_KEYS = ("placement", "eviction", "migration", "fallback", "migration_bandwidth", "migration_batch")
@@ -88,15 +91,26 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TierSpec:
-    """One tier's budget. Device tiers hold GPU memory, host pinned RAM, storage files."""
+    """One tier's budget. Device tiers hold GPU memory, host pinned RAM, storage files; a shared
+    tier is a key-value server other processes and hosts use too (``external``: the store never
+    places or moves objects there; the KV prefix store reads and writes it itself)."""
 
     name: str
     kind: str  # "device" | "host" | "storage"
     capacity: int  # bytes
     path: Path | None = None  # storage tiers only (absolute, resolved)
+    path_template: str | None = None  # the path as written, where it holds {rank}/{local_rank}: a per-rank shard
     read_bandwidth: int | None = None  # bytes/s throttle (storage tiers)
     write_bandwidth: int | None = None
     device: str | None = None  # device tiers, e.g. "cuda:0"
+    url: str | None = None  # shared tiers: redis://HOST:PORT/DB
+    required: bool = True  # shared tiers: an unreachable server fails the open (else: run without it)
+    timeout: float = 2.0  # shared tiers: seconds a connect or a request may take
+
+    @property
+    def external(self) -> bool:
+        """A tier outside the store (shared with other processes): never a placement or migration target."""
+        return self.kind == "shared"
 
 
 @dataclass(frozen=True)
@@ -170,7 +184,10 @@ class OwnerShare:
 
 @dataclass(frozen=True)
 class Config:
-    """A validated config: tiers ordered fastest first (device, host, storage in file order)."""
+    """A validated config: tiers ordered fastest first (device, host, storage in file order).
+
+    ``shared_tiers``: the ``kind = "shared"`` tiers, kept apart from ``tiers`` because the store
+    does not manage them (see :attr:`TierSpec.external`)."""
 
     tiers: tuple[TierSpec, ...]
     engine: EngineSpec = field(default_factory=EngineSpec)
@@ -178,6 +195,7 @@ class Config:
     source: str = "<dict>"
     offload: OffloadSpec = field(default_factory=OffloadSpec)
     owners: tuple[OwnerShare, ...] = ()
+    shared_tiers: tuple[TierSpec, ...] = ()
 
     def share(self, owner: str, tier: str) -> int | None:
         """The share ``[owners.<owner>]`` gives ``owner`` of ``tier`` (None: not configured).
@@ -210,7 +228,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able resolved form for printing: sizes as ints plus ``*_human`` strings."""
         tiers: dict[str, Any] = {}
-        for t in self.tiers:
+        for t in (*self.tiers, *self.shared_tiers):
             d: dict[str, Any] = {
                 "kind": t.kind,
                 "capacity": t.capacity,
@@ -220,6 +238,10 @@ class Config:
                 d["device"] = t.device
             if t.path is not None:
                 d["path"] = str(t.path)
+            if t.path_template is not None:
+                d["path_template"] = t.path_template
+            if t.url is not None:
+                d.update(url=t.url, required=t.required, timeout=t.timeout)
             for key in ("read_bandwidth", "write_bandwidth"):
                 rate = getattr(t, key)
                 if rate is not None:
@@ -528,7 +550,9 @@ class _Validator:
                 f"missing required table 'tiers' in {self.file}: expected at least one storage tier, "
                 'e.g. [tiers.nvme] with path = "/mnt/nvme/tiered" and capacity = "200GiB"'
             )
-        tiers = self.tiers(self.table(data["tiers"], "tiers"))
+        every_tier = self.tiers(self.table(data["tiers"], "tiers"))
+        tiers = tuple(t for t in every_tier if not t.external)
+        shared = tuple(t for t in every_tier if t.external)
         engine = self.engine(self.table(data.get("engine", {}), "engine"))
         policy = self.policy(self.table(data.get("policy", {}), "policy"))
         if policy.migration not in ("none", "auto") and sum(t.kind == "storage" for t in tiers) < 2:
@@ -536,7 +560,8 @@ class _Validator:
                            "storage tiers: configure two or more, or set \"none\"")
         offload = self.offload(self.table(data.get("offload", {}), "offload"))
         owners = self.owners(self.table(data.get("owners", {}), "owners"), tiers)
-        return Config(tiers=tiers, engine=engine, policy=policy, source=self.source, offload=offload, owners=owners)
+        return Config(tiers=tiers, engine=engine, policy=policy, source=self.source, offload=offload, owners=owners,
+                      shared_tiers=shared)
 
     def owners(self, table: Mapping[str, Any], tiers: tuple[TierSpec, ...]) -> tuple[OwnerShare, ...]:
         """``[owners.NAME]`` tables: per tier a size or a percentage of the tier's capacity;
@@ -579,6 +604,9 @@ class _Validator:
         if len(by_kind["host"]) > 1:
             names = ", ".join(repr(t.name) for t in by_kind["host"])
             raise ConfigError(f"tiers in {self.file}: at most one host tier is allowed, found {names}")
+        if len(by_kind["shared"]) > 1:
+            names = ", ".join(repr(t.name) for t in by_kind["shared"])
+            raise ConfigError(f"tiers in {self.file}: at most one shared tier is allowed, found {names}")
         if not by_kind["storage"]:
             raise ConfigError(
                 f"tiers in {self.file}: expected at least one storage tier "
@@ -605,11 +633,13 @@ class _Validator:
             return "host"
         if "path" in body:
             return "storage"
+        if "url" in body:
+            return "shared"
         # A misspelled 'path' is the likeliest reason; say so before giving up.
         self.unknown_keys(body, prefix, _ALL_TIER_KEYS)
         raise ConfigError(
             f"cannot infer the kind of tier {prefix[:-1]!r} in {self.file}: add kind = "
-            f"{_one_of(TIER_KINDS)} (or name it 'gpu'/'host', or give a storage tier a 'path')"
+            f"{_one_of(TIER_KINDS)} (or name it 'gpu'/'host', or give a storage tier a 'path', a shared tier a 'url')"
         )
 
     def tier(self, name: str, body: Mapping[str, Any]) -> TierSpec:
@@ -636,6 +666,8 @@ class _Validator:
             return TierSpec(name, kind, capacity, device=device)
         if kind == "host":
             return TierSpec(name, kind, capacity)
+        if kind == "shared":
+            return self.shared_tier(name, body, capacity)
         if "path" not in body:
             raise ConfigError(
                 f"missing required key {prefix}path in {self.file}: "
@@ -646,11 +678,53 @@ class _Validator:
             k: self.rate(body[k], prefix + k) if k in body else None
             for k in ("read_bandwidth", "write_bandwidth")
         }
-        return TierSpec(name, kind, capacity, path=path, **rates)
+        template = body["path"] if ranks.is_template(body["path"]) else None
+        return TierSpec(name, kind, capacity, path=path, path_template=template, **rates)
+
+    def shared_tier(self, name: str, body: Mapping[str, Any], capacity: int) -> TierSpec:
+        """``url`` (redis://HOST:PORT/DB, rediss://..., unix:///path.sock), ``required``, ``timeout``."""
+        prefix = f"tiers.{name}."
+        if "url" not in body:
+            raise ConfigError(f"missing required key {prefix}url in {self.file}: expected the key-value "
+                              "server's address, e.g. 'redis://127.0.0.1:6379/0'")
+        url = self.shared_url(body["url"], prefix + "url")
+        required = body.get("required", True)
+        if not isinstance(required, bool):
+            raise self.bad(prefix + "required", required, "expected true or false")
+        timeout = body.get("timeout", 2.0)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
+            raise self.bad(prefix + "timeout", timeout, "expected seconds, a number in (0, 600]")
+        return TierSpec(name, "shared", capacity, url=url, required=required, timeout=float(timeout))
+
+    def shared_url(self, value: object, key: str) -> str:
+        from urllib.parse import urlsplit
+
+        want = "expected a URL such as 'redis://127.0.0.1:6379/0' (schemes: " + ", ".join(_SHARED_SCHEMES) + ")"
+        if not isinstance(value, str):
+            raise self.bad(key, value, want)
+        try:
+            u = urlsplit(value)
+            port = u.port  # a non-numeric port raises here
+        except ValueError as e:
+            raise self.bad(key, value, f"{want}: {e}") from None
+        if u.scheme not in _SHARED_SCHEMES:
+            raise self.bad(key, value, want)
+        if u.scheme == "unix":
+            if not u.path:
+                raise self.bad(key, value, "expected a socket path, e.g. 'unix:///run/redis.sock'")
+            return value
+        db = u.path.strip("/")
+        if not u.hostname or (port is not None and not 0 < port < 65536) or (db and not db.isdigit()):
+            raise self.bad(key, value, want + ", with a host and an optional numeric port and database")
+        return value
 
     def storage_path(self, value: object, key: str) -> Path:
         if not isinstance(value, str) or not value.strip():
             raise self.bad(key, value, "expected a directory path string")
+        try:
+            value = ranks.expand(value)
+        except ranks.RankError as e:
+            raise self.bad(key, value, str(e)) from None
         p = Path(value).expanduser()
         if not p.is_absolute():
             p = self.base / p

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 
+from .. import ranks
 from ..atomic import write_json_atomic
 from ..dtypes import dtype_from, dtype_name
 from . import check as store_check
@@ -26,6 +27,10 @@ class _Manifest:
     def _load_manifest(self) -> None:
         path = self.root / MANIFEST
         try:
+            self._layout = ranks.layout_record()  # who writes it: recorded in every snapshot
+        except ranks.RankError as e:
+            raise StoreError(f"{path}: {e}") from None
+        try:
             with open(path, "rb") as f:
                 doc = json.loads(f.read())
         except FileNotFoundError:
@@ -36,6 +41,11 @@ class _Manifest:
         dropped = []
         if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
+        if any(t.path_template for t in self.config.storage_tiers):  # a per-rank shard: its rank's only
+            try:
+                ranks.check_layout(path, doc.get("layout"))
+            except ranks.RankError as e:
+                raise StoreError(str(e)) from None
         for key, o in doc.get("objects", {}).items():
             try:
                 tier_name, offset, nbytes = o["tier"], int(o["offset"]), int(o["nbytes"])
@@ -106,7 +116,7 @@ class _Manifest:
 
     def _snapshot(self) -> dict:
         return {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "generation": self._gen,
+            "format": FORMAT, "format_version": FORMAT_VERSION, "generation": self._gen, "layout": self._layout,
             "tiers": {n: {"path": str(t.path), "capacity": t.spec.capacity} for n, t in self._tiers.items()},
             "objects": {
                 k: {"kind": m.kind, "dtype": dtype_name(m.dtype), "shape": list(m.shape),
