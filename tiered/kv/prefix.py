@@ -165,6 +165,7 @@ class KVStore:
         if identity is not None:
             self._check_identity()
         self.shared, self._own_shared = self._shared_tier(shared)
+        self._planned = False  # a plan of queued prompts' blocks is declared (expect)
         for key in store.keys():
             if not key.startswith(self.ns + "/"):
                 continue
@@ -191,7 +192,11 @@ class KVStore:
         return SharedTier.from_spec(specs[0]).open(), True
 
     def close(self) -> None:
-        """Close the shared tier this KVStore opened (the local store is the caller's)."""
+        """Withdraw a declared plan and close the shared tier this KVStore opened (the local
+        store is the caller's)."""
+        if self._planned and self.store.is_open:
+            self.store.plan([], owner=self.owner)
+            self._planned = False
         if self._own_shared and self.shared is not None:
             self.shared.close()
 
@@ -243,12 +248,19 @@ class KVStore:
         return n
 
     def expect(self, prompts: Sequence, layers: int) -> None:
-        """Tell a future-aware policy the prompts waiting to run (token id rows, soonest first)."""
+        """The prompts waiting to run (token id rows, soonest first): a future-aware policy
+        (``prefix-aware``) keeps their blocks, and the stored blocks they will load are declared
+        to the store as this KVStore's plan (``TieredStore.plan``, owner :attr:`owner`), so its
+        host eviction and governor know them. ``expect([], layers)`` withdraws both."""
+        parts = self.parts(layers)
+        queue = [[self.block_key(h, p) for h in self.hashes(q) for p in parts] for q in prompts]
         if hasattr(self.policy, "set_queue"):
-            parts = self.parts(layers)
             with self._lock:
-                self.policy.set_queue([[self.block_key(h, p) for h in self.hashes(q) for p in parts]
-                                       for q in prompts])
+                self.policy.set_queue(queue)
+        planned = [k for keys in queue for k in keys if k in self.store]
+        if planned or self._planned:
+            self.store.plan(planned, owner=self.owner)
+            self._planned = bool(planned)
 
     def _pull(self, hashes: Sequence[str], parts: Sequence[tuple[int, int]]) -> int:
         """Put the leading blocks of ``hashes`` the shared tier holds (checked) into this store; how many."""
