@@ -83,6 +83,7 @@ from .clipping import _Clipping, check_clip_args
 from .durability import _Durability
 from .host import _HostMemory
 from .layout import ALIGN_ELEMS, Chunk, OptimStateError, drop, plan_chunks
+from .sharded import local_grad, local_shards, refuse_global_ops
 from .pipeline import _Pipeline
 from .scaling import LossScale
 from .state_dict import _StateDict
@@ -148,7 +149,11 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         self.sync = sync or self._units is not None
         self._pending: int | None = None  # a step that step() returned from, not committed yet
         self._broken: BaseException | None = None  # a step failed to become durable
-        self._params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
+        # the tensors updated: each DTensor parameter's local shard (FSDP2), else the parameter
+        self._param_objs: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
+        self._params, self._sharded = local_shards(self._param_objs)
+        refuse_global_ops(self._sharded, model=model, max_grad_norm=max_grad_norm, loss_scale=loss_scale,
+                          grads=grads)
         self._group_of: list[int] = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
         self._chunks: list[Chunk] = []
         self._param_steps: list[int] = [0] * len(self._params)
@@ -177,7 +182,8 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
             if self._units is not None:
                 self._units.check_trainable()
             self._chunks = plan_chunks(self._params, self._group_of,
-                                       self.chunk_bytes or self._default_chunk_bytes(), self._units)
+                                       self.chunk_bytes or self._default_chunk_bytes(), self._units,
+                                       trainable=[p.requires_grad for p in self._param_objs])
             self._check_budget()
             self._place_resident()
             if self._marker_key in self._store:
@@ -348,11 +354,17 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
     def _check_frozen_grads(self) -> None:
         """A parameter frozen at open() has no state: a gradient it got since is not silently ignored."""
         planned = {seg.param for c in self._chunks for seg in c.segments}
-        for i, p in enumerate(self._params):
-            if p.grad is not None and i not in planned:
+        for i in range(len(self._params)):
+            if self._params[i].numel() == 0:
+                continue  # nothing to update (a rank's empty shard of a small sharded parameter)
+            if self._param_grad(i) is not None and i not in planned:
                 raise OptimStateError(f"OffloadedAdamW {self.name!r}: parameter {self._param_name(i)} has a gradient "
                                       "but was frozen (requires_grad=False) when the optimizer opened, so it has no "
                                       "state; unfreeze parameters before open()")
+
+    def _param_grad(self, i: int) -> torch.Tensor | None:
+        """Parameter ``i``'s gradient as the tensor lining up with what is updated."""
+        return local_grad(self._param_objs[i])
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_open", False):

@@ -199,7 +199,7 @@ class _Clipping:
     def _grad(self, i: int) -> torch.Tensor | None:
         parked = self._parked.get(i)
         if parked is None:
-            return self._params[i].grad
+            return self._param_grad(i)
         f = self._grad_reads.pop(i, None) or self._store.get(parked[0], owner=self.owner)
         g = f.result(timeout=WAIT).view(self._params[i].shape)
         if self._inv_scale is not None:
