@@ -388,7 +388,9 @@ def _measure(model, snapshot, spec: dict, name: str) -> dict:
                 out = model(input_ids=ids, use_cache=False)
                 last = out.logits[0, -1].float().clone()
             if i == 0:
-                torch.save(last, os.path.join(spec["work_dir"], f"logits-{spec.get('label', name)}.pt"))
+                from safetensors.torch import save_file
+
+                save_file({"logits": last}, os.path.join(spec["work_dir"], f"logits-{spec.get('label', name)}.safetensors"))
                 res["first_logits_finite"] = bool(torch.isfinite(last).all())
                 snaps["after_first_forward"] = snapshot() if snapshot else None
             del out
@@ -560,7 +562,7 @@ def _run_child(name: str, spec: dict, args, limit: int | None, cgroup_ok: bool, 
     spec_path = os.path.join(spec["work_dir"], f"spec-{label}.json")
     with open(spec_path, "w") as f:
         json.dump(dict(spec, label=label), f)
-    stale = os.path.join(spec["work_dir"], f"logits-{label}.pt")
+    stale = os.path.join(spec["work_dir"], f"logits-{label}.safetensors")
     if os.path.exists(stale):
         os.unlink(stale)
     cmd = [sys.executable, os.path.abspath(__file__), "--contender", name, "--spec", spec_path, "--out", out]
@@ -651,17 +653,19 @@ def _posix_contig(directory: str) -> dict:
 
 
 def _logit_diffs(work_dir: str, names: list[str]) -> dict:
-    import torch
+    """Each contender's first logits against the in-memory model's, when it ran in this run
+    (a file left by an earlier run, maybe of another model, is never the reference)."""
+    from safetensors.torch import load_file
 
-    ref_path = os.path.join(work_dir, "logits-memory.pt")
-    if not os.path.exists(ref_path):
+    ref_path = os.path.join(work_dir, "logits-memory.safetensors")
+    if "memory" not in names or not os.path.exists(ref_path):
         return {}
-    ref = torch.load(ref_path)
+    ref = load_file(ref_path)["logits"]
     out = {}
     for n in names:
-        p = os.path.join(work_dir, f"logits-{n}.pt")
+        p = os.path.join(work_dir, f"logits-{n}.safetensors")
         if n != "memory" and os.path.exists(p):
-            out[n] = float((torch.load(p) - ref).abs().max())
+            out[n] = float((load_file(p)["logits"] - ref).abs().max())
     return out
 
 

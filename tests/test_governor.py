@@ -395,3 +395,35 @@ def test_placement_first_fit_ignores_the_policys_placement(tmp_path, monkeypatch
     with TieredStore(cfg, cache_on_put=False) as s:
         s.put("a", filled(1)).result(T)
         assert s.meta("a")["tier"] == "fast" and not s.meta("a")["placed"]
+
+
+def test_migrate_to_the_tier_an_object_is_on_places_it_durably(tmp_path):
+    cfg = config(tmp_path, migration="none")
+    with TieredStore(cfg) as s:
+        s.put("a", filled(1), tier="slow", placed=False).result(T)
+        assert s.migrate("a", "slow").result(T)["placed"]
+    with TieredStore(cfg) as s:
+        assert s.meta("a")["placed"] and s.meta("a")["tier"] == "slow"
+
+
+def test_an_object_placed_while_the_governor_moves_it_stays_where_its_caller_put_it(tmp_path, monkeypatch):
+    from tiered.store import governor as gov_mod
+
+    pace = gov_mod.Governor._pace
+    with TieredStore(config(tmp_path, migration="auto"), cache_on_put=False) as s:
+        placed = []
+
+        def pace_after_a_users_migrate(self, n):  # the user's choice lands after the governor's check
+            if not placed:
+                placed.append(s.migrate("a", "slow").result(T))
+            return pace(self, n)
+
+        monkeypatch.setattr(gov_mod.Governor, "_pace", pace_after_a_users_migrate)
+        s.put("a", filled(1), tier="slow", placed=False).result(T)
+        s.plan(["a"], owner="me")
+        read(s, "a")
+        assert s.sync_governor(T) and placed
+        assert (s.meta("a")["tier"], s.meta("a")["placed"]) == ("slow", True)
+        g = s.stats()["governor"]
+        assert g["refused_placed"] >= 1 and g["migrations"] == 0, g
+        assert torch.equal(read(s, "a"), filled(1))

@@ -100,3 +100,93 @@ def test_blocks_checkpointed_by_the_callers_loop_give_bitwise_equal_gradients(tm
         assert not rt._recomputed
     finally:
         tiered.detach(model)
+
+
+class _Segments(torch.nn.Module):
+    """checkpoint_sequential: each recomputed segment runs two units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64)) for _ in range(4))
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint_sequential(self.blocks, 2, x, use_reentrant=False)
+
+
+def test_a_segment_of_several_units_keeps_them_all_until_its_backward_is_done(tmp_path):
+    ref = _Segments()
+    # room for the two units of a segment
+    model = tiered.offload(copy.deepcopy(ref), cfg(tmp_path, host="128KiB", lookahead=0))
+    try:
+        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+        ref(x).square().sum().backward()
+        model(x).square().sum().backward()
+        for (name, a), b in zip(ref.named_parameters(), model.parameters()):
+            assert torch.equal(a.grad, b.grad), name
+        # the first segment, recomputed last, is still held whole
+        assert sorted(u.name for u in model._tiered._recomputed) == ["blocks.0", "blocks.1"]
+    finally:
+        tiered.detach(model)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, shared: torch.nn.Module) -> None:
+        super().__init__()
+        self.own = torch.nn.Linear(64, 64)
+        self.shared = shared
+
+    def forward(self, x):
+        return self.shared(self.own(x))
+
+
+class _Shared(torch.nn.Module):
+    """A module shared by every block (as Zamba2's shared transformer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        shared = torch.nn.Linear(64, 64)
+        self.blocks = torch.nn.ModuleList(_Block(shared) for _ in range(6))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def test_a_shared_module_loads_no_other_unit_in_a_forward(tmp_path):
+    ref = _Shared().eval()
+    model = tiered.offload(copy.deepcopy(ref), cfg(tmp_path, host="2MiB", lookahead=0))
+    rt = model._tiered
+    try:
+        x = torch.randn(2, 64)
+        with torch.no_grad():
+            model(x)
+            loads = rt.stats.unit_loads
+            y = model(x)
+        assert torch.equal(y, ref(x))
+        assert rt.stats.unit_loads - loads == len(rt.units)  # each unit once, none bound by another's part
+        assert not rt._recomputed and not any(u.bound for u in rt.units if not u.resident)
+    finally:
+        tiered.detach(model)
+
+
+def test_a_budget_too_small_for_a_recomputed_segment_is_an_error_not_wrong_gradients(tmp_path):
+    from helpers import tiny_llama
+    from tiered.store.errors import HostBudgetError
+
+    ref = tiny_llama(layers=4, hidden=64, vocab=256).train()
+    ref.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    units = [f"model.layers.{i}.{p}" for i in range(4) for p in ("self_attn", "mlp")]
+    # a layer is recomputed whole: its attention and MLP units must be held together
+    model = tiered.offload(copy.deepcopy(ref), cfg(tmp_path, host="160KiB", lookahead=0), units=units)
+    model._tiered.store.host_wait = 1.0  # nothing else frees memory here: do not wait the default 30 s
+    try:
+        x = batch(0)
+        loss = model(input_ids=x, labels=x).loss
+        with pytest.raises(HostBudgetError, match="no room"):
+            loss.backward()
+    finally:
+        tiered.detach(model)

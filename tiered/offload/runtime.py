@@ -16,12 +16,13 @@ from ..store import TieredStore
 from .budget import _Budget
 from .layout import _Packing, _Unit
 from .loading import _Loading
+from .recompute import _Recompute
 from .stats import OffloadStats, _Stats
 from .teardown import _Teardown
 from .training import _Training
 
 
-class OffloadedModule(_Packing, _Budget, _Loading, _Training, _Teardown, _Stats):
+class OffloadedModule(_Packing, _Budget, _Loading, _Recompute, _Training, _Teardown, _Stats):
     """The runtime attached to an offloaded model (``model._tiered``)."""
 
     def __init__(self, model: nn.Module, store: TieredStore, owns_store: bool, config: Config,
@@ -56,10 +57,10 @@ class OffloadedModule(_Packing, _Budget, _Loading, _Training, _Teardown, _Stats)
         self._bw_order: list[int] = []  # units in the order their handles were packed (forward order)
         self._bw_hold: dict[int, list[torch.Tensor]] = {}  # unit index -> tensors unpacked for backward
         self._bw_done: list[_Unit] = []  # units whose handles are all unpacked: released once unused
-        # units a forward outside the model's (activation checkpointing recomputing in backward)
-        # ran: their weights are saved by that recompute as they are, so they stay bound until
-        # the next such unit starts (backward is done with them by then) or backward ends
+        # units bound outside the model's forward (activation checkpointing recomputing in
+        # backward): held until another recompute starts or backward ends (see recompute.py)
         self._recomputed: list[_Unit] = []
+        self._recompute_node = None  # the autograd node whose recompute holds them
         self._sth = None  # the saved_tensors_hooks context of the forward in progress
         self.backward_listeners: list[Callable[[_Unit], None]] = []  # unit fetched again in backward
         self._writes: list = []  # puts of updated weights (optimizers)
@@ -83,8 +84,8 @@ class OffloadedModule(_Packing, _Budget, _Loading, _Training, _Teardown, _Stats)
         for u in self.units:
             self._hooks.append(u.module.register_forward_pre_hook(self._pre_hook(u)))
             self._hooks.append(u.module.register_forward_hook(self._post_hook(u), always_call=True))
-            for m in self._parts_with_weights(u):
-                self._hooks.append(m.register_forward_pre_hook(self._part_hook(u)))
+        for m, units in self._parts().values():
+            self._hooks.append(m.register_forward_pre_hook(self._part_hook(units)))
         # first of all pre-hooks (the root may also be a unit): clears what an interrupted forward left
         self._hooks.append(self.model.register_forward_pre_hook(self._root_pre, prepend=True))
         self._hooks.append(self.model.register_forward_hook(self._root_post, always_call=True))
@@ -135,55 +136,9 @@ class OffloadedModule(_Packing, _Budget, _Loading, _Training, _Teardown, _Stats)
             self.order = self._pass
         self._pass = []
 
-    def _recomputing(self) -> bool:
-        """A unit runs outside the model's forward with grad on: activation checkpointing
-        recomputing it in backward (its saved tensors are not packed as handles)."""
-        return not self._running and torch.is_grad_enabled()
-
-    def _release_recomputed(self, keep: _Unit | None = None) -> None:
-        done, self._recomputed = self._recomputed, [u for u in self._recomputed if u is keep or u.active]
-        for u in done:
-            if u is not keep and not u.active:
-                self._done_with(u)
-
-    def _parts_with_weights(self, u: _Unit) -> list[torch.nn.Module]:
-        """The unit's submodules that hold parameters or buffers of their own: activation
-        checkpointing (transformers' ``GradientCheckpointingLayer``) recomputes a layer by calling
-        its ``forward`` directly, so in backward only these see the weights being used."""
-        nested = {id(v.module) for v in self.units if v is not u}
-        out, todo = [], list(u.module.children())
-        while todo:
-            m = todo.pop()
-            if id(m) in nested:
-                continue  # a unit of its own
-            if next(m.parameters(recurse=False), None) is not None or next(m.buffers(recurse=False), None) is not None:
-                out.append(m)
-            todo.extend(m.children())
-        return out
-
-    def _part_hook(self, u: _Unit) -> Callable:
-        def hook(_m, _args):
-            if u.active or u.bound:
-                return
-            # the unit runs outside its own forward (a recompute in backward): bind it and keep it
-            # bound until the next such unit starts or backward ends
-            self._release_recomputed(keep=u)
-            u.active += 1
-            try:
-                self._load(u)
-            finally:
-                u.active -= 1
-            if u not in self._recomputed:
-                self._recomputed.append(u)
-            with self._idle_lock:
-                self._graph = True
-        return hook
-
     def _pre_hook(self, u: _Unit) -> Callable:
         def hook(_m, _args):
             recomputing = self._recomputing()
-            if recomputing:
-                self._release_recomputed(keep=u)
             u.active += 1
             if u.active == 1:
                 if u.bound:  # a resident unit stays bound between forwards
@@ -201,10 +156,7 @@ class OffloadedModule(_Packing, _Budget, _Loading, _Training, _Teardown, _Stats)
             u.active -= 1
             if u.active == 0:
                 if self._recomputing():
-                    if u not in self._recomputed:
-                        self._recomputed.append(u)
-                    with self._idle_lock:
-                        self._graph = True  # held for the backward under way
+                    self._hold_recomputed(u)
                 else:
                     self._done_with(u)
         return hook

@@ -388,6 +388,8 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
         except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
             out.set_exception(e)
             return
+        mark = None  # (generation, meta) of a placed mark to commit
+        result = None  # set when nothing is to be written
         try:
             with self._lock:
                 meta = self._objects.get(key)
@@ -395,17 +397,28 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
                 # file since the check holds a window of that file, not the object's bytes)
                 current = (meta is not None and meta.version == lease.version and not meta.extent.external
                            and lease._copy.start == 0)
-                if not current or meta.extent.tier == tier:
-                    if current and placed:  # already there: the caller's choice still pins it
-                        meta.placed = True
+                if current and placed is None and meta.placed:  # placed since the governor decided
                     lease.release()
-                    out.set_result(meta.describe() if current else {"key": key, "superseded": True})
+                    out.set_result({"key": key, "superseded": True, "placed": True})
                     return
+                if not current or meta.extent.tier == tier:
+                    if current and placed and not meta.placed:  # already there: the caller's choice pins it
+                        meta.placed = True
+                        self._gen += 1
+                        mark = (self._gen, meta)
+                    result = meta.describe() if current else {"key": key, "superseded": True}
+            if result is not None:
+                lease.release()
+                if mark is not None:  # durable before the caller hears of it
+                    self._commit_through(mark[0], lambda m=mark[1]: setattr(m, "placed", False))
+                out.set_result(result)
+                return
             inner = self._write_buffer(key, lease._copy.buffer, meta.nbytes, meta.dtype, meta.shape, meta.kind,
                                        tier, lease.version, False, True, commit, Priority.WRITEBACK, False,
                                        meta.ephemeral, meta.owner, meta.block, wait, placed)
         except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
-            lease.release()
+            if result is None:
+                lease.release()
             out.set_exception(e)
             return
 

@@ -282,6 +282,8 @@ class Governor:
             return None
         if result is None:  # stopping: the move finishes (or not) as the engine drains
             return None
+        if result.get("placed"):  # its caller placed it while the move was under way
+            return "refused_placed"
         if result.get("superseded"):
             self._count("superseded")
             return None

@@ -226,11 +226,13 @@ class _Writes:
             stale = (p.version <= self._tombstones.get(key, 0)
                      or (old is not None and (old.version != p.version if p.relocate is not None
                                               else old.version > p.version)))
-            if stale:  # a later put or delete of this key already took effect
+            # a governor's move (placed None) of an object its caller placed meanwhile
+            overruled = p.relocate is not None and p.placed is None and old is not None and old.placed
+            if stale or overruled:  # a later put, delete or placing of this key already took effect
                 self._tiers[tier_name].give(p.offset, p.length)  # never named by a manifest
                 if p.give:
                     p.buf.release()
-                return {"key": key, "version": p.version, "superseded": True}
+                return {"key": key, "version": p.version, "superseded": True, **({"placed": True} if overruled else {})}
             if not p.sync and not p.ephemeral:
                 self._unsynced.add(tier_name)
             self._gen += 1
