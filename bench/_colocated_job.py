@@ -41,19 +41,21 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def store_config(name: str, spec: dict, root: str) -> dict:
     """The store of contender ``name``: the same tiers for all; ``fixed`` reserves each
-    workload's part of nvme through ``[owners]`` shares and never migrates; ``governed*`` has no
-    storage shares and lets the governor decide."""
+    workload's part of nvme through ``[owners]`` shares and never migrates; ``bound`` is
+    ``fixed`` with flash unthrottled; ``governed[-FALLBACK]`` has no storage shares and lets the
+    governor decide."""
     mib = spec["mib"]
     tiers = {
         "host": {"capacity": f"{mib['host']}MiB"},
         "nvme": {"path": os.path.join(root, "nvme"), "capacity": f"{mib['nvme']}MiB"},
-        "flash": {"path": os.path.join(root, "flash"), "capacity": f"{mib['flash']}MiB",
-                  "read_bandwidth": spec["flash_bw"], "write_bandwidth": spec["flash_bw"]},
+        "flash": {"path": os.path.join(root, "flash"), "capacity": f"{mib['flash']}MiB"},
     }
+    if name != "bound":  # the bound: fixed shares on a flash tier as fast as nvme (no placement beats it)
+        tiers["flash"].update(read_bandwidth=spec["flash_bw"], write_bandwidth=spec["flash_bw"])
     cfg = {"tiers": tiers, "engine": {"workers": spec["workers"]},
            "owners": {"offload": {"host": f"{mib['offload_host']}MiB"},
                       "optim": {"host": f"{mib['optim_host']}MiB"}}}
-    if name == "fixed":
+    if name in ("fixed", "bound"):
         cfg["owners"]["offload"]["nvme"] = f"{mib['offload_nvme']}MiB"
         cfg["owners"]["kv"] = {"nvme": f"{mib['kv_nvme']}MiB"}
         cfg["owners"]["optim"]["nvme"] = f"{mib['nvme'] - mib['offload_nvme'] - mib['kv_nvme']}MiB"
@@ -104,7 +106,7 @@ class Contender:
             self.model.train()  # no dropout in Llama: generation computes the same as in eval mode
             self.opt = OffloadedAdamW(self.model.parameters(), lr=spec["lr"], store=self.store,
                                       model=self.model).open()
-            if name == "fixed":  # each workload's nvme share from [owners]: the rest goes to flash
+            if name in ("fixed", "bound"):  # each workload's nvme share from [owners]: the rest goes to flash
                 for owner in (self.model._tiered.owner, KV_OWNER, self.opt.owner):
                     self.reservations.append(self.store.reserve("nvme", owner=owner))
         except BaseException:
