@@ -60,13 +60,15 @@ def table(out: dict) -> str:
              f"load: before {out['uptime_before']}", f"      after  {out['uptime_after']}",
              f"tokens and losses identical across contenders: {out['identical']} {out['mismatches'] or ''}", "",
              f"{'contender':15s} {'e2e med':>8s} {'e2e min':>8s} {'gen':>6s} {'train':>6s} {'drain':>6s} "
-             f"{'vs fixed':>8s} {'flash s':>7s}  {'read MB/round (tier)':28s} {'written MB/round':24s} moved MB (timed)"]
+             f"{'vs fixed':>8s} {'flash s':>7s}  {'read MB/round (tier)':28s} {'written MB/round':24s} "
+             "moved MB (timed)"]
     for name, s in out["summary"].items():
         rd = " ".join(f"{t}:{b / MB:.0f}" for t, b in s["bytes_read_per_round"].items())
         wr = " ".join(f"{t}:{b / MB:.0f}" for t, b in s["bytes_written_per_round"].items())
         mv = " ".join(f"{p}:{b / MB:.0f}" for p, b in s["bytes_migrated_timed"].items()) or "-"
         lines.append(f"{name:15s} {s['e2e_s_median']:8.2f} {s['e2e_s_min']:8.2f} {s['gen_s_median']:6.2f} "
-                     f"{s['train_s_median']:6.2f} {s['drain_s_median']:6.2f} {s.get('speedup_vs_fixed', 0):7.2f}x {s['flash_s_per_round']:7.2f}  "
+                     f"{s['train_s_median']:6.2f} {s['drain_s_median']:6.2f} {s.get('speedup_vs_fixed', 0):7.2f}x "
+                     f"{s['flash_s_per_round']:7.2f}  "
                      f"{rd:28s} {wr:24s} {mv}")
     lines.append("")
     for name, s in out["summary"].items():
@@ -100,13 +102,14 @@ def plot(cases: list[dict], path: str) -> None:
                 ax.set_title(title, fontsize=9)
                 ax.set_xlabel("round (0: warm-up)")
         s = out["spec"]
-        row[0].set_ylabel(f"s; nvme {s['mib']['nvme']} MiB ({s['nvme_x']:g}x weights)", fontsize=8)
+        row[0].set_ylabel(f"s; nvme {s['mib']['nvme']} MiB ({s['nvme_x']:g}x weights), flash {s['flash_bw']}",
+                          fontsize=8)
         row[0].legend(fontsize=8)
         row[2].annotate(f"load {out['uptime_before'].split('load average:')[-1].strip()}", (0.02, 0.95),
                         xycoords="axes fraction", fontsize=7, va="top")
     s = cases[0]["spec"]
     fig.suptitle(f"colocated generation + fine-tuning on one store: weights {s['weight_bytes'] / MB:.0f} MB, "
-                 f"optimizer state {s['optim_state_bytes'] / MB:.0f} MB, flash {s['flash_bw']}", fontsize=10)
+                 f"optimizer state {s['optim_state_bytes'] / MB:.0f} MB", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

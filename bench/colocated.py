@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -64,12 +63,12 @@ def log(msg: str) -> None:
     print(f"[colocated {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def make_spec(a: argparse.Namespace, nvme_x: float) -> dict:
+def make_spec(a: argparse.Namespace, nvme_x: float, flash_bw: str) -> dict:
     """The model, the workloads and the tier sizes (derived from the model's weight bytes)."""
     spec = {"seed": 0, "vocab": a.vocab, "hidden": a.hidden, "inter": a.inter, "layers": a.layers,
             "heads": a.heads, "prompt": a.prompt, "new_tokens": a.new_tokens, "gen_batch": a.gen_batch,
             "kv_block": 16, "kv_device_kib": a.kv_device_kib, "train_batch": a.train_batch, "seq": a.seq,
-            "lr": 1e-4, "workers": a.workers, "flash_bw": a.flash_bw,
+            "lr": 1e-4, "workers": a.workers, "flash_bw": flash_bw,
             "migration_bandwidth": a.migration_bandwidth, "migration_batch": a.migration_batch}
     w = weight_bytes(build_model(spec))
     unit = max(w // (a.layers + 2), 1)  # about one decoder layer's weights
@@ -79,7 +78,7 @@ def make_spec(a: argparse.Namespace, nvme_x: float) -> dict:
     spec["nvme_x"] = nvme_x
     spec["optim_state_bytes"] = 2 * 3 * w  # master + 2 moments (fp32), two step parities
     spec["kv_bytes"] = kv
-    spec["flash_bytes_per_s"] = parse_rate(a.flash_bw, where="--flash-bw")
+    spec["flash_bytes_per_s"] = parse_rate(flash_bw, where="--flash-bw")
     spec["mib"] = {
         "offload_host": -(-4 * unit // MiB) + 4,  # the streaming window: the weights do not fit
         "optim_host": -(-6 * 3 * unit // MiB) + 4,  # the optimizer's pipeline (5 chunks of 12 B/param)
@@ -107,17 +106,22 @@ def run(a: argparse.Namespace, spec: dict) -> dict:
                 rec = contenders[n].round(r)
                 rec["round"] = r
                 rounds[n].append(rec)
-                log(f"round {r} {n:15s} e2e {rec['e2e_s']:.2f}s gen {rec['gen_s']:.2f} train {rec['train_s']:.2f} "
-                    f"drain {rec['drain_s']:.2f} loss {rec['loss']:.6f} | gen read {_mb(rec['gen_io']['bytes_read'])} | "
-                    f"nvme free {rec['nvme']['free'] / 1e6:.0f} (policy {rec['nvme'].get('policy_free', 0) / 1e6:.0f}) piece {rec['nvme']['largest_free'] / 1e6:.0f} | "
-                    f"train read {_mb(rec['train_io']['bytes_read'])} wrote {_mb(rec['train_io']['bytes_written'])} | "
-                    f"moved {_mb(rec['bytes_migrated'])} {rec['governor']}")
+                log(_round_line(r, n, rec))
         final = {n: {"governor": c.store.stats()["governor"], "placement": c.placement(),
                      "owners": c.store.stats()["owners"]} for n, c in contenders.items()}
     finally:
         for c in contenders.values():
             c.close()
     return {"rounds": rounds, "final": final}
+
+
+def _round_line(r: int, name: str, rec: dict) -> str:
+    room = rec["nvme"]
+    return (f"round {r} {name:15s} e2e {rec['e2e_s']:.2f}s gen {rec['gen_s']:.2f} train {rec['train_s']:.2f} "
+            f"drain {rec['drain_s']:.2f} loss {rec['loss']:.6f} | gen read {_mb(rec['gen_io']['bytes_read'])} | "
+            f"nvme free {room['free'] / 1e6:.0f} (policy {room.get('policy_free', 0) / 1e6:.0f}) "
+            f"piece {room['largest_free'] / 1e6:.0f} | train read {_mb(rec['train_io']['bytes_read'])} "
+            f"wrote {_mb(rec['train_io']['bytes_written'])} | moved {_mb(rec['bytes_migrated'])} {rec['governor']}")
 
 
 def _mb(d: dict) -> str:
@@ -159,7 +163,8 @@ def main() -> int:
     ap.add_argument("--nvme-x", default="3,5", help="nvme capacity in multiples of the weight bytes; a comma "
                     "list runs one case per value (default 3,5)")
     ap.add_argument("--host-extra", type=int, default=32, help="MiB of host tier beyond the two shares (KV, cache)")
-    ap.add_argument("--flash-bw", default="400MB/s")
+    ap.add_argument("--flash-bw", default="400MB/s", help="flash tier's read and write throttle; a comma list "
+                    "runs the nvme cases once per value (default 400MB/s)")
     ap.add_argument("--migration-bandwidth", default="128MB/s", help="[policy] migration_bandwidth")
     ap.add_argument("--migration-batch", type=int, default=64, help="[policy] migration_batch")
     ap.add_argument("--workers", type=int, default=4, help="[engine] workers")
@@ -171,8 +176,9 @@ def main() -> int:
 
     torch.set_num_threads(a.threads)
     cases = []
-    for x in [float(v) for v in a.nvme_x.split(",")]:
-        cases.append(run_case(a, make_spec(a, x)))
+    for bw in a.flash_bw.split(","):
+        for x in [float(v) for v in a.nvme_x.split(",")]:
+            cases.append(run_case(a, make_spec(a, x, bw)))
         print(table(cases[-1]), flush=True)
     out = {"cases": cases, "torch": torch.__version__, "cpus": os.cpu_count(), "threads": a.threads,
            "identical": all(c["identical"] for c in cases)}
@@ -190,8 +196,8 @@ def main() -> int:
 
 def run_case(a: argparse.Namespace, spec: dict) -> dict:
     """All contenders on one tier sizing, interleaved; the result with its load and checks."""
-    log(f"nvme {spec['nvme_x']}x the weights: weights {spec['weight_bytes'] / 1e6:.0f} MB, optimizer state "
-        f"{spec['optim_state_bytes'] / 1e6:.0f} MB, tiers (MiB) {spec['mib']}")
+    log(f"nvme {spec['nvme_x']}x the weights, flash {spec['flash_bw']}: weights {spec['weight_bytes'] / 1e6:.0f} MB, "
+        f"optimizer state {spec['optim_state_bytes'] / 1e6:.0f} MB, tiers (MiB) {spec['mib']}")
     load_before = uptime()
     t0 = time.time()
     res = run(a, spec)
