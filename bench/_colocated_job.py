@@ -42,8 +42,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def store_config(name: str, spec: dict, root: str) -> dict:
     """The store of contender ``name``: the same tiers for all; ``fixed`` reserves each
     workload's part of nvme through ``[owners]`` shares and never migrates; ``bound`` is
-    ``fixed`` with flash unthrottled; ``governed[-FALLBACK]`` has no storage shares and lets the
-    governor decide."""
+    ``fixed`` with flash unthrottled; ``governed[-FALLBACK[-planned]]`` has no storage shares and
+    lets the governor decide."""
     mib = spec["mib"]
     tiers = {
         "host": {"capacity": f"{mib['host']}MiB"},
@@ -61,7 +61,7 @@ def store_config(name: str, spec: dict, root: str) -> dict:
         cfg["owners"]["optim"]["nvme"] = f"{mib['nvme'] - mib['offload_nvme'] - mib['kv_nvme']}MiB"
         cfg["policy"] = {"migration": "none"}
     else:
-        fallback = name.split("-", 1)[1] if "-" in name else "lru"
+        fallback = name.split("-")[1] if "-" in name else "lru"
         cfg["policy"] = {"migration": "auto", "fallback": fallback,
                          "migration_bandwidth": spec["migration_bandwidth"],
                          "migration_batch": spec["migration_batch"]}
@@ -151,7 +151,20 @@ class Contender:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad()
+        if self.name.endswith("-planned"):
+            self._plan_next_step(r + 1)
         return loss.item()
+
+    def _plan_next_step(self, step: int) -> None:
+        """Declare the state chunks the next step reads, in backward order (the last unit's
+        first), as a plan of owner ``optim/<name>-next``: what ``OffloadedAdamW(model=...)`` does
+        not declare itself (its ``step()`` withdraws its plan), so that the governor may stage
+        them while the generation leaves flash idle. Keys are the optimizer's
+        ``NAME/cINDEX/PARITY`` objects written by ``step``."""
+        suffix = f"/{step % 2}"
+        keys = sorted((k for k in self.store.keys() if k.startswith(f"{self.opt.name}/c") and k.endswith(suffix)),
+                      reverse=True)
+        self.store.plan(keys, owner=f"{self.opt.owner}-next")
 
     def _room(self, tier: str) -> dict:
         """Used and free bytes of a storage tier, and its largest free piece (a move or put needs

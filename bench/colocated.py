@@ -22,6 +22,9 @@ round by round (the order rotates each round), with the same seeds:
 - ``governed``: ``migration = "auto"`` (``schedule`` over the plans the module wrapper and the
   optimizer declare, ``fallback = "lru"`` elsewhere), no storage shares;
 - ``governed-sieve``: the same with ``fallback = "sieve"``;
+- ``governed-lru-planned``: ``governed`` where the benchmark also declares, after each
+  step, the state chunks the next step will read (``store.plan``, owner ``optim/adamw-next``):
+  ``OffloadedAdamW(model=...)`` declares none itself, so this shows what the plans would buy;
 - ``bound``: ``fixed`` with the flash tier unthrottled (as fast as nvme): what no placement of
   the objects can beat, so ``fixed / bound`` is the most a governor could gain here.
 
@@ -147,7 +150,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help=f"write {os.path.relpath(RESULT, _ROOT)} (+ .png)")
     ap.add_argument("--plot", default=None, help="write the per-round plot here (default with --json: next to it)")
     ap.add_argument("--dir", default=os.path.join(_ROOT, ".benchdir"), help="where the tiers' directories go")
-    ap.add_argument("--contenders", default="fixed,governed,governed-sieve,bound")
+    ap.add_argument("--contenders", default="fixed,governed,governed-sieve,governed-lru-planned,bound")
     ap.add_argument("--rounds", type=int, default=6, help="rounds per contender, the first untimed (default 6)")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=384)
