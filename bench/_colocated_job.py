@@ -19,7 +19,6 @@ from tiered.optim import OffloadedAdamW
 from tiered.store import TieredStore
 
 MiB = 1 << 20
-WAIT_S = 120.0
 KV_ID = "gen"  # every round's TieredCache is the store owner kv/gen (one [owners.kv] share)
 KV_OWNER = f"kv/{KV_ID}"
 
@@ -124,7 +123,7 @@ class Contender:
         gen_events = self.tally.take()
         loss = self._train(r)
         c2, t2 = time.process_time(), time.perf_counter()
-        synced = self.store.sync_governor(WAIT_S)  # its moves decided this round: not into the next
+        synced = self.store.sync_governor(self.spec["sync_timeout_s"])  # its moves decided this round: not into the next
         t3 = time.perf_counter()
         after = self.store.stats()
         return {"gen_s": t1 - t0, "train_s": t2 - t1, "drain_s": t3 - t2, "e2e_s": t3 - t0,

@@ -33,8 +33,8 @@ def summarize(rounds: dict, final: dict, goal: float, flash_bw: int) -> dict:
         s["rounds_timed"] = n
         s["bytes_read_per_round"] = {t: b / n for t, b in _sum_dicts([r["bytes_read"] for r in timed]).items()}
         s["bytes_written_per_round"] = {t: b / n for t, b in _sum_dicts([r["bytes_written"] for r in timed]).items()}
-        s["flash_s_per_round"] = max(s["bytes_read_per_round"].get("flash", 0),
-                                     s["bytes_written_per_round"].get("flash", 0)) / flash_bw
+        s["flash_s_per_round"] = None if name == "bound" else max(  # bound: flash unthrottled
+            s["bytes_read_per_round"].get("flash", 0), s["bytes_written_per_round"].get("flash", 0)) / flash_bw
         for phase in ("gen", "train"):
             s[f"{phase}_events_timed"] = _sum_dicts([r[f"{phase}_events"]["bytes"] for r in timed])
             s[f"{phase}_plans_timed"] = _sum_dicts([r[f"{phase}_events"]["plans"] for r in timed])
@@ -54,6 +54,10 @@ def summarize(rounds: dict, final: dict, goal: float, flash_bw: int) -> dict:
     return out
 
 
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def table(out: dict) -> str:
     s0 = out["spec"]
     lines = [f"case: nvme {s0['mib']['nvme']} MiB ({s0['nvme_x']:g}x the weights), flash {s0['flash_bw']}",
@@ -68,7 +72,7 @@ def table(out: dict) -> str:
         mv = " ".join(f"{p}:{b / MB:.0f}" for p, b in s["bytes_migrated_timed"].items()) or "-"
         lines.append(f"{name:15s} {s['e2e_s_median']:8.2f} {s['e2e_s_min']:8.2f} {s['gen_s_median']:6.2f} "
                      f"{s['train_s_median']:6.2f} {s['drain_s_median']:6.2f} {s.get('speedup_vs_fixed', 0):7.2f}x "
-                     f"{s['flash_s_per_round']:7.2f}  "
+                     f"{_num(s['flash_s_per_round']):>7s}  "
                      f"{rd:28s} {wr:24s} {mv}")
     lines.append("")
     for name, s in out["summary"].items():

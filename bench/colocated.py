@@ -22,7 +22,9 @@ round by round (the order rotates each round), with the same seeds:
 - ``governed``: ``migration = "auto"`` (``schedule`` over the plans the module wrapper and the
   optimizer declare, ``fallback = "lru"`` elsewhere), no storage shares;
 - ``governed-sieve``: the same with ``fallback = "sieve"``;
-- ``governed-lru-planned``: ``governed`` where the benchmark also declares, after each
+- ``governed-lru-planned`` (a separate, shorter case against ``fixed``, ``--planned-rounds``:
+  its governor falls behind, and its moves would run into the other contenders' rounds):
+  ``governed`` where the benchmark also declares, after each
   step, the state chunks the next step will read (``store.plan``, owner ``optim/adamw-next``):
   ``OffloadedAdamW(model=...)`` declares none itself, so this shows what the plans would buy;
 - ``bound``: ``fixed`` with the flash tier unthrottled (as fast as nvme): what no placement of
@@ -66,7 +68,7 @@ def log(msg: str) -> None:
     print(f"[colocated {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def make_spec(a: argparse.Namespace, nvme_x: float, flash_bw: str) -> dict:
+def make_spec(a: argparse.Namespace, nvme_x: float, flash_bw: str, sync_timeout: float) -> dict:
     """The model, the workloads and the tier sizes (derived from the model's weight bytes)."""
     spec = {"seed": 0, "vocab": a.vocab, "hidden": a.hidden, "inter": a.inter, "layers": a.layers,
             "heads": a.heads, "prompt": a.prompt, "new_tokens": a.new_tokens, "gen_batch": a.gen_batch,
@@ -81,6 +83,7 @@ def make_spec(a: argparse.Namespace, nvme_x: float, flash_bw: str) -> dict:
     spec["nvme_x"] = nvme_x
     spec["optim_state_bytes"] = 2 * 3 * w  # master + 2 moments (fp32), two step parities
     spec["kv_bytes"] = kv
+    spec["sync_timeout_s"] = sync_timeout
     spec["flash_bytes_per_s"] = parse_rate(flash_bw, where="--flash-bw")
     spec["mib"] = {
         "offload_host": -(-4 * unit // MiB) + 4,  # the streaming window: the weights do not fit
@@ -94,16 +97,15 @@ def make_spec(a: argparse.Namespace, nvme_x: float, flash_bw: str) -> dict:
     return spec
 
 
-def run(a: argparse.Namespace, spec: dict) -> dict:
-    names = a.contenders.split(",")
-    root = os.path.join(a.dir, "colocated")
+def run(root: str, names: list[str], n_rounds: int, spec: dict) -> dict:
+    root = os.path.join(root, "colocated")
     contenders = {}
     try:
         for n in names:
             log(f"open {n}")
             contenders[n] = Contender(n, spec, root)
         rounds: dict[str, list] = {n: [] for n in names}
-        for r in range(a.rounds):
+        for r in range(n_rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for n in order:
                 rec = contenders[n].round(r)
@@ -150,7 +152,13 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help=f"write {os.path.relpath(RESULT, _ROOT)} (+ .png)")
     ap.add_argument("--plot", default=None, help="write the per-round plot here (default with --json: next to it)")
     ap.add_argument("--dir", default=os.path.join(_ROOT, ".benchdir"), help="where the tiers' directories go")
-    ap.add_argument("--contenders", default="fixed,governed,governed-sieve,governed-lru-planned,bound")
+    ap.add_argument("--contenders", default="fixed,governed,governed-sieve,bound")
+    ap.add_argument("--sync-timeout", type=float, default=120.0,
+                    help="seconds a round waits for the governor's moves (store.sync_governor)")
+    ap.add_argument("--planned-rounds", type=int, default=4,
+                    help="rounds of the separate fixed vs governed-lru-planned case (0: skip it)")
+    ap.add_argument("--planned-sync-timeout", type=float, default=30.0,
+                    help="store.sync_governor timeout in that case (its governor falls behind)")
     ap.add_argument("--rounds", type=int, default=6, help="rounds per contender, the first untimed (default 6)")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=384)
@@ -173,18 +181,23 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=4, help="[engine] workers")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
     a = ap.parse_args()
-    if a.rounds < 2:
-        ap.error("--rounds must be at least 2 (the first is a warm-up)")
+    if a.rounds < 2 or a.planned_rounds == 1:
+        ap.error("--rounds and --planned-rounds must be at least 2 (the first is a warm-up)")
     import torch
 
     torch.set_num_threads(a.threads)
     cases = []
+    names = a.contenders.split(",")
     for bw in a.flash_bw.split(","):
         for x in [float(v) for v in a.nvme_x.split(",")]:
-            cases.append(run_case(a, make_spec(a, x, bw)))
-        print(table(cases[-1]), flush=True)
-    out = {"cases": cases, "torch": torch.__version__, "cpus": os.cpu_count(), "threads": a.threads,
-           "identical": all(c["identical"] for c in cases)}
+            cases.append(run_case(a.dir, names, a.rounds, make_spec(a, x, bw, a.sync_timeout)))
+            print(table(cases[-1]), flush=True)
+    out = {"cases": cases, "torch": torch.__version__, "cpus": os.cpu_count(), "threads": a.threads}
+    if a.planned_rounds:  # its governor falls behind: a short separate case, not interleaved with the others
+        spec = make_spec(a, float(a.nvme_x.split(",")[0]), a.flash_bw.split(",")[0], a.planned_sync_timeout)
+        out["planned_diagnostic"] = run_case(a.dir, ["fixed", "governed-lru-planned"], a.planned_rounds, spec)
+        print(table(out["planned_diagnostic"]), flush=True)
+    out["identical"] = all(c["identical"] for c in cases + [out.get("planned_diagnostic", {"identical": True})])
     if a.json:
         os.makedirs(os.path.dirname(RESULT), exist_ok=True)
         with open(RESULT, "w") as f:
@@ -192,19 +205,19 @@ def main() -> int:
         log(f"wrote {RESULT}")
     png = a.plot or (RESULT[:-5] + ".png" if a.json else None)
     if png:
-        plot(cases, png)
+        plot(cases + ([out["planned_diagnostic"]] if "planned_diagnostic" in out else []), png)
         log(f"wrote {png}")
     return 0 if out["identical"] else 1
 
 
-def run_case(a: argparse.Namespace, spec: dict) -> dict:
+def run_case(root: str, names: list[str], rounds: int, spec: dict) -> dict:
     """All contenders on one tier sizing, interleaved; the result with its load and checks."""
     log(f"nvme {spec['nvme_x']}x the weights, flash {spec['flash_bw']}: weights {spec['weight_bytes'] / 1e6:.0f} MB, "
         f"optimizer state {spec['optim_state_bytes'] / 1e6:.0f} MB, tiers (MiB) {spec['mib']}")
     load_before = uptime()
     t0 = time.time()
-    res = run(a, spec)
-    return {"spec": spec, "uptime_before": load_before, "uptime_after": uptime(), "wall_s": time.time() - t0,
+    res = run(root, names, rounds, spec)
+    return {"spec": spec, "contenders": names, "uptime_before": load_before, "uptime_after": uptime(), "wall_s": time.time() - t0,
             **check_identical(res["rounds"]), "summary": summarize(res["rounds"], res["final"], GOAL,
                                                                    spec["flash_bytes_per_s"]), **res}
 
