@@ -19,14 +19,14 @@ round by round (the order rotates each round), with the same seeds:
 - ``fixed``: ``[policy] migration = "none"``; each workload reserves its part of nvme through
   ``[owners]`` shares (``offload``: the weights and a rewrite of them; ``optim``: the rest),
   so the optimizer state that does not fit its share lives on flash;
-- ``governed``: ``migration = "auto"`` (``schedule`` over the plans the module wrapper and the
-  optimizer declare, ``fallback = "lru"`` elsewhere), no storage shares;
+- ``governed``: ``migration = "auto"`` (``schedule`` over the plans workloads declare,
+  ``fallback = "lru"`` elsewhere), no storage shares; the module wrapper declares each forward's
+  units, while ``OffloadedAdamW(model=...)`` declares no plan (``step()`` withdraws its plan);
 - ``governed-sieve``: the same with ``fallback = "sieve"``;
 - ``governed-lru-planned`` (a separate, shorter case against ``fixed``, ``--planned-rounds``:
   its governor falls behind, and its moves would run into the other contenders' rounds):
-  ``governed`` where the benchmark also declares, after each
-  step, the state chunks the next step will read (``store.plan``, owner ``optim/adamw-next``):
-  ``OffloadedAdamW(model=...)`` declares none itself, so this shows what the plans would buy;
+  ``governed`` where the benchmark also declares, after each step, the state chunks the next
+  step will read (``store.plan``, owner ``optim/adamw-next``), so it shows what such plans change;
 - ``bound``: ``fixed`` with the flash tier unthrottled (as fast as nvme): what no placement of
   the objects can beat, so ``fixed / bound`` is the most a governor could gain here.
 
@@ -38,8 +38,9 @@ is a warm-up, not timed. Per contender: median and min per round, bytes read and
 storage tier, bytes the governor moved per tier pair, its decisions and refusals
 (``store.stats()["governor"]``), and where each workload's objects ended up.
 
-Usage: ``python bench/colocated.py [--rounds 6] [--json] [--plot PNG]``; ``--json`` writes
-``bench/results/colocated_2026-12-07.json`` (and the plot next to it).
+Usage: ``python bench/colocated.py [--rounds 9] [--flash-bw 400MB/s,100MB/s] [--json]``;
+``--json`` writes ``bench/results/colocated_2026-12-07.json`` (and the plot next to it).
+Recorded with ``--json --rounds 9 --nvme-x 3 --flash-bw 400MB/s,100MB/s``.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bench/colocated.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help=f"write {os.path.relpath(RESULT, _ROOT)} (+ .png)")
     ap.add_argument("--plot", default=None, help="write the per-round plot here (default with --json: next to it)")
@@ -180,6 +181,11 @@ def main() -> int:
     ap.add_argument("--migration-batch", type=int, default=64, help="[policy] migration_batch")
     ap.add_argument("--workers", type=int, default=4, help="[engine] workers")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
+    return ap
+
+
+def main() -> int:
+    ap = _parser()
     a = ap.parse_args()
     if a.rounds < 2 or a.planned_rounds == 1:
         ap.error("--rounds and --planned-rounds must be at least 2 (the first is a warm-up)")
