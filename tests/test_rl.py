@@ -300,8 +300,8 @@ def test_write_reserve_absorbs_new_writes_open_loop():
 
 
 def test_batch_adapts_to_object_size():
-    """Huge objects: one access per decision (a batch's fills would queue ahead of hits)."""
-    pol = make_policy(batch=16)
+    """adapt_batch: huge objects, one access per decision (a batch's fills would queue ahead of hits)."""
+    pol = make_policy(batch=16, adapt_batch=True)
     big = (TierModel("fast", 1e12, 1e-6, 1e10, 1e10), TierModel("slow", math.inf, 80e-6, 3e9, 2e9))
     pol.reset(big)
     pol.decide([Observation(0, 64 << 20, tier="slow", tier_index=1)])
@@ -315,6 +315,19 @@ def test_batch_adapts_to_object_size():
     pol.reset(big)
     pol.decide([Observation(0, 64 << 20, tier="slow", tier_index=1)])
     assert pol.batch == 1  # (a lifetime mean stayed near 4 KiB: found by review)
+
+
+def test_fixed_batch_caps_fills_per_decision():
+    """By default the batch stays whole (one decision amortised over it) and huge objects are
+    promoted at most one burst's worth (one backing-tier latency of fills) per decision."""
+    pol = make_policy(batch=16, seed=0)
+    big = (TierModel("fast", 1e12, 1e-6, 1e10, 1e10), TierModel("slow", math.inf, 80e-6, 3e9, 2e9))
+    pol.reset(big)
+    size = 64 << 20
+    for r in range(10):
+        moves = pol.decide([Observation(r * 16 + j, size, tier="slow", tier_index=1) for j in range(16)])
+        assert pol.batch == 16
+        assert sum(m.dst == 0 for m in moves) <= (1 if r else 16), (r, moves)
 
 
 def test_reads_leave_the_write_reserve_to_writes():

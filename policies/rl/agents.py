@@ -23,37 +23,47 @@ victim's write-back is due whenever it leaves, so it is not charged by default
   scales, age, count, size, kind, and the stream context of its last access;
   :mod:`.features`).
 
-Decisions (batched, one network call per agent per batch, under
-``torch.inference_mode``): after each batch of accesses, every accessed
-object not on the fast tier is a promotion candidate; the fast tier's
-victims come from ``candidates`` residents sampled at random (LRB-style
-sampled eviction).
+Decisions (batched: one network call per agent for the batch's candidates, numpy, on the
+calling thread): after each batch of accesses, every accessed object not on the fast tier is a
+promotion candidate. The fast tier's victims come from a *victim queue*: ``candidates``
+residents sampled at random (LRB-style sampled eviction) are ranked once by one expert, and the
+first ``1 / victim_share`` of them are evicted over the next decisions (entries accessed since,
+or gone, are skipped; the queue is re-ranked after ``queue_age`` capacities of traffic).
 
-* **Eviction** follows one of four experts per decision, drawn by their
+* **Eviction** follows one of four experts per ranking, drawn by their
   weights (LeCaR-style, Vietri et al. HotStorage'18; CACHEUS, Rodriguez et
   al. FAST'21): the learned value per byte (farthest predicted next access
   first), LRU, a decayed LFU and LRU-2. An expert's weight drops when an
   object it evicted comes back soon after (regret, discounted by the traffic
   since), so the agents lean away from the predictor while it is worse than a
   heuristic and on it where it is better (no guarantee: the mix is learned
-  too). ``blend=True`` ranks by the weighted blend of all four rankings
-  instead (measured: better on ARC OLTP, worse on Mooncake).
+  too). ``blend=True`` ranks by the weighted blend of all four rankings instead.
 * **Admission** (bypass): a candidate is promoted when its value exceeds its
   fill cost (transfer time weighted by the fast device's measured load). When
   it does not beat the learned values of the victims it would displace
-  (Belady's bypass rule with predicted next accesses) it is bypassed if the
-  learned expert makes the decision; the heuristic experts admit all.
-  ``admission_experts=True`` instead weighs "admit all" against "learned
-  bypass" by their own regret (a bypassed object that comes back soon costs
-  the bypass; an admitted one evicted unused costs the admission).
+  (Belady's bypass rule with predicted next accesses), "admit all" and
+  "learned bypass" are weighed by their own regret (``admission_experts``,
+  the default: a bypassed object that comes back soon costs the bypass; an
+  admitted one evicted unused costs the admission); with
+  ``admission_experts=False`` the bypass follows the ranking's expert.
 * **Placement / write-back caching**: new objects fill free fast-tier space;
   the placement agent keeps room for the new objects' writes expected in the
   next two batches (measured rate), evicting only victims worth less than
   absorbing a write -- which gains nothing when the backing device is
   saturated (its measured load), as the write-back is deferred, not avoided.
-* **Batch size** adapts to the objects: the fills one batch decides reach the
-  fast device together, so a batch is kept to at most one backing-tier
-  access latency of fills (16 accesses of small blocks, 1 of 64 MiB ones).
+* **Fill bursts**: the fills one decision makes reach the fast device together,
+  so at most one backing-tier access latency of fills is promoted per
+  decision (all 32 candidates of small blocks, 1 of 64 MiB ones); the batch
+  stays whole so the decision's cost is amortised (``adapt_batch=True``
+  shrinks the batch instead, one decision per 64 MiB access).
+* **Learning** needs no outcomes: the labels come from the access stream, and
+  training runs inside ``decide`` every ``train_every`` accesses (so
+  ``learns`` is False: a live governor, which reports no outcomes, can run
+  the agents; ``training`` says whether they learn). ``locate``/``forget``
+  follow a live store's placements and deletions.
+* **Cost**: per-batch bookkeeping is vectorised (:meth:`.ObjectTable.record_batch`,
+  :mod:`.labels`); ``cost_report()["split_us_per_access"]`` says where the
+  time goes (this thread's CPU time).
 
 Until an agent has trained ``warmup_steps`` steps its values are a recency
 prior (LRU order).
@@ -94,23 +104,24 @@ class AgentOptions:
     batch: int = 32  # accesses per decide() call
     candidates: int = 128  # fast-tier residents sampled per ranking (see victim_share)
     migration_penalty: float = 1.0  # weight of migration transfer time in the reward
-    train_every: int = 128  # accesses between gradient steps (per agent)
+    train_every: int = 32  # accesses between gradient steps (per agent)
     warmup_steps: int = 50  # gradient steps before an agent's values are trusted
     pending: int = 262144  # sampled states awaiting their labels
     writeback_cost: bool = False  # charge a dirty victim its write-back (sunk: due whenever it leaves)
     experts: bool = True  # mix the learned eviction with LRU/LFU/LRU-2 by regret (LeCaR-style)
     regret_rate: float = 0.45  # LeCaR's learning rate
     blend: bool = False  # rank victims by the weighted blend of the experts' rankings (False: sample one)
-    admission_experts: bool = False  # bypass by regret-weighted admission experts (False: by the eviction expert)
+    admission_experts: bool = True  # bypass by regret-weighted admission experts (False: by the eviction expert)
     write_reserve: bool = True  # keep room for new objects' writes (write-back caching)
     rank_logit: bool = False  # victims by mean logit (resolves far-away objects) instead of value
     idle_samples: int = 4  # idle residents' states sampled per ranking (besides the victims)
     victim_share: int = 4  # a ranking of ``candidates`` residents yields its first 1/victim_share as victims
+    adapt_batch: bool = False  # shrink the batch to one burst of fills (False: cap the fills per batch)
     max_refreshes: int = 8  # rankings per decision at most (a big candidate may need many victims)
     queue_age: float = 0.02  # fast-tier capacities of traffic after which the victim queue is re-ranked
     hidden: int = 64
     lr: float = 2e-3
-    train_batch: int = 256
+    train_batch: int = 64
     replay: int = 65536
     learn: bool = True  # False: frozen (pre-trained) agents, no training
     seed: int = 0
@@ -193,6 +204,7 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
         self.episode_events = 0  # mean_size is this episode's (stats["events"] counts every episode)
         self.since_train = 0
         self.pending = PendingLabels(self.opt.pending, N_FEATURES)
+        self.burst = self.opt.batch  # promotions per decision at most (adapt_batch=False)
         self.since_expire = 0
         # device seconds per byte, per tier and op (read, write)
         self._spb = np.asarray([[1.0 / t.read_bw, 1.0 / t.write_bw] for t in self.tiers], np.float64)
@@ -436,7 +448,11 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
         # the fills a batch decides reach the fast device together: keep that burst within
         # one backing-tier access latency, so it does not hold up the hits queued behind it
         fill = self.mean_size / self.tiers[0].write_bw
-        self.batch = int(max(1, min(self.opt.batch, self.tiers[self.back].latency_s // max(fill, 1e-12))))
+        burst = int(max(1, min(self.opt.batch, self.tiers[self.back].latency_s // max(fill, 1e-12))))
+        if self.opt.adapt_batch:
+            self.batch = burst
+        else:  # decide on whole batches, but promote at most a burst's worth per decision
+            self.burst = burst
 
     def _promote(self, ids: np.ndarray, feats: np.ndarray) -> list[Move]:
         """Promotions of the batch's off-fast objects worth their fill and their victims, then
@@ -457,7 +473,11 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
             gains = q * self._benefit(csize) - self._promote_cost(csize)
             order = np.argsort(-(gains / np.maximum(csize, 1.0)), kind="stable")
             cap0 = self.cap[0]
+            budget = len(cand) if self.opt.adapt_batch else self.burst
             for i, sz, gain in zip(cand[order].tolist(), csize[order].tolist(), gains[order].tolist()):
+                if budget <= 0:
+                    self.stats["bypasses"] += 1
+                    continue
                 if sz > cap0 or gain <= 0.0:
                     self.stats["bypasses"] += 1
                     continue
@@ -474,6 +494,7 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
                 self._move(i, 0)
                 self.busy[0] += sz / self.tiers[0].write_bw
                 free -= sz
+                budget -= 1
                 self.stats["promotions"] += 1
                 self.stats["evictions"] += len(victims)
         if free < reserve:
@@ -562,7 +583,7 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
         self.stats["refreshes"] += 1
         pool = self._sample_fast(self.opt.candidates)
         if inbatch and len(pool):
-            pool = pool[~np.isin(pool, np.fromiter(inbatch, np.int64, len(inbatch)))]
+            pool = np.asarray([v for v in pool.tolist() if v not in inbatch], np.int64)
         if len(pool) == 0:
             return False
         e = self._pick_expert() if self.opt.experts and not self.opt.blend else (-1 if self.opt.experts else LEARNED)
@@ -635,7 +656,13 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
     def _pick_expert(self) -> int:
         if not self.opt.experts:
             return LEARNED
-        return int(self.rng.choice(len(self.w), p=self.w / self.w.sum()))
+        w = self.w.tolist()  # (rng.choice with p= costs ~10x this for four experts)
+        r = self.rng.random() * sum(w)
+        for e, x in enumerate(w):
+            r -= x
+            if r < 0.0:
+                return e
+        return len(w) - 1
 
     def _remember(self, h: dict, i: int) -> None:
         h.pop(i, None)

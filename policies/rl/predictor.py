@@ -57,12 +57,23 @@ class HeadsMLP:
 
     def __init__(self, cfg: PredictorConfig, rng: np.random.Generator) -> None:
         dims = [cfg.n_features, cfg.hidden, cfg.hidden, cfg.n_heads]
-        self.weights: list[np.ndarray] = []
-        self.biases: list[np.ndarray] = []
-        for fan_in, fan_out in zip(dims[:-1], dims[1:]):
-            bound = 1.0 / fan_in ** 0.5
-            self.weights.append(((rng.random((fan_in, fan_out)) * 2 - 1) * bound).astype(np.float32))
-            self.biases.append(((rng.random(fan_out) * 2 - 1) * bound).astype(np.float32))
+        shapes = [s for fi, fo in zip(dims[:-1], dims[1:]) for s in ((fi, fo), (fo,))]
+        # every parameter is a view into one flat vector (and every gradient into another), so
+        # the optimizer updates them all with a handful of vector operations
+        self.flat = np.zeros(sum(int(np.prod(s)) for s in shapes), np.float32)
+        self.grad = np.zeros_like(self.flat)
+        views, gviews, o = [], [], 0
+        for s in shapes:
+            k = int(np.prod(s))
+            views.append(self.flat[o:o + k].reshape(s))
+            gviews.append(self.grad[o:o + k].reshape(s))
+            o += k
+        self.weights, self.biases = views[0::2], views[1::2]
+        self._gw, self._gb = gviews[0::2], gviews[1::2]
+        for w, b in zip(self.weights, self.biases):
+            bound = 1.0 / w.shape[0] ** 0.5
+            w[...] = (rng.random(w.shape) * 2 - 1) * bound
+            b[...] = (rng.random(b.shape) * 2 - 1) * bound
 
         widest = max(w.shape[0] * w.shape[1] for w in self.weights)
         self.chunk = max(1, GEMM_ONE_THREAD // widest)  # rows per product (one BLAS thread)
@@ -89,16 +100,19 @@ class HeadsMLP:
         return z
 
     def forward_backward(self, x: np.ndarray, y: np.ndarray, m: np.ndarray) -> tuple[float, list[np.ndarray]]:
-        """Masked mean BCE-with-logits and its gradients, in ``params()`` order."""
+        """Masked mean BCE-with-logits and its gradients, in ``params()`` order (views of
+        :attr:`grad`, overwritten by the next call)."""
         msum = max(float(m.sum()), 1.0)
         c = self.chunk
-        loss, grads = self._forward_backward(x[:c], y[:c], m[:c], msum)
-        for i in range(c, len(x), c):
+        self.grad[:] = 0.0
+        loss = 0.0
+        for i in range(0, len(x), c):
             part, g = self._forward_backward(x[i:i + c], y[i:i + c], m[i:i + c], msum)
             loss += part
-            for a, b in zip(grads, g):
-                a += b
-        return loss, grads
+            for w, gw, gb in zip(range(3), self._gw, self._gb):
+                gw += g[2 * w]
+                gb += g[2 * w + 1]
+        return loss, [a for pair in zip(self._gw, self._gb) for a in pair]
 
     def _forward_backward(self, x, y, m, msum: float) -> tuple[float, list[np.ndarray]]:
         """Loss and gradients of rows ``x`` (a chunk), normalised by the whole batch's ``msum``."""
@@ -126,26 +140,28 @@ class HeadsMLP:
 
 
 class Adam:
-    """Adam (Kingma & Ba) over a list of float32 arrays, updated in place."""
+    """Adam (Kingma & Ba) over one flat float32 parameter vector, updated in place."""
 
-    def __init__(self, params: list[np.ndarray], lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
-        self.params = params
+    def __init__(self, flat: np.ndarray, lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        self.flat = flat
         self.lr, (self.b1, self.b2), self.eps = lr, betas, eps
-        self.m = [np.zeros_like(p) for p in params]
-        self.v = [np.zeros_like(p) for p in params]
+        self.m = np.zeros_like(flat)
+        self.v = np.zeros_like(flat)
         self.t = 0
 
-    def step(self, grads: list[np.ndarray]) -> None:
+    def step(self, grad: np.ndarray) -> None:
         self.t += 1
         c1 = 1.0 - self.b1 ** self.t
         c2 = 1.0 - self.b2 ** self.t
-        step = self.lr / c1
-        for p, g, m, v in zip(self.params, grads, self.m, self.v):
-            m *= self.b1
-            m += (1.0 - self.b1) * g
-            v *= self.b2
-            v += (1.0 - self.b2) * (g * g)
-            p -= step * m / (np.sqrt(v / c2) + self.eps)
+        self.m *= self.b1
+        self.m += (1.0 - self.b1) * grad
+        self.v *= self.b2
+        self.v += (1.0 - self.b2) * (grad * grad)
+        d = np.sqrt(self.v / c2)
+        d += self.eps
+        np.divide(self.m, d, out=d)
+        d *= self.lr / c1
+        self.flat -= d
 
 
 class LabelReplay:
@@ -186,8 +202,9 @@ class HindsightPredictor:
         self.cfg = cfg
         self.rng = np.random.default_rng(cfg.seed)
         self.net = HeadsMLP(cfg, np.random.default_rng([cfg.seed, 1]))
-        self.opt = Adam(self.net.params(), lr=cfg.lr)
+        self.opt = Adam(self.net.flat, lr=cfg.lr)
         self.replay = LabelReplay(cfg.replay, cfg.n_features, cfg.n_heads, self.rng)
+        self._avg = np.full(cfg.n_heads, 1.0 / cfg.n_heads, np.float32)
         self.steps = 0
         self.rows = 0
 
@@ -203,8 +220,13 @@ class HindsightPredictor:
     def value_and_rank(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(value, rank score): the rank score is the mean logit over horizons, which keeps
         ordering objects whose probabilities are all near 0 (where the value is flat)."""
-        z = self.net.forward(np.ascontiguousarray(x, np.float32)).astype(np.float64)
-        return (1.0 / (1.0 + np.exp(-z))).mean(axis=1), z.mean(axis=1)
+        z = self.net.forward(np.ascontiguousarray(x, np.float32))
+        np.clip(z, -60.0, 60.0, out=z)  # (exp overflows float32 beyond ~88)
+        p = np.exp(-z)
+        p += 1.0
+        np.reciprocal(p, out=p)
+        avg = self._avg  # means over the heads as one product each (ndarray.mean costs ~4x more)
+        return (p @ avg).astype(np.float64), (z @ avg).astype(np.float64)
 
     def add(self, s: np.ndarray, y: np.ndarray, m: np.ndarray) -> None:
         self.replay.add(s, y, m)
@@ -214,8 +236,8 @@ class HindsightPredictor:
         if self.replay.size < self.cfg.batch:
             return float("nan")
         s, y, m = self.replay.sample(self.cfg.batch)
-        loss, grads = self.net.forward_backward(s, y, m)
-        self.opt.step(grads)
+        loss, _ = self.net.forward_backward(s, y, m)
+        self.opt.step(self.net.grad)
         self.steps += 1
         return loss
 
