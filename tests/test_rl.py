@@ -442,3 +442,18 @@ def test_pending_labels_chain_and_drop():
     assert p.resolve(np.array([1]), np.array([30.0]), unit=100.0) is None  # labelled once
     p.drop(2)
     assert p.resolve(np.array([2]), np.array([40.0]), unit=100.0) is None
+
+
+def test_promotes_on_tier_models_without_speeds():
+    """A live governor's tier models carry capacities only (latency 0, unbounded bandwidth):
+    the agents then assume typical speeds (RAM over NVMe) rather than valuing every hit at 0
+    and promoting nothing."""
+    pol = make_policy(batch=8, seed=0, warmup_steps=10_000)
+    pol.reset((TierModel("host", 16 * 4096), TierModel("disk", math.inf)))
+    ups = 0
+    for r in range(40):
+        ups += sum(m.dst == 0 for m in pol.decide(
+            [Observation(k, 4096, tier="disk", tier_index=1 if pol.loc[pol.table.id_of(k)] != 0 else 0)
+             if pol.table.id_of(k) is not None else Observation(k, 4096, tier="disk", tier_index=1)
+             for k in range(8)]))
+    assert ups > 0

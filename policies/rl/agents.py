@@ -149,6 +149,24 @@ class AgentOptions:
         return cls(**out)
 
 
+#: speeds assumed for a tier model that has none (latency 0, unbounded bandwidth: what a live
+#: governor passes): host RAM for the cache tiers, NVMe for the backing tier (datasheet figures,
+#: as policies.sim.default_tiers)
+TYPICAL_CACHE = (1e-6, 10e9, 10e9)
+TYPICAL_BACKING = (80e-6, 3e9, 2e9)
+
+
+def _with_speeds(tiers: Sequence[TierModel]) -> tuple[TierModel, ...]:
+    """``tiers`` with typical speeds for those whose model gives none (values would all be 0)."""
+    out = []
+    for i, t in enumerate(tiers):
+        if t.latency_s == 0 and math.isinf(t.read_bw) and math.isinf(t.write_bw):
+            lat, r, w = TYPICAL_BACKING if i == len(tiers) - 1 else TYPICAL_CACHE
+            t = TierModel(t.name, t.capacity, lat, r, w)
+        out.append(t)
+    return tuple(out)
+
+
 class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
     """Placement + migration agents behind the :class:`MigrationPolicy` interface."""
 
@@ -185,6 +203,7 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
         self.batch = self.opt.batch
         if len(self.tiers) < 2:
             raise ValueError(f"need at least two tiers, got {len(self.tiers)}")
+        self.tiers = _with_speeds(self.tiers)
         self.back = len(self.tiers) - 1
         cap0 = float(self.tiers[0].capacity)
         if not (0 <= cap0 < math.inf):
