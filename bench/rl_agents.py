@@ -13,8 +13,11 @@ Splits (``--splits``):
 * ``public`` -- the three public traces in ../shared/traces/public (the agents' defaults were
   chosen looking at them: not held out);
 * ``tuning`` -- synthetic instances options may be chosen on (bench/synthetic_traces.TUNING);
-* ``heldout`` -- synthetic instances never used to choose anything (new seeds, and one family,
-  ``bursty``, absent from tuning): the split the quality claims are made on.
+* ``heldout`` -- synthetic instances not used to choose options (new seeds, and one family,
+  ``bursty``, absent from tuning); seen once before the last option change (see
+  synthetic_traces.HELD_OUT_FRESH);
+* ``fresh`` -- a second held-out set, first replayed after the last option change: the split
+  the quality claims are made on.
 
 One set of agent options for every trace (the defaults of policies.rl.AgentOptions, or
 ``--rl-options`` JSON for experiments on the tuning split): nothing is tuned per trace.
@@ -209,7 +212,7 @@ def _plot(results: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--splits", default="public,tuning,heldout")
+    p.add_argument("--splits", default="public,tuning,heldout,fresh")
     p.add_argument("--traces", default=None, help="comma-separated subset (public names or family@seed)")
     p.add_argument("--limit", type=int, default=None, help="replay only the first N accesses of each trace")
     p.add_argument("--fast-fraction", type=float, default=0.08)
@@ -223,9 +226,10 @@ def main(argv=None) -> int:
     plan = []
     for split in a.splits.split(","):
         names = {"public": list(TRACES), "tuning": [f"{f}@{s}" for f, s in synth.TUNING],
-                 "heldout": [f"{f}@{s}" for f, s in synth.HELD_OUT]}.get(split)
+                 "heldout": [f"{f}@{s}" for f, s in synth.HELD_OUT],
+                 "fresh": [f"{f}@{s}" for f, s in synth.HELD_OUT_FRESH]}.get(split)
         if names is None:
-            p.error(f"unknown split {split!r}; known: public, tuning, heldout")
+            p.error(f"unknown split {split!r}; known: public, tuning, heldout, fresh")
         plan += [(split, n) for n in names if wanted is None or n in wanted]
     env = _env()
     results = []

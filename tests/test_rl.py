@@ -301,7 +301,7 @@ def test_write_reserve_absorbs_new_writes_open_loop():
 
 def test_batch_adapts_to_object_size():
     """adapt_batch: huge objects, one access per decision (a batch's fills would queue ahead of hits)."""
-    pol = make_policy(batch=16, adapt_batch=True)
+    pol = make_policy(batch=16)
     big = (TierModel("fast", 1e12, 1e-6, 1e10, 1e10), TierModel("slow", math.inf, 80e-6, 3e9, 2e9))
     pol.reset(big)
     pol.decide([Observation(0, 64 << 20, tier="slow", tier_index=1)])
@@ -318,9 +318,9 @@ def test_batch_adapts_to_object_size():
 
 
 def test_fixed_batch_caps_fills_per_decision():
-    """By default the batch stays whole (one decision amortised over it) and huge objects are
-    promoted at most one burst's worth (one backing-tier latency of fills) per decision."""
-    pol = make_policy(batch=16, seed=0)
+    """adapt_batch=False: the batch stays whole (one decision amortised over it) and huge objects
+    are promoted at most one burst's worth (one backing-tier latency of fills) per decision."""
+    pol = make_policy(batch=16, seed=0, adapt_batch=False)
     big = (TierModel("fast", 1e12, 1e-6, 1e10, 1e10), TierModel("slow", math.inf, 80e-6, 3e9, 2e9))
     pol.reset(big)
     size = 64 << 20

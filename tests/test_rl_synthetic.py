@@ -35,8 +35,10 @@ def test_instances_are_reproducible_and_seeds_differ(synth):
 
 def test_held_out_never_tuned_on(synth):
     tuning = set(synth.TUNING)
-    assert not tuning & set(synth.HELD_OUT)
-    assert {s for _, s in synth.HELD_OUT}.isdisjoint({s for _, s in synth.TUNING})
+    for held in (synth.HELD_OUT, synth.HELD_OUT_FRESH):
+        assert not tuning & set(held)
+        assert {s for _, s in held}.isdisjoint({s for _, s in synth.TUNING})
+    assert {s for _, s in synth.HELD_OUT}.isdisjoint({s for _, s in synth.HELD_OUT_FRESH})
     assert "bursty" in {f for f, _ in synth.HELD_OUT} - {f for f, _ in synth.TUNING}
     with pytest.raises(KeyError, match="unknown synthetic family 'nope'"):
         synth.make("nope", 1)

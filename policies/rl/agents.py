@@ -52,10 +52,12 @@ or gone, are skipped; the queue is re-ranked after ``queue_age`` capacities of t
   absorbing a write -- which gains nothing when the backing device is
   saturated (its measured load), as the write-back is deferred, not avoided.
 * **Fill bursts**: the fills one decision makes reach the fast device together,
-  so at most one backing-tier access latency of fills is promoted per
-  decision (all 32 candidates of small blocks, 1 of 64 MiB ones); the batch
-  stays whole so the decision's cost is amortised (``adapt_batch=True``
-  shrinks the batch instead, one decision per 64 MiB access).
+  so a batch is kept to at most one backing-tier access latency of fills (32
+  accesses of small blocks, 1 of 64 MiB ones: a decision per access, whose cost
+  is then small beside the access's own ~25 ms). ``adapt_batch=False`` keeps
+  the batch whole and caps the fills per decision instead: ~10x cheaper per
+  access on Mooncake, but it promotes too little there (measured: mean latency
+  26,964 us vs 25,834 us adaptive, ARC 25,753 us; bench/rl_agents.py).
 * **Learning** needs no outcomes: the labels come from the access stream, and
   training runs inside ``decide`` every ``train_every`` accesses (so
   ``learns`` is False: a live governor, which reports no outcomes, can run
@@ -79,7 +81,7 @@ from typing import Sequence
 import numpy as np
 
 from ..base import MigrationPolicy, Move, Observation, Outcome, PlacementPolicy, TierModel
-from .features import FEATURE_NAMES, N_FEATURES, ObjectTable, kind_index
+from .features import _KIND_INDEX, FEATURE_NAMES, N_FEATURES, ObjectTable
 from .labels import PendingLabels
 from .predictor import HORIZONS, HindsightPredictor, PredictorConfig
 from .qnet import load_safetensors_json, save_safetensors_json
@@ -116,7 +118,7 @@ class AgentOptions:
     rank_logit: bool = False  # victims by mean logit (resolves far-away objects) instead of value
     idle_samples: int = 4  # idle residents' states sampled per ranking (besides the victims)
     victim_share: int = 4  # a ranking of ``candidates`` residents yields its first 1/victim_share as victims
-    adapt_batch: bool = False  # shrink the batch to one burst of fills (False: cap the fills per batch)
+    adapt_batch: bool = True  # shrink the batch to one burst of fills (False: cap the fills per batch)
     max_refreshes: int = 8  # rankings per decision at most (a big candidate may need many victims)
     queue_age: float = 0.02  # fast-tier capacities of traffic after which the victim queue is re-ranked
     hidden: int = 64
@@ -149,6 +151,7 @@ class AgentOptions:
         return cls(**out)
 
 
+_BLOB = _KIND_INDEX["blob"]  # unknown kinds count as blobs (features.kind_index)
 #: speeds assumed for a tier model that has none (latency 0, unbounded bandwidth: what a live
 #: governor passes): host RAM for the cache tiers, NVMe for the backing tier (datasheet figures,
 #: as policies.sim.default_tiers)
@@ -397,7 +400,8 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
         ti = np.asarray(cols[10], np.int64)
         t = np.where(ti >= 0, ti, self.back)
         clocks = self.clock + np.cumsum(nb) - nb
-        kinds = np.asarray([kind_index(k) for k in cols[2]], np.int16)
+        ki = _KIND_INDEX
+        kinds = np.asarray([ki.get(k, _BLOB) for k in cols[2]], np.int16)
         old_nb = self.table.nbytes[ids]
         new = self.table.record_batch(ids, nb, kinds, write, clocks, self.unit)
         self.clock = float(clocks[-1] + nb[-1])

@@ -202,11 +202,11 @@ class ObjectTable:
         self.kind[ids] = kinds
         self.write[ids] = writes
         # stream context: the re-access EWMA before each access, and its predecessor's history
-        reuse = np.empty(n)
+        reuse = []
         r = self._reuse
-        for j, x in enumerate((~new).tolist()):
-            reuse[j] = r
-            r += CTX_ALPHA * ((1.0 if x else 0.0) - r)
+        for x in new.tolist():
+            reuse.append(r)
+            r += CTX_ALPHA * ((0.0 if x else 1.0) - r)
         self._reuse = r
         pred = np.empty(n, np.int64)
         pred[0] = self._pred
