@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 from tiered.policies import create_policy  # noqa: E402
 from tiered.policies.base import Observation, TierModel  # noqa: E402
-from tiered.policies.rl import AgentOptions, HarmoniaAgents, make_policy  # noqa: E402
+from tiered.policies.rl import HarmoniaAgents, make_policy  # noqa: E402
 from tiered.policies.rl.features import FEATURE_NAMES, N_FEATURES  # noqa: E402
 from tiered.policies.sim import prepare, simulate  # noqa: E402
 

@@ -80,7 +80,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..base import MigrationPolicy, Move, Observation, Outcome, PlacementPolicy, TierModel
+from ..base import MigrationPolicy, Move, Observation, PlacementPolicy, TierModel
 from .features import _KIND_INDEX, FEATURE_NAMES, N_FEATURES, ObjectTable
 from .labels import PendingLabels
 from .predictor import HORIZONS, HindsightPredictor, PredictorConfig
