@@ -1,6 +1,6 @@
 """Learning placement/migration agents (Harmonia-style) for :mod:`policies`.
 
-Imports torch, so the registry loads this package lazily through
+Loaded lazily by the registry through
 :func:`make_policy` (registered as ``"rl"``).
 """
 

@@ -1,40 +1,23 @@
-"""Helpers shared by the learners: one torch thread per call, safetensors + JSON persistence.
+"""Persistence shared by the learners: safetensors (numpy arrays) + JSON, written atomically.
 
 (The TD value learner with a target network that lived here was replaced by the
 hindsight next-access predictor, :mod:`.predictor`: its labels are observed,
-not bootstrapped, so it needs no target network.)
-
-Torch runs on one thread inside every call (restored afterwards): decisions
-are microseconds of work and must not fight the store's workers for cores.
+not bootstrapped, so it needs no target network. The networks are numpy now:
+nothing here imports torch.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Iterator
 
-import torch
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread for the duration (tiny nets gain nothing from more)."""
-    n = torch.get_num_threads()
-    if n != 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if n != 1:
-            torch.set_num_threads(n)
+import numpy as np
 
 
-def save_safetensors_json(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def save_safetensors_json(path: str | os.PathLike, tensors: dict[str, np.ndarray], meta: dict) -> None:
     """``path``.safetensors + ``path``.json, each written temp -> fsync -> rename -> fsync dir."""
-    from safetensors.torch import save as st_save
+    from safetensors.numpy import save as st_save
 
     base = Path(path)
     _write_atomic(_with(base, ".safetensors"), st_save(tensors))
@@ -49,8 +32,8 @@ def _with(base: Path, suffix: str) -> Path:
     return base.with_name(base.name + suffix)
 
 
-def load_safetensors_json(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors.torch import load as st_load
+def load_safetensors_json(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    from safetensors.numpy import load as st_load
 
     base = Path(path)
     meta_path, weights_path = _with(base, ".json"), _with(base, ".safetensors")
