@@ -109,13 +109,13 @@ def test_policies_a_live_store_cannot_run_are_refused_in_one_line(tmp_path, caps
     cfg = config(tmp_path)
     p = tmp_path / "t.txt"
     write_text(Trace(*accesses(50, 10, [4096], writes=0.0)), p)
-    for name, why in (("belady", "needs the future"), ("rl", "learns from access latencies")):
+    for name, why in (("belady", "it needs the future"), ("rl", "its decisions cost")):
         argv = ["bench", "replay", str(p), "--mode", "real", "--config", str(tmp_path / "c.toml"), "--policy",
                 f"lru,{name}"]
         (tmp_path / "c.toml").write_text(f'[tiers.host]\ncapacity = "64MiB"\n[tiers.nvme]\npath = "{tmp_path / "nvme"}"\ncapacity = "1GiB"\n')
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"error: policy {name!r} runs in --mode sim only: it {why}") and err.count("\n") == 1
+        assert err.startswith(f"error: policy {name!r} runs in --mode sim only: {why}") and err.count("\n") == 1
     prep_trace = Trace(*accesses(50, 10, [4096], writes=0.0))
     with pytest.raises(UsageError, match="options run in --mode sim only"):
         run_replay(prep_trace, ["lru"], two_tiers(8192), mode="real", cfg=cfg, policy_options={"lru": {"x": 1}})

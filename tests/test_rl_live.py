@@ -53,7 +53,7 @@ def rl_live(monkeypatch):
 def test_rl_governs_a_live_store(tmp_path, rl_live):
     with TieredStore(config(tmp_path, rl_live), cache_on_put=False) as s:
         for i in range(8):
-            s.put(f"k{i}", filled(i), tier="slow").result(T)
+            s.put(f"k{i}", filled(i), tier="slow", placed=False).result(T)
         s.delete("k7")
         for _ in range(6):  # k1 and k2 read again and again
             for k in ("k1", "k2", "k1", "k2"):
