@@ -43,8 +43,9 @@ class _Loading:
         return True
 
     def _pinned_bytes(self) -> int:
-        """Compute-tier bytes this model's units hold or are reading."""
-        return sum(v.nbytes for v in self.units if v.leases or v.pending)
+        """Compute-tier bytes this model's units and experts hold or are reading."""
+        return sum(v.nbytes for v in self.units if v.leases or v.pending) + self._expert_held() \
+            + self._expert_pending_bytes()
 
     def _load(self, u: _Unit) -> None:
         t0 = time.perf_counter()
@@ -184,7 +185,7 @@ class _Loading:
 
     def _drop_prefetches(self, keep: _Unit | None) -> int:
         """Release every prefetched (not running, not resident) unit's copies; the bytes released."""
-        freed = 0
+        freed = self.drop_expert_prefetches()
         for v in self.units:
             if v is keep or v.active or v.resident or (v.host_resident and self.dcache is None):
                 continue

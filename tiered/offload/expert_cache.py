@@ -1,0 +1,276 @@
+"""Loading routed experts, keeping the useful ones, and reading the next layer's ahead.
+
+When a bank's forward starts (its pre-hook sees the router's choice, ``top_k_index``), the
+experts chosen for the batch's tokens (each once) are made present in the bank's slabs:
+
+- present already (the *compute* tier: used in place, nothing read or copied);
+- prefetched (read ahead while the previous layer computed), or cached in the store's host tier:
+  copied in from the host copy;
+- else read from storage on demand.
+
+Then the next bank's router (a private copy) scores the current hidden state, and the experts
+it picks that are not present are read ahead at prefetch priority: a wrong guess costs a read
+that may go unused and, later, a demand read; never a wrong result, since only the real
+router's choice decides what is loaded and bound.
+
+The room for experts is the model's compute budget less the streaming window and resident
+units (``_expert_capacity``). When a new expert does not fit, the present expert with the
+lowest decayed routing frequency (ties: least recently used) that this call does not need is
+dropped: experts many tokens route to stay, one-off ones go.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from tiered.allocators import OutOfBudget
+from tiered.io_engine import Priority
+
+from ..sizes import format_size
+from .common import _WAIT, OffloadError, prefetching
+from .experts import _Bank, drop_pages
+
+_DECAY = 0.9  # per call of a bank: how much an expert's routing frequency fades
+
+
+class _ExpertCache:
+    """Part of :class:`~tiered.offload.runtime.OffloadedModule`: the banks at run time."""
+
+    # -- hooks -------------------------------------------------------------------------
+    def install_bank_hooks(self) -> None:
+        for b in self.banks:
+            self._hooks.append(b.module.register_forward_pre_hook(self._bank_pre(b), with_kwargs=True))
+            self._hooks.append(b.module.register_forward_hook(self._bank_post(b), always_call=True))
+
+    def _bank_pre(self, b: _Bank):
+        def hook(_m, args, kwargs):
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            index = args[1] if len(args) > 1 else kwargs.get("top_k_index")
+            if index is None or hidden is None:
+                raise OffloadError(f"expert bank {b.name!r} was called without (hidden_states, top_k_index); "
+                                   "set [offload] experts = false for this model")
+            if torch.is_grad_enabled() and any(b.module._parameters[a].requires_grad for a in b.attrs):
+                raise OffloadError(f"expert bank {b.name!r}: expert units serve inference (run under "
+                                   "torch.no_grad() or inference_mode, or requires_grad_(False)); set [offload] "
+                                   "experts = false to train")
+            routed = [e for e in torch.unique(index.detach()).tolist() if 0 <= e < b.num]
+            self.load_experts(b, routed)
+            if b.index == 0:
+                self.expert_stats["tokens"] += hidden.reshape(-1, hidden.shape[-1]).shape[0]
+            self.bind_bank(b)
+            self._predict_next(b, hidden)
+            return None
+        return hook
+
+    def _bank_post(self, b: _Bank):
+        def hook(_m, _args, _out):
+            self.unbind_bank(b)
+        return hook
+
+    # -- loading -----------------------------------------------------------------------
+    def load_experts(self, b: _Bank, routed: list[int]) -> None:
+        """Make ``routed`` present in ``b``'s slabs (see the module docstring)."""
+        t0 = time.perf_counter()
+        st = self.expert_stats
+        self._calls += 1
+        for e in range(b.num):
+            b.score[e] *= _DECAY
+        for e in routed:
+            b.score[e] += 1.0
+            b.last_use[e] = self._calls
+            b.uses[e] += 1
+        if b.predicted:
+            st["predicted"] += len(b.predicted)
+            st["predicted_used"] += len(b.predicted & set(routed))
+            b.predicted = set()
+        missing = [e for e in routed if e not in b.cached]
+        st["routed"] += len(routed)
+        st["hits"]["compute"] += len(routed) - len(missing)
+        if missing:
+            self._make_expert_room(b, missing, keep=set(routed))
+            futures = {}
+            for e in missing:
+                if e in b.pending:
+                    futures[e] = b.pending.pop(e)
+                    st["hits"]["prefetched"] += 1
+                else:
+                    futures[e] = self.store.acquire(b.keys[e], priority=Priority.DEMAND, wait=_WAIT, owner=self.owner)
+                    st["hits"]["host" if futures[e].done() else "storage"] += 1
+            for e, f in futures.items():
+                self._copy_in(b, e, f.result(timeout=_WAIT))
+        self.stats.stall_seconds += time.perf_counter() - t0
+
+    def _copy_in(self, b: _Bank, e: int, lease) -> None:
+        try:
+            raw = lease.tensor.view(torch.uint8).reshape(-1)
+            for src, dst in b.slices(raw, e):
+                dst.copy_(src)
+        finally:
+            lease.release()
+        b.reads[e] += 1
+
+    def _make_expert_room(self, b: _Bank, missing: list[int], keep: set[int]) -> None:
+        """Charge each missing expert to the model, dropping the least useful present ones first."""
+        for e in missing:
+            while True:
+                if self._expert_held() + b.nbytes <= self._expert_capacity:
+                    try:
+                        b.cached[e] = self._charge(b.nbytes)
+                        break
+                    except OutOfBudget:
+                        pass
+                if not self._evict_one(b, keep):
+                    raise OffloadError(
+                        f"expert bank {b.name!r}: this call routes to {len(keep)} experts "
+                        f"({format_size(len(keep) * b.nbytes)}); the room for experts is "
+                        f"{format_size(self._expert_capacity)} ({self._budget_name()}), and holds "
+                        f"{len(self._cached_in(b))} of them; raise the budget or shorten the batch")
+
+    def _charge(self, nbytes: int):
+        """A host buffer of ``nbytes`` charged to the model; its pages go back to the kernel."""
+        prefetching.active = False
+        buf = self.compute_res.alloc(nbytes, wait=0.0)
+        drop_pages(buf.address, buf.nbytes)
+        return buf
+
+    def _cached_in(self, b: _Bank) -> list[int]:
+        return list(b.cached)
+
+    def _expert_held(self) -> int:
+        return sum(len(v.cached) * v.nbytes for v in self.banks)
+
+    def _evict_one(self, current: _Bank, keep: set[int]) -> bool:
+        """Drop the present expert with the lowest decayed frequency (ties: oldest use), never one
+        of ``keep`` in ``current``. False when nothing can go."""
+        best = None
+        for v in self.banks:
+            for e in v.cached:
+                if v is current and e in keep:
+                    continue
+                rank = (v.score[e], v.last_use[e])
+                if best is None or rank < best[0]:
+                    best = (rank, v, e)
+        if best is None:
+            return False
+        self._drop_expert(best[1], best[2])
+        self.expert_stats["evictions"] += 1
+        return True
+
+    def _drop_expert(self, b: _Bank, e: int) -> None:
+        b.cached.pop(e).release()
+        for slab in b.slabs.values():
+            slab.drop(e)
+
+    # -- prediction --------------------------------------------------------------------
+    def _predict_next(self, b: _Bank, hidden: torch.Tensor) -> None:
+        """Score the next bank's experts with its router on this hidden state; read them ahead."""
+        if b.index + 1 >= len(self.banks):
+            return
+        nxt = self.banks[b.index + 1]
+        if nxt.predictor is None:
+            return
+        with torch.no_grad():
+            out = nxt.predictor(hidden.detach().reshape(-1, hidden.shape[-1]))
+        index = out[-1] if isinstance(out, tuple) else out
+        if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32):
+            return
+        guess = {e for e in torch.unique(index).tolist() if 0 <= e < nxt.num}
+        nxt.predicted = guess
+        for e in guess:
+            if e in nxt.cached or e in nxt.pending:
+                continue
+            if self._expert_held() + self._expert_pending_bytes() + nxt.nbytes > self._expert_capacity + \
+                    self._expert_prefetch_room:
+                self.stats.prefetch_skipped += 1
+                continue
+            prefetching.active = True
+            try:
+                nxt.pending[e] = self.store.acquire(nxt.keys[e], priority=Priority.PREFETCH, wait=0.0,
+                                                    owner=self.owner)
+            except OutOfBudget:
+                self.stats.prefetch_skipped += 1
+            finally:
+                prefetching.active = False
+
+    def _expert_pending_bytes(self) -> int:
+        return sum(len(v.pending) * v.nbytes for v in self.banks)
+
+    def drop_expert_prefetches(self) -> int:
+        """Give back the host copies read ahead for experts; the bytes given back."""
+        freed = 0
+        for b in self.banks:
+            pending, b.pending = list(b.pending.values()), {}
+            freed += len(pending) * b.nbytes
+            for f in pending:
+                if f.cancel():
+                    continue
+                try:
+                    lease = f.result(timeout=_WAIT)
+                except Exception:  # noqa: BLE001 - a failed read pins nothing; a demand read reports it
+                    continue
+                lease.release()
+        return freed
+
+    def drop_experts(self) -> int:
+        """Drop every present expert (the model gives its memory back, or detaches)."""
+        freed = self.drop_expert_prefetches()
+        for b in self.banks:
+            for e in list(b.cached):
+                self._drop_expert(b, e)
+                freed += b.nbytes
+        return freed
+
+    # -- budget and report -------------------------------------------------------------
+    def _top_k(self) -> tuple[int, int]:
+        """(experts one token is routed to, bytes of the largest expert) over the banks."""
+        largest = max(b.nbytes for b in self.banks)
+        top = max((getattr(b.router, "top_k", None) or getattr(b.module, "top_k", None) or 2) for b in self.banks)
+        return min(top, max(b.num for b in self.banks)), largest
+
+    def expert_floor(self) -> int:
+        """Room for one token's experts and as many read ahead (0 without banks)."""
+        if not self.banks:
+            return 0
+        top, largest = self._top_k()
+        return 2 * top * largest
+
+    def plan_experts(self, room: int) -> None:
+        """Set the room for experts from what the budget leaves (``room``), refusing a budget that
+        cannot hold the experts one token is routed to."""
+        if not self.banks:
+            self._expert_capacity = self._expert_prefetch_room = 0
+            return
+        top, largest = self._top_k()
+        need = top * largest
+        if room < need:
+            raise OffloadError(f"compute budget {format_size(self._budget())} ({self._budget_name()}) leaves "
+                               f"{format_size(max(room, 0))} for experts, less than the {top} experts of "
+                               f"{format_size(largest)} one token is routed to; raise the budget")
+        self._expert_prefetch_room = min(top * largest, room - need)
+        self._expert_capacity = room - self._expert_prefetch_room
+
+    def expert_report(self) -> dict:
+        st = self.expert_stats
+        tokens = max(st["tokens"], 1)
+        predicted = st["predicted"]
+        hits = st["hits"]
+        loaded = hits["prefetched"] + hits["host"] + hits["storage"]
+        return {
+            "banks": len(self.banks), "experts_per_bank": self.banks[0].num,
+            "expert_bytes": self.banks[0].nbytes, "capacity_bytes": self._expert_capacity,
+            "present_bytes": self._expert_held(), "tokens": st["tokens"], "routed": st["routed"],
+            "hits": dict(hits), "evictions": st["evictions"],
+            "hit_rate": round((hits["compute"] + hits["prefetched"]) / st["routed"], 4) if st["routed"] else 1.0,
+            "expert_bytes_loaded_per_token": round(loaded * self.banks[0].nbytes / tokens, 1),
+            "prediction": {"predicted": predicted, "correct": st["predicted_used"],
+                           "precision": round(st["predicted_used"] / predicted, 4) if predicted else None},
+            "per_expert": {b.name: {"uses": list(b.uses), "loads": list(b.reads), "present": sorted(b.cached)}
+                           for b in self.banks},
+        }
+
+
+def new_expert_stats() -> dict:
+    return {"tokens": 0, "routed": 0, "evictions": 0, "predicted": 0, "predicted_used": 0,
+            "hits": {"compute": 0, "prefetched": 0, "host": 0, "storage": 0}}
