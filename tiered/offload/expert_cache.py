@@ -89,17 +89,16 @@ class _ExpertCache:
         st["routed"] += len(routed)
         st["hits"]["compute"] += len(routed) - len(missing)
         if missing:
-            self._make_expert_room(b, missing, keep=set(routed))
-            futures = {}
+            futures = {e: b.pending.pop(e) for e in missing if e in b.pending}
+            st["hits"]["prefetched"] += len(futures)
+            self._make_expert_room(b, len(missing), keep=set(routed))
             for e in missing:
-                if e in b.pending:
-                    futures[e] = b.pending.pop(e)
-                    st["hits"]["prefetched"] += 1
-                else:
+                if e not in futures:
                     futures[e] = self.store.acquire(b.keys[e], priority=Priority.DEMAND, wait=_WAIT, owner=self.owner)
                     st["hits"]["host" if futures[e].done() else "storage"] += 1
             for e, f in futures.items():
                 self._copy_in(b, e, f.result(timeout=_WAIT))
+                b.cached[e] = self._charge_expert(b, set(routed))
         self.stats.stall_seconds += time.perf_counter() - t0
 
     def _copy_in(self, b: _Bank, e: int, lease) -> None:
@@ -111,22 +110,36 @@ class _ExpertCache:
             lease.release()
         b.reads[e] += 1
 
-    def _make_expert_room(self, b: _Bank, missing: list[int], keep: set[int]) -> None:
-        """Charge each missing expert to the model, dropping the least useful present ones first."""
-        for e in missing:
-            while True:
-                if self._expert_held() + b.nbytes <= self._expert_capacity:
-                    try:
-                        b.cached[e] = self._charge(b.nbytes)
-                        break
-                    except OutOfBudget:
-                        pass
-                if not self._evict_one(b, keep):
-                    raise OffloadError(
-                        f"expert bank {b.name!r}: this call routes to {len(keep)} experts "
-                        f"({format_size(len(keep) * b.nbytes)}); the room for experts is "
-                        f"{format_size(self._expert_capacity)} ({self._budget_name()}), and holds "
-                        f"{len(self._cached_in(b))} of them; raise the budget or shorten the batch")
+    def _make_expert_room(self, b: _Bank, n: int, keep: set[int]) -> None:
+        """Drop the least useful present experts until ``n`` more fit. One call needing more than
+        the cache's room takes the read-ahead room too; more than both is refused."""
+        room = self._expert_capacity + self._expert_prefetch_room
+        if len(keep) * b.nbytes > room:
+            raise OffloadError(
+                f"expert bank {b.name!r}: this call routes to {len(keep)} experts "
+                f"({format_size(len(keep) * b.nbytes)}), more than the room for experts, "
+                f"{format_size(room)} ({self._budget_name()}); raise the budget or shorten the batch")
+        limit = self._expert_capacity if len(keep) * b.nbytes <= self._expert_capacity else room
+        while self._expert_held() + self._expert_pending_bytes() + n * b.nbytes > limit:
+            if not self._evict_one(b, keep) and not self._drop_one_prefetch():
+                break
+
+    def _charge_expert(self, b: _Bank, keep: set[int]):
+        """The charge of one expert now in ``b``'s slab (dropping others while the tier is full)."""
+        while True:
+            try:
+                return self._charge(b.nbytes)
+            except OutOfBudget:
+                if not self._evict_one(b, keep) and not self._drop_one_prefetch():
+                    raise
+
+    def _drop_one_prefetch(self) -> bool:
+        for v in self.banks:
+            if v.pending:
+                e = next(iter(v.pending))
+                self._give_back_prefetch(v.pending.pop(e))
+                return True
+        return False
 
     def _charge(self, nbytes: int):
         """A host buffer of ``nbytes`` charged to the model; its pages go back to the kernel."""
@@ -134,9 +147,6 @@ class _ExpertCache:
         buf = self.compute_res.alloc(nbytes, wait=0.0)
         drop_pages(buf.address, buf.nbytes)
         return buf
-
-    def _cached_in(self, b: _Bank) -> list[int]:
-        return list(b.cached)
 
     def _expert_held(self) -> int:
         return sum(len(v.cached) * v.nbytes for v in self.banks)
@@ -204,14 +214,18 @@ class _ExpertCache:
             pending, b.pending = list(b.pending.values()), {}
             freed += len(pending) * b.nbytes
             for f in pending:
-                if f.cancel():
-                    continue
-                try:
-                    lease = f.result(timeout=_WAIT)
-                except Exception:  # noqa: BLE001 - a failed read pins nothing; a demand read reports it
-                    continue
-                lease.release()
+                self._give_back_prefetch(f)
         return freed
+
+    @staticmethod
+    def _give_back_prefetch(f) -> None:
+        if f.cancel():
+            return
+        try:
+            lease = f.result(timeout=_WAIT)
+        except Exception:  # noqa: BLE001 - a failed read pins nothing; a demand read reports it
+            return
+        lease.release()
 
     def drop_experts(self) -> int:
         """Drop every present expert (the model gives its memory back, or detaches)."""
