@@ -99,6 +99,8 @@ class _ExpertCache:
             for e, f in futures.items():
                 self._copy_in(b, e, f.result(timeout=_WAIT))
                 b.cached[e] = self._charge_expert(b, set(routed))
+        for e in list(b.pending):  # read ahead for this call but not routed to: unpinned, still cached
+            self._give_back_prefetch(b.pending.pop(e))
         self.stats.stall_seconds += time.perf_counter() - t0
 
     def _copy_in(self, b: _Bank, e: int, lease) -> None:
@@ -143,7 +145,6 @@ class _ExpertCache:
 
     def _charge(self, nbytes: int):
         """A host buffer of ``nbytes`` charged to the model; its pages go back to the kernel."""
-        prefetching.active = False
         buf = self.compute_res.alloc(nbytes, wait=0.0)
         drop_pages(buf.address, buf.nbytes)
         return buf

@@ -174,20 +174,30 @@ class _ExpertPacking:
             for p, a in zip(params, b.attrs):
                 if p.device.type == "meta":
                     raise OffloadError(f"expert bank {b.name!r}: {a} is on the meta device and has no data")
-            futures = []
+            # two staging buffers, each reused once its put is done: a bank's experts never sit in
+            # memory a second time (freed blobs would stay in the allocator's heap)
+            blobs = [torch.zeros(b.nbytes, dtype=torch.uint8) for _ in range(2)]
+            inflight: list = [None, None]  # per buffer: (future, key) of its put
             for e, key in enumerate(b.keys):
-                blob = torch.zeros(b.nbytes, dtype=torch.uint8)
+                self._finish_put(inflight[e % 2])
+                blob = blobs[e % 2]
                 for p, off in zip(params, b.offsets):
                     src = p[e].contiguous().reshape(-1).view(torch.uint8)
                     blob[off : off + src.numel()] = src
-                futures.append(self.store.put(key, blob, kind="weight", ephemeral=self._ephemeral(key),
-                                              owner=self.owner))
-            for f in futures:
-                f.result(timeout=_WAIT)
+                inflight[e % 2] = (self.store.put(key, blob, kind="weight", ephemeral=self._ephemeral(key),
+                                                  owner=self.owner), key)
+            for put in inflight:
+                self._finish_put(put)
             for a in b.attrs:
                 p = b.module._parameters[a]
                 b.slabs[a] = _Slab(p.dtype, p.shape)
                 p.data = _placeholder(p.dtype, p.shape, self.device)
+
+    def _finish_put(self, put) -> None:
+        """Wait for a put; drop the host copy it cached (experts are read when routed to)."""
+        if put is not None:
+            put[0].result(timeout=_WAIT)
+            self.store.evict(put[1])
 
     def bank_keys(self) -> list[str]:
         return [k for b in getattr(self, "banks", []) for k in b.keys]
