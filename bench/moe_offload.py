@@ -21,7 +21,9 @@ without a limit and gives the tokens every row must reproduce:
 The tiered contenders load the model from the safetensors as page-cache views (no anonymous
 copy of the weights, so loading fits under the limit too), then ``offload`` writes the store's
 objects. Each contender prefills a ``--prompt``-token prompt with a KV cache, then decodes
-``--tokens`` tokens greedily, each step timed; storage bytes per step come from
+``--tokens`` steps, each timed, each fed the next token of a fixed random stream (a seeded model's
+own greedy output soon repeats one token, and so its routing: ``--greedy`` feeds it anyway); the
+argmax of every step must equal the in-memory model's. Storage bytes per step come from
 ``/proc/self/io``. Reported: decode tokens/s (mean over the steps but the first), bytes read per
 decoded token, and for tiered its own counters (expert hits per tier, read-ahead precision).
 
@@ -185,10 +187,16 @@ def _accelerate_prep(spec: dict) -> dict:
 
 
 def _decode(model, spec: dict, snapshot) -> dict:
-    """Prefill the prompt with a KV cache, then greedy steps, each timed."""
+    """Prefill the prompt with a KV cache, then decode steps, each timed. Each step's input is the
+    next token of a fixed random stream (``--greedy``: the previous step's argmax): a seeded model's
+    greedy output soon repeats one token, whose routing then repeats too, which would make any
+    expert cache look perfect. Every step's argmax is what must match the reference."""
     import torch
 
-    ids = torch.randint(3, spec["arch"]["vocab_size"], (1, spec["prompt"]), generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    vocab = spec["arch"]["vocab_size"]
+    ids = torch.randint(3, vocab, (1, spec["prompt"]), generator=gen)
+    stream = torch.randint(3, vocab, (spec["tokens"], 1, 1), generator=gen)
     with torch.inference_mode():
         t0, r0 = time.perf_counter(), _read_bytes()
         out = model(input_ids=ids, use_cache=True)
@@ -199,7 +207,8 @@ def _decode(model, spec: dict, snapshot) -> dict:
         before = snapshot() if snapshot else None
         for i in range(spec["tokens"]):
             t0, r0 = time.perf_counter(), _read_bytes()
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            step_in = nxt if spec.get("greedy") else stream[i]
+            out = model(input_ids=step_in, past_key_values=cache, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
             cache = out.past_key_values
             del out
@@ -396,6 +405,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads of every contender (on a shared 2-core machine OpenMP "
                          "workers spinning against other processes make small matmuls 100x slower)")
+    ap.add_argument("--greedy", action="store_true", help="feed each step its own argmax (see _decode)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--contender")
     ap.add_argument("--spec")
@@ -409,7 +419,7 @@ def main() -> int:
     work = os.path.abspath(args.dir)
     os.makedirs(work, exist_ok=True)
     spec = {"arch": arch, "work_dir": work, "model_dir": os.path.join(work, "model"), "tokens": args.tokens,
-            "prompt": args.prompt, "threads": args.threads}
+            "prompt": args.prompt, "threads": args.threads, "greedy": args.greedy}
     load = {"start": _uptime()}
     build = _run_child("build", dict(spec, budget=0), None, args.timeout)
     if not build.get("ok"):
@@ -439,6 +449,7 @@ def main() -> int:
                        "memory_limit_mechanism": "cgroup v1 memory.limit_in_bytes (page cache counts)" if limit else why,
                        "model_over_budget": round(model_bytes / budget, 2), "caches_dropped_before_each": True,
                        "prompt_tokens": args.prompt, "decoded_tokens": args.tokens, "batch": 1,
+                       "step_inputs": "own argmax (greedy)" if args.greedy else "fixed random token stream",
                        "torch_threads": build.get("torch_threads"), "loadavg": load, "cpus": os.cpu_count()},
         "reference_tokens": build["tokens"], "reference_tok_per_s_in_memory": build["tok_per_s"],
         "accelerate_prep": prep, "contenders": rows,

@@ -237,3 +237,18 @@ def test_grad_enabled_forward_is_refused_with_a_clear_error(tmp_path):
             model(prompt(1))  # the interrupted forward left nothing behind
     finally:
         tiered.detach(model)
+
+
+def test_state_dict_reads_the_real_experts(tmp_path):
+    model = build("qwen2_moe")
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    tiered.offload(model, config(tmp_path))
+    try:
+        got = model.state_dict()
+        assert sorted(got) == sorted(want)
+        for k, v in want.items():
+            assert torch.equal(got[k], v), k
+        sub = model.model.layers[1].mlp.state_dict()  # a submodule: the same real values
+        assert torch.equal(sub["experts.down_proj"], want["model.layers.1.mlp.experts.down_proj"])
+    finally:
+        tiered.detach(model)

@@ -43,6 +43,8 @@ class _ExpertCache:
         for b in self.banks:
             self._hooks.append(b.module.register_forward_pre_hook(self._bank_pre(b), with_kwargs=True))
             self._hooks.append(b.module.register_forward_hook(self._bank_post(b), always_call=True))
+            self._hooks.append(b.module.register_state_dict_post_hook(
+                lambda _m, state, prefix, _meta, b=b: self.fill_bank_state(b, state, prefix)))
 
     def _bank_pre(self, b: _Bank):
         def hook(_m, args, kwargs):

@@ -215,10 +215,11 @@ class _ExpertPacking:
                 b.module._parameters[a].data = _placeholder(s.dtype, s.shape, self.device)
         b.bound = False
 
-    def materialize_banks(self) -> None:
-        """Every bank parameter in ordinary memory again, read expert by expert (``detach``)."""
-        for b in self.banks:
-            full = {a: torch.empty(s.shape, dtype=s.dtype) for a, s in b.slabs.items()}
+    def bank_tensors(self, b: _Bank) -> dict[str, torch.Tensor]:
+        """Each of ``b``'s parameters whole, in ordinary host memory, read expert by expert."""
+        full = {a: torch.empty(s.shape, dtype=s.dtype) for a, s in b.slabs.items()}
+        self.mark_busy()  # other models of the store leave this model's memory alone meanwhile
+        try:
             for e, key in enumerate(b.keys):
                 lease = self.store.acquire(key, wait=_WAIT, owner=self.owner).result(timeout=_WAIT)
                 try:
@@ -227,10 +228,27 @@ class _ExpertPacking:
                         full[a][e].copy_(src)
                 finally:
                     lease.release()
+        finally:
+            self.unmark_busy()
+        return full
+
+    def materialize_banks(self) -> None:
+        """Every bank parameter in ordinary memory again (``detach``)."""
+        for b in self.banks:
+            full = self.bank_tensors(b)
             with torch.inference_mode(False):
                 for a in b.attrs:
                     b.module._parameters[a].data = full[a].to(self.device)
             b.bound = False
+
+    def fill_bank_state(self, b: _Bank, state_dict: dict, prefix: str) -> None:
+        """``state_dict()`` of a module holding ``b``: its parameters' real values, not placeholders."""
+        names = [prefix + a for a in b.attrs]
+        if any(n in state_dict for n in names):
+            full = self.bank_tensors(b)
+            for a, n in zip(b.attrs, names):
+                if n in state_dict:
+                    state_dict[n] = full[a]
 
 
 def _private_copy(router: nn.Module) -> nn.Module:
