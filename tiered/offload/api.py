@@ -79,6 +79,7 @@ def _attach(rt: OffloadedModule, units, external: dict[int, str] | None, layout:
         rt._make_room()
     rt.pin_residents()
     rt.hold_residents()
+    rt.hold_expert_room()
     rt.reserve_working_set()
     rt._forward_budget = rt._budget()
     rt.install_hooks()
@@ -93,6 +94,7 @@ def _undo_attach(rt: OffloadedModule, opened: bool) -> None:
     finally:
         try:
             rt.close_device_cache()
+            rt.close_pools()
             rt.close_reservations()
             rt.delete_scratch()
         finally:
@@ -122,6 +124,7 @@ def detach(model: nn.Module, *, keep: bool = False) -> nn.Module:
     finally:
         try:
             rt.close_device_cache()
+            rt.close_pools()
             rt.close_reservations()
         except BaseException:
             rt._finished = True

@@ -90,28 +90,53 @@ class _ExpertCache:
         missing = [e for e in routed if e not in b.cached]
         st["routed"] += len(routed)
         st["hits"]["compute"] += len(routed) - len(missing)
-        if missing:
-            futures = {e: b.pending.pop(e) for e in missing if e in b.pending}
-            st["hits"]["prefetched"] += len(futures)
-            self._make_expert_room(b, len(missing), keep=set(routed))
-            for e in missing:
-                if e not in futures:
-                    futures[e] = self.store.acquire(b.keys[e], priority=Priority.DEMAND, wait=_WAIT, owner=self.owner)
-                    st["hits"]["host" if futures[e].done() else "storage"] += 1
-            for e, f in futures.items():
-                self._copy_in(b, e, f.result(timeout=_WAIT))
-                b.cached[e] = self._charge_expert(b, set(routed))
+        futures = {e: b.pending.pop(e) for e in missing if e in b.pending}
+        st["hits"]["prefetched"] += len(futures)
         for e in list(b.pending):  # read ahead for this call but not routed to: unpinned, still cached
             self._give_back_prefetch(b.pending.pop(e))
+        if missing:
+            self.hold_expert_room()
+            self._make_expert_room(b, len(missing), keep=set(routed))
+            self._read_missing(b, [e for e in missing if e not in futures], futures)
         self.stats.stall_seconds += time.perf_counter() - t0
+
+    def _read_missing(self, b: _Bank, demand: list[int], futures: dict) -> None:
+        """Read ``demand`` (all at once while host memory lasts, then one by one as copies free
+        it) and copy them and the prefetched ``futures`` into the slabs."""
+        st, later = self.expert_stats, []
+        for e in demand:
+            try:
+                futures[e] = self.store.acquire(b.keys[e], priority=Priority.DEMAND, wait=0.0, owner=self.owner)
+            except OutOfBudget:
+                later.append(e)
+                continue
+            st["hits"]["host" if futures[e].done() else "storage"] += 1
+        for e, f in futures.items():
+            self._copy_in(b, e, f.result(timeout=_WAIT))
+        for e in later:
+            f = self._acquire_now(b.keys[e])
+            st["hits"]["host" if f.done() else "storage"] += 1
+            self._copy_in(b, e, f.result(timeout=_WAIT))
+
+    def _acquire_now(self, key: str):
+        """A demand read that must get host memory: what was read ahead (units, experts) goes first."""
+        try:
+            return self.store.acquire(key, priority=Priority.DEMAND, wait=0.0, owner=self.owner)
+        except OutOfBudget:
+            self._drop_prefetches(keep=None)
+            self._make_room()
+            return self.store.acquire(key, priority=Priority.DEMAND, wait=_WAIT, owner=self.owner)
 
     def _copy_in(self, b: _Bank, e: int, lease) -> None:
         try:
             raw = lease.tensor.view(torch.uint8).reshape(-1)
+            for slab in b.slabs.values():
+                slab.fill(e)
             for src, dst in b.slices(raw, e):
                 dst.copy_(src)
         finally:
             lease.release()
+        b.cached[e] = True
         b.reads[e] += 1
 
     def _make_expert_room(self, b: _Bank, n: int, keep: set[int]) -> None:
@@ -124,32 +149,24 @@ class _ExpertCache:
                 f"({format_size(len(keep) * b.nbytes)}), more than the room for experts, "
                 f"{format_size(room)} ({self._budget_name()}); raise the budget or shorten the batch")
         limit = self._expert_capacity if len(keep) * b.nbytes <= self._expert_capacity else room
-        while self._expert_held() + self._expert_pending_bytes() + n * b.nbytes > limit:
-            if not self._evict_one(b, keep) and not self._drop_one_prefetch():
-                break
+        while self._expert_held() + n * b.nbytes > limit and self._evict_one(b, keep):
+            pass
 
-    def _charge_expert(self, b: _Bank, keep: set[int]):
-        """The charge of one expert now in ``b``'s slab (dropping others while the tier is full)."""
-        while True:
+    def hold_expert_room(self) -> None:
+        """Charge the room for experts to the model: one host buffer of the cache's size whose pages
+        go back to the kernel (the experts live in the slabs, in pool memory)."""
+        if self.banks and self._expert_room is None and self._expert_capacity:
             try:
-                return self._charge(b.nbytes)
+                self._expert_room = self.compute_res.alloc(self._expert_capacity, wait=0.0)
             except OutOfBudget:
-                if not self._evict_one(b, keep) and not self._drop_one_prefetch():
-                    raise
+                self._make_room()  # merge what is free (the store has asked the other owners already)
+                self._expert_room = self.compute_res.alloc(self._expert_capacity, wait=_WAIT)
+            drop_pages(self._expert_room.address, self._expert_room.nbytes)
 
-    def _drop_one_prefetch(self) -> bool:
-        for v in self.banks:
-            if v.pending:
-                e = next(iter(v.pending))
-                self._give_back_prefetch(v.pending.pop(e))
-                return True
-        return False
-
-    def _charge(self, nbytes: int):
-        """A host buffer of ``nbytes`` charged to the model; its pages go back to the kernel."""
-        buf = self.compute_res.alloc(nbytes, wait=0.0)
-        drop_pages(buf.address, buf.nbytes)
-        return buf
+    def release_expert_room(self) -> None:
+        if self._expert_room is not None:
+            room, self._expert_room = self._expert_room, None
+            room.release()
 
     def _expert_held(self) -> int:
         return sum(len(v.cached) * v.nbytes for v in self.banks)
@@ -172,7 +189,7 @@ class _ExpertCache:
         return True
 
     def _drop_expert(self, b: _Bank, e: int) -> None:
-        b.cached.pop(e).release()
+        del b.cached[e]
         for slab in b.slabs.values():
             slab.drop(e)
 
@@ -194,8 +211,7 @@ class _ExpertCache:
         for e in guess:
             if e in nxt.cached or e in nxt.pending:
                 continue
-            if self._expert_held() + self._expert_pending_bytes() + nxt.nbytes > self._expert_capacity + \
-                    self._expert_prefetch_room:
+            if self._expert_pending_bytes() + nxt.nbytes > self._expert_prefetch_room:
                 self.stats.prefetch_skipped += 1
                 continue
             prefetching.active = True
@@ -236,7 +252,9 @@ class _ExpertCache:
         for b in self.banks:
             for e in list(b.cached):
                 self._drop_expert(b, e)
-                freed += b.nbytes
+        if self._expert_room is not None:
+            freed += self._expert_room.nbytes
+        self.release_expert_room()
         return freed
 
     # -- budget and report -------------------------------------------------------------
@@ -247,11 +265,11 @@ class _ExpertCache:
         return min(top, max(b.num for b in self.banks)), largest
 
     def expert_floor(self) -> int:
-        """Room for one token's experts and as many read ahead (0 without banks)."""
+        """Room for one token's experts, as many read ahead and one being read in (0 without banks)."""
         if not self.banks:
             return 0
         top, largest = self._top_k()
-        return 2 * top * largest
+        return (2 * top + 1) * largest
 
     def plan_experts(self, room: int) -> None:
         """Set the room for experts from what the budget leaves (``room``), refusing a budget that
@@ -260,13 +278,15 @@ class _ExpertCache:
             self._expert_capacity = self._expert_prefetch_room = 0
             return
         top, largest = self._top_k()
-        need = top * largest
+        need = (top + 1) * largest  # one token's experts, and host memory to read one more in
         if room < need:
             raise OffloadError(f"compute budget {format_size(self._budget())} ({self._budget_name()}) leaves "
                                f"{format_size(max(room, 0))} for experts, less than the {top} experts of "
-                               f"{format_size(largest)} one token is routed to; raise the budget")
-        self._expert_prefetch_room = min(top * largest, room - need)
+                               f"{format_size(largest)} one token is routed to and one read in; raise the budget")
+        # host memory for reading experts in: what is read ahead, at least one expert
+        self._expert_prefetch_room = min(top * largest, room - need) + largest
         self._expert_capacity = room - self._expert_prefetch_room
+        self.open_pools(room)
 
     def expert_report(self) -> dict:
         st = self.expert_stats

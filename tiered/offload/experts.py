@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,7 @@ from tiered.allocators import align_up
 from .common import _ALIGN, _WAIT, OffloadError, _itemsize, _placeholder
 
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+_MAP_FIXED = 0x10  # Linux
 _PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -64,8 +66,49 @@ def _router_of(parent: nn.Module, bank: nn.Module, num: int) -> nn.Module | None
     return None
 
 
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+
+
+def _map_fixed(address: int, nbytes: int, flags: int, fd: int = -1, offset: int = 0) -> None:
+    """mmap(MAP_FIXED): replace the mapping of ``[address, address + nbytes)`` in place."""
+    got = _libc.mmap(ctypes.c_void_p(address), nbytes, _PROT_RW, flags | _MAP_FIXED, fd, offset)
+    if got != address:
+        raise OSError(ctypes.get_errno(), f"mmap(MAP_FIXED) of {nbytes} bytes at {address:#x} failed")
+
+
+class _Pool:
+    """Committed memory for expert slices of one size (a memfd), lent slot by slot to slabs: a
+    slice is mapped where its expert sits in a slab, so loading an expert neither faults nor
+    zeroes fresh pages, and dropping one hands its slot to the next without freeing anything."""
+
+    def __init__(self, slice_bytes: int, slots: int) -> None:
+        self.slice_bytes, self.slots = slice_bytes, slots
+        self.fd = os.memfd_create(f"tiered-experts-{slice_bytes}", getattr(os, "MFD_CLOEXEC", 1))
+        os.ftruncate(self.fd, slice_bytes * slots)
+        self.free = list(range(slots))
+
+    def lend(self, address: int) -> int:
+        if not self.free:
+            raise OffloadError(f"expert pool of {self.slots} slices of {self.slice_bytes} bytes is exhausted")
+        slot = self.free.pop()
+        _map_fixed(address, self.slice_bytes, mmap.MAP_SHARED, self.fd, slot * self.slice_bytes)
+        return slot
+
+    def take_back(self, address: int, slot: int) -> None:
+        _map_fixed(address, self.slice_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+        self.free.append(slot)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class _Slab:
-    """One bank parameter's memory: an anonymous mapping of its full size, committed per expert."""
+    """One bank parameter's memory: an anonymous mapping of its full size, committed per expert
+    (from a :class:`_Pool` when an expert's slice is whole pages, else by the copy itself)."""
 
     def __init__(self, dtype: torch.dtype, shape: torch.Size) -> None:
         self.dtype, self.shape = dtype, shape
@@ -75,9 +118,23 @@ class _Slab:
         raw = torch.frombuffer(self._map, dtype=torch.uint8)
         self.address = raw.data_ptr()
         self.tensor = raw[: shape[0] * self.expert_bytes].view(dtype).view(shape)
+        self.pool: _Pool | None = None
+        self.lent: dict[int, int] = {}  # expert -> pool slot mapped at its place
+
+    @property
+    def pooled(self) -> bool:
+        return self.expert_bytes % _PAGE == 0
+
+    def fill(self, e: int) -> None:
+        """Before expert ``e`` is copied in: give its place committed memory."""
+        if self.pool is not None and e not in self.lent:
+            self.lent[e] = self.pool.lend(self.address + e * self.expert_bytes)
 
     def drop(self, e: int) -> None:
-        drop_pages(self.address + e * self.expert_bytes, self.expert_bytes)
+        if e in self.lent:
+            self.pool.take_back(self.address + e * self.expert_bytes, self.lent.pop(e))
+        else:
+            drop_pages(self.address + e * self.expert_bytes, self.expert_bytes)
 
 
 @dataclass
@@ -199,6 +256,23 @@ class _ExpertPacking:
             put[0].result(timeout=_WAIT)
             self.store.evict(put[1])
 
+    def open_pools(self, room: int) -> None:
+        """One pool per slice size, of as many slices as ``room`` bytes of experts need."""
+        slots: dict[int, int] = {}
+        for b in self.banks:
+            for size in {s.expert_bytes for s in b.slabs.values() if s.pooled}:
+                per_expert = sum(1 for s in b.slabs.values() if s.expert_bytes == size)
+                slots[size] = max(slots.get(size, 0), (room // b.nbytes + 1) * per_expert)
+        self.pools = {size: _Pool(size, n) for size, n in slots.items()}
+        for b in self.banks:
+            for slab in b.slabs.values():
+                slab.pool = self.pools.get(slab.expert_bytes) if slab.pooled else None
+
+    def close_pools(self) -> None:
+        for pool in getattr(self, "pools", {}).values():
+            pool.close()
+        self.pools = {}
+
     def bank_keys(self) -> list[str]:
         return [k for b in getattr(self, "banks", []) for k in b.keys]
 
@@ -240,6 +314,7 @@ class _ExpertPacking:
                 for a in b.attrs:
                     b.module._parameters[a].data = full[a].to(self.device)
             b.bound = False
+            b.slabs.clear()  # the mappings go with their last view
 
     def fill_bank_state(self, b: _Bank, state_dict: dict, prefix: str) -> None:
         """``state_dict()`` of a module holding ``b``: its parameters' real values, not placeholders."""

@@ -44,8 +44,8 @@ class _Loading:
 
     def _pinned_bytes(self) -> int:
         """Compute-tier bytes this model's units and experts hold or are reading."""
-        return sum(v.nbytes for v in self.units if v.leases or v.pending) + self._expert_held() \
-            + self._expert_pending_bytes()
+        room = self._expert_room.nbytes if self._expert_room is not None else 0
+        return sum(v.nbytes for v in self.units if v.leases or v.pending) + room + self._expert_pending_bytes()
 
     def _load(self, u: _Unit) -> None:
         t0 = time.perf_counter()

@@ -38,6 +38,8 @@ class OffloadedModule(_Packing, _ExpertPacking, _ExpertCache, _Budget, _Loading,
         self.expert_stats = new_expert_stats()
         self._calls = 0  # bank calls so far (the expert cache's clock)
         self._expert_capacity = self._expert_prefetch_room = 0
+        self._expert_room = None  # the host buffer charging the room for experts to the model
+        self.pools = {}  # expert slice size -> its pool (.experts)
         self.order: list[int] = []
         self._pass: list[int] = []
         self._cursor = 0

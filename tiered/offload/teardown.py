@@ -70,6 +70,7 @@ class _Teardown:
         finally:
             try:
                 self.close_device_cache()
+                self.close_pools()
                 self.close_reservations()
             finally:
                 try:
