@@ -117,17 +117,18 @@ def test_wrong_predictions_still_give_identical_tokens(tmp_path):
         tiered.detach(model)
 
 
-@pytest.mark.parametrize("batch,length", [(1, 2), (2, 1)])
-def test_room_smaller_than_one_layers_experts(tmp_path, batch, length):
-    model = build("mixtral", layers=3)
+@pytest.mark.parametrize("batch,length,paged", [(1, 2, False), (2, 1, False), (1, 2, True), (2, 1, True)])
+def test_room_smaller_than_one_layers_experts(tmp_path, batch, length, paged):
+    model = build("mixtral", layers=3, paged=paged)
     ref = copy.deepcopy(model)
     ids = prompt(batch, length=length)
     mask = torch.ones_like(ids)
     with torch.no_grad():
         want = ref.generate(ids, max_new_tokens=10, do_sample=False, attention_mask=mask)
-    tiered.offload(model, config(tmp_path, host="150KiB", resident=False))
+    tiered.offload(model, config(tmp_path, host="400KiB" if paged else "150KiB", resident=False))
     try:
         rt = model._tiered
+        assert all(b.direct == paged for b in rt.banks)
         one, layer = rt.banks[0].nbytes, rt.banks[0].nbytes * rt.banks[0].num
         room = rt._expert_capacity + rt._expert_prefetch_room
         assert 2 * one <= rt._expert_capacity and room < layer
@@ -148,6 +149,7 @@ def test_cache_keeps_the_experts_routed_to_most(tmp_path):
         rt = model._tiered
         b = rt.banks[0]
         rt._expert_capacity, rt._expert_prefetch_room = 4 * b.nbytes, 0
+        b.direct = False  # the copy path (read through the host tier)
         for routed in [[0, 1]] * 5 + [[2, 3], [4, 5]]:
             rt.load_experts(b, routed)
         # the least recently used would be 0 and 1; the least often routed to are 2 and 3

@@ -20,10 +20,23 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_intra_op_th
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
 
 
-def build(arch: str, seed: int = 0, layers: int = 2, experts: int = 8):
-    """A tiny seeded model of a transformers MoE architecture (top-2 of ``experts``), eval mode."""
+def build(arch: str, seed: int = 0, layers: int = 2, experts: int = 8, paged: bool = False):
+    """A tiny seeded model of a transformers MoE architecture (top-2 of ``experts``), eval mode.
+    ``paged``: each expert's slices are whole pages (hidden and expert width 64, fp32), so experts
+    are read straight into their slabs instead of through the host tier."""
     import transformers as T
 
+    if paged:
+        if arch != "mixtral":
+            raise ValueError("paged models are built for mixtral")
+        torch.manual_seed(seed)
+        m = T.MixtralForCausalLM(T.MixtralConfig(
+            hidden_size=64, intermediate_size=64, num_local_experts=experts, num_experts_per_tok=2,
+            num_attention_heads=4, num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,
+            num_hidden_layers=layers, bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+        with torch.no_grad():
+            m.model.embed_tokens.weight.normal_(0, 1.0)  # routing spread over the experts
+        return m
     c = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
              max_position_embeddings=64, num_hidden_layers=layers, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     moe = dict(num_experts_per_tok=2)
@@ -95,6 +108,29 @@ def test_parity_forward_and_generate(tmp_path, arch):
         tiered.detach(model)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_parity_reading_experts_straight_into_slabs(tmp_path, batch):
+    model = build("mixtral", layers=3, paged=True)
+    ref = copy.deepcopy(model)
+    ids = prompt(batch, length=3)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=8, do_sample=False, attention_mask=mask)
+    tiered.offload(model, config(tmp_path))
+    try:
+        rt = model._tiered
+        assert all(b.direct for b in rt.banks) and rt.pools
+        with torch.no_grad():
+            got = model.generate(ids, max_new_tokens=8, do_sample=False, attention_mask=mask)
+        assert torch.equal(got, want)
+        ex = tiered.offload_stats(model)["experts"]
+        assert ex["hits"]["host"] == 0 and ex["hits"]["storage"] > 0 and ex["hits"]["prefetched"] > 0
+    finally:
+        tiered.detach(model)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
 
 
 @pytest.mark.parametrize("kernel", ["eager", "batched_mm", "grouped_mm"])

@@ -92,8 +92,11 @@ class _ExpertCache:
         st["hits"]["compute"] += len(routed) - len(missing)
         futures = {e: b.pending.pop(e) for e in missing if e in b.pending}
         st["hits"]["prefetched"] += len(futures)
-        for e in list(b.pending):  # read ahead for this call but not routed to: unpinned, still cached
-            self._give_back_prefetch(b.pending.pop(e))
+        for e in list(b.pending):  # read ahead for this call but not routed to
+            if not b.direct:  # its host copy: unpinned, still cached
+                self._give_back_prefetch(b.pending.pop(e))
+            elif b.pending[e].done():  # read into its slab place: present from now on
+                self._settle(b, e, b.pending.pop(e))
         if missing:
             self.hold_expert_room()
             self._make_expert_room(b, len(missing), keep=set(routed))
@@ -104,6 +107,17 @@ class _ExpertCache:
         """Read ``demand`` (all at once while host memory lasts, then one by one as copies free
         it) and copy them and the prefetched ``futures`` into the slabs."""
         st, later = self.expert_stats, []
+        if b.direct:
+            for e in demand:
+                for slab in b.slabs.values():
+                    slab.fill(e)
+                futures[e] = self.store.read_ranges(b.ranges(e), owner=self.owner)
+                st["hits"]["storage"] += 1
+            for e, f in futures.items():
+                f.result(timeout=_WAIT)
+                b.cached[e] = True
+                b.reads[e] += 1
+            return
         for e in demand:
             try:
                 futures[e] = self.store.acquire(b.keys[e], priority=Priority.DEMAND, wait=0.0, owner=self.owner)
@@ -117,6 +131,17 @@ class _ExpertCache:
             f = self._acquire_now(b.keys[e])
             st["hits"]["host" if f.done() else "storage"] += 1
             self._copy_in(b, e, f.result(timeout=_WAIT))
+
+    def _settle(self, b: _Bank, e: int, f) -> None:
+        """A direct read ahead that is done: its expert is present (or, if it failed, not)."""
+        try:
+            f.result(timeout=_WAIT)
+        except Exception:  # noqa: BLE001 - a demand read of the expert reports the error, if it is routed to
+            for slab in b.slabs.values():
+                slab.drop(e)
+            return
+        b.cached[e] = True
+        b.reads[e] += 1
 
     def _acquire_now(self, key: str):
         """A demand read that must get host memory: what was read ahead (units, experts) goes first."""
@@ -148,20 +173,32 @@ class _ExpertCache:
                 f"expert bank {b.name!r}: this call routes to {len(keep)} experts "
                 f"({format_size(len(keep) * b.nbytes)}), more than the room for experts, "
                 f"{format_size(room)} ({self._budget_name()}); raise the budget or shorten the batch")
-        limit = self._expert_capacity if len(keep) * b.nbytes <= self._expert_capacity else room
-        while self._expert_held() + n * b.nbytes > limit and self._evict_one(b, keep):
-            pass
+        limit = room if b.direct or len(keep) * b.nbytes > self._expert_capacity else self._expert_capacity
+        protect = {(b.index, e) for e in keep}
+        while self._expert_held() + n * b.nbytes > limit:
+            if self._evict_one(protect):
+                continue
+            unsettled = [(v, e) for v in self.banks if v.direct for e in v.pending if e not in keep or v is not b]
+            if not unsettled:
+                break
+            for v, e in unsettled:  # reads ahead still landing: once done, they can be dropped
+                self._settle(v, e, v.pending.pop(e))
 
     def hold_expert_room(self) -> None:
         """Charge the room for experts to the model: one host buffer of the cache's size whose pages
         go back to the kernel (the experts live in the slabs, in pool memory)."""
         if self.banks and self._expert_room is None and self._expert_capacity:
             try:
-                self._expert_room = self.compute_res.alloc(self._expert_capacity, wait=0.0)
+                self._expert_room = self.compute_res.alloc(self._room_charge(), wait=0.0)
             except OutOfBudget:
                 self._make_room()  # merge what is free (the store has asked the other owners already)
-                self._expert_room = self.compute_res.alloc(self._expert_capacity, wait=_WAIT)
+                self._expert_room = self.compute_res.alloc(self._room_charge(), wait=_WAIT)
             drop_pages(self._expert_room.address, self._expert_room.nbytes)
+
+    def _room_charge(self) -> int:
+        """The cache, and the read-ahead room too where every bank reads into its slabs."""
+        direct = all(b.direct for b in self.banks)
+        return self._expert_capacity + (self._expert_prefetch_room if direct else 0)
 
     def release_expert_room(self) -> None:
         if self._expert_room is not None:
@@ -169,15 +206,16 @@ class _ExpertCache:
             room.release()
 
     def _expert_held(self) -> int:
-        return sum(len(v.cached) * v.nbytes for v in self.banks)
+        """Slab bytes of present experts and of those being read in directly."""
+        return sum((len(v.cached) + (len(v.pending) if v.direct else 0)) * v.nbytes for v in self.banks)
 
-    def _evict_one(self, current: _Bank, keep: set[int]) -> bool:
+    def _evict_one(self, protect: set[tuple[int, int]]) -> bool:
         """Drop the present expert with the lowest decayed frequency (ties: oldest use), never one
-        of ``keep`` in ``current``. False when nothing can go."""
+        of ``protect`` (bank index, expert). False when nothing can go."""
         best = None
         for v in self.banks:
             for e in v.cached:
-                if v is current and e in keep:
+                if (v.index, e) in protect:
                     continue
                 rank = (v.score[e], v.last_use[e])
                 if best is None or rank < best[0]:
@@ -211,6 +249,9 @@ class _ExpertCache:
         for e in guess:
             if e in nxt.cached or e in nxt.pending:
                 continue
+            if nxt.direct:
+                self._prefetch_direct(b, nxt, e)
+                continue
             if self._expert_pending_bytes() + nxt.nbytes > self._expert_prefetch_room:
                 self.stats.prefetch_skipped += 1
                 continue
@@ -223,17 +264,34 @@ class _ExpertCache:
             finally:
                 prefetching.active = False
 
+    def _prefetch_direct(self, b: _Bank, nxt: _Bank, e: int) -> None:
+        """Read expert ``e`` of ``nxt`` ahead straight into its slab place, making room there by
+        dropping the least useful present expert (never one the running call ``b`` uses)."""
+        protect = {(b.index, i) for i in b.cached if b.last_use[i] == self._calls}
+        protect |= {(nxt.index, i) for i in nxt.predicted}
+        while self._expert_held() + nxt.nbytes > self._expert_capacity + self._expert_prefetch_room:
+            if not self._evict_one(protect):
+                self.stats.prefetch_skipped += 1
+                return
+        for slab in nxt.slabs.values():
+            slab.fill(e)
+        nxt.pending[e] = self.store.read_ranges(nxt.ranges(e), owner=self.owner, priority=Priority.PREFETCH)
+
     def _expert_pending_bytes(self) -> int:
-        return sum(len(v.pending) * v.nbytes for v in self.banks)
+        """Host-tier bytes of experts read ahead (direct reads land in the slabs instead)."""
+        return sum(len(v.pending) * v.nbytes for v in self.banks if not v.direct)
 
     def drop_expert_prefetches(self) -> int:
         """Give back the host copies read ahead for experts; the bytes given back."""
         freed = 0
         for b in self.banks:
-            pending, b.pending = list(b.pending.values()), {}
+            pending, b.pending = dict(b.pending), {}
             freed += len(pending) * b.nbytes
-            for f in pending:
-                self._give_back_prefetch(f)
+            for e, f in pending.items():
+                if b.direct:  # the read lands in pool memory: wait for it before the place is lent again
+                    self._settle(b, e, f)
+                else:
+                    self._give_back_prefetch(f)
         return freed
 
     @staticmethod

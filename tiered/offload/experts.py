@@ -151,6 +151,7 @@ class _Bank:
     nbytes: int  # one expert object
     keys: list[str]
     predictor: nn.Module | None = None  # a private copy of the router (weights kept) for prediction
+    direct: bool = False  # every slice is whole pages: experts are read straight into the slabs
     slabs: dict[str, _Slab] = field(default_factory=dict)
     cached: dict[int, object] = field(default_factory=dict)  # expert -> its charge (a host buffer)
     pending: dict[int, object] = field(default_factory=dict)  # expert -> acquire future (prefetch)
@@ -160,6 +161,12 @@ class _Bank:
     last_use: list[int] = field(default_factory=list)
     uses: list[int] = field(default_factory=list)  # per expert: calls routed to it
     reads: list[int] = field(default_factory=list)  # per expert: loads from storage or the host tier
+
+    def ranges(self, e: int) -> list[tuple[str, int, int, object]]:
+        """``read_ranges`` requests reading expert ``e``'s slices straight into its slab places."""
+        return [(self.keys[e], off, self.slabs[a].expert_bytes,
+                 self.slabs[a].tensor[e].view(torch.uint8).reshape(-1).numpy())
+                for a, off in zip(self.attrs, self.offsets)]
 
     def slices(self, raw: torch.Tensor, e: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(object view, slab view) of each parameter of expert ``e``; ``raw``: its object's bytes."""
@@ -233,6 +240,9 @@ class _ExpertPacking:
                     raise OffloadError(f"expert bank {b.name!r}: {a} is on the meta device and has no data")
             # two staging buffers, each reused once its put is done: a bank's experts never sit in
             # memory a second time (freed blobs would stay in the allocator's heap)
+            b.direct = all(p[0].numel() * p.element_size() % _PAGE == 0 for p in params) and \
+                all(off % _PAGE == 0 for off in b.offsets)
+            block = _PAGE if b.direct else 0  # checksummed per page: slices can be read alone
             blobs = [torch.zeros(b.nbytes, dtype=torch.uint8) for _ in range(2)]
             inflight: list = [None, None]  # per buffer: (future, key) of its put
             for e, key in enumerate(b.keys):
@@ -242,7 +252,7 @@ class _ExpertPacking:
                     src = p[e].contiguous().reshape(-1).view(torch.uint8)
                     blob[off : off + src.numel()] = src
                 inflight[e % 2] = (self.store.put(key, blob, kind="weight", ephemeral=self._ephemeral(key),
-                                                  owner=self.owner), key)
+                                                  owner=self.owner, block=block), key)
             for put in inflight:
                 self._finish_put(put)
             for a in b.attrs:
