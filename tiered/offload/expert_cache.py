@@ -33,6 +33,7 @@ from .common import _WAIT, OffloadError, prefetching
 from .experts import _Bank, drop_pages
 
 _DECAY = 0.9  # per call of a bank: how much an expert's routing frequency fades
+_AHEAD = 2  # banks whose experts are read ahead (direct reads; one through the host tier)
 
 
 class _ExpertCache:
@@ -233,24 +234,40 @@ class _ExpertCache:
 
     # -- prediction --------------------------------------------------------------------
     def _predict_next(self, b: _Bank, hidden: torch.Tensor) -> None:
-        """Score the next bank's experts with its router on this hidden state; read them ahead."""
-        if b.index + 1 >= len(self.banks):
-            return
-        nxt = self.banks[b.index + 1]
+        """Score the next banks' experts with their routers on this hidden state; read them ahead
+        (the next bank's first; those ``_AHEAD`` banks on where they read straight into slabs, so
+        that more reads are in flight than one layer's experts)."""
+        for ahead in range(1, _AHEAD + 1):
+            if b.index + ahead >= len(self.banks):
+                return
+            nxt = self.banks[b.index + ahead]
+            if ahead > 1 and not nxt.direct:
+                return
+            guess = self._guess(nxt, hidden)
+            if guess is None:
+                return
+            if ahead == 1:  # what the next call is checked against (the prediction accuracy)
+                nxt.predicted = guess
+            self._read_ahead(b, nxt, guess)
+
+    @staticmethod
+    def _guess(nxt: _Bank, hidden: torch.Tensor) -> set[int] | None:
+        """The experts ``nxt``'s router (a private copy) picks for ``hidden``; None if it cannot say."""
         if nxt.predictor is None:
-            return
+            return None
         with torch.no_grad():
             out = nxt.predictor(hidden.detach().reshape(-1, hidden.shape[-1]))
         index = out[-1] if isinstance(out, tuple) else out
         if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32):
-            return
-        guess = {e for e in torch.unique(index).tolist() if 0 <= e < nxt.num}
-        nxt.predicted = guess
+            return None
+        return {e for e in torch.unique(index).tolist() if 0 <= e < nxt.num}
+
+    def _read_ahead(self, b: _Bank, nxt: _Bank, guess: set[int]) -> None:
         for e in guess:
             if e in nxt.cached or e in nxt.pending:
                 continue
             if nxt.direct:
-                self._prefetch_direct(b, nxt, e)
+                self._prefetch_direct(b, nxt, e, guess)
                 continue
             if self._expert_pending_bytes() + nxt.nbytes > self._expert_prefetch_room:
                 self.stats.prefetch_skipped += 1
@@ -264,11 +281,12 @@ class _ExpertCache:
             finally:
                 prefetching.active = False
 
-    def _prefetch_direct(self, b: _Bank, nxt: _Bank, e: int) -> None:
+    def _prefetch_direct(self, b: _Bank, nxt: _Bank, e: int, guess: set[int]) -> None:
         """Read expert ``e`` of ``nxt`` ahead straight into its slab place, making room there by
         dropping the least useful present expert (never one the running call ``b`` uses)."""
         protect = {(b.index, i) for i in b.cached if b.last_use[i] == self._calls}
-        protect |= {(nxt.index, i) for i in nxt.predicted}
+        protect |= {(nxt.index, i) for i in guess}
+        protect |= {(b.index + 1, i) for i in self.banks[b.index + 1].predicted}
         while self._expert_held() + nxt.nbytes > self._expert_capacity + self._expert_prefetch_room:
             if not self._evict_one(protect):
                 self.stats.prefetch_skipped += 1

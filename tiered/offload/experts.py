@@ -96,8 +96,9 @@ class _Pool:
         _map_fixed(address, self.slice_bytes, mmap.MAP_SHARED, self.fd, slot * self.slice_bytes)
         return slot
 
-    def take_back(self, address: int, slot: int) -> None:
-        _map_fixed(address, self.slice_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+    def take_back(self, slot: int) -> None:
+        """The slot is free again. Its old place keeps showing it (an expert no call is routed to,
+        so nothing reads it) until another slot is mapped there: one mmap per load, none per drop."""
         self.free.append(slot)
 
     def close(self) -> None:
@@ -132,7 +133,7 @@ class _Slab:
 
     def drop(self, e: int) -> None:
         if e in self.lent:
-            self.pool.take_back(self.address + e * self.expert_bytes, self.lent.pop(e))
+            self.pool.take_back(self.lent.pop(e))
         else:
             drop_pages(self.address + e * self.expert_bytes, self.expert_bytes)
 
