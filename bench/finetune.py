@@ -96,13 +96,13 @@ def run_torch(spec: dict) -> dict:
     return _train_loop(spec, model, lambda loss: loss.backward(), opt.step, opt.zero_grad)
 
 
-def run_tiered(spec: dict, sync: bool = False) -> dict:
+def run_tiered(spec: dict, sync: bool = False, migration: str | None = None) -> dict:
     import torch  # noqa: F401
 
     from tiered.optim import OffloadedAdamW
 
     model = build_model(spec)
-    cfg = _tiered_cfg(spec, spec["host_mib"])
+    cfg = _tiered_cfg(spec, spec["host_mib"], migration=migration)
     with OffloadedAdamW(model.parameters(), lr=1e-4, config=cfg, lookahead=spec["lookahead"],
                         chunk_bytes=spec["chunk_mib"] * MiB, sync=sync, **_impl(spec)) as opt:
         st0 = opt.store.stats()["tiers"]["nvme"]
@@ -116,7 +116,10 @@ def run_tiered(spec: dict, sync: bool = False) -> dict:
         out["sync"] = sync
         out["state_bytes"] = 12 * sum(p.numel() for p in model.parameters())
         out["total_read"] = st["tiers"]["nvme"]["bytes_read"] - st0["bytes_read"]
-    shutil.rmtree(cfg["tiers"]["nvme"]["path"], ignore_errors=True)
+        out["governor"] = st["governor"]
+    for tier in cfg["tiers"].values():
+        if "path" in tier:
+            shutil.rmtree(tier["path"], ignore_errors=True)
     return out
 
 
@@ -232,12 +235,20 @@ def _io(store) -> tuple[int, int]:
     return t["bytes_read"], t["bytes_written"]
 
 
-def _tiered_cfg(spec: dict, host_mib: int, lookahead: int = 1) -> dict:
+def _tiered_cfg(spec: dict, host_mib: int, lookahead: int = 1, migration: str | None = None) -> dict:
+    """The tiered contenders' store; with ``two_tiers``, a second storage tier (``flash``, empty:
+    the first has room for everything) and ``[policy] migration`` (default "none"), so that the
+    governor's own cost is what differs between ``tiered`` and ``tiered_governed``."""
     path = os.path.join(spec["dir"], f"tiered_{os.getpid()}")
     shutil.rmtree(path, ignore_errors=True)
-    return {"tiers": {"host": {"capacity": f"{host_mib}MiB"}, "nvme": {"path": path, "capacity": "32GiB"}},
-            "engine": {"workers": spec["workers"], "chunk": "8MiB"},
-            "offload": {"lookahead": lookahead, "resident": False}}
+    cfg = {"tiers": {"host": {"capacity": f"{host_mib}MiB"}, "nvme": {"path": path, "capacity": "32GiB"}},
+           "engine": {"workers": spec["workers"], "chunk": "8MiB"},
+           "offload": {"lookahead": lookahead, "resident": False}}
+    if spec.get("two_tiers"):
+        shutil.rmtree(path + "_flash", ignore_errors=True)
+        cfg["tiers"]["flash"] = {"path": path + "_flash", "capacity": "32GiB"}
+        cfg["policy"] = {"migration": migration or "none"}
+    return cfg
 
 
 def run_zo(spec: dict) -> dict:
@@ -423,7 +434,11 @@ def main() -> int:
                     "threads stall on each other and on the I/O workers)")
     ap.add_argument("--impl", choices=("fused", "single"), default="fused",
                     help="torch AdamW kernel for torch and tiered (default fused)")
-    ap.add_argument("--only", default="torch,tiered,tiered_sync,deepspeed,zo")
+    ap.add_argument("--only", default="torch,tiered,tiered_sync,deepspeed,zo",
+                    help="contenders; tiered_governed (with --two-tiers) is tiered with the governor on")
+    ap.add_argument("--two-tiers", action="store_true",
+                    help="tiered contenders get a second (empty) storage tier and [policy] migration = "
+                    "\"none\"; tiered_governed the same with \"auto\": the governor's overhead")
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--contender", default=None, help=argparse.SUPPRESS)
@@ -432,6 +447,7 @@ def main() -> int:
     if args.contender:
         spec = json.loads(args.spec)
         fn = {"torch": run_torch, "tiered": run_tiered, "tiered_sync": lambda sp: run_tiered(sp, sync=True),
+              "tiered_governed": lambda sp: run_tiered(sp, migration="auto"),
               "deepspeed": run_deepspeed, "zo": run_zo}[args.contender]
         res = fn(spec)
         with open(args.out, "w") as f:
@@ -443,7 +459,7 @@ def main() -> int:
             "heads": max(1, args.hidden // 64), "seq": args.seq, "batch": args.batch, "host_mib": args.host,
             "zo_host_mib": args.zo_host, "steps": args.steps, "warmup": args.warmup, "zo_steps": args.zo_steps,
             "workers": args.workers, "lookahead": args.lookahead, "chunk_mib": args.chunk_mib, "impl": args.impl,
-            "threads": args.threads, "dir": args.dir,
+            "threads": args.threads, "dir": args.dir, "two_tiers": args.two_tiers,
             "ds_sub_group": 100_000_000}
     only = args.only.split(",")
     result = {"spec": spec, "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
@@ -456,7 +472,7 @@ def main() -> int:
     # of them alike; samples of all rounds are pooled (median and min reported)
     runs: dict[str, list[dict]] = {}
     for rnd in range(args.rounds):
-        for name in ("deepspeed", "tiered", "tiered_sync", "torch"):
+        for name in ("deepspeed", "tiered", "tiered_governed", "tiered_sync", "torch"):
             if name in only:
                 log(f"round {rnd + 1}/{args.rounds}")
                 runs.setdefault(name, []).append(child(name, spec, args.timeout))
@@ -501,7 +517,11 @@ def summarize(r: dict) -> None:
            "write_gbps": best("mixed", "write_gbps", "mixed_write_gbps")}
     s["best read GB/s (fio, engine)"], s["best write GB/s"] = rbw, wbw
     s["best concurrent read GB/s"], s["best concurrent write GB/s"] = mix["read_gbps"], mix["write_gbps"]
-    for name in ("tiered", "tiered_sync"):
+    g, t0 = r.get("tiered_governed", {}), r.get("tiered", {})
+    if "train_step_median_s" in g and "train_step_median_s" in t0:
+        s["governor overhead: train step (median), governed / not"] = g["train_step_median_s"] / t0["train_step_median_s"]
+        s["governor overhead: train step (min), governed / not"] = g["train_step_min_s"] / t0["train_step_min_s"]
+    for name in ("tiered", "tiered_sync", "tiered_governed"):
         t = r.get(name, {})
         if "step_median_s" not in t:
             continue
@@ -547,7 +567,7 @@ def print_table(r: dict) -> None:
     print("median (min) over all timed steps of all rounds")
     print(f"{'contender':<12} {'opt step (s)':>12} {'fwd+bwd (s)':>12} {'train step (s)':>14} "
           f"{'read/step MB':>12} {'written/step MB':>15}")
-    for name in ("torch", "deepspeed", "tiered", "tiered_sync"):
+    for name in ("torch", "deepspeed", "tiered", "tiered_governed", "tiered_sync"):
         c = r.get(name, {})
         if "error" in c:
             print(f"{name:<12} error: {c['error'][:300]}")

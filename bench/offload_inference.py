@@ -45,7 +45,10 @@ the compute-bound prompt ratio unreliable when the probes differ (a note says so
 Diagnostics (not contenders): ``--tiered-variant K=V,...`` reruns tiered with
 overrides -- ``budget=``, ``workers=``, ``chunk=``, ``lookahead=``, and two
 monkeypatches applied in the child only: ``nocrc`` (no per-read crc32) and
-``force_lookahead=N`` (overrides ``plan_budget``'s choice, no resident units).
+``force_lookahead=N`` (overrides ``plan_budget``'s choice, no resident units);
+``two_tiers`` adds an empty second storage tier and ``migration=none|auto`` sets the governor
+(``--only tiered --tiered-variant two_tiers,migration=none --tiered-variant
+two_tiers,migration=auto``: the governor's overhead).
 
 Targets (from the issue): tiered within 1.1x of max(in-memory compute, I/O
 bound) for the prompt forward and per generated token; tiered at least 2x
@@ -192,6 +195,11 @@ def _tiered_config(spec: dict) -> dict:
         cfg["engine"] = engine
     if spec.get("lookahead") is not None:
         cfg["offload"] = {"lookahead": spec["lookahead"]}
+    if spec.get("two_tiers"):  # a second, empty storage tier: the governor has a choice to make
+        flash = os.path.join(spec["work_dir"], "tiered-store-flash")
+        os.makedirs(flash, exist_ok=True)
+        cfg["tiers"]["flash"] = {"path": flash, "capacity": 1 << 30}
+        cfg["policy"] = {"migration": spec.get("migration", "none")}
     return cfg
 
 
@@ -242,6 +250,7 @@ def _load_tiered(spec: dict):
         s["bytes_read_total"] = sum(s["bytes_read"].values())
         s["prefetch_hits"] = rt.stats.prefetch_hits  # as_dict() only has the rate
         s["stall_seconds"] = rt.stats.stall_seconds  # unrounded
+        s["governor"] = rt.store.stats()["governor"]
         return s
 
     return model, snapshot, info
@@ -379,7 +388,9 @@ def _measure(model, snapshot, spec: dict, name: str) -> dict:
                 out = model(input_ids=ids, use_cache=False)
                 last = out.logits[0, -1].float().clone()
             if i == 0:
-                torch.save(last, os.path.join(spec["work_dir"], f"logits-{spec.get('label', name)}.pt"))
+                from safetensors.torch import save_file
+
+                save_file({"logits": last}, os.path.join(spec["work_dir"], f"logits-{spec.get('label', name)}.safetensors"))
                 res["first_logits_finite"] = bool(torch.isfinite(last).all())
                 snaps["after_first_forward"] = snapshot() if snapshot else None
             del out
@@ -551,7 +562,7 @@ def _run_child(name: str, spec: dict, args, limit: int | None, cgroup_ok: bool, 
     spec_path = os.path.join(spec["work_dir"], f"spec-{label}.json")
     with open(spec_path, "w") as f:
         json.dump(dict(spec, label=label), f)
-    stale = os.path.join(spec["work_dir"], f"logits-{label}.pt")
+    stale = os.path.join(spec["work_dir"], f"logits-{label}.safetensors")
     if os.path.exists(stale):
         os.unlink(stale)
     cmd = [sys.executable, os.path.abspath(__file__), "--contender", name, "--spec", spec_path, "--out", out]
@@ -642,17 +653,19 @@ def _posix_contig(directory: str) -> dict:
 
 
 def _logit_diffs(work_dir: str, names: list[str]) -> dict:
-    import torch
+    """Each contender's first logits against the in-memory model's, when it ran in this run
+    (a file left by an earlier run, maybe of another model, is never the reference)."""
+    from safetensors.torch import load_file
 
-    ref_path = os.path.join(work_dir, "logits-memory.pt")
-    if not os.path.exists(ref_path):
+    ref_path = os.path.join(work_dir, "logits-memory.safetensors")
+    if "memory" not in names or not os.path.exists(ref_path):
         return {}
-    ref = torch.load(ref_path)
+    ref = load_file(ref_path)["logits"]
     out = {}
     for n in names:
-        p = os.path.join(work_dir, f"logits-{n}.pt")
+        p = os.path.join(work_dir, f"logits-{n}.safetensors")
         if n != "memory" and os.path.exists(p):
-            out[n] = float((torch.load(p) - ref).abs().max())
+            out[n] = float((load_file(p)["logits"] - ref).abs().max())
     return out
 
 
@@ -667,10 +680,13 @@ def _parse_variant(text: str) -> dict:
             out[k] = parse_size(v, where=k)
         elif k in ("lookahead", "workers", "force_lookahead"):
             out[k] = int(v)
-        elif k == "nocrc":
+        elif k in ("nocrc", "two_tiers"):
             out[k] = v.lower() not in ("0", "false", "no")
+        elif k == "migration":
+            out[k] = v
         else:
-            raise SystemExit(f"--tiered-variant {text!r}: unknown key {k!r} (budget, lookahead, workers, chunk, nocrc, force_lookahead)")
+            raise SystemExit(f"--tiered-variant {text!r}: unknown key {k!r} (budget, lookahead, workers, chunk, "
+                             "nocrc, force_lookahead, two_tiers, migration)")
     return out
 
 

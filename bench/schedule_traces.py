@@ -12,7 +12,12 @@ their next reads (``TieredStore.plan``):
 * ``adamw-steps``: :class:`tiered.optim.OffloadedAdamW` steps whose state does not fit the host
   tier (each step declares its chunk reads and the next step's reverse sweep).
 
-(GNN gathers declare no plans, so there is no such trace.) Each trace is then replayed in the
+* ``gnn-gathers``: :class:`tiered.gnn.TieredFeatureStore` minibatch gathers through
+  :func:`tiered.gnn.window` (each batch declares its chunks and those of the batches queued);
+* ``kv-queued-prompts``: :class:`tiered.kv.KVStore` serving requests that share system prompts,
+  each told the prompts queued behind it (``KVStore.expect`` declares their stored blocks).
+
+Each trace is then replayed in the
 simulator (:func:`policies.sim.simulate`, loop chosen as ``tiered bench replay`` does) with a fast
 tier of ``--fraction`` (half) of the working set -- the most bytes of distinct objects accessed
 between two consecutive declarations, i.e. one forward or one optimizer step -- over an NVMe-like
@@ -119,6 +124,70 @@ def record_adamw(out: Path, work: Path, quick: bool) -> Path:
     return p
 
 
+def record_gnn(out: Path, work: Path, quick: bool) -> Path:
+    """Minibatch gathers from a feature table whose row cache is small, through
+    ``tiered.gnn.window`` (which declares the chunks of the batch gathered and of those queued)."""
+    import torch
+
+    from tiered import TieredStore
+    from tiered.gnn import TieredFeatureStore, window
+
+    rows, dim = (60_000, 32) if quick else (200_000, 32)
+    batches, batch = (12, 256) if quick else (40, 256)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(rows)  # hot nodes spread over the table, as a graph's hubs are
+    weights = 1.0 / np.arange(1, rows + 1) ** 0.9  # degree-skewed sampling (Zipf 0.9)
+    weights /= weights.sum()
+    ids = [torch.from_numpy(order[rng.choice(rows, batch, p=weights)]) for _ in range(batches)]
+    p = out / "gnn-gathers.trace"
+    meta = {"workload": f"TieredFeatureStore gathers: {batches} minibatches of {batch} Zipf(0.9) node ids "
+                        f"from {rows} x {dim} fp32 rows in 64 KiB chunks, window depth 2, 64 KiB row cache"}
+    with TieredStore(_cfg(work, "gnn", "16MiB")) as store, TraceRecorder(p, overwrite=True, meta=meta) as rec:
+        with TieredFeatureStore(store, chunk_bytes=64 << 10, cache_bytes=64 << 10, policy="lru").open() as fs:
+            fs.put_tensor(torch.randn(rows, dim), group_name=None, attr_name="x", index=None)
+            store.add_listener(rec)  # the gathers, not the import
+            for b in window(ids, fs, depth=2):
+                fs.get_tensor(group_name=None, attr_name="x", index=b)
+    return p
+
+
+def record_kv(out: Path, work: Path, quick: bool) -> Path:
+    """A queue of prompts sharing system prompts (prefix blocks reused across requests); before
+    each request the KV store is told the prompts queued behind it (``KVStore.expect``)."""
+    import inspect
+
+    import torch
+    import transformers
+
+    from tiered import TieredStore
+    from tiered.kv import KVStore, TieredCache, model_identity
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024)).eval()
+    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    g = torch.Generator().manual_seed(1)
+    systems = [torch.randint(1, 300, (1, 96), generator=g) for _ in range(6)]
+    requests = 24 if quick else 64
+    rng = np.random.default_rng(2)
+    pick = rng.choice(len(systems), requests, p=np.array([0.35, 0.25, 0.15, 0.1, 0.1, 0.05]))
+    prompts = [torch.cat([systems[i], torch.randint(1, 300, (1, 16), generator=g)], 1) for i in pick]
+    p = out / "kv-queued-prompts.trace"
+    meta = {"workload": f"KVStore with {requests} requests over 6 shared 96-token system prompts (16-token "
+                        "blocks, 4-layer Llama), each told the 4 prompts queued behind it"}
+    with TieredStore(_cfg(work, "kv", "4MiB")) as store, TraceRecorder(p, overwrite=True, meta=meta) as rec:
+        store.add_listener(rec)
+        kv = KVStore(store, model_identity(model), block_size=16)
+        for i, ids in enumerate(prompts):
+            kv.expect([q[0] for q in prompts[i:i + 5]], layers=4)
+            with TieredCache(model.config, kv, model=model) as cache, torch.no_grad():
+                cache.load_prefix(ids)
+                model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0, **{arg: cache})
+        kv.close()
+    return p
+
+
 def working_set(trace) -> int:
     """Most bytes of distinct objects accessed between two consecutive plan declarations."""
     cuts = sorted({0, len(trace), *(q.at for q in trace.plans)})
@@ -197,7 +266,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller models, fewer passes")
     ap.add_argument("--fraction", type=float, default=0.5, help="fast tier as a share of the working set")
     ap.add_argument("--keep-traces", default=None, help="keep the recorded traces in this directory")
-    ap.add_argument("--only", default=None, help="comma-separated subset: forward,train,adamw")
+    ap.add_argument("--only", default=None, help="comma-separated subset: forward,train,adamw,gnn,kv")
     ap.add_argument("--loop", default="auto", choices=["auto", "open", "closed", "back-to-back"],
                     help="arrivals at trace times (open), each after the previous completes but not before its "
                          "trace time (closed), or each right after the previous (back-to-back: no compute gaps)")
@@ -210,10 +279,12 @@ def main() -> int:
     torch.set_num_threads(1)  # a shared 2-core machine: the engine's threads need the other core
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    wanted = set((args.only or "forward,train,adamw").split(","))
+    wanted = set((args.only or "forward,train,adamw,gnn,kv").split(","))
     recorders = [("forward", lambda o, w: record_offload(o, w, args.quick, False)),
                  ("train", lambda o, w: record_offload(o, w, args.quick, True)),
-                 ("adamw", lambda o, w: record_adamw(o, w, args.quick))]
+                 ("adamw", lambda o, w: record_adamw(o, w, args.quick)),
+                 ("gnn", lambda o, w: record_gnn(o, w, args.quick)),
+                 ("kv", lambda o, w: record_kv(o, w, args.quick))]
     result = {"fraction_of_working_set": args.fraction, "quick": args.quick, "loop": args.loop, "host": platform.node(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "note": "simulated tiers (policies.sim) over traces recorded from live workloads; host RAM cache "

@@ -109,7 +109,7 @@ workers = 4
 queue_depth = 32
 chunk = "8MiB"
 [policy]
-placement = "lru"
+eviction = "lru"
 """,
     )
     cfg = load_config(p)
@@ -124,7 +124,7 @@ placement = "lru"
     assert flash.write_bandwidth is None
     assert flash.path.is_dir()
     assert cfg.engine == EngineSpec(backend="threads", workers=4, queue_depth=32, chunk=8 << 20, direct=True)
-    assert cfg.policy.placement == "lru"
+    assert cfg.policy.eviction == "lru" and cfg.policy.placement == "auto" and cfg.policy.migration == "auto"
     assert cfg.tier("flash") is flash
     with pytest.raises(KeyError, match="'host', 'nvme', 'flash'"):
         cfg.tier("ssd")
@@ -308,7 +308,9 @@ def test_workers_message_names_range(tmp_path):
         ('[tiers.gpu]\ncapacity = "1GiB"\ndevice = "gpu zero"\n', "tiers.gpu.device = 'gpu zero'"),
         ('[tiers.nvme2]\npath = "{d}"\ncapacity = 4096\nread_bandwidth = "fast"\n', "tiers.nvme2.read_bandwidth = 'fast'"),
         ('[tiers.nvme2]\nkind = "disk"\npath = "{d}"\ncapacity = 4096\n', "tiers.nvme2.kind = 'disk'"),
-        ('[policy]\nplacement = "lfuu"\n', "policy.placement = 'lfuu'"),
+        ('[policy]\neviction = "lfuu"\n', "policy.eviction = 'lfuu'"),
+        ('[policy]\nplacement = "lfu"\n', "policy.placement = 'lfu'"),
+        ('[policy]\nplacement = "best"\n', "policy.placement = 'best'"),
         ("[engine]\nbackend = 3\n", "engine.backend = 3"),
     ],
 )
@@ -328,11 +330,19 @@ def test_bad_tier_name(tmp_path):
     assert "invalid tier name '9lives'" in msg and "offload.toml" in msg
 
 
-def test_placement_policies_extensible(tmp_path):
-    data = {"tiers": {"n": {"path": str(tmp_path / "n"), "capacity": 4096}}, "policy": {"placement": "cost"}}
+def test_eviction_policies_extensible(tmp_path):
+    data = {"tiers": {"n": {"path": str(tmp_path / "n"), "capacity": 4096}}, "policy": {"eviction": "cost"}}
     with pytest.raises(ConfigError, match="did you mean"):
-        load_config(data, placement_policies=("lru", "costs"))
-    assert load_config(data, placement_policies=("lru", "cost")).policy.placement == "cost"
+        load_config(data, eviction_policies=("lru", "costs"))
+    assert load_config(data, eviction_policies=("lru", "cost")).policy.eviction == "cost"
+
+
+def test_an_eviction_ranking_given_as_placement_says_where_it_belongs(tmp_path):
+    data = {"tiers": {"n": {"path": str(tmp_path / "n"), "capacity": 4096}}, "policy": {"placement": "arc"}}
+    with pytest.raises(ConfigError, match=r'\[policy\] eviction = "arc"'):
+        load_config(data)
+    data["policy"]["placement"] = "first-fit"
+    assert load_config(data).policy.placement == "first-fit"
 
 
 # --------------------------------------------------------------------------- files
@@ -375,9 +385,9 @@ def test_default_home_falls_back_to_xdg(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["lfu", "arc", "s3fifo"])
-def test_placement_accepts_every_registered_eviction_policy(tmp_path, name):
-    cfg = load_config({"tiers": {"nvme": {"path": str(tmp_path), "capacity": "1MiB"}}, "policy": {"placement": name}})
-    assert cfg.policy.placement == name
+def test_eviction_accepts_every_registered_eviction_policy(tmp_path, name):
+    cfg = load_config({"tiers": {"nvme": {"path": str(tmp_path), "capacity": "1MiB"}}, "policy": {"eviction": name}})
+    assert cfg.policy.eviction == name
 
 
 def test_a_newly_registered_backend_is_accepted(tmp_path, monkeypatch):

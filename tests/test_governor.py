@@ -51,7 +51,7 @@ def read(store, key):
 def test_a_hot_object_on_the_slow_tier_is_promoted_and_stays_intact(tmp_path):
     with TieredStore(config(tmp_path), cache_on_put=False) as s:
         for i in range(4):
-            s.put(f"k{i}", filled(i), tier="slow").result(T)
+            s.put(f"k{i}", filled(i), tier="slow", placed=False).result(T)
         assert torch.equal(read(s, "k1"), filled(1))
         assert wait_until(lambda: s.meta("k1")["tier"] == "fast"), s.stats()["governor"]
         assert torch.equal(read(s, "k1"), filled(1))
@@ -63,9 +63,9 @@ def test_a_hot_object_on_the_slow_tier_is_promoted_and_stays_intact(tmp_path):
 def test_cold_objects_are_demoted_to_make_room_and_no_tier_is_overfilled(tmp_path):
     with TieredStore(config(tmp_path, fast="256KiB"), cache_on_put=False) as s:
         for i in range(4):  # fill the fast tier with objects never read again
-            s.put(f"cold{i}", filled(i), tier="fast").result(T)
+            s.put(f"cold{i}", filled(i), tier="fast", placed=False).result(T)
         for i in range(4):
-            s.put(f"hot{i}", filled(10 + i), tier="slow").result(T)
+            s.put(f"hot{i}", filled(10 + i), tier="slow", placed=False).result(T)
         cap = s.stats()["tiers"]["fast"]["capacity"]
         for _ in range(3):
             for i in range(4):
@@ -84,7 +84,7 @@ def test_moves_under_concurrent_puts_and_reads_lose_nothing_and_never_bring_back
     latest = {}
     with TieredStore(config(tmp_path, fast="256KiB", batch=2), cache_on_put=False) as s:
         for i, k in enumerate(keys):
-            s.put(k, filled(i), tier="slow").result(T)
+            s.put(k, filled(i), tier="slow", placed=False).result(T)
             latest[k] = i
         stop = threading.Event()
         errors = []
@@ -129,7 +129,7 @@ def test_moves_under_concurrent_puts_and_reads_lose_nothing_and_never_bring_back
 def test_a_tier_kept_for_another_owners_share_refuses_the_move(tmp_path):
     with TieredStore(config(tmp_path, fast="256KiB"), cache_on_put=False) as s:
         s.reserve("fast", "256KiB", owner="other")  # all of it kept for an owner that holds nothing yet
-        s.put("a", filled(1), tier="slow").result(T)
+        s.put("a", filled(1), tier="slow", placed=False).result(T)
         assert torch.equal(read(s, "a"), filled(1))
         assert wait_until(lambda: s.stats()["governor"]["refused_overfull"] >= 1), s.stats()["governor"]
         assert s.meta("a")["tier"] == "slow" and torch.equal(read(s, "a"), filled(1))
@@ -156,7 +156,7 @@ def test_a_move_of_an_object_read_in_place_from_an_external_file_is_refused(tmp_
     monkeypatch.setitem(policies._POLICIES, "scripted-test", lambda: Scripted(Move("w", 0), when="x"))
     with TieredStore(config(tmp_path, migration="scripted-test"), cache_on_put=False) as s:
         s.register_external("w", path, 0, 64 * KiB, torch.float32, (16 * KiB,))
-        s.put("x", filled(1), tier="slow").result(T)
+        s.put("x", filled(1), tier="slow", placed=False).result(T)
         read(s, "x")
         assert wait_until(lambda: s.stats()["governor"]["refused_external"] == 1), s.stats()["governor"]
         assert s.meta("w")["tier"] == "external" and torch.equal(read(s, "w"), filled(7))
@@ -167,9 +167,9 @@ def test_moves_stop_when_the_accesses_stop(tmp_path):
     """The store's own reads and writes of a move are no accesses: nothing moves back and forth."""
     with TieredStore(config(tmp_path, fast="256KiB"), cache_on_put=False) as s:
         for i in range(4):
-            s.put(f"cold{i}", filled(i), tier="fast").result(T)
+            s.put(f"cold{i}", filled(i), tier="fast", placed=False).result(T)
         for i in range(4):
-            s.put(f"hot{i}", filled(10 + i), tier="slow").result(T)
+            s.put(f"hot{i}", filled(10 + i), tier="slow", placed=False).result(T)
         for i in range(4):
             read(s, f"hot{i}")
         assert wait_until(lambda: all(s.meta(f"hot{i}")["tier"] == "fast" for i in range(4))), s.stats()["governor"]
@@ -184,8 +184,8 @@ def test_sizes_count_as_the_tier_counts_them(tmp_path):
     """Objects of 4100 bytes take 8 KiB extents: the policy must see 8 KiB to make room."""
     with TieredStore(config(tmp_path, fast="32KiB"), cache_on_put=False) as s:
         for i in range(4):
-            s.put(f"cold{i}", filled(i, n=1025), tier="fast").result(T)  # 4100 bytes each
-        s.put("hot", filled(9, n=1025), tier="slow").result(T)
+            s.put(f"cold{i}", filled(i, n=1025), tier="fast", placed=False).result(T)  # 4100 bytes each
+        s.put("hot", filled(9, n=1025), tier="slow", placed=False).result(T)
         for _ in range(3):
             read(s, "hot")
         assert wait_until(lambda: s.meta("hot")["tier"] == "fast"), s.stats()["governor"]
@@ -196,7 +196,7 @@ def test_opening_a_store_moves_nothing_by_itself(tmp_path):
     cfg["tiers"]["flash"] = {"path": str(tmp_path / "flash"), "capacity": "16MiB"}
     with TieredStore({**cfg, "policy": {"migration": "none"}}) as s:
         for i in range(6):
-            s.put(f"k{i}", filled(i), tier="slow").result(T)  # the middle tier of three
+            s.put(f"k{i}", filled(i), tier="slow", placed=False).result(T)  # the middle tier of three
     with TieredStore(cfg) as s:
         time.sleep(0.5)
         g = s.stats()["governor"]
@@ -207,10 +207,10 @@ def test_a_move_never_waits_for_host_memory_and_close_is_prompt(tmp_path, monkey
     monkeypatch.setitem(policies._POLICIES, "scripted-test", lambda: Scripted(Move("a", 0), when="trigger"))
     s = TieredStore(config(tmp_path, host="1MiB", migration="scripted-test"), cache_on_put=False, host_wait=20)
     with s:
-        s.put("a", filled(1), tier="slow").result(T)
+        s.put("a", filled(1), tier="slow", placed=False).result(T)
         held = s.alloc_host(1 << 20, owner="other")  # every host byte pinned by another owner
         # a write out of that buffer needs no host memory; its event makes the policy move "a"
-        s.put_buffer("trigger", held, torch.uint8, (1 << 20,), tier="slow").result(T)
+        s.put_buffer("trigger", held, torch.uint8, (1 << 20,), tier="slow", placed=False).result(T)
         assert wait_until(lambda: s.stats()["governor"]["refused_host"] == 1), s.stats()["governor"]
         assert s.meta("a")["tier"] == "slow"
         t0 = time.monotonic()
@@ -225,7 +225,7 @@ def test_a_policy_that_raises_stops_the_governor_not_the_store(tmp_path, monkeyp
 
     monkeypatch.setitem(policies._POLICIES, "broken-test", lambda: Broken("broken-test", LRU))
     with TieredStore(config(tmp_path, migration="broken-test"), cache_on_put=False) as s:
-        s.put("a", filled(1), tier="slow").result(T)
+        s.put("a", filled(1), tier="slow", placed=False).result(T)
         read(s, "a")
         assert wait_until(lambda: s.stats()["governor"]["stopped"] is not None)
         assert "broken policy" in s.stats()["governor"]["stopped"]
@@ -239,7 +239,7 @@ def test_decisions_are_emitted_and_paced_to_the_bandwidth_budget(tmp_path):
     with TieredStore(config(tmp_path, fast="4MiB", bandwidth="1MB/s"), cache_on_put=False) as s:
         s.add_listener(lambda ev: events.append(ev) if ev.op == "migrate" else None)
         for i in range(3):
-            s.put(f"k{i}", filled(i, n=256 * KiB // 4), tier="slow").result(T)
+            s.put(f"k{i}", filled(i, n=256 * KiB // 4), tier="slow", placed=False).result(T)
         t0 = time.monotonic()
         for i in range(3):
             read(s, f"k{i}")
@@ -251,12 +251,12 @@ def test_decisions_are_emitted_and_paced_to_the_bandwidth_budget(tmp_path):
 
 def test_a_deleted_object_frees_the_policys_room(tmp_path):
     with TieredStore(config(tmp_path, fast="128KiB"), cache_on_put=False) as s:
-        s.put("a", filled(1), tier="slow").result(T)
+        s.put("a", filled(1), tier="slow", placed=False).result(T)
         read(s, "a")
         assert wait_until(lambda: s.meta("a")["tier"] == "fast")
         s.delete("a")
-        s.put("b", filled(2), tier="slow").result(T)
-        s.put("c", filled(3), tier="slow").result(T)
+        s.put("b", filled(2), tier="slow", placed=False).result(T)
+        s.put("c", filled(3), tier="slow", placed=False).result(T)
         read(s, "b")
         read(s, "c")
         assert wait_until(lambda: {s.meta(k)["tier"] for k in "bc"} == {"fast"}), s.stats()["governor"]
@@ -265,7 +265,8 @@ def test_a_deleted_object_frees_the_policys_room(tmp_path):
 
 def test_migration_none_starts_no_governor_and_bad_names_are_refused(tmp_path):
     with TieredStore(config(tmp_path, migration="none")) as s:
-        assert s.stats()["governor"] is None
+        g = s.stats()["governor"]
+        assert g["running"] is False and "none" in g["why"]
     with pytest.raises(ConfigError, match="policy.migration.*expected one of"):
         load_config(config(tmp_path, migration="nope"))
     with pytest.raises(ConfigError, match="policy.migration.*live store cannot run 'belady'.*future"):
@@ -280,7 +281,7 @@ def test_migration_none_starts_no_governor_and_bad_names_are_refused(tmp_path):
 
 def test_sync_governor_returns_once_the_moves_of_earlier_accesses_are_done(tmp_path):
     with TieredStore(config(tmp_path), cache_on_put=False) as s:
-        s.put("a", filled(1), tier="slow").result(T)
+        s.put("a", filled(1), tier="slow", placed=False).result(T)
         read(s, "a")
         assert s.sync_governor(T)
         assert s.meta("a")["tier"] == "fast" and s.stats()["governor"]["migrations"] == 1
@@ -310,9 +311,9 @@ def test_a_move_that_fails_after_its_read_leaves_the_cache_as_it_found_it(tmp_pa
     fb = FaultyBackend()
     monkeypatch.setitem(policies._POLICIES, "scripted-test", lambda: Scripted(Move("a", 0), when="trigger"))
     with TieredStore(config(tmp_path, migration="scripted-test"), cache_on_put=False, backend=fb) as s:
-        s.put("a", filled(1), tier="slow").result(T)  # not cached
+        s.put("a", filled(1), tier="slow", placed=False).result(T)  # not cached
         fb.fail("write", path=str(tmp_path / "fast"), times=1)  # the move's write to the fast tier fails
-        s.put("trigger", filled(2), tier="slow").result(T)
+        s.put("trigger", filled(2), tier="slow", placed=False).result(T)
         assert s.sync_governor(T)
         assert s.stats()["governor"]["failed"] == 1, s.stats()["governor"]
         assert not s.meta("a")["in_host"] and s.meta("a")["tier"] == "slow"
@@ -324,18 +325,24 @@ def test_auto_is_schedule_with_the_fallback_where_there_are_two_storage_tiers(tm
     with TieredStore(cfg, cache_on_put=False) as s:
         g = s.stats()["governor"]
         assert g is not None and g["policy"] == "schedule"
-        s.put("a", filled(1), tier="slow").result(T)
+        s.put("a", filled(1), tier="slow", placed=False).result(T)
         s.plan(["a"], owner="me")
         read(s, "a")
         assert s.sync_governor(T) and s.meta("a")["tier"] == "fast"
     one = config(tmp_path / "one", migration="auto")
     del one["tiers"]["slow"]
-    with TieredStore(one) as s:
-        assert s.stats()["governor"] is None
+    with TieredStore(one) as s:  # nothing to move between
+        g = s.stats()["governor"]
+        assert g["running"] is False and "one storage tier" in g["why"]
     default = config(tmp_path / "default")
     del default["policy"]
-    with TieredStore(default) as s:  # off unless asked for
-        assert s.stats()["governor"] is None
+    with TieredStore(default, cache_on_put=False) as s:  # on by default
+        g = s.stats()["governor"]
+        assert g["running"] is True and g["policy"] == "schedule"
+        s.put("b", filled(2), tier="slow", placed=False).result(T)
+        s.plan(["b"], owner="me")
+        read(s, "b")
+        assert s.sync_governor(T) and s.meta("b")["tier"] == "fast"
     with pytest.raises(ConfigError, match="policy.fallback"):
         load_config({**config(tmp_path), "policy": {"fallback": "nope"}})
 
@@ -343,7 +350,7 @@ def test_auto_is_schedule_with_the_fallback_where_there_are_two_storage_tiers(tm
 def test_a_round_of_moves_is_committed_once(tmp_path):
     with TieredStore(config(tmp_path, batch=8), cache_on_put=False) as s:
         for i in range(8):
-            s.put(f"k{i}", filled(i), tier="slow").result(T)
+            s.put(f"k{i}", filled(i), tier="slow", placed=False).result(T)
         commits = s.stats()["commits"]
         for i in range(8):
             s.get(f"k{i}").result(T)  # cached: the store's own reads of the moves find the copies
@@ -353,3 +360,70 @@ def test_a_round_of_moves_is_committed_once(tmp_path):
     with TieredStore(config(tmp_path, migration="none")) as s:  # the moves were committed
         assert {s.meta(f"k{i}")["tier"] for i in range(8)} == {"fast"}
         assert all(torch.equal(s.get(f"k{i}").result(T), filled(i)) for i in range(8))
+
+
+def test_an_object_put_on_a_named_tier_stays_there_and_the_refusal_is_counted(tmp_path):
+    cfg = config(tmp_path, migration="auto")
+    with TieredStore(cfg, cache_on_put=False) as s:
+        s.put("chosen", filled(1), tier="slow").result(T)  # the caller chose the slow tier
+        s.put("free", filled(2), tier="slow", placed=False).result(T)
+        assert s.meta("chosen")["placed"] and not s.meta("free")["placed"]
+        s.plan(["chosen", "free"], owner="me")
+        read(s, "chosen")
+        read(s, "free")
+        assert s.sync_governor(T)
+        g = s.stats()["governor"]
+        assert s.meta("chosen")["tier"] == "slow" and s.meta("free")["tier"] == "fast", g
+        assert g["refused_placed"] >= 1
+        assert torch.equal(read(s, "chosen"), filled(1))
+        s.migrate("free", "slow").result(T)  # an explicit migrate places it too
+        assert s.meta("free")["placed"] and s.meta("free")["tier"] == "slow"
+        s.put("chosen", filled(3)).result(T)  # a later put without a tier decides again
+        assert not s.meta("chosen")["placed"]
+    with TieredStore(cfg) as s:  # placement survives a reopen (the manifest records it)
+        assert s.meta("free")["placed"] and not s.meta("chosen")["placed"]
+
+
+def test_placement_first_fit_ignores_the_policys_placement(tmp_path, monkeypatch):
+    class Backing(CachingMigration):
+        def place(self, obs, tiers):
+            return list(tiers)[-1][0]
+
+    monkeypatch.setitem(policies._POLICIES, "backing-test2", lambda: Backing("backing-test2", LRU))
+    cfg = config(tmp_path, migration="backing-test2")
+    cfg["policy"]["placement"] = "first-fit"
+    with TieredStore(cfg, cache_on_put=False) as s:
+        s.put("a", filled(1)).result(T)
+        assert s.meta("a")["tier"] == "fast" and not s.meta("a")["placed"]
+
+
+def test_migrate_to_the_tier_an_object_is_on_places_it_durably(tmp_path):
+    cfg = config(tmp_path, migration="none")
+    with TieredStore(cfg) as s:
+        s.put("a", filled(1), tier="slow", placed=False).result(T)
+        assert s.migrate("a", "slow").result(T)["placed"]
+    with TieredStore(cfg) as s:
+        assert s.meta("a")["placed"] and s.meta("a")["tier"] == "slow"
+
+
+def test_an_object_placed_while_the_governor_moves_it_stays_where_its_caller_put_it(tmp_path, monkeypatch):
+    from tiered.store import governor as gov_mod
+
+    pace = gov_mod.Governor._pace
+    with TieredStore(config(tmp_path, migration="auto"), cache_on_put=False) as s:
+        placed = []
+
+        def pace_after_a_users_migrate(self, n):  # the user's choice lands after the governor's check
+            if not placed:
+                placed.append(s.migrate("a", "slow").result(T))
+            return pace(self, n)
+
+        monkeypatch.setattr(gov_mod.Governor, "_pace", pace_after_a_users_migrate)
+        s.put("a", filled(1), tier="slow", placed=False).result(T)
+        s.plan(["a"], owner="me")
+        read(s, "a")
+        assert s.sync_governor(T) and placed
+        assert (s.meta("a")["tier"], s.meta("a")["placed"]) == ("slow", True)
+        g = s.stats()["governor"]
+        assert g["refused_placed"] >= 1 and g["migrations"] == 0, g
+        assert torch.equal(read(s, "a"), filled(1))

@@ -417,6 +417,24 @@ def test_prefix_aware_store_keeps_blocks_of_queued_prompts(tmp_path):
             assert cache.load_prefix(prompt(50, 1)) == 0
 
 
+def test_queued_prompts_declare_their_stored_blocks_as_the_kv_stores_plan(tmp_path):
+    model = make_model()
+    with tiered.TieredStore(store_config(tmp_path)) as store:
+        kv = KVStore(store, model_identity(model), block_size=BS)
+        with TieredCache(model.config, kv, model=model) as cache:
+            cache.load_prefix(prompt(50, 0))
+            generate(model, prompt(50, 0), cache, n=1)
+        stored = [k for k in store.keys() if "/b/" in k]
+        assert stored
+        kv.expect([prompt(50, 1)[0], prompt(50, 0)[0]], layers=8)  # only prompt 0's blocks are stored
+        assert store.stats()["plans"]["active"][kv.owner]["keys"] == len(stored)
+        kv.expect([], layers=8)
+        assert kv.owner not in store.stats()["plans"]["active"]
+        kv.expect([prompt(50, 0)[0]], layers=8)
+        kv.close()  # withdraws it
+        assert kv.owner not in store.stats()["plans"]["active"]
+
+
 # --------------------------------------------------------------------------- policy
 
 

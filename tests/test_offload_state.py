@@ -204,9 +204,8 @@ def test_conversions_that_would_act_on_placeholders_are_refused(tmp_path):
             copy.deepcopy(model.model.layers[0])
         with pytest.raises(OffloadError, match="detach"):
             torch.save(model, tmp_path / "model.pt")
-        for assign in (False, True):
-            with pytest.raises(OffloadError, match="detach"):
-                model.load_state_dict(tiny_llama().state_dict(), assign=assign)
+        with pytest.raises(OffloadError, match="detach"):
+            model.load_state_dict(tiny_llama().state_dict(), assign=True)
         with torch.no_grad():
             assert torch.equal(model(IDS).logits, ref)  # nothing was changed by the refused calls
     finally:

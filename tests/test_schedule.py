@@ -246,7 +246,7 @@ def test_schedule_runs_live_as_the_stores_migration_policy(tmp_path):
     keys = [f"k{i}" for i in range(6)]
     with TieredStore(cfg, cache_on_put=False) as s:
         for i, k in enumerate(keys):
-            s.put(k, torch.full((16384,), float(i)), tier="slow").result(30)
+            s.put(k, torch.full((16384,), float(i)), tier="slow", placed=False).result(30)
         for _ in range(3):
             s.plan(keys, owner="scan")
             for i, k in enumerate(keys):

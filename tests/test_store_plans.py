@@ -231,7 +231,7 @@ def test_a_move_of_a_block_checksummed_object_does_not_wait_for_host_memory(tmp_
     from tiered.allocators import OutOfBudget
 
     with TieredStore(two_storage(tmp_path), cache_on_put=False, host_wait=5) as s:
-        s.put("a", filled(1), tier="fast", block=4096).result(T)
+        s.put("a", filled(1), tier="fast", block=4096, placed=False).result(T)
         lease = s.acquire("a").result(T)  # cached and pinned: the move needs only its crc table
         held = s.alloc_host(s.stats()["tiers"]["host"]["capacity"] - OBJ, owner="other")
         t0 = time.monotonic()

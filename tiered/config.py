@@ -25,11 +25,12 @@ import tomllib
 
 from tiered.policies import eviction_policy_names, policy_names
 
+from . import ranks
 from .sizes import SizeError, format_rate, format_size, parse_rate, parse_share, parse_size
 
 __all__ = [
     "BACKENDS",
-    "KNOWN_PLACEMENT_POLICIES",
+    "KNOWN_EVICTION_POLICIES",
     "TIER_KINDS",
     "Config",
     "ConfigError",
@@ -44,7 +45,7 @@ __all__ = [
     "load_config",
 ]
 
-TIER_KINDS = ("device", "host", "storage")
+TIER_KINDS = ("device", "host", "storage", "shared")
 def backend_choices() -> tuple[str, ...]:
     """Names ``[engine] backend`` accepts: the engine's backend registry, read at validation
     time (a backend registered later is accepted), plus ``auto``."""
@@ -54,10 +55,12 @@ def backend_choices() -> tuple[str, ...]:
 
 
 BACKENDS = backend_choices()  # those registered when this module was imported
-# Names accepted by ``[policy] placement`` besides those in the policies
+# Names accepted by ``[policy] eviction`` besides those in the policies
 # registry (``policies.eviction_policy_names()``, read at validation time, so
 # a policy registered by a workload package is accepted once it is imported).
-KNOWN_PLACEMENT_POLICIES: tuple[str, ...] = ("lru",)
+KNOWN_EVICTION_POLICIES: tuple[str, ...] = ("lru",)
+# ``[policy] placement``: where a new object put without a named tier goes.
+PLACEMENTS = ("auto", "first-fit")
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -70,10 +73,12 @@ _TIER_KEYS = {
     "device": ("kind", "capacity", "device"),
     "host": ("kind", "capacity"),
     "storage": ("kind", "capacity", "path", "read_bandwidth", "write_bandwidth"),
+    "shared": ("kind", "capacity", "url", "required", "timeout"),
 }
+_SHARED_SCHEMES = ("redis", "rediss", "unix")
 _ALL_TIER_KEYS = tuple(dict.fromkeys(k for keys in _TIER_KEYS.values() for k in keys))
 _ENGINE_KEYS = ("backend", "workers", "queue_depth", "chunk", "direct")
-_POLICY_KEYS = ("placement", "migration", "fallback", "migration_bandwidth", "migration_batch")
+_POLICY_KEYS = ("placement", "eviction", "migration", "fallback", "migration_bandwidth", "migration_batch")
 # Migration policies a live store cannot run, and why (they run in ``tiered bench replay``).
 NOT_LIVE = {"belady": "it needs the future of the accesses, which a live store does not know",
             "rl": "it learns from access latencies, which the live governor does not report"}
@@ -86,15 +91,26 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TierSpec:
-    """One tier's budget. Device tiers hold GPU memory, host pinned RAM, storage files."""
+    """One tier's budget. Device tiers hold GPU memory, host pinned RAM, storage files; a shared
+    tier is a key-value server other processes and hosts use too (``external``: the store never
+    places or moves objects there; the KV prefix store reads and writes it itself)."""
 
     name: str
     kind: str  # "device" | "host" | "storage"
     capacity: int  # bytes
     path: Path | None = None  # storage tiers only (absolute, resolved)
+    path_template: str | None = None  # the path as written, where it holds {rank}/{local_rank}: a per-rank shard
     read_bandwidth: int | None = None  # bytes/s throttle (storage tiers)
     write_bandwidth: int | None = None
     device: str | None = None  # device tiers, e.g. "cuda:0"
+    url: str | None = None  # shared tiers: redis://HOST:PORT/DB
+    required: bool = True  # shared tiers: an unreachable server fails the open (else: run without it)
+    timeout: float = 2.0  # shared tiers: seconds a connect or a request may take
+
+    @property
+    def external(self) -> bool:
+        """A tier outside the store (shared with other processes): never a placement or migration target."""
+        return self.kind == "shared"
 
 
 @dataclass(frozen=True)
@@ -112,17 +128,24 @@ class EngineSpec:
 class PolicySpec:
     """Which policies decide what lives where.
 
-    ``placement``: the host tier's ranking of cached copies (which is evicted first).
+    ``placement``: where a new object put without a named tier goes ("auto", the default: the
+    tier the migration policy picks when it places objects, else the first with room;
+    "first-fit": always the first storage tier with room).
+    ``eviction``: the host tier's ranking of cached copies (which is evicted first; declared
+    plans come first, see the store).
     ``migration``: the policy the store's governor asks, from the store's own accesses, which
-    storage tier each object lives on ("none", the default: objects stay where they were put;
-    "auto": ``schedule`` with ``fallback`` where the store has two or more storage tiers, else
-    none). ``fallback``: the eviction ranking ``schedule`` uses where no plan says what is next.
+    storage tier each object lives on ("auto", the default: ``schedule`` -- exact decisions over
+    the declared plans -- with ``fallback`` beyond them; "none": objects stay where they were
+    put). The governor acts only where there are two or more storage tiers, and never moves an
+    object whose put or migrate named its tier.
+    ``fallback``: the eviction ranking ``schedule`` uses where no plan says what is next.
     ``migration_bandwidth``: bytes/s the governor's moves may use; ``migration_batch``: accesses
     per decision round.
     """
 
-    placement: str = "lru"
-    migration: str = "none"
+    placement: str = "auto"
+    eviction: str = "lru"
+    migration: str = "auto"
     fallback: str = "lru"
     migration_bandwidth: int = 128_000_000
     migration_batch: int = 64
@@ -164,7 +187,10 @@ class OwnerShare:
 
 @dataclass(frozen=True)
 class Config:
-    """A validated config: tiers ordered fastest first (device, host, storage in file order)."""
+    """A validated config: tiers ordered fastest first (device, host, storage in file order).
+
+    ``shared_tiers``: the ``kind = "shared"`` tiers, kept apart from ``tiers`` because the store
+    does not manage them (see :attr:`TierSpec.external`)."""
 
     tiers: tuple[TierSpec, ...]
     engine: EngineSpec = field(default_factory=EngineSpec)
@@ -172,6 +198,7 @@ class Config:
     source: str = "<dict>"
     offload: OffloadSpec = field(default_factory=OffloadSpec)
     owners: tuple[OwnerShare, ...] = ()
+    shared_tiers: tuple[TierSpec, ...] = ()
 
     def share(self, owner: str, tier: str) -> int | None:
         """The share ``[owners.<owner>]`` gives ``owner`` of ``tier`` (None: not configured).
@@ -204,7 +231,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able resolved form for printing: sizes as ints plus ``*_human`` strings."""
         tiers: dict[str, Any] = {}
-        for t in self.tiers:
+        for t in (*self.tiers, *self.shared_tiers):
             d: dict[str, Any] = {
                 "kind": t.kind,
                 "capacity": t.capacity,
@@ -214,6 +241,10 @@ class Config:
                 d["device"] = t.device
             if t.path is not None:
                 d["path"] = str(t.path)
+            if t.path_template is not None:
+                d["path_template"] = t.path_template
+            if t.url is not None:
+                d.update(url=t.url, required=t.required, timeout=t.timeout)
             for key in ("read_bandwidth", "write_bandwidth"):
                 rate = getattr(t, key)
                 if rate is not None:
@@ -232,7 +263,8 @@ class Config:
                 "chunk_human": format_size(e.chunk),
                 "direct": e.direct,
             },
-            "policy": {"placement": self.policy.placement, "migration": self.policy.migration,
+            "policy": {"placement": self.policy.placement, "eviction": self.policy.eviction,
+                       "migration": self.policy.migration,
                        "fallback": self.policy.fallback,
                        "migration_bandwidth": self.policy.migration_bandwidth,
                        "migration_bandwidth_human": format_rate(self.policy.migration_bandwidth),
@@ -252,21 +284,21 @@ class Config:
 def load_config(
     source: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None,
     *,
-    placement_policies: Iterable[str] | None = None,
+    eviction_policies: Iterable[str] | None = None,
 ) -> Config:
     """A validated :class:`Config` from a TOML file, a mapping, a Config, or None (the default).
 
-    ``placement_policies`` overrides :data:`KNOWN_PLACEMENT_POLICIES` for
-    ``policy.placement``. Storage directories are created (0700) as a side
+    ``eviction_policies`` overrides the names accepted by ``policy.eviction`` (default: the
+    policies registry's eviction policies). Storage directories are created (0700) as a side
     effect, so a config that loads is one whose paths are usable.
     """
     if source is None:
         return default_config()
     if isinstance(source, Config):
         return source
-    if placement_policies is None:
-        placement_policies = dict.fromkeys((*KNOWN_PLACEMENT_POLICIES, *eviction_policy_names()))
-    policies = tuple(placement_policies)
+    if eviction_policies is None:
+        eviction_policies = dict.fromkeys((*KNOWN_EVICTION_POLICIES, *eviction_policy_names()))
+    policies = tuple(eviction_policies)
     if isinstance(source, Mapping):
         return _Validator("<dict>", Path.cwd(), policies).config(source)
     if not isinstance(source, (str, os.PathLike)):
@@ -295,12 +327,12 @@ def load_config(
 def check_config(
     source: str | os.PathLike[str] | Mapping[str, Any],
     *,
-    placement_policies: Iterable[str] | None = None,
+    eviction_policies: Iterable[str] | None = None,
 ) -> Config:
     """What ``tiered config check FILE`` runs: load and validate, raising ConfigError."""
     if source is None:
         raise ConfigError("check_config() needs a config file or mapping to check")
-    return load_config(source, placement_policies=placement_policies)
+    return load_config(source, eviction_policies=eviction_policies)
 
 
 def machine_warnings(cfg: Config) -> list[str]:
@@ -383,7 +415,7 @@ def default_config() -> Config:
             f"tiers.nvme.capacity in <default>: no free disk space at {home}; "
             "set TIERED_HOME to a directory with room or pass a config file"
         )
-    return _Validator("<default>", Path.cwd(), tuple(KNOWN_PLACEMENT_POLICIES)).config({"tiers": tiers})
+    return _Validator("<default>", Path.cwd(), tuple(KNOWN_EVICTION_POLICIES)).config({"tiers": tiers})
 
 
 def _default_gpu_tier() -> dict[str, Any] | None:
@@ -522,7 +554,9 @@ class _Validator:
                 f"missing required table 'tiers' in {self.file}: expected at least one storage tier, "
                 'e.g. [tiers.nvme] with path = "/mnt/nvme/tiered" and capacity = "200GiB"'
             )
-        tiers = self.tiers(self.table(data["tiers"], "tiers"))
+        every_tier = self.tiers(self.table(data["tiers"], "tiers"))
+        tiers = tuple(t for t in every_tier if not t.external)
+        shared = tuple(t for t in every_tier if t.external)
         engine = self.engine(self.table(data.get("engine", {}), "engine"))
         policy = self.policy(self.table(data.get("policy", {}), "policy"))
         if policy.migration not in ("none", "auto") and sum(t.kind == "storage" for t in tiers) < 2:
@@ -530,7 +564,8 @@ class _Validator:
                            "storage tiers: configure two or more, or set \"none\"")
         offload = self.offload(self.table(data.get("offload", {}), "offload"))
         owners = self.owners(self.table(data.get("owners", {}), "owners"), tiers)
-        return Config(tiers=tiers, engine=engine, policy=policy, source=self.source, offload=offload, owners=owners)
+        return Config(tiers=tiers, engine=engine, policy=policy, source=self.source, offload=offload, owners=owners,
+                      shared_tiers=shared)
 
     def owners(self, table: Mapping[str, Any], tiers: tuple[TierSpec, ...]) -> tuple[OwnerShare, ...]:
         """``[owners.NAME]`` tables: per tier a size or a percentage of the tier's capacity;
@@ -573,6 +608,9 @@ class _Validator:
         if len(by_kind["host"]) > 1:
             names = ", ".join(repr(t.name) for t in by_kind["host"])
             raise ConfigError(f"tiers in {self.file}: at most one host tier is allowed, found {names}")
+        if len(by_kind["shared"]) > 1:
+            names = ", ".join(repr(t.name) for t in by_kind["shared"])
+            raise ConfigError(f"tiers in {self.file}: at most one shared tier is allowed, found {names}")
         if not by_kind["storage"]:
             raise ConfigError(
                 f"tiers in {self.file}: expected at least one storage tier "
@@ -599,11 +637,13 @@ class _Validator:
             return "host"
         if "path" in body:
             return "storage"
+        if "url" in body:
+            return "shared"
         # A misspelled 'path' is the likeliest reason; say so before giving up.
         self.unknown_keys(body, prefix, _ALL_TIER_KEYS)
         raise ConfigError(
             f"cannot infer the kind of tier {prefix[:-1]!r} in {self.file}: add kind = "
-            f"{_one_of(TIER_KINDS)} (or name it 'gpu'/'host', or give a storage tier a 'path')"
+            f"{_one_of(TIER_KINDS)} (or name it 'gpu'/'host', or give a storage tier a 'path', a shared tier a 'url')"
         )
 
     def tier(self, name: str, body: Mapping[str, Any]) -> TierSpec:
@@ -630,6 +670,8 @@ class _Validator:
             return TierSpec(name, kind, capacity, device=device)
         if kind == "host":
             return TierSpec(name, kind, capacity)
+        if kind == "shared":
+            return self.shared_tier(name, body, capacity)
         if "path" not in body:
             raise ConfigError(
                 f"missing required key {prefix}path in {self.file}: "
@@ -640,11 +682,53 @@ class _Validator:
             k: self.rate(body[k], prefix + k) if k in body else None
             for k in ("read_bandwidth", "write_bandwidth")
         }
-        return TierSpec(name, kind, capacity, path=path, **rates)
+        template = body["path"] if ranks.is_template(body["path"]) else None
+        return TierSpec(name, kind, capacity, path=path, path_template=template, **rates)
+
+    def shared_tier(self, name: str, body: Mapping[str, Any], capacity: int) -> TierSpec:
+        """``url`` (redis://HOST:PORT/DB, rediss://..., unix:///path.sock), ``required``, ``timeout``."""
+        prefix = f"tiers.{name}."
+        if "url" not in body:
+            raise ConfigError(f"missing required key {prefix}url in {self.file}: expected the key-value "
+                              "server's address, e.g. 'redis://127.0.0.1:6379/0'")
+        url = self.shared_url(body["url"], prefix + "url")
+        required = body.get("required", True)
+        if not isinstance(required, bool):
+            raise self.bad(prefix + "required", required, "expected true or false")
+        timeout = body.get("timeout", 2.0)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
+            raise self.bad(prefix + "timeout", timeout, "expected seconds, a number in (0, 600]")
+        return TierSpec(name, "shared", capacity, url=url, required=required, timeout=float(timeout))
+
+    def shared_url(self, value: object, key: str) -> str:
+        from urllib.parse import urlsplit
+
+        want = "expected a URL such as 'redis://127.0.0.1:6379/0' (schemes: " + ", ".join(_SHARED_SCHEMES) + ")"
+        if not isinstance(value, str):
+            raise self.bad(key, value, want)
+        try:
+            u = urlsplit(value)
+            port = u.port  # a non-numeric port raises here
+        except ValueError as e:
+            raise self.bad(key, value, f"{want}: {e}") from None
+        if u.scheme not in _SHARED_SCHEMES:
+            raise self.bad(key, value, want)
+        if u.scheme == "unix":
+            if not u.path:
+                raise self.bad(key, value, "expected a socket path, e.g. 'unix:///run/redis.sock'")
+            return value
+        db = u.path.strip("/")
+        if not u.hostname or (port is not None and not 0 < port < 65536) or (db and not db.isdigit()):
+            raise self.bad(key, value, want + ", with a host and an optional numeric port and database")
+        return value
 
     def storage_path(self, value: object, key: str) -> Path:
         if not isinstance(value, str) or not value.strip():
             raise self.bad(key, value, "expected a directory path string")
+        try:
+            value = ranks.expand(value)
+        except ranks.RankError as e:
+            raise self.bad(key, value, str(e)) from None
         p = Path(value).expanduser()
         if not p.is_absolute():
             p = self.base / p
@@ -680,7 +764,9 @@ class _Validator:
         self.unknown_keys(table, "policy.", _POLICY_KEYS)
         fields: dict[str, Any] = {}
         if "placement" in table:
-            fields["placement"] = self.choice(table["placement"], "policy.placement", self.policies)
+            fields["placement"] = self.placement(table["placement"])
+        if "eviction" in table:
+            fields["eviction"] = self.choice(table["eviction"], "policy.eviction", self.policies)
         if "migration" in table:
             fields["migration"] = self.migration_policy(table["migration"])
         if "fallback" in table:
@@ -690,6 +776,12 @@ class _Validator:
         if "migration_batch" in table:
             fields["migration_batch"] = self.integer(table["migration_batch"], "policy.migration_batch", 1, 1 << 16)
         return PolicySpec(**fields)
+
+    def placement(self, value: object) -> str:
+        if value in self.policies and value not in PLACEMENTS:
+            raise self.bad("policy.placement", value, f"{value!r} ranks the host tier's cached copies: set it as "
+                           f'[policy] eviction = "{value}"; placement takes ' + " or ".join(map(repr, PLACEMENTS)))
+        return self.choice(value, "policy.placement", PLACEMENTS)
 
     def migration_policy(self, value: object) -> str:
         name = self.choice(value, "policy.migration", ("none", "auto", *policy_names()))

@@ -11,11 +11,12 @@ host memory for the whole model; nothing is kept once the call returns.
 ``state_dict(keep_vars=True)`` would return the placeholder parameters themselves: it is
 refused (call ``tiered.detach(model)`` first to get the real parameters).
 
-Conversions (``model.to(dtype)``, ``.half()``, ``.to(other device)``), ``copy.deepcopy``,
-pickling the module and ``load_state_dict`` would act on the placeholders (silently giving
-NaN weights, a second runtime sharing the first one's hooks, or loaded values the store
-never serves): they are refused with an error that says to call ``tiered.detach(model)``
-first. Conversions that change nothing are allowed.
+``load_state_dict`` writes the values of offloaded tensors into their store objects (new
+versions, durable when it returns; on the CPU); ``assign=True`` is refused.
+Conversions (``model.to(dtype)``, ``.half()``, ``.to(other device)``), ``copy.deepcopy`` and
+pickling the module would act on the placeholders (silently giving NaN weights, or a second
+runtime sharing the first one's hooks): they are refused with an error that says to call
+``tiered.detach(model)`` first. Conversions that change nothing are allowed.
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ def install(rt: "OffloadedModule") -> list:
     guarded = _guarded_modules(rt)
     for m in guarded:
         handles.append(m.register_state_dict_post_hook(
-            functools.partial(_fill_state, weakref.ref(rt), _slot_names(m, rt), calls)))
-        handles.append(m.register_load_state_dict_pre_hook(_refuse_load))
+            functools.partial(_fill_state, weakref.ref(rt), calls)))
+        loaded: list[str] = []  # names the pre-hook wrote to the store: not missing
+        handles.append(m.register_load_state_dict_pre_hook(
+            functools.partial(_load_into_store, weakref.ref(rt), loaded)))
+        handles.append(m.register_load_state_dict_post_hook(functools.partial(_not_missing, loaded)))
         m.state_dict = functools.partial(_counted_state_dict, m, calls)
         m._apply = functools.partial(_checked_apply, m, _slot_types(m, rt))
         m.__deepcopy__ = functools.partial(_refuse_copy, "a deep copy", type(m).__name__)
@@ -99,11 +103,12 @@ def _slot_names(m: nn.Module, rt: "OffloadedModule") -> list[tuple[str, "_Slot"]
     return out
 
 
-def _fill_state(rt_ref, names, calls: threading.local, _module, state_dict, prefix, _meta) -> None:
+def _fill_state(rt_ref, calls: threading.local, module, state_dict, prefix, _meta) -> None:
     rt = rt_ref()
     if rt is None or getattr(calls, "depth", 0) > 1:
         return  # an enclosing guarded module's state_dict() fills the entries once, when it ends
-    want = [(prefix + n, s) for n, s in names if prefix + n in state_dict]
+    # names found now: wrappers added since offload (peft's LoRA layers) move tensors to new names
+    want = [(prefix + n, s) for n, s in _slot_names(module, rt) if prefix + n in state_dict]
     if not want:
         return
     made: dict[int, torch.Tensor] = {}  # id(tensor) -> its copy: tied weights stay one tensor
@@ -157,10 +162,33 @@ def _checked_apply(m: nn.Module, types, fn, recurse: bool = True):
     return type(m)._apply(m, fn, recurse)
 
 
-def _refuse_load(module: nn.Module, *_args) -> None:
-    raise OffloadError(f"{type(module).__name__} is offloaded: load_state_dict would write into placeholders "
-                       "(or, with assign=True, replace parameters the store no longer serves); call "
-                       "tiered.detach(model) first, load, then offload again")
+def _load_into_store(rt_ref, loaded: list, module: nn.Module, state_dict, prefix, local_metadata, *_args) -> None:
+    """``load_state_dict``: the values of offloaded tensors are written to their store objects
+    (and taken out of ``state_dict``, so torch does not copy them into the placeholders);
+    a value of another shape is left for torch to report."""
+    if local_metadata.get("assign_to_params_buffers"):
+        raise OffloadError(f"{type(module).__name__} is offloaded: load_state_dict(assign=True) would replace "
+                           "parameters the store no longer serves; call tiered.detach(model) first, load, then "
+                           "offload again (or load without assign=True)")
+    rt = rt_ref()
+    if rt is None:
+        return
+    values, names = {}, []
+    for n, s in _slot_names(module, rt):
+        v = state_dict.get(prefix + n)
+        if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(s.shape):
+            values[id(s.tensor())] = v
+            names.append(prefix + n)
+    rt.load_values(values)
+    for n in names:
+        state_dict.pop(n)
+    loaded.extend(names)
+
+
+def _not_missing(loaded: list, _module, incompatible) -> None:
+    """What the pre-hook loaded is not a missing key."""
+    done, loaded[:] = set(loaded), []
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in done]
 
 
 def _refuse_copy(what: str, name: str, _arg=None):

@@ -189,6 +189,7 @@ class TieredFeatureStore(_Memory, _Gathers, _Imports, _Updates, _Workers, Featur
         with self._lock:  # a concurrent snapshot (a fork) either finishes first or sees it closed
             if not self._opened or os.getpid() != self._pid:
                 return
+            self._withdraw_plan()
             self._opened = False
             _OPEN.pop(id(self), None)
             attrs, self._attrs = list(self._attrs.values()), {}

@@ -25,7 +25,9 @@ def sampling_degree(edge_index, num_nodes: int) -> np.ndarray:
 def window(batches: Iterable, fs: "TieredFeatureStore", *, depth: int = 1, group_name=None,
            attr_names: Sequence[str] | None = None) -> Iterator:
     """Yield ``batches`` (node-id tensors/arrays) with prefetches of the next ``depth`` already
-    issued: the window prefetch of GIDS, for loops that know upcoming ids."""
+    issued: the window prefetch of GIDS, for loops that know upcoming ids. The batch yielded
+    and those queued behind it are declared to the store as the feature store's plan
+    (:meth:`TieredFeatureStore.plan`), withdrawn when the loop ends."""
     it = iter(batches)
     queue: list = []
     for _ in range(depth + 1):
@@ -33,13 +35,17 @@ def window(batches: Iterable, fs: "TieredFeatureStore", *, depth: int = 1, group
             queue.append((b := next(it), fs.prefetch(b, group_name, attr_names) if queue else None))
         except StopIteration:
             break
-    while queue:
-        b, f = queue.pop(0)
-        try:
-            nb = next(it)
-            queue.append((nb, fs.prefetch(nb, group_name, attr_names)))
-        except StopIteration:
-            pass
-        if f is not None:
-            f.result(timeout=fs.timeout)  # surfaces prefetch errors in the consumer's thread
-        yield b
+    try:
+        while queue:
+            b, f = queue.pop(0)
+            try:
+                nb = next(it)
+                queue.append((nb, fs.prefetch(nb, group_name, attr_names)))
+            except StopIteration:
+                pass
+            fs.plan([b, *(q for q, _f in queue)], group_name, attr_names)
+            if f is not None:
+                f.result(timeout=fs.timeout)  # surfaces prefetch errors in the consumer's thread
+            yield b
+    finally:
+        fs._withdraw_plan()

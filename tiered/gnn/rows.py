@@ -218,6 +218,29 @@ class _Gathers:
             raise errors[0]
         return results
 
+    # -- declared futures ------------------------------------------------------------
+    def plan(self, batches, group_name=None, attr_names: Sequence[str] | None = None) -> None:
+        """Declare the minibatches (node ids) about to be gathered, in order: the store learns
+        which chunk objects they read and when (``TieredStore.plan`` for owner :attr:`owner`), so
+        its host eviction keeps them and its governor can move them ahead. A new call replaces
+        the previous declaration; ``plan([])`` withdraws it. :func:`tiered.gnn.window` calls it."""
+        self._check_open()
+        names = attr_names if attr_names is not None else [n for (g, n) in self._attrs if g == group_name]
+        attrs = [a for a in (self._attr(group_name, n) for n in names) if a.tier != "zarr" and a.keys]
+        keys: list[str] = []
+        for index in batches:
+            for a in attrs:
+                ids, _shape = _normalize_index(index, a.num_rows, a.label)
+                keys.extend(a.keys[int(c)] for c in np.unique(ids // a.chunk_rows))
+        self.store.plan(keys, owner=self.owner)
+        self._planned = bool(keys)
+
+    def _withdraw_plan(self) -> None:
+        """Withdraw a declared plan, if any, while the feature store and its store are open."""
+        if getattr(self, "_planned", False) and self._opened and self.store.is_open:
+            self.store.plan([], owner=self.owner)
+            self._planned = False
+
     # -- prefetch ------------------------------------------------------------------
     def prefetch(self, index, group_name=None, attr_names: Sequence[str] | None = None) -> IOFuture:
         """Start reading the rows ``index`` (the next minibatch's node ids) that are not cached,

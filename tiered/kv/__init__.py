@@ -2,6 +2,7 @@
 
 - :class:`TieredCache` -- a ``transformers.Cache`` for ``model.generate`` and manual decode loops;
 - :class:`KVStore` -- prefix blocks (chained hashes, model identity) and spills in a TieredStore;
+- :class:`SharedTier` -- prefix blocks on a Redis-protocol server, shared by every process using it;
 - :mod:`tiered.kv.replay` -- prefix-store replay of a Mooncake trace (``python -m tiered.kv.replay``).
 
 ``TieredCache`` is imported on first use, so the replay and the KVStore do not need transformers.
@@ -10,6 +11,7 @@
 from tiered.policies import PrefixAware
 
 from .prefix import KVStore, KVStoreError, chain_hashes, model_identity
+from .shared import SharedTier, SharedTierError
 
 _CACHE_NAMES = ("KVCacheError", "TieredCache", "TieredLayer", "kv_geometry")
 
@@ -22,5 +24,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'tiered.kv' has no attribute {name!r}")
 
 
-__all__ = ["KVCacheError", "KVStore", "KVStoreError", "PrefixAware", "TieredCache", "TieredLayer",
-           "chain_hashes", "kv_geometry", "model_identity"]
+__all__ = ["KVCacheError", "KVStore", "KVStoreError", "PrefixAware", "SharedTier", "SharedTierError", "TieredCache",
+           "TieredLayer", "chain_hashes", "kv_geometry", "model_identity"]

@@ -17,6 +17,11 @@ and named by the manifest only when durable, and every read is checked
 against its crc32s; a block that fails its check is deleted here and reported
 as missing, so the caller recomputes it instead of using it.
 
+Shared tier: where the store's config has a ``kind = "shared"`` tier (a Redis-protocol
+server, :mod:`tiered.kv.shared`), every prefix block saved here is also published there, and a
+lookup that misses locally pulls the blocks other processes published into this store (checked,
+then put like a computed block), so a prefix computed by one process is reused by every other.
+
 Session blocks (K/V of generated tokens spilled past the device budget) live
 under ``kv/<id>/s/<session>/`` and are deleted when their cache closes; ones a
 crashed process left behind (another pid: the store admits one process) are
@@ -39,10 +44,13 @@ from tiered.policies import EvictionPolicy, Observation, create_eviction_policy
 
 from ..sizes import parse_size
 from ..store import ChecksumError, StoreError, TieredStore
+from .shared import SharedTier
 
 log = logging.getLogger("tiered.kv")
 
 KEY_ROOT = "kv"
+PULL_WINDOW = 8  # blocks asked of the shared tier per round trip
+LOCAL_PUT_TIMEOUT = 120.0  # seconds a block pulled from the shared tier may take to be put here
 HASH_VERSION = "tiered-kv-2"  # 2: the attention implementation and compute device type are hashed
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "use_cache",
                          "output_attentions", "output_hidden_states", "return_dict", "torch_dtype", "dtype")
@@ -125,11 +133,15 @@ class KVStore:
     ``owner``: the store owner its prefix blocks and records are charged to (default
     ``kv/<identity[:16]>``, the name of its key namespace; ``kv/anon`` without an identity).
     A cache's own spills and reads are charged to the cache (``TieredCache.owner``).
+    ``shared``: the shared tier prefix blocks are published to and pulled from: "config" (the
+    store config's ``kind = "shared"`` tier, opened here and closed by :meth:`close`; none if it
+    has none), a :class:`~tiered.kv.shared.SharedTier` the caller opened (and closes), or None.
     """
 
     def __init__(self, store: TieredStore, identity: str | None = None, *, block_size: int = 256,
                  capacity: int | str | None = None, policy: str | EvictionPolicy = "lru", sweep: bool = True,
-                 layers_per_object: int | None = None, owner: str | None = None) -> None:
+                 layers_per_object: int | None = None, owner: str | None = None,
+                 shared: SharedTier | str | None = "config") -> None:
         if not isinstance(block_size, int) or block_size < 1:
             raise KVStoreError(f"KVStore: block_size must be a positive int, got {block_size!r}")
         if layers_per_object is not None and (not isinstance(layers_per_object, int) or layers_per_object < 1):
@@ -148,9 +160,12 @@ class KVStore:
         self._bytes = 0
         self._sizes: dict[str, int] = {}
         self.stats = {"lookups": 0, "hit_blocks": 0, "miss_blocks": 0, "corrupt_blocks": 0,
-                      "saved_blocks": 0, "evicted_blocks": 0, "loaded_bytes": 0}
+                      "saved_blocks": 0, "evicted_blocks": 0, "loaded_bytes": 0, "shared_hit_blocks": 0,
+                      "shared_published_blocks": 0}
         if identity is not None:
             self._check_identity()
+        self.shared, self._own_shared = self._shared_tier(shared)
+        self._planned = False  # a plan of queued prompts' blocks is declared (expect)
         for key in store.keys():
             if not key.startswith(self.ns + "/"):
                 continue
@@ -165,6 +180,25 @@ class KVStore:
                 self._sizes[key] = n
                 self._bytes += n
                 self.policy.admit(Observation(key, n, "kv", "write", None))
+
+    def _shared_tier(self, shared) -> tuple[SharedTier | None, bool]:
+        if shared is None or isinstance(shared, SharedTier):
+            return shared, False
+        if shared != "config":
+            raise KVStoreError(f"KVStore: shared must be 'config', a SharedTier or None, got {shared!r}")
+        specs = self.store.config.shared_tiers
+        if not specs or self.identity is None:
+            return None, False
+        return SharedTier.from_spec(specs[0]).open(), True
+
+    def close(self) -> None:
+        """Withdraw a declared plan and close the shared tier this KVStore opened (the local
+        store is the caller's)."""
+        if self._planned and self.store.is_open:
+            self.store.plan([], owner=self.owner)
+            self._planned = False
+        if self._own_shared and self.shared is not None:
+            self.shared.close()
 
     def _check_identity(self) -> None:
         key = f"{self.ns}/identity"
@@ -200,23 +234,77 @@ class KVStore:
         return chain_hashes(token_ids, self.block_size, self.identity)
 
     def match(self, hashes: Sequence[str], parts: Sequence[tuple[int, int]]) -> int:
-        """How many leading blocks of ``hashes`` the store holds (every part of each)."""
+        """How many leading blocks of ``hashes`` the store holds (every part of each), after pulling
+        those it lacks from the shared tier."""
         n = 0
         for h in hashes:
             if not all(self.block_key(h, p) in self.store for p in parts):
                 break
             n += 1
+        if n < len(hashes) and self.shared is not None and self.identity is not None:
+            n += self._pull(hashes[n:], parts)
         with self._lock:
             self.stats["lookups"] += 1
         return n
 
     def expect(self, prompts: Sequence, layers: int) -> None:
-        """Tell a future-aware policy the prompts waiting to run (token id rows, soonest first)."""
+        """The prompts waiting to run (token id rows, soonest first): a future-aware policy
+        (``prefix-aware``) keeps their blocks, and the stored blocks they will load are declared
+        to the store as this KVStore's plan (``TieredStore.plan``, owner :attr:`owner`), so its
+        host eviction and governor know them. ``expect([], layers)`` withdraws both."""
+        parts = self.parts(layers)
+        queue = [[self.block_key(h, p) for h in self.hashes(q) for p in parts] for q in prompts]
         if hasattr(self.policy, "set_queue"):
-            parts = self.parts(layers)
             with self._lock:
-                self.policy.set_queue([[self.block_key(h, p) for h in self.hashes(q) for p in parts]
-                                       for q in prompts])
+                self.policy.set_queue(queue)
+        planned = [k for keys in queue for k in keys if k in self.store]
+        if planned or self._planned:
+            self.store.plan(planned, owner=self.owner)
+            self._planned = bool(planned)
+
+    def _pull(self, hashes: Sequence[str], parts: Sequence[tuple[int, int]]) -> int:
+        """Put the leading blocks of ``hashes`` the shared tier holds (checked) into this store; how many."""
+        puts: list[list] = []  # per block pulled: the futures of its parts' puts
+        for start in range(0, len(hashes), PULL_WINDOW):
+            chunk = hashes[start:start + PULL_WINDOW]
+            keys = [self.block_key(h, p) for h in chunk for p in parts]
+            got = iter(zip(keys, self.shared.get_many(keys, self.identity)))
+            for _h in chunk:
+                block = [next(got) for _p in parts]
+                if any(t is None for _k, t in block):
+                    return self._pulled(puts)
+                try:
+                    puts.append([self._put_pulled(key, t) for key, t in block])
+                except StoreError as e:  # no room here (host or storage tier): the rest is recomputed
+                    log.warning("KV blocks of the shared tier not pulled: %s", e)
+                    return self._pulled(puts)
+        return self._pulled(puts)
+
+    def _put_pulled(self, key: str, tensor: torch.Tensor):
+        if key in self.store:  # another cache of this process put it meanwhile
+            return None
+        nbytes = tensor.numel() * tensor.element_size()
+        self._make_room(nbytes)
+        fut = self.store.put(key, tensor, kind="kv", owner=self.owner)
+        self._admit(key, nbytes)
+        return fut
+
+    def _pulled(self, puts: list[list]) -> int:
+        """Wait for the pulled blocks' puts; how many leading blocks are now stored here."""
+        n, ok = 0, True
+        for futs in puts:
+            for f in futs:
+                if f is None:
+                    continue
+                try:
+                    f.result(timeout=LOCAL_PUT_TIMEOUT)
+                except (StoreError, OSError, TimeoutError) as e:  # not stored here: the block is recomputed
+                    log.warning("KV block pulled from the shared tier could not be stored locally: %s", e)
+                    ok = False
+            n += ok
+        with self._lock:
+            self.stats["shared_hit_blocks"] += n
+        return n
 
     # -- blocks ----------------------------------------------------------------------
     def hold(self, key: str) -> None:
@@ -248,17 +336,36 @@ class KVStore:
                 buf.release()
             return None
         self._make_room(nbytes)
+        if self.shared is not None and self.identity is not None:
+            self._publish(key, block)
         if isinstance(block, tuple):
             fut = self.store.put_buffer(key, buf, dtype, shape, kind="kv", give=True, owner=self.owner)
         else:
             fut = self.store.put(key, block, kind="kv", owner=self.owner)
+        self._admit(key, nbytes)
+        with self._lock:
+            self.stats["saved_blocks"] += 1
+        return fut
+
+    def _admit(self, key: str, nbytes: int) -> None:
         with self._lock:
             if key not in self._sizes:
                 self._sizes[key] = nbytes
                 self._bytes += nbytes
                 self.policy.admit(Observation(key, nbytes, "kv", "write", None))
-            self.stats["saved_blocks"] += 1
-        return fut
+
+    def _publish(self, key: str, block) -> None:
+        """Offer a block part to the other processes through the shared tier (before the local put
+        takes the block's buffer)."""
+        if isinstance(block, tuple):
+            buf, dtype, shape = block
+            payload = buf.padded[:buf.nbytes]
+        else:
+            t = block.detach().to("cpu").contiguous()
+            dtype, shape, payload = t.dtype, tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy()
+        if self.shared.put(key, self.identity, payload, dtype, shape):
+            with self._lock:
+                self.stats["shared_published_blocks"] += 1
 
     def _make_room(self, nbytes: int) -> None:
         with self._lock:

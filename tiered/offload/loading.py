@@ -184,10 +184,13 @@ class _Loading:
         gather(writing).add_done_callback(lambda _f: [lease.release() for lease in leases])
 
     def _drop_prefetches(self, keep: _Unit | None) -> int:
-        """Release every prefetched (not running, not resident) unit's copies; the bytes released."""
+        """Release every prefetched (not running, not resident) unit's copies, and the experts read
+        ahead; the bytes released. A bound unit (held for a recompute's backward) or one whose
+        copies backward reads is no prefetch: its memory is in use."""
         freed = self.drop_expert_prefetches()
         for v in self.units:
-            if v is keep or v.active or v.resident or (v.host_resident and self.dcache is None):
+            if v is keep or v.active or v.resident or (v.host_resident and self.dcache is None) or v.bound \
+                    or v.index in self._bw_hold:
                 continue
             if v.leases or v.pending:
                 freed += v.nbytes

@@ -18,12 +18,14 @@ from .expert_cache import _ExpertCache, new_expert_stats
 from .experts import _ExpertPacking
 from .layout import _Packing, _Unit
 from .loading import _Loading
+from .recompute import _Recompute
 from .stats import OffloadStats, _Stats
 from .teardown import _Teardown
 from .training import _Training
 
 
-class OffloadedModule(_Packing, _ExpertPacking, _ExpertCache, _Budget, _Loading, _Training, _Teardown, _Stats):
+class OffloadedModule(_Packing, _ExpertPacking, _ExpertCache, _Budget, _Loading, _Recompute, _Training, _Teardown,
+                      _Stats):
     """The runtime attached to an offloaded model (``model._tiered``)."""
 
     def __init__(self, model: nn.Module, store: TieredStore, owns_store: bool, config: Config,
@@ -64,6 +66,10 @@ class OffloadedModule(_Packing, _ExpertPacking, _ExpertCache, _Budget, _Loading,
         self._bw_order: list[int] = []  # units in the order their handles were packed (forward order)
         self._bw_hold: dict[int, list[torch.Tensor]] = {}  # unit index -> tensors unpacked for backward
         self._bw_done: list[_Unit] = []  # units whose handles are all unpacked: released once unused
+        # units bound outside the model's forward (activation checkpointing recomputing in
+        # backward): held until another recompute starts or backward ends (see recompute.py)
+        self._recomputed: list[_Unit] = []
+        self._recompute_node = None  # the autograd node whose recompute holds them
         self._sth = None  # the saved_tensors_hooks context of the forward in progress
         self.backward_listeners: list[Callable[[_Unit], None]] = []  # unit fetched again in backward
         self._writes: list = []  # puts of updated weights (optimizers)
@@ -87,6 +93,8 @@ class OffloadedModule(_Packing, _ExpertPacking, _ExpertCache, _Budget, _Loading,
         for u in self.units:
             self._hooks.append(u.module.register_forward_pre_hook(self._pre_hook(u)))
             self._hooks.append(u.module.register_forward_hook(self._post_hook(u), always_call=True))
+        for m, units in self._parts().values():
+            self._hooks.append(m.register_forward_pre_hook(self._part_hook(units)))
         self.install_bank_hooks()
         # first of all pre-hooks (the root may also be a unit): clears what an interrupted forward left
         self._hooks.append(self.model.register_forward_pre_hook(self._root_pre, prepend=True))
@@ -110,7 +118,7 @@ class OffloadedModule(_Packing, _ExpertPacking, _ExpertCache, _Budget, _Loading,
             if b.bound:
                 self.unbind_bank(b)
         self._pop_saved_hooks()
-        if self._bw_hold or self._saved:
+        if self._bw_hold or self._saved or self._recomputed:
             self.finish_backward()
         self._bw_order = []
         self._pass = []
@@ -143,6 +151,7 @@ class OffloadedModule(_Packing, _ExpertPacking, _ExpertCache, _Budget, _Loading,
 
     def _pre_hook(self, u: _Unit) -> Callable:
         def hook(_m, _args):
+            recomputing = self._recomputing()
             u.active += 1
             if u.active == 1:
                 if u.bound:  # a resident unit stays bound between forwards
@@ -150,15 +159,19 @@ class OffloadedModule(_Packing, _ExpertPacking, _ExpertCache, _Budget, _Loading,
                     self.stats.prefetch_hits += 1
                 else:
                     self._load(u)
-            self._pass.append(u.index)
-            self._prefetch_after(u)
+            if not recomputing:  # the forward order is learned, and read ahead in, from real forwards
+                self._pass.append(u.index)
+                self._prefetch_after(u)
         return hook
 
     def _post_hook(self, u: _Unit) -> Callable:
         def hook(_m, _args, _out):
             u.active -= 1
             if u.active == 0:
-                self._done_with(u)
+                if self._recomputing():
+                    self._hold_recomputed(u)
+                else:
+                    self._done_with(u)
         return hook
 
     def _done_with(self, u: _Unit) -> None:

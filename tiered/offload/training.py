@@ -139,6 +139,7 @@ class _Training:
 
     def finish_backward(self) -> None:
         """Give back every unit still held for backward (called between steps)."""
+        self._release_recomputed()
         for i in list(self._bw_hold):
             u = self.units[i]
             if u not in self._bw_done:
@@ -218,3 +219,28 @@ class _Training:
             gather(writes).result(timeout=_WAIT)  # waits for every put; raises the first error
         finally:
             self.finish_backward()
+
+    def load_values(self, values: dict[int, torch.Tensor]) -> None:
+        """``load_state_dict``: write ``values`` (``id(parameter or buffer)`` -> new value) into
+        every unit holding that tensor (tied weights: each copy) as new versions, since the
+        parameters are placeholders between forwards; returns once the writes are durable."""
+        if not values:
+            return
+        if self.cuda or self.dcache is not None:
+            raise OffloadError(f"load_state_dict into an offloaded model on {self.device} is not supported in this "
+                               "version; call tiered.detach(model) first, load, then offload again")
+        for u in self.units:
+            if not any(id(s.tensor()) in values for s in u.slots):
+                continue
+            edit = self.open_unit_params(u)
+            try:
+                with torch.no_grad():
+                    for s in u.slots:
+                        v = values.get(id(s.tensor()))
+                        if v is not None:
+                            s.source(edit.tensors[s.key][1]).copy_(v)
+            except BaseException:
+                edit.abandon()
+                raise
+            self.write_unit_params(edit)
+        self.wait_writes()

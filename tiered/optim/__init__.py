@@ -10,6 +10,7 @@
 """
 
 from .adamw import OffloadedAdamW, OptimStateError
+from .scaling import LossScale
 from .zo import ZOSGD, mezo_noise
 
-__all__ = ["OffloadedAdamW", "OptimStateError", "ZOSGD", "mezo_noise"]
+__all__ = ["LossScale", "OffloadedAdamW", "OptimStateError", "ZOSGD", "mezo_noise"]

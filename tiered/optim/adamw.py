@@ -55,12 +55,16 @@ unit's gradients are handed to the optimizer as soon as they are complete
 written into the unit's store objects, and the gradients are released. So
 neither the weights, nor the gradients, nor the optimizer state need to be in
 memory at once. ``step()`` then updates what backward did not (parameters
-outside units, unused ones) and commits the step.
+outside units, unused ones) and commits the step. That is ``grads="stream"``, the default;
+``grads="park"`` (gradients written to the store until ``step()``: global clipping, loss
+scaling, accumulation) and ``grads="keep"`` (left in ``.grad``: Trainer, GradScaler) defer the
+update to ``step()``, see :mod:`.clipping`.
 
 The class is assembled from one module per job: :mod:`.layout` (chunks),
 :mod:`.host` (host memory), :mod:`.pipeline` (the step's stream),
 :mod:`.durability` (commit, recovery), :mod:`.state_dict`, :mod:`.backward`
-(``model=``).
+(``model=``), :mod:`.clipping` (where gradients wait, ``max_grad_norm``) and :mod:`.scaling`
+(``LossScale``).
 """
 
 from __future__ import annotations
@@ -75,10 +79,13 @@ from torch.optim import Optimizer
 from ..config import load_config
 from ..store import TieredStore
 from .backward import _Backward
+from .clipping import _Clipping, check_clip_args
 from .durability import _Durability
 from .host import _HostMemory
 from .layout import ALIGN_ELEMS, Chunk, OptimStateError, drop, plan_chunks
+from .sharded import local_grad, local_shards, refuse_global_ops
 from .pipeline import _Pipeline
+from .scaling import LossScale
 from .state_dict import _StateDict
 
 _drop = drop  # older spelling
@@ -86,7 +93,7 @@ _drop = drop  # older spelling
 __all__ = ["OffloadedAdamW", "OptimStateError"]
 
 
-class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward, Optimizer):
+class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward, _Clipping, Optimizer):
     """AdamW with its state in a :class:`~tiered.TieredStore`; see the module docstring.
 
     ``store``: an open store (the caller closes it); else ``config`` (TOML path, dict,
@@ -105,6 +112,12 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
     free beyond it when this optimizer opened the store itself and no model shares it, else
     0). ``sync``: ``step()`` returns only once its step is durable (default: the step is
     committed when the next one begins, see the module docstring; always so with ``model``).
+    ``loss_scale``: a :class:`~tiered.optim.LossScale` for fp16 (``scale_loss(loss)``, then
+    ``step()`` skips on inf/nan and moves the scale; see :mod:`.scaling`).
+    ``max_grad_norm``: clip the gradients' global 2-norm to this, as ``clip_grad_norm_`` does
+    (``clip="deferred"``) or each unit's by its own norm (``clip="per_unit"``); ``grads``:
+    where a ``model=``'s unit gradients wait for the update ("stream", "park", "keep"); see
+    :mod:`.clipping`. ``last_grad_norm`` is the global norm of the last step (deferred).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -113,8 +126,11 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
                  store: TieredStore | None = None, model: nn.Module | None = None, name: str = "adamw",
                  chunk_bytes: int | None = None, lookahead: int = 2, resume: bool = False,
                  resident_bytes: int | None = None, host_share: int | str | None = None,
-                 sync: bool = False) -> None:
+                 sync: bool = False, max_grad_norm: float | None = None, clip: str = "deferred",
+                 grads: str | None = None, loss_scale: LossScale | None = None) -> None:
         _check_args(lr, betas, eps, chunk_bytes, lookahead, resident_bytes)
+        self._grads_given = grads is not None
+        grads = check_clip_args(max_grad_norm, clip, grads, model is not None, loss_scale)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
                         foreach=foreach, fused=fused, amsgrad=False)
         super().__init__(params, defaults)
@@ -133,7 +149,11 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         self.sync = sync or self._units is not None
         self._pending: int | None = None  # a step that step() returned from, not committed yet
         self._broken: BaseException | None = None  # a step failed to become durable
-        self._params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
+        # the tensors updated: each DTensor parameter's local shard (FSDP2), else the parameter
+        self._param_objs: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
+        self._params, self._sharded = local_shards(self._param_objs)
+        refuse_global_ops(self._sharded, model=model, max_grad_norm=max_grad_norm, loss_scale=loss_scale,
+                          grads=grads)
         self._group_of: list[int] = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
         self._chunks: list[Chunk] = []
         self._param_steps: list[int] = [0] * len(self._params)
@@ -143,6 +163,8 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         self._writes: list = []
         self._state_reads: dict[int, object] = {}  # chunk index -> acquire future started in backward
         self._hooks: list = []
+        self._names = _param_names(model, self._params) if model is not None else {}
+        self._init_clipping(max_grad_norm, clip, grads, loss_scale)
         self._init_host()
         self._open = False
 
@@ -156,10 +178,12 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
             self._store = TieredStore(load_config(self._config)).open()
         try:
             self._reserve_host()
+            self._check_params()
             if self._units is not None:
                 self._units.check_trainable()
             self._chunks = plan_chunks(self._params, self._group_of,
-                                       self.chunk_bytes or self._default_chunk_bytes(), self._units)
+                                       self.chunk_bytes or self._default_chunk_bytes(), self._units,
+                                       trainable=[p.requires_grad for p in self._param_objs])
             self._check_budget()
             self._place_resident()
             if self._marker_key in self._store:
@@ -169,7 +193,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
                         f"store at {self._store.root} already holds optimizer state {self.name!r} at step {step} "
                         f"(object {self._marker_key!r}); pass resume=True to continue it, or another name=")
                 self._recover()
-            if self._units is not None:
+            if self._units is not None and self.grads != "keep":
                 self._install_grad_hooks()
         except BaseException:
             self._remove_hooks()
@@ -188,6 +212,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         self._remove_hooks()
         self._drop_state_reads()
         try:
+            self._drop_parked()
             self._settle()
         finally:
             self._open = False
@@ -246,6 +271,11 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         return len(self._chunks)
 
     @property
+    def state_elements(self) -> int:
+        """Parameter elements that have optimizer state (frozen parameters have none)."""
+        return sum(c.numel for c in self._chunks)
+
+    @property
     def resident_chunks(self) -> int:
         """How many of them are resident in host memory now."""
         return sum(c.resident is not None for c in self._chunks)
@@ -267,14 +297,20 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         """Update every chunk backward did not; the step is committed when the next one begins
         (``sync=True``: before this returns)."""
         self._check_open()
+        self._refuse_amp_scaler()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_frozen_grads()
+        if not self._prepare_grads():
+            return loss  # loss scaling found inf/nan: skipped, nothing updated
         s = self._next_step()
         todo = [c for c in self._chunks if c.index not in self._updated]
         with self._breaks_on_error():
             self._run(todo, s)
+            if self.loss_scale is not None:
+                self.loss_scale.update(False)
             if self.sync:
                 self._commit(s)
             else:
@@ -293,6 +329,42 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
             if self._broken is None:
                 self._broken = e
             raise
+
+    def _check_params(self) -> None:
+        """Every parameter is on the CPU (where the update runs) and, with ``model=``, one of
+        that model's: parameters of another (an un-offloaded copy) would be trained while the
+        offloaded weights never change."""
+        for i, p in enumerate(self._params):
+            if p.device.type != "cpu":
+                raise ValueError(f"OffloadedAdamW: parameter {self._param_name(i)} is on {p.device}; the update "
+                                 "runs on the CPU in this version: the parameters must be CPU tensors "
+                                 "(offloaded models' weights are)")
+            in_unit = self._units is not None and self._units.owns_param(p)
+            if p.requires_grad and not in_unit and torch._debug_has_internal_overlap(p) == 1:
+                raise ValueError(f"OffloadedAdamW: parameter {self._param_name(i)} has elements sharing one memory "
+                                 "location, so it cannot be updated in place: a placeholder of a model wrapped by "
+                                 "tiered.offload? pass that model as model=")
+        if self._units is not None:
+            for i in range(len(self._params)):
+                if i not in self._names:
+                    raise ValueError(f"OffloadedAdamW: parameter {self._param_name(i)} is not a parameter of the "
+                                     "model given as model= (of another model, e.g. an un-offloaded copy?): pass "
+                                     "that model's own parameters")
+
+    def _check_frozen_grads(self) -> None:
+        """A parameter frozen at open() has no state: a gradient it got since is not silently ignored."""
+        planned = {seg.param for c in self._chunks for seg in c.segments}
+        for i in range(len(self._params)):
+            if self._params[i].numel() == 0:
+                continue  # nothing to update (a rank's empty shard of a small sharded parameter)
+            if self._param_grad(i) is not None and i not in planned:
+                raise OptimStateError(f"OffloadedAdamW {self.name!r}: parameter {self._param_name(i)} has a gradient "
+                                      "but was frozen (requires_grad=False) when the optimizer opened, so it has no "
+                                      "state; unfreeze parameters before open()")
+
+    def _param_grad(self, i: int) -> torch.Tensor | None:
+        """Parameter ``i``'s gradient as the tensor lining up with what is updated."""
+        return local_grad(self._param_objs[i])
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_open", False):
@@ -314,6 +386,12 @@ def _check_args(lr, betas, eps, chunk_bytes, lookahead, resident_bytes) -> None:
         raise ValueError(f"OffloadedAdamW: lookahead must be >= 0, got {lookahead}")
     if resident_bytes is not None and resident_bytes < 0:
         raise ValueError(f"OffloadedAdamW: resident_bytes must be >= 0, got {resident_bytes}")
+
+
+def _param_names(model: nn.Module, params: list[torch.Tensor]) -> dict[int, str]:
+    """Index of each of ``params`` that ``model`` holds -> its name there."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return {i: by_id[id(p)] for i, p in enumerate(params) if id(p) in by_id}
 
 
 def _offload_units(model: nn.Module):

@@ -36,6 +36,11 @@ class _Backward:
 
     def _grad_hook(self, c: Chunk, i: int):
         def hook(_p) -> None:
+            if self.grads == "park":
+                if self._open:
+                    self._park(i)
+                return
+            self._check_second_gradient(c, i)
             c.arrived.add(i)
             if len(c.arrived) == c.expected and self._open:
                 s = self._next_step()
@@ -46,7 +51,7 @@ class _Backward:
 
     def _on_backward_load(self, unit) -> None:
         """A unit's backward begins: start reading its state chunk, so the update need not wait."""
-        if not self._open:
+        if not self._open or self.grads != "stream":
             return
         s = self._next_step()  # the previous step's chunks are committed before they are read
         if s == 1:

@@ -94,7 +94,7 @@ def unit_chunks(units, params: list[torch.Tensor], group_of: list[int]) -> tuple
         segs = []
         for p in u.params():
             i = index_of.get(id(p))
-            if i is None or i in assigned:
+            if i is None or i in assigned or not p.requires_grad:
                 continue
             assigned.add(i)
             segs.append(Segment(i, group_of[i], 0, p.numel()))
@@ -104,10 +104,14 @@ def unit_chunks(units, params: list[torch.Tensor], group_of: list[int]) -> tuple
 
 
 def plan_chunks(params: list[torch.Tensor], group_of: list[int], chunk_bytes: int,
-                units=None) -> list[Chunk]:
+                units=None, trainable: list[bool] | None = None) -> list[Chunk]:
     """Chunks of at most ``chunk_bytes`` (12 bytes per element) over the parameters, in order;
     a large parameter is split at multiples of ``ALIGN_ELEMS`` elements (kernels see the same
-    layout). With ``units`` (an offloaded model's), one chunk per unit first."""
+    layout). With ``units`` (an offloaded model's), one chunk per unit first. Frozen
+    parameters (``requires_grad=False``: a LoRA base; ``trainable``, when given, says which
+    are not, for tensors that stand for other parameters) get no chunk, so no state."""
+    if trainable is None:
+        trainable = [p.requires_grad for p in params]
     for i, p in enumerate(params):
         if p.is_sparse or p.is_complex():
             raise ValueError(f"OffloadedAdamW: parameter {i} is sparse or complex, which is not supported")
@@ -116,7 +120,7 @@ def plan_chunks(params: list[torch.Tensor], group_of: list[int], chunk_bytes: in
     cur: list[Segment] = []
     room = limit
     for i, p in enumerate(params):
-        if i in assigned:
+        if i in assigned or not trainable[i]:
             continue
         if units is not None and units.owns_param(p):
             raise ValueError(f"OffloadedAdamW: parameter {i} belongs to the offloaded model but to no unit")

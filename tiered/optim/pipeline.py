@@ -27,6 +27,7 @@ class _Pipeline:
         def issue() -> None:
             nonlocal nxt
             reads.append(self._start_read(chunks[nxt], s))
+            self._prefetch_grads(chunks[nxt])
             nxt += 1
 
         resident = [c for c in chunks if self._take_resident(c)]
@@ -53,6 +54,7 @@ class _Pipeline:
         except BaseException:
             for f in reads:
                 drop(f)
+            self._forget_grad_reads()
             raise
 
     def _declare_plan(self, chunks: list[Chunk], s: int) -> None:
@@ -69,9 +71,6 @@ class _Pipeline:
             return f
         return self._store.acquire(self._chunk_key(c, s - 1), priority=Priority.DEMAND, wait=WAIT,
                                    owner=self.owner)
-
-    def _grad(self, i: int) -> torch.Tensor | None:
-        return self._params[i].grad
 
     def _update(self, c: Chunk, s: int, lease_f, deferred: list | None = None) -> None:
         """Update one chunk from its step ``s-1`` state; start writing it as step ``s``.
@@ -101,8 +100,10 @@ class _Pipeline:
                 self._init_master(c, master, edit)
             if resident:  # changed in place from here: invalid until fully updated
                 encode_step(buf, -1)
+            self._clip_chunk(c)
             done = self._apply_adamw(c, master, m, v)
             self._copy_masters(c, master, done, edit)
+            self._unpark(c)
             if c.split:
                 held["master"] = self._stage_master(c, s)
             encode_step(buf, s)

@@ -54,6 +54,30 @@ class ZOStep:
     seed: int
 
 
+def _process_group(group: Any) -> Any:
+    """The group whose ranks share the step's two losses: "auto" is torch.distributed's default
+    group when one with two or more ranks is initialised, else none; None: this process alone."""
+    if group != "auto":
+        return group
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def _mean_over_ranks(lp: torch.Tensor, lm: torch.Tensor, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distributed ZO (DistZO2): each rank ran the same perturbations (same seeds) on its own
+    shard of the data; only the two scalar losses cross the network, averaged, so every rank
+    takes the same projected gradient and makes the same update."""
+    import torch.distributed as dist
+
+    both = torch.stack([lp.detach().to(torch.float64), lm.detach().to(torch.float64)])
+    dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
+    both /= dist.get_world_size(group)
+    return both[0], both[1]
+
+
 def _unique_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
@@ -138,11 +162,17 @@ class ZOSGD:
     host memory of the store owner ``zo/<name>`` (default name: the model's); ``host_share``
     reserves it (bytes, "1MiB", "5%"; default: the config's ``[owners.zo]`` host share, else
     none: it competes for what is free).
+
+    Under torch.distributed (``group``: "auto" = the default group when it has two or more
+    ranks; a group; None = this process alone) each rank runs the step on its own shard of the
+    data with the same seeds, and only the two losses are all-reduced (averaged), so every rank
+    makes the same update: with equal shards, the step of one process on the whole batch up to
+    float rounding (the mean of the shards' mean losses, in float64).
     """
 
     def __init__(self, model: nn.Module, *, lr: float = 1e-6, eps: float = 1e-3, seed: int = 0,
                  loss_fn: Callable = causal_lm_loss, name: str | None = None,
-                 host_share: int | str | None = None) -> None:
+                 host_share: int | str | None = None, group: Any = "auto") -> None:
         try:
             units = offload_units(model)
         except OffloadError:
@@ -157,6 +187,7 @@ class ZOSGD:
                                    "needs every unit to be a leaf (pass units=[...] without nesting)")
         self.model = model
         self.lr, self.eps, self.seed, self.loss_fn = lr, eps, seed, loss_fn
+        self.group = _process_group(group)
         self._units = units
         self.owner = f"zo/{name or units.owner.split('/', 1)[-1]}"
         self._index = {id(p): j for j, (_n, p) in enumerate(_unique_params(model))}
@@ -231,6 +262,8 @@ class ZOSGD:
             self._batch = None
         b = ids.shape[0]
         lp, lm = self.loss_fn(out[:b], labels), self.loss_fn(out[b:], labels)
+        if self.group is not None:
+            lp, lm = _mean_over_ranks(lp, lm, self.group)
         g = ((lp - lm) / (2 * self.eps)).item()
         self._history.append((seed, g))
         self._units.wait_writes()

@@ -118,7 +118,7 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
         self._start_empty = False
         self.recovered: dict = {}  # what open() cleaned up after a crash (see check())
         self.counters = StoreCounters()
-        self.host_policy = create_eviction_policy(self.config.policy.placement)
+        self.host_policy = create_eviction_policy(self.config.policy.eviction)
         self._plans = Plans()
         self._init_owners()
 
@@ -184,6 +184,8 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
         return self
 
     def _start_governor(self) -> None:
+        """The governor runs wherever it has a choice to make: ``[policy] migration`` is not
+        "none" and there are two or more storage tiers to move objects between."""
         p = self.config.policy
         if p.migration == "none" or len(self._tier_order) < 2:
             return
@@ -318,6 +320,13 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
             except Exception:  # noqa: BLE001 - logged, see add_listener
                 log.exception("store listener %r failed on %s", fn, ev)
 
+    def _governor_idle(self) -> dict:
+        """What ``stats()`` says of a store whose governor does not run, and why."""
+        why = ("[policy] migration = \"none\"" if self.config.policy.migration == "none"
+               else "one storage tier: there is no other tier to move objects to" if len(self._tier_order) < 2
+               else "the store is not open")
+        return {"policy": None, "running": False, "why": why}
+
     def sync_governor(self, timeout: float = 30.0) -> bool:
         """Wait until the governor has decided on every access made before this call and carried
         its moves out (True), for replay and tests; True at once when no governor runs."""
@@ -346,9 +355,10 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
         delete of the key lands meanwhile, that one wins and the move is dropped (the result
         says ``superseded``). Listeners see one ``migrate`` event, not the move's own I/O.
         """
-        return self._migrate(key, tier, wait, evict=True)
+        return self._migrate(key, tier, wait, evict=True, placed=True)
 
-    def _migrate(self, key: str, tier: str, wait: float | None, evict: bool, commit: bool = True) -> IOFuture:
+    def _migrate(self, key: str, tier: str, wait: float | None, evict: bool, commit: bool = True,
+                 placed: bool | None = None) -> IOFuture:
         """:meth:`migrate`; ``evict=False`` (the governor's moves): the copy is read only into host
         memory that is free now, never displacing the workloads' cached copies. ``commit=False``:
         the move is durable only after a later :meth:`commit` (the governor commits once per
@@ -368,16 +378,18 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
         lease_f = self._acquire(key, Priority.WRITEBACK, wait, meta.owner, emit=False, evict=evict)
         self._emit(key, meta.nbytes, "migrate", meta.kind, tier)
         out = IOFuture(f"migrate {key} -> {tier}")
-        lease_f.add_done_callback(lambda f: self._rewrite_for_migration(f, key, tier, wait, commit, out))
+        lease_f.add_done_callback(lambda f: self._rewrite_for_migration(f, key, tier, wait, commit, out, placed))
         return out
 
     def _rewrite_for_migration(self, lease_f, key: str, tier: str, wait: float | None, commit: bool,
-                               out: IOFuture) -> None:
+                               out: IOFuture, placed: bool | None) -> None:
         try:
             lease = lease_f.result()
         except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
             out.set_exception(e)
             return
+        mark = None  # (generation, meta) of a placed mark to commit
+        result = None  # set when nothing is to be written
         try:
             with self._lock:
                 meta = self._objects.get(key)
@@ -385,15 +397,28 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
                 # file since the check holds a window of that file, not the object's bytes)
                 current = (meta is not None and meta.version == lease.version and not meta.extent.external
                            and lease._copy.start == 0)
-                if not current or meta.extent.tier == tier:
+                if current and placed is None and meta.placed:  # placed since the governor decided
                     lease.release()
-                    out.set_result(meta.describe() if current else {"key": key, "superseded": True})
+                    out.set_result({"key": key, "superseded": True, "placed": True})
                     return
+                if not current or meta.extent.tier == tier:
+                    if current and placed and not meta.placed:  # already there: the caller's choice pins it
+                        meta.placed = True
+                        self._gen += 1
+                        mark = (self._gen, meta)
+                    result = meta.describe() if current else {"key": key, "superseded": True}
+            if result is not None:
+                lease.release()
+                if mark is not None:  # durable before the caller hears of it
+                    self._commit_through(mark[0], lambda m=mark[1]: setattr(m, "placed", False))
+                out.set_result(result)
+                return
             inner = self._write_buffer(key, lease._copy.buffer, meta.nbytes, meta.dtype, meta.shape, meta.kind,
                                        tier, lease.version, False, True, commit, Priority.WRITEBACK, False,
-                                       meta.ephemeral, meta.owner, meta.block, wait)
+                                       meta.ephemeral, meta.owner, meta.block, wait, placed)
         except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
-            lease.release()
+            if result is None:
+                lease.release()
             out.set_exception(e)
             return
 
@@ -486,6 +511,6 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
                 "hits": c.hits, "misses": c.misses, "puts": c.puts, "evictions": c.evictions,
                 "commits": c.commits, "objects": len(self._objects),
                 "engine": self.engine.stats() if self.engine else None,
-                "governor": governor.stats() if governor is not None else None,
+                "governor": governor.stats() if governor is not None else self._governor_idle(),
                 "plans": self._plans.stats(),
             }

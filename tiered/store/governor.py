@@ -73,7 +73,7 @@ class Governor:
         self._policy_lock = threading.Lock()  # the policy is called from the governor and from puts (place)
         self._lock = threading.Lock()  # guards the counters below
         self.counts = {"events": 0, "offered": 0, "decisions": 0, "migrations": 0, "in_place": 0,
-                       "superseded": 0, "refused_gone": 0, "refused_external": 0, "refused_overfull": 0,
+                       "superseded": 0, "refused_gone": 0, "refused_external": 0, "refused_placed": 0, "refused_overfull": 0,
                        "refused_host": 0, "failed": 0}
         self.bytes_migrated: dict[str, int] = {}  # "src->dst" -> bytes of objects moved
         self.last_error: str | None = None
@@ -134,7 +134,8 @@ class Governor:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"policy": self.policy.name or type(self.policy).__name__, **self.counts,
+            return {"policy": self.policy.name or type(self.policy).__name__, "running": self.stopped is None,
+                    **self.counts,
                     "bytes_migrated": dict(self.bytes_migrated), "queued": len(self._events),
                     "bandwidth": self.bandwidth, "last_error": self.last_error, "stopped": self.stopped}
 
@@ -281,6 +282,8 @@ class Governor:
             return None
         if result is None:  # stopping: the move finishes (or not) as the engine drains
             return None
+        if result.get("placed"):  # its caller placed it while the move was under way
+            return "refused_placed"
         if result.get("superseded"):
             self._count("superseded")
             return None
@@ -297,6 +300,8 @@ class Governor:
             return "refused_gone"
         if meta.extent.external:
             return "refused_external"
+        if meta.placed:
+            return "refused_placed"
         if meta.extent.tier != dst and self.store._tiers[dst].room_for(meta.owner) < meta.extent.length:
             return "refused_overfull"
         return None

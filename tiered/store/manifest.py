@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 
+from .. import ranks
 from ..atomic import write_json_atomic
 from ..dtypes import dtype_from, dtype_name
 from . import check as store_check
@@ -26,6 +27,10 @@ class _Manifest:
     def _load_manifest(self) -> None:
         path = self.root / MANIFEST
         try:
+            self._layout = ranks.layout_record()  # who writes it: recorded in every snapshot
+        except ranks.RankError as e:
+            raise StoreError(f"{path}: {e}") from None
+        try:
             with open(path, "rb") as f:
                 doc = json.loads(f.read())
         except FileNotFoundError:
@@ -36,6 +41,11 @@ class _Manifest:
         dropped = []
         if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
+        if any(t.path_template for t in self.config.storage_tiers):  # a per-rank shard: its rank's only
+            try:
+                ranks.check_layout(path, doc.get("layout"))
+            except ranks.RankError as e:
+                raise StoreError(str(e)) from None
         for key, o in doc.get("objects", {}).items():
             try:
                 tier_name, offset, nbytes = o["tier"], int(o["offset"]), int(o["nbytes"])
@@ -43,7 +53,7 @@ class _Manifest:
                                   nbytes, int(o["version"]), [int(c) for c in o["crc32"]],
                                   Extent(tier_name, offset, extent_length(nbytes, int(o.get("block", 0)))),
                                   owner=str(o.get("owner", DEFAULT_OWNER)), block=int(o.get("block", 0)),
-                                  table_crc=int(o.get("table_crc", 0)))
+                                  table_crc=int(o.get("table_crc", 0)), placed=o.get("placed") is True)
             except (KeyError, TypeError, ValueError) as e:
                 raise StoreError(f"{path}: object {key!r} has a malformed entry ({e!r}): {o!r}") from e
             if o.get("ephemeral"):  # scratch of a process that crashed: delete it
@@ -106,13 +116,14 @@ class _Manifest:
 
     def _snapshot(self) -> dict:
         return {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "generation": self._gen,
+            "format": FORMAT, "format_version": FORMAT_VERSION, "generation": self._gen, "layout": self._layout,
             "tiers": {n: {"path": str(t.path), "capacity": t.spec.capacity} for n, t in self._tiers.items()},
             "objects": {
                 k: {"kind": m.kind, "dtype": dtype_name(m.dtype), "shape": list(m.shape),
                     "nbytes": m.nbytes, "version": m.version, "crc32": m.crc32,
                     "tier": m.extent.tier, "offset": m.extent.offset, **({"ephemeral": True} if m.ephemeral else {}),
                     **({"owner": m.owner} if m.owner != DEFAULT_OWNER else {}),
+                    **({"placed": True} if m.placed else {}),
                     **({"block": m.block, "table_crc": m.table_crc} if m.block else {})}
                 for k, m in self._objects.items() if not m.extent.external
             },

@@ -97,6 +97,7 @@ class ObjectMeta:
     block: int = 0  # >0: a crc32 per ``block`` bytes, stored after the data (byte-range reads verify them)
     table_crc: int = 0  # crc32 of that table
     block_crcs: object = None  # the table, once read (numpy uint32), for byte-range reads
+    placed: bool = False  # its put or migrate named the tier: the governor leaves it there
 
     def describe(self) -> dict:
         return {
@@ -104,6 +105,7 @@ class ObjectMeta:
             "shape": list(self.shape), "nbytes": self.nbytes, "version": self.version,
             "tier": self.extent.tier, "offset": self.extent.offset,
             "in_host": bool(self.host and self.host.ready), "ephemeral": self.ephemeral, "owner": self.owner,
+            "placed": self.placed,
             **({"block": self.block, "table_crc": self.table_crc} if self.block else {}),
         }
 
@@ -132,6 +134,15 @@ class _PendingPut:
     owner: str = DEFAULT_OWNER
     block: int = 0
     table_crc: int = 0
+    placed: bool | None = None  # the caller named the tier; None: a governor's move keeps the old flag
+
+
+def placed_flag(tier: str | None, relocate: int | None, placed: bool | None) -> bool | None:
+    """Whether a write pins its object to its tier: a put that names one does; a move keeps the
+    object's flag unless it says otherwise (``migrate`` does: its caller chose the tier)."""
+    if placed is not None:
+        return placed
+    return (tier is not None) if relocate is None else None
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .core import TieredStore
 
-from .. import dirlock
+from .. import dirlock, ranks
 from .errors import StoreError
 
 _lock = threading.Lock()  # guards _open
@@ -86,7 +86,19 @@ def _held_message(root: Path, lock_path: Path, holder: str, here: str = "") -> s
                     "directory with TieredStore.shared(config) to share one store")
         return f"store at {root} is already open in this process (pid {os.getpid()}) by {how} (lock {lock_path})"
     who = f"pid {holder}" if holder.isdigit() else "pid unknown"
-    return f"store at {root} is open in another process ({who}; lock {lock_path})"
+    return f"store at {root} is open in another process ({who}; lock {lock_path}){_rank_hint()}"
+
+
+def _rank_hint() -> str:
+    """In a job of several ranks, the likely cause of a store held elsewhere: ranks sharing a path."""
+    try:
+        me = ranks.current()
+    except ranks.RankError:
+        return ""
+    if me.world_size == 1:
+        return ""
+    return (f"; this process is {me.describe()}: every rank needs its own store directory, "
+            "put {rank} (or {local_rank} for node-local disks) in the tier paths")
 
 
 def unlock_directory(store: "TieredStore", fds: list[int]) -> None:

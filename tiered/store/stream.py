@@ -19,7 +19,7 @@ from tiered.io_engine import Priority
 
 from ..checksums import SEGMENT, crc32
 from .errors import ChecksumError, HostBudgetError, StoreError
-from .objects import DEFAULT_OWNER, ObjectMeta, _PendingPut, extent_length
+from .objects import DEFAULT_OWNER, ObjectMeta, _PendingPut, extent_length, placed_flag
 
 if TYPE_CHECKING:
     from .core import TieredStore
@@ -65,7 +65,8 @@ class SegmentCrc:
 
 
 def put_streamed(store: "TieredStore", key: str, src: torch.Tensor, kind: str, tier: str | None,
-                 relocate: int | None, ephemeral: bool, owner: str = DEFAULT_OWNER, block: int = 0):
+                 relocate: int | None, ephemeral: bool, owner: str = DEFAULT_OWNER, block: int = 0,
+                 placed: bool | None = None):
     """Write contiguous tensor ``src`` (CPU or GPU: copied piece by piece, never whole into host
     memory) as a new version of ``key``; the bytes are all written before this returns, the
     returned future resolves once committed."""
@@ -91,7 +92,8 @@ def put_streamed(store: "TieredStore", key: str, src: torch.Tensor, kind: str, t
         raise error(f"put({key!r}): streaming {nbytes} bytes through the host tier to tier "
                     f"{tier_name!r} failed: {e}") from e
     p = _PendingPut(key, version, relocate, tier_name, offset, size, nbytes, src.dtype, tuple(src.shape), kind,
-                    True, True, ephemeral, crc=crc, owner=owner, block=block, table_crc=table_crc)
+                    True, True, ephemeral, crc=crc, owner=owner, block=block, table_crc=table_crc,
+                    placed=placed_flag(tier, relocate, placed))
     return chain(completed(size), lambda _n: store._install(p), f"put {key}", note=f"while putting object {key!r}")
 
 

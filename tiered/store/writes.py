@@ -14,7 +14,8 @@ from ..checksums import crc32, segment_checksums
 from ..dtypes import dtype_name
 from . import stream as store_stream
 from .errors import HostBudgetError, StoreError, TierFullError
-from .objects import DEFAULT_OWNER, Extent, HostCopy, ObjectMeta, _PendingPut, check_key, extent_length
+from .objects import (DEFAULT_OWNER, Extent, HostCopy, ObjectMeta, _PendingPut, check_key, extent_length,
+                      placed_flag)
 
 
 class _Writes:
@@ -22,7 +23,8 @@ class _Writes:
 
     # -- put -----------------------------------------------------------------------
     def put(self, key: str, tensor: torch.Tensor, *, kind: str = "blob", tier: str | None = None,
-            ephemeral: bool = False, owner: str = DEFAULT_OWNER, block: int = 0) -> IOFuture:
+            ephemeral: bool = False, owner: str = DEFAULT_OWNER, block: int = 0,
+            placed: bool | None = None) -> IOFuture:
         """Store ``tensor`` under ``key`` (a new version if it exists).
 
         The bytes are copied into the host arena before this returns, so the
@@ -36,13 +38,17 @@ class _Writes:
         decides again whether it is ephemeral. ``owner``: the workload charged for the object's
         extent (its storage share) and its cached host copy (see :meth:`reserve`). ``block``: also
         record a crc32 per ``block`` bytes (a multiple of 4096), so that :meth:`read_ranges` can
-        verify reads of parts of the object (rows of a feature table, say).
+        verify reads of parts of the object (rows of a feature table, say). ``tier``: the storage
+        tier to write it to (default: where ``[policy] placement`` puts it); an object put on a
+        named tier is *placed* there: the governor never moves it (``placed=False``: start it on
+        ``tier`` but let the governor move it; a later put decides again).
         """
         self._check_open()
         with self._lock:
             self._puts_in_flight[key] = self._puts_in_flight.get(key, 0) + 1
         try:
-            f = self._put(key, tensor, kind, tier, relocate=None, ephemeral=ephemeral, owner=owner, block=block)
+            f = self._put(key, tensor, kind, tier, relocate=None, ephemeral=ephemeral, owner=owner, block=block,
+                          placed=placed)
         except BaseException:
             self._put_landed(key)
             raise
@@ -60,7 +66,8 @@ class _Writes:
     def put_buffer(self, key: str, buf: HostBuffer, dtype: torch.dtype, shape, *, kind: str = "blob",
                    tier: str | None = None, give: bool = False, sync: bool = True, commit: bool = True,
                    priority: Priority = Priority.WRITEBACK, cache: bool = True,
-                   ephemeral: bool = False, owner: str | None = None, block: int = 0) -> IOFuture:
+                   ephemeral: bool = False, owner: str | None = None, block: int = 0,
+                   placed: bool | None = None) -> IOFuture:
         """Store the bytes already in ``buf`` (a buffer of this store's arena, e.g. from
         :meth:`alloc_host` or :meth:`Lease.detach`) as ``key``, without copying them.
 
@@ -79,7 +86,8 @@ class _Writes:
         rewriting one key many times). ``priority``: the
         engine priority of the write (write-back by default, after reads; a pipeline whose
         next read waits for this buffer's room may ask for DEMAND). ``ephemeral``: as for :meth:`put`;
-        ``owner``: charged for the extent (default: the owner the buffer was allocated for).
+        ``owner``: charged for the extent (default: the owner the buffer was allocated for);
+        ``tier``, ``placed``: as for :meth:`put`.
         """
         try:  # first: a fork child must not wait on a lock its parent's threads held
             self._check_open()
@@ -105,7 +113,8 @@ class _Writes:
             raise
         try:
             f = self._write_buffer(key, buf, nbytes, dtype, shape, kind, tier, None, give, sync, commit,
-                                   priority, cache, ephemeral, buf.owner if owner is None else owner, block)
+                                   priority, cache, ephemeral, buf.owner if owner is None else owner, block,
+                                   placed=placed)
         except BaseException:
             self._put_landed(key)
             raise
@@ -121,7 +130,8 @@ class _Writes:
         self._commit_through(gen)
 
     def _put(self, key: str, tensor: torch.Tensor, kind: str, tier: str | None, relocate: int | None,
-             ephemeral: bool = False, owner: str = DEFAULT_OWNER, block: int = 0) -> IOFuture:
+             ephemeral: bool = False, owner: str = DEFAULT_OWNER, block: int = 0,
+             placed: bool | None = None) -> IOFuture:
         self._check_open()
         check_key(key)
         if not isinstance(tensor, torch.Tensor):
@@ -130,7 +140,7 @@ class _Writes:
         nbytes = src.numel() * src.element_size()
         if store_stream.too_big_for_host(self, nbytes):  # never whole in host memory
             return store_stream.put_streamed(self, key, src.contiguous(), kind, tier, relocate, ephemeral, owner,
-                                             block)
+                                             block, placed)
         if src.device.type != "cpu":
             src = src.cpu()
         src = src.contiguous()
@@ -145,12 +155,14 @@ class _Writes:
             buf.release()
             raise
         return self._write_buffer(key, buf, nbytes, src.dtype, tuple(src.shape), kind, tier, relocate,
-                                  True, True, True, Priority.WRITEBACK, True, ephemeral, owner, block)
+                                  True, True, True, Priority.WRITEBACK, True, ephemeral, owner, block,
+                                  placed=placed)
 
     def _write_buffer(self, key: str, buf: HostBuffer, nbytes: int, dtype: torch.dtype, shape: tuple,
                       kind: str, tier: str | None, relocate: int | None, give: bool, sync: bool,
                       commit: bool, priority: Priority, cache: bool, ephemeral: bool = False,
-                      owner: str = DEFAULT_OWNER, block: int = 0, wait: float | None = None) -> IOFuture:
+                      owner: str = DEFAULT_OWNER, block: int = 0, wait: float | None = None,
+                      placed: bool | None = None) -> IOFuture:
         """Write ``buf`` (its first ``nbytes`` are the object) as a new version of ``key``; with
         ``block``, a crc32 per ``block`` bytes is written after the data (same extent)."""
         durable = sync and not ephemeral  # nobody reads an ephemeral object after a crash
@@ -166,7 +178,7 @@ class _Writes:
                 version = relocate if relocate is not None else self._next_version(key)
             p = _PendingPut(key, version, relocate, tier_name, offset, length, nbytes, dtype, tuple(shape), kind,
                             sync, commit, ephemeral, buf, give, cache, owner=owner, block=block,
-                            table_crc=table_crc if block else 0)
+                            table_crc=table_crc if block else 0, placed=placed_flag(tier, relocate, placed))
             path = self._tiers[tier_name].data_file
             wf = self.engine.write(path, offset, flat, sync=durable and not block, priority=priority)
             if block:
@@ -214,11 +226,13 @@ class _Writes:
             stale = (p.version <= self._tombstones.get(key, 0)
                      or (old is not None and (old.version != p.version if p.relocate is not None
                                               else old.version > p.version)))
-            if stale:  # a later put or delete of this key already took effect
+            # a governor's move (placed None) of an object its caller placed meanwhile
+            overruled = p.relocate is not None and p.placed is None and old is not None and old.placed
+            if stale or overruled:  # a later put, delete or placing of this key already took effect
                 self._tiers[tier_name].give(p.offset, p.length)  # never named by a manifest
                 if p.give:
                     p.buf.release()
-                return {"key": key, "version": p.version, "superseded": True}
+                return {"key": key, "version": p.version, "superseded": True, **({"placed": True} if overruled else {})}
             if not p.sync and not p.ephemeral:
                 self._unsynced.add(tier_name)
             self._gen += 1
@@ -228,8 +242,9 @@ class _Writes:
                 moved_copy, old.host = old.host, None  # a migration: the same bytes, so the cached copy stays
             if old is not None:  # a migration frees its old tier's blocks: they are not rewritten soon
                 self._unlink(old, superseded=p.relocate is None)
+            placed = p.placed if p.placed is not None else (old is not None and old.placed)
             meta = ObjectMeta(key, p.kind, p.dtype, p.shape, p.nbytes, p.version, crc, ext, ephemeral=p.ephemeral,
-                              owner=p.owner, block=p.block, table_crc=p.table_crc)
+                              owner=p.owner, block=p.block, table_crc=p.table_crc, placed=placed)
             self._objects[key] = meta
             self._tiers[tier_name].objects += 1
             if moved_copy is not None:  # its entry in the host policy stays as it was
@@ -278,7 +293,7 @@ class _Writes:
         else:
             choices = [(n, self._tiers[n].space.capacity, self._tiers[n].room_for(owner)) for n in self._tier_order]
             obs = Observation(key, size, kind, "write")
-            governor = self._governor
+            governor = self._governor if self.config.policy.placement == "auto" else None
             name = governor.place(obs, choices) if governor is not None else None
             if name is None:
                 name = self.placement.place(obs, choices)

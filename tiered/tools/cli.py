@@ -3,6 +3,7 @@
     tiered demo                 the main job on the embedded default config
     tiered probe                detect tiers and measure storage bandwidth
     tiered config check [FILE]  validate a config (or the embedded default) and print it resolved
+    tiered config from-deepspeed DS.json [-o FILE]  the offload TOML equivalent to a DeepSpeed config
     tiered bench io             engine vs fio (and DeepNVMe) on a directory
     tiered bench replay TRACE   placement/migration policies over a trace (simulated or real I/O)
     tiered store ls|check|rm    list, verify and repair, delete objects of a store on disk
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", default=None,
                        help="the TOML file (none: print the embedded default, resolved on this machine)")
     check.set_defaults(func=_cmd_config_check)
+    from .from_deepspeed import add_from_deepspeed_arguments, from_deepspeed_main
+
+    from_ds = csub.add_parser("from-deepspeed", help="write the offload TOML equivalent to a DeepSpeed config")
+    add_from_deepspeed_arguments(from_ds)
+    from_ds.set_defaults(func=from_deepspeed_main)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_command", required=True)

@@ -357,7 +357,7 @@ class _RealReplay:
 
     def _put(self, i: int, k: int, kind: int, tier: str) -> None:
         self.store.put(self.key(k), torch.from_numpy(_content(k, i, self.sizes[k])), kind=KINDS[kind], tier=tier,
-                       ephemeral=True, owner=REPLAY_OWNER).result(timeout=WAIT)
+                       ephemeral=True, owner=REPLAY_OWNER, placed=False).result(timeout=WAIT)  # the policy's to move
         self.version[k] = i
 
     def _put_if_room(self, i: int, k: int, kind: int) -> bool:
