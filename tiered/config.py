@@ -84,7 +84,7 @@ NOT_LIVE = {"belady": "it needs the future of the accesses, which a live store d
             "rl": ("its decisions cost 44-67 us of CPU per access, bookkeeping and training included "
                    "(a live store's budget is 10 us), and on traces it was not tuned on it is not reliably "
                    "better than arc or s3fifo")}
-_OFFLOAD_KEYS = ("lookahead", "resident", "layout", "device_cache")
+_OFFLOAD_KEYS = ("lookahead", "resident", "layout", "device_cache", "experts")
 
 
 class ConfigError(ValueError):
@@ -173,6 +173,9 @@ class OffloadSpec:
     resident: bool = True
     layout: str = "packed"  # or "bundled": FFN neurons' up/gate rows and down column together
     device_cache: bool | None = None
+    #: mixture-of-experts blocks: each expert its own object, only routed experts read (None: on
+    #: for every recognised MoE block)
+    experts: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -270,7 +273,8 @@ class Config:
                        "migration_batch": self.policy.migration_batch},
             "offload": {"lookahead": self.offload.lookahead if self.offload.lookahead is not None else "auto",
                         "resident": self.offload.resident, "layout": self.offload.layout,
-                        "device_cache": "auto" if self.offload.device_cache is None else self.offload.device_cache},
+                        "device_cache": "auto" if self.offload.device_cache is None else self.offload.device_cache,
+                        "experts": "auto" if self.offload.experts is None else self.offload.experts},
             "owners": {o: {s.tier: s.nbytes for s in self.owners if s.owner == o}
                        for o in dict.fromkeys(s.owner for s in self.owners)},
         }
@@ -803,4 +807,8 @@ class _Validator:
             if not isinstance(table["device_cache"], bool):
                 raise self.bad("offload.device_cache", table["device_cache"], 'expected true, false or "auto"')
             fields["device_cache"] = table["device_cache"]
+        if "experts" in table and table["experts"] != "auto":
+            if not isinstance(table["experts"], bool):
+                raise self.bad("offload.experts", table["experts"], 'expected true, false or "auto"')
+            fields["experts"] = table["experts"]
         return OffloadSpec(**fields)

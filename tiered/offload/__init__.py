@@ -31,8 +31,10 @@ from the store (:mod:`tiered.offload_state`).
 Modules, by job: :mod:`.layout` (unit discovery and packing), :mod:`.budget`
 (reservations, residents, giving back), :mod:`.runtime` (the hooks), :mod:`.loading`
 (loading, binding, prefetching), :mod:`.training` (backward and write-back),
-:mod:`.teardown`, :mod:`.stats`, :mod:`.api` (``offload``/``detach``/``offload_stats``)
-and :mod:`.units` (the public unit API for optimizers and other workloads).
+:mod:`.teardown`, :mod:`.stats`, :mod:`.api` (``offload``/``detach``/``offload_stats``),
+:mod:`.units` (the public unit API for optimizers and other workloads), and for mixture-of-experts
+models :mod:`.experts` (expert banks: one object per expert, sparse slabs) and :mod:`.expert_cache`
+(only routed experts read, the next layers' experts read ahead, a frequency-aware cache).
 """
 
 from .api import detach, offload, offload_stats

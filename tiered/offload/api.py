@@ -60,6 +60,7 @@ def _attach(rt: OffloadedModule, units, external: dict[int, str] | None, layout:
     rt.model._tiered_prefix = rt.prefix
     if layout not in ("packed", "bundled"):
         raise OffloadError(f"layout must be 'packed' or 'bundled', got {layout!r}")
+    rt.build_banks(rt.config.offload.experts, external)
     rt.build_units(units, external, layout)
     if not rt.units:
         raise OffloadError(f"{type(rt.model).__name__} has no parameters to offload")
@@ -68,6 +69,7 @@ def _attach(rt: OffloadedModule, units, external: dict[int, str] | None, layout:
     rt.plan_budget()
     rt.open_device_cache()
     rt.write_units()
+    rt.write_banks()
     rt.unbind_all()
     for u in rt.units:  # drop the copies cached by the writes: residents then pack together
         if u.packed_key is not None:
@@ -77,6 +79,7 @@ def _attach(rt: OffloadedModule, units, external: dict[int, str] | None, layout:
         rt._make_room()
     rt.pin_residents()
     rt.hold_residents()
+    rt.hold_expert_room()
     rt.reserve_working_set()
     rt._forward_budget = rt._budget()
     rt.install_hooks()
@@ -91,6 +94,7 @@ def _undo_attach(rt: OffloadedModule, opened: bool) -> None:
     finally:
         try:
             rt.close_device_cache()
+            rt.close_pools()
             rt.close_reservations()
             rt.delete_scratch()
         finally:
@@ -113,11 +117,14 @@ def detach(model: nn.Module, *, keep: bool = False) -> nn.Module:
     try:
         for u in rt.units:
             rt._unbind(u)
+        for b in rt.banks:
+            rt.unbind_bank(b)
         rt.release_all()
         rt.materialize()
     finally:
         try:
             rt.close_device_cache()
+            rt.close_pools()
             rt.close_reservations()
         except BaseException:
             rt._finished = True
@@ -139,7 +146,8 @@ def detach(model: nn.Module, *, keep: bool = False) -> nn.Module:
 
 
 def offload_stats(model: nn.Module) -> dict:
-    """Bytes read per tier, prefetch hit rate, stall time, peak host bytes of an offloaded model."""
+    """Bytes read per tier, prefetch hit rate, stall time, peak host bytes of an offloaded model;
+    with expert banks, ``experts``: hits per tier, loads per token, prediction accuracy, per expert."""
     rt: OffloadedModule | None = getattr(model, "_tiered", None)
     if rt is None:
         raise OffloadError(f"{type(model).__name__} is not offloaded")

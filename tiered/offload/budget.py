@@ -220,11 +220,16 @@ class _Budget:
             self._floor = self._host_floor = parents + window
             self._host_resident_budget = 0
             self._resident_budget = budget - self._floor - spare
+        # experts first get the room one token's experts (and as many read ahead) need, then what
+        # resident units leave (pin_residents)
+        self._expert_floor = self.expert_floor()
+        self._resident_budget -= self._expert_floor
 
     def pin_residents(self) -> None:
-        if not self.config.offload.resident:
-            return
         left, host_left = self._resident_budget, self._host_resident_budget
+        if not self.config.offload.resident:
+            self.plan_experts(self._expert_floor + left)
+            return
         for u in self.units:
             if u.nbytes <= left:
                 left -= u.nbytes
@@ -234,6 +239,7 @@ class _Budget:
                 host_left -= u.nbytes
                 u.host_resident = True
                 self.stats.host_resident_bytes += u.nbytes
+        self.plan_experts(self._expert_floor + left)
 
     def hold_residents(self) -> None:
         """Load what stays: resident units bound on the compute device, host-resident ones pinned."""
@@ -347,6 +353,8 @@ class _Budget:
             u.host_pins.clear()
         if freed and self.dcache is not None:
             self._resident_ranges = []
+        if device or not self._two_level:
+            freed += self.drop_experts()
         return freed
 
     def mark_busy(self) -> None:

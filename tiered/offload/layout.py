@@ -176,7 +176,9 @@ class _Packing:
 
     def build_units(self, spec, external: dict[int, str] | None, layout: str = "packed") -> None:
         prefix = self.prefix
-        for i, (name, mod, subtree) in enumerate(_named_units(self.model, spec)):
+        experts = self.bank_param_ids()  # expert banks' parameters: their own objects (.experts)
+        for name, mod, subtree in _named_units(self.model, spec):
+            i = len(self.units)
             slots, keys, off = [], [], 0
             key = f"{prefix}/{name or 'root'}"
             bundled: dict[int, tuple[int, int, int]] = {}  # id(weight) -> (group, parts, index)
@@ -188,6 +190,8 @@ class _Packing:
             regions: dict[int, int] = {}  # group -> offset of its region
             for owner, attr, is_buf in _unit_tensors(mod, subtree):
                 t = (owner._buffers if is_buf else owner._parameters)[attr]
+                if id(t) in experts:
+                    continue
                 if id(t) in bundled:
                     g, parts, j = bundled[id(t)]
                     if g not in regions:
@@ -204,6 +208,8 @@ class _Packing:
                 off = align_up(off, _ALIGN)
                 slots.append(_Slot(owner, attr, is_buf, key, off, t.dtype, t.shape))
                 off += slots[-1].nbytes
+            if not slots:
+                continue
             packed = any(s.key == key for s in slots)
             if packed:
                 keys.insert(0, key)
@@ -239,8 +245,7 @@ class _Packing:
         """Remember which of the model's packed objects a ``detach(keep=True)`` made durable: writing
         them again keeps them durable (else a crash would lose the only durable copy)."""
         self._durable = set()
-        for u in self.units:
-            k = u.packed_key
+        for k in [u.packed_key for u in self.units] + self.bank_keys():
             if k is not None and k in self.store:
                 try:
                     meta = self.store.meta(k)
@@ -256,7 +261,7 @@ class _Packing:
         """After a failed ``offload``: delete the packed objects it wrote, but those kept before."""
         if self._durable is None:
             return
-        for key in dict.fromkeys(u.packed_key for u in self.units if u.packed_key is not None):
+        for key in dict.fromkeys([u.packed_key for u in self.units if u.packed_key is not None] + self.bank_keys()):
             if key not in self._durable and key in self.store:
                 self.store.delete(key)
 
@@ -294,7 +299,7 @@ class _Packing:
         return any(s.bundle is not None for u in self.units for s in u.slots)
 
     def owns_param(self, p: torch.Tensor) -> bool:
-        return any(s.tensor() is p for u in self.units for s in u.slots)
+        return any(s.tensor() is p for u in self.units for s in u.slots) or id(p) in self.bank_param_ids()
 
     def describe(self) -> str:
         return f"{self.name} (objects {self.prefix}/...)"

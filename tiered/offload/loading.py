@@ -43,8 +43,9 @@ class _Loading:
         return True
 
     def _pinned_bytes(self) -> int:
-        """Compute-tier bytes this model's units hold or are reading."""
-        return sum(v.nbytes for v in self.units if v.leases or v.pending)
+        """Compute-tier bytes this model's units and experts hold or are reading."""
+        room = self._expert_room.nbytes if self._expert_room is not None else 0
+        return sum(v.nbytes for v in self.units if v.leases or v.pending) + room + self._expert_pending_bytes()
 
     def _load(self, u: _Unit) -> None:
         t0 = time.perf_counter()
@@ -183,10 +184,10 @@ class _Loading:
         gather(writing).add_done_callback(lambda _f: [lease.release() for lease in leases])
 
     def _drop_prefetches(self, keep: _Unit | None) -> int:
-        """Release every prefetched (not running, not resident) unit's copies; the bytes released.
-        A bound unit (held for a recompute's backward) or one whose copies backward reads is no
-        prefetch: its memory is in use."""
-        freed = 0
+        """Release every prefetched (not running, not resident) unit's copies, and the experts read
+        ahead; the bytes released. A bound unit (held for a recompute's backward) or one whose
+        copies backward reads is no prefetch: its memory is in use."""
+        freed = self.drop_expert_prefetches()
         for v in self.units:
             if v is keep or v.active or v.resident or (v.host_resident and self.dcache is None) or v.bound \
                     or v.index in self._bw_hold:

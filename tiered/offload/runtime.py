@@ -14,6 +14,8 @@ from ..config import Config
 from ..device_cache import DeviceCache
 from ..store import TieredStore
 from .budget import _Budget
+from .expert_cache import _ExpertCache, new_expert_stats
+from .experts import _ExpertPacking
 from .layout import _Packing, _Unit
 from .loading import _Loading
 from .recompute import _Recompute
@@ -22,7 +24,8 @@ from .teardown import _Teardown
 from .training import _Training
 
 
-class OffloadedModule(_Packing, _Budget, _Loading, _Recompute, _Training, _Teardown, _Stats):
+class OffloadedModule(_Packing, _ExpertPacking, _ExpertCache, _Budget, _Loading, _Recompute, _Training, _Teardown,
+                      _Stats):
     """The runtime attached to an offloaded model (``model._tiered``)."""
 
     def __init__(self, model: nn.Module, store: TieredStore, owns_store: bool, config: Config,
@@ -33,6 +36,12 @@ class OffloadedModule(_Packing, _Budget, _Loading, _Recompute, _Training, _Teard
         self.config = config
         self.device = device
         self.units: list[_Unit] = []
+        self.banks = []  # expert banks (.experts): routed experts loaded one by one
+        self.expert_stats = new_expert_stats()
+        self._calls = 0  # bank calls so far (the expert cache's clock)
+        self._expert_capacity = self._expert_prefetch_room = 0
+        self._expert_room = None  # the host buffer charging the room for experts to the model
+        self.pools = {}  # expert slice size -> its pool (.experts)
         self.order: list[int] = []
         self._pass: list[int] = []
         self._cursor = 0
@@ -86,6 +95,7 @@ class OffloadedModule(_Packing, _Budget, _Loading, _Recompute, _Training, _Teard
             self._hooks.append(u.module.register_forward_hook(self._post_hook(u), always_call=True))
         for m, units in self._parts().values():
             self._hooks.append(m.register_forward_pre_hook(self._part_hook(units)))
+        self.install_bank_hooks()
         # first of all pre-hooks (the root may also be a unit): clears what an interrupted forward left
         self._hooks.append(self.model.register_forward_pre_hook(self._root_pre, prepend=True))
         self._hooks.append(self.model.register_forward_hook(self._root_post, always_call=True))
@@ -104,6 +114,9 @@ class OffloadedModule(_Packing, _Budget, _Loading, _Recompute, _Training, _Teard
             if u.active:
                 u.active = 0
                 self._done_with(u)
+        for b in self.banks:
+            if b.bound:
+                self.unbind_bank(b)
         self._pop_saved_hooks()
         if self._bw_hold or self._saved or self._recomputed:
             self.finish_backward()

@@ -56,4 +56,7 @@ class _Stats:
             c = self.dcache.stats
             self.stats.device_cache = {"hits": c.hits, "misses": c.misses, "evictions": c.evictions,
                                        "bytes_loaded": c.bytes_loaded, "peak": self.dcache.peak}
-        return self.stats.as_dict()
+        out = self.stats.as_dict()
+        if self.banks:
+            out["experts"] = self.expert_report()
+        return out

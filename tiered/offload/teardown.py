@@ -22,6 +22,7 @@ class _Teardown:
                 view = s.source(u.leases[s.key].tensor)
                 s.tensor().data = view.to(self.device, copy=True).contiguous()
             self._release(u)
+        self.materialize_banks()
 
     def remove_hooks(self) -> None:
         for h in self._hooks:
@@ -35,12 +36,13 @@ class _Teardown:
             for lease in u.host_pins.values():
                 lease.release()
             u.host_pins.clear()
+        self.drop_experts()
 
     def keep_objects(self) -> None:
         """Make the model's objects durable (``detach(keep=True)``): those written as this
         process's scratch (packed units, and checkpoint tensors updated by training), which the
         store deletes when it closes, are written again as durable."""
-        for key in dict.fromkeys(k for u in self.units for k in u.keys):
+        for key in dict.fromkeys([k for u in self.units for k in u.keys] + self.bank_keys()):
             if not self.store.meta(key)["ephemeral"]:
                 continue
             lease = self.store.acquire(key, wait=_WAIT, owner=self.owner).result(timeout=_WAIT)
@@ -50,7 +52,7 @@ class _Teardown:
                 lease.release()
 
     def delete_objects(self) -> None:
-        for key in dict.fromkeys(k for u in self.units for k in u.keys):
+        for key in dict.fromkeys([k for u in self.units for k in u.keys] + self.bank_keys()):
             if key in self.store:
                 self.store.delete(key)
 
@@ -68,6 +70,7 @@ class _Teardown:
         finally:
             try:
                 self.close_device_cache()
+                self.close_pools()
                 self.close_reservations()
             finally:
                 try:
