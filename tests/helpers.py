@@ -76,3 +76,33 @@ def owner_figures(store, owner: str, tier: str = "host") -> dict:
 def allocated_bytes(tier_dir: Path) -> int:
     """The disk blocks the data file of a storage tier really takes (holes punched are not counted)."""
     return os.stat(Path(tier_dir) / DATA_FILE).st_blocks * 512
+
+
+def wait_until(cond, timeout: float = 30.0) -> bool:
+    """Poll ``cond`` until it is true (True) or ``timeout`` seconds pass (False)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def run_ranks(target, world: int, args_of, *, start: str = "fork", timeout: float = 150.0) -> None:
+    """Run ``target(*args_of(rank))`` in one process per rank and check every one exits 0 in
+    time (a process still running is killed). ``start``: the multiprocessing start method."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context(start)
+    procs = [ctx.Process(target=target, args=args_of(r)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(10)
+    assert [p.exitcode for p in procs] == [0] * world, f"exit codes of the {world} ranks"

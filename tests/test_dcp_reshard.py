@@ -5,13 +5,14 @@ planner reshards from the checkpoint's chunk metadata), equal to what was saved.
 from __future__ import annotations
 
 import datetime
-import multiprocessing as mp
 import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from helpers import run_ranks
 
 pytestmark = pytest.mark.timeout(240)
 JOIN_S = 150
@@ -77,18 +78,8 @@ def _worker(rank: int, world: int, mode: str, root: str, init: str, out: str) ->
 
 
 def _run(world: int, mode: str, root: Path, tag: str, out: Path) -> None:
-    ctx = mp.get_context("fork")  # the parent holds no process group or engine threads of its own
-    init = str(root.parent / f"init-{tag}")
-    procs = [ctx.Process(target=_worker, args=(r, world, mode, str(root), init, str(out))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(JOIN_S)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(10)
-    assert [p.exitcode for p in procs] == [0] * world, f"{mode} at world {world}"
+    init = str(root.parent / f"init-{tag}")  # fork: the parent holds no process group or engine threads
+    run_ranks(_worker, world, lambda r: (r, world, mode, str(root), init, str(out)), timeout=JOIN_S)
 
 
 def _same(a: dict, b: dict) -> None:

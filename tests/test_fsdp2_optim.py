@@ -5,10 +5,11 @@ torch.optim.AdamW; gloo on CPU, world sizes 2 and 3 (uneven shards, an empty one
 from __future__ import annotations
 
 import datetime
-import multiprocessing as mp
 
 import pytest
 import torch
+
+from helpers import run_ranks
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -59,16 +60,5 @@ def _rank(rank: int, world: int, root: str, init: str) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp2_with_offloaded_adamw_is_bitwise_fsdp2_with_adamw(tmp_path, world):
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_rank, args=(r, world, str(tmp_path / "store"), str(tmp_path / "init")))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(150)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(10)
-    assert [p.exitcode for p in procs] == [0] * world
+    run_ranks(_rank, world, lambda r: (r, world, str(tmp_path / "store"), str(tmp_path / "init")))
     assert sorted(d.name for d in (tmp_path / "store").iterdir()) == [f"r{r}" for r in range(world)]

@@ -15,6 +15,7 @@ from tiered.config import ConfigError, load_config
 from tiered.policies import Move
 from tiered.policies.cache import CachingMigration
 from tiered.policies.lru import LRU
+from helpers import wait_until
 from tiered.store import TieredStore
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -31,15 +32,6 @@ def config(tmp_path, *, fast="1MiB", migration="lru", bandwidth="1GB/s", batch=1
 
 def filled(v, n=64 * KiB // 4):
     return torch.full((n,), float(v), dtype=torch.float32)
-
-
-def wait_until(cond, timeout=T):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def read(store, key):

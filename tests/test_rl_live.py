@@ -3,11 +3,10 @@ promote what is read again, follow deletions, and the store refuses nothing they
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
+from helpers import wait_until
 from tiered import policies
 from tiered.store import TieredStore
 
@@ -25,15 +24,6 @@ def config(tmp_path, migration):
 
 def filled(v, n=64 * KiB // 4):
     return torch.full((n,), float(v), dtype=torch.float32)
-
-
-def wait_until(cond, timeout=T):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def read(store, key):

@@ -6,13 +6,12 @@ float rounding."""
 from __future__ import annotations
 
 import datetime
-import multiprocessing as mp
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import TINY_MODEL_MARKS, tiny_llama
+from helpers import TINY_MODEL_MARKS, run_ranks, tiny_llama
 from tiered.optim.zo import mezo_step
 
 pytestmark = [pytest.mark.timeout(180), *TINY_MODEL_MARKS]
@@ -54,19 +53,8 @@ def _rank(rank: int, world: int, root: str, init: str, out: str) -> None:
 
 def test_two_ranks_make_the_same_update_as_one_process_on_whole_batches(tmp_path):
     world = 2
-    ctx = mp.get_context("fork")
     outs = [str(tmp_path / f"rank{r}.safetensors") for r in range(world)]
-    procs = [ctx.Process(target=_rank, args=(r, world, str(tmp_path / "store"), str(tmp_path / "init"), outs[r]))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(150)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(10)
-    assert [p.exitcode for p in procs] == [0] * world
+    run_ranks(_rank, world, lambda r: (r, world, str(tmp_path / "store"), str(tmp_path / "init"), outs[r]))
     assert (tmp_path / "store" / "r0").is_dir() and (tmp_path / "store" / "r1").is_dir()  # a shard each
     r0, r1 = load_file(outs[0]), load_file(outs[1])
     for k in r0:

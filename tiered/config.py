@@ -81,7 +81,7 @@ _ENGINE_KEYS = ("backend", "workers", "queue_depth", "chunk", "direct")
 _POLICY_KEYS = ("placement", "eviction", "migration", "fallback", "migration_bandwidth", "migration_batch")
 # Migration policies a live store cannot run, and why (they run in ``tiered bench replay``).
 NOT_LIVE = {"belady": "it needs the future of the accesses, which a live store does not know",
-            "rl": ("its decisions cost 44-67 us of CPU per access, bookkeeping and training included "
+            "rl": ("its decisions cost 44-66 us of CPU per access, bookkeeping and training included "
                    "(a live store's budget is 10 us), and on traces it was not tuned on it is not reliably "
                    "better than arc or s3fifo")}
 _OFFLOAD_KEYS = ("lookahead", "resident", "layout", "device_cache", "experts")
