@@ -79,7 +79,7 @@ from torch.optim import Optimizer
 from ..config import load_config
 from ..store import TieredStore
 from .backward import _Backward
-from .clipping import _Clipping, check_clip_args
+from .clipping import _Clipping, check_clip_args, norm_order
 from .durability import _Durability
 from .host import _HostMemory
 from .layout import ALIGN_ELEMS, Chunk, OptimStateError, drop, plan_chunks
@@ -164,6 +164,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         self._state_reads: dict[int, object] = {}  # chunk index -> acquire future started in backward
         self._hooks: list = []
         self._names = _param_names(model, self._params) if model is not None else {}
+        self._norm_order = norm_order(model, self._param_objs)
         self._init_clipping(max_grad_norm, clip, grads, loss_scale)
         self._init_host()
         self._open = False

@@ -19,8 +19,11 @@ optimizer offers where a unit's gradients go in backward (``grads=``):
   Hugging Face ``Trainer``'s ``max_grad_norm``, gradient accumulation) works unchanged.
 
 Deferred clipping computes the norm exactly as ``torch.nn.utils.clip_grad_norm_`` (per-tensor
-norms grouped by device and dtype, in parameter order, then the norm of those), so the result
-is bitwise that of ``clip_grad_norm_`` followed by the update.
+norms grouped by device and dtype with torch's own grouping, then the norm of those), so the
+result is bitwise that of ``clip_grad_norm_`` followed by the update: with ``model=``, of
+``clip_grad_norm_(model.parameters())`` (then any other parameters of the optimizer, in group
+order), whatever the param groups; without, of ``clip_grad_norm_`` over the optimizer's
+parameters in group order.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils._foreach_utils import _has_foreach_support
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
 
 from tiered.io_engine import gather
 
@@ -86,15 +89,28 @@ def grad_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def total_norm(keyed: list[tuple[tuple, torch.Tensor]]) -> torch.Tensor:
     """``clip_grad_norm_``'s total: the per-tensor norms (given with their grad's (device,
-    dtype), in parameter order) grouped by device and dtype in first-seen order, stacked."""
+    dtype), in the order ``clip_grad_norm_`` would see the gradients) grouped by device and
+    dtype as torch groups them (its own grouping function, so the groups come in its order),
+    stacked on the first gradient's device."""
     if not keyed:
         return torch.tensor(0.0)
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for key, n in keyed:
-        groups.setdefault(key, []).append(n)
+    probes = [torch.empty(0, dtype=dtype, device=device) for (device, dtype), _n in keyed]
+    groups = _group_tensors_by_device_and_dtype([probes], with_indices=True)
     first = keyed[0][1].device
-    norms = [n.to(first) for ns in groups.values() for n in ns]
+    norms = [keyed[i][1].to(first) for _key, (_tensors, indices) in groups.items() for i in indices]
     return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+
+
+def norm_order(model, params: list[torch.Tensor]) -> list[int]:
+    """Indexes of ``params`` in the order deferred clipping stacks their norms: ``model``'s
+    parameters in ``model.parameters()`` order (so the norm is ``clip_grad_norm_(model.parameters())``'s,
+    whatever the param groups), then the others in group order."""
+    if model is None:
+        return list(range(len(params)))
+    index_of = {id(p): i for i, p in enumerate(params)}
+    first = [index_of[id(p)] for p in model.parameters() if id(p) in index_of]
+    seen = set(first)
+    return first + [i for i in range(len(params)) if i not in seen]
 
 
 def clip_coef(max_norm: float, total: torch.Tensor) -> torch.Tensor:
@@ -171,7 +187,7 @@ class _Clipping:
         if self.max_grad_norm is None or self.clip != "deferred":
             return True
         keyed = []
-        for i in range(len(self._params)):
+        for i in self._norm_order:
             if i in self._parked:
                 n = self._park_norms.get(i)
                 if n is None:  # parked scaled: its norm is the unscaled gradient's
