@@ -28,7 +28,9 @@ parameters in group order.
 
 from __future__ import annotations
 
+import inspect
 import math
+import sys
 
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
@@ -115,6 +117,28 @@ def norm_order(model, params: list[torch.Tensor]) -> list[int]:
 
 def clip_coef(max_norm: float, total: torch.Tensor) -> torch.Tensor:
     return torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+
+
+def trainer_max_grad_norm(depth: int = 8) -> float | None:
+    """The ``max_grad_norm`` of the Hugging Face ``Trainer`` whose method (a few frames up the
+    stack: ``training_step`` through accelerate's optimizer wrapper) called us, else None."""
+    trainer_mod = sys.modules.get("transformers.trainer")
+    trainer_cls = getattr(trainer_mod, "Trainer", None)
+    if trainer_cls is None:
+        return None
+    frame = inspect.currentframe()
+    try:
+        f = frame.f_back if frame is not None else None
+        for _ in range(depth):
+            if f is None:
+                return None
+            obj = f.f_locals.get("self")
+            if isinstance(obj, trainer_cls):
+                return float(getattr(obj.args, "max_grad_norm", 0) or 0)
+            f = f.f_back
+        return None
+    finally:
+        del frame
 
 
 class _Clipping:
@@ -337,7 +361,17 @@ class _Clipping:
         (``max_grad_norm``, default 1.0), unscales and accumulates ``.grad`` between backward and
         step, which the default ``grads="stream"`` (units updated in backward) never fills: so an
         optimizer left in the default mode keeps gradients in ``.grad`` from here on
-        (``grads="keep"``). A ``grads=`` chosen explicitly is left as it is."""
+        (``grads="keep"``). A ``grads=`` chosen explicitly is left as it is; a Trainer that clips
+        is then refused where the unit gradients are not in ``.grad`` (it would clip nothing and
+        log a norm of 0)."""
+        if self._grads_given and self._streams_units:
+            clips = trainer_max_grad_norm()
+            if clips:
+                raise OptimStateError(
+                    f"OffloadedAdamW {self.name!r}: a Trainer with max_grad_norm={clips} clips .grad, but with "
+                    f"grads={self.grads!r} the unit gradients are not in .grad, so it would clip nothing (and log "
+                    "grad_norm 0.0); pass grads='keep' (or leave grads unset), or set max_grad_norm=0 in "
+                    "TrainingArguments and give OffloadedAdamW max_grad_norm= (with grads='park')")
         if self.grads != "stream" or self._grads_given or not self._streams_units:
             return
         if self._updated or any(c.arrived for c in self._chunks):
