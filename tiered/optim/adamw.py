@@ -69,6 +69,7 @@ The class is assembled from one module per job: :mod:`.layout` (chunks),
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from typing import Callable
 
@@ -165,6 +166,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         self._hooks: list = []
         self._names = _param_names(model, self._params) if model is not None else {}
         self._norm_order = norm_order(model, self._param_objs)
+        self._model_named = list(model.named_parameters()) if model is not None else []
         self._init_clipping(max_grad_norm, clip, grads, loss_scale)
         self._init_host()
         self._open = False
@@ -185,6 +187,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
             self._chunks = plan_chunks(self._params, self._group_of,
                                        self.chunk_bytes or self._default_chunk_bytes(), self._units,
                                        trainable=[p.requires_grad for p in self._param_objs])
+            self._check_per_unit()
             self._check_budget()
             self._place_resident()
             if self._marker_key in self._store:
@@ -346,11 +349,33 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
                                  "location, so it cannot be updated in place: a placeholder of a model wrapped by "
                                  "tiered.offload? pass that model as model=")
         if self._units is not None:
-            for i in range(len(self._params)):
-                if i not in self._names:
-                    raise ValueError(f"OffloadedAdamW: parameter {self._param_name(i)} is not a parameter of the "
-                                     "model given as model= (of another model, e.g. an un-offloaded copy?): pass "
-                                     "that model's own parameters")
+            self._check_foreign_params()
+
+    def _check_foreign_params(self) -> None:
+        """With ``model=``, parameters of another module (an in-memory head) are trained in
+        memory beside the model's; what looks like an un-offloaded copy of the model is refused:
+        no parameter of the model at all, one named as a model parameter of that shape, or a
+        set of parameters shaped like every parameter of the model's units."""
+        foreign = [i for i in range(len(self._params)) if i not in self._names]
+        if not foreign:
+            return
+        hint = ("(of another model, e.g. an un-offloaded copy?): pass that model's own parameters; "
+                "parameters of other modules may be given beside them")
+        if len(foreign) == len(self._params):
+            raise ValueError(f"OffloadedAdamW: parameter {self._param_name(foreign[0])} is not a parameter of the "
+                             f"model given as model= {hint}")
+        shapes = {n: (tuple(p.shape), p.dtype) for n, p in self._model_named}
+        given = [n for g in self.param_groups for n in g.get("param_names", [None] * len(g["params"]))]
+        for i in foreign:
+            p = self._params[i]
+            if given[i] in shapes and shapes[given[i]] == (tuple(p.shape), p.dtype):
+                raise ValueError(f"OffloadedAdamW: parameter {i} is named {given[i]!r} like a parameter of the "
+                                 f"model given as model=, but is another tensor {hint}")
+        unit_params = collections.Counter((tuple(q.shape), q.dtype) for u in self._units for q in u.params())
+        others = collections.Counter((tuple(self._params[i].shape), self._params[i].dtype) for i in foreign)
+        if unit_params and not (unit_params - others):
+            raise ValueError(f"OffloadedAdamW: parameters {foreign[0]}.. are shaped like every parameter of the model "
+                             f"given as model= but are other tensors {hint}")
 
     def _check_frozen_grads(self) -> None:
         """A parameter frozen at open() has no state: a gradient it got since is not silently ignored."""

@@ -8,7 +8,8 @@ optimizer offers where a unit's gradients go in backward (``grads=``):
   at once. ``clip="per_unit"`` scales each chunk's (one unit's) gradients by that chunk's
   own norm: ``min(1, max_grad_norm / (unit_norm + 1e-6))``; no gradient is ever held, but the
   result is not ``clip_grad_norm_`` over the model (units whose norm is small are not scaled
-  at all).
+  at all). It needs ``model=`` and every trained parameter in a unit of it: chunks cut by
+  size (no ``model=``, or an in-memory head) are refused, as their layout would decide the result.
 - ``"park"`` (the default with ``max_grad_norm``): each unit's gradients are written to the
   store (the optimizer's objects ``<name>/g<param>``, which spill to storage like any other)
   with their norm; ``step()`` then knows the global norm, scales every gradient as
@@ -59,6 +60,10 @@ def check_clip_args(max_grad_norm, clip: str, grads: str | None, has_model: bool
     if grads is not None and grads not in GRADS:
         raise ValueError(f"OffloadedAdamW: grads must be one of {GRADS}, got {grads!r}")
     if not has_model:
+        if max_grad_norm is not None and clip == "per_unit":
+            raise ValueError("OffloadedAdamW: clip='per_unit' clips each unit of an offloaded model (model=) by its "
+                             "own norm; without model= the chunks are not units (their layout would decide the "
+                             "result): use clip='deferred'")
         if grads not in (None, "keep"):
             raise ValueError(f"OffloadedAdamW: grads={grads!r} needs model= (an offloaded model); without it "
                              "gradients are always read from param.grad in step()")
@@ -264,9 +269,20 @@ class _Clipping:
                 self._park_inf.pop(seg.param, None)
                 self._store.delete(parked[0])
 
-    def _clip_chunk(self, c: Chunk) -> None:
-        """``clip='per_unit'``: scale the chunk's gradients by the chunk's own norm."""
+    def _check_per_unit(self) -> None:
+        """``clip='per_unit'`` is defined for units only: a parameter outside the model's units
+        (cut into chunks by size) is refused rather than clipped by a layout-dependent norm."""
         if self.max_grad_norm is None or self.clip != "per_unit":
+            return
+        for c in self._chunks:
+            if c.unit is None:
+                raise ValueError(f"OffloadedAdamW: clip='per_unit' clips each unit of the model by its own norm, "
+                                 f"but parameter {self._param_name(c.segments[0].param)} is in no unit of it; "
+                                 "use clip='deferred' (grads='park' or 'keep')")
+
+    def _clip_chunk(self, c: Chunk) -> None:
+        """``clip='per_unit'``: scale the unit chunk's gradients (whole parameters) by its own norm."""
+        if self.max_grad_norm is None or self.clip != "per_unit" or c.unit is None:
             return
         grads = []
         for i in dict.fromkeys(seg.param for seg in c.segments):
