@@ -156,7 +156,7 @@ class _Clipping:
         self.grads = grads
         self._parked: dict[int, tuple[str, tuple]] = {}  # param index -> (key, (device, dtype))
         self._park_norms: dict[int, torch.Tensor] = {}  # without loss scaling (else found at step)
-        self._park_writes: list = []  # puts of parked gradients not known to be done
+        self._park_writes: dict[int, object] = {}  # param index -> put of its parked gradient, maybe not done
         self._grad_reads: dict[int, object] = {}  # param index -> get of its parked gradient, started early
         self._park_inf: dict[int, bool] = {}  # with loss scaling: the parked gradient holds inf/nan
         self.loss_scale = loss_scale
@@ -177,17 +177,19 @@ class _Clipping:
         if g.is_sparse:
             raise ValueError(f"OffloadedAdamW: parameter {self._param_name(i)} has a sparse gradient")
         key = self._grad_key(i)
-        if i in self._parked:
-            self._wait_parked()
-            old = self._store.get(key, owner=self.owner).result(timeout=WAIT)
-            g = old.view(g.shape) + g
+        if i in self._parked:  # the read may have started when the unit's backward began
+            read = self._grad_reads.pop(i, None)
+            if read is None:
+                self._wait_parked(i)
+                read = self._store.get(key, owner=self.owner)
+            g = read.result(timeout=WAIT).view(g.shape) + g
         if self.loss_scale is not None:
             self._check_unscalable(i, g)
             self._park_inf[i] = has_inf_or_nan(g)
         elif self.max_grad_norm is not None:
             self._park_norms[i] = grad_norms([g])[0]
         # the bytes are copied before put returns; the write finishes while backward goes on
-        self._park_writes.append(self._store.put(key, g.detach(), kind="grad", ephemeral=True, owner=self.owner))
+        self._park_writes[i] = self._store.put(key, g.detach(), kind="grad", ephemeral=True, owner=self.owner)
         self._parked[i] = (key, (g.device, g.dtype))
         p.grad = None
 
@@ -303,11 +305,26 @@ class _Clipping:
         if reads:
             gather(list(reads.values())).result(timeout=WAIT)
 
-    def _wait_parked(self) -> None:
-        """Every parked gradient written; raises the first write error."""
-        writes, self._park_writes = self._park_writes, []
+    def _wait_parked(self, i: int | None = None) -> None:
+        """Every parked gradient (or parameter ``i``'s) written; raises the first write error."""
+        if i is not None:
+            f = self._park_writes.pop(i, None)
+            if f is not None:
+                f.result(timeout=WAIT)
+            return
+        writes, self._park_writes = list(self._park_writes.values()), {}
         if writes:
             gather(writes).result(timeout=WAIT)
+
+    def _prefetch_parked(self, c: Chunk) -> None:
+        """A unit's backward begins: start reading its gradients parked by earlier backward
+        passes (written by now, else read on demand), which its hooks add the new ones to."""
+        for seg in c.segments:
+            i = seg.param
+            w = self._park_writes.get(i)
+            if i in self._parked and i not in self._grad_reads and (w is None or w.done()):
+                self._wait_parked(i)  # done: raises its error, if any
+                self._grad_reads[i] = self._store.get(self._parked[i][0], owner=self.owner)
 
     def _drop_parked(self) -> None:
         """Forget parked gradients (``zero_grad``, ``close``, a skipped step)."""
