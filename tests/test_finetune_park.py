@@ -41,7 +41,7 @@ def test_accumulation_waits_for_its_own_write_and_reads_ahead(tmp_path):
                 return wait(i)
 
             def spy_park(i):
-                ahead.append(i in opt._grad_reads)
+                ahead.append((i, i in opt._grad_reads))
                 return park(i)
 
             opt._wait_parked, opt._park = spy_wait, spy_park
@@ -52,7 +52,9 @@ def test_accumulation_waits_for_its_own_write_and_reads_ahead(tmp_path):
                 ahead.clear()
                 (model(input_ids=x, labels=x).loss / 2).backward()
             assert not any(waits_all)  # the second backward never waited for every parked write
-            assert ahead and sum(ahead) >= len(ahead) // 2  # most reads were started ahead of the hooks
+            # every read started when its unit's backward began, but the embedding's (whose backward
+            # reads no weights: no unit load to start it at)
+            assert [i for i, a in ahead if not a] == [0]
             o_ref.step()
             opt.step()
         sd = model.state_dict()

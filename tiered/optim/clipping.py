@@ -318,12 +318,12 @@ class _Clipping:
 
     def _prefetch_parked(self, c: Chunk) -> None:
         """A unit's backward begins: start reading its gradients parked by earlier backward
-        passes (written by now, else read on demand), which its hooks add the new ones to."""
+        passes (once each one's own write is done), which its hooks add the new ones to: the
+        reads overlap the unit's backward."""
         for seg in c.segments:
             i = seg.param
-            w = self._park_writes.get(i)
-            if i in self._parked and i not in self._grad_reads and (w is None or w.done()):
-                self._wait_parked(i)  # done: raises its error, if any
+            if i in self._parked and i not in self._grad_reads:
+                self._wait_parked(i)
                 self._grad_reads[i] = self._store.get(self._parked[i][0], owner=self.owner)
 
     def _drop_parked(self) -> None:
