@@ -150,23 +150,17 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         self.sync = sync or self._units is not None
         self._pending: int | None = None  # a step that step() returned from, not committed yet
         self._broken: BaseException | None = None  # a step failed to become durable
-        # the tensors updated: each DTensor parameter's local shard (FSDP2), else the parameter
-        self._param_objs: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
-        self._params, self._sharded = local_shards(self._param_objs)
+        self._model = model
+        self._index_params()
         refuse_global_ops(self._sharded, model=model, max_grad_norm=max_grad_norm, loss_scale=loss_scale,
                           grads=grads)
-        self._group_of: list[int] = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
         self._chunks: list[Chunk] = []
-        self._param_steps: list[int] = [0] * len(self._params)
         self._step = 0  # last committed step
         self._updated: set[int] = set()  # chunk indexes already updated in the step in progress
         self._stepped_params: set[int] = set()
         self._writes: list = []
         self._state_reads: dict[int, object] = {}  # chunk index -> acquire future started in backward
         self._hooks: list = []
-        self._names = _param_names(model, self._params) if model is not None else {}
-        self._norm_order = norm_order(model, self._param_objs)
-        self._model_named = list(model.named_parameters()) if model is not None else []
         self._init_clipping(max_grad_norm, clip, grads, loss_scale)
         self._init_host()
         self._open = False
@@ -364,7 +358,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         if len(foreign) == len(self._params):
             raise ValueError(f"OffloadedAdamW: parameter {self._param_name(foreign[0])} is not a parameter of the "
                              f"model given as model= {hint}")
-        shapes = {n: (tuple(p.shape), p.dtype) for n, p in self._model_named}
+        shapes = {n: (tuple(p.shape), p.dtype) for n, p in self._model.named_parameters()}
         given = [n for g in self.param_groups for n in g.get("param_names", [None] * len(g["params"]))]
         for i in foreign:
             p = self._params[i]
@@ -392,11 +386,33 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         """Parameter ``i``'s gradient as the tensor lining up with what is updated."""
         return local_grad(self._param_objs[i])
 
+    def _index_params(self) -> None:
+        """Index the parameters over the param groups (again after :meth:`add_param_group`)."""
+        # the tensors updated: each DTensor parameter's local shard (FSDP2), else the parameter
+        self._param_objs: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
+        self._params, self._sharded = local_shards(self._param_objs)
+        self._group_of: list[int] = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+        self._param_steps: list[int] = [0] * len(self._params)
+        model = self._model
+        self._names = _param_names(model, self._params) if model is not None else {}
+        self._norm_order = norm_order(model, self._param_objs)
+
     def add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group``, before :meth:`open` only (the chunk layout is planned
+        there and fixed in the store from then on)."""
         if getattr(self, "_open", False):
             raise OptimStateError("OffloadedAdamW: add_param_group after open() is not supported "
                                   "(the chunk layout in the store is fixed)")
         super().add_param_group(param_group)
+        if "_param_objs" not in self.__dict__:
+            return  # torch's __init__ adding the constructor's groups
+        try:
+            refuse_global_ops(local_shards(list(self.param_groups[-1]["params"]))[1], model=self._model,
+                              max_grad_norm=self.max_grad_norm, loss_scale=self.loss_scale, grads=self.grads)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        self._index_params()
 
 
 def _check_args(lr, betas, eps, chunk_bytes, lookahead, resident_bytes) -> None:
