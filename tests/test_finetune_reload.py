@@ -109,3 +109,17 @@ def test_in_memory_low_precision_parameters_loaded_between_steps(tmp_path):
             o_ref.step()
     for p, r in zip(ps, ref):
         assert torch.equal(p, r.detach().bfloat16())
+
+
+def test_state_dict_after_a_load_holds_the_loaded_masters(tmp_path):
+    """What ``state_dict()`` saves is what the next step would start from: a checkpoint taken
+    between ``model.load_state_dict`` and the next step restores the loaded weights."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(300).bfloat16())
+    first = p.detach().clone()
+    with OffloadedAdamW([p], lr=1e-2, config=offload_config(tmp_path, "4MiB", nvme="64MiB")) as opt:
+        p.grad = torch.ones_like(p)
+        opt.step()
+        with torch.no_grad():
+            p.copy_(first)
+        assert torch.equal(opt.state_dict()["state"][0]["master"], first.float())

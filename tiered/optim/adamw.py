@@ -60,6 +60,12 @@ outside units, unused ones) and commits the step. That is ``grads="stream"``, th
 scaling, accumulation) and ``grads="keep"`` (left in ``.grad``: Trainer, GradScaler) defer the
 update to ``step()``, see :mod:`.clipping`.
 
+Weights changed between updates (``model.load_state_dict`` of the offloaded model, in either
+order with the optimizer's own ``load_state_dict``, or any in-place write to parameters in
+memory) are what the next update starts from, as with ``torch.optim.AdamW``: a parameter whose
+weights are not its fp32 master rounded to their dtype (compared bit for bit when its chunk is
+updated) takes its master from them.
+
 The class is assembled from one module per job: :mod:`.layout` (chunks),
 :mod:`.host` (host memory), :mod:`.pipeline` (the step's stream),
 :mod:`.durability` (commit, recovery), :mod:`.state_dict`, :mod:`.backward`
