@@ -164,3 +164,20 @@ def test_loss_scale_refuses_fp16_gradients(tmp_path):
         with pytest.raises(ValueError, match=r"parameter 0 \(shape \(2, 4\)\) has an fp16 gradient"):
             opt.step()
         opt.zero_grad()
+
+
+def test_loss_scale_loads_a_grad_scaler_state_and_checks_values():
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    scaler._lazy_init_scale_growth_tracker(torch.device("cpu"))
+    ls = LossScale()
+    ls.load_state_dict(scaler.state_dict())
+    assert ls.get_scale() == 1024.0 and ls.growth_interval == 7
+    ls.load_state_dict(LossScale(init_scale=8.0).state_dict())
+    assert ls.get_scale() == 8.0
+    with pytest.raises(ValueError, match=r"missing 'growth_factor', 'backoff_factor', 'growth_interval', "
+                                         r"'_growth_tracker' \(expected LossScale.state_dict\(\)"):
+        ls.load_state_dict({"scale": 2.0})
+    bad = dict(LossScale().state_dict(), scale=float("inf"))
+    with pytest.raises(ValueError, match="init_scale must be a finite number > 0, got inf"):
+        ls.load_state_dict(bad)
+    assert ls.get_scale() == 8.0  # nothing changed by a refused load

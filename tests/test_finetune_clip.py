@@ -230,6 +230,7 @@ def test_parameter_on_the_wrong_device_is_named(tmp_path):
     (dict(clip="global"), "clip must be one of"),
     (dict(grads="host"), "grads must be one of"),
     (dict(grads="park"), "needs model="),
+    (dict(max_grad_norm=1.0, clip="per_unit"), "without model= the chunks are not units"),
 ])
 def test_bad_clipping_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -41,7 +41,7 @@ def infinity(tmp_path, **over):
                                   "fast_init": False},
             "stage3_prefetch_bucket_size": "auto",
         },
-        "aio": {"block_size": 1048576, "queue_depth": 16, "thread_count": 2, "single_submit": False,
+        "aio": {"block_size": 2097152, "queue_depth": 16, "thread_count": 2, "single_submit": False,
                 "overlap_events": True},
     }
     cfg.update(over)
@@ -57,9 +57,9 @@ def test_zero_infinity_config_converts(tmp_path, capsys):
     data = tomllib.loads(out.read_text())
     assert data["tiers"]["nvme"] == {"path": str(tmp_path / "nvme"), "capacity": 256 * MiB}
     assert data["tiers"]["host"] == {"capacity": 64 * MiB}
-    assert data["engine"] == {"backend": "aio", "chunk": MiB, "queue_depth": 16, "workers": 2}
+    assert data["engine"] == {"backend": "aio", "chunk": 2 * MiB, "queue_depth": 16, "workers": 2}
     cfg = load_config(out)  # what tiered itself accepts
-    assert cfg.engine.queue_depth == 16 and cfg.engine.chunk == MiB and cfg.engine.workers == 2
+    assert cfg.engine.queue_depth == 16 and cfg.engine.chunk == 2 * MiB and cfg.engine.workers == 2
     for key in ("offload_param.buffer_count", "offload_param.buffer_size", "offload_optimizer.pin_memory",
                 "offload_optimizer.fast_init", "zero_optimization.stage", "stage3_prefetch_bucket_size",
                 "aio.single_submit", "aio.overlap_events", "gradient_clipping", "bf16",
@@ -114,3 +114,34 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, content, message):
 def test_missing_file(tmp_path, capsys):
     assert main(["config", "from-deepspeed", str(tmp_path / "none.json")]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'none.json'}: No such file or directory"
+
+
+def test_deepspeed_aio_defaults_keep_tiered_defaults(tmp_path, capsys):
+    ds = infinity(tmp_path, aio={"block_size": 1048576, "queue_depth": 8, "thread_count": 1})
+    assert main(["config", "from-deepspeed", str(write(tmp_path, ds)), "--storage-capacity", "64MiB",
+                 "--host-capacity", "64MiB"]) == 0
+    got = capsys.readouterr()
+    assert tomllib.loads(got.out)["engine"] == {"backend": "aio"}
+    for key in ("aio.block_size = 1048576", "aio.queue_depth = 8", "aio.thread_count = 1"):
+        assert f"{key}: DeepSpeed's default, so tiered's own default is kept" in got.err, key
+    assert "aio values equal to DeepSpeed's defaults are not mapped" in got.out
+
+
+def test_paths_beyond_the_basic_plane_and_control_characters(tmp_path, capsys):
+    odd = str(tmp_path / 'nv\u00e9\U0001F600 "q" \\ x')
+    ds = infinity(tmp_path)
+    ds["zero_optimization"]["offload_param"]["nvme_path"] = odd
+    ds["zero_optimization"]["offload_optimizer"]["nvme_path"] = odd
+    src = write(tmp_path, ds, name="ds\U0001F600.json")
+    out = tmp_path / "o.toml"
+    assert main(["config", "from-deepspeed", str(src), "-o", str(out), "--storage-capacity", "64MiB",
+                 "--host-capacity", "64MiB"]) == 0
+    assert tomllib.loads(out.read_text(encoding="utf-8"))["tiers"]["nvme"]["path"] == odd
+
+
+def test_output_in_a_missing_directory_names_the_output(tmp_path, capsys):
+    ds = write(tmp_path, infinity(tmp_path))
+    out = tmp_path / "missing" / "x.toml"
+    assert main(["config", "from-deepspeed", str(ds), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}: No such file or directory") and ".tmp-" not in err

@@ -158,3 +158,16 @@ def test_trainer_lora_over_an_offloaded_base_saves_and_resumes(tmp_path):
     for n, p in ref.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, adapters[n]) and torch.equal(p, adapters2[n]), n
+
+
+@pytest.mark.parametrize("grads", ["park", "stream"])
+def test_a_clipping_trainer_is_refused_where_gradients_are_not_in_grad(tmp_path, grads):
+    model = tiered.offload(build(), offload_config(tmp_path / "store", "1MiB", nvme="128MiB", resident=False))
+    try:
+        with OffloadedAdamW(model.parameters(), lr=1e-2, model=model, grads=grads) as opt:
+            trainer = transformers.Trainer(model=model, args=args(tmp_path / "out"), train_dataset=DATA,
+                                           optimizers=(opt, schedule(opt)))
+            with pytest.raises(OptimStateError, match=rf"max_grad_norm=0.5 clips .grad, but with grads='{grads}'"):
+                trainer.train()
+    finally:
+        tiered.detach(model)

@@ -220,6 +220,15 @@ class _Training:
         finally:
             self.finish_backward()
 
+    def _drop_stale_prefetches(self, u: _Unit) -> None:
+        """Reads of ``u``'s objects (and of units tying its parameters) started before new
+        values are written would bind the old bytes in the next forward: give them back."""
+        params = {id(s.tensor()) for s in u.slots if not s.is_buffer}
+        for v in self.units:
+            if v is u or any(id(s.tensor()) in params for s in v.slots):
+                if v.pending and not v.active and not v.bound:
+                    self._drop_pending(v)
+
     def load_values(self, values: dict[int, torch.Tensor]) -> None:
         """``load_state_dict``: write ``values`` (``id(parameter or buffer)`` -> new value) into
         every unit holding that tensor (tied weights: each copy) as new versions, since the
@@ -232,6 +241,7 @@ class _Training:
         for u in self.units:
             if not any(id(s.tensor()) in values for s in u.slots):
                 continue
+            self._drop_stale_prefetches(u)
             edit = self.open_unit_params(u)
             try:
                 with torch.no_grad():

@@ -60,6 +60,12 @@ outside units, unused ones) and commits the step. That is ``grads="stream"``, th
 scaling, accumulation) and ``grads="keep"`` (left in ``.grad``: Trainer, GradScaler) defer the
 update to ``step()``, see :mod:`.clipping`.
 
+Weights changed between updates (``model.load_state_dict`` of the offloaded model, in either
+order with the optimizer's own ``load_state_dict``, or any in-place write to parameters in
+memory) are what the next update starts from, as with ``torch.optim.AdamW``: a parameter whose
+weights are not its fp32 master rounded to their dtype (compared bit for bit when its chunk is
+updated) takes its master from them.
+
 The class is assembled from one module per job: :mod:`.layout` (chunks),
 :mod:`.host` (host memory), :mod:`.pipeline` (the step's stream),
 :mod:`.durability` (commit, recovery), :mod:`.state_dict`, :mod:`.backward`
@@ -69,6 +75,7 @@ The class is assembled from one module per job: :mod:`.layout` (chunks),
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from typing import Callable
 
@@ -79,7 +86,7 @@ from torch.optim import Optimizer
 from ..config import load_config
 from ..store import TieredStore
 from .backward import _Backward
-from .clipping import _Clipping, check_clip_args
+from .clipping import _Clipping, check_clip_args, norm_order
 from .durability import _Durability
 from .host import _HostMemory
 from .layout import ALIGN_ELEMS, Chunk, OptimStateError, drop, plan_chunks
@@ -149,21 +156,17 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         self.sync = sync or self._units is not None
         self._pending: int | None = None  # a step that step() returned from, not committed yet
         self._broken: BaseException | None = None  # a step failed to become durable
-        # the tensors updated: each DTensor parameter's local shard (FSDP2), else the parameter
-        self._param_objs: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
-        self._params, self._sharded = local_shards(self._param_objs)
+        self._model = model
+        self._index_params()
         refuse_global_ops(self._sharded, model=model, max_grad_norm=max_grad_norm, loss_scale=loss_scale,
                           grads=grads)
-        self._group_of: list[int] = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
         self._chunks: list[Chunk] = []
-        self._param_steps: list[int] = [0] * len(self._params)
         self._step = 0  # last committed step
         self._updated: set[int] = set()  # chunk indexes already updated in the step in progress
         self._stepped_params: set[int] = set()
         self._writes: list = []
         self._state_reads: dict[int, object] = {}  # chunk index -> acquire future started in backward
         self._hooks: list = []
-        self._names = _param_names(model, self._params) if model is not None else {}
         self._init_clipping(max_grad_norm, clip, grads, loss_scale)
         self._init_host()
         self._open = False
@@ -184,6 +187,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
             self._chunks = plan_chunks(self._params, self._group_of,
                                        self.chunk_bytes or self._default_chunk_bytes(), self._units,
                                        trainable=[p.requires_grad for p in self._param_objs])
+            self._check_per_unit()
             self._check_budget()
             self._place_resident()
             if self._marker_key in self._store:
@@ -345,11 +349,33 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
                                  "location, so it cannot be updated in place: a placeholder of a model wrapped by "
                                  "tiered.offload? pass that model as model=")
         if self._units is not None:
-            for i in range(len(self._params)):
-                if i not in self._names:
-                    raise ValueError(f"OffloadedAdamW: parameter {self._param_name(i)} is not a parameter of the "
-                                     "model given as model= (of another model, e.g. an un-offloaded copy?): pass "
-                                     "that model's own parameters")
+            self._check_foreign_params()
+
+    def _check_foreign_params(self) -> None:
+        """With ``model=``, parameters of another module (an in-memory head) are trained in
+        memory beside the model's; what looks like an un-offloaded copy of the model is refused:
+        no parameter of the model at all, one named as a model parameter of that shape, or a
+        set of parameters shaped like every parameter of the model's units."""
+        foreign = [i for i in range(len(self._params)) if i not in self._names]
+        if not foreign:
+            return
+        hint = ("(of another model, e.g. an un-offloaded copy?): pass that model's own parameters; "
+                "parameters of other modules may be given beside them")
+        if len(foreign) == len(self._params):
+            raise ValueError(f"OffloadedAdamW: parameter {self._param_name(foreign[0])} is not a parameter of the "
+                             f"model given as model= {hint}")
+        shapes = {n: (tuple(p.shape), p.dtype) for n, p in self._model.named_parameters()}
+        given = [n for g in self.param_groups for n in g.get("param_names", [None] * len(g["params"]))]
+        for i in foreign:
+            p = self._params[i]
+            if given[i] in shapes and shapes[given[i]] == (tuple(p.shape), p.dtype):
+                raise ValueError(f"OffloadedAdamW: parameter {i} is named {given[i]!r} like a parameter of the "
+                                 f"model given as model=, but is another tensor {hint}")
+        unit_params = collections.Counter((tuple(q.shape), q.dtype) for u in self._units for q in u.params())
+        others = collections.Counter((tuple(self._params[i].shape), self._params[i].dtype) for i in foreign)
+        if unit_params and not (unit_params - others):
+            raise ValueError(f"OffloadedAdamW: parameters {foreign[0]}.. are shaped like every parameter of the model "
+                             f"given as model= but are other tensors {hint}")
 
     def _check_frozen_grads(self) -> None:
         """A parameter frozen at open() has no state: a gradient it got since is not silently ignored."""
@@ -366,11 +392,33 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         """Parameter ``i``'s gradient as the tensor lining up with what is updated."""
         return local_grad(self._param_objs[i])
 
+    def _index_params(self) -> None:
+        """Index the parameters over the param groups (again after :meth:`add_param_group`)."""
+        # the tensors updated: each DTensor parameter's local shard (FSDP2), else the parameter
+        self._param_objs: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
+        self._params, self._sharded = local_shards(self._param_objs)
+        self._group_of: list[int] = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+        self._param_steps: list[int] = [0] * len(self._params)
+        model = self._model
+        self._names = _param_names(model, self._params) if model is not None else {}
+        self._norm_order = norm_order(model, self._param_objs)
+
     def add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group``, before :meth:`open` only (the chunk layout is planned
+        there and fixed in the store from then on)."""
         if getattr(self, "_open", False):
             raise OptimStateError("OffloadedAdamW: add_param_group after open() is not supported "
                                   "(the chunk layout in the store is fixed)")
         super().add_param_group(param_group)
+        if "_param_objs" not in self.__dict__:
+            return  # torch's __init__ adding the constructor's groups
+        try:
+            refuse_global_ops(local_shards(list(self.param_groups[-1]["params"]))[1], model=self._model,
+                              max_grad_norm=self.max_grad_norm, loss_scale=self.loss_scale, grads=self.grads)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        self._index_params()
 
 
 def _check_args(lr, betas, eps, chunk_bytes, lookahead, resident_bytes) -> None:

@@ -50,7 +50,12 @@ class _Backward:
         return hook
 
     def _on_backward_load(self, unit) -> None:
-        """A unit's backward begins: start reading its state chunk, so the update need not wait."""
+        """A unit's backward begins: start reading its state chunk, so the update need not wait
+        (``grads="park"``: the gradients parked by earlier backward passes, to accumulate into)."""
+        if self._open and self.grads == "park":
+            for c in self._chunks:
+                if c.unit is unit:
+                    self._prefetch_parked(c)
         if not self._open or self.grads != "stream":
             return
         s = self._next_step()  # the previous step's chunks are committed before they are read

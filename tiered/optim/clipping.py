@@ -8,7 +8,8 @@ optimizer offers where a unit's gradients go in backward (``grads=``):
   at once. ``clip="per_unit"`` scales each chunk's (one unit's) gradients by that chunk's
   own norm: ``min(1, max_grad_norm / (unit_norm + 1e-6))``; no gradient is ever held, but the
   result is not ``clip_grad_norm_`` over the model (units whose norm is small are not scaled
-  at all).
+  at all). It needs ``model=`` and every trained parameter in a unit of it: chunks cut by
+  size (no ``model=``, or an in-memory head) are refused, as their layout would decide the result.
 - ``"park"`` (the default with ``max_grad_norm``): each unit's gradients are written to the
   store (the optimizer's objects ``<name>/g<param>``, which spill to storage like any other)
   with their norm; ``step()`` then knows the global norm, scales every gradient as
@@ -19,16 +20,21 @@ optimizer offers where a unit's gradients go in backward (``grads=``):
   Hugging Face ``Trainer``'s ``max_grad_norm``, gradient accumulation) works unchanged.
 
 Deferred clipping computes the norm exactly as ``torch.nn.utils.clip_grad_norm_`` (per-tensor
-norms grouped by device and dtype, in parameter order, then the norm of those), so the result
-is bitwise that of ``clip_grad_norm_`` followed by the update.
+norms grouped by device and dtype with torch's own grouping, then the norm of those), so the
+result is bitwise that of ``clip_grad_norm_`` followed by the update: with ``model=``, of
+``clip_grad_norm_(model.parameters())`` (then any other parameters of the optimizer, in group
+order), whatever the param groups; without, of ``clip_grad_norm_`` over the optimizer's
+parameters in group order.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import sys
 
 import torch
-from torch.utils._foreach_utils import _has_foreach_support
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
 
 from tiered.io_engine import gather
 
@@ -54,6 +60,10 @@ def check_clip_args(max_grad_norm, clip: str, grads: str | None, has_model: bool
     if grads is not None and grads not in GRADS:
         raise ValueError(f"OffloadedAdamW: grads must be one of {GRADS}, got {grads!r}")
     if not has_model:
+        if max_grad_norm is not None and clip == "per_unit":
+            raise ValueError("OffloadedAdamW: clip='per_unit' clips each unit of an offloaded model (model=) by its "
+                             "own norm; without model= the chunks are not units (their layout would decide the "
+                             "result): use clip='deferred'")
         if grads not in (None, "keep"):
             raise ValueError(f"OffloadedAdamW: grads={grads!r} needs model= (an offloaded model); without it "
                              "gradients are always read from param.grad in step()")
@@ -86,19 +96,54 @@ def grad_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def total_norm(keyed: list[tuple[tuple, torch.Tensor]]) -> torch.Tensor:
     """``clip_grad_norm_``'s total: the per-tensor norms (given with their grad's (device,
-    dtype), in parameter order) grouped by device and dtype in first-seen order, stacked."""
+    dtype), in the order ``clip_grad_norm_`` would see the gradients) grouped by device and
+    dtype as torch groups them (its own grouping function, so the groups come in its order),
+    stacked on the first gradient's device."""
     if not keyed:
         return torch.tensor(0.0)
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for key, n in keyed:
-        groups.setdefault(key, []).append(n)
+    probes = [torch.empty(0, dtype=dtype, device=device) for (device, dtype), _n in keyed]
+    groups = _group_tensors_by_device_and_dtype([probes], with_indices=True)
     first = keyed[0][1].device
-    norms = [n.to(first) for ns in groups.values() for n in ns]
+    norms = [keyed[i][1].to(first) for _key, (_tensors, indices) in groups.items() for i in indices]
     return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+
+
+def norm_order(model, params: list[torch.Tensor]) -> list[int]:
+    """Indexes of ``params`` in the order deferred clipping stacks their norms: ``model``'s
+    parameters in ``model.parameters()`` order (so the norm is ``clip_grad_norm_(model.parameters())``'s,
+    whatever the param groups), then the others in group order."""
+    if model is None:
+        return list(range(len(params)))
+    index_of = {id(p): i for i, p in enumerate(params)}
+    first = [index_of[id(p)] for p in model.parameters() if id(p) in index_of]
+    seen = set(first)
+    return first + [i for i in range(len(params)) if i not in seen]
 
 
 def clip_coef(max_norm: float, total: torch.Tensor) -> torch.Tensor:
     return torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+
+
+def trainer_max_grad_norm(depth: int = 8) -> float | None:
+    """The ``max_grad_norm`` of the Hugging Face ``Trainer`` whose method (a few frames up the
+    stack: ``training_step`` through accelerate's optimizer wrapper) called us, else None."""
+    trainer_mod = sys.modules.get("transformers.trainer")
+    trainer_cls = getattr(trainer_mod, "Trainer", None)
+    if trainer_cls is None:
+        return None
+    frame = inspect.currentframe()
+    try:
+        f = frame.f_back if frame is not None else None
+        for _ in range(depth):
+            if f is None:
+                return None
+            obj = f.f_locals.get("self")
+            if isinstance(obj, trainer_cls):
+                return float(getattr(obj.args, "max_grad_norm", 0) or 0)
+            f = f.f_back
+        return None
+    finally:
+        del frame
 
 
 class _Clipping:
@@ -111,7 +156,7 @@ class _Clipping:
         self.grads = grads
         self._parked: dict[int, tuple[str, tuple]] = {}  # param index -> (key, (device, dtype))
         self._park_norms: dict[int, torch.Tensor] = {}  # without loss scaling (else found at step)
-        self._park_writes: list = []  # puts of parked gradients not known to be done
+        self._park_writes: dict[int, object] = {}  # param index -> put of its parked gradient, maybe not done
         self._grad_reads: dict[int, object] = {}  # param index -> get of its parked gradient, started early
         self._park_inf: dict[int, bool] = {}  # with loss scaling: the parked gradient holds inf/nan
         self.loss_scale = loss_scale
@@ -132,17 +177,19 @@ class _Clipping:
         if g.is_sparse:
             raise ValueError(f"OffloadedAdamW: parameter {self._param_name(i)} has a sparse gradient")
         key = self._grad_key(i)
-        if i in self._parked:
-            self._wait_parked()
-            old = self._store.get(key, owner=self.owner).result(timeout=WAIT)
-            g = old.view(g.shape) + g
+        if i in self._parked:  # the read may have started when the unit's backward began
+            read = self._grad_reads.pop(i, None)
+            if read is None:
+                self._wait_parked(i)
+                read = self._store.get(key, owner=self.owner)
+            g = read.result(timeout=WAIT).view(g.shape) + g
         if self.loss_scale is not None:
             self._check_unscalable(i, g)
             self._park_inf[i] = has_inf_or_nan(g)
         elif self.max_grad_norm is not None:
             self._park_norms[i] = grad_norms([g])[0]
         # the bytes are copied before put returns; the write finishes while backward goes on
-        self._park_writes.append(self._store.put(key, g.detach(), kind="grad", ephemeral=True, owner=self.owner))
+        self._park_writes[i] = self._store.put(key, g.detach(), kind="grad", ephemeral=True, owner=self.owner)
         self._parked[i] = (key, (g.device, g.dtype))
         p.grad = None
 
@@ -171,7 +218,7 @@ class _Clipping:
         if self.max_grad_norm is None or self.clip != "deferred":
             return True
         keyed = []
-        for i in range(len(self._params)):
+        for i in self._norm_order:
             if i in self._parked:
                 n = self._park_norms.get(i)
                 if n is None:  # parked scaled: its norm is the unscaled gradient's
@@ -224,9 +271,20 @@ class _Clipping:
                 self._park_inf.pop(seg.param, None)
                 self._store.delete(parked[0])
 
-    def _clip_chunk(self, c: Chunk) -> None:
-        """``clip='per_unit'``: scale the chunk's gradients by the chunk's own norm."""
+    def _check_per_unit(self) -> None:
+        """``clip='per_unit'`` is defined for units only: a parameter outside the model's units
+        (cut into chunks by size) is refused rather than clipped by a layout-dependent norm."""
         if self.max_grad_norm is None or self.clip != "per_unit":
+            return
+        for c in self._chunks:
+            if c.unit is None:
+                raise ValueError(f"OffloadedAdamW: clip='per_unit' clips each unit of the model by its own norm, "
+                                 f"but parameter {self._param_name(c.segments[0].param)} is in no unit of it; "
+                                 "use clip='deferred' (grads='park' or 'keep')")
+
+    def _clip_chunk(self, c: Chunk) -> None:
+        """``clip='per_unit'``: scale the unit chunk's gradients (whole parameters) by its own norm."""
+        if self.max_grad_norm is None or self.clip != "per_unit" or c.unit is None:
             return
         grads = []
         for i in dict.fromkeys(seg.param for seg in c.segments):
@@ -247,11 +305,26 @@ class _Clipping:
         if reads:
             gather(list(reads.values())).result(timeout=WAIT)
 
-    def _wait_parked(self) -> None:
-        """Every parked gradient written; raises the first write error."""
-        writes, self._park_writes = self._park_writes, []
+    def _wait_parked(self, i: int | None = None) -> None:
+        """Every parked gradient (or parameter ``i``'s) written; raises the first write error."""
+        if i is not None:
+            f = self._park_writes.pop(i, None)
+            if f is not None:
+                f.result(timeout=WAIT)
+            return
+        writes, self._park_writes = list(self._park_writes.values()), {}
         if writes:
             gather(writes).result(timeout=WAIT)
+
+    def _prefetch_parked(self, c: Chunk) -> None:
+        """A unit's backward begins: start reading its gradients parked by earlier backward
+        passes (once each one's own write is done), which its hooks add the new ones to: the
+        reads overlap the unit's backward."""
+        for seg in c.segments:
+            i = seg.param
+            if i in self._parked and i not in self._grad_reads:
+                self._wait_parked(i)
+                self._grad_reads[i] = self._store.get(self._parked[i][0], owner=self.owner)
 
     def _drop_parked(self) -> None:
         """Forget parked gradients (``zero_grad``, ``close``, a skipped step)."""
@@ -321,7 +394,17 @@ class _Clipping:
         (``max_grad_norm``, default 1.0), unscales and accumulates ``.grad`` between backward and
         step, which the default ``grads="stream"`` (units updated in backward) never fills: so an
         optimizer left in the default mode keeps gradients in ``.grad`` from here on
-        (``grads="keep"``). A ``grads=`` chosen explicitly is left as it is."""
+        (``grads="keep"``). A ``grads=`` chosen explicitly is left as it is; a Trainer that clips
+        is then refused where the unit gradients are not in ``.grad`` (it would clip nothing and
+        log a norm of 0)."""
+        if self._grads_given and self._streams_units:
+            clips = trainer_max_grad_norm()
+            if clips:
+                raise OptimStateError(
+                    f"OffloadedAdamW {self.name!r}: a Trainer with max_grad_norm={clips} clips .grad, but with "
+                    f"grads={self.grads!r} the unit gradients are not in .grad, so it would clip nothing (and log "
+                    "grad_norm 0.0); pass grads='keep' (or leave grads unset), or set max_grad_norm=0 in "
+                    "TrainingArguments and give OffloadedAdamW max_grad_norm= (with grads='park')")
         if self.grads != "stream" or self._grads_given or not self._streams_units:
             return
         if self._updated or any(c.arrived for c in self._chunks):

@@ -16,6 +16,16 @@ from tiered.io_engine import Priority
 from .layout import TAG, WAIT, Chunk, OptimStateError, Segment, decode_step, drop, encode_step
 
 
+_BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def same_bits(master: torch.Tensor, weights: torch.Tensor) -> bool:
+    """``weights`` are ``master`` written into their dtype (what an update leaves), bit for bit."""
+    rounded = master if weights.dtype == master.dtype else master.to(weights.dtype)
+    bits = _BITS[weights.element_size()]
+    return torch.equal(rounded.view(bits), weights.view(bits))
+
+
 class _Pipeline:
     """Part of :class:`~tiered.optim.OffloadedAdamW` (see the module docstring)."""
 
@@ -98,6 +108,8 @@ class _Pipeline:
                 edit = self._units.open_unit_params(c.unit)
             if s == 1 and master is not None:
                 self._init_master(c, master, edit)
+            elif master is not None:
+                self._refresh_masters(c, master, edit)
             if resident:  # changed in place from here: invalid until fully updated
                 encode_step(buf, -1)
             self._clip_chunk(c)
@@ -266,10 +278,23 @@ class _Pipeline:
     def _init_master(self, c: Chunk, master: torch.Tensor, edit) -> None:
         off = 0
         for seg in c.segments:
-            p = self._params[seg.param]
-            if edit is not None:
-                src = edit.views[id(p)][0].reshape(-1)
-            else:
-                src = p.detach().reshape(-1)[seg.start:seg.stop]
-            master[off:off + seg.numel].copy_(src)
+            master[off:off + seg.numel].copy_(self._weights_of(seg, edit))
+            off += seg.numel
+
+    def _weights_of(self, seg: Segment, edit) -> torch.Tensor:
+        """The segment's current weights (flat): the unit's copy, else the parameter's slice."""
+        p = self._params[seg.param]
+        if edit is not None:
+            return edit.views[id(p)][0].reshape(-1)
+        return p.detach().reshape(-1)[seg.start:seg.stop]
+
+    def _refresh_masters(self, c: Chunk, master: torch.Tensor, edit) -> None:
+        """Weights changed since the last update (``model.load_state_dict``, any in-place
+        write) are what this update starts from, as in memory: a segment whose weights are not
+        its master (rounded to their dtype, compared bit for bit) gets its master from them."""
+        off = 0
+        for seg in c.segments:
+            m, w = master[off:off + seg.numel], self._weights_of(seg, edit)
+            if not same_bits(m, w):
+                m.copy_(w)
             off += seg.numel

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .layout import TAG, Chunk, encode_step
+from .pipeline import same_bits
 
 
 class _StateDict:
@@ -27,6 +28,7 @@ class _StateDict:
             full: dict = {}
             for c in self._chunks:
                 self._load_chunk(c, self._step, out=full)
+                self._fresh_masters(c, full)
             for i, parts in full.items():
                 if self._param_steps[i] == 0:
                     continue
@@ -37,6 +39,22 @@ class _StateDict:
                     st["master"] = parts["master"].view(p.shape)
                 state[i] = st
         return {"state": state, "param_groups": groups, "tiered_step": self._step}
+
+    def _fresh_masters(self, c: Chunk, full: dict) -> None:
+        """The masters the next update starts from: of weights changed since the last one
+        (``model.load_state_dict``), those weights (see ``_refresh_masters``)."""
+        if c.split:
+            return  # the parameters are the masters
+        edit = self._units.open_unit_params(c.unit) if c.unit is not None else None
+        try:
+            for seg in c.segments:
+                master = full[seg.param]["master"][seg.start:seg.stop]
+                weights = self._weights_of(seg, edit)
+                if not same_bits(master, weights):
+                    master.copy_(weights)
+        finally:
+            if edit is not None:
+                edit.abandon()
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:

@@ -7,7 +7,9 @@ and the ``aio`` block (``block_size`` -> ``[engine] chunk``, ``queue_depth`` ->
 ``[engine] queue_depth``, ``thread_count`` / ``intra_op_parallelism`` -> ``[engine] workers``,
 Linux AIO -> ``backend = "aio"``, ``use_gds`` -> ``"kvikio"``). Capacities, which DeepSpeed
 does not state, are half the free memory and half the free disk space at conversion time (as
-the default config), unless given. Every other key is named, with why it has no equivalent
+the default config), unless given. ``aio`` values equal to DeepSpeed's own defaults
+(``block_size`` 1 MiB, ``queue_depth`` 8, ``thread_count`` 1) are not mapped: tiered's defaults
+are kept (the header says so). Every other key is named, with why it has no equivalent
 here (most are the training loop's: ``OffloadedAdamW`` or ``TrainingArguments`` arguments),
 in the file's header and on stderr.
 """
@@ -45,6 +47,9 @@ _OFFLOAD_KEYS_UNMAPPED = {
     "pipeline_read": "OffloadedAdamW always pipelines reads, updates and writes",
     "pipeline_write": "OffloadedAdamW always pipelines reads, updates and writes",
 }
+# DeepSpeed's own aio defaults: a config that states them asks for nothing tiered's defaults
+# (sized for its engine) do not already do better, so they are not mapped
+_AIO_DEEPSPEED_DEFAULTS = {"block_size": 1048576, "queue_depth": 8, "thread_count": 1, "intra_op_parallelism": 1}
 _AIO_UNMAPPED = {
     "single_submit": "the engine submits batches of requests; there is no one-at-a-time mode",
     "overlap_events": "the engine always overlaps submission and completion",
@@ -172,6 +177,8 @@ def _aio(ds: Mapping[str, Any], source: str, nvme: bool, conv: Conversion) -> No
         where = f"aio.{key}"
         if value == "auto":
             conv.notes.append(f"{where} = 'auto': tiered's default is used")
+        elif key in _AIO_DEEPSPEED_DEFAULTS and value == _AIO_DEEPSPEED_DEFAULTS[key] and not isinstance(value, bool):
+            conv.notes.append(f"{where} = {value!r}: DeepSpeed's default, so tiered's own default is kept")
         elif key == "block_size":
             engine["chunk"] = _chunk(value, where, source, conv)
         elif key == "queue_depth":
@@ -224,11 +231,12 @@ def _half_disk(path: str) -> int:
 
 def to_toml(conv: Conversion, source: str) -> str:
     """The TOML text: a header naming what was not mapped, then the tables."""
-    lines = [f"# offload config converted from {source} by `tiered config from-deepspeed`",
-             "# capacities: half the free memory / disk space when it was converted (edit to taste)"]
+    lines = [f"# offload config converted from {_comment(source)} by `tiered config from-deepspeed`",
+             "# capacities: half the free memory / disk space when it was converted (edit to taste)",
+             "# aio values equal to DeepSpeed's defaults are not mapped: tiered's defaults are kept"]
     if conv.notes:
         lines.append("# DeepSpeed settings not mapped:")
-        lines += [f"#   {n}" for n in conv.notes]
+        lines += [f"#   {_comment(n)}" for n in conv.notes]
     for table, body in conv.tables.items():
         lines += ["", f"[{table}]"]
         for key, value in body.items():
@@ -242,14 +250,46 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
-    return json.dumps(str(value))  # a TOML basic string: JSON escapes are TOML escapes
+    return toml_string(str(value))
+
+
+_SHORT_ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r", '"': '\\"', "\\": "\\\\"}
+
+
+def toml_string(text: str) -> str:
+    """``text`` as a TOML basic string: quotes, backslashes and control characters escaped,
+    everything else (any Unicode scalar value, non-BMP included) as is, since TOML is UTF-8;
+    a lone surrogate (an undecodable file name) has no TOML form and is an error."""
+    out = ['"']
+    for ch in text:
+        o = ord(ch)
+        if ch in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[ch])
+        elif o < 0x20 or o == 0x7F:
+            out.append(f"\\u{o:04X}")
+        elif 0xD800 <= o <= 0xDFFF:
+            raise ConfigError(f"{text!r}: holds a lone surrogate (U+{o:04X}), which TOML cannot represent")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _comment(text: str) -> str:
+    """``text`` fit for a TOML comment: control characters and lone surrogates escaped."""
+    return "".join(ch if (0x20 <= ord(ch) != 0x7F and not 0xD800 <= ord(ch) <= 0xDFFF) or ch == "\t"
+                   else ascii(ch)[1:-1] for ch in text)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    """Temp file in the same directory, fsync, rename: the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    """Temp file in the same directory, fsync, rename: the old file or the new one, never half.
+    An error names ``path`` (not the temp file)."""
     try:
-        with os.fdopen(fd, "w") as f:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror} (cannot create a file in {path.parent})", str(path)) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
