@@ -69,13 +69,7 @@ class _Pipeline:
 
     def _declare_plan(self, chunks: list[Chunk], s: int) -> None:
         """Tell the store what this step reads and what the next one will (the same chunks, in
-        reverse), so that when the host tier must evict, it keeps the copies read soonest. When
-        backward updated every chunk (``model=``), what comes next is the next backward's reads:
-        the chunks it updated, in the order it visits them (units last to first)."""
-        if not chunks and self._updated:
-            in_backward = [c for c in self._chunks if c.index in self._updated]
-            self._store.plan([self._chunk_key(c, s) for c in reversed(in_backward)], owner=self.owner)
-            return
+        reverse), so that when the host tier must evict, it keeps the copies read soonest."""
         now = [self._chunk_key(c, s - 1) for c in chunks] if s > 1 else []
         self._store.plan(now + [self._chunk_key(c, s) for c in reversed(chunks)], owner=self.owner)
 
