@@ -274,3 +274,32 @@ def test_gather_fault_on_a_kernel_queue_engine_fails_the_gather(native_name, tmp
         assert "feature attribute" in "".join(getattr(ei.value, "__notes__", []))
         ids = np.arange(0, 3000, 7)
         assert torch.equal(fs.gather_rows(None, "x", ids), x[torch.from_numpy(ids)])
+
+
+def test_garbage_cycles_do_not_keep_gathered_rows(tmp_path):
+    """Once a gather returned, nothing it read is held by reference cycles among the engine's
+    futures (they wait for the garbage collector, which numpy-heavy loops seldom trigger: each
+    kept a minibatch's rows and read plan alive, hundreds of MB under a memory limit)."""
+    import gc
+
+    x = torch.randn(8000, 64)
+    np.save(tmp_path / "x.npy", x.numpy())
+    with TieredStore(_config(tmp_path, "threads")) as s, \
+            TieredFeatureStore(s, cache_bytes=0, chunk_bytes=64 << 10, scratch_bytes=64 << 10,
+                               max_read=16 << 10) as fs:
+        fs.import_array(tmp_path / "x.npy", None, "x", in_place=True)
+        ids = np.arange(0, 8000, 2)
+        fs.gather_rows(None, "x", ids)
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(3):
+                assert torch.equal(fs.gather_rows(None, "x", ids), x[torch.from_numpy(ids)])
+            gc.collect()
+            held = sum(o.nbytes for g in gc.garbage for o in gc.get_referents(g) if isinstance(o, np.ndarray))
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert held < 64 << 10, f"{held} bytes of arrays held by garbage cycles (a gather's rows are {len(ids) * 256})"

@@ -101,12 +101,10 @@ class _Gathers:
         wait = 0.0 if priority is Priority.PREFETCH else self.store.host_wait
         buf = self._host.alloc(need, wait)
         scratch = buf.padded
-        row_run = plan.row_run
         with self._lock:
             self.reads["requests"] += len(plan)
             self.reads["bytes"] += int(plan.length.sum())
             self.reads["rows"] += len(rows)
-        boffs = plan.buf_offset
         key_base = layout.chunk_offset
 
         def submit(k: int) -> None:
@@ -118,25 +116,37 @@ class _Gathers:
             self.store.read_range_arrays([keys[c] for c in used.tolist()], which, off, n, scratch, at, owner=self.owner,
                                          priority=priority).add_done_callback(lambda g: finished(k, g))
 
+        # finished() reaches the next round, the sink and the plan through this list, emptied when
+        # the reads end: the engine's futures may sit in reference cycles until the garbage
+        # collector runs (numpy-heavy loops seldom trigger it), and their callbacks must not keep
+        # a minibatch's rows alive until then
+        live = [submit, sink, plan, scratch]
+        nrows = len(rows)
+
         def finished(k: int, g) -> None:
             try:
                 g.result()
+                submit_, sink_, plan_, scratch_ = live
                 i, j = rounds[k]
-                lo, hi = np.searchsorted(row_run, [i, j], side="left")
-                sink(slice(int(lo), int(hi)), rows_from(scratch, plan.row_pos[lo:hi] - int(boffs[i]), a.row_bytes))
+                lo, hi = np.searchsorted(plan_.row_run, [i, j], side="left")
+                sink_(slice(int(lo), int(hi)),
+                      rows_from(scratch_, plan_.row_pos[lo:hi] - int(plan_.buf_offset[i]), a.row_bytes))
                 if k + 1 < len(rounds):
-                    submit(k + 1)
+                    submit_(k + 1)
                     return
             except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+                live.clear()
                 buf.release()
                 out.set_exception(_noted(e, a))
                 return
+            live.clear()
             buf.release()
-            out.set_result(len(rows))
+            out.set_result(nrows)
 
         try:
             submit(0)  # the store may read a chunk's checksum table first, in this thread
         except BaseException as e:
+            live.clear()
             buf.release()
             raise _noted(e, a)
         return out
