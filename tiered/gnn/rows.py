@@ -113,8 +113,9 @@ class _Gathers:
             # tuples, checks and engine requests were the gather's main Python cost)
             which, off, at, n = _round_ranges(plan, key_base, i, j)
             used, which = np.unique(which, return_inverse=True)  # hold only the chunks this round reads
-            self.store.read_range_arrays([keys[c] for c in used.tolist()], which, off, n, scratch, at, owner=self.owner,
-                                         priority=priority).add_done_callback(lambda g: finished(k, g))
+            self.store.read_range_arrays([keys[c] for c in used.tolist()], which, off, n, scratch, at,
+                                         owner=self.owner, priority=priority).add_done_callback(
+                lambda g: finished(k, g))
 
         # finished() reaches the next round, the sink and the plan through this list, emptied when
         # the reads end: the engine's futures may sit in reference cycles until the garbage

@@ -373,7 +373,8 @@ def _check_arrays(keys: list, which, offsets, lengths, buf, buf_offsets) -> None
     if n and ((buf_offsets < 0).any() or int((buf_offsets + np.maximum(lengths, 0)).max()) > len(buf)):
         i = int(np.argmax((buf_offsets < 0) | (buf_offsets + lengths > len(buf))))
         raise StoreError(f"read_range_arrays({keys[int(which[i])]!r}): range {i} lands at buffer bytes "
-                         f"{int(buf_offsets[i])}..{int(buf_offsets[i] + lengths[i])}, outside the {len(buf)}-byte buffer")
+                         f"{int(buf_offsets[i])}..{int(buf_offsets[i] + lengths[i])}, "
+                         f"outside the {len(buf)}-byte buffer")
 
 
 def _check_range_arrays(keys: list, metas: list, which, offsets, lengths) -> None:
