@@ -28,7 +28,19 @@ row cache):
   store objects first (import without ``in_place``), so every row read is
   verified against the crc32 of each 4 KiB block it covers;
 - ``memory``: ``torch.index_select`` on the first rows that fit in RAM
-  (ids folded into that subset), no limit: the in-memory reference.
+  (ids folded into that subset), no limit: the in-memory reference;
+- ``LABEL:tiered_hybrid`` with ``--peer LABEL=DIR``: the same contender run by
+  another checkout's own worker (``DIR/bench/gnn_gather.py``, its ``tiered``
+  and layers imported from DIR, e.g. a ``git archive`` of an earlier commit),
+  with that code's engine settings and ``--peer-merge-gap``: earlier code
+  measured again in the same run, between this code's contenders.
+
+The tiered contenders of this checkout use the ``--backend`` engine (default
+``native``: io_uring, else Linux AIO, one driver thread with ``--queue-depth``
+reads in flight; a gather hands each group of reads to it as one batch).
+``--rounds N`` runs the contender list N times (interleaved, so drifts of a
+shared machine hit all alike); every run's rows/s, and the load average
+before it, are kept; the table reports the median round.
 
 fio random 4 KiB O_DIRECT reads of the feature file (libaio, iodepth 32)
 give the device's bandwidth. Reported: gathered rows/s (requested rows,
@@ -280,7 +292,8 @@ def run_worker(name: str, spec: dict) -> dict:
     cache = spec["cache_bytes"]
     cfg = {"tiers": {"host": {"capacity": cache + spec["scratch_bytes"] * 2 + 64 * MiB},
                      "nvme": {"path": str(store_dir), "capacity": max(GiB, 2 * feats.stat().st_size)}},
-           "engine": {"workers": spec["workers"], "chunk": "8MiB"}}
+           "engine": {"workers": spec["workers"], "chunk": "8MiB", "backend": spec.get("backend", "threads"),
+                      "queue_depth": spec.get("queue_depth", 32)}}
     kw = {"checksum_block": spec["checksum_block"]} if spec.get("checksum_block") else {}
     with TieredStore(cfg) as st, TieredFeatureStore(st, cache_bytes=cache, policy=policy,
                                                     merge_gap=spec["merge_gap"],
@@ -361,6 +374,62 @@ def summarize(r: dict, row_bytes: int) -> dict:
     return out
 
 
+# runs a peer checkout's bench script with tiered's layers (mapped to the editable install's
+# folders by its finder) taken from that checkout too
+PEER_MAIN = """
+import runpy, sys
+try:
+    import __editable___tiered_0_1_0_finder as f
+    f.MAPPING.update({{k: "{root}/" + v for k, v in (("tiered", "tiered"), ("tiered.allocators", "allocators"),
+                     ("tiered.io_engine", "io_engine"), ("tiered.policies", "policies"), ("tiered.traces", "traces"))}})
+except ImportError:
+    pass
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_contender(name: str, spec: dict, args, d: Path, peers: dict, limit: int, why: str | None) -> dict:
+    """One contender in its own subprocess after the page cache was dropped, in its memory group."""
+    from _cgroup import MemoryCgroup, drop_caches
+
+    s = dict(spec)
+    label, _, base = name.rpartition(":")
+    if name.startswith("memmap"):
+        s["max_seconds"] = args.memmap_seconds
+    tag = name.replace(":", "-")
+    spec_path, res_path = d / f"spec-{tag}.json", d / f"result-{tag}.json"
+    worker = ["--worker", base, "--spec", str(spec_path), "--result", str(res_path)]
+    cmd, env = [sys.executable, str(Path(__file__).resolve()), *worker], None
+    if label:  # another checkout's worker and code
+        root = Path(peers[label]).resolve()
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        cmd = [sys.executable, "-c", PEER_MAIN.format(root=str(root)), str(root / "bench" / "gnn_gather.py"), *worker]
+        s["merge_gap"] = args.peer_merge_gap
+    spec_path.write_text(json.dumps(s))
+    res_path.unlink(missing_ok=True)
+    drop = drop_caches()
+    load = os.getloadavg()
+    log(f"{name}: caches dropped ({drop or 'ok'}), load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    t0 = time.perf_counter()
+    if name == "memory" or why is not None:
+        rc = subprocess.run(cmd, env=env).returncode
+        usage = None
+    else:
+        with MemoryCgroup(f"gnn-{tag}", limit) as cg:
+            rc = cg.run(cmd, env=env).returncode
+            usage = cg.usage()
+    if rc != 0 or not res_path.exists():
+        log(f"{name}: FAILED (exit {rc})")
+        return {"error": f"exit code {rc}", "cgroup": usage, "load_before": load}
+    r = json.loads(res_path.read_text())
+    r["summary"] = summarize(r, args.dim * 4)
+    r.update(cgroup=usage, wall_s=time.perf_counter() - t0, load_before=load,
+             code=str(peers[label]) if label else "this checkout")
+    log(f"{name}: {r['summary']}")
+    return r
+
+
 def simulate_policies(d: Path, nodes: int, row_bytes: int, data_bytes: int, fracs: list[float], count: int,
                       warmup: int) -> dict:
     """Hit rates of every policy at several cache sizes, replaying the same batches without I/O."""
@@ -406,7 +475,13 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=420.0, help="per contender (memmap stops early)")
     ap.add_argument("--memmap-seconds", type=float, default=90.0)
     ap.add_argument("--workers", type=int, default=8)
-    ap.add_argument("--merge-gap", type=int, default=128 << 10)
+    ap.add_argument("--backend", default="native", help="engine backend of this checkout's tiered contenders")
+    ap.add_argument("--queue-depth", type=int, default=64)
+    ap.add_argument("--merge-gap", type=int, default=16 << 10)
+    ap.add_argument("--peer", action="append", default=[], metavar="LABEL=DIR",
+                    help="contenders LABEL:<name> run DIR/bench/gnn_gather.py's worker with DIR's code")
+    ap.add_argument("--peer-merge-gap", type=int, default=128 << 10)
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--scratch", type=int, default=64 << 20)
     ap.add_argument("--checksum-block", type=int, default=0,
                     help="crc32 block of the _store contenders' chunks (0: the feature store's default)")
@@ -427,7 +502,7 @@ def main() -> None:
         Path(args.result).write_text(json.dumps(res))
         return
 
-    from _cgroup import MemoryCgroup, cgroup_v1_unavailable, drop_caches
+    from _cgroup import cgroup_v1_unavailable
 
     d = Path(args.dir)
     meta = prepare(args, d)
@@ -439,6 +514,7 @@ def main() -> None:
     spec = {"dir": str(d), "store_dir": str(d / "stores"), "warmup": args.warmup, "batches": args.batches,
             "max_seconds": args.max_seconds, "cache_bytes": cache_bytes, "workers": args.workers,
             "merge_gap": args.merge_gap, "scratch_bytes": args.scratch, "checksum_block": args.checksum_block,
+            "backend": args.backend, "queue_depth": args.queue_depth,
             "memory_rows": min(args.nodes, int(2 * GiB // row_bytes)), "memmap_slice": 2048}
     log(f"features {data_bytes / GiB:.2f} GiB; row cache {cache_bytes / GiB:.2f} GiB "
         f"(data / cache = {data_bytes / cache_bytes:.1f}); memory limit per contender {limit / GiB:.2f} GiB "
@@ -448,36 +524,25 @@ def main() -> None:
     log("fio random 4 KiB reads (before)")
     fio["before"] = fio_randread(d / "features.npy", args.fio_seconds)
     log(f"  {fio['before']}")
-    for name in [c for c in args.contenders.split(",") if c]:
-        s = dict(spec)
-        if name.startswith("memmap"):
-            s["max_seconds"] = args.memmap_seconds
-        spec_path = d / f"spec-{name}.json"
-        res_path = d / f"result-{name}.json"
-        spec_path.write_text(json.dumps(s))
-        res_path.unlink(missing_ok=True)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--spec", str(spec_path),
-               "--result", str(res_path)]
-        drop = drop_caches()
-        log(f"{name}: caches dropped ({drop or 'ok'})")
-        t0 = time.perf_counter()
-        if name == "memory" or why is not None:
-            rc = subprocess.run(cmd).returncode
-            usage = None
-        else:
-            with MemoryCgroup(f"gnn-{name}", limit) as cg:
-                rc = cg.run(cmd).returncode
-                usage = cg.usage()
-        if rc != 0 or not res_path.exists():
-            results[name] = {"error": f"exit code {rc}", "cgroup": usage}
-            log(f"{name}: FAILED (exit {rc})")
+    peers = dict(p.split("=", 1) for p in args.peer)
+    names = [c for c in args.contenders.split(",") if c]
+    runs: dict[str, list] = {n: [] for n in names}
+    for rnd in range(args.rounds):
+        for name in names:
+            r = run_contender(name, spec, args, d, peers, limit, why)
+            r["round"] = rnd
+            runs[name].append(r)
+    for name, rs in runs.items():
+        ok = [r for r in rs if "summary" in r]
+        if not ok:
+            results[name] = rs[-1]
             continue
-        r = json.loads(res_path.read_text())
-        r["summary"] = summarize(r, row_bytes)
-        r["cgroup"] = usage
-        r["wall_s"] = time.perf_counter() - t0
-        results[name] = r
-        log(f"{name}: {r['summary']}")
+        ok.sort(key=lambda r: r["summary"]["rows_per_s"])
+        best = dict(ok[len(ok) // 2])  # the median round (the upper one of two)
+        best["rounds"] = [{"rows_per_s": r["summary"]["rows_per_s"], "hit_rate": r["summary"].get("hit_rate"),
+                           "load_before": r.get("load_before"), "round": r["round"]} for r in rs if "summary" in r]
+        best["failed_rounds"] = [r.get("error") for r in rs if "summary" not in r]
+        results[name] = best
     log("fio random 4 KiB reads (after)")
     fio["after"] = fio_randread(d / "features.npy", args.fio_seconds)
     log(f"  {fio['after']}")
@@ -512,7 +577,8 @@ def main() -> None:
     s3 = results.get("tiered_s3fifo", {}).get("summary", {}).get("hit_rate")
     best_tiered = max([rate(n) or 0 for n in results if n.startswith("tiered")] or [0])
     report = {
-        "machine": {"cpus": os.cpu_count(), "note": "shared 2-core VM, other jobs running (loaded)"},
+        "machine": {"cpus": os.cpu_count(), "note": "shared 2-core VM, other jobs running (loaded)",
+                    "load_at_end": os.getloadavg()},
         "params": vars(args), "data": meta, "cache_bytes": cache_bytes, "memory_limit_bytes": limit,
         "cgroup": why or "v1 memory limit", "cold": "sync; echo 3 > /proc/sys/vm/drop_caches before each contender",
         "fio_randread_4k": fio, "table": table, "simulated_hit_rates": sim,

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..allocators import PAGE, aligned_empty
-from .errors import ShortTransferError
-from .request import Op
+from .errors import EngineClosed, ShortTransferError
+from .future import IOFuture
+from .request import Op, Priority, Request
 
 if TYPE_CHECKING:
     from .engine import IOEngine, _Member, _Piece
@@ -87,6 +88,112 @@ class ReadBatch:
         return cls(member, requests, bufs, addrs, int(prio))
 
 
+class ArrayReadBatch:
+    """Many aligned O_DIRECT reads given as arrays (:func:`submit_read_arrays`): one heap entry
+    and one future, and no Python object per read. Only the driver thread touches it once
+    queued: it stages reads into free slots, counts completions, and completes the future
+    once (with the total bytes, or the first error after every read ended)."""
+
+    __slots__ = ("future", "paths", "path_idx", "offsets", "lengths", "addrs", "buf", "buf_offsets",
+                 "priority", "next", "submitted", "remaining", "total", "error", "started",
+                 "ok_reads", "ok_bytes", "latencies")
+
+    def __init__(self, future: IOFuture, paths: list, path_idx: list, offsets: list, lengths: list,
+                 addrs: list, buf: np.ndarray, buf_offsets: list, priority: int) -> None:
+        self.future, self.paths, self.path_idx = future, paths, path_idx
+        self.offsets, self.lengths, self.addrs = offsets, lengths, addrs
+        self.buf, self.buf_offsets, self.priority = buf, buf_offsets, priority
+        self.next, self.submitted = 0, time.perf_counter()
+        self.remaining, self.total = len(offsets), sum(lengths)
+        self.error: BaseException | None = None
+        self.started = False
+        self.ok_reads = self.ok_bytes = 0  # whole reads, counted into the engine's stats at the end
+        self.latencies: list[float] = []
+
+    def request(self, k: int) -> Request:
+        """Read ``k`` as an ordinary request (for the rare read that leaves the fast path)."""
+        n, at = self.lengths[k], self.buf_offsets[k]
+        return Request(Op.READ, self.paths[self.path_idx[k]], self.offsets[k], n, self.buf[at: at + n],
+                       Priority(self.priority))
+
+    def end_one(self, err: BaseException | None, stats) -> None:
+        """One read ended (driver thread only); the last one completes the future."""
+        if err is not None and self.error is None:
+            self.error = err
+        self.remaining -= 1
+        if self.remaining:
+            return
+        if self.ok_reads:
+            with stats._lock:
+                c = stats.ops["read"]
+                c.chunks += self.ok_reads
+                c.direct_bytes += self.ok_bytes
+                c.requests += self.ok_reads
+                c.bytes += self.ok_bytes
+                c.latencies.extend(self.latencies)
+        if self.error is not None:
+            self.future.set_exception(self.error)
+        else:
+            self.future.set_result(self.total)
+
+
+class _ArrayMember:
+    """A read of an ArrayReadBatch that continues as an ordinary engine job (short read, or a file
+    that refused O_DIRECT): the job's future calls back into the batch."""
+
+    __slots__ = ("batch", "stats")
+
+    def __init__(self, batch: ArrayReadBatch, stats) -> None:
+        self.batch, self.stats = batch, stats
+
+    def set_running_or_notify_cancel(self) -> bool:
+        return True
+
+    def set_result(self, _n: int) -> None:
+        self.batch.end_one(None, self.stats)
+
+    def set_exception(self, err: BaseException) -> None:
+        self.batch.end_one(err, self.stats)
+
+
+def submit_read_arrays(engine: "IOEngine", paths: list, path_idx: np.ndarray, offsets: np.ndarray,
+                       lengths: np.ndarray, buf: np.ndarray, buf_offsets: np.ndarray,
+                       priority: Priority = Priority.DEMAND) -> IOFuture | None:
+    """Queue read i, bytes ``[offsets[i], offsets[i] + lengths[i])`` of ``paths[path_idx[i]]`` into
+    ``buf[buf_offsets[i]:]``, as one heap entry of a kernel-queue engine; one future for all
+    (total bytes, or the first error after every read ended). The checks are numpy calls, not a
+    Python loop per read. None (nothing queued) when the engine cannot take them so: not a
+    kernel-queue backend, a bandwidth limit, a read not 4 KiB aligned (file offset, length,
+    buffer address) or above the batch limit, or a file without O_DIRECT; use ``submit_many``."""
+    if not getattr(engine.backend, "submits_batches", False) or engine._limits or not len(offsets):
+        return None
+    if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 1 or not buf.flags.writeable:
+        raise ValueError("submit_read_arrays: buf must be a writable 1-D uint8 numpy array")
+    offsets, lengths = np.asarray(offsets, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+    buf_offsets, path_idx = np.asarray(buf_offsets, dtype=np.int64), np.asarray(path_idx, dtype=np.int64)
+    if not (len(offsets) == len(lengths) == len(buf_offsets) == len(path_idx)):
+        raise ValueError("submit_read_arrays: offsets, lengths, buf_offsets and path_idx differ in length")
+    if (offsets < 0).any() or (buf_offsets < 0).any() or int((buf_offsets + lengths).max()) > len(buf):
+        raise ValueError(f"submit_read_arrays: a read falls outside the file or the {len(buf)}-byte buffer")
+    if (path_idx < 0).any() or int(path_idx.max()) >= len(paths):
+        raise ValueError(f"submit_read_arrays: path_idx must index the {len(paths)} paths")
+    addrs = _addr(buf) + buf_offsets
+    if ((offsets | lengths | addrs) % PAGE).any() or (lengths <= 0).any():
+        return None
+    if int(lengths.max()) > min(engine.chunk, BATCH_READ_MAX) or not all(engine._direct_ok(p) for p in paths):
+        return None
+    engine._check_accepting(f"{len(offsets)} reads")
+    fut = IOFuture(f"{len(offsets)} reads of {paths[0]}" + (" and others" if len(paths) > 1 else ""))
+    batch = ArrayReadBatch(fut, list(paths), path_idx.tolist(), offsets.tolist(), lengths.tolist(),
+                           addrs.tolist(), buf, buf_offsets.tolist(), int(priority))
+    with engine._cond:
+        if engine._closing:
+            raise EngineClosed(f"I/O engine is not open ({len(offsets)} reads)")
+        heapq.heappush(engine._heap, (batch.priority, next(engine._seq), batch))
+        engine._cond.notify()
+    return fut
+
+
 class _Slot:
     """One piece in flight: its plan (None on the fast path), the transfer staged or running."""
 
@@ -137,6 +244,8 @@ class BatchDriver:
             item = entry[2]
             if type(item) is ReadBatch:
                 self._start_batch(item, entry)
+            elif type(item) is ArrayReadBatch:
+                self._start_arrays(item, entry)
             else:
                 self._start(item)
         self._release_delayed()
@@ -152,6 +261,8 @@ class BatchDriver:
         for slot in self._slots:
             if slot.piece is not None:
                 self._finish(slot, err)
+            elif type(slot.batch) is ArrayReadBatch:
+                self._array_end(slot, err)
             elif slot.batch is not None:
                 self._batch_end(slot, err)
 
@@ -318,10 +429,89 @@ class BatchDriver:
                                error=err is not None, cancelled=False)
         batch.member.group.end(err)
 
+    # -- reads of an ArrayReadBatch ---------------------------------------------------------------
+    def _start_arrays(self, batch: ArrayReadBatch, entry: tuple) -> None:
+        """Stage as many of the batch's reads as there are free slots (list slices, no per-read
+        objects); requeue the rest in its place."""
+        if not batch.started:
+            batch.started = True
+            if not batch.future.set_running_or_notify_cancel():  # cancelled before any read started
+                with self.e._stats._lock:
+                    self.e._stats.ops["read"].cancelled += len(batch.offsets)
+                return
+        k = batch.next
+        stop = min(len(batch.offsets), k + len(self._free))
+        handles = []
+        for path in batch.paths:
+            try:
+                handles.append(self.e._handle(path, False, True))
+            except (OSError, self._retry):  # no O_DIRECT (or no file): these reads go the ordinary way
+                handles.append(None)
+        if any(h is None for h in handles):
+            self._arrays_to_jobs(batch, k)
+            return
+        free, slots = self._free, self._slots
+        tags = [free.pop() for _ in range(stop - k)]
+        for tag, i in zip(tags, range(k, stop)):
+            s = slots[tag]
+            s.batch, s.index = batch, i
+        if len(handles) == 1:
+            fds = itertools.repeat(handles[0])
+        else:
+            fds = [handles[p] for p in batch.path_idx[k:stop]]
+        self._staged.extend(zip(tags, itertools.repeat(False), fds, batch.addrs[k:stop], batch.lengths[k:stop],
+                                batch.offsets[k:stop]))
+        batch.next = stop
+        if stop < len(batch.offsets):
+            self._requeue([entry])
+
+    def _arrays_to_jobs(self, batch: ArrayReadBatch, k: int) -> None:
+        """Queue reads ``k``.. of the batch as ordinary requests (the engine's general path)."""
+        batch.next = len(batch.offsets)
+        member = _ArrayMember(batch, self.e._stats)
+        reqs = [batch.request(i) for i in range(k, len(batch.offsets))]
+        self.e._enqueue([(r, r.buffer, member) for r in reqs])
+
+    def _complete_array_read(self, slot: _Slot, res: int) -> None:
+        batch, k = slot.batch, slot.index
+        n = batch.lengths[k]
+        if res == n:
+            slot.batch = None
+            self._free.append(slot.tag)
+            batch.ok_reads += 1
+            batch.ok_bytes += n
+            batch.latencies.append(time.perf_counter() - batch.submitted)
+            batch.end_one(None, self.e._stats)
+            return
+        path, off = batch.paths[batch.path_idx[k]], batch.offsets[k]
+        if res < 0:
+            self._array_end(slot, self.e._wrap(OSError(-res, _strerror(-res)), False, path, off, n))
+        elif res == 0:
+            self._array_end(slot, ShortTransferError("read", path, off, n, "end of file"))
+        else:  # short: the rest continues as an ordinary piece in this slot
+            from .engine import _Job, _Piece
+
+            self.e._stats.transfer("read", res, direct=True)
+            req = batch.request(k)
+            job = _Job(req, _ArrayMember(batch, self.e._stats), req.buffer, 1, batch.submitted, started=True)
+            slot.batch, slot.piece, slot.attempt = None, _Piece(batch.priority, 0, job, off + res, res, n - res), 0
+            self._new_plan(slot)
+
+    def _array_end(self, slot: _Slot, err: BaseException) -> None:
+        batch = slot.batch
+        slot.batch = None
+        self._free.append(slot.tag)
+        self.e._stats.finished("read", batch.lengths[slot.index], time.perf_counter() - batch.submitted,
+                               error=True, cancelled=False)
+        batch.end_one(err, self.e._stats)
+
     # -- completions ------------------------------------------------------------------------------
     def _complete(self, slot: _Slot, res: int) -> None:
         if slot.batch is not None:
-            self._complete_batch_read(slot, res)
+            if type(slot.batch) is ArrayReadBatch:
+                self._complete_array_read(slot, res)
+            else:
+                self._complete_batch_read(slot, res)
             return
         write, direct, view, path, off = slot.step
         if res < 0:

@@ -40,13 +40,19 @@ def _layout(a: _Attr) -> Layout:
     return Layout(a.num_rows, a.row_bytes, a.chunk_rows, base, np.arange(n, dtype=np.int64), limit)
 
 
-def _range(key: str, off: int, length: int, scratch: np.ndarray, at: int) -> tuple:
-    """A read_ranges entry for bytes [off, off + length) of ``key`` (object coordinates) landing at
-    scratch[at:]. A read of an in-place chunk may start on the file page before the chunk: that
-    part is not the object's, so it is skipped (the planner's row positions stay valid)."""
-    if off < 0:
-        at, length, off = at - off, length + off, 0
-    return key, off, length, scratch[at : at + length]
+def _round_ranges(plan, key_base: np.ndarray, i: int, j: int) -> tuple:
+    """Reads [i, j) of ``plan`` as read_range_arrays ranges: (chunk index, offset in the chunk's
+    object, offset in the round's scratch, length). A read of an in-place chunk may start on the
+    file page before the chunk: that part is not the object's, so it is skipped (the planner's
+    row positions stay valid)."""
+    which = plan.file[i:j]
+    off = plan.offset[i:j] - key_base[which]
+    at = plan.buf_offset[i:j] - plan.buf_offset[i]
+    n = plan.length[i:j]
+    before = np.minimum(off, 0)
+    if before.any():
+        off, at, n = off - before, at - before, n + before
+    return which, off, at, n
 
 
 def _noted(e: BaseException, a: _Attr) -> BaseException:
@@ -95,45 +101,53 @@ class _Gathers:
         wait = 0.0 if priority is Priority.PREFETCH else self.store.host_wait
         buf = self._host.alloc(need, wait)
         scratch = buf.padded
-        row_run = plan.row_run
         with self._lock:
             self.reads["requests"] += len(plan)
             self.reads["bytes"] += int(plan.length.sum())
             self.reads["rows"] += len(rows)
-        files, offs, lens, boffs = (plan.file.tolist(), plan.offset.tolist(), plan.length.tolist(),
-                                    plan.buf_offset.tolist())
-        base_of = layout.chunk_offset.tolist()
+        key_base = layout.chunk_offset
 
         def submit(k: int) -> None:
             i, j = rounds[k]
-            base = boffs[i]
-            # one store call and one future per round (thousands of small reads: per-request
-            # futures and callbacks were the gather's main Python cost)
-            reads = [_range(keys[files[r]], offs[r] - base_of[files[r]], lens[r], scratch, boffs[r] - base)
-                     for r in range(i, j)]
-            self.store.read_ranges(reads, owner=self.owner, priority=priority).add_done_callback(
+            # one store call per round, the ranges as arrays (thousands of small reads: per-range
+            # tuples, checks and engine requests were the gather's main Python cost)
+            which, off, at, n = _round_ranges(plan, key_base, i, j)
+            used, which = np.unique(which, return_inverse=True)  # hold only the chunks this round reads
+            self.store.read_range_arrays([keys[c] for c in used.tolist()], which, off, n, scratch, at,
+                                         owner=self.owner, priority=priority).add_done_callback(
                 lambda g: finished(k, g))
+
+        # finished() reaches the next round, the sink and the plan through this list, emptied when
+        # the reads end: the engine's futures may sit in reference cycles until the garbage
+        # collector runs (numpy-heavy loops seldom trigger it), and their callbacks must not keep
+        # a minibatch's rows alive until then
+        live = [submit, sink, plan, scratch]
+        nrows = len(rows)
 
         def finished(k: int, g) -> None:
             try:
                 g.result()
+                submit_, sink_, plan_, scratch_ = live
                 i, j = rounds[k]
-                lo, hi = np.searchsorted(row_run, [i, j], side="left")
-                base = boffs[i]
-                sink(slice(int(lo), int(hi)), rows_from(scratch, plan.row_pos[lo:hi] - base, a.row_bytes))
+                lo, hi = np.searchsorted(plan_.row_run, [i, j], side="left")
+                sink_(slice(int(lo), int(hi)),
+                      rows_from(scratch_, plan_.row_pos[lo:hi] - int(plan_.buf_offset[i]), a.row_bytes))
                 if k + 1 < len(rounds):
-                    submit(k + 1)
+                    submit_(k + 1)
                     return
             except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+                live.clear()
                 buf.release()
                 out.set_exception(_noted(e, a))
                 return
+            live.clear()
             buf.release()
-            out.set_result(len(rows))
+            out.set_result(nrows)
 
         try:
             submit(0)  # the store may read a chunk's checksum table first, in this thread
         except BaseException as e:
+            live.clear()
             buf.release()
             raise _noted(e, a)
         return out

@@ -16,6 +16,7 @@ import numpy as np
 
 from tiered.allocators import aligned_empty
 from tiered.io_engine import IOFuture, Op, Priority, Request, chain, gather
+from tiered.io_engine.batch import submit_read_arrays
 
 from ..checksums import block_crcs, crc32
 from .errors import ChecksumError, StoreError
@@ -94,6 +95,130 @@ class _Ranges:
         else:
             submit()
         return out
+
+    def read_range_arrays(self, keys, which, offsets, lengths, buf, buf_offsets, *, owner: str = DEFAULT_OWNER,
+                          priority: Priority = Priority.DEMAND) -> IOFuture:
+        """:meth:`read_ranges` for many ranges given as arrays: range i is bytes ``[offsets[i],
+        offsets[i] + lengths[i])`` of ``keys[which[i]]`` into ``buf[buf_offsets[i]:]`` (``buf`` a
+        writable uint8 numpy array). The same checks, block verification, extent holds and
+        accounting, done with numpy calls instead of a tuple, a check and an engine request per
+        range (a minibatch gather issues ~10^4 ranges); on a kernel-queue engine (``native``,
+        ``aio``) each group of aligned ranges goes to the driver as one batch."""
+        self._check_open()
+        keys = list(keys)
+        which, offsets, lengths, buf_offsets = (np.asarray(x, dtype=np.int64).reshape(-1)
+                                                for x in (which, offsets, lengths, buf_offsets))
+        _check_arrays(keys, which, offsets, lengths, buf, buf_offsets)
+        held: dict[str, tuple[ObjectMeta, str]] = {}
+        try:
+            with self._lock:
+                for key in keys:
+                    if key not in held:
+                        held[key] = self._hold_for_ranges(key)
+            _check_range_arrays(keys, [held[k][0] for k in keys], which, offsets, lengths)
+            missing = [(meta, path) for meta, path in held.values() if meta.block and meta.block_crcs is None]
+            tables = [self._load_block_table(meta, path, priority) for meta, path in missing]
+        except BaseException:
+            self._release_held(held)
+            raise
+        metas = {key: meta for key, (meta, _path) in held.items()}
+        names = ", ".join(list(metas)[:3]) + ("..." if len(metas) > 3 else "")
+        out = IOFuture(f"read {len(offsets)} ranges")
+
+        def fail(e: BaseException) -> None:
+            self._release_held(held)
+            e.add_note(f"while reading ranges of {names}")
+            out.set_exception(e)
+
+        def finish(f) -> None:
+            try:
+                nbytes = sum(f.result())
+                self._account_range_arrays(keys, which, lengths, metas)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+                fail(e)
+                return
+            self._release_held(held)
+            out.set_result(nbytes)
+
+        def submit(_f=None) -> None:
+            # never blocks: it may run on the engine worker that read the last checksum table
+            try:
+                if _f is not None:
+                    _f.result()
+                fut = self._submit_verified_arrays(keys, held, which, offsets, lengths, buf, buf_offsets, priority)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+                fail(e)
+                return
+            fut.add_done_callback(finish)
+
+        if tables:
+            gather(tables).add_done_callback(submit)
+        elif len(offsets):
+            submit()
+        else:
+            self._release_held(held)
+            out.set_result(0)
+        return out
+
+    def _submit_verified_arrays(self, keys, held, which, offsets, lengths, buf, buf_offsets,
+                                priority: Priority) -> IOFuture:
+        """As :meth:`_submit_verified`, for :meth:`read_range_arrays`: per group one
+        ``submit_read_arrays`` batch (or, when the engine cannot take it so, ``submit_many``)."""
+        paths = sorted({held[k][1] for k in keys})
+        key_path = np.array([paths.index(held[k][1]) for k in keys], dtype=np.int64)
+        key_base = np.array([held[k][0].extent.offset for k in keys], dtype=np.int64)
+        key_block = np.array([held[k][0].block or 0 for k in keys], dtype=np.int64)
+        metas = {k: held[k][0] for k in keys}
+        path_idx, file_off = key_path[which], key_base[which] + offsets
+        aligned = ((file_off | lengths | (buf_offsets + buf.ctypes.data)) % 4096) == 0
+        futs = []
+        try:
+            for i, j in _array_groups(lengths):
+                fut = self._submit_group(paths, path_idx, file_off, lengths, buf, buf_offsets, aligned, i, j, priority)
+                blocked = np.flatnonzero(key_block[which[i:j]]) + i
+                if len(blocked):
+                    part = [(keys[w], o, n, buf[b: b + n]) for w, o, n, b in
+                            zip(which[blocked].tolist(), offsets[blocked].tolist(), lengths[blocked].tolist(),
+                                buf_offsets[blocked].tolist())]
+                    fut = chain(fut, lambda nb, part=part: self._verify_ranges(part, metas, nb))
+                futs.append(fut)
+        except BaseException as e:  # noqa: BLE001 - reported once the submitted groups ended
+            failed = IOFuture("ranges not submitted")
+            failed.set_exception(e)
+            futs.append(failed)
+        return gather(futs, f"verified reads of {len(offsets)} ranges")
+
+    def _submit_group(self, paths, path_idx, file_off, lengths, buf, buf_offsets, aligned, i: int, j: int,
+                      priority: Priority) -> IOFuture:
+        """Reads [i, j): the 4 KiB-aligned ones as one ``submit_read_arrays`` batch where the engine
+        takes it, the others (a chunk's unaligned edges in an in-place file) as ordinary requests;
+        one future of their total bytes."""
+        pick = np.arange(i, j)
+        fast = pick[aligned[i:j]]
+        futs = []
+        if len(fast):
+            f = submit_read_arrays(self.engine, paths, path_idx[fast], file_off[fast], lengths[fast], buf,
+                                   buf_offsets[fast], priority)
+            if f is not None:
+                futs.append(f)
+                pick = pick[~aligned[i:j]]
+        if len(pick):
+            futs.append(self.engine.submit_many(
+                [Request(Op.READ, paths[p], o, n, buf[b: b + n], priority) for p, o, n, b in
+                 zip(path_idx[pick].tolist(), file_off[pick].tolist(), lengths[pick].tolist(),
+                     buf_offsets[pick].tolist())]))
+        if len(futs) == 1:
+            return futs[0]
+        return chain(gather(futs), sum)
+
+    def _account_range_arrays(self, keys, which, lengths, metas: dict[str, ObjectMeta]) -> None:
+        """:meth:`_account_ranges` for :meth:`read_range_arrays`."""
+        per_pos = np.bincount(which, weights=lengths, minlength=len(keys)).astype(np.int64).tolist()
+        per_key: dict[str, int] = {}
+        for key, n in zip(keys, per_pos):
+            if n:
+                per_key[key] = per_key.get(key, 0) + n
+        self._account_ranges([(k, 0, n, None) for k, n in per_key.items()], metas)
 
     def _submit_verified(self, reads, reqs, metas: dict[str, ObjectMeta]) -> IOFuture:
         """Submit the reads in groups of consecutive ranges, each verified by the engine worker
@@ -220,6 +345,55 @@ def _groups(lengths: list[int]) -> list[tuple[int, int]]:
     if i < len(lengths):
         out.append((i, len(lengths)))
     return out
+
+
+def _array_groups(lengths: np.ndarray) -> list[tuple[int, int]]:
+    """:func:`_groups` for an array of lengths, with numpy: a group ends at the first range whose
+    cumulative bytes reach the next multiple of the target."""
+    n = len(lengths)
+    if not n:
+        return []
+    ends = np.cumsum(lengths)
+    target = max(GROUP_BYTES, int(ends[-1]) // MAX_GROUPS)
+    cuts = np.unique(np.searchsorted(ends, np.arange(target, int(ends[-1]), target), side="left") + 1)
+    bounds = [0, *[int(c) for c in cuts if 0 < c < n], n]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _check_arrays(keys: list, which, offsets, lengths, buf, buf_offsets) -> None:
+    """The shapes and the buffer of a :meth:`read_range_arrays` call."""
+    n = len(offsets)
+    if not (len(which) == len(lengths) == len(buf_offsets) == n):
+        raise StoreError(f"read_range_arrays: which ({len(which)}), offsets ({n}), lengths ({len(lengths)}) and "
+                         f"buf_offsets ({len(buf_offsets)}) must have one entry per range")
+    if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 1 or not buf.flags.writeable:
+        raise StoreError("read_range_arrays: buf must be a writable 1-D uint8 numpy array")
+    if n and ((which < 0).any() or int(which.max()) >= len(keys)):
+        raise StoreError(f"read_range_arrays: which must index the {len(keys)} keys")
+    if n and ((buf_offsets < 0).any() or int((buf_offsets + np.maximum(lengths, 0)).max()) > len(buf)):
+        i = int(np.argmax((buf_offsets < 0) | (buf_offsets + lengths > len(buf))))
+        raise StoreError(f"read_range_arrays({keys[int(which[i])]!r}): range {i} lands at buffer bytes "
+                         f"{int(buf_offsets[i])}..{int(buf_offsets[i] + lengths[i])}, "
+                         f"outside the {len(buf)}-byte buffer")
+
+
+def _check_range_arrays(keys: list, metas: list, which, offsets, lengths) -> None:
+    """:meth:`_Ranges._check_range` for every range at once; the first bad one is named."""
+    if not len(offsets):
+        return
+    ends = np.array([m.nbytes if m.extent.external else -(-max(m.nbytes, 1) // 4096) * 4096 for m in metas],
+                    dtype=np.int64)[which]
+    blocks = np.array([m.block or 0 for m in metas], dtype=np.int64)[which]
+    stop = offsets + lengths
+    bad = (offsets < 0) | (lengths <= 0) | (stop > ends)
+    b = np.maximum(blocks, 1)
+    bad |= (blocks > 0) & ((offsets % b != 0) | ((lengths % b != 0) & (stop != ends)))
+    if bad.any():
+        i = int(np.argmax(bad))
+        w = int(which[i])
+        _Ranges._check_range(keys[w], metas[w], int(offsets[i]), int(lengths[i]), np.empty(int(max(lengths[i], 0)),
+                                                                                          np.uint8))
+        raise AssertionError("unreachable: the range check above raises")  # pragma: no cover
 
 
 def _check_blocks(key: str, meta: ObjectMeta, off: int, length: int, out) -> None:
