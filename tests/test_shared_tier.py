@@ -21,6 +21,7 @@ import helpers
 import tiered
 from helpers import TINY_MODEL_MARKS
 from tiered.kv import KVStore, SharedTier, SharedTierError, TieredCache, model_identity
+from tiered.config import redact_url
 from tiered.kv.shared import INDEX, PREFIX, USED
 
 from test_kv_parity import generate, make_model, prompt, reference
@@ -323,13 +324,13 @@ def test_an_unreachable_required_server_fails_the_open_naming_the_url(tmp_path):
 
 
 def test_an_unreachable_optional_server_is_recomputed_without(tmp_path, caplog):
-    url = f"redis://127.0.0.1:{_free_port()}/0"
+    url = f"redis://user:pw-secret@127.0.0.1:{_free_port()}/0"
     model = make_model("llama")
     ids = prompt(43, seed=5)
     got = compute_prefix(model, shared_config(tmp_path, url, required=False, timeout=1), ids)
     assert got["loaded"] == 0 and got["kv"]["saved_blocks"] == 5
     assert_tokens_equal_default_cache(model, ids, got["out"])
-    assert url in caplog.text
+    assert redact_url(url) in caplog.text and "pw-secret" not in caplog.text
 
 
 def test_server_stopped_while_a_prompt_is_computed(tmp_path, redis_server):

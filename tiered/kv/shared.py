@@ -41,6 +41,7 @@ from collections.abc import Sequence
 import torch
 
 from ..checksums import crc32
+from ..config import redact_url
 from ..dtypes import dtype_from, dtype_name
 from ..store import StoreError
 
@@ -166,8 +167,9 @@ class SharedTier:
     def __init__(self, url: str, capacity: int, *, required: bool = True, timeout: float = 2.0,
                  retry_after: float = 10.0, name: str = "shared") -> None:
         if not isinstance(capacity, int) or capacity <= 0:
-            raise SharedTierError(f"shared tier {url}: capacity must be a positive number of bytes, got {capacity!r}")
+            raise SharedTierError(f"shared tier {redact_url(url)}: capacity must be a positive number of bytes, got {capacity!r}")
         self.url, self.capacity, self.required, self.name = url, capacity, required, name
+        self.shown_url = redact_url(url)  # for logs and errors: without its password
         self.timeout, self.retry_after = timeout, retry_after
         self._client = None
         self._scripts: dict = {}
@@ -185,7 +187,7 @@ class SharedTier:
         try:
             import redis
         except ImportError:
-            raise SharedTierError(f"shared tier {self.name!r} ({self.url}) needs the redis client: "
+            raise SharedTierError(f"shared tier {self.name!r} ({self.shown_url}) needs the redis client: "
                                   "pip install 'tiered[shared]'") from None
         self._client = redis.Redis.from_url(self.url, socket_timeout=self.timeout,
                                             socket_connect_timeout=self.timeout, retry_on_timeout=False)
@@ -198,7 +200,7 @@ class SharedTier:
             if self.required:
                 self.close()
                 raise SharedTierError(f"shared tier {self.name!r}: cannot reach the key-value server at "
-                                      f"{self.url} ({e}); start it, fix the url, or set required = false "
+                                      f"{self.shown_url} ({self._scrub(e)}); start it, fix the url, or set required = false "
                                       "to run without it") from None
             self._mark_down(e)
         except BaseException:
@@ -215,11 +217,11 @@ class SharedTier:
         except (TypeError, ValueError):
             theirs = None
         if not isinstance(theirs, dict) or (theirs.get("format"), theirs.get("version")) != (FORMAT, VERSION):
-            raise SharedTierError(f"shared tier {self.url}: key {META!r} holds {raw!r}, not a {FORMAT} v{VERSION} "
+            raise SharedTierError(f"shared tier {self.shown_url}: key {META!r} holds {raw!r}, not a {FORMAT} v{VERSION} "
                                   "record: the database is used by something else; choose another database")
         if theirs.get("capacity") != self.capacity:
             raise SharedTierError(
-                f"shared tier {self.url}: its capacity is recorded as {theirs.get('capacity')} bytes, and this "
+                f"shared tier {self.shown_url}: its capacity is recorded as {theirs.get('capacity')} bytes, and this "
                 f"config says {self.capacity}: every process using one server database must give the same "
                 f"capacity (to change it, stop them all and delete the key {META!r})")
 
@@ -243,12 +245,16 @@ class SharedTier:
         """False while the server is left alone after a failure (or the tier is closed)."""
         return self._client is not None and time.monotonic() >= self._down_until
 
+    def _scrub(self, err: BaseException) -> str:
+        """An error's text with the url (should the client quote it) shown without its password."""
+        return str(err).replace(self.url, self.shown_url)
+
     def _mark_down(self, err: BaseException) -> None:
         with self._lock:
             self.stats["errors"] += 1
             self._down_until = time.monotonic() + self.retry_after
         log.warning("shared tier %s unreachable (%s): prefixes are recomputed, not shared, for the next %.0f s",
-                    self.url, err, self.retry_after)
+                    self.shown_url, self._scrub(err), self.retry_after)
 
     def _run(self, what: str, fn):
         """``fn()``, or None when the server is down or fails (then it is marked down)."""
@@ -265,7 +271,7 @@ class SharedTier:
         except redis.ResponseError as e:  # e.g. OOM: the server's maxmemory is reached
             with self._lock:
                 self.stats["refused"] += 1
-            log.warning("shared tier %s refused a %s: %s", self.url, what, e)
+            log.warning("shared tier %s refused a %s: %s", self.shown_url, what, self._scrub(e))
         return None
 
     # -- entries ---------------------------------------------------------------------------
@@ -286,10 +292,10 @@ class SharedTier:
             with self._lock:
                 self.stats["refused"] += 1
             log.warning("shared tier %s records another capacity or format than this process's (%d bytes): "
-                        "nothing is published; give every process the same capacity", self.url, self.capacity)
+                        "nothing is published; give every process the same capacity", self.shown_url, self.capacity)
         if status == -1:
             log.warning("shared tier %s: entry %s (%d bytes) is larger than the tier's capacity %d",
-                        self.url, key, len(value), self.capacity)
+                        self.shown_url, key, len(value), self.capacity)
         return status == 1
 
     def get_many(self, keys: Sequence[str], identity: str) -> list[torch.Tensor | None]:
@@ -313,7 +319,7 @@ class SharedTier:
         try:
             return decode(key, identity, value)
         except BadEntry as e:
-            log.warning("shared tier %s: entry %s is bad (%s): deleted, the block is recomputed", self.url, key, e)
+            log.warning("shared tier %s: entry %s is bad (%s): deleted, the block is recomputed", self.shown_url, key, e)
             with self._lock:
                 self.stats["corrupt"] += 1
             self.forget(key)
