@@ -22,7 +22,7 @@ import tiered
 from helpers import TINY_MODEL_MARKS
 from tiered.kv import KVStore, SharedTier, SharedTierError, TieredCache, model_identity
 from tiered.config import redact_url
-from tiered.kv.shared import INDEX, PREFIX, USED
+from tiered.kv.shared import INDEX, PREFIX, SIZES, USED
 
 from test_kv_parity import generate, make_model, prompt, reference
 
@@ -259,6 +259,22 @@ def test_capacity_evicts_the_least_recently_used_entries(redis_server):
         assert tier.used_bytes() == 3 * size and tier.stats["evicted"] == 1
         r = redis_server.client()
         assert r.zcard(INDEX) == 3 and int(r.get(USED)) == sum(r.strlen(PREFIX + k) for k in present)
+
+
+def test_entries_deleted_outside_the_tier_leave_the_accounting_exact(redis_server):
+    """The server evicts an entry by itself, or an operator deletes it; it is then published again."""
+    size = _entry_size("k/00", 1000)
+    r = redis_server.client()
+    with SharedTier(redis_server.url, 4 * size) as tier:
+        for i in range(2):
+            assert tier.put(f"k/{i:02d}", "m", bytes(1000), torch.uint8, (1000,))
+        for _ in range(3):
+            r.delete(PREFIX + "k/00")
+            assert tier.put("k/00", "m", bytes(1000), torch.uint8, (1000,))  # republished while still indexed
+            assert int(r.get(USED)) == 2 * size and r.zcard(INDEX) == 2
+        r.delete(PREFIX + "k/00")
+        assert tier.get_many(["k/00", "k/01"], "m")[0] is None  # a miss: its index entry goes
+        assert int(r.get(USED)) == size and r.zcard(INDEX) == 1 and r.hlen(SIZES) == 1
 
 
 def test_an_entry_larger_than_the_capacity_is_not_written(redis_server):

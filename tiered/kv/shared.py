@@ -66,10 +66,17 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('ZADD', KEYS[2], 'XX', clock, KEYS[1])
   return {0, 0}
 end
+local used = tonumber(redis.call('GET', KEYS[4]) or '0')
+local stale = redis.call('HGET', KEYS[3], KEYS[1])
+if stale then  -- indexed but gone (deleted outside this script): forget its size first
+  used = used - tonumber(stale)
+  redis.call('ZREM', KEYS[2], KEYS[1])
+  redis.call('HDEL', KEYS[3], KEYS[1])
+  redis.call('SET', KEYS[4], used)
+end
 local size = string.len(ARGV[1])
 local cap = tonumber(ARGV[2])
 if size > cap then return {-1, 0} end
-local used = tonumber(redis.call('GET', KEYS[4]) or '0')
 local evicted = 0
 while used + size > cap do
   local victim = redis.call('ZRANGE', KEYS[2], 0, 0)
@@ -97,6 +104,22 @@ if n then
   redis.call('DECRBY', KEYS[4], tonumber(n))
 end
 return n and 1 or 0
+"""
+
+# KEYS: index, sizes, used, entries...: entries a read found missing (evicted by the server, deleted by an
+# operator); those still missing and still indexed leave the index and the accounting.
+_FORGET_MISSING = """
+local n = 0
+for i = 4, #KEYS do
+  local size = redis.call('HGET', KEYS[2], KEYS[i])
+  if size and redis.call('EXISTS', KEYS[i]) == 0 then
+    redis.call('ZREM', KEYS[1], KEYS[i])
+    redis.call('HDEL', KEYS[2], KEYS[i])
+    redis.call('DECRBY', KEYS[3], tonumber(size))
+    n = n + 1
+  end
+end
+return n
 """
 
 # KEYS: index, clock, entries...: the entries were just used (least recently used goes first).
@@ -135,10 +158,12 @@ def decode(key: str, identity: str, value: bytes) -> torch.Tensor:
     try:
         h = json.loads(value[8:8 + hlen])
         dtype = dtype_from(h["dtype"], error=BadEntry, where="header")
-        shape = tuple(int(d) for d in h["shape"])
-        nbytes, crc = int(h["nbytes"]), int(h["crc32"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise BadEntry(f"malformed header ({e})") from None
+        if not isinstance(h["shape"], list):
+            raise ValueError(f"shape {h['shape']!r} is not a list")
+        shape = tuple(_count(d, "shape") for d in h["shape"])
+        nbytes, crc = _count(h["nbytes"], "nbytes"), _count(h["crc32"], "crc32")
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise BadEntry(f"malformed header ({e!r})") from None
     if h.get("format") != FORMAT or h.get("version") != VERSION:
         raise BadEntry(f"format {h.get('format')!r} v{h.get('version')!r}, expected {FORMAT} v{VERSION}")
     if h.get("key") != key or h.get("identity") != identity:
@@ -151,7 +176,19 @@ def decode(key: str, identity: str, value: bytes) -> torch.Tensor:
         raise BadEntry(f"{payload.nbytes} payload bytes, header says {nbytes} of {dtype_name(dtype)}{list(shape)}")
     if crc32(payload) != crc:
         raise BadEntry("payload crc32 differs from the header's")
-    return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(shape)
+    try:
+        if not nbytes:  # frombuffer refuses an empty buffer
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(shape)
+    except (RuntimeError, OverflowError, ValueError, TypeError) as e:  # e.g. a dimension beyond int64
+        raise BadEntry(f"shape {list(shape)} cannot be made a tensor ({type(e).__name__})") from None
+
+
+def _count(v: object, what: str) -> int:
+    """A header's non-negative integer (JSON also gives floats, Infinity, NaN, booleans: ValueError)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{what} {v!r} is not a non-negative integer")
+    return v
 
 
 class SharedTier:
@@ -192,7 +229,8 @@ class SharedTier:
         self._client = redis.Redis.from_url(self.url, socket_timeout=self.timeout,
                                             socket_connect_timeout=self.timeout, retry_on_timeout=False)
         self._scripts = {n: self._client.register_script(s) for n, s in
-                         (("put", _PUT), ("forget", _FORGET), ("touch", _TOUCH))}
+                         (("put", _PUT), ("forget", _FORGET), ("forget_missing", _FORGET_MISSING),
+                                                      ("touch", _TOUCH))}
         try:
             self._client.ping()
             self._check_meta()
@@ -313,6 +351,9 @@ class SharedTier:
             self.stats["misses"] += len(keys) - len(hits)
         if hits:
             self._run("touch", lambda: self._scripts["touch"](keys=[INDEX, CLOCK, *hits]))
+        missing = [PREFIX + k for k, v in zip(keys, values) if v is None]
+        if missing:
+            self._run("index repair", lambda: self._scripts["forget_missing"](keys=[INDEX, SIZES, USED, *missing]))
         return out
 
     def _checked(self, key: str, identity: str, value: bytes) -> torch.Tensor | None:
