@@ -277,6 +277,23 @@ def test_entries_deleted_outside_the_tier_leave_the_accounting_exact(redis_serve
         assert int(r.get(USED)) == size and r.zcard(INDEX) == 1 and r.hlen(SIZES) == 1
 
 
+def test_a_server_slower_than_the_timeout_is_marked_down(redis_server, caplog):
+    """Each recv within the timeout, yet the whole answer late (a slow link): later calls skip it."""
+    with SharedTier(redis_server.url, 1 << 20, timeout=0.2, retry_after=60) as tier:
+        assert tier.put("k/0", "m", bytes(100), torch.uint8, (100,))
+        mget, calls = tier._client.mget, []
+
+        def slow_mget(*a, **kw):
+            calls.append(a)
+            time.sleep(0.3)
+            return mget(*a, **kw)
+
+        tier._client.mget = slow_mget
+        assert tier.get_many(["k/0"], "m")[0] is not None  # the late answer is still used
+        assert not tier.available and tier.stats["errors"] == 1 and "0.2 s" in caplog.text
+        assert tier.get_many(["k/0"], "m") == [None] and len(calls) == 1  # not asked again
+
+
 def test_an_entry_larger_than_the_capacity_is_not_written(redis_server):
     with SharedTier(redis_server.url, 500) as tier:
         assert not tier.put("k/big", "m", bytes(1000), torch.uint8, (1000,))

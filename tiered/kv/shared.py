@@ -295,22 +295,31 @@ class SharedTier:
                     self.shown_url, self._scrub(err), self.retry_after)
 
     def _run(self, what: str, fn):
-        """``fn()``, or None when the server is down or fails (then it is marked down)."""
+        """``fn()``, or None when the server is down or fails (then it is marked down). A call that
+        took longer than ``timeout`` in all (each recv in time, the whole late: a slow link) keeps
+        its answer but marks the server down, so lookups are not held up call after call."""
         import redis
 
         if not self.available:
             with self._lock:
                 self.stats["skipped_down"] += 1
             return None
+        start = time.monotonic()
         try:
-            return fn()
+            got = fn()
         except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
             self._mark_down(e)
+            return None
         except redis.ResponseError as e:  # e.g. OOM: the server's maxmemory is reached
             with self._lock:
                 self.stats["refused"] += 1
             log.warning("shared tier %s refused a %s: %s", self.shown_url, what, self._scrub(e))
-        return None
+            return None
+        elapsed = time.monotonic() - start
+        if elapsed > self.timeout:
+            self._mark_down(redis.TimeoutError(f"a {what} took {elapsed:.1f} s, more than the timeout of "
+                                               f"{self.timeout:g} s"))
+        return got
 
     # -- entries ---------------------------------------------------------------------------
     def put(self, key: str, identity: str, payload, dtype: torch.dtype, shape: Sequence[int]) -> bool:
