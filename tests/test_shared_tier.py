@@ -294,6 +294,18 @@ def test_a_server_slower_than_the_timeout_is_marked_down(redis_server, caplog):
         assert tier.get_many(["k/0"], "m") == [None] and len(calls) == 1  # not asked again
 
 
+def test_a_server_out_of_memory_pauses_publishing_and_is_warned_of_at_open(redis_server, caplog):
+    r = redis_server.client()
+    r.config_set("maxmemory", r.info("memory")["used_memory"] + (2 << 20))
+    r.config_set("maxmemory-policy", "noeviction")
+    with SharedTier(redis_server.url, 100 << 20, retry_after=60) as tier:
+        assert "maxmemory" in caplog.text  # the capacity cannot fit in what the server may hold
+        ok = [tier.put(f"k/{i}", "m", bytes(500_000), torch.uint8, (500_000,)) for i in range(10)]
+        assert ok[0] and not all(ok) and tier.stats["refused"] == 1  # asked once, then paused
+        assert tier.get_many(["k/0"], "m")[0] is not None  # what is there is still read
+        assert int(r.get(USED)) == sum(r.strlen(k) for k in r.keys(PREFIX + "k/*"))
+
+
 def test_an_entry_larger_than_the_capacity_is_not_written(redis_server):
     with SharedTier(redis_server.url, 500) as tier:
         assert not tier.put("k/big", "m", bytes(1000), torch.uint8, (1000,))

@@ -19,13 +19,14 @@ script that evicts the least recently used entries until the new one fits, then 
 server by the first process to open it, and a process configured with another is refused: one
 capacity per server database. Not counted: the server's own per-key overhead (~100 bytes per
 key, small beside blocks of ~1 MB) and the index (~100 bytes per entry). The server's
-``maxmemory`` must leave room for that; a server that evicts our keys by itself (a
+``maxmemory`` must leave room for that (a warning at open says where it is below the capacity;
+a write the server refuses for memory pauses publishing for ``retry_after`` seconds); a server that evicts our keys by itself (a
 ``maxmemory-policy`` other than ``noeviction``) only causes misses, and the index is repaired
 when they are seen. A standalone server (not Redis Cluster): the script touches the keys it evicts.
 
 Failures. The store never places or moves objects here (:attr:`SharedTier.external`). An
 unreachable server at open is an error naming the URL when the tier is ``required``, else a
-warning. Later, any connection error or timeout marks the tier down for ``retry_after``
+warning. Later, any connection error or timeout (or a call slower than ``timeout`` in all) marks the tier down for ``retry_after``
 seconds: lookups miss and publishes are skipped (prefixes are recomputed), then it is tried again.
 """
 
@@ -212,8 +213,10 @@ class SharedTier:
         self._scripts: dict = {}
         self._lock = threading.Lock()
         self._down_until = 0.0  # monotonic time before which the server is not tried
+        self._full_until = 0.0  # monotonic time before which nothing is published (the server was out of memory)
         self.stats = {"hits": 0, "misses": 0, "corrupt": 0, "published": 0, "evicted": 0, "too_large": 0,
-                      "refused": 0, "errors": 0, "skipped_down": 0}
+                      "refused": 0, "errors": 0, "skipped_down": 0,
+                      "skipped_full": 0}
 
     @classmethod
     def from_spec(cls, spec, **kwargs) -> "SharedTier":
@@ -234,6 +237,7 @@ class SharedTier:
         try:
             self._client.ping()
             self._check_meta()
+            self._check_maxmemory()
         except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
             if self.required:
                 self.close()
@@ -262,6 +266,20 @@ class SharedTier:
                 f"shared tier {self.shown_url}: its capacity is recorded as {theirs.get('capacity')} bytes, and this "
                 f"config says {self.capacity}: every process using one server database must give the same "
                 f"capacity (to change it, stop them all and delete the key {META!r})")
+
+    def _check_maxmemory(self) -> None:
+        """Warn where the server may hold less than the capacity: it would refuse writes (OOM) or
+        evict entries itself before the tier is full. Best effort: CONFIG may be disabled."""
+        import redis
+
+        try:
+            limit = int(self._client.config_get("maxmemory").get("maxmemory", 0))
+        except (redis.ResponseError, ValueError):
+            return
+        if 0 < limit < self.capacity:
+            log.warning("shared tier %s: capacity %d bytes is more than the server's maxmemory %d: it will "
+                        "refuse or evict entries before the tier is full; lower the capacity or raise maxmemory",
+                        self.shown_url, self.capacity, limit)
 
     def _meta(self) -> str:
         return json.dumps({"format": FORMAT, "version": VERSION, "capacity": self.capacity}, sort_keys=True)
@@ -311,9 +329,13 @@ class SharedTier:
             self._mark_down(e)
             return None
         except redis.ResponseError as e:  # e.g. OOM: the server's maxmemory is reached
+            oom = isinstance(e, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(e)
             with self._lock:
                 self.stats["refused"] += 1
-            log.warning("shared tier %s refused a %s: %s", self.shown_url, what, self._scrub(e))
+                if oom:
+                    self._full_until = time.monotonic() + self.retry_after
+            log.warning("shared tier %s refused a %s: %s%s", self.shown_url, what, self._scrub(e),
+                        f"; nothing is published for the next {self.retry_after:.0f} s" if oom else "")
             return None
         elapsed = time.monotonic() - start
         if elapsed > self.timeout:
@@ -325,6 +347,10 @@ class SharedTier:
     def put(self, key: str, identity: str, payload, dtype: torch.dtype, shape: Sequence[int]) -> bool:
         """Publish one block part (``payload``: its raw bytes); False when it was not written
         (already there, larger than the capacity, server down or refusing)."""
+        if time.monotonic() < self._full_until:
+            with self._lock:
+                self.stats["skipped_full"] += 1
+            return False
         value = encode(key, identity, payload, dtype, shape)
         got = self._run(f"put of {key}", lambda: self._scripts["put"](
             keys=[PREFIX + key, INDEX, SIZES, USED, CLOCK, META], args=[value, self.capacity, self._meta()]))
