@@ -26,8 +26,9 @@ when they are seen. A standalone server (not Redis Cluster): the script touches 
 
 Failures. The store never places or moves objects here (:attr:`SharedTier.external`). An
 unreachable server at open is an error naming the URL when the tier is ``required``, else a
-warning. Later, any connection error or timeout (or a call slower than ``timeout`` in all) marks the tier down for ``retry_after``
-seconds: lookups miss and publishes are skipped (prefixes are recomputed), then it is tried again.
+warning. Later, any connection error or timeout (or a call slower than ``timeout`` in all) marks
+the tier down for ``retry_after`` seconds: lookups miss and publishes are skipped (prefixes are
+recomputed), then it is tried again. URLs are shown without their password (``redact_url``).
 """
 
 from __future__ import annotations
