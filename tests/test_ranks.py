@@ -194,3 +194,29 @@ def test_ranks_sharing_a_path_are_told_to_put_rank_in_it(tmp_path):
         p.communicate(input="", timeout=60)
     assert f"open in another process (pid {p.pid}" in r.stdout
     assert "this process is rank 1 (local rank 1) of world size 2" in r.stdout and "put {rank}" in r.stdout
+
+
+@pytest.mark.parametrize("env", [{"LOCAL_RANK": "-1"}, {"RANK": "1"}, {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "x"}])
+def test_a_fixed_path_store_opens_despite_stray_rank_variables(tmp_path, no_rank_env, env):
+    """Nothing is checked at a fixed path, so bad rank variables meant for something else do not matter:
+    the layout is recorded as unknown."""
+    for k, v in env.items():
+        no_rank_env.setenv(k, v)
+    with tiered.TieredStore(rank_config(tmp_path, "fixed")) as store:
+        store.put("w", torch.ones(2)).result(timeout=30)
+        manifest = store.root / MANIFEST
+    assert json.loads(manifest.read_text())["layout"] is None
+
+
+def test_an_empty_shard_is_adopted_by_another_layout(tmp_path, no_rank_env):
+    """A shard whose objects were all deleted holds nothing of its rank: another layout takes it over."""
+    cfg = rank_config(tmp_path, "r{rank}")
+    set_ranks(no_rank_env, 0, 0, 2)
+    with tiered.TieredStore(cfg) as store:
+        store.put("w", torch.ones(2)).result(timeout=30)
+        store.delete("w")
+        manifest = store.root / MANIFEST
+    set_ranks(no_rank_env, 0, 0, 4)
+    with tiered.TieredStore(cfg) as store:
+        store.put("v", torch.zeros(2)).result(timeout=30)
+    assert json.loads(manifest.read_text())["layout"] == {"rank": 0, "local_rank": 0, "world_size": 4}

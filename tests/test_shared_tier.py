@@ -21,7 +21,8 @@ import helpers
 import tiered
 from helpers import TINY_MODEL_MARKS
 from tiered.kv import KVStore, SharedTier, SharedTierError, TieredCache, model_identity
-from tiered.kv.shared import INDEX, PREFIX, USED
+from tiered.config import redact_url
+from tiered.kv.shared import INDEX, PREFIX, SIZES, USED
 
 from test_kv_parity import generate, make_model, prompt, reference
 
@@ -260,6 +261,51 @@ def test_capacity_evicts_the_least_recently_used_entries(redis_server):
         assert r.zcard(INDEX) == 3 and int(r.get(USED)) == sum(r.strlen(PREFIX + k) for k in present)
 
 
+def test_entries_deleted_outside_the_tier_leave_the_accounting_exact(redis_server):
+    """The server evicts an entry by itself, or an operator deletes it; it is then published again."""
+    size = _entry_size("k/00", 1000)
+    r = redis_server.client()
+    with SharedTier(redis_server.url, 4 * size) as tier:
+        for i in range(2):
+            assert tier.put(f"k/{i:02d}", "m", bytes(1000), torch.uint8, (1000,))
+        for _ in range(3):
+            r.delete(PREFIX + "k/00")
+            assert tier.put("k/00", "m", bytes(1000), torch.uint8, (1000,))  # republished while still indexed
+            assert int(r.get(USED)) == 2 * size and r.zcard(INDEX) == 2
+        r.delete(PREFIX + "k/00")
+        assert tier.get_many(["k/00", "k/01"], "m")[0] is None  # a miss: its index entry goes
+        assert int(r.get(USED)) == size and r.zcard(INDEX) == 1 and r.hlen(SIZES) == 1
+
+
+def test_a_server_slower_than_the_timeout_is_marked_down(redis_server, caplog):
+    """Each recv within the timeout, yet the whole answer late (a slow link): later calls skip it."""
+    with SharedTier(redis_server.url, 1 << 20, timeout=0.2, retry_after=60) as tier:
+        assert tier.put("k/0", "m", bytes(100), torch.uint8, (100,))
+        mget, calls = tier._client.mget, []
+
+        def slow_mget(*a, **kw):
+            calls.append(a)
+            time.sleep(0.3)
+            return mget(*a, **kw)
+
+        tier._client.mget = slow_mget
+        assert tier.get_many(["k/0"], "m")[0] is not None  # the late answer is still used
+        assert not tier.available and tier.stats["errors"] == 1 and "0.2 s" in caplog.text
+        assert tier.get_many(["k/0"], "m") == [None] and len(calls) == 1  # not asked again
+
+
+def test_a_server_out_of_memory_pauses_publishing_and_is_warned_of_at_open(redis_server, caplog):
+    r = redis_server.client()
+    r.config_set("maxmemory", r.info("memory")["used_memory"] + (2 << 20))
+    r.config_set("maxmemory-policy", "noeviction")
+    with SharedTier(redis_server.url, 100 << 20, retry_after=60) as tier:
+        assert "maxmemory" in caplog.text  # the capacity cannot fit in what the server may hold
+        ok = [tier.put(f"k/{i}", "m", bytes(500_000), torch.uint8, (500_000,)) for i in range(10)]
+        assert ok[0] and not all(ok) and tier.stats["refused"] == 1  # asked once, then paused
+        assert tier.get_many(["k/0"], "m")[0] is not None  # what is there is still read
+        assert int(r.get(USED)) == sum(r.strlen(k) for k in r.keys(PREFIX + "k/*"))
+
+
 def test_an_entry_larger_than_the_capacity_is_not_written(redis_server):
     with SharedTier(redis_server.url, 500) as tier:
         assert not tier.put("k/big", "m", bytes(1000), torch.uint8, (1000,))
@@ -323,13 +369,13 @@ def test_an_unreachable_required_server_fails_the_open_naming_the_url(tmp_path):
 
 
 def test_an_unreachable_optional_server_is_recomputed_without(tmp_path, caplog):
-    url = f"redis://127.0.0.1:{_free_port()}/0"
+    url = f"redis://user:pw-secret@127.0.0.1:{_free_port()}/0"
     model = make_model("llama")
     ids = prompt(43, seed=5)
     got = compute_prefix(model, shared_config(tmp_path, url, required=False, timeout=1), ids)
     assert got["loaded"] == 0 and got["kv"]["saved_blocks"] == 5
     assert_tokens_equal_default_cache(model, ids, got["out"])
-    assert url in caplog.text
+    assert redact_url(url) in caplog.text and "pw-secret" not in caplog.text
 
 
 def test_server_stopped_while_a_prompt_is_computed(tmp_path, redis_server):

@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,24 @@ class ConfigError(ValueError):
     """An offload config that cannot be used; the message says where and why."""
 
 
+_URL_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^?#]*)@")
+_URL_PASSWORD_ARG = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def redact_url(url: object) -> object:
+    """``url`` as it may be shown (logs, errors, printed configs): its password replaced by ``***``,
+    in the user info (``redis://user:***@host``, or ``***`` where it is one word) and in a
+    ``password=`` argument. Anything not a string is returned as is."""
+    if not isinstance(url, str):
+        return url
+
+    def userinfo(m: re.Match) -> str:
+        user, colon, _ = m.group(2).partition(":")
+        return f"{m.group(1)}{user}:***@" if colon else f"{m.group(1)}***@"
+
+    return _URL_PASSWORD_ARG.sub(r"\1***", _URL_USERINFO.sub(userinfo, url, count=1))
+
+
 @dataclass(frozen=True)
 class TierSpec:
     """One tier's budget. Device tiers hold GPU memory, host pinned RAM, storage files; a shared
@@ -108,6 +126,11 @@ class TierSpec:
     url: str | None = None  # shared tiers: redis://HOST:PORT/DB
     required: bool = True  # shared tiers: an unreachable server fails the open (else: run without it)
     timeout: float = 2.0  # shared tiers: seconds a connect or a request may take
+
+    def __repr__(self) -> str:  # the url without its password
+        shown = ", ".join(f"{f.name}={redact_url(getattr(self, f.name))!r}" if f.name == "url"
+                          else f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+        return f"TierSpec({shown})"
 
     @property
     def external(self) -> bool:
@@ -246,7 +269,7 @@ class Config:
             if t.path_template is not None:
                 d["path_template"] = t.path_template
             if t.url is not None:
-                d.update(url=t.url, required=t.required, timeout=t.timeout)
+                d.update(url=redact_url(t.url), required=t.required, timeout=t.timeout)
             for key in ("read_bandwidth", "write_bandwidth"):
                 rate = getattr(t, key)
                 if rate is not None:
@@ -706,22 +729,23 @@ class _Validator:
         from urllib.parse import urlsplit
 
         want = "expected a URL such as 'redis://127.0.0.1:6379/0' (schemes: " + ", ".join(_SHARED_SCHEMES) + ")"
+        shown = redact_url(value)
         if not isinstance(value, str):
-            raise self.bad(key, value, want)
+            raise self.bad(key, shown, want)
         try:
             u = urlsplit(value)
             port = u.port  # a non-numeric port raises here
         except ValueError as e:
-            raise self.bad(key, value, f"{want}: {e}") from None
+            raise self.bad(key, shown, f"{want}: {e}") from None
         if u.scheme not in _SHARED_SCHEMES:
-            raise self.bad(key, value, want)
+            raise self.bad(key, shown, want)
         if u.scheme == "unix":
             if not u.path:
-                raise self.bad(key, value, "expected a socket path, e.g. 'unix:///run/redis.sock'")
+                raise self.bad(key, shown, "expected a socket path, e.g. 'unix:///run/redis.sock'")
             return value
         db = u.path.strip("/")
         if not u.hostname or (port is not None and not 0 < port < 65536) or (db and not db.isdigit()):
-            raise self.bad(key, value, want + ", with a host and an optional numeric port and database")
+            raise self.bad(key, shown, want + ", with a host and an optional numeric port and database")
         return value
 
     def storage_path(self, value: object, key: str) -> Path:

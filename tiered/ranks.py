@@ -5,9 +5,10 @@ each rank opens its own store shard from the same config file. The figures come 
 ``torch.distributed`` when a process group is initialised, else from the ``RANK``,
 ``LOCAL_RANK`` and ``WORLD_SIZE`` variables ``torchrun`` sets, else rank 0 of a world of 1.
 The store records them in its manifest; a store whose path is such a template (a per-rank shard)
-refuses to open where another rank or another world size wrote it (:func:`check_layout`). A store
-at a fixed path is not checked: a process may read what a job of another layout wrote there (a
-distributed checkpoint loaded with another world size).
+refuses to open where another rank or another world size wrote it (:func:`check_layout`), unless
+it holds no objects (then the new layout takes it over) or a checkpoint reader opens it as staging
+(a load at another world size). A store at a fixed path is not checked: a process may read what a
+job of another layout wrote there; its layout is recorded where the variables can be read.
 
 ``torch`` is not imported here: a process that has not imported it cannot have initialised a
 process group, and importing the config must stay cheap (and must not initialise CUDA).

@@ -89,6 +89,8 @@ def _rank() -> int:
 class _Common:
     """What the writer and the reader share: where the checkpoint lives, the store, the staging budget."""
 
+    _check_layout = True  # whether a per-rank store must have been written by this rank and world size
+
     def _init_common(self, checkpoint_id, store, config: Any, tier: str | None, host_buffer: int | str,
                      wait: float) -> None:
         if store is not None and config is not None:
@@ -120,7 +122,8 @@ class _Common:
             return
         from ..store import TieredStore
 
-        store = TieredStore.shared(self.config if self.config is not None else self._own_config())
+        store = TieredStore.shared(self.config if self.config is not None else self._own_config(),
+                                   check_layout=self._check_layout)
         try:
             yield store
         finally:
@@ -302,6 +305,10 @@ def _committed_tags(path: Path) -> set[str]:
 class TieredStorageReader(_Common, StorageReader):
     """DCP StorageReader for checkpoints written by :class:`TieredStorageWriter`; every item
     is read through the store's engine and checked against its crc32."""
+
+    # A load at another world size (resharding) opens its rank's store of the same per-rank config
+    # only as staging: the shard is not this layout's to check, and keeps the layout recorded in it.
+    _check_layout = False
 
     def __init__(self, checkpoint_id: str | os.PathLike | None = None, *, store: Any = None, config: Any = None,
                  tier: str | None = None, host_buffer: int | str = "256MiB", wait: float = 120.0) -> None:

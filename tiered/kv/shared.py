@@ -19,14 +19,16 @@ script that evicts the least recently used entries until the new one fits, then 
 server by the first process to open it, and a process configured with another is refused: one
 capacity per server database. Not counted: the server's own per-key overhead (~100 bytes per
 key, small beside blocks of ~1 MB) and the index (~100 bytes per entry). The server's
-``maxmemory`` must leave room for that; a server that evicts our keys by itself (a
+``maxmemory`` must leave room for that (a warning at open says where it is below the capacity;
+a write the server refuses for memory pauses publishing for ``retry_after`` seconds); a server that evicts our keys by itself (a
 ``maxmemory-policy`` other than ``noeviction``) only causes misses, and the index is repaired
 when they are seen. A standalone server (not Redis Cluster): the script touches the keys it evicts.
 
 Failures. The store never places or moves objects here (:attr:`SharedTier.external`). An
 unreachable server at open is an error naming the URL when the tier is ``required``, else a
-warning. Later, any connection error or timeout marks the tier down for ``retry_after``
-seconds: lookups miss and publishes are skipped (prefixes are recomputed), then it is tried again.
+warning. Later, any connection error or timeout (or a call slower than ``timeout`` in all) marks
+the tier down for ``retry_after`` seconds: lookups miss and publishes are skipped (prefixes are
+recomputed), then it is tried again. URLs are shown without their password (``redact_url``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from collections.abc import Sequence
 import torch
 
 from ..checksums import crc32
+from ..config import redact_url
 from ..dtypes import dtype_from, dtype_name
 from ..store import StoreError
 
@@ -65,10 +68,17 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('ZADD', KEYS[2], 'XX', clock, KEYS[1])
   return {0, 0}
 end
+local used = tonumber(redis.call('GET', KEYS[4]) or '0')
+local stale = redis.call('HGET', KEYS[3], KEYS[1])
+if stale then  -- indexed but gone (deleted outside this script): forget its size first
+  used = used - tonumber(stale)
+  redis.call('ZREM', KEYS[2], KEYS[1])
+  redis.call('HDEL', KEYS[3], KEYS[1])
+  redis.call('SET', KEYS[4], used)
+end
 local size = string.len(ARGV[1])
 local cap = tonumber(ARGV[2])
 if size > cap then return {-1, 0} end
-local used = tonumber(redis.call('GET', KEYS[4]) or '0')
 local evicted = 0
 while used + size > cap do
   local victim = redis.call('ZRANGE', KEYS[2], 0, 0)
@@ -96,6 +106,22 @@ if n then
   redis.call('DECRBY', KEYS[4], tonumber(n))
 end
 return n and 1 or 0
+"""
+
+# KEYS: index, sizes, used, entries...: entries a read found missing (evicted by the server, deleted by an
+# operator); those still missing and still indexed leave the index and the accounting.
+_FORGET_MISSING = """
+local n = 0
+for i = 4, #KEYS do
+  local size = redis.call('HGET', KEYS[2], KEYS[i])
+  if size and redis.call('EXISTS', KEYS[i]) == 0 then
+    redis.call('ZREM', KEYS[1], KEYS[i])
+    redis.call('HDEL', KEYS[2], KEYS[i])
+    redis.call('DECRBY', KEYS[3], tonumber(size))
+    n = n + 1
+  end
+end
+return n
 """
 
 # KEYS: index, clock, entries...: the entries were just used (least recently used goes first).
@@ -134,10 +160,12 @@ def decode(key: str, identity: str, value: bytes) -> torch.Tensor:
     try:
         h = json.loads(value[8:8 + hlen])
         dtype = dtype_from(h["dtype"], error=BadEntry, where="header")
-        shape = tuple(int(d) for d in h["shape"])
-        nbytes, crc = int(h["nbytes"]), int(h["crc32"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise BadEntry(f"malformed header ({e})") from None
+        if not isinstance(h["shape"], list):
+            raise ValueError(f"shape {h['shape']!r} is not a list")
+        shape = tuple(_count(d, "shape") for d in h["shape"])
+        nbytes, crc = _count(h["nbytes"], "nbytes"), _count(h["crc32"], "crc32")
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise BadEntry(f"malformed header ({e!r})") from None
     if h.get("format") != FORMAT or h.get("version") != VERSION:
         raise BadEntry(f"format {h.get('format')!r} v{h.get('version')!r}, expected {FORMAT} v{VERSION}")
     if h.get("key") != key or h.get("identity") != identity:
@@ -150,7 +178,19 @@ def decode(key: str, identity: str, value: bytes) -> torch.Tensor:
         raise BadEntry(f"{payload.nbytes} payload bytes, header says {nbytes} of {dtype_name(dtype)}{list(shape)}")
     if crc32(payload) != crc:
         raise BadEntry("payload crc32 differs from the header's")
-    return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(shape)
+    try:
+        if not nbytes:  # frombuffer refuses an empty buffer
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(shape)
+    except (RuntimeError, OverflowError, ValueError, TypeError) as e:  # e.g. a dimension beyond int64
+        raise BadEntry(f"shape {list(shape)} cannot be made a tensor ({type(e).__name__})") from None
+
+
+def _count(v: object, what: str) -> int:
+    """A header's non-negative integer (JSON also gives floats, Infinity, NaN, booleans: ValueError)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{what} {v!r} is not a non-negative integer")
+    return v
 
 
 class SharedTier:
@@ -166,15 +206,18 @@ class SharedTier:
     def __init__(self, url: str, capacity: int, *, required: bool = True, timeout: float = 2.0,
                  retry_after: float = 10.0, name: str = "shared") -> None:
         if not isinstance(capacity, int) or capacity <= 0:
-            raise SharedTierError(f"shared tier {url}: capacity must be a positive number of bytes, got {capacity!r}")
+            raise SharedTierError(f"shared tier {redact_url(url)}: capacity must be a positive number of bytes, got {capacity!r}")
         self.url, self.capacity, self.required, self.name = url, capacity, required, name
+        self.shown_url = redact_url(url)  # for logs and errors: without its password
         self.timeout, self.retry_after = timeout, retry_after
         self._client = None
         self._scripts: dict = {}
         self._lock = threading.Lock()
         self._down_until = 0.0  # monotonic time before which the server is not tried
+        self._full_until = 0.0  # monotonic time before which nothing is published (the server was out of memory)
         self.stats = {"hits": 0, "misses": 0, "corrupt": 0, "published": 0, "evicted": 0, "too_large": 0,
-                      "refused": 0, "errors": 0, "skipped_down": 0}
+                      "refused": 0, "errors": 0, "skipped_down": 0,
+                      "skipped_full": 0}
 
     @classmethod
     def from_spec(cls, spec, **kwargs) -> "SharedTier":
@@ -185,20 +228,22 @@ class SharedTier:
         try:
             import redis
         except ImportError:
-            raise SharedTierError(f"shared tier {self.name!r} ({self.url}) needs the redis client: "
+            raise SharedTierError(f"shared tier {self.name!r} ({self.shown_url}) needs the redis client: "
                                   "pip install 'tiered[shared]'") from None
         self._client = redis.Redis.from_url(self.url, socket_timeout=self.timeout,
                                             socket_connect_timeout=self.timeout, retry_on_timeout=False)
         self._scripts = {n: self._client.register_script(s) for n, s in
-                         (("put", _PUT), ("forget", _FORGET), ("touch", _TOUCH))}
+                         (("put", _PUT), ("forget", _FORGET), ("forget_missing", _FORGET_MISSING),
+                                                      ("touch", _TOUCH))}
         try:
             self._client.ping()
             self._check_meta()
+            self._check_maxmemory()
         except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
             if self.required:
                 self.close()
                 raise SharedTierError(f"shared tier {self.name!r}: cannot reach the key-value server at "
-                                      f"{self.url} ({e}); start it, fix the url, or set required = false "
+                                      f"{self.shown_url} ({self._scrub(e)}); start it, fix the url, or set required = false "
                                       "to run without it") from None
             self._mark_down(e)
         except BaseException:
@@ -215,13 +260,27 @@ class SharedTier:
         except (TypeError, ValueError):
             theirs = None
         if not isinstance(theirs, dict) or (theirs.get("format"), theirs.get("version")) != (FORMAT, VERSION):
-            raise SharedTierError(f"shared tier {self.url}: key {META!r} holds {raw!r}, not a {FORMAT} v{VERSION} "
+            raise SharedTierError(f"shared tier {self.shown_url}: key {META!r} holds {raw!r}, not a {FORMAT} v{VERSION} "
                                   "record: the database is used by something else; choose another database")
         if theirs.get("capacity") != self.capacity:
             raise SharedTierError(
-                f"shared tier {self.url}: its capacity is recorded as {theirs.get('capacity')} bytes, and this "
+                f"shared tier {self.shown_url}: its capacity is recorded as {theirs.get('capacity')} bytes, and this "
                 f"config says {self.capacity}: every process using one server database must give the same "
                 f"capacity (to change it, stop them all and delete the key {META!r})")
+
+    def _check_maxmemory(self) -> None:
+        """Warn where the server may hold less than the capacity: it would refuse writes (OOM) or
+        evict entries itself before the tier is full. Best effort: CONFIG may be disabled."""
+        import redis
+
+        try:
+            limit = int(self._client.config_get("maxmemory").get("maxmemory", 0))
+        except (redis.ResponseError, ValueError):
+            return
+        if 0 < limit < self.capacity:
+            log.warning("shared tier %s: capacity %d bytes is more than the server's maxmemory %d: it will "
+                        "refuse or evict entries before the tier is full; lower the capacity or raise maxmemory",
+                        self.shown_url, self.capacity, limit)
 
     def _meta(self) -> str:
         return json.dumps({"format": FORMAT, "version": VERSION, "capacity": self.capacity}, sort_keys=True)
@@ -243,35 +302,56 @@ class SharedTier:
         """False while the server is left alone after a failure (or the tier is closed)."""
         return self._client is not None and time.monotonic() >= self._down_until
 
+    def _scrub(self, err: BaseException) -> str:
+        """An error's text with the url (should the client quote it) shown without its password."""
+        return str(err).replace(self.url, self.shown_url)
+
     def _mark_down(self, err: BaseException) -> None:
         with self._lock:
             self.stats["errors"] += 1
             self._down_until = time.monotonic() + self.retry_after
         log.warning("shared tier %s unreachable (%s): prefixes are recomputed, not shared, for the next %.0f s",
-                    self.url, err, self.retry_after)
+                    self.shown_url, self._scrub(err), self.retry_after)
 
     def _run(self, what: str, fn):
-        """``fn()``, or None when the server is down or fails (then it is marked down)."""
+        """``fn()``, or None when the server is down or fails (then it is marked down). A call that
+        took longer than ``timeout`` in all (each recv in time, the whole late: a slow link) keeps
+        its answer but marks the server down, so lookups are not held up call after call."""
         import redis
 
         if not self.available:
             with self._lock:
                 self.stats["skipped_down"] += 1
             return None
+        start = time.monotonic()
         try:
-            return fn()
+            got = fn()
         except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
             self._mark_down(e)
+            return None
         except redis.ResponseError as e:  # e.g. OOM: the server's maxmemory is reached
+            oom = isinstance(e, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(e)
             with self._lock:
                 self.stats["refused"] += 1
-            log.warning("shared tier %s refused a %s: %s", self.url, what, e)
-        return None
+                if oom:
+                    self._full_until = time.monotonic() + self.retry_after
+            log.warning("shared tier %s refused a %s: %s%s", self.shown_url, what, self._scrub(e),
+                        f"; nothing is published for the next {self.retry_after:.0f} s" if oom else "")
+            return None
+        elapsed = time.monotonic() - start
+        if elapsed > self.timeout:
+            self._mark_down(redis.TimeoutError(f"a {what} took {elapsed:.1f} s, more than the timeout of "
+                                               f"{self.timeout:g} s"))
+        return got
 
     # -- entries ---------------------------------------------------------------------------
     def put(self, key: str, identity: str, payload, dtype: torch.dtype, shape: Sequence[int]) -> bool:
         """Publish one block part (``payload``: its raw bytes); False when it was not written
         (already there, larger than the capacity, server down or refusing)."""
+        if time.monotonic() < self._full_until:
+            with self._lock:
+                self.stats["skipped_full"] += 1
+            return False
         value = encode(key, identity, payload, dtype, shape)
         got = self._run(f"put of {key}", lambda: self._scripts["put"](
             keys=[PREFIX + key, INDEX, SIZES, USED, CLOCK, META], args=[value, self.capacity, self._meta()]))
@@ -286,10 +366,10 @@ class SharedTier:
             with self._lock:
                 self.stats["refused"] += 1
             log.warning("shared tier %s records another capacity or format than this process's (%d bytes): "
-                        "nothing is published; give every process the same capacity", self.url, self.capacity)
+                        "nothing is published; give every process the same capacity", self.shown_url, self.capacity)
         if status == -1:
             log.warning("shared tier %s: entry %s (%d bytes) is larger than the tier's capacity %d",
-                        self.url, key, len(value), self.capacity)
+                        self.shown_url, key, len(value), self.capacity)
         return status == 1
 
     def get_many(self, keys: Sequence[str], identity: str) -> list[torch.Tensor | None]:
@@ -307,13 +387,16 @@ class SharedTier:
             self.stats["misses"] += len(keys) - len(hits)
         if hits:
             self._run("touch", lambda: self._scripts["touch"](keys=[INDEX, CLOCK, *hits]))
+        missing = [PREFIX + k for k, v in zip(keys, values) if v is None]
+        if missing:
+            self._run("index repair", lambda: self._scripts["forget_missing"](keys=[INDEX, SIZES, USED, *missing]))
         return out
 
     def _checked(self, key: str, identity: str, value: bytes) -> torch.Tensor | None:
         try:
             return decode(key, identity, value)
         except BadEntry as e:
-            log.warning("shared tier %s: entry %s is bad (%s): deleted, the block is recomputed", self.url, key, e)
+            log.warning("shared tier %s: entry %s is bad (%s): deleted, the block is recomputed", self.shown_url, key, e)
             with self._lock:
                 self.stats["corrupt"] += 1
             self.forget(key)

@@ -116,6 +116,7 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
         self._retained: dict[str, list[tuple[dict, Extent]]] = {}  # tag -> extents kept for it (checkpoints)
         self._unsynced: set[str] = set()  # tiers written by sync=False puts since their last fdatasync
         self._start_empty = False
+        self._check_layout = True
         self.recovered: dict = {}  # what open() cleaned up after a crash (see check())
         self.counters = StoreCounters()
         self.host_policy = create_eviction_policy(self.config.policy.eviction)
@@ -128,25 +129,30 @@ class TieredStore(_HostTier, _DeviceTier, _Owners, _Writes, _Reads, _Ranges, _Ma
         return self._tiers[self._tier_order[0]].path
 
     @classmethod
-    def shared(cls, config: Config | str | os.PathLike | dict | None = None, **kwargs) -> "TieredStore":
+    def shared(cls, config: Config | str | os.PathLike | dict | None = None, *, check_layout: bool = True,
+               **kwargs) -> "TieredStore":
         """This process's open store for ``config``'s directories, or a newly opened one.
 
         For clients of one process that each need the store (a directory can be open only once):
         every caller calls ``close()`` once; the store closes when the last one does. A different
         config (tiers, engine, policy or ``kwargs``) for a store open here is a StoreError naming the
         differing settings; so is a store of the directory opened here with plain ``open()``.
+        ``check_layout``: as in :meth:`open`, for a store opened here.
         """
-        return store_registry.shared_store(cls, config, kwargs)
+        return store_registry.shared_store(cls, config, kwargs, check_layout=check_layout)
 
-    def open(self, *, start_empty: bool = False) -> "TieredStore":
+    def open(self, *, start_empty: bool = False, check_layout: bool = True) -> "TieredStore":
         """``start_empty``: where the manifest is missing but a data file holds bytes (the store's
         objects cannot be found), start an empty store instead of refusing to open; the data
-        file's blocks are given back by :meth:`check` with ``repair=True``."""
+        file's blocks are given back by :meth:`check` with ``repair=True``. ``check_layout=False``:
+        open a per-rank shard that another rank or world size wrote (a checkpoint reader of another
+        world size using it as scratch), leaving the layout recorded in it unchanged."""
         if self._opened:
             return self
         self._check_machine()
         self._reset_state()
         self._start_empty = start_empty
+        self._check_layout = check_layout
         self._closing = False
         self._closed_event.clear()
         self._lock_fds = store_registry.lock_directories(self, LOCK_FILE)

@@ -20,16 +20,26 @@ from .extents import punch_hole
 log = logging.getLogger("tiered.store")
 
 
+def _writer_layout(path: Path, per_rank: bool) -> dict | None:
+    """This process's rank record for the manifest at ``path``. A per-rank shard needs it (bad rank
+    variables are an error); a store at a fixed path checks nothing, so there it is best effort:
+    None where the variables cannot be read (they may be meant for something else)."""
+    try:
+        return ranks.layout_record()
+    except ranks.RankError as e:
+        if per_rank:
+            raise StoreError(f"{path}: {e}") from None
+        return None
+
+
 class _Manifest:
     """Part of :class:`~tiered.store.TieredStore` (see its docstring)."""
 
     # -- manifest ------------------------------------------------------------------
     def _load_manifest(self) -> None:
         path = self.root / MANIFEST
-        try:
-            self._layout = ranks.layout_record()  # who writes it: recorded in every snapshot
-        except ranks.RankError as e:
-            raise StoreError(f"{path}: {e}") from None
+        per_rank = any(t.path_template for t in self.config.storage_tiers)
+        self._layout = _writer_layout(path, per_rank)  # who writes it: recorded in every snapshot
         try:
             with open(path, "rb") as f:
                 doc = json.loads(f.read())
@@ -41,7 +51,9 @@ class _Manifest:
         dropped = []
         if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
-        if any(t.path_template for t in self.config.storage_tiers):  # a per-rank shard: its rank's only
+        if not self._check_layout:  # opened by a reader of another layout: the shard stays its writer's
+            self._layout = doc.get("layout")
+        elif per_rank and doc.get("objects"):  # a per-rank shard holding objects: its rank's only
             try:
                 ranks.check_layout(path, doc.get("layout"))
             except ranks.RankError as e:

@@ -109,7 +109,7 @@ def unlock_directory(store: "TieredStore", fds: list[int]) -> None:
         dirlock.release(fd)
 
 
-def shared_store(cls: type, config: Any, kwargs: dict) -> "TieredStore":
+def shared_store(cls: type, config: Any, kwargs: dict, *, check_layout: bool = True) -> "TieredStore":
     """The open store of this process for ``config``'s directories (one more user), or a new one."""
     from ..config import load_config
 
@@ -121,19 +121,20 @@ def shared_store(cls: type, config: Any, kwargs: dict) -> "TieredStore":
             with _lock:
                 store = _open.get(root_key(Path(cfg.storage_tiers[0].path)))
             if store is None or not store._closing:
-                return _shared_store(cls, cfg, kwargs, store)
+                return _shared_store(cls, cfg, kwargs, store, check_layout)
         # its last user is closing it: wait (not holding the registry lock), then open anew
         if not store._closed_event.wait(CLOSE_WAIT):
             raise StoreError(f"store at {store.root} is still closing after {CLOSE_WAIT} s")
 
 
-def _shared_store(cls: type, cfg: Any, kwargs: dict, store: "TieredStore | None") -> "TieredStore":
+def _shared_store(cls: type, cfg: Any, kwargs: dict, store: "TieredStore | None",
+                  check_layout: bool = True) -> "TieredStore":
     if store is None:
         store = cls(cfg, **kwargs)
         store._shared_users = 1
         store._shared_kwargs = dict(kwargs)
         try:
-            return store.open()
+            return store.open(check_layout=check_layout)
         except BaseException:
             store._shared_users = 0
             raise
