@@ -163,9 +163,12 @@ def test_cache_keeps_the_experts_routed_to_most(tmp_path):
 
 def test_budget_below_one_tokens_experts_is_refused(tmp_path):
     model = build("mixtral")
+    ref = copy.deepcopy(model)
     with pytest.raises(OffloadError, match="less than the 2 experts"):
         tiered.offload(model, config(tmp_path, host="80KiB", resident=False))
     assert getattr(model, "_tiered", None) is None
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):  # refused before anything moved
+        assert torch.equal(p, q), name
 
 
 def test_call_routing_beyond_the_room_is_refused_clearly(tmp_path):

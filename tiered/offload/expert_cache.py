@@ -347,18 +347,27 @@ class _ExpertCache:
         top, largest = self._top_k()
         return (2 * top + 1) * largest
 
+    def check_expert_room(self, room: int) -> None:
+        """Refuse a budget whose ``room`` for experts cannot hold the experts one token is routed
+        to and one more being read in (checked before anything is written, and again when set)."""
+        if not self.banks:
+            return
+        top, largest = self._top_k()
+        need = (top + 1) * largest
+        if room < need:
+            raise OffloadError(f"compute budget {format_size(self._budget())} ({self._budget_name()}) leaves "
+                               f"{format_size(max(room, 0))} for experts, less than the {top} experts of "
+                               f"{format_size(largest)} one token is routed to and one read in; raise the budget")
+
     def plan_experts(self, room: int) -> None:
         """Set the room for experts from what the budget leaves (``room``), refusing a budget that
         cannot hold the experts one token is routed to."""
         if not self.banks:
             self._expert_capacity = self._expert_prefetch_room = 0
             return
+        self.check_expert_room(room)
         top, largest = self._top_k()
-        need = (top + 1) * largest  # one token's experts, and host memory to read one more in
-        if room < need:
-            raise OffloadError(f"compute budget {format_size(self._budget())} ({self._budget_name()}) leaves "
-                               f"{format_size(max(room, 0))} for experts, less than the {top} experts of "
-                               f"{format_size(largest)} one token is routed to and one read in; raise the budget")
+        need = (top + 1) * largest
         # host memory for reading experts in: what is read ahead, at least one expert
         self._expert_prefetch_room = min(top * largest, room - need) + largest
         self._expert_capacity = room - self._expert_prefetch_room
