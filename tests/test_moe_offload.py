@@ -288,3 +288,81 @@ def test_state_dict_reads_the_real_experts(tmp_path):
         assert torch.equal(sub["experts.down_proj"], want["model.layers.1.mlp.experts.down_proj"])
     finally:
         tiered.detach(model)
+
+
+class PerHead(nn.Module):
+    """Not experts: per-head projections ([heads, ...] 3-D parameters), every head used, called
+    with the positions of the tokens to keep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(4, 16, 16))
+        self.w2 = nn.Parameter(torch.randn(4, 16, 16))
+
+    def forward(self, x, keep):
+        h = torch.einsum("td,hed->the", x[keep], self.w1).relu()
+        return torch.einsum("the,hde->td", h, self.w2)
+
+
+class PerHeadNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.body, self.out = nn.Linear(16, 16), PerHead(), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(self.body(self.inp(x), torch.arange(0, x.shape[0], 2)))
+
+
+def test_auto_leaves_modules_not_called_like_fused_experts(tmp_path):
+    torch.manual_seed(0)
+    model = PerHeadNet().eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(6, 16)
+    with torch.no_grad():
+        want = ref(x)
+    tiered.offload(model, config(tmp_path))
+    try:
+        assert model._tiered.banks == []
+        with torch.no_grad():
+            assert torch.equal(model(x), want)
+    finally:
+        tiered.detach(model)
+
+
+def test_llama4_experts_called_without_routing_keep_whole_layer_units(tmp_path):
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.Llama4TextConfig(
+        hidden_size=32, intermediate_size=48, intermediate_size_mlp=48, num_local_experts=4, num_experts_per_tok=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=64, num_hidden_layers=2,
+        max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0, moe_layers=[0, 1])
+    model = T.Llama4ForCausalLM(cfg).eval()
+    ref = copy.deepcopy(model)
+    ids = prompt(1)
+    with torch.no_grad():
+        want = ref(ids).logits
+    tiered.offload(model, config(tmp_path))
+    try:
+        assert model._tiered.banks == []
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, want)
+    finally:
+        tiered.detach(model)
+
+
+def test_bank_called_with_a_bad_index_is_refused_naming_it(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    tiered.offload(model, config(tmp_path))
+    try:
+        experts, x = model.blocks[1].experts, torch.randn(5, 16)
+        _, w, i = model.blocks[1].router(x)
+        with torch.no_grad():
+            with pytest.raises(OffloadError, match=r"'blocks\.1\.experts'.*integer"):
+                experts(x, i.float(), w)
+            with pytest.raises(OffloadError, match=r"'blocks\.1\.experts'.*shape"):
+                experts(x, i[:3], w)
+            experts(x, i, w)  # the refused calls left nothing bound
+    finally:
+        tiered.detach(model)

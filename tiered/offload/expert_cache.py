@@ -49,11 +49,9 @@ class _ExpertCache:
 
     def _bank_pre(self, b: _Bank):
         def hook(_m, args, kwargs):
-            hidden = args[0] if args else kwargs.get("hidden_states")
+            hidden = args[0] if args else kwargs.get(b.hidden_arg)
             index = args[1] if len(args) > 1 else kwargs.get("top_k_index")
-            if index is None or hidden is None:
-                raise OffloadError(f"expert bank {b.name!r} was called without (hidden_states, top_k_index); "
-                                   "set [offload] experts = false for this model")
+            _check_routing(b, hidden, index)
             if torch.is_grad_enabled() and any(b.module._parameters[a].requires_grad for a in b.attrs):
                 raise OffloadError(f"expert bank {b.name!r}: expert units serve inference (run under "
                                    "torch.no_grad() or inference_mode, or requires_grad_(False)); set [offload] "
@@ -391,6 +389,18 @@ class _ExpertCache:
             "per_expert": {b.name: {"uses": list(b.uses), "loads": list(b.reads), "present": sorted(b.cached)}
                            for b in self.banks},
         }
+
+
+def _check_routing(b: _Bank, hidden, index) -> None:
+    """Refuse a call whose ``top_k_index`` is not the router's choice of experts per token."""
+    if not isinstance(index, torch.Tensor) or not isinstance(hidden, torch.Tensor):
+        raise OffloadError(f"expert bank {b.name!r} was called without ({b.hidden_arg}, top_k_index) tensors; "
+                           "set [offload] experts = false for this model")
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise OffloadError(f"expert bank {b.name!r}: top_k_index must hold integer expert ids, got {index.dtype}")
+    if index.dim() != hidden.dim() or index.shape[:-1] != hidden.shape[:-1]:
+        raise OffloadError(f"expert bank {b.name!r}: top_k_index of shape {tuple(index.shape)} does not match "
+                           f"{b.hidden_arg} of shape {tuple(hidden.shape)} (expected [..., tokens, top_k])")
 
 
 def new_expert_stats() -> dict:
