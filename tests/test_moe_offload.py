@@ -366,3 +366,24 @@ def test_bank_called_with_a_bad_index_is_refused_naming_it(tmp_path):
             experts(x, i, w)  # the refused calls left nothing bound
     finally:
         tiered.detach(model)
+
+
+def test_load_state_dict_with_experts_is_refused_before_anything_is_written(tmp_path):
+    model, other = build("mixtral"), build("mixtral", seed=5)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    new = other.state_dict()
+    tiered.offload(model, config(tmp_path))
+    try:
+        with pytest.raises(OffloadError, match=r"expert bank 'model\.layers\.0\.mlp\.experts'"):
+            model.load_state_dict(new)
+        with pytest.raises(OffloadError, match=r"expert bank 'model\.layers\.1\.mlp\.experts'"):
+            model.model.layers[1].mlp.experts.load_state_dict({"down_proj": new["model.layers.1.mlp.experts.down_proj"]},
+                                                              strict=False)
+        got = model.state_dict()
+        for k, v in want.items():
+            assert torch.equal(got[k], v), k
+        rest = {k: v for k, v in new.items() if ".experts." not in k}  # the other weights still load
+        model.load_state_dict(rest, strict=False)
+        assert torch.equal(model.state_dict()["model.layers.0.mlp.gate.weight"], new["model.layers.0.mlp.gate.weight"])
+    finally:
+        tiered.detach(model)
