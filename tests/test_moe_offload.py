@@ -387,3 +387,36 @@ def test_load_state_dict_with_experts_is_refused_before_anything_is_written(tmp_
         assert torch.equal(model.state_dict()["model.layers.0.mlp.gate.weight"], new["model.layers.0.mlp.gate.weight"])
     finally:
         tiered.detach(model)
+
+
+def tied_net() -> tuple[Net, Net]:
+    """Net whose first two experts modules share their parameters, and an in-memory copy."""
+    torch.manual_seed(0)
+    model = Net()
+    for a in ("up", "up_bias", "down"):
+        setattr(model.blocks[1].experts, a, getattr(model.blocks[0].experts, a))
+    return model, copy.deepcopy(model)
+
+
+def test_experts_sharing_parameters_stay_in_units_on_auto(tmp_path):
+    model, ref = tied_net()
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        want = ref(x)
+    tiered.offload(model, config(tmp_path))
+    try:
+        assert bank_names(model) == ["blocks.2.experts"]
+        with torch.no_grad():
+            assert torch.equal(model(x), want)
+    finally:
+        tiered.detach(model)
+    assert model.blocks[0].experts.up is model.blocks[1].experts.up
+    assert torch.equal(model.blocks[1].experts.up, ref.blocks[1].experts.up)
+
+
+def test_experts_sharing_parameters_are_refused_when_insisted_on(tmp_path):
+    model, ref = tied_net()
+    with pytest.raises(OffloadError, match=r"'blocks\.0\.experts'.*'blocks\.1\.experts'"):
+        tiered.offload(model, config(tmp_path, experts=True))
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)

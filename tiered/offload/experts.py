@@ -198,12 +198,18 @@ class _Bank:
 
 
 def find_banks(model: nn.Module, external: dict[int, str] | None,
-               need_router: bool = True) -> list[tuple[str, nn.Module, nn.Module | None, str]]:
+               insist: bool = False) -> list[tuple[str, nn.Module, nn.Module | None, str]]:
     """(name, experts module, router, hidden argument) of every bank of fused experts in ``model``,
-    in module order; banks whose parameters are read in place from checkpoint files are left to
-    their units, and so (``need_router``) are those without a router."""
+    in module order. Banks whose parameters are read in place from checkpoint files are left to
+    their units; so, unless ``insist``, are those without a router and those sharing a parameter
+    with another module (``insist``: refused, a bank's parameters being replaced by slabs)."""
     out = []
     modules = dict(model.named_modules())
+    holders: dict[int, list[str]] = {}  # id(parameter) -> the modules holding it
+    for name, mod in modules.items():
+        for p in mod._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), []).append(name)
     for name, mod in modules.items():
         num = _experts_size(mod)
         hidden_arg = _routing_args(mod) if num is not None else None
@@ -213,7 +219,12 @@ def find_banks(model: nn.Module, external: dict[int, str] | None,
             continue
         parent = modules[name.rpartition(".")[0]] if "." in name else model
         router = _router_of(parent, mod, num)
-        if router is None and need_router:
+        shared = sorted({n for p in mod._parameters.values() if p is not None for n in holders[id(p)]} - {name})
+        if shared and insist:
+            raise OffloadError(f"expert bank {name!r} shares parameters with {', '.join(map(repr, shared))}: "
+                               "its experts cannot be stored on their own; set [offload] experts = \"auto\" "
+                               "(such banks stay in their layers' units) or false")
+        if shared or (router is None and not insist):
             continue
         out.append((name, mod, router, hidden_arg))
     return out
@@ -227,7 +238,7 @@ class _ExpertPacking:
         self.banks = []
         if want is False:
             return
-        found = find_banks(self.model, external, need_router=not want)
+        found = find_banks(self.model, external, insist=bool(want))
         if found and self._two_level:
             if want:
                 raise OffloadError(f"{self.name}: [offload] experts = true serves a CPU compute device without "
