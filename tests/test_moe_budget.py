@@ -181,3 +181,31 @@ def test_call_routing_beyond_the_room_is_refused_clearly(tmp_path):
             model(prompt(1, length=1))
     finally:
         tiered.detach(model)
+
+
+def test_a_failed_expert_load_releases_what_was_read_ahead(tmp_path):
+    model = build("qwen3_moe", layers=3)
+    tiered.offload(model, config(tmp_path))
+    try:
+        rt = model._tiered
+        ahead, load, make_room = {}, rt.load_experts, rt._make_expert_room
+
+        def load_spying(b, routed):
+            if b.index == 1 and not ahead:
+                ahead.update(b.pending)
+            return load(b, routed)
+
+        def failing_room(b, n, keep):
+            if b.index == 1:
+                raise OffloadError("no room")
+            return make_room(b, n, keep)
+
+        rt.load_experts, rt._make_expert_room = load_spying, failing_room
+        with torch.no_grad(), pytest.raises(OffloadError, match="no room"):
+            model(prompt(1, length=1))
+        assert ahead, "bank 1 had nothing read ahead"
+        for e, f in ahead.items():
+            assert f.cancelled() or f.exception(timeout=10) is not None or f.result().tensor is None, e
+        assert not rt.banks[1].pending
+    finally:
+        tiered.detach(model)

@@ -97,14 +97,29 @@ class _ExpertCache:
             elif b.pending[e].done():  # read into its slab place: present from now on
                 self._settle(b, e, b.pending.pop(e))
         if missing:
-            self.hold_expert_room()
-            self._make_expert_room(b, len(missing), keep=set(routed))
-            self._read_missing(b, [e for e in missing if e not in futures], futures)
+            try:
+                self.hold_expert_room()
+                self._make_expert_room(b, len(missing), keep=set(routed))
+                self._read_missing(b, [e for e in missing if e not in futures], futures)
+            except BaseException:
+                self._abandon_reads(b, futures)
+                raise
         self.stats.stall_seconds += time.perf_counter() - t0
+
+    def _abandon_reads(self, b: _Bank, futures: dict) -> None:
+        """After a failed load: the reads of ``futures`` not used yet give their memory back (host
+        copies unpinned; reads into the slabs awaited, then present, or dropped if they failed)."""
+        for e, f in futures.items():
+            if b.direct:
+                self._settle(b, e, f)
+            else:
+                self._give_back_prefetch(f)
+        futures.clear()
 
     def _read_missing(self, b: _Bank, demand: list[int], futures: dict) -> None:
         """Read ``demand`` (all at once while host memory lasts, then one by one as copies free
-        it) and copy them and the prefetched ``futures`` into the slabs."""
+        it) and copy them and the prefetched ``futures`` into the slabs; each future is taken out
+        of ``futures`` once used (what is left there after an error is the caller's to give back)."""
         st, later = self.expert_stats, []
         if b.direct:
             for e in demand:
@@ -112,8 +127,10 @@ class _ExpertCache:
                     slab.fill(e)
                 futures[e] = self.store.read_ranges(b.ranges(e), owner=self.owner)
                 st["hits"]["storage"] += 1
-            for e, f in futures.items():
+            for e in list(futures):
+                f = futures[e]
                 f.result(timeout=_WAIT)
+                del futures[e]
                 b.cached[e] = True
                 b.reads[e] += 1
             return
@@ -124,8 +141,8 @@ class _ExpertCache:
                 later.append(e)
                 continue
             st["hits"]["host" if futures[e].done() else "storage"] += 1
-        for e, f in futures.items():
-            self._copy_in(b, e, f.result(timeout=_WAIT))
+        for e in list(futures):
+            self._copy_in(b, e, futures.pop(e).result(timeout=_WAIT))
         for e in later:
             f = self._acquire_now(b.keys[e])
             st["hits"]["host" if f.done() else "storage"] += 1
