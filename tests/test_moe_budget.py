@@ -209,3 +209,27 @@ def test_a_failed_expert_load_releases_what_was_read_ahead(tmp_path):
         assert not rt.banks[1].pending
     finally:
         tiered.detach(model)
+
+
+def committed_pool_bytes(rt) -> int:
+    import os
+
+    return sum(os.fstat(p.fd).st_blocks * 512 for p in rt.pools.values())
+
+
+def test_giving_the_experts_back_uncommits_their_memory(tmp_path):
+    model = build("mixtral", layers=2, paged=True)
+    tiered.offload(model, config(tmp_path))
+    try:
+        rt = model._tiered
+        ids = prompt(2, length=3)
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=3, do_sample=False, attention_mask=torch.ones_like(ids))
+        assert 0 < committed_pool_bytes(rt) <= rt._expert_room.nbytes  # the pools hold no more than is charged
+        assert sum(p.slots * p.slice_bytes for p in rt.pools.values()) <= rt._expert_room.nbytes
+        rt.drop_experts()  # what giving the model's memory back does with its experts
+        assert rt._expert_room is None and committed_pool_bytes(rt) == 0
+        with torch.no_grad():  # and they load again
+            model.generate(ids, max_new_tokens=2, do_sample=False, attention_mask=torch.ones_like(ids))
+    finally:
+        tiered.detach(model)

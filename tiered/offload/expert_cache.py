@@ -343,6 +343,8 @@ class _ExpertCache:
         for b in self.banks:
             for e in list(b.cached):
                 self._drop_expert(b, e)
+        for pool in getattr(self, "pools", {}).values():
+            pool.uncommit()
         if self._expert_room is not None:
             freed += self._expert_room.nbytes
         self.release_expert_room()

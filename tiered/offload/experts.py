@@ -37,6 +37,8 @@ _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _MAP_FIXED = 0x10  # Linux
 _PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_FALLOC_PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 
 
 def drop_pages(address: int, nbytes: int) -> None:
@@ -117,6 +119,12 @@ class _Pool:
         """The slot is free again. Its old place keeps showing it (an expert no call is routed to,
         so nothing reads it) until another slot is mapped there: one mmap per load, none per drop."""
         self.free.append(slot)
+
+    def uncommit(self) -> None:
+        """Every slot free (the experts given back): hand the pool's pages back to the kernel."""
+        if self.fd >= 0 and len(self.free) == self.slots and \
+                _libc.fallocate(self.fd, _FALLOC_PUNCH_HOLE, 0, self.slice_bytes * self.slots) != 0:
+            raise OSError(ctypes.get_errno(), f"fallocate(PUNCH_HOLE) of expert pool {self.slice_bytes} failed")
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -304,12 +312,13 @@ class _ExpertPacking:
             self.store.evict(put[1])
 
     def open_pools(self, room: int) -> None:
-        """One pool per slice size, of as many slices as ``room`` bytes of experts need."""
+        """One pool per slice size, of as many slices as ``room`` bytes of experts hold (no more
+        than the room charged for them)."""
         slots: dict[int, int] = {}
         for b in self.banks:
             for size in {s.expert_bytes for s in b.slabs.values() if s.pooled}:
                 per_expert = sum(1 for s in b.slabs.values() if s.expert_bytes == size)
-                slots[size] = max(slots.get(size, 0), (room // b.nbytes + 1) * per_expert)
+                slots[size] = max(slots.get(size, 0), max(room // b.nbytes, 1) * per_expert)
         self.pools = {size: _Pool(size, n) for size, n in slots.items()}
         for b in self.banks:
             for slab in b.slabs.values():
