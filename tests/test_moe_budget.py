@@ -237,3 +237,36 @@ def test_giving_the_experts_back_uncommits_their_memory(tmp_path):
             model.generate(ids, max_new_tokens=2, do_sample=False, attention_mask=torch.ones_like(ids))
     finally:
         tiered.detach(model)
+
+
+def committed_slab_bytes(rt) -> int:
+    """Anonymous memory committed in the banks' slabs outside the pools (from /proc/self/smaps)."""
+    import re
+
+    spans = [(s.address, s.address + len(s._map)) for b in rt.banks for s in b.slabs.values() if not s.pooled]
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
+            if m:
+                lo, hi = int(m.group(1), 16), int(m.group(2), 16)
+                inside = any(lo < b and hi > a for a, b in spans)
+            elif inside and line.startswith("Anonymous:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_dropped_experts_leave_no_pages_committed_between_them(tmp_path):
+    model = build("mixtral")  # down_proj's slice of an expert is not whole pages
+    tiered.offload(model, config(tmp_path, host="150KiB", resident=False))
+    try:
+        rt = model._tiered
+        assert any(not s.pooled for b in rt.banks for s in b.slabs.values())
+        ids = prompt(2, length=1)
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+        assert tiered.offload_stats(model)["experts"]["evictions"] > 0
+        rt.drop_experts()
+        assert committed_slab_bytes(rt) == 0
+    finally:
+        tiered.detach(model)

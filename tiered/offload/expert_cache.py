@@ -153,8 +153,9 @@ class _ExpertCache:
         try:
             f.result(timeout=_WAIT)
         except Exception:  # noqa: BLE001 - a demand read of the expert reports the error, if it is routed to
+            present = b.cached.keys() | b.pending.keys()
             for slab in b.slabs.values():
-                slab.drop(e)
+                slab.drop(e, present)
             return
         b.cached[e] = True
         b.reads[e] += 1
@@ -244,8 +245,9 @@ class _ExpertCache:
 
     def _drop_expert(self, b: _Bank, e: int) -> None:
         del b.cached[e]
+        present = b.cached.keys() | (b.pending.keys() if b.direct else set())
         for slab in b.slabs.values():
-            slab.drop(e)
+            slab.drop(e, present)
 
     # -- prediction --------------------------------------------------------------------
     def _predict_next(self, b: _Bank, hidden: torch.Tensor) -> None:

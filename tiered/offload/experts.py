@@ -156,11 +156,19 @@ class _Slab:
         if self.pool is not None and e not in self.lent:
             self.lent[e] = self.pool.lend(self.address + e * self.expert_bytes)
 
-    def drop(self, e: int) -> None:
+    def drop(self, e: int, present=()) -> None:
+        """Expert ``e`` is gone: its pool slot is free, or its pages go back to the kernel, those
+        it shares with neighbours too once no expert of ``present`` is on them."""
         if e in self.lent:
             self.pool.take_back(self.lent.pop(e))
-        else:
-            drop_pages(self.address + e * self.expert_bytes, self.expert_bytes)
+            return
+        eb, start, end = self.expert_bytes, e * self.expert_bytes, (e + 1) * self.expert_bytes
+        lo, hi = start // _PAGE * _PAGE, align_up(end, _PAGE)
+        if not any(i in present for i in range(lo // eb, e)):
+            start = lo
+        if not any(i in present for i in range(e + 1, min(-(-hi // eb), self.shape[0]))):
+            end = hi
+        drop_pages(self.address + start, end - start)
 
 
 @dataclass
