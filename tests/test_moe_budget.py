@@ -270,3 +270,20 @@ def test_dropped_experts_leave_no_pages_committed_between_them(tmp_path):
         assert committed_slab_bytes(rt) == 0
     finally:
         tiered.detach(model)
+
+
+def test_offload_failing_after_the_weights_left_gives_them_back(tmp_path, monkeypatch):
+    from tiered.offload.runtime import OffloadedModule
+
+    model = build("mixtral")
+    ref = copy.deepcopy(model)
+
+    def refuse(_rt):
+        raise OffloadError("no room for experts")
+
+    monkeypatch.setattr(OffloadedModule, "hold_expert_room", refuse)  # after units and banks are written
+    with pytest.raises(OffloadError, match="no room for experts"):
+        tiered.offload(model, config(tmp_path))
+    assert getattr(model, "_tiered", None) is None
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), name
