@@ -132,12 +132,16 @@ def test_room_smaller_than_one_layers_experts(tmp_path, batch, length, paged):
         one, layer = rt.banks[0].nbytes, rt.banks[0].nbytes * rt.banks[0].num
         room = rt._expert_capacity + rt._expert_prefetch_room
         assert 2 * one <= rt._expert_capacity and room < layer
+        committed = []  # pool memory really committed at each bank call, once its experts are in
+        for b in rt.banks:
+            b.module.register_forward_pre_hook(lambda *_a: committed.append(committed_pool_bytes(rt)))
         with torch.no_grad():
             got = model.generate(ids, max_new_tokens=10, do_sample=False, attention_mask=mask)
         assert torch.equal(got, want)
         ex = tiered.offload_stats(model)["experts"]
         assert ex["evictions"] > 0 and ex["present_bytes"] <= room
-        assert rt.stats.peak_host_bytes <= rt._budget()
+        if paged:  # every expert sits in pool memory, all of it charged to the model
+            assert 0 < max(committed) <= rt._expert_room.nbytes
     finally:
         tiered.detach(model)
 
@@ -163,9 +167,12 @@ def test_cache_keeps_the_experts_routed_to_most(tmp_path):
 
 def test_budget_below_one_tokens_experts_is_refused(tmp_path):
     model = build("mixtral")
+    ref = copy.deepcopy(model)
     with pytest.raises(OffloadError, match="less than the 2 experts"):
         tiered.offload(model, config(tmp_path, host="80KiB", resident=False))
     assert getattr(model, "_tiered", None) is None
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):  # refused before anything moved
+        assert torch.equal(p, q), name
 
 
 def test_call_routing_beyond_the_room_is_refused_clearly(tmp_path):
@@ -178,3 +185,105 @@ def test_call_routing_beyond_the_room_is_refused_clearly(tmp_path):
             model(prompt(1, length=1))
     finally:
         tiered.detach(model)
+
+
+def test_a_failed_expert_load_releases_what_was_read_ahead(tmp_path):
+    model = build("qwen3_moe", layers=3)
+    tiered.offload(model, config(tmp_path))
+    try:
+        rt = model._tiered
+        ahead, load, make_room = {}, rt.load_experts, rt._make_expert_room
+
+        def load_spying(b, routed):
+            if b.index == 1 and not ahead:
+                ahead.update(b.pending)
+            return load(b, routed)
+
+        def failing_room(b, n, keep):
+            if b.index == 1:
+                raise OffloadError("no room")
+            return make_room(b, n, keep)
+
+        rt.load_experts, rt._make_expert_room = load_spying, failing_room
+        with torch.no_grad(), pytest.raises(OffloadError, match="no room"):
+            model(prompt(1, length=1))
+        assert ahead, "bank 1 had nothing read ahead"
+        for e, f in ahead.items():
+            assert f.cancelled() or f.exception(timeout=10) is not None or f.result().tensor is None, e
+        assert not rt.banks[1].pending
+    finally:
+        tiered.detach(model)
+
+
+def committed_pool_bytes(rt) -> int:
+    import os
+
+    return sum(os.fstat(p.fd).st_blocks * 512 for p in rt.pools.values())
+
+
+def test_giving_the_experts_back_uncommits_their_memory(tmp_path):
+    model = build("mixtral", layers=2, paged=True)
+    tiered.offload(model, config(tmp_path))
+    try:
+        rt = model._tiered
+        ids = prompt(2, length=3)
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=3, do_sample=False, attention_mask=torch.ones_like(ids))
+        assert 0 < committed_pool_bytes(rt) <= rt._expert_room.nbytes  # the pools hold no more than is charged
+        assert sum(p.slots * p.slice_bytes for p in rt.pools.values()) <= rt._expert_room.nbytes
+        rt.drop_experts()  # what giving the model's memory back does with its experts
+        assert rt._expert_room is None and committed_pool_bytes(rt) == 0
+        with torch.no_grad():  # and they load again
+            model.generate(ids, max_new_tokens=2, do_sample=False, attention_mask=torch.ones_like(ids))
+    finally:
+        tiered.detach(model)
+
+
+def committed_slab_bytes(rt) -> int:
+    """Anonymous memory committed in the banks' slabs outside the pools (from /proc/self/smaps)."""
+    import re
+
+    spans = [(s.address, s.address + len(s._map)) for b in rt.banks for s in b.slabs.values() if not s.pooled]
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
+            if m:
+                lo, hi = int(m.group(1), 16), int(m.group(2), 16)
+                inside = any(lo < b and hi > a for a, b in spans)
+            elif inside and line.startswith("Anonymous:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_dropped_experts_leave_no_pages_committed_between_them(tmp_path):
+    model = build("mixtral")  # down_proj's slice of an expert is not whole pages
+    tiered.offload(model, config(tmp_path, host="150KiB", resident=False))
+    try:
+        rt = model._tiered
+        assert any(not s.pooled for b in rt.banks for s in b.slabs.values())
+        ids = prompt(2, length=1)
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+        assert tiered.offload_stats(model)["experts"]["evictions"] > 0
+        rt.drop_experts()
+        assert committed_slab_bytes(rt) == 0
+    finally:
+        tiered.detach(model)
+
+
+def test_offload_failing_after_the_weights_left_gives_them_back(tmp_path, monkeypatch):
+    from tiered.offload.runtime import OffloadedModule
+
+    model = build("mixtral")
+    ref = copy.deepcopy(model)
+
+    def refuse(_rt):
+        raise OffloadError("no room for experts")
+
+    monkeypatch.setattr(OffloadedModule, "hold_expert_room", refuse)  # after units and banks are written
+    with pytest.raises(OffloadError, match="no room for experts"):
+        tiered.offload(model, config(tmp_path))
+    assert getattr(model, "_tiered", None) is None
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), name

@@ -288,3 +288,135 @@ def test_state_dict_reads_the_real_experts(tmp_path):
         assert torch.equal(sub["experts.down_proj"], want["model.layers.1.mlp.experts.down_proj"])
     finally:
         tiered.detach(model)
+
+
+class PerHead(nn.Module):
+    """Not experts: per-head projections ([heads, ...] 3-D parameters), every head used, called
+    with the positions of the tokens to keep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(4, 16, 16))
+        self.w2 = nn.Parameter(torch.randn(4, 16, 16))
+
+    def forward(self, x, keep):
+        h = torch.einsum("td,hed->the", x[keep], self.w1).relu()
+        return torch.einsum("the,hde->td", h, self.w2)
+
+
+class PerHeadNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.body, self.out = nn.Linear(16, 16), PerHead(), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(self.body(self.inp(x), torch.arange(0, x.shape[0], 2)))
+
+
+def test_auto_leaves_modules_not_called_like_fused_experts(tmp_path):
+    torch.manual_seed(0)
+    model = PerHeadNet().eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(6, 16)
+    with torch.no_grad():
+        want = ref(x)
+    tiered.offload(model, config(tmp_path))
+    try:
+        assert model._tiered.banks == []
+        with torch.no_grad():
+            assert torch.equal(model(x), want)
+    finally:
+        tiered.detach(model)
+
+
+def test_llama4_experts_called_without_routing_keep_whole_layer_units(tmp_path):
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.Llama4TextConfig(
+        hidden_size=32, intermediate_size=48, intermediate_size_mlp=48, num_local_experts=4, num_experts_per_tok=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=64, num_hidden_layers=2,
+        max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0, moe_layers=[0, 1])
+    model = T.Llama4ForCausalLM(cfg).eval()
+    ref = copy.deepcopy(model)
+    ids = prompt(1)
+    with torch.no_grad():
+        want = ref(ids).logits
+    tiered.offload(model, config(tmp_path))
+    try:
+        assert model._tiered.banks == []
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, want)
+    finally:
+        tiered.detach(model)
+
+
+def test_bank_called_with_a_bad_index_is_refused_naming_it(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    tiered.offload(model, config(tmp_path))
+    try:
+        experts, x = model.blocks[1].experts, torch.randn(5, 16)
+        _, w, i = model.blocks[1].router(x)
+        with torch.no_grad():
+            with pytest.raises(OffloadError, match=r"'blocks\.1\.experts'.*integer"):
+                experts(x, i.float(), w)
+            with pytest.raises(OffloadError, match=r"'blocks\.1\.experts'.*shape"):
+                experts(x, i[:3], w)
+            experts(x, i, w)  # the refused calls left nothing bound
+    finally:
+        tiered.detach(model)
+
+
+def test_load_state_dict_with_experts_is_refused_before_anything_is_written(tmp_path):
+    model, other = build("mixtral"), build("mixtral", seed=5)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    new = other.state_dict()
+    tiered.offload(model, config(tmp_path))
+    try:
+        with pytest.raises(OffloadError, match=r"expert bank 'model\.layers\.0\.mlp\.experts'"):
+            model.load_state_dict(new)
+        with pytest.raises(OffloadError, match=r"expert bank 'model\.layers\.1\.mlp\.experts'"):
+            model.model.layers[1].mlp.experts.load_state_dict({"down_proj": new["model.layers.1.mlp.experts.down_proj"]},
+                                                              strict=False)
+        got = model.state_dict()
+        for k, v in want.items():
+            assert torch.equal(got[k], v), k
+        rest = {k: v for k, v in new.items() if ".experts." not in k}  # the other weights still load
+        model.load_state_dict(rest, strict=False)
+        assert torch.equal(model.state_dict()["model.layers.0.mlp.gate.weight"], new["model.layers.0.mlp.gate.weight"])
+    finally:
+        tiered.detach(model)
+
+
+def tied_net() -> tuple[Net, Net]:
+    """Net whose first two experts modules share their parameters, and an in-memory copy."""
+    torch.manual_seed(0)
+    model = Net()
+    for a in ("up", "up_bias", "down"):
+        setattr(model.blocks[1].experts, a, getattr(model.blocks[0].experts, a))
+    return model, copy.deepcopy(model)
+
+
+def test_experts_sharing_parameters_stay_in_units_on_auto(tmp_path):
+    model, ref = tied_net()
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        want = ref(x)
+    tiered.offload(model, config(tmp_path))
+    try:
+        assert bank_names(model) == ["blocks.2.experts"]
+        with torch.no_grad():
+            assert torch.equal(model(x), want)
+    finally:
+        tiered.detach(model)
+    assert model.blocks[0].experts.up is model.blocks[1].experts.up
+    assert torch.equal(model.blocks[1].experts.up, ref.blocks[1].experts.up)
+
+
+def test_experts_sharing_parameters_are_refused_when_insisted_on(tmp_path):
+    model, ref = tied_net()
+    with pytest.raises(OffloadError, match=r"'blocks\.0\.experts'.*'blocks\.1\.experts'"):
+        tiered.offload(model, config(tmp_path, experts=True))
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)

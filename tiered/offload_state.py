@@ -12,7 +12,9 @@ host memory for the whole model; nothing is kept once the call returns.
 refused (call ``tiered.detach(model)`` first to get the real parameters).
 
 ``load_state_dict`` writes the values of offloaded tensors into their store objects (new
-versions, durable when it returns; on the CPU); ``assign=True`` is refused.
+versions, durable when it returns; on the CPU); ``assign=True`` is refused, and so is a state
+dict holding a parameter of an expert bank (stored one object per expert): refused before
+anything is written.
 Conversions (``model.to(dtype)``, ``.half()``, ``.to(other device)``), ``copy.deepcopy`` and
 pickling the module would act on the placeholders (silently giving NaN weights, or a second
 runtime sharing the first one's hooks): they are refused with an error that says to call
@@ -139,14 +141,16 @@ def _acquire(rt: "OffloadedModule", key: str):
 
 def _guarded_modules(rt: "OffloadedModule") -> list[nn.Module]:
     """Every module whose subtree holds an offloaded tensor (the root included)."""
-    owners = {id(s.module) for u in rt.units for s in u.slots}
+    owners = {id(s.module) for u in rt.units for s in u.slots} | {id(b.module) for b in rt.banks}
     return [m for m in rt.model.modules() if any(id(x) in owners for x in m.modules())]
 
 
 def _slot_types(m: nn.Module, rt: "OffloadedModule") -> list[tuple[torch.dtype, torch.device]]:
     inside = {id(x) for x in m.modules()}
-    return list(dict.fromkeys((s.dtype, s.tensor().device) for u in rt.units for s in u.slots
-                              if id(s.module) in inside))
+    banks = [(b.module._parameters[a].dtype, b.module._parameters[a].device) for b in rt.banks
+             if id(b.module) in inside for a in b.attrs]
+    return list(dict.fromkeys([(s.dtype, s.tensor().device) for u in rt.units for s in u.slots
+                               if id(s.module) in inside] + banks))
 
 
 def _checked_apply(m: nn.Module, types, fn, recurse: bool = True):
@@ -173,6 +177,7 @@ def _load_into_store(rt_ref, loaded: list, module: nn.Module, state_dict, prefix
     rt = rt_ref()
     if rt is None:
         return
+    _refuse_bank_values(rt, module, state_dict, prefix)
     values, names = {}, []
     for n, s in _slot_names(module, rt):
         v = state_dict.get(prefix + n)
@@ -183,6 +188,22 @@ def _load_into_store(rt_ref, loaded: list, module: nn.Module, state_dict, prefix
     for n in names:
         state_dict.pop(n)
     loaded.extend(names)
+
+
+def _refuse_bank_values(rt: "OffloadedModule", module: nn.Module, state_dict, prefix: str) -> None:
+    """Refuse, before anything is loaded, a state dict that holds a parameter of an expert bank."""
+    banks = {id(b.module): b for b in rt.banks}
+    for n, sub in module.named_modules(remove_duplicate=False):
+        b = banks.get(id(sub))
+        if b is None:
+            continue
+        for a in b.attrs:
+            name = prefix + (f"{n}.{a}" if n else a)
+            if name in state_dict:
+                raise OffloadError(
+                    f"expert bank {b.name!r} is offloaded one object per expert: load_state_dict cannot write "
+                    f"{name!r} into it; call tiered.detach(model) first, load, then offload again (or load "
+                    "the other weights without the experts' entries)")
 
 
 def _not_missing(loaded: list, _module, incompatible) -> None:

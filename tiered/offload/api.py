@@ -71,6 +71,7 @@ def _attach(rt: OffloadedModule, units, external: dict[int, str] | None, layout:
     rt.write_units()
     rt.write_banks()
     rt.unbind_all()
+    rt._weights_out = True  # from here a failure reads the weights back (see _undo_attach)
     for u in rt.units:  # drop the copies cached by the writes: residents then pack together
         if u.packed_key is not None:
             rt.store.evict(u.packed_key)
@@ -91,6 +92,7 @@ def _undo_attach(rt: OffloadedModule, opened: bool) -> None:
     try:
         rt.remove_hooks()
         rt.release_all()
+        _restore_weights(rt)
     finally:
         try:
             rt.close_device_cache()
@@ -100,6 +102,21 @@ def _undo_attach(rt: OffloadedModule, opened: bool) -> None:
         finally:
             if opened:
                 rt.store.close()
+
+
+def _restore_weights(rt: OffloadedModule) -> None:
+    """After a failed ``offload``: the parameters already replaced by placeholders (every unit's
+    once all were written, each bank's once written) get their values back from the store."""
+    if getattr(rt, "_weights_out", False):
+        for u in rt.units:
+            rt._unbind(u)
+        rt.materialize()  # the banks too
+        return
+    written, rt.banks = rt.banks, [b for b in rt.banks if b.slabs]
+    try:
+        rt.materialize_banks()
+    finally:
+        rt.banks = written
 
 
 def detach(model: nn.Module, *, keep: bool = False) -> nn.Module:

@@ -224,6 +224,9 @@ class _Budget:
         # resident units leave (pin_residents)
         self._expert_floor = self.expert_floor()
         self._resident_budget -= self._expert_floor
+        # the least room pin_residents can leave experts (residents only take a non-negative
+        # remainder): refused here, before any weight leaves the model
+        self.check_expert_room(self._expert_floor + min(self._resident_budget, 0))
 
     def pin_residents(self) -> None:
         left, host_left = self._resident_budget, self._host_resident_budget

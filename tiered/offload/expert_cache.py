@@ -49,11 +49,9 @@ class _ExpertCache:
 
     def _bank_pre(self, b: _Bank):
         def hook(_m, args, kwargs):
-            hidden = args[0] if args else kwargs.get("hidden_states")
+            hidden = args[0] if args else kwargs.get(b.hidden_arg)
             index = args[1] if len(args) > 1 else kwargs.get("top_k_index")
-            if index is None or hidden is None:
-                raise OffloadError(f"expert bank {b.name!r} was called without (hidden_states, top_k_index); "
-                                   "set [offload] experts = false for this model")
+            _check_routing(b, hidden, index)
             if torch.is_grad_enabled() and any(b.module._parameters[a].requires_grad for a in b.attrs):
                 raise OffloadError(f"expert bank {b.name!r}: expert units serve inference (run under "
                                    "torch.no_grad() or inference_mode, or requires_grad_(False)); set [offload] "
@@ -99,14 +97,29 @@ class _ExpertCache:
             elif b.pending[e].done():  # read into its slab place: present from now on
                 self._settle(b, e, b.pending.pop(e))
         if missing:
-            self.hold_expert_room()
-            self._make_expert_room(b, len(missing), keep=set(routed))
-            self._read_missing(b, [e for e in missing if e not in futures], futures)
+            try:
+                self.hold_expert_room()
+                self._make_expert_room(b, len(missing), keep=set(routed))
+                self._read_missing(b, [e for e in missing if e not in futures], futures)
+            except BaseException:
+                self._abandon_reads(b, futures)
+                raise
         self.stats.stall_seconds += time.perf_counter() - t0
+
+    def _abandon_reads(self, b: _Bank, futures: dict) -> None:
+        """After a failed load: the reads of ``futures`` not used yet give their memory back (host
+        copies unpinned; reads into the slabs awaited, then present, or dropped if they failed)."""
+        for e, f in futures.items():
+            if b.direct:
+                self._settle(b, e, f)
+            else:
+                self._give_back_prefetch(f)
+        futures.clear()
 
     def _read_missing(self, b: _Bank, demand: list[int], futures: dict) -> None:
         """Read ``demand`` (all at once while host memory lasts, then one by one as copies free
-        it) and copy them and the prefetched ``futures`` into the slabs."""
+        it) and copy them and the prefetched ``futures`` into the slabs; each future is taken out
+        of ``futures`` once used (what is left there after an error is the caller's to give back)."""
         st, later = self.expert_stats, []
         if b.direct:
             for e in demand:
@@ -114,8 +127,10 @@ class _ExpertCache:
                     slab.fill(e)
                 futures[e] = self.store.read_ranges(b.ranges(e), owner=self.owner)
                 st["hits"]["storage"] += 1
-            for e, f in futures.items():
+            for e in list(futures):
+                f = futures[e]
                 f.result(timeout=_WAIT)
+                del futures[e]
                 b.cached[e] = True
                 b.reads[e] += 1
             return
@@ -126,8 +141,8 @@ class _ExpertCache:
                 later.append(e)
                 continue
             st["hits"]["host" if futures[e].done() else "storage"] += 1
-        for e, f in futures.items():
-            self._copy_in(b, e, f.result(timeout=_WAIT))
+        for e in list(futures):
+            self._copy_in(b, e, futures.pop(e).result(timeout=_WAIT))
         for e in later:
             f = self._acquire_now(b.keys[e])
             st["hits"]["host" if f.done() else "storage"] += 1
@@ -138,8 +153,9 @@ class _ExpertCache:
         try:
             f.result(timeout=_WAIT)
         except Exception:  # noqa: BLE001 - a demand read of the expert reports the error, if it is routed to
+            present = b.cached.keys() | b.pending.keys()
             for slab in b.slabs.values():
-                slab.drop(e)
+                slab.drop(e, present)
             return
         b.cached[e] = True
         b.reads[e] += 1
@@ -229,8 +245,9 @@ class _ExpertCache:
 
     def _drop_expert(self, b: _Bank, e: int) -> None:
         del b.cached[e]
+        present = b.cached.keys() | (b.pending.keys() if b.direct else set())
         for slab in b.slabs.values():
-            slab.drop(e)
+            slab.drop(e, present)
 
     # -- prediction --------------------------------------------------------------------
     def _predict_next(self, b: _Bank, hidden: torch.Tensor) -> None:
@@ -328,6 +345,8 @@ class _ExpertCache:
         for b in self.banks:
             for e in list(b.cached):
                 self._drop_expert(b, e)
+        for pool in getattr(self, "pools", {}).values():
+            pool.uncommit()
         if self._expert_room is not None:
             freed += self._expert_room.nbytes
         self.release_expert_room()
@@ -347,18 +366,27 @@ class _ExpertCache:
         top, largest = self._top_k()
         return (2 * top + 1) * largest
 
+    def check_expert_room(self, room: int) -> None:
+        """Refuse a budget whose ``room`` for experts cannot hold the experts one token is routed
+        to and one more being read in (checked before anything is written, and again when set)."""
+        if not self.banks:
+            return
+        top, largest = self._top_k()
+        need = (top + 1) * largest
+        if room < need:
+            raise OffloadError(f"compute budget {format_size(self._budget())} ({self._budget_name()}) leaves "
+                               f"{format_size(max(room, 0))} for experts, less than the {top} experts of "
+                               f"{format_size(largest)} one token is routed to and one read in; raise the budget")
+
     def plan_experts(self, room: int) -> None:
         """Set the room for experts from what the budget leaves (``room``), refusing a budget that
         cannot hold the experts one token is routed to."""
         if not self.banks:
             self._expert_capacity = self._expert_prefetch_room = 0
             return
+        self.check_expert_room(room)
         top, largest = self._top_k()
-        need = (top + 1) * largest  # one token's experts, and host memory to read one more in
-        if room < need:
-            raise OffloadError(f"compute budget {format_size(self._budget())} ({self._budget_name()}) leaves "
-                               f"{format_size(max(room, 0))} for experts, less than the {top} experts of "
-                               f"{format_size(largest)} one token is routed to and one read in; raise the budget")
+        need = (top + 1) * largest
         # host memory for reading experts in: what is read ahead, at least one expert
         self._expert_prefetch_room = min(top * largest, room - need) + largest
         self._expert_capacity = room - self._expert_prefetch_room
@@ -382,6 +410,18 @@ class _ExpertCache:
             "per_expert": {b.name: {"uses": list(b.uses), "loads": list(b.reads), "present": sorted(b.cached)}
                            for b in self.banks},
         }
+
+
+def _check_routing(b: _Bank, hidden, index) -> None:
+    """Refuse a call whose ``top_k_index`` is not the router's choice of experts per token."""
+    if not isinstance(index, torch.Tensor) or not isinstance(hidden, torch.Tensor):
+        raise OffloadError(f"expert bank {b.name!r} was called without ({b.hidden_arg}, top_k_index) tensors; "
+                           "set [offload] experts = false for this model")
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise OffloadError(f"expert bank {b.name!r}: top_k_index must hold integer expert ids, got {index.dtype}")
+    if index.dim() != hidden.dim() or index.shape[:-1] != hidden.shape[:-1]:
+        raise OffloadError(f"expert bank {b.name!r}: top_k_index of shape {tuple(index.shape)} does not match "
+                           f"{b.hidden_arg} of shape {tuple(hidden.shape)} (expected [..., tokens, top_k])")
 
 
 def new_expert_stats() -> dict:

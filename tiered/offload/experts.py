@@ -4,7 +4,9 @@ transformers keeps a layer's experts as fused 3-D parameters (``experts.gate_up_
 [E, 2I, H], ``experts.down_proj`` [E, H, I]), and its kernels (eager loop, ``batched_mm``,
 ``grouped_mm``) index them by expert. An *expert bank* is such a module, recognised by its
 structure: no parameters below it, two or more 3-D parameters, every parameter's first
-dimension the same E >= 2. Its router is the sibling module whose ``weight`` is [E, H].
+dimension the same E >= 2, whose forward takes ``(hidden_states, top_k_index, top_k_weights)``
+as transformers' fused experts do (a per-head module of the same shapes is no bank). Its router
+is the sibling module whose ``weight`` is [E, H]; with ``experts = "auto"`` a bank needs one.
 
 Expert ``e`` of a bank is one store object holding ``p[e]`` of every parameter ``p``, contiguous
 (gate, up and down of one expert are one read). The bank's parameters are bound, during the
@@ -19,6 +21,7 @@ the slab). Loading, the cache policy and prediction are in :mod:`.expert_cache`.
 from __future__ import annotations
 
 import ctypes
+import inspect
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -34,6 +37,8 @@ _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _MAP_FIXED = 0x10  # Linux
 _PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_FALLOC_PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 
 
 def drop_pages(address: int, nbytes: int) -> None:
@@ -55,6 +60,20 @@ def _experts_size(mod: nn.Module) -> int | None:
     if num < 2 or any(p.dim() < 2 or p.shape[0] != num for p in params):
         return None
     return num if sum(p.dim() == 3 for p in params) >= 2 else None
+
+
+def _routing_args(mod: nn.Module) -> str | None:
+    """The name of ``mod``'s hidden-states argument when its forward takes ``(hidden_states,
+    top_k_index, top_k_weights)`` (the router's choice comes in), else None."""
+    try:
+        params = list(inspect.signature(mod.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [p for p in params if p.kind in kinds]
+    if len(positional) < 3 or [p.name for p in positional[1:3]] != ["top_k_index", "top_k_weights"]:
+        return None
+    return positional[0].name
 
 
 def _router_of(parent: nn.Module, bank: nn.Module, num: int) -> nn.Module | None:
@@ -101,6 +120,12 @@ class _Pool:
         so nothing reads it) until another slot is mapped there: one mmap per load, none per drop."""
         self.free.append(slot)
 
+    def uncommit(self) -> None:
+        """Every slot free (the experts given back): hand the pool's pages back to the kernel."""
+        if self.fd >= 0 and len(self.free) == self.slots and \
+                _libc.fallocate(self.fd, _FALLOC_PUNCH_HOLE, 0, self.slice_bytes * self.slots) != 0:
+            raise OSError(ctypes.get_errno(), f"fallocate(PUNCH_HOLE) of expert pool {self.slice_bytes} failed")
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -131,11 +156,19 @@ class _Slab:
         if self.pool is not None and e not in self.lent:
             self.lent[e] = self.pool.lend(self.address + e * self.expert_bytes)
 
-    def drop(self, e: int) -> None:
+    def drop(self, e: int, present=()) -> None:
+        """Expert ``e`` is gone: its pool slot is free, or its pages go back to the kernel, those
+        it shares with neighbours too once no expert of ``present`` is on them."""
         if e in self.lent:
             self.pool.take_back(self.lent.pop(e))
-        else:
-            drop_pages(self.address + e * self.expert_bytes, self.expert_bytes)
+            return
+        eb, start, end = self.expert_bytes, e * self.expert_bytes, (e + 1) * self.expert_bytes
+        lo, hi = start // _PAGE * _PAGE, align_up(end, _PAGE)
+        if not any(i in present for i in range(lo // eb, e)):
+            start = lo
+        if not any(i in present for i in range(e + 1, min(-(-hi // eb), self.shape[0]))):
+            end = hi
+        drop_pages(self.address + start, end - start)
 
 
 @dataclass
@@ -151,6 +184,7 @@ class _Bank:
     offsets: list[int]  # where each parameter's slice of an expert sits in the expert's object
     nbytes: int  # one expert object
     keys: list[str]
+    hidden_arg: str = "hidden_states"  # the name of the forward's first argument
     predictor: nn.Module | None = None  # a private copy of the router (weights kept) for prediction
     direct: bool = False  # every slice is whole pages: experts are read straight into the slabs
     slabs: dict[str, _Slab] = field(default_factory=dict)
@@ -179,19 +213,36 @@ class _Bank:
         return out
 
 
-def find_banks(model: nn.Module, external: dict[int, str] | None) -> list[tuple[str, nn.Module, nn.Module | None]]:
-    """(name, experts module, router) of every bank of fused experts in ``model``, in module order;
-    banks whose parameters are read in place from checkpoint files are left to their units."""
+def find_banks(model: nn.Module, external: dict[int, str] | None,
+               insist: bool = False) -> list[tuple[str, nn.Module, nn.Module | None, str]]:
+    """(name, experts module, router, hidden argument) of every bank of fused experts in ``model``,
+    in module order. Banks whose parameters are read in place from checkpoint files are left to
+    their units; so, unless ``insist``, are those without a router and those sharing a parameter
+    with another module (``insist``: refused, a bank's parameters being replaced by slabs)."""
     out = []
     modules = dict(model.named_modules())
+    holders: dict[int, list[str]] = {}  # id(parameter) -> the modules holding it
+    for name, mod in modules.items():
+        for p in mod._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), []).append(name)
     for name, mod in modules.items():
         num = _experts_size(mod)
-        if num is None:
+        hidden_arg = _routing_args(mod) if num is not None else None
+        if hidden_arg is None:
             continue
         if external and any(id(p) in external for p in mod.parameters()):
             continue
         parent = modules[name.rpartition(".")[0]] if "." in name else model
-        out.append((name, mod, _router_of(parent, mod, num)))
+        router = _router_of(parent, mod, num)
+        shared = sorted({n for p in mod._parameters.values() if p is not None for n in holders[id(p)]} - {name})
+        if shared and insist:
+            raise OffloadError(f"expert bank {name!r} shares parameters with {', '.join(map(repr, shared))}: "
+                               "its experts cannot be stored on their own; set [offload] experts = \"auto\" "
+                               "(such banks stay in their layers' units) or false")
+        if shared or (router is None and not insist):
+            continue
+        out.append((name, mod, router, hidden_arg))
     return out
 
 
@@ -203,7 +254,7 @@ class _ExpertPacking:
         self.banks = []
         if want is False:
             return
-        found = find_banks(self.model, external)
+        found = find_banks(self.model, external, insist=bool(want))
         if found and self._two_level:
             if want:
                 raise OffloadError(f"{self.name}: [offload] experts = true serves a CPU compute device without "
@@ -211,8 +262,9 @@ class _ExpertPacking:
             return
         if want and not found:
             raise OffloadError(f"{self.name}: [offload] experts = true, but the model has no fused experts "
-                               "module (parameters [E, ...] with E >= 2, two or more of them 3-D)")
-        for i, (name, mod, router) in enumerate(found):
+                               "module (parameters [E, ...] with E >= 2, two or more of them 3-D, "
+                               "called as forward(hidden_states, top_k_index, top_k_weights))")
+        for i, (name, mod, router, hidden_arg) in enumerate(found):
             attrs = [a for a, p in mod._parameters.items() if p is not None]
             offsets, off = [], 0
             for a in attrs:
@@ -226,7 +278,7 @@ class _ExpertPacking:
             if router is not None:  # before the weights leave memory; routers are small
                 predictor = _private_copy(router)
             self.banks.append(_Bank(i, name, mod, router, num, attrs, offsets, align_up(max(off, 1)), keys,
-                                    predictor, score=[0.0] * num, last_use=[-1] * num, uses=[0] * num,
+                                    hidden_arg, predictor, score=[0.0] * num, last_use=[-1] * num, uses=[0] * num,
                                     reads=[0] * num))
 
     def bank_param_ids(self) -> set[int]:
@@ -268,12 +320,13 @@ class _ExpertPacking:
             self.store.evict(put[1])
 
     def open_pools(self, room: int) -> None:
-        """One pool per slice size, of as many slices as ``room`` bytes of experts need."""
+        """One pool per slice size, of as many slices as ``room`` bytes of experts hold (no more
+        than the room charged for them)."""
         slots: dict[int, int] = {}
         for b in self.banks:
             for size in {s.expert_bytes for s in b.slabs.values() if s.pooled}:
                 per_expert = sum(1 for s in b.slabs.values() if s.expert_bytes == size)
-                slots[size] = max(slots.get(size, 0), (room // b.nbytes + 1) * per_expert)
+                slots[size] = max(slots.get(size, 0), max(room // b.nbytes, 1) * per_expert)
         self.pools = {size: _Pool(size, n) for size, n in slots.items()}
         for b in self.banks:
             for slab in b.slabs.values():
