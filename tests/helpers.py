@@ -106,3 +106,27 @@ def run_ranks(target, world: int, args_of, *, start: str = "fork", timeout: floa
             p.kill()
             p.join(10)
     assert [p.exitcode for p in procs] == [0] * world, f"exit codes of the {world} ranks"
+
+
+#: vocabulary of the fine-tuning tests' tiny Llama
+FT_VOCAB = 64
+
+
+def finetune_llama():
+    """The fine-tuning tests' model: a seeded 2-layer Llama (GQA) in training mode."""
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=FT_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)).train()
+
+
+def finetune_config(tmp_path: Path) -> dict:
+    """Its store: a 1 MiB compute budget, every unit streamed."""
+    return offload_config(tmp_path, "1MiB", nvme="128MiB", lookahead=1, resident=False)
+
+
+def finetune_batch(step: int) -> torch.Tensor:
+    """Token ids of training step ``step`` (2 sequences of 12)."""
+    return torch.randint(0, FT_VOCAB, (2, 12), generator=torch.Generator().manual_seed(step))

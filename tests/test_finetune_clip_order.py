@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tiered
-from helpers import TINY_MODEL_MARKS, offload_config
+from helpers import TINY_MODEL_MARKS, offload_config, FT_VOCAB, finetune_batch as batch
 from tiered.optim import OffloadedAdamW
 from tiered.optim.clipping import grad_norms, total_norm
 
@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 pytestmark = [pytest.mark.timeout(120), *TINY_MODEL_MARKS]
 
-VOCAB = 64
+VOCAB = FT_VOCAB
 
 
 def build():
@@ -26,10 +26,6 @@ def build():
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
         attn_pdrop=0.0)).train()
-
-
-def batch(step: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(step))
 
 
 def groups(model):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tiered
-from helpers import TINY_MODEL_MARKS, offload_config
+from helpers import TINY_MODEL_MARKS, finetune_llama as build, finetune_config as cfg, finetune_batch as batch
 from tiered.offload import offload_units
 from tiered.optim import OffloadedAdamW, OptimStateError
 
@@ -23,28 +23,11 @@ peft = pytest.importorskip("peft")
 
 pytestmark = [pytest.mark.timeout(120), *TINY_MODEL_MARKS]
 
-VOCAB = 64
-
-
-def build():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64)).train()
-
 
 def lora_config():
     # random B as well as A, so that the adapters change the loss from the first step
     return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                            init_lora_weights=False)
-
-
-def cfg(tmp_path) -> dict:
-    return offload_config(tmp_path, "1MiB", nvme="128MiB", lookahead=1, resident=False)
-
-
-def batch(step: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(step))
 
 
 def trainable(model) -> dict[str, torch.Tensor]:

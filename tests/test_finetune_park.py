@@ -9,21 +9,14 @@ import pytest
 import torch
 
 import tiered
-from helpers import TINY_MODEL_MARKS, offload_config
+from helpers import TINY_MODEL_MARKS, offload_config, FT_VOCAB, finetune_llama as build
 from tiered.optim import OffloadedAdamW
 
 transformers = pytest.importorskip("transformers")
 
 pytestmark = [pytest.mark.timeout(120), *TINY_MODEL_MARKS]
 
-VOCAB = 64
-
-
-def build():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64)).train()
+VOCAB = FT_VOCAB
 
 
 def test_accumulation_waits_for_its_own_write_and_reads_ahead(tmp_path):

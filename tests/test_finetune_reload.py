@@ -11,29 +11,13 @@ import pytest
 import torch
 
 import tiered
-from helpers import TINY_MODEL_MARKS, offload_config
+from helpers import (TINY_MODEL_MARKS, offload_config, finetune_llama as build, finetune_config as cfg,
+                     finetune_batch as batch)
 from tiered.optim import OffloadedAdamW
 
 transformers = pytest.importorskip("transformers")
 
 pytestmark = [pytest.mark.timeout(120), *TINY_MODEL_MARKS]
-
-VOCAB = 64
-
-
-def build():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64)).train()
-
-
-def cfg(tmp_path) -> dict:
-    return offload_config(tmp_path, "1MiB", nvme="128MiB", lookahead=1, resident=False)
-
-
-def batch(step: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(step))
 
 
 def train_step(model, opt, step: int) -> None:

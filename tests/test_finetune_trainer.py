@@ -14,22 +14,15 @@ import pytest
 import torch
 
 import tiered
-from helpers import TINY_MODEL_MARKS, offload_config
+from helpers import TINY_MODEL_MARKS, offload_config, FT_VOCAB, finetune_llama as build
 from tiered.optim import OffloadedAdamW, OptimStateError
 
 transformers = pytest.importorskip("transformers")
 
 pytestmark = [pytest.mark.timeout(180), *TINY_MODEL_MARKS]
 
-VOCAB = 64
+VOCAB = FT_VOCAB
 STEPS = 4
-
-
-def build():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64)).train()
 
 
 DATA = [{"input_ids": x, "labels": x}
