@@ -462,6 +462,19 @@ def test_window_declares_the_chunks_of_the_coming_batches_as_the_feature_stores_
     assert fs.owner not in store.stats()["plans"]["active"]  # and when the feature store closed
 
 
+def test_window_works_out_each_batchs_chunks_once(store, monkeypatch):
+    x = torch.randn(3000, 8)
+    with fstore(store, cache_bytes=1 << 20, policy="lru", chunk_bytes=8192) as fs:
+        fs.put_tensor(x, group_name=None, attr_name="x", index=None)
+        calls = []
+        chunk_keys = fs.chunk_keys
+        monkeypatch.setattr(fs, "chunk_keys", lambda b, *a: calls.append(b) or chunk_keys(b, *a))
+        batches = [torch.randint(0, 3000, (50,), generator=torch.Generator().manual_seed(i)) for i in range(6)]
+        for b in window(batches, fs, depth=2):
+            assert torch.equal(fs.get_tensor(group_name=None, attr_name="x", index=b), x[b])
+        assert [id(b) for b in calls] == [id(b) for b in batches]
+
+
 # ----------------------------------------------------------------------- PyG
 
 

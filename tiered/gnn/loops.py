@@ -27,23 +27,28 @@ def window(batches: Iterable, fs: "TieredFeatureStore", *, depth: int = 1, group
     """Yield ``batches`` (node-id tensors/arrays) with prefetches of the next ``depth`` already
     issued: the window prefetch of GIDS, for loops that know upcoming ids. The batch yielded
     and those queued behind it are declared to the store as the feature store's plan
-    (:meth:`TieredFeatureStore.plan`), withdrawn when the loop ends."""
+    (:meth:`TieredFeatureStore.plan`; each batch's chunks are worked out once, when it is
+    queued), withdrawn when the loop ends."""
     it = iter(batches)
-    queue: list = []
+    queue: list = []  # (batch, its prefetch or None, the chunk keys it reads)
+
+    def enqueue(b, prefetch: bool) -> None:
+        f = fs.prefetch(b, group_name, attr_names) if prefetch else None
+        queue.append((b, f, fs.chunk_keys(b, group_name, attr_names)))
+
     for _ in range(depth + 1):
         try:
-            queue.append((b := next(it), fs.prefetch(b, group_name, attr_names) if queue else None))
+            enqueue(next(it), bool(queue))
         except StopIteration:
             break
     try:
         while queue:
-            b, f = queue.pop(0)
+            b, f, keys = queue.pop(0)
             try:
-                nb = next(it)
-                queue.append((nb, fs.prefetch(nb, group_name, attr_names)))
+                enqueue(next(it), True)
             except StopIteration:
                 pass
-            fs.plan([b, *(q for q, _f in queue)], group_name, attr_names)
+            fs._declare([*keys, *(k for _b, _f, ks in queue for k in ks)])
             if f is not None:
                 f.result(timeout=fs.timeout)  # surfaces prefetch errors in the consumer's thread
             yield b

@@ -239,13 +239,21 @@ class _Gathers:
         its host eviction keeps them and its governor can move them ahead. A new call replaces
         the previous declaration; ``plan([])`` withdraws it. :func:`tiered.gnn.window` calls it."""
         self._check_open()
+        self._declare([k for index in batches for k in self.chunk_keys(index, group_name, attr_names)])
+
+    def chunk_keys(self, index, group_name=None, attr_names: Sequence[str] | None = None) -> list[str]:
+        """The store objects a gather of ``index`` reads, in order (attributes on the zarr tier
+        read none)."""
+        self._check_open()
         names = attr_names if attr_names is not None else [n for (g, n) in self._attrs if g == group_name]
-        attrs = [a for a in (self._attr(group_name, n) for n in names) if a.tier != "zarr" and a.keys]
         keys: list[str] = []
-        for index in batches:
-            for a in attrs:
+        for a in (self._attr(group_name, n) for n in names):
+            if a.tier != "zarr" and a.keys:
                 ids, _shape = _normalize_index(index, a.num_rows, a.label)
                 keys.extend(a.keys[int(c)] for c in np.unique(ids // a.chunk_rows))
+        return keys
+
+    def _declare(self, keys: list[str]) -> None:
         self.store.plan(keys, owner=self.owner)
         self._planned = bool(keys)
 

@@ -257,8 +257,8 @@ class KVStore:
         if hasattr(self.policy, "set_queue"):
             with self._lock:
                 self.policy.set_queue(queue)
-        planned = [k for keys in queue for k in keys if k in self.store]
-        if planned or self._planned:
+        planned = [k for keys in queue for k in keys if k in self.store] if self.store.is_open else []
+        if (planned or self._planned) and self.store.is_open:
             self.store.plan(planned, owner=self.owner)
             self._planned = bool(planned)
 
