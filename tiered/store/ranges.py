@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from tiered.allocators import aligned_empty
-from tiered.io_engine import IOFuture, Op, Priority, Request, chain, gather
+from tiered.io_engine import IOFuture, Op, Priority, Request, chain, completed, gather
 from tiered.io_engine.batch import submit_read_arrays
 
 from ..checksums import block_crcs, crc32
@@ -46,55 +46,18 @@ class _Ranges:
         with a ChecksumError naming the object, the block and the file offset."""
         self._check_open()
         reads = list(reads)
-        held: dict[str, tuple[ObjectMeta, str]] = {}
-        try:
-            with self._lock:
-                for key, _off, _len, _out in reads:
-                    if key not in held:
-                        held[key] = self._hold_for_ranges(key)
+
+        def check(held) -> None:
             for key, off, length, out in reads:
                 self._check_range(key, held[key][0], off, length, out)
-            missing = [(meta, path) for meta, path in held.values() if meta.block and meta.block_crcs is None]
-            tables = [self._load_block_table(meta, path, priority) for meta, path in missing]
-        except BaseException:
-            self._release_held(held)
-            raise
-        metas = {key: meta for key, (meta, _path) in held.items()}
-        names = ", ".join(list(metas)[:3]) + ("..." if len(metas) > 3 else "")
-        out = IOFuture(f"read {len(reads)} ranges")
 
-        def fail(e: BaseException) -> None:
-            self._release_held(held)
-            e.add_note(f"while reading ranges of {names}")
-            out.set_exception(e)
+        def submit_reads(held, metas) -> IOFuture:
+            reqs = [Request(Op.READ, held[key][1], held[key][0].extent.offset + off, length, out_[:length], priority)
+                    for key, off, length, out_ in reads]
+            return self._submit_verified(reads, reqs, metas)
 
-        def finish(f) -> None:
-            try:
-                nbytes = sum(f.result())
-                self._account_ranges(reads, metas)
-            except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
-                fail(e)
-                return
-            self._release_held(held)
-            out.set_result(nbytes)
-
-        def submit(_f=None) -> None:
-            # never blocks: it may run on the engine worker that read the last checksum table
-            try:
-                if _f is not None:
-                    _f.result()
-                reqs = [Request(Op.READ, held[key][1], held[key][0].extent.offset + off, length, out_[:length],
-                                priority) for key, off, length, out_ in reads]
-            except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
-                fail(e)
-                return
-            self._submit_verified(reads, reqs, metas).add_done_callback(finish)
-
-        if tables:
-            gather(tables).add_done_callback(submit)
-        else:
-            submit()
-        return out
+        return self._run_ranges([key for key, *_rest in reads], check, submit_reads,
+                                lambda metas: self._account_ranges(reads, metas), f"read {len(reads)} ranges", priority)
 
     def read_range_arrays(self, keys, which, offsets, lengths, buf, buf_offsets, *, owner: str = DEFAULT_OWNER,
                           priority: Priority = Priority.DEMAND) -> IOFuture:
@@ -109,13 +72,30 @@ class _Ranges:
         which, offsets, lengths, buf_offsets = (np.asarray(x, dtype=np.int64).reshape(-1)
                                                 for x in (which, offsets, lengths, buf_offsets))
         _check_arrays(keys, which, offsets, lengths, buf, buf_offsets)
+
+        def submit_reads(held, _metas) -> IOFuture:
+            if not len(offsets):
+                return completed([0])
+            return self._submit_verified_arrays(keys, held, which, offsets, lengths, buf, buf_offsets, priority)
+
+        return self._run_ranges(keys, lambda held: _check_range_arrays(keys, [held[k][0] for k in keys], which,
+                                                                       offsets, lengths),
+                                submit_reads, lambda metas: self._account_range_arrays(keys, which, lengths, metas),
+                                f"read {len(offsets)} ranges", priority)
+
+    def _run_ranges(self, keys, check, submit_reads, account, label: str, priority: Priority) -> IOFuture:
+        """What both range reads do around their reads: hold ``keys``' current extents,
+        ``check(held)`` the ranges, read the block tables not read yet, then
+        ``submit_reads(held, metas)`` (a future of byte counts, started on whichever thread read
+        the last table: it never blocks) and ``account(metas)``; the extents are released either
+        way. Returns a future of the bytes read."""
         held: dict[str, tuple[ObjectMeta, str]] = {}
         try:
             with self._lock:
                 for key in keys:
                     if key not in held:
                         held[key] = self._hold_for_ranges(key)
-            _check_range_arrays(keys, [held[k][0] for k in keys], which, offsets, lengths)
+            check(held)
             missing = [(meta, path) for meta, path in held.values() if meta.block and meta.block_crcs is None]
             tables = [self._load_block_table(meta, path, priority) for meta, path in missing]
         except BaseException:
@@ -123,7 +103,7 @@ class _Ranges:
             raise
         metas = {key: meta for key, (meta, _path) in held.items()}
         names = ", ".join(list(metas)[:3]) + ("..." if len(metas) > 3 else "")
-        out = IOFuture(f"read {len(offsets)} ranges")
+        out = IOFuture(label)
 
         def fail(e: BaseException) -> None:
             self._release_held(held)
@@ -133,7 +113,7 @@ class _Ranges:
         def finish(f) -> None:
             try:
                 nbytes = sum(f.result())
-                self._account_range_arrays(keys, which, lengths, metas)
+                account(metas)
             except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
                 fail(e)
                 return
@@ -141,11 +121,10 @@ class _Ranges:
             out.set_result(nbytes)
 
         def submit(_f=None) -> None:
-            # never blocks: it may run on the engine worker that read the last checksum table
             try:
                 if _f is not None:
                     _f.result()
-                fut = self._submit_verified_arrays(keys, held, which, offsets, lengths, buf, buf_offsets, priority)
+                fut = submit_reads(held, metas)
             except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
                 fail(e)
                 return
@@ -153,11 +132,8 @@ class _Ranges:
 
         if tables:
             gather(tables).add_done_callback(submit)
-        elif len(offsets):
-            submit()
         else:
-            self._release_held(held)
-            out.set_result(0)
+            submit()
         return out
 
     def _submit_verified_arrays(self, keys, held, which, offsets, lengths, buf, buf_offsets,
