@@ -102,14 +102,8 @@ def test_blocks_checkpointed_by_the_callers_loop_give_bitwise_equal_gradients(tm
         tiered.detach(model)
 
 
-class _Segments(torch.nn.Module):
+class _Segments(_Blocks):
     """checkpoint_sequential: each recomputed segment runs two units."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.blocks = torch.nn.ModuleList(
-            torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64)) for _ in range(4))
 
     def forward(self, x):
         return torch.utils.checkpoint.checkpoint_sequential(self.blocks, 2, x, use_reentrant=False)

@@ -114,6 +114,7 @@ class TieredFeatureStore(_Memory, _Gathers, _Imports, _Updates, _Workers, Featur
         self.timeout = float(timeout)
         self._zarr_dir = zarr_dir
         self._attrs: dict[tuple, _Attr] = {}
+        self._planned = False  # a plan of coming minibatches is declared (see plan)
         self._static: dict[Any, np.ndarray] = {}
         self._cache_plan: dict[tuple, int] = {}
         self._shrunk: dict[tuple, int] = {}  # cache sizes left by on_pressure (see memory.py)

@@ -259,7 +259,7 @@ class _Gathers:
 
     def _withdraw_plan(self) -> None:
         """Withdraw a declared plan, if any, while the feature store and its store are open."""
-        if getattr(self, "_planned", False) and self._opened and self.store.is_open:
+        if self._planned and self._opened and self.store.is_open:
             self.store.plan([], owner=self.owner)
             self._planned = False
 
