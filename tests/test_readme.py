@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tiered import config as tiered_config
+from tiered import config_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -78,8 +79,8 @@ def test_the_configuration_reference_names_every_key():
     text = README.read_text()
     section = text[text.index("## Configuration reference"):]
     section = section[: section.index("\n## ", 4)]
-    keys = {*tiered_config._TOP_KEYS, *tiered_config._ALL_TIER_KEYS, *tiered_config._ENGINE_KEYS,
-            *tiered_config._POLICY_KEYS, *tiered_config._OFFLOAD_KEYS}
+    keys = {*config_schema._TOP_KEYS, *config_schema._ALL_TIER_KEYS, *config_schema._ENGINE_KEYS,
+            *config_schema._POLICY_KEYS, *config_schema._OFFLOAD_KEYS}
     missing = sorted(k for k in keys if f"`{k}`" not in section and f"[{k}" not in section)
     assert not missing, f"README.md's configuration reference does not describe {missing}"
 
