@@ -204,6 +204,124 @@ class SimResult:
         }
 
 
+class _Devices:
+    """The simulated tiers: capacity and bytes used, each device's bandwidth queue (when it is
+    next free), and per object its tier, when its bytes are complete there, and whether the
+    backing tier's copy is stale. The replay loop binds these lists to locals for speed."""
+
+    def __init__(self, tiers: tuple[TierModel, ...], n_keys: int):
+        self.T = len(tiers)
+        self.back = self.T - 1
+        self.names = tuple(t.name for t in tiers)
+        self.index = {nm: i for i, nm in enumerate(self.names)}
+        self.cap = [float(t.capacity) for t in tiers]
+        self.cap[self.back] = math.inf
+        self.lat = [t.latency_s for t in tiers]
+        self.rbw = [t.read_bw for t in tiers]
+        self.wbw = [t.write_bw for t in tiers]
+        self.busy = [0.0] * self.T
+        self.used = [0] * self.T
+        self.peak = [0] * self.T
+        self.tier_of = [-1] * n_keys
+        self.ready_at = [0.0] * n_keys
+        self.dirty = bytearray(n_keys)
+
+    def fill(self) -> tuple[float, ...]:
+        """Each tier's fraction used (the backing tier: 0)."""
+        inf = math.inf
+        return tuple((u / c) if c not in (0.0, inf) else (0.0 if c == inf else 1.0)
+                     for u, c in zip(self.used, self.cap))
+
+    def add(self, k: int, tk: int, sz: int) -> None:
+        """Object ``k`` of ``sz`` bytes now counts on tier ``tk``."""
+        self.tier_of[k] = tk
+        self.used[tk] += sz
+        if self.used[tk] > self.peak[tk]:
+            self.peak[tk] = self.used[tk]
+
+    def queue(self, j: int, now: float, seconds: float) -> float:
+        """Occupy device ``j`` for ``seconds`` from ``now`` or when it is next free; when it ends."""
+        b = self.busy[j]
+        self.busy[j] = (now if now > b else b) + seconds
+        return self.busy[j]
+
+
+def _place(dev: _Devices, placement: PlacementPolicy, obs: Observation, k: int, sz: int) -> int:
+    """The tier the placement policy gives a never-seen object, checked and charged."""
+    name = placement.place(obs, [(dev.names[j], dev.cap[j], dev.cap[j] - dev.used[j]) for j in range(dev.T)])
+    if name is None:
+        raise PolicyError(f"placement {placement.name or type(placement).__name__!r}: no tier for key {k} ({sz} bytes)")
+    if name not in dev.index:
+        raise PolicyError(f"placement {placement.name!r} named unknown tier {name!r}; tiers: {dev.names}")
+    tk = dev.index[name]
+    if dev.used[tk] + sz > dev.cap[tk]:
+        raise PolicyError(f"placement {placement.name!r} put key {k} ({sz} bytes) on full tier {name!r}")
+    dev.add(k, tk, sz)
+    return tk
+
+
+def _fill_on_first_read(dev: _Devices, k: int, tk: int, sz: int, nbytes: int, now: float) -> float:
+    """A read of an object never seen placed on a faster tier: its bytes come from the backing
+    tier and placing them is a fill (a migration), no free first hit. When the read completes."""
+    back = dev.back
+    fin = dev.queue(back, now, nbytes / dev.rbw[back]) + dev.lat[back]
+    busy = dev.queue(tk, now, sz / dev.wbw[tk])
+    r = fin + sz / dev.wbw[tk]
+    dev.ready_at[k] = r if r > busy else busy
+    return fin
+
+
+def _checked_move(policy: MigrationPolicy, dev: _Devices, key, dst, n_keys: int) -> tuple[int, int]:
+    """A decision as ``(key, tier index)`` ints, or a PolicyError naming what is wrong."""
+    T = dev.T
+    if not (type(dst) is int and 0 <= dst < T):
+        if isinstance(dst, (int, np.integer)) and 0 <= int(dst) < T:
+            dst = int(dst)
+        else:
+            raise PolicyError(f"policy {policy.name!r}: move of key {key!r} to tier {dst!r}; tiers are 0..{T - 1} {dev.names}")
+    if type(key) is not int:
+        if isinstance(key, np.integer):
+            key = int(key)
+        else:
+            raise PolicyError(f"policy {policy.name!r}: move names unknown object {key!r}")
+    if not 0 <= key < n_keys or dev.tier_of[key] < 0:
+        raise PolicyError(f"policy {policy.name!r}: move names unknown object {key!r}")
+    return key, dst
+
+
+def _apply_moves(policy: MigrationPolicy, dev: _Devices, moves, osz: list[int], now: float, last_fin: float,
+                 pend_keys: set[int]) -> tuple[int, int]:
+    """Carry out one batch's decisions: (bytes moved, moves made). A clean object moved to the
+    backing tier costs nothing; one the batch just served is in memory once read."""
+    batch_bytes = n_moves = 0
+    for key, dst in moves:
+        key, dst = _checked_move(policy, dev, key, dst, len(osz))
+        src = dev.tier_of[key]
+        if src == dst:
+            continue
+        sz = osz[key]
+        if dev.used[dst] + sz > dev.cap[dst]:
+            raise PolicyError(
+                f"policy {policy.name!r}: moving key {key!r} ({sz} bytes) to tier {dev.names[dst]!r} "
+                f"would exceed its capacity ({dev.used[dst]} of {dev.cap[dst]:.0f} bytes used)")
+        dev.used[src] -= sz
+        dev.add(key, dst, sz)
+        if dst == dev.back and not dev.dirty[key]:
+            continue
+        ready = last_fin
+        if key not in pend_keys:
+            read = dev.queue(src, now, sz / dev.rbw[src])
+            ready = (read if read > dev.ready_at[key] else dev.ready_at[key]) + dev.lat[src]
+        busy = dev.queue(dst, now, sz / dev.wbw[dst])
+        r = ready + sz / dev.wbw[dst]
+        dev.ready_at[key] = r if r > busy else busy
+        if dst == dev.back:
+            dev.dirty[key] = 0
+        batch_bytes += sz
+        n_moves += 1
+    return batch_bytes, n_moves
+
+
 def simulate(
     trace: Prepared,
     tiers: Sequence[TierModel],
@@ -224,108 +342,68 @@ def simulate(
         raise ValueError(f"need at least two tiers (a cache and a backing tier), got {len(tiers)}")
     if placement is None:
         placement = policy if isinstance(policy, PlacementPolicy) else Backing()
-    T = len(tiers)
-    back = T - 1
-    names = tuple(t.name for t in tiers)
-    tier_index = {nm: i for i, nm in enumerate(names)}
-    cap = [float(t.capacity) for t in tiers]
-    cap[back] = math.inf
-    lat = [t.latency_s for t in tiers]
-    rbw = [t.read_bw for t in tiers]
-    wbw = [t.write_bw for t in tiers]
-    busy = [0.0] * T  # when each device's bandwidth is next free (queue position)
-    used = [0] * T
-    peak = [0] * T
-
-    n = trace.n
-    K = trace.n_keys
-    tl = trace.time.tolist()
-    kl = trace.key.tolist()
-    sl = trace.size.tolist()
-    opl = trace.op.tolist()
-    kindl = trace.kind.tolist()
-    osz = trace.obj_size.tolist()
-    prevl = trace.prev.tolist()
-    cntl = trace.count.tolist()
-    tier_of = [-1] * K
-    ready_at = [0.0] * K  # when an object's bytes are complete on its tier (after a migration)
-    dirty = bytearray(K)
-    lats = [0.0] * n
-    served = bytearray(n)
-
+    dev = _Devices(tiers, trace.n_keys)
     policy.reset(tiers)
+    if policy.needs_future:
+        policy.prepare_future(trace.key)
+    wall0 = _time.perf_counter()
+    lats, served, totals, end = _replay(trace, dev, policy, placement, closed_loop, progress, progress_every)
+    migrated, n_moves, n_decide = totals
+    return SimResult(
+        policy=policy.name or type(policy).__name__,
+        tier_names=dev.names,
+        latency_s=np.asarray(lats, dtype=np.float64),
+        served=np.frombuffer(bytes(served), dtype=np.int8).copy(),
+        bytes_migrated=int(migrated),
+        migrations=n_moves,
+        total_time_s=float(end),
+        wall_s=_time.perf_counter() - wall0,
+        decisions=n_decide,
+        peak_used=tuple(dev.peak),
+    )
+
+
+def _replay(trace: Prepared, dev: _Devices, policy: MigrationPolicy, placement: PlacementPolicy,
+            closed_loop: bool, progress, progress_every: int):
+    """The event loop: serve each access on its object's tier, hand the policy each batch of
+    observations and carry out its moves. Per-access state lives in locals (the hot path)."""
+    n, back, names = trace.n, dev.back, dev.names
+    tl, kl, sl = trace.time.tolist(), trace.key.tolist(), trace.size.tolist()
+    opl, kindl, osz = trace.op.tolist(), trace.kind.tolist(), trace.obj_size.tolist()
+    prevl, cntl = trace.prev.tolist(), trace.count.tolist()
+    lat, rbw, wbw, busy = dev.lat, dev.rbw, dev.wbw, dev.busy
+    tier_of, ready_at, dirty = dev.tier_of, dev.ready_at, dev.dirty
+    lats, served = [0.0] * n, bytearray(n)
     future = bool(policy.needs_future)
     nextl = trace.next.tolist() if future else None
-    if future:
-        policy.prepare_future(trace.key)
-    batch_size = max(1, int(policy.batch))
-    learns = bool(policy.learns)
-    inf = math.inf
-
-    def fill_now() -> tuple[float, ...]:
-        return tuple((used[j] / cap[j]) if cap[j] not in (0.0, inf) else (0.0 if cap[j] == inf else 1.0)
-                     for j in range(T))
-
-    fill = fill_now()
-    clock = 0.0
-    migrated = 0
-    n_moves = 0
-    n_decide = 0
+    batch_size, learns, inf = max(1, int(policy.batch)), bool(policy.learns), math.inf
+    fill = dev.fill()
+    clock = now = last_fin = 0.0
+    migrated = n_moves = n_decide = 0
     pending: list[Observation] = []
     pend_keys: set[int] = set()
-    wall0 = _time.perf_counter()
-    now = 0.0
-    last_fin = 0.0
-
     plans = trace.plans
-    n_plans = len(plans)
-    next_plan = 0  # index into plans of the next declaration to deliver
-    plan_at = plans[0][0] if n_plans else -1  # the event it precedes
-
+    next_plan, plan_at = 0, (plans[0][0] if plans else -1)  # the next declaration and the event it precedes
     for i in range(n):
         if i == plan_at:  # between decisions: the previous batch was cut before this event
             next_plan, plan_at = deliver_plans(policy, plans, next_plan, i)
-        k = kl[i]
-        w = opl[i]
-        arr = tl[i]
+        k, w, arr = kl[i], opl[i], tl[i]
         now = (arr if arr > clock else clock) if closed_loop else arr
         tk = tier_of[k]
         if tk < 0:
             sz = osz[k]
             pobs = Observation(k, sz, KINDS[kindl[i]], OPS[w], None, now, i, 1, inf, inf, -1, fill,
                                nextl[i] if future else inf)
-            name = placement.place(pobs, [(names[j], cap[j], cap[j] - used[j]) for j in range(T)])
-            if name is None:
-                raise PolicyError(f"placement {placement.name or type(placement).__name__!r}: no tier for key {k} ({sz} bytes)")
-            if name not in tier_index:
-                raise PolicyError(f"placement {placement.name!r} named unknown tier {name!r}; tiers: {names}")
-            tk = tier_index[name]
-            if used[tk] + sz > cap[tk]:
-                raise PolicyError(f"placement {placement.name!r} put key {k} ({sz} bytes) on full tier {name!r}")
-            tier_of[k] = tk
-            used[tk] += sz
-            if used[tk] > peak[tk]:
-                peak[tk] = used[tk]
-            fill = fill_now()
+            tk = _place(dev, placement, pobs, k, sz)
+            fill = dev.fill()
             if not w and tk != back:
-                # a read of an object never seen: its bytes come from the backing tier, and
-                # placing it on a faster tier is a fill (a migration) -- no free first hit
-                b = busy[back]
-                busy[back] = (now if now > b else b) + sl[i] / rbw[back]
-                fin = busy[back] + lat[back]
-                b = busy[tk]
-                busy[tk] = (now if now > b else b) + sz / wbw[tk]
-                r = fin + sz / wbw[tk]
-                ready_at[k] = r if r > busy[tk] else busy[tk]
-                last_fin = fin
+                last_fin = fin = _fill_on_first_read(dev, k, tk, sz, sl[i], now)
                 migrated += sz
                 n_moves += 1
-                lats[i] = fin - now
-                served[i] = back
+                lats[i], served[i] = fin - now, back
                 if closed_loop:
                     clock = fin
-                resident = tk
-                tk = -1
+                resident, tk = tk, -1
         if tk >= 0:
             resident = tk
             b = busy[tk]
@@ -335,19 +413,17 @@ def simulate(
             r = ready_at[k] + occ  # the object's bytes may still be on their way to this tier
             fin = (b if b > r else r) + lat[tk]
             last_fin = fin
-            lats[i] = fin - now
-            served[i] = tk
+            lats[i], served[i] = fin - now, tk
             if closed_loop:
                 clock = fin
             if w:
                 dirty[k] = 0 if tk == back else 1
         p = prevl[i]
-        obs = Observation(
+        pending.append(Observation(
             k, osz[k], KINDS[kindl[i]], OPS[w], names[resident], now, i, cntl[i],
             (now - tl[p]) if p >= 0 else inf, (i - p) if p >= 0 else inf, resident, fill,
             nextl[i] if future else inf,
-        )
-        pending.append(obs)
+        ))
         pend_keys.add(k)
         if len(pending) < batch_size and i != n - 1 and plan_at != i + 1:
             continue
@@ -355,78 +431,27 @@ def simulate(
         n_decide += 1
         batch_bytes = 0
         if moves:
-            for key, dst in moves:
-                if not (type(dst) is int and 0 <= dst < T):
-                    if isinstance(dst, (int, np.integer)) and 0 <= int(dst) < T:
-                        dst = int(dst)
-                    else:
-                        raise PolicyError(f"policy {policy.name!r}: move of key {key!r} to tier {dst!r}; tiers are 0..{T - 1} {names}")
-                if type(key) is not int:
-                    if isinstance(key, np.integer):
-                        key = int(key)
-                    else:
-                        raise PolicyError(f"policy {policy.name!r}: move names unknown object {key!r}")
-                if not 0 <= key < K or tier_of[key] < 0:
-                    raise PolicyError(f"policy {policy.name!r}: move names unknown object {key!r}")
-                src = tier_of[key]
-                if src == dst:
-                    continue
-                sz = osz[key]
-                if used[dst] + sz > cap[dst]:
-                    raise PolicyError(
-                        f"policy {policy.name!r}: moving key {key!r} ({sz} bytes) to tier {names[dst]!r} "
-                        f"would exceed its capacity ({used[dst]} of {cap[dst]:.0f} bytes used)")
-                used[src] -= sz
-                used[dst] += sz
-                if used[dst] > peak[dst]:
-                    peak[dst] = used[dst]
-                tier_of[key] = dst
-                if dst == back and not dirty[key]:
-                    continue
-                ready = last_fin  # an object the batch just served is in memory once read (fill on miss)
-                if key not in pend_keys:
-                    b = busy[src]
-                    busy[src] = (now if now > b else b) + sz / rbw[src]
-                    ready = (busy[src] if busy[src] > ready_at[key] else ready_at[key]) + lat[src]
-                b = busy[dst]
-                busy[dst] = (now if now > b else b) + sz / wbw[dst]
-                r = ready + sz / wbw[dst]
-                ready_at[key] = r if r > busy[dst] else busy[dst]
-                if dst == back:
-                    dirty[key] = 0
-                batch_bytes += sz
-                n_moves += 1
-            fill = fill_now()
+            batch_bytes, moved = _apply_moves(policy, dev, moves, osz, now, last_fin, pend_keys)
+            n_moves += moved
             migrated += batch_bytes
+            fill = dev.fill()
         if learns:
             m = len(pending)
-            outs = [Outcome(o, lats[o.index], served[o.index], batch_bytes if j == m - 1 else 0)
-                    for j, o in enumerate(pending)]
-            policy.observe(outs)
+            policy.observe([Outcome(o, lats[o.index], served[o.index], batch_bytes if j == m - 1 else 0)
+                            for j, o in enumerate(pending)])
         pending = []
         pend_keys.clear()
         batch_size = max(1, int(policy.batch))  # a policy may adapt its batch as it learns the sizes
         if progress is not None and (i + 1) % progress_every == 0:
             progress(i + 1, n)
-    if next_plan < n_plans:  # declared after the last event: delivered all the same
+    if next_plan < len(plans):  # declared after the last event: delivered all the same
         deliver_plans(policy, plans, next_plan, n)
     if progress is not None:
         progress(n, n)
     end = max([now + 0.0] + busy + [max(ready_at, default=0.0)])
     if n and closed_loop:
         end = max(end, clock)
-    return SimResult(
-        policy=policy.name or type(policy).__name__,
-        tier_names=names,
-        latency_s=np.asarray(lats, dtype=np.float64),
-        served=np.frombuffer(bytes(served), dtype=np.int8).copy(),
-        bytes_migrated=int(migrated),
-        migrations=n_moves,
-        total_time_s=float(end),
-        wall_s=_time.perf_counter() - wall0,
-        decisions=n_decide,
-        peak_used=tuple(peak),
-    )
+    return lats, served, (migrated, n_moves, n_decide), end
 
 
 def deliver_plans(policy: MigrationPolicy, plans, j: int, at: int) -> tuple[int, int]:
