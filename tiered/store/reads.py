@@ -130,83 +130,98 @@ class _Reads:
             meta = self._objects.get(key)
             if meta is None:
                 raise KeyError(f"no object {key!r} in the store at {self.root}")
-            copy = meta.host
-            if copy is not None:
-                copy.pins += 1
-                if copy.ready:
-                    if emit:  # the store's own reads (a migration) are no hit and no recency
-                        self.counters.hits += 1
-                        self.host_policy.touch(Observation(key, meta.nbytes, meta.kind, "read", "host"))
-                    return copy, None, meta
-                if emit is True:  # joins a load another caller started: this read is an access too
-                    copy.loaded.add_done_callback(
-                        lambda f: f.cancelled() or f.exception() is not None
-                        or self._emit(key, meta.nbytes, "read", meta.kind, meta.extent.tier))
-                return copy, copy.loaded, meta
+            if meta.host is not None:
+                return (*self._join_host_copy(key, meta, emit), meta)
             self.counters.misses += bool(emit)
             load = _LoadFuture(f"load {key}")
             copy = HostCopy(None, meta.version, pins=1, loaded=load, loading=True)
             meta.host = copy
             ext = meta.extent
             ext.readers += 1
+        load.add_done_callback(lambda f: self._load_finished(f, meta, copy, ext))
+        try:
+            buf, reads = self._read_into_host(key, meta, ext, copy, priority, wait, owner, evict)
+        except BaseException as e:
+            if load.set_running_or_notify_cancel():
+                load.set_exception(e)
+            raise
+        load.follow(chain(gather(reads), lambda _results: self._publish_load(key, meta, ext, copy, buf, emit),
+                          f"load {key}", note=f"while reading object {key!r}"), reads)
+        return copy, load, meta
+
+    def _join_host_copy(self, key: str, meta: ObjectMeta, emit: bool | str) -> tuple[HostCopy, IOFuture | None]:
+        """Under the lock: pin the host copy ``meta`` already has (loaded, or a load another
+        caller started, which this read then waits on and counts as an access too)."""
+        copy = meta.host
+        copy.pins += 1
+        if copy.ready:
+            if emit:  # the store's own reads (a migration) are no hit and no recency
+                self.counters.hits += 1
+                self.host_policy.touch(Observation(key, meta.nbytes, meta.kind, "read", "host"))
+            return copy, None
+        if emit is True:
+            copy.loaded.add_done_callback(
+                lambda f: f.cancelled() or f.exception() is not None
+                or self._emit(key, meta.nbytes, "read", meta.kind, meta.extent.tier))
+        return copy, copy.loaded
+
+    def _read_into_host(self, key: str, meta: ObjectMeta, ext: Extent, copy: HostCopy, priority: Priority,
+                        wait: float | None, owner: str, evict: bool) -> tuple[HostBuffer, list[IOFuture]]:
+        """A host buffer for ``copy`` and the segment reads from ``ext`` filling it, each checked
+        as it lands."""
         if ext.external:
             src_file, lead = ext.path, ext.offset % 4096
             window = align_up(lead + meta.nbytes)
         else:
             src_file, lead, window = self._tiers[ext.tier].data_file, 0, None
-
-        def finish(f) -> None:
-            with self._lock:
-                ext.readers -= 1
-                copy.loading = False
-                if f.cancelled() or f.exception() is not None:
-                    if meta.host is copy:
-                        meta.host = None
-                    copy.detached = True
-                self._maybe_free(copy)
-                self._free_retired()
-
-        load.add_done_callback(finish)
         try:
-            try:
-                buf = self._alloc_host(meta.nbytes if window is None else window, wait, owner, evict)
-            except OutOfBudget as e:
-                raise HostBudgetError(f"object {key!r} ({meta.nbytes} bytes): {e}") from e
-            copy.buffer, copy.start = buf, lead
-            length = len(buf.padded) if window is None else lead + meta.nbytes  # externals end anywhere
-            if ext.external and file_identity(src_file) != ext.identity:
-                raise StoreError(f"object {key!r}: {src_file} changed since it was registered "
-                                 "(size, mtime or inode differ); register it again")
-            # external files carry no checksums: their identity is checked instead of hashing
-            # every byte on every read (crc32 runs at ~3 GB/s per core, slower than the disk)
-            unverified = ext.external
-            sums: list[int] = [0] * segments(lead, meta.nbytes)
-            reads = []
-            for i, start in enumerate(range(0, max(length, 1), SEGMENT)):
-                n = min(SEGMENT, length - start)
-                rf = self.engine.read(src_file, ext.offset - lead + start, buf.padded[start:start + n], n,
-                                      priority=priority)
-                reads.append(chain(rf, _segment_check(buf, lead, meta, i, sums, unverified, src_file, key)))
-        except BaseException as e:
-            if load.set_running_or_notify_cancel():
-                load.set_exception(e)
-            raise
+            buf = self._alloc_host(meta.nbytes if window is None else window, wait, owner, evict)
+        except OutOfBudget as e:
+            raise HostBudgetError(f"object {key!r} ({meta.nbytes} bytes): {e}") from e
+        copy.buffer, copy.start = buf, lead
+        length = len(buf.padded) if window is None else lead + meta.nbytes  # externals end anywhere
+        if ext.external and file_identity(src_file) != ext.identity:
+            raise StoreError(f"object {key!r}: {src_file} changed since it was registered "
+                             "(size, mtime or inode differ); register it again")
+        # external files carry no checksums: their identity is checked instead of hashing
+        # every byte on every read (crc32 runs at ~3 GB/s per core, slower than the disk)
+        unverified = ext.external
+        sums: list[int] = [0] * segments(lead, meta.nbytes)
+        reads = []
+        for i, start in enumerate(range(0, max(length, 1), SEGMENT)):
+            n = min(SEGMENT, length - start)
+            rf = self.engine.read(src_file, ext.offset - lead + start, buf.padded[start:start + n], n,
+                                  priority=priority)
+            reads.append(chain(rf, _segment_check(buf, lead, meta, i, sums, unverified, src_file, key)))
+        return buf, reads
 
-        def publish(_results) -> None:
-            with self._lock:
-
-                copy.ready = True
+    def _load_finished(self, f, meta: ObjectMeta, copy: HostCopy, ext: Extent) -> None:
+        """A load ended (either way): the extent has one reader less; a failed load's copy is
+        dropped so the next read starts over."""
+        with self._lock:
+            ext.readers -= 1
+            copy.loading = False
+            if f.cancelled() or f.exception() is not None:
                 if meta.host is copy:
-                    self.host_policy.admit(Observation(key, buf.reserved, meta.kind, "read", "host"))
-                else:
-                    copy.detached = True
-                self.counters.bytes_read[ext.tier] = self.counters.bytes_read.get(ext.tier, 0) + buf.reserved
-            self._notify_host()  # unpinned (a prefetch) it is evictable now
-            if emit:
-                self._emit(key, meta.nbytes, "read" if emit is True else emit, meta.kind, ext.tier)
+                    meta.host = None
+                copy.detached = True
+            self._maybe_free(copy)
+            self._free_retired()
 
-        load.follow(chain(gather(reads), publish, f"load {key}", note=f"while reading object {key!r}"), reads)
-        return copy, load, meta
+    def _publish_load(self, key: str, meta: ObjectMeta, ext: Extent, copy: HostCopy, buf: HostBuffer,
+                      emit: bool | str) -> None:
+        """Every segment read and checked: the copy is ready (admitted to the host ranking unless
+        the object changed meanwhile), its bytes counted, the access emitted."""
+        with self._lock:
+            copy.ready = True
+            if meta.host is copy:
+                self.host_policy.admit(Observation(key, buf.reserved, meta.kind, "read", "host"))
+            else:
+                copy.detached = True
+            self.counters.bytes_read[ext.tier] = self.counters.bytes_read.get(ext.tier, 0) + buf.reserved
+        self._notify_host()  # unpinned (a prefetch) it is evictable now
+        if emit:
+            self._emit(key, meta.nbytes, "read" if emit is True else emit, meta.kind, ext.tier)
 
     def register_external(self, key: str, path, offset: int, nbytes: int, dtype: torch.dtype,
                           shape: tuple[int, ...], *, kind: str = "weight") -> None:

@@ -223,66 +223,82 @@ class _Writes:
         key, tier_name, ext = p.key, p.tier, Extent(p.tier, p.offset, p.length)
         with self._lock:
             old = self._objects.get(key)
-            stale = (p.version <= self._tombstones.get(key, 0)
-                     or (old is not None and (old.version != p.version if p.relocate is not None
-                                              else old.version > p.version)))
-            # a governor's move (placed None) of an object its caller placed meanwhile
-            overruled = p.relocate is not None and p.placed is None and old is not None and old.placed
-            if stale or overruled:  # a later put, delete or placing of this key already took effect
-                self._tiers[tier_name].give(p.offset, p.length)  # never named by a manifest
-                if p.give:
-                    p.buf.release()
-                return {"key": key, "version": p.version, "superseded": True, **({"placed": True} if overruled else {})}
-            if not p.sync and not p.ephemeral:
-                self._unsynced.add(tier_name)
-            self._gen += 1
-            gen = self._gen
-            moved_copy = None
-            if p.relocate is not None and old is not None and old.host is not None and old.host.ready:
-                moved_copy, old.host = old.host, None  # a migration: the same bytes, so the cached copy stays
-            if old is not None:  # a migration frees its old tier's blocks: they are not rewritten soon
-                self._unlink(old, superseded=p.relocate is None)
-            placed = p.placed if p.placed is not None else (old is not None and old.placed)
-            meta = ObjectMeta(key, p.kind, p.dtype, p.shape, p.nbytes, p.version, crc, ext, ephemeral=p.ephemeral,
-                              owner=p.owner, block=p.block, table_crc=p.table_crc, placed=placed)
-            self._objects[key] = meta
-            self._tiers[tier_name].objects += 1
-            if moved_copy is not None:  # its entry in the host policy stays as it was
-                meta.host = moved_copy
-                if p.give:
-                    p.buf.release()
-            elif p.give and p.cache and self.cache_on_put:
-                meta.host = HostCopy(p.buf, p.version, ready=True)
-                self.host_policy.admit(Observation(key, p.length, p.kind, "write", "host"))
-            elif p.give:
-                p.buf.release()
+            refused = self._overtaken(p, old)
+            if refused is not None:
+                return refused
+            gen, meta = self._make_current(p, old, ext, crc)
         if p.give:
             self._notify_host()  # the cached copy is evictable from now on
-
-        def rollback() -> None:  # the manifest write failed: the previous version stays current
-            if self._objects.get(key) is not meta:
-                return
-            self._drop_host(meta)
-            self._tiers[tier_name].objects -= 1
-            if old is not None:
-                self._retired.remove(old.extent)
-                old.extent.retired_gen = None
-                self._tiers[old.extent.tier].objects += 1
-                self._objects[key] = old
-            else:
-                del self._objects[key]
-            ext.retired_gen = 0  # never committed: free as soon as no reader holds it
-            self._retired.append(ext)
-            self._free_retired()
-
         if p.commit:
-            self._commit_through(gen, rollback)
+            self._commit_through(gen, lambda: self._undo_install(meta, old, ext))
         with self._lock:
             self.counters.puts += 1
             self.counters.bytes_written[tier_name] = self.counters.bytes_written.get(tier_name, 0) + p.length
         if p.relocate is None:  # a migration is no workload's write (migrate emits its own event)
             self._emit(key, p.nbytes, "write", p.kind, tier_name)
         return meta.describe()
+
+    def _overtaken(self, p: "_PendingPut", old: ObjectMeta | None) -> dict | None:
+        """Under the lock: the result of a write a later put, delete or placing of its key already
+        overtook (its blocks given back, never named by a manifest), else None."""
+        stale = (p.version <= self._tombstones.get(p.key, 0)
+                 or (old is not None and (old.version != p.version if p.relocate is not None
+                                          else old.version > p.version)))
+        # a governor's move (placed None) of an object its caller placed meanwhile
+        overruled = p.relocate is not None and p.placed is None and old is not None and old.placed
+        if not (stale or overruled):
+            return None
+        self._tiers[p.tier].give(p.offset, p.length)
+        if p.give:
+            p.buf.release()
+        return {"key": p.key, "version": p.version, "superseded": True, **({"placed": True} if overruled else {})}
+
+    def _make_current(self, p: "_PendingPut", old: ObjectMeta | None, ext: Extent, crc) -> tuple[int, ObjectMeta]:
+        """Under the lock: the written version becomes the key's object (the old one unlinked; a
+        migration keeps its loaded host copy, a put may leave its buffer as the host copy); the
+        manifest generation that will commit it and its metadata."""
+        if not p.sync and not p.ephemeral:
+            self._unsynced.add(p.tier)
+        self._gen += 1
+        moved_copy = None
+        if p.relocate is not None and old is not None and old.host is not None and old.host.ready:
+            moved_copy, old.host = old.host, None  # a migration: the same bytes, so the cached copy stays
+        if old is not None:  # a migration frees its old tier's blocks: they are not rewritten soon
+            self._unlink(old, superseded=p.relocate is None)
+        placed = p.placed if p.placed is not None else (old is not None and old.placed)
+        meta = ObjectMeta(p.key, p.kind, p.dtype, p.shape, p.nbytes, p.version, crc, ext, ephemeral=p.ephemeral,
+                          owner=p.owner, block=p.block, table_crc=p.table_crc, placed=placed)
+        self._objects[p.key] = meta
+        self._tiers[p.tier].objects += 1
+        if moved_copy is not None:  # its entry in the host policy stays as it was
+            meta.host = moved_copy
+            if p.give:
+                p.buf.release()
+        elif p.give and p.cache and self.cache_on_put:
+            meta.host = HostCopy(p.buf, p.version, ready=True)
+            self.host_policy.admit(Observation(p.key, p.length, p.kind, "write", "host"))
+        elif p.give:
+            p.buf.release()
+        return self._gen, meta
+
+    def _undo_install(self, meta: ObjectMeta, old: ObjectMeta | None, ext: Extent) -> None:
+        """The manifest write failed: the previous version stays current (unless the key has
+        moved on since) and the new extent is freed once no reader holds it."""
+        key = meta.key
+        if self._objects.get(key) is not meta:
+            return
+        self._drop_host(meta)
+        self._tiers[ext.tier].objects -= 1
+        if old is not None:
+            self._retired.remove(old.extent)
+            old.extent.retired_gen = None
+            self._tiers[old.extent.tier].objects += 1
+            self._objects[key] = old
+        else:
+            del self._objects[key]
+        ext.retired_gen = 0  # never committed: free as soon as no reader holds it
+        self._retired.append(ext)
+        self._free_retired()
 
     def _reserve_extent(self, key: str, size: int, kind: str, tier: str | None,
                         owner: str = DEFAULT_OWNER) -> tuple[str, int]:
