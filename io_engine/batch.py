@@ -34,7 +34,8 @@ from .future import IOFuture
 from .request import Op, Priority, Request
 
 if TYPE_CHECKING:
-    from .engine import IOEngine, _Member, _Piece
+    from .engine import IOEngine
+    from .jobs import _Member, _Piece
 
 POLL = 0.001
 _NO_BOUNCE = np.empty(0, dtype=np.uint8)
@@ -214,7 +215,7 @@ class BatchDriver:
     """Runs an open engine's pieces through ``engine.backend.queue(depth)``; see the module docstring."""
 
     def __init__(self, engine: "IOEngine", depth: int) -> None:
-        from .engine import BOUNCE_BYTES, _RetryBuffered
+        from .transfers import BOUNCE_BYTES, _RetryBuffered
 
         self.e, self.depth = engine, depth
         self._bounce_bytes, self._retry = BOUNCE_BYTES, _RetryBuffered
@@ -413,7 +414,7 @@ class BatchDriver:
         elif res == 0:
             self._batch_end(slot, ShortTransferError("read", r.path, r.offset, r.length, "end of file"))
         else:  # short: the rest continues as an ordinary piece in this slot
-            from .engine import _Job, _Piece
+            from .jobs import _Job, _Piece
 
             self.e._stats.transfer("read", res, direct=True)
             job = _Job(r, batch.member, batch.bufs[slot.index], 1, batch.submitted, started=True)
@@ -489,7 +490,7 @@ class BatchDriver:
         elif res == 0:
             self._array_end(slot, ShortTransferError("read", path, off, n, "end of file"))
         else:  # short: the rest continues as an ordinary piece in this slot
-            from .engine import _Job, _Piece
+            from .jobs import _Job, _Piece
 
             self.e._stats.transfer("read", res, direct=True)
             req = batch.request(k)
