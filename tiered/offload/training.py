@@ -23,7 +23,18 @@ class _SavedWeight:
     dtype: torch.dtype
     shape: tuple
     stride: tuple
-    offset: int
+    offset: int  # elements into the host copy's storage; with a device cache, bytes into the object's copy
+    in_region: bool = False  # a view of the device cache's region (its copy there is refetched)
+
+
+def _saved_view(copy: torch.Tensor, h: _SavedWeight) -> torch.Tensor:
+    """The saved tensor ``h`` describes, as a view of the unit's copy fetched again."""
+    storage = copy.untyped_storage()
+    if not h.in_region:
+        return torch.empty(0, dtype=h.dtype).set_(storage, h.offset, h.shape, h.stride)
+    at = copy.data_ptr() - storage.data_ptr() + h.offset  # bytes into the region
+    item = torch.empty(0, dtype=h.dtype).element_size()
+    return torch.empty(0, dtype=h.dtype, device=copy.device).set_(storage, at // item, h.shape, h.stride)
 
 
 class UnitEdit:
@@ -68,15 +79,11 @@ class _Training:
             sth.__exit__(None, None, None)
 
     def _pack(self, t: torch.Tensor):
-        """A saved tensor that views a streamed unit's host copy becomes a handle (the memory
-        goes back to the budget); everything else is saved as usual."""
-        if self.dcache is not None and t.layout is torch.strided:
-            at = self.dcache.offset_of(t)
-            if at is not None and not any(lo <= at < hi for lo, hi in self._resident_ranges):
-                # the region is refilled with other units once this one is released: autograd keeps
-                # its own copy (refetching in backward is the CPU path's; training on CUDA is not supported)
-                return t.clone()
-            return t
+        """A saved tensor that views a streamed unit's copy becomes a handle (the memory goes
+        back to the budget, the copy is fetched again in backward); everything else is saved
+        as usual."""
+        if self.dcache is not None:
+            return self._pack_device(t)
         if not self._storage_of or t.layout is not torch.strided or t.device.type != "cpu":
             return t
         hit = self._storage_of.get(t.untyped_storage().data_ptr())
@@ -85,10 +92,32 @@ class _Training:
         u, key = hit
         if u.resident or u.host_resident or key not in u.leases:
             return t  # stays in memory anyway
+        self._count_saved(u)
+        return _SavedWeight(u.index, key, t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset())
+
+    def _pack_device(self, t: torch.Tensor):
+        """With a device cache: a view of a non-resident unit's copy in the cache's region becomes
+        a handle (the region is refilled with other units once this one is released)."""
+        if t.layout is not torch.strided:
+            return t
+        at = self.dcache.offset_of(t)
+        if at is None or any(lo <= at < hi for lo, hi in self._resident_ranges):
+            return t
+        for u in self.units:
+            if u.resident or not u.bound:
+                continue
+            for key, lease in u.leases.items():
+                if lease.offset <= at < lease.offset + lease.nbytes:
+                    self._count_saved(u)
+                    return _SavedWeight(u.index, key, t.dtype, tuple(t.shape), tuple(t.stride()),
+                                        t.data_ptr() - lease.tensor.data_ptr(), in_region=True)
+        raise OffloadError(f"a tensor saved for backward views the device cache at byte {at}, "
+                           "in no unit bound now")
+
+    def _count_saved(self, u: _Unit) -> None:
         if u.index not in self._saved or self._saved[u.index] == 0:
             self._bw_order.append(u.index)
         self._saved[u.index] = self._saved.get(u.index, 0) + 1
-        return _SavedWeight(u.index, key, t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset())
 
     def _unpack(self, h):
         if not isinstance(h, _SavedWeight):
@@ -102,8 +131,7 @@ class _Training:
             self._prefetch_backward(u)
             for fn in self.backward_listeners:
                 fn(u)
-        out = torch.empty(0, dtype=h.dtype).set_(u.leases[h.key].tensor.untyped_storage(), h.offset, h.shape,
-                                                 h.stride)
+        out = _saved_view(u.leases[h.key].tensor, h)
         self._bw_hold.setdefault(u.index, []).append(out)
         self._saved[u.index] = self._saved.get(u.index, 1) - 1
         if self._saved[u.index] <= 0 and u not in self._bw_done:
@@ -118,7 +146,7 @@ class _Training:
             return
         for j in range(pos - 1, max(pos - 1 - self.lookahead, -1), -1):
             v = self.units[self._bw_order[j]]
-            if self._saved.get(v.index, 0) > 0 and not v.active and not v.resident and not v.host_resident \
+            if self._saved.get(v.index, 0) > 0 and not v.active and not v.resident and not self._keeps_host_copy(v) \
                     and not self._acquire(v, Priority.PREFETCH):
                 break
 
@@ -132,7 +160,7 @@ class _Training:
                 keep.append(u)
                 continue
             self._bw_hold.pop(u.index, None)
-            if not u.active and not u.resident and not u.host_resident:
+            if not u.active and not u.resident and not self._keeps_host_copy(u):
                 self._drop_pending(u)
                 self._release(u)
         self._bw_done = keep
@@ -146,17 +174,19 @@ class _Training:
                 self._bw_done.append(u)
         self._release_unused(force=True)
         for u in self.units:
-            if u.leases and not u.active and not u.resident and not u.host_resident:
+            if u.leases and not u.active and not u.resident and not self._keeps_host_copy(u):
                 self._release(u)
         self._saved.clear()
         with self._idle_lock:
             self._graph = False  # resident units may be given back again
 
+    def _keeps_host_copy(self, u: _Unit) -> bool:
+        """``u``'s leases are the pinned host copies it keeps between forwards (without a device
+        cache; with one, a host-resident unit's device copies come and go like a streamed one's)."""
+        return u.host_resident and self.dcache is None
+
     def check_trainable(self) -> None:
         """Updating weights in place needs each parameter's bytes in the store objects themselves."""
-        if self.cuda or self.dcache is not None:
-            raise OffloadError("training offloaded weights runs on the CPU without a device cache in this "
-                               f"version (model is on {self.device})")
         for u in self.units:
             for s in u.slots:
                 if s.bundle is not None:
@@ -173,14 +203,8 @@ class _Training:
         try:
             for v in units:
                 for k in v.keys:
-                    if k in edit.tensors:
-                        continue
-                    if k in v.leases:
-                        edit.tensors[k] = (v, v.leases[k].tensor)
-                    else:
-                        lease = self.store.acquire(k, wait=_WAIT, owner=self.owner).result(timeout=_WAIT)
-                        edit.leases[k] = lease
-                        edit.tensors[k] = (None, lease.tensor)
+                    if k not in edit.tensors:
+                        self._open_copy(v, k, edit)
                 for s in v.slots:
                     if not s.is_buffer and id(s.tensor()) in params:
                         edit.views.setdefault(id(s.tensor()), []).append(s.source(edit.tensors[s.key][1]))
@@ -189,6 +213,18 @@ class _Training:
             raise
         edit.store = self.store
         return edit
+
+    def _open_copy(self, v: _Unit, k: str, edit: "UnitEdit") -> None:
+        """The copy of ``v``'s object ``k`` an edit changes: the bound one where the unit keeps it
+        (so its next forward sees the change; with a device cache, a resident unit's device copy),
+        else a host copy leased from the store. A streamed unit's device copy is not edited: the
+        new version the edit writes is copied in again when the unit is next placed."""
+        if k in v.leases and (self.dcache is None or v.resident):
+            edit.tensors[k] = (v, v.leases[k].tensor)
+        else:
+            lease = self.store.acquire(k, wait=_WAIT, owner=self.owner).result(timeout=_WAIT)
+            edit.leases[k] = lease
+            edit.tensors[k] = (None, lease.tensor)
 
     def write_unit_params(self, edit: "UnitEdit") -> None:
         """Write the objects of ``edit`` back as new versions (their leases outlive the puts)."""
@@ -217,8 +253,34 @@ class _Training:
         writes, self._writes = self._writes, []
         try:
             gather(writes).result(timeout=_WAIT)  # waits for every put; raises the first error
+            if self.dcache is not None:
+                self._drop_stale_device_copies()
         finally:
             self.finish_backward()
+
+    def _drop_stale_device_copies(self) -> None:
+        """With a device cache, an edit changes host copies, not the device copies units hold:
+        copies placed ahead (a prefetch begun before the new versions were written) are given
+        back, to be placed again at their current version; host-resident units pin the new
+        versions' host copies instead of the old ones (held twice otherwise)."""
+        for u in self.units:
+            if u.pending and not u.active and not u.bound and not u.resident and self._placed_stale(u):
+                self._drop_pending(u)
+            for k, lease in list(u.host_pins.items()):
+                if self.store.meta(k)["version"] != lease.version:
+                    u.host_pins[k] = self.store.acquire(k, wait=_WAIT, owner=self.owner).result(timeout=_WAIT)
+                    lease.release()
+
+    def _placed_stale(self, u: _Unit) -> bool:
+        """Some copy placed ahead for ``u`` is of an older version than the store's (or failed)."""
+        for k, f in u.pending.items():
+            try:
+                lease = f.result(timeout=_WAIT)
+            except Exception:  # noqa: BLE001 - the load that uses it reports the error
+                return True
+            if lease.version != self.store.meta(k)["version"]:
+                return True
+        return False
 
     def _drop_stale_prefetches(self, u: _Unit) -> None:
         """Reads of ``u``'s objects (and of units tying its parameters) started before new
@@ -235,9 +297,6 @@ class _Training:
         parameters are placeholders between forwards; returns once the writes are durable."""
         if not values:
             return
-        if self.cuda or self.dcache is not None:
-            raise OffloadError(f"load_state_dict into an offloaded model on {self.device} is not supported in this "
-                               "version; call tiered.detach(model) first, load, then offload again")
         for u in self.units:
             if not any(id(s.tensor()) in values for s in u.slots):
                 continue

@@ -1,0 +1,133 @@
+"""Training through the device cache (the path CUDA takes), forced on a CPU device.
+
+``[offload] device_cache = true`` with a GPU tier on device "cpu" runs the CUDA code path here:
+units are placed in the cache's region, saved tensors that view a streamed unit's copy there
+become handles whose copy is placed again in backward (nothing is cloned), and the optimizer's
+new weights reach resident units' device copies in place and streamed units' next placement
+through the store. Results are bitwise equal to in-memory training.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tiered
+from helpers import TINY_MODEL_MARKS, offload_config, tiny_llama
+from tiered.offload import offload_units
+from tiered.optim import OffloadedAdamW
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = [pytest.mark.timeout(90), *TINY_MODEL_MARKS]
+
+VOCAB = 128
+
+
+def build(arch: str):
+    if arch == "llama":
+        return tiny_llama(vocab=VOCAB, layers=6, positions=64, pad_token_id=None).train()
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=6, n_head=4, n_positions=64,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def cache_cfg(tmp_path, host: str, *, lookahead: int = 1, resident: bool = False) -> dict:
+    cfg = offload_config(tmp_path, host, nvme="256MiB", lookahead=lookahead, resident=resident)
+    cfg["offload"]["device_cache"] = True
+    cfg["tiers"]["gpu"] = {"kind": "device", "device": "cpu", "capacity": cfg["tiers"]["host"]["capacity"]}
+    return cfg
+
+
+def batch(step: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(step))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_backward_refetches_device_copies_and_gradients_are_bitwise(tmp_path, arch):
+    ref = build(arch)
+    model = tiered.offload(copy.deepcopy(ref), cache_cfg(tmp_path, "2MiB"))
+    rt = model._tiered
+    assert rt.dcache is not None
+    try:
+        x = batch(0)
+        ref(input_ids=x, labels=x).loss.backward()
+        loss = model(input_ids=x, labels=x).loss
+        placed, loads = rt.dcache.stats.hits + rt.dcache.stats.misses, rt.stats.unit_loads
+        assert sum(rt._saved.values()) > 0  # device copies saved as handles, not cloned
+        loss.backward()
+        assert rt.stats.unit_loads >= loads + 3  # blocks acquired again in backward
+        assert rt.dcache.stats.hits + rt.dcache.stats.misses >= placed + 3
+        for (name, a), b in zip(ref.named_parameters(), model.parameters()):
+            assert torch.equal(a.grad, b.grad), name
+        rt.finish_backward()
+        assert rt.dcache.peak <= rt.dcache.limit
+        assert all(not u.leases for u in rt.units if not u.resident)
+    finally:
+        tiered.detach(model)
+
+
+@pytest.mark.parametrize("arch,lookahead,resident", [("llama", 1, False), ("gpt2", 2, True), ("llama", 0, True), ("llama", 0, False), ("llama", 1, True), ("gpt2", 1, False)])
+def test_training_through_the_device_cache_is_bitwise_equal_to_in_memory(tmp_path, arch, lookahead, resident):
+    ref = build(arch)
+    model = tiered.offload(copy.deepcopy(ref), cache_cfg(tmp_path, "3MiB", lookahead=lookahead, resident=resident))
+    rt = offload_units(model)
+    assert model._tiered.dcache is not None
+    if resident:
+        assert rt.resident_bytes > 0
+    o_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05)
+    params = list(model.parameters())
+    try:
+        with OffloadedAdamW(params, lr=1e-2, weight_decay=0.05, model=model, lookahead=1) as opt:
+            for step in range(4):
+                x = batch(step)
+                l_ref = ref(input_ids=x, labels=x).loss
+                l_ref.backward()
+                o_ref.step()
+                o_ref.zero_grad()
+                loss = model(input_ids=x, labels=x).loss
+                loss.backward()
+                opt.step()
+                assert torch.equal(l_ref, loss), f"step {step}: {l_ref.item()} != {loss.item()}"
+        dc = model._tiered.dcache
+        assert dc.peak <= dc.limit
+    finally:
+        tiered.detach(model)
+    for (name, a), b in zip(ref.named_parameters(), model.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_load_state_dict_through_the_device_cache(tmp_path):
+    ref = build("llama")
+    other = tiny_llama(seed=3, vocab=VOCAB, layers=6, positions=64, pad_token_id=None).train()
+    model = tiered.offload(copy.deepcopy(ref), cache_cfg(tmp_path, "3MiB", resident=True))
+    try:
+        x = batch(0)
+        model(input_ids=x)  # placed once: resident units hold device copies
+        model.load_state_dict(other.state_dict())
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=x).logits, other(input_ids=x).logits)
+    finally:
+        tiered.detach(model)
+
+
+@pytest.mark.parametrize("resident", [False, True])
+def test_zeroth_order_steps_through_the_device_cache_equal_in_memory_mezo(tmp_path, resident):
+    from test_zo import EPS, LR, SEED, mezo_step
+    from test_zo import batch as zo_batch
+    from tiered.optim import ZOSGD
+
+    ref = build("llama")
+    model = tiered.offload(copy.deepcopy(ref), cache_cfg(tmp_path, "2MiB", resident=resident))
+    with ZOSGD(model, lr=LR, eps=EPS, seed=SEED) as zo:
+        for step in range(3):
+            want = mezo_step(ref, zo_batch(step), seed=SEED + step, lr=LR, eps=EPS)
+            got = zo.step(zo_batch(step))
+            assert (got.loss_plus, got.loss_minus, got.projected_grad) == \
+                (want.loss_plus, want.loss_minus, want.projected_grad), f"step {step}"
+    tiered.detach(model)
+    for (name, a), b in zip(ref.named_parameters(), model.parameters()):
+        assert torch.equal(a, b), name
