@@ -69,108 +69,39 @@ or gone, are skipped; the queue is re-ranked after ``queue_age`` capacities of t
 
 Until an agent has trained ``warmup_steps`` steps its values are a recency
 prior (LRU order).
+
+This module holds the episode state and the decision step; the class takes its other parts
+from mixins, one job each: :mod:`.learning` (features, values, labels, training),
+:mod:`.victims` (the victim queue), :mod:`.experts` (regret-weighted eviction and admission
+experts), :mod:`.costs` (costs from the tier models and the devices' load) and
+:mod:`.persistence` (save/load); :mod:`.options` holds :class:`AgentOptions`.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
 import numpy as np
 
 from ..base import MigrationPolicy, Move, Observation, PlacementPolicy, TierModel
-from .features import _KIND_INDEX, FEATURE_NAMES, N_FEATURES, ObjectTable
+from .costs import TYPICAL_BACKING, TYPICAL_CACHE, DeviceCosts, _with_speeds
+from .experts import LEARNED, LFU, LRU, LRU2, N_EXPERTS, Experts
+from .features import _KIND_INDEX, N_FEATURES, ObjectTable
 from .labels import PendingLabels
-from .predictor import HORIZONS, HindsightPredictor, PredictorConfig
-from .qnet import load_safetensors_json, save_safetensors_json
-
-FORMAT = "tiered-rl-agents"
-FORMAT_VERSION = 2
-PLACEMENT, MIGRATION = 0, 1
-LEARNED, LRU, LFU, LRU2 = 0, 1, 2, 3  # eviction experts
-N_EXPERTS = 4
-AGENT_NAMES = ("placement", "migration")
-_H = np.asarray(HORIZONS)
-#: the decision-cost clock: this thread's CPU time, so the cost split measures the agents'
-#: own work even on a machine shared with other jobs (wall time also counts waiting for a core)
-_cpu = time.thread_time
-K = len(HORIZONS)
-
-
-@dataclass(frozen=True)
-class AgentOptions:
-    """Hyperparameters: one set for every trace (nothing here is per-trace)."""
-
-    batch: int = 32  # accesses per decide() call
-    candidates: int = 128  # fast-tier residents sampled per ranking (see victim_share)
-    migration_penalty: float = 1.0  # weight of migration transfer time in the reward
-    train_every: int = 32  # accesses between gradient steps (per agent)
-    warmup_steps: int = 50  # gradient steps before an agent's values are trusted
-    pending: int = 262144  # sampled states awaiting their labels
-    writeback_cost: bool = False  # charge a dirty victim its write-back (sunk: due whenever it leaves)
-    experts: bool = True  # mix the learned eviction with LRU/LFU/LRU-2 by regret (LeCaR-style)
-    regret_rate: float = 0.45  # LeCaR's learning rate
-    blend: bool = False  # rank victims by the weighted blend of the experts' rankings (False: sample one)
-    admission_experts: bool = True  # bypass by regret-weighted admission experts (False: by the eviction expert)
-    write_reserve: bool = True  # keep room for new objects' writes (write-back caching)
-    rank_logit: bool = False  # victims by mean logit (resolves far-away objects) instead of value
-    idle_samples: int = 4  # idle residents' states sampled per ranking (besides the victims)
-    victim_share: int = 4  # a ranking of ``candidates`` residents yields its first 1/victim_share as victims
-    adapt_batch: bool = True  # shrink the batch to one burst of fills (False: cap the fills per batch)
-    max_refreshes: int = 8  # rankings per decision at most (a big candidate may need many victims)
-    queue_age: float = 0.02  # fast-tier capacities of traffic after which the victim queue is re-ranked
-    hidden: int = 64
-    lr: float = 2e-3
-    train_batch: int = 64
-    replay: int = 65536
-    learn: bool = True  # False: frozen (pre-trained) agents, no training
-    seed: int = 0
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "options") -> "AgentOptions":
-        known = {f.name: f for f in fields(cls)}
-        bad = sorted(set(d) - set(known))
-        if bad:
-            raise ValueError(f"{source}: unknown RL option(s) {bad}; known: {sorted(known)}")
-        out = {}
-        for k, v in d.items():
-            typ = type(getattr(cls(), k))
-            if typ is bool:
-                if not isinstance(v, bool):
-                    raise ValueError(f"{source}: option {k!r} must be true/false, got {v!r}")
-            elif typ is int:
-                if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k in ("seed", "idle_samples") else 1):
-                    raise ValueError(f"{source}: option {k!r} must be a positive integer, got {v!r}")
-            elif typ is float:
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
-                    raise ValueError(f"{source}: option {k!r} must be a finite number >= 0, got {v!r}")
-                v = float(v)
-            out[k] = v
-        return cls(**out)
-
+from .learning import K, MIGRATION, PLACEMENT, Learning, _cpu
+from .options import AgentOptions
+from .persistence import AGENT_NAMES, FORMAT, FORMAT_VERSION, Persistence
+from .predictor import HindsightPredictor, PredictorConfig
+from .victims import VictimQueue
 
 _BLOB = _KIND_INDEX["blob"]  # unknown kinds count as blobs (features.kind_index)
-#: speeds assumed for a tier model that has none (latency 0, unbounded bandwidth: what a live
-#: governor passes): host RAM for the cache tiers, NVMe for the backing tier (datasheet figures,
-#: as policies.sim.default_tiers)
-TYPICAL_CACHE = (1e-6, 10e9, 10e9)
-TYPICAL_BACKING = (80e-6, 3e9, 2e9)
+
+__all__ = ["AGENT_NAMES", "FORMAT", "FORMAT_VERSION", "K", "LEARNED", "LFU", "LRU", "LRU2", "MIGRATION",
+           "N_EXPERTS", "PLACEMENT", "TYPICAL_BACKING", "TYPICAL_CACHE", "AgentOptions", "HarmoniaAgents"]
 
 
-def _with_speeds(tiers: Sequence[TierModel]) -> tuple[TierModel, ...]:
-    """``tiers`` with typical speeds for those whose model gives none (values would all be 0)."""
-    out = []
-    for i, t in enumerate(tiers):
-        if t.latency_s == 0 and math.isinf(t.read_bw) and math.isinf(t.write_bw):
-            lat, r, w = TYPICAL_BACKING if i == len(tiers) - 1 else TYPICAL_CACHE
-            t = TierModel(t.name, t.capacity, lat, r, w)
-        out.append(t)
-    return tuple(out)
-
-
-class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
+class HarmoniaAgents(Learning, VictimQueue, Experts, DeviceCosts, Persistence, MigrationPolicy, PlacementPolicy):
     """Placement + migration agents behind the :class:`MigrationPolicy` interface."""
 
     name = "rl"
@@ -261,52 +192,17 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
             dirty[: len(self.dirty)] = self.dirty
             self.loc, self.dirty = loc, dirty
 
-    # -- costs (seconds) ------------------------------------------------------------
-    def _read_cost(self, t: int, nbytes: np.ndarray | float) -> np.ndarray | float:
-        m = self.tiers[t]
-        return m.latency_s + nbytes / m.read_bw
-
-    def _benefit(self, nbytes):
-        """Latency a fast-tier hit saves over a backing-tier read."""
-        return np.maximum(self._read_cost(self.back, nbytes) - self._read_cost(0, nbytes), 0.0)
-
-    def _promote_cost(self, nbytes):
-        """A fill's transfer time, weighted by how busy the fast device is (the delay it
-        imposes on the accesses queued behind it)."""
-        m = self.tiers[0]
-        return self.opt.migration_penalty * (m.latency_s + nbytes / m.write_bw) * self._load(0)
-
-    def _writeback_cost(self, nbytes):
-        m = self.tiers[self.back]
-        return self.opt.migration_penalty * (m.latency_s + nbytes / m.write_bw)
-
-    # -- values ---------------------------------------------------------------------
-    def _features(self, ids: np.ndarray) -> np.ndarray:
-        fill = self.used[0] / self.cap[0] if self.cap[0] else 1.0
-        resident = (self.loc[ids] == 0).astype(np.float32)
-        return self.table.features(ids, self.clock, self.unit, fill, resident)
-
-    def _route(self, ids: np.ndarray) -> np.ndarray:
-        return np.where(self.table.count[ids] <= 1, PLACEMENT, MIGRATION).astype(np.int8)
-
-    def _values(self, ids: np.ndarray, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(nearness of the next access, rank score) per id: one batched call per agent."""
-        q = np.empty(len(ids))
-        rank = np.empty(len(ids))
-        route = self._route(ids)
-        for a in (PLACEMENT, MIGRATION):
-            sel = route == a
-            if not sel.any():
-                continue
-            if self.ready[a]:
-                t0 = _cpu()
-                q[sel], rank[sel] = self.agents[a].value_and_rank(feats[sel])
-                self.net_s += _cpu() - t0
-            else:  # cold agent: recency prior (LRU order) until it has trained a little
-                age = (self.clock - self.table.last[ids[sel]]) / self.unit
-                q[sel] = (age[:, None] < _H[None, :]).mean(axis=1) * (1.0 - 1e-3 * age / (1.0 + age))
-                rank[sel] = -np.log1p(age)
-        return q, rank
+    def _move(self, i: int, dst: int) -> None:
+        src = int(self.loc[i])
+        nb = float(self.table.nbytes[i])
+        if src >= 0:
+            self.used[src] -= nb
+            self.nres[src] -= 1
+        self.used[dst] += nb
+        self.nres[dst] += 1
+        self.loc[i] = dst
+        if dst == self.back:
+            self.dirty[i] = False
 
     # -- what the caller knows better -------------------------------------------------
     def locate(self, key, tier: int, nbytes: int) -> None:
@@ -420,7 +316,17 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
         self.episode_events += n
         self.mean_size += (float(nb.sum()) - n * self.mean_size) / self.episode_events
         self.stats["events"] += n
-        # follow the caller's truth about where each object is (and how big it is there)
+        self._follow(ids, idl, t, nb, old_nb, new, write)
+        if n == 1:
+            return ids, clocks, np.zeros(1, np.int64)
+        _, first = np.unique(ids, return_index=True)
+        first.sort()
+        return ids, clocks, first
+
+    def _follow(self, ids: np.ndarray, idl: list, t: np.ndarray, nb: np.ndarray, old_nb: np.ndarray,
+                new: np.ndarray, write: np.ndarray) -> None:
+        """Follow the caller's truth about where each accessed object is (tier ``t``), how big it
+        is there (``nb``; ``old_nb`` before the batch) and whether a write left it dirty."""
         here = self.loc[ids]
         resized = (here == t) & (old_nb != nb) & ~new
         for j in np.flatnonzero(resized).tolist():
@@ -437,45 +343,6 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
                 self.loc[i] = tj
         if write.any():
             self.dirty[ids[write]] = t[write] != self.back
-        if n == 1:
-            return ids, clocks, np.zeros(1, np.int64)
-        _, first = np.unique(ids, return_index=True)
-        first.sort()
-        return ids, clocks, first
-
-    def _labels(self, uids: np.ndarray, clocks: np.ndarray) -> None:
-        """Label the pending states of the accessed objects, and (every few batches) the
-        horizons that expired; hand the rows to the agents in one add each."""
-        parts = [self.pending.resolve(uids, clocks, self.unit)]
-        self.since_expire += 1
-        if self.since_expire >= 4:
-            self.since_expire = 0
-            parts.append(self.pending.expire(self.clock, self.unit))
-        parts = [x for x in parts if x is not None]
-        if not parts:
-            return
-        if len(parts) == 1:
-            slots, y, m = parts[0]
-        else:
-            slots, y, m = (np.concatenate(z) for z in zip(*parts))
-        self._emit(slots, y, m)
-
-    def _adapt(self, t1: float) -> None:
-        """Update the device-load estimates and the batch size after a decision."""
-        # device load: work seen over elapsed time, both decayed (~50 batches)
-        if self.last_time is not None:
-            self.busy_ewma = 0.98 * self.busy_ewma + self.busy
-            self.elapsed_ewma = 0.98 * self.elapsed_ewma + max(t1 - self.last_time, 0.0)
-        self.last_time = t1
-        self.busy[:] = 0.0
-        # the fills a batch decides reach the fast device together: keep that burst within
-        # one backing-tier access latency, so it does not hold up the hits queued behind it
-        fill = self.mean_size / self.tiers[0].write_bw
-        burst = int(max(1, min(self.opt.batch, self.tiers[self.back].latency_s // max(fill, 1e-12))))
-        if self.opt.adapt_batch:
-            self.batch = burst
-        else:  # decide on whole batches, but promote at most a burst's worth per decision
-            self.burst = burst
 
     def _promote(self, ids: np.ndarray, feats: np.ndarray) -> list[Move]:
         """Promotions of the batch's off-fast objects worth their fill and their victims, then
@@ -521,295 +388,22 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
                 self.stats["promotions"] += 1
                 self.stats["evictions"] += len(victims)
         if free < reserve:
-            # room for the new objects' writes expected next (write-back caching), paid with
-            # victims worth less than absorbing a write
-            wgain = self._write_gain(self.mean_size)
-            while free < reserve:
-                found = self._victims_for(1.0, inbatch)
-                if found is None or found[1] >= wgain:
-                    break
-                free += self._take(found[0], moves)
-                self.stats["reserve_evictions"] += 1
+            self._keep_reserve(free, reserve, inbatch, moves)
         self._flush_taken()
         return moves
 
-    def _flush_taken(self) -> None:
-        """The victims' states are the decision boundary: always learned from (one add)."""
-        if self._taken and self.training:
-            ids = np.fromiter((v for v, _ in self._taken), np.int64, len(self._taken))
-            self._add_pending(ids, np.stack([f for _, f in self._taken]))
-        self._taken = []
+    def _keep_reserve(self, free: float, reserve: float, inbatch: set, moves: list[Move]) -> None:
+        """Room for the new objects' writes expected next (write-back caching), paid with
+        victims worth less than absorbing a write."""
+        wgain = self._write_gain(self.mean_size)
+        while free < reserve:
+            found = self._victims_for(1.0, inbatch)
+            if found is None or found[1] >= wgain:
+                break
+            free += self._take(found[0], moves)
+            self.stats["reserve_evictions"] += 1
 
-    def _bypass(self, i: int) -> bool:
-        """The candidate does not beat its victims by the learned values (Belady's bypass rule):
-        whether "learned bypass" (True) or "admit all" makes this decision."""
-        if self.opt.admission_experts:  # follow one by their own regret weights (LeCaR-style)
-            if self.rng.random() < self.aw[1] / self.aw.sum():
-                self._remember(self.bhist, i)
-                self.stats["bypasses"] += 1
-                return True
-            self._remember(self.ahist, i)
-            return False
-        e = self.vq_expert
-        if e == LEARNED or (e < 0 and self.rng.random() < self.w[LEARNED]):
-            self.stats["bypasses"] += 1  # the learned expert bypasses; heuristics admit all
-            return True
-        return False
-
-    # -- the victim queue: residents ranked once, consumed over several decisions ----------
-    def _victims_for(self, need: float, inbatch: set) -> tuple[list[tuple], float] | None:
-        """The next victims freeing ``need`` bytes (none when ``need`` <= 0) as (id, value,
-        size, expert or blame, features or None), and their summed value; None when the fast
-        tier cannot make room. Skips queue entries no longer valid (gone from the fast tier,
-        accessed since ranked, or in this batch); ranks a fresh sample when the queue runs out
-        (at most ``max_refreshes`` times a decision)."""
-        got: list[tuple] = []
-        lost = 0.0
-        taken = set()
-        loc, last = self.loc, self.table.last
-        if need > 0 and self.clock - self.vq_clock > self.opt.queue_age * self.unit and self._refreshes == 0:
-            self._refresh(inbatch)  # the ranking's values age: a queue ranked long ago is redone
-        while need > 0:
-            ids, k, since = self.vq_ids, self.vq_pos, self.vq_clock
-            while k < self.vq_end and not (loc[ids[k]] == 0 and last[ids[k]] <= since):
-                k += 1
-            self.vq_pos = k  # leading entries already gone: skipped for good
-            while need > 0 and k < self.vq_end:
-                v = ids[k]
-                if loc[v] == 0 and last[v] <= since and v not in inbatch and v not in taken:
-                    taken.add(v)
-                    got.append((v, float(self.vq_val[k]), self.vq_size[k],
-                                self.vq_expert if self.vq_blame is None else self.vq_blame[:, k],
-                                None if self.vq_feats is None else self.vq_feats[k]))
-                    lost += float(self.vq_val[k])
-                    need -= self.vq_size[k]
-                k += 1
-            if need > 0 and (self._refreshes >= self.opt.max_refreshes or not self._refresh(inbatch | taken)):
-                return None
-        return got, lost
-
-    def _take(self, victims: list[tuple], moves: list[Move]) -> float:
-        """Evict ``victims`` (from :meth:`_victims_for`); the bytes freed."""
-        freed = 0.0
-        for v, _val, size, expert, feats in victims:
-            moves.append(self._evict(v, expert))
-            freed += size
-            if feats is not None:
-                self._taken.append((v, feats))
-        return freed
-
-    def _refresh(self, inbatch: set) -> bool:
-        """Rank a fresh sample of ``candidates`` fast-tier residents by one expert's order (the
-        learned one: one feature pass and one network call per agent); its first
-        ``1 / victim_share`` become the victim queue, consumed over the next decisions."""
-        self._refreshes += 1
-        self.stats["refreshes"] += 1
-        pool = self._sample_fast(self.opt.candidates)
-        if inbatch and len(pool):
-            pool = np.asarray([v for v in pool.tolist() if v not in inbatch], np.int64)
-        if len(pool) == 0:
-            return False
-        e = self._pick_expert() if self.opt.experts and not self.opt.blend else (-1 if self.opt.experts else LEARNED)
-        size = self.table.nbytes[pool]
-        psize = np.maximum(size, 1.0)
-        # the learned values are needed to rank (learned expert), to bypass (its decisions, or
-        # admission experts), and to keep the write reserve (victims worth less than a write)
-        valued = e <= LEARNED or self.opt.admission_experts or self.opt.writeback_cost or self._reserve() > 0
-        pf = None
-        if valued:
-            pf = self._timed_features(pool)
-            q, rank = self._values(pool, pf)
-            val = q * self._benefit(size)  # seconds of latency saved, expected
-            if self.opt.writeback_cost:
-                val += np.where(self.dirty[pool], self._writeback_cost(size), 0.0)
-        else:
-            val = np.zeros(len(pool))
-        blame = None
-        if e < 0:  # blend: the experts' rankings blended by their weights (0 = evict first)
-            m = max(len(pool) - 1, 1)
-            r = np.stack([np.argsort(np.argsort(self._expert_key(x, pool, psize, val, rank), kind="stable"),
-                                     kind="stable") / m for x in range(N_EXPERTS)])
-            order = np.argsort(self.w @ r, kind="stable")
-        else:
-            order = np.argsort(self._expert_key(e, pool, psize, val, rank if valued else None), kind="stable")
-        order = order[: max(1, len(order) // self.opt.victim_share)]
-        if e < 0:
-            blame = (1.0 - r)[:, order]  # per expert and victim: how much it wanted the object out
-        self.vq_ids = pool[order].tolist()
-        self.vq_val = val[order]
-        self.vq_valued = valued
-        self.vq_size = size[order].tolist()
-        self.vq_feats = None
-        if self.training:
-            self.vq_feats = pf[order] if pf is not None else self._timed_features(pool[order])
-            if self.opt.idle_samples:
-                # idle residents' states are what eviction compares: learn about a few of them
-                # too (the victims taken are always sampled, in _take)
-                chosen = np.zeros(len(pool), bool)
-                chosen[order] = True
-                rest = np.flatnonzero(~chosen)
-                pick = rest[self.rng.random(len(rest)) < self.opt.idle_samples / max(len(rest), 1)]
-                pick = pick[self.rng.random(len(pick)) < self._sample_prob()]
-                if len(pick):
-                    self._add_pending(pool[pick], pf[pick] if pf is not None else self._timed_features(pool[pick]))
-        self.vq_blame = blame
-        self.vq_expert = e
-        self.vq_pos, self.vq_end = 0, len(self.vq_ids)
-        self.vq_clock = self.clock
-        return True
-
-    def _expert_key(self, e: int, pool: np.ndarray, psize: np.ndarray, val: np.ndarray, rank) -> np.ndarray:
-        """Expert ``e``'s eviction key over ``pool``: lowest first out."""
-        if e == LEARNED:  # farthest predicted next access (lowest value) per byte first
-            return rank - np.log(psize) if self.opt.rank_logit else val / psize
-        if e == LRU:  # least recently used first
-            return self.table.last[pool]
-        if e == LFU:  # fewest accesses per byte, decayed (4 capacities half-life)
-            return self.table.decayed_freq(pool, self.clock, self.unit, 3) / psize
-        # LRU-2 (O'Neil et al.): oldest second-to-last access first, one-timers before all
-        return np.where(self.table.ngaps[pool] > 0, self.table.last[pool] - self.table.gaps[pool, 0], -1.0)
-
-    def _timed_features(self, ids: np.ndarray) -> np.ndarray:
-        t0 = _cpu()
-        f = self._features(ids)
-        self.feat_s += _cpu() - t0
-        return f
-
-    # -- experts (LeCaR-style regret weighting) ---------------------------------------
-    def _pick_expert(self) -> int:
-        if not self.opt.experts:
-            return LEARNED
-        w = self.w.tolist()  # (rng.choice with p= costs ~10x this for four experts)
-        r = self.rng.random() * sum(w)
-        for e, x in enumerate(w):
-            r -= x
-            if r < 0.0:
-                return e
-        return len(w) - 1
-
-    def _remember(self, h: dict, i: int) -> None:
-        h.pop(i, None)
-        h[i] = self.clock
-        limit = max(64, self.nres[0])
-        while len(h) > limit:
-            del h[next(iter(h))]
-
-    def _admission_regret(self, expert: int, since: float) -> None:
-        r = 0.005 ** ((self.clock - since) / self.unit)
-        self.aw[expert] *= math.exp(-self.opt.regret_rate * r)
-        self.aw /= self.aw.sum()
-        np.maximum(self.aw, 0.01, out=self.aw)
-
-    def _evict(self, vid: int, expert) -> Move:
-        """Demote ``vid``; remember who wanted it out (an expert index, or a blame per expert)."""
-        if vid in self.ahist:  # admitted against the learned bypass, left unused: "admit all" pays
-            self._admission_regret(0, self.ahist.pop(vid))
-        if self.dirty[vid]:
-            self.busy[self.back] += self.table.nbytes[vid] / self.tiers[self.back].write_bw
-        self._move(vid, self.back)
-        if self.opt.experts:
-            h = self.hist
-            h.pop(vid, None)
-            h[vid] = (expert, self.clock)
-            limit = max(64, self.nres[0])
-            while len(h) > limit:
-                del h[next(iter(h))]
-        return Move(self.table.keys[vid], self.back)
-
-    def _regret(self, i: int) -> None:
-        """An object evicted by an expert came back: that expert pays, the sooner the more."""
-        e, c = self.hist.pop(i)
-        r = 0.005 ** ((self.clock - c) / self.unit)
-        if isinstance(e, np.ndarray):
-            self.w *= np.exp(-self.opt.regret_rate * r * e)
-        else:
-            self.w[e] *= math.exp(-self.opt.regret_rate * r)
-        self.w /= self.w.sum()
-        np.maximum(self.w, 0.01, out=self.w)
-
-    # -- write-back caching and device load ----------------------------------------
-    def _reserve(self) -> float:
-        """Free fast-tier bytes to keep for new objects' writes (~2 batches' worth)."""
-        return 2.0 * self.new_write_bytes if self.opt.write_reserve else 0.0
-
-    def _load(self, t: int) -> float:
-        return min(1.0, self.busy_ewma[t] / max(self.elapsed_ewma, 1e-12))
-
-    def _write_gain(self, nbytes: float) -> float:
-        """Latency saved by absorbing a write on the fast tier instead of the backing tier; its
-        write-back is deferred, not avoided, so a saturated backing device gains nothing."""
-        fb, ft = self.tiers[self.back], self.tiers[0]
-        wb = fb.latency_s + nbytes / fb.write_bw
-        return max(0.0, wb * (1.0 - self._load(self.back)) - (ft.latency_s + nbytes / ft.write_bw))
-
-    def _move(self, i: int, dst: int) -> None:
-        src = int(self.loc[i])
-        nb = float(self.table.nbytes[i])
-        if src >= 0:
-            self.used[src] -= nb
-            self.nres[src] -= 1
-        self.used[dst] += nb
-        self.nres[dst] += 1
-        self.loc[i] = dst
-        if dst == self.back:
-            self.dirty[i] = False
-
-    def _sample_fast(self, n: int) -> np.ndarray:
-        """Up to ``n`` distinct fast-tier residents at random, drawn from a snapshot of the
-        tier's ids (rebuilt every 8 draws, or when a third of a draw has left the tier), so
-        drawing costs O(n), not a pass over every object."""
-        for attempt in (0, 1):
-            ids = self._fast_ids
-            if attempt or self._fast_age >= 8 or len(ids) == 0:
-                ids = self._fast_ids = np.flatnonzero(self.loc[: len(self.table)] == 0)
-                self._fast_age = 0
-            if len(ids) == 0:
-                return ids
-            self._fast_age += 1
-            pick = ids if len(ids) <= n else np.unique(ids[self.rng.integers(0, len(ids), size=n)])
-            pick = pick[self.loc[pick] == 0]
-            if attempt or 3 * len(pick) >= 2 * min(n, len(ids)):
-                return pick
-        return pick
-
-    # -- learning -------------------------------------------------------------------
-    def _sample_prob(self) -> float:
-        """Sampled fraction of accesses, so the pending states fit in ``pending`` slots."""
-        per_horizon = HORIZONS[-1] * self.unit / max(self.mean_size, 1.0) * (1.0 + 0.5)
-        return min(1.0, 0.5 * self.opt.pending / max(per_horizon, 1.0))
-
-    def _sample(self, ids: np.ndarray, feats: np.ndarray) -> None:
-        p = self._sample_prob()
-        keep = self.rng.random(len(ids)) < p if p < 1.0 else np.ones(len(ids), bool)
-        if keep.any():
-            self._add_pending(ids[keep], feats[keep])
-
-    def _add_pending(self, ids: np.ndarray, feats: np.ndarray) -> None:
-        self.pending.add(ids, feats, self._route(ids), self.clock)
-
-    def _emit(self, slots: np.ndarray, y: np.ndarray, m: np.ndarray) -> None:
-        agent = self.pending.agent[slots]
-        for a in (PLACEMENT, MIGRATION):
-            sel = agent == a
-            if sel.any():
-                self.agents[a].add(self.pending.s[slots[sel]], y[sel], m[sel])
-        self.stats["labels"] += len(slots)
-
-    def _train(self, n: int) -> None:
-        """Train each agent every ``train_every`` accesses (on labels the decisions produced)."""
-        t0 = _cpu()
-        self.since_train += n
-        while self.since_train >= self.opt.train_every:
-            self.since_train -= self.opt.train_every
-            for a, ag in enumerate(self.agents):
-                if ag.replay.size >= ag.cfg.batch:
-                    ag.train_step()
-                    self.stats["train_steps"] += 1
-                    if ag.steps >= self.opt.warmup_steps:
-                        self.ready[a] = True
-        self.stats["train_s"] += _cpu() - t0
-
-    # -- reporting and persistence ----------------------------------------------------
+    # -- reporting --------------------------------------------------------------------
     def cost_report(self) -> dict:
         s = self.stats
         return {
@@ -837,39 +431,3 @@ class HarmoniaAgents(MigrationPolicy, PlacementPolicy):
             "expert_weights": [float(x) for x in self.w] if self.opt.experts else None,
             "admission_weights": [float(x) for x in self.aw],
         }
-
-    def save(self, path) -> None:
-        """``path``.safetensors (both networks) + ``path``.json (options, features, format)."""
-        tensors = {}
-        for a, name in enumerate(AGENT_NAMES):
-            tensors.update(self.agents[a].tensors(name))
-        meta = {
-            "format": FORMAT, "version": FORMAT_VERSION, "options": asdict(self.opt),
-            "features": list(FEATURE_NAMES), "horizons": list(HORIZONS), "ready": list(self.ready),
-            "train_steps": [ag.steps for ag in self.agents],
-        }
-        save_safetensors_json(path, tensors, meta)
-
-    @classmethod
-    def load(cls, path, **overrides) -> "HarmoniaAgents":
-        """Agents saved by :meth:`save`; ``overrides`` replace saved options (e.g. ``learn=False``)."""
-        tensors, meta = load_safetensors_json(path)
-        src = str(path)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{src}.json: format is {meta.get('format')!r}, expected {FORMAT!r}")
-        if meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{src}.json: version {meta.get('version')!r}, this code reads {FORMAT_VERSION}")
-        if meta.get("features") != list(FEATURE_NAMES):
-            raise ValueError(f"{src}.json: features {meta.get('features')!r} differ from {list(FEATURE_NAMES)}")
-        if meta.get("horizons") != list(HORIZONS):
-            raise ValueError(f"{src}.json: horizons {meta.get('horizons')!r} differ from {list(HORIZONS)}")
-        opts = dict(meta.get("options", {}))
-        opts.update(overrides)
-        self = cls(AgentOptions.from_dict(opts, f"{src}.json options"))
-        for a, name in enumerate(AGENT_NAMES):
-            self.agents[a].load_tensors(tensors, name, f"{src}.safetensors")
-        ready = meta.get("ready", [True, True])
-        self.ready = [bool(r) for r in ready]
-        for ag, steps in zip(self.agents, meta.get("train_steps", [0, 0])):
-            ag.steps = int(steps)  # (the Adam moments are not saved: training resumes with fresh ones)
-        return self
