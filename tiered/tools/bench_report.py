@@ -31,7 +31,14 @@ def print_report(result: dict, file=None) -> None:
     def p(s: str = "") -> None:
         print(s, file=out)
 
-    rs, ws = result.get("read_setting", {}), result.get("write_setting", {})
+    for section in (_header, _summary, _references, _by_setting, _hugepages, _backends):
+        section(result, p)
+    for n in result.get("notes", []):
+        p(f"note: {n}")
+    p(f"({result.get('elapsed_seconds', 0):.0f} s)")
+
+
+def _header(result: dict, p) -> None:
     p(f"tiered bench io: {result['size_human']} file in {os.path.dirname(result['path'])}, "
       f"backend {result['backend']}, cold: {result['cold']}")
     p(f"  read back verified: {result.get('verified_blocks', 0)} blocks of 4 KiB; "
@@ -43,6 +50,10 @@ def print_report(result: dict, file=None) -> None:
         p(f"  other processes used {ol:.0%} of the CPUs during the run"
           + (f" ({olr:.0%} during the random reads)" if olr is not None else ""))
     p()
+
+
+def _summary(result: dict, p) -> None:
+    """The engine against the best reference, with the ratio and the target, per measure."""
     p(f"{'':26}{'engine':>10}  {'best reference':<34}{'ratio':>7}  target")
 
     def line(name: str, val, ref, ref_name, ratio, target, ok, fmt="{:.2f}") -> None:
@@ -57,12 +68,16 @@ def print_report(result: dict, file=None) -> None:
          result.get("best_write_ref"), result.get("write_ratio"), TARGETS["write"], mt.get("write"))
     line("rand 64 KiB read IOPS", result.get("rand64k_read_iops"), result.get("fio_rand64k_read_iops"),
          "fio psync", result.get("rand64k_ratio"), TARGETS["rand64k"], mt.get("rand64k"), fmt="{:.0f}")
-    rr = result.get("rand64k", {})
+    rs, ws, rr = result.get("read_setting", {}), result.get("write_setting", {}), result.get("rand64k", {})
     p(f"  read: {setting_name(rs.get('workers', 0), rs.get('chunk', 0))}; "
       f"write: {setting_name(ws.get('workers', 0), ws.get('chunk', 0))}; "
       f"random: {rr.get('in_flight', '?')} reads in flight, engine runs "
       + "/".join(f"{x:.0f}" for x in rr.get("runs_iops", [])) + " IOPS alternating with fio's")
     p()
+
+
+def _references(result: dict, p) -> None:
+    """fio, plain O_DIRECT threads and DeepNVMe on the same file."""
     p("references (same file, O_DIRECT):")
     for row in result.get("fio_rows", []):
         what = f"fio {row['rw']:9} bs={format_size(row['bs']):8} {row['ioengine']:6} " \
@@ -79,6 +94,9 @@ def print_report(result: dict, file=None) -> None:
         p(f"  {'DeepNVMe (ds_io aio_handle, page-locked) read / write':58} "
           f"{result['ds_io_read_gbps']:.2f} / {_f(result.get('ds_io_write_gbps'))} GB/s")
     p()
+
+
+def _by_setting(result: dict, p) -> None:
     p("GB/s by setting            engine write  posix write  engine read  posix read")
     for row in result.get("engine_rows", []):
         p(f"  {setting_name(row['workers'], row['chunk']):24}{_f(row.get('write_gbps')):>14}"
@@ -86,6 +104,9 @@ def print_report(result: dict, file=None) -> None:
     if result.get("write_gbps_fresh_file") is not None:
         p(f"  first write of the fresh file (allocates blocks): {result['write_gbps_fresh_file']:.2f} GB/s")
     p()
+
+
+def _hugepages(result: dict, p) -> None:
     hp = result.get("hugepage_runs", {})
     p(f"huge pages ({setting_name(hp.get('workers', 0), hp.get('chunk', 0))}, best of 2 each; "
       f"{format_size(result.get('arena', {}).get('hugepage_bytes', 0))} of the arena on huge pages):")
@@ -99,6 +120,9 @@ def print_report(result: dict, file=None) -> None:
         p(f"  read into {label:17}{_f(gb)} GB/s; physically contiguous runs {kib(hp.get(key + '_contiguous_run_kib'))}"
           f" KiB; device requests {kib(hp.get(key + '_device_req_kib'))} KiB")
     p()
+
+
+def _backends(result: dict, p) -> None:
     p("backends:             write GB/s  read GB/s  rand 64 KiB IOPS")
     p(f"  {result['backend']:20}{_f(result.get('write_gbps')):>10}{_f(result.get('read_gbps')):>11}"
       f"{_f(result.get('rand64k_read_iops'), '{:.0f}'):>18}")
@@ -107,6 +131,3 @@ def print_report(result: dict, file=None) -> None:
     for name, reason in result.get("backends_available", {}).items():
         if reason is not None:
             p(f"  {name:20}unavailable: {reason}")
-    for n in result.get("notes", []):
-        p(f"note: {n}")
-    p(f"({result.get('elapsed_seconds', 0):.0f} s)")
