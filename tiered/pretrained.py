@@ -127,57 +127,18 @@ def from_pretrained(model_dir: str | os.PathLike, config=None, *, model_cls=None
     config's architecture is a causal LM, else ``AutoModel``). ``share``: the model's
     compute budget, as for :func:`tiered.offload`.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    hf_config = AutoConfig.from_pretrained(model_dir)
-    if model_cls is None:  # the class the checkpoint was saved from, when transformers has it
-        import transformers
-
-        archs = getattr(hf_config, "architectures", None) or []
-        model_cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
-        if model_cls is None:
-            model_cls = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
-    with init_empty_weights():
-        model = (model_cls.from_config(hf_config) if hasattr(model_cls, "from_config")
-                 else model_cls(hf_config))
-        model.tie_weights()
-    model.eval()
+    model = _empty_model(model_dir, model_cls)
     index = checkpoint_index(model_dir)
-    prefix = getattr(model, "base_model_prefix", "") or ""
     # the model's own prefix in its external keys: two models of one checkpoint in one store
     # are apart (detach deletes its keys; training writes new versions of them)
     model._tiered_prefix = _model_prefix(model)
-
     owns = store is None
     if owns:
         offload_life.collect()  # models dropped without detach give back their handles first
         store = TieredStore.shared(config)
     external: dict[int, str] = {}  # id(parameter) -> its key, registered in the store
     try:
-        missing = []
-        for name, p in model.named_parameters(remove_duplicate=False):
-            if id(p) in external:
-                continue
-            loc = _lookup(name, index, prefix)
-            if loc is None:
-                missing.append(name)
-                continue
-            if loc.shape != tuple(p.shape):
-                raise OffloadError(f"{loc.path}: {name} has shape {loc.shape}, the model expects {tuple(p.shape)}")
-            key = _external_key(model, loc, name)
-            store.register_external(key, loc.path, loc.offset, loc.nbytes, loc.dtype, loc.shape)
-            external[id(p)] = key
-            if p.dtype != loc.dtype:  # the checkpoint's dtype is what is read in place
-                p.data = torch.empty(p.shape, dtype=loc.dtype, device="meta")
-        # tied parameters appear under several names; only those with no copy anywhere are missing
-        missing = [n for n in missing if id(model.get_parameter(n)) not in external]
-        if missing:
-            raise OffloadError(f"{model_dir}: no tensor in the checkpoint for parameters {missing[:8]}"
-                               + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-        for name, buf in model.named_buffers():  # persistent buffers saved in the checkpoint: small, load them
-            loc = _lookup(name, index, prefix)
-            if loc is not None and loc.shape == tuple(buf.shape):
-                _load_buffer(store, _external_key(model, loc, name), buf, loc, model._tiered_prefix)
+        _register_weights(model, model_dir, index, store, external)
         # offload closes nothing it was handed when it fails: the store is closed below, once
         return offload(model, store=store, units=units, device=device, share=share, _external=external,
                        _owns_store=owns)
@@ -190,6 +151,57 @@ def from_pretrained(model_dir: str | os.PathLike, config=None, *, model_cls=None
             if owns:
                 store.close()
         raise
+
+
+def _empty_model(model_dir, model_cls) -> nn.Module:
+    """The model ``model_dir``'s config describes, on the meta device, in eval mode; ``model_cls``
+    default: the class the checkpoint was saved from, when transformers has it."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    if model_cls is None:
+        import transformers
+
+        archs = getattr(hf_config, "architectures", None) or []
+        model_cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
+        if model_cls is None:
+            model_cls = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
+    with init_empty_weights():
+        model = (model_cls.from_config(hf_config) if hasattr(model_cls, "from_config")
+                 else model_cls(hf_config))
+        model.tie_weights()
+    return model.eval()
+
+
+def _register_weights(model: nn.Module, model_dir, index, store: TieredStore, external: dict[int, str]) -> None:
+    """Each parameter's tensor in the checkpoint registered in ``store`` as an external object
+    (``external``: id(parameter) -> key, filled as it goes so a failure can undo it); persistent
+    buffers saved in the checkpoint are small and loaded."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    missing = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in external:
+            continue
+        loc = _lookup(name, index, prefix)
+        if loc is None:
+            missing.append(name)
+            continue
+        if loc.shape != tuple(p.shape):
+            raise OffloadError(f"{loc.path}: {name} has shape {loc.shape}, the model expects {tuple(p.shape)}")
+        key = _external_key(model, loc, name)
+        store.register_external(key, loc.path, loc.offset, loc.nbytes, loc.dtype, loc.shape)
+        external[id(p)] = key
+        if p.dtype != loc.dtype:  # the checkpoint's dtype is what is read in place
+            p.data = torch.empty(p.shape, dtype=loc.dtype, device="meta")
+    # tied parameters appear under several names; only those with no copy anywhere are missing
+    missing = [n for n in missing if id(model.get_parameter(n)) not in external]
+    if missing:
+        raise OffloadError(f"{model_dir}: no tensor in the checkpoint for parameters {missing[:8]}"
+                           + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    for name, buf in model.named_buffers():
+        loc = _lookup(name, index, prefix)
+        if loc is not None and loc.shape == tuple(buf.shape):
+            _load_buffer(store, _external_key(model, loc, name), buf, loc, model._tiered_prefix)
 
 
 def _external_key(model: nn.Module, loc: TensorLocation, name: str) -> str:
