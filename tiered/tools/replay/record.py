@@ -20,36 +20,48 @@ def record_workloads(out_dir: str | os.PathLike, work_dir: str | os.PathLike) ->
     """
     import torch
 
-    from tiered.traces import TraceRecorder
-
-    from ...offload import detach, offload
-    from ...store import TieredStore
-
     out_dir, work_dir = Path(out_dir), Path(work_dir)
-    out = []
-    torch.manual_seed(0)
 
     def cfg(sub: str, host: str) -> dict:
         return {"tiers": {"host": {"capacity": host}, "nvme": {"path": str(work_dir / sub), "capacity": "1GiB"}},
                 "engine": {"workers": 2, "chunk": "1MiB"}, "offload": {"lookahead": 1, "resident": False}}
 
+    torch.manual_seed(0)  # one seed for the three, in this order: the shipped traces are these
+    return [_record_generate(out_dir / "offload-llama-generate.trace", cfg("offload", "2MiB")),
+            _record_roundtrip(out_dir / "store-roundtrip.trace", cfg("store", "4MiB")),
+            _record_adamw(out_dir / "adamw-steps.trace", cfg("optim", "2MiB"))]
+
+
+def _record_generate(p: Path, cfg: dict) -> Path:
+    import torch
     import transformers
+
+    from tiered.traces import TraceRecorder
+
+    from ...offload import detach, offload
+    from ...store import TieredStore
 
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
-    p = out_dir / "offload-llama-generate.trace"
-    with TieredStore(cfg("offload", "2MiB")) as store, \
+    with TieredStore(cfg) as store, \
             TraceRecorder(p, overwrite=True, meta={"workload": "tiered.offload tiny Llama, generate 48 tokens"}) as rec:
         store.add_listener(rec)
         offload(model, store=store)
         with torch.no_grad():
             model.generate(input_ids=torch.randint(3, 512, (1, 12)), max_new_tokens=48, do_sample=False, pad_token_id=0)
         detach(model)
-    out.append(p)
+    return p
 
-    p = out_dir / "store-roundtrip.trace"
-    with TieredStore(cfg("store", "4MiB")) as store, \
+
+def _record_roundtrip(p: Path, cfg: dict) -> Path:
+    import torch
+
+    from tiered.traces import TraceRecorder
+
+    from ...store import TieredStore
+
+    with TieredStore(cfg) as store, \
             TraceRecorder(p, overwrite=True, meta={"workload": "TieredStore put/get/rewrite/delete round trip"}) as rec:
         store.add_listener(rec)
         kinds = ["weight", "optim", "kv", "gnn", "blob"]
@@ -64,15 +76,20 @@ def record_workloads(out_dir: str | os.PathLike, work_dir: str | os.PathLike) ->
             store.get(k, owner=TOOLS_OWNER).result(timeout=60)
         for k in list(ts)[-4:]:
             store.delete(k)
-    out.append(p)
+    return p
 
+
+def _record_adamw(p: Path, cfg: dict) -> Path:
+    import torch
     from torch import nn
 
-    from ...optim import OffloadedAdamW
+    from tiered.traces import TraceRecorder
 
-    p = out_dir / "adamw-steps.trace"
+    from ...optim import OffloadedAdamW
+    from ...store import TieredStore
+
     mlp = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256))
-    with TieredStore(cfg("optim", "2MiB")) as store, \
+    with TieredStore(cfg) as store, \
             TraceRecorder(p, overwrite=True, meta={"workload": "OffloadedAdamW, 6 steps of a 2-layer MLP, state in the store"}) as rec:
         store.add_listener(rec)
         opt = OffloadedAdamW(mlp.parameters(), lr=1e-3, store=store, chunk_bytes=256 << 10)
@@ -82,5 +99,4 @@ def record_workloads(out_dir: str | os.PathLike, work_dir: str | os.PathLike) ->
             opt.step()
             opt.zero_grad()
         opt.close()
-    out.append(p)
-    return out
+    return p
