@@ -181,3 +181,38 @@ def test_kv_cache_in_the_gpu_tier_beside_another_owner_is_bitwise(tmp_path, look
         weights.close()
     assert torch.equal(want.sequences, got.sequences)
     assert all(torch.equal(a, b) for a, b in zip(want.scores, got.scores))
+
+
+def test_backward_through_the_device_cache_on_gpu(tmp_path):
+    """Saved weights are placed again in backward (not kept by autograd); gradients match the
+    in-GPU model's. Embedding backward accumulates with atomics on CUDA, so gradients are
+    compared to 1e-6 rather than bit for bit."""
+    transformers = pytest.importorskip("transformers")
+    import copy
+
+    import tiered
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+                                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)
+    ref = transformers.LlamaForCausalLM(cfg).cuda().train()
+    model = copy.deepcopy(ref)
+    ids = torch.randint(0, 1000, (2, 24), device="cuda")
+    ref(input_ids=ids, labels=ids).loss.backward()
+    budget = sum(p.numel() * 4 for p in ref.parameters()) // 3
+    conf = _config(tmp_path, host="64MiB", gpu=str(budget))
+    conf["offload"] = {"device_cache": True, "resident": False}
+    tiered.offload(model, conf)
+    rt = model._tiered
+    try:
+        loss = model(input_ids=ids, labels=ids).loss
+        loads = rt.stats.unit_loads
+        assert sum(rt._saved.values()) > 0
+        loss.backward()
+        assert rt.stats.unit_loads >= loads + 3
+        for (name, a), b in zip(ref.named_parameters(), model.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+        rt.finish_backward()
+        assert tiered.offload_stats(model)["device_cache"]["peak"] <= budget + 512 * 64
+    finally:
+        tiered.detach(model)
