@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,24 +147,45 @@ def _reshard_rank(rank: int, world: int, global_dir: str, init: str, out: str) -
         full = _full({"model": msd, "optim": osd})
         if rank == 0:
             save_file({k: v.contiguous() for k, v in full.items()}, out)
+        if world == 1:  # rank 0's checkpoints, opened at world 1 (a store of its own): load() refuses
+            from tiered.checkpoint import CheckpointError, DistributedCheckpointer
+
+            rank0_dir = Path(global_dir).parent / "default"
+            cfg = _cfg(str(Path(global_dir).parents[3] / "world1"))
+            with DistributedCheckpointer(cfg, directory=rank0_dir, global_directory=global_dir, host_buffer="8MiB",
+                                         prefault=False, timeout=COLL_S) as ck:
+                assert ck.latest() == 2
+                with pytest.raises(CheckpointError, match="saved by a world of 2 ranks.*load_resharded"):
+                    ck.load(into=sd)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_fsdp2_steps_commit_globally_and_load_back_in_place(tmp_path, world):
-    root = tmp_path / "store"
-    run_ranks(_fsdp_rank, world, lambda r: (r, world, str(root), str(tmp_path / "init"), str(tmp_path / "full.st")),
-              timeout=JOIN_S)
+def _save_run(tmp: Path, world: int) -> tuple[Path, Path]:
+    root, saved = tmp / "store", tmp / "saved.st"
+    run_ranks(_fsdp_rank, world, lambda r: (r, world, str(root), str(tmp / "init"), str(saved)), timeout=JOIN_S)
     assert sorted(d.name for d in root.iterdir()) == [f"r{r}" for r in range(world)]
-    assert (root / "r0" / "checkpoints" / "default.global").is_dir()
+    return root, saved
 
 
-def test_saved_at_2_loads_at_1_and_3_through_dcp(tmp_path):
-    root = tmp_path / "store"
-    saved = tmp_path / "saved.st"
-    run_ranks(_fsdp_rank, 2, lambda r: (r, 2, str(root), str(tmp_path / "init"), str(saved)), timeout=JOIN_S)
+@pytest.fixture(scope="module")
+def saved_at_2(tmp_path_factory) -> tuple[Path, Path]:
+    """Step 2 saved by a world of 2 ranks (checked in the ranks), and its full tensors."""
+    return _save_run(tmp_path_factory.mktemp("at2"), 2)
+
+
+def test_fsdp2_steps_commit_globally_and_load_back_in_place_at_2(saved_at_2):
+    root, _saved = saved_at_2
+    assert (root / "r0" / "checkpoints" / "default.global" / "step-000000000002" / ".metadata.json").is_file()
+
+
+def test_fsdp2_steps_commit_globally_and_load_back_in_place_at_3(tmp_path):
+    _save_run(tmp_path, 3)
+
+
+def test_saved_at_2_loads_at_1_and_3_through_dcp(saved_at_2, tmp_path):
+    root, saved = saved_at_2
     gdir = root / "r0" / "checkpoints" / "default.global"
     for world in (1, 3):
         out = tmp_path / f"loaded{world}.st"

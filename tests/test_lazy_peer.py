@@ -70,9 +70,10 @@ def _first_run(rank: int, root: str, init1: str, init2: str) -> None:
         before = ck.store.engine.stats()["read"]["bytes"]
         _check(ck.load(), rank, 2)  # its own peer is the new process: from its storage
         assert ck.store.engine.stats()["read"]["bytes"] > before  # the counter the restarted rank checks counts
-        assert not hasattr(ck, "restored_from_peer")
+        assert ck.restored_from_peer is None
         ck.save(_state(rank, 3), 3).wait(JOIN_S)  # peers hold each other's snapshots again
         assert ck.latest() == 3
+        _rollback_from_peer(ck, rank)
         ck.close()
     finally:
         dist.destroy_process_group()
@@ -93,9 +94,18 @@ def _restarted(rank: int, root: str, init2: str, reads_out: str) -> None:
         with open(reads_out, "w") as f:
             f.write(str(reads))
         ck.save(_state(rank, 3), 3).wait(JOIN_S)
+        _rollback_from_peer(ck, rank)
         ck.close()
     finally:
         dist.destroy_process_group()
+
+
+def _rollback_from_peer(ck, rank: int) -> None:
+    """Both ranks live: each takes its state from the other's memory at once (a roll back)."""
+    before = ck.store.engine.stats()["read"]["bytes"]
+    _check(ck.load(), rank, 3)
+    assert ck.restored_from_peer == (rank + 1) % 2
+    assert ck.store.engine.stats()["read"]["bytes"] == before
 
 
 def _join(p, what: str) -> None:

@@ -112,10 +112,12 @@ class DistributedCheckpointer(LazyCheckpointer):
         self.peer = peer
         self.timeout = timeout
         self._global: list[int] = []  # globally committed steps kept, oldest commit first
+        self._worlds: dict[int, int] = {}  # global step -> the world size that saved it
         self._global_seq = 0  # rank 0: commit_seq of the last global record
         self._groups: tuple | None = None  # (background thread's group, open/load group)
         self._peer: PeerCopies | None = None
         self._global_claim: DirectoryClaim | None = None
+        self.restored_from_peer: int | None = None  # the rank the last load() got this rank's state from
 
     def _default_global(self, template: str | None, tier: str | None) -> Path:
         if template is None:
@@ -132,7 +134,7 @@ class DistributedCheckpointer(LazyCheckpointer):
         super().open()
         try:
             if self.peer:
-                self._peer = PeerCopies(self.store, self.owner, self.host_wait)
+                self._peer = PeerCopies(self.host, self.host_wait)
             if self.rank == 0:
                 self._global_claim = DirectoryClaim({"global_directory": self.global_directory})
                 self._global_claim.acquire()
@@ -163,9 +165,12 @@ class DistributedCheckpointer(LazyCheckpointer):
         order = committed(self.global_directory) if self.rank == 0 else None
         if order is not None:
             self._global_seq = order[-1][0] if order else 0
-        steps = broadcast_ints(None if order is None else [s for _seq, s in order], 0, self._groups[1])
+        pairs = broadcast_ints(None if order is None else [x for _seq, s, w in order for x in (s, w)], 0,
+                               self._groups[1])
+        steps = pairs[0::2]
         with self._retire_lock:
             self._global = steps
+            self._worlds = dict(zip(steps, pairs[1::2]))
             for step in commit_order(self.directory):
                 if step not in steps:
                     self.delete(step, _directory=self.directory)
@@ -305,6 +310,7 @@ class DistributedCheckpointer(LazyCheckpointer):
             raise
         with self._retire_lock:
             self._global = ([s for s in self._global if s != g.step] + [g.step])[-self.keep_last:]
+            self._worlds = {s: self._worlds.get(s, self.world) for s in self._global}
         if held is not None:
             self._peer.hold(held)
         self._retire(self.directory, self.keep_last)
@@ -314,7 +320,7 @@ class DistributedCheckpointer(LazyCheckpointer):
         """Rank 0: the global record of ``step``, then retire the records beyond ``keep_last``."""
         self._global_seq += 1
         write_record(self.global_directory, step, everyone, self._global_seq)
-        order = [s for _seq, s in committed(self.global_directory)]
+        order = [s for _seq, s, _w in committed(self.global_directory)]
         for old in order[:-self.keep_last]:
             remove_record(self.global_directory, old)
 
@@ -358,7 +364,12 @@ class DistributedCheckpointer(LazyCheckpointer):
             raise CheckpointError(f"no globally committed checkpoint in {self.global_directory}")
         if step not in self.steps():
             raise CheckpointError(f"load(step={step}): not globally committed; committed: {sorted(self.steps())}")
+        saved_world = self._worlds[step]
+        if saved_world != self.world:
+            raise CheckpointError(f"load(step={step}): saved by a world of {saved_world} ranks, this one has "
+                                  f"{self.world}: load it with load_resharded(state_dict, {str(self.global_directory)!r})")
         into = localize(into) if into is not None else None
+        self.restored_from_peer = None
         if self._peer is None:
             return super().load(step, into=into)
         group = self._groups[1]

@@ -161,8 +161,8 @@ def write_record(root: Path, step: int, ranks: list[dict], commit_seq: int) -> P
     return d
 
 
-def committed(root: Path) -> list[tuple[int, int]]:
-    """(commit_seq, step) of every globally committed step in ``root``, oldest commit first."""
+def committed(root: Path) -> list[tuple[int, int, int]]:
+    """(commit_seq, step, world size) of every globally committed step in ``root``, oldest commit first."""
     out = []
     try:
         names = os.listdir(root)
@@ -177,7 +177,7 @@ def committed(root: Path) -> list[tuple[int, int]]:
         if not isinstance(rec, dict) or rec.get("step") != int(m.group(1)):
             raise CheckpointError(f"{path}: no 'global' record of step {int(m.group(1))}: not written by a "
                                   "DistributedCheckpointer")
-        out.append((int(rec["commit_seq"]), rec["step"]))
+        out.append((int(rec["commit_seq"]), rec["step"], int(rec["world_size"])))
     return sorted(out)
 
 

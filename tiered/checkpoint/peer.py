@@ -1,7 +1,8 @@
 """Peer snapshots (after REFT): every rank's snapshot also lives in the host memory of its peer.
 
 With ``DistributedCheckpointer(..., peer=True)`` each rank keeps a copy of every piece it
-snapshots (a host buffer of the store, charged to owner ``checkpoint/<name>``), and once its
+snapshots (a host buffer of the store, charged to owner ``checkpoint/<name>``, from its
+reserved share when it has one, outside the ``host_buffer`` budget of its own snapshots), and once its
 step is durable sends the pieces, with their crc32 and the manifest's tree, to rank
 ``(rank + 1) % world`` over ``torch.distributed`` (gloo send/recv). The peer receives them
 into host buffers of its own store (same owner) and holds them until the next global step
@@ -46,8 +47,8 @@ class PeerCopies:
     """This rank's side of peer snapshots: the outgoing copies of its own pieces, and the held
     snapshot of the previous rank. Memory is the store's host tier (owner ``owner``)."""
 
-    def __init__(self, store, owner: str, wait: float) -> None:
-        self.host = CheckpointHost(store, store.arena.capacity, owner, reserve=False)
+    def __init__(self, host: CheckpointHost, wait: float) -> None:
+        self.store, self.owner, self.res = host.store, host.owner, host.res  # the checkpointer's share, if any
         self.wait = wait
         self._lock = threading.Lock()
         self.held: Held | None = None
@@ -55,13 +56,13 @@ class PeerCopies:
     # -- saving ----------------------------------------------------------------------
     def keep(self, h, p) -> None:
         """Copy thread: keep a copy of piece ``p`` (in its host buffer now) to send to the peer."""
-        out = self.host.alloc(p.length, timeout=self.wait)
+        out = self._alloc(p.length)
         out.array[:p.length] = p.buf.array[:p.length]
         h.__dict__.setdefault("peer_out", {})[p.index] = out
 
     def drop_outgoing(self, h) -> None:
         for buf in h.__dict__.pop("peer_out", {}).values():
-            self.host.free(buf)
+            buf.release()
 
     def exchange(self, h, rank: int, world: int, group) -> Held:
         """Send this rank's committed snapshot ``h`` to the next rank; receive (and return) the
@@ -108,6 +109,13 @@ class PeerCopies:
     def receive(self, src: int, group) -> Held:
         return self._recv(src, group)
 
+    def _alloc(self, nbytes: int):
+        """A host-tier buffer charged to the checkpointer: from its reserved share when it has one
+        (which must then hold the peer's snapshot besides its own saves), else from free memory."""
+        if self.res is not None:
+            return self.res.alloc(nbytes, wait=self.wait)
+        return self.store.alloc_host(nbytes, self.wait, owner=self.owner)
+
     # -- wire --------------------------------------------------------------------------
     def _send(self, header: dict, bufs: list, dst: int, group) -> list:
         works = send_json(header, dst, group)
@@ -122,19 +130,19 @@ class PeerCopies:
         try:
             for t in header["tensors"]:
                 for nbytes, _crcs in t["pieces"]:
-                    buf = self.host.alloc(nbytes, timeout=self.wait)
+                    buf = self._alloc(nbytes)
                     bufs.append(buf)
                     dist.recv(torch.from_numpy(buf.array[:nbytes]), src, group=group)
         except BaseException:
             for buf in bufs:
-                self.host.free(buf)
+                buf.release()
             raise
         return Held(header, bufs)
 
     def free(self, held: Held) -> None:
         bufs, held.bufs = held.bufs, []
         for buf in bufs:
-            self.host.free(buf)
+            buf.release()
 
     def close(self) -> None:
         with self._lock:
