@@ -225,6 +225,8 @@ def _crash_rank(rank: int, world: int, root: str, init: str, phase: str) -> None
                 assert ck.latest() == 1 and sorted(ck.local_steps()) == [1, 2]
                 with pytest.raises(CheckpointError):
                     ck.wait_all(JOIN_S)
+                with pytest.raises(CheckpointError, match="rejoin"):  # its group is gone: fails at once
+                    ck.save(_state(rank, 3), 3).wait(JOIN_S)
             else:
                 assert ck.latest() == 1 and sorted(ck.steps()) == [1]
                 assert sorted(ck.local_steps()) == [1]  # the step 2 this rank committed alone is gone
@@ -244,3 +246,25 @@ def test_rank_killed_between_local_and_global_commit_resumes_every_rank_at_previ
     gdir = tmp_path / "store" / "r0" / "checkpoints" / "default.global"
     assert sorted(p.name for p in gdir.iterdir() if p.name.startswith("step-")) == ["step-000000000001"]
     run_ranks(_crash_rank, 2, lambda r: (r, 2, root, str(tmp_path / "init2"), "resume"), timeout=JOIN_S)
+
+
+def _disagree_rank(rank: int, world: int, root: str, init: str) -> None:
+    import torch.distributed as dist
+
+    from tiered.checkpoint import CheckpointError, DistributedCheckpointer
+
+    _init(rank, world, init)
+    try:
+        with DistributedCheckpointer(_cfg(root), host_buffer="8MiB", prefault=False, timeout=COLL_S) as ck:
+            bad = {"w": torch.zeros(3 + rank)}  # one key, two shapes: no DCP view of it
+            with pytest.raises(CheckpointError, match="'w' is float32\\[4\\] on rank 1.*replicated"):
+                ck.save(bad, 1).wait(JOIN_S)
+            assert ck.latest() is None
+            ck.save(_state(rank, 2), 2).wait(JOIN_S)  # every rank failed step 1 knowingly: the group goes on
+            assert ck.latest() == 2 and sorted(ck.local_steps()) == [2]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_step_every_rank_fails_knowingly_leaves_the_group_usable(tmp_path):
+    run_ranks(_disagree_rank, 2, lambda r: (r, 2, str(tmp_path / "store"), str(tmp_path / "init")), timeout=JOIN_S)

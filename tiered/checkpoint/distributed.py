@@ -50,6 +50,10 @@ from .peer import PeerCopies, read_held
 __all__ = ["DistributedCheckpointer", "GlobalHandle", "load_resharded"]
 
 
+class _Agreed(CheckpointError):
+    """A step every rank failed to commit, knowingly: the group is still in step."""
+
+
 class GlobalHandle:
     """One distributed ``save``: ``wait`` returns once the step is globally committed."""
 
@@ -62,6 +66,10 @@ class GlobalHandle:
     @property
     def stall_s(self) -> float:
         return self.local.stall_s
+
+    @property
+    def stats(self) -> dict:
+        return self.local.stats
 
     def wait_snapshot(self, timeout: float | None = None) -> None:
         self.local.wait_snapshot(timeout)
@@ -118,6 +126,7 @@ class DistributedCheckpointer(LazyCheckpointer):
         self._peer: PeerCopies | None = None
         self._global_claim: DirectoryClaim | None = None
         self.restored_from_peer: int | None = None  # the rank the last load() got this rank's state from
+        self._broken: str | None = None  # the step whose collectives broke the background group
 
     def _default_global(self, template: str | None, tier: str | None) -> Path:
         if template is None:
@@ -156,6 +165,7 @@ class DistributedCheckpointer(LazyCheckpointer):
                                   "them first (they fail once its ranks are gone)")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self._join()
+        self._broken = None
 
     def _join(self) -> None:
         """Collective: create this checkpointer's groups, learn the global steps from rank 0 and
@@ -278,6 +288,21 @@ class DistributedCheckpointer(LazyCheckpointer):
         return [r for r, (flag,) in enumerate(all_gather_ints([int(ok)], self._groups[0])) if flag]
 
     def _commit_globally(self, g: GlobalHandle) -> dict:
+        """The global commit of one step; a failure every rank agrees on leaves the group usable,
+        any other (a rank died, a collective timed out or broke mid-way) leaves it unusable: later
+        steps fail at once until every rank calls ``rejoin``."""
+        if self._broken is not None:
+            raise CheckpointError(f"checkpoint step {g.step} is not committed globally: the checkpointer's process "
+                                  f"group broke at {self._broken}; every rank must rejoin() a new group")
+        try:
+            return self._commit_steps(g)
+        except _Agreed:
+            raise
+        except BaseException as e:
+            self._broken = f"step {g.step} ({type(e).__name__}: {e})"
+            raise
+
+    def _commit_steps(self, g: GlobalHandle) -> dict:
         h, group = g.local, self._groups[0]
         try:
             h.durable.result()
@@ -287,13 +312,19 @@ class DistributedCheckpointer(LazyCheckpointer):
         good = self._agree(g.step, err is None)
         if len(good) < self.world:
             bad = sorted(set(range(self.world)) - set(good))
-            raise CheckpointError(f"checkpoint step {g.step} is not committed globally: rank(s) {bad} did not "
-                                  f"make their snapshot durable" + (f" (here: {err})" if err else "")) from err
+            raise _Agreed(f"checkpoint step {g.step} is not committed globally: rank(s) {bad} did not "
+                          f"make their snapshot durable" + (f" (here: {err})" if err else "")) from err
+        mpath = self.directory / f"step-{g.step:012d}.json"
+        try:
+            items = rank_items(h.dcp, h.doc, self._retained_paths(h.doc, mpath))
+        except CheckpointError as e:  # every rank learns it from the gather
+            items = {"error": f"rank {self.rank}: {e}"}
+        everyone = all_gather_json(items, group)
+        errors = [p["error"] for p in everyone if "error" in p]
+        if errors:
+            raise _Agreed(f"checkpoint step {g.step} is not committed globally: {'; '.join(errors)}")
         held = self._peer.exchange(h, self.rank, self.world, group) if self._peer is not None else None
         try:
-            mpath = self.directory / f"step-{g.step:012d}.json"
-            items = rank_items(h.dcp, h.doc, self._retained_paths(h.doc, mpath))
-            everyone = all_gather_json(items, group)
             failure = None
             if self.rank == 0:
                 try:
@@ -302,8 +333,8 @@ class DistributedCheckpointer(LazyCheckpointer):
                     failure = f"{type(e).__name__}: {e}"
             failure = broadcast_json(failure, 0, group)
             if failure is not None:
-                raise CheckpointError(f"checkpoint step {g.step}: rank 0 could not write its global record in "
-                                      f"{self.global_directory}: {failure}")
+                raise _Agreed(f"checkpoint step {g.step}: rank 0 could not write its global record in "
+                              f"{self.global_directory}: {failure}")
         except BaseException:
             if held is not None:
                 self._peer.free(held)
