@@ -38,7 +38,7 @@ def _fsdp_model(world: int):
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 10), torch.nn.ReLU(), torch.nn.Linear(10, 2))  # at 3: an empty shard
     mesh = init_device_mesh("cpu", (world,))
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
@@ -142,6 +142,7 @@ def _reshard_rank(rank: int, world: int, global_dir: str, init: str, out: str) -
         msd, osd = get_state_dict(model, opt)
         sd = {"model": msd, "optim": osd}
         assert load_resharded(sd, global_dir) == 2
+        assert sd["optim"]["state"]
         set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         msd, osd = get_state_dict(model, opt)
         full = _full({"model": msd, "optim": osd})
@@ -180,14 +181,9 @@ def test_fsdp2_steps_commit_globally_and_load_back_in_place_at_2(saved_at_2):
     assert (root / "r0" / "checkpoints" / "default.global" / "step-000000000002" / ".metadata.json").is_file()
 
 
-def test_fsdp2_steps_commit_globally_and_load_back_in_place_at_3(tmp_path):
-    _save_run(tmp_path, 3)
-
-
-def test_saved_at_2_loads_at_1_and_3_through_dcp(saved_at_2, tmp_path):
-    root, saved = saved_at_2
+def _reshard_runs(root: Path, saved: Path, tmp_path: Path, worlds) -> None:
     gdir = root / "r0" / "checkpoints" / "default.global"
-    for world in (1, 3):
+    for world in worlds:
         out = tmp_path / f"loaded{world}.st"
         run_ranks(_reshard_rank, world, lambda r: (r, world, str(gdir), str(tmp_path / f"init{world}"), str(out)),
                   timeout=JOIN_S)
@@ -195,6 +191,15 @@ def test_saved_at_2_loads_at_1_and_3_through_dcp(saved_at_2, tmp_path):
         assert sorted(ref) == sorted(got) and any(k.startswith("optim.") for k in ref)
         for k in ref:
             assert torch.equal(ref[k], got[k]), (world, k)
+
+
+def test_fsdp2_steps_commit_globally_and_load_back_in_place_at_3_and_reshard_to_2(tmp_path):
+    root, saved = _save_run(tmp_path, 3)  # the last layer's shards: 1, 1 and 0 rows
+    _reshard_runs(root, saved, tmp_path, (2,))
+
+
+def test_saved_at_2_loads_at_1_and_3_through_dcp(saved_at_2, tmp_path):
+    _reshard_runs(*saved_at_2, tmp_path, (1, 3))
 
 
 # -------------------------------------------------------------------- a rank dies before the global commit
