@@ -48,7 +48,7 @@ from ..sizes import parse_size
 from ._io import read_parts
 from .commit import part_record
 from .dcp_meta import METADATA, metadata_from_json, metadata_to_json, refuse_foreign_format
-from .format import SEGMENT, CheckpointError, dtype_from, dtype_name
+from .format import SEGMENT, CheckpointError, decode_tree, dtype_from, dtype_name
 from .host import CheckpointHost
 
 OWNER = "dcp"
@@ -353,6 +353,9 @@ class TieredStorageReader(_Common, StorageReader):
                 info = self.storage_data.get(req.storage_index)
                 if info is None:
                     raise CheckpointError(f"{self.path}: no stored item {req.storage_index} in {METADATA}")
+                if info.get("kind") == "value":  # a JSON value (DistributedCheckpointer's global records)
+                    planner.load_bytes(req, _value_bytes(info, f"{self.path}: item {req.storage_index.fqn!r}"))
+                    continue
                 raw = self._read_item(store, host, info, f"{self.path}: item {req.storage_index.fqn!r}")
                 if req.type == LoadItemType.BYTE_IO:
                     planner.load_bytes(req, io.BytesIO(raw.numpy().tobytes()))
@@ -379,6 +382,15 @@ class TieredStorageReader(_Common, StorageReader):
             parts = [(str(self._path() / info["file"]), info["offset"], info["length"], info["crc32"], 0)]
         read_parts(store.engine, host.loans(), parts, SEGMENT, put, where, self.wait)
         return raw
+
+
+def _value_bytes(info: dict, where: str) -> io.BytesIO:
+    """A value kept as JSON, in the form DCP's planners read bytes items (``torch.load``): made in
+    memory for the planner, never stored."""
+    buf = io.BytesIO()
+    torch.save(decode_tree(info["tree"], [], where), buf)
+    buf.seek(0)
+    return buf
 
 
 def _load_tensor(planner: LoadPlanner, req, raw: torch.Tensor, info: dict, path: Path) -> None:

@@ -110,6 +110,15 @@ def optim_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     return out
 
 
+def storage_ptr(t: torch.Tensor) -> int:
+    """Where ``t``'s bytes live: a DTensor (FSDP2 parameters and optimizer state) by its local
+    shard, whose storage is what a snapshot copies and an optimizer step mutates."""
+    local = getattr(t, "_local_tensor", None)
+    if isinstance(local, torch.Tensor):
+        t = local
+    return t.untyped_storage().data_ptr()
+
+
 class Snapshots:
     """The snapshot and guard half of :class:`~.lazy.LazyCheckpointer` (its state: ``_lock``,
     ``_pending``, ``_current``, ``_attached``, ``_hooks``, ``_streams``, ``host``, ``store``)."""
@@ -144,7 +153,7 @@ class Snapshots:
         if not self._pending:
             return 0.0
         t0 = time.perf_counter()
-        ptrs = {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
+        ptrs = {storage_ptr(t) for t in tensors if isinstance(t, torch.Tensor)}
         with self._lock:
             todo = [p for ptr in ptrs for p in self._pending.get(ptr, ())]
         if not todo:
@@ -167,7 +176,7 @@ class Snapshots:
                 tensors.extend(optim_tensors(obj))
             else:
                 tensors.extend(obj.buffers())
-        return {t.untyped_storage().data_ptr() for t in tensors}
+        return {storage_ptr(t) for t in tensors}
 
     def _claim(self, p: _Piece) -> bool:
         with self._lock:
