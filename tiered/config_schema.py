@@ -52,7 +52,10 @@ NOT_LIVE = {"belady": "it needs the future of the accesses, which a live store d
             "rl": ("its decisions cost 44-66 us of CPU per access, bookkeeping and training included "
                    "(a live store's budget is 10 us), and on traces it was not tuned on it is not reliably "
                    "better than arc or s3fifo")}
-_OFFLOAD_KEYS = ("lookahead", "resident", "layout", "device_cache", "experts")
+_OFFLOAD_KEYS = ("lookahead", "resident", "layout", "device_cache", "experts", "activations")
+#: where the tensors autograd saves in an offloaded model's forward stay: "keep" (where autograd put
+#: them) or "host" (moved into the store until backward: see tiered.offload.activations)
+OFFLOAD_ACTIVATIONS = ("keep", "host")
 
 
 class ConfigError(ValueError):
@@ -167,6 +170,8 @@ class OffloadSpec:
     #: mixture-of-experts blocks: each expert its own object, only routed experts read (None: on
     #: for every recognised MoE block)
     experts: bool | None = None
+    #: "host": the large tensors autograd saves in a forward wait in the store for backward
+    activations: str = "keep"
 
 
 @dataclass(frozen=True)
@@ -265,7 +270,8 @@ class Config:
             "offload": {"lookahead": self.offload.lookahead if self.offload.lookahead is not None else "auto",
                         "resident": self.offload.resident, "layout": self.offload.layout,
                         "device_cache": "auto" if self.offload.device_cache is None else self.offload.device_cache,
-                        "experts": "auto" if self.offload.experts is None else self.offload.experts},
+                        "experts": "auto" if self.offload.experts is None else self.offload.experts,
+                        "activations": self.offload.activations},
             "owners": {o: {s.tier: s.nbytes for s in self.owners if s.owner == o}
                        for o in dict.fromkeys(s.owner for s in self.owners)},
         }

@@ -20,6 +20,7 @@ from .config_schema import (_ALIGN, _ALL_TIER_KEYS, _DEVICE_RE, _ENGINE_KEYS, _O
                             _POLICY_KEYS, _SHARED_SCHEMES, _TIER_KEYS, _TIER_NAME_RE, _TOP_KEYS, NOT_LIVE,
                             PLACEMENTS, TIER_KINDS, Config, ConfigError, EngineSpec, GiB, OffloadSpec,
                             OwnerShare, PolicySpec, TierSpec, backend_choices, redact_url)
+from .config_schema import OFFLOAD_ACTIVATIONS
 from .sizes import SizeError, format_size, parse_rate, parse_share, parse_size
 
 
@@ -390,4 +391,6 @@ class _Validator:
             if not isinstance(table["experts"], bool):
                 raise self.bad("offload.experts", table["experts"], 'expected true, false or "auto"')
             fields["experts"] = table["experts"]
+        if "activations" in table:
+            fields["activations"] = self.choice(table["activations"], "offload.activations", OFFLOAD_ACTIVATIONS)
         return OffloadSpec(**fields)

@@ -8,6 +8,7 @@ from torch import nn
 from ..config import load_config
 from .. import offload_life
 from ..store import TieredStore
+from .activations import ActivationOffload
 from .common import OffloadError
 from .layout import _model_prefix
 from .runtime import OffloadedModule
@@ -83,6 +84,8 @@ def _attach(rt: OffloadedModule, units, external: dict[int, str] | None, layout:
     rt.hold_expert_room()
     rt.reserve_working_set()
     rt._forward_budget = rt._budget()
+    if rt.config.offload.activations == "host":
+        rt.activations = ActivationOffload(rt.store, rt.owner, rt.prefix, rt.host_res.alloc, rt._wrapper_memory)
     rt.install_hooks()
 
 
@@ -129,6 +132,8 @@ def detach(model: nn.Module, *, keep: bool = False) -> nn.Module:
     if rt is None:
         raise OffloadError(f"{type(model).__name__} is not offloaded")
     offload_life.collect()
+    if rt.activations is not None:  # the saved tensors of graphs still alive
+        rt.activations.close()
     rt.mark_busy()  # from here other models of the store leave this model's units alone
     rt.remove_hooks()
     try:
@@ -168,4 +173,7 @@ def offload_stats(model: nn.Module) -> dict:
     rt: OffloadedModule | None = getattr(model, "_tiered", None)
     if rt is None:
         raise OffloadError(f"{type(model).__name__} is not offloaded")
-    return rt.report()
+    out = rt.report()
+    if rt.activations is not None:
+        out["activations"] = rt.activations.report()
+    return out

@@ -13,6 +13,7 @@ from torch import nn
 from ..config import Config
 from ..device_cache import DeviceCache
 from ..store import TieredStore
+from .activations import ActivationOffload
 from .budget import _Budget
 from .expert_cache import _ExpertCache, new_expert_stats
 from .experts import _ExpertPacking
@@ -71,6 +72,7 @@ class OffloadedModule(_Packing, _ExpertPacking, _ExpertCache, _Budget, _Loading,
         self._recomputed: list[_Unit] = []
         self._recompute_node = None  # the autograd node whose recompute holds them
         self._sth = None  # the saved_tensors_hooks context of the forward in progress
+        self.activations: ActivationOffload | None = None  # [offload] activations = "host" (set by offload())
         self.backward_listeners: list[Callable[[_Unit], None]] = []  # unit fetched again in backward
         self._writes: list = []  # puts of updated weights (optimizers)
         self._finished = False  # detached, abandoned, or never attached (offload failed)
@@ -125,6 +127,8 @@ class OffloadedModule(_Packing, _ExpertPacking, _ExpertCache, _Budget, _Loading,
         self._cursor = 0
         self._declare_plan(torch.is_grad_enabled())
         if torch.is_grad_enabled():
+            if self.activations is not None:
+                self.activations.begin_forward()
             with self._idle_lock:
                 self._graph = True
             self._sth = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
@@ -144,6 +148,8 @@ class OffloadedModule(_Packing, _ExpertPacking, _ExpertCache, _Budget, _Loading,
         with self._idle_lock:
             self._running = False
         self._pop_saved_hooks()
+        if self.activations is not None:
+            self.activations.end_forward()
         self.stats.forwards += 1
         if self._pass and self._pass != self.order:
             self.order = self._pass

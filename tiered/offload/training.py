@@ -10,6 +10,7 @@ import torch
 from tiered.io_engine import Priority, gather
 
 from ..store import Lease, TieredStore
+from .activations import SavedActivation
 from .common import _WAIT, OffloadError
 from .layout import _Unit
 
@@ -79,6 +80,27 @@ class _Training:
             sth.__exit__(None, None, None)
 
     def _pack(self, t: torch.Tensor):
+        """A saved tensor that views a streamed unit's weights becomes a handle fetching them
+        again; with ``[offload] activations = "host"`` other large ones go into the store."""
+        out = self._pack_weight(t)
+        if out is t and self.activations is not None:
+            out = self.activations.pack(t)
+        # a node's output saved as itself would hold the node (its grad_fn): a reference cycle
+        # keeping the graph, and all it saved, alive after a forward whose backward never runs
+        return out.detach() if out is t and t.grad_fn is not None else out
+
+    def _wrapper_memory(self, t: torch.Tensor) -> bool:
+        """``t`` is memory the wrapper manages: in the host arena (units' host copies), the
+        device cache, or a copy a unit is bound to."""
+        if self.dcache is not None and self.dcache.offset_of(t) is not None:
+            return True
+        ptr = t.untyped_storage().data_ptr()
+        arena = self.store.arena
+        if arena is not None and arena.address <= ptr < arena.address + arena.capacity:
+            return True
+        return any(view.untyped_storage().data_ptr() == ptr for u in self.units for _s, view in u.bound)
+
+    def _pack_weight(self, t: torch.Tensor):
         """A saved tensor that views a streamed unit's copy becomes a handle (the memory goes
         back to the budget, the copy is fetched again in backward); everything else is saved
         as usual."""
@@ -120,6 +142,8 @@ class _Training:
         self._saved[u.index] = self._saved.get(u.index, 0) + 1
 
     def _unpack(self, h):
+        if isinstance(h, SavedActivation):
+            return self.activations.unpack(h)
         if not isinstance(h, _SavedWeight):
             return h
         self._release_unused()
