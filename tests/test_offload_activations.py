@@ -226,6 +226,33 @@ def test_detach_deletes_the_activations_of_a_live_graph(tmp_path, small_threshol
         store.close()
 
 
+def test_a_failed_delete_is_raised_by_the_next_forward(tmp_path, small_threshold, monkeypatch):
+    model = tiered.offload(build(), host_config(tmp_path))
+    store = tiered.TieredStore.shared(model._tiered.config)  # outlives the model's handle
+    delete_prefix = store.delete_prefix
+    calls = []
+
+    def failing(prefix):
+        calls.append(prefix)
+        if len(calls) == 1:
+            raise OSError(5, "injected I/O error")
+        return delete_prefix(prefix)
+
+    monkeypatch.setattr(store, "delete_prefix", failing)
+    try:
+        loss_of(model, batch(0)).backward()  # the delete runs, and fails, as autograd drops the handles
+        assert calls and activation_keys(store)
+        with pytest.raises(tiered.OffloadError, match="injected I/O error"):
+            loss_of(model, batch(1))
+        loss_of(model, batch(1)).backward()  # raised once; the model still trains
+        tiered.detach(model)  # and deletes what the failed delete left
+        assert not activation_keys(store)
+    finally:
+        if getattr(model, "_tiered", None) is not None:
+            tiered.detach(model)
+        store.close()
+
+
 def test_activations_spill_to_storage_under_a_small_host_tier(tmp_path):
     # 8 sequences of 64 tokens: hidden states 64 KiB, MLP 128 KiB, attention probabilities
     # 512 KiB per layer, beyond what a 1 MiB host tier can cache beside the streamed weights

@@ -235,6 +235,9 @@ class ActivationOffload:
 
     # -- backward --------------------------------------------------------------------------------
     def unpack(self, h: SavedActivation) -> torch.Tensor:
+        if self._closed:
+            raise OffloadError("the activations this backward needs were deleted by tiered.detach(model); "
+                               "run backward before detaching the model")
         obj = h.obj
         out = obj.out() if obj.out is not None else None
         if out is None:
@@ -300,7 +303,7 @@ class ActivationOffload:
             if started >= READ_AHEAD:
                 return
             if obj.unpacked >= obj.handles or obj.reading is not None or obj.put is None or not obj.put.done() \
-                    or obj.put.exception() is not None:
+                    or obj.put.exception() is not None or (obj.out is not None and obj.out() is not None):
                 continue
             prefetching.active = True  # other models give nothing back for a read that can wait
             try:
@@ -357,6 +360,8 @@ class ActivationOffload:
         try:
             for fin in live:
                 fin()  # runs _drop_batch now, once
+            if self.store.is_open:  # and what a batch whose delete failed left
+                self.store.delete_prefix(self.prefix)
         finally:
             self._closed = True
         with self._lock:

@@ -107,6 +107,8 @@ class OffloadedModule(_Packing, _ExpertPacking, _ExpertCache, _Budget, _Loading,
         self._hooks += offload_state.install(self)
 
     def _root_pre(self, _m, _args) -> None:
+        if self.activations is not None:  # first: what it raises leaves the runtime as it was
+            self.activations.begin_forward()
         with self._idle_lock:
             self._running = True
         self._forward_budget = self._budget()
@@ -127,8 +129,6 @@ class OffloadedModule(_Packing, _ExpertPacking, _ExpertCache, _Budget, _Loading,
         self._cursor = 0
         self._declare_plan(torch.is_grad_enabled())
         if torch.is_grad_enabled():
-            if self.activations is not None:
-                self.activations.begin_forward()
             with self._idle_lock:
                 self._graph = True
             self._sth = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
