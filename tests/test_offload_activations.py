@@ -113,6 +113,25 @@ def test_training_with_offloaded_adamw_equals_in_memory(tmp_path, small_threshol
         tiered.detach(model)
 
 
+def test_a_retained_graph_reads_its_activations_again(tmp_path, small_threshold):
+    ref = build()
+    model = tiered.offload(copy.deepcopy(ref), host_config(tmp_path))
+    try:
+        x = batch(0)
+        for m in (ref, model):
+            loss = loss_of(m, x)
+            loss.backward(retain_graph=True)
+            if m is model:
+                assert activation_keys(model._tiered.store)  # kept for the second backward
+            loss.backward()
+            del loss
+        for (name, a), b in zip(ref.named_parameters(), model.parameters()):
+            assert torch.equal(a.grad, b.grad), name
+        assert not activation_keys(model._tiered.store)
+    finally:
+        tiered.detach(model)
+
+
 def test_the_store_holds_the_activations_between_forward_and_backward(tmp_path, small_threshold):
     model = tiered.offload(build(), host_config(tmp_path))
     rt = model._tiered
@@ -267,6 +286,7 @@ def test_activations_spill_to_storage_under_a_small_host_tier(tmp_path):
         loss.backward()
         st = tiered.offload_stats(model)["activations"]
         assert st["bytes_from_storage"] > 0, st  # some were evicted from the host tier and read back
+        assert st["read_ahead"] > 0, st  # backward read objects before it unpacked them
         for (name, a), b in zip(ref.named_parameters(), model.parameters()):
             assert torch.equal(a.grad, b.grad), name
         assert not activation_keys(model._tiered.store)

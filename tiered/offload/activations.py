@@ -206,8 +206,8 @@ class ActivationOffload:
 
     def _put(self, obj: _Stored, buf) -> concurrent.futures.Future:
         # ephemeral and never read after a crash: no fdatasync, no manifest commit of its own
-        return self.store.put_buffer(obj.key, buf, obj.dtype, (obj.numel,), kind=KIND, give=True, sync=False, commit=False, ephemeral=True,
-                                     owner=self.owner)
+        return self.store.put_buffer(obj.key, buf, obj.dtype, (obj.numel,), kind=KIND, give=True, sync=False,
+                                     commit=False, ephemeral=True, owner=self.owner)
 
     def _copy_from_device(self, obj: _Stored, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Copy ``src`` into the pinned ``dst`` on a side stream; put once the copy is done."""
