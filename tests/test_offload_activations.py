@@ -132,6 +132,57 @@ def test_a_retained_graph_reads_its_activations_again(tmp_path, small_threshold)
         tiered.detach(model)
 
 
+def test_through_the_device_cache_training_equals_in_memory(tmp_path, small_threshold):
+    # the path CUDA takes, forced on a CPU device: weights saved for backward stay the cache's
+    cfg = host_config(tmp_path)
+    cfg["offload"]["device_cache"] = True
+    cfg["tiers"]["gpu"] = {"kind": "device", "device": "cpu", "capacity": "1MiB"}
+    ref = build()
+    model = tiered.offload(copy.deepcopy(ref), cfg)
+    assert model._tiered.dcache is not None
+    o_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    try:
+        with OffloadedAdamW(list(model.parameters()), lr=1e-2, model=model) as opt:
+            for step in range(2):
+                x = batch(step)
+                l_ref = loss_of(ref, x)
+                l_ref.backward()
+                o_ref.step()
+                o_ref.zero_grad()
+                loss = loss_of(model, x)
+                loss.backward()
+                opt.step()
+                assert torch.equal(l_ref, loss), f"step {step}"
+        st = tiered.offload_stats(model)["activations"]
+        assert st["packed"] > 0 and not activation_keys(model._tiered.store)
+        sd = model.state_dict()
+        for name, a in ref.state_dict().items():
+            assert torch.equal(a, sd[name]), name
+    finally:
+        tiered.detach(model)
+
+
+def test_weights_are_never_stored_as_activations(tmp_path, small_threshold):
+    # resident units stay bound: autograd saves views of their host copies (or device-cache copies)
+    packed = {}
+    for name, resident, device_cache in [("streamed", False, False), ("resident", True, False),
+                                         ("resident, device cache", True, True)]:
+        cfg = host_config(tmp_path / name.replace(", ", "-"))
+        cfg["offload"]["resident"] = resident
+        if device_cache:
+            cfg["offload"]["device_cache"] = True
+            cfg["tiers"]["gpu"] = {"kind": "device", "device": "cpu", "capacity": "1MiB"}
+        model = tiered.offload(build(), cfg)
+        try:
+            assert any(u.resident or u.host_resident for u in model._tiered.units) == resident
+            loss_of(model, batch(0)).backward()
+            st = tiered.offload_stats(model)["activations"]
+            packed[name] = (st["objects"], st["bytes"])
+        finally:
+            tiered.detach(model)
+    assert len(set(packed.values())) == 1, packed
+
+
 def test_the_store_holds_the_activations_between_forward_and_backward(tmp_path, small_threshold):
     model = tiered.offload(build(), host_config(tmp_path))
     rt = model._tiered
