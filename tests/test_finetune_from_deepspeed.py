@@ -145,3 +145,23 @@ def test_output_in_a_missing_directory_names_the_output(tmp_path, capsys):
     assert main(["config", "from-deepspeed", str(ds), "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {out}: No such file or directory") and ".tmp-" not in err
+
+
+def test_cpu_checkpointing_maps_to_activations_in_the_store(tmp_path, capsys):
+    out = tmp_path / "offload.toml"
+    ds = write(tmp_path, infinity(tmp_path, activation_checkpointing={
+        "partition_activations": True, "cpu_checkpointing": True, "contiguous_memory_optimization": False,
+        "number_checkpoints": 4, "synchronize_checkpoint_boundary": False, "profile": False}))
+    assert main(["config", "from-deepspeed", str(ds), "-o", str(out), "--host-capacity", "64MiB",
+                 "--storage-capacity", "256MiB"]) == 0
+    err = capsys.readouterr().err
+    assert tomllib.loads(out.read_text())["offload"] == {"activations": "host"}
+    assert load_config(out).offload.activations == "host"
+    for key in ("activation_checkpointing.partition_activations", "activation_checkpointing.number_checkpoints"):
+        assert key in err, key
+    assert "activation_checkpointing.cpu_checkpointing" not in err  # mapped
+    assert "gradient_checkpointing_enable" in err  # says where checkpointing itself is switched on
+    ds = write(tmp_path, infinity(tmp_path, activation_checkpointing={"cpu_checkpointing": False}), "off.json")
+    assert main(["config", "from-deepspeed", str(ds), "-o", str(tmp_path / "off.toml"), "--host-capacity", "64MiB",
+                 "--storage-capacity", "256MiB"]) == 0
+    assert "offload" not in tomllib.loads((tmp_path / "off.toml").read_text())

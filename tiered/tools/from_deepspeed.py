@@ -110,10 +110,26 @@ def convert(ds: Mapping[str, Any], source: str = "<dict>", *, host_capacity: int
             conv.notes.append(f"zero_optimization.{who}.device = 'cpu': the data stays in host memory when "
                               f"[owners.{owner}] host reserves room for it; its size (from the model's) is not in "
                               "the DeepSpeed config, so no share is set")
+    _activations(ds, source, conv)
     for key in ds:
-        if key not in ("zero_optimization", "aio"):
+        if key not in ("zero_optimization", "aio", "activation_checkpointing"):
             conv.notes.append(f"{key}: " + _TOP_REASONS.get(key, "a training-loop setting, not a storage one"))
     return conv
+
+
+def _activations(ds: Mapping[str, Any], source: str, conv: Conversion) -> None:
+    """``activation_checkpointing.cpu_checkpointing``: the saved activations in host memory, which
+    is ``[offload] activations = "host"``; checkpointing itself is switched on in the model."""
+    table = _table(ds.get("activation_checkpointing", {}), "activation_checkpointing", source)
+    for key, value in table.items():
+        where = f"activation_checkpointing.{key}"
+        if key != "cpu_checkpointing":
+            conv.notes.append(f"{where}: checkpointing is the model's (model.gradient_checkpointing_enable() "
+                              "or torch.utils.checkpoint around a unit); tiered keeps no partitions of its own")
+        elif not isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r} in {source}: expected true or false")
+        elif value:
+            conv.tables["offload"] = {"activations": "host"}
 
 
 def _table(value: object, key: str, source: str) -> Mapping[str, Any]:
