@@ -181,3 +181,64 @@ def test_a_rank_killed_between_the_ranks_markers_resumes_every_rank_from_one_ste
     # a rank that rolled back names the step it rolled back to (read right after open): a later
     # crash cannot resume it from the step it is about to write over
     assert all(f["marker"] in (expected, None if expected == 0 else expected) for f in found), found
+
+
+def _train(rank: int, root: str, init: str, steps: int) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from tiered.optim import OffloadedAdamW
+
+    _init(rank, init)
+    model = _model(init_device_mesh("cpu", (WORLD,)))
+    with OffloadedAdamW(model.parameters(), lr=0.05, config=_config(root), chunk_bytes=CHUNK) as opt:
+        for step in range(steps):
+            _train_step(model, opt, step, rank)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _open_refused(rank: int, init: str, out: str, cases: list) -> None:
+    """Open each of ``cases`` (store root, resume); write the error each raised (None: opened)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from tiered.optim import OffloadedAdamW, OptimStateError
+
+    _init(rank, init)
+    model = _model(init_device_mesh("cpu", (WORLD,)))
+    errors = []
+    for root, resume in cases:
+        try:
+            OffloadedAdamW(model.parameters(), lr=0.05, config=_config(root), chunk_bytes=CHUNK,
+                           resume=resume).open().close()
+            errors.append(None)
+        except OptimStateError as e:
+            errors.append(str(e))
+    Path(out, f"r{rank}.json").write_text(json.dumps(errors))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ranks_whose_stores_cannot_meet_at_one_step_all_refuse_to_open(tmp_path):
+    """Every rank raises (none waits for the others until a timeout): when one rank's store is
+    of another run (its marker more than a step behind), and when one rank finds state without
+    resume=True while the other finds none."""
+    import shutil
+
+    one, three = tmp_path / "one", tmp_path / "three"
+    assert _run(_train, lambda r: (str(one), str(tmp_path / "init1"), 1)) == [0, 0]
+    assert _run(_train, lambda r: (str(three), str(tmp_path / "init2"), 3)) == [0, 0]
+    apart, alone = tmp_path / "apart", tmp_path / "alone"
+    shutil.copytree(three / "r0", apart / "r0")  # step 3 (and 2 before it)
+    shutil.copytree(one / "r1", apart / "r1")  # step 1
+    shutil.copytree(one / "r0", alone / "r0")  # rank 1: no state
+    out = tmp_path / "out"
+    out.mkdir()
+    cases = [(str(apart), True), (str(alone), False)]
+    assert _run(_open_refused, lambda r: (str(tmp_path / "init3"), str(out), cases)) == [0, 0]
+    (r0_apart, r0_alone), (r1_apart, r1_alone) = (json.loads((out / f"r{r}.json").read_text()) for r in range(WORLD))
+    assert "rank 0: the ranks' last common step is 1, but this rank's marker 'adamw/step' names step 3 and 2" in r0_apart
+    assert "rank 1: another rank of the process group cannot return to step 1" in r1_apart
+    assert "already holds optimizer state 'adamw' at step 1" in r0_alone
+    assert "rank 1: another rank of the process group cannot open its optimizer state" in r1_alone
