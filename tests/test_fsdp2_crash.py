@@ -183,17 +183,19 @@ def test_a_rank_killed_between_the_ranks_markers_resumes_every_rank_from_one_ste
     assert all(f["marker"] in (expected, None if expected == 0 else expected) for f in found), found
 
 
-def _train(rank: int, root: str, init: str, steps: int) -> None:
+def _train(rank: int, init: str, runs: list) -> None:
+    """Train one run per (store root, steps) of ``runs``."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from tiered.optim import OffloadedAdamW
 
     _init(rank, init)
-    model = _model(init_device_mesh("cpu", (WORLD,)))
-    with OffloadedAdamW(model.parameters(), lr=0.05, config=_config(root), chunk_bytes=CHUNK) as opt:
-        for step in range(steps):
-            _train_step(model, opt, step, rank)
+    for root, steps in runs:
+        model = _model(init_device_mesh("cpu", (WORLD,)))
+        with OffloadedAdamW(model.parameters(), lr=0.05, config=_config(root), chunk_bytes=CHUNK) as opt:
+            for step in range(steps):
+                _train_step(model, opt, step, rank)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -227,8 +229,7 @@ def test_ranks_whose_stores_cannot_meet_at_one_step_all_refuse_to_open(tmp_path)
     import shutil
 
     one, three = tmp_path / "one", tmp_path / "three"
-    assert _run(_train, lambda r: (str(one), str(tmp_path / "init1"), 1)) == [0, 0]
-    assert _run(_train, lambda r: (str(three), str(tmp_path / "init2"), 3)) == [0, 0]
+    assert _run(_train, lambda r: (str(tmp_path / "init1"), [(str(one), 1), (str(three), 3)])) == [0, 0]
     apart, alone = tmp_path / "apart", tmp_path / "alone"
     shutil.copytree(three / "r0", apart / "r0")  # step 3 (and 2 before it)
     shutil.copytree(one / "r1", apart / "r1")  # step 1
@@ -242,3 +243,38 @@ def test_ranks_whose_stores_cannot_meet_at_one_step_all_refuse_to_open(tmp_path)
     assert "rank 1: another rank of the process group cannot return to step 1" in r1_apart
     assert "already holds optimizer state 'adamw' at step 1" in r0_alone
     assert "rank 1: another rank of the process group cannot open its optimizer state" in r1_alone
+
+
+def test_a_marker_written_without_the_step_before_it_still_resumes(tmp_path):
+    """Markers of stores written before they named the step before theirs (``[step, chunks,
+    elements, counts...]``) are read as they were: one process resumes from them bitwise."""
+    from tiered.optim import OffloadedAdamW
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 8))
+
+    def train(m, opt, step):
+        x = torch.randn(4, 64, generator=torch.Generator().manual_seed(step))
+        m(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    cfg = {"tiers": {"host": {"capacity": "4MiB"}, "nvme": {"path": str(tmp_path / "nvme"), "capacity": "64MiB"}}}
+    ref, ours = model(), model()
+    o_ref = torch.optim.AdamW(ref.parameters(), lr=0.05)
+    with OffloadedAdamW(ours.parameters(), lr=0.05, config=cfg, chunk_bytes=CHUNK) as opt:
+        for step in range(2):
+            train(ref, o_ref, step)
+            train(ours, opt, step)
+        opt.flush()
+        marker = opt._read_marker()
+        n = len(list(ours.parameters()))
+        assert marker.numel() == 4 + 2 * n and int(marker[3 + n]) == 1  # names step 1 before step 2
+        opt.store.put(opt._marker_key, marker[:3 + n].clone()).result(timeout=30)
+    fresh = model()
+    with OffloadedAdamW(fresh.parameters(), lr=0.05, config=cfg, chunk_bytes=CHUNK, resume=True) as opt:
+        assert opt._step == 2
+        train(ref, o_ref, 2)
+        train(fresh, opt, 2)
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), fresh.parameters()))

@@ -71,7 +71,13 @@ class _RankCommit:
         before this rank writes anything of step ``s + 1``."""
         if self._group is None:
             return ok
-        low, all_ok = _all_min(self._group, [s if ok else s - 1, int(ok)])
+        try:
+            low, all_ok = _all_min(self._group, [s if ok else s - 1, int(ok)])
+        except RuntimeError as e:  # a rank is gone (its connection closed) or the group timed out
+            raise OptimStateError(
+                f"OffloadedAdamW {self.name!r}: {self._rank_label}could not learn whether every rank of the process "
+                f"group committed step {s} ({e}); reopen every rank with resume=True: they continue from the "
+                "last step all of them committed") from e
         return bool(all_ok) and low >= s
 
     def _not_committed_error(self, s: int) -> OptimStateError:
