@@ -184,7 +184,8 @@ def test_a_rank_killed_between_the_ranks_markers_resumes_every_rank_from_one_ste
 
 
 def _train(rank: int, init: str, runs: list) -> None:
-    """Train one run per (store root, steps) of ``runs``."""
+    """Train one run per (store root, steps) of ``runs``; rank 0 then deletes its chunk 1 of
+    the last step of a run whose root ends with "-lose"."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -196,6 +197,9 @@ def _train(rank: int, init: str, runs: list) -> None:
         with OffloadedAdamW(model.parameters(), lr=0.05, config=_config(root), chunk_bytes=CHUNK) as opt:
             for step in range(steps):
                 _train_step(model, opt, step, rank)
+            opt.flush()
+            if rank == 0 and root.endswith("-lose"):
+                opt.store.delete(opt._chunk_key(opt._chunks[1], steps))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -224,11 +228,12 @@ def _open_refused(rank: int, init: str, out: str, cases: list) -> None:
 
 def test_ranks_whose_stores_cannot_meet_at_one_step_all_refuse_to_open(tmp_path):
     """Every rank raises (none waits for the others until a timeout): when one rank's store is
-    of another run (its marker more than a step behind), and when one rank finds state without
-    resume=True while the other finds none."""
+    of another run (its marker more than a step behind), when one rank finds state without
+    resume=True while the other finds none, and when one rank's state of the agreed step lacks
+    a chunk."""
     import shutil
 
-    one, three = tmp_path / "one", tmp_path / "three"
+    one, three = tmp_path / "one", tmp_path / "three-lose"
     assert _run(_train, lambda r: (str(tmp_path / "init1"), [(str(one), 1), (str(three), 3)])) == [0, 0]
     apart, alone = tmp_path / "apart", tmp_path / "alone"
     shutil.copytree(three / "r0", apart / "r0")  # step 3 (and 2 before it)
@@ -236,13 +241,16 @@ def test_ranks_whose_stores_cannot_meet_at_one_step_all_refuse_to_open(tmp_path)
     shutil.copytree(one / "r0", alone / "r0")  # rank 1: no state
     out = tmp_path / "out"
     out.mkdir()
-    cases = [(str(apart), True), (str(alone), False)]
+    cases = [(str(apart), True), (str(alone), False), (str(three), True)]
     assert _run(_open_refused, lambda r: (str(tmp_path / "init3"), str(out), cases)) == [0, 0]
-    (r0_apart, r0_alone), (r1_apart, r1_alone) = (json.loads((out / f"r{r}.json").read_text()) for r in range(WORLD))
+    (r0_apart, r0_alone, r0_lost), (r1_apart, r1_alone, r1_lost) = (
+        json.loads((out / f"r{r}.json").read_text()) for r in range(WORLD))
     assert "rank 0: the ranks' last common step is 1, but this rank's marker 'adamw/step' names step 3 and 2" in r0_apart
     assert "rank 1: another rank of the process group cannot return to step 1" in r1_apart
     assert "already holds optimizer state 'adamw' at step 1" in r0_alone
     assert "rank 1: another rank of the process group cannot open its optimizer state" in r1_alone
+    assert "object 'adamw/c000001/1' of step 3 is missing" in r0_lost
+    assert "rank 1: another rank of the process group cannot return to step 3" in r1_lost
 
 
 def test_a_marker_written_without_the_step_before_it_still_resumes(tmp_path):

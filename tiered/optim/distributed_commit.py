@@ -12,10 +12,10 @@ Three rules keep every rank able to return to the last complete step after any r
 - a marker names its step and the step before it (and each parameter's step count at both),
   whose chunks are intact under the other parity.
 - on open with ``resume=True`` the ranks agree (all-reduce) on the lowest step their markers
-  name, the last one every rank has durable; a rank whose marker is a step ahead rewrites it to
-  name that step alone, durably, before any rank goes on (a second all-reduce): the keys of the
-  step it abandons are the ones the next step writes over, so a later crash cannot bring it
-  back. Then it reads that step's chunks, as one process resumes.
+  name, the last one every rank has durable, and read that step's chunks as one process
+  resumes; a rank whose marker is a step ahead then rewrites it to name that step alone,
+  durably, before any rank goes on (a second all-reduce): the keys of the step it abandons are
+  the ones the next step writes over, so a later crash cannot bring it back.
 
 Cost: one all-reduce of two int64 per step when the step is committed (at the start of the next
 ``step()``, or inside ``step()`` with ``sync=True``); it waits for the slowest rank's fdatasync,
@@ -104,8 +104,8 @@ class _RankCommit:
         return low
 
     def _check_agreed(self, low: int, able: bool, mine: int, prev: int, error: BaseException | None) -> None:
-        """Every rank can return to step ``low`` (``able``: this one can, and has rewritten its
-        marker to name it where it rolled back; ``error``: why that failed), before any rank
+        """Every rank has returned to step ``low`` (``able``: this one has, its marker rewritten
+        to name that step where it rolled back; ``error``: why it could not), before any rank
         writes a step after it."""
         all_able = _all_min(self._group, [int(able)])[0] if self._group is not None else able
         if error is not None:

@@ -104,23 +104,23 @@ class _Durability:
     def _find_state(self) -> None:
         """Continue from the last complete step found in the store (under a process group: the
         last step every rank has, see :mod:`.distributed_commit`); without ``resume=True``,
-        state found is an error."""
+        state found is an error. A rank's error is raised on every rank, none waits for it."""
         mine = error = None
         try:
             mine = self._local_marker()
-        except OptimStateError as e:
+        except Exception as e:  # noqa: BLE001 - raised by _agree_step once the other ranks know
             error = e
         hi, prev = (mine.step, mine.prev) if mine is not None else (0, -1)
         low = self._agree_step(hi, prev, error)
         able = mine is None or low in (mine.step, mine.prev)
-        if able and mine is not None and low != mine.step:
-            try:  # roll back: the marker names that step alone (the next step writes over this one)
-                self._put_marker(Marker(low, mine.counts_at(low)))
+        if able and mine is not None:
+            try:
+                self._recover(low, mine.counts_at(low))
+                if low != mine.step:  # rolled back: the marker names that step alone (the next
+                    self._put_marker(Marker(low, mine.counts_at(low)))  # step writes over this one)
             except Exception as e:  # noqa: BLE001 - raised by _check_agreed once the other ranks know
                 error, able = e, False
         self._check_agreed(low, able, hi, prev, error)
-        if mine is not None:
-            self._recover(low, mine.counts_at(low))
 
     def _recover(self, s: int, counts: list[int]) -> None:
         """Continue from step ``s``: check its chunks, put its masters in the params (step 0:
