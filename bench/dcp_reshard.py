@@ -212,7 +212,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", help="where the checkpoints go (default: a temporary directory, removed after)")
-    ap.add_argument("--json", action="store_true", help=f"write {RESULTS.relative_to(ROOT)}")
+    ap.add_argument("--json", action="store_true", help=f"write {RESULTS}")
     a = ap.parse_args()
     spec = {"hidden": a.hidden, "ffn": a.ffn, "layers": a.layers, "vocab": a.vocab}
     work = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="dcp_reshard_"))

@@ -111,10 +111,11 @@ class _RankCommit:
         if error is not None:
             raise error
         if not able:
+            before = f" and {prev} before it" if prev >= 0 else ""
             raise OptimStateError(
                 f"OffloadedAdamW {self.name!r}: {self._rank_label}the ranks' last common step is {low}, but this "
-                f"rank's marker {self._marker_key!r} names step {mine}" + (f" and {prev} before it" if prev >= 0 else "")
-                + f", so it cannot return to step {low}: the ranks' stores do not belong to one run")
+                f"rank's marker {self._marker_key!r} names step {mine}{before}, so it cannot return to step {low}: "
+                "the ranks' stores do not belong to one run")
         if not all_able:
             raise OptimStateError(f"OffloadedAdamW {self.name!r}: {self._rank_label}another rank of the process "
                                   f"group cannot return to step {low}, the ranks' last common step (see its error)")
