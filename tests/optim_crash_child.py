@@ -41,12 +41,12 @@ class Pausing(OffloadedAdamW):
             print("PAUSED", flush=True)
             time.sleep(120)
 
-    def _commit(self, s):
+    def _commit(self, s, prev=None):
         if s == self.pause_step and self.before_marker:
             self._wait_writes()
             print("PAUSED", flush=True)
             time.sleep(120)
-        super()._commit(s)
+        super()._commit(s, prev)
 
 
 def main() -> None:

@@ -38,7 +38,9 @@ never touched by step *s*, and step *s+1* writes nothing before the marker of
 *s* is durable, so a kill at any point leaves the marker naming a step whose
 chunks are all present; each chunk also carries the step it belongs to,
 checked on every read, so a state that mixes steps is refused with
-:class:`OptimStateError` instead of being used.
+:class:`OptimStateError` instead of being used. Under FSDP2 (each rank its own store), a step
+is complete once every rank's marker is durable and every rank resumes from the same step
+(:mod:`.distributed_commit`).
 
 By default ``step()`` returns once every chunk is updated and its write is
 issued: the rest of the writes and the commit overlap what the caller does
@@ -87,6 +89,7 @@ from ..config import load_config
 from ..store import TieredStore
 from .backward import _Backward
 from .clipping import _Clipping, check_clip_args, norm_order
+from .distributed_commit import _RankCommit, commit_group
 from .durability import _Durability
 from .host import _HostMemory
 from .layout import ALIGN_ELEMS, Chunk, OptimStateError, drop, plan_chunks
@@ -100,7 +103,8 @@ _drop = drop  # older spelling
 __all__ = ["OffloadedAdamW", "OptimStateError"]
 
 
-class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward, _Clipping, Optimizer):
+class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _RankCommit, _StateDict, _Backward, _Clipping,
+                     Optimizer):
     """AdamW with its state in a :class:`~tiered.TieredStore`; see the module docstring.
 
     ``store``: an open store (the caller closes it); else ``config`` (TOML path, dict,
@@ -125,6 +129,9 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
     (``clip="deferred"``) or each unit's by its own norm (``clip="per_unit"``); ``grads``:
     where a ``model=``'s unit gradients wait for the update ("stream", "park", "keep"); see
     :mod:`.clipping`. ``last_grad_norm`` is the global norm of the last step (deferred).
+    ``process_group``: the ranks that commit each step together and resume from one step
+    (default: torch.distributed's default group when a parameter is a DTensor, FSDP2); see
+    :mod:`.distributed_commit`.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -134,7 +141,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
                  chunk_bytes: int | None = None, lookahead: int = 2, resume: bool = False,
                  resident_bytes: int | None = None, host_share: int | str | None = None,
                  sync: bool = False, max_grad_norm: float | None = None, clip: str = "deferred",
-                 grads: str | None = None, loss_scale: LossScale | None = None) -> None:
+                 grads: str | None = None, loss_scale: LossScale | None = None, process_group=None) -> None:
         _check_args(lr, betas, eps, chunk_bytes, lookahead, resident_bytes)
         self._grads_given = grads is not None
         grads = check_clip_args(max_grad_norm, clip, grads, model is not None, loss_scale)
@@ -157,6 +164,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         self._pending: int | None = None  # a step that step() returned from, not committed yet
         self._broken: BaseException | None = None  # a step failed to become durable
         self._model = model
+        self._process_group = process_group
         self._index_params()
         refuse_global_ops(self._sharded, model=model, max_grad_norm=max_grad_norm, loss_scale=loss_scale,
                           grads=grads)
@@ -180,6 +188,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
         if self._owns_store:
             self._store = TieredStore(load_config(self._config)).open()
         try:
+            self._group = commit_group(self._sharded, self._process_group)
             self._reserve_host()
             self._check_params()
             if self._units is not None:
@@ -190,13 +199,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _StateDict, _Backward,
             self._check_per_unit()
             self._check_budget()
             self._place_resident()
-            if self._marker_key in self._store:
-                if not self.resume:
-                    step = int(self._read_marker()[0])
-                    raise OptimStateError(
-                        f"store at {self._store.root} already holds optimizer state {self.name!r} at step {step} "
-                        f"(object {self._marker_key!r}); pass resume=True to continue it, or another name=")
-                self._recover()
+            self._find_state()
             if self._units is not None and self.grads != "keep":
                 self._install_grad_hooks()
         except BaseException:

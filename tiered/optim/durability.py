@@ -2,13 +2,16 @@
 
 Step *s* writes its chunks under keys of parity ``s % 2`` without per-object fdatasync or
 manifest commit; :meth:`_commit` then makes them durable at once and puts the marker naming
-*s*. Recovery reads the marker, checks every chunk of that step (the step tag each carries)
-and puts the stored masters into the parameters.
+*s* and the step before it (whose chunks the other parity holds). Recovery reads the marker,
+checks every chunk of that step (the step tag each carries) and puts the stored masters into
+the parameters. Under a process group (FSDP2) a step is complete once every rank's marker is,
+and the ranks resume from the same step: see :mod:`.distributed_commit`.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
@@ -18,24 +21,54 @@ from ..store import Lease
 from .layout import TAG, WAIT, Chunk, OptimStateError, decode_step
 
 
+@dataclass
+class Marker:
+    """What the marker object holds: int64 ``[step, chunks, elements, counts..., prev,
+    prev_counts...]`` (``counts``: each parameter's step count; ``prev`` -1: no step before it
+    to return to). Markers written before ``prev`` existed end after ``counts``."""
+
+    step: int
+    counts: list[int]
+    prev: int = -1
+    prev_counts: list[int] | None = None
+
+    def counts_at(self, s: int) -> list[int]:
+        return self.counts if s == self.step else self.prev_counts
+
+
 class _Durability:
     """Part of :class:`~tiered.optim.OffloadedAdamW` (see the module docstring)."""
 
-    def _commit(self, s: int) -> None:
-        """Every chunk of step ``s`` durable, then the marker naming ``s``."""
-        self._wait_writes()
-        steps = list(self._param_steps)  # counted only once the marker is durable: a retried step
-        for i in self._stepped_params:  # after a failed marker put must not count twice
-            steps[i] += 1
-        marker = torch.tensor([s, len(self._chunks), sum(c.numel for c in self._chunks)] + steps,
-                              dtype=torch.int64)
-        self._store.put(self._marker_key, marker, kind="optim", owner=self.owner).result(timeout=WAIT)
+    def _commit(self, s: int, prev: tuple[int, list[int]] | None = None) -> None:
+        """Every chunk of step ``s`` durable, then the marker naming ``s`` and ``prev`` (the step
+        before it and its counts; default: the last committed step), then every rank's marker."""
+        try:
+            self._wait_writes()
+            steps = list(self._param_steps)  # counted only once the marker is durable: a retried step
+            for i in self._stepped_params:  # after a failed marker put must not count twice
+                steps[i] += 1
+            before, before_counts = prev if prev is not None else (self._step, self._param_steps)
+            self._put_marker(Marker(s, steps, before, list(before_counts)))
+        except BaseException as e:
+            try:  # the other ranks are waiting to hear that this step is durable here
+                self._ranks_committed(s, ok=False)
+            except Exception as told:  # noqa: BLE001 - e is what is raised; this is noted on it
+                e.add_note(f"telling the other ranks failed too: {told!r}")
+            raise
+        if not self._ranks_committed(s, ok=True):
+            raise self._not_committed_error(s)
         self._param_steps = steps
         self._step = s
         self._updated.clear()
         self._stepped_params.clear()
         for c in self._chunks:
             c.arrived.clear()
+
+    def _put_marker(self, m: Marker) -> None:
+        prev_counts = m.prev_counts if m.prev >= 0 else [0] * len(m.counts)
+        marker = torch.tensor([m.step, len(self._chunks), sum(c.numel for c in self._chunks), *m.counts,
+                               m.prev, *prev_counts], dtype=torch.int64)
+        self._store.put(self._marker_key, marker, kind="optim", owner=self.owner).result(timeout=WAIT)
 
     def _wait_writes(self) -> None:
         writes, self._writes = self._writes, []
@@ -48,18 +81,54 @@ class _Durability:
     def _read_marker(self) -> torch.Tensor:
         return self._store.get(self._marker_key, owner=self.owner).result(timeout=WAIT)
 
-    def _recover(self) -> None:
-        """Continue from the last complete step: check its chunks, put its masters in the params."""
-        marker = self._read_marker()
-        s, nchunks, numel = (int(x) for x in marker[:3])
-        total = sum(c.numel for c in self._chunks)
-        if nchunks != len(self._chunks) or numel != total or marker.numel() != 3 + len(self._params):
+    def _local_marker(self) -> Marker | None:
+        """This store's marker, checked against this optimizer's layout (None: no state)."""
+        if self._marker_key not in self._store:
+            return None
+        t = self._read_marker()
+        if not self.resume:
             raise OptimStateError(
-                f"object {self._marker_key!r} describes {nchunks} chunks of {numel} elements for "
-                f"{marker.numel() - 3} parameters; this optimizer has {len(self._chunks)} chunks of {total} "
-                f"elements for {len(self._params)} parameters (another model, or other chunk_bytes)")
-        self._param_steps = [int(x) for x in marker[3:]]
+                f"store at {self._store.root} already holds optimizer state {self.name!r} at step {int(t[0])} "
+                f"(object {self._marker_key!r}); pass resume=True to continue it, or another name=")
+        s, nchunks, numel = (int(x) for x in t[:3])
+        n, total = len(self._params), sum(c.numel for c in self._chunks)
+        if nchunks != len(self._chunks) or numel != total or t.numel() not in (3 + n, 4 + 2 * n):
+            raise OptimStateError(
+                f"object {self._marker_key!r} describes {nchunks} chunks of {numel} elements in {t.numel()} "
+                f"entries; this optimizer has {len(self._chunks)} chunks of {total} elements for {n} parameters "
+                "(another model, or other chunk_bytes)")
+        counts = [int(x) for x in t[3:3 + n]]
+        prev = int(t[3 + n]) if t.numel() > 3 + n else -1
+        return Marker(s, counts, prev, [int(x) for x in t[4 + n:]] if prev >= 0 else None)
+
+    def _find_state(self) -> None:
+        """Continue from the last complete step found in the store (under a process group: the
+        last step every rank has, see :mod:`.distributed_commit`); without ``resume=True``,
+        state found is an error. A rank's error is raised on every rank, none waits for it."""
+        mine = error = None
+        try:
+            mine = self._local_marker()
+        except Exception as e:  # noqa: BLE001 - raised by _agree_step once the other ranks know
+            error = e
+        hi, prev = (mine.step, mine.prev) if mine is not None else (0, -1)
+        low = self._agree_step(hi, prev, error)
+        able = mine is None or low in (mine.step, mine.prev)
+        if able and mine is not None:
+            try:
+                self._recover(low, mine.counts_at(low))
+                if low != mine.step:  # rolled back: the marker names that step alone (the next
+                    self._put_marker(Marker(low, mine.counts_at(low)))  # step writes over this one)
+            except Exception as e:  # noqa: BLE001 - raised by _check_agreed once the other ranks know
+                error, able = e, False
+        self._check_agreed(low, able, hi, prev, error)
+
+    def _recover(self, s: int, counts: list[int]) -> None:
+        """Continue from step ``s``: check its chunks, put its masters in the params (step 0:
+        no state, the parameters as given)."""
+        self._param_steps = list(counts)
         self._step = s
+        if s == 0:
+            return
         with torch.no_grad():
             for c in self._chunks:
                 self._load_chunk(c, s, into_params=True)

@@ -70,12 +70,13 @@ class _StateDict:
             s += 1
         for c in self._chunks:
             self._write_loaded_chunk(c, s, per_param)
+        before = (self._step, list(self._param_steps))  # what the marker names as the step before
         self._param_steps = steps
         self._step = s - 1
         self._updated.clear()
         self._stepped_params.clear()
         with self._breaks_on_error():
-            self._commit(s)
+            self._commit(s, prev=before)
         # the loaded masters are the parameters now (they differ from them for low precision)
         for c in self._chunks:
             self._load_chunk(c, s, into_params=True)

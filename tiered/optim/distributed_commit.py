@@ -1,0 +1,121 @@
+"""Steps committed by every rank: OffloadedAdamW over the ranks of a process group (FSDP2).
+
+Each rank keeps the state of its shards in a store of its own (``{rank}`` in the tier path)
+and commits a step there as one process does (chunks under keys of parity ``s % 2``, then its
+marker). Over the ranks, step *s* is complete only once every rank's marker of *s* is durable.
+Three rules keep every rank able to return to the last complete step after any rank is killed:
+
+- after its marker of step *s* is durable, a rank waits (one all-reduce) until every rank's is
+  before it writes anything of step *s+1*, which goes over the keys of step *s-1*. So while
+  any rank lacks marker *s*, every rank still holds step *s-1* whole: the ranks' markers name
+  at most two steps, *s-1* and *s*.
+- a marker names its step and the step before it (and each parameter's step count at both),
+  whose chunks are intact under the other parity.
+- on open with ``resume=True`` the ranks agree (all-reduce) on the lowest step their markers
+  name, the last one every rank has durable, and read that step's chunks as one process
+  resumes; a rank whose marker is a step ahead then rewrites it to name that step alone,
+  durably, before any rank goes on (a second all-reduce): the keys of the step it abandons are
+  the ones the next step writes over, so a later crash cannot bring it back.
+
+Cost: one all-reduce of two int64 per step when the step is committed (at the start of the next
+``step()``, or inside ``step()`` with ``sync=True``); it waits for the slowest rank's fdatasync,
+which the step needs anyway, and fails as soon as a rank is gone (the process group's timeout at
+most). Two all-reduces at open. The group is ``process_group=`` if given, else the default
+group when any parameter is a DTensor; a process alone in its group does none of this.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import OptimStateError
+
+try:  # torch.distributed may be missing from a build
+    import torch.distributed as dist
+except ImportError:  # pragma: no cover - no distributed support in this torch
+    dist = None
+
+
+def commit_group(sharded: dict, process_group):
+    """The process group whose ranks commit each step together, or None (one process)."""
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        if process_group is not None:
+            raise ValueError("OffloadedAdamW: process_group= given but torch.distributed is not initialized")
+        return None
+    group = process_group if process_group is not None else (dist.group.WORLD if sharded else None)
+    if group is None or dist.get_world_size(group) == 1:
+        return None
+    return group
+
+
+def _all_min(group, values: list[int]) -> list[int]:
+    """Element-wise minimum of ``values`` over the ranks of ``group`` (a tensor on the device
+    the group's backend works on: CUDA for NCCL, else the CPU)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return [int(x) for x in t.cpu()]
+
+
+class _RankCommit:
+    """Part of :class:`~tiered.optim.OffloadedAdamW` (see the module docstring)."""
+
+    _group = None
+
+    @property
+    def _rank_label(self) -> str:
+        return "" if self._group is None else f"rank {dist.get_rank(self._group)}: "
+
+    def _ranks_committed(self, s: int, ok: bool) -> bool:
+        """Whether every rank's marker of step ``s`` is durable (``ok``: this rank's is); asked
+        before this rank writes anything of step ``s + 1``."""
+        if self._group is None:
+            return ok
+        try:
+            low, all_ok = _all_min(self._group, [s if ok else s - 1, int(ok)])
+        except RuntimeError as e:  # a rank is gone (its connection closed) or the group timed out
+            raise OptimStateError(
+                f"OffloadedAdamW {self.name!r}: {self._rank_label}could not learn whether every rank of the process "
+                f"group committed step {s} ({e}); reopen every rank with resume=True: they continue from the "
+                "last step all of them committed") from e
+        return bool(all_ok) and low >= s
+
+    def _not_committed_error(self, s: int) -> OptimStateError:
+        return OptimStateError(
+            f"OffloadedAdamW {self.name!r}: {self._rank_label}step {s} is durable on this rank but not on every "
+            "rank of the process group (another rank failed to commit it); reopen every rank with resume=True: "
+            "they continue from the last step all of them committed")
+
+    def _agree_step(self, mine: int, prev: int, error: BaseException | None) -> int:
+        """The step every rank resumes from: the lowest step the ranks' markers name (``mine``,
+        0 without a marker; ``prev``: the step before it this rank can return to, else -1).
+        ``error``: this rank cannot open its state; it is raised on this rank, and every other
+        rank raises too instead of waiting for it."""
+        if self._group is None:
+            if error is not None:
+                raise error
+            return mine
+        low, all_ok = _all_min(self._group, [mine, int(error is None)])
+        if error is not None:
+            raise error
+        if not all_ok:
+            raise OptimStateError(f"OffloadedAdamW {self.name!r}: {self._rank_label}another rank of the process "
+                                  "group cannot open its optimizer state (see its error)")
+        return low
+
+    def _check_agreed(self, low: int, able: bool, mine: int, prev: int, error: BaseException | None) -> None:
+        """Every rank has returned to step ``low`` (``able``: this one has, its marker rewritten
+        to name that step where it rolled back; ``error``: why it could not), before any rank
+        writes a step after it."""
+        all_able = _all_min(self._group, [int(able)])[0] if self._group is not None else able
+        if error is not None:
+            raise error
+        if not able:
+            before = f" and {prev} before it" if prev >= 0 else ""
+            raise OptimStateError(
+                f"OffloadedAdamW {self.name!r}: {self._rank_label}the ranks' last common step is {low}, but this "
+                f"rank's marker {self._marker_key!r} names step {mine}{before}, so it cannot return to step {low}: "
+                "the ranks' stores do not belong to one run")
+        if not all_able:
+            raise OptimStateError(f"OffloadedAdamW {self.name!r}: {self._rank_label}another rank of the process "
+                                  f"group cannot return to step {low}, the ranks' last common step (see its error)")
