@@ -338,14 +338,14 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _RankCommit, _StateDic
             raise
 
     def _check_params(self) -> None:
-        """Every parameter is on the CPU (where the update runs) and, with ``model=``, one of
-        that model's: parameters of another (an un-offloaded copy) would be trained while the
-        offloaded weights never change."""
+        """With ``model=``, every parameter is one of that model's: parameters of another (an
+        un-offloaded copy) would be trained while the offloaded weights never change. The update
+        runs on the CPU wherever the parameters are: gradients on a GPU come over per chunk, and
+        new weights go back."""
         for i, p in enumerate(self._params):
-            if p.device.type != "cpu":
-                raise ValueError(f"OffloadedAdamW: parameter {self._param_name(i)} is on {p.device}; the update "
-                                 "runs on the CPU in this version: the parameters must be CPU tensors "
-                                 "(offloaded models' weights are)")
+            if p.device.type == "meta":
+                raise ValueError(f"OffloadedAdamW: parameter {self._param_name(i)} is on meta: it has no data "
+                                 "to update (materialize the model first)")
             in_unit = self._units is not None and self._units.owns_param(p)
             if p.requires_grad and not in_unit and torch._debug_has_internal_overlap(p) == 1:
                 raise ValueError(f"OffloadedAdamW: parameter {self._param_name(i)} has elements sharing one memory "

@@ -142,7 +142,8 @@ def plan_chunks(params: list[torch.Tensor], group_of: list[int], chunk_bytes: in
     if cur:
         chunks.append(Chunk(len(chunks), cur))
     for c in chunks:
-        c.split = c.unit is None and all(params[g.param].dtype == torch.float32 for g in c.segments)
+        c.split = c.unit is None and all(params[g.param].dtype == torch.float32 and params[g.param].device.type == "cpu"
+                                          for g in c.segments)
     return chunks
 
 

@@ -179,6 +179,8 @@ class _Pipeline:
                 if g.is_sparse:
                     raise ValueError(f"OffloadedAdamW: parameter {seg.param} has a sparse gradient")
                 gv = g.reshape(-1)[seg.start:seg.stop]
+                if gv.device.type != "cpu":  # the update runs on the CPU: this segment's gradient comes over
+                    gv = gv.to("cpu")
                 if gv.dtype != torch.float32:
                     gv = gv.float()
                 lists = per_group.setdefault(seg.group, ([], [], [], [], []))
@@ -285,8 +287,10 @@ class _Pipeline:
         """The segment's current weights (flat): the unit's copy, else the parameter's slice."""
         p = self._params[seg.param]
         if edit is not None:
-            return edit.views[id(p)][0].reshape(-1)
-        return p.detach().reshape(-1)[seg.start:seg.stop]
+            w = edit.views[id(p)][0].reshape(-1)
+        else:
+            w = p.detach().reshape(-1)[seg.start:seg.stop]
+        return w if w.device.type == "cpu" else w.to("cpu")
 
     def _refresh_masters(self, c: Chunk, master: torch.Tensor, edit) -> None:
         """Weights changed since the last update (``model.load_state_dict``, any in-place
