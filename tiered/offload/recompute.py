@@ -45,6 +45,14 @@ class _Recompute:
         with self._idle_lock:
             self._graph = True  # held for the backward under way
 
+    def _enter_recompute(self) -> None:
+        """Before a recompute loads a unit: a new recompute (another autograd node) first gives
+        back the units the previous one held and the units whose backward is over, so the budget
+        has their room (with a device cache the plan leaves one window beside the residents)."""
+        if _autograd_node() is not self._recompute_node:
+            self._release_recomputed()
+            self._release_unused()
+
     def _release_recomputed(self) -> None:
         done, self._recomputed = self._recomputed, [u for u in self._recomputed if u.active]
         self._recompute_node = None
@@ -76,6 +84,7 @@ class _Recompute:
             if self._running or any(u.active or u.bound for u in units):
                 return  # a forward in progress binds its units; or its weights are bound already
             u = units[0]
+            self._enter_recompute()
             u.active += 1
             try:
                 self._load(u)

@@ -158,6 +158,8 @@ class OffloadedModule(_Packing, _ExpertPacking, _ExpertCache, _Budget, _Loading,
     def _pre_hook(self, u: _Unit) -> Callable:
         def hook(_m, _args):
             recomputing = self._recomputing()
+            if recomputing and not u.active and not u.bound:
+                self._enter_recompute()
             u.active += 1
             if u.active == 1:
                 if u.bound:  # a resident unit stays bound between forwards

@@ -210,12 +210,22 @@ class _Training:
         return u.host_resident and self.dcache is None
 
     def check_trainable(self) -> None:
-        """Updating weights in place needs each parameter's bytes in the store objects themselves."""
+        """Updating weights in place needs each parameter's bytes in the store objects themselves,
+        or in device copies the store's versions are placed from (the device cache)."""
+        self._refuse_unshared_device_copies("training offloaded weights")
         for u in self.units:
             for s in u.slots:
                 if s.bundle is not None:
                     raise OffloadError(f"unit {u.name!r}: the bundled layout cannot be trained; "
                                        "offload with layout='packed'")
+
+    def _refuse_unshared_device_copies(self, what: str) -> None:
+        """On CUDA without the device cache, units are bound to device copies made per forward
+        apart from the host copies an edit writes: a change would reach one and not the other."""
+        if self.cuda and self.dcache is None:
+            raise OffloadError(f"{what} on {self.device} needs the device cache ([offload] device_cache = true "
+                               "or \"auto\"); with device_cache = false the bound device copies are not the "
+                               "store's")
 
     def open_unit_params(self, u: _Unit) -> "UnitEdit":
         """Writable host copies of ``u``'s objects and of every other unit holding one of its
@@ -292,8 +302,9 @@ class _Training:
                 self._drop_pending(u)
             for k, lease in list(u.host_pins.items()):
                 if self.store.meta(k)["version"] != lease.version:
+                    del u.host_pins[k]
+                    lease.release()  # first: on a full host tier the new copy needs the old one's room
                     u.host_pins[k] = self.store.acquire(k, wait=_WAIT, owner=self.owner).result(timeout=_WAIT)
-                    lease.release()
 
     def _placed_stale(self, u: _Unit) -> bool:
         """Some copy placed ahead for ``u`` is of an older version than the store's (or failed)."""
@@ -321,6 +332,7 @@ class _Training:
         parameters are placeholders between forwards; returns once the writes are durable."""
         if not values:
             return
+        self._refuse_unshared_device_copies("load_state_dict into an offloaded model")
         for u in self.units:
             if not any(id(s.tensor()) in values for s in u.slots):
                 continue

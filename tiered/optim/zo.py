@@ -89,7 +89,7 @@ def mezo_step(model: nn.Module, batch: dict, *, seed: int, lr: float, eps: float
     params = _unique_params(model)
     labels = batch.get("labels", batch["input_ids"])
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    zs = [mezo_noise(seed, j, p.shape, p.dtype) for j, (_n, p) in enumerate(params)]
+    zs = [_on(mezo_noise(seed, j, p.shape, p.dtype), p) for j, (_n, p) in enumerate(params)]
     for (_n, p), z in zip(params, zs):
         p.data.add_(z, alpha=eps)
     lp = loss_fn(_logits(model(**inputs, use_cache=False)), labels)
@@ -102,6 +102,11 @@ def mezo_step(model: nn.Module, batch: dict, *, seed: int, lr: float, eps: float
     for (_n, p), z in zip(params, zs):
         p.data.add_(z, alpha=-lr * g)
     return ZOStep(lp.item(), lm.item(), g, seed)
+
+
+def _on(z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The noise (drawn on the CPU, so every device sees the same values) where ``like`` is."""
+    return z if z.device == like.device else z.to(like.device)
 
 
 def _logits(out) -> torch.Tensor:
@@ -311,7 +316,7 @@ class ZOSGD:
             with (contextlib.nullcontext(draw) if draw is not None else self._noise(views)) as draw:
                 for seed, g in pending:
                     for (_j, view), z in zip(views, draw(seed)):
-                        view.add_(z, alpha=-self.lr * g)
+                        view.add_(_on(z, view), alpha=-self.lr * g)
         self._applied[u.index] = len(self._history)
 
     def _wrap(self, u, forward: Callable) -> Callable:
@@ -335,7 +340,7 @@ class ZOSGD:
         written back once with its weights restored."""
         def shift(alpha: float) -> None:
             for (_j, v), z in zip(views, zs):
-                v.add_(z, alpha=alpha)
+                v.add_(_on(z, v), alpha=alpha)
 
         shift(self.eps)
         sign = 1  # which perturbation the cached weights hold now
