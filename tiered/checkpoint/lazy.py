@@ -176,15 +176,21 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
         for t in self._threads:
             t.start()
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Finish pending saves (durable and cold), stop threads, close the store if it opened it.
-        Raises the first failure of a save nobody waited for."""
+        Raises the first failure of a save nobody waited for. ``timeout``: seconds to wait for
+        the pending saves (default: as long as they take); past it a CheckpointError, and the
+        store and memory stay with the threads still running."""
         if not self._opened:
             return
         self._opened = False
         self._copy_q.put(None)  # each loop passes the sentinel on to the next level
+        deadline = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
-            t.join()
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                raise CheckpointError(f"close(): the checkpointer's thread {t.name} is still busy after {timeout} s "
+                                      "(a save is stuck); its store and memory are kept while it runs")
         self._threads = []
         self._release_resources()
         self._raise_unobserved()
