@@ -257,7 +257,7 @@ def _no_wait_for_retire_lock(ck) -> None:
     def retire() -> None:
         with ck._retire_lock:
             held.set()
-            release.wait(JOIN_S)
+            release.wait(5.0)
 
     t = threading.Thread(target=retire)
     t.start()

@@ -147,11 +147,12 @@ def _host_held(store, owner: str) -> int:
 def _noncontig_rank(rank: int, root: str, init: str) -> None:
     """A non-contiguous tensor larger than a segment (one piece, one crc32 per segment) comes back
     from the peer's memory; a held copy that fails its crc32 falls back to storage; the held
-    copy's memory is given back when a newer step replaces it and at close."""
+    copy's memory is given back when a newer step replaces it and at close; a host share that
+    cannot hold the peer copies is refused at save."""
     import torch.distributed as dist
 
     from tiered.allocators import align_up
-    from tiered.checkpoint import DistributedCheckpointer
+    from tiered.checkpoint import CheckpointError, DistributedCheckpointer
     from tiered.store import TieredStore
 
     _init(rank, init)
@@ -179,6 +180,12 @@ def _noncontig_rank(rank: int, root: str, init: str) -> None:
         assert torch.equal(ck.load()["w"], w2) and ck.restored_from_peer == (rank + 1) % 2
         ck.close()
         assert _host_held(store, ck.owner) == 0
+        # a host share too small for the peer copies: save says so at once (on every rank)
+        small = DistributedCheckpointer(store=store, name="small", peer=True, host_share="24MiB", prefault=False,
+                                        timeout=COLL_S, host_wait=5.0).open()
+        with pytest.raises(CheckpointError, match="three copies.*host_share"):
+            small.save({"w": w}, 1)
+        small.close()
     finally:
         store.close()
         dist.destroy_process_group()

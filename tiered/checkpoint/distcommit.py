@@ -8,11 +8,11 @@ one slot, and the group stops (every later step fails until ``rejoin``) rather t
 record that mixes them.
 
 Rank 0 writes the global record; once it is renamed into place the step is committed on every
-rank. A rank deletes its local copy of a step once every rank agreed the step did not commit;
-where the collectives broke off instead (a rank died, a timeout) the outcome is unknown here and
-the copy stays until ``open``/``rejoin`` reads the records. What rank 0 does after that (fsync of the directory, retiring old records) can fail
+rank. What rank 0 does after that (fsync of the directory, retiring old records) can fail
 without undoing the commit: it is logged and reported by the next ``save``, ``wait_all`` or
-``close`` of rank 0.
+``close`` of rank 0. A rank deletes its local copy of a step once every rank agreed the step
+did not commit; where the collectives broke off instead (a rank died, a timeout) the outcome is
+unknown here and the copy stays until ``open``/``rejoin`` reads the records.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ class Joining:
             claim, self._global_claim = self._global_claim, None
             claim.release()
         timeout = datetime.timedelta(seconds=self.timeout)
-        self._groups = (dist.new_group(backend="gloo", timeout=timeout), dist.new_group(backend="gloo", timeout=timeout))
+        self._groups = tuple(dist.new_group(backend="gloo", timeout=timeout) for _ in range(2))
         group = self._groups[1]
         _everyone_ok(error, group, "open()")
         head = broadcast_json(self._global_head() if self.rank == 0 else None, 0, group)

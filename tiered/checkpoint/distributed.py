@@ -198,16 +198,14 @@ class DistributedCheckpointer(Joining, GlobalCommits, LazyCheckpointer):
                                   "tensors only")
         nbytes = sum(align_up(t.numel() * t.element_size()) for _n, t in found)
         share = self.host.res.reserved if self.host.res is not None else 0
-        if share:
-            room, what = share - SEGMENT, f"host_share ({share} bytes) less one segment for the snapshot"
-        else:
-            cap = self.store.arena.capacity
-            room, what = cap - self.host.capacity, f"the host tier ({cap} bytes) less host_buffer ({self.host.capacity})"
+        room = (share or self.store.arena.capacity) - SEGMENT  # and one segment for the snapshot itself
+        what = f"host_share ({share} bytes)" if share else f"the host tier ({self.store.arena.capacity} bytes)"
         if 3 * nbytes > room:
             raise CheckpointError(
                 f"save(step={step}): peer=True holds up to three copies of a snapshot ({nbytes} bytes here) in "
                 f"host memory (this rank's outgoing copy, the previous rank's held one and the one it receives), "
-                f"{3 * nbytes} bytes; {what} leaves {room}: raise host_share or the host tier's capacity")
+                f"{3 * nbytes} bytes; {what} less one segment for the snapshot leaves {room}: raise host_share or "
+                "the host tier's capacity")
 
     def _put_piece(self, h, p) -> None:
         if self._peer is not None:
