@@ -14,6 +14,7 @@ deleting the steps would lose the only copies).
 from __future__ import annotations
 
 import datetime
+import logging
 
 import torch.distributed as dist
 
@@ -22,8 +23,10 @@ from .commit import commit_order
 from .dirs import DirectoryClaim
 from .distcommit import GlobalSteps
 from .format import CheckpointError
-from .globalrec import committed, remove_leftovers
+from .globalrec import committed, remove_leftovers, remove_record
 from .peer import PeerCopies
+
+log = logging.getLogger("tiered.checkpoint")
 
 
 class Joining:
@@ -65,7 +68,8 @@ class Joining:
 
     def _join(self, error: BaseException | None = None) -> None:
         """Collective: new groups; every rank's ``error`` (of opening its side) told to all;
-        the global steps from rank 0; the local steps that never committed globally deleted."""
+        the global steps from rank 0 (its newest ``keep_last``: older records are retired); the
+        local steps that never committed globally deleted."""
         if self.rank != 0 and self._global_claim is not None:  # rank 0 no more: the new one claims it
             claim, self._global_claim = self._global_claim, None
             claim.release()
@@ -103,7 +107,13 @@ class Joining:
         except BaseException as e:  # noqa: BLE001 - broadcast, then raised on every rank
             return {"error": f"{type(e).__name__}: {e}"}
         self._global_seq = order[-1][0] if order else 0
-        return {"order": [list(x) for x in order]}
+        for _seq, old, _w in order[:-self.keep_last]:  # left by a retirement that failed
+            try:
+                remove_record(self.global_directory, old)
+            except OSError as e:
+                log.error("checkpoint %s: retiring global step %d in %s: %s", self.name, old,
+                          self.global_directory, e)
+        return {"order": [list(x) for x in order[-self.keep_last:]]}
 
     def _uncommitted(self, steps: list[int]) -> tuple[list[int], CheckpointError | None]:
         """The local steps committed after the newest global step's local commit and named by

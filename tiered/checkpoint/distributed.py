@@ -67,6 +67,10 @@ class DistributedCheckpointer(Joining, GlobalCommits, LazyCheckpointer):
     cold tier: its copies are not coordinated).
     """
 
+    # an earlier failure raised by save() on one rank only would stop the training loop there and
+    # leave the other ranks waiting in its next collective: wait(), wait_all() and close() raise it
+    _save_raises_earlier_failures = False
+
     def __init__(self, config: Any = None, *, name: str = "default", directory: str | os.PathLike | None = None,
                  global_directory: str | os.PathLike | None = None, tier: str | None = None, peer: bool = False,
                  timeout: float = 600.0, **kwargs: Any) -> None:

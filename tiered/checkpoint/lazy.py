@@ -54,6 +54,8 @@ __all__ = ["CheckpointHandle", "LazyCheckpointer", "StoreRef"]
 class LazyCheckpointer(Snapshots, Levels, Loading):
     """See the module docstring.
 
+    ``save`` raises the failures of earlier saves nobody waited for (``wait_all`` and ``close``
+    raise them too).
     ``store``: an open TieredStore to write through (it stays open on ``close``); without
     it the checkpointer opens one for ``config`` (path, dict, Config or None for the
     default) and closes it on ``close``. The checkpoints' bytes live on storage tier
@@ -70,6 +72,8 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
     other owners), so snapshots do not pay page faults. ``backend`` overrides
     ``[engine] backend`` of the store it opens (a name or a Backend, e.g. a FaultyBackend).
     """
+
+    _save_raises_earlier_failures = True
 
     def __init__(self, config: Config | str | os.PathLike | dict | None = None, *, name: str = "default",
                  directory: str | os.PathLike | None = None, tier: str | None = None, keep_last: int = 3,
@@ -232,7 +236,8 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
         ``unguarded="trust"``). ``StoreRef`` entries are retained in the store here.
         """
         self._check_open()
-        self._raise_unobserved()
+        if self._save_raises_earlier_failures:
+            self._raise_unobserved()
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 10**12:
             raise CheckpointError(f"save(step={step!r}): expected an int in [0, 10**12)")
         t0 = time.perf_counter()
