@@ -228,6 +228,7 @@ def _single_rank(rank: int, world: int, root: str, init: str) -> None:
             _resave_pending(ck)
             _no_wait_for_retire_lock(ck)
             _bounded_local_steps(ck)
+            _waits_end_in_time(ck)
     finally:
         dist.destroy_process_group()
 
@@ -286,7 +287,36 @@ def _bounded_local_steps(ck) -> None:
             ck.save(_state(0, s), s).wait(JOIN_S)
     assert sorted(ck.steps()) == [5, 6]
     assert sorted(ck.local_steps()) in ([5, 6], [5, 6, 11])
+    del ck._write_global
 
 
 def test_one_rank_refuses_pending_resaves_does_not_wait_for_retires_and_bounds_local_steps(tmp_path):
     run_ranks(_single_rank, 1, lambda r: (r, 1, str(tmp_path / "store"), str(tmp_path / "init")), timeout=JOIN_S)
+
+
+def _waits_end_in_time(ck) -> None:
+    """wait_all(timeout) waits at most timeout in all; close(timeout) raises past its timeout and
+    can be called again."""
+    from tiered.checkpoint import CheckpointError
+
+    slow, gate, orig = threading.Event(), threading.Event(), ck._agree
+
+    def agree(*a):
+        (gate if slow.is_set() else threading.Event()).wait(0.6 if not slow.is_set() else JOIN_S)
+        return orig(*a)
+
+    ck._agree = agree
+    for s in (20, 21, 22):  # each commit takes 0.6 s: 1.8 s for the three
+        ck.save(_state(0, s), s)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        ck.wait_all(1.0)
+    assert time.monotonic() - t0 < 1.5
+    ck.wait_all(JOIN_S)
+    slow.set()  # from here the commit waits for the gate
+    ck.save(_state(0, 23), 23)
+    with pytest.raises(CheckpointError, match="still busy"):
+        ck.close(timeout=0.5)
+    gate.set()
+    ck.close(timeout=JOIN_S)
+    assert ck.host is None  # resources released by the second close

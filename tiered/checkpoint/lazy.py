@@ -184,11 +184,12 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
         """Finish pending saves (durable and cold), stop threads, close the store if it opened it.
         Raises the first failure of a save nobody waited for. ``timeout``: seconds to wait for
         the pending saves (default: as long as they take); past it a CheckpointError, and the
-        store and memory stay with the threads still running."""
-        if not self._opened:
-            return
-        self._opened = False
-        self._copy_q.put(None)  # each loop passes the sentinel on to the next level
+        store and memory stay with the threads still running (call ``close`` again to wait more)."""
+        if self._opened:
+            self._opened = False
+            self._copy_q.put(None)  # each loop passes the sentinel on to the next level
+        elif not self._threads:
+            return  # closed already (else: an earlier close timed out, and this one waits again)
         deadline = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
