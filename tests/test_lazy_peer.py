@@ -219,6 +219,11 @@ class _Work:
         self.waited = True
 
 
+class _FailedWork:
+    def wait(self) -> None:
+        raise RuntimeError("peer gone")
+
+
 def test_held_copy_being_sent_is_freed_only_after_the_send(monkeypatch):
     """load() sends the held copy while the global thread may replace it (hold) or the
     checkpointer close: its buffers must outlive the sends that read them."""
@@ -247,3 +252,12 @@ def test_held_copy_being_sent_is_freed_only_after_the_send(monkeypatch):
     assert not new.released
     wait_all(works)
     assert new.released
+    # a send that fails still gives the copy back (once every send has ended)
+    monkeypatch.setattr(dist, "isend", lambda *a, **kw: _FailedWork())
+    peers.hold(Held(dict(header, step=3), [_Buf(8)]))
+    third = peers.held.bufs[0]
+    works = peers.send_held(1, None)
+    peers.close()
+    with pytest.raises(RuntimeError, match="peer gone"):
+        wait_all(works)
+    assert third.released

@@ -9,7 +9,10 @@ into host buffers of its own store (same owner) and holds them until the next gl
 replaces them; a step that fails to commit globally leaves the previous one held. A rank that
 restarts (its memory is gone, and maybe its disk) gets its state back from the rank that holds
 it, without reading storage: :meth:`DistributedCheckpointer.load` asks every rank what it
-holds and takes the peer's copy where the peer holds the step.
+holds and takes the peer's copy where the peer holds the step (each piece checked against the
+manifest's crc32 of every segment it spans; a copy that fails is replaced by a storage read). A
+held copy being sent stays allocated until its sends end, even when a newer step replaces it or
+the checkpointer closes meanwhile.
 """
 
 from __future__ import annotations
