@@ -320,3 +320,59 @@ def _waits_end_in_time(ck) -> None:
     gate.set()
     ck.close(timeout=JOIN_S)
     assert ck.host is None  # resources released by the second close
+
+
+# ------------------------------------------------------- rank 0 dies: the global directory's claim moves
+
+
+def _renumbered(role: str, root: str, init1: str, init2: str) -> None:
+    """"first0" dies after step 1; "first1" lives on as rank 0 of a new group; "restarted" joins
+    it as rank 1, on the dead rank's storage shard."""
+    import os
+
+    import torch.distributed as dist
+
+    from tiered.checkpoint import DistributedCheckpointer
+
+    if role == "restarted":
+        _init(1, 2, init2)
+        cfg = _cfg(root)
+        cfg["tiers"]["nvme"]["path"] = root + "/r0"  # the dead rank's shard
+        ck = DistributedCheckpointer(cfg, host_buffer="8MiB", prefault=False, timeout=COLL_S).open()
+    else:
+        _init(int(role[-1]), 2, init1)
+        ck = _open(root)
+        ck.save(_state(ck.rank, 1), 1).wait(JOIN_S)
+        if role == "first0":
+            os._exit(0)
+        dist.destroy_process_group()
+        _init(0, 2, init2)
+        ck.rejoin()
+        lock = ck.global_directory / ".lock"
+        assert lock.read_text().strip() == str(os.getpid())  # rank 0 now: it holds the global directory
+    try:
+        assert ck.latest() == 1
+        assert ck.save(_state(ck.rank, 2), 2).wait(JOIN_S)["step"] == 2
+        assert sorted(ck.steps()) == [1, 2]
+        ck.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_global_directory_claim_moves_to_the_new_rank_0_on_rejoin(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    args = (str(tmp_path / "store"), str(tmp_path / "init1"), str(tmp_path / "init2"))
+    procs = [ctx.Process(target=_renumbered, args=(role, *args)) for role in ("first0", "first1")]
+    for p in procs:
+        p.start()
+    procs[0].join(JOIN_S)
+    procs.append(ctx.Process(target=_renumbered, args=("restarted", *args)))
+    procs[-1].start()
+    for p in procs:
+        p.join(JOIN_S)
+        if p.is_alive():
+            p.kill()
+            p.join(10)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
