@@ -76,7 +76,7 @@ class Joining:
         timeout = datetime.timedelta(seconds=self.timeout)
         self._groups = tuple(dist.new_group(backend="gloo", timeout=timeout) for _ in range(2))
         group = self._groups[1]
-        _everyone_ok(error, group, "open()")
+        everyone_ok(error, group, "open()")
         head = broadcast_json(self._global_head() if self.rank == 0 else None, 0, group)
         if "error" in head:
             raise CheckpointError(f"rank 0 could not read the global directory {self.global_directory}: "
@@ -84,7 +84,7 @@ class Joining:
         order = head["order"]
         steps = [s for _seq, s, _w in order]
         doomed, problem = self._uncommitted(steps)
-        _everyone_ok(problem, group, "open()")
+        everyone_ok(problem, group, "open()")
         with self._lock:
             self._slots = 0  # the saves of every rank are counted from here, in the new group
             self._undecided = set()  # decided now, by the records
@@ -132,7 +132,7 @@ class Joining:
         return [s for s in order[order.index(steps[-1]) + 1:] if s not in steps], None
 
 
-def _everyone_ok(error: BaseException | None, group, what: str) -> None:
+def everyone_ok(error: BaseException | None, group, what: str) -> None:
     """Collective: raise ``error`` here, and a CheckpointError naming it on every other rank."""
     said = all_gather_json(None if error is None else f"{type(error).__name__}: {error}", group)
     if error is not None:

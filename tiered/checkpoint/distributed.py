@@ -3,7 +3,8 @@
 Each rank snapshots its own state as :class:`~.lazy.LazyCheckpointer` does (in the background,
 guarded against the optimizer step) into its own store shard (``{rank}`` in the tier path, or in
 ``directory=``) and commits it locally (its manifest). A background thread then, for each step
-in save order and on every rank: (1) gathers whether every rank's local commit succeeded;
+in save order and on every rank: (1) gathers whether every rank's local commit succeeded (and
+checks that every rank is at the same save of the same step);
 (2) with ``peer=True``, sends this rank's snapshot to rank ``(rank + 1) % world`` and receives the
 previous rank's (:mod:`.peer`); (3) gathers every rank's tensor extents to rank 0, which writes
 the global record (:mod:`.globalrec`: the DCP metadata of the step, the commit point) and
@@ -41,7 +42,7 @@ from tiered.allocators import align_up
 from .. import ranks
 from ._wire import all_gather_ints, wait_all
 from .distcommit import GlobalCommits, GlobalHandle, GlobalSteps, failed_vote
-from .distjoin import Joining, _everyone_ok
+from .distjoin import Joining, everyone_ok
 from .format import SEGMENT, CheckpointError, StoreRef, decode_tree, encode_tree
 from .globalrec import describe_state, latest_step, localize, step_dir
 from .lazy import LazyCheckpointer
@@ -122,9 +123,9 @@ class DistributedCheckpointer(Joining, GlobalCommits, LazyCheckpointer):
     def close(self, timeout: float | None = None) -> None:
         """Finish pending saves (each global commit included), then close as LazyCheckpointer
         does. ``timeout``: default ``timeout`` x (2 + the saves still pending)."""
+        if self._threads and timeout is None:
+            timeout = self.timeout * (2 + sum(not g.done() for g in self._pending_global()))
         if self._opened and self._threads:
-            if timeout is None:
-                timeout = self.timeout * (2 + sum(not g.done() for g in self._pending_global()))
             self._global_q.put(None)
         super().close(timeout)
 
@@ -280,7 +281,8 @@ class DistributedCheckpointer(Joining, GlobalCommits, LazyCheckpointer):
         saved_world = self._view.worlds[step]
         if saved_world != self.world:
             raise CheckpointError(f"load(step={step}): saved by a world of {saved_world} ranks, this one has "
-                                  f"{self.world}: load it with load_resharded(state_dict, {str(self.global_directory)!r})")
+                                  f"{self.world}: load it with load_resharded(state_dict, "
+                                  f"{str(self.global_directory)!r})")
         into = localize(into) if into is not None else None
         self.restored_from_peer = None
         if self._peer is None:
@@ -301,7 +303,7 @@ class DistributedCheckpointer(Joining, GlobalCommits, LazyCheckpointer):
             error = e
         finally:
             wait_all(works)
-        _everyone_ok(error, group, f"load(step={step})")
+        everyone_ok(error, group, f"load(step={step})")
         return out
 
     def _load_held(self, step: int, into: Any, src: int, group) -> Any:
