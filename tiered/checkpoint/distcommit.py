@@ -9,8 +9,8 @@ record that mixes them.
 
 Rank 0 writes the global record; once it is renamed into place the step is committed on every
 rank. What rank 0 does after that (fsync of the directory, retiring old records) can fail
-without undoing the commit: it is logged and reported by the next ``save``, ``wait_all`` or
-``close`` of rank 0. A rank deletes its local copy of a step once every rank agreed the step
+without undoing the commit: it is logged and raised by rank 0's next ``wait_all`` or
+``close``. A rank deletes its local copy of a step once every rank agreed the step
 did not commit; where the collectives broke off instead (a rank died, a timeout) the outcome is
 unknown here and the copy stays until ``open``/``rejoin`` reads the records.
 """
@@ -123,7 +123,7 @@ class GlobalCommits:
     def _retire_quietly(self, step: int) -> None:
         try:
             self._retire(self.directory, self.keep_last)
-        except BaseException as e:  # noqa: BLE001 - raised by the next save(), wait_all() or close()
+        except BaseException as e:  # noqa: BLE001 - raised by wait_all() or close()
             self._record_after(step, f"retiring local steps in {self.directory}: {e}", e)
 
     def _agree(self, g: GlobalHandle, ok: bool) -> list[int]:
@@ -230,7 +230,7 @@ class GlobalCommits:
             for old in order[:-self.keep_last]:
                 remove_record(root, old)
             remove_leftovers(root)
-        except BaseException as e:  # noqa: BLE001 - raised by the next save(), wait_all() or close()
+        except BaseException as e:  # noqa: BLE001 - raised by wait_all() or close()
             self._record_after(step, f"after committing step {step}: retiring old global records in {root}: {e}", e)
 
     def _record_after(self, step: int, what: str, e: BaseException) -> None:
