@@ -135,3 +135,129 @@ def test_restarted_rank_restores_from_its_peers_memory_without_reading_storage(t
             if p.is_alive():
                 p.kill()
     assert reads.read_text() == "0"
+
+
+# ------------------------------------------- large non-contiguous tensors, a corrupt held copy, memory
+
+
+def _host_held(store, owner: str) -> int:
+    return store.owners().get(owner, {}).get("host", {}).get("held", 0)
+
+
+def _noncontig_rank(rank: int, root: str, init: str) -> None:
+    """A non-contiguous tensor larger than a segment (one piece, one crc32 per segment) comes back
+    from the peer's memory; a held copy that fails its crc32 falls back to storage; the held
+    copy's memory is given back when a newer step replaces it and at close; a host share that
+    cannot hold the peer copies is refused at save."""
+    import torch.distributed as dist
+
+    from tiered.allocators import align_up
+    from tiered.checkpoint import CheckpointError, DistributedCheckpointer
+    from tiered.store import TieredStore
+
+    _init(rank, init)
+    cfg = {"tiers": {"host": {"capacity": "96MiB"}, "nvme": {"path": root + "/r{rank}", "capacity": "128MiB"}},
+           "engine": {"workers": 1}}
+    store = TieredStore.shared(cfg)
+    try:
+        ck = DistributedCheckpointer(store=store, peer=True, host_buffer="16MiB", prefault=False, timeout=COLL_S)
+        assert _host_held(store, ck.owner) == 0
+        ck.open()
+        w = torch.randn(1100, 2048, generator=torch.Generator().manual_seed(rank)).t()  # 9 MiB, not contiguous
+        ck.save({"w": w}, 1).wait(JOIN_S)
+        one = align_up(w.numel() * 4)
+        assert _host_held(store, ck.owner) == one  # the peer's copy held here; nothing else
+        got = ck.load()
+        assert ck.restored_from_peer == (rank + 1) % 2 and torch.equal(got["w"], w)
+        if rank == 0:  # the copy of rank 1's state held here is damaged
+            ck._peer.held.bufs[0].array[12345] ^= 0xFF
+        got = ck.load()
+        assert torch.equal(got["w"], w)
+        assert ck.restored_from_peer == (None if rank == 1 else 1)  # rank 1 read its storage instead
+        w2 = w * 2
+        ck.save({"w": w2}, 2).wait(JOIN_S)
+        assert _host_held(store, ck.owner) == one  # step 1's held copy was freed when step 2's replaced it
+        assert torch.equal(ck.load()["w"], w2) and ck.restored_from_peer == (rank + 1) % 2
+        ck.close()
+        assert _host_held(store, ck.owner) == 0
+        # a host share too small for the peer copies: save says so at once (on every rank)
+        small = DistributedCheckpointer(store=store, name="small", peer=True, host_share="24MiB", prefault=False,
+                                        timeout=COLL_S, host_wait=5.0).open()
+        with pytest.raises(CheckpointError, match="three copies.*host_share"):
+            small.save({"w": w}, 1)
+        small.close()
+    finally:
+        store.close()
+        dist.destroy_process_group()
+
+
+def test_large_non_contiguous_tensor_and_a_corrupt_held_copy_and_peer_memory(tmp_path):
+    from helpers import run_ranks
+
+    run_ranks(_noncontig_rank, 2, lambda r: (r, str(tmp_path / "store"), str(tmp_path / "init")), timeout=JOIN_S)
+
+
+# ------------------------------------------------------------- a held copy is not freed while it is sent
+
+
+class _Buf:
+    def __init__(self, n: int) -> None:
+        import numpy as np
+
+        self.array = np.zeros(n, dtype=np.uint8)
+        self.released = False
+
+    def release(self) -> None:
+        self.released = True
+
+
+class _Work:
+    def __init__(self) -> None:
+        self.waited = False
+
+    def wait(self) -> None:
+        self.waited = True
+
+
+class _FailedWork:
+    def wait(self) -> None:
+        raise RuntimeError("peer gone")
+
+
+def test_held_copy_being_sent_is_freed_only_after_the_send(monkeypatch):
+    """load() sends the held copy while the global thread may replace it (hold) or the
+    checkpointer close: its buffers must outlive the sends that read them."""
+    import types
+
+    import torch.distributed as dist
+
+    from tiered.checkpoint._wire import wait_all
+    from tiered.checkpoint.peer import Held, PeerCopies
+
+    monkeypatch.setattr(dist, "isend", lambda *a, **kw: _Work())
+    peers = PeerCopies(types.SimpleNamespace(store=None, owner="checkpoint/x", res=None), 1.0)
+    header = {"step": 1, "rank": 0, "world": 2, "tree": None,
+              "tensors": [{"name": "w", "dtype": "uint8", "shape": [8], "nbytes": 8, "pieces": [[8, [0]]]}]}
+    old = Held(header, [_Buf(8)])
+    bufs = list(old.bufs)
+    peers.hold(old)
+    works = peers.send_held(1, None)
+    peers.hold(Held(dict(header, step=2), [_Buf(8)]))  # step 2 committed meanwhile
+    assert not bufs[0].released
+    wait_all(works)
+    assert bufs[0].released
+    works = peers.send_held(1, None)
+    new = peers.held.bufs[0]
+    peers.close()
+    assert not new.released
+    wait_all(works)
+    assert new.released
+    # a send that fails still gives the copy back (once every send has ended)
+    monkeypatch.setattr(dist, "isend", lambda *a, **kw: _FailedWork())
+    peers.hold(Held(dict(header, step=3), [_Buf(8)]))
+    third = peers.held.bufs[0]
+    works = peers.send_held(1, None)
+    peers.close()
+    with pytest.raises(RuntimeError, match="peer gone"):
+        wait_all(works)
+    assert third.released

@@ -65,7 +65,15 @@ def recv_json(src: int, group):
 
 
 def wait_all(works: list) -> None:
-    """Wait for the works among ``works`` (tensors kept alive alongside them are skipped)."""
+    """Wait for every work among ``works`` (tensors kept alive alongside them are skipped), also
+    after one fails (the last may return memory the others read); then raise the first failure."""
+    first = None
     for w in works:
-        if not isinstance(w, torch.Tensor):
+        if isinstance(w, torch.Tensor):
+            continue
+        try:
             w.wait()
+        except BaseException as e:  # noqa: BLE001 - raised below, once every work has ended
+            first = first or e
+    if first is not None:
+        raise first

@@ -54,6 +54,8 @@ __all__ = ["CheckpointHandle", "LazyCheckpointer", "StoreRef"]
 class LazyCheckpointer(Snapshots, Levels, Loading):
     """See the module docstring.
 
+    ``save`` raises the failures of earlier saves nobody waited for (``wait_all`` and ``close``
+    raise them too).
     ``store``: an open TieredStore to write through (it stays open on ``close``); without
     it the checkpointer opens one for ``config`` (path, dict, Config or None for the
     default) and closes it on ``close``. The checkpoints' bytes live on storage tier
@@ -70,6 +72,8 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
     other owners), so snapshots do not pay page faults. ``backend`` overrides
     ``[engine] backend`` of the store it opens (a name or a Backend, e.g. a FaultyBackend).
     """
+
+    _save_raises_earlier_failures = True
 
     def __init__(self, config: Config | str | os.PathLike | dict | None = None, *, name: str = "default",
                  directory: str | os.PathLike | None = None, tier: str | None = None, keep_last: int = 3,
@@ -176,15 +180,22 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
         for t in self._threads:
             t.start()
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Finish pending saves (durable and cold), stop threads, close the store if it opened it.
-        Raises the first failure of a save nobody waited for."""
-        if not self._opened:
-            return
-        self._opened = False
-        self._copy_q.put(None)  # each loop passes the sentinel on to the next level
+        Raises the first failure of a save nobody waited for. ``timeout``: seconds to wait for
+        the pending saves (default: as long as they take); past it a CheckpointError, and the
+        store and memory stay with the threads still running (call ``close`` again to wait more)."""
+        if self._opened:
+            self._opened = False
+            self._copy_q.put(None)  # each loop passes the sentinel on to the next level
+        elif not self._threads:
+            return  # closed already (else: an earlier close timed out, and this one waits again)
+        deadline = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
-            t.join()
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                raise CheckpointError(f"close(): the checkpointer's thread {t.name} is still busy after {timeout} s "
+                                      "(a save is stuck); its store and memory are kept while it runs")
         self._threads = []
         self._release_resources()
         self._raise_unobserved()
@@ -226,7 +237,8 @@ class LazyCheckpointer(Snapshots, Levels, Loading):
         ``unguarded="trust"``). ``StoreRef`` entries are retained in the store here.
         """
         self._check_open()
-        self._raise_unobserved()
+        if self._save_raises_earlier_failures:
+            self._raise_unobserved()
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 10**12:
             raise CheckpointError(f"save(step={step!r}): expected an int in [0, 10**12)")
         t0 = time.perf_counter()

@@ -9,19 +9,21 @@ into host buffers of its own store (same owner) and holds them until the next gl
 replaces them; a step that fails to commit globally leaves the previous one held. A rank that
 restarts (its memory is gone, and maybe its disk) gets its state back from the rank that holds
 it, without reading storage: :meth:`DistributedCheckpointer.load` asks every rank what it
-holds and takes the peer's copy where the peer holds the step.
+holds and takes the peer's copy where the peer holds the step (each piece checked against the
+manifest's crc32 of every segment it spans; a copy that fails is replaced by a storage read). A
+held copy being sent stays allocated until its sends end, even when a newer step replaces it or
+the checkpointer closes meanwhile.
 """
 
 from __future__ import annotations
 
 import threading
-import zlib
 
 import torch
 import torch.distributed as dist
 
 from ._wire import recv_json, send_json, wait_all
-from .format import CheckpointChecksumError, CheckpointError
+from .format import CheckpointChecksumError, CheckpointError, segment_crcs
 from .host import CheckpointHost
 
 
@@ -31,6 +33,8 @@ class Held:
 
     def __init__(self, header: dict, bufs: list) -> None:
         self.header, self.bufs = header, bufs
+        self.lent = 0  # sends in flight that read the buffers
+        self.replaced = False  # no longer the held snapshot: freed when the last send is done
 
     @property
     def step(self) -> int:
@@ -90,7 +94,22 @@ class PeerCopies:
         with self._lock:
             old, self.held = self.held, held
         if old is not None:
-            self.free(old)
+            self._let_go(old)
+
+    def _let_go(self, held: Held) -> None:
+        """``held`` is held no more: freed now, or by the last send still reading it."""
+        with self._lock:
+            held.replaced = True
+            idle = held.lent == 0
+        if idle:
+            self.free(held)
+
+    def _returned(self, held: Held) -> None:
+        with self._lock:
+            held.lent -= 1
+            idle = held.lent == 0 and held.replaced
+        if idle:
+            self.free(held)
 
     # -- restoring -------------------------------------------------------------------
     def held_step(self, source: int, world: int) -> int:
@@ -102,9 +121,19 @@ class PeerCopies:
         return h.step
 
     def send_held(self, dst: int, group) -> list:
+        """Start sending the held snapshot to ``dst``; returns the works to wait for (``wait_all``).
+        Its buffers stay allocated until then, even if a newer step replaces it meanwhile."""
         with self._lock:
             h = self.held
-        return self._send(h.header, h.bufs, dst, group)
+            if h is None:
+                raise CheckpointError(f"no peer snapshot is held here to send to rank {dst}")
+            h.lent += 1
+        try:
+            works = self._send(h.header, h.bufs, dst, group)
+        except BaseException:
+            self._returned(h)
+            raise
+        return works + [_Lent(self, h)]
 
     def receive(self, src: int, group) -> Held:
         return self._recv(src, group)
@@ -148,7 +177,19 @@ class PeerCopies:
         with self._lock:
             held, self.held = self.held, None
         if held is not None:
-            self.free(held)
+            self._let_go(held)
+
+
+class _Lent:
+    """The last of a send's works: waiting for it (after the sends) gives the held copy back."""
+
+    def __init__(self, peers: PeerCopies, held: Held) -> None:
+        self._peers, self._held = peers, held
+
+    def wait(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self._peers._returned(held)
 
 
 def read_held(held: Held, t_index: int, put, where: str) -> None:
@@ -156,10 +197,12 @@ def read_held(held: Held, t_index: int, put, where: str) -> None:
     lo = 0
     for buf, nbytes, crcs in held.pieces(t_index):
         data = buf.array[:nbytes]
-        got = zlib.crc32(data)
-        if [got] != crcs:
-            raise CheckpointChecksumError(f"{where}: bytes {lo}..{lo + nbytes} held for the peer have crc32 "
-                                          f"{got:#010x}, recorded {crcs}")
+        got = segment_crcs(data)  # a piece of a non-contiguous tensor spans several segments
+        if got != crcs:
+            k = next((i for i, (a, b) in enumerate(zip(got, crcs)) if a != b), min(len(got), len(crcs)))
+            raise CheckpointChecksumError(f"{where}: bytes {lo}..{lo + nbytes} held for the peer: segment {k} has "
+                                          f"crc32 {got[k] if k < len(got) else None}, recorded "
+                                          f"{crcs[k] if k < len(crcs) else None} ({len(crcs)} recorded)")
         put(lo, data)
         lo += nbytes
 
