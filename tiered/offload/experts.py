@@ -15,7 +15,8 @@ shape and strides, whose pages are committed only where an expert was copied in.
 code path and kernels are unchanged (so are its results, bit for bit); experts it is not routed
 to are never read, and occupy no memory. Each expert present in a slab is charged to the model's
 compute reservation (a host buffer whose pages are handed back to the kernel: the bytes live in
-the slab). Loading, the cache policy and prediction are in :mod:`.expert_cache`.
+the slab). Loading, the cache policy and prediction are in :mod:`.expert_cache`; on the
+device-cache path (CUDA) experts live in the GPU tier instead, see :mod:`.expert_device`.
 """
 
 from __future__ import annotations
@@ -192,6 +193,7 @@ class _Bank:
     pending: dict[int, object] = field(default_factory=dict)  # expert -> acquire future (prefetch)
     predicted: set[int] = field(default_factory=set)  # experts predicted for this bank's next call
     bound: bool = False
+    renumbered: bool = False  # device cache: the module's num_experts reads the call's staged experts
     score: list[float] = field(default_factory=list)  # decayed routing frequency per expert
     last_use: list[int] = field(default_factory=list)
     uses: list[int] = field(default_factory=list)  # per expert: calls routed to it
@@ -255,10 +257,10 @@ class _ExpertPacking:
         if want is False:
             return
         found = find_banks(self.model, external, insist=bool(want))
-        if found and self._two_level:
+        if found and self._two_level and not self._wants_device_cache:  # CUDA with device_cache = false
             if want:
-                raise OffloadError(f"{self.name}: [offload] experts = true serves a CPU compute device without "
-                                   "a device cache; use experts = \"auto\" or false on CUDA")
+                raise OffloadError(f"{self.name}: [offload] experts = true needs the device cache on CUDA "
+                                   "(device_cache = true or unset); set experts = \"auto\" or false")
             return
         if want and not found:
             raise OffloadError(f"{self.name}: [offload] experts = true, but the model has no fused experts "
@@ -293,7 +295,8 @@ class _ExpertPacking:
                     raise OffloadError(f"expert bank {b.name!r}: {a} is on the meta device and has no data")
             # two staging buffers, each reused once its put is done: a bank's experts never sit in
             # memory a second time (freed blobs would stay in the allocator's heap)
-            b.direct = all(p[0].numel() * p.element_size() % _PAGE == 0 for p in params) and \
+            b.direct = not self.experts_on_device and \
+                all(p[0].numel() * p.element_size() % _PAGE == 0 for p in params) and \
                 all(off % _PAGE == 0 for off in b.offsets)
             block = _PAGE if b.direct else 0  # checksummed per page: slices can be read alone
             blobs = [torch.zeros(b.nbytes, dtype=torch.uint8) for _ in range(2)]
@@ -352,6 +355,7 @@ class _ExpertPacking:
                 s = b.slabs[a]
                 b.module._parameters[a].data = _placeholder(s.dtype, s.shape, self.device)
         b.bound = False
+        self.unstage_bank(b)
 
     def bank_tensors(self, b: _Bank) -> dict[str, torch.Tensor]:
         """Each of ``b``'s parameters whole, in ordinary host memory, read expert by expert."""
