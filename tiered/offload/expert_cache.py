@@ -190,22 +190,22 @@ class _ExpertCache:
         b.reads[e] += 1
 
     def _make_expert_room(self, b: _Bank, n: int, keep: set[int]) -> None:
-        """Drop the least useful present experts until ``n`` more fit. One call needing more than
-        the cache's room takes the read-ahead room too; more than both is refused."""
-        room = self._expert_capacity + self._expert_prefetch_room
-        staged = len(keep) * b.nbytes if self.experts_on_device else 0  # the call's experts gathered
-        if len(keep) * b.nbytes + staged > room:
+        """Drop the least useful present experts until ``n`` more fit, within the room charged to
+        the model for them (where experts are read through the host tier, the read-ahead room holds
+        host copies, not experts: the cache's room alone). A call needing more is refused."""
+        room, size = self._expert_capacity + self._expert_prefetch_room, self._room_bytes(b)
+        staged = len(keep) * size if self.experts_on_device else 0  # the call's experts gathered
+        if not self.experts_on_device:
+            room = min(room, self._room_charge())
+        if len(keep) * size + staged > room:
             raise OffloadError(
                 f"expert bank {b.name!r}: this call routes to {len(keep)} experts "
-                f"({format_size(len(keep) * b.nbytes)}" + (", twice with their staging" if staged else "")
+                f"({format_size(len(keep) * size)}" + (", twice with their staging" if staged else "")
                 + f"), more than the room for experts, {format_size(room)} ({self._budget_name()}); "
                 "raise the budget or shorten the batch")
-        if self._lands_in_room(b) or len(keep) * b.nbytes > self._expert_capacity:
-            limit = room - staged
-        else:
-            limit = self._expert_capacity
+        limit = room - staged
         protect = {(b.index, e) for e in keep}
-        while self._expert_held() + n * b.nbytes > limit:
+        while self._expert_held() + n * size > limit:
             if self._evict_one(protect):
                 continue
             unsettled = [(v, e) for v in self.banks if self._lands_in_room(v) for e in v.pending
@@ -229,8 +229,8 @@ class _ExpertCache:
             drop_pages(self._expert_room.address, self._expert_room.nbytes)
 
     def _room_charge(self) -> int:
-        """The cache, and the read-ahead room too where every bank reads into its slabs."""
-        direct = all(b.direct for b in self.banks)
+        """The cache, and the read-ahead room too where a bank reads into its slabs."""
+        direct = any(b.direct for b in self.banks)
         return self._expert_capacity + (self._expert_prefetch_room if direct else 0)
 
     def release_expert_room(self) -> None:
@@ -240,8 +240,13 @@ class _ExpertCache:
 
     def _expert_held(self) -> int:
         """Slab bytes of present experts and of those being read in directly."""
-        return sum((len(v.cached) + (len(v.pending) if self._lands_in_room(v) else 0)) * v.nbytes
+        return sum((len(v.cached) + (len(v.pending) if self._lands_in_room(v) else 0)) * self._room_bytes(v)
                    for v in self.banks)
+
+    def _room_bytes(self, b: _Bank) -> int:
+        """What one present expert of ``b`` takes of the room: its object on the device; in the
+        slabs at most its pages (a slice not of whole pages commits the pages it touches)."""
+        return b.nbytes if self.experts_on_device else max(b.nbytes, b.footprint)
 
     def _evict_one(self, protect: set[tuple[int, int]]) -> bool:
         """Drop the present expert with the lowest decayed frequency (ties: oldest use), never one
@@ -325,7 +330,7 @@ class _ExpertCache:
         protect |= {(nxt.index, i) for i in guess}
         protect |= {(b.index + 1, i) for i in self.banks[b.index + 1].predicted}
         limit = self._expert_capacity + self._expert_prefetch_room - self.staged_bytes()
-        while self._expert_held() + nxt.nbytes > limit:
+        while self._expert_held() + self._room_bytes(nxt) > limit:
             if not self._evict_one(protect):
                 self.stats.prefetch_skipped += 1
                 return
@@ -387,7 +392,7 @@ class _ExpertCache:
     # -- budget and report -------------------------------------------------------------
     def _top_k(self) -> tuple[int, int]:
         """(experts one token is routed to, bytes of the largest expert) over the banks."""
-        largest = max(b.nbytes for b in self.banks)
+        largest = max(self._room_bytes(b) for b in self.banks)
         top = max((getattr(b.router, "top_k", None) or getattr(b.module, "top_k", None) or 2) for b in self.banks)
         return min(top, max(b.num for b in self.banks)), largest
 

@@ -184,6 +184,7 @@ class _Bank:
     attrs: list[str]
     offsets: list[int]  # where each parameter's slice of an expert sits in the expert's object
     nbytes: int  # one expert object
+    footprint: int  # memory one expert may commit in the slabs (whole pages touched)
     keys: list[str]
     hidden_arg: str = "hidden_states"  # the name of the forward's first argument
     predictor: nn.Module | None = None  # a private copy of the router (weights kept) for prediction
@@ -279,7 +280,8 @@ class _ExpertPacking:
             predictor = None
             if router is not None:  # before the weights leave memory; routers are small
                 predictor = _private_copy(router)
-            self.banks.append(_Bank(i, name, mod, router, num, attrs, offsets, align_up(max(off, 1)), keys,
+            self.banks.append(_Bank(i, name, mod, router, num, attrs, offsets, align_up(max(off, 1)), _footprint(mod),
+                                    keys,
                                     hidden_arg, predictor, score=[0.0] * num, last_use=[-1] * num, uses=[0] * num,
                                     reads=[0] * num))
 
@@ -329,7 +331,7 @@ class _ExpertPacking:
         for b in self.banks:
             for size in {s.expert_bytes for s in b.slabs.values() if s.pooled}:
                 per_expert = sum(1 for s in b.slabs.values() if s.expert_bytes == size)
-                slots[size] = max(slots.get(size, 0), max(room // b.nbytes, 1) * per_expert)
+                slots[size] = max(slots.get(size, 0), max(room // max(b.nbytes, b.footprint), 1) * per_expert)
         self.pools = {size: _Pool(size, n) for size, n in slots.items()}
         for b in self.banks:
             for slab in b.slabs.values():
@@ -392,6 +394,17 @@ class _ExpertPacking:
             for a, n in zip(b.attrs, names):
                 if n in state_dict:
                     state_dict[n] = full[a]
+
+
+def _footprint(mod: nn.Module) -> int:
+    """Bytes one expert may commit in the slabs: a slice of whole pages its own (pooled) pages,
+    any other the pages it touches (up to one more than its size rounds to)."""
+    total = 0
+    for p in mod._parameters.values():
+        if p is not None:
+            size = p.shape[1:].numel() * _itemsize(p.dtype)
+            total += size if size % _PAGE == 0 else (-(-size // _PAGE) + 1) * _PAGE
+    return total
 
 
 def _private_copy(router: nn.Module) -> nn.Module:
