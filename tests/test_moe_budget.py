@@ -308,9 +308,11 @@ def test_experts_not_whole_pages_stay_within_their_charge(tmp_path):
         rt = model._tiered
         assert any(not s.pooled for b in rt.banks for s in b.slabs.values())
         seen = []  # (committed, charged) at each bank call, once its experts are in
+        def measure(*_a):
+            seen.append((committed_slab_bytes(rt) + committed_pool_bytes(rt), charged_expert_bytes(rt)))
+
         for b in rt.banks:
-            b.module.register_forward_pre_hook(
-                lambda *_a: seen.append((committed_slab_bytes(rt) + committed_pool_bytes(rt), charged_expert_bytes(rt))))
+            b.module.register_forward_pre_hook(measure)
         with torch.no_grad():
             assert torch.equal(model.generate(one, max_new_tokens=8, do_sample=False), want)
             # two tokens route to three or four experts: more than the room charged holds

@@ -203,3 +203,25 @@ def test_giving_the_device_back_drops_the_experts(tmp_path):
     finally:
         tiered.detach(model)
     assert torch.equal(reference(model, ids), want)  # detach restored the experts
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_on_cuda_experts_through_the_device_cache_match_the_in_gpu_model(tmp_path, arch):
+    model = build(arch, layers=3, experts=16).cuda()
+    ids = prompt(2, length=3).cuda()
+    want = reference(model, ids)
+    layer = sum(p.numel() * p.element_size() for p in model.model.layers[0].mlp.experts.parameters())
+    cfg = config(tmp_path, host="4MiB", resident=False)
+    cfg["tiers"]["gpu"] = {"kind": "device", "capacity": str(layer + layer // 2)}  # less than two layers' experts
+    tiered.offload(model, cfg)
+    try:
+        rt = model._tiered
+        assert rt.dcache is not None and rt.banks and rt.device.type == "cuda"
+        assert torch.equal(generate(model, ids), want)
+        ex = tiered.offload_stats(model)["experts"]
+        assert ex["compute_tier"] == "gpu" and sum(ex["hits"].values()) == ex["routed"]
+        assert_within_budget(rt)
+    finally:
+        tiered.detach(model)
+    assert all(p.is_cuda for p in model.parameters())
