@@ -88,10 +88,14 @@ def test_device_room_smaller_than_one_layers_experts(tmp_path, arch, gpu, batch)
         one, layer = rt.banks[0].nbytes, rt.banks[0].nbytes * rt.banks[0].num
         room = rt._expert_capacity + rt._expert_prefetch_room
         assert one < room < layer
+        in_use = []  # GPU tier bytes of the experts and their staging at each bank call
+        for b in rt.banks:
+            b.module.register_forward_pre_hook(lambda *_a: in_use.append(rt._expert_held() + rt.staged_bytes()))
         got = generate(model, ids)
         assert torch.equal(got, want)
         ex = tiered.offload_stats(model)["experts"]
         assert ex["evictions"] > 0 and ex["present_bytes"] <= room
+        assert 0 < max(in_use) <= room
         assert ex["hits"]["storage"] + ex["hits"]["host"] > 0
         assert_within_budget(rt)
     finally:
