@@ -25,7 +25,7 @@ import torch
 from tiered.allocators import OutOfBudget, align_up
 from tiered.io_engine import Priority
 
-from .common import _ALIGN, _WAIT
+from .common import _ALIGN, _WAIT, prefetching
 from .experts import _Bank
 
 
@@ -100,8 +100,6 @@ class _ExpertDevice:
 
     def place_ahead(self, nxt: _Bank, e: int) -> None:
         """Read expert ``e`` of ``nxt`` ahead onto the device (room made by the caller)."""
-        from .common import prefetching
-
         prefetching.active = True
         try:
             nxt.pending[e] = self.dcache.acquire(nxt.keys[e], priority=Priority.PREFETCH, wait=0.0)
