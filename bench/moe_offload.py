@@ -2,6 +2,7 @@
 vs Accelerate.
 
     python bench/moe_offload.py [--json] [--small] [--dir DIR] [--out FILE] [--tokens N]
+    python bench/moe_offload.py --device cuda [--gpu-budget BYTES] ...   # on a GPU: tiered rows only
 
 One Mixtral-architecture model (``MixtralConfig``: 16 experts, top-2, GQA attention; seeded,
 fp32, embeddings drawn with std 1 so that routing spreads over the experts, see ``_build``) is built and saved as safetensors with transformers' fused expert tensors under ``--dir``,
@@ -26,6 +27,12 @@ own greedy output soon repeats one token, and so its routing: ``--greedy`` feeds
 argmax of every step must equal the in-memory model's. Storage bytes per step come from
 ``/proc/self/io``. Reported: decode tokens/s (mean over the steps but the first), bytes read per
 decoded token, and for tiered its own counters (expert hits per tier, read-ahead precision).
+
+``--device cuda`` computes on the GPU through the device cache (``[offload] device_cache``, a
+GPU tier of ``--gpu-budget`` bytes, default 1/3 of the model) with the host tier of ``--budget``
+staging its copies; only the tiered rows run (experts on: routed experts placed in the GPU tier;
+off: whole-layer units), against the in-GPU reference. ``--device-cache`` forces that same path
+on a CPU (a GPU tier on device "cpu"), which is how the CUDA rows are checked without a GPU.
 
 Goals: tiered experts-on reads <= 1.3x (routed experts + non-resident non-expert weights) per
 decoded token; decodes >= 3x faster than experts-off and >= 5x faster than ``disk_offload``.
@@ -81,6 +88,22 @@ def _mixtral_config(spec: dict):
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
+def _device(spec: dict):
+    import torch
+
+    return torch.device(spec.get("device", "cpu"))
+
+
+def _to_device(model, spec: dict):
+    """Buffers (rotary tables) onto the compute device; tiered places the parameters there."""
+    dev = _device(spec)
+    for m in model.modules():
+        for name, b in list(m._buffers.items()):
+            if b is not None:
+                m._buffers[name] = b.to(dev)
+    return model
+
+
 def _build(spec: dict) -> dict:
     """Seeded model, saved as config + one safetensors file with the fused expert tensors."""
     import torch
@@ -102,7 +125,7 @@ def _build(spec: dict) -> dict:
     os.sync()
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
-    return {"param_bytes": nbytes, "expert_bytes": experts, **_decode(model, spec, None)}
+    return {"param_bytes": nbytes, "expert_bytes": experts, **_decode(model.to(_device(spec)), spec, None)}
 
 
 def _page_cache_model(spec: dict):
@@ -139,7 +162,10 @@ def _load_tiered(spec: dict, experts: bool):
     store = os.path.join(spec["work_dir"], f"store-{experts}")
     cfg = {"tiers": {"host": {"capacity": spec["budget"]}, "nvme": {"path": store, "capacity": 4 << 30}},
            "offload": {"experts": experts}}
-    tiered.offload(model, cfg)
+    if spec.get("gpu_budget"):  # through the device cache: a GPU tier (on "cpu" when forced on a CPU)
+        cfg["tiers"]["gpu"] = {"kind": "device", "device": str(_device(spec)), "capacity": spec["gpu_budget"]}
+        cfg["offload"]["device_cache"] = True
+    tiered.offload(_to_device(model, spec), cfg, device=_device(spec))
     return model
 
 
@@ -201,8 +227,8 @@ def _decode(model, spec: dict, snapshot) -> dict:
 
     gen = torch.Generator().manual_seed(7)
     vocab = spec["arch"]["vocab_size"]
-    ids = torch.randint(3, vocab, (1, spec["prompt"]), generator=gen)
-    stream = torch.randint(3, vocab, (spec["tokens"], 1, 1), generator=gen)
+    ids = torch.randint(3, vocab, (1, spec["prompt"]), generator=gen).to(_device(spec))
+    stream = torch.randint(3, vocab, (spec["tokens"], 1, 1), generator=gen).to(_device(spec))
     with torch.inference_mode():
         t0, r0 = time.perf_counter(), _read_bytes()
         out = model(input_ids=ids, use_cache=True)
@@ -349,9 +375,9 @@ def _expert_summary(row: dict) -> dict | None:
     routed = eb["routed"] - ea["routed"]
     pred = eb["prediction"]["predicted"] - ea["prediction"]["predicted"]
     correct = eb["prediction"]["correct"] - ea["prediction"]["correct"]
-    missing = routed - hits["compute"]
+    missing = routed - hits.get("compute", hits.get("gpu", 0))
     return {"routed": routed, "hits": hits, "evictions": eb["evictions"] - ea["evictions"],
-            "hit_rate_compute_or_prefetched": round((hits["compute"] + hits["prefetched"]) / routed, 4),
+            "hit_rate_compute_or_prefetched": round((routed - missing + hits["prefetched"]) / routed, 4),
             "prefetch_hit_rate_of_loads": round(hits["prefetched"] / missing, 4) if missing else None,
             "prediction_precision": round(correct / pred, 4) if pred else None,
             "prediction_recall": round(correct / routed, 4) if routed else None}
@@ -404,15 +430,21 @@ def main() -> int:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=8)
-    ap.add_argument("--budget", type=int, default=None, help="tiered host budget, bytes (default model/3.2)")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="tiered host budget, bytes (default model/3.2; model/2.5 through the device cache)")
     ap.add_argument("--limit", type=int, default=None,
-                    help="memory limit, bytes (default budget + 620 MiB: the interpreter, torch and transformers)")
+                    help="memory limit, bytes (default budget + 620 MiB: the interpreter, torch and transformers; "
+                         "+ 2.5 GiB on cuda)")
     ap.add_argument("--only", default=None, help="comma-separated contenders")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads of every contender (on a shared 2-core machine OpenMP "
                          "workers spinning against other processes make small matmuls 100x slower)")
     ap.add_argument("--greedy", action="store_true", help="feed each step its own argmax (see _decode)")
+    ap.add_argument("--device", default="cpu", help="compute device: cpu, or cuda (tiered rows, device cache)")
+    ap.add_argument("--gpu-budget", type=int, default=None, help="GPU tier bytes (default model/3 on cuda)")
+    ap.add_argument("--device-cache", action="store_true",
+                    help="on a CPU: the device-cache path CUDA takes (a GPU tier on device \"cpu\")")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--contender")
     ap.add_argument("--spec")
@@ -426,21 +458,27 @@ def main() -> int:
     work = os.path.abspath(args.dir)
     os.makedirs(work, exist_ok=True)
     spec = {"arch": arch, "work_dir": work, "model_dir": os.path.join(work, "model"), "tokens": args.tokens,
-            "prompt": args.prompt, "threads": args.threads, "greedy": args.greedy}
+            "prompt": args.prompt, "threads": args.threads, "greedy": args.greedy, "device": args.device}
     load = {"start": _uptime()}
     build = _run_child("build", dict(spec, budget=0), None, args.timeout)
     if not build.get("ok"):
         raise SystemExit(f"build failed: {build.get('error')}")
     model_bytes = build["param_bytes"]
-    budget = args.budget or int(model_bytes / 3.2) // MiB * MiB
-    limit = args.limit or budget + 620 * MiB
+    through_cache = args.device != "cpu" or args.device_cache
+    # through the device cache the host tier stages copies: whole-layer units need two of them
+    budget = args.budget or int(model_bytes / (2.5 if through_cache else 3.2)) // MiB * MiB
+    limit = args.limit or budget + (620 if args.device == "cpu" else 2560) * MiB  # + the CUDA runtime
     why = cgroup_v1_unavailable()
-    spec.update(budget=budget)
+    gpu_budget = (args.gpu_budget or int(model_bytes / 3) // MiB * MiB) if through_cache else None
+    spec.update(budget=budget, gpu_budget=gpu_budget)
     log(f"model {model_bytes / MiB:.0f} MiB ({build['expert_bytes'] / MiB:.0f} MiB experts), budget "
         f"{budget / MiB:.0f} MiB, limit {limit / MiB:.0f} MiB" + (f"; NO LIMIT: {why}" if why else ""))
     limit = None if why else limit
-    prep = _run_child("accelerate_prep", spec, limit, args.timeout)
     names = args.only.split(",") if args.only else list(CONTENDERS)
+    if through_cache:  # Accelerate's disk offload computes on the CPU here: tiered rows only
+        names = [n for n in names if n.startswith("tiered")]
+    prep = _run_child("accelerate_prep", spec, limit, args.timeout) if any(
+        n.startswith("accelerate") for n in names) else None
     rows = {}
     for name in names:
         load[name] = _uptime()
@@ -457,7 +495,8 @@ def main() -> int:
         "benchmark": "moe_offload", "date": "2026-12-07",
         "model": {"architecture": "MixtralForCausalLM", "config": arch, "dtype": "float32",
                   "param_bytes": model_bytes, "expert_bytes": build["expert_bytes"]},
-        "conditions": {"tiered_budget_bytes": budget, "memory_limit_bytes": limit,
+        "conditions": {"tiered_budget_bytes": budget, "memory_limit_bytes": limit, "device": args.device,
+                       "device_cache": through_cache, "gpu_tier_bytes": gpu_budget,
                        "memory_limit_mechanism": "cgroup v1 memory.limit_in_bytes (page cache counts)" if limit else why,
                        "model_over_budget": round(model_bytes / budget, 2), "caches_dropped_before_each": True,
                        "prompt_tokens": args.prompt, "decoded_tokens": args.tokens, "batch": 1,

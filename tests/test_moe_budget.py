@@ -119,13 +119,13 @@ def test_wrong_predictions_still_give_identical_tokens(tmp_path):
 
 @pytest.mark.parametrize("batch,length,paged", [(1, 2, False), (2, 1, False), (1, 2, True), (2, 1, True)])
 def test_room_smaller_than_one_layers_experts(tmp_path, batch, length, paged):
-    model = build("mixtral", layers=3, paged=paged)
+    model = build("mixtral", layers=3, paged=paged, experts=8 if paged else 16)
     ref = copy.deepcopy(model)
     ids = prompt(batch, length=length)
     mask = torch.ones_like(ids)
     with torch.no_grad():
         want = ref.generate(ids, max_new_tokens=10, do_sample=False, attention_mask=mask)
-    tiered.offload(model, config(tmp_path, host="400KiB" if paged else "150KiB", resident=False))
+    tiered.offload(model, config(tmp_path, host="400KiB" if paged else "250KiB", resident=False))
     try:
         rt = model._tiered
         assert all(b.direct == paged for b in rt.banks)
@@ -152,7 +152,7 @@ def test_cache_keeps_the_experts_routed_to_most(tmp_path):
     try:
         rt = model._tiered
         b = rt.banks[0]
-        rt._expert_capacity, rt._expert_prefetch_room = 4 * b.nbytes, 0
+        rt._expert_capacity, rt._expert_prefetch_room = 4 * rt._room_bytes(b), 0
         b.direct = False  # the copy path (read through the host tier)
         for routed in [[0, 1]] * 5 + [[2, 3], [4, 5]]:
             rt.load_experts(b, routed)
@@ -177,7 +177,7 @@ def test_budget_below_one_tokens_experts_is_refused(tmp_path):
 
 def test_call_routing_beyond_the_room_is_refused_clearly(tmp_path):
     model = build("mixtral")
-    tiered.offload(model, config(tmp_path, host="100KiB", resident=False))
+    tiered.offload(model, config(tmp_path, host="110KiB", resident=False))
     try:
         with torch.no_grad(), pytest.raises(OffloadError, match="routes to .* experts .* more than the room"):
             model(prompt(1, length=8))
@@ -257,8 +257,8 @@ def committed_slab_bytes(rt) -> int:
 
 
 def test_dropped_experts_leave_no_pages_committed_between_them(tmp_path):
-    model = build("mixtral")  # down_proj's slice of an expert is not whole pages
-    tiered.offload(model, config(tmp_path, host="150KiB", resident=False))
+    model = build("mixtral", experts=16)  # down_proj's slice of an expert is not whole pages
+    tiered.offload(model, config(tmp_path, host="250KiB", resident=False))
     try:
         rt = model._tiered
         assert any(not s.pooled for b in rt.banks for s in b.slabs.values())
@@ -287,3 +287,39 @@ def test_offload_failing_after_the_weights_left_gives_them_back(tmp_path, monkey
     assert getattr(model, "_tiered", None) is None
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(p, q), name
+
+
+def charged_expert_bytes(rt) -> int:
+    """What the model is charged for its experts' memory: the room it holds for them."""
+    return rt._expert_room.nbytes if rt._expert_room is not None else 0
+
+
+def test_experts_not_whole_pages_stay_within_their_charge(tmp_path):
+    """Expert memory committed in the slabs (pages touched, pool slots) never exceeds the room
+    charged for it; a call needing more than that is refused instead of taking the read-ahead
+    room, which holds host copies."""
+    model = build("mixtral", layers=3, experts=16)  # down_proj's slice of an expert is 1.5 pages
+    ref = copy.deepcopy(model)
+    one, two = prompt(1, length=1), prompt(2, length=1)
+    with torch.no_grad():
+        want = ref.generate(one, max_new_tokens=8, do_sample=False)
+    tiered.offload(model, config(tmp_path, host="150KiB", resident=False))
+    try:
+        rt = model._tiered
+        assert any(not s.pooled for b in rt.banks for s in b.slabs.values())
+        seen = []  # (committed, charged) at each bank call, once its experts are in
+        def measure(*_a):
+            seen.append((committed_slab_bytes(rt) + committed_pool_bytes(rt), charged_expert_bytes(rt)))
+
+        for b in rt.banks:
+            b.module.register_forward_pre_hook(measure)
+        with torch.no_grad():
+            assert torch.equal(model.generate(one, max_new_tokens=8, do_sample=False), want)
+            # two tokens route to three or four experts: more than the room charged holds
+            with pytest.raises(OffloadError, match=r"routes to [34] experts .* more than the room"):
+                model.generate(two, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(two))
+        assert max(c for c, _ in seen) > 0
+        over = [(c, charge) for c, charge in seen if c > charge]
+        assert not over, f"experts' memory beyond their charge at {len(over)} of {len(seen)} calls: {over[:3]}"
+    finally:
+        tiered.detach(model)

@@ -304,6 +304,22 @@ class DeviceCache:
             self.stats.evictions += len(victims)
             return len(victims)
 
+    def release_after_use(self, buffer: DeviceBuffer) -> None:
+        """Give ``buffer`` (allocated by the caller from the cache's reservation) back to the tier
+        once the kernels queued so far on the current stream have run: another owner may fill it
+        at once. On a CPU device, now."""
+        landing = self._landing
+        if self.device.type != "cuda":
+            buffer.release()
+            return
+        if landing is None or self._completer is None or not self._completer.is_alive():
+            torch.cuda.current_stream(self.device).synchronize()
+            buffer.release()
+            return
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        landing.put(([done], buffer.release))
+
     def __contains__(self, key: str) -> bool:
         with self._lock:
             return key in self._entries

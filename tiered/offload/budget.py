@@ -267,9 +267,10 @@ class _Budget:
         ``device = "cpu"`` tier) is how its path is tested."""
         if self._wants_device_cache:
             if self._bundled:
-                raise OffloadError("[offload] device_cache = true cannot serve the bundled layout (each FFN weight "
-                                   "would be copied contiguous beside the cached bytes, twice the budget); "
-                                   "use layout = \"packed\" or device_cache = false")
+                raise OffloadError("[offload] device_cache = true (or expert units on CUDA) cannot serve the bundled "
+                                   "layout (each FFN weight would be copied contiguous beside the cached bytes, "
+                                   "twice the budget); use layout = \"packed\", or device_cache = false and "
+                                   "experts = false")
             self.dcache = DeviceCache(self.store, self.compute_res, limit=self._budget(), wait=_WAIT).open()
 
     def close_device_cache(self) -> None:
@@ -284,8 +285,9 @@ class _Budget:
     @property
     def _wants_device_cache(self) -> bool:
         want = self.config.offload.device_cache
-        if want is None:  # the bundled layout's strided views would be copied beside the cache's bytes
-            return self.cuda and not self._bundled
+        if want is None:  # the bundled layout's strided views would be copied beside the cache's bytes;
+            # expert units on CUDA live in the device cache (a bundled layout is refused with them)
+            return self.cuda and (not self._bundled or bool(self.banks))
         return want
 
     @property

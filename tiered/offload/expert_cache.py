@@ -1,4 +1,5 @@
-"""Loading routed experts, keeping the useful ones, and reading the next layer's ahead.
+"""Loading routed experts, keeping the useful ones, and reading the next layer's ahead (on the
+device-cache path the experts are device cache entries: see :mod:`.expert_device`).
 
 When a bank's forward starts (its pre-hook sees the router's choice, ``top_k_index``), the
 experts chosen for the batch's tokens (each once) are made present in the bank's slabs:
@@ -60,6 +61,10 @@ class _ExpertCache:
             self.load_experts(b, routed)
             if b.index == 0:
                 self.expert_stats["tokens"] += hidden.reshape(-1, hidden.shape[-1]).shape[0]
+            if self.experts_on_device:
+                args, kwargs = self.stage_bank(b, routed, args, kwargs)
+                self._predict_next(b, hidden)
+                return args, kwargs
             self.bind_bank(b)
             self._predict_next(b, hidden)
             return None
@@ -92,7 +97,7 @@ class _ExpertCache:
         futures = {e: b.pending.pop(e) for e in missing if e in b.pending}
         st["hits"]["prefetched"] += len(futures)
         for e in list(b.pending):  # read ahead for this call but not routed to
-            if not b.direct:  # its host copy: unpinned, still cached
+            if not self._lands_in_room(b):  # its host copy: unpinned, still cached
                 self._give_back_prefetch(b.pending.pop(e))
             elif b.pending[e].done():  # read into its slab place: present from now on
                 self._settle(b, e, b.pending.pop(e))
@@ -110,7 +115,7 @@ class _ExpertCache:
         """After a failed load: the reads of ``futures`` not used yet give their memory back (host
         copies unpinned; reads into the slabs awaited, then present, or dropped if they failed)."""
         for e, f in futures.items():
-            if b.direct:
+            if self._lands_in_room(b):
                 self._settle(b, e, f)
             else:
                 self._give_back_prefetch(f)
@@ -121,6 +126,9 @@ class _ExpertCache:
         it) and copy them and the prefetched ``futures`` into the slabs; each future is taken out
         of ``futures`` once used (what is left there after an error is the caller's to give back)."""
         st, later = self.expert_stats, []
+        if self.experts_on_device:
+            self.place_experts(b, demand, futures)
+            return
         if b.direct:
             for e in demand:
                 for slab in b.slabs.values():
@@ -151,13 +159,13 @@ class _ExpertCache:
     def _settle(self, b: _Bank, e: int, f) -> None:
         """A direct read ahead that is done: its expert is present (or, if it failed, not)."""
         try:
-            f.result(timeout=_WAIT)
+            got = f.result(timeout=_WAIT)
         except Exception:  # noqa: BLE001 - a demand read of the expert reports the error, if it is routed to
             present = b.cached.keys() | b.pending.keys()
-            for slab in b.slabs.values():
+            for slab in b.slabs.values() if not self.experts_on_device else ():
                 slab.drop(e, present)
             return
-        b.cached[e] = True
+        b.cached[e] = got if self.experts_on_device else True  # on the device: its lease
         b.reads[e] += 1
 
     def _acquire_now(self, key: str):
@@ -182,20 +190,26 @@ class _ExpertCache:
         b.reads[e] += 1
 
     def _make_expert_room(self, b: _Bank, n: int, keep: set[int]) -> None:
-        """Drop the least useful present experts until ``n`` more fit. One call needing more than
-        the cache's room takes the read-ahead room too; more than both is refused."""
-        room = self._expert_capacity + self._expert_prefetch_room
-        if len(keep) * b.nbytes > room:
+        """Drop the least useful present experts until ``n`` more fit, within the room charged to
+        the model for them (where experts are read through the host tier, the read-ahead room holds
+        host copies, not experts: the cache's room alone). A call needing more is refused."""
+        room, size = self._expert_capacity + self._expert_prefetch_room, self._room_bytes(b)
+        staged = len(keep) * size if self.experts_on_device else 0  # the call's experts gathered
+        if not self.experts_on_device:
+            room = min(room, self._room_charge())
+        if len(keep) * size + staged > room:
             raise OffloadError(
                 f"expert bank {b.name!r}: this call routes to {len(keep)} experts "
-                f"({format_size(len(keep) * b.nbytes)}), more than the room for experts, "
-                f"{format_size(room)} ({self._budget_name()}); raise the budget or shorten the batch")
-        limit = room if b.direct or len(keep) * b.nbytes > self._expert_capacity else self._expert_capacity
+                f"({format_size(len(keep) * size)}" + (", twice with their staging" if staged else "")
+                + f"), more than the room for experts, {format_size(room)} ({self._budget_name()}); "
+                "raise the budget or shorten the batch")
+        limit = room - staged
         protect = {(b.index, e) for e in keep}
-        while self._expert_held() + n * b.nbytes > limit:
+        while self._expert_held() + n * size > limit:
             if self._evict_one(protect):
                 continue
-            unsettled = [(v, e) for v in self.banks if v.direct for e in v.pending if e not in keep or v is not b]
+            unsettled = [(v, e) for v in self.banks if self._lands_in_room(v) for e in v.pending
+                         if e not in keep or v is not b]
             if not unsettled:
                 break
             for v, e in unsettled:  # reads ahead still landing: once done, they can be dropped
@@ -204,6 +218,8 @@ class _ExpertCache:
     def hold_expert_room(self) -> None:
         """Charge the room for experts to the model: one host buffer of the cache's size whose pages
         go back to the kernel (the experts live in the slabs, in pool memory)."""
+        if self.experts_on_device:  # experts are device cache entries, charged as they are placed
+            return
         if self.banks and self._expert_room is None and self._expert_capacity:
             try:
                 self._expert_room = self.compute_res.alloc(self._room_charge(), wait=0.0)
@@ -213,8 +229,8 @@ class _ExpertCache:
             drop_pages(self._expert_room.address, self._expert_room.nbytes)
 
     def _room_charge(self) -> int:
-        """The cache, and the read-ahead room too where every bank reads into its slabs."""
-        direct = all(b.direct for b in self.banks)
+        """The cache, and the read-ahead room too where a bank reads into its slabs."""
+        direct = any(b.direct for b in self.banks)
         return self._expert_capacity + (self._expert_prefetch_room if direct else 0)
 
     def release_expert_room(self) -> None:
@@ -224,7 +240,13 @@ class _ExpertCache:
 
     def _expert_held(self) -> int:
         """Slab bytes of present experts and of those being read in directly."""
-        return sum((len(v.cached) + (len(v.pending) if v.direct else 0)) * v.nbytes for v in self.banks)
+        return sum((len(v.cached) + (len(v.pending) if self._lands_in_room(v) else 0)) * self._room_bytes(v)
+                   for v in self.banks)
+
+    def _room_bytes(self, b: _Bank) -> int:
+        """What one present expert of ``b`` takes of the room: its object on the device; in the
+        slabs at most its pages (a slice not of whole pages commits the pages it touches)."""
+        return b.nbytes if self.experts_on_device else max(b.nbytes, b.footprint)
 
     def _evict_one(self, protect: set[tuple[int, int]]) -> bool:
         """Drop the present expert with the lowest decayed frequency (ties: oldest use), never one
@@ -244,7 +266,10 @@ class _ExpertCache:
         return True
 
     def _drop_expert(self, b: _Bank, e: int) -> None:
-        del b.cached[e]
+        held = b.cached.pop(e)
+        if self.experts_on_device:
+            self.unplace(b, e, held)
+            return
         present = b.cached.keys() | (b.pending.keys() if b.direct else set())
         for slab in b.slabs.values():
             slab.drop(e, present)
@@ -283,7 +308,7 @@ class _ExpertCache:
         for e in guess:
             if e in nxt.cached or e in nxt.pending:
                 continue
-            if nxt.direct:
+            if self._lands_in_room(nxt):
                 self._prefetch_direct(b, nxt, e, guess)
                 continue
             if self._expert_pending_bytes() + nxt.nbytes > self._expert_prefetch_room:
@@ -304,16 +329,23 @@ class _ExpertCache:
         protect = {(b.index, i) for i in b.cached if b.last_use[i] == self._calls}
         protect |= {(nxt.index, i) for i in guess}
         protect |= {(b.index + 1, i) for i in self.banks[b.index + 1].predicted}
-        while self._expert_held() + nxt.nbytes > self._expert_capacity + self._expert_prefetch_room:
+        limit = self._expert_capacity + self._expert_prefetch_room - self.staged_bytes()
+        while self._expert_held() + self._room_bytes(nxt) > limit:
             if not self._evict_one(protect):
                 self.stats.prefetch_skipped += 1
                 return
+        if self.experts_on_device:
+            self.place_ahead(nxt, e)
+            return
         for slab in nxt.slabs.values():
             slab.fill(e)
         nxt.pending[e] = self.store.read_ranges(nxt.ranges(e), owner=self.owner, priority=Priority.PREFETCH)
 
     def _expert_pending_bytes(self) -> int:
-        """Host-tier bytes of experts read ahead (direct reads land in the slabs instead)."""
+        """Host-tier bytes of experts read ahead (direct reads land in the slabs instead); on the
+        device: the compute-tier bytes of every expert placed, being placed or staged."""
+        if self.experts_on_device:
+            return self._expert_held() + self.staged_bytes()
         return sum(len(v.pending) * v.nbytes for v in self.banks if not v.direct)
 
     def drop_expert_prefetches(self) -> int:
@@ -323,7 +355,9 @@ class _ExpertCache:
             pending, b.pending = dict(b.pending), {}
             freed += len(pending) * b.nbytes
             for e, f in pending.items():
-                if b.direct:  # the read lands in pool memory: wait for it before the place is lent again
+                if self.experts_on_device:
+                    self.give_back_placement(b, e, f)
+                elif b.direct:  # the read lands in pool memory: wait for it before the place is lent again
                     self._settle(b, e, f)
                 else:
                     self._give_back_prefetch(f)
@@ -350,21 +384,29 @@ class _ExpertCache:
         if self._expert_room is not None:
             freed += self._expert_room.nbytes
         self.release_expert_room()
+        if self._staging is not None:
+            freed += self._staging.nbytes
+            self.release_staging()
         return freed
 
     # -- budget and report -------------------------------------------------------------
     def _top_k(self) -> tuple[int, int]:
         """(experts one token is routed to, bytes of the largest expert) over the banks."""
-        largest = max(b.nbytes for b in self.banks)
+        largest = max(self._room_bytes(b) for b in self.banks)
         top = max((getattr(b.router, "top_k", None) or getattr(b.module, "top_k", None) or 2) for b in self.banks)
         return min(top, max(b.num for b in self.banks)), largest
 
+    def _staging_floor(self, top: int, largest: int) -> int:
+        """On the device: room for one token's experts gathered for its call (see .expert_device)."""
+        return top * largest if self.experts_on_device else 0
+
     def expert_floor(self) -> int:
-        """Room for one token's experts, as many read ahead and one being read in (0 without banks)."""
+        """Room for one token's experts, as many read ahead and one being read in, and on the device
+        their staging (0 without banks)."""
         if not self.banks:
             return 0
         top, largest = self._top_k()
-        return (2 * top + 1) * largest
+        return (2 * top + 1) * largest + self._staging_floor(top, largest)
 
     def check_expert_room(self, room: int) -> None:
         """Refuse a budget whose ``room`` for experts cannot hold the experts one token is routed
@@ -372,11 +414,13 @@ class _ExpertCache:
         if not self.banks:
             return
         top, largest = self._top_k()
-        need = (top + 1) * largest
+        need = (top + 1) * largest + self._staging_floor(top, largest)
         if room < need:
             raise OffloadError(f"compute budget {format_size(self._budget())} ({self._budget_name()}) leaves "
                                f"{format_size(max(room, 0))} for experts, less than the {top} experts of "
-                               f"{format_size(largest)} one token is routed to and one read in; raise the budget")
+                               f"{format_size(largest)} one token is routed to and one read in"
+                               + (" (and the token's experts staged for its call)" if self.experts_on_device else "")
+                               + "; raise the budget")
 
     def plan_experts(self, room: int) -> None:
         """Set the room for experts from what the budget leaves (``room``), refusing a budget that
@@ -386,24 +430,27 @@ class _ExpertCache:
             return
         self.check_expert_room(room)
         top, largest = self._top_k()
-        need = (top + 1) * largest
-        # host memory for reading experts in: what is read ahead, at least one expert
+        need = (top + 1) * largest + self._staging_floor(top, largest)
+        # memory for reading experts in: what is read ahead, at least one expert
         self._expert_prefetch_room = min(top * largest, room - need) + largest
         self._expert_capacity = room - self._expert_prefetch_room
-        self.open_pools(room)
+        if not self.experts_on_device:
+            self.open_pools(room)
 
     def expert_report(self) -> dict:
         st = self.expert_stats
         tokens = max(st["tokens"], 1)
         predicted = st["predicted"]
-        hits = st["hits"]
+        compute = "gpu" if self.experts_on_device else "compute"
+        hits = {compute if k == "compute" else k: v for k, v in st["hits"].items()}
         loaded = hits["prefetched"] + hits["host"] + hits["storage"]
         return {
+            "compute_tier": "gpu" if self.experts_on_device else "host",
             "banks": len(self.banks), "experts_per_bank": self.banks[0].num,
             "expert_bytes": self.banks[0].nbytes, "capacity_bytes": self._expert_capacity,
             "present_bytes": self._expert_held(), "tokens": st["tokens"], "routed": st["routed"],
             "hits": dict(hits), "evictions": st["evictions"],
-            "hit_rate": round((hits["compute"] + hits["prefetched"]) / st["routed"], 4) if st["routed"] else 1.0,
+            "hit_rate": round((hits[compute] + hits["prefetched"]) / st["routed"], 4) if st["routed"] else 1.0,
             "expert_bytes_loaded_per_token": round(loaded * self.banks[0].nbytes / tokens, 1),
             "prediction": {"predicted": predicted, "correct": st["predicted_used"],
                            "precision": round(st["predicted_used"] / predicted, 4) if predicted else None},

@@ -15,7 +15,8 @@ shape and strides, whose pages are committed only where an expert was copied in.
 code path and kernels are unchanged (so are its results, bit for bit); experts it is not routed
 to are never read, and occupy no memory. Each expert present in a slab is charged to the model's
 compute reservation (a host buffer whose pages are handed back to the kernel: the bytes live in
-the slab). Loading, the cache policy and prediction are in :mod:`.expert_cache`.
+the slab). Loading, the cache policy and prediction are in :mod:`.expert_cache`; on the
+device-cache path (CUDA) experts live in the GPU tier instead, see :mod:`.expert_device`.
 """
 
 from __future__ import annotations
@@ -183,6 +184,7 @@ class _Bank:
     attrs: list[str]
     offsets: list[int]  # where each parameter's slice of an expert sits in the expert's object
     nbytes: int  # one expert object
+    footprint: int  # memory one expert may commit in the slabs (whole pages touched)
     keys: list[str]
     hidden_arg: str = "hidden_states"  # the name of the forward's first argument
     predictor: nn.Module | None = None  # a private copy of the router (weights kept) for prediction
@@ -192,6 +194,7 @@ class _Bank:
     pending: dict[int, object] = field(default_factory=dict)  # expert -> acquire future (prefetch)
     predicted: set[int] = field(default_factory=set)  # experts predicted for this bank's next call
     bound: bool = False
+    renumbered: bool = False  # device cache: the module's num_experts reads the call's staged experts
     score: list[float] = field(default_factory=list)  # decayed routing frequency per expert
     last_use: list[int] = field(default_factory=list)
     uses: list[int] = field(default_factory=list)  # per expert: calls routed to it
@@ -255,10 +258,10 @@ class _ExpertPacking:
         if want is False:
             return
         found = find_banks(self.model, external, insist=bool(want))
-        if found and self._two_level:
+        if found and self._two_level and not self._wants_device_cache:  # CUDA with device_cache = false
             if want:
-                raise OffloadError(f"{self.name}: [offload] experts = true serves a CPU compute device without "
-                                   "a device cache; use experts = \"auto\" or false on CUDA")
+                raise OffloadError(f"{self.name}: [offload] experts = true needs the device cache on CUDA "
+                                   "(device_cache = true or unset); set experts = \"auto\" or false")
             return
         if want and not found:
             raise OffloadError(f"{self.name}: [offload] experts = true, but the model has no fused experts "
@@ -277,7 +280,8 @@ class _ExpertPacking:
             predictor = None
             if router is not None:  # before the weights leave memory; routers are small
                 predictor = _private_copy(router)
-            self.banks.append(_Bank(i, name, mod, router, num, attrs, offsets, align_up(max(off, 1)), keys,
+            self.banks.append(_Bank(i, name, mod, router, num, attrs, offsets, align_up(max(off, 1)), _footprint(mod),
+                                    keys,
                                     hidden_arg, predictor, score=[0.0] * num, last_use=[-1] * num, uses=[0] * num,
                                     reads=[0] * num))
 
@@ -293,7 +297,8 @@ class _ExpertPacking:
                     raise OffloadError(f"expert bank {b.name!r}: {a} is on the meta device and has no data")
             # two staging buffers, each reused once its put is done: a bank's experts never sit in
             # memory a second time (freed blobs would stay in the allocator's heap)
-            b.direct = all(p[0].numel() * p.element_size() % _PAGE == 0 for p in params) and \
+            b.direct = not self.experts_on_device and \
+                all(p[0].numel() * p.element_size() % _PAGE == 0 for p in params) and \
                 all(off % _PAGE == 0 for off in b.offsets)
             block = _PAGE if b.direct else 0  # checksummed per page: slices can be read alone
             blobs = [torch.zeros(b.nbytes, dtype=torch.uint8) for _ in range(2)]
@@ -326,7 +331,7 @@ class _ExpertPacking:
         for b in self.banks:
             for size in {s.expert_bytes for s in b.slabs.values() if s.pooled}:
                 per_expert = sum(1 for s in b.slabs.values() if s.expert_bytes == size)
-                slots[size] = max(slots.get(size, 0), max(room // b.nbytes, 1) * per_expert)
+                slots[size] = max(slots.get(size, 0), max(room // max(b.nbytes, b.footprint), 1) * per_expert)
         self.pools = {size: _Pool(size, n) for size, n in slots.items()}
         for b in self.banks:
             for slab in b.slabs.values():
@@ -352,6 +357,7 @@ class _ExpertPacking:
                 s = b.slabs[a]
                 b.module._parameters[a].data = _placeholder(s.dtype, s.shape, self.device)
         b.bound = False
+        self.unstage_bank(b)
 
     def bank_tensors(self, b: _Bank) -> dict[str, torch.Tensor]:
         """Each of ``b``'s parameters whole, in ordinary host memory, read expert by expert."""
@@ -388,6 +394,17 @@ class _ExpertPacking:
             for a, n in zip(b.attrs, names):
                 if n in state_dict:
                     state_dict[n] = full[a]
+
+
+def _footprint(mod: nn.Module) -> int:
+    """Bytes one expert may commit in the slabs: a slice of whole pages its own (pooled) pages,
+    any other the pages it touches (up to one more than its size rounds to)."""
+    total = 0
+    for p in mod._parameters.values():
+        if p is not None:
+            size = p.shape[1:].numel() * _itemsize(p.dtype)
+            total += size if size % _PAGE == 0 else (-(-size // _PAGE) + 1) * _PAGE
+    return total
 
 
 def _private_copy(router: nn.Module) -> nn.Module:

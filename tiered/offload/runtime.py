@@ -16,6 +16,7 @@ from ..store import TieredStore
 from .activations import ActivationOffload
 from .budget import _Budget
 from .expert_cache import _ExpertCache, new_expert_stats
+from .expert_device import _ExpertDevice
 from .experts import _ExpertPacking
 from .layout import _Packing, _Unit
 from .loading import _Loading
@@ -25,8 +26,8 @@ from .teardown import _Teardown
 from .training import _Training
 
 
-class OffloadedModule(_Packing, _ExpertPacking, _ExpertCache, _Budget, _Loading, _Recompute, _Training, _Teardown,
-                      _Stats):
+class OffloadedModule(_Packing, _ExpertPacking, _ExpertCache, _ExpertDevice, _Budget, _Loading, _Recompute,
+                      _Training, _Teardown, _Stats):
     """The runtime attached to an offloaded model (``model._tiered``)."""
 
     def __init__(self, model: nn.Module, store: TieredStore, owns_store: bool, config: Config,
@@ -43,6 +44,7 @@ class OffloadedModule(_Packing, _ExpertPacking, _ExpertCache, _Budget, _Loading,
         self._expert_capacity = self._expert_prefetch_room = 0
         self._expert_room = None  # the host buffer charging the room for experts to the model
         self.pools = {}  # expert slice size -> its pool (.experts)
+        self._staging = None  # device cache: the GPU tier buffer a bank call's experts are gathered in
         self.order: list[int] = []
         self._pass: list[int] = []
         self._cursor = 0

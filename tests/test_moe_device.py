@@ -1,0 +1,231 @@
+"""Expert units through the device cache (the path CUDA takes; ``[offload] device_cache = true``
+forces it on a CPU with a ``device = "cpu"`` GPU tier): routed experts are placed in the GPU tier,
+used in place while present, read ahead by the next router, and the tokens stay bitwise the
+in-memory model's under budgets smaller than one layer's experts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tiered
+from test_moe_budget import WrongGuess, storage_reads
+from test_moe_offload import build, config, prompt
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_intra_op_thread")]
+
+
+def device_config(tmp_path, gpu: str, host: str = "2MiB", resident: bool = True, **offload) -> dict:
+    """The device-cache path on a CPU: a GPU tier of ``gpu`` bytes (the compute budget) on device
+    "cpu", a host tier of ``host`` staging its copies."""
+    cfg = config(tmp_path, host=host, resident=resident, device_cache=True, **offload)
+    cfg["tiers"]["gpu"] = {"kind": "device", "device": "cpu", "capacity": gpu}
+    return cfg
+
+
+def routing(model) -> list[tuple[int, set[int]]]:
+    """(bank index, experts chosen) of every bank call from now on, as the router chose them
+    (seen before the call's expert ids are mapped onto its staged rows)."""
+    calls: list[tuple[int, set[int]]] = []
+    for b in model._tiered.banks:
+        def hook(_m, args, kwargs, b=b):
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            calls.append((b.index, set(torch.unique(index).tolist())))
+        b.module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    return calls
+
+
+def reference(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return copy.deepcopy(model).generate(ids, max_new_tokens=8, do_sample=False,
+                                             attention_mask=torch.ones_like(ids))
+
+
+def generate(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(ids))
+
+
+def assert_within_budget(rt) -> None:
+    """The device cache and the compute tier's charges never went past the budget."""
+    assert rt.dcache.peak <= rt.dcache.limit
+    assert rt.compute_res.peak <= rt._budget()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_parity_through_the_device_cache(tmp_path, arch, batch):
+    model = build(arch)
+    ids = prompt(batch, length=3)
+    want = reference(model, ids)
+    tiered.offload(model, device_config(tmp_path, gpu="2MiB"))
+    try:
+        rt = model._tiered
+        assert rt.dcache is not None and rt.banks, "experts = auto makes expert units on the device-cache path"
+        got = generate(model, ids)
+        assert torch.equal(got, want)
+        ex = tiered.offload_stats(model)["experts"]
+        assert ex["compute_tier"] == "gpu"
+        assert set(ex["hits"]) == {"gpu", "prefetched", "host", "storage"}
+        assert ex["routed"] > 0 and sum(ex["hits"].values()) == ex["routed"]
+        assert ex["hits"]["gpu"] > 0  # experts kept on the device were used in place
+        assert_within_budget(rt)
+    finally:
+        tiered.detach(model)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("arch,gpu", [("mixtral", "200KiB"), ("olmoe", "120KiB")])
+def test_device_room_smaller_than_one_layers_experts(tmp_path, arch, gpu, batch):
+    model = build(arch, layers=3, experts=16)  # a call of two tokens (four experts) fits, with its staging
+    ids = prompt(batch, length=2 if batch == 1 else 1)
+    want = reference(model, ids)
+    tiered.offload(model, device_config(tmp_path, gpu=gpu, host="1MiB", resident=False))
+    try:
+        rt = model._tiered
+        one, layer = rt.banks[0].nbytes, rt.banks[0].nbytes * rt.banks[0].num
+        room = rt._expert_capacity + rt._expert_prefetch_room
+        assert one < room < layer
+        in_use = []  # GPU tier bytes of the experts and their staging at each bank call
+        for b in rt.banks:
+            b.module.register_forward_pre_hook(lambda *_a: in_use.append(rt._expert_held() + rt.staged_bytes()))
+        got = generate(model, ids)
+        assert torch.equal(got, want)
+        ex = tiered.offload_stats(model)["experts"]
+        assert ex["evictions"] > 0 and ex["present_bytes"] <= room
+        assert 0 < max(in_use) <= room
+        assert ex["hits"]["storage"] + ex["hits"]["host"] > 0
+        assert_within_budget(rt)
+    finally:
+        tiered.detach(model)
+
+
+def test_only_routed_experts_are_read_and_placed(tmp_path):
+    model = build("mixtral", layers=3)
+    tiered.offload(model, device_config(tmp_path, gpu="2MiB"))
+    try:
+        rt = model._tiered
+        for b in rt.banks:
+            b.predictor = None  # demand reads only: what is read is what was routed
+        reads, calls = storage_reads(model), routing(model)
+        placed0 = rt.dcache.stats.bytes_loaded
+        with torch.no_grad():
+            model(prompt(1, length=1))
+        expert_reads = [(k, n) for k, n in reads if "/expert" in k]
+        routed = {rt.banks[i].keys[e] for i, chosen in calls for e in chosen}
+        assert len(calls) == 3 and all(len(chosen) == 2 for _i, chosen in calls)
+        assert sorted(k for k, _n in expert_reads) == sorted(routed)  # each routed expert once, nothing else
+        assert sum(n for _k, n in expert_reads) == len(routed) * rt.banks[0].nbytes
+        units_placed = sum(u.nbytes for u in rt.units if not u.resident)
+        assert rt.dcache.stats.bytes_loaded - placed0 == len(routed) * rt.banks[0].nbytes + units_placed
+        ex = tiered.offload_stats(model)["experts"]
+        assert ex["hits"]["storage"] == 6 and ex["routed"] == 6 and ex["tokens"] == 1
+        reads.clear()
+        placed1 = rt.dcache.stats.bytes_loaded
+        with torch.no_grad():  # the same token again: its experts are on the device, used in place
+            model(prompt(1, length=1))
+        assert not [k for k, _n in reads if "/expert" in k]
+        assert rt.dcache.stats.bytes_loaded - placed1 == units_placed  # no expert copied to the device again
+        assert tiered.offload_stats(model)["experts"]["hits"]["gpu"] == 6
+    finally:
+        tiered.detach(model)
+
+
+def test_reads_ahead_onto_the_device(tmp_path):
+    model = build("qwen3_moe", layers=3)
+    ids = prompt(1, length=2)
+    want = reference(model, ids)
+    tiered.offload(model, device_config(tmp_path, gpu="2MiB"))
+    try:
+        got = generate(model, ids)
+        assert torch.equal(got, want)
+        ex = tiered.offload_stats(model)["experts"]
+        assert ex["hits"]["prefetched"] > 0 and ex["prediction"]["precision"] > 0.5
+    finally:
+        tiered.detach(model)
+
+
+def test_wrong_predictions_through_the_device_cache_give_identical_tokens(tmp_path):
+    model = build("deepseek_v3")
+    ids = prompt(2, length=3)
+    want = reference(model, ids)
+    tiered.offload(model, device_config(tmp_path, gpu="300KiB", host="1MiB", resident=False))
+    try:
+        rt = model._tiered
+        for b in rt.banks:
+            b.predictor = WrongGuess(b.predictor)
+        got = generate(model, ids)
+        assert torch.equal(got, want)
+        ex = tiered.offload_stats(model)["experts"]
+        assert ex["prediction"]["predicted"] > 0 and ex["prediction"]["precision"] < 0.5
+        assert ex["hits"]["storage"] + ex["hits"]["host"] > 0  # mispredictions were read on demand
+        assert_within_budget(rt)
+    finally:
+        tiered.detach(model)
+
+
+def test_experts_true_is_served_through_the_device_cache(tmp_path):
+    model = build("olmoe")
+    ids = prompt(1)
+    want = reference(model, ids)
+    tiered.offload(model, device_config(tmp_path, gpu="2MiB", experts=True))
+    try:
+        assert model._tiered.banks and model._tiered.dcache is not None
+        assert torch.equal(generate(model, ids), want)
+    finally:
+        tiered.detach(model)
+
+
+def test_every_experts_kernel_through_the_device_cache(tmp_path):
+    for kernel in ("eager", "batched_mm", "grouped_mm"):
+        model = build("qwen2_moe")
+        model.set_experts_implementation(kernel)
+        ids = prompt(2)
+        want = reference(model, ids)
+        tiered.offload(model, device_config(tmp_path / kernel, gpu="2MiB"))
+        try:
+            assert torch.equal(generate(model, ids), want), kernel
+        finally:
+            tiered.detach(model)
+
+
+def test_giving_the_device_back_drops_the_experts(tmp_path):
+    model = build("mixtral")
+    ids = prompt(1)
+    want = reference(model, ids)
+    tiered.offload(model, device_config(tmp_path, gpu="2MiB"))
+    try:
+        rt = model._tiered
+        generate(model, ids)
+        assert any(b.cached for b in rt.banks)
+        rt.drop_experts()
+        assert not any(b.cached for b in rt.banks)
+        assert not any(k in rt.dcache for k in rt.bank_keys())
+        assert torch.equal(generate(model, ids), want)  # and they are placed again
+    finally:
+        tiered.detach(model)
+    assert torch.equal(reference(model, ids), want)  # detach restored the experts
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_on_cuda_experts_through_the_device_cache_match_the_in_gpu_model(tmp_path, arch):
+    model = build(arch, layers=3, experts=16).cuda()
+    ids = prompt(2, length=3).cuda()
+    want = reference(model, ids)
+    layer = sum(p.numel() * p.element_size() for p in model.model.layers[0].mlp.experts.parameters())
+    cfg = config(tmp_path, host="4MiB", resident=False)
+    cfg["tiers"]["gpu"] = {"kind": "device", "capacity": str(layer + layer // 2)}  # less than two layers' experts
+    tiered.offload(model, cfg)
+    try:
+        rt = model._tiered
+        assert rt.dcache is not None and rt.banks and rt.device.type == "cuda"
+        assert torch.equal(generate(model, ids), want)
+        ex = tiered.offload_stats(model)["experts"]
+        assert ex["compute_tier"] == "gpu" and sum(ex["hits"].values()) == ex["routed"]
+        assert_within_budget(rt)
+    finally:
+        tiered.detach(model)
+    assert all(p.is_cuda for p in model.parameters())
