@@ -19,6 +19,7 @@ import torch
 from tiered.allocators import OutOfBudget
 
 from .blocks import Block, KVCacheError
+from .plan import checksum_block
 
 
 class BudgetMixin:
@@ -97,6 +98,7 @@ class BudgetMixin:
     def _set_block_data(self, blk: Block, data: torch.Tensor | None) -> None:
         """A block's device copy (None: it has none), the previous one freed."""
         old, blk.data = blk.data, data
+        self._blocks_gen += 1  # the step plan no longer says where this block is
         if old is not None and old is not data:
             self._device.free(old)
 
@@ -195,8 +197,9 @@ class BudgetMixin:
         """Put a session block part: a tensor (copied), or a host buffer handed to the store."""
         if isinstance(part, tuple):
             buf, dtype, shape = part
-            return self.kv.store.put_buffer(key, buf, dtype, shape, kind="kv", give=True)
-        return self.kv.store.put(key, part, kind="kv", owner=self.owner)
+            return self.kv.store.put_buffer(key, buf, dtype, shape, kind="kv", give=True,
+                                            block=checksum_block(shape, dtype))
+        return self.kv.store.put(key, part, kind="kv", owner=self.owner, block=checksum_block(part.shape, part.dtype))
 
     # -- prefill through host block buffers ------------------------------------------------------
     def _stage_to_host(self, layer) -> None:
