@@ -110,11 +110,11 @@ def test_one_range_read_per_layer_and_step_and_tokens_equal_dynamic_cache(tmp_pa
                          device_budget=budget(model, 320, lookahead), lookahead=lookahead) as cache:
             tok = prefill(model, cache, ids)
             calls.reset()
-            copies = [cache.stats()["gather_copies"]]
+            copies = [cache.stats().get("gather_copies", 0)]
 
             def count(_i):
                 per_step.append(dict(calls.counts))
-                copies.append(cache.stats()["gather_copies"])
+                copies.append(cache.stats().get("gather_copies", 0))
                 calls.reset()
 
             got = steps(model, cache, tok, n, count)
