@@ -1,6 +1,6 @@
 """The gather side of a TieredCache: a layer's stored blocks come back with one batched range read
-per layer and step, copied into its slot with a few copies, planned once per step, and the
-tokens stay DynamicCache's."""
+per layer and step, copied into its slot with a few copies (not one per block), planned once per
+step, and the tokens stay DynamicCache's."""
 
 from __future__ import annotations
 
@@ -126,11 +126,11 @@ def test_one_range_read_per_layer_and_step_and_tokens_equal_dynamic_cache(tmp_pa
     if lookahead == 0:
         # every layer's stored blocks in one batched call
         assert reads == [LAYERS] * n, per_step
-        # one copy per K and per V of each layer: stored, resident blocks and tail in one cat
-        assert [b - a for a, b in zip(copies, copies[1:])] == [2 * LAYERS] * n, copies
+        # per layer one copy per K and V of the read blocks, one cat per K and V of resident blocks and tail
+        assert [b - a for a, b in zip(copies, copies[1:])] == [4 * LAYERS] * n, copies
     else:  # the gather thread runs a layer or two into the next step: count the whole run
         assert LAYERS * (n - 1) <= sum(reads) <= LAYERS * (n + 1), per_step
-        assert 2 * LAYERS * (n - 1) <= copies[-1] - copies[0] <= 2 * LAYERS * (n + 1), copies
+        assert 4 * LAYERS * (n - 1) <= copies[-1] - copies[0] <= 4 * LAYERS * (n + 1), copies
     assert_equal(want, got)
 
 

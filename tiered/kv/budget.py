@@ -27,7 +27,7 @@ class BudgetMixin:
 
     def _token_bytes(self) -> int:
         b, dtype, _ = self._geometry
-        return b * self.kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+        return b * self.kv_heads * self.head_dim * dtype.itemsize
 
     def device_bytes(self) -> dict:
         """Bytes on the compute device: resident blocks, staging slots, tails."""

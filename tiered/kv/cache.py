@@ -197,6 +197,8 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
         self._host_blocks: dict[int, tuple] = {}  # prefill: block index -> (HostBuffer, [L, 2, B, H, bs, D])
         self._plan = None  # this step's gather plan (tiered.kv.plan.StepPlan), with its reads in flight
         self._landing_idle: list = []  # host buffers for layers' range reads, idle (kept across steps)
+        self._landing_bytes = 0  # bytes of the read buffers, idle or in use
+        self._steps = 0  # forwards whose last layer ran
         self._blocks_gen = 0  # bumped whenever a block's device copy changes (the plan is then stale)
         self._step_leases: dict = {}  # (block position, part) -> Lease of a host copy pinned for this step
         self._step_pinned = 0
@@ -412,6 +414,7 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
         if l == self.num_layers - 1:
             self._commit()
             self._enforce_budget()
+            self._steps += 1  # the next step plans anew (host copies come and go)
             self._schedule(0, 1)
             self._prefetch_reads(0)
         else:

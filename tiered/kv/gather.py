@@ -15,7 +15,7 @@ import torch
 
 from tiered.allocators import OutOfBudget
 
-from .blocks import KVCacheError, cat_into, release_lease
+from .blocks import KVCacheError, blocks_into, cat_into, release_lease
 from .plan import HOST, PAGE, READ, LayerRead, StepPlan, build_plan, layer_ranges, read_views
 
 #: layers whose range reads are started ahead of the one gathering (host budget permitting)
@@ -39,17 +39,18 @@ class GatherMixin:
 
     # -- the step plan and its reads (see tiered.kv.plan) -------------------------------------
     def _step_plan(self) -> StepPlan:
-        """This step's plan, computed at its first gather (or read ahead) and kept until the
-        blocks change (a commit, a spill, an edit)."""
-        key = (self._blocks_gen, len(self._blocks), self._committed, self._geometry)
+        """This step's plan, computed at its first gather (or read ahead) and kept for the step
+        unless its blocks change (a spill for room on the GPU tier, an edit)."""
+        key = (self._steps, self._blocks_gen, len(self._blocks), self._committed, self._geometry)
         if self._plan is None or self._plan.key != key:
             self._drop_reads()
             self._plan = build_plan(key, self._blocks, self._parts, None if self.kv is None else self.kv.store)
         return self._plan
 
     def _issue_read(self, plan: StepPlan, l: int, wait: float | None) -> None:
-        """Start the range read of layer ``l``'s first batch of stored blocks (once per step)."""
-        if l in plan.reads:
+        """Start the range read of layer ``l``'s first batch of stored blocks (once per step; again
+        with ``wait`` when an earlier try found no room)."""
+        if plan.reads.get(l) is not None or (l in plan.reads and not wait):
             return
         batches = self._batches(plan, l, self._first_visible_block(self._tlayers[l]))
         runs = [(j0, j1) for kind, j0, j1 in (batches[0] if batches else []) if kind == READ]
@@ -75,9 +76,6 @@ class GatherMixin:
         part = self._part_of[l]
         keys, which, offsets, lengths, buf_offsets, nbytes = layer_ranges(
             plan, part, l - self._parts[part][0], runs, self._read_geometry(), self._dims())
-        ahead = sum(r.nbytes for r in plan.reads.values() if r is not None)
-        if not wait and ahead + nbytes > self._pin_limit():
-            return None  # reads ahead keep to the pin limit
         buf = self._landing_buffer(nbytes, 0.0)
         if buf is None:
             if not wait:
@@ -88,7 +86,7 @@ class GatherMixin:
             fut = self.kv.store.read_range_arrays(keys, which, offsets, lengths, buf.array, buf_offsets,
                                                   owner=self.owner)
         except BaseException:
-            self._landing_idle.append(buf)
+            self._idle(buf)
             raise
         self.counters["range_reads"] += 1
         self.counters["store_reads"] += len(keys)
@@ -97,25 +95,49 @@ class GatherMixin:
     def _landing_buffer(self, nbytes: int, wait: float | None):
         """A host buffer of at least ``nbytes`` for a layer's read: an idle one of the cache's (kept
         across layers and steps, so reads do not make the store evict host copies each layer), or
-        a new one from its reservation (None: no room now and ``wait`` is 0)."""
-        fits = [b for b in self._landing_idle if b.nbytes >= nbytes]
-        if fits:
-            buf = min(fits, key=lambda b: b.nbytes)
-            self._landing_idle.remove(buf)
-            return buf
-        if self._landing_idle:  # grown: the context outgrew the largest idle one
-            self._landing_idle.pop(0).release()
+        a new one from its reservation. Read buffers and step pins together keep to the pin limit;
+        None when there is no room now and ``wait`` is 0."""
+        with self._pin_lock:
+            fits = [b for b in self._landing_idle if b.nbytes >= nbytes]
+            if fits:
+                buf = min(fits, key=lambda b: b.nbytes)
+                self._landing_idle.remove(buf)
+                return buf
+            size = -(-(nbytes + self._layer_bytes()) // PAGE) * PAGE  # a block of headroom: the context grows
+            free = []
+            while self._landing_idle and self._landing_bytes + self._step_pinned + size > self._pin_limit():
+                buf = self._landing_idle.pop(0)
+                self._landing_bytes -= buf.nbytes
+                free.append(buf)
+            if self._landing_bytes + self._step_pinned + size > self._pin_limit():
+                size = nbytes
+            room = self._landing_bytes + self._step_pinned + size <= self._pin_limit()
+            if room or wait:
+                self._landing_bytes += size
+        for buf in free:
+            buf.release()
+        if not (room or wait):
+            return None
         try:
-            return self._host.alloc(-(-nbytes * 9 // 8 // PAGE) * PAGE, wait)  # headroom to grow into
+            return self._host.alloc(size, wait)
         except OutOfBudget as e:
+            with self._pin_lock:
+                self._landing_bytes -= size
             if not wait:
                 return None
             raise KVCacheError(f"TieredCache {self.owner}: no host memory for a layer's read of {nbytes} bytes "
                                f"({e}); give the cache a larger host_share") from e
 
+    def _idle(self, buf) -> None:
+        """A read buffer is free for the next layer's read."""
+        with self._pin_lock:
+            self._landing_idle.append(buf)
+
     def _free_landing(self) -> None:
         """Give the idle read buffers back to the store (no read is in flight)."""
-        idle, self._landing_idle = self._landing_idle, []
+        with self._pin_lock:
+            idle, self._landing_idle = self._landing_idle, []
+            self._landing_bytes -= sum(buf.nbytes for buf in idle)
         for buf in idle:
             buf.release()
 
@@ -128,9 +150,9 @@ class GatherMixin:
                 read.future.result(timeout=self.io_timeout)
             except BaseException:  # noqa: BLE001 - nobody uses these bytes; the buffer is what matters
                 if not read.future.done():
-                    read.future.add_done_callback(lambda _f: read.buf.release())
+                    read.future.add_done_callback(lambda _f: self._idle(read.buf))  # kept until a reset
                     return
-        read.future.add_done_callback(lambda _f: self._landing_idle.append(read.buf))
+        read.future.add_done_callback(lambda _f: self._idle(read.buf))
 
     def _drop_reads_ahead(self, plan: StepPlan) -> None:
         """Let go of the reads issued ahead (their layers read again at their gathers)."""
@@ -284,6 +306,9 @@ class GatherMixin:
         plan = self._step_plan() if self._blocks else None
         try:
             if plan is not None:
+                first = self._first_visible_block(self._tlayers[l])
+                if self._batches(plan, l, first):
+                    self._issue_read(plan, l, wait=self.io_timeout)  # before reads ahead take the room
                 for ahead in range(l + 1, min(l + 1 + READ_AHEAD, self.num_layers)):
                     self._issue_read(plan, ahead, wait=0.0)  # overlaps this layer's copy and compute
             batches = self._batches(plan, l, lo // self.block_size) or [[]]
@@ -302,10 +327,16 @@ class GatherMixin:
         host copies fit half the cache's host budget (normally one batch: the whole layer)."""
         if plan is None:
             return []
+        got = plan.batches.get((l, first))
+        if got is None:
+            got = plan.batches[(l, first)] = self._split_batches(plan, l, first)
+        return got
+
+    def _split_batches(self, plan, l: int, first: int) -> list:
         part = self._part_of[l]
         layer = self._layer_bytes()
         cost = {READ: layer, HOST: layer * (self._parts[part][1] - self._parts[part][0])}
-        cap = self._pin_limit() if self._host is not None else 0
+        cap = self._pin_limit() // 2 if self._host is not None else 0  # a batch: half of what pins may take
         batches, cur, used = [], [], 0
         for kind, j0, j1 in plan.segments(part, first):
             each = cost.get(kind, 0)
@@ -341,13 +372,27 @@ class GatherMixin:
             on_device = kk.device.type != "cpu"
             staged = self._stage(read, [leases[j].tensor[at] for j in host], kk.device) if on_device else None
             views = iter(read_views(read, self._read_geometry(), self._dims(), staged and staged[0])) if read else None
-            ks, vs = [], []
             host_at = iter(staged[1]) if staged else None
+            ks, vs = [], []  # sources of the cat from token ``start`` (host copies, resident blocks, tail)
+
+            def flush(upto: int) -> None:
+                nonlocal start
+                if ks:
+                    cat_into(ks, kk[:, :, start - lo:upto - lo])
+                    cat_into(vs, vv[:, :, start - lo:upto - lo])
+                    self.counters["gather_copies"] += 2
+                    ks.clear()
+                    vs.clear()
+                start = upto
+
             for kind, j0, j1 in batch:
-                if kind == READ:  # the run's rows, one view per K and V
+                if kind == READ:  # the run's blocks in one copy per K and V
+                    flush(j0 * bs)
                     k, v = next(views)
-                    ks.append(k)
-                    vs.append(v)
+                    blocks_into(k, kk[:, :, j0 * bs - lo:j1 * bs - lo])
+                    blocks_into(v, vv[:, :, j0 * bs - lo:j1 * bs - lo])
+                    self.counters["gather_copies"] += 2
+                    start = j1 * bs
                     continue
                 for j in range(j0, j1):
                     src = (next(host_at) if host_at else leases[j].tensor[at]) if kind == HOST \
@@ -360,10 +405,7 @@ class GatherMixin:
                 ks.append(layer.tail_k)
                 vs.append(layer.tail_v)
                 end = self._committed + layer.tail_len
-            if ks:
-                cat_into(ks, kk[:, :, start - lo:end - lo])
-                cat_into(vs, vv[:, :, start - lo:end - lo])
-                self.counters["gather_copies"] += 2
+            flush(end)
             if on_device and (read is not None or host):  # host bytes must have crossed before they go
                 torch.cuda.current_stream(kk.device).synchronize()  # (waits for the gather stream only)
             return end
@@ -371,7 +413,7 @@ class GatherMixin:
             for lease in held:
                 lease.release()
             if read is not None:
-                self._landing_idle.append(read.buf)  # for the next layer's read
+                self._idle(read.buf)  # for the next layer's read
 
     def _host_leases(self, plan, part: int, host: list, keep: bool, held: list) -> dict:
         """Leases of the host copies of ``part`` for block positions ``host`` (step pins reused;
@@ -452,15 +494,16 @@ class GatherMixin:
         """Keep ``lease`` pinned for the step's later layers of its part while the pins fit the
         pin limit; False: the caller releases it after its copy."""
         with self._pin_lock:
-            if self._step_pinned + nbytes > self._pin_limit():
+            if self._step_pinned + self._landing_bytes + nbytes > self._pin_limit():
                 return False
             self._step_leases[key] = lease
             self._step_pinned += nbytes
             return True
 
     def _pin_limit(self) -> int:
-        """Bytes of stored blocks a step keeps pinned: half the cache's host budget (the other
-        half is for the reads in flight and the puts of spilled blocks)."""
+        """Bytes a step keeps pinned, host copies pinned for the step and read buffers together:
+        half the cache's host budget (the other half is for a batch's host copies and the puts
+        of spilled blocks)."""
         return self._host_plan() // 2
 
     def _release_step_leases(self, part: int | None = None) -> None:

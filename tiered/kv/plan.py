@@ -3,9 +3,9 @@
 Once per step (not per block and layer) the plan says, for every block, where each of its parts
 is: resident on the device, a host copy in the store (acquired), or only on storage (read).
 The parts to read for one layer are read with one :meth:`TieredStore.read_range_arrays` call
-into one host buffer laid out as the layer's staging slot holds them (``[2, B, H, tokens, D]``:
-each block's K and V rows land where the slot wants them, one range per ``(block, K|V, row,
-head)``), so the gather copies each run of read blocks into its slot with one copy per K and V.
+into one host buffer, the layer's K and V of each block one after the other (``[blocks, 2, B,
+H, bs, D]``, one range per block: the layer's bytes of a part are contiguous), so the gather
+copies each run of read blocks into its slot with one strided copy per K and V.
 
 Such ranges must be whole checksum blocks: parts are put with a crc32 per
 :func:`checksum_block` bytes, a divisor of one head's ``block_size x head_dim`` bytes. Where
@@ -60,6 +60,7 @@ class StepPlan:
     where: list[np.ndarray]
     keys: list[list]
     reads: dict = field(default_factory=dict)  # layer -> LayerRead issued this step
+    batches: dict = field(default_factory=dict)  # (layer, first block) -> its runs in batches (the gather's)
 
     def segments(self, part: int, first: int) -> list[tuple[int, int, int]]:
         """Runs ``(kind, j0, j1)`` of blocks ``first..`` of ``part`` with one kind each, in order."""
@@ -90,7 +91,7 @@ def build_plan(key: tuple, blocks, parts: list, store) -> StepPlan:
 @dataclass
 class LayerRead:
     """One batch of a layer's read blocks: runs of block positions, one range read, one host
-    buffer ``[2, B, H, tokens, D]`` (the runs' rows, in order)."""
+    buffer ``[blocks, 2, B, H, bs, D]`` (the runs' blocks, in order)."""
 
     layer: int
     runs: list  # (j0, j1) block positions read, in order
@@ -101,35 +102,29 @@ class LayerRead:
 
 def layer_ranges(plan: StepPlan, part: int, at: int, runs: list, geometry: tuple, dims: tuple):
     """The read of layer ``at`` of ``part`` for the blocks in ``runs``, as ``read_range_arrays``
-    takes it: ``(keys, which, offsets, lengths, buf_offsets, nbytes)``; range ``(i, q)`` is row
-    ``q`` (K|V, batch row, head) of the i-th block, landing at ``[q, i * bs]`` of the buffer.
+    takes it: ``(keys, which, offsets, lengths, buf_offsets, nbytes)``; range i is the layer's
+    K and V of the i-th block (``[2, B, H, bs, D]``, whole checksum blocks), at ``i`` of the buffer.
 
     ``geometry``: (batch, dtype); ``dims``: (kv_heads, block_size, head_dim)."""
     b, dtype = geometry
     h, bs, d = dims
-    pos = [j for j0, j1 in runs for j in range(j0, j1)]
-    keys = [plan.keys[part][j] for j in pos]
+    keys = [plan.keys[part][j] for j0, j1 in runs for j in range(j0, j1)]
     n = len(keys)
-    row = bs * d * dtype.itemsize  # one head's rows of a block, bytes
-    q = np.arange(2 * b * h, dtype=np.int64)
+    layer = 2 * b * h * bs * d * dtype.itemsize
     i = np.arange(n, dtype=np.int64)
-    offsets = np.broadcast_to(at * len(q) * row + q[None, :] * row, (n, len(q))).reshape(-1)
-    buf_offsets = (q[None, :] * (n * row) + i[:, None] * row).reshape(-1)
-    which = np.repeat(i, len(q))
-    lengths = np.full(len(offsets), row, dtype=np.int64)
-    return keys, which, offsets, lengths, buf_offsets, n * len(q) * row
+    return keys, i, np.full(n, at * layer, dtype=np.int64), np.full(n, layer, dtype=np.int64), i * layer, n * layer
 
 
 def read_views(read: LayerRead, geometry: tuple, dims: tuple, device=None) -> list:
-    """Per run of ``read``: its K and V as ``[B, H, tokens, D]`` views of the read's buffer (or of
-    ``device``, a uint8 device tensor holding the same bytes), in ``read.runs`` order."""
+    """Per run of ``read``: its blocks' K and V (``[n, B, H, bs, D]`` each) as views of the read's
+    buffer (or of ``device``, a uint8 device tensor holding the same bytes), in ``read.runs`` order."""
     b, dtype = geometry
     h, bs, d = dims
     flat = read.buf.tensor() if device is None else device
     n = sum(j1 - j0 for j0, j1 in read.runs)
-    kv = flat[:2 * b * h * n * bs * d * dtype.itemsize].view(dtype).view(2, b, h, n * bs, d)
+    blocks = flat[:read.nbytes].view(dtype).view(n, 2, b, h, bs, d)
     out, i = [], 0
     for j0, j1 in read.runs:
-        out.append((kv[0, :, :, i * bs:(i + j1 - j0) * bs], kv[1, :, :, i * bs:(i + j1 - j0) * bs]))
+        out.append((blocks[i:i + j1 - j0, 0], blocks[i:i + j1 - j0, 1]))
         i += j1 - j0
     return out
