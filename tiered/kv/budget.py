@@ -19,7 +19,7 @@ import torch
 from tiered.allocators import OutOfBudget
 
 from .blocks import Block, KVCacheError
-from .plan import checksum_block
+from .plan import PAGE, checksum_block
 
 
 class BudgetMixin:
@@ -235,30 +235,39 @@ class BudgetMixin:
         for index in range(first, first + count):
             if index in self._host_blocks:
                 continue
-            parts = []
+            parts, tables = [], []
             try:
                 for lo, hi in self._parts:
                     shape = (hi - lo, 2, b, self.kv_heads, self.block_size, self.head_dim)
                     buf = self._host.alloc(torch.Size(shape).numel() * elem, wait=0)
                     parts.append((buf, buf.tensor(dtype, shape)))
+                    if checksum_block(shape, dtype):  # room for the checksum table its put writes
+                        tables.append(self._host.alloc(PAGE, wait=0))
             except OutOfBudget:
-                for buf, _t in parts:
+                for buf in [p[0] for p in parts] + tables:
                     buf.release()
                 self.counters["host_blocks_refused"] += 1
                 return
             self._host_blocks[index] = parts
+            self._table_room[index] = tables
 
     def _drop_host_blocks(self) -> None:
         for parts in self._host_blocks.values():
             for buf, _t in parts:
                 buf.release()
+        for tables in self._table_room.values():
+            for buf in tables:
+                buf.release()
         self._host_blocks.clear()
+        self._table_room.clear()
 
     def _commit_host_blocks(self, count: int) -> None:
         """The blocks a prefill staged on the host become stored blocks (never resident)."""
         for _ in range(count):
             index = len(self._blocks)
             parts = self._host_blocks.pop(index)
+            for buf in self._table_room.pop(index, ()):  # the tables' room, for the puts next
+                buf.release()
             blk = Block(index, host=parts, host_nbytes=sum(buf.nbytes for buf, _t in parts))
             try:
                 self._save_prefix(blk)  # the parts' buffers are handed to the store's puts

@@ -195,6 +195,7 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
         self._gather_stream = None  # CUDA: gathers copy on their own stream, ordered by events
         self._staging = None  # CUDA: where host blocks land before the cat into a slot (gather stream only)
         self._host_blocks: dict[int, tuple] = {}  # prefill: block index -> (HostBuffer, [L, 2, B, H, bs, D])
+        self._table_room: dict[int, list] = {}  # prefill: block index -> a page per part for its put's checksum table
         self._plan = None  # this step's gather plan (tiered.kv.plan.StepPlan), with its reads in flight
         self._landing_idle: list = []  # host buffers for layers' range reads, idle (kept across steps)
         self._landing_bytes = 0  # bytes of the read buffers, idle or in use

@@ -44,7 +44,8 @@ class GatherMixin:
         key = (self._steps, self._blocks_gen, len(self._blocks), self._committed, self._geometry)
         if self._plan is None or self._plan.key != key:
             self._drop_reads()
-            self._plan = build_plan(key, self._blocks, self._parts, None if self.kv is None else self.kv.store)
+            room = self._host_plan() // 2 if self._host is not None else 0  # what the pin limit leaves
+            self._plan = build_plan(key, self._blocks, self._parts, None if self.kv is None else self.kv.store, room)
         return self._plan
 
     def _issue_read(self, plan: StepPlan, l: int, wait: float | None) -> None:

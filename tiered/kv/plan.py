@@ -72,19 +72,32 @@ class StepPlan:
         return [(int(w[a]), first + a, first + b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def build_plan(key: tuple, blocks, parts: list, store) -> StepPlan:
-    """The plan of ``blocks`` for this step: resident ones on the device; a stored part is read
-    by range when it has block checksums and no host copy in the store, else acquired."""
+def build_plan(key: tuple, blocks, parts: list, store, room: int = 0) -> StepPlan:
+    """The plan of ``blocks`` for this step: resident ones on the device; a stored part with a
+    host copy in the store is acquired, one with block checksums read by range. Up to ``room``
+    bytes of parts the store does not hold in host are acquired too (the first blocks' parts), so
+    that they are cached there for the next steps: the host tier's room saves storage reads."""
     n = len(blocks)
     where = [np.full(n, DEVICE, dtype=np.int8) for _ in parts]
     keys = [[None] * n for _ in parts]
+    reads = []  # (block position, part, bytes) read by range
     for j, blk in enumerate(blocks):
         if blk.data is not None:
             continue
         for p, k in enumerate(blk.keys):
             meta = store.meta(k)
             keys[p][j] = k
-            where[p][j] = READ if _ranged(meta) and not meta["in_host"] else HOST
+            if meta["in_host"] or not _ranged(meta):
+                where[p][j] = HOST
+                room -= meta["nbytes"] if meta["in_host"] else 0
+            else:
+                where[p][j] = READ
+                reads.append((j, p, meta["nbytes"]))
+    for j, p, nbytes in reads:
+        if nbytes > room:
+            break
+        where[p][j] = HOST
+        room -= nbytes
     return StepPlan(key, where, keys)
 
 
