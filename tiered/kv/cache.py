@@ -126,7 +126,8 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
     else 0 -- on a CPU the gather is a memcpy competing with the compute for the
     same cores, measured faster in the compute thread on 2 cores; the store reads
     of the next layer are still issued ahead, while this layer computes).
-    ``read_window``: store blocks read ahead while gathering a layer.
+    ``read_window``: stored blocks a prefix load reads ahead (a decode step reads each layer's
+    stored blocks in one batched read, the next two layers' started ahead, within the host budget).
     ``model``: the model whose forwards feed this cache; while the cache is open, the
     input ids of its forwards are recorded, so that a computed block is saved as a
     prefix only under the hash of the tokens it holds. Without it (or once a step's

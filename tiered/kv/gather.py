@@ -1,9 +1,13 @@
 """The gather side of a TieredCache: a layer's blocks and tail copied into its staging slot.
 
-Resident blocks and tails are copied on the device; stored blocks are read through the store
-(charged to the cache's owner) into pinned host copies, ``read_window`` ahead, and copied in runs.
-A stored part that spans several layers stays pinned for the step while the cache's host budget
-allows (see :mod:`tiered.kv.memory`). On CUDA gathers copy on their own stream, ordered by events.
+Once per decode step a plan (:mod:`tiered.kv.plan`) says where each block's parts are: resident
+on the device, a host copy in the store, or only on storage. Per layer, the parts on storage
+come back with one batched range read (``read_range_arrays``, charged to the cache's owner) into
+one host buffer, started ahead while earlier layers compute, and land in the slot with one
+strided copy per K and V; host copies, resident blocks and the tail are copied with one cat
+per K and V. A host copy of a part that spans several layers stays pinned for the step while
+the cache's host budget allows (see :mod:`tiered.kv.memory`). On CUDA gathers copy on their own
+stream, ordered by events; host bytes cross to the device in one copy per read.
 """
 
 from __future__ import annotations
@@ -290,14 +294,15 @@ class GatherMixin:
 
     def _gather_copy(self, l: int, slot: int, tokens: int) -> None:
         """Copy layer ``l``'s blocks (device, host copies, storage) and tail into ``slot`` laid out
-        for ``tokens``: one ``torch.cat(out=)`` per K and V (the GIL is released for the whole copy),
-        or one per batch of reads when the cache's host budget cannot hold all of them at once.
+        for ``tokens``, in one batch (or a few when the cache's host budget cannot hold the whole
+        layer's reads at once): per run of blocks read from storage one strided copy per K and V,
+        per run of other sources one ``torch.cat(out=)`` per K and V (the GIL is released for
+        each whole copy).
 
         Where each block is comes from the step's plan (:mod:`tiered.kv.plan`). The blocks read
-        from storage arrive with one range read per batch into one host buffer laid out as the
-        slot holds them (issued ahead, while earlier layers compute). A host copy of a part that
-        spans several layers stays pinned for the step (one acquire per step, not per layer)
-        while half the host tier allows.
+        from storage arrive with one range read per batch into one host buffer (started ahead,
+        while earlier layers compute). A host copy of a part that spans several layers stays
+        pinned for the step (one acquire per step, not per layer) while half the host tier allows.
         """
         kk, vv, lo = self._views(slot, l, tokens)
         part = self._part_of[l]
@@ -307,8 +312,7 @@ class GatherMixin:
         plan = self._step_plan() if self._blocks else None
         try:
             if plan is not None:
-                first = self._first_visible_block(self._tlayers[l])
-                if self._batches(plan, l, first):
+                if self._batches(plan, l, lo // self.block_size):
                     self._issue_read(plan, l, wait=self.io_timeout)  # before reads ahead take the room
                 for ahead in range(l + 1, min(l + 1 + READ_AHEAD, self.num_layers)):
                     self._issue_read(plan, ahead, wait=0.0)  # overlaps this layer's copy and compute
@@ -371,7 +375,8 @@ class GatherMixin:
             host = [j for kind, j0, j1 in batch if kind == HOST for j in range(j0, j1)]
             leases = self._host_leases(plan, part, host, keep, held)
             on_device = kk.device.type != "cpu"
-            staged = self._stage(read, [leases[j].tensor[at] for j in host], kk.device) if on_device else None
+            staged = self._stage(read, [leases[j].tensor[at] for j in host], kk.device) \
+                if on_device and (read is not None or host) else None
             views = iter(read_views(read, self._read_geometry(), self._dims(), staged and staged[0])) if read else None
             host_at = iter(staged[1]) if staged else None
             ks, vs = [], []  # sources of the cat from token ``start`` (host copies, resident blocks, tail)
@@ -407,7 +412,7 @@ class GatherMixin:
                 vs.append(layer.tail_v)
                 end = self._committed + layer.tail_len
             flush(end)
-            if on_device and (read is not None or host):  # host bytes must have crossed before they go
+            if kk.is_cuda and (read is not None or host):  # host bytes must have crossed before they go
                 torch.cuda.current_stream(kk.device).synchronize()  # (waits for the gather stream only)
             return end
         finally:
@@ -534,8 +539,8 @@ class GatherMixin:
         return layers * 2 * b * self.kv_heads * self.block_size * self.head_dim * 4
 
     def _window(self) -> int:
-        """Blocks read ahead: ``read_window`` per part, at most what half the cache's host budget
-        can pin at once."""
+        """Blocks a prefix load reads ahead: ``read_window`` per part, at most what half the
+        cache's host budget can pin at once."""
         if self.kv is None or self._host is None:
             return self.read_window
         return max(1, min(self.read_window * len(self._parts), self._host_plan() // (2 * self._part_bytes())))
