@@ -217,7 +217,7 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
             layer.reset()
             layer.is_initialized = False
         self.counters = {"gather_wait_s": 0.0, "gathers": 0, "gathers_prefetched": 0, "spilled_blocks": 0,
-                         "spilled_bytes": 0, "store_reads": 0, "range_reads": 0, "gather_copies": 0, "prefix_tokens_loaded": 0,
+                         "spilled_bytes": 0, "store_reads": 0, "range_reads": 0, "read_wait_s": 0.0, "gather_copies": 0, "prefix_tokens_loaded": 0,
                          "prefix_blocks_saved": 0, "device_peak": 0, "host_blocks_refused": 0}
 
     # -- lifecycle -------------------------------------------------------------------

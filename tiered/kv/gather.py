@@ -68,11 +68,13 @@ class GatherMixin:
             if read is not None:
                 self._forget_read(read)
             read = self._start_read(plan, l, runs, self.io_timeout)
+        t0 = time.perf_counter()
         try:
             read.future.result(timeout=self.io_timeout)
         except BaseException:
             self._forget_read(read)
             raise
+        self.counters["read_wait_s"] += time.perf_counter() - t0
         return read
 
     def _start_read(self, plan: StepPlan, l: int, runs: list, wait: float | None) -> LayerRead | None:
