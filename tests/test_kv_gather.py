@@ -223,3 +223,17 @@ def test_a_host_tier_with_room_keeps_the_stored_parts_after_the_first_step(tmp_p
     # loaded into the host tier at the first step; later steps read nothing from storage
     assert calls.counts["read_range_arrays"] == 0 and store.stats()["misses"] == misses, calls.counts
     assert_equal(want, got)
+
+
+def test_host_pressure_lets_go_of_the_idle_read_buffers(tmp_path):
+    model = make_model()
+    ids = prompt(300)
+    with stored_store(tmp_path) as store, \
+            TieredCache(model.config, KVStore(store, block_size=BS, layers_per_object=1),
+                        device_budget=budget(model, 320), lookahead=0) as cache:
+        steps(model, cache, prefill(model, cache, ids), 2)
+        held = store.owners()[cache.owner]["host"]["held"]
+        assert cache._landing_idle and held > 0
+        freed = cache._host_pressure(1)  # what the store calls when another owner needs room
+        assert freed > 0 and cache._landing_idle == []
+        assert store.owners()[cache.owner]["host"]["held"] <= held - freed

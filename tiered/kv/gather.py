@@ -524,15 +524,20 @@ class GatherMixin:
 
     def _host_pressure(self, nbytes: int) -> int:
         """``on_pressure`` of the host reservation: let go of step pins no gather is using (the
-        store can then evict those copies; a later layer reads them again). Allocates nothing."""
+        store can then evict those copies; a later layer reads them again) and of the idle read
+        buffers (a later read takes a new one). Allocates nothing."""
         with self._pin_lock:
             keys = [k for k in self._step_leases if k[1] != self._gathering]
             leases = [self._step_leases.pop(k) for k in keys]
             freed = sum(lease.tensor.numel() * lease.tensor.element_size() for lease in leases)
             self._step_pinned -= freed
+            idle, self._landing_idle = self._landing_idle, []
+            self._landing_bytes -= sum(buf.nbytes for buf in idle)
         for lease in leases:
             lease.release()
-        return freed
+        for buf in idle:
+            buf.release()
+        return freed + sum(buf.nbytes for buf in idle)
 
     def _part_bytes(self) -> int:
         """Bytes of the largest stored part of a block (at 4 bytes an element, the widest dtype kept)."""
