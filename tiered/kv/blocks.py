@@ -1,4 +1,4 @@
-"""What the TieredCache modules share: the cache's error, its block record, two copy helpers."""
+"""What the TieredCache modules share: the cache's error, its block record, three copy helpers."""
 
 from __future__ import annotations
 
@@ -56,3 +56,13 @@ def cat_into(parts: list[torch.Tensor], out: torch.Tensor) -> None:
         raise KVCacheError(f"TieredCache: gathering {[(p.dtype, tuple(p.shape)) for p in parts]} into a slot of "
                            f"{out.dtype}{tuple(out.shape)}: the stored blocks do not match the cache's rows/dtype")
     torch.cat(parts, dim=-2, out=out)
+
+
+def blocks_into(src: torch.Tensor, out: torch.Tensor) -> None:
+    """Blocks ``src`` (``[n, B, H, bs, D]``: K or V of n consecutive blocks, as read) into ``out``
+    (``[B, H, n * bs, D]``, a slot's range): one strided copy."""
+    n, b, h, bs, d = src.shape
+    if tuple(out.shape) != (b, h, n * bs, d) or src.dtype != out.dtype:
+        raise KVCacheError(f"TieredCache: gathering blocks {src.dtype}{tuple(src.shape)} into a slot of "
+                           f"{out.dtype}{tuple(out.shape)}: the stored blocks do not match the cache's rows/dtype")
+    out.unflatten(2, (n, bs)).copy_(src.permute(1, 2, 0, 3, 4))

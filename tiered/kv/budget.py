@@ -19,6 +19,7 @@ import torch
 from tiered.allocators import OutOfBudget
 
 from .blocks import Block, KVCacheError
+from .plan import PAGE, checksum_block
 
 
 class BudgetMixin:
@@ -26,7 +27,7 @@ class BudgetMixin:
 
     def _token_bytes(self) -> int:
         b, dtype, _ = self._geometry
-        return b * self.kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+        return b * self.kv_heads * self.head_dim * dtype.itemsize
 
     def device_bytes(self) -> dict:
         """Bytes on the compute device: resident blocks, staging slots, tails."""
@@ -97,6 +98,7 @@ class BudgetMixin:
     def _set_block_data(self, blk: Block, data: torch.Tensor | None) -> None:
         """A block's device copy (None: it has none), the previous one freed."""
         old, blk.data = blk.data, data
+        self._blocks_gen += 1  # the step plan no longer says where this block is
         if old is not None and old is not data:
             self._device.free(old)
 
@@ -195,8 +197,9 @@ class BudgetMixin:
         """Put a session block part: a tensor (copied), or a host buffer handed to the store."""
         if isinstance(part, tuple):
             buf, dtype, shape = part
-            return self.kv.store.put_buffer(key, buf, dtype, shape, kind="kv", give=True)
-        return self.kv.store.put(key, part, kind="kv", owner=self.owner)
+            return self.kv.store.put_buffer(key, buf, dtype, shape, kind="kv", give=True,
+                                            block=checksum_block(shape, dtype))
+        return self.kv.store.put(key, part, kind="kv", owner=self.owner, block=checksum_block(part.shape, part.dtype))
 
     # -- prefill through host block buffers ------------------------------------------------------
     def _stage_to_host(self, layer) -> None:
@@ -232,30 +235,39 @@ class BudgetMixin:
         for index in range(first, first + count):
             if index in self._host_blocks:
                 continue
-            parts = []
+            parts, tables = [], []
             try:
                 for lo, hi in self._parts:
                     shape = (hi - lo, 2, b, self.kv_heads, self.block_size, self.head_dim)
                     buf = self._host.alloc(torch.Size(shape).numel() * elem, wait=0)
                     parts.append((buf, buf.tensor(dtype, shape)))
+                    if checksum_block(shape, dtype):  # room for the checksum table its put writes
+                        tables.append(self._host.alloc(PAGE, wait=0))
             except OutOfBudget:
-                for buf, _t in parts:
+                for buf in [p[0] for p in parts] + tables:
                     buf.release()
                 self.counters["host_blocks_refused"] += 1
                 return
             self._host_blocks[index] = parts
+            self._table_room[index] = tables
 
     def _drop_host_blocks(self) -> None:
         for parts in self._host_blocks.values():
             for buf, _t in parts:
                 buf.release()
+        for tables in self._table_room.values():
+            for buf in tables:
+                buf.release()
         self._host_blocks.clear()
+        self._table_room.clear()
 
     def _commit_host_blocks(self, count: int) -> None:
         """The blocks a prefill staged on the host become stored blocks (never resident)."""
         for _ in range(count):
             index = len(self._blocks)
             parts = self._host_blocks.pop(index)
+            for buf in self._table_room.pop(index, ()):  # the tables' room, for the puts next
+                buf.release()
             blk = Block(index, host=parts, host_nbytes=sum(buf.nbytes for buf, _t in parts))
             try:
                 self._save_prefix(blk)  # the parts' buffers are handed to the store's puts

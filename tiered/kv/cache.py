@@ -126,7 +126,8 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
     else 0 -- on a CPU the gather is a memcpy competing with the compute for the
     same cores, measured faster in the compute thread on 2 cores; the store reads
     of the next layer are still issued ahead, while this layer computes).
-    ``read_window``: store blocks read ahead while gathering a layer.
+    ``read_window``: stored blocks a prefix load reads ahead (a decode step reads each layer's
+    stored blocks in one batched read, the next two layers' started ahead, within the host budget).
     ``model``: the model whose forwards feed this cache; while the cache is open, the
     input ids of its forwards are recorded, so that a computed block is saved as a
     prefix only under the hash of the tokens it holds. Without it (or once a step's
@@ -195,7 +196,13 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
         self._gather_stream = None  # CUDA: gathers copy on their own stream, ordered by events
         self._staging = None  # CUDA: where host blocks land before the cat into a slot (gather stream only)
         self._host_blocks: dict[int, tuple] = {}  # prefill: block index -> (HostBuffer, [L, 2, B, H, bs, D])
-        self._step_leases: dict = {}  # (block index, part) -> Lease pinned for this step's layers
+        self._table_room: dict[int, list] = {}  # prefill: block index -> a page per part for its put's checksum table
+        self._plan = None  # this step's gather plan (tiered.kv.plan.StepPlan), with its reads in flight
+        self._landing_idle: list = []  # host buffers for layers' range reads, idle (kept across steps)
+        self._landing_bytes = 0  # bytes of the read buffers, idle or in use
+        self._steps = 0  # forwards whose last layer ran
+        self._blocks_gen = 0  # bumped whenever a block's device copy changes (the plan is then stale)
+        self._step_leases: dict = {}  # (block position, part) -> Lease of a host copy pinned for this step
         self._step_pinned = 0
         self._gathering = None  # the part a gather is copying (its step pins stay under pressure)
         self._device = DeviceMemory()  # chosen at the first update (the K/V's device)
@@ -210,7 +217,7 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
             layer.reset()
             layer.is_initialized = False
         self.counters = {"gather_wait_s": 0.0, "gathers": 0, "gathers_prefetched": 0, "spilled_blocks": 0,
-                         "spilled_bytes": 0, "store_reads": 0, "prefix_tokens_loaded": 0,
+                         "spilled_bytes": 0, "store_reads": 0, "range_reads": 0, "read_wait_s": 0.0, "gather_copies": 0, "prefix_tokens_loaded": 0,
                          "prefix_blocks_saved": 0, "device_peak": 0, "host_blocks_refused": 0}
 
     # -- lifecycle -------------------------------------------------------------------
@@ -294,6 +301,7 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
         if self._gather_stream is not None:  # the slots are freed next: no copy may still write them
             self._gather_stream.synchronize()
         self._release_step_leases()
+        self._drop_reads(wait=True)
         for b in self._blocks:
             for f in b.saving or ():
                 try:
@@ -408,6 +416,7 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
         if l == self.num_layers - 1:
             self._commit()
             self._enforce_budget()
+            self._steps += 1  # the next step plans anew (host copies come and go)
             self._schedule(0, 1)
             self._prefetch_reads(0)
         else:

@@ -26,6 +26,7 @@ def quiesce(cache) -> None:
     if cache._gather_stream is not None:
         cache._gather_stream.synchronize()
     cache._release_step_leases()
+    cache._drop_reads(wait=True)
     for blk in cache._blocks:
         for f in blk.saving or ():
             f.result(timeout=cache.io_timeout)

@@ -1,36 +1,193 @@
 """The gather side of a TieredCache: a layer's blocks and tail copied into its staging slot.
 
-Resident blocks and tails are copied on the device; stored blocks are read through the store
-(charged to the cache's owner) into pinned host copies, ``read_window`` ahead, and copied in runs.
-A stored part that spans several layers stays pinned for the step while the cache's host budget
-allows (see :mod:`tiered.kv.memory`). On CUDA gathers copy on their own stream, ordered by events.
+Once per decode step a plan (:mod:`tiered.kv.plan`) says where each block's parts are: resident
+on the device, a host copy in the store, or only on storage. Per layer, the parts on storage
+come back with one batched range read (``read_range_arrays``, charged to the cache's owner) into
+one host buffer, started ahead while earlier layers compute, and land in the slot with one
+strided copy per K and V; host copies, resident blocks and the tail are copied with one cat
+per K and V. A host copy of a part that spans several layers stays pinned for the step while
+the cache's host budget allows (see :mod:`tiered.kv.memory`). On CUDA gathers copy on their own
+stream, ordered by events; host bytes cross to the device in one copy per read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from concurrent.futures import Future
 
 import torch
 
 from tiered.allocators import OutOfBudget
 
-from .blocks import KVCacheError, cat_into, release_lease
+from .blocks import KVCacheError, blocks_into, cat_into, release_lease
+from .plan import HOST, PAGE, READ, LayerRead, StepPlan, build_plan, layer_ranges, read_views
+
+#: layers whose range reads are started ahead of the one gathering (host budget permitting)
+READ_AHEAD = 2
+
+
+def _aligned(n: int) -> int:
+    """``n`` rounded up to 256 bytes (where a device view of a staging buffer may start)."""
+    return -(-n // 256) * 256
 
 
 class GatherMixin:
     """Part of :class:`~tiered.kv.cache.TieredCache` (see the module docstring)."""
 
     def _prefetch_reads(self, l: int) -> None:
-        """Without a gather thread: start the store reads layer ``l``'s gather will need, so they
-        run on the I/O workers while this layer computes (a part already in host costs a lookup)."""
-        if self._executor is not None or self.kv is None:
+        """Without a gather thread: start the range read layer ``l``'s gather will need, so it runs
+        on the I/O workers while this layer computes (none when the host budget has no room now)."""
+        if self._executor is not None or self.kv is None or not self._blocks:
             return
+        self._issue_read(self._step_plan(), l, wait=0.0)
+
+    # -- the step plan and its reads (see tiered.kv.plan) -------------------------------------
+    def _step_plan(self) -> StepPlan:
+        """This step's plan, computed at its first gather (or read ahead) and kept for the step
+        unless its blocks change (a spill for room on the GPU tier, an edit)."""
+        key = (self._steps, self._blocks_gen, len(self._blocks), self._committed, self._geometry)
+        if self._plan is None or self._plan.key != key:
+            self._drop_reads()
+            room = self._host_plan() // 2 if self._host is not None else 0  # what the pin limit leaves
+            self._plan = build_plan(key, self._blocks, self._parts, None if self.kv is None else self.kv.store, room)
+        return self._plan
+
+    def _issue_read(self, plan: StepPlan, l: int, wait: float | None) -> None:
+        """Start the range read of layer ``l``'s first batch of stored blocks (once per step; again
+        with ``wait`` when an earlier try found no room)."""
+        if plan.reads.get(l) is not None or (l in plan.reads and not wait):
+            return
+        batches = self._batches(plan, l, self._first_visible_block(self._tlayers[l]))
+        runs = [(j0, j1) for kind, j0, j1 in (batches[0] if batches else []) if kind == READ]
+        plan.reads[l] = self._start_read(plan, l, runs, wait) if runs else None
+
+    def _take_read(self, plan: StepPlan, l: int, runs: list) -> LayerRead:
+        """The read of layer ``l``'s blocks ``runs``, once it landed (issued ahead, or now)."""
+        read = plan.reads.pop(l, None)
+        if read is None or read.runs != runs:
+            if read is not None:
+                self._forget_read(read)
+            read = self._start_read(plan, l, runs, self.io_timeout)
+        t0 = time.perf_counter()
+        try:
+            read.future.result(timeout=self.io_timeout)
+        except BaseException:
+            self._forget_read(read)
+            raise
+        self.counters["read_wait_s"] += time.perf_counter() - t0
+        return read
+
+    def _start_read(self, plan: StepPlan, l: int, runs: list, wait: float | None) -> LayerRead | None:
+        """One ``read_range_arrays`` call for layer ``l``'s blocks ``runs`` into one host buffer of
+        the cache's reservation; None when ``wait`` is 0 and the budget has no room now."""
         part = self._part_of[l]
-        remote = [b for b in self._blocks if b.data is None and (b.index, part) not in self._step_leases]
-        for b in remote[:self._window()]:
-            self.kv.store.prefetch(b.keys[part], owner=self.owner)
+        keys, which, offsets, lengths, buf_offsets, nbytes = layer_ranges(
+            plan, part, l - self._parts[part][0], runs, self._read_geometry(), self._dims())
+        buf = self._landing_buffer(nbytes, 0.0)
+        if buf is None:
+            if not wait:
+                return None
+            self._drop_reads_ahead(plan)  # this layer's read comes first: they are read again later
+            buf = self._landing_buffer(nbytes, wait)
+        try:
+            fut = self.kv.store.read_range_arrays(keys, which, offsets, lengths, buf.array, buf_offsets,
+                                                  owner=self.owner)
+        except BaseException:
+            self._idle(buf)
+            raise
+        self.counters["range_reads"] += 1
+        self.counters["store_reads"] += len(keys)
+        return LayerRead(l, runs, buf, fut, nbytes)
+
+    def _landing_buffer(self, nbytes: int, wait: float | None):
+        """A host buffer of at least ``nbytes`` for a layer's read: an idle one of the cache's (kept
+        across layers and steps, so reads do not make the store evict host copies each layer), or
+        a new one from its reservation. Read buffers and step pins together keep to the pin limit;
+        None when there is no room now and ``wait`` is 0."""
+        with self._pin_lock:
+            fits = [b for b in self._landing_idle if b.nbytes >= nbytes]
+            if fits:
+                buf = min(fits, key=lambda b: b.nbytes)
+                self._landing_idle.remove(buf)
+                return buf
+            size = -(-(nbytes + self._layer_bytes()) // PAGE) * PAGE  # a block of headroom: the context grows
+            free = []
+            while self._landing_idle and self._landing_bytes + self._step_pinned + size > self._pin_limit():
+                buf = self._landing_idle.pop(0)
+                self._landing_bytes -= buf.nbytes
+                free.append(buf)
+            if self._landing_bytes + self._step_pinned + size > self._pin_limit():
+                size = nbytes
+            room = self._landing_bytes + self._step_pinned + size <= self._pin_limit()
+            if room or wait:
+                self._landing_bytes += size
+        for buf in free:
+            buf.release()
+        if not (room or wait):
+            return None
+        try:
+            return self._host.alloc(size, wait)
+        except OutOfBudget as e:
+            with self._pin_lock:
+                self._landing_bytes -= size
+            if not wait:
+                return None
+            raise KVCacheError(f"TieredCache {self.owner}: no host memory for a layer's read of {nbytes} bytes "
+                               f"({e}); give the cache a larger host_share") from e
+
+    def _idle(self, buf) -> None:
+        """A read buffer is free for the next layer's read."""
+        with self._pin_lock:
+            self._landing_idle.append(buf)
+
+    def _free_landing(self) -> None:
+        """Give the idle read buffers back to the store (no read is in flight)."""
+        with self._pin_lock:
+            idle, self._landing_idle = self._landing_idle, []
+            self._landing_bytes -= sum(buf.nbytes for buf in idle)
+        for buf in idle:
+            buf.release()
+
+    def _forget_read(self, read: LayerRead, wait: bool = False) -> None:
+        """Let go of a read nobody will copy: its buffer is idle again once the engine is done
+        writing it (``wait``: wait for that here; a read that does not end in time frees its
+        buffer to the store when it ends)."""
+        if wait:
+            try:
+                read.future.result(timeout=self.io_timeout)
+            except BaseException:  # noqa: BLE001 - nobody uses these bytes; the buffer is what matters
+                if not read.future.done():
+                    read.future.add_done_callback(lambda _f: self._idle(read.buf))  # kept until a reset
+                    return
+        read.future.add_done_callback(lambda _f: self._idle(read.buf))
+
+    def _drop_reads_ahead(self, plan: StepPlan) -> None:
+        """Let go of the reads issued ahead (their layers read again at their gathers)."""
+        reads = [r for r in plan.reads.values() if r is not None]
+        plan.reads.clear()
+        for read in reads:
+            self._forget_read(read, wait=True)
+
+    def _drop_reads(self, wait: bool = False) -> None:
+        """Forget the step plan and the reads issued for it (an edit, a reset, a new plan);
+        ``wait``: also give the read buffers back to the store (a cache that stops or changes)."""
+        plan, self._plan = self._plan, None
+        for read in (plan.reads.values() if plan is not None else ()):
+            if read is not None:
+                self._forget_read(read, wait)
+        if wait:
+            self._free_landing()
+
+    def _read_geometry(self) -> tuple:
+        b, dtype, _device = self._geometry
+        return b, dtype
+
+    def _dims(self) -> tuple:
+        return self.kv_heads, self.block_size, self.head_dim
+
+    def _layer_bytes(self) -> int:
+        """Bytes of one layer of one block (K and V)."""
+        return 2 * self._token_bytes() * self.block_size
 
     def _slot_start(self, layer) -> int:
         """The first token a slot holds for ``layer``'s next update: 0, or for a sliding layer the first
@@ -138,122 +295,183 @@ class GatherMixin:
         return done
 
     def _gather_copy(self, l: int, slot: int, tokens: int) -> None:
-        """Copy layer ``l``'s blocks (device or store) and tail into ``slot`` laid out for ``tokens``.
+        """Copy layer ``l``'s blocks (device, host copies, storage) and tail into ``slot`` laid out
+        for ``tokens``, in one batch (or a few when the cache's host budget cannot hold the whole
+        layer's reads at once): per run of blocks read from storage one strided copy per K and V,
+        per run of other sources one ``torch.cat(out=)`` per K and V (the GIL is released for
+        each whole copy).
 
-        Sources are copied with one ``torch.cat(out=)`` per run of blocks (the GIL is
-        released for the whole copy, so the gather thread barely slows the compute
-        thread's Python). A stored part that spans several layers stays pinned for
-        the step (one read and one acquire per step, not per layer) while half the
-        host tier allows.
+        Where each block is comes from the step's plan (:mod:`tiered.kv.plan`). The blocks read
+        from storage arrive with one range read per batch into one host buffer (started ahead,
+        while earlier layers compute). A host copy of a part that spans several layers stays
+        pinned for the step (one acquire per step, not per layer) while half the host tier allows.
         """
         kk, vv, lo = self._views(slot, l, tokens)
-        bs = self.block_size
         part = self._part_of[l]
+        lo_p, hi_p = self._parts[part]
         with self._pin_lock:  # host pressure lets go of the other parts' step pins only
             self._gathering = part
-        lo_p, hi_p = self._parts[part]
-        at = l - lo_p
-        keep = hi_p - lo_p > 1 and l < hi_p - 1  # later layers of this part still need it this step
-        first = lo // bs
-        blocks = self._blocks[first:]
-        remote = [b for b in blocks if b.data is None and (b.index, part) not in self._step_leases]
-        futs: dict[int, Future] = {}
-        issued = 0
-        window = self._window()
-        held: list = []  # leases to release once their run is copied
-        run_k: list[torch.Tensor] = []
-        run_v: list[torch.Tensor] = []
-        run_pair: list[torch.Tensor | None] = []  # a host block's [2, B, H, n, D] (K and V together), or None
-        in_staging = 0  # host blocks of the current run (they land in the staging buffer)
-        run_lo = lo  # a sliding layer's slot holds nothing before its window
-
-        def issue() -> None:
-            nonlocal issued
-            while issued < len(remote) and len(futs) + len(held) < window:
-                b = remote[issued]
-                futs[b.index] = self.kv.store.acquire(b.keys[part], owner=self.owner)
-                issued += 1
-
-        def flush(upto: int) -> None:
-            nonlocal run_lo
-            if run_k and all(t.device == kk.device for t in run_k):
-                cat_into(run_k, kk[:, :, run_lo - lo:upto - lo])
-                cat_into(run_v, vv[:, :, run_lo - lo:upto - lo])
-            elif run_k:  # host blocks into a device slot: through a device staging buffer
-                # a stored block's K and V of this layer are one contiguous [2, B, H, n, D] range of its
-                # pinned host copy: one async copy per block lands it in staging, then one cat per K and V
-                # fills the slot (a copy straight into the strided slot would cost a temporary, a copy and
-                # a kernel per K and per V)
-                pairs = [p for p in run_pair if p is not None]
-                staging = self._staging_for(pairs, kk.device) if pairs else None
-                ks, vs, i = [], [], 0
-                for tk, tv, pair in zip(run_k, run_v, run_pair):
-                    if pair is None:  # on the device already (a resident block, the tail), or a strided view
-                        ks.append(tk.to(kk.device, non_blocking=True))
-                        vs.append(tv.to(kk.device, non_blocking=True))
-                        continue
-                    dst = staging[i][:, :, :, :pair.shape[-2]]
-                    dst.copy_(pair, non_blocking=True)  # async from the pinned arena
-                    ks.append(dst[0])
-                    vs.append(dst[1])
-                    i += 1
-                cat_into(ks, kk[:, :, run_lo - lo:upto - lo])
-                cat_into(vs, vv[:, :, run_lo - lo:upto - lo])
-                if kk.is_cuda:  # the leases are released next: their bytes must have crossed (this waits
-                    torch.cuda.current_stream(kk.device).synchronize()  # for the gather stream only)
-            run_k.clear()
-            run_v.clear()
-            run_pair.clear()
-            for lease in held:
-                lease.release()
-            held.clear()
-            run_lo = upto
-
+        plan = self._step_plan() if self._blocks else None
         try:
-            issue()
-            for b in blocks:
-                if b.data is not None:
-                    src = b.data[l]
-                    pair = None
-                else:
-                    lease = self._step_leases.get((b.index, part))
-                    if lease is None:
-                        f = futs.pop(b.index)
-                        try:
-                            lease = f.result(timeout=self.io_timeout)
-                        except BaseException:
-                            f.add_done_callback(release_lease)  # a read still in flight unpins when it lands
-                            raise
-                        self.counters["store_reads"] += 1
-                        nbytes = lease.tensor.numel() * lease.tensor.element_size()
-                        if not (keep and self._pin_for_step((b.index, part), lease, nbytes)):
-                            held.append(lease)
-                    src = lease.tensor[at]
-                    pair = src if src.device != kk.device and src.is_contiguous() else None
-                run_k.append(src[0])
-                run_v.append(src[1])
-                run_pair.append(pair)
-                in_staging += pair is not None
-                if len(held) >= max(1, window // 2) or in_staging >= self.read_window:  # staging's capacity
-                    flush((b.index + 1) * bs)
-                    in_staging = 0
-                issue()
-            layer = self._tlayers[l]
-            if layer.tail_k is not None:
-                run_k.append(layer.tail_k)
-                run_v.append(layer.tail_v)
-                run_pair.append(None)
-            flush(self._committed + layer.tail_len)
+            if plan is not None:
+                if self._batches(plan, l, lo // self.block_size):
+                    self._issue_read(plan, l, wait=self.io_timeout)  # before reads ahead take the room
+                for ahead in range(l + 1, min(l + 1 + READ_AHEAD, self.num_layers)):
+                    self._issue_read(plan, ahead, wait=0.0)  # overlaps this layer's copy and compute
+            batches = self._batches(plan, l, lo // self.block_size) or [[]]
+            start = lo
+            for i, batch in enumerate(batches):
+                start = self._copy_batch(plan, l, batch, kk, vv, lo, start, last=i == len(batches) - 1)
         finally:
-            for lease in held:
-                lease.release()
-            for f in futs.values():  # an error left reads in flight: release what they pin
-                f.add_done_callback(release_lease)
             if l == hi_p - 1:  # the part's last layer: its step pins are done
                 self._release_step_leases(part)
             with self._pin_lock:
                 self._gathering = None
             self._free_staging()  # transient: held only while a gather runs
+
+    def _batches(self, plan, l: int, first: int) -> list:
+        """Layer ``l``'s block runs from ``first`` (``(kind, j0, j1)``), in batches whose reads and
+        host copies fit half the cache's host budget (normally one batch: the whole layer)."""
+        if plan is None:
+            return []
+        got = plan.batches.get((l, first))
+        if got is None:
+            got = plan.batches[(l, first)] = self._split_batches(plan, l, first)
+        return got
+
+    def _split_batches(self, plan, l: int, first: int) -> list:
+        part = self._part_of[l]
+        layer = self._layer_bytes()
+        cost = {READ: layer, HOST: layer * (self._parts[part][1] - self._parts[part][0])}
+        cap = self._pin_limit() // 2 if self._host is not None else 0  # a batch: half of what pins may take
+        batches, cur, used = [], [], 0
+        for kind, j0, j1 in plan.segments(part, first):
+            each = cost.get(kind, 0)
+            while each and used + (j1 - j0) * each > cap and j1 > j0:
+                take = min(j1 - j0, max(0, (cap - used) // each))
+                if not take and not cur:
+                    take = 1  # one block at least
+                if take:
+                    cur.append((kind, j0, j0 + take))
+                    j0 += take
+                batches.append(cur)
+                cur, used = [], 0
+            if j1 > j0:
+                cur.append((kind, j0, j1))
+                used += (j1 - j0) * each
+        if cur:
+            batches.append(cur)
+        return batches
+
+    def _copy_batch(self, plan, l: int, batch: list, kk, vv, lo: int, start: int, last: bool) -> int:
+        """Copy one batch of layer ``l``'s runs (``last``: and its tail) into the slot from token
+        ``start``; returns the token it ended at."""
+        bs = self.block_size
+        part = self._part_of[l]
+        at = l - self._parts[part][0]
+        keep = self._parts[part][1] - self._parts[part][0] > 1 and l < self._parts[part][1] - 1
+        reads = [(j0, j1) for kind, j0, j1 in batch if kind == READ]
+        read = self._take_read(plan, l, reads) if reads else None
+        held: list = []  # host leases to release once copied
+        try:
+            host = [j for kind, j0, j1 in batch if kind == HOST for j in range(j0, j1)]
+            leases = self._host_leases(plan, part, host, keep, held)
+            on_device = kk.device.type != "cpu"
+            staged = self._stage(read, [leases[j].tensor[at] for j in host], kk.device) \
+                if on_device and (read is not None or host) else None
+            views = iter(read_views(read, self._read_geometry(), self._dims(), staged and staged[0])) if read else None
+            host_at = iter(staged[1]) if staged else None
+            ks, vs = [], []  # sources of the cat from token ``start`` (host copies, resident blocks, tail)
+
+            def flush(upto: int) -> None:
+                nonlocal start
+                if ks:
+                    cat_into(ks, kk[:, :, start - lo:upto - lo])
+                    cat_into(vs, vv[:, :, start - lo:upto - lo])
+                    self.counters["gather_copies"] += 2
+                    ks.clear()
+                    vs.clear()
+                start = upto
+
+            for kind, j0, j1 in batch:
+                if kind == READ:  # the run's blocks in one copy per K and V
+                    flush(j0 * bs)
+                    k, v = next(views)
+                    blocks_into(k, kk[:, :, j0 * bs - lo:j1 * bs - lo])
+                    blocks_into(v, vv[:, :, j0 * bs - lo:j1 * bs - lo])
+                    self.counters["gather_copies"] += 2
+                    start = j1 * bs
+                    continue
+                for j in range(j0, j1):
+                    src = (next(host_at) if host_at else leases[j].tensor[at]) if kind == HOST \
+                        else self._blocks[j].data[l]
+                    ks.append(src[0])
+                    vs.append(src[1])
+            end = batch[-1][2] * bs if batch else start
+            layer = self._tlayers[l]
+            if last and layer.tail_k is not None:
+                ks.append(layer.tail_k)
+                vs.append(layer.tail_v)
+                end = self._committed + layer.tail_len
+            flush(end)
+            if kk.is_cuda and (read is not None or host):  # host bytes must have crossed before they go
+                torch.cuda.current_stream(kk.device).synchronize()  # (waits for the gather stream only)
+            return end
+        finally:
+            for lease in held:
+                lease.release()
+            if read is not None:
+                self._idle(read.buf)  # for the next layer's read
+
+    def _host_leases(self, plan, part: int, host: list, keep: bool, held: list) -> dict:
+        """Leases of the host copies of ``part`` for block positions ``host`` (step pins reused;
+        the others acquired together, then kept for the step while the pin limit allows, else
+        added to ``held`` for the caller to release)."""
+        out, futs = {}, {}
+        for j in host:
+            lease = self._step_leases.get((j, part))
+            if lease is not None:
+                out[j] = lease
+            else:
+                futs[j] = self.kv.store.acquire(plan.keys[part][j], owner=self.owner)
+        try:
+            for j in list(futs):
+                f = futs.pop(j)
+                try:
+                    lease = f.result(timeout=self.io_timeout)
+                except BaseException:
+                    f.add_done_callback(release_lease)  # a read still in flight unpins when it lands
+                    raise
+                self.counters["store_reads"] += 1
+                nbytes = lease.tensor.numel() * lease.tensor.element_size()
+                if not (keep and self._pin_for_step((j, part), lease, nbytes)):
+                    held.append(lease)
+                out[j] = lease
+        finally:
+            for f in futs.values():  # an error left reads in flight: release what they pin
+                f.add_done_callback(release_lease)
+        return out
+
+    def _stage(self, read, host: list, device) -> tuple:
+        """CUDA: host bytes onto the device before the cat: the read buffer in one async copy, each
+        host copy in one; returns (the read's device bytes or None, the host copies' device views)."""
+        nbytes = sum(_aligned(t.numel() * t.element_size()) for t in host)
+        nbytes += _aligned(read.nbytes) if read is not None else 0
+        staging = self._staging_for(nbytes, device)
+        dev_read = None
+        at = 0
+        if read is not None:
+            dev_read = staging[:read.nbytes]
+            dev_read.copy_(read.buf.tensor()[:read.nbytes], non_blocking=True)  # async from the pinned arena
+            at = _aligned(read.nbytes)
+        out = []
+        for t in host:
+            n = t.numel() * t.element_size()
+            dst = staging[at:at + n].view(t.dtype).view(t.shape)
+            dst.copy_(t, non_blocking=True)
+            out.append(dst)
+            at += _aligned(n)
+        return dev_read, out
 
     def _first_visible_block(self, layer) -> int:
         """The first block this step's attention of ``layer`` sees: 0, or for a sliding layer the
@@ -262,21 +480,19 @@ class GatherMixin:
             return 0
         return max(0, self._committed + layer.tail_len - (layer.window - 1)) // self.block_size
 
-    def _staging_for(self, pairs: list[torch.Tensor], device) -> torch.Tensor:
-        """A device buffer for ``pairs`` ([2, B, H, <= block, D] each): at most ``read_window``
-        blocks of one layer, outside the device budget while a gather runs (like the temporaries
-        of a direct copy into the strided slot would be); used only on the gather stream, so
-        reusing it within the gather is ordered behind the previous cat."""
-        shape = (len(pairs), *pairs[0].shape[:-2], self.block_size, pairs[0].shape[-1])
-        if self._staging is None or self._staging.shape[0] < len(pairs) or self._staging.shape[1:] != shape[1:] \
-                or self._staging.dtype != pairs[0].dtype:
+    def _staging_for(self, nbytes: int, device) -> torch.Tensor:
+        """CUDA: a device buffer of ``nbytes`` (uint8) where a batch's host bytes land before the
+        cat into a slot, outside the device budget while a gather runs (like the temporaries of a
+        direct copy into the strided slot would be); used only on the gather stream, so reusing
+        it within the gather is ordered behind the previous cat."""
+        if self._staging is None or self._staging.numel() < nbytes:
             self._free_staging()  # one buffer at a time
             try:  # on the gather thread: the tier's room, or a wait for it (never a spill here)
-                self._staging = self._device.empty(shape, pairs[0].dtype, device, wait=self.io_timeout)
+                self._staging = self._device.empty((nbytes,), torch.uint8, device, wait=self.io_timeout)
             except OutOfBudget as e:
                 raise KVCacheError(f"TieredCache {self.owner}: no device memory for the gather's staging "
                                    f"({e}); give the cache a device_budget (its share of the tier)") from e
-        return self._staging
+        return self._staging[:nbytes]
 
     def _free_staging(self) -> None:
         staging, self._staging = self._staging, None
@@ -286,15 +502,16 @@ class GatherMixin:
         """Keep ``lease`` pinned for the step's later layers of its part while the pins fit the
         pin limit; False: the caller releases it after its copy."""
         with self._pin_lock:
-            if self._step_pinned + nbytes > self._pin_limit():
+            if self._step_pinned + self._landing_bytes + nbytes > self._pin_limit():
                 return False
             self._step_leases[key] = lease
             self._step_pinned += nbytes
             return True
 
     def _pin_limit(self) -> int:
-        """Bytes of stored blocks a step keeps pinned: half the cache's host budget (the other
-        half is for the reads in flight and the puts of spilled blocks)."""
+        """Bytes a step keeps pinned, host copies pinned for the step and read buffers together:
+        half the cache's host budget (the other half is for a batch's host copies and the puts
+        of spilled blocks)."""
         return self._host_plan() // 2
 
     def _release_step_leases(self, part: int | None = None) -> None:
@@ -307,15 +524,20 @@ class GatherMixin:
 
     def _host_pressure(self, nbytes: int) -> int:
         """``on_pressure`` of the host reservation: let go of step pins no gather is using (the
-        store can then evict those copies; a later layer reads them again). Allocates nothing."""
+        store can then evict those copies; a later layer reads them again) and of the idle read
+        buffers (a later read takes a new one). Allocates nothing."""
         with self._pin_lock:
             keys = [k for k in self._step_leases if k[1] != self._gathering]
             leases = [self._step_leases.pop(k) for k in keys]
             freed = sum(lease.tensor.numel() * lease.tensor.element_size() for lease in leases)
             self._step_pinned -= freed
+            idle, self._landing_idle = self._landing_idle, []
+            self._landing_bytes -= sum(buf.nbytes for buf in idle)
         for lease in leases:
             lease.release()
-        return freed
+        for buf in idle:
+            buf.release()
+        return freed + sum(buf.nbytes for buf in idle)
 
     def _part_bytes(self) -> int:
         """Bytes of the largest stored part of a block (at 4 bytes an element, the widest dtype kept)."""
@@ -324,8 +546,8 @@ class GatherMixin:
         return layers * 2 * b * self.kv_heads * self.block_size * self.head_dim * 4
 
     def _window(self) -> int:
-        """Blocks read ahead: ``read_window`` per part, at most what half the cache's host budget
-        can pin at once."""
+        """Blocks a prefix load reads ahead: ``read_window`` per part, at most what half the
+        cache's host budget can pin at once."""
         if self.kv is None or self._host is None:
             return self.read_window
         return max(1, min(self.read_window * len(self._parts), self._host_plan() // (2 * self._part_bytes())))

@@ -63,6 +63,7 @@ class PrefixMixin:
         for _l, _t, _s, fut in self._pending:
             fut.result(timeout=self.io_timeout)
         self._pending.clear()
+        self._drop_reads(wait=True)
         ids = input_ids[0]
         self._hashes = self.kv.hashes(ids)
         limit = (ids.numel() - 1) // self.block_size

@@ -44,6 +44,7 @@ from tiered.policies import EvictionPolicy, Observation, create_eviction_policy
 
 from ..sizes import parse_size
 from ..store import ChecksumError, StoreError, TieredStore
+from .plan import checksum_block
 from .shared import SharedTier
 
 log = logging.getLogger("tiered.kv")
@@ -285,7 +286,7 @@ class KVStore:
             return None
         nbytes = tensor.numel() * tensor.element_size()
         self._make_room(nbytes)
-        fut = self.store.put(key, tensor, kind="kv", owner=self.owner)
+        fut = self.store.put(key, tensor, kind="kv", owner=self.owner, block=checksum_block(tensor.shape, tensor.dtype))
         self._admit(key, nbytes)
         return fut
 
@@ -339,9 +340,10 @@ class KVStore:
         if self.shared is not None and self.identity is not None:
             self._publish(key, block)
         if isinstance(block, tuple):
-            fut = self.store.put_buffer(key, buf, dtype, shape, kind="kv", give=True, owner=self.owner)
+            fut = self.store.put_buffer(key, buf, dtype, shape, kind="kv", give=True, owner=self.owner,
+                                        block=checksum_block(shape, dtype))
         else:
-            fut = self.store.put(key, block, kind="kv", owner=self.owner)
+            fut = self.store.put(key, block, kind="kv", owner=self.owner, block=checksum_block(block.shape, block.dtype))
         self._admit(key, nbytes)
         with self._lock:
             self.stats["saved_blocks"] += 1
