@@ -90,9 +90,9 @@ def wait_until(cond, timeout: float = 30.0) -> bool:
     return False
 
 
-def run_ranks(target, world: int, args_of, *, start: str = "fork", timeout: float = 150.0) -> None:
-    """Run ``target(*args_of(rank))`` in one process per rank and check every one exits 0 in
-    time (a process still running is killed). ``start``: the multiprocessing start method."""
+def rank_exit_codes(target, world: int, args_of, *, start: str = "fork", timeout: float = 150.0) -> list[int]:
+    """Run ``target(*args_of(rank))`` in one process per rank; their exit codes (a process
+    still running after ``timeout`` s is killed). ``start``: the multiprocessing start method."""
     import multiprocessing as mp
 
     ctx = mp.get_context(start)
@@ -105,7 +105,13 @@ def run_ranks(target, world: int, args_of, *, start: str = "fork", timeout: floa
         if p.is_alive():
             p.kill()
             p.join(10)
-    assert [p.exitcode for p in procs] == [0] * world, f"exit codes of the {world} ranks"
+    return [p.exitcode for p in procs]
+
+
+def run_ranks(target, world: int, args_of, *, start: str = "fork", timeout: float = 150.0) -> None:
+    """:func:`rank_exit_codes`, checking that every rank exits 0 in time."""
+    codes = rank_exit_codes(target, world, args_of, start=start, timeout=timeout)
+    assert codes == [0] * world, f"exit codes of the {world} ranks"
 
 
 #: vocabulary of the fine-tuning tests' tiny Llama

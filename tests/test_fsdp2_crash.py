@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import rank_exit_codes
+
 pytestmark = pytest.mark.timeout(60)
 
 WORLD = 2
@@ -130,21 +132,8 @@ def _resumed_run(rank: int, root: str, init: str, out: str) -> None:
 
 
 def _run(target, args_of, timeout: float = 40.0) -> list[int]:
-    """``target(rank, *args_of(rank))`` in one forked process per rank; their exit codes (a
-    process still running after ``timeout`` s is killed)."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=target, args=(r, *args_of(r))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(10)
-    return [p.exitcode for p in procs]
+    """``target(rank, *args_of(rank))`` in one forked process per rank; their exit codes."""
+    return rank_exit_codes(target, WORLD, lambda r: (r, *args_of(r)), timeout=timeout)
 
 
 CASES = {

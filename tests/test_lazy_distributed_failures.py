@@ -6,7 +6,6 @@ committed local copy may be deleted while a global record names it."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import shutil
 import threading
@@ -17,23 +16,13 @@ import pytest
 import torch
 
 from helpers import run_ranks
+from test_lazy_distributed import _cfg, _init
 
 pytestmark = pytest.mark.timeout(120)
 JOIN_S = 60
 COLL_S = 10.0  # the checkpointer's collective timeout
 
 
-def _cfg(root: str) -> dict:
-    return {"tiers": {"host": {"capacity": "32MiB"}, "nvme": {"path": root + "/r{rank}", "capacity": "64MiB"}},
-            "engine": {"workers": 1}}
-
-
-def _init(rank: int, world: int, init: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
 
 
 def _open(root: str, **kw):

@@ -78,20 +78,8 @@ def test_training_through_the_device_cache_is_bitwise_equal_to_in_memory(tmp_pat
     assert model._tiered.dcache is not None
     if resident:
         assert rt.resident_bytes > 0
-    o_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05)
-    params = list(model.parameters())
     try:
-        with OffloadedAdamW(params, lr=1e-2, weight_decay=0.05, model=model, lookahead=1) as opt:
-            for step in range(4):
-                x = batch(step)
-                l_ref = ref(input_ids=x, labels=x).loss
-                l_ref.backward()
-                o_ref.step()
-                o_ref.zero_grad()
-                loss = model(input_ids=x, labels=x).loss
-                loss.backward()
-                opt.step()
-                assert torch.equal(l_ref, loss), f"step {step}: {l_ref.item()} != {loss.item()}"
+        train(ref, model, steps=4, chunk_bytes=None)
         dc = model._tiered.dcache
         assert dc.peak <= dc.limit
     finally:
@@ -156,10 +144,11 @@ def mixed(tmp_path, arch: str, host: int, gpu: str, *, lookahead: int = 1, ckpt:
     return ref, model, store
 
 
-def train(ref, model, steps: int = 3) -> None:
+def train(ref, model, steps: int = 3, chunk_bytes: int | None = 64 << 10) -> None:
+    """``steps`` of OffloadedAdamW on ``model`` beside torch's AdamW on ``ref``: losses bitwise equal."""
     o_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05)
     with OffloadedAdamW(list(model.parameters()), lr=1e-2, weight_decay=0.05, model=model, lookahead=1,
-                        chunk_bytes=64 << 10) as opt:
+                        chunk_bytes=chunk_bytes) as opt:
         for step in range(steps):
             x = batch(step)
             l_ref = ref(input_ids=x, labels=x).loss
