@@ -145,10 +145,10 @@ class _Into:
         self.committed += 1
 
 
-def _saved(tmp_path: Path, store) -> tuple[Path, torch.Tensor]:
+def _saved(tmp_path: Path, store, rows: int = W_ROWS) -> tuple[Path, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
 
-    w = torch.randn(W_ROWS, W_COLS, generator=torch.Generator().manual_seed(1))
+    w = torch.randn(rows, W_COLS, generator=torch.Generator().manual_seed(1))
     path = tmp_path / "ck"
     dcp.save({"w": w}, storage_writer=TieredStorageWriter(path, store=store))
     return path, w
@@ -201,11 +201,15 @@ def test_rows_of_a_stored_tensor_read_only_their_blocks(tmp_path):
         assert nread <= 130 * W_COLS * 4 + 3 * 64 * 1024  # the rows, their edge blocks and a table
 
 
-def test_columns_of_a_stored_tensor_read_as_runs_equal_the_saved_ones(tmp_path):
+@pytest.mark.parametrize("rows", [W_ROWS, 4500])  # 2.4 MB: one stored piece; 18 MB: three
+def test_columns_of_a_stored_tensor_read_as_runs_equal_the_saved_ones(tmp_path, rows):
     with TieredStore(store_config(tmp_path, "32MiB", "256MiB")) as store:
-        path, w = _saved(tmp_path, store)
-        for offsets, lengths in (([0, 250], [W_ROWS, 500]), ([17, 999], [3, 1]), ([599, 0], [1, W_COLS]),
-                                 ([0, 0], [W_ROWS, W_COLS])):
+        path, w = _saved(tmp_path, store, rows)
+        doc = json.loads((path / ".metadata.json").read_text())
+        assert len(next(e[3] for e in doc["storage_data"] if e[0] == "w")["parts"]) == (1 if rows == W_ROWS else 3)
+        for offsets, lengths in (([0, 250], [rows, 500]), ([17, 999], [3, 1]), ([rows - 1, 0], [1, W_COLS]),
+                                 ([0, 0], [rows, W_COLS]), ([rows // 3, 0], [rows // 3, W_COLS]),
+                                 ([2000 % rows, 1], [rows - 2000 % rows, 998])):
             got, _n = _read(path, store, offsets, lengths)
             rows, cols = slice(offsets[0], offsets[0] + lengths[0]), slice(offsets[1], offsets[1] + lengths[1])
             assert torch.equal(got, w[rows, cols]), (offsets, lengths)
@@ -250,3 +254,21 @@ def test_a_checkpoint_without_block_checksums_loads_whole_items(tmp_path):
         _flip(*_data_offset(path, 5))
         with pytest.raises(CheckpointChecksumError, match="segment"):
             _read(path, store, [210, 0], [130, W_COLS])
+
+
+def test_the_writer_checks_its_block_size_and_block_0_writes_no_tables(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from tiered.checkpoint.format import CheckpointError
+
+    for bad in (1000, "3MiB", -4096):
+        with pytest.raises(CheckpointError, match="block"):
+            TieredStorageWriter(tmp_path / "x", block=bad)
+    with TieredStore(store_config(tmp_path, "32MiB", "256MiB")) as store:
+        w = torch.arange(W_ROWS * W_COLS, dtype=torch.float32).view(W_ROWS, W_COLS)
+        path = tmp_path / "ck"
+        dcp.save({"w": w}, storage_writer=TieredStorageWriter(path, store=store, block=0))
+        doc = json.loads((path / ".metadata.json").read_text())
+        assert all("block" not in p for e in doc["storage_data"] for p in e[3]["parts"])
+        got, nread = _read(path, store, [10, 0], [5, W_COLS])
+        assert torch.equal(got, w[10:15]) and nread >= W_ROWS * W_COLS * 4

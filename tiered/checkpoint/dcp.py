@@ -3,8 +3,8 @@
 ``dcp.save(sd, storage_writer=TieredStorageWriter("run/step-100", config=cfg))`` and
 ``dcp.async_save(...)``: each rank writes its items as objects of a
 :class:`~tiered.TieredStore` (owner ``dcp``, staged through at most ``host_buffer`` bytes of
-its host tier, pieces of 8 MiB with a crc32 each and one per ``block`` bytes (64 KiB), no
-fsync per piece), then one
+its host tier, pieces of up to 8 MiB with a crc32 each and a table of one per ``block`` bytes
+(64 KiB), no fsync per piece), then one
 ``store.retain`` makes them durable together and keeps those versions for the save (the
 bytes count in the storage tier's capacity), and the keys are deleted. The coordinator then
 commits ``.metadata.json`` (temp -> fsync -> rename -> fsync dir), naming every part's data
@@ -50,7 +50,8 @@ from ..sizes import parse_size
 from ._io import read_parts
 from .commit import part_record
 from .dcp_meta import METADATA, metadata_from_json, metadata_to_json, refuse_foreign_format
-from .dcp_ranges import BLOCK, Part, check_block, parts_with_blocks, read_hypercube, wants_part
+from .dcp_ranges import (BLOCK, block_record, check_block, item_parts, parts_with_blocks, piece_bytes, read_hypercube,
+                         table_bytes, wants_part)
 from .format import SEGMENT, CheckpointError, decode_tree, dtype_from, dtype_name
 from .host import CheckpointHost
 
@@ -203,17 +204,17 @@ class TieredStorageWriter(_Common, StorageWriter):
 
     def _write_items(self, store, host: CheckpointHost, plan: SavePlan, planner: SavePlanner, prefix: str,
                      tag: str) -> list[WriteResult]:
-        """Put every item's bytes as store objects of ``SEGMENT`` bytes, then retain them all (one
-        commit: durable before the coordinator can name them)."""
+        """Put every item's bytes as store objects of up to ``SEGMENT`` bytes, then retain them all
+        (one commit: durable before the coordinator can name them)."""
         items, futs, keys = [], [], []
         try:
             for item in plan.items:
                 info, src = _item_bytes(item, planner.resolve_data(item))
                 item_keys = []
-                for lo in range(0, src.numel(), SEGMENT):
+                piece = piece_bytes(self.block)
+                for lo in range(0, src.numel(), piece):
                     key = f"{prefix}{len(keys)}"
-                    futs.append(_put_piece(store, host, key, src[lo:lo + SEGMENT], self.tier, self.wait,
-                                           self.block))
+                    futs.append(_put_piece(store, host, key, src[lo:lo + piece], self.tier, self.wait, self.block))
                     keys.append(key)
                     item_keys.append(key)
                 items.append((item, info, src.numel(), item_keys))
@@ -224,7 +225,7 @@ class TieredStorageWriter(_Common, StorageWriter):
         results = []
         for item, info, n, item_keys in items:
             parts = [part_record(located[k]) | {"path": self._recorded_path(located[k]["path"])}
-                     | _block_record(put[k], located[k]) for k in item_keys]
+                     | block_record(put[k], located[k]) for k in item_keys]
             info.update(length=n, parts=parts, retain_tag=tag)
             results.append(WriteResult(index=item.index, size_in_bytes=n, storage_data=info))
         return results
@@ -280,34 +281,32 @@ def _item_bytes(item, data) -> tuple[dict, torch.Tensor]:
     return info, (t.reshape(-1).view(torch.uint8) if t.dtype != torch.uint8 else t.reshape(-1))
 
 
-def _block_record(put: dict, located: dict) -> dict:
-    """What a part records of its block table: block size and the table's crc32 (from the put;
-    the retained version must be the one put)."""
-    if not put.get("block"):
-        return {}
-    if put.get("version") != located["version"]:
-        raise CheckpointError(f"store object {located['key']!r}: version {located['version']} retained, "
-                              f"{put.get('version')} put")
-    return {"block": put["block"], "table_crc": put["table_crc"]}
-
-
 def _put_piece(store, host: CheckpointHost, key: str, src: torch.Tensor, tier: str | None, wait: float,
                block: int):
-    """Copy ``src`` into a host buffer and hand it to the store (written, durable at the retain)."""
+    """Copy ``src`` into a host buffer and hand it to the store (written, durable at the retain).
+    The budget also holds the bytes the store takes for the piece's block table meanwhile."""
     n = src.numel()
-    buf = host.alloc(n, timeout=wait)
+    table = table_bytes(n, block)
+    host.budget.reserve(table, wait)
+    try:
+        buf = host.alloc(n, timeout=wait)
+    except BaseException:
+        host.budget.release(table)
+        raise
     try:
         torch.from_numpy(buf.array).copy_(src)
     except BaseException:
         host.free(buf)
+        host.budget.release(table)
         raise
     try:
         fut = store.put_buffer(key, buf, torch.uint8, (n,), kind="dcp", tier=tier, give=True, sync=False,
                                commit=False, cache=False, owner=OWNER, block=block)
     except BaseException:
         host.returned(n)  # the store released the buffer it was given
+        host.budget.release(table)
         raise
-    fut.add_done_callback(lambda _f: host.returned(n))
+    fut.add_done_callback(lambda _f: (host.returned(n), host.budget.release(table)))
     return fut
 
 
@@ -394,11 +393,7 @@ class TieredStorageReader(_Common, StorageReader):
         if info.get("kind") != "tensor" or "parts" not in info or not wants_part(info["shape"], req.storage_offsets,
                                                                                  req.lengths):
             return False
-        parts, start = [], 0
-        for part in info["parts"]:
-            parts.append(Part(self._part_path(part), part["offset"], part["nbytes"], start, part.get("block", 0),
-                              part.get("table_crc", 0)))
-            start += part["nbytes"]
+        parts = item_parts(info["parts"], self._part_path)
         if not parts_with_blocks(parts):
             return False
         dtype = dtype_from(info["dtype"], where)

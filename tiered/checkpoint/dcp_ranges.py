@@ -42,6 +42,26 @@ class Part:
     table_crc: int
 
 
+def block_record(put: dict, located: dict) -> dict:
+    """What the metadata keeps of a piece's block table: its block size and crc32 (from the
+    put; the version retained must be the one put)."""
+    if not put.get("block"):
+        return {}
+    if put.get("version") != located["version"]:
+        raise CheckpointError(f"store object {located['key']!r}: version {located['version']} retained, "
+                              f"{put.get('version')} put")
+    return {"block": put["block"], "table_crc": put["table_crc"]}
+
+
+def item_parts(records: list[dict], path_of) -> list[Part]:
+    """An item's pieces from its metadata records (``path_of(record)``: the data file)."""
+    parts, start = [], 0
+    for r in records:
+        parts.append(Part(path_of(r), r["offset"], r["nbytes"], start, r.get("block", 0), r.get("table_crc", 0)))
+        start += r["nbytes"]
+    return parts
+
+
 def parts_with_blocks(parts: list[Part]) -> bool:
     """Whether every piece has a block table, of one block size, starting on a block boundary."""
     return bool(parts) and all(p.block and p.block == parts[0].block and p.start % p.block == 0 for p in parts)
@@ -180,9 +200,24 @@ def _check_blocks(data: np.ndarray, table: np.ndarray, p: Part, b0: int, where: 
     if len(bad):
         i = int(bad[0])
         at = (b0 + i) * p.block
+        end = p.start + min(at + p.block, p.nbytes)
         raise CheckpointChecksumError(
-            f"{where}: block {b0 + i} of {p.block} bytes (item bytes {p.start + at}..{p.start + min(at + p.block, p.nbytes)}) "
-            f"read from {p.path} at offset {p.offset + at} has crc32 {int(got[i]):#010x}, recorded {int(want[i]):#010x}")
+            f"{where}: block {b0 + i} of {p.block} bytes (item bytes {p.start + at}..{end}) read from {p.path} "
+            f"at offset {p.offset + at} has crc32 {int(got[i]):#010x}, recorded {int(want[i]):#010x}")
+
+
+def table_bytes(nbytes: int, block: int) -> int:
+    """Host bytes the store takes for the block table of an object of ``nbytes`` while putting it."""
+    return align_up(4 * -(-align_up(max(nbytes, 1)) // block)) if block else 0
+
+
+def piece_bytes(block: int) -> int:
+    """Bytes per stored piece: a whole number of blocks that, with its block table, fits one
+    segment (the smallest staging budget a writer accepts)."""
+    piece = SEGMENT
+    while block and piece + table_bytes(piece, block) > SEGMENT:
+        piece -= block
+    return piece
 
 
 def check_block(block: int) -> int:
