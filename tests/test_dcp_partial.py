@@ -261,7 +261,7 @@ def test_the_writer_checks_its_block_size_and_block_0_writes_no_tables(tmp_path)
 
     from tiered.checkpoint.format import CheckpointError
 
-    for bad in (1000, "3MiB", -4096):
+    for bad in (1000, "3MiB", 8192 * 3):
         with pytest.raises(CheckpointError, match="block"):
             TieredStorageWriter(tmp_path / "x", block=bad)
     with TieredStore(store_config(tmp_path, "32MiB", "256MiB")) as store:
