@@ -207,11 +207,11 @@ class TieredStorageWriter(_Common, StorageWriter):
         """Put every item's bytes as store objects of up to ``SEGMENT`` bytes, then retain them all
         (one commit: durable before the coordinator can name them)."""
         items, futs, keys = [], [], []
+        piece = piece_bytes(self.block)
         try:
             for item in plan.items:
                 info, src = _item_bytes(item, planner.resolve_data(item))
                 item_keys = []
-                piece = piece_bytes(self.block)
                 for lo in range(0, src.numel(), piece):
                     key = f"{prefix}{len(keys)}"
                     futs.append(_put_piece(store, host, key, src[lo:lo + piece], self.tier, self.wait, self.block))
