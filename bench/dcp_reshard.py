@@ -1,6 +1,6 @@
 """DCP load time with resharding against loading at the world size the checkpoint was saved at.
 
-    python bench/dcp_reshard.py [--hidden 768] [--layers 4] [--vocab 8192] [--rounds 3] [--json]
+    python bench/dcp_reshard.py [--hidden 768] [--layers 4] [--vocab 8192] [--rounds 3] [--json [--out PATH]]
 
 A Llama built from its config (tiny-model shapes scaled up: ``--hidden``, ``--layers``,
 ``--vocab``), ``fully_shard`` per decoder layer and at the root, with ``torch.optim.AdamW``
@@ -18,9 +18,10 @@ caches are dropped before every load (``echo 3 > /proc/sys/vm/drop_caches`` afte
 when this process may; else ``posix_fadvise(DONTNEED)`` on the checkpoint's files), and the
 store reads the data with O_DIRECT anyway. Each load is checked: the float64 sum of every
 DTensor shard over the ranks equals the saved state's. Also reported per load: the bytes the
-reader read per rank (whole stored items) against the bytes its load plan needs.
+reader read per rank (its store engine's read counter during ``read_data``: data, block tables,
+4 KiB padding) against the bytes of tensor data its load plan needs.
 Goal: each resharding load within 1.5x of its baseline. Results with ``uptime`` before and
-after: ``bench/results/dcp_reshard_2026-12-07.json`` (``--json``).
+after: ``bench/results/dcp_reshard_2026-12-07.json`` (``--json``; ``--out`` another file).
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def shard_sum(state: dict) -> float:
 
 def counting_reader(path: str):
     """A TieredStorageReader that counts the bytes it reads and the bytes its plan needs."""
+    from contextlib import contextmanager
+
     from torch.distributed.checkpoint.planner import LoadItemType
 
     from tiered.checkpoint import TieredStorageReader
@@ -110,10 +113,12 @@ def counting_reader(path: str):
                     self.needed_bytes += math.prod(req.lengths) * size
             return super().read_data(plan, planner)
 
-        def _read_item(self, store, host, info, where):
-            raw = super()._read_item(store, host, info, where)
-            self.read_bytes += raw.numel()
-            return raw
+        @contextmanager
+        def _open_store(self):
+            with super()._open_store() as store:
+                before = store.engine.stats()["read"]["bytes"]
+                yield store
+                self.read_bytes += store.engine.stats()["read"]["bytes"] - before
 
     return Counting(path)
 
@@ -212,7 +217,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", help="where the checkpoints go (default: a temporary directory, removed after)")
-    ap.add_argument("--json", action="store_true", help=f"write {RESULTS}")
+    ap.add_argument("--json", action="store_true", help="write the results to --out")
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"the results file (default {RESULTS})")
     a = ap.parse_args()
     spec = {"hidden": a.hidden, "ffn": a.ffn, "layers": a.layers, "vocab": a.vocab}
     work = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="dcp_reshard_"))
@@ -236,7 +242,9 @@ def main() -> None:
                     raise SystemExit(f"load {name}: shard sum {got!r}, saved {sums[saved]!r}")
                 loads[name].append({"load_s": ranks[0]["load_s"],
                                     "read_bytes_per_rank": max(r["read_bytes"] for r in ranks),
-                                    "needed_bytes_per_rank": max(r["needed_bytes"] for r in ranks)})
+                                    "needed_bytes_per_rank": max(r["needed_bytes"] for r in ranks),
+                                    "read_bytes_by_rank": [r["read_bytes"] for r in ranks],
+                                    "needed_bytes_by_rank": [r["needed_bytes"] for r in ranks]})
                 log(f"round {rnd} {name}: {ranks[0]['load_s']:.3f} s, "
                     f"read {loads[name][-1]['read_bytes_per_rank'] / 2**20:.0f} MiB per rank "
                     f"(plan needs {loads[name][-1]['needed_bytes_per_rank'] / 2**20:.0f} MiB)")
@@ -244,7 +252,9 @@ def main() -> None:
         summary = {name: {"median_s": statistics.median(x["load_s"] for x in v),
                           "min_s": min(x["load_s"] for x in v),
                           "read_bytes_per_rank": v[0]["read_bytes_per_rank"],
-                          "needed_bytes_per_rank": v[0]["needed_bytes_per_rank"]} for name, v in loads.items()}
+                          "needed_bytes_per_rank": v[0]["needed_bytes_per_rank"],
+                          "read_bytes_by_rank": v[0]["read_bytes_by_rank"],
+                          "needed_bytes_by_rank": v[0]["needed_bytes_by_rank"]} for name, v in loads.items()}
         ratios = {"2->1 / 1->1": summary["2->1"]["median_s"] / summary["1->1"]["median_s"],
                   "1->3 / 3->3": summary["1->3"]["median_s"] / summary["3->3"]["median_s"]}
         for name, s in summary.items():
@@ -261,9 +271,9 @@ def main() -> None:
                   "ratios": ratios, "goal": GOAL, "uptime_before": before, "uptime_after": after,
                   "torch": torch.__version__}
         if a.json:
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-            log(f"wrote {RESULTS}")
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps(result, indent=1) + "\n")
+            log(f"wrote {a.out}")
     finally:
         if not a.dir:
             shutil.rmtree(work, ignore_errors=True)

@@ -3,14 +3,16 @@
 ``dcp.save(sd, storage_writer=TieredStorageWriter("run/step-100", config=cfg))`` and
 ``dcp.async_save(...)``: each rank writes its items as objects of a
 :class:`~tiered.TieredStore` (owner ``dcp``, staged through at most ``host_buffer`` bytes of
-its host tier, pieces of 8 MiB with a crc32 each, no fsync per piece), then one
+its host tier, pieces of up to 8 MiB with a crc32 each and a table of one per ``block`` bytes
+(64 KiB), no fsync per piece), then one
 ``store.retain`` makes them durable together and keeps those versions for the save (the
 bytes count in the storage tier's capacity), and the keys are deleted. The coordinator then
 commits ``.metadata.json`` (temp -> fsync -> rename -> fsync dir), naming every part's data
 file, offset, size and crc32: a checkpoint is visible only once that file exists. The
 metadata is JSON, not pickle; non-tensor values are the bytes DCP's planner produces and are
 stored opaque. ``TieredStorageReader`` reads through its store's engine and checks every
-segment's crc32.
+segment's crc32; a request for part of a tensor (a load at another world size) reads only the
+blocks holding it, each checked against its crc32 (:mod:`.dcp_ranges`).
 
 The store: ``store=`` (an open TieredStore, left open), else ``TieredStore.shared(config)``
 for the duration of each call, else (neither given) a store of one storage tier inside the
@@ -48,6 +50,8 @@ from ..sizes import parse_size
 from ._io import read_parts
 from .commit import part_record
 from .dcp_meta import METADATA, metadata_from_json, metadata_to_json, refuse_foreign_format
+from .dcp_ranges import (BLOCK, block_record, check_block, item_parts, parts_with_blocks, piece_bytes, read_hypercube,
+                         table_bytes, wants_part)
 from .format import SEGMENT, CheckpointError, decode_tree, dtype_from, dtype_name
 from .host import CheckpointHost
 
@@ -148,12 +152,15 @@ class _Common:
 class TieredStorageWriter(_Common, StorageWriter):
     """DCP StorageWriter through a TieredStore (see the module docstring). ``host_buffer``: host
     memory each rank stages writes through; ``tier``: the storage tier holding the bytes (and
-    relative ids)."""
+    relative ids); ``block``: bytes per crc32 of the block tables that let a load read part of
+    an item (0: none, loads then read items whole)."""
 
     def __init__(self, checkpoint_id: str | os.PathLike | None = None, *, store: Any = None, config: Any = None,
-                 tier: str | None = None, host_buffer: int | str = "256MiB", wait: float = 120.0) -> None:
+                 tier: str | None = None, host_buffer: int | str = "256MiB", wait: float = 120.0,
+                 block: int | str = BLOCK) -> None:
         super().__init__()
         self._init_common(checkpoint_id, store, config, tier, host_buffer, wait)
+        self.block = check_block(parse_size(block, where="block"))
         self.save_id = uuid.uuid4().hex
         self.is_coordinator = True
 
@@ -197,26 +204,28 @@ class TieredStorageWriter(_Common, StorageWriter):
 
     def _write_items(self, store, host: CheckpointHost, plan: SavePlan, planner: SavePlanner, prefix: str,
                      tag: str) -> list[WriteResult]:
-        """Put every item's bytes as store objects of ``SEGMENT`` bytes, then retain them all (one
-        commit: durable before the coordinator can name them)."""
+        """Put every item's bytes as store objects of up to ``SEGMENT`` bytes, then retain them all
+        (one commit: durable before the coordinator can name them)."""
         items, futs, keys = [], [], []
+        piece = piece_bytes(self.block)
         try:
             for item in plan.items:
                 info, src = _item_bytes(item, planner.resolve_data(item))
                 item_keys = []
-                for lo in range(0, src.numel(), SEGMENT):
+                for lo in range(0, src.numel(), piece):
                     key = f"{prefix}{len(keys)}"
-                    futs.append(_put_piece(store, host, key, src[lo:lo + SEGMENT], self.tier, self.wait))
+                    futs.append(_put_piece(store, host, key, src[lo:lo + piece], self.tier, self.wait, self.block))
                     keys.append(key)
                     item_keys.append(key)
                 items.append((item, info, src.numel(), item_keys))
         finally:
             gather(futs).exception()  # in-flight puts end before a failure is raised
-        gather(futs).result()
+        put = dict(zip(keys, gather(futs).result()))
         located = {r["key"]: r for r in (store.retain(tag, keys) if keys else [])}
         results = []
         for item, info, n, item_keys in items:
-            parts = [part_record(located[k]) | {"path": self._recorded_path(located[k]["path"])} for k in item_keys]
+            parts = [part_record(located[k]) | {"path": self._recorded_path(located[k]["path"])}
+                     | block_record(put[k], located[k]) for k in item_keys]
             info.update(length=n, parts=parts, retain_tag=tag)
             results.append(WriteResult(index=item.index, size_in_bytes=n, storage_data=info))
         return results
@@ -272,22 +281,32 @@ def _item_bytes(item, data) -> tuple[dict, torch.Tensor]:
     return info, (t.reshape(-1).view(torch.uint8) if t.dtype != torch.uint8 else t.reshape(-1))
 
 
-def _put_piece(store, host: CheckpointHost, key: str, src: torch.Tensor, tier: str | None, wait: float):
-    """Copy ``src`` into a host buffer and hand it to the store (written, durable at the retain)."""
+def _put_piece(store, host: CheckpointHost, key: str, src: torch.Tensor, tier: str | None, wait: float,
+               block: int):
+    """Copy ``src`` into a host buffer and hand it to the store (written, durable at the retain).
+    The budget also holds the bytes the store takes for the piece's block table meanwhile."""
     n = src.numel()
-    buf = host.alloc(n, timeout=wait)
+    table = table_bytes(n, block)
+    host.budget.reserve(table, wait)
+    try:
+        buf = host.alloc(n, timeout=wait)
+    except BaseException:
+        host.budget.release(table)
+        raise
     try:
         torch.from_numpy(buf.array).copy_(src)
     except BaseException:
         host.free(buf)
+        host.budget.release(table)
         raise
     try:
         fut = store.put_buffer(key, buf, torch.uint8, (n,), kind="dcp", tier=tier, give=True, sync=False,
-                               commit=False, cache=False, owner=OWNER)
+                               commit=False, cache=False, owner=OWNER, block=block)
     except BaseException:
         host.returned(n)  # the store released the buffer it was given
+        host.budget.release(table)
         raise
-    fut.add_done_callback(lambda _f: host.returned(n))
+    fut.add_done_callback(lambda _f: (host.returned(n), host.budget.release(table)))
     return fut
 
 
@@ -356,7 +375,10 @@ class TieredStorageReader(_Common, StorageReader):
                 if info.get("kind") == "value":  # a JSON value (DistributedCheckpointer's global records)
                     planner.load_bytes(req, _value_bytes(info, f"{self.path}: item {req.storage_index.fqn!r}"))
                     continue
-                raw = self._read_item(store, host, info, f"{self.path}: item {req.storage_index.fqn!r}")
+                where = f"{self.path}: item {req.storage_index.fqn!r}"
+                if req.type == LoadItemType.TENSOR and self._read_part(store, host, planner, req, info, where):
+                    continue
+                raw = self._read_item(store, host, info, where)
                 if req.type == LoadItemType.BYTE_IO:
                     planner.load_bytes(req, io.BytesIO(raw.numpy().tobytes()))
                     continue
@@ -364,6 +386,24 @@ class TieredStorageReader(_Common, StorageReader):
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
+
+    def _read_part(self, store, host: CheckpointHost, planner: LoadPlanner, req, info: dict, where: str) -> bool:
+        """Load a request for part of a stored tensor from just the blocks holding it; False
+        (nothing read) when it wants the whole tensor or the item has no block tables."""
+        if info.get("kind") != "tensor" or "parts" not in info or not wants_part(info["shape"], req.storage_offsets,
+                                                                                 req.lengths):
+            return False
+        parts = item_parts(info["parts"], self._part_path)
+        if not parts_with_blocks(parts):
+            return False
+        dtype = dtype_from(info["dtype"], where)
+        tensor = read_hypercube(store.engine, host.loans(), parts, dtype, info["shape"], list(req.storage_offsets),
+                                list(req.lengths), where, self.wait)
+        _copy_into(planner, req, tensor, where)
+        return True
+
+    def _part_path(self, part: dict) -> str:
+        return part["path"] if os.path.isabs(part["path"]) else str(self._path() / part["path"])
 
     def _read_item(self, store, host: CheckpointHost, info: dict, where: str) -> torch.Tensor:
         raw = torch.empty(info["length"], dtype=torch.uint8)
@@ -375,8 +415,7 @@ class TieredStorageReader(_Common, StorageReader):
         if "parts" in info:
             parts, start = [], 0
             for part in info["parts"]:
-                path = part["path"] if os.path.isabs(part["path"]) else str(self._path() / part["path"])
-                parts.append((path, part["offset"], part["nbytes"], part["crc32"], start))
+                parts.append((self._part_path(part), part["offset"], part["nbytes"], part["crc32"], start))
                 start += part["nbytes"]
         else:  # format 1: the rank's own data file in the checkpoint directory
             parts = [(str(self._path() / info["file"]), info["offset"], info["length"], info["crc32"], 0)]
@@ -399,6 +438,10 @@ def _load_tensor(planner: LoadPlanner, req, raw: torch.Tensor, info: dict, path:
     tensor = raw.view(dtype).view(info["shape"]) if raw.numel() else torch.empty(info["shape"], dtype=dtype)
     for dim, (start, length) in enumerate(zip(req.storage_offsets, req.lengths)):
         tensor = tensor.narrow(dim, start, length)
+    _copy_into(planner, req, tensor, where)
+
+
+def _copy_into(planner: LoadPlanner, req, tensor: torch.Tensor, where: str) -> None:
     target = planner.resolve_tensor(req).detach()
     if target.size() != tensor.size():
         raise CheckpointError(f"{where} has size {tuple(tensor.size())}, the destination {tuple(target.size())}")
