@@ -91,7 +91,8 @@ class _Training:
 
     def _pack(self, t: torch.Tensor):
         """A saved tensor that views a streamed unit's weights becomes a handle fetching them
-        again; with ``[offload] activations = "host"`` other large ones go into the store."""
+        again; with ``[offload] activations = "host"`` other large ones go into the store; the
+        rest are kept with their version, which unpack checks as autograd would."""
         out = self._pack_weight(t)
         if out is t and self.activations is not None:
             out = self.activations.pack(t)
