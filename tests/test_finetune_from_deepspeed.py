@@ -159,8 +159,16 @@ def test_cpu_checkpointing_maps_to_activations_in_the_store(tmp_path, capsys):
     assert load_config(out).offload.activations == "host"
     for key in ("activation_checkpointing.partition_activations", "activation_checkpointing.number_checkpoints"):
         assert key in err, key
-    assert "activation_checkpointing.cpu_checkpointing" not in err  # mapped
     assert "gradient_checkpointing_enable" in err  # says where checkpointing itself is switched on
+    # mapped, with DeepSpeed's condition said in the note (and in the generated file's comment)
+    assert "cpu_checkpointing only together with partition_activations" in err
+    assert "cpu_checkpointing only together with partition_activations" in out.read_text()
+    assert "partition_activations is off" not in err
+    ds = write(tmp_path, infinity(tmp_path, activation_checkpointing={"cpu_checkpointing": True}), "alone.json")
+    assert main(["config", "from-deepspeed", str(ds), "-o", str(tmp_path / "alone.toml"), "--host-capacity",
+                 "64MiB", "--storage-capacity", "256MiB"]) == 0
+    assert "partition_activations is off here: under DeepSpeed the activations stayed on the GPU" \
+        in capsys.readouterr().err
     ds = write(tmp_path, infinity(tmp_path, activation_checkpointing={"cpu_checkpointing": False}), "off.json")
     assert main(["config", "from-deepspeed", str(ds), "-o", str(tmp_path / "off.toml"), "--host-capacity", "64MiB",
                  "--storage-capacity", "256MiB"]) == 0

@@ -14,14 +14,20 @@ is done. A tensor saved several times (a layer input read by q, k and v) is stor
 Backward visits units in reverse: unpacking an object reads the ``READ_AHEAD`` objects packed
 before it that are not in host memory. An unpacked object's host copy is given back at once.
 The objects of one forward form a batch, deleted together (one manifest commit) once autograd
-has dropped every handle of that forward: after its backward, when the graph is dropped without
-one, or when a backward raised and the graph is dropped; ``detach`` deletes what is left. A
-failure while deleting, which happens in whatever thread drops the last handle, is raised by the
-model's next forward.
+has dropped every handle of that forward. The last handle goes wherever autograd or a garbage
+collection drops it, possibly inside a lock or a store operation, so dropping it only queues the
+batch; queued batches are deleted at safe points: at the end of each backward that unpacked
+something of the model, at its next forward, by ``offload_stats`` and by ``detach`` (which
+deletes what is left). A failure while deleting is raised by the model's next forward.
+
+Autograd checks that a saved tensor was not changed in place before backward uses it, but not
+for tensors that saved-tensor hooks handle: the handle records the tensor's version at pack time
+and unpack raises autograd's error when the tensor (while it lives) has a newer one.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import threading
 import weakref
@@ -72,12 +78,23 @@ class _Batch:
 
 
 class SavedActivation:
-    """What autograd keeps instead of an offloaded tensor (its batch lives as long as it does)."""
+    """What autograd keeps instead of an offloaded tensor (its batch lives as long as it does);
+    ``source``/``version``: the saved tensor (weakly) and its version when saved."""
 
-    __slots__ = ("obj", "batch")
+    __slots__ = ("obj", "batch", "source", "version")
 
-    def __init__(self, obj: _Stored, batch: _Batch) -> None:
-        self.obj, self.batch = obj, batch
+    def __init__(self, obj: _Stored, batch: _Batch, source: weakref.ref, version: int) -> None:
+        self.obj, self.batch, self.source, self.version = obj, batch, source, version
+
+
+def check_version(t: torch.Tensor, saved: int) -> None:
+    """Raise autograd's error if ``t`` was changed in place since it was saved at version ``saved``
+    (autograd leaves this check to the hooks of the tensors they handle)."""
+    if t._version != saved:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace "
+            f"operation: [{t.type()} {list(t.shape)}] is at version {t._version}; expected version "
+            f"{saved} instead. (It was saved for backward in the forward of an offloaded model.)")
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -119,6 +136,8 @@ class ActivationOffload:
         self._batch: _Batch | None = None  # of the forward in progress
         self._count = 0
         self._live: dict[str, weakref.finalize] = {}  # batch prefix -> its finalizer
+        self._dropped: collections.deque = collections.deque()  # (prefix, objects) autograd dropped
+        self._backward: int | None = None  # the graph task whose end drains ``_dropped``
         self._copying: list[_Stored] = []  # CUDA: copies to host not yet put
         self._returning: list[tuple[torch.cuda.Event, object]] = []  # CUDA: (copy event, lease) to release
         self._stream = None  # CUDA: the side stream of the copies to host (made on first use)
@@ -128,8 +147,10 @@ class ActivationOffload:
 
     # -- forward ---------------------------------------------------------------------------------
     def begin_forward(self) -> None:
-        """A grad-enabled forward starts: raise what deleting an earlier batch ran into."""
+        """A grad-enabled forward starts: delete the batches dropped since, raise what deleting
+        an earlier batch ran into."""
         self._batch = None
+        self.drain()
         with self._lock:
             errors, self._errors = self._errors, []
         if errors:
@@ -142,6 +163,9 @@ class ActivationOffload:
 
     def pack(self, t: torch.Tensor):
         """``t`` itself, or a handle to the store object now holding its values."""
+        if self._closed:
+            raise OffloadError("this model's offloaded activations were deleted by tiered.detach(model); "
+                               "a detached model saves nothing in the store")
         if not self._wanted(t):
             return t
         if t.numel() * t.element_size() > self._largest:
@@ -150,14 +174,15 @@ class ActivationOffload:
         batch = self._batch_now()
         hit = batch.seen.get(id(t))
         if hit is not None and hit[0]() is t and hit[1] == t._version:
-            obj = hit[2]
+            ref, obj = hit[0], hit[2]
             self.stats["deduplicated"] += 1
         else:
             obj = self._store(batch, t)
-            batch.seen[id(t)] = (weakref.ref(t), t._version, obj)
+            ref = weakref.ref(t)
+            batch.seen[id(t)] = (ref, t._version, obj)
         obj.handles += 1
         self.stats["packed"] += 1
-        return SavedActivation(obj, batch)
+        return SavedActivation(obj, batch, ref, t._version)
 
     def _wanted(self, t: torch.Tensor) -> bool:
         return (type(t) is torch.Tensor and t.layout is torch.strided and t.device.type in ("cpu", "cuda")
@@ -169,7 +194,8 @@ class ActivationOffload:
         if self._batch is None:
             batch = _Batch(f"{self.prefix}{self._count}/")
             self._count += 1
-            fin = weakref.finalize(batch, self._drop_batch, batch.prefix, batch.objects)
+            # runs wherever the last handle goes (a GC inside a lock, an I/O worker): only queues
+            fin = weakref.finalize(batch, self._dropped.append, (batch.prefix, batch.objects))
             fin.atexit = False  # the store deletes ephemeral objects when it closes
             with self._lock:
                 self._live[batch.prefix] = fin
@@ -219,25 +245,34 @@ class ActivationOffload:
         src.record_stream(self._stream)  # its memory is not reused before the copy is done
         obj.copied = torch.cuda.Event()
         obj.copied.record(self._stream)
-        self._copying.append(obj)
+        self._queue_copy(obj)
+
+    def _queue_copy(self, obj: _Stored) -> None:
+        with self._lock:  # the list is rebuilt by backward's and the deleting thread too
+            self._copying.append(obj)
 
     def _put_copied(self, block: bool, only: _Stored | None = None) -> None:
-        """Put the objects whose copy to host is done (``block``: wait for them; ``only``: that one)."""
-        keep = []
-        for obj in self._copying:
-            if (only is None or obj is only) and (block or obj.copied.query()):
-                obj.copied.synchronize()
-                buf, obj.buf, obj.copied = obj.buf, None, None
-                obj.put = self._put(obj, buf)
-            else:
-                keep.append(obj)
-        self._copying = keep
+        """Put the objects whose copy to host is done (``block``: wait for them; ``only``: that one).
+        Under the lock: once it is free, an object not in the list has its ``put``."""
+        with self._lock:
+            keep = []
+            for obj in self._copying:
+                if (only is None or obj is only) and (block or obj.copied.query()):
+                    obj.copied.synchronize()
+                    buf, obj.buf, obj.copied = obj.buf, None, None
+                    obj.put = self._put(obj, buf)
+                else:
+                    keep.append(obj)
+            self._copying = keep
 
     # -- backward --------------------------------------------------------------------------------
     def unpack(self, h: SavedActivation) -> torch.Tensor:
         if self._closed:
             raise OffloadError("the activations this backward needs were deleted by tiered.detach(model); "
                                "run backward before detaching the model")
+        source = h.source()
+        if source is not None:  # else nothing but a view of it can have changed it (not checked)
+            check_version(source, h.version)
         obj = h.obj
         out = obj.out() if obj.out is not None else None
         if out is None:
@@ -282,19 +317,21 @@ class ActivationOffload:
             raise
         done = torch.cuda.Event()
         done.record(stream)
-        self._returning.append((done, lease))
+        with self._lock:
+            self._returning.append((done, lease))
         self._release_returned(block=False)
         return out
 
     def _release_returned(self, block: bool) -> None:
-        keep = []
-        for done, lease in self._returning:
-            if block or done.query():
-                done.synchronize()
-                lease.release()
-            else:
-                keep.append((done, lease))
-        self._returning = keep
+        with self._lock:  # rebuilt by backward's and the deleting thread
+            keep = []
+            for done, lease in self._returning:
+                if block or done.query():
+                    done.synchronize()
+                    lease.release()
+                else:
+                    keep.append((done, lease))
+            self._returning = keep
 
     def _read_ahead(self, batch: _Batch, index: int) -> None:
         """Start reading the objects packed just before ``index`` (backward needs them next)."""
@@ -316,13 +353,29 @@ class ActivationOffload:
             self.stats["read_ahead"] += 1
 
     # -- the end of a batch ----------------------------------------------------------------------
-    def _drop_batch(self, prefix: str, objects: list[_Stored]) -> None:
-        """Autograd dropped every handle of a forward (or ``close``): delete its objects. Runs in
-        the thread that dropped the last handle: what goes wrong is raised by the next forward."""
+    def drain_after_backward(self) -> None:
+        """Called at each unpack: at the first one of a backward, have autograd delete the batches
+        dropped by then at its end (before ``backward`` returns)."""
+        task = torch._C._current_graph_task_id()
+        if task != -1 and task != self._backward:
+            self._backward = task
+            torch.autograd.Variable._execution_engine.queue_callback(self.drain)
+
+    def drain(self) -> None:
+        """Delete the batches autograd dropped. Called only where this thread holds no lock of the
+        store's or ours; what goes wrong is kept and raised by the next forward."""
+        while True:
+            try:
+                prefix, objects = self._dropped.popleft()
+            except IndexError:
+                return
+            self._delete_batch(prefix, objects)
+
+    def _delete_batch(self, prefix: str, objects: list[_Stored]) -> None:
         with self._lock:
             self._live.pop(prefix, None)
             self.stats["live_bytes"] -= sum(o.nbytes for o in objects)
-        if self._closed or not self.store.is_open:
+        if not self.store.is_open:
             return  # a closed store took its ephemeral objects along
         try:
             self._settle(objects)
@@ -354,21 +407,28 @@ class ActivationOffload:
             raise failed
 
     def close(self) -> None:
-        """Delete every batch still alive (``detach``); handles dropped later find nothing to do."""
+        """Delete every batch still alive (``detach``); from here nothing is packed, and handles
+        dropped later find nothing to do. Raises, once all is deleted, what a delete ran into."""
+        self._closed = True
         with self._lock:
             live = list(self._live.values())
+        for fin in live:
+            dropped = fin.detach()  # None: already queued
+            if dropped is not None:
+                self._dropped.append(dropped[2][0])
+        self.drain()
         try:
-            for fin in live:
-                fin()  # runs _drop_batch now, once
             if self.store.is_open:  # and what a batch whose delete failed left
                 self.store.delete_prefix(self.prefix)
-        finally:
-            self._closed = True
+        except BaseException as e:  # noqa: BLE001 - raised below, after what the batches ran into
+            with self._lock:
+                self._errors.append(e)
         with self._lock:
             errors, self._errors = self._errors, []
         if errors:
             raise OffloadError(f"offloaded activations could not be deleted: {errors[0]}") from errors[0]
 
     def report(self) -> dict:
+        self.drain()
         with self._lock:
             return dict(self.stats)

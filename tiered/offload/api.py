@@ -126,14 +126,39 @@ def detach(model: nn.Module, *, keep: bool = False) -> nn.Module:
     """Undo :func:`offload`: ordinary in-memory parameters, no hooks, store closed if owned.
 
     The model's objects are deleted from the store unless ``keep`` is true; kept, they are
-    made durable (offload writes them as ephemeral: deleted when the store closes).
+    made durable (offload writes them as ephemeral: deleted when the store closes). A failure
+    to delete the activations of live graphs is raised once the model is detached.
     """
     rt: OffloadedModule | None = getattr(model, "_tiered", None)
     if rt is None:
         raise OffloadError(f"{type(model).__name__} is not offloaded")
     offload_life.collect()
-    if rt.activations is not None:  # the saved tensors of graphs still alive
+    closing = _close_activations(rt)
+    try:
+        _detach_runtime(rt, keep)
+    except BaseException as e:
+        if closing is not None:
+            e.add_note(f"deleting the offloaded activations failed too: {closing}")
+        raise
+    model._tiered = None
+    if closing is not None:
+        raise closing
+    return model
+
+
+def _close_activations(rt: OffloadedModule) -> BaseException | None:
+    """Delete the saved tensors of graphs still alive; what went wrong, raised by ``detach`` at
+    its end (raised here, it would leave a model half detached)."""
+    if rt.activations is None:
+        return None
+    try:
         rt.activations.close()
+    except BaseException as e:  # noqa: BLE001 - raised by detach once the model is detached
+        return e
+    return None
+
+
+def _detach_runtime(rt: OffloadedModule, keep: bool) -> None:
     rt.mark_busy()  # from here other models of the store leave this model's units alone
     rt.remove_hooks()
     try:
@@ -163,8 +188,6 @@ def detach(model: nn.Module, *, keep: bool = False) -> nn.Module:
     finally:
         if rt.owns_store:
             rt.store.close()
-    model._tiered = None
-    return model
 
 
 def offload_stats(model: nn.Module) -> dict:

@@ -10,7 +10,7 @@ import torch
 from tiered.io_engine import Priority, gather
 
 from ..store import Lease, TieredStore
-from .activations import SavedActivation
+from .activations import SavedActivation, check_version
 from .common import _WAIT, OffloadError
 from .layout import _Unit
 
@@ -26,6 +26,16 @@ class _SavedWeight:
     stride: tuple
     offset: int  # elements into the host copy's storage; with a device cache, bytes into the object's copy
     in_region: bool = False  # a view of the device cache's region (its copy there is refetched)
+
+
+class _Kept:
+    """A saved tensor kept as it is, with its version when saved: with saved-tensor hooks
+    autograd leaves the check for in-place changes before backward to the hooks."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor, version: int) -> None:
+        self.tensor, self.version = tensor, version
 
 
 def _saved_view(copy: torch.Tensor, h: _SavedWeight) -> torch.Tensor:
@@ -81,13 +91,16 @@ class _Training:
 
     def _pack(self, t: torch.Tensor):
         """A saved tensor that views a streamed unit's weights becomes a handle fetching them
-        again; with ``[offload] activations = "host"`` other large ones go into the store."""
+        again; with ``[offload] activations = "host"`` other large ones go into the store; the
+        rest are kept with their version, which unpack checks as autograd would."""
         out = self._pack_weight(t)
         if out is t and self.activations is not None:
             out = self.activations.pack(t)
+        if out is not t:
+            return out
         # a node's output saved as itself would hold the node (its grad_fn): a reference cycle
         # keeping the graph, and all it saved, alive after a forward whose backward never runs
-        return out.detach() if out is t and t.grad_fn is not None else out
+        return _Kept(t.detach() if t.grad_fn is not None else t, t._version)
 
     def _wrapper_memory(self, t: torch.Tensor) -> bool:
         """``t`` is memory the wrapper manages: in the host arena (units' host copies), the
@@ -142,6 +155,11 @@ class _Training:
         self._saved[u.index] = self._saved.get(u.index, 0) + 1
 
     def _unpack(self, h):
+        if self.activations is not None:
+            self.activations.drain_after_backward()
+        if isinstance(h, _Kept):
+            check_version(h.tensor, h.version)  # a detached alias shares the version counter
+            return h.tensor
         if isinstance(h, SavedActivation):
             return self.activations.unpack(h)
         if not isinstance(h, _SavedWeight):

@@ -130,6 +130,17 @@ def _activations(ds: Mapping[str, Any], source: str, conv: Conversion) -> None:
             raise ConfigError(f"{where} = {value!r} in {source}: expected true or false")
         elif value:
             conv.tables["offload"] = {"activations": "host"}
+            conv.notes.append(_cpu_checkpointing_note(table.get("partition_activations") is True))
+
+
+def _cpu_checkpointing_note(partitioned: bool) -> str:
+    """DeepSpeed moves checkpointed activations to the CPU only when it also partitions them."""
+    note = ("activation_checkpointing.cpu_checkpointing: DeepSpeed applies cpu_checkpointing only together with "
+            "partition_activations; [offload] activations = 'host' (set below) moves every large tensor the forward "
+            "saves, with or without checkpointing")
+    if not partitioned:
+        note += " (partition_activations is off here: under DeepSpeed the activations stayed on the GPU)"
+    return note
 
 
 def _table(value: object, key: str, source: str) -> Mapping[str, Any]:
