@@ -61,30 +61,72 @@ class _RankCommit:
     """Part of :class:`~tiered.optim.OffloadedAdamW` (see the module docstring)."""
 
     _group = None
+    _told = False  # the other ranks know this optimizer is broken (it raised in an agreement)
 
     @property
     def _rank_label(self) -> str:
         return "" if self._group is None else f"rank {dist.get_rank(self._group)}: "
 
-    def _ranks_committed(self, s: int, ok: bool) -> bool:
-        """Whether every rank's marker of step ``s`` is durable (``ok``: this rank's is); asked
-        before this rank writes anything of step ``s + 1``."""
-        if self._group is None:
-            return ok
+    def _group_min(self, values: list[int], what: str) -> list[int]:
+        """:func:`_all_min` over this optimizer's group; a rank gone or the group's timeout is
+        an :class:`OptimStateError` naming ``what`` was being agreed."""
         try:
-            low, all_ok = _all_min(self._group, [s if ok else s - 1, int(ok)])
+            return _all_min(self._group, values)
         except RuntimeError as e:  # a rank is gone (its connection closed) or the group timed out
             raise OptimStateError(
                 f"OffloadedAdamW {self.name!r}: {self._rank_label}could not learn whether every rank of the process "
-                f"group committed step {s} ({e}); reopen every rank with resume=True: they continue from the "
-                "last step all of them committed") from e
-        return bool(all_ok) and low >= s
+                f"group {what} ({e}); reopen every rank with resume=True: they continue from the last step all "
+                "of them committed") from e
 
-    def _not_committed_error(self, s: int) -> OptimStateError:
-        return OptimStateError(
-            f"OffloadedAdamW {self.name!r}: {self._rank_label}step {s} is durable on this rank but not on every "
-            "rank of the process group (another rank failed to commit it); reopen every rank with resume=True: "
-            "they continue from the last step all of them committed")
+    def _agree(self, s: int, loading: int | None = None, error: BaseException | None = None) -> None:
+        """Every rank's last committed step is ``s``, durable, (``loading``: and every rank
+        loads a state dict as the same step) and no rank failed (``error``: this one did),
+        before any rank writes the step after it. One all-reduce of five int64: both steps,
+        their negations (min == max) and the rank's verdict. Raises on every rank when any rank
+        failed or they differ; under a process group that breaks the optimizer on every rank."""
+        if self._group is None:
+            if error is not None:
+                raise error
+            return
+        steps = [s, s if loading is None else loading]
+        try:
+            got = self._group_min([*steps, *(-x for x in steps), int(error is None)], f"committed step {s}")
+            if error is not None:
+                raise error
+            low, high = got[:2], [-x for x in got[2:4]]
+            if not got[-1]:
+                raise OptimStateError(
+                    f"OffloadedAdamW {self.name!r}: {self._rank_label}another rank of the process group failed "
+                    f"(see its error); this rank committed step {s}: reopen every rank with resume=True: "
+                    "they continue from the last step all of them committed")
+            if low != high:
+                raise OptimStateError(
+                    f"OffloadedAdamW {self.name!r}: {self._rank_label}the ranks of the process group are not at one "
+                    f"step: this rank at {steps}, the lowest {low}, the highest {high} (did a rank skip a step, or "
+                    "load a state dict of another step?); reopen every rank with resume=True")
+        except BaseException as e:
+            self._break(e, told=True)
+            raise
+
+    def _break(self, e: BaseException, told: bool = False) -> None:
+        """No step after a failed one (see ``_breaks_on_error``); ``told``: the other ranks of
+        the group know (they raised in the same agreement)."""
+        if self._broken is None:
+            self._broken = e
+        self._told = self._told or told
+
+    def _tell_broken(self) -> None:
+        """A rank broken where the others could not hear of it (its step failed after the
+        agreement, or its commit in ``flush``/``close``/``state_dict``) joins the next agreement
+        the others make, once, saying it failed, so they raise instead of waiting for it."""
+        if self._group is None or self._told:
+            return
+        self._told = True
+        try:
+            self._agree(self._step, error=self._broken)
+        except BaseException as e:  # noqa: BLE001 - the caller raises the broken error
+            if e is not self._broken:
+                self._broken.add_note(f"telling the other ranks failed too: {e!r}")
 
     def _agree_step(self, mine: int, prev: int, error: BaseException | None) -> int:
         """The step every rank resumes from: the lowest step the ranks' markers name (``mine``,
@@ -95,7 +137,7 @@ class _RankCommit:
             if error is not None:
                 raise error
             return mine
-        low, all_ok = _all_min(self._group, [mine, int(error is None)])
+        low, all_ok = self._group_min([mine, int(error is None)], "can open its optimizer state")
         if error is not None:
             raise error
         if not all_ok:
@@ -107,7 +149,8 @@ class _RankCommit:
         """Every rank has returned to step ``low`` (``able``: this one has, its marker rewritten
         to name that step where it rolled back; ``error``: why it could not), before any rank
         writes a step after it."""
-        all_able = _all_min(self._group, [int(able)])[0] if self._group is not None else able
+        all_able = (self._group_min([int(able)], f"returned to step {low}")[0] if self._group is not None
+                    else able)
         if error is not None:
             raise error
         if not able:
