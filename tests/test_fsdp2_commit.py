@@ -224,27 +224,35 @@ def test_ranks_loading_state_dicts_of_different_steps_or_one_refused_all_raise(t
         assert r1["load"]["error"][0] == "ValueError" and r0["load"]["error"][0] == "OptimStateError", (r0, r1)
 
 
-def _step_fails_on_rank1(rank: int, root: str, init: str, out: str, sync: bool) -> None:
+def _step_fails_on_rank1(rank: int, root: str, init: str, out: str, sync: bool, where: str) -> None:
     model = _init(rank, init)
     found = {}
     with _opt(model, root, sync=sync) as opt:
         _train_step(model, opt, 0, rank)
-        x = torch.randn(4, 32)
-        model(x).square().mean().backward()
+        model(torch.randn(4, 32)).square().mean().backward()
         if rank == 1:
-            def refuse():
-                raise RuntimeError("gradients refused on this rank")
-            opt._check_frozen_grads = refuse
+            def refuse(*_args):
+                raise RuntimeError("refused on this rank")
+            setattr(opt, "_check_frozen_grads" if where == "check" else "_run", refuse)
         found["step"] = _timed(opt.step)
+        opt.zero_grad()
+        model(torch.randn(4, 32)).square().mean().backward()  # the training loop goes on
         found["again"] = _timed(opt.step)  # broken on every rank: refused at once, nobody waits
     _finish(rank, out, found)
 
 
 @pytest.mark.parametrize("sync", [False, True])
-def test_one_rank_failing_in_step_before_its_commit_makes_every_rank_raise_at_once(tmp_path, sync):
-    r0, r1 = _run(tmp_path, _step_fails_on_rank1, sync)
-    assert r1["step"]["error"] == ["RuntimeError", "gradients refused on this rank"], r1
-    assert r0["step"]["error"][0] == "OptimStateError" and "rank 0: another rank" in r0["step"]["error"][1], r0
+@pytest.mark.parametrize("where", ["check", "run"])
+def test_one_rank_failing_in_step_makes_every_rank_raise_at_once(tmp_path, sync, where):
+    """Before its commit (checking gradients), every rank raises in that step(); in its update
+    (after the agreement of a step with sync=False), in the next step()."""
+    r0, r1 = _run(tmp_path, _step_fails_on_rank1, sync, where)
+    assert r1["step"]["error"] == ["RuntimeError", "refused on this rank"], r1
+    if where == "run" and not sync:
+        assert r0["step"]["error"] is None, r0
+        assert "rank 0: another rank" in r0["again"]["error"][1], r0
+    else:
+        assert r0["step"]["error"][0] == "OptimStateError" and "rank 0: another rank" in r0["step"]["error"][1], r0
     for r in (r0, r1):
         assert r["step"]["seconds"] < PROMPT and r["again"]["seconds"] < PROMPT, (r0, r1)
         assert r["again"]["error"][0] == "OptimStateError", (r0, r1)

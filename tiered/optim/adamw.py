@@ -46,7 +46,8 @@ By default ``step()`` returns once every chunk is updated and its write is
 issued: the rest of the writes and the commit overlap what the caller does
 next (forward and backward of the next step), and the step is made durable
 when the next step begins, before it writes anything (or in ``flush()``,
-``state_dict()``, ``load_state_dict()``, ``close()``). So a crash loses at most
+``state_dict()``, ``load_state_dict()``, ``close()``; under a process group only ``step()``,
+``load_state_dict()`` and ``open()`` are collectives, see :mod:`.distributed_commit`). So a crash loses at most
 the last step that ``step()`` returned from, never mixes steps. ``sync=True``
 makes ``step()`` return only once its step is durable.
 

@@ -17,11 +17,24 @@ Three rules keep every rank able to return to the last complete step after any r
   durably, before any rank goes on (a second all-reduce): the keys of the step it abandons are
   the ones the next step writes over, so a later crash cannot bring it back.
 
-Cost: one all-reduce of two int64 per step when the step is committed (at the start of the next
-``step()``, or inside ``step()`` with ``sync=True``); it waits for the slowest rank's fdatasync,
-which the step needs anyway, and fails as soon as a rank is gone (the process group's timeout at
-most). Two all-reduces at open. The group is ``process_group=`` if given, else the default
-group when any parameter is a DTensor; a process alone in its group does none of this.
+Which calls talk to the other ranks: ``open()`` (two all-reduces), ``step()`` (one each call,
+skipped steps included) and ``load_state_dict()`` (two); every rank makes them together, as it
+makes FSDP2's forward and backward. ``state_dict()``, ``flush()``, ``close()`` and leaving a
+``with`` block (also on an exception) commit the last step on this rank only, so one rank may
+call them alone: the agreement on that step comes in the next ``step()`` (or at resume).
+
+In ``step()`` the agreement is before anything of the step is written (``sync=False``: on the
+step before it, committed there) or once the step is committed (``sync=True``): one all-reduce
+of five int64, the step (twice, for a state dict being loaded), their negations and whether
+this rank is fine, so every rank learns at once whether all of them committed the same step.
+A rank that fails before the agreement (checking gradients, committing, an invalid state dict,
+a failed open) says so in it instead of leaving the others waiting; one that fails after it
+(its update, or a commit in ``flush``/``close``/``state_dict``) says so in the next agreement
+it joins. Any failure breaks the optimizer on every rank; reopen every rank with
+``resume=True``. The all-reduce waits for the slowest rank's fdatasync, which the step needs
+anyway, and fails as soon as a rank is gone (the process group's timeout at most). The group
+is ``process_group=`` if given, else the default group when any parameter is a DTensor; a
+process alone in its group does none of this.
 """
 
 from __future__ import annotations
