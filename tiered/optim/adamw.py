@@ -46,10 +46,11 @@ By default ``step()`` returns once every chunk is updated and its write is
 issued: the rest of the writes and the commit overlap what the caller does
 next (forward and backward of the next step), and the step is made durable
 when the next step begins, before it writes anything (or in ``flush()``,
-``state_dict()``, ``load_state_dict()``, ``close()``; under a process group only ``step()``,
-``load_state_dict()`` and ``open()`` are collectives, see :mod:`.distributed_commit`). So a crash loses at most
-the last step that ``step()`` returned from, never mixes steps. ``sync=True``
-makes ``step()`` return only once its step is durable.
+``state_dict()``, ``load_state_dict()``, ``close()``; under a process group only
+``open()``, ``step()`` and ``load_state_dict()`` are collectives, see
+:mod:`.distributed_commit`). So a crash loses at most the last step that
+``step()`` returned from, never mixes steps. ``sync=True`` makes ``step()``
+return only once its step is durable.
 
 Training a model wrapped by ``tiered.offload`` (``model=``): in backward each
 unit's gradients are handed to the optimizer as soon as they are complete
@@ -164,6 +165,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _RankCommit, _StateDic
         self.sync = sync or self._units is not None
         self._pending: int | None = None  # a step that step() returned from, not committed yet
         self._broken: BaseException | None = None  # a step failed to become durable
+        self._marked = False  # the parameters carry the mark of a step 1 not committed yet
         self._model = model
         self._process_group = process_group
         self._index_params()

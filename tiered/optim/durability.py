@@ -132,9 +132,10 @@ class _Durability:
             setattr(p, self._CHANGED, True)
         self._marked = True
 
-    def _unmark_changing(self) -> None:
-        """Step 1 (or a later one) is committed: the stored masters are what resume restores."""
-        if getattr(self, "_marked", False):
+    def _unmark_changing(self, loaded: bool = False) -> None:
+        """Step 1 (or a later one) is committed on every rank: resume restores its masters;
+        ``loaded``: stored masters were put into the parameters (whoever marked them)."""
+        if loaded or self._marked:
             for p in self._param_objs:
                 p.__dict__.pop(self._CHANGED, None)
             self._marked = False
@@ -161,8 +162,7 @@ class _Durability:
             for c in self._chunks:
                 self._load_chunk(c, s, into_params=True)
         self._wait_writes()
-        for p in self._param_objs:  # the stored masters of step s are the parameters now
-            p.__dict__.pop(self._CHANGED, None)
+        self._unmark_changing(loaded=True)
 
     def _load_chunk(self, c: Chunk, s: int, into_params: bool = False, out: dict | None = None) -> None:
         """Read chunk ``c`` of step ``s``: its masters into the parameters (``into_params``)

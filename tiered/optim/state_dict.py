@@ -89,7 +89,7 @@ class _StateDict:
                     if c.resident is not None:  # holds the state before the load: read again on first use
                         encode_step(c.resident.tensor(torch.float32), -1)
             self._wait_writes()
-        self._unmark_changing()
+        self._unmark_changing(loaded=True)
 
     def _loaded_step(self, state_dict: dict, steps: list[int]) -> int:
         """The step a loaded state dict is written as: after its own and this optimizer's, of
