@@ -46,9 +46,11 @@ By default ``step()`` returns once every chunk is updated and its write is
 issued: the rest of the writes and the commit overlap what the caller does
 next (forward and backward of the next step), and the step is made durable
 when the next step begins, before it writes anything (or in ``flush()``,
-``state_dict()``, ``load_state_dict()``, ``close()``). So a crash loses at most
-the last step that ``step()`` returned from, never mixes steps. ``sync=True``
-makes ``step()`` return only once its step is durable.
+``state_dict()``, ``load_state_dict()``, ``close()``; under a process group only
+``open()``, ``step()`` and ``load_state_dict()`` are collectives, see
+:mod:`.distributed_commit`). So a crash loses at most the last step that
+``step()`` returned from, never mixes steps. ``sync=True`` makes ``step()``
+return only once its step is durable.
 
 Training a model wrapped by ``tiered.offload`` (``model=``): in backward each
 unit's gradients are handed to the optimizer as soon as they are complete
@@ -163,6 +165,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _RankCommit, _StateDic
         self.sync = sync or self._units is not None
         self._pending: int | None = None  # a step that step() returned from, not committed yet
         self._broken: BaseException | None = None  # a step failed to become durable
+        self._marked = False  # the parameters carry the mark of a step 1 not committed yet
         self._model = model
         self._process_group = process_group
         self._index_params()
@@ -189,17 +192,12 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _RankCommit, _StateDic
             self._store = TieredStore(load_config(self._config)).open()
         try:
             self._group = commit_group(self._sharded, self._process_group)
-            self._reserve_host()
-            self._check_params()
-            if self._units is not None:
-                self._units.check_trainable()
-            self._chunks = plan_chunks(self._params, self._group_of,
-                                       self.chunk_bytes or self._default_chunk_bytes(), self._units,
-                                       trainable=[p.requires_grad for p in self._param_objs])
-            self._check_per_unit()
-            self._check_budget()
-            self._place_resident()
-            self._find_state()
+            error = None
+            try:
+                self._prepare_open()
+            except Exception as e:  # noqa: BLE001 - raised by _find_state once the other ranks know
+                error = e
+            self._find_state(error)
             if self._units is not None and self.grads != "keep":
                 self._install_grad_hooks()
         except BaseException:
@@ -212,8 +210,22 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _RankCommit, _StateDic
         self._open = True
         return self
 
+    def _prepare_open(self) -> None:
+        """Reserve host memory, check the parameters, plan the chunks and place resident ones."""
+        self._reserve_host()
+        self._check_params()
+        if self._units is not None:
+            self._units.check_trainable()
+        self._chunks = plan_chunks(self._params, self._group_of,
+                                   self.chunk_bytes or self._default_chunk_bytes(), self._units,
+                                   trainable=[p.requires_grad for p in self._param_objs])
+        self._check_per_unit()
+        self._check_budget()
+        self._place_resident()
+
     def close(self) -> None:
-        """Commit the last step (see :meth:`flush`); close the store if this optimizer opened it."""
+        """Commit the last step on this rank (see :meth:`flush`; never a collective, also when
+        leaving a ``with`` block on an exception); close the store if this optimizer opened it."""
         if not self._open:
             return
         self._remove_hooks()
@@ -235,7 +247,8 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _RankCommit, _StateDic
                     self._evict_cached()
 
     def flush(self) -> None:
-        """Make the last step durable now (it is otherwise committed when the next step begins)."""
+        """Make the last step durable on this rank now (it is otherwise committed when the next
+        step begins); not a collective: under a process group the ranks agree in ``step()``."""
         self._check_open()
         self._settle()
 
@@ -245,27 +258,37 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _RankCommit, _StateDic
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _check_open(self) -> None:
+    def _check_open(self, agreeing: bool = False) -> None:
+        """Open and not broken; ``agreeing``: the caller is where the ranks agree (``step()``,
+        ``load_state_dict``), so a broken rank first tells the others (see ``_tell_broken``)."""
         if not self._open:
             raise OptimStateError("OffloadedAdamW is not open: call open() or use it as a context manager")
         if self._broken is not None:
-            raise OptimStateError(f"OffloadedAdamW {self.name!r}: step {self._step + 1} failed to become durable "
-                                  f"({self._broken!r}); reopen with resume=True to continue from step "
-                                  f"{self._step}") from self._broken
+            if agreeing:
+                self._tell_broken()
+            every = " by every rank of the process group" if self._group is not None else ""
+            raise OptimStateError(f"OffloadedAdamW {self.name!r}: {self._rank_label}a step failed after step "
+                                  f"{self._step} ({self._broken!r}); reopen with resume=True to continue from the "
+                                  f"last step committed{every}") from self._broken
 
     def _settle(self) -> None:
-        """Commit the step that step() returned from, if any: before the next one writes."""
+        """Commit the step that step() returned from, if any, on this rank (no collective):
+        before the next one writes, or for flush/state_dict/close."""
         if self._pending is None:
             return
         s, self._pending = self._pending, None
         try:
             self._commit(s)
         except BaseException as e:
-            self._broken = e
+            self._break(e)
             raise
 
     def _next_step(self) -> int:
+        """The step to write now, once the last one is committed (step 1: the parameters are
+        about to change with no stored weights of step 0, see ``_mark_changing``)."""
         self._settle()
+        if self._step == 0:
+            self._mark_changing()
         return self._step + 1
 
     @property
@@ -303,26 +326,51 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _RankCommit, _StateDic
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """Update every chunk backward did not; the step is committed when the next one begins
         (``sync=True``: before this returns)."""
-        self._check_open()
+        self._check_open(agreeing=True)
         self._refuse_amp_scaler()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_frozen_grads()
-        if not self._prepare_grads():
+        if not self._before_update():
             return loss  # loss scaling found inf/nan: skipped, nothing updated
         s = self._next_step()
         todo = [c for c in self._chunks if c.index not in self._updated]
-        with self._breaks_on_error():
-            self._run(todo, s)
-            if self.loss_scale is not None:
-                self.loss_scale.update(False)
-            if self.sync:
-                self._commit(s)
-            else:
-                self._pending = s
+        try:
+            with self._breaks_on_error():
+                self._run(todo, s)
+                if self.loss_scale is not None:
+                    self.loss_scale.update(False)
+                if self.sync:
+                    self._commit(s)
+        except Exception as e:
+            if self.sync:  # the other ranks are agreeing on step s now
+                self._agree(self._step, error=e)
+            raise
+        if self.sync:
+            self._agree(s)
+            self._unmark_changing()
+        else:
+            self._pending = s
         return loss
+
+    def _before_update(self) -> bool:
+        """Gradients checked and prepared (False: the step is skipped, see ``_prepare_grads``)
+        and the last step committed. Under a process group each ``step()`` is one agreement:
+        here (``sync=False``, or a skipped step), before anything of this step is written, else
+        once this step is committed; a rank failing before it tells the others there."""
+        error, go = None, False
+        try:
+            self._check_frozen_grads()
+            go = self._prepare_grads()
+            self._settle()
+        except Exception as e:  # noqa: BLE001 - raised by _agree once the other ranks know
+            error = e
+        if error is not None or not self.sync or not go:
+            self._agree(self._step, error=error)
+            if self._step > 0:
+                self._unmark_changing()
+        return go
 
     @contextlib.contextmanager
     def _breaks_on_error(self):
@@ -333,8 +381,7 @@ class OffloadedAdamW(_HostMemory, _Pipeline, _Durability, _RankCommit, _StateDic
         try:
             yield
         except BaseException as e:
-            if self._broken is None:
-                self._broken = e
+            self._break(e)
             raise
 
     def _check_params(self) -> None:

@@ -17,11 +17,24 @@ Three rules keep every rank able to return to the last complete step after any r
   durably, before any rank goes on (a second all-reduce): the keys of the step it abandons are
   the ones the next step writes over, so a later crash cannot bring it back.
 
-Cost: one all-reduce of two int64 per step when the step is committed (at the start of the next
-``step()``, or inside ``step()`` with ``sync=True``); it waits for the slowest rank's fdatasync,
-which the step needs anyway, and fails as soon as a rank is gone (the process group's timeout at
-most). Two all-reduces at open. The group is ``process_group=`` if given, else the default
-group when any parameter is a DTensor; a process alone in its group does none of this.
+Which calls talk to the other ranks: ``open()`` (two all-reduces), ``step()`` (one each call,
+skipped steps included) and ``load_state_dict()`` (two); every rank makes them together, as it
+makes FSDP2's forward and backward. ``state_dict()``, ``flush()``, ``close()`` and leaving a
+``with`` block (also on an exception) commit the last step on this rank only, so one rank may
+call them alone: the agreement on that step comes in the next ``step()`` (or at resume).
+
+In ``step()`` the agreement is before anything of the step is written (``sync=False``: on the
+step before it, committed there) or once the step is committed (``sync=True``): one all-reduce
+of five int64, the step (twice, for a state dict being loaded), their negations and whether
+this rank is fine, so every rank learns at once whether all of them committed the same step.
+A rank that fails before the agreement (checking gradients, committing, an invalid state dict,
+a failed open) says so in it instead of leaving the others waiting; one that fails after it
+(its update, or a commit in ``flush``/``close``/``state_dict``) says so in the next agreement
+it joins. Any failure breaks the optimizer on every rank; reopen every rank with
+``resume=True``. The all-reduce waits for the slowest rank's fdatasync, which the step needs
+anyway, and fails as soon as a rank is gone (the process group's timeout at most). The group
+is ``process_group=`` if given, else the default group when any parameter is a DTensor; a
+process alone in its group does none of this.
 """
 
 from __future__ import annotations
@@ -61,30 +74,72 @@ class _RankCommit:
     """Part of :class:`~tiered.optim.OffloadedAdamW` (see the module docstring)."""
 
     _group = None
+    _told = False  # the other ranks know this optimizer is broken (it raised in an agreement)
 
     @property
     def _rank_label(self) -> str:
         return "" if self._group is None else f"rank {dist.get_rank(self._group)}: "
 
-    def _ranks_committed(self, s: int, ok: bool) -> bool:
-        """Whether every rank's marker of step ``s`` is durable (``ok``: this rank's is); asked
-        before this rank writes anything of step ``s + 1``."""
-        if self._group is None:
-            return ok
+    def _group_min(self, values: list[int], what: str) -> list[int]:
+        """:func:`_all_min` over this optimizer's group; a rank gone or the group's timeout is
+        an :class:`OptimStateError` naming ``what`` was being agreed."""
         try:
-            low, all_ok = _all_min(self._group, [s if ok else s - 1, int(ok)])
+            return _all_min(self._group, values)
         except RuntimeError as e:  # a rank is gone (its connection closed) or the group timed out
             raise OptimStateError(
                 f"OffloadedAdamW {self.name!r}: {self._rank_label}could not learn whether every rank of the process "
-                f"group committed step {s} ({e}); reopen every rank with resume=True: they continue from the "
-                "last step all of them committed") from e
-        return bool(all_ok) and low >= s
+                f"group {what} ({e}); reopen every rank with resume=True: they continue from the last step all "
+                "of them committed") from e
 
-    def _not_committed_error(self, s: int) -> OptimStateError:
-        return OptimStateError(
-            f"OffloadedAdamW {self.name!r}: {self._rank_label}step {s} is durable on this rank but not on every "
-            "rank of the process group (another rank failed to commit it); reopen every rank with resume=True: "
-            "they continue from the last step all of them committed")
+    def _agree(self, s: int, loading: int | None = None, error: BaseException | None = None) -> None:
+        """Every rank's last committed step is ``s``, durable, (``loading``: and every rank
+        loads a state dict as the same step) and no rank failed (``error``: this one did),
+        before any rank writes the step after it. One all-reduce of five int64: both steps,
+        their negations (min == max) and the rank's verdict. Raises on every rank when any rank
+        failed or they differ; under a process group that breaks the optimizer on every rank."""
+        if self._group is None:
+            if error is not None:
+                raise error
+            return
+        steps = [s, s if loading is None else loading]
+        try:
+            got = self._group_min([*steps, *(-x for x in steps), int(error is None)], f"committed step {s}")
+            if error is not None:
+                raise error
+            low, high = got[:2], [-x for x in got[2:4]]
+            if not got[-1]:
+                raise OptimStateError(
+                    f"OffloadedAdamW {self.name!r}: {self._rank_label}another rank of the process group failed "
+                    f"(see its error); this rank committed step {s}: reopen every rank with resume=True: "
+                    "they continue from the last step all of them committed")
+            if low != high:
+                raise OptimStateError(
+                    f"OffloadedAdamW {self.name!r}: {self._rank_label}the ranks of the process group are not at one "
+                    f"step: this rank at {steps}, the lowest {low}, the highest {high} (did a rank skip a step, or "
+                    "load a state dict of another step?); reopen every rank with resume=True")
+        except BaseException as e:
+            self._break(e, told=True)
+            raise
+
+    def _break(self, e: BaseException, told: bool = False) -> None:
+        """No step after a failed one (see ``_breaks_on_error``); ``told``: the other ranks of
+        the group know (they raised in the same agreement)."""
+        if self._broken is None:
+            self._broken = e
+        self._told = self._told or told
+
+    def _tell_broken(self) -> None:
+        """A rank broken where the others could not hear of it (its step failed after the
+        agreement, or its commit in ``flush``/``close``/``state_dict``) joins the next agreement
+        the others make, once, saying it failed, so they raise instead of waiting for it."""
+        if self._group is None or self._told:
+            return
+        self._told = True
+        try:
+            self._agree(self._step, error=self._broken)
+        except BaseException as e:  # noqa: BLE001 - the caller raises the broken error
+            if e is not self._broken:
+                self._broken.add_note(f"telling the other ranks failed too: {e!r}")
 
     def _agree_step(self, mine: int, prev: int, error: BaseException | None) -> int:
         """The step every rank resumes from: the lowest step the ranks' markers name (``mine``,
@@ -95,7 +150,7 @@ class _RankCommit:
             if error is not None:
                 raise error
             return mine
-        low, all_ok = _all_min(self._group, [mine, int(error is None)])
+        low, all_ok = self._group_min([mine, int(error is None)], "can open its optimizer state")
         if error is not None:
             raise error
         if not all_ok:
@@ -107,7 +162,8 @@ class _RankCommit:
         """Every rank has returned to step ``low`` (``able``: this one has, its marker rewritten
         to name that step where it rolled back; ``error``: why it could not), before any rank
         writes a step after it."""
-        all_able = _all_min(self._group, [int(able)])[0] if self._group is not None else able
+        all_able = (self._group_min([int(able)], f"returned to step {low}")[0] if self._group is not None
+                    else able)
         if error is not None:
             raise error
         if not able:

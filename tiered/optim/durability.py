@@ -41,22 +41,15 @@ class _Durability:
 
     def _commit(self, s: int, prev: tuple[int, list[int]] | None = None) -> None:
         """Every chunk of step ``s`` durable, then the marker naming ``s`` and ``prev`` (the step
-        before it and its counts; default: the last committed step), then every rank's marker."""
-        try:
-            self._wait_writes()
-            steps = list(self._param_steps)  # counted only once the marker is durable: a retried step
-            for i in self._stepped_params:  # after a failed marker put must not count twice
-                steps[i] += 1
-            before, before_counts = prev if prev is not None else (self._step, self._param_steps)
-            self._put_marker(Marker(s, steps, before, list(before_counts)))
-        except BaseException as e:
-            try:  # the other ranks are waiting to hear that this step is durable here
-                self._ranks_committed(s, ok=False)
-            except Exception as told:  # noqa: BLE001 - e is what is raised; this is noted on it
-                e.add_note(f"telling the other ranks failed too: {told!r}")
-            raise
-        if not self._ranks_committed(s, ok=True):
-            raise self._not_committed_error(s)
+        before it and its counts; default: the last committed step). This rank only: under a
+        process group the ranks agree that each has committed ``s`` before any writes the step
+        after it (``_agree``, in ``step()`` and ``load_state_dict``)."""
+        self._wait_writes()
+        steps = list(self._param_steps)  # counted only once the marker is durable: a retried step
+        for i in self._stepped_params:  # after a failed marker put must not count twice
+            steps[i] += 1
+        before, before_counts = prev if prev is not None else (self._step, self._param_steps)
+        self._put_marker(Marker(s, steps, before, list(before_counts)))
         self._param_steps = steps
         self._step = s
         self._updated.clear()
@@ -101,19 +94,23 @@ class _Durability:
         prev = int(t[3 + n]) if t.numel() > 3 + n else -1
         return Marker(s, counts, prev, [int(x) for x in t[4 + n:]] if prev >= 0 else None)
 
-    def _find_state(self) -> None:
+    def _find_state(self, error: BaseException | None = None) -> None:
         """Continue from the last complete step found in the store (under a process group: the
         last step every rank has, see :mod:`.distributed_commit`); without ``resume=True``,
-        state found is an error. A rank's error is raised on every rank, none waits for it."""
-        mine = error = None
-        try:
-            mine = self._local_marker()
-        except Exception as e:  # noqa: BLE001 - raised by _agree_step once the other ranks know
-            error = e
+        state found is an error. A rank's error (``error``: open() failed before) is raised on
+        every rank, none waits for it."""
+        mine = None
+        if error is None:
+            try:
+                mine = self._local_marker()
+            except Exception as e:  # noqa: BLE001 - raised by _agree_step once the other ranks know
+                error = e
         hi, prev = (mine.step, mine.prev) if mine is not None else (0, -1)
         low = self._agree_step(hi, prev, error)
         able = mine is None or low in (mine.step, mine.prev)
-        if able and mine is not None:
+        if able and low == 0 and self.resume and self._changed_in_place():
+            error, able = self._changed_error(), False
+        elif able and mine is not None:
             try:
                 self._recover(low, mine.counts_at(low))
                 if low != mine.step:  # rolled back: the marker names that step alone (the next
@@ -121,6 +118,38 @@ class _Durability:
             except Exception as e:  # noqa: BLE001 - raised by _check_agreed once the other ranks know
                 error, able = e, False
         self._check_agreed(low, able, hi, prev, error)
+
+    # Step 0 has no stored weights: it is the parameters as given. Step 1 changes them in place
+    # before it is committed, so until it is (on every rank) the parameters carry this attribute,
+    # and resuming over them at step 0 in the same process is refused. Keeping the step-0
+    # weights instead would take a second copy of every parameter (memory, or a write of all
+    # masters and a read back from the store whose failure is being recovered from), while a
+    # crash starts a new process whose parameters are the initial weights anyway.
+    _CHANGED = "_tiered_changed_by_uncommitted_step"
+
+    def _mark_changing(self) -> None:
+        for p in self._param_objs:
+            setattr(p, self._CHANGED, True)
+        self._marked = True
+
+    def _unmark_changing(self, loaded: bool = False) -> None:
+        """Step 1 (or a later one) is committed on every rank: resume restores its masters;
+        ``loaded``: stored masters were put into the parameters (whoever marked them)."""
+        if loaded or self._marked:
+            for p in self._param_objs:
+                p.__dict__.pop(self._CHANGED, None)
+            self._marked = False
+
+    def _changed_in_place(self) -> bool:
+        return any(getattr(p, self._CHANGED, False) for p in self._param_objs)
+
+    def _changed_error(self) -> OptimStateError:
+        every = " on every rank of the process group" if self._group is not None else ""
+        return OptimStateError(
+            f"OffloadedAdamW {self.name!r}: {self._rank_label}resuming at step 0 (no step committed{every}), whose "
+            "weights are the parameters as given, but step 1 of an optimizer over these parameters failed in this "
+            "process after it changed them in place; build the model again (new parameters with the initial "
+            "weights) and reopen")
 
     def _recover(self, s: int, counts: list[int]) -> None:
         """Continue from step ``s``: check its chunks, put its masters in the params (step 0:
@@ -133,6 +162,7 @@ class _Durability:
             for c in self._chunks:
                 self._load_chunk(c, s, into_params=True)
         self._wait_writes()
+        self._unmark_changing(loaded=True)
 
     def _load_chunk(self, c: Chunk, s: int, into_params: bool = False, out: dict | None = None) -> None:
         """Read chunk ``c`` of step ``s``: its masters into the parameters (``into_params``)

@@ -14,7 +14,8 @@ class _StateDict:
     def state_dict(self) -> dict:
         """torch's AdamW layout (``state`` by parameter index, ``param_groups``), read from the
         store (it materializes the whole state in memory); ``master`` is added for parameters
-        that are not fp32."""
+        that are not fp32. The last step is committed on this rank first; not a collective (one
+        rank may call it alone): under a process group it holds this rank's shards."""
         self._check_open()
         self._settle()
         groups, start = [], 0
@@ -59,31 +60,56 @@ class _StateDict:
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of this class or of ``torch.optim.AdamW``: it is written to the store
-        as a complete step (masters from ``master`` entries, else from the parameters)."""
-        self._check_open()
-        self._settle()
-        steps, per_param = self._check_state_dict(state_dict)
-        self._drop_state_reads()
-        self._wait_writes()
+        as a complete step (masters from ``master`` entries, else from the parameters). Under a
+        process group a collective: every rank loads its shards' state dict as the same step,
+        and a rank that fails (an invalid state dict, a failed write) makes every rank raise."""
+        self._check_open(agreeing=True)
+        error = s = None
+        try:
+            self._settle()
+            steps, per_param = self._check_state_dict(state_dict)
+            s = self._loaded_step(state_dict, steps)
+            self._drop_state_reads()
+            self._wait_writes()
+        except Exception as e:  # noqa: BLE001 - raised by _agree once the other ranks know
+            error = e
+        # every rank's last step is durable before the loaded one writes over the step before it
+        self._agree(self._step, loading=-1 if s is None else s, error=error)
+        try:
+            with self._breaks_on_error():
+                self._write_loaded(s, steps, per_param)
+        except Exception as e:
+            self._agree(self._step, error=e)  # the other ranks agree on the loaded step now
+            raise
+        self._agree(s)
+        with self._breaks_on_error():  # the loaded masters are the parameters now (they differ
+            for c in self._chunks:  # from them for low precision)
+                self._load_chunk(c, s, into_params=True)
+                with self._res_lock:
+                    if c.resident is not None:  # holds the state before the load: read again on first use
+                        encode_step(c.resident.tensor(torch.float32), -1)
+            self._wait_writes()
+        self._unmark_changing(loaded=True)
+
+    def _loaded_step(self, state_dict: dict, steps: list[int]) -> int:
+        """The step a loaded state dict is written as: after its own and this optimizer's, of
+        the other parity than the committed marker's (never overwrite the keys it names)."""
         s = max(int(state_dict.get("tiered_step", 0)), max(steps, default=0), self._step + 1)
-        if s % 2 == self._step % 2:  # never overwrite the keys the committed marker names
-            s += 1
+        return s + 1 if s % 2 == self._step % 2 else s
+
+    def _write_loaded(self, s: int, steps: list[int], per_param: list[dict | None]) -> None:
+        """Write the loaded state as step ``s`` and commit it on this rank."""
         for c in self._chunks:
             self._write_loaded_chunk(c, s, per_param)
         before = (self._step, list(self._param_steps))  # what the marker names as the step before
-        self._param_steps = steps
-        self._step = s - 1
+        self._param_steps, self._step = steps, s - 1
         self._updated.clear()
         self._stepped_params.clear()
-        with self._breaks_on_error():
+        try:
             self._commit(s, prev=before)
-        # the loaded masters are the parameters now (they differ from them for low precision)
-        for c in self._chunks:
-            self._load_chunk(c, s, into_params=True)
-            with self._res_lock:
-                if c.resident is not None:  # holds the state before the load: read again on first use
-                    encode_step(c.resident.tensor(torch.float32), -1)
-        self._wait_writes()
+        except BaseException:
+            self._step, self._param_steps = before
+            raise
 
     def _check_state_dict(self, state_dict: dict) -> tuple[list[int], list[dict | None]]:
         """Validate ``state_dict`` against this optimizer, take its hyperparameters; returns the
