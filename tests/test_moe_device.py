@@ -229,3 +229,26 @@ def test_on_cuda_experts_through_the_device_cache_match_the_in_gpu_model(tmp_pat
     finally:
         tiered.detach(model)
     assert all(p.is_cuda for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3"])
+def test_bundled_layout_on_cuda_keeps_experts_in_their_layers_units(tmp_path, arch, monkeypatch):
+    """experts = auto with the bundled layout on CUDA: no expert units (the device cache cannot
+    serve bundled FFNs), the experts stay in their layers' units. Only the decisions taken before
+    any CUDA call are exercised, with the runtime told it computes on CUDA."""
+    from tiered.offload.runtime import OffloadedModule
+
+    monkeypatch.setattr(OffloadedModule, "cuda", property(lambda self: True))
+    model = build(arch)
+    cfg = config(tmp_path, layout="bundled")
+    cfg["tiers"]["gpu"] = {"kind": "device", "device": "cpu", "capacity": "4MiB"}
+    tiered.offload(model, cfg)
+    try:
+        rt = model._tiered
+        assert not rt.banks and rt.dcache is None and rt._bundled
+        expert_params = {id(p) for m in model.modules() if type(m).__name__.endswith("Experts")
+                         for p in m.parameters(recurse=False)}
+        in_units = {id(s.tensor()) for u in rt.units for s in u.slots}
+        assert expert_params and expert_params <= in_units
+    finally:
+        tiered.detach(model)
