@@ -252,3 +252,46 @@ def test_bundled_layout_on_cuda_keeps_experts_in_their_layers_units(tmp_path, ar
         assert expert_params and expert_params <= in_units
     finally:
         tiered.detach(model)
+
+
+def test_staging_of_the_call_in_progress_stays_while_its_experts_are_placed_again(tmp_path):
+    """A GPU tier in pieces: the staging first finds no room, so one of the call's present experts
+    makes way and is placed again; that placement finds no room either and merges the free room
+    (``_make_room``), which must keep the staging the call just took."""
+    from tiered.allocators import OutOfBudget
+
+    model = build("mixtral")
+    ids = prompt(1, length=1)
+    with torch.no_grad():
+        want = copy.deepcopy(model)(ids).logits
+    tiered.offload(model, device_config(tmp_path, gpu="2MiB"))
+    try:
+        rt = model._tiered
+        for b in rt.banks:
+            b.predictor = None
+        with torch.no_grad():
+            model(ids)  # the experts of this token are present from now on
+        res, dc = rt.compute_res, rt.dcache
+        real_alloc, real_acquire = res.alloc, dc.acquire
+        staging_fails = [1]
+
+        def alloc(n, wait=None):
+            if wait == 0.0 and staging_fails[0] > 0:
+                staging_fails[0] -= 1
+                raise OutOfBudget("in pieces")
+            return real_alloc(n, wait)
+
+        def acquire(key, priority=None, wait=None):
+            if wait == 0.0:
+                raise OutOfBudget("in pieces")
+            return real_acquire(key, priority=priority, wait=wait)
+
+        res.alloc, dc.acquire = alloc, acquire
+        rt._make_way = lambda protect: False
+        rt.release_staging()  # the next call takes its staging again
+        with torch.no_grad():
+            got = model(ids).logits
+        assert staging_fails == [0]
+        assert torch.equal(got, want)
+    finally:
+        tiered.detach(model)

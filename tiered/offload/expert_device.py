@@ -89,12 +89,12 @@ class _ExpertDevice:
         """Merging the free room (see ``_Loading._make_room``), on the device also after the
         present experts: a unit or expert that finds the GPU tier in pieces between pinned experts
         would otherwise wait for room that never frees. The experts of the call in progress, and
-        the staging of a bound bank, stay."""
+        its staging (taken before its experts are placed), stay."""
         if self.experts_on_device and self.banks:
             for b in self.banks:
                 for e in [e for e in b.cached if b.last_use[e] != self._calls]:
                     self._drop_expert(b, e)
-            if not any(b.bound for b in self.banks):
+            if not any(b.bound or b.in_call for b in self.banks):
                 self.release_staging()
         super()._make_room()
 
@@ -141,6 +141,7 @@ class _ExpertDevice:
         placed (while the tier is least in pieces) and kept for the next call of the same size
         (decoding: every call), so that it is not carved again each layer."""
         _, size = self._staging_layout(b, len(routed))
+        b.in_call = True  # from here until the post-hook, _make_room keeps the staging
         if self._staging is not None and self._staging.nbytes == size:
             return
         self.release_staging()
@@ -193,6 +194,7 @@ class _ExpertDevice:
         for the next call (the kernels of the compute stream read and refill it in order)."""
         if b.renumbered:
             b.module.num_experts, b.renumbered = b.num, False
+        b.in_call = False
 
 
 def _remap(b: _Bank, routed: list[int], args: tuple, kwargs: dict) -> tuple[tuple, dict]:

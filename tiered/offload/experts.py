@@ -196,6 +196,7 @@ class _Bank:
     predicted: set[int] = field(default_factory=set)  # experts predicted for this bank's next call
     bound: bool = False
     renumbered: bool = False  # device cache: the module's num_experts reads the call's staged experts
+    in_call: bool = False  # device cache: a call of this bank took the staging (kept until its post-hook)
     score: list[float] = field(default_factory=list)  # decayed routing frequency per expert
     last_use: list[int] = field(default_factory=list)
     uses: list[int] = field(default_factory=list)  # per expert: calls routed to it
