@@ -295,3 +295,37 @@ def test_staging_of_the_call_in_progress_stays_while_its_experts_are_placed_agai
         assert torch.equal(got, want)
     finally:
         tiered.detach(model)
+
+
+class QueuedCopy:
+    """Stands in for the CUDA event of a host -> device copy still queued on the copy stream."""
+
+    def __init__(self, buffer):
+        self.buffer, self.waited_before_release = buffer, None
+
+    def query(self) -> bool:
+        return False
+
+    def synchronize(self) -> None:
+        self.waited_before_release = not self.buffer.released
+
+
+def test_an_expert_leaving_the_device_frees_its_buffer_after_its_copy(tmp_path):
+    """An expert placed but never read: no reader waited for its copy, so freeing its buffer must
+    wait for the copy itself (else a new allocation there is overwritten by the late copy)."""
+    model = build("mixtral")
+    tiered.offload(model, device_config(tmp_path, gpu="2MiB"))
+    try:
+        rt = model._tiered
+        with torch.no_grad():
+            model(prompt(1, length=1))
+        b = rt.banks[0]
+        e, lease = next(iter(b.cached.items()))
+        entry = rt.dcache._entries[b.keys[e]]
+        entry.copied = copy_event = QueuedCopy(entry.buffer)
+        del b.cached[e]
+        rt.unplace(b, e, lease)
+        assert entry.buffer.released
+        assert copy_event.waited_before_release is True
+    finally:
+        tiered.detach(model)

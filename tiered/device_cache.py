@@ -505,8 +505,11 @@ class DeviceCache:
 
     def _free(self, entry: _Entry) -> None:
         # kernels that read the buffer must finish before it is refilled: the next copy waits for
-        # them, and the buffer goes back to the tier (which other owners share) only once they ran
+        # them, and the buffer goes back to the tier (which other owners share) only once they ran;
+        # so does a copy into it still queued (an entry placed but never read: no reader waited for it)
         readers = [e for e in entry.used.values() if not e.query()]
+        if entry.copied is not None and not entry.copied.query():
+            readers.append(entry.copied)
         self._fences.extend(entry.used.values())
         entry.used.clear()
         if not entry.buffer.released:
