@@ -329,3 +329,53 @@ def test_an_expert_leaving_the_device_frees_its_buffer_after_its_copy(tmp_path):
         assert copy_event.waited_before_release is True
     finally:
         tiered.detach(model)
+
+
+def test_staging_stays_within_a_share_below_the_tier(tmp_path):
+    """The staging is counted with the device cache's entries: with a share below the tier's
+    capacity (the tier could grant more), the model's compute bytes never pass its share."""
+    model = build("mixtral", layers=3, experts=16)
+    ids = prompt(1, length=4)
+    want = reference(model, ids)
+    tiered.offload(model, device_config(tmp_path, gpu="4MiB", host="1MiB", resident=False), share="400KiB")
+    try:
+        rt = model._tiered
+        assert rt._budget() == 400 * 1024 < rt.dcache.capacity
+        assert torch.equal(generate(model, ids), want)
+        assert rt.compute_res.peak <= 400 * 1024
+        assert rt.dcache.peak <= rt.dcache.limit
+    finally:
+        tiered.detach(model)
+
+
+def test_a_larger_staging_makes_room_among_present_experts(tmp_path):
+    """A call routed to more experts than the last, all of them present: its larger staging is
+    taken within the room for experts (the least useful present experts leave), also where the
+    tier has room beyond the model's share."""
+    model = build("mixtral", layers=3, experts=16)
+    tiered.offload(model, device_config(tmp_path, gpu="4MiB", host="1MiB", resident=False), share="200KiB")
+    try:
+        rt = model._tiered
+        b = rt.banks[0]
+        for v in rt.banks:
+            v.predictor = None
+        room = rt._expert_capacity + rt._expert_prefetch_room
+        in_use = []
+        b.module.register_forward_pre_hook(lambda *_a: in_use.append(rt._expert_held() + rt.staged_bytes()))
+        hidden = torch.randn(1, 32)
+
+        def call(experts):
+            index = torch.tensor([experts])
+            with torch.no_grad():
+                return b.module(hidden, index, torch.full((1, len(experts)), 1.0 / len(experts)))
+
+        for pair in ([0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]):
+            call(pair)
+        four = sorted(b.cached)[-4:]
+        two = rt.staged_bytes()
+        assert len(four) == 4 and all(e in b.cached for e in four)
+        call(four)  # all present, more than the last call
+        assert rt.staged_bytes() > two
+        assert max(in_use) <= room
+    finally:
+        tiered.detach(model)

@@ -13,9 +13,10 @@ experts are gathered (device to device, in ascending expert id) into *staging* t
 ``[S, ...]`` for S experts routed to, the call's ``top_k_index`` is mapped onto those rows, and
 the module's ``num_experts`` reads S during the call. The mapping keeps the experts' order, so
 every kernel (eager loop, ``batched_mm``, ``grouped_mm``) visits and sums them in the same order
-as in memory: results are bit for bit the in-memory model's. Staging is charged to the compute
-reservation: one buffer of the GPU tier, within the room for experts beside the present experts,
-kept while calls route to as many experts (decoding), given back once the kernels reading it ran.
+as in memory: results are bit for bit the in-memory model's. Staging is one buffer of the GPU
+tier taken through the device cache (counted with its entries, within its limit) and within the
+room for experts beside the present experts, kept while calls route to as many experts
+(decoding) and for the whole call that took it, given back once the kernels reading it ran.
 """
 
 from __future__ import annotations
@@ -146,16 +147,19 @@ class _ExpertDevice:
             return
         self.release_staging()
         protect = {(b.index, e) for e in routed}
+        room = self._expert_capacity + self._expert_prefetch_room
+        while self._expert_held() + size > room and self._evict_one(protect):
+            pass  # the staging is part of the room for experts
         while True:
-            try:
-                self._staging = self.compute_res.alloc(size, wait=0.0)
+            try:  # counted by the device cache: within its limit with the entries
+                self._staging = self.dcache.alloc_scratch(size, wait=0.0)
                 return
             except OutOfBudget:
                 if self._make_way(protect):
                     continue
                 present = [e for e in routed if e in b.cached]
                 if not present:
-                    self._staging = self.compute_res.alloc(size, wait=_WAIT)
+                    self._staging = self.dcache.alloc_scratch(size, wait=_WAIT)
                     return
                 # the free room is in pieces between this call's own experts: one leaves the
                 # device, to be placed again once the staging has its place
