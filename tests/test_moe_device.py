@@ -1,6 +1,6 @@
 """Expert units through the device cache (the path CUDA takes; ``[offload] device_cache = true``
 forces it on a CPU with a ``device = "cpu"`` GPU tier): routed experts are placed in the GPU tier,
-used in place while present, read ahead by the next router, and the tokens stay bitwise the
+kept there while useful, gathered per call into a staging buffer, read ahead by the next router, and the tokens stay bitwise the
 in-memory model's under budgets smaller than one layer's experts."""
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def test_parity_through_the_device_cache(tmp_path, arch, batch):
         assert ex["compute_tier"] == "gpu"
         assert set(ex["hits"]) == {"gpu", "prefetched", "host", "storage"}
         assert ex["routed"] > 0 and sum(ex["hits"].values()) == ex["routed"]
-        assert ex["hits"]["gpu"] > 0  # experts kept on the device were used in place
+        assert ex["hits"]["gpu"] > 0  # experts kept on the device were used again
         assert_within_budget(rt)
     finally:
         tiered.detach(model)
@@ -124,7 +124,7 @@ def test_only_routed_experts_are_read_and_placed(tmp_path):
         assert ex["hits"]["storage"] == 6 and ex["routed"] == 6 and ex["tokens"] == 1
         reads.clear()
         placed1 = rt.dcache.stats.bytes_loaded
-        with torch.no_grad():  # the same token again: its experts are on the device, used in place
+        with torch.no_grad():  # the same token again: its experts are on the device, not copied again
             model(prompt(1, length=1))
         assert not [k for k, _n in reads if "/expert" in k]
         assert rt.dcache.stats.bytes_loaded - placed1 == units_placed  # no expert copied to the device again
@@ -377,5 +377,29 @@ def test_a_larger_staging_makes_room_among_present_experts(tmp_path):
         call(four)  # all present, more than the last call
         assert rt.staged_bytes() > two
         assert max(in_use) <= room
+    finally:
+        tiered.detach(model)
+
+
+def test_top4_eager_logits_are_bitwise_the_in_memory_models(tmp_path):
+    """Four experts per token: the eager kernel sums a token's experts in expert id order, and sums
+    of more than two terms depend on their order, so the staged rows must keep the experts'
+    ascending order for the logits to be bitwise equal."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.MixtralForCausalLM(T.MixtralConfig(
+        hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,
+        num_hidden_layers=2, bos_token_id=1, eos_token_id=2, pad_token_id=0, intermediate_size=48,
+        num_local_experts=8, num_experts_per_tok=4)).eval()
+    model.set_experts_implementation("eager")
+    ids = prompt(2, length=3)
+    with torch.no_grad():
+        want = copy.deepcopy(model)(ids).logits
+    tiered.offload(model, device_config(tmp_path, gpu="2MiB"))
+    try:
+        with torch.no_grad():
+            got = model(ids).logits
+        assert torch.equal(got, want)
     finally:
         tiered.detach(model)
