@@ -403,3 +403,24 @@ def test_top4_eager_logits_are_bitwise_the_in_memory_models(tmp_path):
         assert torch.equal(got, want)
     finally:
         tiered.detach(model)
+
+
+def test_a_call_routed_to_no_expert_matches_the_in_memory_bank(tmp_path):
+    """Every token's top_k_index a sentinel (>= the expert count, as expert parallelism masks
+    experts of other ranks): no expert is placed, and the eager kernel (the one that masks
+    sentinels outside expert parallelism) gives the in-memory result."""
+    model = build("mixtral")
+    model.set_experts_implementation("eager")
+    bank = copy.deepcopy(model.model.layers[0].mlp.experts)
+    hidden, weights = torch.randn(3, 32), torch.full((3, 2), 0.5)
+    index = torch.full((3, 2), bank.num_experts)
+    with torch.no_grad():
+        want = bank(hidden, index, weights)
+    tiered.offload(model, device_config(tmp_path, gpu="2MiB"))
+    try:
+        with torch.no_grad():
+            got = model.model.layers[0].mlp.experts(hidden, index, weights)
+        assert torch.equal(got, want)
+        assert not model._tiered.banks[0].cached
+    finally:
+        tiered.detach(model)

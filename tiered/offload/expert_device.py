@@ -141,7 +141,7 @@ class _ExpertDevice:
         """A staging buffer of the GPU tier for this call, taken before its missing experts are
         placed (while the tier is least in pieces) and kept for the next call of the same size
         (decoding: every call), so that it is not carved again each layer."""
-        _, size = self._staging_layout(b, len(routed))
+        _, size = self._staging_layout(b, _rows(routed))
         b.in_call = True  # from here until the post-hook, _make_room keeps the staging
         if self._staging is not None and self._staging.nbytes == size:
             return
@@ -178,19 +178,22 @@ class _ExpertDevice:
         self.ensure_staging(b, routed)
         if any(e not in b.cached for e in routed):  # made way for the staging: placed again
             self.place_experts(b, [], {}, count=False)
-        offsets, _ = self._staging_layout(b, len(routed))
+        n = _rows(routed)
+        offsets, _ = self._staging_layout(b, n)
         with torch.inference_mode(False):
             staging = self._staging.tensor()
             for a, off, at in zip(b.attrs, b.offsets, offsets):
                 s = b.slabs[a]
-                rows = staging[at : at + len(routed) * s.expert_bytes].view(s.dtype).view(len(routed), *s.shape[1:])
+                rows = staging[at : at + n * s.expert_bytes].view(s.dtype).view(n, *s.shape[1:])
+                if not routed:
+                    rows.zero_()  # read by no token (every index is a sentinel)
                 for i, e in enumerate(routed):
                     raw = b.cached[e].tensor.view(torch.uint8).reshape(-1)
                     rows[i].copy_(raw[off : off + s.expert_bytes].view(s.dtype).view(s.shape[1:]))
                 b.module._parameters[a].data = rows
         b.bound = True
-        if routed and getattr(b.module, "num_experts", None) == b.num:
-            b.module.num_experts, b.renumbered = len(routed), True
+        if getattr(b.module, "num_experts", None) == b.num:
+            b.module.num_experts, b.renumbered = n, True
         return _remap(b, routed, args, kwargs)
 
     def unstage_bank(self, b: _Bank) -> None:
@@ -201,10 +204,17 @@ class _ExpertDevice:
         b.in_call = False
 
 
+def _rows(routed: list[int]) -> int:
+    """Rows of a call's staging: one per routed expert; one unread row when none is routed (the
+    kernels index a parameter of at least one expert before masking sentinels)."""
+    return max(len(routed), 1)
+
+
 def _remap(b: _Bank, routed: list[int], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """``top_k_index`` with expert ``routed[i]`` as ``i``; anything else (a sentinel) as S."""
+    """``top_k_index`` with expert ``routed[i]`` as ``i``; anything else (a sentinel) as the
+    staging's row count (the module's ``num_experts`` during the call)."""
     index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-    n = len(routed)
+    n = _rows(routed)
     table = torch.full((b.num + 1,), n, dtype=index.dtype, device=index.device)
     if routed:
         table[torch.tensor(routed, dtype=torch.long, device=index.device)] = torch.arange(
