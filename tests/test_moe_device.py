@@ -424,3 +424,20 @@ def test_a_call_routed_to_no_expert_matches_the_in_memory_bank(tmp_path):
         assert not model._tiered.banks[0].cached
     finally:
         tiered.detach(model)
+
+
+def test_a_staging_is_kept_for_smaller_calls(tmp_path):
+    """A call routed to fewer experts than the last reuses its staging (not carved again)."""
+    model = build("mixtral")
+    tiered.offload(model, device_config(tmp_path, gpu="2MiB"))
+    try:
+        rt = model._tiered
+        b = rt.banks[0]
+        hidden = torch.randn(2, 32)
+        with torch.no_grad():
+            b.module(hidden, torch.tensor([[0, 1], [2, 3]]), torch.full((2, 2), 0.5))
+            staging = rt._staging
+            b.module(hidden, torch.tensor([[0, 1], [1, 0]]), torch.full((2, 2), 0.5))
+        assert staging is not None and rt._staging is staging
+    finally:
+        tiered.detach(model)

@@ -139,15 +139,17 @@ class _ExpertDevice:
 
     def ensure_staging(self, b: _Bank, routed: list[int]) -> None:
         """A staging buffer of the GPU tier for this call, taken before its missing experts are
-        placed (while the tier is least in pieces) and kept for the next call of the same size
-        (decoding: every call), so that it is not carved again each layer."""
+        placed (while the tier is least in pieces) and kept for the next calls that fit in it
+        while the room for experts allows (decoding: every call), so that it is not carved again
+        each layer (a buffer given back is free only once the kernels reading it ran)."""
         _, size = self._staging_layout(b, _rows(routed))
         b.in_call = True  # from here until the post-hook, _make_room keeps the staging
-        if self._staging is not None and self._staging.nbytes == size:
+        room = self._expert_capacity + self._expert_prefetch_room
+        if self._staging is not None and size <= self._staging.nbytes \
+                and self._expert_held() + self.staged_bytes() <= room:
             return
         self.release_staging()
         protect = {(b.index, e) for e in routed}
-        room = self._expert_capacity + self._expert_prefetch_room
         while self._expert_held() + size > room and self._evict_one(protect):
             pass  # the staging is part of the room for experts
         while True:
