@@ -424,8 +424,8 @@ class DeviceCache:
     def _make_room(self, key: str, nbytes: int, wait: float) -> DeviceBuffer:
         """A device buffer for ``nbytes``: evicting unheld entries to stay within ``limit`` (never
         past it: with nothing to evict it waits for releases), then from the tier (whose other
-        owners are asked to give room back); waits for releases up to ``wait`` s. No lock is held while allocating: another owner's ``on_pressure`` may trim
-        this cache meanwhile."""
+        owners are asked to give room back); waits for releases up to ``wait`` s. No lock is held
+        while allocating: another owner's ``on_pressure`` may trim this cache meanwhile."""
         deadline = time.monotonic() + wait
         while True:
             with self._lock:
