@@ -304,10 +304,22 @@ class DeviceCache:
             self.stats.evictions += len(victims)
             return len(victims)
 
+    def alloc_scratch(self, nbytes: int, wait: float | None = None) -> DeviceBuffer:
+        """A buffer of the cache's reservation for the caller's own use (not an entry), counted
+        with the entries in ``held``, so within ``limit``: unheld entries are evicted to make room
+        as for a load. Raises OutOfBudget as :meth:`acquire` does. Give it back with
+        :meth:`release_after_use`."""
+        return self._make_room("a scratch buffer", nbytes, self.wait if wait is None else wait)
+
     def release_after_use(self, buffer: DeviceBuffer) -> None:
-        """Give ``buffer`` (allocated by the caller from the cache's reservation) back to the tier
-        once the kernels queued so far on the current stream have run: another owner may fill it
-        at once. On a CPU device, now."""
+        """Give ``buffer`` (from :meth:`alloc_scratch`) back to the tier once the kernels queued so
+        far on the current stream have run: another owner may fill it at once. On a CPU device,
+        now. It leaves ``held`` at once (as an evicted entry does)."""
+        with self._lock:
+            if buffer.released:
+                raise StoreError(f"device cache of {self.owner!r}: scratch buffer released twice")
+            self.held -= buffer.reserved
+            self._lock.notify_all()
         landing = self._landing
         if self.device.type != "cuda":
             buffer.release()
@@ -410,17 +422,17 @@ class DeviceCache:
             entry.ready.set_exception(f.exception())
 
     def _make_room(self, key: str, nbytes: int, wait: float) -> DeviceBuffer:
-        """A device buffer for ``nbytes``: evicting unheld entries to stay within ``limit``, then
-        from the tier (whose other owners are asked to give room back); waits for releases up to
-        ``wait`` s. No lock is held while allocating: another owner's ``on_pressure`` may trim
-        this cache meanwhile."""
+        """A device buffer for ``nbytes``: evicting unheld entries to stay within ``limit`` (never
+        past it: with nothing to evict it waits for releases), then from the tier (whose other
+        owners are asked to give room back); waits for releases up to ``wait`` s. No lock is held
+        while allocating: another owner's ``on_pressure`` may trim this cache meanwhile."""
         deadline = time.monotonic() + wait
         while True:
             with self._lock:
                 over = self.held + nbytes - self.limit
                 if over > 0 and self._evict(over):
                     continue
-            buffer = self._alloc(nbytes)
+            buffer = self._alloc(nbytes) if over <= 0 else None  # never past the limit
             if buffer is not None:
                 return buffer
             with self._lock:
@@ -505,8 +517,11 @@ class DeviceCache:
 
     def _free(self, entry: _Entry) -> None:
         # kernels that read the buffer must finish before it is refilled: the next copy waits for
-        # them, and the buffer goes back to the tier (which other owners share) only once they ran
+        # them, and the buffer goes back to the tier (which other owners share) only once they ran;
+        # so does a copy into it still queued (an entry placed but never read: no reader waited for it)
         readers = [e for e in entry.used.values() if not e.query()]
+        if entry.copied is not None and not entry.copied.query():
+            readers.append(entry.copied)
         self._fences.extend(entry.used.values())
         entry.used.clear()
         if not entry.buffer.released:

@@ -13,9 +13,10 @@ experts are gathered (device to device, in ascending expert id) into *staging* t
 ``[S, ...]`` for S experts routed to, the call's ``top_k_index`` is mapped onto those rows, and
 the module's ``num_experts`` reads S during the call. The mapping keeps the experts' order, so
 every kernel (eager loop, ``batched_mm``, ``grouped_mm``) visits and sums them in the same order
-as in memory: results are bit for bit the in-memory model's. Staging is charged to the compute
-reservation: one buffer of the GPU tier, within the room for experts beside the present experts,
-kept while calls route to as many experts (decoding), given back once the kernels reading it ran.
+as in memory: results are bit for bit the in-memory model's. Staging is one buffer of the GPU
+tier taken through the device cache (counted with its entries, within its limit) and within the
+room for experts beside the present experts, kept while calls route to as many experts
+(decoding) and for the whole call that took it, given back once the kernels reading it ran.
 """
 
 from __future__ import annotations
@@ -89,12 +90,12 @@ class _ExpertDevice:
         """Merging the free room (see ``_Loading._make_room``), on the device also after the
         present experts: a unit or expert that finds the GPU tier in pieces between pinned experts
         would otherwise wait for room that never frees. The experts of the call in progress, and
-        the staging of a bound bank, stay."""
+        its staging (taken before its experts are placed), stay."""
         if self.experts_on_device and self.banks:
             for b in self.banks:
                 for e in [e for e in b.cached if b.last_use[e] != self._calls]:
                     self._drop_expert(b, e)
-            if not any(b.bound for b in self.banks):
+            if not any(b.bound or b.in_call for b in self.banks):
                 self.release_staging()
         super()._make_room()
 
@@ -138,23 +139,29 @@ class _ExpertDevice:
 
     def ensure_staging(self, b: _Bank, routed: list[int]) -> None:
         """A staging buffer of the GPU tier for this call, taken before its missing experts are
-        placed (while the tier is least in pieces) and kept for the next call of the same size
-        (decoding: every call), so that it is not carved again each layer."""
-        _, size = self._staging_layout(b, len(routed))
-        if self._staging is not None and self._staging.nbytes == size:
+        placed (while the tier is least in pieces) and kept for the next calls that fit in it
+        while the room for experts allows (decoding: every call), so that it is not carved again
+        each layer (a buffer given back is free only once the kernels reading it ran)."""
+        _, size = self._staging_layout(b, _rows(routed))
+        b.in_call = True  # from here until the post-hook, _make_room keeps the staging
+        room = self._expert_capacity + self._expert_prefetch_room
+        if self._staging is not None and size <= self._staging.nbytes \
+                and self._expert_held() + self.staged_bytes() <= room:
             return
         self.release_staging()
         protect = {(b.index, e) for e in routed}
+        while self._expert_held() + size > room and self._evict_one(protect):
+            pass  # the staging is part of the room for experts
         while True:
-            try:
-                self._staging = self.compute_res.alloc(size, wait=0.0)
+            try:  # counted by the device cache: within its limit with the entries
+                self._staging = self.dcache.alloc_scratch(size, wait=0.0)
                 return
             except OutOfBudget:
                 if self._make_way(protect):
                     continue
                 present = [e for e in routed if e in b.cached]
                 if not present:
-                    self._staging = self.compute_res.alloc(size, wait=_WAIT)
+                    self._staging = self.dcache.alloc_scratch(size, wait=_WAIT)
                     return
                 # the free room is in pieces between this call's own experts: one leaves the
                 # device, to be placed again once the staging has its place
@@ -173,19 +180,22 @@ class _ExpertDevice:
         self.ensure_staging(b, routed)
         if any(e not in b.cached for e in routed):  # made way for the staging: placed again
             self.place_experts(b, [], {}, count=False)
-        offsets, _ = self._staging_layout(b, len(routed))
+        n = _rows(routed)
+        offsets, _ = self._staging_layout(b, n)
         with torch.inference_mode(False):
             staging = self._staging.tensor()
             for a, off, at in zip(b.attrs, b.offsets, offsets):
                 s = b.slabs[a]
-                rows = staging[at : at + len(routed) * s.expert_bytes].view(s.dtype).view(len(routed), *s.shape[1:])
+                rows = staging[at : at + n * s.expert_bytes].view(s.dtype).view(n, *s.shape[1:])
+                if not routed:
+                    rows.zero_()  # read by no token (every index is a sentinel)
                 for i, e in enumerate(routed):
                     raw = b.cached[e].tensor.view(torch.uint8).reshape(-1)
                     rows[i].copy_(raw[off : off + s.expert_bytes].view(s.dtype).view(s.shape[1:]))
                 b.module._parameters[a].data = rows
         b.bound = True
-        if routed and getattr(b.module, "num_experts", None) == b.num:
-            b.module.num_experts, b.renumbered = len(routed), True
+        if getattr(b.module, "num_experts", None) == b.num:
+            b.module.num_experts, b.renumbered = n, True
         return _remap(b, routed, args, kwargs)
 
     def unstage_bank(self, b: _Bank) -> None:
@@ -193,12 +203,20 @@ class _ExpertDevice:
         for the next call (the kernels of the compute stream read and refill it in order)."""
         if b.renumbered:
             b.module.num_experts, b.renumbered = b.num, False
+        b.in_call = False
+
+
+def _rows(routed: list[int]) -> int:
+    """Rows of a call's staging: one per routed expert; one unread row when none is routed (the
+    kernels index a parameter of at least one expert before masking sentinels)."""
+    return max(len(routed), 1)
 
 
 def _remap(b: _Bank, routed: list[int], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """``top_k_index`` with expert ``routed[i]`` as ``i``; anything else (a sentinel) as S."""
+    """``top_k_index`` with expert ``routed[i]`` as ``i``; anything else (a sentinel) as the
+    staging's row count (the module's ``num_experts`` during the call)."""
     index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-    n = len(routed)
+    n = _rows(routed)
     table = torch.full((b.num + 1,), n, dtype=index.dtype, device=index.device)
     if routed:
         table[torch.tensor(routed, dtype=torch.long, device=index.device)] = torch.arange(

@@ -33,6 +33,7 @@ from torch import nn
 from tiered.allocators import align_up
 
 from .common import _ALIGN, _WAIT, OffloadError, _itemsize, _placeholder
+from .layout import _ffn_groups
 
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _MAP_FIXED = 0x10  # Linux
@@ -195,6 +196,7 @@ class _Bank:
     predicted: set[int] = field(default_factory=set)  # experts predicted for this bank's next call
     bound: bool = False
     renumbered: bool = False  # device cache: the module's num_experts reads the call's staged experts
+    in_call: bool = False  # device cache: a call of this bank took the staging (kept until its post-hook)
     score: list[float] = field(default_factory=list)  # decayed routing frequency per expert
     last_use: list[int] = field(default_factory=list)
     uses: list[int] = field(default_factory=list)  # per expert: calls routed to it
@@ -252,10 +254,11 @@ def find_banks(model: nn.Module, external: dict[int, str] | None,
 class _ExpertPacking:
     """Part of :class:`~tiered.offload.runtime.OffloadedModule`: building and writing banks."""
 
-    def build_banks(self, want: bool | None, external: dict[int, str] | None) -> None:
-        """Find the banks (``[offload] experts``: None for auto, True to insist, False for none)."""
+    def build_banks(self, want: bool | None, external: dict[int, str] | None, layout: str | None = None) -> None:
+        """Find the banks (``[offload] experts``: None for auto, True to insist, False for none).
+        ``layout``: the units' layout (default ``[offload] layout``)."""
         self.banks = []
-        if want is False:
+        if want is False or (want is None and self._bundles_on_cuda(layout or self.config.offload.layout)):
             return
         found = find_banks(self.model, external, insist=bool(want))
         if found and self._two_level and not self._wants_device_cache:  # CUDA with device_cache = false
@@ -284,6 +287,13 @@ class _ExpertPacking:
                                     keys,
                                     hidden_arg, predictor, score=[0.0] * num, last_use=[-1] * num, uses=[0] * num,
                                     reads=[0] * num))
+
+    def _bundles_on_cuda(self, layout: str) -> bool:
+        """The bundled layout will bundle FFNs on CUDA with the device cache left to its default:
+        that cache cannot serve bundled units, so expert units (which live in it) are not made and
+        the experts stay in their layers' units."""
+        return layout == "bundled" and self.cuda and self.config.offload.device_cache is None \
+            and bool(_ffn_groups(self.model))
 
     def bank_param_ids(self) -> set[int]:
         return {id(b.module._parameters[a]) for b in getattr(self, "banks", []) for a in b.attrs}
