@@ -61,7 +61,7 @@ def _attach(rt: OffloadedModule, units, external: dict[int, str] | None, layout:
     rt.model._tiered_prefix = rt.prefix
     if layout not in ("packed", "bundled"):
         raise OffloadError(f"layout must be 'packed' or 'bundled', got {layout!r}")
-    rt.build_banks(rt.config.offload.experts, external)
+    rt.build_banks(rt.config.offload.experts, external, layout)
     rt.build_units(units, external, layout)
     if not rt.units:
         raise OffloadError(f"{type(rt.model).__name__} has no parameters to offload")
