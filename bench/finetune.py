@@ -36,6 +36,26 @@ in-memory MeZO (``tiered.optim.zo.mezo_step``) on the same model.
 
 Usage: ``python bench/finetune.py [--json] [--layers N] [--host MiB] ...``;
 results go to ``bench/results/finetune_cpu.json``.
+
+On a GPU (``--device cuda``, :mod:`bench._finetune_gpu_run`): a whole training step of a model
+computing on the GPU whose weights are at least 4x the store's GPU tier (``--gpu-budget`` MiB,
+default a quarter of them) and 2x its host tier (``--host``, default half), in ``--dtype fp32``
+or ``bf16`` (fp32 masters in the optimizer either way). Contenders, interleaved: ``tiered``
+(``tiered.offload`` through the device cache + ``OffloadedAdamW(model=...)``), ``deepspeed``
+(ZeRO-3, ``offload_param`` and ``offload_optimizer`` on NVMe; when it imports) and ``torch``
+(model and fused AdamW in GPU memory, with ``--ref-layers`` layers, by default as many as fit).
+Per contender: step time, TFLOPS (6 * params * tokens / step), the I/O bound (storage bytes
+over fio's/the engine's bandwidths, host<->device bytes over the copy bandwidths), peak GPU
+memory (``max_memory_allocated``, the GPU tier's peak) and peak host memory (the host tier's
+peak, the process's RSS over the timed steps). Results: ``bench/results/finetune_cuda_<gpu>.json``.
+On a GPU machine (16 cores, NVMe under ``--dir``)::
+
+    python bench/finetune.py --device cuda --layers 48 --hidden 1024 --inter 2816 --batch 4 \
+        --seq 512 --dtype bf16 --warmup 2 --steps 3 --rounds 1 --dir /path/on/nvme
+
+``--device-cache`` runs the same tiered path on a CPU (the "gpu" tier on device "cpu"): how the
+script is checked without a GPU, e.g. ``--device-cache --layers 4 --hidden 256 --inter 512
+--warmup 1 --steps 2 --rounds 1 --io-mib 64 --out /tmp/ft.json``.
 """
 
 from __future__ import annotations
@@ -419,7 +439,17 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--host", type=int, default=256, help="tiered host tier, MiB (default 256)")
+    ap.add_argument("--host", type=int, default=None,
+                    help="tiered host tier, MiB (default 256; on a GPU, half of the weights)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: a training step computing on the GPU (see the docstring)")
+    ap.add_argument("--device-cache", action="store_true",
+                    help="the --device cuda benchmark with the store's 'gpu' tier on the CPU (a check)")
+    ap.add_argument("--gpu-budget", type=int, default=None, help="GPU tier, MiB (default: a quarter of the weights)")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights' dtype on a GPU")
+    ap.add_argument("--ref-layers", type=int, default=None,
+                    help="layers of the torch contender on a GPU (default: the model's, or as many as fit)")
+    ap.add_argument("--io-mib", type=int, default=1024, help="bytes of each fio/engine run on a GPU, MiB")
     ap.add_argument("--zo-host", type=int, default=128, help="tiered host tier for ZO, MiB (default 128)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per contender process")
     ap.add_argument("--warmup", type=int, default=3,
@@ -427,11 +457,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved runs of each contender (default 2)")
     ap.add_argument("--zo-steps", type=int, default=3)
     ap.add_argument("--workers", type=int, default=8, help="tiered's I/O engine threads")
-    ap.add_argument("--lookahead", type=int, default=4, help="tiered: state chunks read ahead")
+    ap.add_argument("--lookahead", type=int, default=None,
+                    help="tiered: state chunks read ahead (default 4; on a GPU 1)")
     ap.add_argument("--chunk-mib", type=int, default=16, help="tiered: state chunk size, MiB (12 bytes per parameter)")
-    ap.add_argument("--threads", type=int, default=1,
+    ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads in every contender (default 1: on 2 shared cores, 2 OpenMP "
-                    "threads stall on each other and on the I/O workers)")
+                    "threads stall on each other and on the I/O workers; on a GPU, up to 16)")
     ap.add_argument("--impl", choices=("fused", "single"), default="fused",
                     help="torch AdamW kernel for torch and tiered (default fused)")
     ap.add_argument("--only", default="torch,tiered,tiered_sync,deepspeed,zo",
@@ -446,21 +477,23 @@ def main() -> int:
     args = ap.parse_args()
     if args.contender:
         spec = json.loads(args.spec)
+        from bench._finetune_gpu import CONTENDERS as GPU_CONTENDERS
+
         fn = {"torch": run_torch, "tiered": run_tiered, "tiered_sync": lambda sp: run_tiered(sp, sync=True),
               "tiered_governed": lambda sp: run_tiered(sp, migration="auto"),
-              "deepspeed": run_deepspeed, "zo": run_zo}[args.contender]
+              "deepspeed": run_deepspeed, "zo": run_zo, **GPU_CONTENDERS}[args.contender]
         res = fn(spec)
         with open(args.out, "w") as f:
             json.dump(res, f)
         return 0
 
     os.makedirs(args.dir, exist_ok=True)
-    spec = {"layers": args.layers, "hidden": args.hidden, "inter": args.inter, "vocab": args.vocab,
-            "heads": max(1, args.hidden // 64), "seq": args.seq, "batch": args.batch, "host_mib": args.host,
-            "zo_host_mib": args.zo_host, "steps": args.steps, "warmup": args.warmup, "zo_steps": args.zo_steps,
-            "workers": args.workers, "lookahead": args.lookahead, "chunk_mib": args.chunk_mib, "impl": args.impl,
-            "threads": args.threads, "dir": args.dir, "two_tiers": args.two_tiers,
-            "ds_sub_group": 100_000_000}
+    if args.device == "cuda" or args.device_cache:
+        from bench._finetune_gpu_run import main_gpu
+
+        return main_gpu(args, _spec(args))
+    args.host, args.lookahead, args.threads = args.host or 256, args.lookahead or 4, args.threads or 1
+    spec = _spec(args)
     only = args.only.split(",")
     result = {"spec": spec, "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
               "note": "2-core VM shared with other jobs (loaded); storage reads are O_DIRECT (cold)"}
@@ -498,6 +531,15 @@ def main() -> int:
     else:
         print_table(result)
     return 0
+
+
+def _spec(args) -> dict:
+    return {"layers": args.layers, "hidden": args.hidden, "inter": args.inter, "vocab": args.vocab,
+            "heads": max(1, args.hidden // 64), "seq": args.seq, "batch": args.batch, "host_mib": args.host,
+            "zo_host_mib": args.zo_host, "steps": args.steps, "warmup": args.warmup, "zo_steps": args.zo_steps,
+            "workers": args.workers, "lookahead": args.lookahead, "chunk_mib": args.chunk_mib, "impl": args.impl,
+            "threads": args.threads, "dir": args.dir, "two_tiers": args.two_tiers,
+            "ds_sub_group": 100_000_000}
 
 
 def summarize(r: dict) -> None:
