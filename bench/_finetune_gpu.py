@@ -17,7 +17,7 @@ import shutil
 import statistics
 import time
 
-from bench.finetune import MiB, batch, build_model, log
+from bench._finetune_common import MiB, batch, build_model, log
 
 
 def _dtype(spec: dict):
@@ -63,9 +63,8 @@ def tiered_config(spec: dict) -> dict:
             "offload": {"device_cache": True, "resident": True, "lookahead": "auto"}}
 
 
-def optimizer_host_bytes(model, lookahead: int) -> int:
-    """Host memory ``OffloadedAdamW(model=...)`` needs: ``lookahead`` + 3 state chunks of the largest
-    unit (12 bytes per parameter, page-rounded). Units: each block of the outermost ModuleLists,
+def largest_unit(model) -> int:
+    """Parameters of ``model``'s largest offload unit: each block of the outermost ModuleLists,
     and each other module owning parameters (embeddings, norms, head)."""
     from torch import nn
 
@@ -78,7 +77,13 @@ def optimizer_host_bytes(model, lookahead: int) -> int:
     for mod in model.modules():
         if id(mod) not in in_list and not isinstance(mod, nn.ModuleList):
             sizes.append(sum(p.numel() for p in mod.parameters(recurse=False)))
-    return (lookahead + 3) * (12 * max(sizes) + 3 * 4096)
+    return max(sizes)
+
+
+def optimizer_host_bytes(model, lookahead: int) -> int:
+    """Host memory ``OffloadedAdamW(model=...)`` needs: ``lookahead`` + 3 state chunks of the largest
+    unit (12 bytes per parameter, page-rounded)."""
+    return (lookahead + 3) * (12 * largest_unit(model) + 3 * 4096)
 
 
 def run_gpu_tiered(spec: dict) -> dict:

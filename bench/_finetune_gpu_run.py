@@ -10,8 +10,9 @@ import re
 import statistics
 import time
 
-from bench.finetune import GB, MiB, _ROOT, build_model, child, deepspeed_unavailable, fio_bandwidth, log
-from bench._finetune_gpu import optimizer_host_bytes
+from bench._finetune_common import GB, MiB, _ROOT, build_model, child, deepspeed_unavailable, log
+from bench._finetune_io import fio_bandwidth
+from bench._finetune_gpu import largest_unit, optimizer_host_bytes
 from tiered.io_engine.bench.bare import engine_bandwidth
 
 ORDER = ("gpu_deepspeed", "gpu_tiered", "gpu_torch")
@@ -40,12 +41,15 @@ def size_budgets(spec: dict, gpu_mib: int | None, host_mib: int | None) -> None:
                          f"({spec['gpu_mib']} MiB) and 2x --host ({spec['host_mib']} MiB): more --layers or "
                          "smaller budgets")
     with torch.device("meta"):
-        spec["optim_host_bytes"] = optimizer_host_bytes(build_model(spec), spec["opt_lookahead"])
-    if spec["optim_host_bytes"] >= spec["host_mib"] * MiB:
+        model = build_model(spec)
+    spec["optim_host_bytes"] = optimizer_host_bytes(model, spec["opt_lookahead"])
+    staging = 2 * largest_unit(model) * (2 if spec["dtype"] == "bf16" else 4)  # a unit read, one copied up
+    if spec["optim_host_bytes"] + staging > spec["host_mib"] * MiB:
         raise SystemExit(f"bench/finetune.py: the optimizer's pipeline ({spec['opt_lookahead']} + 3 state chunks "
-                         f"of the largest unit, {spec['optim_host_bytes'] / MiB:.0f} MiB) does not fit in the "
-                         f"host tier ({spec['host_mib']} MiB): more, smaller layers (a unit's chunk is 12 bytes "
-                         "per parameter), a smaller --vocab or --lookahead")
+                         f"of the largest unit, {spec['optim_host_bytes'] / MiB:.0f} MiB) and two copies of that "
+                         f"unit ({staging / MiB:.0f} MiB) do not fit in the host tier ({spec['host_mib']} MiB): "
+                         "more, smaller layers (a unit's chunk is 12 bytes per parameter), a smaller --vocab, "
+                         "--lookahead or --dtype fp32")
 
 
 def ref_layers(spec: dict, dev: str) -> int:

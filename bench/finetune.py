@@ -48,14 +48,15 @@ Per contender: step time, TFLOPS (6 * params * tokens / step), the I/O bound (st
 over fio's/the engine's bandwidths, host<->device bytes over the copy bandwidths), peak GPU
 memory (``max_memory_allocated``, the GPU tier's peak) and peak host memory (the host tier's
 peak, the process's RSS over the timed steps). Results: ``bench/results/finetune_cuda_<gpu>.json``.
-On a GPU machine (16 cores, NVMe under ``--dir``)::
+On a GPU machine (16 cores, NVMe under ``--dir``; 633M parameters, fp32; for ``--dtype bf16``
+give it 96 layers: the host tier, half of the weights, must still hold 4 state chunks of a
+layer at 12 bytes per parameter)::
 
-    python bench/finetune.py --device cuda --layers 48 --hidden 1024 --inter 2816 --batch 4 \
-        --seq 512 --dtype bf16 --warmup 2 --steps 3 --rounds 1 --dir /path/on/nvme
+    python bench/finetune.py --device cuda --layers 48 --hidden 1024 --inter 2816 --batch 4 --seq 512 --warmup 2 --steps 3 --rounds 2 --dir /nvme/ft
 
 ``--device-cache`` runs the same tiered path on a CPU (the "gpu" tier on device "cpu"): how the
-script is checked without a GPU, e.g. ``--device-cache --layers 4 --hidden 256 --inter 512
---warmup 1 --steps 2 --rounds 1 --io-mib 64 --out /tmp/ft.json``.
+script is checked without a GPU, e.g. ``--device-cache --layers 32 --hidden 128 --inter 256
+--vocab 512 --seq 32 --batch 2 --warmup 1 --steps 2 --rounds 1 --io-mib 64 --out /tmp/ft.json``.
 """
 
 from __future__ import annotations
@@ -65,45 +66,16 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 
+from bench._finetune_common import MiB, batch, build_model, child, log  # noqa: E402
+from bench._finetune_io import fio_bandwidth  # noqa: E402
+from bench._finetune_report import print_table, summarize  # noqa: E402
 from tiered.io_engine.bench.bare import engine_bandwidth  # noqa: E402  (the engine's own bound, no store)
-
-MiB, GB = 1 << 20, 1e9
-TARGET_VS_DS = 0.7
-TARGET_BOUND = 1.2
-
-
-def log(msg: str) -> None:
-    print(f"[finetune {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- the model
-
-
-def build_model(spec: dict):
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=spec["vocab"], hidden_size=spec["hidden"],
-                                   intermediate_size=spec["inter"], num_hidden_layers=spec["layers"],
-                                   num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
-                                   max_position_embeddings=max(64, spec["seq"]))
-    return transformers.LlamaForCausalLM(cfg)
-
-
-def batch(spec: dict, step: int):
-    import torch
-
-    g = torch.Generator().manual_seed(step)
-    return torch.randint(0, spec["vocab"], (spec["batch"], spec["seq"]), generator=g)
-
 
 # --------------------------------------------------------------------------- contenders (child processes)
 
@@ -316,50 +288,6 @@ def run_zo(spec: dict) -> dict:
 # --------------------------------------------------------------------------- orchestration
 
 
-def deepspeed_unavailable() -> str | None:
-    """Why the DeepSpeed contender cannot run here, in one line (None: it can). Its NVMe offload
-    builds DeepSpeed's async_io op, which needs the Linux AIO headers."""
-    try:
-        from deepspeed.ops.op_builder import AsyncIOBuilder
-    except ImportError as e:
-        return f"deepspeed is not installed ({e}); pip install 'tiered[finetune]'"
-    try:
-        ok = AsyncIOBuilder().is_compatible(verbose=False)
-    except Exception as e:  # noqa: BLE001 - any failure of the probe means the op cannot be built
-        return f"DeepSpeed's async_io op cannot be checked ({type(e).__name__}: {e})"
-    if not ok:
-        return ("DeepSpeed's NVMe offload needs its async_io op, which needs the Linux AIO headers: "
-                "install them (Debian/Ubuntu: apt-get install libaio-dev) and run again")
-    return None
-
-
-def child(name: str, spec: dict, timeout: float) -> dict:
-    if name == "deepspeed" and (why := deepspeed_unavailable()):
-        log(f"{name}: skipped: {why}")
-        return {"error": why}
-    log(f"{name}: starting")
-    outp = os.path.join(spec["dir"], f"{name}.json")
-    if os.path.exists(outp):
-        os.remove(outp)
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), PYTHONPATH=_ROOT)
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--contender", name,
-                               "--spec", json.dumps(spec), "--out", outp], env=env, timeout=timeout,
-                              stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-    except subprocess.TimeoutExpired:
-        return {"error": f"did not finish within {timeout:.0f} s"}
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = (proc.stderr or "").strip().splitlines()[-40:]
-        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
-    with open(outp) as f:
-        res = json.load(f)
-    res["process_wall_s"] = wall
-    log(f"{name}: done in {wall:.0f} s")
-    return res
-
-
 def pool(rs: list[dict]) -> dict:
     """One contender's rounds: samples pooled, medians and minima over all of them."""
     bad = [r for r in rs if "error" in r]
@@ -373,60 +301,6 @@ def pool(rs: list[dict]) -> dict:
         out[f"{base}_min_s"] = min(out[k])
     out["rounds"] = len(rs)
     return out
-
-
-def fio_bandwidth(directory: str, size: int) -> dict:
-    from tiered.bench_io import _run_fio
-
-    fio = shutil.which("fio")
-    if fio is None:
-        return {"error": "fio not installed"}
-    path = os.path.join(directory, "fio.dat")
-    with open(path, "wb") as f:  # a real file (allow_file_create=0): written once, then read cold
-        chunk = os.urandom(MiB) * 8
-        for _ in range(size // len(chunk)):
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    out = {}
-    path2 = os.path.join(directory, "fio2.dat")
-    try:
-        for rw in ("write", "read"):
-            row = _run_fio(fio, path, rw=rw, bs=8 * MiB, ioengine="libaio", numjobs=1, iodepth=32,
-                           size=size, runtime=20, time_based=False)
-            out[rw] = row
-            log(f"fio {rw} bs=8M libaio qd=32 O_DIRECT: " + (f"{row['gbps']:.2f} GB/s" if "gbps" in row
-                                                             else row.get("error", "?")))
-        shutil.copyfile(path, path2)
-        out["mixed"] = fio_mixed(fio, path, path2, size)
-        m = out["mixed"]
-        log("fio read + write at once (two jobs, bs=8M libaio qd=32 O_DIRECT): " +
-            (f"read {m['read_gbps']:.2f} GB/s, write {m['write_gbps']:.2f} GB/s" if "read_gbps" in m
-             else m.get("error", "?")))
-    finally:
-        os.remove(path)
-        if os.path.exists(path2):
-            os.remove(path2)
-    return out
-
-
-def fio_mixed(fio: str, rpath: str, wpath: str, size: int) -> dict:
-    """A read job and a write job in one fio run (both start together): each job's bandwidth."""
-    from tiered.bench_io import _parse_fio_json
-
-    common = ["--bs=8M", "--direct=1", "--ioengine=libaio", "--iodepth=32", f"--size={size}",
-              "--allow_file_create=0"]
-    cmd = [fio, "--output-format=json", "--name=r", f"--filename={rpath}", "--rw=read", *common,
-           "--name=w", f"--filename={wpath}", "--rw=write", "--end_fsync=1", *common]
-    row = {"command": " ".join(cmd[1:])}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        jobs = {j["jobname"]: j for j in _parse_fio_json(proc.stdout)["jobs"]}
-        r, w = jobs["r"]["read"], jobs["w"]["write"]
-    except (subprocess.TimeoutExpired, OSError, ValueError, KeyError) as e:
-        return {**row, "error": f"fio mixed run failed: {e!r}"}
-    return {**row, "read_gbps": r["bw_bytes"] / GB, "write_gbps": w["bw_bytes"] / GB,
-            "read_s": r["runtime"] / 1e3, "write_s": w["runtime"] / 1e3}
 
 
 def main() -> int:
@@ -449,7 +323,7 @@ def main() -> int:
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights' dtype on a GPU")
     ap.add_argument("--ref-layers", type=int, default=None,
                     help="layers of the torch contender on a GPU (default: the model's, or as many as fit)")
-    ap.add_argument("--io-mib", type=int, default=1024, help="bytes of each fio/engine run on a GPU, MiB")
+    ap.add_argument("--io-mib", type=int, default=1024, help="bytes of each fio and engine bandwidth run, MiB")
     ap.add_argument("--zo-host", type=int, default=128, help="tiered host tier for ZO, MiB (default 128)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per contender process")
     ap.add_argument("--warmup", type=int, default=3,
@@ -498,8 +372,8 @@ def main() -> int:
     result = {"spec": spec, "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
               "note": "2-core VM shared with other jobs (loaded); storage reads are O_DIRECT (cold)"}
     log(f"fio on {args.dir}")
-    result["fio"] = fio_bandwidth(args.dir, 1 << 30)
-    result["engine_io"] = engine_bandwidth(args.dir, 1 << 30, args.workers)
+    result["fio"] = fio_bandwidth(args.dir, args.io_mib * MiB)
+    result["engine_io"] = engine_bandwidth(args.dir, args.io_mib * MiB, args.workers)
     log(f"engine on {args.dir}: {result['engine_io']}")
     # contenders interleaved over rounds, so that load from other jobs on the machine hits all
     # of them alike; samples of all rounds are pooled (median and min reported)
@@ -514,8 +388,8 @@ def main() -> int:
     # the device's bandwidth drifts (a shared VM): measured again after the contenders; the
     # bounds use the better of the two runs (the smaller, stricter bound)
     log(f"fio on {args.dir} again")
-    result["fio_end"] = fio_bandwidth(args.dir, 1 << 30)
-    result["engine_io_end"] = engine_bandwidth(args.dir, 1 << 30, args.workers)
+    result["fio_end"] = fio_bandwidth(args.dir, args.io_mib * MiB)
+    result["engine_io_end"] = engine_bandwidth(args.dir, args.io_mib * MiB, args.workers)
     log(f"engine on {args.dir}: {result['engine_io_end']}")
     if "zo" in only:
         result["zo"] = child("zo", spec, args.timeout)
@@ -540,87 +414,6 @@ def _spec(args) -> dict:
             "workers": args.workers, "lookahead": args.lookahead, "chunk_mib": args.chunk_mib, "impl": args.impl,
             "threads": args.threads, "dir": args.dir, "two_tiers": args.two_tiers,
             "ds_sub_group": 100_000_000}
-
-
-def summarize(r: dict) -> None:
-    s = {}
-    d, m = r.get("deepspeed", {}), r.get("torch", {})
-    runs = [x for x in (r.get("fio", {}), r.get("fio_end", {})) if x]
-    eng = [x for x in (r.get("engine_io", {}), r.get("engine_io_end", {})) if x]
-
-    def best(part: str, key: str, ekey: str) -> float | None:
-        """The best bandwidth any run of fio or of the bare engine saw (the strictest bound)."""
-        vals = [x.get(part, {}).get(key) for x in runs] + [x.get(ekey) for x in eng]
-        vals = [v for v in vals if v]
-        return max(vals) if vals else None
-
-    rbw, wbw = best("read", "gbps", "read_gbps"), best("write", "gbps", "write_gbps")
-    mix = {"read_gbps": best("mixed", "read_gbps", "mixed_read_gbps"),
-           "write_gbps": best("mixed", "write_gbps", "mixed_write_gbps")}
-    s["best read GB/s (fio, engine)"], s["best write GB/s"] = rbw, wbw
-    s["best concurrent read GB/s"], s["best concurrent write GB/s"] = mix["read_gbps"], mix["write_gbps"]
-    g, t0 = r.get("tiered_governed", {}), r.get("tiered", {})
-    if "train_step_median_s" in g and "train_step_median_s" in t0:
-        s["governor overhead: train step (median), governed / not"] = g["train_step_median_s"] / t0["train_step_median_s"]
-        s["governor overhead: train step (min), governed / not"] = g["train_step_min_s"] / t0["train_step_min_s"]
-    for name in ("tiered", "tiered_sync", "tiered_governed"):
-        t = r.get(name, {})
-        if "step_median_s" not in t:
-            continue
-        # bytes of a whole train step (writes that land after step() returned included)
-        rd, wr = t["bytes_read_per_train_step"], t["bytes_written_per_train_step"]
-        bounds = {}
-        if rbw and wbw:
-            bounds["serial"] = rd / (rbw * GB) + wr / (wbw * GB)
-        if mix.get("read_gbps") and mix.get("write_gbps"):
-            bounds["concurrent"] = max(rd / (mix["read_gbps"] * GB), wr / (mix["write_gbps"] * GB))
-        if bounds:
-            bounds["best"] = min(bounds.values())  # fio did no better either way
-        for kind, b in bounds.items():
-            s[f"{name}: I/O bound ({kind}) s"] = b
-        for what, stat in (("step", "median"), ("step", "min"), ("train_step", "median"), ("train_step", "min")):
-            # the optimizer step alone; forward + backward + step
-            k = f"{what}_{stat}_s"
-            label = f"{name}: {what} ({stat})"
-            if k in d:
-                s[f"{label} / deepspeed"] = t[k] / d[k]
-                s[f"{label}: target <= {TARGET_VS_DS} x deepspeed met"] = t[k] / d[k] <= TARGET_VS_DS
-            if k not in m:
-                continue
-            extra = t[f"fwd_bwd_{stat}_s"] if what == "train_step" else 0.0  # compute, not overlapped
-            for kind, io in bounds.items():
-                bound = max(m[k], io + extra)
-                s[f"{label}: bound max(in-memory, I/O {kind}) s"] = bound
-                s[f"{label} / bound ({kind})"] = t[k] / bound
-                s[f"{label}: target <= {TARGET_BOUND} x bound ({kind}) met"] = t[k] / bound <= TARGET_BOUND
-    z = r.get("zo", {})
-    if "tiered_step_s" in z:
-        s["zo_memory_steps_per_s"] = 1 / statistics.median(z["memory_step_s"])
-        s["zo_tiered_steps_per_s"] = 1 / statistics.median(z["tiered_step_s"])
-        s["zo_tiered_vs_memory"] = s["zo_tiered_steps_per_s"] / s["zo_memory_steps_per_s"]
-    r["summary"] = s
-
-
-def print_table(r: dict) -> None:
-    s = r["summary"]
-    print(f"model: {r.get('torch', r.get('tiered', {})).get('params', '?')} params, state "
-          f"{r.get('tiered', {}).get('state_bytes', 0) / MiB:.0f} MiB, tiered host tier "
-          f"{r['spec']['host_mib']} MiB")
-    print("median (min) over all timed steps of all rounds")
-    print(f"{'contender':<12} {'opt step (s)':>12} {'fwd+bwd (s)':>12} {'train step (s)':>14} "
-          f"{'read/step MB':>12} {'written/step MB':>15}")
-    for name in ("torch", "deepspeed", "tiered", "tiered_governed", "tiered_sync"):
-        c = r.get(name, {})
-        if "error" in c:
-            print(f"{name:<12} error: {c['error'][:300]}")
-        elif c:
-            print(f"{name:<12} {c['step_median_s']:>5.2f} ({c['step_min_s']:.2f}) "
-                  f"{c['fwd_bwd_median_s']:>5.2f} ({c['fwd_bwd_min_s']:.2f}) "
-                  f"{c['train_step_median_s']:>6.2f} ({c['train_step_min_s']:.2f}) "
-                  f"{c['proc_read_per_train_step'] / 1e6:>12.1f} "
-                  f"{c['proc_written_per_train_step'] / 1e6:>15.1f}")
-    for k, v in s.items():
-        print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
 
 
 if __name__ == "__main__":
