@@ -100,7 +100,12 @@ def gpu_name(dev: str) -> str:
 
 
 def main_gpu(args, spec: dict) -> int:
+    import torch
+
     dev = "cuda" if args.device == "cuda" else "cpu"
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"bench/finetune.py --device cuda: no CUDA device (torch {torch.__version__}); "
+                         "--device-cache runs the same tiered path on the CPU")
     spec.update(device=dev, dtype=args.dtype, opt_lookahead=args.lookahead or 1,
                 threads=args.threads or (min(16, os.cpu_count() or 1) if dev == "cuda" else 1))
     size_budgets(spec, args.gpu_budget, args.host)
