@@ -100,6 +100,9 @@ def run_gpu_tiered(spec: dict) -> dict:
     room = store.reserve("host", spec["optim_host_bytes"], owner="bench/optimizer-room")
     try:
         model = tiered.offload(_build(spec, dev), store=store, device=dev)
+    except BaseException:
+        store.close()
+        raise
     finally:
         room.close()
     rt = model._tiered
