@@ -105,6 +105,8 @@ def run_gpu_tiered(spec: dict) -> dict:
         raise
     finally:
         room.close()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # the weights the model was built with, now in the store
     rt = model._tiered
     out = {}
     try:
