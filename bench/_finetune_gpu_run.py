@@ -219,7 +219,8 @@ def table(r: dict) -> str:
                      f"{_mib(c.get('store_gpu_tier', {}).get('peak')):>12} "
                      f"{_mib(c.get('store_host_tier', {}).get('peak')):>13} {_mib(p['rss_peak_bytes']):>8}")
     if s["ref_layers"] != s["layers"]:
-        lines.append(f"torch ran {s['ref_layers']} of the {s['layers']} layers; scaled by parameters, its step is the compute bound")
+        lines.append(f"torch ran {s['ref_layers']} of the {s['layers']} layers; scaled by parameters, "
+                     "its step is the compute bound")
     t = r["contenders"].get("tiered", {})
     if "vs_bound" in t:
         lines.append(f"tiered / max(torch compute scaled to the model {t['compute_bound_s']:.3f} s, "
