@@ -117,7 +117,8 @@ def main_gpu(args, spec: dict) -> int:
     result = {"spec": spec, "device": gpu_name(dev), "weights_bytes": wbytes,
               "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}}
     io_bytes = args.io_mib * MiB
-    result["fio"], result["engine_io"] = fio_bandwidth(args.dir, io_bytes), engine_bandwidth(args.dir, io_bytes, spec["workers"])
+    result["fio"] = fio_bandwidth(args.dir, io_bytes)
+    result["engine_io"] = engine_bandwidth(args.dir, io_bytes, spec["workers"])
     result["copy"] = copy_bandwidth(dev)
     log(f"engine {result['engine_io']}, copies {result['copy']}")
     runs: dict[str, list[dict]] = {}
@@ -213,7 +214,8 @@ def table(r: dict) -> str:
             lines.append(f"{name:<10} error: {c['error'][:400]}")
             continue
         p = c["peaks"]
-        lines.append(f"{name:<10} {c['params'] / 1e6:>7.1f}M {c['train_step_median_s']:>8.3f} ({c['train_step_min_s']:.3f}) "
+        lines.append(f"{name:<10} {c['params'] / 1e6:>7.1f}M "
+                     f"{c['train_step_median_s']:>8.3f} ({c['train_step_min_s']:.3f}) "
                      f"{c['tflops']:>7.3f} {c['io_bound_s']['bound']:>11.3f} "
                      f"{_mib(p.get('cuda_max_allocated_bytes')):>13} "
                      f"{_mib(c.get('store_gpu_tier', {}).get('peak')):>12} "
