@@ -19,6 +19,7 @@ import torch
 
 from tiered.allocators import OutOfBudget
 
+from ..dtypes import dtype_name
 from .blocks import KVCacheError, blocks_into, cat_into, release_lease
 from .plan import HOST, PAGE, READ, LayerRead, StepPlan, build_plan, layer_ranges, read_views
 
@@ -69,9 +70,10 @@ class GatherMixin:
         return self._plan
 
     def _part_shapes(self) -> tuple:
-        """(shapes, dtype) of the cache's stored parts: ``[layers in part, 2, B, H, bs, D]`` each."""
+        """(shapes, dtype name) of the cache's stored parts: ``[layers in part, 2, B, H, bs, D]`` each."""
         b, dtype = self._read_geometry()
-        return [(hi - lo, 2, b, self.kv_heads, self.block_size, self.head_dim) for lo, hi in self._parts], dtype
+        shapes = [[hi - lo, 2, b, self.kv_heads, self.block_size, self.head_dim] for lo, hi in self._parts]
+        return shapes, dtype_name(dtype)
 
     def _issue_read(self, plan: StepPlan, l: int, wait: float | None) -> None:
         """Start the range read of layer ``l``'s first batch of stored blocks (once per step; again

@@ -88,13 +88,13 @@ class StepPlan:
         return [(int(w[a]), first + a, first + b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def check_part(key: str, meta: dict, shape: tuple, dtype: torch.dtype) -> None:
-    """Raise a KVCacheError naming ``key`` when the stored part is not the ``dtype`` x ``shape``
-    the cache reads it as (a range read would take the wrong bytes, or bytes outside the part)."""
-    got_shape, got_dtype = tuple(int(n) for n in meta["shape"]), dtype_from(meta["dtype"])
-    if got_shape != tuple(shape) or got_dtype != dtype:
-        raise KVCacheError(f"TieredCache: stored block part {key!r} is {got_dtype}{got_shape}, the cache "
-                           f"expects {dtype}{tuple(shape)} (batch rows, KV heads, block size or dtype differ)")
+def check_part(key: str, meta: dict, shape: list, dtype: str) -> None:
+    """Raise a KVCacheError naming ``key`` when the stored part is not the ``dtype`` (its name) x
+    ``shape`` the cache reads it as (a range read would take the wrong bytes, or bytes outside it)."""
+    if list(meta["shape"]) != shape or meta["dtype"] != dtype:
+        raise KVCacheError(f"TieredCache: stored block part {key!r} is {meta['dtype']}{tuple(meta['shape'])}, "
+                           f"the cache expects {dtype}{tuple(shape)} (batch rows, KV heads, block size or "
+                           "dtype differ)")
 
 
 def build_plan(key: tuple, blocks, parts: list, store, room: int = 0, expect: tuple | None = None) -> StepPlan:
@@ -103,7 +103,8 @@ def build_plan(key: tuple, blocks, parts: list, store, room: int = 0, expect: tu
     bytes of parts the store does not hold in host are acquired too (the first blocks' parts), so
     that they are cached there for the next steps: the host tier's room saves storage reads.
 
-    ``expect``: (shapes, dtype), each stored part ``p`` must be ``dtype`` x ``shapes[p]``."""
+    ``expect``: (shapes, dtype name), each stored part ``p`` must be ``dtype`` x ``shapes[p]``
+    (see :func:`check_part`)."""
     n = len(blocks)
     where = [np.full(n, DEVICE, dtype=np.int8) for _ in parts]
     keys = [[None] * n for _ in parts]
