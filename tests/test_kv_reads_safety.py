@@ -92,6 +92,32 @@ def test_an_error_of_a_read_started_ahead_is_raised_by_the_layer_that_needs_it(t
     assert_equal(want, got)
 
 
+@pytest.mark.parametrize("lookahead", [0, 1])
+def test_a_read_started_ahead_that_fails_once_is_read_again_by_its_layer(tmp_path, lookahead):
+    """A layer's gather starts the next layers' reads; the first read of layer 2 fails: the
+    gather that started it goes on, and layer 2's own gather reads again (tokens exact)."""
+    model = make_model()
+    ids = prompt(300)
+    want = reference(model, ids, 3)
+    failures = []
+    with stored_store(tmp_path) as store:
+        real = store.read_range_arrays
+
+        def read(keys, *args, **kwargs):
+            if not failures and all(k.endswith("/L2-3") for k in keys):
+                failures.append(keys[0])
+                raise OSError("engine queue full")
+            return real(keys, *args, **kwargs)
+
+        store.read_range_arrays = read
+        with TieredCache(model.config, KVStore(store, block_size=BS, layers_per_object=1),
+                         device_budget=budget(model, 320, lookahead), lookahead=lookahead) as cache:
+            got = steps(model, cache, prefill(model, cache, ids), 3)
+            st = cache.stats()
+    assert failures and st["reads_ahead_failed"] == 1, (failures, st)
+    assert_equal(want, got)
+
+
 class HeldReads:
     """Range reads of ``store`` that end only once ``release()`` is called (after ``hold()``)."""
 
