@@ -19,7 +19,7 @@ import torch
 from tiered.allocators import OutOfBudget
 
 from .blocks import Block, KVCacheError
-from .plan import PAGE, checksum_block
+from .plan import checksum_block, checksum_table_bytes
 
 
 class BudgetMixin:
@@ -241,8 +241,9 @@ class BudgetMixin:
                     shape = (hi - lo, 2, b, self.kv_heads, self.block_size, self.head_dim)
                     buf = self._host.alloc(torch.Size(shape).numel() * elem, wait=0)
                     parts.append((buf, buf.tensor(dtype, shape)))
-                    if checksum_block(shape, dtype):  # room for the checksum table its put writes
-                        tables.append(self._host.alloc(PAGE, wait=0))
+                    table = checksum_table_bytes(shape, dtype)
+                    if table:  # room for the checksum table its put writes
+                        tables.append(self._host.alloc(table, wait=0))
             except OutOfBudget:
                 for buf in [p[0] for p in parts] + tables:
                     buf.release()

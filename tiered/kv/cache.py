@@ -182,6 +182,7 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
         self._host_closer = None
         self._host_budget: int | None = None  # the host budget planned with this step (_host_plan)
         self._pin_lock = threading.Lock()  # step pins: the gather and another owner's on_pressure
+        self._reads_gen = 0  # bumped when read buffers are given back: a later-ending read releases its own
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -196,7 +197,7 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
         self._gather_stream = None  # CUDA: gathers copy on their own stream, ordered by events
         self._staging = None  # CUDA: where host blocks land before the cat into a slot (gather stream only)
         self._host_blocks: dict[int, tuple] = {}  # prefill: block index -> (HostBuffer, [L, 2, B, H, bs, D])
-        self._table_room: dict[int, list] = {}  # prefill: block index -> a page per part for its put's checksum table
+        self._table_room: dict[int, list] = {}  # prefill: block index -> per part, room for its put's checksum table
         self._plan = None  # this step's gather plan (tiered.kv.plan.StepPlan), with its reads in flight
         self._landing_idle: list = []  # host buffers for layers' range reads, idle (kept across steps)
         self._landing_bytes = 0  # bytes of the read buffers, idle or in use
@@ -217,7 +218,7 @@ class TieredCache(BudgetMixin, GatherMixin, PrefixMixin, Cache):
             layer.reset()
             layer.is_initialized = False
         self.counters = {"gather_wait_s": 0.0, "gathers": 0, "gathers_prefetched": 0, "spilled_blocks": 0,
-                         "spilled_bytes": 0, "store_reads": 0, "range_reads": 0, "read_wait_s": 0.0, "gather_copies": 0, "prefix_tokens_loaded": 0,
+                         "spilled_bytes": 0, "store_reads": 0, "range_reads": 0, "reads_ahead_failed": 0, "read_wait_s": 0.0, "gather_copies": 0, "prefix_tokens_loaded": 0,
                          "prefix_blocks_saved": 0, "device_peak": 0, "host_blocks_refused": 0}
 
     # -- lifecycle -------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 
 from tiered.allocators import OutOfBudget
 
+from ..dtypes import dtype_name
 from .blocks import KVCacheError, blocks_into, cat_into, release_lease
 from .plan import HOST, PAGE, READ, LayerRead, StepPlan, build_plan, layer_ranges, read_views
 
@@ -39,7 +40,22 @@ class GatherMixin:
         on the I/O workers while this layer computes (none when the host budget has no room now)."""
         if self._executor is not None or self.kv is None or not self._blocks:
             return
-        self._issue_read(self._step_plan(), l, wait=0.0)
+        try:
+            plan = self._step_plan()
+        except Exception:  # noqa: BLE001 - the gather that needs the plan builds it again and raises
+            self.counters["reads_ahead_failed"] += 1
+            return
+        self._read_ahead(plan, l)
+
+    def _read_ahead(self, plan: StepPlan, l: int) -> None:
+        """Start layer ``l``'s read ahead, if the host budget has room now. Optional: when it fails,
+        layer ``l``'s own gather issues the read again and raises there (before its layer changes
+        anything), not the layer or step that only started it early."""
+        try:
+            self._issue_read(plan, l, wait=0.0)
+        except Exception:  # noqa: BLE001 - raised again by layer l's gather (see above)
+            plan.reads[l] = None  # tried: the gather's own read issues it again
+            self.counters["reads_ahead_failed"] += 1
 
     # -- the step plan and its reads (see tiered.kv.plan) -------------------------------------
     def _step_plan(self) -> StepPlan:
@@ -49,8 +65,15 @@ class GatherMixin:
         if self._plan is None or self._plan.key != key:
             self._drop_reads()
             room = self._host_plan() // 2 if self._host is not None else 0  # what the pin limit leaves
-            self._plan = build_plan(key, self._blocks, self._parts, None if self.kv is None else self.kv.store, room)
+            self._plan = build_plan(key, self._blocks, self._parts, None if self.kv is None else self.kv.store, room,
+                                    self._part_shapes())
         return self._plan
+
+    def _part_shapes(self) -> tuple:
+        """(shapes, dtype name) of the cache's stored parts: ``[layers in part, 2, B, H, bs, D]`` each."""
+        b, dtype = self._read_geometry()
+        shapes = [[hi - lo, 2, b, self.kv_heads, self.block_size, self.head_dim] for lo, hi in self._parts]
+        return shapes, dtype_name(dtype)
 
     def _issue_read(self, plan: StepPlan, l: int, wait: float | None) -> None:
         """Start the range read of layer ``l``'s first batch of stored blocks (once per step; again
@@ -83,6 +106,7 @@ class GatherMixin:
         part = self._part_of[l]
         keys, which, offsets, lengths, buf_offsets, nbytes = layer_ranges(
             plan, part, l - self._parts[part][0], runs, self._read_geometry(), self._dims())
+        gen = self._reads_gen  # the buffer is accounted to this generation of reads
         buf = self._landing_buffer(nbytes, 0.0)
         if buf is None:
             if not wait:
@@ -93,11 +117,11 @@ class GatherMixin:
             fut = self.kv.store.read_range_arrays(keys, which, offsets, lengths, buf.array, buf_offsets,
                                                   owner=self.owner)
         except BaseException:
-            self._idle(buf)
+            self._idle(buf, gen)
             raise
         self.counters["range_reads"] += 1
         self.counters["store_reads"] += len(keys)
-        return LayerRead(l, runs, buf, fut, nbytes)
+        return LayerRead(l, runs, buf, fut, nbytes, gen)
 
     def _landing_buffer(self, nbytes: int, wait: float | None):
         """A host buffer of at least ``nbytes`` for a layer's read: an idle one of the cache's (kept
@@ -110,12 +134,10 @@ class GatherMixin:
                 buf = min(fits, key=lambda b: b.nbytes)
                 self._landing_idle.remove(buf)
                 return buf
+            # none fits: the idle ones are too small for the grown context, and go back to the store
+            free, self._landing_idle = self._landing_idle, []
+            self._landing_bytes -= sum(buf.nbytes for buf in free)
             size = -(-(nbytes + self._layer_bytes()) // PAGE) * PAGE  # a block of headroom: the context grows
-            free = []
-            while self._landing_idle and self._landing_bytes + self._step_pinned + size > self._pin_limit():
-                buf = self._landing_idle.pop(0)
-                self._landing_bytes -= buf.nbytes
-                free.append(buf)
             if self._landing_bytes + self._step_pinned + size > self._pin_limit():
                 size = nbytes
             room = self._landing_bytes + self._step_pinned + size <= self._pin_limit()
@@ -135,16 +157,23 @@ class GatherMixin:
             raise KVCacheError(f"TieredCache {self.owner}: no host memory for a layer's read of {nbytes} bytes "
                                f"({e}); give the cache a larger host_share") from e
 
-    def _idle(self, buf) -> None:
-        """A read buffer is free for the next layer's read."""
+    def _idle(self, buf, gen: int) -> None:
+        """A read buffer of generation ``gen`` is free for the next layer's read; one of an earlier
+        generation (its read outlived a reset, close or edit) goes back to the store."""
         with self._pin_lock:
-            self._landing_idle.append(buf)
+            if gen == self._reads_gen:
+                self._landing_idle.append(buf)
+                return
+        buf.release()
 
     def _free_landing(self) -> None:
-        """Give the idle read buffers back to the store (no read is in flight)."""
+        """Give the idle read buffers back to the store and start a new generation of reads: a
+        read still in flight (one that did not end within ``io_timeout``) is no longer accounted,
+        and gives its buffer back to the store when it ends."""
         with self._pin_lock:
+            self._reads_gen += 1
             idle, self._landing_idle = self._landing_idle, []
-            self._landing_bytes -= sum(buf.nbytes for buf in idle)
+            self._landing_bytes = 0  # idle ones are released here, the others when their reads end
         for buf in idle:
             buf.release()
 
@@ -156,10 +185,8 @@ class GatherMixin:
             try:
                 read.future.result(timeout=self.io_timeout)
             except BaseException:  # noqa: BLE001 - nobody uses these bytes; the buffer is what matters
-                if not read.future.done():
-                    read.future.add_done_callback(lambda _f: self._idle(read.buf))  # kept until a reset
-                    return
-        read.future.add_done_callback(lambda _f: self._idle(read.buf))
+                pass  # one still running gives its buffer back when it ends (see _idle)
+        read.future.add_done_callback(lambda _f: self._idle(read.buf, read.gen))
 
     def _drop_reads_ahead(self, plan: StepPlan) -> None:
         """Let go of the reads issued ahead (their layers read again at their gathers)."""
@@ -317,7 +344,7 @@ class GatherMixin:
                 if self._batches(plan, l, lo // self.block_size):
                     self._issue_read(plan, l, wait=self.io_timeout)  # before reads ahead take the room
                 for ahead in range(l + 1, min(l + 1 + READ_AHEAD, self.num_layers)):
-                    self._issue_read(plan, ahead, wait=0.0)  # overlaps this layer's copy and compute
+                    self._read_ahead(plan, ahead)  # overlaps this layer's copy and compute
             batches = self._batches(plan, l, lo // self.block_size) or [[]]
             start = lo
             for i, batch in enumerate(batches):
@@ -421,7 +448,7 @@ class GatherMixin:
             for lease in held:
                 lease.release()
             if read is not None:
-                self._idle(read.buf)  # for the next layer's read
+                self._idle(read.buf, read.gen)  # for the next layer's read
 
     def _host_leases(self, plan, part: int, host: list, keep: bool, held: list) -> dict:
         """Leases of the host copies of ``part`` for block positions ``host`` (step pins reused;

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..dtypes import dtype_from
+from .blocks import KVCacheError
 
 PAGE = 4096
 #: the largest checksum block chosen (a range read verifies one crc32 per block)
@@ -40,6 +41,21 @@ def checksum_block(shape, dtype: torch.dtype) -> int:
     while block * 2 <= MAX_CHECKSUM_BLOCK and row % (block * 2) == 0:
         block *= 2
     return block
+
+
+def _align_up(n: int) -> int:
+    return -(-n // PAGE) * PAGE
+
+
+def checksum_table_bytes(shape, dtype: torch.dtype) -> int:
+    """Host bytes the store takes for the checksum table of a part ``shape`` put with
+    :func:`checksum_block`: a crc32 per block of the part's bytes padded to 4 KiB, in whole pages
+    (0 for a part put without block checksums)."""
+    block = checksum_block(shape, dtype)
+    if not block:
+        return 0
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    return _align_up(4 * -(-_align_up(max(nbytes, 1)) // block))
 
 
 def _ranged(meta: dict) -> bool:
@@ -72,11 +88,23 @@ class StepPlan:
         return [(int(w[a]), first + a, first + b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def build_plan(key: tuple, blocks, parts: list, store, room: int = 0) -> StepPlan:
+def check_part(key: str, meta: dict, shape: list, dtype: str) -> None:
+    """Raise a KVCacheError naming ``key`` when the stored part is not the ``dtype`` (its name) x
+    ``shape`` the cache reads it as (a range read would take the wrong bytes, or bytes outside it)."""
+    if list(meta["shape"]) != shape or meta["dtype"] != dtype:
+        raise KVCacheError(f"TieredCache: stored block part {key!r} is {meta['dtype']}{tuple(meta['shape'])}, "
+                           f"the cache expects {dtype}{tuple(shape)} (batch rows, KV heads, block size or "
+                           "dtype differ)")
+
+
+def build_plan(key: tuple, blocks, parts: list, store, room: int = 0, expect: tuple | None = None) -> StepPlan:
     """The plan of ``blocks`` for this step: resident ones on the device; a stored part with a
     host copy in the store is acquired, one with block checksums read by range. Up to ``room``
     bytes of parts the store does not hold in host are acquired too (the first blocks' parts), so
-    that they are cached there for the next steps: the host tier's room saves storage reads."""
+    that they are cached there for the next steps: the host tier's room saves storage reads.
+
+    ``expect``: (shapes, dtype name), each stored part ``p`` must be ``dtype`` x ``shapes[p]``
+    (see :func:`check_part`)."""
     n = len(blocks)
     where = [np.full(n, DEVICE, dtype=np.int8) for _ in parts]
     keys = [[None] * n for _ in parts]
@@ -86,6 +114,8 @@ def build_plan(key: tuple, blocks, parts: list, store, room: int = 0) -> StepPla
             continue
         for p, k in enumerate(blk.keys):
             meta = store.meta(k)
+            if expect is not None:
+                check_part(k, meta, expect[0][p], expect[1])
             keys[p][j] = k
             if meta["in_host"] or not _ranged(meta):
                 where[p][j] = HOST
@@ -111,6 +141,7 @@ class LayerRead:
     buf: object  # HostBuffer (at least nbytes)
     future: object  # IOFuture of the bytes read
     nbytes: int  # bytes of the runs' rows in buf
+    gen: int = 0  # the cache's generation of reads it was issued in (see GatherMixin._idle)
 
 
 def layer_ranges(plan: StepPlan, part: int, at: int, runs: list, geometry: tuple, dims: tuple):
