@@ -190,3 +190,24 @@ def test_mixed_units_load_state_dict(tmp_path):
     finally:
         tiered.detach(model)
         store.close()
+
+
+def test_host_residents_stay_within_the_models_host_share_and_leave_the_optimizer_room(tmp_path):
+    """Through the device cache, host-resident units are planned within ``[owners.offload] host``
+    (they took the whole host tier before, and the optimizer's first update waited for room the
+    model never gives back during backward)."""
+    ref = build("llama")
+    cfg = cache_cfg(tmp_path, "8MiB", resident=True)
+    cfg["tiers"]["gpu"]["capacity"] = "640KiB"
+    cfg["owners"] = {"offload": {"host": "320KiB"}}
+    model = tiered.offload(copy.deepcopy(ref), cfg)
+    store = model._tiered.store
+    try:
+        pinned = tiered.offload_stats(model)["host_resident_bytes"]
+        assert pinned <= 320 << 10, pinned
+        train(ref, model, steps=2)
+        assert store.owners()[model._tiered.owner]["host"]["reserved"] == 320 << 10
+    finally:
+        tiered.detach(model)
+    for (name, a), b in zip(ref.named_parameters(), model.parameters()):
+        assert torch.equal(a, b), name

@@ -193,7 +193,8 @@ class _Budget:
                 + (f" plus enclosing units ({format_size(parents)})" if parents else "")
                 + "; raise the budget or split the unit with units=[...]"
             )
-        host = budget if not self._two_level else self._left_by_others("host")
+        # the host tier staging a device cache's copies: the model's own share of it when one is set
+        host = budget if not self._two_level else (self.host_res.reserved or self._left_by_others("host"))
         if self._two_level and host < 2 * largest.nbytes:
             raise OffloadError(
                 f"host tier of {format_size(host)} cannot stage unit {largest.name or '<root>'!r} "
