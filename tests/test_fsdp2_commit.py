@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from helpers import rank_exit_codes
+from test_fsdp2_crash import _config, _model
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,22 +38,6 @@ def _init(rank: int, init: str):
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=PG_TIMEOUT))
     return _model(init_device_mesh("cpu", (WORLD,)))
-
-
-def _model(mesh) -> torch.nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.ReLU(), torch.nn.Linear(256, 16))
-    for layer in m:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    return fully_shard(m, mesh=mesh)
-
-
-def _config(root: str) -> dict:
-    return {"tiers": {"host": {"capacity": "4MiB"}, "nvme": {"path": root + "/r{rank}", "capacity": "64MiB"}},
-            "engine": {"workers": 2, "chunk": "1MiB"}}
 
 
 def _opt(model, root: str, **kw):
