@@ -14,7 +14,7 @@ from transformers import DynamicCache
 import helpers
 import tiered
 from tiered.kv import KVStore, TieredCache, kv_geometry
-from tiered.kv import gather as kv_gather
+from tiered.kv import reads as kv_reads
 from tiered.kv.plan import checksum_block
 
 CACHE = ("cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters
@@ -164,8 +164,8 @@ def test_the_plan_is_computed_once_per_step(tmp_path, monkeypatch):
     model = make_model()
     ids, n = prompt(300), 6
     built = []
-    real = kv_gather.build_plan
-    monkeypatch.setattr(kv_gather, "build_plan", lambda *a, **k: built.append(1) or real(*a, **k))
+    real = kv_reads.build_plan
+    monkeypatch.setattr(kv_reads, "build_plan", lambda *a, **k: built.append(1) or real(*a, **k))
     with stored_store(tmp_path) as store, \
             TieredCache(model.config, KVStore(store, block_size=BS, layers_per_object=1),
                         device_budget=budget(model, 320), lookahead=0) as cache:
