@@ -201,3 +201,36 @@ def test_cache_with_a_share_keeps_it_and_needs_a_device_tier(tmp_path):
         assert store.owners()["tools"]["gpu"]["reserved"] == 0  # closed: the share goes back
     with make_store(tmp_path / "b") as store, pytest.raises(StoreError, match="device tier"):
         DeviceCache(store)
+
+
+def test_two_loads_racing_for_the_last_room_never_pass_the_limit(tmp_path):
+    """The room a load takes is claimed under the cache's lock before the tier allocates it, so
+    a second load that checks the limit meanwhile sees it taken (no check-then-act overshoot)."""
+    with make_store(tmp_path, 4 * MiB) as store, DeviceCache(store, limit=256 * KiB, wait=0.3) as cache:
+        res = cache.reservation
+        real, entered, go = res.alloc, threading.Event(), threading.Event()
+
+        def slow_alloc(nbytes, wait=None):  # the first allocation pauses between check and act
+            if not entered.is_set():
+                entered.set()
+                assert go.wait(10)
+            return real(nbytes, wait=wait)
+
+        res.alloc = slow_alloc
+        got, errors = [], []
+
+        def scratch() -> None:
+            try:
+                got.append(cache.alloc_scratch(192 * KiB))
+            except OutOfBudget as e:
+                errors.append(e)
+
+        first = threading.Thread(target=scratch)
+        first.start()
+        assert entered.wait(10)
+        scratch()  # the second load, while the first is between its check and its allocation
+        go.set()
+        first.join(10)
+        assert len(got) == 1 and len(errors) == 1, (got, errors)
+        assert cache.peak <= cache.limit
+        cache.release_after_use(got[0])

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tiered.allocators import DeviceBuffer, OutOfBudget
+from tiered.allocators import DEVICE_ALIGN, DeviceBuffer, OutOfBudget
 from tiered.io_engine import IOFuture, Priority, chain, completed
 from tiered.policies import Observation, create_eviction_policy
 
@@ -427,12 +427,15 @@ class DeviceCache:
         owners are asked to give room back); waits for releases up to ``wait`` s. No lock is held
         while allocating: another owner's ``on_pressure`` may trim this cache meanwhile."""
         deadline = time.monotonic() + wait
+        claim = -(-nbytes // DEVICE_ALIGN) * DEVICE_ALIGN
         while True:
             with self._lock:
-                over = self.held + nbytes - self.limit
+                over = self.held + claim - self.limit
                 if over > 0 and self._evict(over):
                     continue
-            buffer = self._alloc(nbytes) if over <= 0 else None  # never past the limit
+                if over <= 0:
+                    self.held += claim  # claimed now: a load checking meanwhile sees the room taken
+            buffer = self._alloc(nbytes, claim) if over <= 0 else None  # never past the limit
             if buffer is not None:
                 return buffer
             with self._lock:
@@ -447,13 +450,20 @@ class DeviceCache:
                         f"(tier {self.store.device_tier!r}: {self.capacity} bytes)")
                 self._lock.wait(min(remaining, 0.05))  # other owners' frees do not notify this cache
 
-    def _alloc(self, nbytes: int) -> DeviceBuffer | None:
+    def _alloc(self, nbytes: int, claim: int) -> DeviceBuffer | None:
+        """The tier's buffer for ``nbytes``, its room (``claim`` bytes) already counted in ``held``;
+        None (the claim given back) when the tier has none now."""
         try:
             buffer = self.reservation.alloc(nbytes, wait=0.0)
-        except OutOfBudget:
-            return None
+        except BaseException as e:
+            with self._lock:
+                self.held -= claim
+                self._lock.notify_all()
+            if isinstance(e, OutOfBudget):
+                return None
+            raise
         with self._lock:
-            self.held += buffer.reserved
+            self.held += buffer.reserved - claim
             self.peak = max(self.peak, self.held)
             if self._region is None:
                 self._region = buffer.tensor().untyped_storage().data_ptr()
