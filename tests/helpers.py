@@ -136,3 +136,38 @@ def finetune_config(tmp_path: Path) -> dict:
 def finetune_batch(step: int) -> torch.Tensor:
     """Token ids of training step ``step`` (2 sequences of 12)."""
     return torch.randint(0, FT_VOCAB, (2, 12), generator=torch.Generator().manual_seed(step))
+
+
+def lm_loss(model, x):
+    """A causal LM's loss on token ids ``x`` (the labels are the inputs)."""
+    return model(input_ids=x, labels=x).loss
+
+
+def step_beside_in_memory(ref, o_ref, model, opt, x, step: int, loss_of=lm_loss) -> None:
+    """One optimizer step of the in-memory ``ref`` (``o_ref``) and of the offloaded ``model``
+    (``opt``) on batch ``x``; their losses are bitwise equal."""
+    import torch
+
+    l_ref = loss_of(ref, x)
+    l_ref.backward()
+    o_ref.step()
+    o_ref.zero_grad()
+    loss = loss_of(model, x)
+    loss.backward()
+    opt.step()
+    assert torch.equal(l_ref, loss), f"step {step}: {l_ref.item()} != {loss.item()}"
+
+
+def failing_once(store, monkeypatch) -> list:
+    """Make the store's first ``delete_prefix`` raise an injected EIO; the prefixes asked for."""
+    delete_prefix = store.delete_prefix
+    calls = []
+
+    def failing(prefix):
+        calls.append(prefix)
+        if len(calls) == 1:
+            raise OSError(5, "injected I/O error")
+        return delete_prefix(prefix)
+
+    monkeypatch.setattr(store, "delete_prefix", failing)
+    return calls

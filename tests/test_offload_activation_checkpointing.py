@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tiered
-from helpers import TINY_MODEL_MARKS
+from helpers import TINY_MODEL_MARKS, step_beside_in_memory
 from test_offload_train import batch, build, cfg
 from tiered.optim import OffloadedAdamW
 
@@ -52,15 +52,7 @@ def test_training_a_checkpointed_offloaded_model_equals_in_memory(tmp_path):
     try:
         with OffloadedAdamW(list(model.parameters()), lr=1e-2, model=model, lookahead=1) as opt:
             for step in range(3):
-                x = batch(step)
-                l_ref = ref(input_ids=x, labels=x).loss
-                l_ref.backward()
-                o_ref.step()
-                o_ref.zero_grad()
-                loss = model(input_ids=x, labels=x).loss
-                loss.backward()
-                opt.step()
-                assert torch.equal(l_ref, loss), f"step {step}: {l_ref.item()} != {loss.item()}"
+                step_beside_in_memory(ref, o_ref, model, opt, batch(step), step)
     finally:
         tiered.detach(model)
     for (name, a), b in zip(ref.named_parameters(), model.parameters()):

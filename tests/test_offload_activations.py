@@ -21,7 +21,7 @@ import torch
 
 import tiered
 from helpers import (TINY_MODEL_MARKS, finetune_batch as batch, finetune_config, finetune_llama, owner_figures,
-                     wait_until)
+                     failing_once, lm_loss, step_beside_in_memory, wait_until)
 from tiered.config import ConfigError, load_config
 from tiered.offload import activations as saved_activations
 from tiered.optim import OffloadedAdamW
@@ -58,8 +58,7 @@ def activation_keys(store) -> list[str]:
     return [k for k in store.keys() if store.meta(k)["kind"] == "activation"]
 
 
-def loss_of(model, x):
-    return model(input_ids=x, labels=x).loss
+loss_of = lm_loss
 
 
 def test_a_bad_value_is_refused_naming_the_key(tmp_path):
@@ -95,16 +94,8 @@ def test_training_with_offloaded_adamw_equals_in_memory(tmp_path, small_threshol
     try:
         with OffloadedAdamW(list(model.parameters()), lr=1e-2, model=model, grads=grads) as opt:
             for step in range(2):
-                x = batch(step)
-                l_ref = loss_of(ref, x)
-                l_ref.backward()
-                o_ref.step()
-                o_ref.zero_grad()
-                loss = loss_of(model, x)
-                loss.backward()
-                opt.step()
+                step_beside_in_memory(ref, o_ref, model, opt, batch(step), step)
                 opt.zero_grad()
-                assert torch.equal(l_ref, loss), f"step {step}: {l_ref.item()} != {loss.item()}"
                 assert not activation_keys(model._tiered.store)
         assert tiered.offload_stats(model)["activations"]["packed"] > 0
         sd = model.state_dict()
@@ -145,15 +136,7 @@ def test_through_the_device_cache_training_equals_in_memory(tmp_path, small_thre
     try:
         with OffloadedAdamW(list(model.parameters()), lr=1e-2, model=model) as opt:
             for step in range(2):
-                x = batch(step)
-                l_ref = loss_of(ref, x)
-                l_ref.backward()
-                o_ref.step()
-                o_ref.zero_grad()
-                loss = loss_of(model, x)
-                loss.backward()
-                opt.step()
-                assert torch.equal(l_ref, loss), f"step {step}"
+                step_beside_in_memory(ref, o_ref, model, opt, batch(step), step)
         st = tiered.offload_stats(model)["activations"]
         assert st["packed"] > 0 and not activation_keys(model._tiered.store)
         sd = model.state_dict()
@@ -302,16 +285,7 @@ def test_detach_deletes_the_activations_of_a_live_graph(tmp_path, small_threshol
 def test_a_failed_delete_is_raised_by_the_next_forward(tmp_path, small_threshold, monkeypatch):
     model = tiered.offload(build(), host_config(tmp_path))
     store = tiered.TieredStore.shared(model._tiered.config)  # outlives the model's handle
-    delete_prefix = store.delete_prefix
-    calls = []
-
-    def failing(prefix):
-        calls.append(prefix)
-        if len(calls) == 1:
-            raise OSError(5, "injected I/O error")
-        return delete_prefix(prefix)
-
-    monkeypatch.setattr(store, "delete_prefix", failing)
+    calls = failing_once(store, monkeypatch)
     try:
         loss_of(model, batch(0)).backward()  # the delete runs, and fails, as autograd drops the handles
         assert calls and activation_keys(store)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import tiered
-from helpers import TINY_MODEL_MARKS, finetune_batch as batch, finetune_config, finetune_llama
+from helpers import TINY_MODEL_MARKS, failing_once, finetune_batch as batch, finetune_config, finetune_llama
 from tiered.offload import activations as saved_activations
 
 transformers = pytest.importorskip("transformers")
@@ -151,20 +151,6 @@ def test_inplace_ops_inside_the_forward_train_as_in_memory(tmp_path, small_thres
             assert torch.equal(a.grad, b.grad), name
     finally:
         tiered.detach(model)
-
-
-def failing_once(store, monkeypatch) -> list:
-    delete_prefix = store.delete_prefix
-    calls = []
-
-    def failing(prefix):
-        calls.append(prefix)
-        if len(calls) == 1:
-            raise OSError(5, "injected I/O error")
-        return delete_prefix(prefix)
-
-    monkeypatch.setattr(store, "delete_prefix", failing)
-    return calls
 
 
 def test_a_failed_delete_raised_by_detach_leaves_the_model_detached(tmp_path, small_threshold, monkeypatch):

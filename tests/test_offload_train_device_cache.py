@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tiered
-from helpers import TINY_MODEL_MARKS, offload_config, tiny_llama
+from helpers import TINY_MODEL_MARKS, offload_config, step_beside_in_memory, tiny_llama
 from tiered.offload import offload_units
 from tiered.optim import OffloadedAdamW
 
@@ -150,15 +150,7 @@ def train(ref, model, steps: int = 3, chunk_bytes: int | None = 64 << 10) -> Non
     with OffloadedAdamW(list(model.parameters()), lr=1e-2, weight_decay=0.05, model=model, lookahead=1,
                         chunk_bytes=chunk_bytes) as opt:
         for step in range(steps):
-            x = batch(step)
-            l_ref = ref(input_ids=x, labels=x).loss
-            l_ref.backward()
-            o_ref.step()
-            o_ref.zero_grad()
-            loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            opt.step()
-            assert torch.equal(l_ref, loss), f"step {step}: {l_ref.item()} != {loss.item()}"
+            step_beside_in_memory(ref, o_ref, model, opt, batch(step), step)
 
 
 @pytest.mark.parametrize("arch,gpu,lookahead,ckpt", [

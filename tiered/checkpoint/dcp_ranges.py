@@ -131,62 +131,64 @@ def _block_groups(parts: list[Part], blocks: np.ndarray) -> list[tuple[Part, int
 def _read_tables(engine, arena, parts: list[Part], where: str, wait: float) -> dict[Part, np.ndarray]:
     """Each piece's block crc32 table, checked against its recorded crc32 (read in parallel)."""
     tables: dict[Part, np.ndarray] = {}
-    futs: list[IOFuture] = []
-    try:
-        for p in parts:
-            data = align_up(max(p.nbytes, 1))
-            n = 4 * -(-data // p.block)
-            buf = arena.alloc(n, timeout=wait)
-            try:
-                rf = engine.read(p.path, p.offset + data, buf.padded, align_up(n))
-            except BaseException:
-                buf.release()
-                raise
+    reads = []
+    for p in parts:
+        data = align_up(max(p.nbytes, 1))
+        n = 4 * -(-data // p.block)
 
-            def check(_n, p=p, n=n, buf=buf, at=p.offset + data) -> None:
-                try:
-                    got = zlib.crc32(buf.array[:n])
-                    if got != p.table_crc:
-                        raise CheckpointChecksumError(
-                            f"{where}: the block checksum table of item bytes {p.start}..{p.start + p.nbytes}, "
-                            f"read from {p.path} at offset {at}, has crc32 {got:#010x}, recorded {p.table_crc:#010x}")
-                    tables[p] = buf.array[:n].view(np.uint32).copy()
-                finally:
-                    buf.release()
+        def check(buf, p=p, n=n, at=p.offset + data) -> None:
+            got = zlib.crc32(buf.array[:n])
+            if got != p.table_crc:
+                raise CheckpointChecksumError(
+                    f"{where}: the block checksum table of item bytes {p.start}..{p.start + p.nbytes}, "
+                    f"read from {p.path} at offset {at}, has crc32 {got:#010x}, recorded {p.table_crc:#010x}")
+            tables[p] = buf.array[:n].view(np.uint32).copy()
 
-            rf.add_done_callback(lambda f, buf=buf: f.exception() is not None and buf.release())
-            futs.append(chain(rf, check, where))
-    finally:
-        gather(futs).exception()  # submitted reads end (and free their buffers) before a failure is raised
-    gather(futs).result()
+        reads.append((p.path, p.offset + data, n, check))
+    _read_all(engine, arena, reads, where, wait)
     return tables
 
 
 def _read_blocks(engine, arena, groups, tables: dict, span: np.ndarray, lo: int, where: str, wait: float) -> None:
     """Read each group of blocks, check every block against its piece's table, copy the data
     bytes into ``span`` (item bytes ``lo`` on); blocks until all are done."""
+    reads = []
+    for p, b0, count in groups:
+        first = b0 * p.block
+        valid = min((b0 + count) * p.block, p.nbytes) - first  # data bytes; the read ends padded
+
+        def check(buf, p=p, b0=b0, first=first, valid=valid) -> None:
+            _check_blocks(buf.padded[:align_up(valid)], tables[p], p, b0, where)
+            at = p.start + first - lo
+            span[at:at + valid] = buf.array[:valid]
+
+        reads.append((p.path, p.offset + first, valid, check))
+    _read_all(engine, arena, reads, where, wait)
+
+
+def _read_all(engine, arena, reads: list, where: str, wait: float) -> None:
+    """Each ``(path, offset, nbytes, on_data)``: read ``nbytes`` (padded to whole pages) at
+    ``offset`` into a buffer of its own, hand it to ``on_data`` on the engine's thread, free it;
+    reads run in parallel, and every submitted read ends (freeing its buffer) before the first
+    failure is raised."""
     futs: list[IOFuture] = []
     try:
-        for p, b0, count in groups:
-            first = b0 * p.block
-            valid = min((b0 + count) * p.block, p.nbytes) - first  # data bytes; the read ends padded
-            buf = arena.alloc(valid, timeout=wait)
+        for path, offset, nbytes, on_data in reads:
+            buf = arena.alloc(nbytes, timeout=wait)
             try:
-                rf = engine.read(p.path, p.offset + first, buf.padded, align_up(valid))
+                rf = engine.read(path, offset, buf.padded, align_up(nbytes))
             except BaseException:
                 buf.release()
                 raise
 
-            def check(_n, p=p, b0=b0, first=first, valid=valid, buf=buf) -> None:
+            def done(_n, buf=buf, on_data=on_data) -> None:
                 try:
-                    _check_blocks(buf.padded[:align_up(valid)], tables[p], p, b0, where)
-                    at = p.start + first - lo
-                    span[at:at + valid] = buf.array[:valid]
+                    on_data(buf)
                 finally:
                     buf.release()
 
             rf.add_done_callback(lambda f, buf=buf: f.exception() is not None and buf.release())
-            futs.append(chain(rf, check, where))
+            futs.append(chain(rf, done, where))
     finally:
         gather(futs).exception()
     gather(futs).result()
